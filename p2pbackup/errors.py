@@ -1,0 +1,107 @@
+"""The one exception tree of p2pbackup.
+
+Every error the package raises on purpose derives from :class:`P2PBackupError`;
+the CLI prints ``str(error)`` as one line and exits non-zero, so each message
+must name what is wrong in words a user understands.
+
+Families:
+
+* :class:`UsageError` — the user asked for something impossible (a path that
+  does not exist, an unknown snapshot, a home that is not initialised).
+* :class:`RecoveryKeyError` — a recovery key that does not parse or whose
+  checksum fails; says which group holds the typo when that can be known.
+* :class:`IntegrityError` — bytes that fail verification: a failed AEAD tag,
+  a bad signature, a wrong Merkle root, a malformed persisted structure.
+  Integrity errors are never "fixed" by retrying the same source.
+* :class:`FormatError` (an integrity error) — a persisted or transmitted
+  structure that does not parse: bad magic, unknown version, truncation,
+  absurd sizes.
+* :class:`ErasureError` — misuse of the erasure code (unequal shard lengths,
+  a shard index out of range, bad k/n); :class:`NotEnoughShardsError` when
+  fewer than k usable shards exist.
+* :class:`StoreError` — a shard store refused or failed an operation;
+  :class:`ShardNotFoundError` when the shard is simply absent,
+  :class:`StoreFullError` when the store has no room.
+* :class:`ProtocolError` — the wire: :class:`LocalProtocolError` (we broke the
+  rules) and :class:`RemoteProtocolError` (the peer did).
+* :class:`PeerUnavailableError` — a peer that cannot be reached now.
+"""
+
+from __future__ import annotations
+
+
+class P2PBackupError(Exception):
+    """Root of every error p2pbackup raises on purpose."""
+
+
+class UsageError(P2PBackupError):
+    """The user asked for something that cannot be done as asked."""
+
+
+class RepositoryLockedError(UsageError):
+    """Another process holds the home directory's lock."""
+
+
+class RecoveryKeyError(P2PBackupError):
+    """A recovery key that does not parse or fails its checksum."""
+
+    def __init__(self, message: str, *, group: int | None = None) -> None:
+        super().__init__(message)
+        #: 1-based number of the group that holds the typo, when known.
+        self.group = group
+
+
+class IntegrityError(P2PBackupError):
+    """Bytes that failed verification (AEAD, signature, hash, Merkle root)."""
+
+
+class DecryptionError(IntegrityError):
+    """An AEAD open failed: tampered, truncated, or the wrong key."""
+
+
+class SignatureError(IntegrityError):
+    """A signature does not verify under the expected public key."""
+
+
+class MerkleError(IntegrityError):
+    """A block or proof does not match the expected Merkle root."""
+
+
+class FormatError(IntegrityError):
+    """A persisted or transmitted structure that does not parse."""
+
+
+class ErasureError(P2PBackupError):
+    """The erasure code was called with inconsistent arguments."""
+
+
+class NotEnoughShardsError(ErasureError):
+    """Fewer than k usable shards remain for a pack."""
+
+
+class StoreError(P2PBackupError):
+    """A shard store failed or refused an operation."""
+
+
+class ShardNotFoundError(StoreError):
+    """The store does not hold the requested shard."""
+
+
+class StoreFullError(StoreError):
+    """The store has no room (quota or disk) for the shard."""
+
+
+class PeerUnavailableError(StoreError):
+    """A peer cannot be reached now."""
+
+
+class ProtocolError(P2PBackupError):
+    """Something broke the rules of the wire protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to break the protocol (a bug or misuse on our side)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol; the session with it is closed."""

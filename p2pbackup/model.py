@@ -1,0 +1,197 @@
+"""The owner-side data model: frozen values, no I/O, no serialisation.
+
+Nouns:
+
+* **blob** — one encrypted object inside a pack: a file's *data chunk*, a
+  directory *tree*, a *snapshot*, or an *index* segment. A blob id is a keyed
+  BLAKE2b-256 of the blob's plaintext under the user's dedup key, so equal
+  plaintexts are stored once and no outsider can confirm a guessed file.
+* **pack** — encrypted blobs concatenated, followed by an encrypted
+  :class:`PackHeader` and padding; the unit of erasure coding. A pack id is
+  the BLAKE2b-256 of the pack's bytes.
+* **shard** — one of the n pieces a pack is erasure-coded into, each stored on
+  a different peer under a :class:`ShardLocation`.
+* **tree** — one directory's listing (:class:`Tree` of :class:`TreeNode`).
+* **snapshot** — a backup run: the root tree and what was asked for.
+* **index segment** — pack records written by one backup or prune, stored as
+  an ``INDEX`` blob so that a new home can rebuild its SQLite index.
+* **root record** — the small, signed and encrypted entry point stored on every
+  peer: configuration, peers, index packs and live snapshots.
+
+Serialisation of every class here lives in :mod:`p2pbackup.formats`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+#: Size in bytes of blob ids, pack ids, snapshot ids and Merkle roots.
+ID_SIZE = 32
+#: Size in bytes of a node id (BLAKE2b-160 of the Ed25519 public key).
+NODE_ID_SIZE = 20
+
+
+class BlobType(enum.IntEnum):
+    DATA = 0
+    TREE = 1
+    SNAPSHOT = 2
+    INDEX = 3
+
+
+class NodeKind(enum.IntEnum):
+    FILE = 0
+    DIR = 1
+    SYMLINK = 2
+
+
+@attrs.frozen
+class BlobEntry:
+    """Where one sealed blob sits inside its pack."""
+
+    type: BlobType
+    blob_id: bytes
+    offset: int
+    #: Length of the sealed (encrypted) blob inside the pack.
+    length: int
+
+
+@attrs.frozen
+class PackHeader:
+    """The encrypted table of contents at the end of a pack."""
+
+    entries: tuple[BlobEntry, ...]
+
+
+@attrs.frozen
+class TreeNode:
+    """One entry of a directory listing.
+
+    ``name`` is bytes so that names that are not valid UTF-8 survive.
+    ``content`` lists the data-chunk ids of a file in order; ``subtree`` is the
+    tree id of a directory; ``link_target`` is a symlink's target.
+    ``hardlink_group`` is non-zero for files that were hard links of one
+    another within the snapshot (same group number, same content).
+    """
+
+    name: bytes
+    kind: NodeKind
+    mode: int
+    mtime_ns: int
+    size: int = 0
+    content: tuple[bytes, ...] = ()
+    subtree: bytes | None = None
+    link_target: bytes | None = None
+    uid: int = 0
+    gid: int = 0
+    hardlink_group: int = 0
+
+
+@attrs.frozen
+class Tree:
+    """A directory listing; nodes sorted by name, names unique."""
+
+    nodes: tuple[TreeNode, ...]
+
+
+@attrs.frozen
+class Snapshot:
+    """One backup run."""
+
+    time_ns: int
+    hostname: str
+    paths: tuple[bytes, ...]
+    tags: tuple[str, ...]
+    tree: bytes
+    #: Files and bytes the snapshot covers (for listings without walking trees).
+    file_count: int = 0
+    total_size: int = 0
+
+
+@attrs.frozen
+class ShardLocation:
+    """Shard ``index`` of a pack lives on ``peer_id``, with this Merkle root."""
+
+    index: int
+    peer_id: str
+    merkle_root: bytes
+
+
+@attrs.frozen
+class PackRecord:
+    """Everything needed to fetch, verify and decode one pack."""
+
+    pack_id: bytes
+    #: Length of the padded pack in bytes (what erasure.decode needs as size).
+    size: int
+    k: int
+    n: int
+    #: Length of each shard's data (without the shard header).
+    shard_size: int
+    #: Merkle block size of every shard of this pack.
+    block_size: int
+    shards: tuple[ShardLocation, ...]
+    blobs: tuple[BlobEntry, ...]
+
+
+@attrs.frozen
+class IndexSegment:
+    """Pack records written by one backup or prune."""
+
+    packs: tuple[PackRecord, ...]
+
+
+@attrs.frozen
+class PeerRecord:
+    """A peer as the owner knows it: a stable id, a kind and where to reach it."""
+
+    peer_id: str
+    #: "dir" for a local folder; network kinds arrive with the wire.
+    kind: str
+    location: str
+
+
+@attrs.frozen
+class RepositoryConfig:
+    """Parameters fixed at ``init`` (k/n may be changed later for new packs)."""
+
+    k: int
+    n: int
+    pack_size: int
+    chunk_min: int
+    chunk_avg: int
+    chunk_max: int
+    block_size: int
+
+
+@attrs.frozen
+class RootRecord:
+    """The entry point a new home needs, replicated to every peer."""
+
+    sequence: int
+    time_ns: int
+    config: RepositoryConfig
+    peers: tuple[PeerRecord, ...]
+    index_packs: tuple[PackRecord, ...]
+    snapshots: tuple[bytes, ...]
+
+
+@attrs.frozen
+class ShardHeader:
+    """The versioned header in front of every stored shard's data.
+
+    Peers see it: it names the pack (an opaque hash of ciphertext) and the code
+    parameters, never anything about the files inside.
+    """
+
+    pack_id: bytes
+    index: int
+    k: int
+    n: int
+    #: Length of the padded pack (what erasure.decode needs as ``size``).
+    pack_size: int
+    #: Length of the shard data that follows the header.
+    shard_size: int
+    block_size: int
+    merkle_root: bytes

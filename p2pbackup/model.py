@@ -55,6 +55,9 @@ class BlobEntry:
     offset: int
     #: Length of the sealed (encrypted) blob inside the pack.
     length: int
+    #: Length of the blob's plaintext (so a restorer can place chunks in a
+    #: file before decrypting them).
+    raw_length: int
 
 
 @attrs.frozen

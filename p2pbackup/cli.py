@@ -1,0 +1,444 @@
+"""The ``p2pbackup`` command line.
+
+Every command prints what it did in plain lines (``--json`` where scripts read
+the output). Expected failures — a bad path, a typo in a recovery key, too few
+shards — print one ``p2pbackup: error: …`` line and exit 1; a traceback means
+a bug. Secrets never appear on the command line: recovery keys are read from a
+file (``--recovery-key-file``) or from standard input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import inspect
+import json
+import os
+import stat
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pbackup import __version__
+from p2pbackup.errors import P2PBackupError, UsageError
+from p2pbackup.home import Home, default_home, write_private_file
+from p2pbackup.model import NodeKind, TreeNode
+from p2pbackup.nurseries import unwrap_single
+from p2pbackup.progress import Progress, human_bytes
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_PARTIAL = 3
+
+
+def _out(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def _progress(label: str, args: argparse.Namespace) -> Progress:
+    return Progress(label, enabled=None if not args.json else False)
+
+
+# -- commands ----------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations
+
+    k, n = operations.parse_shards(args.shards)
+    key_file = Path(args.recovery_key_file) if args.recovery_key_file else None
+
+    def write_key(key: str) -> None:
+        assert key_file is not None
+        try:
+            write_private_file(key_file, (key + "\n").encode())
+        except OSError as exc:
+            raise UsageError(
+                f"cannot write the recovery key to {key_file}: {exc.strerror or exc}; "
+                f"{home.path} was not initialised"
+            ) from exc
+
+    key = operations.init_home(
+        home,
+        operations.default_config(k, n),
+        deliver_key=write_key if key_file is not None else None,
+    )
+    _out(f"initialised {home.path} ({k}-of-{n} shards)")
+    if key_file is not None:
+        _out(f"recovery key written to {key_file} (mode 0600)")
+    else:
+        _out("Your recovery key — write it down and keep it safe; it is shown only once.")
+        _out("With it alone you can restore everything on a new machine:")
+        _out()
+        _out(f"    {key}")
+        _out()
+    _out("next: add peers with `p2pbackup peer add-dir PATH`")
+    return EXIT_OK
+
+
+async def cmd_peer_add_dir(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations
+
+    async with operations.open_repository(home) as repo:
+        record = await operations.add_folder_peer(repo, Path(args.path))
+        _out(f"added peer {record.peer_id} at {record.location}")
+    return EXIT_OK
+
+
+async def cmd_peer_list(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations
+
+    async with operations.open_repository(home) as repo:
+        counts = repo.index.shard_count_by_peer()
+        peers = repo.peers()
+        if args.json:
+            _out(
+                json.dumps(
+                    [
+                        {
+                            "peer_id": p.peer_id,
+                            "kind": p.kind,
+                            "location": p.location,
+                            "shards": counts.get(p.peer_id, 0),
+                        }
+                        for p in peers
+                    ],
+                    indent=2,
+                )
+            )
+        else:
+            for p in peers:
+                _out(f"{p.peer_id}  {p.kind}  {p.location}  {counts.get(p.peer_id, 0)} shards")
+            if not peers:
+                _out("no peers yet: add one with `p2pbackup peer add-dir PATH`")
+    return EXIT_OK
+
+
+async def cmd_backup(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations
+    from p2pbackup.backup import Backup
+
+    async with operations.open_repository(home) as repo:
+        summary = await Backup(repo, progress=_progress("backup", args)).run(
+            args.paths, args.tag or ()
+        )
+    if args.json:
+        _out(json.dumps(summary.to_json(), indent=2))
+    else:
+        for line in summary.lines():
+            _out(line)
+        _out("snapshot saved:")
+        _out(summary.snapshot_id.hex())
+    return EXIT_OK
+
+
+async def cmd_snapshots(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations
+
+    async with operations.open_repository(home) as repo:
+        rows = repo.index.snapshots()
+    if args.json:
+        _out(
+            json.dumps(
+                [
+                    {
+                        "id": sid.hex(),
+                        "time": time.strftime(
+                            "%Y-%m-%dT%H:%M:%S%z", time.localtime(s.time_ns / 1e9)
+                        ),
+                        "time_ns": s.time_ns,
+                        "hostname": s.hostname,
+                        "paths": [os.fsdecode(p) for p in s.paths],
+                        "tags": list(s.tags),
+                        "files": s.file_count,
+                        "size": s.total_size,
+                    }
+                    for sid, s in rows
+                ],
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    if not rows:
+        _out("no snapshots yet")
+    for sid, s in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.time_ns / 1e9))
+        paths = ", ".join(os.fsdecode(p) for p in s.paths)
+        tags = f"  [{', '.join(s.tags)}]" if s.tags else ""
+        _out(
+            f"{sid.hex()[:12]}  {when}  {s.hostname}  {s.file_count} files  "
+            f"{human_bytes(s.total_size)}  {paths}{tags}"
+        )
+    return EXIT_OK
+
+
+def _describe(path: bytes, node: TreeNode) -> str:
+    kind = {NodeKind.DIR: "d", NodeKind.FILE: "-", NodeKind.SYMLINK: "l"}[node.kind]
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(node.mtime_ns / 1e9))
+    line = f"{kind}{stat.filemode(node.mode)[1:]}  {node.size:>12}  {when}  {os.fsdecode(path)}"
+    if node.link_target is not None:
+        line += f" -> {os.fsdecode(node.link_target)}"
+    return line
+
+
+async def cmd_ls(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations, snapshots
+
+    async with operations.open_repository(home) as repo:
+        _sid, snap = snapshots.resolve(repo.index, args.snapshot)
+        entries = []
+        async for path, node in snapshots.walk(repo, snap, os.fsencode(args.path or "/")):
+            entries.append((path, node))
+    if args.json:
+        _out(
+            json.dumps(
+                [
+                    {
+                        "path": os.fsdecode(p),
+                        "type": n.kind.name.lower(),
+                        "mode": n.mode,
+                        "size": n.size,
+                        "mtime_ns": n.mtime_ns,
+                    }
+                    for p, n in entries
+                ],
+                indent=2,
+            )
+        )
+    else:
+        for path, node in entries:
+            _out(_describe(path, node))
+    return EXIT_OK
+
+
+async def cmd_restore(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations, snapshots
+    from p2pbackup.restore import Restorer
+
+    async with operations.open_repository(home) as repo:
+        sid, snap = snapshots.resolve(repo.index, args.snapshot)
+        only = os.fsencode(args.path) if args.path else None
+        restorer = Restorer(
+            repo,
+            Path(args.target),
+            overwrite=args.overwrite,
+            progress=_progress("restore", args),
+        )
+        summary = await restorer.run(snap, only)
+    if args.json:
+        _out(json.dumps(summary.to_json(), indent=2))
+    else:
+        _out(f"snapshot {sid.hex()[:12]} → {restorer.target}")
+        for line in summary.lines():
+            _out(line)
+    if not summary.ok:
+        print("p2pbackup: error: the restore is incomplete (see the list above)", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+async def cmd_forget(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations, snapshots
+
+    async with operations.open_repository(home) as repo:
+        removed = await snapshots.forget(repo, args.snapshots)
+    for sid in removed:
+        _out(f"forgot snapshot {sid.hex()[:12]}")
+    _out("run `p2pbackup prune` to free the space only they used")
+    return EXIT_OK
+
+
+async def cmd_prune(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations
+    from p2pbackup.prune import prune
+
+    async with operations.open_repository(home) as repo:
+        summary = await prune(repo, progress=_progress("prune", args))
+    for line in summary.lines():
+        _out(line)
+    return EXIT_OK
+
+
+async def cmd_check(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations
+    from p2pbackup.check import check
+
+    async with operations.open_repository(home) as repo:
+        summary = await check(repo, read_data=args.read_data, progress=_progress("check", args))
+    if args.json:
+        _out(json.dumps(summary.to_json(), indent=2))
+    else:
+        for line in summary.lines():
+            _out(line)
+    return EXIT_OK if summary.ok else EXIT_PARTIAL
+
+
+def read_recovery_key(path: str | None) -> str:
+    """From a file, or standard input (prompted, unechoed, on a terminal)."""
+    if path:
+        try:
+            return Path(path).read_text()
+        except OSError as exc:
+            raise UsageError(f"cannot read the recovery key file {path}: {exc.strerror}") from exc
+    if sys.stdin.isatty():
+        return getpass.getpass("recovery key: ")
+    return sys.stdin.read()
+
+
+async def cmd_recover(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations
+
+    if not args.peer_dir:
+        raise UsageError("recover needs at least one --peer-dir PATH")
+    key = read_recovery_key(args.recovery_key_file)
+    summary = await operations.recover(home, key, [Path(p) for p in args.peer_dir])
+    _out(f"recovered into {home.path}")
+    for line in summary.lines():
+        _out(line)
+    _out("next: `p2pbackup snapshots`, then `p2pbackup restore latest --target DIR`")
+    return EXIT_OK
+
+
+async def cmd_demo(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup.demo import run_demo
+
+    return await run_demo(Path(args.dir) if args.dir else None, keep=args.keep)
+
+
+# -- parser -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2pbackup",
+        description="Peer-to-peer encrypted, deduplicated, erasure-coded backup.",
+    )
+    parser.add_argument("--version", action="version", version=f"p2pbackup {__version__}")
+    parser.add_argument(
+        "--home", help="home directory (default: $P2PBACKUP_HOME, else the user data dir)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="create a new home and show its recovery key")
+    p.add_argument(
+        "--shards",
+        default="3/6",
+        metavar="K/N",
+        help="any K of N shards restore a pack (default 3/6)",
+    )
+    p.add_argument(
+        "--recovery-key-file",
+        metavar="F",
+        help="write the recovery key to F (mode 0600) instead of showing it",
+    )
+    p.set_defaults(func=cmd_init)
+
+    peer = sub.add_parser("peer", help="manage peers")
+    peer_sub = peer.add_subparsers(dest="peer_command", required=True, metavar="COMMAND")
+    p = peer_sub.add_parser("add-dir", help="use a local folder (e.g. an external disk) as a peer")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_peer_add_dir)
+    p = peer_sub.add_parser("list", help="list peers")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_peer_list)
+
+    p = sub.add_parser("backup", help="back up files and directories")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--tag", action="append", help="tag the snapshot (repeatable)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("snapshots", help="list snapshots")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_snapshots)
+
+    p = sub.add_parser("ls", help="list the contents of a snapshot")
+    p.add_argument("snapshot", metavar="SNAPSHOT", help="id, unique prefix, or 'latest'")
+    p.add_argument("path", nargs="?", metavar="PATH")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("restore", help="restore a snapshot into a directory")
+    p.add_argument("snapshot", metavar="SNAPSHOT", help="id, unique prefix, or 'latest'")
+    p.add_argument("--target", required=True, metavar="DIR")
+    p.add_argument("--path", metavar="P", help="restore only this path of the snapshot")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files that differ")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("forget", help="drop snapshots (prune frees their space)")
+    p.add_argument("snapshots", nargs="+", metavar="SNAPSHOT")
+    p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("prune", help="delete data no snapshot needs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("check", help="verify the index against the peers")
+    p.add_argument(
+        "--read-data", action="store_true", help="download and verify every shard and blob"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("recover", help="rebuild a home from the recovery key and the peers")
+    p.add_argument(
+        "--recovery-key-file",
+        metavar="F",
+        help="read the recovery key from F (default: standard input)",
+    )
+    p.add_argument(
+        "--peer-dir",
+        action="append",
+        metavar="PATH",
+        help="a peer folder (repeatable; one is enough when it names the others)",
+    )
+    p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("demo", help="back up a sample tree, destroy peers, restore, compare")
+    p.add_argument("--dir", metavar="D", help="work here (default: a new temporary directory)")
+    p.add_argument("--keep", action="store_true", help="keep the demo's files afterwards")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _tolerate_undecodable_names() -> None:
+    """File names that are not UTF-8 reach us as surrogate escapes (PEP 383);
+    print them as the bytes they are instead of failing on a strict stdout."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and getattr(sys.stdout, "errors", None) == "strict":
+        reconfigure(errors="surrogateescape")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _tolerate_undecodable_names()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "json"):
+        args.json = False
+    home = Home(Path(args.home) if args.home else default_home())
+    func: Callable[[argparse.Namespace, Home], Any] = args.func
+    try:
+        with unwrap_single():
+            if inspect.iscoroutinefunction(func):
+                return int(trio.run(func, args, home))
+            return int(func(args, home))
+    except P2PBackupError as exc:
+        print(f"p2pbackup: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        # Permissions, a full disk, a vanished directory: the user's to fix.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"p2pbackup: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("p2pbackup: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""The cryptographic primitives of p2pbackup: a thin façade over libsodium.
+
+This is the only module that imports ``nacl`` (PyNaCl); everything else calls
+the functions below, so the choice of primitives lives in one place.
+
+Nouns:
+
+* **key** — 32 secret bytes for the AEAD (:data:`KEY_SIZE`).
+* **sealed message** — the output of :func:`seal`:
+  ``nonce (24) || ciphertext || tag (16)``, XChaCha20-Poly1305-IETF with a
+  random nonce (192 bits, so random nonces never collide in practice). The
+  *aad* (associated data) is authenticated but not stored: the opener must
+  supply the same aad, which binds a ciphertext to its context.
+* **hash** — BLAKE2b (libsodium ``crypto_generichash``), 16–64 bytes of
+  output, optionally keyed (a MAC / keyed id) and personalised (domain
+  separation, up to 16 bytes, zero-padded as BLAKE2b specifies). Output is
+  byte-for-byte what ``hashlib.blake2b`` gives for the same parameters.
+* **derived key** — see :func:`derive_key`; a persisted construction.
+* **seed** — the 32-byte secret an Ed25519 signing key is expanded from;
+  signatures are 64-byte detached Ed25519 signatures.
+* **X25519 private key** — 32 random bytes (clamping is applied by libsodium).
+
+Performance: the bulk operations (:func:`seal`, :func:`unseal`,
+:func:`hash_bytes`, :meth:`Hasher.update`) call libsodium through cffi
+directly rather than through ``nacl.bindings``, because the bindings insist on
+``bytes`` inputs (a full copy of every memoryview), zero-fill their output
+buffers and then copy them out again: measured here on a 1 MiB chunk that is
+2.2 ms per seal instead of 1.0 ms. cffi releases the GIL for the duration of
+each libsodium call, so two threads seal or hash on two cores at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from typing import Any, Final
+
+import nacl.bindings
+import nacl.exceptions
+
+# cffi handles of PyNaCl's bundled libsodium. Private to PyNaCl but what all of
+# nacl.bindings is built on; used only where copies of large buffers matter.
+from nacl._sodium import ffi, lib  # type: ignore[import-not-found]
+
+from p2pbackup.errors import DecryptionError, SignatureError
+
+#: Anything whose bytes can be read without copying.
+BytesLike = bytes | bytearray | memoryview
+
+KEY_SIZE: Final = 32
+NONCE_SIZE: Final = 24
+TAG_SIZE: Final = 16
+#: Bytes :func:`seal` adds to a plaintext: nonce and Poly1305 tag.
+SEAL_OVERHEAD: Final = NONCE_SIZE + TAG_SIZE
+SIGNATURE_SIZE: Final = 64
+PUBLIC_KEY_SIZE: Final = 32
+SEED_SIZE: Final = 32
+
+HASH_SIZE_MIN: Final = 16
+HASH_SIZE_MAX: Final = 64
+HASH_KEY_MIN: Final = 16
+HASH_KEY_MAX: Final = 64
+PERSON_SIZE: Final = 16
+
+#: BLAKE2b personalisation of :func:`derive_key`. Changing it changes every key
+#: derived from every recovery key ever issued: never change it.
+KDF_PERSON: Final = b"p2pbackup.kdf.v1"
+
+_HASH_STATE_SIZE: Final = 384
+
+assert lib.crypto_aead_xchacha20poly1305_ietf_npubbytes() == NONCE_SIZE
+assert lib.crypto_aead_xchacha20poly1305_ietf_abytes() == TAG_SIZE
+assert lib.crypto_aead_xchacha20poly1305_ietf_keybytes() == KEY_SIZE
+assert lib.crypto_generichash_statebytes() <= _HASH_STATE_SIZE
+
+
+# --- zero-copy output buffers ------------------------------------------------
+
+# Below this size, a copy costs less than thinking about it.
+_ZERO_COPY_MIN = 4096
+
+
+def _make_bytes_allocator() -> Any:
+    if sys.implementation.name != "cpython":
+        return None
+    # Our own prototype (PYFUNCTYPE keeps the GIL, as the C API requires), so
+    # that nothing set on the shared ctypes.pythonapi attribute affects us.
+    prototype = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)
+    return prototype(("PyBytes_FromStringAndSize", ctypes.pythonapi))
+
+
+_bytes_from_null = _make_bytes_allocator()
+
+
+class _Output:
+    """A buffer libsodium writes into, finished as an immutable ``bytes``.
+
+    On CPython a large output is a fresh, uninitialised ``bytes`` object that
+    libsodium fills in place — how CPython's own C code builds bytes (e.g.
+    ``hashlib``, ``zlib``): nothing else holds a reference until it is
+    returned, so its immutability is never observed to change. Small outputs,
+    and other interpreters, use a cffi buffer and one copy.
+    """
+
+    __slots__ = ("_cdata", "_obj", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._obj: bytes | None = None
+        if size >= _ZERO_COPY_MIN and _bytes_from_null is not None:
+            self._obj = _bytes_from_null(None, size)
+            self._cdata = ffi.from_buffer("unsigned char[]", self._obj)
+        else:
+            self._cdata = ffi.new("unsigned char[]", max(size, 1))
+
+    @property
+    def pointer(self) -> Any:
+        return self._cdata
+
+    def finish(self) -> bytes:
+        if self._obj is not None:
+            return self._obj
+        return bytes(ffi.buffer(self._cdata, self.size))
+
+
+def _view(data: BytesLike) -> Any:
+    """A read-only cffi pointer into ``data`` without copying it."""
+    return ffi.from_buffer("unsigned char[]", data)
+
+
+def _require_len(name: str, value: BytesLike, expected: int) -> None:
+    if len(value) != expected:
+        raise ValueError(f"{name} must be {expected} bytes, got {len(value)}")
+
+
+# --- randomness --------------------------------------------------------------
+
+
+def random_bytes(n: int) -> bytes:
+    """``n`` bytes from libsodium's CSPRNG."""
+    if n < 0:
+        raise ValueError(f"cannot make {n} random bytes")
+    out = _Output(n)
+    lib.randombytes(out.pointer, n)
+    return out.finish()
+
+
+# --- hashing -----------------------------------------------------------------
+
+
+def _check_hash_params(size: int, key: BytesLike) -> None:
+    if not HASH_SIZE_MIN <= size <= HASH_SIZE_MAX:
+        raise ValueError(f"hash size must be {HASH_SIZE_MIN}..{HASH_SIZE_MAX}, got {size}")
+    if key and not HASH_KEY_MIN <= len(key) <= HASH_KEY_MAX:
+        raise ValueError(
+            f"hash key must be empty or {HASH_KEY_MIN}..{HASH_KEY_MAX} bytes, got {len(key)}"
+        )
+
+
+def _padded_person(person: bytes) -> Any:
+    if len(person) > PERSON_SIZE:
+        raise ValueError(f"personalisation is at most {PERSON_SIZE} bytes, got {len(person)}")
+    if not person:
+        return ffi.NULL
+    buf = ffi.new("unsigned char[]", PERSON_SIZE)
+    ffi.memmove(buf, person, len(person))
+    return buf
+
+
+def hash_bytes(data: BytesLike, *, size: int = 32, key: bytes = b"", person: bytes = b"") -> bytes:
+    """BLAKE2b of ``data``: ``size`` bytes, optionally keyed and personalised."""
+    _check_hash_params(size, key)
+    out = ffi.new("unsigned char[]", size)
+    src = _view(data)
+    rc = lib.crypto_generichash_blake2b_salt_personal(
+        out, size, src, len(src), _view(key) if key else ffi.NULL, len(key), ffi.NULL,
+        _padded_person(person),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError("libsodium BLAKE2b failed")
+    return bytes(ffi.buffer(out, size))
+
+
+class Hasher:
+    """Incremental BLAKE2b; same output as :func:`hash_bytes` over the concatenation.
+
+    :meth:`digest` may be called any number of times and :meth:`update` may
+    continue afterwards, as with ``hashlib``. Not safe to share between threads.
+    """
+
+    __slots__ = ("_size", "_state")
+
+    def __init__(self, *, size: int = 32, key: bytes = b"") -> None:
+        _check_hash_params(size, key)
+        self._size = size
+        self._state = ffi.new("unsigned char[]", _HASH_STATE_SIZE)
+        rc = lib.crypto_generichash_blake2b_init_salt_personal(
+            self._state, _view(key) if key else ffi.NULL, len(key), size, ffi.NULL, ffi.NULL
+        )
+        if rc != 0:
+            raise RuntimeError("libsodium BLAKE2b init failed")
+
+    def update(self, data: BytesLike) -> None:
+        src = _view(data)
+        lib.crypto_generichash_blake2b_update(self._state, src, len(src))
+
+    def digest(self) -> bytes:
+        # Finalising consumes a libsodium state, so finalise a copy.
+        state = ffi.new("unsigned char[]", _HASH_STATE_SIZE)
+        ffi.memmove(state, self._state, _HASH_STATE_SIZE)
+        out = ffi.new("unsigned char[]", self._size)
+        if lib.crypto_generichash_blake2b_final(state, out, self._size) != 0:
+            raise RuntimeError("libsodium BLAKE2b final failed")
+        return bytes(ffi.buffer(out, self._size))
+
+
+# --- key derivation ----------------------------------------------------------
+
+
+def derive_key(master: bytes, context: str, *, size: int = 32) -> bytes:
+    """A subkey of ``master`` for ``context``; distinct contexts give independent keys.
+
+    The construction is persisted (the recovery key must rebuild the same keys
+    forever), so it is fixed exactly::
+
+        BLAKE2b(message  = UTF-8 bytes of context,
+                key      = master,               # 16..64 bytes
+                digest   = size bytes,           # 16..64
+                salt     = 16 zero bytes,
+                person   = b"p2pbackup.kdf.v1")
+
+    i.e. ``hashlib.blake2b(context.encode(), key=master, digest_size=size,
+    person=b"p2pbackup.kdf.v1").digest()``. BLAKE2b keyed with ``master`` is
+    a PRF, and the context is the whole message, so contexts that differ in
+    any way give independent keys. The digest size is part of BLAKE2b's
+    parameter block, so the same context at two sizes also gives unrelated
+    keys rather than one being a prefix of the other.
+    """
+    if not context:
+        raise ValueError("key derivation needs a non-empty context")
+    if not HASH_KEY_MIN <= len(master) <= HASH_KEY_MAX:
+        raise ValueError(f"master key must be {HASH_KEY_MIN}..{HASH_KEY_MAX} bytes")
+    return hash_bytes(context.encode("utf-8"), size=size, key=master, person=KDF_PERSON)
+
+
+# --- authenticated encryption ------------------------------------------------
+
+
+def seal(key: bytes, plaintext: BytesLike, *, aad: bytes = b"") -> bytes:
+    """Encrypt and authenticate: ``nonce || ciphertext || tag`` (XChaCha20-Poly1305)."""
+    _require_len("key", key, KEY_SIZE)
+    src = _view(plaintext)
+    out = _Output(NONCE_SIZE + len(src) + TAG_SIZE)
+    nonce = out.pointer
+    lib.randombytes(nonce, NONCE_SIZE)
+    rc = lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        nonce + NONCE_SIZE,
+        ffi.NULL,
+        src,
+        len(src),
+        _view(aad),
+        len(aad),
+        ffi.NULL,
+        nonce,
+        _view(key),
+    )
+    if rc != 0:
+        raise RuntimeError("libsodium encryption failed")
+    return out.finish()
+
+
+def unseal(key: bytes, sealed: BytesLike, *, aad: bytes = b"") -> bytes:
+    """The plaintext of a :func:`seal` output; :class:`DecryptionError` on any failure."""
+    _require_len("key", key, KEY_SIZE)
+    src = _view(sealed)
+    if len(src) < SEAL_OVERHEAD:
+        raise DecryptionError(
+            f"sealed message is truncated: {len(src)} bytes, "
+            f"shorter than the {SEAL_OVERHEAD}-byte overhead"
+        )
+    out = _Output(len(src) - SEAL_OVERHEAD)
+    rc = lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
+        out.pointer, ffi.NULL, ffi.NULL, src + NONCE_SIZE, len(src) - NONCE_SIZE,
+        _view(aad), len(aad), src, _view(key),
+    )  # fmt: skip
+    if rc != 0:
+        raise DecryptionError(
+            "decryption failed: the data was modified, truncated, "
+            "or sealed under another key or context"
+        )
+    return out.finish()
+
+
+# --- signatures and key agreement -------------------------------------------
+
+
+def signing_public_key(seed: bytes) -> bytes:
+    """The Ed25519 public key of the signing key expanded from ``seed``."""
+    _require_len("signing seed", seed, SEED_SIZE)
+    public, _secret = nacl.bindings.crypto_sign_seed_keypair(bytes(seed))
+    return public
+
+
+def sign(seed: bytes, message: bytes) -> bytes:
+    """A detached 64-byte Ed25519 signature of ``message``."""
+    _require_len("signing seed", seed, SEED_SIZE)
+    _public, secret = nacl.bindings.crypto_sign_seed_keypair(bytes(seed))
+    # PyNaCl exposes only the combined form, signature || message.
+    return nacl.bindings.crypto_sign(bytes(message), secret)[:SIGNATURE_SIZE]
+
+
+def verify(public_key: bytes, message: bytes, signature: bytes) -> None:
+    """Return if ``signature`` is ``public_key``'s on ``message``; else :class:`SignatureError`."""
+    if len(public_key) != PUBLIC_KEY_SIZE:
+        raise SignatureError(f"public key must be {PUBLIC_KEY_SIZE} bytes, got {len(public_key)}")
+    if len(signature) != SIGNATURE_SIZE:
+        raise SignatureError(f"signature must be {SIGNATURE_SIZE} bytes, got {len(signature)}")
+    try:
+        nacl.bindings.crypto_sign_open(bytes(signature) + bytes(message), bytes(public_key))
+    except nacl.exceptions.CryptoError:
+        raise SignatureError("signature does not verify") from None
+
+
+def x25519_public_key(private_key: bytes) -> bytes:
+    """The X25519 public key for ``private_key``."""
+    _require_len("X25519 private key", private_key, KEY_SIZE)
+    return nacl.bindings.crypto_scalarmult_base(bytes(private_key))

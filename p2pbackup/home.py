@@ -1,0 +1,152 @@
+"""The home directory: where one node keeps its secret, its index and its lock.
+
+Layout (format version 1)::
+
+    HOME/
+      HOME          "p2pbackup-home 1" and the node id — marks an initialised home
+      secret        the master secret (mode 0600); everything derives from it
+      index.sqlite  the local index (a cache of what the peers hold)
+      lock          held (flock) by the process that writes this home
+
+The home is chosen by ``--home``, else ``$P2PBACKUP_HOME``, else the platform's
+user data directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from p2pbackup.errors import RepositoryLockedError, UsageError
+
+HOME_FORMAT_VERSION = 1
+_HOME_MAGIC = "p2pbackup-home"
+_SECRET_MAGIC = "p2pbackup-secret"
+
+
+def default_home() -> Path:
+    """``$P2PBACKUP_HOME``, else the platform's user data directory."""
+    env = os.environ.get("P2PBACKUP_HOME")
+    if env:
+        return Path(env)
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "p2pbackup"
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "p2pbackup"
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, readable only by its owner (0600)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        # Leave no half-written copy of a secret behind.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class Home:
+    """One node's home directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def marker_path(self) -> Path:
+        return self.path / "HOME"
+
+    @property
+    def secret_path(self) -> Path:
+        return self.path / "secret"
+
+    @property
+    def index_path(self) -> Path:
+        return self.path / "index.sqlite"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / "lock"
+
+    def exists(self) -> bool:
+        return self.marker_path.exists()
+
+    def create(self, master_secret: bytes, node_id: bytes) -> None:
+        """Make a new home holding ``master_secret``; refuse to replace an existing one."""
+        if self.exists():
+            raise UsageError(f"{self.path} is already a p2pbackup home; refusing to overwrite it")
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the home {self.path}: {exc.strerror}") from exc
+        if any(p.name not in {"lock"} for p in self.path.iterdir()):
+            raise UsageError(f"{self.path} is not empty; choose an empty or new directory")
+        write_private_file(
+            self.secret_path,
+            f"{_SECRET_MAGIC} {HOME_FORMAT_VERSION}\n{master_secret.hex()}\n".encode(),
+        )
+        # The marker is written last: a home without it is not initialised.
+        write_private_file(
+            self.marker_path, f"{_HOME_MAGIC} {HOME_FORMAT_VERSION}\n{node_id.hex()}\n".encode()
+        )
+
+    def require(self) -> None:
+        if not self.exists():
+            raise UsageError(
+                f"{self.path} is not an initialised p2pbackup home "
+                "(run `p2pbackup init`, or `p2pbackup recover` with your recovery key)"
+            )
+        text = self.marker_path.read_text(errors="replace").split()
+        if len(text) < 2 or text[0] != _HOME_MAGIC or text[1] != str(HOME_FORMAT_VERSION):
+            raise UsageError(f"{self.marker_path} is not a home marker this version understands")
+
+    def load_secret(self) -> bytes:
+        self.require()
+        mode = self.secret_path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise UsageError(
+                f"{self.secret_path} is readable by others (mode {mode:o}); "
+                f"run `chmod 600 {self.secret_path}`"
+            )
+        lines = self.secret_path.read_text().split("\n")
+        header = lines[0].split()
+        if header != [_SECRET_MAGIC, str(HOME_FORMAT_VERSION)] or len(lines) < 2:
+            raise UsageError(f"{self.secret_path} is not a secret file this version understands")
+        try:
+            return bytes.fromhex(lines[1].strip())
+        except ValueError as exc:
+            raise UsageError(f"{self.secret_path} is damaged") from exc
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the home's lock; a second writer gets a clear error naming the holder."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise RepositoryLockedError(
+                    f"{self.path} is in use by another p2pbackup process (pid {holder})"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)

@@ -1,0 +1,381 @@
+"""The local index: an SQLite cache of what the peers hold for us.
+
+Nouns:
+
+* **blob row** — blob id → the pack holding it, with offset and lengths.
+  A blob may sit in more than one pack (a backup killed after uploading a pack
+  but before committing it is repeated; prune copies live blobs); any copy
+  will do.
+* **pack row** — pack id → code parameters; **shard rows** say which peer holds
+  shard i and its Merkle root.
+* **segment flag** — whether a pack is already described by an index segment
+  stored on the peers; the next backup writes a segment for the rest.
+* **file cache** — path → (size, mtime, ctime, inode) → chunk ids, so that
+  unchanged files are not read again.
+* **snapshot rows** — decoded snapshots, a cache of the snapshot blobs.
+* **meta** — repository configuration and the root record sequence number.
+
+Everything here can be rebuilt from the peers (``recover``), so the index is a
+cache, but one whose every write happens in a transaction: a backup killed at
+any moment leaves it consistent.
+
+The connection belongs to one thread (trio's), and each call is short.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import attrs
+
+from p2pbackup.errors import UsageError
+from p2pbackup.model import (
+    BlobEntry,
+    BlobType,
+    PackRecord,
+    PeerRecord,
+    RepositoryConfig,
+    ShardLocation,
+    Snapshot,
+)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS peers (
+    peer_id TEXT PRIMARY KEY, kind TEXT NOT NULL, location TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS packs (
+    pack_id BLOB PRIMARY KEY, size INTEGER NOT NULL, k INTEGER NOT NULL,
+    n INTEGER NOT NULL, shard_size INTEGER NOT NULL, block_size INTEGER NOT NULL,
+    is_index INTEGER NOT NULL DEFAULT 0, in_segment INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS shards (
+    pack_id BLOB NOT NULL REFERENCES packs(pack_id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL, peer_id TEXT NOT NULL, merkle_root BLOB NOT NULL,
+    PRIMARY KEY (pack_id, idx));
+CREATE INDEX IF NOT EXISTS shards_by_peer ON shards(peer_id);
+CREATE TABLE IF NOT EXISTS blobs (
+    blob_id BLOB NOT NULL, type INTEGER NOT NULL,
+    pack_id BLOB NOT NULL REFERENCES packs(pack_id) ON DELETE CASCADE,
+    offset INTEGER NOT NULL, length INTEGER NOT NULL, raw_length INTEGER NOT NULL,
+    PRIMARY KEY (blob_id, pack_id));
+CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack_id);
+CREATE TABLE IF NOT EXISTS snapshots (
+    snapshot_id BLOB PRIMARY KEY, time_ns INTEGER NOT NULL, hostname TEXT NOT NULL,
+    paths BLOB NOT NULL, tags TEXT NOT NULL, tree BLOB NOT NULL,
+    file_count INTEGER NOT NULL, total_size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS file_cache (
+    path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, content BLOB NOT NULL);
+"""
+
+
+@attrs.frozen
+class BlobLocation:
+    pack_id: bytes
+    entry: BlobEntry
+
+
+@attrs.frozen
+class CachedFile:
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    content: tuple[bytes, ...]
+
+
+def _join_ids(ids: Iterable[bytes]) -> bytes:
+    return b"".join(ids)
+
+
+def _split_ids(joined: bytes) -> tuple[bytes, ...]:
+    return tuple(joined[i : i + 32] for i in range(0, len(joined), 32))
+
+
+def _join_strs(values: Iterable[bytes]) -> bytes:
+    # Paths are bytes that may hold anything but NUL.
+    return b"\0".join(values)
+
+
+class Index:
+    """The SQLite index of one home."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise UsageError(f"cannot open the index {path}: {exc}") from exc
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        version = self.get_meta("schema_version")
+        if version is None:
+            self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
+        elif int(version) != SCHEMA_VERSION:
+            raise UsageError(
+                f"the index {path} has schema version {int(version)}; "
+                f"this p2pbackup reads version {SCHEMA_VERSION}"
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- transactions -------------------------------------------------------
+
+    def transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    # -- meta ----------------------------------------------------------------
+
+    def get_meta(self, key: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def config(self) -> RepositoryConfig:
+        raw = self.get_meta("config")
+        if raw is None:
+            raise UsageError("the index holds no repository configuration")
+        k, n, pack_size, cmin, cavg, cmax, block = (int(x) for x in raw.decode().split(","))
+        return RepositoryConfig(k, n, pack_size, cmin, cavg, cmax, block)
+
+    def set_config(self, config: RepositoryConfig) -> None:
+        fields = attrs.astuple(config)
+        self.set_meta("config", ",".join(str(x) for x in fields).encode())
+
+    def root_sequence(self) -> int:
+        raw = self.get_meta("root_sequence")
+        return 0 if raw is None else int(raw)
+
+    def set_root_sequence(self, sequence: int) -> None:
+        self.set_meta("root_sequence", str(sequence).encode())
+
+    # -- peers ---------------------------------------------------------------
+
+    def add_peer(self, peer: PeerRecord) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO peers(peer_id, kind, location) VALUES (?, ?, ?)",
+            (peer.peer_id, peer.kind, peer.location),
+        )
+
+    def remove_peer(self, peer_id: str) -> None:
+        self._db.execute("DELETE FROM peers WHERE peer_id=?", (peer_id,))
+
+    def peers(self) -> list[PeerRecord]:
+        rows = self._db.execute("SELECT peer_id, kind, location FROM peers ORDER BY peer_id")
+        return [PeerRecord(*row) for row in rows]
+
+    # -- packs and blobs ----------------------------------------------------
+
+    def add_pack(
+        self, record: PackRecord, *, is_index: bool = False, in_segment: bool = False
+    ) -> None:
+        """Record a pack, its shards and its blobs (call inside a transaction)."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO packs(pack_id, size, k, n, shard_size, block_size,"
+            " is_index, in_segment) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.pack_id,
+                record.size,
+                record.k,
+                record.n,
+                record.shard_size,
+                record.block_size,
+                int(is_index),
+                int(in_segment),
+            ),
+        )
+        self._db.executemany(
+            "INSERT OR REPLACE INTO shards(pack_id, idx, peer_id, merkle_root) VALUES (?, ?, ?, ?)",
+            [(record.pack_id, s.index, s.peer_id, s.merkle_root) for s in record.shards],
+        )
+        self._db.executemany(
+            "INSERT OR IGNORE INTO blobs(blob_id, type, pack_id, offset, length, raw_length)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (b.blob_id, int(b.type), record.pack_id, b.offset, b.length, b.raw_length)
+                for b in record.blobs
+            ],
+        )
+
+    def remove_pack(self, pack_id: bytes) -> None:
+        self._db.execute("DELETE FROM packs WHERE pack_id=?", (pack_id,))
+
+    def has_blob(self, blob_id: bytes) -> bool:
+        row = self._db.execute("SELECT 1 FROM blobs WHERE blob_id=? LIMIT 1", (blob_id,)).fetchone()
+        return row is not None
+
+    def has_blobs(self, blob_ids: Iterable[bytes]) -> bool:
+        return all(self.has_blob(b) for b in blob_ids)
+
+    def blob_locations(self, blob_id: bytes) -> list[BlobLocation]:
+        rows = self._db.execute(
+            "SELECT type, pack_id, offset, length, raw_length FROM blobs WHERE blob_id=?",
+            (blob_id,),
+        )
+        return [
+            BlobLocation(bytes(p), BlobEntry(BlobType(t), blob_id, o, ln, raw))
+            for t, p, o, ln, raw in rows
+        ]
+
+    def pack(self, pack_id: bytes) -> PackRecord | None:
+        row = self._db.execute(
+            "SELECT size, k, n, shard_size, block_size FROM packs WHERE pack_id=?", (pack_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        shards = tuple(
+            ShardLocation(idx, peer, bytes(root))
+            for idx, peer, root in self._db.execute(
+                "SELECT idx, peer_id, merkle_root FROM shards WHERE pack_id=? ORDER BY idx",
+                (pack_id,),
+            )
+        )
+        blobs = tuple(
+            BlobEntry(BlobType(t), bytes(b), o, ln, raw)
+            for b, t, o, ln, raw in self._db.execute(
+                "SELECT blob_id, type, offset, length, raw_length FROM blobs"
+                " WHERE pack_id=? ORDER BY offset",
+                (pack_id,),
+            )
+        )
+        size, k, n, shard_size, block_size = row
+        return PackRecord(pack_id, size, k, n, shard_size, block_size, shards, blobs)
+
+    def pack_ids(self, *, is_index: bool | None = None) -> list[bytes]:
+        if is_index is None:
+            rows = self._db.execute("SELECT pack_id FROM packs ORDER BY pack_id")
+        else:
+            rows = self._db.execute(
+                "SELECT pack_id FROM packs WHERE is_index=? ORDER BY pack_id", (int(is_index),)
+            )
+        return [bytes(r[0]) for r in rows]
+
+    def packs_without_segment(self) -> list[bytes]:
+        rows = self._db.execute(
+            "SELECT pack_id FROM packs WHERE in_segment=0 AND is_index=0 ORDER BY pack_id"
+        )
+        return [bytes(r[0]) for r in rows]
+
+    def mark_in_segment(self, pack_ids: Iterable[bytes]) -> None:
+        self._db.executemany(
+            "UPDATE packs SET in_segment=1 WHERE pack_id=?", [(p,) for p in pack_ids]
+        )
+
+    def blobs_of_type(self, blob_type: BlobType) -> list[bytes]:
+        rows = self._db.execute(
+            "SELECT DISTINCT blob_id FROM blobs WHERE type=? ORDER BY blob_id", (int(blob_type),)
+        )
+        return [bytes(r[0]) for r in rows]
+
+    def shard_count_by_peer(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT peer_id, count(*) FROM shards GROUP BY peer_id")
+        return {peer: count for peer, count in rows}
+
+    def stats(self) -> dict[str, int]:
+        (packs,) = self._db.execute("SELECT count(*) FROM packs").fetchone()
+        (blobs,) = self._db.execute("SELECT count(DISTINCT blob_id) FROM blobs").fetchone()
+        (stored,) = self._db.execute(
+            "SELECT coalesce(sum(shard_size * n), 0) FROM packs"
+        ).fetchone()
+        return {"packs": packs, "blobs": blobs, "stored_bytes": stored}
+
+    # -- snapshots -----------------------------------------------------------
+
+    def add_snapshot(self, snapshot_id: bytes, snap: Snapshot) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO snapshots(snapshot_id, time_ns, hostname, paths, tags, tree,"
+            " file_count, total_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                snapshot_id,
+                snap.time_ns,
+                snap.hostname,
+                _join_strs(snap.paths),
+                "\0".join(snap.tags),
+                snap.tree,
+                snap.file_count,
+                snap.total_size,
+            ),
+        )
+
+    def remove_snapshot(self, snapshot_id: bytes) -> None:
+        self._db.execute("DELETE FROM snapshots WHERE snapshot_id=?", (snapshot_id,))
+
+    def snapshots(self) -> list[tuple[bytes, Snapshot]]:
+        rows = self._db.execute(
+            "SELECT snapshot_id, time_ns, hostname, paths, tags, tree, file_count, total_size"
+            " FROM snapshots ORDER BY time_ns, snapshot_id"
+        )
+        result = []
+        for sid, time_ns, host, paths, tags, tree, count, size in rows:
+            snap = Snapshot(
+                time_ns=time_ns,
+                hostname=host,
+                paths=tuple(bytes(paths).split(b"\0")) if paths else (),
+                tags=tuple(tags.split("\0")) if tags else (),
+                tree=bytes(tree),
+                file_count=count,
+                total_size=size,
+            )
+            result.append((bytes(sid), snap))
+        return result
+
+    # -- file cache -----------------------------------------------------------
+
+    def cached_file(self, path: bytes) -> CachedFile | None:
+        row = self._db.execute(
+            "SELECT size, mtime_ns, ctime_ns, inode, content FROM file_cache WHERE path=?", (path,)
+        ).fetchone()
+        if row is None:
+            return None
+        size, mtime, ctime, inode, content = row
+        return CachedFile(size, mtime, ctime, inode, _split_ids(bytes(content)))
+
+    def cache_files(self, entries: Iterable[tuple[bytes, CachedFile]]) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO file_cache(path, size, mtime_ns, ctime_ns, inode, content)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (p, c.size, c.mtime_ns, c.ctime_ns, c.inode, _join_ids(c.content))
+                for p, c in entries
+            ],
+        )
+
+    def clear_file_cache(self) -> None:
+        self._db.execute("DELETE FROM file_cache")
+
+    def clear_packs(self) -> None:
+        """Forget every pack and snapshot (before rebuilding from the peers)."""
+        self._db.execute("DELETE FROM blobs")
+        self._db.execute("DELETE FROM shards")
+        self._db.execute("DELETE FROM packs")
+        self._db.execute("DELETE FROM snapshots")
+        self._db.execute("DELETE FROM file_cache")
+
+    def iter_blob_rows(self) -> Iterator[tuple[bytes, bytes]]:
+        """(blob id, pack id) for every stored copy of every blob."""
+        for blob_id, pack_id in self._db.execute("SELECT blob_id, pack_id FROM blobs"):
+            yield bytes(blob_id), bytes(pack_id)
+
+
+class _Transaction:
+    """``with index.transaction():`` — BEGIN IMMEDIATE … COMMIT, or ROLLBACK on error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")

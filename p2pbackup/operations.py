@@ -1,0 +1,279 @@
+"""User-level operations on a home: init, open, add a peer, recover.
+
+This is the composition root of the backup engine: it turns a home directory
+into a :class:`~p2pbackup.repository.Repository` (keyring, index, peers) and
+holds the home's lock while anything writes to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import attrs
+import trio
+
+from p2pbackup import chunker, formats, keys, merkle, packer
+from p2pbackup.errors import (
+    IntegrityError,
+    NotEnoughShardsError,
+    StoreError,
+    UsageError,
+)
+from p2pbackup.home import Home
+from p2pbackup.index import Index
+from p2pbackup.keys import Keyring
+from p2pbackup.model import BlobType, PeerRecord, RepositoryConfig, RootRecord
+from p2pbackup.repository import Repository, open_root_record
+from p2pbackup.storage import FolderShardStore, init_folder_peer, read_folder_peer_id
+
+DEFAULT_K = 3
+DEFAULT_N = 6
+DEFAULT_PACK_SIZE = 16 * 1024 * 1024
+
+
+def parse_shards(text: str) -> tuple[int, int]:
+    """``"K/N"`` → (k, n), checked: 1 <= k < n <= 255."""
+    try:
+        k_text, n_text = text.split("/")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise UsageError(f"--shards wants K/N such as 3/6, not {text!r}") from None
+    if not 1 <= k < n <= 255:
+        raise UsageError(f"--shards {text}: need 1 <= K < N <= 255")
+    return k, n
+
+
+def default_config(k: int = DEFAULT_K, n: int = DEFAULT_N) -> RepositoryConfig:
+    params = chunker.DEFAULT_PARAMS
+    return RepositoryConfig(
+        k=k,
+        n=n,
+        pack_size=DEFAULT_PACK_SIZE,
+        chunk_min=params.min_size,
+        chunk_avg=params.avg_size,
+        chunk_max=params.max_size,
+        block_size=merkle.DEFAULT_BLOCK_SIZE,
+    )
+
+
+def init_home(
+    home: Home,
+    config: RepositoryConfig,
+    *,
+    deliver_key: Callable[[str], None] | None = None,
+) -> str:
+    """Create a new home with a fresh master secret; returns the recovery key text.
+
+    ``deliver_key`` (e.g. writing it to a file) runs before the home counts as
+    created: if it fails, the new home is removed again, so no home is ever left
+    whose recovery key nobody has seen.
+    """
+    secret = keys.generate_master_secret()
+    keyring = Keyring.from_master_secret(secret)
+    key = keys.format_recovery_key(secret)
+    existed = home.path.exists()
+    with home.locked():
+        home.create(secret, keyring.node_id)
+        try:
+            index = Index(home.index_path)
+            try:
+                with index.transaction():
+                    index.set_config(config)
+            finally:
+                index.close()
+            if deliver_key is not None:
+                deliver_key(key)
+        except BaseException:
+            _remove_home(home, keep_dir=existed)
+            raise
+    return key
+
+
+@contextlib.asynccontextmanager
+async def open_repository(home: Home) -> AsyncIterator[Repository]:
+    """The home's repository, locked for the duration."""
+    home.require()
+    with home.locked():
+        keyring = Keyring.from_master_secret(home.load_secret())
+        index = Index(home.index_path)
+        try:
+            yield Repository(keyring, index)
+        finally:
+            index.close()
+
+
+async def add_folder_peer(repo: Repository, path: Path) -> PeerRecord:
+    """Use a local folder (an external disk, a mounted share) as a peer."""
+    path = path.absolute()
+    if not path.is_dir():
+        raise UsageError(f"peer folder {path} does not exist or is not a directory")
+    peer_id = await trio.to_thread.run_sync(init_folder_peer, path)
+    for peer in repo.peers():
+        if peer.peer_id == peer_id or (peer.kind == "dir" and Path(peer.location) == path):
+            raise UsageError(f"{path} is already peer {peer.peer_id}")
+    record = PeerRecord(peer_id=peer_id, kind="dir", location=str(path))
+    with repo.index.transaction():
+        repo.index.add_peer(record)
+    if repo.index.snapshots() or repo.index.pack_ids():
+        await repo.publish_root()
+    return record
+
+
+@attrs.define
+class RecoverSummary:
+    node_id: str = ""
+    root_sequence: int = 0
+    peers_known: int = 0
+    peers_reached: int = 0
+    snapshots: int = 0
+    packs: int = 0
+    packs_restorable: int = 0
+    problems: list[str] = attrs.Factory(list)
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"node {self.node_id}: root record #{self.root_sequence} found",
+            f"peers: {self.peers_reached} of {self.peers_known} reachable",
+            f"snapshots: {self.snapshots}; packs: {self.packs_restorable} of {self.packs} "
+            "have enough shards to restore",
+        ]
+        lines.extend(f"problem: {p}" for p in self.problems)
+        return lines
+
+
+async def _find_root(
+    keyring: Keyring, peer_dirs: list[Path], problems: list[str]
+) -> tuple[RootRecord, dict[str, Path]]:
+    """The newest root record on the given folders, and which peer each folder is."""
+    best: RootRecord | None = None
+    found_dirs: dict[str, Path] = {}
+    for path in peer_dirs:
+        path = path.absolute()
+        try:
+            peer_id = await trio.to_thread.run_sync(read_folder_peer_id, path)
+            raw = await FolderShardStore(path, keyring.node_id).get_root()
+        except StoreError as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        found_dirs[peer_id] = path
+        if raw is None:
+            problems.append(f"{path}: holds no root record for this recovery key")
+            continue
+        try:
+            record = open_root_record(keyring, raw)
+        except IntegrityError as exc:
+            problems.append(f"{path}: its root record does not verify ({exc})")
+            continue
+        if best is None or record.sequence > best.sequence:
+            best = record
+    if best is None:
+        raise UsageError(
+            "no root record for this recovery key on the given peers "
+            f"({'; '.join(problems) or 'no peers given'}); "
+            "check the recovery key and the peer folders"
+        )
+    return best, found_dirs
+
+
+async def recover(home: Home, recovery_key: str, peer_dirs: list[Path]) -> RecoverSummary:
+    """Rebuild a home from its recovery key and any reachable peer."""
+    secret = keys.parse_recovery_key(recovery_key)
+    keyring = Keyring.from_master_secret(secret)
+    if home.exists():
+        raise UsageError(f"{home.path} is already a p2pbackup home; recover into a new one")
+    summary = RecoverSummary(node_id=keyring.node_id.hex())
+    root, found_dirs = await _find_root(keyring, peer_dirs, summary.problems)
+    existed = home.path.exists()
+    home.create(secret, keyring.node_id)
+    try:
+        with home.locked():
+            index = Index(home.index_path)
+            try:
+                await _rebuild_index(Repository(keyring, index), root, found_dirs, summary)
+            finally:
+                index.close()
+    except BaseException:
+        # A half-rebuilt home would look initialised; leave none behind.
+        _remove_home(home, keep_dir=existed)
+        raise
+    return summary
+
+
+def _remove_home(home: Home, *, keep_dir: bool) -> None:
+    for path in (home.marker_path, home.secret_path, home.lock_path):
+        path.unlink(missing_ok=True)
+    for path in home.path.glob("index.sqlite*"):
+        path.unlink(missing_ok=True)
+    if not keep_dir:
+        with contextlib.suppress(OSError):
+            home.path.rmdir()
+
+
+async def _rebuild_index(
+    repo: Repository, root: RootRecord, found_dirs: dict[str, Path], summary: RecoverSummary
+) -> None:
+    index = repo.index
+    with index.transaction():
+        index.set_config(root.config)
+        for peer in root.peers:
+            moved = found_dirs.get(peer.peer_id)
+            if moved is not None and peer.kind == "dir":
+                peer = PeerRecord(peer.peer_id, peer.kind, str(moved))
+            index.add_peer(peer)
+        for record in root.index_packs:
+            index.add_pack(record, is_index=True, in_segment=True)
+        index.set_root_sequence(root.sequence)
+    summary.root_sequence = root.sequence
+    summary.peers_known = len(root.peers)
+
+    for record in root.index_packs:
+        try:
+            data = await repo.read_pack(record, use_cache=False)
+            header = packer.read_pack_header(repo.keyring.data_key, data)
+        except (NotEnoughShardsError, IntegrityError) as exc:
+            summary.problems.append(f"index pack {record.pack_id.hex()[:16]}: {exc}")
+            continue
+        for entry in header.entries:
+            if entry.type != BlobType.INDEX:
+                continue
+            plain = await repo.load_blob(entry.blob_id, BlobType.INDEX)
+            segment = formats.decode_index_segment(plain)
+            with index.transaction():
+                for listed in segment.packs:
+                    index.add_pack(listed, in_segment=True)
+
+    for snapshot_id in root.snapshots:
+        try:
+            plain = await repo.load_blob(snapshot_id, BlobType.SNAPSHOT)
+        except (NotEnoughShardsError, IntegrityError) as exc:
+            summary.problems.append(f"snapshot {snapshot_id.hex()[:12]}: {exc}")
+            continue
+        with index.transaction():
+            index.add_snapshot(snapshot_id, formats.decode_snapshot(plain))
+        summary.snapshots += 1
+
+    reached = 0
+    for peer in index.peers():
+        try:
+            await repo.store(peer.peer_id).list()
+            reached += 1
+        except (StoreError, UsageError) as exc:
+            summary.problems.append(f"peer {peer.peer_id} ({peer.location}): {exc}")
+    summary.peers_reached = reached
+    for pack_id in index.pack_ids():
+        pack = index.pack(pack_id)
+        assert pack is not None
+        summary.packs += 1
+        present = 0
+        for location in pack.shards:
+            try:
+                if await repo.store(location.peer_id).has(
+                    formats.shard_id(pack_id, location.index)
+                ):
+                    present += 1
+            except (StoreError, UsageError):
+                continue
+        if present >= pack.k:
+            summary.packs_restorable += 1

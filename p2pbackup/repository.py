@@ -1,0 +1,361 @@
+"""The repository: one owner's packs on its peers, and the index that finds them.
+
+Nouns:
+
+* **repository** — the keyring, the local index and the peers' shard stores of
+  one home, and the operations that move packs between them.
+* **root record** — what a new home needs to find everything again; written to
+  every peer after each change, inside a **signed envelope**: the payload is
+  sealed with the record key and the envelope signed by the identity key.
+
+Writing a pack: finish it, erasure-code it into n shards, put each shard on a
+different peer (ranked by :mod:`placement`, spares used when a peer refuses),
+and only then record it in the index, in one transaction. Reading a pack: fetch
+shards (data shards first, so the common case needs no decoding), verify each
+against the Merkle root the index kept, treat any bad shard as an erasure, and
+decode from the first k good ones.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+
+import attrs
+import trio
+
+from p2pbackup import blobs, crypto, erasure, formats, merkle, packer, placement
+from p2pbackup.errors import (
+    FormatError,
+    IntegrityError,
+    NotEnoughShardsError,
+    PeerUnavailableError,
+    ShardNotFoundError,
+    StoreError,
+    UsageError,
+)
+from p2pbackup.index import Index
+from p2pbackup.keys import Keyring
+from p2pbackup.model import (
+    BlobType,
+    PackRecord,
+    PeerRecord,
+    RepositoryConfig,
+    RootRecord,
+    ShardHeader,
+    ShardLocation,
+)
+from p2pbackup.storage import FolderShardStore, ShardStore
+
+ROOT_ENVELOPE_KIND = b"ROOT"
+#: Decoded packs kept in memory for reading trees and small files.
+_PACK_CACHE_SIZE = 4
+
+
+def open_store(peer: PeerRecord, owner: bytes) -> ShardStore:
+    """The shard store that ``peer`` keeps for ``owner``."""
+    if peer.kind == "dir":
+        return FolderShardStore(Path(peer.location), owner)
+    raise UsageError(f"peer {peer.peer_id} has kind {peer.kind!r}, which this version cannot reach")
+
+
+@attrs.frozen
+class ShardFailure:
+    """Why one shard could not be used."""
+
+    peer_id: str
+    index: int
+    reason: str
+
+
+def seal_root_record(keyring: Keyring, record: RootRecord) -> bytes:
+    """The signed, encrypted envelope stored on every peer."""
+    payload = crypto.seal(
+        keyring.record_key,
+        formats.encode_root_record(record),
+        aad=b"p2pbackup-root" + keyring.node_id,
+    )
+    signed = formats.envelope_signed_bytes(ROOT_ENVELOPE_KIND, keyring.identity_public, payload)
+    signature = crypto.sign(keyring.identity_seed, signed)
+    return formats.encode_signed_envelope(
+        ROOT_ENVELOPE_KIND, keyring.identity_public, payload, signature
+    )
+
+
+def open_root_record(keyring: Keyring, data: bytes) -> RootRecord:
+    """Verify and decrypt a root record envelope; IntegrityError if it is not ours."""
+    envelope = formats.decode_signed_envelope(data)
+    if envelope.kind != ROOT_ENVELOPE_KIND:
+        raise FormatError(f"root record: envelope of kind {envelope.kind!r}")
+    if envelope.signer_public_key != keyring.identity_public:
+        raise IntegrityError("root record: signed by another key")
+    crypto.verify(
+        envelope.signer_public_key,
+        formats.envelope_signed_bytes(envelope.kind, envelope.signer_public_key, envelope.payload),
+        envelope.signature,
+    )
+    plain = crypto.unseal(
+        keyring.record_key, envelope.payload, aad=b"p2pbackup-root" + keyring.node_id
+    )
+    return formats.decode_root_record(plain)
+
+
+class Repository:
+    """One home's view of its data on its peers."""
+
+    def __init__(self, keyring: Keyring, index: Index) -> None:
+        self.keyring = keyring
+        self.index = index
+        self._stores: dict[str, ShardStore] = {}
+        self._pack_cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+
+    @property
+    def config(self) -> RepositoryConfig:
+        return self.index.config()
+
+    # -- peers ----------------------------------------------------------------
+
+    def peers(self) -> list[PeerRecord]:
+        return self.index.peers()
+
+    def store(self, peer_id: str) -> ShardStore:
+        store = self._stores.get(peer_id)
+        if store is None:
+            for peer in self.index.peers():
+                if peer.peer_id == peer_id:
+                    store = open_store(peer, self.keyring.node_id)
+                    break
+            else:
+                raise PeerUnavailableError(f"peer {peer_id} is not configured")
+            self._stores[peer_id] = store
+        return store
+
+    # -- writing packs --------------------------------------------------------
+
+    def check_enough_peers(self) -> None:
+        """UsageError unless there are at least n peers to place shards on."""
+        config = self.config
+        count = len(self.peers())
+        if count < config.n:
+            raise UsageError(
+                f"storing {config.k}-of-{config.n} shards needs {config.n} peers; "
+                f"{count} configured (add more with `p2pbackup peer add-dir PATH`)"
+            )
+
+    async def write_pack(
+        self, builder: packer.PackBuilder, *, is_index: bool = False
+    ) -> PackRecord:
+        """Encode, place and upload a pack, then record it in the index."""
+        self.check_enough_peers()
+        config = self.config
+        peer_ids = [p.peer_id for p in self.peers()]
+        data, _header = builder.finish(self.keyring.data_key)
+        ident = packer.pack_id(data)
+        shards, roots = await trio.to_thread.run_sync(
+            _encode_pack, data, config.k, config.n, config.block_size
+        )
+        shard_size = len(shards[0])
+        ranked = placement.rank_peers(ident, peer_ids)
+        spares = collections.deque(ranked[config.n :])
+        placed: dict[int, str] = {}
+        failures: list[ShardFailure] = []
+
+        async def place(index: int, peer_id: str) -> None:
+            header = formats.encode_shard_header(
+                ShardHeader(
+                    pack_id=ident,
+                    index=index,
+                    k=config.k,
+                    n=config.n,
+                    pack_size=len(data),
+                    shard_size=shard_size,
+                    block_size=config.block_size,
+                    merkle_root=roots[index],
+                )
+            )
+            payload = header + shards[index]
+            while True:
+                try:
+                    await self.store(peer_id).put(formats.shard_id(ident, index), payload)
+                except StoreError as exc:
+                    failures.append(ShardFailure(peer_id, index, str(exc)))
+                    if not spares:
+                        return
+                    peer_id = spares.popleft()
+                else:
+                    placed[index] = peer_id
+                    return
+
+        async with trio.open_nursery() as nursery:
+            for index in range(config.n):
+                nursery.start_soon(place, index, ranked[index])
+        # One lost peer must not lose data the moment it is written.
+        if len(placed) < min(config.n, config.k + 1):
+            reasons = "; ".join(f"{f.peer_id}: {f.reason}" for f in failures)
+            raise PeerUnavailableError(
+                f"could place only {len(placed)} of {config.n} shards of a pack ({reasons})"
+            )
+        record = PackRecord(
+            pack_id=ident,
+            size=len(data),
+            k=config.k,
+            n=config.n,
+            shard_size=shard_size,
+            block_size=config.block_size,
+            shards=tuple(ShardLocation(i, placed[i], roots[i]) for i in sorted(placed)),
+            blobs=builder.entries,
+        )
+        with self.index.transaction():
+            self.index.add_pack(record, is_index=is_index)
+        return record
+
+    # -- reading packs --------------------------------------------------------
+
+    async def read_pack(
+        self,
+        record: PackRecord,
+        failures: list[ShardFailure] | None = None,
+        *,
+        use_cache: bool = True,
+    ) -> bytes:
+        """The verified bytes of a pack, from any k good shards.
+
+        ``use_cache`` keeps the last few packs in memory (for trees); a restore
+        streaming file data passes False so memory stays bounded.
+        """
+        cached = self._pack_cache.get(record.pack_id)
+        if cached is not None:
+            self._pack_cache.move_to_end(record.pack_id)
+            return cached
+        if failures is None:
+            failures = []
+        # Data shards first: with all of them the decode is a concatenation.
+        candidates = sorted(record.shards, key=lambda s: s.index)
+        good: dict[int, bytes] = {}
+        position = 0
+        while len(good) < record.k and position < len(candidates):
+            wanted = record.k - len(good)
+            batch = candidates[position : position + wanted]
+            position += len(batch)
+            async with trio.open_nursery() as nursery:
+                for location in batch:
+                    nursery.start_soon(self._fetch_shard, record, location, good, failures)
+        if len(good) < record.k:
+            raise NotEnoughShardsError(
+                f"pack {record.pack_id.hex()[:16]}: only {len(good)} good shards of the "
+                f"{record.k} needed ({'; '.join(f'{f.peer_id}: {f.reason}' for f in failures)})"
+            )
+        data = await trio.to_thread.run_sync(erasure.decode, good, record.k, record.n, record.size)
+        if packer.pack_id(data) != record.pack_id:
+            raise IntegrityError(f"pack {record.pack_id.hex()[:16]}: decoded bytes do not match")
+        if not use_cache:
+            return data
+        self._pack_cache[record.pack_id] = data
+        while len(self._pack_cache) > _PACK_CACHE_SIZE:
+            self._pack_cache.popitem(last=False)
+        return data
+
+    async def fetch_verified_shard(self, record: PackRecord, location: ShardLocation) -> bytes:
+        """One shard's data, checked against its header and Merkle root."""
+        raw = await self.store(location.peer_id).get(
+            formats.shard_id(record.pack_id, location.index)
+        )
+        return await trio.to_thread.run_sync(_verify_shard, record, location, raw)
+
+    async def _fetch_shard(
+        self,
+        record: PackRecord,
+        location: ShardLocation,
+        good: dict[int, bytes],
+        failures: list[ShardFailure],
+    ) -> None:
+        try:
+            good[location.index] = await self.fetch_verified_shard(record, location)
+        except ShardNotFoundError:
+            failures.append(ShardFailure(location.peer_id, location.index, "missing"))
+        except (StoreError, IntegrityError, UsageError) as exc:
+            failures.append(ShardFailure(location.peer_id, location.index, str(exc)))
+
+    async def load_blob(self, blob_id: bytes, blob_type: BlobType) -> bytes:
+        """The plaintext of a blob, from the first of its packs that can be read."""
+        locations = self.index.blob_locations(blob_id)
+        if not locations:
+            raise IntegrityError(f"blob {blob_id.hex()[:16]} is not in the index")
+        errors: list[str] = []
+        for location in locations:
+            record = self.index.pack(location.pack_id)
+            if record is None:
+                continue
+            try:
+                data = await self.read_pack(record)
+                sealed = packer.blob_bytes(data, location.entry)
+                return await trio.to_thread.run_sync(
+                    blobs.open_blob,
+                    self.keyring.data_key,
+                    self.keyring.dedup_key,
+                    blob_type,
+                    blob_id,
+                    sealed,
+                )
+            except (NotEnoughShardsError, IntegrityError) as exc:
+                errors.append(str(exc))
+        raise NotEnoughShardsError(f"blob {blob_id.hex()[:16]} cannot be read: {'; '.join(errors)}")
+
+    # -- the root record --------------------------------------------------------
+
+    def build_root_record(self) -> RootRecord:
+        index_packs = []
+        for pack_id in self.index.pack_ids(is_index=True):
+            record = self.index.pack(pack_id)
+            if record is not None:
+                index_packs.append(record)
+        return RootRecord(
+            sequence=self.index.root_sequence() + 1,
+            time_ns=time.time_ns(),
+            config=self.config,
+            peers=tuple(self.peers()),
+            index_packs=tuple(index_packs),
+            snapshots=tuple(sid for sid, _ in self.index.snapshots()),
+        )
+
+    async def publish_root(self) -> int:
+        """Write a new root record to every peer; returns how many took it."""
+        record = self.build_root_record()
+        envelope = seal_root_record(self.keyring, record)
+        stored = 0
+        errors: list[str] = []
+
+        async def put(peer_id: str) -> None:
+            nonlocal stored
+            try:
+                await self.store(peer_id).put_root(envelope)
+                stored += 1
+            except StoreError as exc:
+                errors.append(f"{peer_id}: {exc}")
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.peers():
+                nursery.start_soon(put, peer.peer_id)
+        if stored == 0:
+            raise PeerUnavailableError(f"no peer accepted the root record ({'; '.join(errors)})")
+        self.index.set_root_sequence(record.sequence)
+        return stored
+
+
+def _encode_pack(data: bytes, k: int, n: int, block_size: int) -> tuple[list[bytes], list[bytes]]:
+    shards = erasure.encode(data, k, n)
+    return shards, [merkle.merkle_root(s, block_size) for s in shards]
+
+
+def _verify_shard(record: PackRecord, location: ShardLocation, raw: bytes) -> bytes:
+    header = formats.decode_shard_header(raw)
+    expected = (record.pack_id, location.index, record.k, record.n, record.size, record.shard_size)
+    got = (header.pack_id, header.index, header.k, header.n, header.pack_size, header.shard_size)
+    if got != expected or header.merkle_root != location.merkle_root:
+        raise IntegrityError("shard header does not match the index")
+    data = raw[formats.SHARD_HEADER_SIZE :]
+    if len(data) != record.shard_size:
+        raise IntegrityError(f"shard is {len(data)} bytes, expected {record.shard_size}")
+    merkle.verify_root(data, record.block_size, location.merkle_root)
+    return data

@@ -1,0 +1,355 @@
+"""The backup engine end to end, in process, on folder peers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from p2pbackup import formats, operations, snapshots
+from p2pbackup.backup import Backup
+from p2pbackup.check import check
+from p2pbackup.errors import RecoveryKeyError, UsageError
+from p2pbackup.home import Home
+from p2pbackup.model import BlobType
+from p2pbackup.prune import prune
+from p2pbackup.restore import Restorer
+from p2pbackup.treediff import diff_trees
+
+from .engine_helpers import make_setup, make_tree, restored_path, shard_files
+
+
+async def _backup(home: Home, *paths: Path) -> bytes:
+    async with operations.open_repository(home) as repo:
+        summary = await Backup(repo).run(list(paths))
+    return summary.snapshot_id
+
+
+async def _restore(home: Home, target: Path, *, only: bytes | None = None, overwrite: bool = False):
+    async with operations.open_repository(home) as repo:
+        _, snap = snapshots.resolve(repo.index, "latest")
+        return await Restorer(repo, target, overwrite=overwrite).run(snap, only)
+
+
+async def test_round_trip_is_exact(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)
+    source = make_tree(tmp_path / "src")
+    await _backup(setup.home, source)
+    summary = await _restore(setup.home, tmp_path / "out")
+    assert summary.ok, summary.lines()
+    restored = restored_path(tmp_path / "out", source)
+    assert diff_trees(source, restored) == []
+    # Hard links come back as hard links, the odd name as the same bytes.
+    assert os.stat(restored / "hard.txt").st_ino == os.stat(restored / "docs" / "a.txt").st_ino
+    assert os.path.exists(os.path.join(os.fsencode(restored), b"\xff\xfename-not-utf8"))
+    assert os.path.getsize(restored / "empty.txt") == 0
+
+
+async def test_every_shard_of_a_pack_is_on_a_different_peer(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path, peers=8)
+    await _backup(setup.home, make_tree(tmp_path / "src"))
+    async with operations.open_repository(setup.home) as repo:
+        pack_ids = repo.index.pack_ids()
+        assert len(pack_ids) > 3
+        for pack_id in pack_ids:
+            record = repo.index.pack(pack_id)
+            assert record is not None
+            peers = [s.peer_id for s in record.shards]
+            assert len(peers) == record.n == len(set(peers))
+    # All 8 peers are used across packs.
+    assert all(shard_files(p) for p in setup.peers)
+
+
+async def test_peers_see_no_plaintext_or_names(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "secret-name.txt").write_bytes(b"confidential words " * 5000)
+    await _backup(setup.home, source)
+    for peer in setup.peers:
+        for path in peer.rglob("*"):
+            assert "secret-name" not in path.name
+            if path.is_file():
+                data = path.read_bytes()
+                assert b"confidential" not in data and b"secret-name" not in data
+
+
+async def test_restore_survives_n_minus_k_lost_or_corrupt_peers(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)  # 3-of-6
+    source = make_tree(tmp_path / "src")
+    await _backup(setup.home, source)
+    shutil.rmtree(setup.peers[0])
+    for shard in shard_files(setup.peers[1]):
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0x55  # one flipped bit in the shard data
+        shard.write_bytes(bytes(data))
+    for shard in shard_files(setup.peers[2])[::2]:
+        shard.unlink()
+    summary = await _restore(setup.home, tmp_path / "out")
+    assert summary.ok, summary.lines()
+    assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
+
+
+async def test_pack_below_k_restores_the_rest_and_names_the_lost_files(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)
+    source = make_tree(tmp_path / "src")
+    await _backup(setup.home, source)
+    async with operations.open_repository(setup.home) as repo:
+        _, snap = snapshots.resolve(repo.index, "latest")
+        found = [n async for path, n in snapshots.walk(repo, snap) if path.endswith(b"/b.bin")]
+        (big,) = found
+        # Destroy 4 of the 6 shards of the pack that holds b.bin's first chunk.
+        location = repo.index.blob_locations(big.content[0])[0]
+        record = repo.index.pack(location.pack_id)
+        assert record is not None
+        assert all(b.type == BlobType.DATA for b in record.blobs), (
+            "test wants a pack of data chunks only"
+        )
+        for shard in record.shards[:4]:
+            peer_dir = next(
+                p
+                for p in setup.peers
+                if shard.peer_id in (p / "p2pbackup-peer" / "PEER").read_text()
+            )
+            for f in shard_files(peer_dir):
+                if f.name == formats.shard_id(record.pack_id, shard.index).hex():
+                    f.unlink()
+        lost_blobs = {b.blob_id for b in record.blobs}
+    summary = await _restore(setup.home, tmp_path / "out")
+    assert not summary.ok
+    restored = restored_path(tmp_path / "out", source)
+    expected_lost = set()
+    async with operations.open_repository(setup.home) as repo:
+        async for path, node in snapshots.walk(repo, snap):
+            if lost_blobs & set(node.content):
+                expected_lost.add(os.fsdecode(path))
+    shown = {u.split(str(tmp_path / "out"))[-1] for u in summary.unrecoverable}
+    assert {p.split("/src/", 1)[1] for p in shown} == {
+        p.split("/src/", 1)[1] for p in expected_lost
+    }
+    assert "docs/deep/deeper/b.bin" in {p.split("/src/", 1)[1] for p in shown}
+    # Nothing half-written under a final name, and everything else is exact.
+    assert not (restored / "docs" / "deep" / "deeper" / "b.bin").exists()
+    assert not [p for p in restored.rglob(".p2pbackup-*")]
+    lost_rel = {p.split("/src/", 1)[1] for p in expected_lost}
+    survivors = [
+        p
+        for p in source.rglob("*")
+        if p.is_file() and not p.is_symlink() and str(p.relative_to(source)) not in lost_rel
+    ]
+    assert len(survivors) >= 3
+    for path in survivors:
+        rel = path.relative_to(source)
+        assert (restored / rel).read_bytes() == path.read_bytes()
+    for rel_lost in lost_rel:
+        assert not (restored / rel_lost).exists()
+
+
+async def test_second_backup_reads_and_uploads_nearly_nothing(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)
+    source = make_tree(tmp_path / "src")
+    async with operations.open_repository(setup.home) as repo:
+        first = await Backup(repo).run([source])
+        second = await Backup(repo).run([source])
+    assert first.files_new >= 7 and first.bytes_new > 700_000
+    assert second.files_unchanged == first.files_new + first.files_changed + first.files_unchanged
+    assert second.bytes_read == 0 and second.bytes_new == 0
+    # Only the (unchanged) trees and the new snapshot: a tiny pack or two.
+    assert second.bytes_stored < first.bytes_stored / 10
+    # The copy of random.bin was deduplicated inside the first backup.
+    assert first.bytes_deduplicated >= 150_000
+
+
+async def test_changed_content_is_backed_up_and_old_snapshot_still_restores(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)
+    source = make_tree(tmp_path / "src")
+    old = (source / "docs" / "a.txt").read_bytes()
+    first = await _backup(setup.home, source)
+    (source / "docs" / "a.txt").write_text("changed\n")
+    await _backup(setup.home, source)
+    async with operations.open_repository(setup.home) as repo:
+        _, snap = snapshots.resolve(repo.index, first.hex()[:10])
+        await Restorer(repo, tmp_path / "old").run(snap)
+    assert (restored_path(tmp_path / "old", source) / "docs" / "a.txt").read_bytes() == old
+    await _restore(setup.home, tmp_path / "new")
+    assert (restored_path(tmp_path / "new", source) / "docs" / "a.txt").read_text() == "changed\n"
+
+
+async def test_restore_into_non_empty_target_lists_conflicts(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)
+    source = make_tree(tmp_path / "src")
+    await _backup(setup.home, source)
+    target = tmp_path / "out"
+    restored = restored_path(target, source)
+    (restored / "docs").mkdir(parents=True)
+    (restored / "docs" / "a.txt").write_text("local edit, must survive\n")
+    (restored / "docs" / "random.bin").write_bytes((source / "docs" / "random.bin").read_bytes())
+    summary = await _restore(setup.home, target)
+    assert [c.split("/src/")[1] for c in summary.conflicts] == ["docs/a.txt"]
+    assert (restored / "docs" / "a.txt").read_text() == "local edit, must survive\n"
+    assert summary.identical >= 1
+    assert (restored / "docs" / "copy.bin").read_bytes() == (
+        source / "docs" / "copy.bin"
+    ).read_bytes()
+    summary = await _restore(setup.home, target, overwrite=True)
+    assert summary.ok, summary.lines()
+    assert diff_trees(source, restored) == []
+
+
+async def test_restore_one_path(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)
+    source = make_tree(tmp_path / "src")
+    await _backup(setup.home, source)
+    only = os.fsencode(source / "docs" / "deep")
+    summary = await _restore(setup.home, tmp_path / "out", only=only)
+    assert summary.ok
+    restored = restored_path(tmp_path / "out", source)
+    assert (restored / "docs" / "deep" / "deeper" / "b.bin").read_bytes() == (
+        source / "docs" / "deep" / "deeper" / "b.bin"
+    ).read_bytes()
+    assert not (restored / "docs" / "a.txt").exists()
+    with pytest.raises(UsageError, match="not in this snapshot"):
+        await _restore(setup.home, tmp_path / "out2", only=b"/no/such/path")
+
+
+async def test_recover_with_home_deleted(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)
+    source = make_tree(tmp_path / "src")
+    await _backup(setup.home, source)
+    (source / "new.txt").write_text("second snapshot\n")
+    await _backup(setup.home, source)
+    shutil.rmtree(setup.home.path)
+    shutil.rmtree(setup.peers[5])  # and a peer is gone too
+    home = Home(tmp_path / "new-home")
+    summary = await operations.recover(home, setup.recovery_key, [setup.peers[2]])
+    assert summary.snapshots == 2
+    assert summary.peers_known == 6 and summary.peers_reached == 5
+    assert summary.packs == summary.packs_restorable > 0
+    assert oct(home.secret_path.stat().st_mode & 0o777) == "0o600"
+    result = await _restore(home, tmp_path / "out")
+    assert result.ok, result.lines()
+    assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
+
+
+async def test_recover_rejects_a_typo_and_names_the_group(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)
+    groups = setup.recovery_key.split("-")
+    wrong = groups[2][0]
+    replacement = "A" if wrong != "A" else "B"
+    groups[2] = replacement + groups[2][1:]
+    with pytest.raises(RecoveryKeyError) as info:
+        await operations.recover(Home(tmp_path / "h2"), "-".join(groups), setup.peers)
+    assert info.value.group == 3
+    assert not (tmp_path / "h2").exists()
+
+
+async def test_recover_with_another_users_key_finds_nothing(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)
+    await _backup(setup.home, make_tree(tmp_path / "src"))
+    other = Home(tmp_path / "other")
+    other_key = operations.init_home(other, operations.default_config())
+    with pytest.raises(UsageError, match="no root record"):
+        await operations.recover(Home(tmp_path / "h3"), other_key, setup.peers)
+    assert not (tmp_path / "h3" / "HOME").exists()
+
+
+async def test_forget_and_prune_free_space_and_keep_live_data(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)
+    source = make_tree(tmp_path / "src")
+    first = await _backup(setup.home, source)
+    (source / "docs" / "deep" / "deeper" / "b.bin").write_bytes(os.urandom(400_000))
+    await _backup(setup.home, source)
+    before = sum(len(shard_files(p)) for p in setup.peers)
+    async with operations.open_repository(setup.home) as repo:
+        await snapshots.forget(repo, [first.hex()])
+        summary = await prune(repo)
+        assert summary.packs_deleted + summary.packs_repacked > 0
+        result = await check(repo, read_data=True)
+        assert result.ok, result.lines()
+        assert result.orphan_shards == 0
+    after = sum(len(shard_files(p)) for p in setup.peers)
+    assert after < before
+    restored = await _restore(setup.home, tmp_path / "out")
+    assert restored.ok
+    assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
+    # A new home recovered after the prune sees exactly the one live snapshot.
+    shutil.rmtree(setup.home.path)
+    home = Home(tmp_path / "h2")
+    summary2 = await operations.recover(home, setup.recovery_key, [setup.peers[0]])
+    assert summary2.snapshots == 1 and not summary2.problems
+
+
+async def test_check_finds_missing_and_corrupt_shards(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)
+    await _backup(setup.home, make_tree(tmp_path / "src"))
+    async with operations.open_repository(setup.home) as repo:
+        clean = await check(repo, read_data=True)
+        assert clean.ok and clean.healthy == clean.packs and clean.blobs_checked > 0
+    victim = shard_files(setup.peers[0])[0]
+    victim.unlink()
+    corrupt = shard_files(setup.peers[1])[0]
+    data = bytearray(corrupt.read_bytes())
+    data[len(data) // 2] ^= 1
+    corrupt.write_bytes(bytes(data))
+    async with operations.open_repository(setup.home) as repo:
+        quick = await check(repo)
+        assert quick.shards_missing == 1 and quick.shards_corrupt == 0
+        full = await check(repo, read_data=True)
+        assert full.shards_missing == 1 and full.shards_corrupt == 1
+        assert full.degraded >= 1 and full.unrecoverable == 0 and full.ok
+
+
+async def test_backup_refuses_too_few_peers_and_missing_paths(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path, k=3, n=6, peers=4)
+    with pytest.raises(UsageError, match="needs 6 peers; 4 configured"):
+        await _backup(setup.home, make_tree(tmp_path / "src"))
+    with pytest.raises(UsageError, match="path does not exist"):
+        await _backup(setup.home, tmp_path / "nope")
+
+
+async def test_special_files_are_skipped_and_listed(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "file").write_text("x")
+    os.mkfifo(source / "pipe")
+    async with operations.open_repository(setup.home) as repo:
+        summary = await Backup(repo).run([source])
+    assert [(os.path.basename(p), r) for p, r in summary.skipped] == [
+        ("pipe", "fifo, not backed up")
+    ]
+
+
+async def test_file_changing_while_read_is_not_stored_inconsistently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2pbackup import chunker
+
+    setup = await make_setup(tmp_path)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "stable").write_bytes(b"s" * 100_000)
+    growing = source / "growing"
+    growing.write_bytes(os.urandom(200_000))
+    real = chunker.iter_chunks
+
+    def appending(stream, params):  # type: ignore[no-untyped-def]
+        for chunk in real(stream, params):
+            with open(growing, "ab") as f:
+                f.write(b"more")
+            yield chunk
+
+    monkeypatch.setattr(chunker, "iter_chunks", appending)
+    async with operations.open_repository(setup.home) as repo:
+        summary = await Backup(repo).run([source])
+        assert [os.path.basename(p) for p, _ in summary.skipped] == ["growing"]
+        assert all("changed while it was read" in r for _, r in summary.skipped)
+        monkeypatch.setattr(chunker, "iter_chunks", real)
+        good = await Backup(repo).run([source])
+        assert good.skipped == []
+    result = await _restore(setup.home, tmp_path / "out")
+    assert result.ok
+    restored = restored_path(tmp_path / "out", source)
+    assert (restored / "growing").read_bytes() == growing.read_bytes()

@@ -1,26 +1,26 @@
 """Backup: turn directory trees into a snapshot of packs on the peers.
 
 The pipeline (each arrow a bounded trio channel, so memory stays bounded
-whatever the file sizes):
+whatever the file sizes)::
 
-    walker ─► reader thread: chunk + id ─► 2 sealers: zstd + AEAD ─► packer ─► uploader
+    walker ─► 2 file workers (threads): read, chunk, id, dedup, zstd, AEAD ─► packer ─► 2 uploaders
 
-* the **walker** visits the given paths depth-first, in name order, and emits
-  one :class:`~p2pbackup.model.TreeNode` per entry; a directory's tree blob is
-  stored once its children are;
-* a **reader** thread chunks one file at a time and computes chunk ids; chunks
-  already in the index (or queued in this run) are not sent on — that is the
-  deduplication;
-* two **sealers** compress and encrypt new blobs in threads (zstd and
-  libsodium release the GIL, so both cores work);
-* the **packer** fills packs to the target size; the **uploader** erasure-codes
-  them, puts the shards on the peers and commits each pack to the index in one
+* the **walker** visits the given paths depth-first, in name order. For each
+  directory it hands the files that need reading to the workers as **jobs**
+  (one large file, or a batch of small ones), walks the subdirectories, then
+  waits for its own jobs and stores the directory's tree blob;
+* a **file worker** runs one job in a thread: it chunks each file, computes
+  chunk ids, and seals (compresses and encrypts) only chunks that are neither
+  indexed nor already claimed in this run — that is the deduplication. Hashing,
+  zstd and libsodium release the GIL, so the two workers use both cores;
+* the **packer** fills packs to the target size; two **uploaders** erasure-code
+  them, put the shards on the peers and commit each pack to the index in one
   transaction.
 
 Crash safety follows from the order of commits: a pack enters the index only
-after all its shards are stored; the snapshot blob is in the last pack, written
-after every pack it depends on; the snapshot becomes visible (index row, root
-record) only after that. A backup killed at any point leaves, at worst, shards
+after all its shards are stored; the snapshot blob is sent after every blob it
+refers to; the snapshot becomes visible (index row, root record) only after
+every pack is committed. A backup killed at any point leaves, at worst, shards
 that no index entry names (``prune`` removes them).
 
 A file that changes while it is read is read again (twice at most) and, if it
@@ -33,15 +33,16 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 import trio
 
 from p2pbackup import blobs, chunker, formats, packer
 from p2pbackup.errors import UsageError
-from p2pbackup.index import CachedFile
+from p2pbackup.index import CachedFile, Index
 from p2pbackup.model import BlobType, IndexSegment, NodeKind, Snapshot, Tree, TreeNode
 from p2pbackup.nurseries import unwrap_single
 from p2pbackup.progress import Progress, human_bytes
@@ -49,10 +50,21 @@ from p2pbackup.repository import Repository
 
 #: How many times a file that changes under us is read before giving up on it.
 _READ_ATTEMPTS = 3
-#: Channel depths: small, because each item may be a chunk of up to a few MiB.
-_SEAL_QUEUE = 4
-_PACK_QUEUE = 4
-_SEALERS = 2
+#: Threads reading, chunking and sealing files (one per core).
+_FILE_WORKERS = 2
+#: Packs being erasure-coded and uploaded at once.
+_UPLOADERS = 2
+#: Jobs queued for the file workers.
+_JOB_QUEUE = 2
+#: Sealed blobs queued for the packer (each up to a few MiB).
+_PACK_QUEUE = 8
+#: Files at least this large get a job of their own; smaller ones are batched.
+_LARGE_FILE = 1 << 20
+#: A batch of small files holds at most this many bytes or files.
+_BATCH_BYTES = 8 << 20
+_BATCH_FILES = 256
+#: A worker hands its sealed blobs to the packer in groups of about this size.
+_FORWARD_BYTES = 4 << 20
 
 
 @attrs.define
@@ -110,18 +122,81 @@ class _FileChanged(Exception):
 
 
 @attrs.frozen
-class _Sealable:
-    blob_type: BlobType
-    ident: bytes
-    plaintext: bytes
-
-
-@attrs.frozen
 class _Sealed:
     blob_type: BlobType
     ident: bytes
     sealed: bytes
     raw_length: int
+
+
+class _Deduper:
+    """Decides, from any thread, whether a blob still needs storing.
+
+    It holds every blob id of the index (loaded once, at the start) and every
+    id claimed during this run, in memory: a lookup must not release the GIL,
+    or the two file workers convoy on it (an SQLite query per chunk cost ~15x
+    its own time that way). About 100 bytes per blob: 100 MB for a million.
+    """
+
+    def __init__(self, index: Index) -> None:
+        self._lock = threading.Lock()
+        self._known: set[bytes] = set(index.iter_blob_ids())
+
+    def known(self, ident: bytes) -> bool:
+        return ident in self._known
+
+    def claim(self, ident: bytes) -> bool:
+        """True if the caller must store ``ident`` (and now owns that duty)."""
+        with self._lock:
+            if ident in self._known:
+                return False
+            self._known.add(ident)
+            return True
+
+
+@attrs.define(eq=False)
+class _FileWork:
+    """One regular file to read, and what reading it gave."""
+
+    path: bytes
+    st: os.stat_result
+    job: _Job | None = None
+    content: tuple[bytes, ...] = ()
+    final_st: os.stat_result | None = None
+    error: str | None = None
+
+
+@attrs.define(eq=False)
+class _Job:
+    """Files for one worker-thread call, and its tallies."""
+
+    files: list[_FileWork] = attrs.Factory(list)
+    size: int = 0
+    done: trio.Event = attrs.Factory(trio.Event)
+    bytes_read: int = 0
+    bytes_new: int = 0
+    bytes_deduplicated: int = 0
+    blobs_new: int = 0
+
+
+@attrs.define(eq=False)
+class _Link:
+    """A second name of a hard-linked file: same content as ``primary``."""
+
+    name: bytes
+    st: os.stat_result
+    group: int
+    primary: _FileWork
+
+
+@attrs.define(eq=False)
+class _Entry:
+    """A directory entry waiting to become a tree node."""
+
+    name: bytes
+    node: TreeNode | None = None
+    work: _FileWork | None = None
+    link: _Link | None = None
 
 
 def _fsdecode(path: bytes) -> str:
@@ -160,11 +235,12 @@ class Backup:
         self.pack_size = config.pack_size
         self.summary = BackupSummary(k=config.k, n=config.n)
         self.progress = progress or Progress("backup", enabled=False)
-        self._pending: set[bytes] = set()
-        self._hardlinks: dict[tuple[int, int], tuple[int, tuple[bytes, ...]]] = {}
+        self._deduper = _Deduper(repo.index)
+        self._hardlinks: dict[tuple[int, int], tuple[int, _FileWork]] = {}
         self._next_hardlink_group = 1
         self._file_cache: list[tuple[bytes, CachedFile]] = []
-        self._seal_send: trio.MemorySendChannel[_Sealable] | None = None
+        self._job_send: trio.MemorySendChannel[_Job] | None = None
+        self._pack_send: trio.MemorySendChannel[_Sealed] | None = None
 
     # -- entry point ------------------------------------------------------------
 
@@ -177,7 +253,7 @@ class Backup:
         self.repo.check_enough_peers()
         started = time.monotonic()
         with unwrap_single():
-            snapshot_id, snapshot = await self._run_pipeline(targets, tags)
+            snapshot_id, snapshot = await self._run_pipeline(targets, tuple(tags))
         self.progress.close()
         await self._write_index_segment()
         with self.repo.index.transaction():
@@ -189,68 +265,77 @@ class Backup:
         return self.summary
 
     async def _run_pipeline(
-        self, targets: list[bytes], tags: Iterable[str]
+        self, targets: list[bytes], tags: tuple[str, ...]
     ) -> tuple[bytes, Snapshot]:
-        seal_send, seal_recv = trio.open_memory_channel[_Sealable](_SEAL_QUEUE)
+        job_send, job_recv = trio.open_memory_channel[_Job](_JOB_QUEUE)
         pack_send, pack_recv = trio.open_memory_channel[_Sealed](_PACK_QUEUE)
         upload_send, upload_recv = trio.open_memory_channel[packer.PackBuilder](0)
-        self._seal_send = seal_send
+        self._job_send, self._pack_send = job_send, pack_send
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._uploader, upload_recv)
+            for _ in range(_UPLOADERS):
+                nursery.start_soon(self._uploader, upload_recv.clone())
+            upload_recv.close()
             nursery.start_soon(self._packer, pack_recv, upload_send)
-            async with trio.open_nursery() as sealers:
-                for _ in range(_SEALERS):
-                    sealers.start_soon(self._sealer, seal_recv.clone(), pack_send.clone())
-                seal_recv.close()
-                async with seal_send:
-                    root = await self._save_root(targets)
-                    snapshot = Snapshot(
-                        time_ns=time.time_ns(),
-                        hostname=socket.gethostname(),
-                        paths=tuple(targets),
-                        tags=tuple(tags),
-                        tree=root,
-                        file_count=self.summary.files_new
-                        + self.summary.files_changed
-                        + self.summary.files_unchanged,
-                        total_size=self.summary.total_size,
-                    )
-                    snapshot_bytes = formats.encode_snapshot(snapshot)
-                    snapshot_id = blobs.blob_id(self.repo.keyring.dedup_key, snapshot_bytes)
-                    await self._store_blob(BlobType.SNAPSHOT, snapshot_id, snapshot_bytes)
-            # All sealers are done: closing pack_send lets the packer flush.
-            await pack_send.aclose()
+            async with pack_send:
+                async with trio.open_nursery() as workers:
+                    for _ in range(_FILE_WORKERS):
+                        workers.start_soon(self._file_worker, job_recv.clone())
+                    job_recv.close()
+                    async with job_send:
+                        root = await self._save_root(targets)
+                snapshot = Snapshot(
+                    time_ns=time.time_ns(),
+                    hostname=socket.gethostname(),
+                    paths=tuple(targets),
+                    tags=tags,
+                    tree=root,
+                    file_count=self.summary.files_new
+                    + self.summary.files_changed
+                    + self.summary.files_unchanged,
+                    total_size=self.summary.total_size,
+                )
+                snapshot_bytes = formats.encode_snapshot(snapshot)
+                snapshot_id = blobs.blob_id(self.repo.keyring.dedup_key, snapshot_bytes)
+                await self._store_small_blob(BlobType.SNAPSHOT, snapshot_id, snapshot_bytes)
+            # Closing pack_send lets the packer flush its last pack and stop.
         return snapshot_id, snapshot
 
     # -- pipeline stages ----------------------------------------------------------
 
-    async def _sealer(
-        self,
-        receive: trio.MemoryReceiveChannel[_Sealable],
-        send: trio.MemorySendChannel[_Sealed],
-    ) -> None:
-        key = self.repo.keyring.data_key
-        async with receive, send:
-            async for item in receive:
-                sealed = await trio.to_thread.run_sync(
-                    blobs.seal_blob, key, item.blob_type, item.ident, item.plaintext
+    async def _file_worker(self, receive: trio.MemoryReceiveChannel[_Job]) -> None:
+        async with receive:
+            async for job in receive:
+                await trio.to_thread.run_sync(self._run_job, job)
+                summary = self.summary
+                summary.bytes_read += job.bytes_read
+                summary.bytes_new += job.bytes_new
+                summary.bytes_deduplicated += job.bytes_deduplicated
+                summary.blobs_new += job.blobs_new
+                job.done.set()
+                self.progress.update(
+                    f"{summary.files_new + summary.files_changed + summary.files_unchanged}"
+                    f" files, {human_bytes(summary.bytes_read)} read"
                 )
-                await send.send(_Sealed(item.blob_type, item.ident, sealed, len(item.plaintext)))
 
     async def _packer(
         self,
         receive: trio.MemoryReceiveChannel[_Sealed],
         send: trio.MemorySendChannel[packer.PackBuilder],
     ) -> None:
-        builder = packer.PackBuilder()
+        # File data and metadata (trees, snapshots) go to separate packs, so that
+        # listing or planning a restore reads a few small packs, not the data.
+        builders = {True: packer.PackBuilder(), False: packer.PackBuilder()}
         async with receive, send:
             async for item in receive:
+                is_data = item.blob_type == BlobType.DATA
+                builder = builders[is_data]
                 builder.add(item.blob_type, item.ident, item.sealed, item.raw_length)
                 if builder.size >= self.pack_size:
                     await send.send(builder)
-                    builder = packer.PackBuilder()
-            if len(builder):
-                await send.send(builder)
+                    builders[is_data] = packer.PackBuilder()
+            for builder in builders.values():
+                if len(builder):
+                    await send.send(builder)
 
     async def _uploader(self, receive: trio.MemoryReceiveChannel[packer.PackBuilder]) -> None:
         async with receive:
@@ -260,29 +345,89 @@ class Backup:
                 self.summary.bytes_stored += len(record.shards) * (
                     record.shard_size + formats.SHARD_HEADER_SIZE
                 )
-                for entry in record.blobs:
-                    self._pending.discard(entry.blob_id)
 
-    async def _store_blob(self, blob_type: BlobType, ident: bytes, plaintext: bytes) -> bool:
-        """Queue a blob unless it is stored or queued already; True if it was new."""
-        if ident in self._pending or self.repo.index.has_blob(ident):
-            return False
-        self._pending.add(ident)
-        assert self._seal_send is not None
-        await self._seal_send.send(_Sealable(blob_type, ident, plaintext))
+    async def _forward(self, items: list[_Sealed]) -> None:
+        assert self._pack_send is not None
+        for item in items:
+            await self._pack_send.send(item)
+
+    async def _store_small_blob(self, blob_type: BlobType, ident: bytes, plaintext: bytes) -> None:
+        """Seal and queue a tree or snapshot blob unless it is stored already."""
+        if not self._deduper.claim(ident):
+            return
+        sealed = blobs.seal_blob(self.repo.keyring.data_key, blob_type, ident, plaintext)
         self.summary.blobs_new += 1
-        return True
+        await self._forward([_Sealed(blob_type, ident, sealed, len(plaintext))])
 
-    async def _submit_chunk(self, ident: bytes, chunk: bytes) -> None:
-        if await self._store_blob(BlobType.DATA, ident, chunk):
-            self.summary.bytes_new += len(chunk)
-        else:
-            self.summary.bytes_deduplicated += len(chunk)
-        self.summary.bytes_read += len(chunk)
-        self.progress.update(
-            f"{self.summary.files_new + self.summary.files_changed + self.summary.files_unchanged}"
-            f" files, {human_bytes(self.summary.bytes_read)} read"
-        )
+    # -- file workers (threads) --------------------------------------------------------
+
+    def _run_job(self, job: _Job) -> None:
+        """Runs in a worker thread: read, chunk, dedup and seal every file of a job."""
+        outbox: list[_Sealed] = []
+        outbox_bytes = 0
+        dedup_key = self.repo.keyring.dedup_key
+        data_key = self.repo.keyring.data_key
+
+        def emit(item: _Sealed) -> None:
+            nonlocal outbox, outbox_bytes
+            outbox.append(item)
+            outbox_bytes += len(item.sealed)
+            if outbox_bytes >= _FORWARD_BYTES:
+                trio.from_thread.run(self._forward, outbox)
+                outbox, outbox_bytes = [], 0
+
+        for work in job.files:
+            for _attempt in range(_READ_ATTEMPTS):
+                try:
+                    work.content, work.final_st = self._read_file(
+                        work.path, job, dedup_key, data_key, emit
+                    )
+                    work.error = None
+                    break
+                except _FileChanged:
+                    work.error = "changed while it was read (left out; back it up again)"
+                except OSError as exc:
+                    work.error = f"cannot read: {exc.strerror}"
+                    break
+        if outbox:
+            trio.from_thread.run(self._forward, outbox)
+
+    def _read_file(
+        self,
+        path: bytes,
+        job: _Job,
+        dedup_key: bytes,
+        data_key: bytes,
+        emit: Callable[[_Sealed], None],
+    ) -> tuple[tuple[bytes, ...], os.stat_result]:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0))
+        try:
+            before = os.fstat(fd)
+            content: list[bytes] = []
+            total = 0
+            with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
+                for chunk in chunker.iter_chunks(stream, self.params):
+                    ident = blobs.blob_id(dedup_key, chunk)
+                    content.append(ident)
+                    total += len(chunk)
+                    job.bytes_read += len(chunk)
+                    if self._deduper.claim(ident):
+                        sealed = blobs.seal_blob(data_key, BlobType.DATA, ident, chunk)
+                        job.bytes_new += len(chunk)
+                        job.blobs_new += 1
+                        emit(_Sealed(BlobType.DATA, ident, sealed, len(chunk)))
+                    else:
+                        job.bytes_deduplicated += len(chunk)
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if total != after.st_size or (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
+            after.st_size,
+            after.st_mtime_ns,
+            after.st_ctime_ns,
+        ):
+            raise _FileChanged()
+        return tuple(content), after
 
     # -- the walk ------------------------------------------------------------------
 
@@ -298,32 +443,163 @@ class Backup:
                 level = nested
             if parts:
                 level[parts[-1]] = None
-        if targets == [b"/"]:
+        if not layout:  # the target is "/" itself
             node = await self._save_dir(b"/", b"", os.lstat(b"/"))
             assert node is not None and node.subtree is not None
             return node.subtree
         return await self._save_layout(b"", layout)
 
     async def _save_layout(self, prefix: bytes, layout: dict[bytes, object]) -> bytes:
-        nodes: list[TreeNode] = []
+        entries: list[tuple[bytes, os.stat_result]] = []
+        subdirs: dict[bytes, dict[bytes, object]] = {}
         for name in sorted(layout):
-            path = prefix + b"/" + name
             below = layout[name]
-            st = os.lstat(path)
+            st = os.lstat(prefix + b"/" + name)
             if below is None:
-                node = await self._save_entry(path, name, st)
-                if node is not None:
-                    nodes.append(node)
+                entries.append((name, st))
             else:
                 assert isinstance(below, dict)
-                subtree = await self._save_layout(path, below)
-                nodes.append(self._dir_node(name, st, subtree))
+                subdirs[name] = below
+        return await self._save_entries(prefix, entries, subdirs)
+
+    async def _save_dir(self, path: bytes, name: bytes, st: os.stat_result) -> TreeNode | None:
+        try:
+            entries = await trio.to_thread.run_sync(_list_dir, path)
+        except OSError as exc:
+            self.summary.skipped.append((_fsdecode(path), f"cannot list: {exc.strerror}"))
+            return None
+        self.summary.dirs += 1
+        subtree = await self._save_entries(path.rstrip(b"/"), entries, {})
+        return self._dir_node(name, st, subtree)
+
+    async def _save_entries(
+        self,
+        prefix: bytes,
+        entries: list[tuple[bytes, os.stat_result]],
+        layout_dirs: dict[bytes, dict[bytes, object]],
+    ) -> bytes:
+        """Store one directory's entries and tree; return the tree id.
+
+        Files are handed to the workers first, then subdirectories are walked
+        while the workers read, and only then are this directory's files awaited.
+        """
+        pending: list[_Entry] = []
+        batch = _Job()
+        for name, st in entries:
+            path = prefix + b"/" + name
+            entry = _Entry(name)
+            pending.append(entry)
+            if stat.S_ISREG(st.st_mode):
+                batch = await self._plan_file(entry, path, st, batch)
+            elif not stat.S_ISDIR(st.st_mode):
+                entry.node = self._special_node(path, name, st)
+        if batch.files:
+            await self._submit(batch)
+        for entry, (name, st) in zip(pending, entries, strict=True):
+            if stat.S_ISDIR(st.st_mode):
+                entry.node = await self._save_dir(prefix + b"/" + name, name, st)
+        for name in sorted(layout_dirs):
+            path = prefix + b"/" + name
+            subtree = await self._save_layout(path, layout_dirs[name])
+            pending.append(_Entry(name, node=self._dir_node(name, os.lstat(path), subtree)))
+        nodes = [node for node in [await self._finish_entry(e) for e in pending] if node]
+        nodes.sort(key=lambda n: n.name)
         return await self._save_tree(Tree(tuple(nodes)))
+
+    async def _plan_file(self, entry: _Entry, path: bytes, st: os.stat_result, batch: _Job) -> _Job:
+        """Decide how a regular file is saved; returns the batch being filled."""
+        group = 0
+        if st.st_nlink > 1:
+            known = self._hardlinks.get((st.st_dev, st.st_ino))
+            if known is not None:
+                entry.link = _Link(entry.name, st, known[0], known[1])
+                return batch
+            group = self._next_hardlink_group
+            self._next_hardlink_group += 1
+        work = _FileWork(path, st)
+        entry.work = work
+        if group:
+            self._hardlinks[(st.st_dev, st.st_ino)] = (group, work)
+        cached = self.repo.index.cached_file(path)
+        if (
+            cached is not None
+            and (cached.size, cached.mtime_ns, cached.ctime_ns, cached.inode)
+            == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            and all(self._deduper.known(c) for c in cached.content)
+        ):
+            work.content, work.final_st = cached.content, st
+            self.summary.files_unchanged += 1
+            self._record(work)
+            return batch
+        if cached is None:
+            self.summary.files_new += 1
+        else:
+            self.summary.files_changed += 1
+        if st.st_size >= _LARGE_FILE:
+            alone = _Job()
+            self._add_to_job(alone, work)
+            await self._submit(alone)
+            return batch
+        if batch.files and (
+            batch.size + st.st_size > _BATCH_BYTES or len(batch.files) >= _BATCH_FILES
+        ):
+            await self._submit(batch)
+            batch = _Job()
+        self._add_to_job(batch, work)
+        return batch
+
+    @staticmethod
+    def _add_to_job(job: _Job, work: _FileWork) -> None:
+        job.files.append(work)
+        job.size += work.st.st_size
+        work.job = job
+
+    async def _submit(self, job: _Job) -> None:
+        assert self._job_send is not None
+        await self._job_send.send(job)
+
+    def _record(self, work: _FileWork) -> None:
+        """Remember a saved file for the next backup's file cache."""
+        st = work.final_st or work.st
+        self._file_cache.append(
+            (
+                work.path,
+                CachedFile(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, work.content),
+            )
+        )
+
+    async def _finish_entry(self, entry: _Entry) -> TreeNode | None:
+        if entry.node is not None or (entry.work is None and entry.link is None):
+            return entry.node
+        if entry.link is not None:
+            primary = entry.link.primary
+            if primary.job is not None:
+                await primary.job.done.wait()
+            if primary.error is not None:
+                return None
+            self.summary.files_unchanged += 1
+            self.summary.total_size += entry.link.st.st_size
+            return self._file_node(entry.name, entry.link.st, primary.content, entry.link.group)
+        work = entry.work
+        assert work is not None
+        group = 0
+        known = self._hardlinks.get((work.st.st_dev, work.st.st_ino))
+        if known is not None and known[1] is work:
+            group = known[0]
+        if work.job is not None:
+            await work.job.done.wait()
+            if work.error is not None:
+                self.summary.skipped.append((_fsdecode(work.path), work.error))
+                return None
+            self._record(work)
+        st = work.final_st or work.st
+        self.summary.total_size += st.st_size
+        return self._file_node(entry.name, st, work.content, group)
 
     async def _save_tree(self, tree: Tree) -> bytes:
         data = formats.encode_tree(tree)
         ident = blobs.blob_id(self.repo.keyring.dedup_key, data)
-        await self._store_blob(BlobType.TREE, ident, data)
+        await self._store_small_blob(BlobType.TREE, ident, data)
         return ident
 
     @staticmethod
@@ -338,12 +614,9 @@ class Backup:
             gid=st.st_gid,
         )
 
-    async def _save_entry(self, path: bytes, name: bytes, st: os.stat_result) -> TreeNode | None:
+    def _special_node(self, path: bytes, name: bytes, st: os.stat_result) -> TreeNode | None:
+        """A symlink's node; None (and a note) for fifos, sockets and devices."""
         mode = st.st_mode
-        if stat.S_ISDIR(mode):
-            return await self._save_dir(path, name, st)
-        if stat.S_ISREG(mode):
-            return await self._save_file(path, name, st)
         if stat.S_ISLNK(mode):
             self.summary.symlinks += 1
             return TreeNode(
@@ -358,59 +631,6 @@ class Backup:
         kind = "fifo" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
         self.summary.skipped.append((_fsdecode(path), f"{kind}, not backed up"))
         return None
-
-    async def _save_dir(self, path: bytes, name: bytes, st: os.stat_result) -> TreeNode | None:
-        try:
-            entries = await trio.to_thread.run_sync(_list_dir, path)
-        except OSError as exc:
-            self.summary.skipped.append((_fsdecode(path), f"cannot list: {exc.strerror}"))
-            return None
-        self.summary.dirs += 1
-        nodes: list[TreeNode] = []
-        for child_name, child_st in entries:
-            child = path.rstrip(b"/") + b"/" + child_name
-            node = await self._save_entry(child, child_name, child_st)
-            if node is not None:
-                nodes.append(node)
-        subtree = await self._save_tree(Tree(tuple(nodes)))
-        return self._dir_node(name, st, subtree)
-
-    async def _save_file(self, path: bytes, name: bytes, st: os.stat_result) -> TreeNode | None:
-        group = 0
-        if st.st_nlink > 1:
-            known = self._hardlinks.get((st.st_dev, st.st_ino))
-            if known is not None:
-                group, content = known
-                self.summary.files_unchanged += 1
-                self.summary.total_size += st.st_size
-                return self._file_node(name, st, content, group)
-            group = self._next_hardlink_group
-            self._next_hardlink_group += 1
-        cached = self.repo.index.cached_file(path)
-        if (
-            cached is not None
-            and (cached.size, cached.mtime_ns, cached.ctime_ns, cached.inode)
-            == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-            and all(c in self._pending or self.repo.index.has_blob(c) for c in cached.content)
-        ):
-            content = cached.content
-            self.summary.files_unchanged += 1
-        else:
-            read = await self._read_file(path)
-            if read is None:
-                return None
-            content, st = read
-            if cached is None:
-                self.summary.files_new += 1
-            else:
-                self.summary.files_changed += 1
-        self._file_cache.append(
-            (path, CachedFile(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, content))
-        )
-        if group:
-            self._hardlinks[(st.st_dev, st.st_ino)] = (group, content)
-        self.summary.total_size += st.st_size
-        return self._file_node(name, st, content, group)
 
     @staticmethod
     def _file_node(
@@ -427,44 +647,6 @@ class Backup:
             gid=st.st_gid,
             hardlink_group=group,
         )
-
-    async def _read_file(self, path: bytes) -> tuple[tuple[bytes, ...], os.stat_result] | None:
-        reason = ""
-        for _attempt in range(_READ_ATTEMPTS):
-            try:
-                return await trio.to_thread.run_sync(self._chunk_file, path)
-            except _FileChanged:
-                reason = "changed while it was read (left out; back it up again)"
-            except OSError as exc:
-                self.summary.skipped.append((_fsdecode(path), f"cannot read: {exc.strerror}"))
-                return None
-        self.summary.skipped.append((_fsdecode(path), reason))
-        return None
-
-    def _chunk_file(self, path: bytes) -> tuple[tuple[bytes, ...], os.stat_result]:
-        """Runs in a worker thread: chunk, id and submit one file."""
-        dedup_key = self.repo.keyring.dedup_key
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0))
-        try:
-            with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
-                before = os.fstat(fd)
-                content: list[bytes] = []
-                total = 0
-                for chunk in chunker.iter_chunks(stream, self.params):
-                    ident = blobs.blob_id(dedup_key, chunk)
-                    content.append(ident)
-                    total += len(chunk)
-                    trio.from_thread.run(self._submit_chunk, ident, chunk)
-                after = os.fstat(fd)
-        finally:
-            os.close(fd)
-        if total != after.st_size or (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
-            after.st_size,
-            after.st_mtime_ns,
-            after.st_ctime_ns,
-        ):
-            raise _FileChanged()
-        return tuple(content), after
 
     # -- index segment ---------------------------------------------------------------
 

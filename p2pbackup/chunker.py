@@ -110,14 +110,73 @@ def _fastcdc(params: ChunkerParams) -> FastCDC:
     )
 
 
+#: Inputs up to this size are read whole and cut in memory: pyfastcdc's stream
+#: mode allocates a ``2 * max_size`` buffer per call, which costs ~150 µs — more
+#: than the whole work for the many small files of a home directory.
+SMALL_INPUT = 1 << 20
+
+
+class _PrefixedReader:
+    """A stream that first returns ``head`` (already read), then the rest of ``tail``."""
+
+    def __init__(self, head: bytes, tail: BinaryIO) -> None:
+        self._head = memoryview(head)
+        self._tail = tail
+
+    def _consume(self, count: int) -> None:
+        # An empty slice would still pin the whole head in memory.
+        self._head = self._head[count:] if count < len(self._head) else memoryview(b"")
+
+    def read(self, size: int) -> bytes:
+        if self._head:
+            piece = bytes(self._head[:size])
+            self._consume(len(piece))
+            return piece
+        return self._tail.read(size)
+
+
+class _PrefixedReadinto(_PrefixedReader):
+    """The same, for tails with ``readinto`` (pyfastcdc prefers it: no copy)."""
+
+    def readinto(self, buffer: memoryview) -> int:
+        if self._head:
+            count = min(len(buffer), len(self._head))
+            buffer[:count] = self._head[:count]
+            self._consume(count)
+            return count
+        return self._tail.readinto(buffer)  # type: ignore[attr-defined, no-any-return]
+
+
+def _read_up_to(stream: BinaryIO, size: int) -> bytes:
+    parts: list[bytes] = []
+    remaining = size
+    while remaining > 0:
+        # Growing reads: a small file costs one small buffer, not ``size`` bytes
+        # (a 1 MiB allocation per file is an mmap and page faults each time).
+        piece = stream.read(min(remaining, max(64 * 1024, size - remaining)))
+        if not piece:
+            break
+        parts.append(piece)
+        remaining -= len(piece)
+    return b"".join(parts)
+
+
 def iter_chunks(stream: BinaryIO, params: ChunkerParams) -> Iterator[bytes]:
     """Yield the chunks of ``stream`` (read to its end), in order.
 
-    Memory stays bounded whatever the stream's length: pyfastcdc keeps one
-    ``2 * max_size`` buffer that it refills with ``readinto`` (or ``read`` when
-    the stream has no ``readinto``), plus the one chunk being yielded.
+    Memory stays bounded whatever the stream's length: a small input is read
+    whole (below :data:`SMALL_INPUT` and ``max_size`` bytes); a larger one is cut by
+    pyfastcdc's stream mode, which keeps one ``2 * max_size`` buffer that it
+    refills with ``readinto`` (or ``read``), plus the one chunk being yielded.
     """
-    for chunk in _fastcdc(params).cut_stream(stream):
+    small = min(SMALL_INPUT, params.max_size)
+    head = _read_up_to(stream, small)
+    if len(head) < small:
+        yield from chunk_bytes(head, params)
+        return
+    reader = _PrefixedReadinto if hasattr(stream, "readinto") else _PrefixedReader
+    source = reader(head, stream)
+    for chunk in _fastcdc(params).cut_stream(source):
         # cut_stream's views point into that reused buffer and are overwritten
         # when the next chunk is cut, so each one must be copied out now.
         yield bytes(chunk.data)
@@ -125,4 +184,7 @@ def iter_chunks(stream: BinaryIO, params: ChunkerParams) -> Iterator[bytes]:
 
 def chunk_bytes(data: bytes, params: ChunkerParams) -> list[bytes]:
     """Cut in-memory ``data`` into chunks (the same cuts :func:`iter_chunks` makes)."""
-    return [bytes(chunk.data) for chunk in _fastcdc(params).cut_buf(data)]
+    chunks = [chunk.data for chunk in _fastcdc(params).cut_buf(data)]
+    if len(chunks) == 1 and len(chunks[0]) == len(data):
+        return [data]  # the common small file: no copy
+    return [bytes(chunk) for chunk in chunks]

@@ -29,6 +29,7 @@ from p2pbackup.home import Home, default_home, write_private_file
 from p2pbackup.model import NodeKind, TreeNode
 from p2pbackup.nurseries import unwrap_single
 from p2pbackup.progress import Progress, human_bytes
+from p2pbackup.runtime import tune_process
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -418,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _tolerate_undecodable_names()
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_process()
     if not hasattr(args, "json"):
         args.json = False
     home = Home(Path(args.home) if args.home else default_home())

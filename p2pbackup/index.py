@@ -359,6 +359,11 @@ class Index:
         self._db.execute("DELETE FROM snapshots")
         self._db.execute("DELETE FROM file_cache")
 
+    def iter_blob_ids(self) -> Iterator[bytes]:
+        """Every distinct blob id in the index."""
+        for (blob_id,) in self._db.execute("SELECT DISTINCT blob_id FROM blobs"):
+            yield bytes(blob_id)
+
     def iter_blob_rows(self) -> Iterator[tuple[bytes, bytes]]:
         """(blob id, pack id) for every stored copy of every blob."""
         for blob_id, pack_id in self._db.execute("SELECT blob_id, pack_id FROM blobs"):

@@ -91,6 +91,8 @@ class PackBuilder:
         )
         padding = crypto.random_bytes(total - body - TRAILER_SIZE)
         pack = b"".join([*self._parts, sealed_header, padding, trailer])
+        # The parts now live in the pack; keeping both would double the memory.
+        self._parts = []
         return pack, header
 
 

@@ -152,32 +152,20 @@ class Repository:
         peer_ids = [p.peer_id for p in self.peers()]
         data, _header = builder.finish(self.keyring.data_key)
         ident = packer.pack_id(data)
-        shards, roots = await trio.to_thread.run_sync(
-            _encode_pack, data, config.k, config.n, config.block_size
+        pack_size = len(data)
+        payloads, roots, shard_size = await trio.to_thread.run_sync(
+            _encode_pack, data, ident, config.k, config.n, config.block_size
         )
-        shard_size = len(shards[0])
+        del data  # Only the shards are needed from here on; memory stays bounded.
         ranked = placement.rank_peers(ident, peer_ids)
         spares = collections.deque(ranked[config.n :])
         placed: dict[int, str] = {}
         failures: list[ShardFailure] = []
 
         async def place(index: int, peer_id: str) -> None:
-            header = formats.encode_shard_header(
-                ShardHeader(
-                    pack_id=ident,
-                    index=index,
-                    k=config.k,
-                    n=config.n,
-                    pack_size=len(data),
-                    shard_size=shard_size,
-                    block_size=config.block_size,
-                    merkle_root=roots[index],
-                )
-            )
-            payload = header + shards[index]
             while True:
                 try:
-                    await self.store(peer_id).put(formats.shard_id(ident, index), payload)
+                    await self.store(peer_id).put(formats.shard_id(ident, index), payloads[index])
                 except StoreError as exc:
                     failures.append(ShardFailure(peer_id, index, str(exc)))
                     if not spares:
@@ -185,6 +173,7 @@ class Repository:
                     peer_id = spares.popleft()
                 else:
                     placed[index] = peer_id
+                    payloads[index] = b""
                     return
 
         async with trio.open_nursery() as nursery:
@@ -198,7 +187,7 @@ class Repository:
             )
         record = PackRecord(
             pack_id=ident,
-            size=len(data),
+            size=pack_size,
             k=config.k,
             n=config.n,
             shard_size=shard_size,
@@ -343,9 +332,32 @@ class Repository:
         return stored
 
 
-def _encode_pack(data: bytes, k: int, n: int, block_size: int) -> tuple[list[bytes], list[bytes]]:
+def _encode_pack(
+    data: bytes, ident: bytes, k: int, n: int, block_size: int
+) -> tuple[list[bytes], list[bytes], int]:
+    """Runs in a worker thread: the n shards of a pack with their headers, and roots."""
     shards = erasure.encode(data, k, n)
-    return shards, [merkle.merkle_root(s, block_size) for s in shards]
+    shard_size = len(shards[0])
+    payloads: list[bytes] = []
+    roots: list[bytes] = []
+    for index in range(n):
+        root = merkle.merkle_root(shards[index], block_size)
+        header = formats.encode_shard_header(
+            ShardHeader(
+                pack_id=ident,
+                index=index,
+                k=k,
+                n=n,
+                pack_size=len(data),
+                shard_size=shard_size,
+                block_size=block_size,
+                merkle_root=root,
+            )
+        )
+        payloads.append(header + shards[index])
+        shards[index] = b""
+        roots.append(root)
+    return payloads, roots, shard_size
 
 
 def _verify_shard(record: PackRecord, location: ShardLocation, raw: bytes) -> bytes:

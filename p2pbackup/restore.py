@@ -22,9 +22,10 @@ Safety rules:
 
 from __future__ import annotations
 
+import itertools
 import os
-import secrets
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -88,6 +89,8 @@ class _FileJob:
     remaining: int = 0
     temp: Path | None = None
     failed: bool = False
+    #: The temp file already carries the node's mode and mtime.
+    stamped: bool = False
 
 
 @attrs.define(eq=False)
@@ -128,6 +131,8 @@ class Restorer:
         self._hardlinks: dict[int, _FileJob] = {}
         self._links: list[tuple[Path, TreeNode, int]] = []
         self._chown = hasattr(os, "geteuid") and os.geteuid() == 0
+        self._temp_lock = threading.Lock()
+        self._temp_numbers = itertools.count()
 
     async def run(self, snapshot: Snapshot, only: bytes | None = None) -> RestoreSummary:
         started = time.monotonic()
@@ -241,13 +246,11 @@ class Restorer:
                 by_pack.setdefault(location.pack_id, []).append(_Piece(job, offset, location.entry))
                 offset += location.entry.raw_length
                 job.remaining += 1
-        for job in self._files:
-            if job.failed:
-                for pieces in by_pack.values():
-                    pieces[:] = [p for p in pieces if p.job is not job]
-            elif job.remaining == 0:
-                await trio.to_thread.run_sync(self._create_temp, job)
-                await self._finish_file(job)
+        for pieces in by_pack.values():
+            pieces[:] = [p for p in pieces if not p.job.failed]
+        empty = [job for job in self._files if not job.failed and job.remaining == 0]
+        for start in range(0, len(empty), 256):
+            await self._finish_files(empty[start : start + 256])
 
         queue = list(by_pack.items())
         limiter = trio.CapacityLimiter(_CONCURRENT_PACKS)
@@ -278,24 +281,43 @@ class Restorer:
             for piece in pieces:
                 self._fail(piece.job, None)
             return
+        outcomes = await trio.to_thread.run_sync(self._write_pieces, data, pieces)
+        del data
+        completed: list[_FileJob] = []
+        for piece, outcome in zip(pieces, outcomes, strict=True):
+            if isinstance(outcome, P2PBackupError):
+                self._fail(piece.job, None)
+            elif isinstance(outcome, OSError):
+                self._fail(piece.job, f"cannot write: {outcome.strerror}")
+            elif outcome is not None:
+                self.summary.bytes_written += outcome
+                piece.job.remaining -= 1
+                if piece.job.remaining == 0:
+                    completed.append(piece.job)
+        if completed:
+            await self._finish_files(completed)
+        self.progress.update(
+            f"{self.summary.files} files, {human_bytes(self.summary.bytes_written)} written"
+        )
+
+    def _write_pieces(
+        self, pack: bytes, pieces: list[_Piece]
+    ) -> list[int | P2PBackupError | OSError | None]:
+        """Runs in a worker thread: decrypt and write every piece of one pack.
+
+        One thread call per pack, not per chunk: a home directory's thousands
+        of small files would otherwise cost a thread hand-off each.
+        """
+        outcomes: list[int | P2PBackupError | OSError | None] = []
         for piece in pieces:
             if piece.job.failed:
+                outcomes.append(None)
                 continue
             try:
-                written = await trio.to_thread.run_sync(self._write_piece, data, piece)
-            except P2PBackupError:
-                self._fail(piece.job, None)
-                continue
-            except OSError as exc:
-                self._fail(piece.job, f"cannot write: {exc.strerror}")
-                continue
-            self.summary.bytes_written += written
-            piece.job.remaining -= 1
-            self.progress.update(
-                f"{self.summary.files} files, {human_bytes(self.summary.bytes_written)} written"
-            )
-            if piece.job.remaining == 0:
-                await self._finish_file(piece.job)
+                outcomes.append(self._write_piece(pack, piece))
+            except (P2PBackupError, OSError) as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def _fail(self, job: _FileJob, reason: str | None) -> None:
         if job.failed:
@@ -307,8 +329,11 @@ class Restorer:
         else:
             self.summary.failed.append((shown, reason))
 
+    def _temp_name(self, job: _FileJob) -> Path:
+        return job.path.with_name(f".p2pbackup-{os.getpid()}-{next(self._temp_numbers)}.tmp")
+
     def _create_temp(self, job: _FileJob) -> None:
-        temp = job.path.with_name(f".p2pbackup-{secrets.token_hex(8)}.tmp")
+        temp = self._temp_name(job)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.ftruncate(fd, job.node.size)
@@ -326,46 +351,73 @@ class Restorer:
             piece.entry.blob_id,
             packer.blob_bytes(pack, piece.entry),
         )
-        if job.temp is None:
-            self._create_temp(job)
+        if len(job.node.content) == 1:
+            # The common small file: create, write and stamp it through one open.
+            temp = self._temp_name(job)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            job.temp = temp
+            try:
+                _write_at(fd, plaintext, 0)
+                self._stamp(fd, job.node)
+                job.stamped = True
+            finally:
+                os.close(fd)
+            return len(plaintext)
+        with self._temp_lock:
+            # Two packs may hold pieces of one file: only one creates its temp file.
+            if job.temp is None:
+                self._create_temp(job)
         assert job.temp is not None
         fd = os.open(job.temp, os.O_WRONLY | os.O_NOFOLLOW)
         try:
-            view = memoryview(plaintext)
-            position = piece.offset
-            while view:
-                done = os.pwrite(fd, view, position)
-                view = view[done:]
-                position += done
+            _write_at(fd, plaintext, piece.offset)
         finally:
             os.close(fd)
         return len(plaintext)
 
-    async def _finish_file(self, job: _FileJob) -> None:
-        try:
-            outcome = await trio.to_thread.run_sync(self._place_file, job)
-        except OSError as exc:
-            self._fail(job, f"cannot write: {exc.strerror}")
-            if job.temp is not None:
-                job.temp.unlink(missing_ok=True)
-            return
-        if outcome == "conflict":
-            job.failed = True
-            self.summary.conflicts.append(_display(job.path, self.target))
-        elif outcome == "identical":
-            self.summary.identical += 1
-        else:
-            self.summary.files += 1
+    def _stamp(self, fd: int, node: TreeNode) -> None:
+        """Give an open file the node's owner, mode and mtime (after its last write)."""
+        if self._chown:
+            os.fchown(fd, node.uid, node.gid)
+        os.fchmod(fd, node.mode)
+        os.utime(fd, ns=(node.mtime_ns, node.mtime_ns))
+
+    async def _finish_files(self, jobs: list[_FileJob]) -> None:
+        outcomes = await trio.to_thread.run_sync(self._place_files, jobs)
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, OSError):
+                self._fail(job, f"cannot write: {outcome.strerror}")
+                if job.temp is not None:
+                    job.temp.unlink(missing_ok=True)
+            elif outcome == "conflict":
+                job.failed = True
+                self.summary.conflicts.append(_display(job.path, self.target))
+            elif outcome == "identical":
+                self.summary.identical += 1
+            else:
+                self.summary.files += 1
+
+    def _place_files(self, jobs: list[_FileJob]) -> list[str | OSError]:
+        """Runs in a worker thread: put finished files in place."""
+        outcomes: list[str | OSError] = []
+        for job in jobs:
+            try:
+                if job.temp is None:
+                    self._create_temp(job)  # an empty file: nothing was written
+                outcomes.append(self._place_file(job))
+            except OSError as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def _place_file(self, job: _FileJob) -> str:
-        """Runs in a worker thread: fsync, set metadata, rename into place."""
+        """Runs in a worker thread: set metadata, rename into place.
+
+        No fsync per file: a killed restore never shows a partial file (the
+        rename comes after the last write), and after a power cut the restore
+        is simply run again.
+        """
         assert job.temp is not None
         node = job.node
-        fd = os.open(job.temp, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         if os.path.lexists(job.path):
             if _same_content(job.temp, job.path):
                 # Same bytes: keep the file, but give it the snapshot's metadata.
@@ -375,7 +427,8 @@ class Restorer:
             if not self.overwrite:
                 job.temp.unlink()
                 return "conflict"
-        self._apply_metadata(job.temp, node)
+        if not job.stamped:
+            self._apply_metadata(job.temp, node)
         os.replace(job.temp, job.path)
         return "restored"
 
@@ -431,6 +484,14 @@ class Restorer:
                 self._apply_metadata(path, node)
             except OSError as exc:
                 self.summary.failed.append((_display(path, self.target), str(exc.strerror)))
+
+
+def _write_at(fd: int, data: bytes, position: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, position)
+        view = view[done:]
+        position += done
 
 
 def _same_content(a: Path, b: Path) -> bool:

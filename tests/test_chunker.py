@@ -264,3 +264,22 @@ def test_streaming_memory_is_bounded_with_read_only_streams() -> None:
     # As above, plus reads of up to 2*max_size and their temporary copies.
     bound = 10 * MEMORY_PARAMS.max_size
     assert peak < bound, (peak, bound)
+
+
+@given(st.integers(min_value=-3, max_value=3), st.booleans())
+def test_inputs_either_side_of_the_whole_read_threshold_cut_alike(
+    delta: int, read_only: bool
+) -> None:
+    # Inputs below max_size are read whole and cut in memory; longer ones are
+    # streamed after that first read. Both paths must make the same cuts.
+    data = np.random.default_rng(delta + 5).bytes(SMALL.max_size + delta)
+
+    class ReadOnly:
+        def __init__(self, raw: bytes) -> None:
+            self._inner = io.BytesIO(raw)
+
+        def read(self, size: int = -1) -> bytes:
+            return self._inner.read(size)
+
+    stream = cast(BinaryIO, ReadOnly(data)) if read_only else io.BytesIO(data)
+    assert list(iter_chunks(stream, SMALL)) == chunk_bytes(data, SMALL)

@@ -37,7 +37,14 @@ class CheckSummary:
 
     @property
     def ok(self) -> bool:
-        return not self.errors and self.unrecoverable == 0
+        """No problem at all: a degraded pack is still restorable, but a
+        missing or corrupt shard is lost redundancy and worth a non-zero exit."""
+        return (
+            not self.errors
+            and self.unrecoverable == 0
+            and self.shards_missing == 0
+            and self.shards_corrupt == 0
+        )
 
     def to_json(self) -> dict[str, object]:
         return attrs.asdict(self)
@@ -50,7 +57,12 @@ class CheckSummary:
             f"{self.orphan_shards} orphaned; {self.blobs_checked} blobs read and verified",
         ]
         lines.extend(f"error: {e}" for e in self.errors)
-        lines.append("no errors found" if self.ok else "check found problems")
+        if self.ok:
+            lines.append("no errors found")
+        elif not self.errors and self.unrecoverable == 0:
+            lines.append("check found problems, but every pack is still restorable")
+        else:
+            lines.append("check found problems")
         return lines
 
 

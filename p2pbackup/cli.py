@@ -186,6 +186,23 @@ def _describe(path: bytes, node: TreeNode) -> str:
     return line
 
 
+def _ls_json(path: bytes, node: TreeNode) -> dict[str, object]:
+    entry: dict[str, object] = {
+        # Valid text for any JSON reader; a name that is not UTF-8 shows its
+        # odd bytes as \xNN here and comes whole, in hex, as path_hex.
+        "path": path.decode("utf-8", "backslashreplace"),
+        "type": node.kind.name.lower(),
+        "mode": node.mode,
+        "size": node.size,
+        "mtime_ns": node.mtime_ns,
+    }
+    try:
+        path.decode("utf-8")
+    except UnicodeDecodeError:
+        entry["path_hex"] = path.hex()
+    return entry
+
+
 async def cmd_ls(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations, snapshots
 
@@ -197,16 +214,7 @@ async def cmd_ls(args: argparse.Namespace, home: Home) -> int:
     if args.json:
         _out(
             json.dumps(
-                [
-                    {
-                        "path": os.fsdecode(p),
-                        "type": n.kind.name.lower(),
-                        "mode": n.mode,
-                        "size": n.size,
-                        "mtime_ns": n.mtime_ns,
-                    }
-                    for p, n in entries
-                ],
+                [_ls_json(p, n) for p, n in entries],
                 indent=2,
             )
         )

@@ -277,3 +277,6 @@ async def _rebuild_index(
                 continue
         if present >= pack.k:
             summary.packs_restorable += 1
+    if reached:
+        # Tell every peer where the others are now (a folder may have moved).
+        await repo.publish_root()

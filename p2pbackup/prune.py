@@ -18,6 +18,8 @@ Steps, ordered so that a prune killed at any point loses nothing:
 
 from __future__ import annotations
 
+import contextlib
+
 import attrs
 import trio
 
@@ -27,6 +29,7 @@ from p2pbackup.errors import P2PBackupError, StoreError
 from p2pbackup.progress import Progress
 from p2pbackup.repository import Repository
 from p2pbackup.snapshots import live_blobs
+from p2pbackup.storage import FolderShardStore
 
 #: A pack whose live bytes are below this fraction of its blob bytes is repacked.
 REPACK_THRESHOLD = 0.5
@@ -169,5 +172,10 @@ async def delete_orphans(repo: Repository) -> int:
                     deleted += 1
                 except StoreError:
                     continue
+        if isinstance(store, FolderShardStore):
+            # Half-written shards of killed backups: this home holds its lock,
+            # so nothing else writes to this owner's namespace now.
+            with contextlib.suppress(StoreError):
+                await store.collect_garbage(older_than=0)
         await trio.lowlevel.checkpoint()
     return deleted

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import stat
 import threading
 import time
@@ -139,6 +140,7 @@ class Restorer:
         if self.target.exists() and not _is_real_dir(self.target):
             raise UsageError(f"restore target {self.target} exists and is not a directory")
         self.target.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(self.target)
         with unwrap_single():
             await self._plan(snapshot, only)
             await self._write_files()
@@ -186,6 +188,7 @@ class Restorer:
             if not _is_real_dir(path):
                 self.summary.conflicts.append(_display(path, self.target))
                 return False
+            _remove_stale_temps(path)
         except OSError as exc:
             self.summary.failed.append((_display(path, self.target), str(exc.strerror)))
             return False
@@ -484,6 +487,37 @@ class Restorer:
                 self._apply_metadata(path, node)
             except OSError as exc:
                 self.summary.failed.append((_display(path, self.target), str(exc.strerror)))
+
+
+#: Temp files are ``.p2pbackup-<pid>-<n>.tmp``: the pid tells whether the
+#: restore that wrote one is still running.
+_TEMP_NAME = re.compile(rb"\.p2pbackup-(\d+)-\d+\.tmp")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _remove_stale_temps(directory: Path) -> None:
+    """Delete temp files that a killed restore left in ``directory``."""
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                match = _TEMP_NAME.fullmatch(os.fsencode(entry.name))
+                if (
+                    match
+                    and entry.is_file(follow_symlinks=False)
+                    and not _process_alive(int(match[1]))
+                ):
+                    os.unlink(entry.path)
+    except OSError:
+        return  # leftovers are harmless; a failed cleanup must not stop a restore
 
 
 def _write_at(fd: int, data: bytes, position: int) -> None:

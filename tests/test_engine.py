@@ -301,7 +301,8 @@ async def test_check_finds_missing_and_corrupt_shards(tmp_path: Path) -> None:
         assert quick.shards_missing == 1 and quick.shards_corrupt == 0
         full = await check(repo, read_data=True)
         assert full.shards_missing == 1 and full.shards_corrupt == 1
-        assert full.degraded >= 1 and full.unrecoverable == 0 and full.ok
+        # Still restorable, but lost redundancy is a problem to report.
+        assert full.degraded >= 1 and full.unrecoverable == 0 and not full.ok
 
 
 async def test_backup_refuses_too_few_peers_and_missing_paths(tmp_path: Path) -> None:
@@ -356,3 +357,49 @@ async def test_file_changing_while_read_is_not_stored_inconsistently(
     assert result.ok
     restored = restored_path(tmp_path / "out", source)
     assert (restored / "growing").read_bytes() == growing.read_bytes()
+
+
+async def test_a_full_peer_is_routed_around(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2pbackup.errors import StoreFullError
+    from p2pbackup.storage import FolderShardStore
+
+    setup = await make_setup(tmp_path, peers=7)  # 3-of-6 with one spare
+    full = setup.peers[0].resolve()
+    real_put = FolderShardStore.put
+
+    async def put(self: FolderShardStore, shard_id: bytes, data: bytes) -> None:
+        if Path(self.root).resolve() == full:
+            raise StoreFullError(f"peer folder {full} is full")
+        await real_put(self, shard_id, data)
+
+    monkeypatch.setattr(FolderShardStore, "put", put)
+    source = make_tree(tmp_path / "src")
+    await _backup(setup.home, source)
+    assert shard_files(setup.peers[0]) == []
+    async with operations.open_repository(setup.home) as repo:
+        for pack_id in repo.index.pack_ids():
+            record = repo.index.pack(pack_id)
+            assert record is not None
+            assert len({s.peer_id for s in record.shards}) == record.n == 6
+    summary = await _restore(setup.home, tmp_path / "out")
+    assert summary.ok
+    assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
+
+
+async def test_restore_never_writes_through_a_symlink_in_the_target(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)
+    source = make_tree(tmp_path / "src")
+    await _backup(setup.home, source)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "out"
+    restored = restored_path(target, source)
+    restored.mkdir(parents=True)
+    # Someone planted a symlink where the snapshot has a directory.
+    (restored / "docs").symlink_to(outside)
+    summary = await _restore(setup.home, target)
+    assert any(c.endswith("/docs") for c in summary.conflicts)
+    assert list(outside.iterdir()) == []
+    assert (restored / "run.sh").read_bytes() == (source / "run.sh").read_bytes()

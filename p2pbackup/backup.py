@@ -190,13 +190,40 @@ class _Link:
 
 
 @attrs.define(eq=False)
+class _TreeFuture:
+    """The id of a directory's tree, once every entry in it is stored.
+
+    ``None`` when the directory could not be listed (it is left out).
+    """
+
+    _done: trio.Event = attrs.Factory(trio.Event)
+    _tree_id: bytes | None = None
+
+    @classmethod
+    def failed(cls) -> _TreeFuture:
+        future = cls()
+        future._done.set()
+        return future
+
+    def resolve(self, tree_id: bytes) -> None:
+        self._tree_id = tree_id
+        self._done.set()
+
+    async def wait(self) -> bytes | None:
+        await self._done.wait()
+        return self._tree_id
+
+
+@attrs.define(eq=False)
 class _Entry:
     """A directory entry waiting to become a tree node."""
 
     name: bytes
+    st: os.stat_result
     node: TreeNode | None = None
     work: _FileWork | None = None
     link: _Link | None = None
+    subtree: _TreeFuture | None = None
 
 
 def _fsdecode(path: bytes) -> str:
@@ -240,6 +267,9 @@ class Backup:
         self._next_hardlink_group = 1
         self._file_cache: list[tuple[bytes, CachedFile]] = []
         self._job_send: trio.MemorySendChannel[_Job] | None = None
+        self._trees: trio.Nursery | None = None
+        #: The batch of small files being filled (it may span directories).
+        self._batch = _Job()
         self._pack_send: trio.MemorySendChannel[_Sealed] | None = None
 
     # -- entry point ------------------------------------------------------------
@@ -282,7 +312,13 @@ class Backup:
                         workers.start_soon(self._file_worker, job_recv.clone())
                     job_recv.close()
                     async with job_send:
-                        root = await self._save_root(targets)
+                        async with trio.open_nursery() as trees:
+                            self._trees = trees
+                            root_future = await self._save_root(targets)
+                            if self._batch.files:
+                                await self._submit_batch()
+                        root = await root_future.wait()
+                        assert root is not None
                 snapshot = Snapshot(
                     time_ns=time.time_ns(),
                     hostname=socket.gethostname(),
@@ -431,8 +467,8 @@ class Backup:
 
     # -- the walk ------------------------------------------------------------------
 
-    async def _save_root(self, targets: list[bytes]) -> bytes:
-        """Store the trees from / down to every target; return the root tree id."""
+    async def _save_root(self, targets: list[bytes]) -> _TreeFuture:
+        """Walk from / down to every target; the future gives the root tree id."""
         layout: dict[bytes, object] = {}
         for target in targets:
             parts = [p for p in target.split(b"/") if p]
@@ -444,12 +480,10 @@ class Backup:
             if parts:
                 level[parts[-1]] = None
         if not layout:  # the target is "/" itself
-            node = await self._save_dir(b"/", b"", os.lstat(b"/"))
-            assert node is not None and node.subtree is not None
-            return node.subtree
+            return await self._save_dir(b"/")
         return await self._save_layout(b"", layout)
 
-    async def _save_layout(self, prefix: bytes, layout: dict[bytes, object]) -> bytes:
+    async def _save_layout(self, prefix: bytes, layout: dict[bytes, object]) -> _TreeFuture:
         entries: list[tuple[bytes, os.stat_result]] = []
         subdirs: dict[bytes, dict[bytes, object]] = {}
         for name in sorted(layout):
@@ -462,58 +496,61 @@ class Backup:
                 subdirs[name] = below
         return await self._save_entries(prefix, entries, subdirs)
 
-    async def _save_dir(self, path: bytes, name: bytes, st: os.stat_result) -> TreeNode | None:
+    async def _save_dir(self, path: bytes) -> _TreeFuture:
         try:
             entries = await trio.to_thread.run_sync(_list_dir, path)
         except OSError as exc:
             self.summary.skipped.append((_fsdecode(path), f"cannot list: {exc.strerror}"))
-            return None
+            return _TreeFuture.failed()
         self.summary.dirs += 1
-        subtree = await self._save_entries(path.rstrip(b"/"), entries, {})
-        return self._dir_node(name, st, subtree)
+        return await self._save_entries(path.rstrip(b"/"), entries, {})
 
     async def _save_entries(
         self,
         prefix: bytes,
         entries: list[tuple[bytes, os.stat_result]],
         layout_dirs: dict[bytes, dict[bytes, object]],
-    ) -> bytes:
-        """Store one directory's entries and tree; return the tree id.
+    ) -> _TreeFuture:
+        """Plan one directory: its files go to the workers, its subdirectories
+        are walked, and a task stores its tree once all of them are done.
 
-        Files are handed to the workers first, then subdirectories are walked
-        while the workers read, and only then are this directory's files awaited.
+        The walker itself never waits for file data, so the workers always have
+        the next files queued (it waits only when the job queue is full).
         """
         pending: list[_Entry] = []
-        batch = _Job()
         for name, st in entries:
             path = prefix + b"/" + name
-            entry = _Entry(name)
+            entry = _Entry(name, st=st)
             pending.append(entry)
             if stat.S_ISREG(st.st_mode):
-                batch = await self._plan_file(entry, path, st, batch)
-            elif not stat.S_ISDIR(st.st_mode):
+                await self._plan_file(entry, path, st)
+            elif stat.S_ISDIR(st.st_mode):
+                entry.subtree = await self._save_dir(path)
+            else:
                 entry.node = self._special_node(path, name, st)
-        if batch.files:
-            await self._submit(batch)
-        for entry, (name, st) in zip(pending, entries, strict=True):
-            if stat.S_ISDIR(st.st_mode):
-                entry.node = await self._save_dir(prefix + b"/" + name, name, st)
         for name in sorted(layout_dirs):
             path = prefix + b"/" + name
-            subtree = await self._save_layout(path, layout_dirs[name])
-            pending.append(_Entry(name, node=self._dir_node(name, os.lstat(path), subtree)))
+            entry = _Entry(name, st=os.lstat(path))
+            entry.subtree = await self._save_layout(path, layout_dirs[name])
+            pending.append(entry)
+        future = _TreeFuture()
+        assert self._trees is not None
+        self._trees.start_soon(self._finish_tree, future, pending)
+        return future
+
+    async def _finish_tree(self, future: _TreeFuture, pending: list[_Entry]) -> None:
         nodes = [node for node in [await self._finish_entry(e) for e in pending] if node]
         nodes.sort(key=lambda n: n.name)
-        return await self._save_tree(Tree(tuple(nodes)))
+        future.resolve(await self._save_tree(Tree(tuple(nodes))))
 
-    async def _plan_file(self, entry: _Entry, path: bytes, st: os.stat_result, batch: _Job) -> _Job:
-        """Decide how a regular file is saved; returns the batch being filled."""
+    async def _plan_file(self, entry: _Entry, path: bytes, st: os.stat_result) -> None:
+        """Decide how a regular file is saved: from the cache, or by a worker."""
         group = 0
         if st.st_nlink > 1:
             known = self._hardlinks.get((st.st_dev, st.st_ino))
             if known is not None:
                 entry.link = _Link(entry.name, st, known[0], known[1])
-                return batch
+                return
             group = self._next_hardlink_group
             self._next_hardlink_group += 1
         work = _FileWork(path, st)
@@ -530,7 +567,7 @@ class Backup:
             work.content, work.final_st = cached.content, st
             self.summary.files_unchanged += 1
             self._record(work)
-            return batch
+            return
         if cached is None:
             self.summary.files_new += 1
         else:
@@ -539,14 +576,15 @@ class Backup:
             alone = _Job()
             self._add_to_job(alone, work)
             await self._submit(alone)
-            return batch
+            return
+        # Small files are batched across directories: one thread call each
+        # would cost more than reading them.
+        batch = self._batch
         if batch.files and (
             batch.size + st.st_size > _BATCH_BYTES or len(batch.files) >= _BATCH_FILES
         ):
-            await self._submit(batch)
-            batch = _Job()
-        self._add_to_job(batch, work)
-        return batch
+            await self._submit_batch()
+        self._add_to_job(self._batch, work)
 
     @staticmethod
     def _add_to_job(job: _Job, work: _FileWork) -> None:
@@ -569,12 +607,17 @@ class Backup:
         )
 
     async def _finish_entry(self, entry: _Entry) -> TreeNode | None:
+        if entry.subtree is not None:
+            tree_id = await entry.subtree.wait()
+            if tree_id is None:
+                return None
+            return self._dir_node(entry.name, entry.st, tree_id)
         if entry.node is not None or (entry.work is None and entry.link is None):
             return entry.node
         if entry.link is not None:
             primary = entry.link.primary
             if primary.job is not None:
-                await primary.job.done.wait()
+                await self._wait_for(primary.job)
             if primary.error is not None:
                 return None
             self.summary.files_unchanged += 1
@@ -587,7 +630,7 @@ class Backup:
         if known is not None and known[1] is work:
             group = known[0]
         if work.job is not None:
-            await work.job.done.wait()
+            await self._wait_for(work.job)
             if work.error is not None:
                 self.summary.skipped.append((_fsdecode(work.path), work.error))
                 return None
@@ -595,6 +638,17 @@ class Backup:
         st = work.final_st or work.st
         self.summary.total_size += st.st_size
         return self._file_node(entry.name, st, work.content, group)
+
+    async def _wait_for(self, job: _Job) -> None:
+        if job is self._batch:
+            # Still being filled: send it now rather than wait for more files.
+            await self._submit_batch()
+        await job.done.wait()
+
+    async def _submit_batch(self) -> None:
+        # Swap first: while the send waits for room, nobody else may send it too.
+        batch, self._batch = self._batch, _Job()
+        await self._submit(batch)
 
     async def _save_tree(self, tree: Tree) -> bytes:
         data = formats.encode_tree(tree)

@@ -297,6 +297,16 @@ def shard_length(size: int, k: int) -> int:
 
 def encode(data: BytesLike, k: int, n: int) -> list[bytes]:
     """Code ``data`` into ``n`` shards of :func:`shard_length` bytes; any ``k`` restore it."""
+    return [bytes(view) for view in encode_views(data, k, n)]
+
+
+def encode_views(data: BytesLike, k: int, n: int) -> list[memoryview]:
+    """:func:`encode` without copying: the data shards are views into ``data``
+    (or into its zero-padded copy) and the parity shards views into one array.
+
+    For a caller that copies each shard once anyway (behind a header, onto a
+    disk): it saves a quarter of the encoding time and a pack's worth of memory.
+    """
     _check_code(k, n)
     flat = np.frombuffer(data, dtype=np.uint8)
     length = shard_length(flat.shape[0], k)
@@ -304,7 +314,7 @@ def encode(data: BytesLike, k: int, n: int) -> list[bytes]:
         flat = np.concatenate([flat, np.zeros(k * length - flat.shape[0], dtype=np.uint8)])
     rows = list(flat.reshape(k, length))
     parity = _apply(_generator_matrix(k, n)[k:], _to_words(rows, length))
-    return [row.tobytes() for row in rows + _word_rows_as_bytes(parity, length)]
+    return [row.data for row in rows + _word_rows_as_bytes(parity, length)]
 
 
 def decode(shards: Mapping[int, BytesLike], k: int, n: int, size: int) -> bytes:

@@ -225,7 +225,10 @@ class Index:
             for t, p, o, ln, raw in rows
         ]
 
-    def pack(self, pack_id: bytes) -> PackRecord | None:
+    def pack(self, pack_id: bytes, *, with_blobs: bool = True) -> PackRecord | None:
+        """A pack's record; ``with_blobs=False`` leaves its blob list empty,
+        which is all that reading the pack needs (and far cheaper for a pack
+        of thousands of trees)."""
         row = self._db.execute(
             "SELECT size, k, n, shard_size, block_size FROM packs WHERE pack_id=?", (pack_id,)
         ).fetchone()
@@ -238,13 +241,17 @@ class Index:
                 (pack_id,),
             )
         )
-        blobs = tuple(
-            BlobEntry(BlobType(t), bytes(b), o, ln, raw)
-            for b, t, o, ln, raw in self._db.execute(
-                "SELECT blob_id, type, offset, length, raw_length FROM blobs"
-                " WHERE pack_id=? ORDER BY offset",
-                (pack_id,),
+        blobs = (
+            tuple(
+                BlobEntry(BlobType(t), bytes(b), o, ln, raw)
+                for b, t, o, ln, raw in self._db.execute(
+                    "SELECT blob_id, type, offset, length, raw_length FROM blobs"
+                    " WHERE pack_id=? ORDER BY offset",
+                    (pack_id,),
+                )
             )
+            if with_blobs
+            else ()
         )
         size, k, n, shard_size, block_size = row
         return PackRecord(pack_id, size, k, n, shard_size, block_size, shards, blobs)

@@ -11,7 +11,7 @@ shards *are* the pack's bytes)::
   from the packs alone.
 * **padding** — random bytes bringing the total length to a Padmé bucket, so a
   pack's size says little about what it holds (at most ~12 % overhead on tiny
-  packs, ~3 % at the default 16 MiB).
+  packs, under 4 % at the default 12 MiB).
 * **sealed trailer** — fixed size; holds the header's offset and length.
 
 A **pack id** is the BLAKE2b-256 of the finished pack's bytes.

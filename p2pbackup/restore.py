@@ -41,7 +41,7 @@ from p2pbackup.progress import Progress, human_bytes
 from p2pbackup.repository import Repository
 
 #: Packs read and written at once.
-_CONCURRENT_PACKS = 2
+_CONCURRENT_PACKS = 4
 
 
 @attrs.define
@@ -272,7 +272,7 @@ class Restorer:
                 job.temp.unlink(missing_ok=True)
 
     async def _restore_pack(self, pack_id: bytes, pieces: list[_Piece]) -> None:
-        record = self.repo.index.pack(pack_id)
+        record = self.repo.index.pack(pack_id, with_blobs=False)
         pieces = [p for p in pieces if not p.job.failed]
         if not pieces:
             return
@@ -353,6 +353,7 @@ class Restorer:
             BlobType.DATA,
             piece.entry.blob_id,
             packer.blob_bytes(pack, piece.entry),
+            verify_id=False,
         )
         if len(job.node.content) == 1:
             # The common small file: create, write and stamp it through one open.

@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import sys
 
-SWITCH_INTERVAL = 0.0005
+SWITCH_INTERVAL = 0.001
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number
 

@@ -1,0 +1,787 @@
+"""Whole-system benchmark: p2pbackup against restic on the same corpus, same run.
+
+On the deterministic corpus of ``make_corpus.py`` (1024 MiB, seed 1 by
+default) it measures, for p2pbackup with 10 local folder peers at 4-of-10:
+
+* **initial backup** of the corpus;
+* **incremental backup** after ``make_corpus.py --mutate 2``;
+* **full restore** of the latest snapshot into an empty directory (checked
+  byte for byte, mode and mtime against the source);
+
+and the same three for restic to a local repository when ``restic`` is on
+PATH, with the ratio of the two throughputs. Then the peak memory of backing
+up one big random file (2048 MiB by default; the target is < 300 MB).
+
+Every measured step is one child process: wall seconds, CPU seconds
+(user + system) and peak RSS come from ``os.wait4`` on that child alone.
+MB/s is 10^6 bytes of corpus per wall second (for the incremental backup:
+the whole corpus after mutation, as restic reports it); peak RSS is in MB
+(10^6 bytes). The page cache is dropped before each step when the process
+may (root); the output says whether it was.
+
+Run from the repository::
+
+    .venv/bin/python benchmarks/bench_backup.py [--workdir DIR] [--size-mb 1024] [--seed 1]
+        [--skip-restic] [--big-file-mb 2048] [--skip-big-file] [--keep]
+
+The corpus is generated once into ``WORKDIR/corpus-<size>MiB-seed<seed>`` (with
+a stamp file beside it) and reused while it matches the stamp; every run works
+on a fresh copy of it, so reruns are deterministic. Everything else under
+WORKDIR is rebuilt each run and removed afterwards unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_WORKDIR = REPO / "bench-work"
+DEFAULT_CORPUS_SCRIPT = REPO.parent / "shared" / "bench" / "make_corpus.py"
+MiB = 1 << 20
+MB = 1e6
+PEERS = 10
+SHARDS = "4/10"
+RESTIC_PASSWORD = "p2pbackup-benchmark-password\n"
+STAMP_VERSION = 1
+
+#: The targets the project set (p2pbackup MB/s ≥ factor × restic MB/s).
+TARGET_RATIOS = {"initial backup": 0.5, "incremental backup": 0.5, "full restore": 0.7}
+TARGET_RSS_MB = 300.0
+#: What the details keep of ``p2pbackup backup --json`` and ``restic backup --json``.
+P2P_SUMMARY_KEYS = ("bytes_read", "bytes_new", "bytes_stored", "packs_written",
+                    "files_new", "files_changed", "files_unchanged")  # fmt: skip
+RESTIC_SUMMARY_KEYS = ("data_added", "files_new", "files_changed", "files_unmodified",
+                       "total_bytes_processed")  # fmt: skip
+#: Details that are byte counts, shown in MB.
+BYTE_KEYS = {"bytes_read", "bytes_new", "bytes_stored", "data_added", "total_bytes_processed"}
+
+
+class StepFailed(Exception):
+    """A measured command exited non-zero."""
+
+
+@dataclass
+class Measurement:
+    tool: str
+    step: str
+    seconds: float
+    cpu_seconds: float
+    peak_rss_mb: float
+    data_bytes: int  # the bytes MB/s is computed on
+    returncode: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mb_s(self) -> float:
+        return self.data_bytes / MB / self.seconds if self.seconds > 0 else float("nan")
+
+
+# -- environment -----------------------------------------------------------------------
+
+
+def _read(cmd: Sequence[str]) -> str:
+    try:
+        return subprocess.run(
+            cmd, capture_output=True, text=True, check=True, cwd=REPO
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def machine_lines() -> list[str]:
+    from p2pbackup import __version__
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    lines = [
+        f"date:    {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
+        f"commit:  {_read(['git', 'rev-parse', '--short', 'HEAD'])}{_dirty()} "
+        f"(p2pbackup {__version__}, sources {source_fingerprint()})",
+        f"machine: {usable} CPUs usable ({os.cpu_count()} online), {cpu_model()}",
+        f"         {platform.system()} {platform.release()}, "
+        f"{_mem_total_gb():.1f} GB RAM, load average {_loadavg()}",
+        f"python:  {platform.python_version()} ({sys.executable})",
+    ]
+    return lines
+
+
+def _dirty() -> str:
+    # --no-optional-locks: read only, never refresh the index.
+    status = _read(["git", "--no-optional-locks", "status", "--porcelain", "--", "p2pbackup"])
+    changed = [line for line in status.splitlines() if line.strip()] if status != "?" else []
+    return f" + {len(changed)} uncommitted file(s) in p2pbackup/" if changed else ""
+
+
+def source_fingerprint() -> str:
+    """A short hash of the p2pbackup sources, to notice them changing during a run."""
+    digest = hashlib.sha256()
+    package = REPO / "p2pbackup"
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0")
+        with contextlib.suppress(OSError):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _mem_total_gb() -> float:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def _self_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
+
+
+def restic_binary() -> str | None:
+    return shutil.which("restic")
+
+
+def p2pbackup_command() -> list[str]:
+    script = Path(sys.executable).parent / "p2pbackup"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "p2pbackup.cli"]
+
+
+def drop_caches() -> bool:
+    """Write back and drop the page cache; False when not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+# -- processes -------------------------------------------------------------------------
+
+
+def time_binary() -> str | None:
+    """GNU time, to read a child's rusage from a small process rather than from us."""
+    path = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
+    if path is None:
+        return None
+    probe = subprocess.run([path, "-f", "%M", "true"], capture_output=True, text=True)
+    return path if probe.returncode == 0 and probe.stderr.strip().isdigit() else None
+
+
+#: Set by :func:`run` from :func:`time_binary`.
+TIME_BINARY: str | None = None
+
+
+def run_measured(
+    cmd: Sequence[str],
+    logs: Path,
+    name: str,
+    *,
+    env: dict[str, str] | None = None,
+    allowed: Sequence[int] = (0,),
+) -> tuple[float, float, float, int, str]:
+    """Run ``cmd``; (wall s, CPU s, peak RSS MB, exit code, stdout) of that child alone.
+
+    stdout and stderr go to ``logs/NAME.out`` and ``logs/NAME.err``.
+
+    Linux starts a child's peak RSS at its parent's RSS at the fork (the
+    high-water mark of the address space that exec replaces), so a child
+    forked from this Python process would report at least our own RSS. The
+    child is therefore started by GNU time, a process of about 1 MB, which
+    reads its rusage; only without GNU time is ``os.wait4`` used here, and
+    the figure then includes this process's RSS (said in the output).
+    """
+    logs.mkdir(parents=True, exist_ok=True)
+    out_path, err_path = logs / f"{name}.out", logs / f"{name}.err"
+    rusage_path = logs / f"{name}.rusage"
+    wrapped = list(cmd)
+    if TIME_BINARY is not None:
+        wrapped = [TIME_BINARY, "-o", str(rusage_path), "-f", "%U %S %M", *cmd]
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(wrapped, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+    proc.returncode = code = os.waitstatus_to_exitcode(status)
+    # ru_maxrss and %M are in KiB on Linux.
+    cpu, rss_kib = usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+    if TIME_BINARY is not None:
+        # The last line; a line before it says "Command exited with non-zero status N".
+        last = rusage_path.read_text().strip().splitlines()[-1].split()
+        cpu, rss_kib = float(last[0]) + float(last[1]), int(last[2])
+    stdout = out_path.read_text(errors="replace")
+    if code not in allowed:
+        tail = err_path.read_text(errors="replace").strip().splitlines()[-15:]
+        raise StepFailed(
+            f"`{' '.join(cmd)}` exited {code}; stderr ({err_path}):\n  " + "\n  ".join(tail)
+        )
+    return seconds, cpu, rss_kib * 1024 / MB, code, stdout
+
+
+def run_quiet(cmd: Sequence[str], *, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise StepFailed(
+            f"`{' '.join(cmd)}` exited {result.returncode}:\n{result.stderr.strip()[-2000:]}"
+        )
+    return result.stdout
+
+
+# -- corpus ----------------------------------------------------------------------------
+
+
+def tree_size(root: Path) -> tuple[int, int]:
+    """(regular files, bytes) under ``root``."""
+    files = size = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            st = os.lstat(os.path.join(dirpath, name))
+            if not os.path.islink(os.path.join(dirpath, name)):
+                files += 1
+                size += st.st_size
+    return files, size
+
+
+def ensure_corpus(workdir: Path, script: Path, size_mb: float, seed: int) -> Path:
+    """``WORKDIR/corpus-<size>MiB-seed<seed>``, generated unless its stamp matches."""
+    name = f"corpus-{size_mb:g}MiB-seed{seed}"
+    corpus, stamp_path = workdir / name, workdir / f"{name}.stamp"
+    wanted = {"version": STAMP_VERSION, "size_mb": size_mb, "seed": seed}
+    if corpus.is_dir() and stamp_path.exists():
+        with contextlib.suppress(ValueError, OSError):
+            stamp = json.loads(stamp_path.read_text())
+            if {k: stamp.get(k) for k in wanted} == wanted:
+                files, size = tree_size(corpus)
+                if (files, size) == (stamp.get("files"), stamp.get("bytes")):
+                    print(f"corpus: reusing {corpus} ({files} files, {size / MB:.1f} MB)")
+                    return corpus
+    print(f"corpus: generating {corpus} ({size_mb:g} MiB, seed {seed}) with {script}")
+    stamp_path.unlink(missing_ok=True)
+    if corpus.exists():
+        shutil.rmtree(corpus)
+    out = run_quiet([sys.executable, str(script), str(corpus), "--size-mb", f"{size_mb:g}",
+                     "--seed", str(seed)])  # fmt: skip
+    print("  " + out.strip())
+    files, size = tree_size(corpus)
+    stamp_path.write_text(json.dumps({**wanted, "files": files, "bytes": size}) + "\n")
+    return corpus
+
+
+def fresh_copy(corpus: Path, run: Path) -> None:
+    """A copy of the pristine corpus at ``run`` (modes and mtimes kept; no hard links)."""
+    if run.exists():
+        shutil.rmtree(run)
+    subprocess.run(["cp", "-a", str(corpus), str(run)], check=True)
+
+
+def mutate(script: Path, run: Path, seed: int, percent: float = 2) -> dict[str, Any]:
+    out = run_quiet([sys.executable, str(script), str(run), "--mutate", f"{percent:g}",
+                     "--seed", str(seed)]).strip()  # fmt: skip
+    details: dict[str, Any] = {"mutation": out.split(": ", 1)[-1].split(" seed=")[0]}
+    for word in out.split():
+        if word.startswith("new_bytes="):
+            details["mutated_new_bytes"] = int(word.split("=", 1)[1])
+    return details
+
+
+def verify(source: Path, restored: Path) -> list[str]:
+    """Differences between ``source`` and its restored copy (content, mode, file mtimes)."""
+    from p2pbackup.treediff import diff_trees
+
+    if not restored.is_dir():
+        return [f"missing: {restored} (nothing restored there)"]
+    return diff_trees(source, restored, check_dir_mtime=False)
+
+
+def restored_path(target: Path, source: Path) -> Path:
+    # Both tools restore under TARGET with the full absolute source path.
+    return target / os.path.abspath(source).lstrip("/")
+
+
+# -- the tools -------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    workdir: Path
+    script: Path
+    seed: int
+    logs: Path
+    keep: bool = False
+    caches_dropped: list[bool] = field(default_factory=list)
+
+    def cold(self) -> None:
+        self.caches_dropped.append(drop_caches())
+
+    def discard(self, *paths: Path) -> None:
+        """Free the disk space of a finished part, unless --keep."""
+        if not self.keep:
+            for path in paths:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _clean(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def p2p_home(base: Path) -> list[str]:
+    """A fresh home with 10 folder peers at 4-of-10; the command prefix to use it."""
+    home, peers = base / "home", base / "peers"
+    cmd = [*p2pbackup_command(), "--home", str(home)]
+    run_quiet([*cmd, "init", "--shards", SHARDS, "--recovery-key-file", str(base / "key.txt")])
+    for i in range(PEERS):
+        peer = peers / f"peer-{i:02d}"
+        peer.mkdir(parents=True)
+        run_quiet([*cmd, "peer", "add-dir", str(peer)])
+    return cmd
+
+
+def _json_tail(stdout: str) -> dict[str, Any]:
+    """The JSON document printed by ``p2pbackup … --json``."""
+    start = stdout.find("{")
+    if start < 0:
+        return {}
+    try:
+        value = json.loads(stdout[start:])
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _disk_usage(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+def bench_p2pbackup(ctx: Context, corpus: Path) -> list[Measurement]:
+    base = _clean(ctx.workdir / "p2pbackup")
+    run = ctx.workdir / "corpus-run"
+    fresh_copy(corpus, run)
+    cmd = p2p_home(base)
+    source = os.path.abspath(run)
+    results: list[Measurement] = []
+
+    def backup(step: str, name: str, extra: dict[str, Any]) -> None:
+        _files, size = tree_size(run)
+        ctx.cold()
+        seconds, cpu, rss, code, out = run_measured(
+            [*cmd, "backup", source, "--json"], ctx.logs, name
+        )
+        summary = _json_tail(out)
+        details = {
+            **extra,
+            **{k: summary[k] for k in P2P_SUMMARY_KEYS if k in summary},
+        }
+        results.append(Measurement("p2pbackup", step, seconds, cpu, rss, size, code, details))
+
+    backup("initial backup", "p2p-backup-initial", {})
+    backup("incremental backup", "p2p-backup-incremental", mutate(ctx.script, run, ctx.seed))
+
+    target = base / "restore"
+    _files, size = tree_size(run)
+    ctx.cold()
+    seconds, cpu, rss, code, _out = run_measured(
+        [*cmd, "restore", "latest", "--target", str(target), "--json"],
+        ctx.logs,
+        "p2p-restore",
+        allowed=(0, 3),
+    )
+    problems = verify(run, restored_path(target, run))
+    if code != 0:
+        problems.insert(0, f"p2pbackup restore exited {code} (see {ctx.logs}/p2p-restore.*)")
+    results.append(
+        Measurement(
+            "p2pbackup", "full restore", seconds, cpu, rss, size, code,
+            {"verified": not problems, "problems": problems[:20],
+             "problem_count": len(problems), "peers_disk_bytes": _disk_usage(base / "peers")},
+        )
+    )  # fmt: skip
+    if not problems:
+        ctx.discard(base)
+    return results
+
+
+def restic_env(base: Path) -> dict[str, str]:
+    password = base / "password.txt"
+    password.write_text(RESTIC_PASSWORD)
+    password.chmod(0o600)
+    env = dict(os.environ)
+    env.pop("RESTIC_PASSWORD", None)
+    env.update(
+        RESTIC_PASSWORD_FILE=str(password),
+        RESTIC_REPOSITORY=str(base / "repo"),
+        RESTIC_CACHE_DIR=str(base / "cache"),
+        # Same processor count for both tools; restic would use them all anyway.
+        GOMAXPROCS=env.get("GOMAXPROCS", str(len(os.sched_getaffinity(0)))),
+    )
+    return env
+
+
+def _restic_summary(stdout: str) -> dict[str, Any]:
+    for line in reversed(stdout.splitlines()):
+        with contextlib.suppress(ValueError):
+            message = json.loads(line)
+            if isinstance(message, dict) and message.get("message_type") == "summary":
+                return message
+    return {}
+
+
+def bench_restic(ctx: Context, corpus: Path, restic: str) -> list[Measurement]:
+    base = _clean(ctx.workdir / "restic")
+    run = ctx.workdir / "corpus-run"
+    fresh_copy(corpus, run)
+    env = restic_env(base)
+    run_quiet([restic, "init"], env=env)
+    with contextlib.suppress(StepFailed, ValueError):
+        version = json.loads(run_quiet([restic, "cat", "config"], env=env)).get("version")
+        print(f"restic repository format {version} (format 2 compresses with zstd, mode 'auto')")
+    source = os.path.abspath(run)
+    results: list[Measurement] = []
+
+    def backup(step: str, name: str, extra: dict[str, Any]) -> None:
+        _files, size = tree_size(run)
+        ctx.cold()
+        seconds, cpu, rss, code, out = run_measured(
+            [restic, "backup", "--json", source], ctx.logs, name, env=env
+        )
+        summary = _restic_summary(out)
+        details = {
+            **extra,
+            **{k: summary[k] for k in RESTIC_SUMMARY_KEYS if k in summary},
+        }
+        results.append(Measurement("restic", step, seconds, cpu, rss, size, code, details))
+
+    backup("initial backup", "restic-backup-initial", {})
+    backup("incremental backup", "restic-backup-incremental", mutate(ctx.script, run, ctx.seed))
+
+    target = base / "restore"
+    _files, size = tree_size(run)
+    ctx.cold()
+    seconds, cpu, rss, code, _out = run_measured(
+        [restic, "restore", "latest", "--target", str(target)], ctx.logs, "restic-restore", env=env
+    )
+    problems = verify(run, restored_path(target, run))
+    results.append(
+        Measurement(
+            "restic", "full restore", seconds, cpu, rss, size, code,
+            {"verified": not problems, "problems": problems[:20],
+             "problem_count": len(problems), "repo_disk_bytes": _disk_usage(base / "repo")},
+        )
+    )  # fmt: skip
+    if not problems:
+        ctx.discard(base)
+    return results
+
+
+def make_big_file(path: Path, size: int) -> None:
+    if path.exists() and path.stat().st_size == size:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    piece = 64 * MiB
+    with path.open("wb") as f:
+        remaining = size
+        while remaining:
+            n = min(piece, remaining)
+            f.write(os.urandom(n))
+            remaining -= n
+
+
+def bench_big_file(ctx: Context, size_mb: int, restic: str | None) -> list[Measurement]:
+    base = ctx.workdir / "bigfile"
+    big = base / "input" / "big.bin"
+    make_big_file(big, size_mb * MiB)
+    size = big.stat().st_size
+    results: list[Measurement] = []
+
+    p2p = _clean(base / "p2pbackup")
+    cmd = p2p_home(p2p)
+    ctx.cold()
+    seconds, cpu, rss, code, out = run_measured(
+        [*cmd, "backup", str(big.resolve()), "--json"], ctx.logs, "p2p-backup-bigfile"
+    )
+    summary = _json_tail(out)
+    results.append(
+        Measurement("p2pbackup", f"backup one {size_mb} MiB file", seconds, cpu, rss, size, code,
+                    {k: summary[k] for k in ("bytes_stored", "packs_written") if k in summary})
+    )  # fmt: skip
+    ctx.discard(p2p)
+
+    if restic:
+        rbase = _clean(base / "restic")
+        env = restic_env(rbase)
+        run_quiet([restic, "init"], env=env)
+        ctx.cold()
+        seconds, cpu, rss, code, _out = run_measured(
+            [restic, "backup", str(big.resolve())], ctx.logs, "restic-backup-bigfile", env=env
+        )
+        results.append(
+            Measurement("restic", f"backup one {size_mb} MiB file", seconds, cpu, rss, size, code)
+        )
+        ctx.discard(rbase)
+    return results
+
+
+# -- report ----------------------------------------------------------------------------
+
+
+def _cell(m: Measurement | None) -> str:
+    if m is None:
+        return f"{'-':>8}{'-':>9}{'-':>9}"
+    return f"{m.seconds:>8.1f}{m.mb_s:>9.1f}{m.peak_rss_mb:>9.0f}"
+
+
+def comparison_table(ours: list[Measurement], theirs: list[Measurement]) -> str:
+    by_step = {m.step: m for m in theirs}
+    head = (
+        f"{'step':<26}|{'p2pbackup':^26}|{'restic':^26}| {'ratio':>6}\n"
+        f"{'':<26}|{'s':>8}{'MB/s':>9}{'RSS MB':>9}|{'s':>8}{'MB/s':>9}{'RSS MB':>9}|"
+        f" {'MB/s':>6}"
+    )
+    lines = [head, "-" * len(head.splitlines()[1])]
+    for m in ours:
+        other = by_step.get(m.step)
+        ratio = f"{m.mb_s / other.mb_s:.2f}x" if other and other.mb_s > 0 else "-"
+        lines.append(f"{m.step:<26}|{_cell(m)}|{_cell(other)}| {ratio:>6}")
+    return "\n".join(lines)
+
+
+def detail_lines(results: list[Measurement]) -> list[str]:
+    lines = []
+    for m in results:
+        parts = [f"{m.tool} {m.step}: {m.seconds:.2f} s wall, {m.cpu_seconds:.2f} s CPU "
+                 f"({m.cpu_seconds / m.seconds:.2f} cores), peak RSS {m.peak_rss_mb:.0f} MB, "
+                 f"{m.data_bytes / MB:.1f} MB"]  # fmt: skip
+        for key, value in m.details.items():
+            if key in ("problems",):
+                continue
+            if isinstance(value, int) and (key in BYTE_KEYS or key.endswith("_bytes")):
+                value = f"{value / MB:.1f} MB"
+            parts.append(f"{key}={value}")
+        lines.append("  " + "; ".join(str(p) for p in parts))
+        for problem in m.details.get("problems", [])[:10]:
+            lines.append(f"    ! {problem}")
+    return lines
+
+
+def targets_lines(
+    ours: list[Measurement], theirs: list[Measurement], big: list[Measurement]
+) -> list[str]:
+    lines = []
+    by_step = {m.step: m for m in theirs}
+    for m in ours:
+        factor = TARGET_RATIOS.get(m.step)
+        other = by_step.get(m.step)
+        if factor is not None and other is not None:
+            ratio = m.mb_s / other.mb_s
+            verdict = "PASS" if ratio >= factor else "MISS"
+            lines.append(f"  {m.step:<26} ≥ {factor:.1f}× restic: {ratio:.2f}×  {verdict}")
+    for m in [*ours, *big]:
+        if m.tool != "p2pbackup":
+            continue
+        verdict = "PASS" if m.peak_rss_mb < TARGET_RSS_MB else "MISS"
+        lines.append(
+            f"  {m.step:<26} RSS < {TARGET_RSS_MB:.0f} MB: {m.peak_rss_mb:.0f} MB  {verdict}"
+        )
+    return lines
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workdir", type=Path, default=DEFAULT_WORKDIR, help=f"(default {DEFAULT_WORKDIR})"
+    )
+    parser.add_argument("--size-mb", type=float, default=1024, help="corpus MiB (1024)")
+    parser.add_argument("--seed", type=int, default=1, help="corpus seed (1)")
+    parser.add_argument("--skip-restic", action="store_true", help="do not run restic")
+    parser.add_argument(
+        "--big-file-mb", type=int, default=2048, help="size of the single big file, MiB (2048)"
+    )
+    parser.add_argument("--skip-big-file", action="store_true")
+    parser.add_argument(
+        "--corpus-script",
+        type=Path,
+        default=DEFAULT_CORPUS_SCRIPT,
+        help=f"make_corpus.py (default {DEFAULT_CORPUS_SCRIPT})",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep homes, peers, repositories and restores"
+    )
+
+
+@contextlib.contextmanager
+def _section(title: str) -> Iterator[None]:
+    print(f"\n== {title} ==", flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The whole benchmark; 0 when every step ran and every restore verified."""
+    workdir: Path = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    script: Path = args.corpus_script.resolve()
+    if not script.exists():
+        sys.exit(f"bench_backup: no corpus script at {script} (use --corpus-script)")
+    restic = None if args.skip_restic else restic_binary()
+    global TIME_BINARY
+    TIME_BINARY = time_binary()
+    ctx = Context(workdir, script, args.seed, workdir / "logs", keep=args.keep)
+    _clean(ctx.logs)
+
+    print("p2pbackup whole-system benchmark (benchmarks/bench_backup.py)")
+    for line in machine_lines():
+        print(line)
+    if restic:
+        print(f"restic:  {_read([restic, 'version'])}")
+    else:
+        why = "--skip-restic" if args.skip_restic else "not installed"
+        print(f"restic:  skipped ({why})")
+    print(f"workdir: {workdir}")
+    print(f"setup:   {PEERS} local folder peers, {SHARDS.replace('/', '-of-')} shards")
+    print(f"rusage:  {'GNU time ' + TIME_BINARY if TIME_BINARY else 'os.wait4 (inflated RSS)'}")
+
+    fingerprint = source_fingerprint()
+    failures: list[str] = []
+    ours: list[Measurement] = []
+    theirs: list[Measurement] = []
+    big: list[Measurement] = []
+    with _section("corpus"):
+        corpus = ensure_corpus(workdir, script, args.size_mb, args.seed)
+    with _section("p2pbackup: initial backup, incremental backup, full restore"):
+        try:
+            ours = bench_p2pbackup(ctx, corpus)
+        except StepFailed as exc:
+            failures.append(f"p2pbackup: {exc}")
+            print(f"FAILED: {exc}")
+    if restic:
+        with _section("restic: initial backup, incremental backup, full restore"):
+            try:
+                theirs = bench_restic(ctx, corpus, restic)
+            except StepFailed as exc:
+                failures.append(f"restic: {exc}")
+                print(f"FAILED: {exc}")
+    if not args.skip_big_file:
+        with _section(f"one {args.big_file_mb} MiB random file"):
+            try:
+                big = bench_big_file(ctx, args.big_file_mb, restic)
+            except StepFailed as exc:
+                failures.append(f"big file: {exc}")
+                print(f"FAILED: {exc}")
+
+    dropped = ctx.caches_dropped
+    print("\n== results ==")
+    files, size = tree_size(corpus)
+    print(
+        f"corpus: {files} files, {size / MB:.1f} MB (size {args.size_mb:g} MiB, seed {args.seed}), "
+        f"mutated with --mutate 2 before the incremental backup"
+    )
+    if dropped and all(dropped):
+        print("page cache: dropped before every measured step (cold reads)")
+    elif any(dropped):
+        print("page cache: dropped before some steps only")
+    else:
+        print("page cache: NOT dropped (not permitted): reads may come from memory")
+    print("MB = 10^6 bytes; MB/s = corpus bytes / wall seconds; RSS = peak of the one process")
+    if TIME_BINARY is None:
+        print(
+            "WARNING: GNU time not found: each peak RSS includes this harness's own RSS "
+            f"(now {_self_rss_mb():.0f} MB); `apt-get install time` for exact figures"
+        )
+    print()
+    if ours or theirs:
+        print(comparison_table(ours, theirs))
+    if big:
+        print()
+        print(comparison_table(big[:1], big[1:]))
+    print("\ndetails:")
+    for line in detail_lines([*ours, *theirs, *big]):
+        print(line)
+    for m in [*ours, *theirs]:
+        if m.step == "full restore":
+            verdict = "OK" if m.details.get("verified") else "FAILED"
+            print(f"restore verification ({m.tool}): {verdict}")
+            if not m.details.get("verified"):
+                failures.append(f"{m.tool} restore differs from the source")
+    print("\ntargets:")
+    for line in targets_lines(ours, theirs, big):
+        print(line)
+    if source_fingerprint() != fingerprint:
+        print(
+            "\nWARNING: the p2pbackup sources changed during this run "
+            f"({fingerprint} -> {source_fingerprint()}): the figures mix two versions"
+        )
+    if failures:
+        print("\nFAILURES:")
+        for failure in failures:
+            print("  " + failure.replace("\n", "\n  "))
+
+    results_path = workdir / "last-results.json"
+    results_path.write_text(
+        json.dumps(
+            {
+                "machine": machine_lines(),
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "caches_dropped": dropped,
+                "results": [{**asdict(m), "mb_s": m.mb_s} for m in [*ours, *theirs, *big]],
+                "failures": failures,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"\n(results also in {results_path}; logs in {ctx.logs})")
+    if failures and not args.keep:
+        print("(homes, peers and repositories under the workdir kept for inspection)")
+    else:
+        ctx.discard(*(workdir / name for name in ("p2pbackup", "restic", "corpus-run", "bigfile")))
+    return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from p2pbackup import __version__
@@ -267,8 +268,11 @@ async def cmd_prune(args: argparse.Namespace, home: Home) -> int:
 
     async with operations.open_repository(home) as repo:
         summary = await prune(repo, progress=_progress("prune", args))
-    for line in summary.lines():
-        _out(line)
+    if args.json:
+        _out(json.dumps(attrs.asdict(summary), indent=2))
+    else:
+        for line in summary.lines():
+            _out(line)
     return EXIT_OK
 
 

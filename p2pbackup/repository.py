@@ -19,6 +19,7 @@ decode from the first k good ones.
 from __future__ import annotations
 
 import collections
+import functools
 import time
 from pathlib import Path
 
@@ -51,6 +52,8 @@ from p2pbackup.storage import FolderShardStore, ShardStore
 ROOT_ENVELOPE_KIND = b"ROOT"
 #: Decoded packs kept in memory for reading trees and small files.
 _PACK_CACHE_SIZE = 4
+#: Sealed blobs up to this size are opened on trio's thread.
+_INLINE_OPEN = 64 * 1024
 
 
 def open_store(peer: PeerRecord, owner: bytes) -> ShardStore:
@@ -279,7 +282,7 @@ class Repository:
             try:
                 data = await self.read_pack(record)
                 sealed = packer.blob_bytes(data, location.entry)
-                return await trio.to_thread.run_sync(
+                opener = functools.partial(
                     blobs.open_blob,
                     self.keyring.data_key,
                     self.keyring.dedup_key,
@@ -287,6 +290,10 @@ class Repository:
                     blob_id,
                     sealed,
                 )
+                if location.entry.length <= _INLINE_OPEN:
+                    # A small tree: a thread hand-off would cost more than this.
+                    return opener()
+                return await trio.to_thread.run_sync(opener)
             except (NotEnoughShardsError, IntegrityError) as exc:
                 errors.append(str(exc))
         raise NotEnoughShardsError(f"blob {blob_id.hex()[:16]} cannot be read: {'; '.join(errors)}")

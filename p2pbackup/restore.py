@@ -92,6 +92,8 @@ class _FileJob:
     failed: bool = False
     #: The temp file already carries the node's mode and mtime.
     stamped: bool = False
+    #: The parent directory was created by this restore (so it was empty).
+    fresh: bool = False
 
 
 @attrs.define(eq=False)
@@ -132,7 +134,9 @@ class Restorer:
         self._hardlinks: dict[int, _FileJob] = {}
         self._links: list[tuple[Path, TreeNode, int]] = []
         self._chown = hasattr(os, "geteuid") and os.geteuid() == 0
+        self._own_ids = (os.geteuid(), os.getegid()) if self._chown else (-1, -1)
         self._temp_lock = threading.Lock()
+        self._fresh_dirs: set[Path] = set()
         self._temp_numbers = itertools.count()
 
     async def run(self, snapshot: Snapshot, only: bytes | None = None) -> RestoreSummary:
@@ -184,6 +188,9 @@ class Restorer:
     def _make_dir(self, path: Path, node: TreeNode) -> bool:
         try:
             os.mkdir(path, 0o700)
+            # Nothing can be in the way inside a directory this restore made:
+            # its files skip the existence checks (two syscalls per file).
+            self._fresh_dirs.add(path)
         except FileExistsError:
             if not _is_real_dir(path):
                 self.summary.conflicts.append(_display(path, self.target))
@@ -215,7 +222,7 @@ class Restorer:
         elif node.hardlink_group and node.hardlink_group in self._hardlinks:
             self._links.append((path, node, node.hardlink_group))
         else:
-            job = _FileJob(path, node)
+            job = _FileJob(path, node, fresh=parent in self._fresh_dirs)
             if node.hardlink_group:
                 self._hardlinks[node.hardlink_group] = job
             if self._check_conflict(job):
@@ -223,6 +230,8 @@ class Restorer:
 
     def _check_conflict(self, job: _FileJob) -> bool:
         """False if an existing entry means this file must not be restored."""
+        if job.fresh:
+            return True
         try:
             st = os.lstat(job.path)
         except FileNotFoundError:
@@ -237,15 +246,15 @@ class Restorer:
 
     async def _write_files(self) -> None:
         by_pack: dict[bytes, list[_Piece]] = {}
+        known = self.repo.index.blob_locations_of_type(BlobType.DATA)
         for job in self._files:
             offset = 0
             for chunk_id in job.node.content:
-                locations = self.repo.index.blob_locations(chunk_id)
-                if not locations:
+                location = known.get(chunk_id)
+                if location is None:
                     job.failed = True
                     self.summary.unrecoverable.append(_display(job.path, self.target))
                     break
-                location = next((loc for loc in locations if loc.pack_id in by_pack), locations[0])
                 by_pack.setdefault(location.pack_id, []).append(_Piece(job, offset, location.entry))
                 offset += location.entry.raw_length
                 job.remaining += 1
@@ -381,7 +390,8 @@ class Restorer:
 
     def _stamp(self, fd: int, node: TreeNode) -> None:
         """Give an open file the node's owner, mode and mtime (after its last write)."""
-        if self._chown:
+        # The temp file is ours already: chown only to someone else.
+        if self._chown and (node.uid, node.gid) != self._own_ids:
             os.fchown(fd, node.uid, node.gid)
         os.fchmod(fd, node.mode)
         os.utime(fd, ns=(node.mtime_ns, node.mtime_ns))
@@ -422,7 +432,7 @@ class Restorer:
         """
         assert job.temp is not None
         node = job.node
-        if os.path.lexists(job.path):
+        if not job.fresh and os.path.lexists(job.path):
             if _same_content(job.temp, job.path):
                 # Same bytes: keep the file, but give it the snapshot's metadata.
                 job.temp.unlink()

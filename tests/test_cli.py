@@ -216,7 +216,9 @@ def test_forget_prune_and_check_find_what_they_should(tmp_path: Path) -> None:
     (left,) = json.loads(world.ok("snapshots", "--json").stdout)
     assert left["id"] != first
     assert all_shards(world.peers) >= first_shards  # forget alone deletes nothing
-    world.ok("prune")
+    pruned = json.loads(world.ok("prune", "--json").stdout)
+    assert pruned["packs_deleted"] + pruned["packs_repacked"] >= 1
+    assert pruned["shards_deleted"] > 0
     remaining = all_shards(world.peers)
     # The first backup's packs held mostly the old big.jpg: all of them are gone
     # (dead, or repacked with their few live blobs, and the old index replaced).

@@ -179,7 +179,7 @@ async def test_crash_leftover_temp_files_are_ignored_and_collected(peer_root: Pa
     assert await store.get(sid) == b"complete"
 
 
-async def test_stale_temp_files_are_removed_on_open(peer_root: Path) -> None:
+async def test_stale_temp_files_are_removed_before_the_first_write(peer_root: Path) -> None:
     store = FolderShardStore(peer_root, OWNER)
     await store.put(shard_id(1), b"complete")
     prefix_dir = shard_path(peer_root, shard_id(1)).parent
@@ -190,9 +190,14 @@ async def test_stale_temp_files_are_removed_on_open(peer_root: Path) -> None:
     two_hours_ago = time.time() - 7200
     os.utime(stale, (two_hours_ago, two_hours_ago))
     reopened = await FolderShardStore.open(peer_root, OWNER)
+    # Reading sweeps nothing (a restore must not pay for it) ...
+    assert await reopened.list() == [shard_id(1)]
+    assert stale.exists()
+    # ... the first write does, sparing temp files that may still be in use.
+    await reopened.put(shard_id(2), b"another")
     assert not stale.exists()
     assert fresh.exists()
-    assert await reopened.list() == [shard_id(1)]
+    assert await reopened.list() == [shard_id(1), shard_id(2)]
 
 
 async def test_failed_write_leaves_no_partial_shard(

@@ -518,12 +518,13 @@ class Backup:
         the next files queued (it waits only when the job queue is full).
         """
         pending: list[_Entry] = []
+        cache = self.repo.index.cached_files_in(prefix)
         for name, st in entries:
             path = prefix + b"/" + name
             entry = _Entry(name, st=st)
             pending.append(entry)
             if stat.S_ISREG(st.st_mode):
-                await self._plan_file(entry, path, st)
+                await self._plan_file(entry, path, st, cache)
             elif stat.S_ISDIR(st.st_mode):
                 entry.subtree = await self._save_dir(path)
             else:
@@ -543,7 +544,9 @@ class Backup:
         nodes.sort(key=lambda n: n.name)
         future.resolve(await self._save_tree(Tree(tuple(nodes))))
 
-    async def _plan_file(self, entry: _Entry, path: bytes, st: os.stat_result) -> None:
+    async def _plan_file(
+        self, entry: _Entry, path: bytes, st: os.stat_result, cache: dict[bytes, CachedFile]
+    ) -> None:
         """Decide how a regular file is saved: from the cache, or by a worker."""
         group = 0
         if st.st_nlink > 1:
@@ -557,7 +560,7 @@ class Backup:
         entry.work = work
         if group:
             self._hardlinks[(st.st_dev, st.st_ino)] = (group, work)
-        cached = self.repo.index.cached_file(path)
+        cached = cache.get(entry.name)
         if (
             cached is not None
             and (cached.size, cached.mtime_ns, cached.ctime_ns, cached.inode)
@@ -566,7 +569,6 @@ class Backup:
         ):
             work.content, work.final_st = cached.content, st
             self.summary.files_unchanged += 1
-            self._record(work)
             return
         if cached is None:
             self.summary.files_new += 1
@@ -597,7 +599,8 @@ class Backup:
         await self._job_send.send(job)
 
     def _record(self, work: _FileWork) -> None:
-        """Remember a saved file for the next backup's file cache."""
+        """Remember a file just read for the next backup's file cache (entries
+        of unchanged files are already right and are not written again)."""
         st = work.final_st or work.st
         self._file_cache.append(
             (

@@ -67,8 +67,9 @@ CREATE TABLE IF NOT EXISTS snapshots (
     paths BLOB NOT NULL, tags TEXT NOT NULL, tree BLOB NOT NULL,
     file_count INTEGER NOT NULL, total_size INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS file_cache (
-    path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-    ctime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, content BLOB NOT NULL);
+    dir BLOB NOT NULL, name BLOB NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, inode INTEGER NOT NULL,
+    content BLOB NOT NULL, PRIMARY KEY (dir, name));
 """
 
 
@@ -93,6 +94,11 @@ def _join_ids(ids: Iterable[bytes]) -> bytes:
 
 def _split_ids(joined: bytes) -> tuple[bytes, ...]:
     return tuple(joined[i : i + 32] for i in range(0, len(joined), 32))
+
+
+def _split_path(path: bytes) -> tuple[bytes, bytes]:
+    directory, _, name = path.rpartition(b"/")
+    return directory, name
 
 
 def _join_strs(values: Iterable[bytes]) -> bytes:
@@ -348,21 +354,25 @@ class Index:
 
     # -- file cache -----------------------------------------------------------
 
-    def cached_file(self, path: bytes) -> CachedFile | None:
-        row = self._db.execute(
-            "SELECT size, mtime_ns, ctime_ns, inode, content FROM file_cache WHERE path=?", (path,)
-        ).fetchone()
-        if row is None:
-            return None
-        size, mtime, ctime, inode, content = row
-        return CachedFile(size, mtime, ctime, inode, _split_ids(bytes(content)))
+    def cached_files_in(self, directory: bytes) -> dict[bytes, CachedFile]:
+        """Name → cache entry for the files of one directory, in one query
+        (a query per file cost a backup of 44,000 files over a second)."""
+        rows = self._db.execute(
+            "SELECT name, size, mtime_ns, ctime_ns, inode, content FROM file_cache WHERE dir=?",
+            (directory,),
+        )
+        return {
+            bytes(name): CachedFile(size, mtime, ctime, inode, _split_ids(bytes(content)))
+            for name, size, mtime, ctime, inode, content in rows
+        }
 
     def cache_files(self, entries: Iterable[tuple[bytes, CachedFile]]) -> None:
+        """Remember files (by absolute path) that a backup has just read."""
         self._db.executemany(
-            "INSERT OR REPLACE INTO file_cache(path, size, mtime_ns, ctime_ns, inode, content)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO file_cache(dir, name, size, mtime_ns, ctime_ns, inode, content)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
-                (p, c.size, c.mtime_ns, c.ctime_ns, c.inode, _join_ids(c.content))
+                (*_split_path(p), c.size, c.mtime_ns, c.ctime_ns, c.inode, _join_ids(c.content))
                 for p, c in entries
             ],
         )

@@ -41,7 +41,7 @@ from p2pbackup.progress import Progress, human_bytes
 from p2pbackup.repository import Repository
 
 #: Packs read and written at once.
-_CONCURRENT_PACKS = 4
+_CONCURRENT_PACKS = 2
 
 
 @attrs.define

@@ -39,6 +39,7 @@ from p2pbackup.model import BlobEntry, BlobType, NodeKind, Snapshot, Tree, TreeN
 from p2pbackup.nurseries import unwrap_single
 from p2pbackup.progress import Progress, human_bytes
 from p2pbackup.repository import Repository
+from p2pbackup.treediff import same_content
 
 #: Packs read and written at once.
 _CONCURRENT_PACKS = 2
@@ -433,7 +434,7 @@ class Restorer:
         assert job.temp is not None
         node = job.node
         if not job.fresh and os.path.lexists(job.path):
-            if _same_content(job.temp, job.path):
+            if same_content(job.temp, job.path):
                 # Same bytes: keep the file, but give it the snapshot's metadata.
                 job.temp.unlink()
                 self._apply_metadata(job.path, node)
@@ -462,7 +463,7 @@ class Restorer:
                 continue
             try:
                 if os.path.lexists(path):
-                    if _same_content(primary.path, path):
+                    if same_content(primary.path, path):
                         self.summary.identical += 1
                         continue
                     if not self.overwrite:
@@ -537,18 +538,3 @@ def _write_at(fd: int, data: bytes, position: int) -> None:
         done = os.pwrite(fd, view, position)
         view = view[done:]
         position += done
-
-
-def _same_content(a: Path, b: Path) -> bool:
-    try:
-        if os.path.getsize(a) != os.path.getsize(b) or not os.path.isfile(b):
-            return False
-        with open(a, "rb") as fa, open(b, "rb") as fb:
-            while True:
-                block_a = fa.read(1 << 20)
-                if block_a != fb.read(1 << 20):
-                    return False
-                if not block_a:
-                    return True
-    except OSError:
-        return False

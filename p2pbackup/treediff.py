@@ -20,14 +20,21 @@ def _entries(root: Path) -> dict[bytes, os.stat_result]:
     return result
 
 
-def _same_bytes(a: bytes, b: bytes) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            block = fa.read(1 << 20)
-            if block != fb.read(1 << 20):
-                return False
-            if not block:
-                return True
+def same_content(a: str | bytes | os.PathLike[str], b: str | bytes | os.PathLike[str]) -> bool:
+    """True if ``b`` is a regular file with exactly the bytes of ``a``
+    (False, not an error, if either cannot be read)."""
+    try:
+        if not os.path.isfile(b) or os.path.getsize(a) != os.path.getsize(b):
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                block = fa.read(1 << 20)
+                if block != fb.read(1 << 20):
+                    return False
+                if not block:
+                    return True
+    except OSError:
+        return False
 
 
 def diff_trees(expected: Path, actual: Path, *, check_dir_mtime: bool = True) -> list[str]:
@@ -54,7 +61,7 @@ def diff_trees(expected: Path, actual: Path, *, check_dir_mtime: bool = True) ->
         if stat.S_ISREG(a.st_mode):
             if a.st_mtime_ns != b.st_mtime_ns:
                 problems.append(f"mtime differs: {shown}")
-            if a.st_size != b.st_size or not _same_bytes(
+            if a.st_size != b.st_size or not same_content(
                 os.path.join(base_a, rel), os.path.join(base_b, rel)
             ):
                 problems.append(f"content differs: {shown}")

@@ -54,15 +54,6 @@ FULL = {"chunk_mb": 256, "crypto_mb": 256, "erasure_mb": 64, "size_mb": 1024, "b
 QUICK = {"chunk_mb": 32, "crypto_mb": 32, "erasure_mb": 16, "size_mb": 100, "big_file_mb": 200}
 
 
-def _best(call: Callable[[], object], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def _rate(size: int, seconds: float) -> float:
     return size / seconds / MB
 
@@ -84,7 +75,7 @@ def bench_chunking(workdir: Path, size_mb: int, repeat: int) -> list[tuple[str, 
                 sizes[:] = [len(chunk) for chunk in iter_chunks(stream, bench_chunker.KEYED)]
 
         one()  # warm the page cache
-        seconds = _best(one, repeat)
+        seconds = bench_erasure.best_seconds(one, repeat)
         bench_chunker.report("iter_chunks (file, cached)", size, seconds, sizes)
         rows.append(("chunking, 1 thread", _rate(size, seconds)))
 
@@ -95,7 +86,7 @@ def bench_chunking(workdir: Path, size_mb: int, repeat: int) -> list[tuple[str, 
             for thread in threads:
                 thread.join()
 
-        seconds = _best(two, repeat)
+        seconds = bench_erasure.best_seconds(two, repeat)
         bench_chunker.report("iter_chunks x2 threads", 2 * size, seconds, sizes)
         rows.append(("chunking, 2 threads", _rate(2 * size, seconds)))
     finally:
@@ -148,7 +139,7 @@ def bench_crypto(size_mb: int, repeat: int) -> list[tuple[str, float]]:
     ]
     rows = []
     for label, call in cases:
-        rate = _rate(size, _best(call, repeat))
+        rate = _rate(size, bench_erasure.best_seconds(call, repeat))
         print(f"{label:<38} {rate:8.0f} MB/s", flush=True)
         rows.append((label, rate))
     return rows

@@ -33,7 +33,8 @@ CODES = ((4, 10), (10, 16))
 MISSING_DATA = 2
 
 
-def _best_seconds(call: Callable[[], object], repeat: int) -> float:
+def best_seconds(call: Callable[[], object], repeat: int) -> float:
+    """The fastest of ``repeat`` timed calls (the other benchmarks use it too)."""
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
@@ -86,9 +87,9 @@ def run(size_mb: int, repeat: int = 3) -> list[dict[str, Any]]:
         ours = _ours(data, k, n)
         theirs = _zfec(data, k, n) if easyfec is not None else {}
         for operation, call in ours.items():
-            ours_rate = len(data) / _best_seconds(call, repeat) / 1e6
+            ours_rate = len(data) / best_seconds(call, repeat) / 1e6
             zfec_rate = (
-                len(data) / _best_seconds(theirs[operation], repeat) / 1e6
+                len(data) / best_seconds(theirs[operation], repeat) / 1e6
                 if operation in theirs
                 else None
             )

@@ -73,7 +73,7 @@ async def check(
     summary = CheckSummary()
     pack_ids = repo.index.pack_ids()
     for number, pack_id in enumerate(pack_ids, 1):
-        record = repo.index.pack(pack_id)
+        record = repo.index.pack(pack_id, with_blobs=read_data)
         assert record is not None
         progress.update(f"pack {number} of {len(pack_ids)}")
         good = await _check_shards(repo, record, summary, read_data=read_data)

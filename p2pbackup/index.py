@@ -171,9 +171,6 @@ class Index:
             (peer.peer_id, peer.kind, peer.location),
         )
 
-    def remove_peer(self, peer_id: str) -> None:
-        self._db.execute("DELETE FROM peers WHERE peer_id=?", (peer_id,))
-
     def peers(self) -> list[PeerRecord]:
         rows = self._db.execute("SELECT peer_id, kind, location FROM peers ORDER BY peer_id")
         return [PeerRecord(*row) for row in rows]
@@ -217,9 +214,6 @@ class Index:
     def has_blob(self, blob_id: bytes) -> bool:
         row = self._db.execute("SELECT 1 FROM blobs WHERE blob_id=? LIMIT 1", (blob_id,)).fetchone()
         return row is not None
-
-    def has_blobs(self, blob_ids: Iterable[bytes]) -> bool:
-        return all(self.has_blob(b) for b in blob_ids)
 
     def blob_locations(self, blob_id: bytes) -> list[BlobLocation]:
         rows = self._db.execute(
@@ -294,25 +288,9 @@ class Index:
             "UPDATE packs SET in_segment=1 WHERE pack_id=?", [(p,) for p in pack_ids]
         )
 
-    def blobs_of_type(self, blob_type: BlobType) -> list[bytes]:
-        rows = self._db.execute(
-            "SELECT DISTINCT blob_id FROM blobs WHERE type=? ORDER BY blob_id", (int(blob_type),)
-        )
-        return [bytes(r[0]) for r in rows]
-
     def shard_count_by_peer(self) -> dict[str, int]:
         rows = self._db.execute("SELECT peer_id, count(*) FROM shards GROUP BY peer_id")
         return {peer: count for peer, count in rows}
-
-    def stats(self) -> dict[str, int]:
-        (packs,) = self._db.execute("SELECT count(*) FROM packs").fetchone()
-        (blobs,) = self._db.execute("SELECT count(DISTINCT blob_id) FROM blobs").fetchone()
-        (stored,) = self._db.execute(
-            "SELECT coalesce(sum(shard_size * n), 0) FROM packs"
-        ).fetchone()
-        return {"packs": packs, "blobs": blobs, "stored_bytes": stored}
-
-    # -- snapshots -----------------------------------------------------------
 
     def add_snapshot(self, snapshot_id: bytes, snap: Snapshot) -> None:
         self._db.execute(
@@ -376,17 +354,6 @@ class Index:
                 for p, c in entries
             ],
         )
-
-    def clear_file_cache(self) -> None:
-        self._db.execute("DELETE FROM file_cache")
-
-    def clear_packs(self) -> None:
-        """Forget every pack and snapshot (before rebuilding from the peers)."""
-        self._db.execute("DELETE FROM blobs")
-        self._db.execute("DELETE FROM shards")
-        self._db.execute("DELETE FROM packs")
-        self._db.execute("DELETE FROM snapshots")
-        self._db.execute("DELETE FROM file_cache")
 
     def iter_blob_ids(self) -> Iterator[bytes]:
         """Every distinct blob id in the index."""

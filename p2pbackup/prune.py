@@ -115,7 +115,7 @@ async def prune(repo: Repository, *, progress: Progress | None = None) -> PruneS
 
     removed = dead + to_repack
     old_index_packs = index.pack_ids(is_index=True)
-    removed_records = [index.pack(p) for p in removed + old_index_packs]
+    removed_records = [index.pack(p, with_blobs=False) for p in removed + old_index_packs]
     keep = [p for p in index.pack_ids(is_index=False) if p not in set(removed)]
     progress.update("writing a new index", force=True)
     await write_index_segment(repo, keep)
@@ -147,7 +147,7 @@ def expected_shards(repo: Repository) -> dict[str, set[bytes]]:
     """Peer id → the shard ids the index says it holds."""
     expected: dict[str, set[bytes]] = {p.peer_id: set() for p in repo.peers()}
     for pack_id in repo.index.pack_ids():
-        record = repo.index.pack(pack_id)
+        record = repo.index.pack(pack_id, with_blobs=False)
         assert record is not None
         for location in record.shards:
             expected.setdefault(location.peer_id, set()).add(

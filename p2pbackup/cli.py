@@ -14,6 +14,7 @@ import getpass
 import inspect
 import json
 import os
+import signal
 import stat
 import sys
 import time
@@ -88,6 +89,67 @@ async def cmd_peer_add_dir(args: argparse.Namespace, home: Home) -> int:
     async with operations.open_repository(home) as repo:
         record = await operations.add_folder_peer(repo, Path(args.path))
         _out(f"added peer {record.peer_id} at {record.location}")
+    return EXIT_OK
+
+
+async def cmd_peer_add(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations
+
+    async with operations.open_repository(home) as repo:
+        record = await operations.add_node_peer(repo, args.address, args.node_id)
+        _out(f"added peer {record.peer_id} at {record.location}")
+    return EXIT_OK
+
+
+def cmd_id(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup.node import node_identity
+
+    identity = node_identity(home)
+    if args.json:
+        _out(json.dumps({"node_id": identity.node_id.hex()}))
+    else:
+        _out(f"node id of {home.path}:")
+        _out(identity.node_id.hex())
+    return EXIT_OK
+
+
+def parse_size(text: str) -> int:
+    """``500M``, ``20G``, ``1T`` or plain bytes (binary units)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = cleaned, ""
+    if cleaned and cleaned[-1] in units:
+        number, unit = cleaned[:-1], cleaned[-1]
+    try:
+        value = float(number)
+    except ValueError:
+        raise UsageError(f"{text!r} is not a size (examples: 500M, 20G, 1T)") from None
+    if not value > 0:
+        raise UsageError(f"size {text!r} must be positive")
+    return int(value * units[unit])
+
+
+async def cmd_serve(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import node
+    from p2pbackup.net import Address
+
+    options = node.ServeOptions(
+        listen=Address.parse(args.listen),
+        capacity=parse_size(args.capacity) if args.capacity else None,
+        owner_quota=parse_size(args.owner_quota) if args.owner_quota else None,
+    )
+    async with trio.open_nursery() as nursery:
+        serving = await nursery.start(node.serve, home, options)
+        report = serving.reconciled
+        for line in report.describe():
+            _out(line)
+        _out(f"node {serving.node_id.hex()}")
+        _out(f"serving on {serving.address}")
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _signal in signals:
+                _out("stopping")
+                nursery.cancel_scope.cancel()
+                break
     return EXIT_OK
 
 
@@ -355,9 +417,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = peer_sub.add_parser("add-dir", help="use a local folder (e.g. an external disk) as a peer")
     p.add_argument("path")
     p.set_defaults(func=cmd_peer_add_dir)
+    p = peer_sub.add_parser("add", help="use a storage node on the network as a peer")
+    p.add_argument("address", metavar="HOST:PORT")
+    p.add_argument("node_id", metavar="NODE_ID", help="as `p2pbackup id` prints it on that node")
+    p.set_defaults(func=cmd_peer_add)
     p = peer_sub.add_parser("list", help="list peers")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_peer_list)
+
+    p = sub.add_parser("id", help="show this home's node id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_id)
+
+    p = sub.add_parser("serve", help="store shards for peers (runs until interrupted)")
+    p.add_argument(
+        "--listen",
+        default="0.0.0.0:47470",
+        metavar="HOST:PORT",
+        help="address to listen on (default 0.0.0.0:47470; port 0 picks a free one)",
+    )
+    p.add_argument("--capacity", metavar="SIZE", help="most space to give all peers (e.g. 200G)")
+    p.add_argument("--owner-quota", metavar="SIZE", help="most space to give any one peer")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("backup", help="back up files and directories")
     p.add_argument("paths", nargs="+", metavar="PATH")

@@ -19,6 +19,11 @@ Nouns:
 * **seed** — the 32-byte secret an Ed25519 signing key is expanded from;
   signatures are 64-byte detached Ed25519 signatures.
 * **X25519 private key** — 32 random bytes (clamping is applied by libsodium).
+  :func:`x25519` turns a private key and a peer's public key into a 32-byte
+  shared secret (Noise's DH), refusing low-order public keys.
+* **ChaCha20-Poly1305 nonce** — the 12-byte explicit nonce of the IETF AEAD
+  that Noise uses (:func:`chacha20poly1305_encrypt`); unlike :func:`seal`, the
+  caller supplies it and must never repeat one under a key.
 
 Performance: the bulk operations (:func:`seal`, :func:`unseal`,
 :func:`hash_bytes`, :meth:`Hasher.update`) call libsodium through cffi
@@ -42,7 +47,7 @@ import nacl.exceptions
 # nacl.bindings is built on; used only where copies of large buffers matter.
 from nacl._sodium import ffi, lib  # type: ignore[import-not-found]
 
-from p2pbackup.errors import DecryptionError, SignatureError
+from p2pbackup.errors import DecryptionError, KeyAgreementError, SignatureError
 
 #: Anything whose bytes can be read without copying.
 BytesLike = bytes | bytearray | memoryview
@@ -325,3 +330,143 @@ def x25519_public_key(private_key: bytes) -> bytes:
     """The X25519 public key for ``private_key``."""
     _require_len("X25519 private key", private_key, KEY_SIZE)
     return nacl.bindings.crypto_scalarmult_base(bytes(private_key))
+
+
+# --- X25519 key agreement and ChaCha20-Poly1305 (Noise) ----------------------
+
+#: Nonce of the IETF ChaCha20-Poly1305 AEAD (:func:`chacha20poly1305_encrypt`).
+CHACHA_NONCE_SIZE: Final = 12
+X25519_KEY_SIZE: Final = 32
+
+assert lib.crypto_aead_chacha20poly1305_ietf_npubbytes() == CHACHA_NONCE_SIZE
+assert lib.crypto_aead_chacha20poly1305_ietf_abytes() == TAG_SIZE
+assert lib.crypto_aead_chacha20poly1305_ietf_keybytes() == KEY_SIZE
+assert lib.crypto_scalarmult_bytes() == X25519_KEY_SIZE
+
+
+def x25519_generate() -> tuple[bytes, bytes]:
+    """A fresh X25519 key pair: ``(private, public)``."""
+    private = random_bytes(X25519_KEY_SIZE)
+    return private, x25519_public_key(private)
+
+
+def x25519(private_key: bytes, public_key: BytesLike) -> bytes:
+    """The X25519 shared secret of ``private_key`` and the peer's ``public_key``.
+
+    A public key of small order gives an all-zero secret that the peer can
+    predict without knowing any private key; libsodium refuses it, and so do
+    we: :class:`KeyAgreementError`. (Noise lets a DH function do either; the
+    refusal is what makes a forged ephemeral key fail loudly rather than
+    silently yield a known key.)
+    """
+    _require_len("X25519 private key", private_key, X25519_KEY_SIZE)
+    if len(public_key) != X25519_KEY_SIZE:
+        raise KeyAgreementError(
+            f"X25519 public key must be {X25519_KEY_SIZE} bytes, got {len(public_key)}"
+        )
+    out = ffi.new("unsigned char[]", X25519_KEY_SIZE)
+    if lib.crypto_scalarmult(out, _view(private_key), _view(public_key)) != 0:
+        raise KeyAgreementError(
+            "X25519 public key is a low-order point: the shared secret would be all zeros"
+        )
+    return bytes(ffi.buffer(out, X25519_KEY_SIZE))
+
+
+def _check_chacha_params(key: bytes, nonce: BytesLike) -> None:
+    _require_len("key", key, KEY_SIZE)
+    _require_len("ChaCha20-Poly1305 nonce", nonce, CHACHA_NONCE_SIZE)
+
+
+def _writable(name: str, out: bytearray | memoryview, expected: int) -> Any:
+    if len(out) != expected:
+        raise ValueError(f"{name} must be {expected} bytes, got {len(out)}")
+    return ffi.from_buffer("unsigned char[]", out, require_writable=True)
+
+
+def chacha20poly1305_encrypt(
+    key: bytes, nonce: BytesLike, ad: BytesLike, plaintext: BytesLike
+) -> bytes:
+    """``ciphertext || tag`` under ChaCha20-Poly1305-IETF (RFC 8439).
+
+    The caller owns nonce uniqueness: the 96-bit nonce is explicit, as Noise
+    needs it, and reusing one under the same key is catastrophic.
+    """
+    _check_chacha_params(key, nonce)
+    src = _view(plaintext)
+    out = _Output(len(src) + TAG_SIZE)
+    _chacha_encrypt(key, nonce, ad, src, out.pointer)
+    return out.finish()
+
+
+def chacha20poly1305_encrypt_into(
+    key: bytes,
+    nonce: BytesLike,
+    ad: BytesLike,
+    plaintext: BytesLike,
+    out: bytearray | memoryview,
+) -> None:
+    """:func:`chacha20poly1305_encrypt` into ``out``, exactly ``len(plaintext) + 16`` bytes.
+
+    Lets a caller lay several messages and their frame headers out in one
+    buffer, with no copy of any of them. ``out`` may be ``plaintext`` itself
+    (in place) but must not overlap it otherwise.
+    """
+    _check_chacha_params(key, nonce)
+    src = _view(plaintext)
+    _chacha_encrypt(key, nonce, ad, src, _writable("output", out, len(src) + TAG_SIZE))
+
+
+def _chacha_encrypt(key: bytes, nonce: BytesLike, ad: BytesLike, src: Any, dst: Any) -> None:
+    rc = lib.crypto_aead_chacha20poly1305_ietf_encrypt(
+        dst, ffi.NULL, src, len(src), _view(ad), len(ad), ffi.NULL, _view(nonce), _view(key)
+    )
+    if rc != 0:
+        raise RuntimeError("libsodium encryption failed")
+
+
+def chacha20poly1305_decrypt(
+    key: bytes, nonce: BytesLike, ad: BytesLike, ciphertext: BytesLike
+) -> bytes:
+    """The plaintext of ``ciphertext || tag``; :class:`DecryptionError` on any failure."""
+    _check_chacha_params(key, nonce)
+    src = _view(ciphertext)
+    _check_tagged(len(src))
+    out = _Output(len(src) - TAG_SIZE)
+    _chacha_decrypt(key, nonce, ad, src, out.pointer)
+    return out.finish()
+
+
+def chacha20poly1305_decrypt_into(
+    key: bytes,
+    nonce: BytesLike,
+    ad: BytesLike,
+    ciphertext: BytesLike,
+    out: bytearray | memoryview,
+) -> None:
+    """:func:`chacha20poly1305_decrypt` into ``out``, exactly ``len(ciphertext) - 16`` bytes.
+
+    On failure ``out`` holds no plaintext (libsodium clears it). ``out`` may
+    start where ``ciphertext`` does (in place) but must not overlap it otherwise.
+    """
+    _check_chacha_params(key, nonce)
+    src = _view(ciphertext)
+    _check_tagged(len(src))
+    _chacha_decrypt(key, nonce, ad, src, _writable("output", out, len(src) - TAG_SIZE))
+
+
+def _check_tagged(size: int) -> None:
+    if size < TAG_SIZE:
+        raise DecryptionError(
+            f"ciphertext is truncated: {size} bytes, shorter than the {TAG_SIZE}-byte tag"
+        )
+
+
+def _chacha_decrypt(key: bytes, nonce: BytesLike, ad: BytesLike, src: Any, dst: Any) -> None:
+    rc = lib.crypto_aead_chacha20poly1305_ietf_decrypt(
+        dst, ffi.NULL, ffi.NULL, src, len(src), _view(ad), len(ad), _view(nonce), _view(key)
+    )
+    if rc != 0:
+        raise DecryptionError(
+            "decryption failed: the ciphertext was modified or truncated, "
+            "or encrypted under another key, nonce or associated data"
+        )

@@ -24,6 +24,11 @@ Families:
   :class:`StoreFullError` when the store has no room.
 * :class:`ProtocolError` — the wire: :class:`LocalProtocolError` (we broke the
   rules) and :class:`RemoteProtocolError` (the peer did).
+  :class:`HandshakeError` (a remote protocol error) when the secure session's
+  handshake fails; :class:`PeerAuthenticationError` when the peer's identity
+  proof is bad, :class:`PeerIdentityError` when the peer is another node than
+  the one dialled. :class:`KeyAgreementError` (an integrity error) for an
+  unusable X25519 public key.
 * :class:`PeerUnavailableError` — a peer that cannot be reached now.
 """
 
@@ -105,3 +110,19 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer broke the protocol; the session with it is closed."""
+
+
+class KeyAgreementError(IntegrityError):
+    """An X25519 public key that cannot be used: wrong size or a low-order point."""
+
+
+class HandshakeError(RemoteProtocolError):
+    """The peer's secure-session handshake was malformed or failed to authenticate."""
+
+
+class PeerAuthenticationError(HandshakeError):
+    """The peer's identity proof in the handshake is missing, malformed or forged."""
+
+
+class PeerIdentityError(HandshakeError):
+    """The peer authenticated as another node than the one we meant to reach."""

@@ -7,6 +7,8 @@ Layout (format version 1)::
       secret        the master secret (mode 0600); everything derives from it
       index.sqlite  the local index (a cache of what the peers hold)
       lock          held (flock) by the process that writes this home
+      hosted/       shards this node stores for its peers (see shardhost)
+      serve.lock    held (flock) by the process serving this home to peers
 
 The home is chosen by ``--home``, else ``$P2PBACKUP_HOME``, else the platform's
 user data directory.
@@ -83,6 +85,15 @@ class Home:
     def lock_path(self) -> Path:
         return self.path / "lock"
 
+    @property
+    def hosted_path(self) -> Path:
+        """Where this node keeps the shards it stores for its peers."""
+        return self.path / "hosted"
+
+    @property
+    def serve_lock_path(self) -> Path:
+        return self.path / "serve.lock"
+
     def exists(self) -> bool:
         return self.marker_path.exists()
 
@@ -136,17 +147,33 @@ class Home:
     def locked(self) -> Iterator[None]:
         """Hold the home's lock; a second writer gets a clear error naming the holder."""
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                raise RepositoryLockedError(
-                    f"{self.path} is in use by another p2pbackup process (pid {holder})"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with exclusive_lock(self.lock_path, f"{self.path} is in use by another p2pbackup process"):
             yield
-        finally:
-            os.close(fd)
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Hold the storage server's lock: one ``serve`` per home at a time.
+
+        Apart from :meth:`locked`, so that backups run while the home serves.
+        """
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with exclusive_lock(self.serve_lock_path, f"{self.path} is already serving"):
+            yield
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, busy: str) -> Iterator[None]:
+    """Hold an flock on ``path``; if another process holds it, fail with ``busy``
+    and the holder's pid (which the holder writes into the file)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RepositoryLockedError(f"{busy} (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -19,6 +19,9 @@ Nouns:
   nodes are domain-separated, the root also commits to the number of leaves.
 * **proof** — the sibling hashes from the leaf up to the root, skipping the
   levels at which the leaf's ancestor was promoted (it has no sibling there).
+* **builder** — :class:`MerkleBuilder`: the leaves of data that arrives in
+  pieces of any size, hashed block by block as the blocks complete, so that a
+  stream's root needs memory for its leaf hashes only (32 bytes per block).
 
 Audits ask a holder for a few blocks and their proofs; the owner checks them
 with :func:`verify_block` against the root it kept. Downloads are checked with
@@ -111,7 +114,14 @@ class MerkleTree:
 
     @classmethod
     def build(cls, data: Buffer, block_size: int) -> MerkleTree:
-        level = _leaves(data, block_size)
+        return cls.from_leaves(_leaves(data, block_size))
+
+    @classmethod
+    def from_leaves(cls, leaves: Sequence[bytes]) -> MerkleTree:
+        """The tree above ``leaves`` (leaf hashes, at least one)."""
+        if not leaves:
+            raise ValueError("a Merkle tree has at least one leaf")
+        level = list(leaves)
         levels = [tuple(level)]
         while len(level) > 1:
             level = _next_level(level)
@@ -137,6 +147,67 @@ class MerkleTree:
                 siblings.append(level[sibling])
             index //= 2
         return tuple(siblings)
+
+
+class MerkleBuilder:
+    """The Merkle root of data fed in pieces of any size.
+
+    Complete blocks are hashed as soon as they arrive; only the leaf hashes
+    and one partial block are kept, so a 16 MiB shard in 64 KiB blocks costs
+    8 KiB of hashes however it is cut. :meth:`root` equals
+    ``merkle_root(everything fed, block_size)`` at any point.
+    """
+
+    def __init__(self, block_size: int) -> None:
+        _check_block_size(block_size)
+        self.block_size = block_size
+        self._leaves: list[bytes] = []
+        self._partial = bytearray()
+        self._size = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes fed so far."""
+        return self._size
+
+    @property
+    def leaf_count(self) -> int:
+        """Number of leaves the data fed so far makes (empty data is one leaf)."""
+        return block_count(self._size, self.block_size)
+
+    def update(self, data: Buffer) -> None:
+        view = _byte_view(data)
+        self._size += len(view)
+        block_size = self.block_size
+        if self._partial:
+            take = min(len(view), block_size - len(self._partial))
+            self._partial += view[:take]
+            view = view[take:]
+            if len(self._partial) < block_size:
+                return
+            self._leaves.append(leaf_hash(self._partial))
+            self._partial.clear()
+        # Whole blocks are hashed straight from the caller's buffer, uncopied.
+        whole = len(view) - len(view) % block_size
+        for start in range(0, whole, block_size):
+            self._leaves.append(leaf_hash(view[start : start + block_size]))
+        self._partial += view[whole:]
+
+    def leaves(self) -> list[bytes]:
+        """The leaf hashes of the data fed so far, the partial last block included."""
+        if self._partial or not self._leaves:
+            return [*self._leaves, leaf_hash(self._partial)]
+        return list(self._leaves)
+
+    def root(self) -> bytes:
+        level = self.leaves()
+        while len(level) > 1:
+            level = _next_level(level)
+        return level[0]
+
+    def tree(self) -> MerkleTree:
+        """The whole tree of the data fed so far (to serve proofs from)."""
+        return MerkleTree.from_leaves(self.leaves())
 
 
 def proof_length(index: int, leaf_count: int) -> int:

@@ -24,8 +24,10 @@ from p2pbackup.errors import (
 from p2pbackup.home import Home
 from p2pbackup.index import Index
 from p2pbackup.keys import Keyring
-from p2pbackup.model import BlobType, PeerRecord, RepositoryConfig, RootRecord
-from p2pbackup.repository import Repository, open_root_record
+from p2pbackup.model import NODE_ID_SIZE, BlobType, PeerRecord, RepositoryConfig, RootRecord
+from p2pbackup.net import Address, Network
+from p2pbackup.remote import RemoteShardStore
+from p2pbackup.repository import PEER_KIND_NODE, Repository, open_root_record, open_store
 from p2pbackup.storage import FolderShardStore, init_folder_peer, read_folder_peer_id
 
 DEFAULT_K = 3
@@ -95,16 +97,22 @@ def init_home(
 
 
 @contextlib.asynccontextmanager
-async def open_repository(home: Home) -> AsyncIterator[Repository]:
+async def open_repository(
+    home: Home, *, network: Network | None = None
+) -> AsyncIterator[Repository]:
     """The home's repository, locked for the duration."""
     home.require()
     with home.locked():
         keyring = Keyring.from_master_secret(home.load_secret())
         index = Index(home.index_path)
+        repo = Repository(keyring, index, network)
         try:
-            yield Repository(keyring, index)
+            yield repo
         finally:
-            index.close()
+            try:
+                await repo.aclose()
+            finally:
+                index.close()
 
 
 async def add_folder_peer(repo: Repository, path: Path) -> PeerRecord:
@@ -117,6 +125,41 @@ async def add_folder_peer(repo: Repository, path: Path) -> PeerRecord:
         if peer.peer_id == peer_id or (peer.kind == "dir" and Path(peer.location) == path):
             raise UsageError(f"{path} is already peer {peer.peer_id}")
     record = PeerRecord(peer_id=peer_id, kind="dir", location=str(path))
+    with repo.index.transaction():
+        repo.index.add_peer(record)
+    if repo.index.snapshots() or repo.index.pack_ids():
+        await repo.publish_root()
+    return record
+
+
+def parse_node_id(text: str) -> bytes:
+    """A node id given by a user: 40 hex digits."""
+    cleaned = text.strip().lower()
+    if len(cleaned) != 2 * NODE_ID_SIZE or any(c not in "0123456789abcdef" for c in cleaned):
+        raise UsageError(
+            f"{text!r} is not a node id (expected {2 * NODE_ID_SIZE} hex digits, "
+            "as `p2pbackup id` prints them)"
+        )
+    return bytes.fromhex(cleaned)
+
+
+async def add_node_peer(repo: Repository, address_text: str, node_id_text: str) -> PeerRecord:
+    """Use a storage node on the network as a peer, after checking that it answers as itself."""
+    address = Address.parse(address_text, allow_port_zero=False)
+    node_id = parse_node_id(node_id_text)
+    if node_id == repo.keyring.node_id:
+        raise UsageError("that node id is this home's own; a peer must be another node")
+    peer_id = node_id.hex()
+    record = PeerRecord(peer_id=peer_id, kind=PEER_KIND_NODE, location=str(address))
+    for peer in repo.peers():
+        if peer.peer_id == peer_id:
+            raise UsageError(f"node {peer_id} is already a peer (at {peer.location})")
+    store = open_store(record, repo.keyring, repo.network)
+    assert isinstance(store, RemoteShardStore)
+    try:
+        await store.usage()  # reachable, and the node proved its id in the handshake
+    finally:
+        await store.aclose()
     with repo.index.transaction():
         repo.index.add_peer(record)
     if repo.index.snapshots() or repo.index.pack_ids():

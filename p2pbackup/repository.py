@@ -47,6 +47,9 @@ from p2pbackup.model import (
     ShardHeader,
     ShardLocation,
 )
+from p2pbackup.net import Address, Network, TcpNetwork
+from p2pbackup.remote import RemoteShardStore
+from p2pbackup.session import Identity
 from p2pbackup.storage import FolderShardStore, ShardStore
 
 ROOT_ENVELOPE_KIND = b"ROOT"
@@ -56,10 +59,24 @@ _PACK_CACHE_SIZE = 4
 _INLINE_OPEN = 64 * 1024
 
 
-def open_store(peer: PeerRecord, owner: bytes) -> ShardStore:
-    """The shard store that ``peer`` keeps for ``owner``."""
-    if peer.kind == "dir":
-        return FolderShardStore(Path(peer.location), owner)
+#: Kind of a peer that is a local folder; its location is the folder's path.
+PEER_KIND_DIR = "dir"
+#: Kind of a peer that is a storage node on the network; its peer id is the
+#: node id in hex and its location the last known ``host:port``.
+PEER_KIND_NODE = "node"
+
+
+def open_store(peer: PeerRecord, keyring: Keyring, network: Network) -> ShardStore:
+    """The shard store that ``peer`` keeps for the owner of ``keyring``."""
+    if peer.kind == PEER_KIND_DIR:
+        return FolderShardStore(Path(peer.location), keyring.node_id)
+    if peer.kind == PEER_KIND_NODE:
+        return RemoteShardStore(
+            network,
+            Identity.from_keyring(keyring),
+            Address.parse(peer.location),
+            bytes.fromhex(peer.peer_id),
+        )
     raise UsageError(f"peer {peer.peer_id} has kind {peer.kind!r}, which this version cannot reach")
 
 
@@ -107,9 +124,10 @@ def open_root_record(keyring: Keyring, data: bytes) -> RootRecord:
 class Repository:
     """One home's view of its data on its peers."""
 
-    def __init__(self, keyring: Keyring, index: Index) -> None:
+    def __init__(self, keyring: Keyring, index: Index, network: Network | None = None) -> None:
         self.keyring = keyring
         self.index = index
+        self.network: Network = network if network is not None else TcpNetwork()
         self._stores: dict[str, ShardStore] = {}
         self._pack_cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
 
@@ -127,12 +145,19 @@ class Repository:
         if store is None:
             for peer in self.index.peers():
                 if peer.peer_id == peer_id:
-                    store = open_store(peer, self.keyring.node_id)
+                    store = open_store(peer, self.keyring, self.network)
                     break
             else:
                 raise PeerUnavailableError(f"peer {peer_id} is not configured")
             self._stores[peer_id] = store
         return store
+
+    async def aclose(self) -> None:
+        """Close the connections that network peers keep open."""
+        stores, self._stores = self._stores, {}
+        for store in stores.values():
+            if isinstance(store, RemoteShardStore):
+                await store.aclose()
 
     # -- writing packs --------------------------------------------------------
 

@@ -42,7 +42,7 @@ THIRD_PARTY: Mapping[str, frozenset[str]] = {
     "numpy": frozenset({"p2pbackup.erasure"}),
     "zstandard": frozenset({"p2pbackup.compression"}),
     "pyfastcdc": frozenset({"p2pbackup.chunker"}),
-    "msgpack": frozenset({"p2pbackup.formats"}),
+    "msgpack": frozenset({"p2pbackup.formats", "p2pbackup.messages"}),
     "kademlia": frozenset({DHT_ADAPTER}),
     "trio_asyncio": frozenset({DHT_ADAPTER}),
 }
@@ -89,6 +89,8 @@ PURE_MODULES = frozenset(
         "placement",
         "blobs",
         "compression",
+        "messages",
+        "noise",
     )
 )
 

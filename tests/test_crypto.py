@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pbackup import crypto
-from p2pbackup.errors import DecryptionError, SignatureError
+from p2pbackup.errors import DecryptionError, KeyAgreementError, SignatureError
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -293,3 +293,161 @@ def test_x25519_known_answer() -> None:
     )
     with pytest.raises(ValueError):
         crypto.x25519_public_key(private[:31])
+
+
+# --- X25519 agreement and ChaCha20-Poly1305 (the Noise primitives) -----------
+
+RFC7748_ALICE = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+RFC7748_BOB = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb")
+
+# RFC 8439 section 2.8.2.
+RFC8439_KEY = bytes(range(0x80, 0xA0))
+RFC8439_NONCE = bytes.fromhex("070000004041424344454647")
+RFC8439_AD = bytes.fromhex("50515253c0c1c2c3c4c5c6c7")
+RFC8439_PLAINTEXT = (
+    b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip "
+    b"for the future, sunscreen would be it."
+)
+RFC8439_SEALED = bytes.fromhex(
+    "d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d6"
+    "3dbea45e8ca9671282fafb69da92728b1a71de0a9e060b2905d6a5b67ecd3b36"
+    "92ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc"
+    "3ff4def08e4b7a9de576d26586cec64b6116"
+    "1ae10b594f09e26a7e902ecbd0600691"
+)
+
+
+def test_x25519_agreement_known_answer() -> None:
+    # RFC 7748 section 6.1: both sides reach the same secret.
+    alice_public = crypto.x25519_public_key(RFC7748_ALICE)
+    bob_public = crypto.x25519_public_key(RFC7748_BOB)
+    shared = "4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742"
+    assert crypto.x25519(RFC7748_ALICE, bob_public).hex() == shared
+    assert crypto.x25519(RFC7748_BOB, memoryview(alice_public)).hex() == shared
+
+
+def test_x25519_generate_gives_matching_distinct_pairs() -> None:
+    private, public = crypto.x25519_generate()
+    other_private, other_public = crypto.x25519_generate()
+    assert public == crypto.x25519_public_key(private)
+    assert private != other_private
+    assert crypto.x25519(private, other_public) == crypto.x25519(other_private, public)
+
+
+@pytest.mark.parametrize(
+    "public",
+    [
+        bytes(32),  # u = 0, order 2
+        (1).to_bytes(32, "little"),  # u = 1, order 4
+        # The two points of order 8 (libsodium's blocklist).
+        bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+        bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    ],
+)
+def test_x25519_refuses_low_order_points(public: bytes) -> None:
+    with pytest.raises(KeyAgreementError, match="low-order"):
+        crypto.x25519(RFC7748_ALICE, public)
+
+
+def test_x25519_rejects_wrong_sizes() -> None:
+    with pytest.raises(KeyAgreementError, match="32 bytes"):
+        crypto.x25519(RFC7748_ALICE, bytes(31))
+    with pytest.raises(ValueError, match="private key"):
+        crypto.x25519(RFC7748_ALICE[:31], crypto.x25519_public_key(RFC7748_BOB))
+
+
+def test_chacha20poly1305_known_answer() -> None:
+    sealed = crypto.chacha20poly1305_encrypt(
+        RFC8439_KEY, RFC8439_NONCE, RFC8439_AD, RFC8439_PLAINTEXT
+    )
+    assert sealed == RFC8439_SEALED
+    assert (
+        crypto.chacha20poly1305_decrypt(RFC8439_KEY, RFC8439_NONCE, RFC8439_AD, sealed)
+        == RFC8439_PLAINTEXT
+    )
+
+
+@given(
+    plaintext=st.binary(max_size=3000),
+    ad=st.binary(max_size=80),
+    nonce=st.binary(min_size=12, max_size=12),
+)
+def test_chacha20poly1305_matches_an_independent_implementation(
+    plaintext: bytes, ad: bytes, nonce: bytes
+) -> None:
+    # `cryptography` (OpenSSL) comes with the test-only noiseprotocol package.
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    sealed = crypto.chacha20poly1305_encrypt(KEY, nonce, ad, plaintext)
+    assert sealed == ChaCha20Poly1305(KEY).encrypt(nonce, plaintext, ad)
+    assert crypto.chacha20poly1305_decrypt(KEY, nonce, ad, sealed) == plaintext
+
+
+def test_chacha20poly1305_views_and_in_place_variants() -> None:
+    plaintext = bytes(range(256)) * 300  # large: built in place
+    nonce = bytes(12)
+    sealed = crypto.chacha20poly1305_encrypt(KEY, nonce, b"ad", plaintext)
+    assert type(sealed) is bytes and len(sealed) == len(plaintext) + crypto.TAG_SIZE
+    again = crypto.chacha20poly1305_encrypt(
+        KEY, memoryview(nonce), bytearray(b"ad"), memoryview(plaintext)
+    )
+    assert again == sealed
+    # Into a slice of a larger buffer, after a two-byte header.
+    frame = bytearray(b"hd" + bytes(len(sealed)) + b"tl")
+    crypto.chacha20poly1305_encrypt_into(
+        KEY, nonce, b"ad", plaintext, memoryview(frame)[2 : 2 + len(sealed)]
+    )
+    assert frame == b"hd" + sealed + b"tl"
+    opened = crypto.chacha20poly1305_decrypt(KEY, nonce, b"ad", memoryview(frame)[2:-2])
+    assert type(opened) is bytes and opened == plaintext
+    out = bytearray(len(plaintext) + 2)
+    crypto.chacha20poly1305_decrypt_into(
+        KEY, nonce, b"ad", memoryview(frame)[2:-2], memoryview(out)[1:-1]
+    )
+    assert out == b"\0" + plaintext + b"\0"
+    with pytest.raises(ValueError, match="output"):
+        crypto.chacha20poly1305_encrypt_into(KEY, nonce, b"", b"abc", bytearray(18))
+    with pytest.raises(ValueError, match="output"):
+        crypto.chacha20poly1305_decrypt_into(KEY, nonce, b"ad", sealed, bytearray(10))
+    # A read-only output is refused, not written through.
+    with pytest.raises(BufferError):
+        crypto.chacha20poly1305_decrypt_into(KEY, nonce, b"ad", sealed, memoryview(plaintext))
+
+
+def test_failed_decrypt_into_leaves_no_plaintext() -> None:
+    nonce = bytes(12)
+    sealed = bytearray(crypto.chacha20poly1305_encrypt(KEY, nonce, b"", b"secret" * 10))
+    sealed[0] ^= 1
+    out = bytearray(b"\xff" * 60)
+    with pytest.raises(DecryptionError):
+        crypto.chacha20poly1305_decrypt_into(KEY, nonce, b"", sealed, out)
+    assert b"secret" not in out
+
+
+def test_chacha20poly1305_detects_any_change() -> None:
+    nonce = bytes(range(12))
+    sealed = crypto.chacha20poly1305_encrypt(KEY, nonce, b"context", b"attack at dawn")
+    for i in range(len(sealed)):
+        tampered = bytearray(sealed)
+        tampered[i] ^= 0x01
+        with pytest.raises(DecryptionError):
+            crypto.chacha20poly1305_decrypt(KEY, nonce, b"context", bytes(tampered))
+    other_nonce = bytes(range(1, 13))
+    for key, nonce_, ad, data in [
+        (OTHER_KEY, nonce, b"context", sealed),
+        (KEY, other_nonce, b"context", sealed),
+        (KEY, nonce, b"contexT", sealed),
+        (KEY, nonce, b"context", sealed[:-1]),
+        (KEY, nonce, b"context", sealed + b"\x00"),
+    ]:
+        with pytest.raises(DecryptionError):
+            crypto.chacha20poly1305_decrypt(key, nonce_, ad, data)
+    with pytest.raises(DecryptionError, match="truncated"):
+        crypto.chacha20poly1305_decrypt(KEY, nonce, b"", sealed[:15])
+
+
+def test_chacha20poly1305_parameter_sizes_are_checked() -> None:
+    with pytest.raises(ValueError, match="nonce"):
+        crypto.chacha20poly1305_encrypt(KEY, bytes(24), b"", b"x")
+    with pytest.raises(ValueError, match="key"):
+        crypto.chacha20poly1305_decrypt(KEY[:16], bytes(12), b"", bytes(16))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 
 import numpy as np
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from p2pbackup.errors import MerkleError
 from p2pbackup.merkle import (
     DEFAULT_BLOCK_SIZE,
+    MerkleBuilder,
     MerkleTree,
     block_count,
     get_block,
@@ -195,3 +197,55 @@ def test_verify_root() -> None:
         verify_root(data[:-1], 512, root)
     with pytest.raises(MerkleError):
         verify_root(data, 1024, root)
+
+
+# -- the streaming builder ----------------------------------------------------------------
+
+
+@given(st.binary(max_size=3000), BLOCK_SIZES, st.lists(st.integers(0, 3000), max_size=8))
+def test_builder_matches_merkle_root_for_any_split(
+    data: bytes, block_size: int, cuts: list[int]
+) -> None:
+    builder = MerkleBuilder(block_size)
+    bounds = [0, *sorted(min(cut, len(data)) for cut in cuts), len(data)]
+    for start, end in itertools.pairwise(bounds):
+        builder.update(memoryview(data)[start:end])  # empty pieces included
+    assert builder.size == len(data)
+    assert builder.root() == merkle_root(data, block_size)
+    assert builder.leaf_count == block_count(len(data), block_size)
+    assert builder.tree() == MerkleTree.build(data, block_size)
+
+
+def test_builder_of_nothing_is_the_empty_block() -> None:
+    builder = MerkleBuilder(512)
+    assert builder.root() == merkle_root(b"", 512) == _reference_root(b"", 512)
+    builder.update(b"")
+    assert builder.root() == merkle_root(b"", 512)
+    assert builder.leaf_count == 1
+
+
+def test_builder_byte_at_a_time_and_root_midway() -> None:
+    data = _random_bytes(9, 16 * 5 + 3)
+    builder = MerkleBuilder(16)
+    for i in range(len(data)):
+        builder.update(data[i : i + 1])
+        if i in (15, 16, 47):  # exactly at, just past and at another block boundary
+            assert builder.root() == merkle_root(data[: i + 1], 16)
+    assert builder.root() == merkle_root(data, 16)
+
+
+def test_builder_keeps_leaf_hashes_not_data() -> None:
+    builder = MerkleBuilder(64)
+    builder.update(_random_bytes(10, 64 * 100 + 5))
+    assert len(builder._leaves) == 100
+    assert len(builder._partial) == 5
+
+
+def test_builder_rejects_bad_block_size() -> None:
+    with pytest.raises(ValueError):
+        MerkleBuilder(0)
+
+
+def test_tree_from_leaves_needs_a_leaf() -> None:
+    with pytest.raises(ValueError):
+        MerkleTree.from_leaves([])

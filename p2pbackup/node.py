@@ -1,0 +1,101 @@
+"""The node: the composition root that wires a home to the network.
+
+Nouns:
+
+* **node** — one home seen from the network: its identity (from the master
+  secret), its shard host (the shards it keeps for peers, under
+  ``HOME/hosted``) and the storage server answering peers on a listening
+  address.
+* **serve options** — :class:`ServeOptions`: where to listen and how much
+  space to give. Sizes are bytes; None means no limit beyond the disk.
+
+Everything below is passed in — the network above all — so that tests and the
+simulator run this same code over an in-memory network.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import attrs
+import trio
+
+from p2pbackup.home import Home
+from p2pbackup.keys import Keyring
+from p2pbackup.net import Address, Network, TcpNetwork
+from p2pbackup.server import StorageServer
+from p2pbackup.session import Identity
+from p2pbackup.shardhost import ReconcileReport, ShardHost
+
+log = logging.getLogger(__name__)
+
+#: Port a node listens on unless told otherwise.
+DEFAULT_PORT = 47470
+#: How often shards whose lease ran out are deleted.
+EXPIRY_INTERVAL = 3600.0
+
+
+#: Every interface, the default port.
+DEFAULT_LISTEN = Address("0.0.0.0", DEFAULT_PORT)
+
+
+@attrs.frozen
+class ServeOptions:
+    listen: Address = DEFAULT_LISTEN
+    capacity: int | None = None
+    owner_quota: int | None = None
+
+
+@attrs.frozen
+class Serving:
+    """What a started node reports: who it is, where it listens, what it found."""
+
+    node_id: bytes
+    address: Address
+    reconciled: ReconcileReport
+
+
+def node_identity(home: Home) -> Identity:
+    """The identity a home presents to its peers."""
+    return Identity.from_keyring(Keyring.from_master_secret(home.load_secret()))
+
+
+async def serve(
+    home: Home,
+    options: ServeOptions,
+    *,
+    network: Network | None = None,
+    task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Store shards for peers until cancelled."""
+    network = network if network is not None else TcpNetwork()
+    home.require()
+    with home.serving():
+        identity = node_identity(home)
+        host = await trio.to_thread.run_sync(
+            functools.partial(
+                ShardHost.open,
+                home.hosted_path,
+                capacity=options.capacity,
+                owner_quota=options.owner_quota,
+            )
+        )
+        try:
+            server = StorageServer(host, identity)
+            async with trio.open_nursery() as nursery:
+                address = await nursery.start(
+                    network.serve, options.listen, server.handle_connection
+                )
+                nursery.start_soon(_collect_expired, host)
+                task_status.started(Serving(identity.node_id, address, host.reconcile_report))
+        finally:
+            host.close()
+
+
+async def _collect_expired(host: ShardHost) -> None:
+    while True:
+        removed = await trio.to_thread.run_sync(host.collect_expired)
+        if removed:
+            log.info("removed %d shards whose lease expired", removed)
+        await trio.sleep(EXPIRY_INTERVAL)

@@ -1,0 +1,287 @@
+"""A peer on the network as a shard store: the storage protocol's client side.
+
+Nouns:
+
+* **remote store** — :class:`RemoteShardStore`: one owner's namespace on one
+  storage node, reached at an address and known by its node id. It implements
+  :class:`~p2pbackup.storage.ShardStore`, so the engine cannot tell it from a
+  folder.
+* **connection** — an authenticated, encrypted session with the node
+  (:mod:`p2pbackup.session`) carrying one request at a time. The store keeps a
+  few open and idle between requests (the **pool**), and opens them lazily.
+  A connection on which anything went wrong mid-request is closed, never
+  reused: its state is unknown.
+* **lease** — how long the node keeps a shard unless it is renewed; the owner
+  signs every put, renewal and deletion, binding them to this node's id.
+
+Failures are :class:`~p2pbackup.errors.StoreError`\\ s, so the engine routes
+around them like a missing folder: a node that cannot be reached, does not
+answer in time or breaks the protocol is :class:`PeerUnavailableError`; its
+refusals map to :class:`ShardNotFoundError`, :class:`StoreFullError` or
+:class:`StoreError` with the node's reason.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+from collections.abc import AsyncIterator
+
+import trio
+
+from p2pbackup import crypto, merkle, messages
+from p2pbackup.errors import (
+    IntegrityError,
+    PeerUnavailableError,
+    ProtocolError,
+    RemoteProtocolError,
+    ShardNotFoundError,
+    StoreError,
+    StoreFullError,
+)
+from p2pbackup.messages import RefusalCode
+from p2pbackup.model import ID_SIZE
+from p2pbackup.net import Address, Network
+from p2pbackup.rpc import MessageChannel
+from p2pbackup.session import Identity, secure_initiator
+
+#: Leases asked for new shards. Renewal arrives with maintenance; until then a
+#: shard must outlive any plausible gap between backups.
+DEFAULT_LEASE_SECONDS = 365 * 24 * 3600
+#: Merkle block size of the protocol's whole-shard roots.
+TRANSFER_BLOCK_SIZE = merkle.DEFAULT_BLOCK_SIZE
+#: Shard ids asked for in one listing page.
+_LIST_PAGE = 5000
+
+
+class RemoteShardStore:
+    """One owner's shards on the storage node ``node_id`` at ``address``."""
+
+    def __init__(
+        self,
+        network: Network,
+        identity: Identity,
+        address: Address,
+        node_id: bytes,
+        *,
+        connections: int = 2,
+        connect_timeout: float = 10.0,
+        io_timeout: float = 60.0,
+        lease_seconds: int = DEFAULT_LEASE_SECONDS,
+    ) -> None:
+        self.network = network
+        self.identity = identity
+        self.address = address
+        self.node_id = node_id
+        self.connect_timeout = connect_timeout
+        self.io_timeout = io_timeout
+        self.lease_seconds = lease_seconds
+        self._slots = trio.Semaphore(connections)
+        self._idle: list[MessageChannel] = []
+
+    @property
+    def name(self) -> str:
+        return f"node {self.node_id.hex()[:16]} at {self.address}"
+
+    # -- connections ------------------------------------------------------------
+
+    async def _connect(self) -> MessageChannel:
+        try:
+            with trio.fail_after(self.connect_timeout):
+                stream = await self.network.connect(self.address)
+                try:
+                    secure = await secure_initiator(
+                        stream, self.identity, expected_node_id=self.node_id
+                    )
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+        except trio.TooSlowError:
+            raise PeerUnavailableError(
+                f"{self.name}: no answer within {self.connect_timeout:g} s"
+            ) from None
+        except (ProtocolError, IntegrityError, trio.BrokenResourceError) as exc:
+            raise PeerUnavailableError(f"{self.name}: handshake failed: {exc}") from None
+        return MessageChannel(secure)
+
+    @contextlib.asynccontextmanager
+    async def _channel(self) -> AsyncIterator[MessageChannel]:
+        """A connection for one request; back to the pool if the request ended cleanly."""
+        async with self._slots:
+            channel = self._idle.pop() if self._idle else await self._connect()
+            try:
+                with trio.fail_after(self.io_timeout):
+                    yield channel
+            except trio.TooSlowError:
+                await trio.aclose_forcefully(channel.stream)
+                raise PeerUnavailableError(
+                    f"{self.name}: no answer within {self.io_timeout:g} s"
+                ) from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                await trio.aclose_forcefully(channel.stream)
+                raise PeerUnavailableError(f"{self.name}: connection lost ({exc})") from None
+            except (ProtocolError, IntegrityError) as exc:
+                await trio.aclose_forcefully(channel.stream)
+                raise PeerUnavailableError(f"{self.name}: {exc}") from None
+            except StoreError:
+                # A refusal ends its exchange cleanly: the connection stays good.
+                self._idle.append(channel)
+                raise
+            except BaseException:
+                await trio.aclose_forcefully(channel.stream)
+                raise
+            else:
+                self._idle.append(channel)
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for channel in idle:
+            await trio.aclose_forcefully(channel.stream)
+
+    async def _request(
+        self, request: messages.Message, expected: type[messages.Message]
+    ) -> messages.Message:
+        async with self._channel() as channel:
+            await channel.send(request)
+            answer = await channel.receive()
+            return self._answer(answer, expected, request)
+
+    def _answer(
+        self,
+        answer: messages.Message,
+        expected: type[messages.Message],
+        request: messages.Message,
+    ) -> messages.Message:
+        if isinstance(answer, expected):
+            return answer
+        if isinstance(answer, messages.Refused):
+            raise self._refusal_error(answer, request)
+        raise RemoteProtocolError(f"answered {type(request).__name__} with {type(answer).__name__}")
+
+    def _refusal_error(self, refused: messages.Refused, request: messages.Message) -> StoreError:
+        what = f"{self.name} refused {type(request).__name__}: {refused.message}"
+        if refused.code == RefusalCode.NOT_FOUND:
+            return ShardNotFoundError(what)
+        if refused.code == RefusalCode.FULL:
+            return StoreFullError(what)
+        return StoreError(what)
+
+    # -- the ShardStore interface -------------------------------------------------
+
+    async def put(self, shard_id: bytes, data: bytes) -> None:
+        _check_shard_id(shard_id)
+        root = await trio.to_thread.run_sync(merkle.merkle_root, data, TRANSFER_BLOCK_SIZE)
+        statement = messages.put_statement(
+            self.node_id, shard_id, len(data), root, self.lease_seconds
+        )
+        request = messages.PutShard(
+            shard_id,
+            len(data),
+            TRANSFER_BLOCK_SIZE,
+            root,
+            self.lease_seconds,
+            crypto.sign(self.identity.signing_seed, statement),
+        )
+        async with self._channel() as channel:
+            await channel.send(request)
+            answer = await channel.receive()
+            if isinstance(answer, messages.Stored):
+                return  # already there
+            self._answer(answer, messages.Ready, request)
+            view = memoryview(data)
+            for start in range(0, len(data), messages.PIECE_SIZE):
+                piece = bytes(view[start : start + messages.PIECE_SIZE])
+                await channel.send(messages.ShardPiece(piece))
+            answer = await channel.receive()
+            self._answer(answer, messages.Stored, request)
+
+    async def get(self, shard_id: bytes, offset: int = 0, length: int | None = None) -> bytes:
+        _check_shard_id(shard_id)
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError(f"bad range: offset {offset}, length {length}")
+        request = messages.GetShard(shard_id, offset, length)
+        async with self._channel() as channel:
+            await channel.send(request)
+            answer = self._answer(await channel.receive(), messages.ShardData, request)
+            assert isinstance(answer, messages.ShardData)
+            if length is not None and answer.size > length:
+                raise RemoteProtocolError(f"sent {answer.size} bytes for a range of {length}")
+            buffer = bytearray()
+            while len(buffer) < answer.size:
+                piece = await channel.receive()
+                if not isinstance(piece, messages.ShardPiece):
+                    raise RemoteProtocolError(f"sent {type(piece).__name__} inside a shard")
+                buffer += piece.data
+                if len(buffer) > answer.size:
+                    raise RemoteProtocolError(f"sent more than the {answer.size} bytes announced")
+            return bytes(buffer)
+
+    async def has(self, shard_id: bytes) -> bool:
+        _check_shard_id(shard_id)
+        answer = await self._request(messages.HasShard(shard_id), messages.ShardStatus)
+        assert isinstance(answer, messages.ShardStatus)
+        return answer.present
+
+    async def delete(self, shard_id: bytes) -> None:
+        _check_shard_id(shard_id)
+        statement = messages.delete_statement(self.node_id, shard_id)
+        signature = crypto.sign(self.identity.signing_seed, statement)
+        await self._request(messages.DeleteShard(shard_id, signature), messages.Deleted)
+
+    async def list(self) -> builtins.list[bytes]:
+        found: builtins.list[bytes] = []
+        after: bytes | None = None
+        while True:
+            answer = await self._request(messages.ListShards(after, _LIST_PAGE), messages.ShardList)
+            assert isinstance(answer, messages.ShardList)
+            ids = [entry.shard_id for entry in answer.entries]
+            if any(a >= b for a, b in zip([after or b"", *ids], ids, strict=False)):
+                raise PeerUnavailableError(f"{self.name}: shard listing out of order")
+            found.extend(ids)
+            if not answer.more:
+                return found
+            if not ids:
+                raise PeerUnavailableError(f"{self.name}: empty listing page marked 'more'")
+            after = ids[-1]
+
+    async def put_root(self, data: bytes) -> None:
+        await self._request(messages.PutRoot(data), messages.RootStored)
+
+    async def get_root(self) -> bytes | None:
+        answer = await self._request(messages.GetRoot(), messages.RootData)
+        assert isinstance(answer, messages.RootData)
+        return answer.data
+
+    async def usage(self) -> int:
+        answer = await self._request(messages.GetUsage(), messages.Usage)
+        assert isinstance(answer, messages.Usage)
+        return answer.used
+
+    # -- beyond the ShardStore interface -----------------------------------------
+
+    async def renew(
+        self, shard_ids: builtins.list[bytes], lease_seconds: int
+    ) -> tuple[int, builtins.list[bytes]]:
+        """Extend leases; the new expiry (unix seconds) and the ids the node lacks."""
+        statement = messages.renew_statement(self.node_id, shard_ids, lease_seconds)
+        signature = crypto.sign(self.identity.signing_seed, statement)
+        answer = await self._request(
+            messages.RenewLease(tuple(shard_ids), lease_seconds, signature), messages.LeaseRenewed
+        )
+        assert isinstance(answer, messages.LeaseRenewed)
+        return answer.lease_expiry, builtins.list(answer.missing)
+
+    async def audit(
+        self, shard_id: bytes, nonce: bytes, indices: tuple[int, ...]
+    ) -> messages.AuditProof:
+        """The node's answer to an audit; the caller verifies it against its own root."""
+        answer = await self._request(messages.Audit(shard_id, nonce, indices), messages.AuditProof)
+        assert isinstance(answer, messages.AuditProof)
+        if answer.nonce != nonce or len(answer.blocks) != len(indices):
+            raise PeerUnavailableError(f"{self.name}: audit answer does not match the challenge")
+        return answer
+
+
+def _check_shard_id(shard_id: bytes) -> None:
+    if len(shard_id) != ID_SIZE:
+        raise ValueError(f"shard id must be {ID_SIZE} bytes, got {len(shard_id)}")

@@ -1,0 +1,329 @@
+"""The storage server: answers the storage protocol for peers, from a shard host.
+
+Nouns:
+
+* **server** — :class:`StorageServer`: one node's service to its peers. It
+  accepts connections, runs the Noise handshake as responder, and then serves
+  one **session** per connection.
+* **session** — the requests of one authenticated peer, answered one at a
+  time. The peer's node id (learnt in the handshake, never from a message) is
+  the **owner** of every shard it stores, lists, renews or deletes, so no
+  peer can touch another's shards: the host is asked only for the owner's own.
+* **refusal** — a :class:`~p2pbackup.messages.Refused` answer: the request was
+  understood and declined (not found, full, forbidden, conflict, integrity).
+  The session goes on. A message that breaks the protocol instead ends the
+  session (and only that session).
+
+The host's work (disk, SQLite) runs in worker threads; everything here is the
+thin trio layer. Every wait on a peer is bounded: the handshake, the gap
+between two messages of a transfer, and the idle time between requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from p2pbackup import crypto, messages, shardhost
+from p2pbackup.errors import (
+    IntegrityError,
+    MerkleError,
+    ProtocolError,
+    RemoteProtocolError,
+    ShardNotFoundError,
+    SignatureError,
+    StoreError,
+    StoreFullError,
+)
+from p2pbackup.messages import RefusalCode
+from p2pbackup.rpc import MessageChannel
+from p2pbackup.session import Identity, SecureStream, secure_responder
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class ServerLimits:
+    """How long a peer may make the server wait, in seconds."""
+
+    handshake: float = 10.0
+    #: Between two requests of a session.
+    idle: float = 300.0
+    #: Between two messages of one request (the pieces of an upload).
+    transfer: float = 60.0
+
+
+class StorageServer:
+    """Serves the storage protocol from ``host`` as the node ``identity``."""
+
+    def __init__(
+        self,
+        host: shardhost.ShardHost,
+        identity: Identity,
+        *,
+        limits: ServerLimits = ServerLimits(),
+    ) -> None:
+        self.host = host
+        self.identity = identity
+        self.limits = limits
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one incoming connection until it ends; never raises for a peer's fault."""
+        try:
+            with trio.fail_after(self.limits.handshake):
+                secure = await secure_responder(stream, self.identity)
+        except trio.TooSlowError:
+            log.info("handshake timed out")
+            await trio.aclose_forcefully(stream)
+            return
+        except (ProtocolError, IntegrityError, trio.BrokenResourceError) as exc:
+            log.info("handshake failed: %s", exc)
+            await trio.aclose_forcefully(stream)
+            return
+        session = _Session(self, secure)
+        try:
+            await session.run()
+        except (RemoteProtocolError, IntegrityError) as exc:
+            log.info("session with %s closed: %s", session.peer_name, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("session with %s lost: %s", session.peer_name, exc)
+        except trio.TooSlowError:
+            log.info("session with %s timed out", session.peer_name)
+        finally:
+            await trio.aclose_forcefully(secure)
+
+
+class _Refusal(Exception):
+    """Internal: end this request with a refusal; the session goes on."""
+
+    def __init__(self, code: RefusalCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _refusal_for(exc: Exception) -> _Refusal:
+    """The refusal that tells a peer what went wrong with the host."""
+    if isinstance(exc, ShardNotFoundError):
+        return _Refusal(RefusalCode.NOT_FOUND, str(exc))
+    if isinstance(exc, StoreFullError):
+        return _Refusal(RefusalCode.FULL, str(exc))
+    if isinstance(exc, shardhost.ShardConflictError):
+        return _Refusal(RefusalCode.CONFLICT, str(exc))
+    if isinstance(exc, MerkleError):
+        return _Refusal(RefusalCode.INTEGRITY, str(exc))
+    if isinstance(exc, StoreError):
+        return _Refusal(RefusalCode.INTERNAL, str(exc))
+    raise exc
+
+
+class _Session:
+    def __init__(self, server: StorageServer, stream: SecureStream) -> None:
+        self.server = server
+        self.host = server.host
+        self.limits = server.limits
+        self.owner = stream.remote_node_id
+        self.owner_key = stream.remote_signing_key
+        self.peer_name = stream.remote_node_id.hex()[:16]
+        self.channel = MessageChannel(stream)
+
+    async def run(self) -> None:
+        handlers: dict[type, Callable[..., object]] = {
+            messages.PutShard: self._put_shard,
+            messages.GetShard: self._get_shard,
+            messages.HasShard: self._has_shard,
+            messages.Audit: self._audit,
+            messages.ListShards: self._list_shards,
+            messages.RenewLease: self._renew_lease,
+            messages.DeleteShard: self._delete_shard,
+            messages.PutRoot: self._put_root,
+            messages.GetRoot: self._get_root,
+            messages.GetUsage: self._get_usage,
+        }
+        while True:
+            with trio.fail_after(self.limits.idle):
+                request = await self.channel.receive_or_end()
+            if request is None:
+                return
+            handler = handlers.get(type(request))
+            if handler is None:
+                raise RemoteProtocolError(
+                    f"{type(request).__name__} is not a request this server answers"
+                )
+            try:
+                await handler(request)  # type: ignore[misc]
+            except _Refusal as refusal:
+                await self.channel.send(messages.Refused(refusal.code, refusal.message[:1000]))
+
+    async def _call(self, function: Callable[..., object], *args: object) -> object:
+        """Run a host method in a worker thread; its failures become refusals."""
+        try:
+            return await trio.to_thread.run_sync(function, *args)
+        except (StoreError, MerkleError) as exc:
+            raise _refusal_for(exc) from None
+
+    def _check_signature(self, statement: bytes, signature: bytes, what: str) -> None:
+        try:
+            crypto.verify(self.owner_key, statement, signature)
+        except SignatureError:
+            raise _Refusal(
+                RefusalCode.FORBIDDEN, f"{what}: the owner's signature does not verify"
+            ) from None
+
+    # -- requests ---------------------------------------------------------------
+
+    async def _put_shard(self, request: messages.PutShard) -> None:
+        self._check_signature(
+            messages.put_statement(
+                self.server.identity.node_id,
+                request.shard_id,
+                request.size,
+                request.merkle_root,
+                request.lease_seconds,
+            ),
+            request.signature,
+            "put",
+        )
+        upload = await self._call(
+            self.host.begin_put,
+            self.owner,
+            request.shard_id,
+            request.size,
+            request.block_size,
+            request.merkle_root,
+            request.lease_seconds,
+        )
+        if upload is None:
+            info = await self._call(self.host.info, self.owner, request.shard_id)
+            assert isinstance(info, shardhost.HostedShard)
+            await self.channel.send(messages.Stored(request.shard_id, info.lease_expiry))
+            return
+        assert isinstance(upload, shardhost.Upload)
+        try:
+            await self.channel.send(messages.Ready())
+            failure = await self._receive_pieces(upload, request.size)
+            if failure is None:
+                expiry = await self._call(upload.commit)
+                assert isinstance(expiry, int)
+                await self.channel.send(messages.Stored(request.shard_id, expiry))
+                return
+        finally:
+            upload.abort()
+        raise failure
+
+    async def _receive_pieces(self, upload: shardhost.Upload, size: int) -> _Refusal | None:
+        """Take ``size`` bytes of pieces into ``upload``; the refusal if writing failed.
+
+        A failed write does not end the exchange early: the peer has already
+        sent its pieces, so they are read (and dropped) to keep the session in
+        step, and the refusal is the answer.
+        """
+        received = 0
+        failure: _Refusal | None = None
+        while received < size:
+            with trio.fail_after(self.limits.transfer):
+                piece = await self.channel.receive()
+            if not isinstance(piece, messages.ShardPiece):
+                raise RemoteProtocolError(
+                    f"expected a shard piece during an upload, got {type(piece).__name__}"
+                )
+            received += len(piece.data)
+            if received > size:
+                raise RemoteProtocolError(f"upload longer than the {size} bytes declared")
+            if failure is None:
+                try:
+                    await self._call(upload.write, piece.data)
+                except _Refusal as refusal:
+                    failure = refusal
+        return failure
+
+    async def _get_shard(self, request: messages.GetShard) -> None:
+        info = await self._call(self.host.info, self.owner, request.shard_id)
+        if info is None:
+            raise _Refusal(RefusalCode.NOT_FOUND, f"no shard {request.shard_id.hex()[:16]}")
+        assert isinstance(info, shardhost.HostedShard)
+        start = min(request.offset, info.size)
+        end = info.size if request.length is None else min(info.size, start + request.length)
+        await self.channel.send(messages.ShardData(end - start))
+        position = start
+        while position < end:
+            length = min(messages.PIECE_SIZE, end - position)
+            try:
+                data = await trio.to_thread.run_sync(
+                    self.host.read, self.owner, request.shard_id, position, length
+                )
+            except StoreError as exc:
+                # Too late for a refusal: the size is promised. End the session,
+                # which the peer sees as this host failing.
+                raise RemoteProtocolError(f"shard vanished while being read: {exc}") from None
+            if len(data) != length:
+                raise RemoteProtocolError("shard shrank while being read")
+            await self.channel.send(messages.ShardPiece(data))
+            position += length
+
+    async def _has_shard(self, request: messages.HasShard) -> None:
+        present = await self._call(self.host.has, self.owner, request.shard_id)
+        await self.channel.send(messages.ShardStatus(bool(present)))
+
+    async def _audit(self, request: messages.Audit) -> None:
+        answers = await self._call(self.host.audit, self.owner, request.shard_id, request.indices)
+        assert isinstance(answers, list)
+        await self.channel.send(
+            messages.AuditProof(
+                request.nonce,
+                tuple(block for block, _proof in answers),
+                tuple(tuple(proof) for _block, proof in answers),
+            )
+        )
+
+    async def _list_shards(self, request: messages.ListShards) -> None:
+        result = await self._call(self.host.list, self.owner, request.after, request.limit)
+        assert isinstance(result, tuple)
+        shards, more = result
+        await self.channel.send(
+            messages.ShardList(
+                tuple(messages.ShardEntry(s.shard_id, s.size, s.lease_expiry) for s in shards),
+                bool(more),
+            )
+        )
+
+    async def _renew_lease(self, request: messages.RenewLease) -> None:
+        self._check_signature(
+            messages.renew_statement(
+                self.server.identity.node_id, request.shard_ids, request.lease_seconds
+            ),
+            request.signature,
+            "renew",
+        )
+        result = await self._call(
+            self.host.renew, self.owner, request.shard_ids, request.lease_seconds
+        )
+        assert isinstance(result, tuple)
+        expiry, missing = result
+        await self.channel.send(messages.LeaseRenewed(expiry, tuple(missing)))
+
+    async def _delete_shard(self, request: messages.DeleteShard) -> None:
+        self._check_signature(
+            messages.delete_statement(self.server.identity.node_id, request.shard_id),
+            request.signature,
+            "delete",
+        )
+        existed = await self._call(self.host.delete, self.owner, request.shard_id)
+        await self.channel.send(messages.Deleted(bool(existed)))
+
+    async def _put_root(self, request: messages.PutRoot) -> None:
+        await self._call(self.host.put_root, self.owner, request.data)
+        await self.channel.send(messages.RootStored())
+
+    async def _get_root(self, _request: messages.GetRoot) -> None:
+        data = await self._call(self.host.get_root, self.owner)
+        assert data is None or isinstance(data, bytes)
+        await self.channel.send(messages.RootData(data))
+
+    async def _get_usage(self, _request: messages.GetUsage) -> None:
+        used = await self._call(self.host.usage, self.owner)
+        assert isinstance(used, int)
+        await self.channel.send(messages.Usage(used, self.host.owner_quota))

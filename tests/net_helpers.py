@@ -1,0 +1,61 @@
+"""Storage nodes for tests: a real StorageServer on a real or in-memory network."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import attrs
+import trio
+
+from p2pbackup.keys import Keyring
+from p2pbackup.net import Address, Network
+from p2pbackup.remote import RemoteShardStore
+from p2pbackup.server import ServerLimits, StorageServer
+from p2pbackup.session import Identity
+from p2pbackup.shardhost import ShardHost
+
+LOOPBACK_ANY_PORT = Address("127.0.0.1", 0)
+DEFAULT_LIMITS = ServerLimits()
+
+
+def identity(name: str) -> Identity:
+    """A deterministic identity per name."""
+    secret = hashlib.blake2b(name.encode(), digest_size=32).digest()
+    return Identity.from_keyring(Keyring.from_master_secret(secret))
+
+
+@attrs.frozen
+class RunningNode:
+    identity: Identity
+    address: Address
+    host: ShardHost
+    server: StorageServer
+
+    def client(self, network: Network, owner: Identity, **kwargs: object) -> RemoteShardStore:
+        return RemoteShardStore(
+            network,
+            owner,
+            self.address,
+            self.identity.node_id,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+async def start_node(
+    nursery: trio.Nursery,
+    network: Network,
+    root: Path,
+    *,
+    name: str = "node",
+    listen: Address = LOOPBACK_ANY_PORT,
+    limits: ServerLimits = DEFAULT_LIMITS,
+    capacity: int | None = None,
+    owner_quota: int | None = None,
+) -> RunningNode:
+    """A storage node serving from ``root`` until ``nursery`` is cancelled."""
+    host = ShardHost.open(root, capacity=capacity, owner_quota=owner_quota)
+    node_identity = identity(name)
+    server = StorageServer(host, node_identity, limits=limits)
+    address = await nursery.start(network.serve, listen, server.handle_connection)
+    return RunningNode(node_identity, address, host, server)

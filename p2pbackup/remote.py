@@ -85,7 +85,8 @@ class RemoteShardStore:
 
     # -- connections ------------------------------------------------------------
 
-    async def _connect(self) -> MessageChannel:
+    async def open_channel(self) -> MessageChannel:
+        """A new authenticated connection (a hook: benchmarks replace it with plain TCP)."""
         try:
             with trio.fail_after(self.connect_timeout):
                 stream = await self.network.connect(self.address)
@@ -108,7 +109,7 @@ class RemoteShardStore:
     async def _channel(self) -> AsyncIterator[MessageChannel]:
         """A connection for one request; back to the pool if the request ended cleanly."""
         async with self._slots:
-            channel = self._idle.pop() if self._idle else await self._connect()
+            channel = self._idle.pop() if self._idle else await self.open_channel()
             try:
                 with trio.fail_after(self.io_timeout):
                     yield channel

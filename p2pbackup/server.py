@@ -40,7 +40,7 @@ from p2pbackup.errors import (
 )
 from p2pbackup.messages import RefusalCode
 from p2pbackup.rpc import MessageChannel
-from p2pbackup.session import Identity, SecureStream, secure_responder
+from p2pbackup.session import Identity, secure_responder
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,18 @@ class StorageServer:
             log.info("handshake failed: %s", exc)
             await trio.aclose_forcefully(stream)
             return
-        session = _Session(self, secure)
+        await self.serve_session(secure, secure.remote_node_id, secure.remote_signing_key)
+
+    async def serve_session(
+        self, stream: trio.abc.Stream, owner: bytes, owner_signing_key: bytes
+    ) -> None:
+        """Answer the requests of the peer ``owner`` (node id, and its Ed25519 key).
+
+        The caller vouches for who is at the other end: :meth:`handle_connection`
+        passes a Noise session, whose handshake proved it; benchmarks pass a
+        plain stream to measure what the session costs.
+        """
+        session = _Session(self, stream, owner, owner_signing_key)
         try:
             await session.run()
         except (RemoteProtocolError, IntegrityError) as exc:
@@ -93,7 +104,7 @@ class StorageServer:
         except trio.TooSlowError:
             log.info("session with %s timed out", session.peer_name)
         finally:
-            await trio.aclose_forcefully(secure)
+            await trio.aclose_forcefully(stream)
 
 
 class _Refusal(Exception):
@@ -121,13 +132,15 @@ def _refusal_for(exc: Exception) -> _Refusal:
 
 
 class _Session:
-    def __init__(self, server: StorageServer, stream: SecureStream) -> None:
+    def __init__(
+        self, server: StorageServer, stream: trio.abc.Stream, owner: bytes, owner_key: bytes
+    ) -> None:
         self.server = server
         self.host = server.host
         self.limits = server.limits
-        self.owner = stream.remote_node_id
-        self.owner_key = stream.remote_signing_key
-        self.peer_name = stream.remote_node_id.hex()[:16]
+        self.owner = owner
+        self.owner_key = owner_key
+        self.peer_name = owner.hex()[:16]
         self.channel = MessageChannel(stream)
 
     async def run(self) -> None:

@@ -79,7 +79,7 @@ def cmd_init(args: argparse.Namespace, home: Home) -> int:
         _out()
         _out(f"    {key}")
         _out()
-    _out("next: add peers with `p2pbackup peer add-dir PATH`")
+    _out("next: add peers with `p2pbackup peer add HOST:PORT NODE_ID` or `peer add-dir PATH`")
     return EXIT_OK
 
 
@@ -178,7 +178,7 @@ async def cmd_peer_list(args: argparse.Namespace, home: Home) -> int:
             for p in peers:
                 _out(f"{p.peer_id}  {p.kind}  {p.location}  {counts.get(p.peer_id, 0)} shards")
             if not peers:
-                _out("no peers yet: add one with `p2pbackup peer add-dir PATH`")
+                _out("no peers yet: add one with `p2pbackup peer add` or `peer add-dir`")
     return EXIT_OK
 
 

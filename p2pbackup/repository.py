@@ -53,6 +53,8 @@ from p2pbackup.session import Identity
 from p2pbackup.storage import FolderShardStore, ShardStore
 
 ROOT_ENVELOPE_KIND = b"ROOT"
+#: Seconds a peer that could not be reached is passed over (tried last).
+DOWN_SECONDS = 300.0
 #: Decoded packs kept in memory for reading trees and small files.
 _PACK_CACHE_SIZE = 4
 #: Sealed blobs up to this size are opened on trio's thread.
@@ -129,6 +131,8 @@ class Repository:
         self.index = index
         self.network: Network = network if network is not None else TcpNetwork()
         self._stores: dict[str, ShardStore] = {}
+        #: Peer id -> trio time until which it counts as down (see mark_down).
+        self._down_until: dict[str, float] = {}
         self._pack_cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
 
     @property
@@ -152,6 +156,18 @@ class Repository:
             self._stores[peer_id] = store
         return store
 
+    def mark_down(self, peer_id: str) -> None:
+        """Remember that ``peer_id`` could not be reached, for :data:`DOWN_SECONDS`.
+
+        A dead peer costs a connect timeout; without this, every pack of a
+        backup would pay it again before turning to a spare.
+        """
+        self._down_until[peer_id] = trio.current_time() + DOWN_SECONDS
+
+    def is_down(self, peer_id: str) -> bool:
+        until = self._down_until.get(peer_id)
+        return until is not None and trio.current_time() < until
+
     async def aclose(self) -> None:
         """Close the connections that network peers keep open."""
         stores, self._stores = self._stores, {}
@@ -168,7 +184,7 @@ class Repository:
         if count < config.n:
             raise UsageError(
                 f"storing {config.k}-of-{config.n} shards needs {config.n} peers; "
-                f"{count} configured (add more with `p2pbackup peer add-dir PATH`)"
+                f"{count} configured (add more with `p2pbackup peer add` or `peer add-dir`)"
             )
 
     async def write_pack(
@@ -185,7 +201,8 @@ class Repository:
             _encode_pack, data, ident, config.k, config.n, config.block_size
         )
         del data  # Only the shards are needed from here on; memory stays bounded.
-        ranked = placement.rank_peers(ident, peer_ids)
+        # Peers known to be down go last: spares of last resort.
+        ranked = sorted(placement.rank_peers(ident, peer_ids), key=self.is_down)
         spares = collections.deque(ranked[config.n :])
         placed: dict[int, str] = {}
         failures: list[ShardFailure] = []
@@ -195,6 +212,8 @@ class Repository:
                 try:
                     await self.store(peer_id).put(formats.shard_id(ident, index), payloads[index])
                 except StoreError as exc:
+                    if isinstance(exc, PeerUnavailableError):
+                        self.mark_down(peer_id)
                     failures.append(ShardFailure(peer_id, index, str(exc)))
                     if not spares:
                         return
@@ -248,7 +267,8 @@ class Repository:
         if failures is None:
             failures = []
         # Data shards first: with all of them the decode is a concatenation.
-        candidates = sorted(record.shards, key=lambda s: s.index)
+        # Peers known to be down are tried last.
+        candidates = sorted(record.shards, key=lambda s: (self.is_down(s.peer_id), s.index))
         good: dict[int, bytes] = {}
         position = 0
         while len(good) < record.k and position < len(candidates):
@@ -291,6 +311,9 @@ class Repository:
             good[location.index] = await self.fetch_verified_shard(record, location)
         except ShardNotFoundError:
             failures.append(ShardFailure(location.peer_id, location.index, "missing"))
+        except PeerUnavailableError as exc:
+            self.mark_down(location.peer_id)
+            failures.append(ShardFailure(location.peer_id, location.index, str(exc)))
         except (StoreError, IntegrityError, UsageError) as exc:
             failures.append(ShardFailure(location.peer_id, location.index, str(exc)))
 

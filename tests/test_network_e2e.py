@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from .cli_helpers import (
     CLI,
     SNAPSHOT_ID_RE,
     base_env,
+    cli_error,
     cli_inprocess,
     cli_ok,
     make_source,
@@ -207,3 +209,36 @@ def test_a_node_killed_mid_upload_restarts_consistent(tmp_path: Path) -> None:
     finally:
         node.stop()
         other.stop()
+
+
+def test_network_mistakes_are_one_clear_line(tmp_path: Path) -> None:
+    node = new_node(tmp_path / "node")
+    node.start()
+    try:
+        home = tmp_path / "owner"
+        cli_ok("init", "--recovery-key-file", tmp_path / "owner.key", home=home)
+        wrong = "ab" * 20
+        message = cli_error("peer", "add", node.address, wrong, home=home)
+        assert wrong in message and node.node_id in message
+        message = cli_error("peer", "add", node.address, "not-a-node-id", home=home)
+        assert "not a node id" in message
+        message = cli_error("peer", "add", "localhost", node.node_id, home=home)
+        assert "localhost" in message and "port" in message
+        own = cli_ok("id", home=home).lines[-1]
+        assert "own" in cli_error("peer", "add", node.address, own, home=home)
+        # A second serve on the same home, and another home on a port in use.
+        assert "already serving" in cli_error("serve", "--listen", "127.0.0.1:0", home=node.home)
+        other = new_node(tmp_path / "other")
+        assert node.address in cli_error("serve", "--listen", node.address, home=other.home)
+        assert cli_ok("peer", "list", home=home).stdout.startswith("no peers")
+        cli_ok("peer", "add", node.address, node.node_id, home=home)
+        assert "already" in cli_error("peer", "add", node.address, node.node_id, home=home)
+    finally:
+        err = node.stop()
+    assert "Traceback" not in err
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{sock.getsockname()[1]}"
+    message = cli_error("peer", "add", closed, "cd" * 20, home=tmp_path / "owner")
+    assert closed in message
+    assert "not an initialised" in cli_error("id", home=tmp_path / "nowhere")

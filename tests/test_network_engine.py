@@ -1,0 +1,159 @@
+"""The engine over network peers: storage nodes on the in-memory network.
+
+The same Backup and Restorer as on folder peers, each shard placed on a
+storage node reached through a Noise session. Nodes die, go silent or lie;
+backups finish as long as enough nodes answer, and restores route around the
+rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from p2pbackup import operations, snapshots
+from p2pbackup.backup import Backup
+from p2pbackup.home import Home
+from p2pbackup.net import Address, LinkProfile, MemoryNetwork
+from p2pbackup.repository import Repository
+from p2pbackup.restore import Restorer, RestoreSummary
+from p2pbackup.treediff import diff_trees
+
+from .engine_helpers import SMALL, make_tree, restored_path
+from .net_helpers import RunningNode, start_node
+
+PORT = 47470
+
+
+@attrs.define
+class Cluster:
+    world: MemoryNetwork
+    home: Home
+    nodes: list[RunningNode]
+
+    def repository(self) -> contextlib.AbstractAsyncContextManager[Repository]:
+        return operations.open_repository(self.home, network=self.world.interface("owner"))
+
+
+async def make_cluster(
+    tmp_path: Path, nursery: trio.Nursery, *, nodes: int, k: int = 3, n: int = 6
+) -> Cluster:
+    world = MemoryNetwork(seed=7, default_link=LinkProfile(latency=0.0005), connect_timeout=0.5)
+    running = []
+    for i in range(nodes):
+        host = f"node{i}"
+        running.append(
+            await start_node(
+                nursery,
+                world.interface(host),
+                tmp_path / host,
+                name=host,
+                listen=Address(host, PORT),
+            )
+        )
+    home = Home(tmp_path / "home")
+    operations.init_home(home, attrs.evolve(SMALL, k=k, n=n))
+    cluster = Cluster(world, home, running)
+    async with cluster.repository() as repo:
+        for node in running:
+            await operations.add_node_peer(repo, str(node.address), node.identity.node_id.hex())
+    return cluster
+
+
+async def backup(cluster: Cluster, source: Path) -> None:
+    async with cluster.repository() as repo:
+        await Backup(repo).run([source])
+
+
+async def restore(cluster: Cluster, target: Path) -> RestoreSummary:
+    async with cluster.repository() as repo:
+        _, snap = snapshots.resolve(repo.index, "latest")
+        return await Restorer(repo, target).run(snap, None)
+
+
+async def test_backup_and_restore_through_storage_nodes(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    cluster = await make_cluster(tmp_path, nursery, nodes=6)
+    source = make_tree(tmp_path / "src")
+    await backup(cluster, source)
+    owner = cluster.home
+    async with cluster.repository() as repo:
+        owner_id = repo.keyring.node_id
+        records = [repo.index.pack(p) for p in repo.index.pack_ids()]
+    assert len(records) > 3
+    for node in cluster.nodes:  # every node holds one shard of every pack
+        shards, _more = node.host.list(owner_id, None, 10_000)
+        assert len(shards) >= len(records)
+    summary = await restore(cluster, tmp_path / "out")
+    assert summary.ok, summary.lines()
+    assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
+    assert owner.exists()
+
+
+async def test_a_dead_node_is_routed_around_on_backup_and_restore(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    cluster = await make_cluster(tmp_path, nursery, nodes=7)
+    cluster.world.kill_host("node2")  # a crashed machine: connections time out
+    source = make_tree(tmp_path / "src", big=5_000_000)
+    await backup(cluster, source)
+    # The dead node cost a timeout for the packs in flight when it was first
+    # tried, not one for every pack.
+    failed = cluster.world.statistics().connections_failed
+    async with cluster.repository() as repo:
+        assert len(repo.index.pack_ids()) > 15
+        assert failed <= 4
+        for pack_id in repo.index.pack_ids():
+            record = repo.index.pack(pack_id)
+            assert record is not None
+            peers = [s.peer_id for s in record.shards]
+            assert len(peers) == len(set(peers)) == 6  # the spare took node2's shards
+            assert cluster.nodes[2].identity.node_id.hex() not in peers
+    cluster.world.kill_host("node5")
+    summary = await restore(cluster, tmp_path / "out")
+    assert summary.ok, summary.lines()
+    assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
+
+
+async def test_a_node_that_lies_about_shard_contents_is_routed_around(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    cluster = await make_cluster(tmp_path, nursery, nodes=6)
+    source = make_tree(tmp_path / "src")
+    await backup(cluster, source)
+    liars = cluster.nodes[:3]  # n - k of them: each pack still has k honest shards
+    served = []
+    for liar in liars:
+        honest_read = liar.host.read
+
+        def lying_read(*args: Any, _read: Callable[..., bytes] = honest_read) -> bytes:
+            data = bytearray(_read(*args))
+            if data:
+                data[len(data) // 2] ^= 0x55
+            served.append(len(data))
+            return bytes(data)
+
+        liar.host.read = lying_read  # type: ignore[method-assign]
+    summary = await restore(cluster, tmp_path / "out")
+    assert summary.ok, summary.lines()
+    assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
+    assert served, "the liars were asked and their answers were not used"
+
+
+async def test_a_partitioned_node_fails_only_its_own_shards(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    cluster = await make_cluster(tmp_path, nursery, nodes=6)
+    source = make_tree(tmp_path / "src")
+    await backup(cluster, source)
+    # The owner cannot reach three of six nodes: k=3 remain for every pack.
+    cluster.world.partition(["owner", "node0", "node1", "node2"])
+    summary = await restore(cluster, tmp_path / "out")
+    assert summary.ok, summary.lines()
+    assert diff_trees(source, restored_path(tmp_path / "out", source)) == []

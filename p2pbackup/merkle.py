@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 import attrs
 
+from p2pbackup import crypto
 from p2pbackup.errors import MerkleError
 
 #: Block size used for new shards unless the repository says otherwise.
@@ -47,9 +48,8 @@ HASH_SIZE = 32
 
 _LEAF_PERSON = b"p2pb-merkle-leaf"
 _NODE_PERSON = b"p2pb-merkle-node"
-# Copying a personalised hasher is cheaper than building one per block, and
-# ~160 000 blocks are hashed per GB of shards.
-_LEAF_HASHER = hashlib.blake2b(digest_size=HASH_SIZE, person=_LEAF_PERSON)
+# Inner nodes hash 64 bytes each: copying a personalised hashlib hasher is
+# cheaper for them than a call into libsodium.
 _NODE_HASHER = hashlib.blake2b(digest_size=HASH_SIZE, person=_NODE_PERSON)
 
 Buffer = bytes | bytearray | memoryview
@@ -65,9 +65,9 @@ def block_count(data_size: int, block_size: int) -> int:
 
 def leaf_hash(block: Buffer) -> bytes:
     """Hash of one block as it appears at level 0."""
-    hasher = _LEAF_HASHER.copy()
-    hasher.update(block)
-    return hasher.digest()
+    # libsodium's BLAKE2b (AVX2) hashes blocks ~1.3x faster than hashlib's,
+    # and leaves are nearly all of a tree's hashing.
+    return crypto.hash_bytes(block, size=HASH_SIZE, person=_LEAF_PERSON)
 
 
 def node_hash(left: bytes, right: bytes) -> bytes:

@@ -12,6 +12,10 @@
   (packs, shards) straight from mmap returns them to the system when freed
   instead of leaving them to fragment a heap (another ~35 MB off the peak).
 
+* **BLAS threads** — numpy starts OpenBLAS worker threads at import, which
+  spin between calls (~1 % of a backup's CPU in ``perf``); p2pbackup never
+  multiplies matrices, so one is enough. Set before numpy is first imported.
+
 Measured with ``benchmarks/bench_backup.py``; see docs/performance.md.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 SWITCH_INTERVAL = 0.001
@@ -29,6 +34,7 @@ _M_MMAP_THRESHOLD = -3
 
 
 def tune_process() -> None:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     sys.setswitchinterval(SWITCH_INTERVAL)
     if sys.platform.startswith("linux"):
         _limit_malloc_arenas(MALLOC_ARENAS)

@@ -154,8 +154,8 @@ def _check_prefix(what: str, data: bytes, magic: bytes, minimum: int) -> None:
 # --- Shard header (fixed binary layout) -------------------------------------
 
 # magic, version, index, k, n, pack_size, shard_size, block_size, reserved,
-# pack_id, merkle_root. Big-endian, no implicit padding.
-_SHARD_HEADER = struct.Struct(">4sBBBBQQI4s32s32s")
+# pack_id. Big-endian, no implicit padding.
+_SHARD_HEADER = struct.Struct(">4sBBBBQQI4s32s")
 #: Bytes in front of every stored shard's data.
 SHARD_HEADER_SIZE = _SHARD_HEADER.size
 _RESERVED = bytes(4)
@@ -165,7 +165,6 @@ def encode_shard_header(header: ShardHeader) -> bytes:
     what = "shard header"
     # struct would silently pad a short id with zeros or cut a long one.
     _id(header.pack_id, f"{what}: pack id")
-    _id(header.merkle_root, f"{what}: Merkle root")
     try:
         data = _SHARD_HEADER.pack(
             SHARD_HEADER_MAGIC,
@@ -178,7 +177,6 @@ def encode_shard_header(header: ShardHeader) -> bytes:
             header.block_size,
             _RESERVED,
             header.pack_id,
-            header.merkle_root,
         )
     except struct.error as exc:
         _fail(what, f"cannot encode ({exc})")
@@ -190,7 +188,7 @@ def decode_shard_header(buf: Buffer) -> ShardHeader:
     what = "shard header"
     data = bytes(memoryview(buf)[:SHARD_HEADER_SIZE])
     _check_prefix(what, data, SHARD_HEADER_MAGIC, SHARD_HEADER_SIZE)
-    (_, _, index, k, n, pack_size, shard_size, block_size, reserved, pack_id, root) = (
+    (_, _, index, k, n, pack_size, shard_size, block_size, reserved, pack_id) = (
         _SHARD_HEADER.unpack(data)
     )
     if reserved != _RESERVED:
@@ -205,7 +203,6 @@ def decode_shard_header(buf: Buffer) -> ShardHeader:
         pack_size=pack_size,
         shard_size=shard_size,
         block_size=block_size,
-        merkle_root=root,
     )
 
 

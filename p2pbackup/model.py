@@ -114,7 +114,8 @@ class Snapshot:
 
 @attrs.frozen
 class ShardLocation:
-    """Shard ``index`` of a pack lives on ``peer_id``, with this Merkle root."""
+    """Shard ``index`` of a pack lives on ``peer_id``; ``merkle_root`` is the root
+    of the whole stored shard (header and data) over the pack's block size."""
 
     index: int
     peer_id: str
@@ -185,7 +186,9 @@ class ShardHeader:
     """The versioned header in front of every stored shard's data.
 
     Peers see it: it names the pack (an opaque hash of ciphertext) and the code
-    parameters, never anything about the files inside.
+    parameters, never anything about the files inside. The shard's Merkle root
+    covers this header and the data after it, so it cannot live in here: the
+    owner keeps it (:class:`ShardLocation`) and declares it to the host.
     """
 
     pack_id: bytes
@@ -197,4 +200,3 @@ class ShardHeader:
     #: Length of the shard data that follows the header.
     shard_size: int
     block_size: int
-    merkle_root: bytes

@@ -44,11 +44,13 @@ from p2pbackup.model import ID_SIZE
 from p2pbackup.net import Address, Network
 from p2pbackup.rpc import MessageChannel
 from p2pbackup.session import Identity, secure_initiator
+from p2pbackup.storage import ShardRoot
 
 #: Leases asked for new shards. Renewal arrives with maintenance; until then a
 #: shard must outlive any plausible gap between backups.
 DEFAULT_LEASE_SECONDS = 365 * 24 * 3600
-#: Merkle block size of the protocol's whole-shard roots.
+#: Merkle block size of the roots this store computes itself (when the caller
+#: passes none).
 TRANSFER_BLOCK_SIZE = merkle.DEFAULT_BLOCK_SIZE
 #: Shard ids asked for in one listing page.
 _LIST_PAGE = 5000
@@ -169,17 +171,19 @@ class RemoteShardStore:
 
     # -- the ShardStore interface -------------------------------------------------
 
-    async def put(self, shard_id: bytes, data: bytes) -> None:
+    async def put(self, shard_id: bytes, data: bytes, root: ShardRoot | None = None) -> None:
         _check_shard_id(shard_id)
-        root = await trio.to_thread.run_sync(merkle.merkle_root, data, TRANSFER_BLOCK_SIZE)
+        if root is None:
+            digest = await trio.to_thread.run_sync(merkle.merkle_root, data, TRANSFER_BLOCK_SIZE)
+            root = ShardRoot(TRANSFER_BLOCK_SIZE, digest)
         statement = messages.put_statement(
-            self.node_id, shard_id, len(data), root, self.lease_seconds
+            self.node_id, shard_id, len(data), root.root, self.lease_seconds
         )
         request = messages.PutShard(
             shard_id,
             len(data),
-            TRANSFER_BLOCK_SIZE,
-            root,
+            root.block_size,
+            root.root,
             self.lease_seconds,
             crypto.sign(self.identity.signing_seed, statement),
         )

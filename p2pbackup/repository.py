@@ -50,7 +50,7 @@ from p2pbackup.model import (
 from p2pbackup.net import Address, Network, TcpNetwork
 from p2pbackup.remote import RemoteShardStore
 from p2pbackup.session import Identity
-from p2pbackup.storage import FolderShardStore, ShardStore
+from p2pbackup.storage import FolderShardStore, ShardRoot, ShardStore
 
 ROOT_ENVELOPE_KIND = b"ROOT"
 #: Seconds a peer that could not be reached is passed over (tried last).
@@ -210,7 +210,11 @@ class Repository:
         async def place(index: int, peer_id: str) -> None:
             while True:
                 try:
-                    await self.store(peer_id).put(formats.shard_id(ident, index), payloads[index])
+                    await self.store(peer_id).put(
+                        formats.shard_id(ident, index),
+                        payloads[index],
+                        ShardRoot(config.block_size, roots[index]),
+                    )
                 except StoreError as exc:
                     if isinstance(exc, PeerUnavailableError):
                         self.mark_down(peer_id)
@@ -396,7 +400,6 @@ def _encode_pack(
     payloads: list[bytes] = []
     roots: list[bytes] = []
     for index in range(n):
-        root = merkle.merkle_root(shards[index], block_size)
         header = formats.encode_shard_header(
             ShardHeader(
                 pack_id=ident,
@@ -406,22 +409,24 @@ def _encode_pack(
                 pack_size=len(data),
                 shard_size=shard_size,
                 block_size=block_size,
-                merkle_root=root,
             )
         )
-        payloads.append(header + shards[index])
-        roots.append(root)
+        payload = header + shards[index]
+        payloads.append(payload)
+        # Over the whole stored shard, header included: the root a host
+        # verifies on upload and answers audits against.
+        roots.append(merkle.merkle_root(payload, block_size))
     return payloads, roots, shard_size
 
 
 def _verify_shard(record: PackRecord, location: ShardLocation, raw: bytes) -> bytes:
+    merkle.verify_root(raw, record.block_size, location.merkle_root)
     header = formats.decode_shard_header(raw)
     expected = (record.pack_id, location.index, record.k, record.n, record.size, record.shard_size)
     got = (header.pack_id, header.index, header.k, header.n, header.pack_size, header.shard_size)
-    if got != expected or header.merkle_root != location.merkle_root:
+    if got != expected:
         raise IntegrityError("shard header does not match the index")
     data = raw[formats.SHARD_HEADER_SIZE :]
     if len(data) != record.shard_size:
         raise IntegrityError(f"shard is {len(data)} bytes, expected {record.shard_size}")
-    merkle.verify_root(data, record.block_size, location.merkle_root)
     return data

@@ -82,13 +82,22 @@ _NO_LINK_ERRNOS = frozenset(
 )
 
 
+@attrs.frozen
+class ShardRoot:
+    """The Merkle root of a shard's bytes cut into ``block_size`` blocks."""
+
+    block_size: int
+    root: bytes
+
+
 class ShardStore(Protocol):
     """One owner's namespace on one peer (async; see the module docstring)."""
 
-    async def put(self, shard_id: bytes, data: bytes) -> None:
+    async def put(self, shard_id: bytes, data: bytes, root: ShardRoot | None = None) -> None:
         """Store a shard. Putting an id again with identical bytes does nothing;
         with different bytes raises StoreError and keeps the stored shard.
-        StoreFullError when there is no room."""
+        StoreFullError when there is no room. ``root``, when the caller has
+        computed it, saves a store that must declare it (a remote one) the work."""
 
     async def get(self, shard_id: bytes, offset: int = 0, length: int | None = None) -> bytes:
         """The shard's bytes from ``offset``, at most ``length`` of them (all
@@ -167,7 +176,7 @@ class MemoryShardStore:
     # Each method yields to the scheduler first and then acts without another
     # checkpoint, so every operation is atomic with respect to other tasks.
 
-    async def put(self, shard_id: bytes, data: bytes) -> None:
+    async def put(self, shard_id: bytes, data: bytes, root: ShardRoot | None = None) -> None:
         await trio.lowlevel.checkpoint()
         _check_shard_id(shard_id)
         existing = self._shards.get(shard_id)
@@ -495,7 +504,7 @@ class FolderShardStore:
 
     # -- shards --
 
-    async def put(self, shard_id: bytes, data: bytes) -> None:
+    async def put(self, shard_id: bytes, data: bytes, root: ShardRoot | None = None) -> None:
         _check_shard_id(shard_id)
         await self._ensure_writable()
         await trio.to_thread.run_sync(self._put_sync, shard_id, data)

@@ -363,16 +363,18 @@ async def test_a_full_peer_is_routed_around(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from p2pbackup.errors import StoreFullError
-    from p2pbackup.storage import FolderShardStore
+    from p2pbackup.storage import FolderShardStore, ShardRoot
 
     setup = await make_setup(tmp_path, peers=7)  # 3-of-6 with one spare
     full = setup.peers[0].resolve()
     real_put = FolderShardStore.put
 
-    async def put(self: FolderShardStore, shard_id: bytes, data: bytes) -> None:
+    async def put(
+        self: FolderShardStore, shard_id: bytes, data: bytes, root: ShardRoot | None = None
+    ) -> None:
         if Path(self.root).resolve() == full:
             raise StoreFullError(f"peer folder {full} is full")
-        await real_put(self, shard_id, data)
+        await real_put(self, shard_id, data, root)
 
     monkeypatch.setattr(FolderShardStore, "put", put)
     source = make_tree(tmp_path / "src")

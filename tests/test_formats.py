@@ -199,7 +199,6 @@ def shard_headers(draw: st.DrawFn) -> ShardHeader:
         pack_size=geometry["size"],
         shard_size=geometry["shard_size"],
         block_size=draw(block_sizes),
-        merkle_root=draw(ids),
     )
 
 
@@ -305,7 +304,7 @@ def _sample_record(rng: random.Random) -> PackRecord:
 
 _SAMPLES: dict[str, Callable[[random.Random], bytes]] = {
     "shard header": lambda rng: encode_shard_header(
-        ShardHeader(_rid(rng), 2, 3, 5, 1000, 334, 512, _rid(rng))
+        ShardHeader(_rid(rng), 2, 3, 5, 1000, 334, 512)
     ),
     "pack header": lambda rng: encode_pack_header(
         PackHeader((BlobEntry(BlobType.TREE, _rid(rng), 0, 300, 280),))
@@ -366,10 +365,9 @@ def test_shard_header_layout_is_pinned() -> None:
         pack_size=1000,
         shard_size=334,
         block_size=16384,
-        merkle_root=bytes(range(100, 132)),
     )
     encoded = encode_shard_header(header)
-    assert SHARD_HEADER_SIZE == len(encoded) == 96
+    assert SHARD_HEADER_SIZE == len(encoded) == 64
     assert encoded[:32] == (
         b"P2PS\x01\x02\x03\x05"
         + (1000).to_bytes(8, "big")
@@ -377,8 +375,7 @@ def test_shard_header_layout_is_pinned() -> None:
         + (16384).to_bytes(4, "big")
         + bytes(4)
     )
-    assert encoded[32:64] == header.pack_id
-    assert encoded[64:] == header.merkle_root
+    assert encoded[32:] == header.pack_id
 
 
 def test_tree_layout_is_pinned() -> None:
@@ -426,7 +423,7 @@ def test_wrong_structure_is_named_in_bad_magic() -> None:
 
 def test_shard_header_truncation_message() -> None:
     encoded = _SAMPLES["shard header"](random.Random(4))
-    with pytest.raises(FormatError, match=r"^shard header: truncated \(got 12 of 96 bytes\)$"):
+    with pytest.raises(FormatError, match=r"^shard header: truncated \(got 12 of 64 bytes\)$"):
         decode_shard_header(encoded[:12])
 
 
@@ -434,7 +431,7 @@ def test_shard_header_truncation_message() -> None:
 
 
 def _header(**changes: Any) -> ShardHeader:
-    base = ShardHeader(bytes(32), 0, 3, 5, 1000, 334, 512, bytes(32))
+    base = ShardHeader(bytes(32), 0, 3, 5, 1000, 334, 512)
     return attrs.evolve(base, **changes)
 
 
@@ -477,8 +474,6 @@ def test_shard_header_rejects_inconsistent_geometry(changes: dict[str, int], mes
 def test_shard_header_rejects_bad_ids_and_reserved_bytes() -> None:
     with pytest.raises(FormatError, match="pack id"):
         encode_shard_header(_header(pack_id=bytes(31)))
-    with pytest.raises(FormatError, match="Merkle root"):
-        encode_shard_header(_header(merkle_root=bytes(33)))
     with pytest.raises(FormatError, match="cannot encode"):
         encode_shard_header(_header(index=-1))
     encoded = bytearray(encode_shard_header(_header()))

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import trio
 
-from p2pbackup import operations, snapshots
+from p2pbackup import formats, operations, snapshots
 from p2pbackup.backup import Backup
 from p2pbackup.home import Home
 from p2pbackup.net import Address, LinkProfile, MemoryNetwork
@@ -90,6 +90,20 @@ async def test_backup_and_restore_through_storage_nodes(
     for node in cluster.nodes:  # every node holds one shard of every pack
         shards, _more = node.host.list(owner_id, None, 10_000)
         assert len(shards) >= len(records)
+    # Each host verified and keeps the very root the owner's index holds: the
+    # one audits will be checked against.
+    by_peer = {node.identity.node_id.hex(): node for node in cluster.nodes}
+    for record in records:
+        assert record is not None
+        for location in record.shards:
+            hosted = by_peer[location.peer_id].host.info(
+                owner_id, formats.shard_id(record.pack_id, location.index)
+            )
+            assert hosted is not None
+            assert (hosted.merkle_root, hosted.block_size) == (
+                location.merkle_root,
+                record.block_size,
+            )
     summary = await restore(cluster, tmp_path / "out")
     assert summary.ok, summary.lines()
     assert diff_trees(source, restored_path(tmp_path / "out", source)) == []

@@ -11,23 +11,36 @@
    zfec on the same data when it is installed (``bench_erasure``);
 4. **the whole system** — ``bench_backup``: initial backup, incremental
    backup and full restore of the ``make_corpus.py`` corpus with 10 folder
-   peers at 4-of-10, against restic in the same run, and the peak memory of
-   backing up one big file.
+   peers at 4-of-10 (or ``--peers nodes``: 10 storage nodes on 127.0.0.1),
+   against restic in the same run, and the peak memory of backing up one big
+   file;
+5. **the network**, only with ``--network`` — ``bench_network``: put and get
+   of ``--network-size-mb`` MiB of shards into one storage server on
+   127.0.0.1, with the secure session and on plain TCP; then the whole-system
+   steps again (not the big file) with p2pbackup's 10 peers as ``p2pbackup
+   serve`` processes on 127.0.0.1, beside restic (skipped when part 4 already
+   ran with ``--peers nodes``).
 
 Component figures are the best of ``--repeat`` runs on warm caches; MB is
 10^6 bytes. Run from the repository::
 
     .venv/bin/python benchmarks/bench_all.py                # the full benchmark
     .venv/bin/python benchmarks/bench_all.py --quick        # a 1–2 minute smoke run
+    .venv/bin/python benchmarks/bench_all.py --network      # and the network part
+    .venv/bin/python benchmarks/bench_all.py --network --skip-components --skip-system
+                                                            # the network part alone
 
 Every option of ``bench_backup.py`` is accepted and passed on (``--workdir``,
 ``--size-mb``, ``--seed``, ``--skip-restic``, ``--big-file-mb``,
-``--skip-big-file``, ``--corpus-script``, ``--keep``).
+``--skip-big-file``, ``--corpus-script``, ``--peers``, ``--keep``), and those
+of ``bench_network.py`` with ``network-`` in front (``--network-size-mb``,
+``--network-concurrency``, ``--network-rounds``, ``--network-server-dir``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import threading
@@ -41,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_backup
 import bench_chunker
 import bench_erasure
+import bench_network
 
 from p2pbackup import blobs, crypto
 from p2pbackup.chunker import iter_chunks
@@ -50,8 +64,10 @@ MiB = 1 << 20
 MB = 1e6
 PIECE = MiB
 
-FULL = {"chunk_mb": 256, "crypto_mb": 256, "erasure_mb": 64, "size_mb": 1024, "big_file_mb": 2048}
-QUICK = {"chunk_mb": 32, "crypto_mb": 32, "erasure_mb": 16, "size_mb": 100, "big_file_mb": 200}
+FULL = {"chunk_mb": 256, "crypto_mb": 256, "erasure_mb": 64, "size_mb": 1024, "big_file_mb": 2048,
+        "network_size_mb": 1024}  # fmt: skip
+QUICK = {"chunk_mb": 32, "crypto_mb": 32, "erasure_mb": 16, "size_mb": 100, "big_file_mb": 200,
+         "network_size_mb": 100}  # fmt: skip
 
 
 def _rate(size: int, seconds: float) -> float:
@@ -161,9 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--erasure-mb", type=int, help=f"MiB for erasure ({FULL['erasure_mb']})")
     parser.add_argument("--skip-components", action="store_true", help="only the whole system")
     parser.add_argument("--skip-system", action="store_true", help="only the components")
+    parser.add_argument(
+        "--network",
+        action="store_true",
+        help="then the network: bench_network, and the whole system with 10 storage nodes",
+    )
     bench_backup.add_arguments(parser)
+    bench_network.add_arguments(parser, prefix="network-")
     # None means "the full or the --quick size", decided after parsing.
-    parser.set_defaults(size_mb=None, big_file_mb=None)
+    parser.set_defaults(size_mb=None, big_file_mb=None, network_size_mb=None)
     return parser
 
 
@@ -205,12 +227,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_system:
         code = bench_backup.run(args)
 
+    network_rows: list[dict[str, object]] = []
+    if args.network:
+        print(f"\n== network: {args.network_size_mb:g} MiB of shards each way ==", flush=True)
+        network_code, network_rows = bench_network.run(
+            args.workdir,
+            args.network_size_mb,
+            args.network_concurrency,
+            args.network_rounds,
+            args.network_server_dir,
+        )
+        code = code or network_code
+        if args.peers == "nodes" and not args.skip_system:
+            print("\n(the whole system with storage nodes already ran above: --peers nodes)")
+        else:
+            print("\n== network: the whole system with 10 storage nodes ==", flush=True)
+            nodes_args = copy.copy(args)
+            nodes_args.peers, nodes_args.skip_big_file = "nodes", True
+            code = bench_backup.run(nodes_args) or code
+
     if summary:
         print("\n== components, MB/s (one thread unless said) ==")
         for label, rate in summary:
             print(f"  {label:<38} {rate:8.0f}")
         print(f"\n== erasure coding, MB/s of input ({args.erasure_mb} MiB) ==")
         print(bench_erasure.format_table(erasure_rows))
+    if network_rows:
+        print("\n== network: secure session against plain TCP (bench_network) ==")
+        print(bench_network.summary_table(network_rows))
+        for line in bench_network.target_lines(network_rows):
+            print(line)
     print(f"\nbench_all: done in {time.perf_counter() - start:.0f} s", flush=True)
     return code
 

@@ -12,6 +12,14 @@ and the same three for restic to a local repository when ``restic`` is on
 PATH, with the ratio of the two throughputs. Then the peak memory of backing
 up one big random file (2048 MiB by default; the target is < 300 MB).
 
+With ``--peers nodes`` the 10 peers are storage nodes instead of folders:
+10 ``p2pbackup serve --listen 127.0.0.1:0`` processes, each with its own home
+under WORKDIR, started before the first step and stopped (SIGTERM) after the
+restore, and added with ``peer add``. The CPU seconds of the 10 nodes during
+each step (summed, from ``/proc/PID/stat`` before and after) are reported
+beside the client's. Logs and results then go to ``logs-nodes/`` and
+``last-results-nodes.json``, so that a folder run's stay.
+
 Every measured step is one child process: wall seconds, CPU seconds
 (user + system) and peak RSS come from ``os.wait4`` on that child alone.
 MB/s is 10^6 bytes of corpus per wall second (for the incremental backup:
@@ -22,7 +30,7 @@ may (root); the output says whether it was.
 Run from the repository::
 
     .venv/bin/python benchmarks/bench_backup.py [--workdir DIR] [--size-mb 1024] [--seed 1]
-        [--skip-restic] [--big-file-mb 2048] [--skip-big-file] [--keep]
+        [--skip-restic] [--big-file-mb 2048] [--skip-big-file] [--peers dirs|nodes] [--keep]
 
 The corpus is generated once into ``WORKDIR/corpus-<size>MiB-seed<seed>`` (with
 a stamp file beside it) and reused while it matches the stamp; every run works
@@ -39,6 +47,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -67,6 +76,9 @@ RESTIC_SUMMARY_KEYS = ("data_added", "files_new", "files_changed", "files_unmodi
                        "total_bytes_processed")  # fmt: skip
 #: Details that are byte counts, shown in MB.
 BYTE_KEYS = {"bytes_read", "bytes_new", "bytes_stored", "data_added", "total_bytes_processed"}
+#: The detail with the storage nodes' CPU seconds during a step (peers "nodes").
+NODES_CPU_KEY = "nodes_cpu_seconds"
+PEER_KINDS = ("dirs", "nodes")
 
 
 class StepFailed(Exception):
@@ -248,6 +260,90 @@ def run_measured(
     return seconds, cpu, rss_kib * 1024 / MB, code, stdout
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process, all its threads, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # utime and stime are fields 14 and 15 of proc(5), counted from the pid.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+SERVING_PREFIX = "serving on "
+NODE_PREFIX = "node "
+
+
+@dataclass
+class ServeProcess:
+    """A storage node in a process of its own, one that prints ``node HEX`` and
+    then ``serving on HOST:PORT`` once it listens (``p2pbackup serve`` and the
+    server of ``bench_network.py``), and stops on SIGTERM."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    out_path: Path
+    err_path: Path
+    address: str = ""
+    node_id: str = ""
+    stopped: bool = False
+
+    @classmethod
+    def start(cls, cmd: Sequence[str], logs: Path, name: str) -> ServeProcess:
+        """Start ``cmd``; its output goes to ``logs/NAME.out`` and ``.err`` (a file,
+        never a pipe: nobody reads a pipe while the node runs, and a full one blocks it)."""
+        logs.mkdir(parents=True, exist_ok=True)
+        out_path, err_path = logs / f"{name}.out", logs / f"{name}.err"
+        with out_path.open("wb") as out, err_path.open("wb") as err:
+            process = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        return cls(name, process, out_path, err_path)
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        """Wait for the ``serving on`` line; StepFailed if the node exits or takes too long."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.out_path.read_text(errors="replace").splitlines():
+                if line.startswith(NODE_PREFIX):
+                    self.node_id = line.removeprefix(NODE_PREFIX).strip()
+                if line.startswith(SERVING_PREFIX):
+                    self.address = line.removeprefix(SERVING_PREFIX).strip()
+            if self.address and self.node_id:
+                return
+            code = self.process.poll()
+            if code is not None or time.monotonic() > deadline:
+                why = f"exited {code}" if code is not None else f"not listening after {timeout:g} s"
+                self.stop()
+                tail = self.err_path.read_text(errors="replace").strip().splitlines()[-15:]
+                raise StepFailed(
+                    f"storage node {self.name} {why}; stderr ({self.err_path}):\n  "
+                    + "\n  ".join(tail)
+                )
+            time.sleep(0.02)
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.process.pid)
+
+    def stop(self) -> list[str]:
+        """SIGTERM and wait (SIGKILL after 30 s); what went wrong, if anything.
+
+        Idempotent: only the first call reports.
+        """
+        if self.stopped:
+            return []
+        self.stopped = True
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            return [f"storage node {self.name} ignored SIGTERM for 30 s and was killed"]
+        problems = []
+        if code != 0:
+            problems.append(f"storage node {self.name} exited {code} (see {self.err_path})")
+        if "Traceback" in self.err_path.read_text(errors="replace"):
+            problems.append(f"storage node {self.name} logged a traceback (see {self.err_path})")
+        return problems
+
+
 def run_quiet(cmd: Sequence[str], *, env: dict[str, str] | None = None) -> str:
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -338,10 +434,25 @@ class Context:
     seed: int
     logs: Path
     keep: bool = False
+    #: "dirs": folder peers; "nodes": `p2pbackup serve` processes on 127.0.0.1.
+    peers: str = "dirs"
     caches_dropped: list[bool] = field(default_factory=list)
+    #: The storage nodes running now (peers "nodes"), and what went wrong with any.
+    nodes: list[ServeProcess] = field(default_factory=list)
+    node_problems: list[str] = field(default_factory=list)
 
     def cold(self) -> None:
         self.caches_dropped.append(drop_caches())
+
+    def nodes_cpu(self) -> float:
+        """CPU seconds of the running storage nodes, summed."""
+        return sum(node.cpu_seconds() for node in self.nodes)
+
+    def stop_nodes(self) -> None:
+        """SIGTERM the storage nodes and wait for them; idempotent."""
+        nodes, self.nodes = self.nodes, []
+        for node in nodes:
+            self.node_problems.extend(node.stop())
 
     def discard(self, *paths: Path) -> None:
         """Free the disk space of a finished part, unless --keep."""
@@ -357,16 +468,50 @@ def _clean(path: Path) -> Path:
     return path
 
 
-def p2p_home(base: Path) -> list[str]:
-    """A fresh home with 10 folder peers at 4-of-10; the command prefix to use it."""
+def p2p_home(ctx: Context, base: Path, label: str = "") -> list[str]:
+    """A fresh home with 10 peers at 4-of-10; the command prefix to use it.
+
+    The peers are folders under ``base/peers``, or with ``ctx.peers == "nodes"``
+    storage nodes started now (see :func:`start_nodes`; ``label`` starts the
+    names of their logs).
+    """
     home, peers = base / "home", base / "peers"
     cmd = [*p2pbackup_command(), "--home", str(home)]
     run_quiet([*cmd, "init", "--shards", SHARDS, "--recovery-key-file", str(base / "key.txt")])
+    if ctx.peers == "nodes":
+        start_nodes(ctx, peers, label)
+        for node in ctx.nodes:
+            run_quiet([*cmd, "peer", "add", node.address, node.node_id])
+        return cmd
     for i in range(PEERS):
         peer = peers / f"peer-{i:02d}"
         peer.mkdir(parents=True)
         run_quiet([*cmd, "peer", "add-dir", str(peer)])
     return cmd
+
+
+def start_nodes(ctx: Context, root: Path, label: str = "") -> None:
+    """Start 10 ``p2pbackup serve --listen 127.0.0.1:0`` processes into ``ctx.nodes``.
+
+    Each has its own home ``root/node-NN`` (its shards under ``hosted/``) and
+    its output in ``logs/LABELnode-NN.out|err``. They are started together and
+    waited for together, so their start-up overlaps.
+    """
+    homes = []
+    for i in range(PEERS):
+        home = root / f"node-{i:02d}"
+        cmd = [*p2pbackup_command(), "--home", str(home)]
+        run_quiet([*cmd, "init", "--recovery-key-file", str(root / f"node-{i:02d}.key")])
+        homes.append((cmd, run_quiet([*cmd, "id"]).strip().splitlines()[-1]))
+    for i, (cmd, _node_id) in enumerate(homes):
+        serve = [*cmd, "serve", "--listen", "127.0.0.1:0"]
+        ctx.nodes.append(ServeProcess.start(serve, ctx.logs, f"{label}node-{i:02d}"))
+    for node, (_cmd, node_id) in zip(ctx.nodes, homes, strict=True):
+        node.wait_serving()
+        if node.node_id != node_id:
+            raise StepFailed(
+                f"storage node {node.name} serves as {node.node_id}, but `id` said {node_id}"
+            )
 
 
 def _json_tail(stdout: str) -> dict[str, Any]:
@@ -390,17 +535,25 @@ def _disk_usage(path: Path) -> int:
     return total
 
 
+def _nodes_cpu_details(ctx: Context, before: float) -> dict[str, float]:
+    """The storage nodes' CPU seconds since ``before``, as a detail (none without nodes)."""
+    if not ctx.nodes:
+        return {}
+    return {NODES_CPU_KEY: round(ctx.nodes_cpu() - before, 2)}
+
+
 def bench_p2pbackup(ctx: Context, corpus: Path, results: list[Measurement]) -> Iterator[None]:
     """The three steps for p2pbackup, yielding after each (see :func:`interleave`)."""
     base = _clean(ctx.workdir / "p2pbackup")
     run = ctx.workdir / "corpus-run-p2pbackup"
     fresh_copy(corpus, run)
-    cmd = p2p_home(base)
+    cmd = p2p_home(ctx, base)
     source = os.path.abspath(run)
 
     def backup(step: str, name: str, extra: dict[str, Any]) -> None:
         _files, size = tree_size(run)
         ctx.cold()
+        nodes_before = ctx.nodes_cpu()
         seconds, cpu, rss, code, out = run_measured(
             [*cmd, "backup", source, "--json"], ctx.logs, name
         )
@@ -408,6 +561,7 @@ def bench_p2pbackup(ctx: Context, corpus: Path, results: list[Measurement]) -> I
         details = {
             **extra,
             **{k: summary[k] for k in P2P_SUMMARY_KEYS if k in summary},
+            **_nodes_cpu_details(ctx, nodes_before),
         }
         results.append(Measurement("p2pbackup", step, seconds, cpu, rss, size, code, details))
 
@@ -419,12 +573,15 @@ def bench_p2pbackup(ctx: Context, corpus: Path, results: list[Measurement]) -> I
     target = base / "restore"
     _files, size = tree_size(run)
     ctx.cold()
+    nodes_before = ctx.nodes_cpu()
     seconds, cpu, rss, code, _out = run_measured(
         [*cmd, "restore", "latest", "--target", str(target), "--json"],
         ctx.logs,
         "p2p-restore",
         allowed=(0, 3),
     )
+    nodes_cpu = _nodes_cpu_details(ctx, nodes_before)
+    ctx.stop_nodes()
     problems = verify(run, restored_path(target, run))
     if code != 0:
         problems.insert(0, f"p2pbackup restore exited {code} (see {ctx.logs}/p2p-restore.*)")
@@ -432,7 +589,8 @@ def bench_p2pbackup(ctx: Context, corpus: Path, results: list[Measurement]) -> I
         Measurement(
             "p2pbackup", "full restore", seconds, cpu, rss, size, code,
             {"verified": not problems, "problems": problems[:20],
-             "problem_count": len(problems), "peers_disk_bytes": _disk_usage(base / "peers")},
+             "problem_count": len(problems), "peers_disk_bytes": _disk_usage(base / "peers"),
+             **nodes_cpu},
         )
     )  # fmt: skip
     if not problems:
@@ -556,15 +714,21 @@ def bench_big_file(ctx: Context, size_mb: int, restic: str | None) -> list[Measu
     results: list[Measurement] = []
 
     p2p = _clean(base / "p2pbackup")
-    cmd = p2p_home(p2p)
+    cmd = p2p_home(ctx, p2p, "bigfile-")
     ctx.cold()
-    seconds, cpu, rss, code, out = run_measured(
-        [*cmd, "backup", str(big.resolve()), "--json"], ctx.logs, "p2p-backup-bigfile"
-    )
+    nodes_before = ctx.nodes_cpu()
+    try:
+        seconds, cpu, rss, code, out = run_measured(
+            [*cmd, "backup", str(big.resolve()), "--json"], ctx.logs, "p2p-backup-bigfile"
+        )
+        nodes_cpu = _nodes_cpu_details(ctx, nodes_before)
+    finally:
+        ctx.stop_nodes()
     summary = _json_tail(out)
     results.append(
         Measurement("p2pbackup", f"backup one {size_mb} MiB file", seconds, cpu, rss, size, code,
-                    {k: summary[k] for k in ("bytes_stored", "packs_written") if k in summary})
+                    {**{k: summary[k] for k in ("bytes_stored", "packs_written") if k in summary},
+                     **nodes_cpu})
     )  # fmt: skip
     ctx.discard(p2p)
 
@@ -625,6 +789,20 @@ def detail_lines(results: list[Measurement]) -> list[str]:
     return lines
 
 
+def nodes_cpu_lines(results: list[Measurement]) -> list[str]:
+    lines = []
+    for m in results:
+        nodes = m.details.get(NODES_CPU_KEY)
+        if not isinstance(nodes, float):
+            continue
+        total = m.cpu_seconds + nodes
+        lines.append(
+            f"  {m.step:<26} nodes {nodes:7.2f} s, client {m.cpu_seconds:7.2f} s, together "
+            f"{total:7.2f} s ({total / m.seconds:.2f} cores)"
+        )
+    return lines
+
+
 def targets_lines(
     ours: list[Measurement], theirs: list[Measurement], big: list[Measurement]
 ) -> list[str]:
@@ -668,6 +846,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"make_corpus.py (default {DEFAULT_CORPUS_SCRIPT})",
     )
     parser.add_argument(
+        "--peers",
+        choices=PEER_KINDS,
+        default="dirs",
+        help="p2pbackup's 10 peers: local folders (dirs, the default) or storage nodes, "
+        "each a `p2pbackup serve` process on 127.0.0.1 (nodes)",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep homes, peers, repositories and restores"
     )
 
@@ -690,7 +875,12 @@ def run(args: argparse.Namespace) -> int:
     restic = None if args.skip_restic else restic_binary()
     global TIME_BINARY
     TIME_BINARY = time_binary()
-    ctx = Context(workdir, script, args.seed, workdir / "logs", keep=args.keep)
+    # A run with storage nodes keeps its logs and results apart, so that
+    # bench_all can run both kinds of peers and keep both.
+    suffix = "" if args.peers == "dirs" else f"-{args.peers}"
+    ctx = Context(
+        workdir, script, args.seed, workdir / f"logs{suffix}", keep=args.keep, peers=args.peers
+    )
     _clean(ctx.logs)
 
     print("p2pbackup whole-system benchmark (benchmarks/bench_backup.py)")
@@ -702,7 +892,12 @@ def run(args: argparse.Namespace) -> int:
         why = "--skip-restic" if args.skip_restic else "not installed"
         print(f"restic:  skipped ({why})")
     print(f"workdir: {workdir}")
-    print(f"setup:   {PEERS} local folder peers, {SHARDS.replace('/', '-of-')} shards")
+    shards = SHARDS.replace("/", "-of-")
+    if ctx.peers == "nodes":
+        print(f"setup:   {PEERS} storage nodes on 127.0.0.1 (one `p2pbackup serve` process "
+              f"each, started before and stopped after), {shards} shards")  # fmt: skip
+    else:
+        print(f"setup:   {PEERS} local folder peers, {shards} shards")
     print(f"rusage:  {'GNU time ' + TIME_BINARY if TIME_BINARY else 'os.wait4 (inflated RSS)'}")
 
     fingerprint = source_fingerprint()
@@ -724,6 +919,8 @@ def run(args: argparse.Namespace) -> int:
         except StepFailed as exc:
             failures.append(str(exc))
             print(f"FAILED: {exc}")
+        finally:
+            ctx.stop_nodes()
     if not args.skip_big_file:
         with _section(f"one {args.big_file_mb} MiB random file"):
             try:
@@ -731,6 +928,9 @@ def run(args: argparse.Namespace) -> int:
             except StepFailed as exc:
                 failures.append(f"big file: {exc}")
                 print(f"FAILED: {exc}")
+            finally:
+                ctx.stop_nodes()
+    failures.extend(ctx.node_problems)
 
     dropped = ctx.caches_dropped
     print("\n== results ==")
@@ -766,7 +966,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"restore verification ({m.tool}): {verdict}")
             if not m.details.get("verified"):
                 failures.append(f"{m.tool} restore differs from the source")
-    print("\ntargets:")
+    if ctx.peers == "nodes":
+        print(f"\nstorage nodes ({PEERS} `serve` processes): CPU seconds during each step, summed")
+        for line in nodes_cpu_lines([*ours, *big]):
+            print(line)
+        print("\ntargets (p2pbackup with its 10 peers as storage nodes on 127.0.0.1):")
+    else:
+        print("\ntargets:")
     for line in targets_lines(ours, theirs, big):
         print(line)
     if source_fingerprint() != fingerprint:
@@ -779,12 +985,13 @@ def run(args: argparse.Namespace) -> int:
         for failure in failures:
             print("  " + failure.replace("\n", "\n  "))
 
-    results_path = workdir / "last-results.json"
+    results_path = workdir / f"last-results{suffix}.json"
     results_path.write_text(
         json.dumps(
             {
                 "machine": machine_lines(),
                 "args": {k: str(v) for k, v in vars(args).items()},
+                "peers": ctx.peers,
                 "caches_dropped": dropped,
                 "results": [{**asdict(m), "mb_s": m.mb_s} for m in [*ours, *theirs, *big]],
                 "failures": failures,

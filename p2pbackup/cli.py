@@ -13,6 +13,7 @@ import argparse
 import getpass
 import inspect
 import json
+import logging
 import os
 import signal
 import stat
@@ -133,6 +134,12 @@ async def cmd_serve(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import node
     from p2pbackup.net import Address
 
+    # A node runs unattended: what goes wrong with a peer is logged, not raised.
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="p2pbackup serve: %(levelname)s: %(message)s",
+    )
     options = node.ServeOptions(
         listen=Address.parse(args.listen),
         capacity=parse_size(args.capacity) if args.capacity else None,
@@ -367,10 +374,15 @@ def read_recovery_key(path: str | None) -> str:
 async def cmd_recover(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations
 
-    if not args.peer_dir:
-        raise UsageError("recover needs at least one --peer-dir PATH")
+    if not args.peer_dir and not args.peer:
+        raise UsageError("recover needs at least one --peer-dir PATH or --peer HOST:PORT NODE_ID")
     key = read_recovery_key(args.recovery_key_file)
-    summary = await operations.recover(home, key, [Path(p) for p in args.peer_dir])
+    summary = await operations.recover(
+        home,
+        key,
+        [Path(p) for p in args.peer_dir or []],
+        [(address, node_id) for address, node_id in args.peer or []],
+    )
     _out(f"recovered into {home.path}")
     for line in summary.lines():
         _out(line)
@@ -438,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--capacity", metavar="SIZE", help="most space to give all peers (e.g. 200G)")
     p.add_argument("--owner-quota", metavar="SIZE", help="most space to give any one peer")
+    p.add_argument(
+        "--verbose", action="store_true", help="log every session, not only what goes wrong"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("backup", help="back up files and directories")
@@ -490,6 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="PATH",
         help="a peer folder (repeatable; one is enough when it names the others)",
+    )
+    p.add_argument(
+        "--peer",
+        action="append",
+        nargs=2,
+        metavar=("HOST:PORT", "NODE_ID"),
+        help="a storage node (repeatable; one is enough when it names the others)",
     )
     p.set_defaults(func=cmd_recover)
 

@@ -21,7 +21,8 @@ Families:
   fewer than k usable shards exist.
 * :class:`StoreError` — a shard store refused or failed an operation;
   :class:`ShardNotFoundError` when the shard is simply absent,
-  :class:`StoreFullError` when the store has no room.
+  :class:`StoreFullError` when the store has no room,
+  :class:`StoreRequestError` when the request itself is unreasonable.
 * :class:`ProtocolError` — the wire: :class:`LocalProtocolError` (we broke the
   rules) and :class:`RemoteProtocolError` (the peer did).
   :class:`HandshakeError` (a remote protocol error) when the secure session's
@@ -86,6 +87,11 @@ class NotEnoughShardsError(ErasureError):
 
 class StoreError(P2PBackupError):
     """A shard store failed or refused an operation."""
+
+
+class StoreRequestError(StoreError):
+    """A request a store cannot take as asked: a bad size, block size or range,
+    an audit of blocks the shard does not have. The asker's fault, not the store's."""
 
 
 class ShardNotFoundError(StoreError):

@@ -241,11 +241,13 @@ def peer_address(stream: trio.abc.Stream) -> Address | None:
 
 async def _run_handler(handler: StreamHandler, stream: trio.abc.Stream) -> None:
     """Run one connection's handler; its failure is that connection's alone."""
+    # Read now: a closed socket no longer knows its peer.
+    peer = peer_address(stream)
     try:
         await handler(stream)
     except Exception:
         # The traceback names code and exception messages, never stream data.
-        log.exception("handler for the connection from %s failed", peer_address(stream))
+        log.exception("handler for the connection from %s failed", peer)
     finally:
         await trio.aclose_forcefully(stream)
 

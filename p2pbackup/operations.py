@@ -25,10 +25,16 @@ from p2pbackup.home import Home
 from p2pbackup.index import Index
 from p2pbackup.keys import Keyring
 from p2pbackup.model import NODE_ID_SIZE, BlobType, PeerRecord, RepositoryConfig, RootRecord
-from p2pbackup.net import Address, Network
+from p2pbackup.net import Address, Network, TcpNetwork
 from p2pbackup.remote import RemoteShardStore
-from p2pbackup.repository import PEER_KIND_NODE, Repository, open_root_record, open_store
-from p2pbackup.storage import FolderShardStore, init_folder_peer, read_folder_peer_id
+from p2pbackup.repository import (
+    PEER_KIND_DIR,
+    PEER_KIND_NODE,
+    Repository,
+    open_root_record,
+    open_store,
+)
+from p2pbackup.storage import init_folder_peer, read_folder_peer_id
 
 DEFAULT_K = 3
 DEFAULT_N = 6
@@ -189,21 +195,50 @@ class RecoverSummary:
         return lines
 
 
-async def _find_root(
-    keyring: Keyring, peer_dirs: list[Path], problems: list[str]
-) -> tuple[RootRecord, dict[str, Path]]:
-    """The newest root record on the given folders, and which peer each folder is."""
-    best: RootRecord | None = None
-    found_dirs: dict[str, Path] = {}
+async def _reach_peers(
+    keyring: Keyring, peer_dirs: list[Path], peer_nodes: list[tuple[str, str]]
+) -> list[PeerRecord]:
+    """The given peers as they are reached now (a folder may have moved, a node
+    changed address). Folders are read for their peer id; nodes prove theirs
+    in the handshake."""
+    peers = []
     for path in peer_dirs:
         path = path.absolute()
         try:
             peer_id = await trio.to_thread.run_sync(read_folder_peer_id, path)
-            raw = await FolderShardStore(path, keyring.node_id).get_root()
+        except StoreError as exc:
+            # Kept with no id, so the reason is reported with the others.
+            peers.append(PeerRecord("", PEER_KIND_DIR, f"{path}: {exc}"))
+            continue
+        peers.append(PeerRecord(peer_id, PEER_KIND_DIR, str(path)))
+    for address_text, node_id_text in peer_nodes:
+        address = Address.parse(address_text, allow_port_zero=False)
+        node_id = parse_node_id(node_id_text)
+        peers.append(PeerRecord(node_id.hex(), PEER_KIND_NODE, str(address)))
+    return peers
+
+
+async def _find_root(
+    keyring: Keyring, peers: list[PeerRecord], network: Network, problems: list[str]
+) -> tuple[RootRecord, dict[str, PeerRecord]]:
+    """The newest root record on the given peers, and which of them answered."""
+    best: RootRecord | None = None
+    found: dict[str, PeerRecord] = {}
+    for peer in peers:
+        if not peer.peer_id:
+            problems.append(peer.location)
+            continue
+        path = peer.location
+        store = open_store(peer, keyring, network)
+        try:
+            raw = await store.get_root()
         except StoreError as exc:
             problems.append(f"{path}: {exc}")
             continue
-        found_dirs[peer_id] = path
+        finally:
+            if isinstance(store, RemoteShardStore):
+                await store.aclose()
+        found[peer.peer_id] = peer
         if raw is None:
             problems.append(f"{path}: holds no root record for this recovery key")
             continue
@@ -218,26 +253,40 @@ async def _find_root(
         raise UsageError(
             "no root record for this recovery key on the given peers "
             f"({'; '.join(problems) or 'no peers given'}); "
-            "check the recovery key and the peer folders"
+            "check the recovery key and the peers"
         )
-    return best, found_dirs
+    return best, found
 
 
-async def recover(home: Home, recovery_key: str, peer_dirs: list[Path]) -> RecoverSummary:
-    """Rebuild a home from its recovery key and any reachable peer."""
+async def recover(
+    home: Home,
+    recovery_key: str,
+    peer_dirs: list[Path],
+    peer_nodes: list[tuple[str, str]] | None = None,
+    *,
+    network: Network | None = None,
+) -> RecoverSummary:
+    """Rebuild a home from its recovery key and any reachable peer: folders
+    (paths) or storage nodes (address and node id)."""
     secret = keys.parse_recovery_key(recovery_key)
     keyring = Keyring.from_master_secret(secret)
     if home.exists():
         raise UsageError(f"{home.path} is already a p2pbackup home; recover into a new one")
+    network = network if network is not None else TcpNetwork()
     summary = RecoverSummary(node_id=keyring.node_id.hex())
-    root, found_dirs = await _find_root(keyring, peer_dirs, summary.problems)
+    peers = await _reach_peers(keyring, peer_dirs, peer_nodes or [])
+    root, found = await _find_root(keyring, peers, network, summary.problems)
     existed = home.path.exists()
     home.create(secret, keyring.node_id)
     try:
         with home.locked():
             index = Index(home.index_path)
             try:
-                await _rebuild_index(Repository(keyring, index), root, found_dirs, summary)
+                repo = Repository(keyring, index, network)
+                try:
+                    await _rebuild_index(repo, root, found, summary)
+                finally:
+                    await repo.aclose()
             finally:
                 index.close()
     except BaseException:
@@ -258,16 +307,15 @@ def _remove_home(home: Home, *, keep_dir: bool) -> None:
 
 
 async def _rebuild_index(
-    repo: Repository, root: RootRecord, found_dirs: dict[str, Path], summary: RecoverSummary
+    repo: Repository, root: RootRecord, found: dict[str, PeerRecord], summary: RecoverSummary
 ) -> None:
     index = repo.index
     with index.transaction():
         index.set_config(root.config)
         for peer in root.peers:
-            moved = found_dirs.get(peer.peer_id)
-            if moved is not None and peer.kind == "dir":
-                peer = PeerRecord(peer.peer_id, peer.kind, str(moved))
-            index.add_peer(peer)
+            # Where the user just reached it wins over where it last was.
+            now = found.get(peer.peer_id)
+            index.add_peer(now if now is not None and now.kind == peer.kind else peer)
         for record in root.index_packs:
             index.add_pack(record, is_index=True, in_segment=True)
         index.set_root_sequence(root.sequence)

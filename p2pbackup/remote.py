@@ -24,8 +24,8 @@ refusals map to :class:`ShardNotFoundError`, :class:`StoreFullError` or
 from __future__ import annotations
 
 import builtins
-import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
 
@@ -52,6 +52,8 @@ DEFAULT_LEASE_SECONDS = 365 * 24 * 3600
 #: Merkle block size of the roots this store computes itself (when the caller
 #: passes none).
 TRANSFER_BLOCK_SIZE = merkle.DEFAULT_BLOCK_SIZE
+_T = TypeVar("_T")
+
 #: Shard ids asked for in one listing page.
 _LIST_PAGE = 5000
 
@@ -107,34 +109,54 @@ class RemoteShardStore:
             raise PeerUnavailableError(f"{self.name}: handshake failed: {exc}") from None
         return MessageChannel(secure)
 
-    @contextlib.asynccontextmanager
-    async def _channel(self) -> AsyncIterator[MessageChannel]:
-        """A connection for one request; back to the pool if the request ended cleanly."""
+    async def _exchange(self, operation: Callable[[MessageChannel], Awaitable[_T]]) -> _T:
+        """Run one request's exchange on a connection from the pool (or a new one).
+
+        A pooled connection may have been closed by the node while it sat idle
+        (nodes close idle sessions); if it turns out dead, the exchange runs
+        once more on a new connection. Every request is idempotent, so a
+        repeat is safe even if the node did act on the first.
+        """
         async with self._slots:
-            channel = self._idle.pop() if self._idle else await self.open_channel()
-            try:
-                with trio.fail_after(self.io_timeout):
-                    yield channel
-            except trio.TooSlowError:
-                await trio.aclose_forcefully(channel.stream)
-                raise PeerUnavailableError(
-                    f"{self.name}: no answer within {self.io_timeout:g} s"
-                ) from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                await trio.aclose_forcefully(channel.stream)
-                raise PeerUnavailableError(f"{self.name}: connection lost ({exc})") from None
-            except (ProtocolError, IntegrityError) as exc:
-                await trio.aclose_forcefully(channel.stream)
-                raise PeerUnavailableError(f"{self.name}: {exc}") from None
-            except StoreError:
-                # A refusal ends its exchange cleanly: the connection stays good.
-                self._idle.append(channel)
-                raise
-            except BaseException:
-                await trio.aclose_forcefully(channel.stream)
-                raise
-            else:
-                self._idle.append(channel)
+            if self._idle:
+                try:
+                    return await self._exchange_on(self._idle.pop(), operation)
+                except _StaleConnection:
+                    pass
+            return await self._exchange_on(await self.open_channel(), operation, fresh=True)
+
+    async def _exchange_on(
+        self,
+        channel: MessageChannel,
+        operation: Callable[[MessageChannel], Awaitable[_T]],
+        *,
+        fresh: bool = False,
+    ) -> _T:
+        try:
+            with trio.fail_after(self.io_timeout):
+                result = await operation(channel)
+        except trio.TooSlowError:
+            await trio.aclose_forcefully(channel.stream)
+            raise PeerUnavailableError(
+                f"{self.name}: no answer within {self.io_timeout:g} s"
+            ) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await trio.aclose_forcefully(channel.stream)
+            if not fresh:
+                raise _StaleConnection from None
+            raise PeerUnavailableError(f"{self.name}: connection lost ({exc})") from None
+        except (ProtocolError, IntegrityError) as exc:
+            await trio.aclose_forcefully(channel.stream)
+            raise PeerUnavailableError(f"{self.name}: {exc}") from None
+        except StoreError:
+            # A refusal ends its exchange cleanly: the connection stays good.
+            self._idle.append(channel)
+            raise
+        except BaseException:
+            await trio.aclose_forcefully(channel.stream)
+            raise
+        self._idle.append(channel)
+        return result
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
@@ -144,10 +166,11 @@ class RemoteShardStore:
     async def _request(
         self, request: messages.Message, expected: type[messages.Message]
     ) -> messages.Message:
-        async with self._channel() as channel:
+        async def exchange(channel: MessageChannel) -> messages.Message:
             await channel.send(request)
-            answer = await channel.receive()
-            return self._answer(answer, expected, request)
+            return self._answer(await channel.receive(), expected, request)
+
+        return await self._exchange(exchange)
 
     def _answer(
         self,
@@ -187,7 +210,8 @@ class RemoteShardStore:
             self.lease_seconds,
             crypto.sign(self.identity.signing_seed, statement),
         )
-        async with self._channel() as channel:
+
+        async def exchange(channel: MessageChannel) -> None:
             await channel.send(request)
             answer = await channel.receive()
             if isinstance(answer, messages.Stored):
@@ -197,15 +221,17 @@ class RemoteShardStore:
             for start in range(0, len(data), messages.PIECE_SIZE):
                 piece = bytes(view[start : start + messages.PIECE_SIZE])
                 await channel.send(messages.ShardPiece(piece))
-            answer = await channel.receive()
-            self._answer(answer, messages.Stored, request)
+            self._answer(await channel.receive(), messages.Stored, request)
+
+        await self._exchange(exchange)
 
     async def get(self, shard_id: bytes, offset: int = 0, length: int | None = None) -> bytes:
         _check_shard_id(shard_id)
         if offset < 0 or (length is not None and length < 0):
             raise ValueError(f"bad range: offset {offset}, length {length}")
         request = messages.GetShard(shard_id, offset, length)
-        async with self._channel() as channel:
+
+        async def exchange(channel: MessageChannel) -> bytes:
             await channel.send(request)
             answer = self._answer(await channel.receive(), messages.ShardData, request)
             assert isinstance(answer, messages.ShardData)
@@ -220,6 +246,8 @@ class RemoteShardStore:
                 if len(buffer) > answer.size:
                     raise RemoteProtocolError(f"sent more than the {answer.size} bytes announced")
             return bytes(buffer)
+
+        return await self._exchange(exchange)
 
     async def has(self, shard_id: bytes) -> bool:
         _check_shard_id(shard_id)
@@ -285,6 +313,10 @@ class RemoteShardStore:
         if answer.nonce != nonce or len(answer.blocks) != len(indices):
             raise PeerUnavailableError(f"{self.name}: audit answer does not match the challenge")
         return answer
+
+
+class _StaleConnection(Exception):
+    """Internal: a pooled connection was found dead; the exchange may run again."""
 
 
 def _check_shard_id(shard_id: bytes) -> None:

@@ -52,10 +52,11 @@ class MessageChannel:
             self._decoder.feed(data)
 
     async def receive(self) -> messages.Message:
-        """The next message; the peer closing the stream here is an error."""
+        """The next message. The peer closing the stream here (between frames)
+        means the connection is gone: :class:`trio.BrokenResourceError`."""
         message = await self.receive_or_end()
         if message is None:
-            raise RemoteProtocolError("the peer closed the connection before answering")
+            raise trio.BrokenResourceError("the peer closed the connection before answering")
         return message
 
     async def aclose(self) -> None:

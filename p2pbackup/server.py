@@ -15,8 +15,9 @@ Nouns:
   session (and only that session).
 
 The host's work (disk, SQLite) runs in worker threads; everything here is the
-thin trio layer. Every wait on a peer is bounded: the handshake, the gap
-between two messages of a transfer, and the idle time between requests.
+thin trio layer. Every wait on a peer is bounded: the handshake, each message
+of a transfer in either direction, and the idle time between requests; and so
+is the number of sessions served at once.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from p2pbackup.errors import (
     SignatureError,
     StoreError,
     StoreFullError,
+    StoreRequestError,
 )
 from p2pbackup.messages import RefusalCode
 from p2pbackup.rpc import MessageChannel
@@ -52,8 +54,10 @@ class ServerLimits:
     handshake: float = 10.0
     #: Between two requests of a session.
     idle: float = 300.0
-    #: Between two messages of one request (the pieces of an upload).
+    #: For each message of a request to arrive or leave (the pieces of a transfer).
     transfer: float = 60.0
+    #: Sessions served at once; connections beyond are closed at once.
+    sessions: int = 256
 
 
 class StorageServer:
@@ -69,9 +73,27 @@ class StorageServer:
         self.host = host
         self.identity = identity
         self.limits = limits
+        self._sessions = trio.CapacityLimiter(limits.sessions)
+
+    @property
+    def active_sessions(self) -> int:
+        """Connections being served now (handshakes included)."""
+        return int(self._sessions.borrowed_tokens)
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one incoming connection until it ends; never raises for a peer's fault."""
+        try:
+            self._sessions.acquire_nowait()
+        except trio.WouldBlock:
+            log.warning("refused a connection: already serving %d sessions", self.limits.sessions)
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await self._handle_connection(stream)
+        finally:
+            self._sessions.release()
+
+    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
         try:
             with trio.fail_after(self.limits.handshake):
                 secure = await secure_responder(stream, self.identity)
@@ -126,6 +148,8 @@ def _refusal_for(exc: Exception) -> _Refusal:
         return _Refusal(RefusalCode.CONFLICT, str(exc))
     if isinstance(exc, MerkleError):
         return _Refusal(RefusalCode.INTEGRITY, str(exc))
+    if isinstance(exc, StoreRequestError):
+        return _Refusal(RefusalCode.BAD_REQUEST, str(exc))
     if isinstance(exc, StoreError):
         return _Refusal(RefusalCode.INTERNAL, str(exc))
     raise exc
@@ -169,7 +193,12 @@ class _Session:
             try:
                 await handler(request)  # type: ignore[misc]
             except _Refusal as refusal:
-                await self.channel.send(messages.Refused(refusal.code, refusal.message[:1000]))
+                await self._send(messages.Refused(refusal.code, refusal.message[:1000]))
+
+    async def _send(self, message: messages.Message) -> None:
+        # A peer that stops reading must not hold this session forever.
+        with trio.fail_after(self.limits.transfer):
+            await self.channel.send(message)
 
     async def _call(self, function: Callable[..., object], *args: object) -> object:
         """Run a host method in a worker thread; its failures become refusals."""
@@ -212,16 +241,16 @@ class _Session:
         if upload is None:
             info = await self._call(self.host.info, self.owner, request.shard_id)
             assert isinstance(info, shardhost.HostedShard)
-            await self.channel.send(messages.Stored(request.shard_id, info.lease_expiry))
+            await self._send(messages.Stored(request.shard_id, info.lease_expiry))
             return
         assert isinstance(upload, shardhost.Upload)
         try:
-            await self.channel.send(messages.Ready())
+            await self._send(messages.Ready())
             failure = await self._receive_pieces(upload, request.size)
             if failure is None:
                 expiry = await self._call(upload.commit)
                 assert isinstance(expiry, int)
-                await self.channel.send(messages.Stored(request.shard_id, expiry))
+                await self._send(messages.Stored(request.shard_id, expiry))
                 return
         finally:
             upload.abort()
@@ -260,7 +289,7 @@ class _Session:
         assert isinstance(info, shardhost.HostedShard)
         start = min(request.offset, info.size)
         end = info.size if request.length is None else min(info.size, start + request.length)
-        await self.channel.send(messages.ShardData(end - start))
+        await self._send(messages.ShardData(end - start))
         position = start
         while position < end:
             length = min(messages.PIECE_SIZE, end - position)
@@ -274,17 +303,27 @@ class _Session:
                 raise RemoteProtocolError(f"shard vanished while being read: {exc}") from None
             if len(data) != length:
                 raise RemoteProtocolError("shard shrank while being read")
-            await self.channel.send(messages.ShardPiece(data))
+            await self._send(messages.ShardPiece(data))
             position += length
 
     async def _has_shard(self, request: messages.HasShard) -> None:
         present = await self._call(self.host.has, self.owner, request.shard_id)
-        await self.channel.send(messages.ShardStatus(bool(present)))
+        await self._send(messages.ShardStatus(bool(present)))
 
     async def _audit(self, request: messages.Audit) -> None:
+        info = await self._call(self.host.info, self.owner, request.shard_id)
+        if info is None:
+            raise _Refusal(RefusalCode.NOT_FOUND, f"no shard {request.shard_id.hex()[:16]}")
+        assert isinstance(info, shardhost.HostedShard)
+        if not messages.audit_answer_fits(len(request.indices), info.block_size):
+            raise _Refusal(
+                RefusalCode.BAD_REQUEST,
+                f"an answer of {len(request.indices)} blocks of {info.block_size} bytes "
+                "would not fit in one frame; ask for fewer blocks at a time",
+            )
         answers = await self._call(self.host.audit, self.owner, request.shard_id, request.indices)
         assert isinstance(answers, list)
-        await self.channel.send(
+        await self._send(
             messages.AuditProof(
                 request.nonce,
                 tuple(block for block, _proof in answers),
@@ -296,7 +335,7 @@ class _Session:
         result = await self._call(self.host.list, self.owner, request.after, request.limit)
         assert isinstance(result, tuple)
         shards, more = result
-        await self.channel.send(
+        await self._send(
             messages.ShardList(
                 tuple(messages.ShardEntry(s.shard_id, s.size, s.lease_expiry) for s in shards),
                 bool(more),
@@ -316,7 +355,7 @@ class _Session:
         )
         assert isinstance(result, tuple)
         expiry, missing = result
-        await self.channel.send(messages.LeaseRenewed(expiry, tuple(missing)))
+        await self._send(messages.LeaseRenewed(expiry, tuple(missing)))
 
     async def _delete_shard(self, request: messages.DeleteShard) -> None:
         self._check_signature(
@@ -325,18 +364,18 @@ class _Session:
             "delete",
         )
         existed = await self._call(self.host.delete, self.owner, request.shard_id)
-        await self.channel.send(messages.Deleted(bool(existed)))
+        await self._send(messages.Deleted(bool(existed)))
 
     async def _put_root(self, request: messages.PutRoot) -> None:
         await self._call(self.host.put_root, self.owner, request.data)
-        await self.channel.send(messages.RootStored())
+        await self._send(messages.RootStored())
 
     async def _get_root(self, _request: messages.GetRoot) -> None:
         data = await self._call(self.host.get_root, self.owner)
         assert data is None or isinstance(data, bytes)
-        await self.channel.send(messages.RootData(data))
+        await self._send(messages.RootData(data))
 
     async def _get_usage(self, _request: messages.GetUsage) -> None:
         used = await self._call(self.host.usage, self.owner)
         assert isinstance(used, int)
-        await self.channel.send(messages.Usage(used, self.host.owner_quota))
+        await self._send(messages.Usage(used, self.host.owner_quota))

@@ -86,7 +86,13 @@ from pathlib import Path
 
 import attrs
 
-from p2pbackup.errors import MerkleError, ShardNotFoundError, StoreError, StoreFullError
+from p2pbackup.errors import (
+    MerkleError,
+    ShardNotFoundError,
+    StoreError,
+    StoreFullError,
+    StoreRequestError,
+)
 from p2pbackup.merkle import HASH_SIZE, MerkleBuilder, block_count
 from p2pbackup.model import ID_SIZE, NODE_ID_SIZE
 
@@ -222,27 +228,27 @@ def _check_owner(owner: bytes) -> None:
 
 def _check_shard_id(shard_id: bytes) -> None:
     if not isinstance(shard_id, bytes) or len(shard_id) != ID_SIZE:
-        raise StoreError(f"a shard id is {ID_SIZE} bytes, got {len(shard_id)}")
+        raise StoreRequestError(f"a shard id is {ID_SIZE} bytes, got {len(shard_id)}")
 
 
 def _check_geometry(size: int, block_size: int, merkle_root: bytes) -> None:
     if size < 0:
-        raise StoreError(f"shard size must not be negative, got {size}")
+        raise StoreRequestError(f"shard size must not be negative, got {size}")
     if not 1 <= block_size <= MAX_BLOCK_SIZE:
-        raise StoreError(f"Merkle block size {block_size} is not in [1, {MAX_BLOCK_SIZE}]")
+        raise StoreRequestError(f"Merkle block size {block_size} is not in [1, {MAX_BLOCK_SIZE}]")
     blocks = block_count(size, block_size)
     if blocks > MAX_BLOCKS:
-        raise StoreError(
+        raise StoreRequestError(
             f"a shard of {size} bytes in blocks of {block_size} has {blocks} blocks; "
             f"this host takes at most {MAX_BLOCKS}"
         )
     if len(merkle_root) != HASH_SIZE:
-        raise StoreError(f"a Merkle root is {HASH_SIZE} bytes, got {len(merkle_root)}")
+        raise StoreRequestError(f"a Merkle root is {HASH_SIZE} bytes, got {len(merkle_root)}")
 
 
 def _granted_lease(lease_seconds: int) -> int:
     if lease_seconds < 0:
-        raise StoreError(f"lease must not be negative, got {lease_seconds} seconds")
+        raise StoreRequestError(f"lease must not be negative, got {lease_seconds} seconds")
     return min(lease_seconds, MAX_LEASE_SECONDS)
 
 
@@ -595,7 +601,7 @@ class ShardHost:
         are on disk, unverified: the owner checks them against its root.
         """
         if offset < 0 or (length is not None and length < 0):
-            raise StoreError(f"bad shard range: offset {offset}, length {length}")
+            raise StoreRequestError(f"bad shard range: offset {offset}, length {length}")
         with self._open_shard(owner, shard_id) as (fd, _info):
             if length is None:
                 length = max(0, os.fstat(fd).st_size - offset)
@@ -613,7 +619,7 @@ class ShardHost:
         range (naming it and the block count) or a file of the wrong size.
         """
         if len(indices) > MAX_AUDIT_INDICES:
-            raise StoreError(
+            raise StoreRequestError(
                 f"audit asks for {len(indices)} blocks; this host answers at most "
                 f"{MAX_AUDIT_INDICES} at a time"
             )
@@ -621,7 +627,7 @@ class ShardHost:
             count = block_count(info.size, info.block_size)
             for index in indices:
                 if not 0 <= index < count:
-                    raise StoreError(
+                    raise StoreRequestError(
                         f"audit of shard {_short(shard_id)}: block {index} is out of range "
                         f"(the shard has {count} blocks)"
                     )
@@ -666,7 +672,7 @@ class ShardHost:
         ``limit`` (capped at MAX_LIST_LIMIT); and whether more follow."""
         _check_owner(owner)
         if limit < 1:
-            raise StoreError(f"a listing needs a limit of at least 1, got {limit}")
+            raise StoreRequestError(f"a listing needs a limit of at least 1, got {limit}")
         limit = min(limit, MAX_LIST_LIMIT)
         with self._lock:
             self._check_open()
@@ -767,7 +773,7 @@ class ShardHost:
         """Replace the owner's root record atomically (it counts toward usage)."""
         _check_owner(owner)
         if len(data) > MAX_ROOT_RECORD_SIZE:
-            raise StoreError(
+            raise StoreRequestError(
                 f"a root record of {len(data)} bytes is over the limit of "
                 f"{MAX_ROOT_RECORD_SIZE} bytes"
             )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -147,6 +148,25 @@ def test_backup_to_eight_nodes_survives_five_killed_and_a_corrupt_shard(
         node.kill()
     target = tmp_path / "restore2"
     cli_ok("restore", snapshot, "--target", target, home=home, timeout=300)
+    assert tree_state(restored(target, source)) == before
+
+    # The home is lost too: the recovery key and one surviving node suffice.
+    shutil.rmtree(home)
+    new_home = tmp_path / "new-home"
+    survivor = nodes[1]
+    result = cli_ok(
+        "recover",
+        "--recovery-key-file",
+        tmp_path / "owner.key",
+        "--peer",
+        survivor.address,
+        survivor.node_id,
+        home=new_home,
+        timeout=300,
+    )
+    assert "3 of 8" in result.stdout, str(result)  # peers reachable
+    target = tmp_path / "restore3"
+    cli_ok("restore", snapshot, "--target", target, home=new_home, timeout=300)
     assert tree_state(restored(target, source)) == before
 
 

@@ -28,7 +28,7 @@ from p2pbackup.remote import RemoteShardStore
 from p2pbackup.rpc import MessageChannel
 from p2pbackup.server import ServerLimits
 from p2pbackup.session import Identity, secure_initiator
-from p2pbackup.storage import ShardStore
+from p2pbackup.storage import ShardRoot, ShardStore
 
 from .net_helpers import RunningNode, identity, start_node
 from .storage_conformance import ShardStoreConformance, shard_id
@@ -273,3 +273,90 @@ async def test_garbage_before_and_after_the_handshake_leaves_the_server_serving(
     await honest.put(shard_id(3), b"still accepting")
     assert await honest.list() == sorted([shard_id(1), shard_id(3)])
     await honest.aclose()
+
+
+# -- audits ------------------------------------------------------------------------------
+
+
+async def test_an_audit_answer_verifies_against_the_owners_root(
+    node: RunningNode, network: Network
+) -> None:
+    store = node.client(network, OWNER)
+    data = os.urandom(5 * 4096 + 100)
+    root = merkle.merkle_root(data, 4096)
+    await store.put(shard_id(1), data, ShardRoot(4096, root))
+    answer = await store.audit(shard_id(1), b"n" * 16, (0, 3, 5))
+    leaves = merkle.block_count(len(data), 4096)
+    for index, block, proof in zip((0, 3, 5), answer.blocks, answer.proofs, strict=True):
+        merkle.verify_block(root, index=index, leaf_count=leaves, block=block, proof=proof)
+    await store.aclose()
+
+
+async def test_unreasonable_audits_are_refused_as_bad_requests(
+    node: RunningNode, network: Network
+) -> None:
+    big = os.urandom(40 * 65536)
+    channel = await raw_session(network, node, OWNER)
+    store = node.client(network, OWNER)
+    await store.put(shard_id(1), big)  # 64 KiB blocks: 17 of them overflow a frame
+    for indices in [tuple(range(17)), (40,)]:
+        await channel.send(messages.Audit(shard_id(1), b"n" * 16, indices))
+        answer = await channel.receive()
+        assert isinstance(answer, messages.Refused), indices
+        assert answer.code == RefusalCode.BAD_REQUEST
+    await channel.send(messages.Audit(shard_id(1), b"n" * 16, tuple(range(16))))
+    assert isinstance(await channel.receive(), messages.AuditProof)
+    await channel.aclose()
+    await store.aclose()
+
+
+# -- connections -------------------------------------------------------------------------
+
+
+async def test_a_pooled_connection_the_node_closed_is_replaced(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    network = TcpNetwork()
+    node = await start_node(nursery, network, tmp_path / "node", limits=ServerLimits(idle=0.2))
+    store = node.client(network, OWNER)
+    await store.put(shard_id(1), b"one")
+    await trio.sleep(0.5)  # the node closes the idle session meanwhile
+    assert await store.get(shard_id(1)) == b"one"
+    await trio.sleep(0.5)
+    await store.put(shard_id(2), b"two")
+    assert await store.list() == sorted([shard_id(1), shard_id(2)])
+    await store.aclose()
+
+
+async def test_a_reader_that_stops_reading_does_not_hold_the_node(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    network = TcpNetwork()
+    node = await start_node(nursery, network, tmp_path / "node", limits=ServerLimits(transfer=0.5))
+    store = node.client(network, OWNER)
+    await store.put(shard_id(1), os.urandom(16 << 20))
+    await store.aclose()
+    channel = await raw_session(network, node, OWNER)
+    await channel.send(messages.GetShard(shard_id(1), 0, None))
+    # Never read: the node's sends fill the socket buffers, then time out.
+    with trio.fail_after(10):
+        while node.server.active_sessions:
+            await trio.sleep(0.05)
+    await trio.aclose_forcefully(channel.stream)
+
+
+async def test_sessions_beyond_the_limit_are_turned_away(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    network = TcpNetwork()
+    node = await start_node(nursery, network, tmp_path / "node", limits=ServerLimits(sessions=1))
+    holder = await raw_session(network, node, OWNER)
+    turned_away = node.client(network, STRANGER)
+    with pytest.raises(PeerUnavailableError):
+        await turned_away.has(shard_id(1))
+    await holder.aclose()
+    with trio.fail_after(5):
+        while node.server.active_sessions:
+            await trio.sleep(0.01)
+    assert not await turned_away.has(shard_id(1))  # served once the first left
+    await turned_away.aclose()

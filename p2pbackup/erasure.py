@@ -178,16 +178,26 @@ def _pair_table(coefficient: int) -> _U16:
 # --- the vectorised kernel ---------------------------------------------------
 
 
-def _apply(matrix: _U8, inputs: Sequence[_U16]) -> _U16:
+def _apply(
+    matrix: _U8, inputs: Sequence[_U16], out: Sequence[_U16] | _U16 | None = None
+) -> Sequence[_U16] | _U16:
     """Return ``matrix · inputs`` over the field, two bytes per uint16 word.
 
-    ``inputs`` are equal-length word arrays, one per column of ``matrix``.
-    Work goes block by block so that each input block is widened to indices
-    once and then looked up by every output row while it is in cache.
+    ``inputs`` are equal-length word arrays, one per column of ``matrix``;
+    the result goes into ``out`` (one word array per row, e.g. views into the
+    caller's buffers) or a new array. Work goes block by block so that each
+    input block is widened to indices once and then looked up by every output
+    row while it is in cache.
     """
     rows, cols = matrix.shape
     width = inputs[0].shape[0] if cols else 0
-    out = np.zeros((rows, width), dtype=np.uint16)
+    if out is None:
+        out = np.zeros((rows, width), dtype=np.uint16)
+    else:
+        # Every row is written by its first term; a row without any stays zero.
+        for row in range(rows):
+            if not matrix[row].any():
+                out[row][:] = 0
     terms = _column_terms(matrix)
     # Columns whose coefficients are all 1 are XORed in as they are.
     needs_index = [any(c > 1 for _, c, _ in column) for column in terms]
@@ -203,7 +213,7 @@ def _apply(matrix: _U8, inputs: Sequence[_U16]) -> _U16:
             if widen:
                 np.copyto(idx, block)
             for row, c, first in column:
-                dst = out[row, start:stop]
+                dst = out[row][start:stop]
                 if c == 1:
                     product = block
                 else:
@@ -314,7 +324,33 @@ def encode_views(data: BytesLike, k: int, n: int) -> list[memoryview]:
         flat = np.concatenate([flat, np.zeros(k * length - flat.shape[0], dtype=np.uint8)])
     rows = list(flat.reshape(k, length))
     parity = _apply(_generator_matrix(k, n)[k:], _to_words(rows, length))
+    assert isinstance(parity, np.ndarray)
     return [row.data for row in rows + _word_rows_as_bytes(parity, length)]
+
+
+def encode_into(data: BytesLike, k: int, n: int, outputs: Sequence[memoryview]) -> None:
+    """:func:`encode` into the caller's ``n`` writable buffers of
+    :func:`shard_length` bytes each (e.g. each behind a header in the buffer
+    that will be stored): no array of parity and no copy of it."""
+    _check_code(k, n)
+    flat = np.frombuffer(data, dtype=np.uint8)
+    length = shard_length(flat.shape[0], k)
+    if len(outputs) != n:
+        raise ErasureError(f"encode_into needs {n} output buffers, got {len(outputs)}")
+    targets = [np.frombuffer(out, dtype=np.uint8) for out in outputs]
+    if any(target.shape[0] != length for target in targets):
+        raise ErasureError(f"every output buffer must be {length} bytes")
+    if length % 2:
+        # Words need an even length: go through the padded arrays instead.
+        for target, shard in zip(targets, encode_views(data, k, n), strict=True):
+            target[:] = np.frombuffer(shard, dtype=np.uint8)
+        return
+    for i in range(k):
+        part = flat[i * length : (i + 1) * length]
+        targets[i][: part.shape[0]] = part
+        targets[i][part.shape[0] :] = 0
+    words = [target.view(np.uint16) for target in targets]
+    _apply(_generator_matrix(k, n)[k:], words[:k], words[k:])
 
 
 def decode(shards: Mapping[int, BytesLike], k: int, n: int, size: int) -> bytes:
@@ -361,6 +397,7 @@ def _rebuild(
     """Compute the ``wanted`` shards (absent ones) from the ``present`` ones."""
     matrix = _rebuild_matrix(k, n, present, wanted)
     words = _apply(matrix, _to_words([arrays[i] for i in present], length))
+    assert isinstance(words, np.ndarray)
     return dict(zip(wanted, _word_rows_as_bytes(words, length), strict=True))
 
 

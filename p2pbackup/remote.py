@@ -194,7 +194,9 @@ class RemoteShardStore:
 
     # -- the ShardStore interface -------------------------------------------------
 
-    async def put(self, shard_id: bytes, data: bytes, root: ShardRoot | None = None) -> None:
+    async def put(
+        self, shard_id: bytes, data: bytes | bytearray, root: ShardRoot | None = None
+    ) -> None:
         _check_shard_id(shard_id)
         if root is None:
             digest = await trio.to_thread.run_sync(merkle.merkle_root, data, TRANSFER_BLOCK_SIZE)

@@ -93,7 +93,9 @@ class ShardRoot:
 class ShardStore(Protocol):
     """One owner's namespace on one peer (async; see the module docstring)."""
 
-    async def put(self, shard_id: bytes, data: bytes, root: ShardRoot | None = None) -> None:
+    async def put(
+        self, shard_id: bytes, data: bytes | bytearray, root: ShardRoot | None = None
+    ) -> None:
         """Store a shard. Putting an id again with identical bytes does nothing;
         with different bytes raises StoreError and keeps the stored shard.
         StoreFullError when there is no room. ``root``, when the caller has
@@ -176,7 +178,9 @@ class MemoryShardStore:
     # Each method yields to the scheduler first and then acts without another
     # checkpoint, so every operation is atomic with respect to other tasks.
 
-    async def put(self, shard_id: bytes, data: bytes, root: ShardRoot | None = None) -> None:
+    async def put(
+        self, shard_id: bytes, data: bytes | bytearray, root: ShardRoot | None = None
+    ) -> None:
         await trio.lowlevel.checkpoint()
         _check_shard_id(shard_id)
         existing = self._shards.get(shard_id)
@@ -270,7 +274,7 @@ def _make_dirs(path: Path, base: Path) -> None:
         _fsync_dir(directory.parent)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
@@ -282,7 +286,7 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
 
 
-def _write_temp(directory: Path, data: bytes, in_flight: set[str]) -> Path:
+def _write_temp(directory: Path, data: bytes | bytearray, in_flight: set[str]) -> Path:
     """Write ``data`` to a new synced temp file in ``directory``; on any
     failure the temp file is removed before the error propagates."""
     name = TEMP_PREFIX + secrets.token_hex(8)
@@ -339,7 +343,7 @@ def _replace(temp: Path, final: Path, in_flight: set[str]) -> None:
         in_flight.discard(temp.name)
 
 
-def _same_content(path: Path, data: bytes) -> bool:
+def _same_content(path: Path, data: bytes | bytearray) -> bool:
     if path.stat().st_size != len(data):
         return False
     return path.read_bytes() == data
@@ -504,19 +508,21 @@ class FolderShardStore:
 
     # -- shards --
 
-    async def put(self, shard_id: bytes, data: bytes, root: ShardRoot | None = None) -> None:
+    async def put(
+        self, shard_id: bytes, data: bytes | bytearray, root: ShardRoot | None = None
+    ) -> None:
         _check_shard_id(shard_id)
         await self._ensure_writable()
         await trio.to_thread.run_sync(self._put_sync, shard_id, data)
 
-    def _put_sync(self, shard_id: bytes, data: bytes) -> None:
+    def _put_sync(self, shard_id: bytes, data: bytes | bytearray) -> None:
         final = self._shard_path(shard_id)
         with _os_errors("store shard in", final.parent):
             stored = not final.exists() and self._write_new(final, data)
             if not stored and not _same_content(final, data):
                 raise _conflict(shard_id, str(self._owner_dir))
 
-    def _write_new(self, final: Path, data: bytes) -> bool:
+    def _write_new(self, final: Path, data: bytes | bytearray) -> bool:
         _make_dirs(final.parent, self._peer_dir)
         temp = _write_temp(final.parent, data, self._in_flight)
         return _publish_new(temp, final, self._in_flight)

@@ -270,3 +270,21 @@ def test_widest_code() -> None:
         shards = erasure.encode(data, k, 255)
         chosen = random.Random(k).sample(range(255), k)
         assert erasure.decode({i: shards[i] for i in chosen}, k, 255, len(data)) == data
+
+
+@given(code_and_data(), st.integers(0, 9))
+def test_encode_into_writes_what_encode_returns(case: tuple[int, int, bytes], offset: int) -> None:
+    """Into views behind a header of ``offset`` bytes, odd shard lengths included."""
+    k, n, data = case
+    length = erasure.shard_length(len(data), k)
+    buffers = [bytearray(b"\xaa" * (offset + length)) for _ in range(n)]
+    erasure.encode_into(data, k, n, [memoryview(b)[offset:] for b in buffers])
+    assert [bytes(b[offset:]) for b in buffers] == erasure.encode(data, k, n)
+    assert all(b[:offset] == b"\xaa" * offset for b in buffers)  # the header space untouched
+
+
+def test_encode_into_checks_its_buffers() -> None:
+    with pytest.raises(ErasureError, match="3 output buffers"):
+        erasure.encode_into(b"abcdef", 2, 3, [memoryview(bytearray(3))] * 2)
+    with pytest.raises(ErasureError, match="3 bytes"):
+        erasure.encode_into(b"abcdef", 2, 3, [memoryview(bytearray(4)) for _ in range(3)])

@@ -392,6 +392,7 @@ _MSGPACK_TYPE_NAMES: dict[type, str] = {
     bytes: "bytes",
     str: "string",
     tuple: "array",
+    list: "array",
     dict: "map",
     bool: "boolean",
     int: "integer",
@@ -400,13 +401,15 @@ _MSGPACK_TYPE_NAMES: dict[type, str] = {
 }
 
 
-def _kind_of(value: object) -> str:
+def msgpack_kind(value: object) -> str:
+    """What msgpack calls the type of an unpacked ``value`` ("integer", "array"…),
+    for error messages about structures that came off a disk or the wire."""
     return _MSGPACK_TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 def _array(value: object, what: str, *, max_length: int) -> tuple[object, ...]:
     if not isinstance(value, tuple):
-        _fail(what, f"expected an array, got {_kind_of(value)}")
+        _fail(what, f"expected an array, got {msgpack_kind(value)}")
     if len(value) > max_length:
         _fail(what, f"{len(value)} items exceed the limit of {max_length}")
     return value
@@ -431,7 +434,7 @@ def _items(
 def _int(value: object, what: str, *, low: int = 0, high: int = MAX_UINT) -> int:
     # bool is an int subclass in Python but a distinct msgpack type.
     if type(value) is not int:
-        _fail(what, f"expected an integer, got {_kind_of(value)}")
+        _fail(what, f"expected an integer, got {msgpack_kind(value)}")
     if not low <= value <= high:
         _fail(what, f"{value} is out of range [{low}, {high}]")
     return value
@@ -439,7 +442,7 @@ def _int(value: object, what: str, *, low: int = 0, high: int = MAX_UINT) -> int
 
 def _bytes(value: object, what: str, *, min_length: int = 0, max_length: int) -> bytes:
     if type(value) is not bytes:
-        _fail(what, f"expected bytes, got {_kind_of(value)}")
+        _fail(what, f"expected bytes, got {msgpack_kind(value)}")
     if not min_length <= len(value) <= max_length:
         _fail(what, f"length {len(value)} is out of range [{min_length}, {max_length}]")
     return value
@@ -447,7 +450,7 @@ def _bytes(value: object, what: str, *, min_length: int = 0, max_length: int) ->
 
 def _id(value: object, what: str) -> bytes:
     if type(value) is not bytes:
-        _fail(what, f"expected a {ID_SIZE}-byte id, got {_kind_of(value)}")
+        _fail(what, f"expected a {ID_SIZE}-byte id, got {msgpack_kind(value)}")
     if len(value) != ID_SIZE:
         _fail(what, f"expected a {ID_SIZE}-byte id, got {len(value)} bytes")
     return value
@@ -455,7 +458,7 @@ def _id(value: object, what: str) -> bytes:
 
 def _text(value: object, what: str, *, min_length: int = 0, max_length: int) -> str:
     if type(value) is not str:
-        _fail(what, f"expected a string, got {_kind_of(value)}")
+        _fail(what, f"expected a string, got {msgpack_kind(value)}")
     if not min_length <= len(value) <= max_length:
         _fail(what, f"length {len(value)} is out of range [{min_length}, {max_length}]")
     return value

@@ -65,7 +65,13 @@ import attrs
 import msgpack
 
 from p2pbackup.errors import LocalProtocolError, RemoteProtocolError
-from p2pbackup.formats import MAX_BLOCK_SIZE, MAX_UINT, MIN_BLOCK_SIZE, SIGNATURE_SIZE
+from p2pbackup.formats import (
+    MAX_BLOCK_SIZE,
+    MAX_UINT,
+    MIN_BLOCK_SIZE,
+    SIGNATURE_SIZE,
+    msgpack_kind,
+)
 from p2pbackup.merkle import HASH_SIZE
 from p2pbackup.model import ID_SIZE, NODE_ID_SIZE
 
@@ -410,26 +416,8 @@ class _Problem(Exception):
     turns it into a LocalProtocolError, the decoder into a RemoteProtocolError."""
 
 
-# What msgpack calls the Python types the unpacker produces.
-_WIRE_TYPE_NAMES: dict[type, str] = {
-    bytes: "bytes",
-    str: "string",
-    tuple: "array",
-    list: "array",
-    dict: "map",
-    bool: "boolean",
-    int: "integer",
-    float: "float",
-    type(None): "nil",
-}
-
-
-def _kind_of(value: object) -> str:
-    return _WIRE_TYPE_NAMES.get(type(value), type(value).__name__)
-
-
 def _expected(what: str, expected: str, value: object) -> _Problem:
-    return _Problem(f"{what}: expected {expected}, got {_kind_of(value)}")
+    return _Problem(f"{what}: expected {expected}, got {msgpack_kind(value)}")
 
 
 class _Kind(Protocol):

@@ -86,6 +86,7 @@ from pathlib import Path
 
 import attrs
 
+from p2pbackup.durable import fsync_dir, write_all
 from p2pbackup.errors import (
     MerkleError,
     ShardNotFoundError,
@@ -275,31 +276,13 @@ def _os_errors(action: str, path: Path | str) -> Iterator[None]:
         raise _os_error(action, path, error) from error
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as error:
-        # Some filesystems (certain FUSE and network mounts) cannot sync a
-        # directory; the rename is then as durable as they make it.
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-    finally:
-        os.close(fd)
-
-
 def _make_dir(path: Path) -> None:
     """Create ``path`` if missing (its parent exists), durably."""
     try:
         path.mkdir()
     except FileExistsError:
         return
-    _fsync_dir(path.parent)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data) :]
+    fsync_dir(path.parent)
 
 
 def _read_at(fd: int, offset: int, length: int) -> bytes:
@@ -327,7 +310,7 @@ def _write_temp(directory: Path, data: bytes) -> Path:
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, memoryview(data))
+            write_all(fd, memoryview(data))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -515,7 +498,7 @@ class ShardHost:
                 try:
                     with _os_errors("move into place", final):
                         os.replace(upload.temp, final)
-                        _fsync_dir(final.parent)
+                        fsync_dir(final.parent)
                     row = (owner, shard_id, upload.size, upload.block_size, upload.merkle_root)
                     with self._transaction() as db:
                         db.execute(
@@ -791,7 +774,7 @@ class ShardHost:
                 self._check_room(owner, len(data), freed=old)
                 with _os_errors("move into place", final):
                     os.replace(temp, final)
-                    _fsync_dir(final.parent)
+                    fsync_dir(final.parent)
                 self._root_bytes[owner] = len(data)
         finally:
             _unlink_quietly(temp)
@@ -980,7 +963,7 @@ class Upload:
                     f"{self.size} bytes declared; it was aborted"
                 )
             try:
-                _write_all(self._fd, view)
+                write_all(self._fd, view)
             except OSError as error:
                 self._abort_locked()
                 raise _os_error("write", self.temp, error) from error

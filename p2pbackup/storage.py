@@ -53,6 +53,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from p2pbackup.durable import fsync_dir, write_all
 from p2pbackup.errors import ShardNotFoundError, StoreError, StoreFullError
 from p2pbackup.model import ID_SIZE
 
@@ -245,19 +246,6 @@ def _os_errors(action: str, path: Path) -> Iterator[None]:
         raise StoreError(f"could not {action} {path}: {reason}") from error
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as error:
-        # Some filesystems (certain FUSE and network mounts) cannot sync a
-        # directory; the rename is then as durable as they make it.
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-    finally:
-        os.close(fd)
-
-
 def _make_dirs(path: Path, base: Path) -> None:
     """Create ``path`` and its missing ancestors below ``base`` (which exists),
     syncing each new directory's parent so the new entry survives a crash."""
@@ -271,14 +259,7 @@ def _make_dirs(path: Path, base: Path) -> None:
             directory.mkdir()
         except FileExistsError:
             continue  # made meanwhile by a concurrent put
-        _fsync_dir(directory.parent)
-
-
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+        fsync_dir(directory.parent)
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -295,7 +276,7 @@ def _write_temp(directory: Path, data: bytes | bytearray, in_flight: set[str]) -
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -327,7 +308,7 @@ def _publish_new(temp: Path, final: Path, in_flight: set[str]) -> bool:
                 if final.exists():
                     return False
                 os.rename(temp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return True
     finally:
         _unlink_quietly(temp)
@@ -337,7 +318,7 @@ def _publish_new(temp: Path, final: Path, in_flight: set[str]) -> bool:
 def _replace(temp: Path, final: Path, in_flight: set[str]) -> None:
     try:
         os.replace(temp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     finally:
         _unlink_quietly(temp)
         in_flight.discard(temp.name)
@@ -417,7 +398,7 @@ def init_folder_peer(root: Path) -> str:
         root.mkdir(exist_ok=True)
         if not peer_dir.is_dir():
             peer_dir.mkdir(exist_ok=True)
-            _fsync_dir(root)
+            fsync_dir(root)
     if _marker_path(root).exists():
         return read_folder_peer_id(root)
     peer_id = "dir-" + secrets.token_hex(8)

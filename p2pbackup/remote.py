@@ -53,6 +53,7 @@ DEFAULT_LEASE_SECONDS = 365 * 24 * 3600
 #: passes none).
 TRANSFER_BLOCK_SIZE = merkle.DEFAULT_BLOCK_SIZE
 _T = TypeVar("_T")
+_M = TypeVar("_M")
 
 #: Shard ids asked for in one listing page.
 _LIST_PAGE = 5000
@@ -163,21 +164,16 @@ class RemoteShardStore:
         for channel in idle:
             await trio.aclose_forcefully(channel.stream)
 
-    async def _request(
-        self, request: messages.Message, expected: type[messages.Message]
-    ) -> messages.Message:
-        async def exchange(channel: MessageChannel) -> messages.Message:
+    async def _request(self, request: messages.Message, expected: type[_M]) -> _M:
+        async def exchange(channel: MessageChannel) -> _M:
             await channel.send(request)
             return self._answer(await channel.receive(), expected, request)
 
         return await self._exchange(exchange)
 
     def _answer(
-        self,
-        answer: messages.Message,
-        expected: type[messages.Message],
-        request: messages.Message,
-    ) -> messages.Message:
+        self, answer: messages.Message, expected: type[_M], request: messages.Message
+    ) -> _M:
         if isinstance(answer, expected):
             return answer
         if isinstance(answer, messages.Refused):
@@ -236,7 +232,6 @@ class RemoteShardStore:
         async def exchange(channel: MessageChannel) -> bytes:
             await channel.send(request)
             answer = self._answer(await channel.receive(), messages.ShardData, request)
-            assert isinstance(answer, messages.ShardData)
             if length is not None and answer.size > length:
                 raise RemoteProtocolError(f"sent {answer.size} bytes for a range of {length}")
             buffer = bytearray()
@@ -254,7 +249,6 @@ class RemoteShardStore:
     async def has(self, shard_id: bytes) -> bool:
         _check_shard_id(shard_id)
         answer = await self._request(messages.HasShard(shard_id), messages.ShardStatus)
-        assert isinstance(answer, messages.ShardStatus)
         return answer.present
 
     async def delete(self, shard_id: bytes) -> None:
@@ -268,7 +262,6 @@ class RemoteShardStore:
         after: bytes | None = None
         while True:
             answer = await self._request(messages.ListShards(after, _LIST_PAGE), messages.ShardList)
-            assert isinstance(answer, messages.ShardList)
             ids = [entry.shard_id for entry in answer.entries]
             if any(a >= b for a, b in zip([after or b"", *ids], ids, strict=False)):
                 raise PeerUnavailableError(f"{self.name}: shard listing out of order")
@@ -284,12 +277,10 @@ class RemoteShardStore:
 
     async def get_root(self) -> bytes | None:
         answer = await self._request(messages.GetRoot(), messages.RootData)
-        assert isinstance(answer, messages.RootData)
         return answer.data
 
     async def usage(self) -> int:
         answer = await self._request(messages.GetUsage(), messages.Usage)
-        assert isinstance(answer, messages.Usage)
         return answer.used
 
     # -- beyond the ShardStore interface -----------------------------------------
@@ -303,7 +294,6 @@ class RemoteShardStore:
         answer = await self._request(
             messages.RenewLease(tuple(shard_ids), lease_seconds, signature), messages.LeaseRenewed
         )
-        assert isinstance(answer, messages.LeaseRenewed)
         return answer.lease_expiry, builtins.list(answer.missing)
 
     async def audit(
@@ -311,7 +301,6 @@ class RemoteShardStore:
     ) -> messages.AuditProof:
         """The node's answer to an audit; the caller verifies it against its own root."""
         answer = await self._request(messages.Audit(shard_id, nonce, indices), messages.AuditProof)
-        assert isinstance(answer, messages.AuditProof)
         if answer.nonce != nonce or len(answer.blocks) != len(indices):
             raise PeerUnavailableError(f"{self.name}: audit answer does not match the challenge")
         return answer

@@ -23,7 +23,8 @@ is the number of sessions served at once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import attrs
 import trio
@@ -168,7 +169,7 @@ class _Session:
         self.channel = MessageChannel(stream)
 
     async def run(self) -> None:
-        handlers: dict[type, Callable[..., object]] = {
+        handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
             messages.PutShard: self._put_shard,
             messages.GetShard: self._get_shard,
             messages.HasShard: self._has_shard,
@@ -191,7 +192,7 @@ class _Session:
                     f"{type(request).__name__} is not a request this server answers"
                 )
             try:
-                await handler(request)  # type: ignore[misc]
+                await handler(request)
             except _Refusal as refusal:
                 await self._send(messages.Refused(refusal.code, refusal.message[:1000]))
 

@@ -360,3 +360,17 @@ async def test_sessions_beyond_the_limit_are_turned_away(
             await trio.sleep(0.01)
     assert not await turned_away.has(shard_id(1))  # served once the first left
     await turned_away.aclose()
+
+
+async def test_a_response_sent_as_a_request_ends_that_session_only(
+    node: RunningNode, network: Network
+) -> None:
+    rude = await raw_session(network, node, STRANGER)
+    polite = node.client(network, OWNER)
+    await polite.put(shard_id(1), b"kept")
+    await rude.send(messages.Ready())
+    with trio.fail_after(5):
+        assert await rude.receive_or_end() is None  # closed without an answer
+    assert await polite.get(shard_id(1)) == b"kept"
+    await trio.aclose_forcefully(rude.stream)
+    await polite.aclose()

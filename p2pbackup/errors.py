@@ -16,6 +16,8 @@ Families:
 * :class:`FormatError` (an integrity error) — a persisted or transmitted
   structure that does not parse: bad magic, unknown version, truncation,
   absurd sizes.
+* :class:`RecordKeyError`, :class:`RecordExpiredError` (integrity errors) — a
+  DHT record that is not its claimed node's, or is out of date.
 * :class:`ErasureError` — misuse of the erasure code (unequal shard lengths,
   a shard index out of range, bad k/n); :class:`NotEnoughShardsError` when
   fewer than k usable shards exist.
@@ -75,6 +77,15 @@ class MerkleError(IntegrityError):
 
 class FormatError(IntegrityError):
     """A persisted or transmitted structure that does not parse."""
+
+
+class RecordKeyError(IntegrityError):
+    """A DHT record that is not its claimed node's: the node id is not the hash
+    of the public key, or the record sits under another node's (or kind's) key."""
+
+
+class RecordExpiredError(IntegrityError):
+    """A DHT record whose expiry has passed, or lies absurdly far in the future."""
 
 
 class ErasureError(P2PBackupError):

@@ -91,6 +91,7 @@ PURE_MODULES = frozenset(
         "compression",
         "messages",
         "noise",
+        "records",
     )
 )
 

@@ -141,7 +141,7 @@ async def cmd_serve(args: argparse.Namespace, home: Home) -> int:
         format="p2pbackup serve: %(levelname)s: %(message)s",
     )
     options = node.ServeOptions(
-        listen=Address.parse(args.listen),
+        listen=Address.parse(args.listen) if args.listen else node.DEFAULT_LISTEN,
         capacity=parse_size(args.capacity) if args.capacity else None,
         owner_quota=parse_size(args.owner_quota) if args.owner_quota else None,
     )
@@ -444,9 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="store shards for peers (runs until interrupted)")
     p.add_argument(
         "--listen",
-        default="0.0.0.0:47470",
         metavar="HOST:PORT",
-        help="address to listen on (default 0.0.0.0:47470; port 0 picks a free one)",
+        help="address to listen on (default: every interface, port 47470; port 0 picks one)",
     )
     p.add_argument("--capacity", metavar="SIZE", help="most space to give all peers (e.g. 200G)")
     p.add_argument("--owner-quota", metavar="SIZE", help="most space to give any one peer")

@@ -26,7 +26,6 @@ from p2pbackup.index import Index
 from p2pbackup.keys import Keyring
 from p2pbackup.model import NODE_ID_SIZE, BlobType, PeerRecord, RepositoryConfig, RootRecord
 from p2pbackup.net import Address, Network, TcpNetwork
-from p2pbackup.remote import RemoteShardStore
 from p2pbackup.repository import (
     PEER_KIND_DIR,
     PEER_KIND_NODE,
@@ -161,7 +160,6 @@ async def add_node_peer(repo: Repository, address_text: str, node_id_text: str) 
         if peer.peer_id == peer_id:
             raise UsageError(f"node {peer_id} is already a peer (at {peer.location})")
     store = open_store(record, repo.keyring, repo.network)
-    assert isinstance(store, RemoteShardStore)
     try:
         await store.usage()  # reachable, and the node proved its id in the handshake
     finally:
@@ -196,7 +194,7 @@ class RecoverSummary:
 
 
 async def _reach_peers(
-    keyring: Keyring, peer_dirs: list[Path], peer_nodes: list[tuple[str, str]]
+    peer_dirs: list[Path], peer_nodes: list[tuple[str, str]], problems: list[str]
 ) -> list[PeerRecord]:
     """The given peers as they are reached now (a folder may have moved, a node
     changed address). Folders are read for their peer id; nodes prove theirs
@@ -207,8 +205,7 @@ async def _reach_peers(
         try:
             peer_id = await trio.to_thread.run_sync(read_folder_peer_id, path)
         except StoreError as exc:
-            # Kept with no id, so the reason is reported with the others.
-            peers.append(PeerRecord("", PEER_KIND_DIR, f"{path}: {exc}"))
+            problems.append(f"{path}: {exc}")
             continue
         peers.append(PeerRecord(peer_id, PEER_KIND_DIR, str(path)))
     for address_text, node_id_text in peer_nodes:
@@ -225,27 +222,23 @@ async def _find_root(
     best: RootRecord | None = None
     found: dict[str, PeerRecord] = {}
     for peer in peers:
-        if not peer.peer_id:
-            problems.append(peer.location)
-            continue
-        path = peer.location
+        where = peer.location
         store = open_store(peer, keyring, network)
         try:
             raw = await store.get_root()
         except StoreError as exc:
-            problems.append(f"{path}: {exc}")
+            problems.append(f"{where}: {exc}")
             continue
         finally:
-            if isinstance(store, RemoteShardStore):
-                await store.aclose()
+            await store.aclose()
         found[peer.peer_id] = peer
         if raw is None:
-            problems.append(f"{path}: holds no root record for this recovery key")
+            problems.append(f"{where}: holds no root record for this recovery key")
             continue
         try:
             record = open_root_record(keyring, raw)
         except IntegrityError as exc:
-            problems.append(f"{path}: its root record does not verify ({exc})")
+            problems.append(f"{where}: its root record does not verify ({exc})")
             continue
         if best is None or record.sequence > best.sequence:
             best = record
@@ -274,7 +267,7 @@ async def recover(
         raise UsageError(f"{home.path} is already a p2pbackup home; recover into a new one")
     network = network if network is not None else TcpNetwork()
     summary = RecoverSummary(node_id=keyring.node_id.hex())
-    peers = await _reach_peers(keyring, peer_dirs, peer_nodes or [])
+    peers = await _reach_peers(peer_dirs, peer_nodes or [], summary.problems)
     root, found = await _find_root(keyring, peers, network, summary.problems)
     existed = home.path.exists()
     home.create(secret, keyring.node_id)

@@ -172,8 +172,7 @@ class Repository:
         """Close the connections that network peers keep open."""
         stores, self._stores = self._stores, {}
         for store in stores.values():
-            if isinstance(store, RemoteShardStore):
-                await store.aclose()
+            await store.aclose()
 
     # -- writing packs --------------------------------------------------------
 

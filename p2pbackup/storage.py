@@ -129,6 +129,9 @@ class ShardStore(Protocol):
         """Bytes held for the owner: its shards plus its root record."""
         ...
 
+    async def aclose(self) -> None:
+        """Let go of what the store holds open (connections); it is not used after."""
+
 
 def _check_shard_id(shard_id: bytes) -> None:
     if not isinstance(shard_id, bytes) or len(shard_id) != ID_SIZE:
@@ -229,6 +232,9 @@ class MemoryShardStore:
     async def usage(self) -> int:
         await trio.lowlevel.checkpoint()
         return self._used
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()  # nothing held open
 
 
 # --- folder: low-level file operations (blocking; run in worker threads) ----
@@ -608,6 +614,9 @@ class FolderShardStore:
     async def usage(self) -> int:
         await self._ensure_open()
         return await trio.to_thread.run_sync(self._usage_sync)
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()  # files are opened per call
 
     def _usage_sync(self) -> int:
         with _os_errors("measure", self._owner_dir):

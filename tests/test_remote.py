@@ -374,3 +374,15 @@ async def test_a_response_sent_as_a_request_ends_that_session_only(
     assert await polite.get(shard_id(1)) == b"kept"
     await trio.aclose_forcefully(rude.stream)
     await polite.aclose()
+
+
+async def test_closing_the_store_ends_its_sessions_on_the_node(
+    node: RunningNode, network: Network
+) -> None:
+    store = node.client(network, OWNER)
+    await store.put(shard_id(1), b"data")
+    assert node.server.active_sessions == 1  # pooled, idle
+    await store.aclose()
+    with trio.fail_after(5):
+        while node.server.active_sessions:
+            await trio.sleep(0.01)

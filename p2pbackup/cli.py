@@ -10,6 +10,7 @@ file (``--recovery-key-file``) or from standard input.
 from __future__ import annotations
 
 import argparse
+import datetime
 import getpass
 import inspect
 import json
@@ -102,6 +103,113 @@ async def cmd_peer_add(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def cmd_invite(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations
+
+    code = operations.make_invite(home, args.address or ())
+    _out("Your invite code: send it to a friend, who adds you with `p2pbackup friend add CODE`.")
+    _out("It holds this node's public key and addresses (no secret); the friend's node")
+    _out("accepts only a node that proves this key, whatever answers at the address.")
+    _out(code)
+    return EXIT_OK
+
+
+async def cmd_friend_add(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations
+
+    async with operations.open_repository(home) as repo:
+        added = await operations.add_friend(repo, args.code)
+    for warning in added.warnings:
+        _out(f"warning: {warning}")
+    where = "reached at" if added.reached else "to be reached at"
+    _out(f"added friend {added.friend.node_id.hex()}, {where} {added.peer.location}")
+    return EXIT_OK
+
+
+async def cmd_friend_list(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations
+
+    async with operations.open_repository(home) as repo:
+        listed = operations.friends(repo)
+    if args.json:
+        _out(
+            json.dumps(
+                [
+                    {
+                        "node_id": s.friend.node_id.hex(),
+                        "addresses": list(s.friend.addresses),
+                        "location": s.location,
+                        "shards": s.shards,
+                        "added_at": s.friend.added_at,
+                    }
+                    for s in listed
+                ],
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    for s in listed:
+        _out(f"{s.friend.node_id.hex()}  {', '.join(s.friend.addresses)}  {s.shards} shards")
+    if not listed:
+        _out("no friends yet: add one with `p2pbackup friend add CODE` (`invite` prints yours)")
+    return EXIT_OK
+
+
+async def cmd_friend_remove(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations
+
+    async with operations.open_repository(home) as repo:
+        removed = await operations.remove_friend(repo, args.id, force=args.force)
+    for warning in removed.warnings:
+        _out(f"warning: {warning}")
+    _out(f"removed friend {removed.friend.node_id.hex()}")
+    if removed.shards_forgotten:
+        _out(f"forgot {removed.shards_forgotten} shards it held")
+    shortfall = removed.shortfall
+    if shortfall.below_n:
+        _out(f"{shortfall.below_n} packs now have fewer than N shards (less redundant)")
+    if shortfall.below_k:
+        _out(f"{shortfall.below_k} packs have fewer than K shards left: they cannot be restored")
+    return EXIT_OK
+
+
+async def cmd_lookup(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import discovery, operations
+    from p2pbackup.net import Address
+
+    node_id = operations.parse_node_id(args.node_id)
+    bootstrap = [Address.parse(text, allow_port_zero=False) for text in args.bootstrap or ()]
+    record = await discovery.lookup_contact(home, node_id, bootstrap=bootstrap)
+    if record is None:
+        raise UsageError(
+            f"no valid contact record for node {node_id.hex()} in the DHT: the node may be "
+            "offline for longer than its record lives, or unknown to the nodes reached"
+        )
+    addresses = [str(Address(a.host, a.port)) for a in record.addresses]
+    expires = datetime.datetime.fromtimestamp(record.expiry).astimezone()
+    if args.json:
+        _out(
+            json.dumps(
+                {
+                    "node_id": record.node_id.hex(),
+                    "public_key": record.public_key.hex(),
+                    "addresses": addresses,
+                    "storage_offered": record.storage_offered,
+                    "sequence": record.sequence,
+                    "expiry": record.expiry,
+                    "expires": expires.isoformat(timespec="seconds"),
+                },
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    _out(f"node {record.node_id.hex()}")
+    _out(f"addresses: {', '.join(addresses)}")
+    _out(f"storage offered: {human_bytes(record.storage_offered)}")
+    _out(f"record #{record.sequence}, expires {expires.isoformat(timespec='seconds')}")
+    return EXIT_OK
+
+
 def cmd_id(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup.node import node_identity
 
@@ -144,6 +252,12 @@ async def cmd_serve(args: argparse.Namespace, home: Home) -> int:
         listen=Address.parse(args.listen) if args.listen else node.DEFAULT_LISTEN,
         capacity=parse_size(args.capacity) if args.capacity else None,
         owner_quota=parse_size(args.owner_quota) if args.owner_quota else None,
+        bootstrap=tuple(
+            Address.parse(text, allow_port_zero=False) for text in args.bootstrap or ()
+        ),
+        advertise=tuple(
+            Address.parse(text, allow_port_zero=False) for text in args.advertise or ()
+        ),
     )
     async with trio.open_nursery() as nursery:
         serving = await nursery.start(node.serve, home, options)
@@ -437,6 +551,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_peer_list)
 
+    friend = sub.add_parser("friend", help="manage friends (nodes added with an invite code)")
+    friend_sub = friend.add_subparsers(dest="friend_command", required=True, metavar="COMMAND")
+    p = friend_sub.add_parser("add", help="add a friend's node from its invite code")
+    p.add_argument("code", metavar="CODE", help="as `p2pbackup invite` prints it on that node")
+    p.set_defaults(func=cmd_friend_add)
+    p = friend_sub.add_parser("list", help="list friends and the shards they hold")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_friend_list)
+    p = friend_sub.add_parser("remove", help="forget a friend (and it as a peer)")
+    p.add_argument("id", metavar="ID", help="node id, or a unique prefix of 8 or more digits")
+    p.add_argument(
+        "--force", action="store_true", help="also forget the shards it holds of this home"
+    )
+    p.set_defaults(func=cmd_friend_remove)
+
+    p = sub.add_parser("invite", help="print this node's invite code for a friend")
+    p.add_argument(
+        "--address",
+        action="append",
+        metavar="HOST:PORT",
+        help="where friends reach this node (repeatable; default: what `serve` last published)",
+    )
+    p.set_defaults(func=cmd_invite)
+
+    p = sub.add_parser("lookup", help="find a node's contact record in the DHT")
+    p.add_argument("node_id", metavar="NODE_ID")
+    p.add_argument(
+        "--bootstrap", action="append", metavar="HOST:PORT", help="a DHT node to ask (repeatable)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lookup)
+
     p = sub.add_parser("id", help="show this home's node id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_id)
@@ -449,6 +595,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--capacity", metavar="SIZE", help="most space to give all peers (e.g. 200G)")
     p.add_argument("--owner-quota", metavar="SIZE", help="most space to give any one peer")
+    p.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="HOST:PORT",
+        help="a DHT node to join through, besides friends (repeatable)",
+    )
+    p.add_argument(
+        "--advertise",
+        action="append",
+        metavar="HOST:PORT",
+        help="an address to publish for this node (repeatable; default: from --listen)",
+    )
     p.add_argument(
         "--verbose", action="store_true", help="log every session, not only what goes wrong"
     )

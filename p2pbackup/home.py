@@ -9,6 +9,9 @@ Layout (format version 1)::
       lock          held (flock) by the process that writes this home
       hosted/       shards this node stores for its peers (see shardhost)
       serve.lock    held (flock) by the process serving this home to peers
+      addresses     "p2pbackup-addresses 1", then the HOST:PORT lines the node
+                    last published (written by serve, read by invite)
+      dht-state.json  DHT neighbours remembered between runs (see dht)
 
 The home is chosen by ``--home``, else ``$P2PBACKUP_HOME``, else the platform's
 user data directory.
@@ -20,7 +23,7 @@ import contextlib
 import fcntl
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from p2pbackup.errors import RepositoryLockedError, UsageError
@@ -28,6 +31,7 @@ from p2pbackup.errors import RepositoryLockedError, UsageError
 HOME_FORMAT_VERSION = 1
 _HOME_MAGIC = "p2pbackup-home"
 _SECRET_MAGIC = "p2pbackup-secret"
+_ADDRESSES_MAGIC = "p2pbackup-addresses 1"
 
 
 def default_home() -> Path:
@@ -94,6 +98,30 @@ class Home:
     def serve_lock_path(self) -> Path:
         return self.path / "serve.lock"
 
+    @property
+    def addresses_path(self) -> Path:
+        return self.path / "addresses"
+
+    @property
+    def dht_state_path(self) -> Path:
+        return self.path / "dht-state.json"
+
+    def write_addresses(self, addresses: Sequence[str]) -> None:
+        """Record the ``HOST:PORT`` addresses the node publishes (for ``invite``)."""
+        lines = [_ADDRESSES_MAGIC, *addresses]
+        write_private_file(self.addresses_path, ("\n".join(lines) + "\n").encode())
+
+    def read_addresses(self) -> list[str]:
+        """The addresses the node last published; empty if it never served."""
+        try:
+            text = self.addresses_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        lines = text.splitlines()
+        if not lines or lines[0] != _ADDRESSES_MAGIC:
+            raise UsageError(f"{self.addresses_path} is not an address file this version reads")
+        return [line for line in lines[1:] if line]
+
     def exists(self) -> bool:
         return self.marker_path.exists()
 
@@ -125,6 +153,15 @@ class Home:
         text = self.marker_path.read_text(errors="replace").split()
         if len(text) < 2 or text[0] != _HOME_MAGIC or text[1] != str(HOME_FORMAT_VERSION):
             raise UsageError(f"{self.marker_path} is not a home marker this version understands")
+
+    def node_id(self) -> bytes:
+        """The node id written in the home marker (no secret needed)."""
+        self.require()
+        text = self.marker_path.read_text(errors="replace").split()
+        try:
+            return bytes.fromhex(text[2])
+        except (IndexError, ValueError):
+            raise UsageError(f"{self.marker_path} does not name a node id") from None
 
     def load_secret(self) -> bytes:
         self.require()

@@ -14,6 +14,12 @@ Nouns:
   unchanged files are not read again.
 * **snapshot rows** — decoded snapshots, a cache of the snapshot blobs.
 * **meta** — repository configuration and the root record sequence number.
+* **friend rows** — nodes added with an invite code: node id, the public key
+  every session to them must prove, the ``HOST:PORT`` addresses last known
+  (newline-separated) and when they were added. A friend is also a peer row
+  (kind "node", peer id = the node id in hex); the friends table only adds
+  what the invite said. Added to schema version 1 as a new table, so an older
+  index gains it on open.
 
 Everything here can be rebuilt from the peers (``recover``), so the index is a
 cache, but one whose every write happens in a transaction: a backup killed at
@@ -34,6 +40,7 @@ from p2pbackup.errors import UsageError
 from p2pbackup.model import (
     BlobEntry,
     BlobType,
+    FriendRecord,
     PackRecord,
     PeerRecord,
     RepositoryConfig,
@@ -70,6 +77,9 @@ CREATE TABLE IF NOT EXISTS file_cache (
     dir BLOB NOT NULL, name BLOB NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, inode INTEGER NOT NULL,
     content BLOB NOT NULL, PRIMARY KEY (dir, name));
+CREATE TABLE IF NOT EXISTS friends (
+    node_id BLOB PRIMARY KEY, public_key BLOB NOT NULL, addresses TEXT NOT NULL,
+    added_at INTEGER NOT NULL);
 """
 
 
@@ -77,6 +87,15 @@ CREATE TABLE IF NOT EXISTS file_cache (
 class BlobLocation:
     pack_id: bytes
     entry: BlobEntry
+
+
+@attrs.frozen
+class ShardShortfall:
+    """Packs whose shard rows fall short: of n (less redundant than asked) and
+    of k (no longer restorable from what the index knows)."""
+
+    below_n: int
+    below_k: int
 
 
 @attrs.frozen
@@ -104,6 +123,24 @@ def _split_path(path: bytes) -> tuple[bytes, bytes]:
 def _join_strs(values: Iterable[bytes]) -> bytes:
     # Paths are bytes that may hold anything but NUL.
     return b"\0".join(values)
+
+
+def _join_addresses(addresses: Iterable[str]) -> str:
+    joined = list(addresses)
+    # HOST:PORT texts never hold a newline (net.Address refuses whitespace in hosts).
+    if any("\n" in address for address in joined):
+        raise ValueError(f"an address holds a newline: {joined!r}")
+    return "\n".join(joined)
+
+
+def _friend(row: tuple[bytes, bytes, str, int]) -> FriendRecord:
+    node_id, public_key, addresses, added_at = row
+    return FriendRecord(
+        bytes(node_id),
+        bytes(public_key),
+        tuple(addresses.split("\n")) if addresses else (),
+        added_at,
+    )
 
 
 class Index:
@@ -174,6 +211,62 @@ class Index:
     def peers(self) -> list[PeerRecord]:
         rows = self._db.execute("SELECT peer_id, kind, location FROM peers ORDER BY peer_id")
         return [PeerRecord(*row) for row in rows]
+
+    def remove_peer(self, peer_id: str) -> int:
+        """Forget a peer and the shard rows that place shards on it (call
+        inside a transaction); returns how many shard rows went."""
+        removed = self._db.execute("DELETE FROM shards WHERE peer_id=?", (peer_id,)).rowcount
+        self._db.execute("DELETE FROM peers WHERE peer_id=?", (peer_id,))
+        return int(removed)
+
+    def shard_shortfall(self) -> ShardShortfall:
+        """How many packs have fewer shard rows than n, and than k."""
+        row = self._db.execute(
+            "SELECT coalesce(sum(held < n), 0), coalesce(sum(held < k), 0) FROM"
+            " (SELECT p.n AS n, p.k AS k,"
+            "  (SELECT count(*) FROM shards s WHERE s.pack_id = p.pack_id) AS held"
+            "  FROM packs p)"
+        ).fetchone()
+        return ShardShortfall(below_n=int(row[0]), below_k=int(row[1]))
+
+    # -- friends ---------------------------------------------------------------
+
+    def add_friend(self, friend: FriendRecord) -> None:
+        """Record a friend, replacing any row of the same node id."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO friends(node_id, public_key, addresses, added_at)"
+            " VALUES (?, ?, ?, ?)",
+            (friend.node_id, friend.public_key, _join_addresses(friend.addresses), friend.added_at),
+        )
+
+    def friends(self) -> list[FriendRecord]:
+        """Every friend, oldest first."""
+        rows = self._db.execute(
+            "SELECT node_id, public_key, addresses, added_at FROM friends"
+            " ORDER BY added_at, node_id"
+        )
+        return [_friend(row) for row in rows]
+
+    def friend(self, node_id: bytes) -> FriendRecord | None:
+        row = self._db.execute(
+            "SELECT node_id, public_key, addresses, added_at FROM friends WHERE node_id=?",
+            (node_id,),
+        ).fetchone()
+        return None if row is None else _friend(row)
+
+    def remove_friend(self, node_id: bytes) -> bool:
+        """Forget a friend (its peer row stays: see :meth:`remove_peer`);
+        whether there was one."""
+        cursor = self._db.execute("DELETE FROM friends WHERE node_id=?", (node_id,))
+        return cursor.rowcount > 0
+
+    def set_friend_addresses(self, node_id: bytes, addresses: Iterable[str]) -> bool:
+        """Where a friend is known to listen now; whether there was such a friend."""
+        cursor = self._db.execute(
+            "UPDATE friends SET addresses=? WHERE node_id=?",
+            (_join_addresses(addresses), node_id),
+        )
+        return cursor.rowcount > 0
 
     # -- packs and blobs ----------------------------------------------------
 

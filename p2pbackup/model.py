@@ -15,6 +15,8 @@ Nouns:
 * **snapshot** — a backup run: the root tree and what was asked for.
 * **index segment** — pack records written by one backup or prune, stored as
   an ``INDEX`` blob so that a new home can rebuild its SQLite index.
+* **friend** — a node added with an invite code (:class:`FriendRecord`); it is
+  also a peer (kind "node") that shards may be placed on.
 * **root record** — the small, signed and encrypted entry point stored on every
   peer: configuration, peers, index packs and live snapshots.
 
@@ -154,6 +156,22 @@ class PeerRecord:
     #: "dir" for a local folder; network kinds arrive with the wire.
     kind: str
     location: str
+
+
+@attrs.frozen
+class FriendRecord:
+    """A node added with its invite code (:mod:`p2pbackup.invites`).
+
+    ``public_key`` is the Ed25519 identity key the invite carried: every
+    session to the friend must prove it. ``addresses`` are where it was last
+    known to listen, as ``HOST:PORT`` texts; hints, not authority.
+    ``added_at`` is unix seconds.
+    """
+
+    node_id: bytes = attrs.field(repr=bytes.hex)
+    public_key: bytes = attrs.field(repr=bytes.hex)
+    addresses: tuple[str, ...]
+    added_at: int
 
 
 @attrs.frozen

@@ -8,6 +8,9 @@ Nouns:
   address.
 * **serve options** — :class:`ServeOptions`: where to listen and how much
   space to give. Sizes are bytes; None means no limit beyond the disk.
+* **DHT role** — the node also takes part in the Kademlia DHT on UDP at the
+  same host and port as its TCP listener (:mod:`p2pbackup.discovery`): it
+  publishes its contact record there and follows its friends.
 
 Everything below is passed in — the network above all — so that tests and the
 simulator run this same code over an in-memory network.
@@ -21,7 +24,17 @@ import logging
 import attrs
 import trio
 
+from p2pbackup import dht
+from p2pbackup.discovery import (
+    DEFAULT_REFRESH_PERIOD,
+    Discovery,
+    DiscoveryOptions,
+    FriendContact,
+    advertised_addresses,
+)
+from p2pbackup.errors import P2PBackupError
 from p2pbackup.home import Home
+from p2pbackup.index import Index
 from p2pbackup.keys import Keyring
 from p2pbackup.net import Address, Network, TcpNetwork
 from p2pbackup.server import StorageServer
@@ -45,6 +58,12 @@ class ServeOptions:
     listen: Address = DEFAULT_LISTEN
     capacity: int | None = None
     owner_quota: int | None = None
+    #: DHT nodes to join through, besides friends and remembered neighbours.
+    bootstrap: tuple[Address, ...] = ()
+    #: Addresses published in the contact record; empty: worked out from ``listen``.
+    advertise: tuple[Address, ...] = ()
+    #: Seconds between DHT refreshes (republish, follow friends).
+    refresh_period: float = DEFAULT_REFRESH_PERIOD
 
 
 @attrs.frozen
@@ -54,6 +73,9 @@ class Serving:
     node_id: bytes
     address: Address
     reconciled: ReconcileReport
+    #: Addresses in the contact record (what `invite` hands out).
+    advertised: tuple[str, ...] = ()
+    discovery: Discovery | None = None
 
 
 def node_identity(home: Home) -> Identity:
@@ -88,9 +110,61 @@ async def serve(
                     network.serve, options.listen, server.handle_connection
                 )
                 nursery.start_soon(_collect_expired, host)
-                task_status.started(Serving(identity.node_id, address, host.reconcile_report))
+                advertised = advertised_addresses(options.listen, address.port, options.advertise)
+                # UDP on the TCP port: one address (and one firewall rule) per node.
+                dht_address = Address(options.listen.host, address.port)
+                async with dht.open_dht(network, dht_address, node_id=identity.node_id) as node:
+                    discovery = Discovery(
+                        node,
+                        identity,
+                        advertised,
+                        options=DiscoveryOptions(
+                            refresh_period=options.refresh_period,
+                            bootstrap=options.bootstrap,
+                            storage_offered=options.capacity or 0,
+                        ),
+                        friends=functools.partial(home_friends, home),
+                        state_path=home.dht_state_path,
+                    )
+                    texts = tuple(f"{a.host}:{a.port}" for a in advertised)
+                    home.write_addresses(texts)
+                    async with trio.open_nursery() as roles:
+                        await roles.start(discovery.run)
+                        task_status.started(
+                            Serving(
+                                identity.node_id,
+                                address,
+                                host.reconcile_report,
+                                texts,
+                                discovery,
+                            )
+                        )
         finally:
             host.close()
+
+
+def home_friends(home: Home) -> list[FriendContact]:
+    """The home's friends as discovery needs them (read afresh each time, so
+    a friend added while the node runs is followed from the next refresh)."""
+    try:
+        index = Index(home.index_path)
+    except P2PBackupError as error:
+        log.warning("cannot read the friend list: %s", error)
+        return []
+    try:
+        friends = index.friends()
+    finally:
+        index.close()
+    contacts = []
+    for friend in friends:
+        addresses = []
+        for text in friend.addresses:
+            try:
+                addresses.append(Address.parse(text, allow_port_zero=False))
+            except P2PBackupError:
+                log.warning("friend %s has an unusable address %r", friend.node_id.hex(), text)
+        contacts.append(FriendContact(friend.node_id, tuple(addresses)))
+    return contacts
 
 
 async def _collect_expired(host: ShardHost) -> None:

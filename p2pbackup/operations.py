@@ -1,31 +1,50 @@
-"""User-level operations on a home: init, open, add a peer, recover.
+"""User-level operations on a home: init, open, add a peer, friends, recover.
 
 This is the composition root of the backup engine: it turns a home directory
 into a :class:`~p2pbackup.repository.Repository` (keyring, index, peers) and
 holds the home's lock while anything writes to it.
+
+Friends: :func:`make_invite` writes this home's invite code
+(:mod:`p2pbackup.invites`); :func:`add_friend` reads another's, checks that
+the node answers at one of its addresses as the key in the code (the Noise
+handshake proves it), and records it as a friend and as a node peer in one
+transaction. A friend that cannot be reached now is added all the same (home
+machines sleep), with a warning: every later session still has to prove the
+key, so an address that leads to another node is never trusted.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import attrs
 import trio
 
-from p2pbackup import chunker, formats, keys, merkle, packer
+from p2pbackup import chunker, formats, invites, keys, merkle, packer
 from p2pbackup.errors import (
+    FormatError,
     IntegrityError,
     NotEnoughShardsError,
     StoreError,
     UsageError,
 )
 from p2pbackup.home import Home
-from p2pbackup.index import Index
+from p2pbackup.index import Index, ShardShortfall
 from p2pbackup.keys import Keyring
-from p2pbackup.model import NODE_ID_SIZE, BlobType, PeerRecord, RepositoryConfig, RootRecord
+from p2pbackup.model import (
+    NODE_ID_SIZE,
+    BlobType,
+    FriendRecord,
+    PeerRecord,
+    RepositoryConfig,
+    RootRecord,
+)
 from p2pbackup.net import Address, Network, TcpNetwork
+from p2pbackup.records import RecordAddress
+from p2pbackup.remote import RemoteShardStore
 from p2pbackup.repository import (
     PEER_KIND_DIR,
     PEER_KIND_NODE,
@@ -33,6 +52,7 @@ from p2pbackup.repository import (
     open_root_record,
     open_store,
 )
+from p2pbackup.session import Identity
 from p2pbackup.storage import init_folder_peer, read_folder_peer_id
 
 DEFAULT_K = 3
@@ -41,6 +61,11 @@ DEFAULT_N = 6
 #: small enough that two packs being coded and uploaded at once keep a
 #: backup's peak memory under 300 MB.
 DEFAULT_PACK_SIZE = 12 * 1024 * 1024
+#: Seconds ``friend add`` waits for each address of a friend to answer: a
+#: friend that is offline is still added, so a long wait buys nothing.
+FRIEND_PROBE_TIMEOUT = 5.0
+#: The fewest hex digits that may name a friend (``friend remove``).
+MIN_ID_PREFIX = 8
 
 
 def parse_shards(text: str) -> tuple[int, int]:
@@ -169,6 +194,220 @@ async def add_node_peer(repo: Repository, address_text: str, node_id_text: str) 
     if repo.index.snapshots() or repo.index.pack_ids():
         await repo.publish_root()
     return record
+
+
+# -- friends ---------------------------------------------------------------------------
+
+
+def _invite_address(text: str) -> RecordAddress:
+    address = Address.parse(text, allow_port_zero=False)
+    try:
+        record_address = RecordAddress.from_host_port(address.host, address.port)
+    except FormatError as exc:
+        detail = str(exc).removeprefix("DHT record: ")
+        raise UsageError(f"address {text!r} cannot go into an invite: {detail}") from None
+    if _is_unspecified(record_address.host):
+        raise UsageError(
+            f"address {text!r} means 'every interface' here; a friend needs an address "
+            "that reaches this machine (its public IP address or host name)"
+        )
+    return record_address
+
+
+def _is_unspecified(host: str) -> bool:
+    return host in ("0.0.0.0", "::")
+
+
+def make_invite(home: Home, addresses: Sequence[str] = ()) -> str:
+    """This home's invite code: its identity key and where to reach it.
+
+    ``addresses`` (``HOST:PORT``) if given, else those ``serve`` last wrote to
+    the home; :class:`UsageError` if there are none.
+    """
+    home.require()
+    keyring = Keyring.from_master_secret(home.load_secret())
+    if addresses:
+        chosen = list(dict.fromkeys(_invite_address(text) for text in addresses))
+        if len(chosen) > invites.MAX_ADDRESSES:
+            raise UsageError(
+                f"an invite carries at most {invites.MAX_ADDRESSES} addresses; {len(chosen)} given"
+            )
+    else:
+        chosen = []
+        for text in home.read_addresses():
+            try:
+                address = _invite_address(text)
+            except UsageError:
+                continue  # e.g. the wildcard a node listens on; a friend cannot dial it
+            if address not in chosen:
+                chosen.append(address)
+        del chosen[invites.MAX_ADDRESSES :]
+    if not chosen:
+        raise UsageError(
+            "this home has no known address: start `p2pbackup serve` first, "
+            "or pass --address HOST:PORT"
+        )
+    return invites.encode_invite(invites.invite_for(keyring.identity_public, chosen))
+
+
+@attrs.frozen
+class FriendAdded:
+    """What :func:`add_friend` did: the friend and its peer row, whether it
+    answered now, and warnings for the user."""
+
+    friend: FriendRecord
+    peer: PeerRecord
+    reached: bool
+    warnings: tuple[str, ...]
+
+
+async def add_friend(
+    repo: Repository, code: str, *, now: Callable[[], float] = time.time
+) -> FriendAdded:
+    """Add the node an invite code names as a friend, and as a node peer."""
+    invite = invites.decode_invite(code)
+    node_id = invite.node_id
+    peer_id = node_id.hex()
+    if node_id == repo.keyring.node_id:
+        raise UsageError("that is this home's own invite code; give it to a friend, and add theirs")
+    existing = repo.index.friend(node_id)
+    if existing is not None:
+        raise UsageError(
+            f"node {peer_id} is already a friend (at {', '.join(existing.addresses)}); "
+            "see `p2pbackup friend list`"
+        )
+    texts = tuple(str(Address(a.host, a.port)) for a in invite.addresses)
+    reached, problems = await _probe(repo, node_id, texts)
+    warnings = []
+    if reached is None:
+        warnings.append(
+            f"node {peer_id} could not be reached now ({'; '.join(problems)}); it is added "
+            "anyway and used once it answers as the key in its invite code"
+        )
+    peer = next((p for p in repo.peers() if p.peer_id == peer_id), None)
+    new_peer = peer is None
+    if peer is None:
+        peer = PeerRecord(peer_id, PEER_KIND_NODE, reached or texts[0])
+    friend = FriendRecord(node_id, invite.public_key, texts, int(now()))
+    with repo.index.transaction():
+        repo.index.add_friend(friend)
+        if new_peer:
+            repo.index.add_peer(peer)
+    if new_peer and (repo.index.snapshots() or repo.index.pack_ids()):
+        warnings.extend(await _publish_root(repo))
+    return FriendAdded(friend, peer, reached is not None, tuple(warnings))
+
+
+async def _probe(
+    repo: Repository, node_id: bytes, addresses: Sequence[str]
+) -> tuple[str | None, list[str]]:
+    """The first address where ``node_id`` answers and proves its key, and
+    what went wrong at the others."""
+    problems = []
+    identity = Identity.from_keyring(repo.keyring)
+    for text in addresses:
+        store = RemoteShardStore(
+            repo.network,
+            identity,
+            Address.parse(text),
+            node_id,
+            connect_timeout=FRIEND_PROBE_TIMEOUT,
+            io_timeout=FRIEND_PROBE_TIMEOUT,
+        )
+        try:
+            await store.usage()
+        except StoreError as exc:
+            problems.append(str(exc))
+            continue
+        finally:
+            await store.aclose()
+        return text, problems
+    return None, problems
+
+
+async def _publish_root(repo: Repository) -> list[str]:
+    """Tell the peers the new peer list; a warning instead of an error, since
+    what was asked for is done and the next backup publishes again."""
+    try:
+        await repo.publish_root()
+    except StoreError as exc:
+        return [f"the root record could not be updated on the peers now ({exc})"]
+    return []
+
+
+@attrs.frozen
+class FriendStatus:
+    """A friend as ``friend list`` shows it: where its peer row says it is and
+    how many shards of this home the index places on it."""
+
+    friend: FriendRecord
+    location: str | None
+    shards: int
+
+
+def friends(repo: Repository) -> list[FriendStatus]:
+    """Every friend, oldest first."""
+    counts = repo.index.shard_count_by_peer()
+    locations = {p.peer_id: p.location for p in repo.peers()}
+    return [
+        FriendStatus(f, locations.get(f.node_id.hex()), counts.get(f.node_id.hex(), 0))
+        for f in repo.index.friends()
+    ]
+
+
+def find_friend(repo: Repository, id_text: str) -> FriendRecord:
+    """The friend named by a full node id or a unique prefix of at least
+    :data:`MIN_ID_PREFIX` hex digits."""
+    wanted = id_text.strip().lower()
+    if any(c not in "0123456789abcdef" for c in wanted) or not wanted:
+        raise UsageError(f"{id_text!r} is not a node id (hex digits, as `friend list` shows)")
+    if len(wanted) > 2 * NODE_ID_SIZE:
+        raise UsageError(f"{id_text!r} is longer than a node id ({2 * NODE_ID_SIZE} hex digits)")
+    if len(wanted) < MIN_ID_PREFIX:
+        raise UsageError(
+            f"{id_text!r} is too short to name a friend: give at least {MIN_ID_PREFIX} "
+            "hex digits of its node id"
+        )
+    matches = [f for f in repo.index.friends() if f.node_id.hex().startswith(wanted)]
+    if not matches:
+        raise UsageError(f"no friend has a node id starting with {wanted} (see `friend list`)")
+    if len(matches) > 1:
+        names = ", ".join(f.node_id.hex() for f in matches)
+        raise UsageError(f"{wanted} could be any of {len(matches)} friends ({names}); type more")
+    return matches[0]
+
+
+@attrs.frozen
+class FriendRemoved:
+    """What :func:`remove_friend` did."""
+
+    friend: FriendRecord
+    #: Shard rows forgotten with the peer (non-zero only with ``force``).
+    shards_forgotten: int
+    #: Packs short of shards afterwards (all packs, not only this friend's).
+    shortfall: ShardShortfall
+    warnings: tuple[str, ...]
+
+
+async def remove_friend(repo: Repository, id_text: str, *, force: bool = False) -> FriendRemoved:
+    """Forget a friend and its peer row; refused while it holds shards of this
+    home unless ``force``, which forgets those shards too."""
+    friend = find_friend(repo, id_text)
+    peer_id = friend.node_id.hex()
+    held = repo.index.shard_count_by_peer().get(peer_id, 0)
+    if held and not force:
+        raise UsageError(
+            f"node {peer_id} holds {held} shards of this home's packs; "
+            f"`friend remove --force {peer_id}` forgets them, leaving those packs less redundant"
+        )
+    had_peer = any(p.peer_id == peer_id for p in repo.peers())
+    with repo.index.transaction():
+        repo.index.remove_friend(friend.node_id)
+        forgotten = repo.index.remove_peer(peer_id)
+    warnings: list[str] = []
+    if had_peer and repo.peers() and (repo.index.snapshots() or repo.index.pack_ids()):
+        warnings.extend(await _publish_root(repo))
+    return FriendRemoved(friend, forgotten, repo.index.shard_shortfall(), tuple(warnings))
 
 
 @attrs.define

@@ -441,14 +441,28 @@ def choose_newest(values: Iterable[Record | bytes], *, key: bytes, now: int) -> 
     return best
 
 
-def accept_store(existing: bytes | None, incoming: bytes, *, key: bytes, now: int) -> bool:
-    """Whether a node's DHT storage should replace ``existing`` under ``key`` with
-    ``incoming``: only a valid record with a strictly higher sequence than the
-    valid one held. An invalid or expired ``existing`` counts as nothing held."""
-    record = _valid(incoming, key=key, now=now)
-    if record is None:
-        return False
+def store_refusal(existing: bytes | None, incoming: bytes, *, key: bytes, now: int) -> str | None:
+    """Why a node's DHT storage must not replace ``existing`` under ``key`` with
+    ``incoming``, or ``None`` if it should. Only a valid record with a strictly
+    higher sequence than the valid one held is taken; an invalid or expired
+    ``existing`` counts as nothing held."""
+    try:
+        record = decode_record(incoming)
+        verify_record(record, key=key, now=now)
+    except IntegrityError as error:
+        return str(error)
     held = _valid(existing, key=key, now=now)
     # Same sequence, other bytes: the owner signed two records with one number
     # (or someone replays the older); first come stays rather than flip-flopping.
-    return held is None or record.sequence > held.sequence
+    if held is not None and record.sequence <= held.sequence:
+        return (
+            f"{record_kind(record).label} record of node {record.node_id.hex()}: "
+            f"sequence {record.sequence} is not newer than the {held.sequence} held"
+        )
+    return None
+
+
+def accept_store(existing: bytes | None, incoming: bytes, *, key: bytes, now: int) -> bool:
+    """Whether a node's DHT storage should replace ``existing`` under ``key`` with
+    ``incoming`` (see :func:`store_refusal`)."""
+    return store_refusal(existing, incoming, key=key, now=now) is None

@@ -1,0 +1,232 @@
+"""Discovery: what a node does in the DHT, and short-lived lookups for the CLI.
+
+Nouns:
+
+* **discovery** — :class:`Discovery`, the DHT role of a running node: it joins
+  the DHT (through explicit bootstrap addresses, its friends' addresses and
+  the neighbours it remembered), publishes its contact record, and every
+  **refresh period** refreshes lonely buckets, republishes its record before
+  it expires, looks its friends up again and saves its routing state.
+* **friend** — here, only what discovery needs of one: a node id and the
+  addresses on record (:class:`FriendContact`).
+* **followed contacts** — the newest contact record found for each friend;
+  a friend that moved is found at its new address within one refresh period.
+* **one-shot lookup** — :func:`lookup_contact`: a DHT client with a random id
+  on a free port, for a command that needs one answer and then exits.
+
+Everything that touches the world is passed in: the network, the clock, the
+friend list, so the simulator runs the same code as ``p2pbackup serve``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final
+
+import attrs
+import trio
+
+from p2pbackup import dht, records
+from p2pbackup.errors import FormatError, PeerUnavailableError, UsageError
+from p2pbackup.home import Home
+from p2pbackup.net import Address, Network, TcpNetwork
+from p2pbackup.session import Identity
+
+log = logging.getLogger(__name__)
+
+#: How often a node refreshes, republishes and follows its friends.
+DEFAULT_REFRESH_PERIOD: Final = 3600.0
+#: How long a contact record lives: several refresh periods, so one missed
+#: republish (a reboot, a short outage) does not make the node unfindable.
+DEFAULT_CONTACT_LIFETIME: Final = 24 * 3600
+
+
+@attrs.frozen
+class FriendContact:
+    """A friend as discovery sees it: who, and where it was last known to be."""
+
+    node_id: bytes
+    addresses: tuple[Address, ...] = ()
+
+
+@attrs.frozen
+class DiscoveryOptions:
+    refresh_period: float = DEFAULT_REFRESH_PERIOD
+    contact_lifetime: int = DEFAULT_CONTACT_LIFETIME
+    #: DHT nodes to join through, besides friends and remembered neighbours.
+    bootstrap: tuple[Address, ...] = ()
+    #: Bytes of storage offered to others, published in the contact record.
+    storage_offered: int = 0
+    dht: dht.DhtOptions = attrs.Factory(dht.DhtOptions)
+
+
+def _no_friends() -> list[FriendContact]:
+    return []
+
+
+class Discovery:
+    """The DHT role of one running node (see the module docstring)."""
+
+    def __init__(
+        self,
+        node: dht.DhtNode,
+        identity: Identity,
+        advertised: Sequence[records.RecordAddress],
+        *,
+        options: DiscoveryOptions = DiscoveryOptions(),
+        friends: Callable[[], Sequence[FriendContact]] = _no_friends,
+        state_path: Path | None = None,
+    ) -> None:
+        if not advertised:
+            raise UsageError("a node must publish at least one address")
+        self.node = node
+        self.identity = identity
+        self.advertised = tuple(advertised)
+        self.options = options
+        self.friends = friends
+        self.state_path = state_path
+        self.contact: records.ContactRecord | None = None
+        #: Friend node id → the newest contact record found for it.
+        self.followed: dict[bytes, records.ContactRecord] = {}
+
+    def _join_addresses(self) -> list[Address]:
+        addresses = list(self.options.bootstrap)
+        for friend in self.friends():
+            addresses.extend(friend.addresses)
+        if self.state_path is not None:
+            saved = dht.load_routing_state(self.state_path, self.node.node_id)
+            addresses.extend(contact.address for contact in saved)
+        return addresses
+
+    async def join(self) -> int:
+        """Bootstrap; the number of contacts known afterwards."""
+        known = await self.node.bootstrap(self._join_addresses())
+        if not known:
+            log.warning("DHT: no other node answered; this node is alone for now")
+        return known
+
+    async def publish(self) -> records.ContactRecord:
+        """Sign and publish a fresh contact record (a higher sequence each time)."""
+        now = self.node.wall_clock()
+        previous = self.contact.sequence if self.contact is not None else 0
+        self.contact = records.sign_contact(
+            self.identity.signing_seed,
+            addresses=self.advertised,
+            storage_offered=self.options.storage_offered,
+            sequence=next_sequence(previous, now),
+            now=math.floor(now),
+            lifetime=self.options.contact_lifetime,
+        )
+        if not await self.node.publish(self.contact):
+            log.warning("DHT: no node took this node's contact record")
+        return self.contact
+
+    async def follow_friends(self) -> None:
+        """Look every friend up again; remember the newest record of each."""
+        for friend in self.friends():
+            record = await self.node.find_contact(friend.node_id)
+            if record is not None:
+                self.followed[friend.node_id] = record
+
+    def save_state(self) -> None:
+        if self.state_path is not None:
+            try:
+                dht.save_routing_state(self.state_path, self.node)
+            except OSError as error:
+                log.warning("cannot save the DHT routing state to %s: %s", self.state_path, error)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Join, publish, then refresh every period until cancelled. Reports
+        started at once: joining waits on addresses that may never answer."""
+        task_status.started()
+        try:
+            await self.join()
+            await self.publish()
+            await self.follow_friends()
+            while True:
+                self.save_state()
+                await trio.sleep(self.options.refresh_period)
+                if not self.node.contacts():
+                    await self.join()  # everybody we knew went away: start again
+                await self.node.refresh()
+                await self.publish()
+                await self.follow_friends()
+        finally:
+            self.save_state()
+
+
+def next_sequence(previous: int, now: float) -> int:
+    """A record sequence number above ``previous``: the wall clock in
+    milliseconds, so a node that lost its state (a new machine, a restart)
+    still outnumbers every record it signed before."""
+    return max(previous + 1, math.floor(now * 1000))
+
+
+def advertised_addresses(
+    listen: Address, port: int, advertise: Sequence[Address] = ()
+) -> list[records.RecordAddress]:
+    """The addresses to publish for a node listening on ``listen`` (bound to
+    ``port``): ``advertise`` if given, else the listening host, else (for a
+    wildcard) the address of the interface that routes outwards."""
+    if advertise:
+        chosen = list(advertise)
+    elif not dht.is_wildcard(listen.host):
+        chosen = [Address(listen.host, port)]
+    else:
+        chosen = [Address(_outward_address(listen.host), port)]
+    try:
+        return [records.RecordAddress.from_host_port(a.host, a.port) for a in chosen]
+    except FormatError as error:
+        raise UsageError(f"cannot publish that address: {error}") from None
+
+
+def _outward_address(wildcard: str) -> str:
+    family = socket.AF_INET6 if ":" in wildcard else socket.AF_INET
+    probe = "2001:db8::1" if family == socket.AF_INET6 else "192.0.2.1"
+    # Connecting a UDP socket sends nothing; it only asks the kernel for a route.
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect((probe, 9))
+            return str(sock.getsockname()[0])
+    except OSError:  # no route (or no IPv6 at all): only this machine is reachable
+        return "::1" if family == socket.AF_INET6 else "127.0.0.1"
+
+
+async def lookup_contact(
+    home: Home,
+    node_id: bytes,
+    *,
+    bootstrap: Sequence[Address] = (),
+    network: Network | None = None,
+    friends: Sequence[FriendContact] = (),
+    wall_clock: Callable[[], float] = time.time,
+) -> records.ContactRecord | None:
+    """The newest valid contact record of ``node_id`` in the DHT, or None.
+
+    Joins the DHT through ``bootstrap``, ``friends`` and the neighbours the
+    home's node last knew; :class:`PeerUnavailableError` if none answers.
+    """
+    network = network if network is not None else TcpNetwork()
+    addresses = list(bootstrap)
+    for friend in friends:
+        addresses.extend(friend.addresses)
+    if home.exists():
+        saved = dht.load_routing_state(home.dht_state_path, home.node_id())
+        addresses.extend(contact.address for contact in saved)
+    if not addresses:
+        raise UsageError(
+            "no way into the DHT: pass --bootstrap HOST:PORT, add a friend, "
+            "or run `p2pbackup serve` once so the node remembers its neighbours"
+        )
+    family_any = "::" if any(":" in a.host for a in addresses[:1]) else "0.0.0.0"
+    async with dht.open_dht(network, Address(family_any, 0), wall_clock=wall_clock) as node:
+        if not await node.bootstrap(addresses):
+            raise PeerUnavailableError(
+                "no DHT node answered at " + ", ".join(str(a) for a in addresses[:5])
+            )
+        return await node.find_contact(node_id)

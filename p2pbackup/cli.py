@@ -176,10 +176,12 @@ async def cmd_friend_remove(args: argparse.Namespace, home: Home) -> int:
 async def cmd_lookup(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import discovery, operations
     from p2pbackup.net import Address
+    from p2pbackup.node import home_friends
 
     node_id = operations.parse_node_id(args.node_id)
     bootstrap = [Address.parse(text, allow_port_zero=False) for text in args.bootstrap or ()]
-    record = await discovery.lookup_contact(home, node_id, bootstrap=bootstrap)
+    friends = home_friends(home) if home.exists() else []
+    record = await discovery.lookup_contact(home, node_id, bootstrap=bootstrap, friends=friends)
     if record is None:
         raise UsageError(
             f"no valid contact record for node {node_id.hex()} in the DHT: the node may be "

@@ -48,7 +48,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -90,6 +89,11 @@ REPLY_TIMEOUT: Final = 5.0
 SEND_QUEUE: Final = 1024
 #: Most contacts an answer may list (the package sends k).
 MAX_CONTACTS_IN_ANSWER: Final = 2 * KSIZE
+
+#: The node id a read-only client presents (as BitTorrent's BEP 43 "ro" flag):
+#: nodes answer it but never put it in their routing tables, so a short-lived
+#: lookup leaves no dead contact behind for others to time out on.
+READ_ONLY_ID: Final = bytes(NODE_ID_SIZE)
 
 ROUTING_STATE_FORMAT: Final = "p2pbackup-dht-state"
 ROUTING_STATE_VERSION: Final = 1
@@ -346,7 +350,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         # once per record held. Here: a newcomer closer to a record's key than
         # this node gets the record while this node is the closest holder it
         # knows, measured against every contact at once.
-        if not self.router.is_new_node(node):
+        if node.id == READ_ONLY_ID or not self.router.is_new_node(node):
             return
         contacts = [c.long_id for bucket in self.router.buckets for c in bucket.nodes.values()]
         own = self.source_node.long_id
@@ -661,9 +665,10 @@ async def open_dht(
 ) -> AsyncIterator[DhtNode]:
     """A DHT node on a datagram endpoint bound to ``address``, for the duration.
 
-    ``node_id`` None: a random one, for a short-lived client that must not
-    pass for this home's node. The asyncio loop the package runs in lives as
-    long as the node and closes after the package has stopped.
+    ``node_id`` None: a read-only client (:data:`READ_ONLY_ID`), for a
+    short-lived lookup that must neither pass for this home's node nor linger
+    in other nodes' routing tables. The asyncio loop the package runs in lives
+    as long as the node and closes after the package has stopped.
     """
     if node_id is not None and len(node_id) != NODE_ID_SIZE:
         raise UsageError(f"a DHT node id has {NODE_ID_SIZE} bytes, not {len(node_id)}")
@@ -674,7 +679,7 @@ async def open_dht(
             server = _Server(
                 ksize=options.ksize,
                 alpha=options.alpha,
-                node_id=node_id if node_id is not None else secrets.token_bytes(NODE_ID_SIZE),
+                node_id=node_id if node_id is not None else READ_ONLY_ID,
                 storage=storage,
             )
             outgoing, queued = trio.open_memory_channel[tuple[bytes, tuple[str, int]]](SEND_QUEUE)

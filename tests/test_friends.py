@@ -398,7 +398,12 @@ def test_lookup_prints_the_record_or_says_it_found_none(
     asked: list[tuple[bytes, list[Address]]] = []
 
     async def found(
-        home: Home, node_id: bytes, *, bootstrap: Sequence[Address] = (), network: object = None
+        home: Home,
+        node_id: bytes,
+        *,
+        bootstrap: Sequence[Address] = (),
+        network: object = None,
+        friends: object = (),
     ) -> records.ContactRecord | None:
         asked.append((node_id, list(bootstrap)))
         return record if node_id == record.node_id else None

@@ -47,9 +47,9 @@ class ServeProcess:
     process: subprocess.Popen[bytes] | None = None
     address: str = ""
 
-    def start(self, listen: str = "127.0.0.1:0") -> None:
+    def start(self, listen: str = "127.0.0.1:0", *extra: str) -> None:
         self.process = subprocess.Popen(
-            [*CLI, "--home", os.fspath(self.home), "serve", "--listen", listen],
+            [*CLI, "--home", os.fspath(self.home), "serve", "--listen", listen, *extra],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -504,7 +504,7 @@ def start_nodes(ctx: Context, root: Path, label: str = "") -> None:
         run_quiet([*cmd, "init", "--recovery-key-file", str(root / f"node-{i:02d}.key")])
         homes.append((cmd, run_quiet([*cmd, "id"]).strip().splitlines()[-1]))
     for i, (cmd, _node_id) in enumerate(homes):
-        serve = [*cmd, "serve", "--listen", "127.0.0.1:0"]
+        serve = [*cmd, "serve", "--listen", "127.0.0.1:0", "--open"]
         ctx.nodes.append(ServeProcess.start(serve, ctx.logs, f"{label}node-{i:02d}"))
     for node, (_cmd, node_id) in zip(ctx.nodes, homes, strict=True):
         node.wait_serving()

@@ -103,6 +103,61 @@ async def cmd_peer_add(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+async def cmd_peer_find(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import discovery, operations
+    from p2pbackup.net import Address
+
+    if args.count < 1:
+        raise UsageError("--count must be at least 1")
+    bootstrap = [Address.parse(text, allow_port_zero=False) for text in args.bootstrap or ()]
+    home.require()
+    found = await discovery.find_storage_nodes(home, count=args.count, bootstrap=bootstrap)
+    if not found:
+        raise UsageError("no node in the DHT offers storage to strangers (open mode) right now")
+    added: list[str] = []
+    if args.add:
+        async with operations.open_repository(home) as repo:
+            known = {p.peer_id for p in repo.peers()}
+            for record in found:
+                if record.node_id.hex() in known:
+                    continue
+                address = record.addresses[0]
+                try:
+                    await operations.add_node_peer(
+                        repo, str(Address(address.host, address.port)), record.node_id.hex()
+                    )
+                except P2PBackupError as error:
+                    _out(f"warning: node {record.node_id.hex()} not added: {error}")
+                else:
+                    added.append(record.node_id.hex())
+    if args.json:
+        _out(
+            json.dumps(
+                [
+                    {
+                        "node_id": r.node_id.hex(),
+                        "addresses": [str(Address(a.host, a.port)) for a in r.addresses],
+                        "storage_offered": r.storage_offered,
+                        "added": r.node_id.hex() in added,
+                    }
+                    for r in found
+                ],
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    for record in found:
+        where = ", ".join(str(Address(a.host, a.port)) for a in record.addresses)
+        mark = " (added as a peer)" if record.node_id.hex() in added else ""
+        _out(
+            f"node {record.node_id.hex()} at {where} offers "
+            f"{human_bytes(record.storage_offered)}{mark}"
+        )
+    if not args.add:
+        _out("these are strangers; `p2pbackup peer find --add` makes them peers (open mode)")
+    return EXIT_OK
+
+
 def cmd_invite(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations
 
@@ -176,11 +231,10 @@ async def cmd_friend_remove(args: argparse.Namespace, home: Home) -> int:
 async def cmd_lookup(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import discovery, operations
     from p2pbackup.net import Address
-    from p2pbackup.node import home_friends
 
     node_id = operations.parse_node_id(args.node_id)
     bootstrap = [Address.parse(text, allow_port_zero=False) for text in args.bootstrap or ()]
-    friends = home_friends(home) if home.exists() else []
+    friends = discovery.home_friends(home) if home.exists() else []
     record = await discovery.lookup_contact(home, node_id, bootstrap=bootstrap, friends=friends)
     if record is None:
         raise UsageError(
@@ -260,6 +314,7 @@ async def cmd_serve(args: argparse.Namespace, home: Home) -> int:
         advertise=tuple(
             Address.parse(text, allow_port_zero=False) for text in args.advertise or ()
         ),
+        open=args.open,
     )
     async with trio.open_nursery() as nursery:
         serving = await nursery.start(node.serve, home, options)
@@ -552,6 +607,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = peer_sub.add_parser("list", help="list peers")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_peer_list)
+    p = peer_sub.add_parser(
+        "find", help="open mode: find nodes in the DHT that store for anyone (strangers)"
+    )
+    p.add_argument("--count", type=int, default=8, help="how many to look for (default 8)")
+    p.add_argument("--add", action="store_true", help="make the nodes found peers")
+    p.add_argument("--bootstrap", action="append", metavar="HOST:PORT", help="DHT entry point")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_peer_find)
 
     friend = sub.add_parser("friend", help="manage friends (nodes added with an invite code)")
     friend_sub = friend.add_subparsers(dest="friend_command", required=True, metavar="COMMAND")
@@ -608,6 +671,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="HOST:PORT",
         help="an address to publish for this node (repeatable; default: from --listen)",
+    )
+    p.add_argument(
+        "--open",
+        action="store_true",
+        help="store for any node that asks (within quotas), not only for friends",
     )
     p.add_argument(
         "--verbose", action="store_true", help="log every session, not only what goes wrong"

@@ -44,6 +44,7 @@ The package's weaknesses and what this module does about each:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import json
@@ -70,6 +71,7 @@ from p2pbackup.errors import FormatError, UsageError
 from p2pbackup.home import write_private_file
 from p2pbackup.model import NODE_ID_SIZE
 from p2pbackup.net import MAX_DATAGRAM_SIZE, Address, DatagramEndpoint, Network
+from p2pbackup.nurseries import unwrap_single
 from p2pbackup.ratelimit import RateLimit, RateLimiter
 
 log = logging.getLogger(__name__)
@@ -81,10 +83,16 @@ ALPHA: Final = 3
 MISSED_REPLIES_TO_EVICT: Final = 3
 #: Records one node holds for others at most (each at most 4 KiB).
 DEFAULT_MAX_RECORDS: Final = 10_000
+#: New keys one host may bring into a node's storage (its own records, and
+#: replicas it hands on, are far fewer).
+DEFAULT_MAX_KEYS_PER_SOURCE: Final = 256
 #: Datagrams per second one host may send us, sustained and in a burst.
 DEFAULT_RATE_LIMIT: Final = RateLimit(rate=50.0, burst=200.0)
-#: Seconds a request waits for its answer (the package's default).
-REPLY_TIMEOUT: Final = 5.0
+#: Seconds a join waits for more bootstrap answers after the first.
+BOOTSTRAP_GRACE: Final = 0.5
+#: Seconds a request waits for its answer (the package waits 5: a lookup that
+#: meets a dead contact stalls that long, and round trips rarely pass 1 s).
+REPLY_TIMEOUT: Final = 2.0
 #: Datagrams queued for sending before new ones are dropped (UDP promises nothing).
 SEND_QUEUE: Final = 1024
 #: Most contacts an answer may list (the package sends k).
@@ -135,16 +143,23 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         wall_clock: Callable[[], float] = time.time,
         *,
         max_records: int = DEFAULT_MAX_RECORDS,
+        max_keys_per_source: int = DEFAULT_MAX_KEYS_PER_SOURCE,
     ) -> None:
         self.wall_clock = wall_clock
         self.max_records = max_records
+        self.max_keys_per_source = max_keys_per_source
+        #: Who brought each key first, and how many keys each source brought.
+        self._origin: dict[bytes, str] = {}
+        self._keys_from: collections.Counter[str] = collections.Counter()
         #: key → (record bytes, verified on the way in; its expiry).
         self._values: dict[bytes, tuple[bytes, int]] = {}
         self.refused = 0
 
-    def offer(self, key: object, value: object) -> bool:
+    def offer(self, key: object, value: object, source: str | None = None) -> bool:
         """Store ``value`` under ``key`` if it is a valid record newer than the
-        one held; log why not otherwise."""
+        one held; log why not otherwise. ``source`` (the sending host) may
+        bring at most :attr:`max_keys_per_source` new keys: one host alone
+        cannot fill the table."""
         if not (isinstance(key, bytes) and len(key) == NODE_ID_SIZE):
             return self._refuse("a key that is not 20 bytes")
         if not isinstance(value, bytes):
@@ -158,10 +173,21 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         problem = records.store_refusal(existing, value, key=key, now=now)
         if problem is not None:
             return self._refuse(problem)
-        if existing is None and len(self._values) >= self.max_records:
-            self._drop_expired(now)
+        if existing is None:
+            if source is not None and self._keys_from[source] >= self.max_keys_per_source:
+                self._drop_expired(now)
+                if self._keys_from[source] >= self.max_keys_per_source:
+                    return self._refuse(
+                        f"a new key {key.hex()} from {source}: it brought "
+                        f"{self.max_keys_per_source} already"
+                    )
             if len(self._values) >= self.max_records:
-                return self._refuse(f"a new key {key.hex()}: {self.max_records} records held")
+                self._drop_expired(now)
+                if len(self._values) >= self.max_records:
+                    return self._refuse(f"a new key {key.hex()}: {self.max_records} records held")
+            if source is not None:
+                self._origin[key] = source
+                self._keys_from[source] += 1
         self._values[key] = (value, records.decode_record(value).expiry)
         return True
 
@@ -180,6 +206,11 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         value, expiry = held
         if expiry <= now:
             del self._values[key]  # nobody keeps an expired record alive
+            source = self._origin.pop(key, None)
+            if source is not None:
+                self._keys_from[source] -= 1
+                if not self._keys_from[source]:
+                    del self._keys_from[source]
             return None
         return value
 
@@ -278,8 +309,10 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         #: Missed replies in a row, for contacts in the routing table.
         self._missed: dict[bytes, int] = {}
         self.malformed = 0
-        #: Stores started in passing; held so they are not collected mid-flight.
+        #: Tasks started in passing; held so they are not collected mid-flight.
         self._background: set[asyncio.Future[Any]] = set()
+        #: Ids whose old address is being asked whether it still answers.
+        self._checking: set[bytes] = set()
 
     def _malformed(self, what: str, address: object) -> None:
         self.malformed += 1
@@ -350,7 +383,10 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         # once per record held. Here: a newcomer closer to a record's key than
         # this node gets the record while this node is the closest holder it
         # knows, measured against every contact at once.
-        if node.id == READ_ONLY_ID or not self.router.is_new_node(node):
+        if node.id == READ_ONLY_ID:
+            return
+        if not self.router.is_new_node(node):
+            self._check_move(node)
             return
         contacts = [c.long_id for bucket in self.router.buckets for c in bucket.nodes.values()]
         own = self.source_node.long_id
@@ -358,15 +394,45 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
             target = int.from_bytes(key, "big")
             distance = own ^ target
             if node.long_id ^ target < distance and all(c ^ target > distance for c in contacts):
-                handing = asyncio.ensure_future(self.call_store(node, key, value))
-                self._background.add(handing)
-                handing.add_done_callback(self._background.discard)
+                self._in_background(self.call_store(node, key, value))
         self.router.add_contact(node)
+
+    def _in_background(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _check_move(self, node: Node) -> None:
+        # A known id speaking from a new address: a node whose IP changed, or
+        # someone claiming its id. The package keeps the old address until it
+        # fails; here the old address is asked at once, and only if it no
+        # longer answers as that id does the new one replace it.
+        bucket = self.router.buckets[self.router.get_bucket_for(node)]
+        known = bucket[node.id]
+        if known is None or (known.ip, known.port) == (node.ip, node.port):
+            return
+        if node.id in self._checking:
+            return
+        self._checking.add(node.id)
+
+        async def check() -> None:
+            try:
+                result = await self.ping((known.ip, known.port), self.source_node.id)
+                if result[0] and result[1] == known.id:
+                    return  # still there: the newcomer is not taking its place
+                log.info("DHT: node %s moved from %s to %s", node.id.hex(), known, node)
+                bucket.remove_node(known)
+                self._missed.pop(node.id, None)
+                self.router.add_contact(node)
+            finally:
+                self._checking.discard(node.id)
+
+        self._in_background(check())
 
     def rpc_store(self, sender: tuple[str, int], nodeid: bytes, key: bytes, value: bytes) -> bool:
         self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
         # Answer truthfully: a refused store is not "stored" (the package says True).
-        return self.record_storage.offer(key, value)
+        return self.record_storage.offer(key, value, source=sender[0])
 
     # outgoing ------------------------------------------------------------------
 
@@ -568,11 +634,47 @@ class DhtNode:
 
     async def bootstrap(self, addresses: Sequence[Address]) -> int:
         """Join the DHT through ``addresses``; the number of contacts then known.
-        Addresses that do not answer are skipped."""
+
+        Every address is pinged at once. The package waits for the slowest
+        (a dead address costs the full reply timeout); here the join goes on
+        :data:`BOOTSTRAP_GRACE` seconds after the first answer, without the
+        stragglers.
+        """
         wanted = list(dict.fromkeys((a.host, a.port) for a in addresses))
-        wanted = [a for a in wanted if (a[0], a[1]) != self._own_address()]
-        if wanted:
-            await self._aio(self._server.bootstrap, wanted)
+        wanted = [a for a in wanted if a != self._own_address()]
+        answered: list[Node] = []
+        first_answer = trio.Event()
+        remaining = len(wanted)
+
+        async with trio.open_nursery() as pings:
+
+            async def ping(address: tuple[str, int]) -> None:
+                nonlocal remaining
+                try:
+                    found = await self._aio(self._server.bootstrap_node, address)
+                    if found is not None:
+                        answered.append(found)
+                        first_answer.set()
+                finally:
+                    remaining -= 1
+                    if not remaining:
+                        pings.cancel_scope.cancel()
+
+            async def stop_after_grace() -> None:
+                await first_answer.wait()
+                await trio.sleep(BOOTSTRAP_GRACE)
+                pings.cancel_scope.cancel()
+
+            for address in wanted:
+                pings.start_soon(ping, address)
+            if wanted:
+                pings.start_soon(stop_after_grace)
+
+        if answered:
+            crawl = NodeSpiderCrawl(
+                self._protocol, self._server.node, answered, self._server.ksize, self._server.alpha
+            )
+            await self._aio(crawl.find)
         return len(self.contacts())
 
     def _own_address(self) -> tuple[str, int]:
@@ -674,31 +776,36 @@ async def open_dht(
         raise UsageError(f"a DHT node id has {NODE_ID_SIZE} bytes, not {len(node_id)}")
     endpoint = await network.open_datagram(address)
     try:
-        async with trio_asyncio.open_loop() as loop:
-            storage = RecordStorage(wall_clock, max_records=options.max_records)
-            server = _Server(
-                ksize=options.ksize,
-                alpha=options.alpha,
-                node_id=node_id if node_id is not None else READ_ONLY_ID,
-                storage=storage,
-            )
-            outgoing, queued = trio.open_memory_channel[tuple[bytes, tuple[str, int]]](SEND_QUEUE)
-            transport = _Transport(outgoing)
-            protocol = server._create_protocol()
-            protocol.connection_made(transport)
-            server.protocol = protocol
-            server.transport = transport
-            limiter = RateLimiter(options.rate_limit)
-            node = DhtNode(server, endpoint, storage, limiter, wall_clock, loop)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_pump_out, endpoint, queued)
-                    nursery.start_soon(_pump_in, endpoint, loop, protocol, limiter)
-                    yield node
-                    nursery.cancel_scope.cancel()
-            finally:
-                server.stop()
-                _fail_outstanding(protocol)
+        # Errors from the caller's block come out as themselves, not as
+        # groups of one from the loop's and the pumps' nurseries.
+        with unwrap_single():
+            async with trio_asyncio.open_loop() as loop:
+                storage = RecordStorage(wall_clock, max_records=options.max_records)
+                server = _Server(
+                    ksize=options.ksize,
+                    alpha=options.alpha,
+                    node_id=node_id if node_id is not None else READ_ONLY_ID,
+                    storage=storage,
+                )
+                outgoing, queued = trio.open_memory_channel[tuple[bytes, tuple[str, int]]](
+                    SEND_QUEUE
+                )
+                transport = _Transport(outgoing)
+                protocol = server._create_protocol()
+                protocol.connection_made(transport)
+                server.protocol = protocol
+                server.transport = transport
+                limiter = RateLimiter(options.rate_limit)
+                node = DhtNode(server, endpoint, storage, limiter, wall_clock, loop)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_pump_out, endpoint, queued)
+                        nursery.start_soon(_pump_in, endpoint, loop, protocol, limiter)
+                        yield node
+                        nursery.cancel_scope.cancel()
+                finally:
+                    server.stop()
+                    _fail_outstanding(protocol)
     finally:
         await endpoint.aclose()
 

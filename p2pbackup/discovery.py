@@ -11,8 +11,9 @@ Nouns:
   addresses on record (:class:`FriendContact`).
 * **followed contacts** — the newest contact record found for each friend;
   a friend that moved is found at its new address within one refresh period.
-* **one-shot lookup** — :func:`lookup_contact`: a DHT client with a random id
-  on a free port, for a command that needs one answer and then exits.
+* **one-shot lookup** — :func:`lookup_contact`: a read-only DHT client
+  (:data:`dht.READ_ONLY_ID`, kept out of others' routing tables) on a free
+  port, for a command that needs one answer and then exits.
 
 Everything that touches the world is passed in: the network, the clock, the
 friend list, so the simulator runs the same code as ``p2pbackup serve``.
@@ -24,7 +25,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -32,8 +33,9 @@ import attrs
 import trio
 
 from p2pbackup import dht, records
-from p2pbackup.errors import FormatError, PeerUnavailableError, UsageError
+from p2pbackup.errors import FormatError, P2PBackupError, PeerUnavailableError, UsageError
 from p2pbackup.home import Home
+from p2pbackup.index import Index
 from p2pbackup.net import Address, Network, TcpNetwork
 from p2pbackup.session import Identity
 
@@ -160,6 +162,30 @@ class Discovery:
             self.save_state()
 
 
+def home_friends(home: Home) -> list[FriendContact]:
+    """The home's friends as discovery needs them (read afresh each time, so
+    a friend added while the node runs is followed from the next refresh)."""
+    try:
+        index = Index(home.index_path)
+    except P2PBackupError as error:
+        log.warning("cannot read the friend list: %s", error)
+        return []
+    try:
+        friends = index.friends()
+    finally:
+        index.close()
+    contacts = []
+    for friend in friends:
+        addresses = []
+        for text in friend.addresses:
+            try:
+                addresses.append(Address.parse(text, allow_port_zero=False))
+            except P2PBackupError:
+                log.warning("friend %s has an unusable address %r", friend.node_id.hex(), text)
+        contacts.append(FriendContact(friend.node_id, tuple(addresses)))
+    return contacts
+
+
 def next_sequence(previous: int, now: float) -> int:
     """A record sequence number above ``previous``: the wall clock in
     milliseconds, so a node that lost its state (a new machine, a restart)
@@ -230,3 +256,64 @@ async def lookup_contact(
                 "no DHT node answered at " + ", ".join(str(a) for a in addresses[:5])
             )
         return await node.find_contact(node_id)
+
+
+async def find_storage_nodes(
+    home: Home,
+    *,
+    count: int,
+    bootstrap: Sequence[Address] = (),
+    network: Network | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> list[records.ContactRecord]:
+    """Open mode: up to ``count`` nodes that offer storage to anyone, the
+    ones closest in the DHT to this home's own key (so a home asks the same
+    ones each time), with their newest valid contact records. Strangers: the
+    caller decides whether to trust them."""
+    network = network if network is not None else TcpNetwork()
+    own = home.node_id()
+    addresses = list(bootstrap)
+    for friend in home_friends(home):
+        addresses.extend(friend.addresses)
+    addresses.extend(c.address for c in dht.load_routing_state(home.dht_state_path, own))
+    if not addresses:
+        raise UsageError("no way into the DHT: pass --bootstrap HOST:PORT or add a friend first")
+    found: list[records.ContactRecord] = []
+    async with dht.open_dht(network, Address("0.0.0.0", 0), wall_clock=wall_clock) as node:
+        if not await node.bootstrap(addresses):
+            raise PeerUnavailableError(
+                "no DHT node answered at " + ", ".join(str(a) for a in addresses[:5])
+            )
+        key = records.dht_key(records.RecordKind.CONTACT, own)
+        candidates = [c for c in await node.closest_nodes(key) if c.node_id != own]
+        records_found: dict[bytes, records.ContactRecord] = {}
+
+        async def fetch(node_id: bytes) -> None:
+            record = await node.find_contact(node_id)
+            if record is not None and record.storage_offered > 0:
+                records_found[node_id] = record
+
+        async with trio.open_nursery() as lookups:
+            for contact in candidates:
+                lookups.start_soon(fetch, contact.node_id)
+        # Closest first, as the DHT ranked them.
+        found = [records_found[c.node_id] for c in candidates if c.node_id in records_found]
+    return found[:count]
+
+
+def dht_locator(home: Home, network: Network) -> Callable[[bytes], Awaitable[list[Address]]]:
+    """A :data:`~p2pbackup.remote.Locator` that asks the DHT (one read-only
+    lookup per node, remembered for the life of the locator)."""
+    found: dict[bytes, list[Address]] = {}
+
+    async def locate(node_id: bytes) -> list[Address]:
+        if node_id not in found:
+            record = await lookup_contact(
+                home, node_id, network=network, friends=home_friends(home)
+            )
+            found[node_id] = (
+                [] if record is None else [Address(a.host, a.port) for a in record.addresses]
+            )
+        return found[node_id]
+
+    return locate

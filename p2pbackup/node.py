@@ -8,6 +8,8 @@ Nouns:
   address.
 * **serve options** — :class:`ServeOptions`: where to listen and how much
   space to give. Sizes are bytes; None means no limit beyond the disk.
+* **friend gate** — :class:`FriendGate`: by default a node stores new data
+  only for the home's friends; ``open`` lets any node store (within quotas).
 * **DHT role** — the node also takes part in the Kademlia DHT on UDP at the
   same host and port as its TCP listener (:mod:`p2pbackup.discovery`): it
   publishes its contact record there and follows its friends.
@@ -20,6 +22,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -29,12 +35,10 @@ from p2pbackup.discovery import (
     DEFAULT_REFRESH_PERIOD,
     Discovery,
     DiscoveryOptions,
-    FriendContact,
     advertised_addresses,
+    home_friends,
 )
-from p2pbackup.errors import P2PBackupError
 from p2pbackup.home import Home
-from p2pbackup.index import Index
 from p2pbackup.keys import Keyring
 from p2pbackup.net import Address, Network, TcpNetwork
 from p2pbackup.server import StorageServer
@@ -64,6 +68,8 @@ class ServeOptions:
     advertise: tuple[Address, ...] = ()
     #: Seconds between DHT refreshes (republish, follow friends).
     refresh_period: float = DEFAULT_REFRESH_PERIOD
+    #: Store for any node that asks (within quotas), not only for friends.
+    open: bool = False
 
 
 @attrs.frozen
@@ -104,7 +110,9 @@ async def serve(
             )
         )
         try:
-            server = StorageServer(host, identity)
+            server = StorageServer(
+                host, identity, admits=None if options.open else FriendGate(home)
+            )
             async with trio.open_nursery() as nursery:
                 address = await nursery.start(
                     network.serve, options.listen, server.handle_connection
@@ -121,12 +129,16 @@ async def serve(
                         options=DiscoveryOptions(
                             refresh_period=options.refresh_period,
                             bootstrap=options.bootstrap,
-                            storage_offered=options.capacity or 0,
+                            # Offered to the DHT at large only in open mode;
+                            # a friends-only node offers nothing to strangers.
+                            storage_offered=(
+                                _storage_offered(home, options) if options.open else 0
+                            ),
                         ),
                         friends=functools.partial(home_friends, home),
                         state_path=home.dht_state_path,
                     )
-                    texts = tuple(f"{a.host}:{a.port}" for a in advertised)
+                    texts = tuple(str(Address(a.host, a.port)) for a in advertised)
                     home.write_addresses(texts)
                     async with trio.open_nursery() as roles:
                         await roles.start(discovery.run)
@@ -143,28 +155,46 @@ async def serve(
             host.close()
 
 
-def home_friends(home: Home) -> list[FriendContact]:
-    """The home's friends as discovery needs them (read afresh each time, so
-    a friend added while the node runs is followed from the next refresh)."""
+class FriendGate:
+    """Who may store new data on this node: the home's friends.
+
+    The friend list is read again when a node not on it asks (at most once a
+    tenth of a second, so strangers cannot make it read its index in a loop) and
+    every half minute anyway, so a friend added or removed while the node runs
+    counts at once or soon.
+    """
+
+    REREAD_AFTER_MISS = 0.1
+    REREAD_ANYWAY = 30.0
+
+    def __init__(self, home: Home, clock: Callable[[], float] = time.monotonic) -> None:
+        self.home = home
+        self.clock = clock
+        self._friends: frozenset[bytes] = frozenset()
+        self._read_at = -math.inf
+
+    def _read(self) -> None:
+        self._friends = frozenset(friend.node_id for friend in home_friends(self.home))
+        self._read_at = self.clock()
+
+    def __call__(self, node_id: bytes) -> bool:
+        age = self.clock() - self._read_at
+        if age >= self.REREAD_ANYWAY or (
+            node_id not in self._friends and age >= self.REREAD_AFTER_MISS
+        ):
+            self._read()
+        return node_id in self._friends
+
+
+def _storage_offered(home: Home, options: ServeOptions) -> int:
+    """What the contact record says this node offers: its capacity, or with
+    none set, the free space where hosted shards go."""
+    if options.capacity is not None:
+        return options.capacity
     try:
-        index = Index(home.index_path)
-    except P2PBackupError as error:
-        log.warning("cannot read the friend list: %s", error)
-        return []
-    try:
-        friends = index.friends()
-    finally:
-        index.close()
-    contacts = []
-    for friend in friends:
-        addresses = []
-        for text in friend.addresses:
-            try:
-                addresses.append(Address.parse(text, allow_port_zero=False))
-            except P2PBackupError:
-                log.warning("friend %s has an unusable address %r", friend.node_id.hex(), text)
-        contacts.append(FriendContact(friend.node_id, tuple(addresses)))
-    return contacts
+        return shutil.disk_usage(home.hosted_path).free
+    except OSError:
+        return 0
 
 
 async def _collect_expired(host: ShardHost) -> None:

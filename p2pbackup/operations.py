@@ -23,7 +23,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from p2pbackup import chunker, formats, invites, keys, merkle, packer
+from p2pbackup import chunker, discovery, formats, invites, keys, merkle, packer
 from p2pbackup.errors import (
     FormatError,
     IntegrityError,
@@ -135,7 +135,8 @@ async def open_repository(
     with home.locked():
         keyring = Keyring.from_master_secret(home.load_secret())
         index = Index(home.index_path)
-        repo = Repository(keyring, index, network)
+        network = network if network is not None else TcpNetwork()
+        repo = Repository(keyring, index, network, locate=discovery.dht_locator(home, network))
         try:
             yield repo
         finally:

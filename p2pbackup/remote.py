@@ -13,6 +13,10 @@ Nouns:
   reused: its state is unknown.
 * **lease** — how long the node keeps a shard unless it is renewed; the owner
   signs every put, renewal and deletion, binding them to this node's id.
+* **locator** — where to ask for the node's current addresses when it stops
+  answering at the one on record (the DHT, for a friend whose IP changed).
+  The node must still prove its id in the handshake wherever it is found, so
+  a locator can point to the wrong place but never to the wrong node.
 
 Failures are :class:`~p2pbackup.errors.StoreError`\\ s, so the engine routes
 around them like a missing folder: a node that cannot be reached, does not
@@ -24,14 +28,16 @@ refusals map to :class:`ShardNotFoundError`, :class:`StoreFullError` or
 from __future__ import annotations
 
 import builtins
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeAlias, TypeVar
 
 import trio
 
 from p2pbackup import crypto, merkle, messages
 from p2pbackup.errors import (
     IntegrityError,
+    P2PBackupError,
     PeerUnavailableError,
     ProtocolError,
     RemoteProtocolError,
@@ -55,6 +61,11 @@ TRANSFER_BLOCK_SIZE = merkle.DEFAULT_BLOCK_SIZE
 _T = TypeVar("_T")
 _M = TypeVar("_M")
 
+log = logging.getLogger(__name__)
+
+#: Where a node is now: node id → its current addresses (none if unknown).
+Locator: TypeAlias = Callable[[bytes], Awaitable[Sequence[Address]]]
+
 #: Shard ids asked for in one listing page.
 _LIST_PAGE = 5000
 
@@ -73,6 +84,8 @@ class RemoteShardStore:
         connect_timeout: float = 10.0,
         io_timeout: float = 60.0,
         lease_seconds: int = DEFAULT_LEASE_SECONDS,
+        locate: Locator | None = None,
+        moved: Callable[[Address], None] | None = None,
     ) -> None:
         self.network = network
         self.identity = identity
@@ -83,6 +96,11 @@ class RemoteShardStore:
         self.lease_seconds = lease_seconds
         self._slots = trio.Semaphore(connections)
         self._idle: list[MessageChannel] = []
+        self.locate = locate
+        #: Told the new address when the node is found elsewhere.
+        self.moved = moved
+        self._located = False
+        self._locating = trio.Lock()
 
     @property
     def name(self) -> str:
@@ -91,10 +109,52 @@ class RemoteShardStore:
     # -- connections ------------------------------------------------------------
 
     async def open_channel(self) -> MessageChannel:
-        """A new authenticated connection (a hook: benchmarks replace it with plain TCP)."""
+        """A new authenticated connection (a hook: benchmarks replace it with plain TCP).
+
+        If the node does not answer at its address, the locator (once per
+        store) is asked where it is now, and the node is tried there.
+        """
+        tried = self.address
+        try:
+            return await self._connect(tried)
+        except PeerUnavailableError as failure:
+            if self.locate is None:
+                raise
+            async with self._locating:
+                if self.address != tried:  # another connection found it meanwhile
+                    return await self._connect(self.address)
+                if self._located:
+                    raise
+                self._located = True
+                return await self._relocate(failure)
+
+    async def _relocate(self, failure: PeerUnavailableError) -> MessageChannel:
+        assert self.locate is not None
+        try:
+            candidates = list(await self.locate(self.node_id))
+        except P2PBackupError as error:
+            raise PeerUnavailableError(f"{failure}; looking it up failed: {error}") from None
+        for address in candidates:
+            if address == self.address:
+                continue
+            try:
+                channel = await self._connect(address)
+            except PeerUnavailableError as error:
+                log.info("%s", error)
+                continue
+            log.info("node %s moved from %s to %s", self.node_id.hex(), self.address, address)
+            self.address = address
+            if self.moved is not None:
+                self.moved(address)
+            return channel
+        where = ", ".join(str(a) for a in candidates) or "nowhere else"
+        raise PeerUnavailableError(f"{failure}; its published addresses: {where}") from None
+
+    async def _connect(self, address: Address) -> MessageChannel:
+        name = f"node {self.node_id.hex()[:16]} at {address}"
         try:
             with trio.fail_after(self.connect_timeout):
-                stream = await self.network.connect(self.address)
+                stream = await self.network.connect(address)
                 try:
                     secure = await secure_initiator(
                         stream, self.identity, expected_node_id=self.node_id
@@ -104,10 +164,10 @@ class RemoteShardStore:
                     raise
         except trio.TooSlowError:
             raise PeerUnavailableError(
-                f"{self.name}: no answer within {self.connect_timeout:g} s"
+                f"{name}: no answer within {self.connect_timeout:g} s"
             ) from None
         except (ProtocolError, IntegrityError, trio.BrokenResourceError) as exc:
-            raise PeerUnavailableError(f"{self.name}: handshake failed: {exc}") from None
+            raise PeerUnavailableError(f"{name}: handshake failed: {exc}") from None
         return MessageChannel(secure)
 
     async def _exchange(self, operation: Callable[[MessageChannel], Awaitable[_T]]) -> _T:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -48,7 +49,7 @@ from p2pbackup.model import (
     ShardLocation,
 )
 from p2pbackup.net import Address, Network, TcpNetwork
-from p2pbackup.remote import RemoteShardStore
+from p2pbackup.remote import Locator, RemoteShardStore
 from p2pbackup.session import Identity
 from p2pbackup.storage import FolderShardStore, ShardRoot, ShardStore
 
@@ -68,8 +69,16 @@ PEER_KIND_DIR = "dir"
 PEER_KIND_NODE = "node"
 
 
-def open_store(peer: PeerRecord, keyring: Keyring, network: Network) -> ShardStore:
-    """The shard store that ``peer`` keeps for the owner of ``keyring``."""
+def open_store(
+    peer: PeerRecord,
+    keyring: Keyring,
+    network: Network,
+    *,
+    locate: Locator | None = None,
+    moved: Callable[[Address], None] | None = None,
+) -> ShardStore:
+    """The shard store that ``peer`` keeps for the owner of ``keyring``; a node
+    that stopped answering at its location is looked for with ``locate``."""
     if peer.kind == PEER_KIND_DIR:
         return FolderShardStore(Path(peer.location), keyring.node_id)
     if peer.kind == PEER_KIND_NODE:
@@ -78,6 +87,8 @@ def open_store(peer: PeerRecord, keyring: Keyring, network: Network) -> ShardSto
             Identity.from_keyring(keyring),
             Address.parse(peer.location),
             bytes.fromhex(peer.peer_id),
+            locate=locate,
+            moved=moved,
         )
     raise UsageError(f"peer {peer.peer_id} has kind {peer.kind!r}, which this version cannot reach")
 
@@ -126,10 +137,19 @@ def open_root_record(keyring: Keyring, data: bytes) -> RootRecord:
 class Repository:
     """One home's view of its data on its peers."""
 
-    def __init__(self, keyring: Keyring, index: Index, network: Network | None = None) -> None:
+    def __init__(
+        self,
+        keyring: Keyring,
+        index: Index,
+        network: Network | None = None,
+        *,
+        locate: Locator | None = None,
+    ) -> None:
         self.keyring = keyring
         self.index = index
         self.network: Network = network if network is not None else TcpNetwork()
+        #: Where to look for a node peer that stopped answering (the DHT).
+        self.locate = locate
         self._stores: dict[str, ShardStore] = {}
         #: Peer id -> trio time until which it counts as down (see mark_down).
         self._down_until: dict[str, float] = {}
@@ -149,12 +169,28 @@ class Repository:
         if store is None:
             for peer in self.index.peers():
                 if peer.peer_id == peer_id:
-                    store = open_store(peer, self.keyring, self.network)
+                    store = open_store(
+                        peer,
+                        self.keyring,
+                        self.network,
+                        locate=self.locate,
+                        moved=functools.partial(self._peer_moved, peer),
+                    )
                     break
             else:
                 raise PeerUnavailableError(f"peer {peer_id} is not configured")
             self._stores[peer_id] = store
         return store
+
+    def _peer_moved(self, peer: PeerRecord, address: Address) -> None:
+        """A node peer answered at a new address: remember it for next time."""
+        location = str(address)
+        with self.index.transaction():
+            self.index.add_peer(attrs.evolve(peer, location=location))
+            friend = self.index.friend(bytes.fromhex(peer.peer_id))
+            if friend is not None and location not in friend.addresses:
+                # Newest first; a few old ones stay as DHT entry points.
+                self.index.set_friend_addresses(friend.node_id, (location, *friend.addresses)[:4])
 
     def mark_down(self, peer_id: str) -> None:
         """Remember that ``peer_id`` could not be reached, for :data:`DOWN_SECONDS`.

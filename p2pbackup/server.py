@@ -70,10 +70,14 @@ class StorageServer:
         identity: Identity,
         *,
         limits: ServerLimits = ServerLimits(),
+        admits: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.host = host
         self.identity = identity
         self.limits = limits
+        #: Whether a node may store new data here (None: any node may). A
+        #: node not admitted can still read, list and delete what it has.
+        self.admits = admits
         self._sessions = trio.CapacityLimiter(limits.sessions)
 
     @property
@@ -218,7 +222,17 @@ class _Session:
 
     # -- requests ---------------------------------------------------------------
 
+    def _check_admitted(self) -> None:
+        admits = self.server.admits
+        if admits is not None and not admits(self.owner):
+            raise _Refusal(
+                RefusalCode.FORBIDDEN,
+                f"node {self.server.identity.node_id.hex()} stores only for its friends; "
+                f"its owner must add node {self.owner.hex()} with `p2pbackup friend add`",
+            )
+
     async def _put_shard(self, request: messages.PutShard) -> None:
+        self._check_admitted()
         self._check_signature(
             messages.put_statement(
                 self.server.identity.node_id,
@@ -368,6 +382,7 @@ class _Session:
         await self._send(messages.Deleted(bool(existed)))
 
     async def _put_root(self, request: messages.PutRoot) -> None:
+        self._check_admitted()
         await self._call(self.host.put_root, self.owner, request.data)
         await self._send(messages.RootStored())
 

@@ -25,7 +25,7 @@ from kademlia.utils import digest
 
 from p2pbackup import records
 
-from .cli_helpers import CLI, base_env, cli_ok
+from .cli_helpers import CLI, base_env, cli_ok, restored
 from .test_network_e2e import ServeProcess, new_node
 
 pytestmark = pytest.mark.slow
@@ -155,3 +155,29 @@ async def test_a_stock_kademlia_client_reads_records_and_cannot_write(
         home=Path(victim.home.parent / "lookup-home"),
     )
     assert json.loads(found.stdout)["addresses"] == [victim.address]
+
+
+def test_open_mode_finds_nodes_offering_storage_and_backs_up_to_them(
+    dht_nodes: list[ServeProcess], tmp_path: Path
+) -> None:
+    home = tmp_path / "stranger"
+    cli_ok("init", "--shards", "2/4", "--recovery-key-file", tmp_path / "key", home=home)
+    listed = cli_ok(
+        "peer", "find", "--count", "4", "--bootstrap", dht_nodes[3].address, "--json", home=home
+    )
+    found = json.loads(listed.stdout)
+    serving = {node.node_id: node.address for node in dht_nodes}
+    assert len(found) == 4
+    for entry in found:
+        assert serving[entry["node_id"]] == entry["addresses"][0]
+        assert entry["storage_offered"] > 0 and not entry["added"]
+    cli_ok("peer", "find", "--count", "4", "--bootstrap", dht_nodes[3].address, "--add", home=home)
+    peers = json.loads(cli_ok("peer", "list", "--json", home=home).stdout)
+    assert sorted(p["peer_id"] for p in peers) == sorted(e["node_id"] for e in found)
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "file").write_bytes(b"open mode " * 100_000)
+    cli_ok("backup", source, home=home)
+    cli_ok("restore", "latest", "--target", tmp_path / "back", home=home)
+    copy = restored(tmp_path / "back", source) / "file"
+    assert copy.read_bytes() == (source / "file").read_bytes()

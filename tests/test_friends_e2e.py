@@ -45,7 +45,7 @@ def test_two_friends_back_up_to_each_other_with_invite_codes(tmp_path: Path) -> 
     alice, bob = person(tmp_path, "alice"), person(tmp_path, "bob")
     try:
         for someone in (alice, bob):
-            someone.node.start("127.0.0.1:0")
+            someone.node.start("127.0.0.1:0", open_mode=False)  # friends only
             # No --address: serve wrote the address it listens on into the home.
             result = cli_ok("invite", home=someone.node.home)
             someone.code = result.lines[-1]

@@ -47,9 +47,11 @@ class ServeProcess:
     process: subprocess.Popen[bytes] | None = None
     address: str = ""
 
-    def start(self, listen: str = "127.0.0.1:0", *extra: str) -> None:
+    def start(self, listen: str = "127.0.0.1:0", *extra: str, open_mode: bool = True) -> None:
+        # Open by default: these nodes store for owners that are not their friends.
+        mode = ["--open"] if open_mode else []
         self.process = subprocess.Popen(
-            [*CLI, "--home", os.fspath(self.home), "serve", "--listen", listen, *extra],
+            [*CLI, "--home", os.fspath(self.home), "serve", "--listen", listen, *mode, *extra],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -1,0 +1,162 @@
+"""DHT nodes talking over the memory network: the behaviour between two or
+three of them that the unit tests cannot show and the 100-node simulation
+does not single out."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator
+
+import trio
+import trio.testing
+import umsgpack
+
+from p2pbackup import dht, records
+from p2pbackup.keys import node_id_for
+from p2pbackup.net import Address, LinkProfile, MemoryNetwork
+from p2pbackup.ratelimit import RateLimit
+from p2pbackup.session import Identity
+
+EPOCH = 1_800_000_000
+PORT = 4000
+
+
+def wall_clock() -> float:
+    return EPOCH + trio.current_time()
+
+
+def identity(name: str) -> Identity:
+    seed = hashlib.blake2b(name.encode(), digest_size=32).digest()
+    return Identity.from_secrets(seed, hashlib.blake2b(seed, digest_size=32).digest())
+
+
+def node_id(name: str) -> bytes:
+    return node_id_for(identity(name).signing_public)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    world: MemoryNetwork, host: str, name: str | None, **options: object
+) -> AsyncIterator[dht.DhtNode]:
+    async with dht.open_dht(
+        world.interface(host),
+        Address(host, PORT),
+        node_id=None if name is None else node_id(name),
+        wall_clock=wall_clock,
+        options=dht.DhtOptions(**options),  # type: ignore[arg-type]
+    ) as node:
+        yield node
+
+
+def world() -> MemoryNetwork:
+    return MemoryNetwork(seed=1, default_link=LinkProfile(latency=0.01))
+
+
+def contact(name: str, host: str, sequence: int = 1) -> records.ContactRecord:
+    return records.sign_contact(
+        identity(name).signing_seed,
+        addresses=[records.RecordAddress.from_host_port(host, PORT)],
+        storage_offered=1,
+        sequence=sequence,
+        now=int(wall_clock()),
+        lifetime=3600,
+    )
+
+
+async def test_a_read_only_client_is_answered_but_never_remembered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    w = world()
+    async with running(w, "10.0.0.1", "a") as a, running(w, "10.0.0.2", "b") as b:
+        await b.bootstrap([a.local_address])
+        assert await b.publish(contact("b", "10.0.0.2"))
+        async with running(w, "10.0.0.9", None) as client:
+            assert client.node_id == dht.READ_ONLY_ID
+            assert await client.bootstrap([a.local_address]) == 2
+            found = await client.find_contact(node_id("b"))
+            assert found is not None and found.addresses[0].host == "10.0.0.2"
+        # Neither node put the client in its routing table, so no lookup will
+        # ever wait on it now that it is gone.
+        for node in (a, b):
+            assert dht.READ_ONLY_ID not in {c.node_id for c in node.contacts()}
+            assert "10.0.0.9" not in {c.address.host for c in node.contacts()}
+
+
+async def test_a_known_id_at_a_new_address_replaces_the_old_only_if_that_is_gone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    w = world()
+    async with running(w, "10.0.0.1", "a") as a:
+        async with running(w, "10.0.0.2", "b") as b:
+            await b.bootstrap([a.local_address])
+            assert {c.address.host for c in a.contacts()} == {"10.0.0.2"}
+            # Someone else claims b's id from another host while b still answers.
+            async with running(w, "10.6.6.6", "b") as impostor:
+                await impostor.bootstrap([a.local_address])
+                await trio.sleep(10)
+                assert {c.address.host for c in a.contacts()} == {"10.0.0.2"}
+        # b is gone; the same id speaking from a new host is the node, moved.
+        async with running(w, "10.0.0.3", "b") as moved:
+            await moved.bootstrap([a.local_address])
+            await trio.sleep(10)
+            assert [(c.node_id, c.address.host) for c in a.contacts()] == [
+                (node_id("b"), "10.0.0.3")
+            ]
+
+
+async def test_one_flooding_host_is_cut_off_and_others_are_still_served(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    w = world()
+    limit = RateLimit(rate=10.0, burst=20.0)
+    async with running(w, "10.0.0.1", "a", rate_limit=limit) as a:
+        flood = await w.interface("10.6.6.6").open_datagram(Address("10.6.6.6", 5000))
+        ping = b"\x00" + bytes(20) + umsgpack.packb(["ping", [bytes(20)]])
+        for _ in range(200):
+            await flood.send(ping, a.local_address)
+        answers = 0
+        with trio.move_on_after(1):
+            while True:
+                await flood.receive()
+                answers += 1
+        assert answers == 20  # the burst, then nothing
+        assert a.limiter.refused == 180
+        async with running(w, "10.0.0.2", "b") as b:
+            assert await b.bootstrap([a.local_address]) == 1  # a stranger still gets in
+        await flood.aclose()
+
+
+async def test_one_host_cannot_fill_a_nodes_record_table(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    storage = dht.RecordStorage(wall_clock, max_records=1000, max_keys_per_source=3)
+    names = [f"n{i}" for i in range(5)]
+    accepted = [
+        storage.offer(
+            records.dht_key(records.RecordKind.CONTACT, node_id(name)),
+            records.encode_record(contact(name, "10.0.0.5")),
+            source="10.6.6.6",
+        )
+        for name in names
+    ]
+    assert accepted == [True, True, True, False, False]
+    # Updates to keys it brought still pass, and other hosts are not affected.
+    newer = contact("n0", "10.0.0.7", sequence=2)
+    assert storage.offer(
+        records.dht_key(records.RecordKind.CONTACT, node_id("n0")),
+        records.encode_record(newer),
+        source="10.6.6.6",
+    )
+    assert storage.offer(
+        records.dht_key(records.RecordKind.CONTACT, node_id("n4")),
+        records.encode_record(contact("n4", "10.0.0.5")),
+        source="10.0.0.2",
+    )
+    # Once its records expire, the host's allowance comes back.
+    await trio.sleep(3601)
+    assert storage.offer(
+        records.dht_key(records.RecordKind.CONTACT, node_id("n3")),
+        records.encode_record(contact("n3", "10.0.0.5")),
+        source="10.6.6.6",
+    )

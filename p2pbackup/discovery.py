@@ -21,11 +21,12 @@ friend list, so the simulator runs the same code as ``p2pbackup serve``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -223,20 +224,18 @@ def _outward_address(wildcard: str) -> str:
         return "::1" if family == socket.AF_INET6 else "127.0.0.1"
 
 
-async def lookup_contact(
+@contextlib.asynccontextmanager
+async def read_only_client(
     home: Home,
-    node_id: bytes,
     *,
     bootstrap: Sequence[Address] = (),
-    network: Network | None = None,
     friends: Sequence[FriendContact] = (),
+    network: Network | None = None,
     wall_clock: Callable[[], float] = time.time,
-) -> records.ContactRecord | None:
-    """The newest valid contact record of ``node_id`` in the DHT, or None.
-
-    Joins the DHT through ``bootstrap``, ``friends`` and the neighbours the
-    home's node last knew; :class:`PeerUnavailableError` if none answers.
-    """
+) -> AsyncIterator[dht.DhtNode]:
+    """A read-only DHT client joined through ``bootstrap``, ``friends`` and
+    the neighbours the home's node last knew; :class:`UsageError` if there is
+    no way in, :class:`PeerUnavailableError` if nothing answers."""
     network = network if network is not None else TcpNetwork()
     addresses = list(bootstrap)
     for friend in friends:
@@ -249,12 +248,29 @@ async def lookup_contact(
             "no way into the DHT: pass --bootstrap HOST:PORT, add a friend, "
             "or run `p2pbackup serve` once so the node remembers its neighbours"
         )
-    family_any = "::" if any(":" in a.host for a in addresses[:1]) else "0.0.0.0"
+    family_any = "::" if ":" in addresses[0].host else "0.0.0.0"
     async with dht.open_dht(network, Address(family_any, 0), wall_clock=wall_clock) as node:
         if not await node.bootstrap(addresses):
             raise PeerUnavailableError(
                 "no DHT node answered at " + ", ".join(str(a) for a in addresses[:5])
             )
+        yield node
+
+
+async def lookup_contact(
+    home: Home,
+    node_id: bytes,
+    *,
+    bootstrap: Sequence[Address] = (),
+    network: Network | None = None,
+    friends: Sequence[FriendContact] = (),
+    wall_clock: Callable[[], float] = time.time,
+) -> records.ContactRecord | None:
+    """The newest valid contact record of ``node_id`` in the DHT, or None
+    (joined as :func:`read_only_client` joins)."""
+    async with read_only_client(
+        home, bootstrap=bootstrap, friends=friends, network=network, wall_clock=wall_clock
+    ) as node:
         return await node.find_contact(node_id)
 
 
@@ -270,35 +286,28 @@ async def find_storage_nodes(
     ones closest in the DHT to this home's own key (so a home asks the same
     ones each time), with their newest valid contact records. Strangers: the
     caller decides whether to trust them."""
-    network = network if network is not None else TcpNetwork()
     own = home.node_id()
-    addresses = list(bootstrap)
-    for friend in home_friends(home):
-        addresses.extend(friend.addresses)
-    addresses.extend(c.address for c in dht.load_routing_state(home.dht_state_path, own))
-    if not addresses:
-        raise UsageError("no way into the DHT: pass --bootstrap HOST:PORT or add a friend first")
-    found: list[records.ContactRecord] = []
-    async with dht.open_dht(network, Address("0.0.0.0", 0), wall_clock=wall_clock) as node:
-        if not await node.bootstrap(addresses):
-            raise PeerUnavailableError(
-                "no DHT node answered at " + ", ".join(str(a) for a in addresses[:5])
-            )
+    async with read_only_client(
+        home,
+        bootstrap=bootstrap,
+        friends=home_friends(home),
+        network=network,
+        wall_clock=wall_clock,
+    ) as node:
         key = records.dht_key(records.RecordKind.CONTACT, own)
         candidates = [c for c in await node.closest_nodes(key) if c.node_id != own]
-        records_found: dict[bytes, records.ContactRecord] = {}
+        offering: dict[bytes, records.ContactRecord] = {}
 
         async def fetch(node_id: bytes) -> None:
             record = await node.find_contact(node_id)
             if record is not None and record.storage_offered > 0:
-                records_found[node_id] = record
+                offering[node_id] = record
 
         async with trio.open_nursery() as lookups:
             for contact in candidates:
                 lookups.start_soon(fetch, contact.node_id)
-        # Closest first, as the DHT ranked them.
-        found = [records_found[c.node_id] for c in candidates if c.node_id in records_found]
-    return found[:count]
+    # Closest first, as the DHT ranked them.
+    return [offering[c.node_id] for c in candidates if c.node_id in offering][:count]
 
 
 def dht_locator(home: Home, network: Network) -> Callable[[bytes], Awaitable[list[Address]]]:

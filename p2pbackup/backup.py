@@ -87,8 +87,12 @@ class BackupSummary:
     packs_written: int = 0
     #: Bytes uploaded to peers, shards and headers, i.e. with redundancy.
     bytes_stored: int = 0
+    #: The code of the packs written (the configured one unless there were
+    #: too few peers for it).
     k: int = 0
     n: int = 0
+    configured_k: int = 0
+    configured_n: int = 0
     seconds: float = 0.0
     #: (path, reason) for everything left out of the snapshot.
     skipped: list[tuple[str, str]] = attrs.Factory(list)
@@ -98,6 +102,14 @@ class BackupSummary:
         data["snapshot_id"] = self.snapshot_id.hex()
         data["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
         return data
+
+    def _code_note(self) -> str:
+        if (self.k, self.n) == (self.configured_k, self.configured_n):
+            return ""
+        return (
+            f"; fewer peers than the configured {self.configured_k}-of-{self.configured_n} "
+            "need, so the code was adapted"
+        )
 
     def lines(self) -> list[str]:
         rate = self.bytes_read / self.seconds / 1e6 if self.seconds > 0 else 0.0
@@ -109,7 +121,7 @@ class BackupSummary:
             f"new data {human_bytes(self.bytes_new)}, "
             f"deduplicated {human_bytes(self.bytes_deduplicated)}",
             f"stored {human_bytes(self.bytes_stored)} in {self.packs_written} packs "
-            f"({self.k}-of-{self.n} shards)",
+            f"({self.k}-of-{self.n} shards{self._code_note()})",
             f"took {self.seconds:.1f} s ({rate:.1f} MB/s)",
         ]
         for path, reason in self.skipped:
@@ -260,7 +272,9 @@ class Backup:
             seed=repo.keyring.chunker_seed,
         )
         self.pack_size = config.pack_size
-        self.summary = BackupSummary(k=config.k, n=config.n)
+        self.summary = BackupSummary(
+            k=config.k, n=config.n, configured_k=config.k, configured_n=config.n
+        )
         self.progress = progress or Progress("backup", enabled=False)
         self._deduper = _Deduper(repo.index)
         self._hardlinks: dict[tuple[int, int], tuple[int, _FileWork]] = {}
@@ -378,6 +392,8 @@ class Backup:
             async for builder in receive:
                 record = await self.repo.write_pack(builder)
                 self.summary.packs_written += 1
+                # Fewer peers than configured give a smaller code: say which.
+                self.summary.k, self.summary.n = record.k, record.n
                 self.summary.bytes_stored += len(record.shards) * (
                     record.shard_size + formats.SHARD_HEADER_SIZE
                 )

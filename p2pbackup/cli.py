@@ -543,17 +543,20 @@ def read_recovery_key(path: str | None) -> str:
 
 
 async def cmd_recover(args: argparse.Namespace, home: Home) -> int:
-    from p2pbackup import operations
+    from p2pbackup import invites, operations
+    from p2pbackup.net import Address
 
-    if not args.peer_dir and not args.peer:
-        raise UsageError("recover needs at least one --peer-dir PATH or --peer HOST:PORT NODE_ID")
+    if not args.peer_dir and not args.peer and not args.friend:
+        raise UsageError(
+            "recover needs a way to the peers: --friend INVITE_CODE (a friend's code), "
+            "--peer HOST:PORT NODE_ID or --peer-dir PATH"
+        )
+    nodes = [(address, node_id) for address, node_id in args.peer or []]
+    for code in args.friend or []:
+        invite = invites.decode_invite(code)
+        nodes.extend((str(Address(a.host, a.port)), invite.node_id.hex()) for a in invite.addresses)
     key = read_recovery_key(args.recovery_key_file)
-    summary = await operations.recover(
-        home,
-        key,
-        [Path(p) for p in args.peer_dir or []],
-        [(address, node_id) for address, node_id in args.peer or []],
-    )
+    summary = await operations.recover(home, key, [Path(p) for p in args.peer_dir or []], nodes)
     _out(f"recovered into {home.path}")
     for line in summary.lines():
         _out(line)
@@ -739,6 +742,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=2,
         metavar=("HOST:PORT", "NODE_ID"),
         help="a storage node (repeatable; one is enough when it names the others)",
+    )
+    p.add_argument(
+        "--friend",
+        action="append",
+        metavar="INVITE_CODE",
+        help="a friend's invite code (repeatable; one friend holding the root record is enough)",
     )
     p.set_defaults(func=cmd_recover)
 

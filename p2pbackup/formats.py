@@ -38,10 +38,13 @@ import attrs
 import msgpack
 
 from p2pbackup.errors import FormatError
+from p2pbackup.keys import node_id_for
 from p2pbackup.model import (
     ID_SIZE,
+    NODE_ID_SIZE,
     BlobEntry,
     BlobType,
+    FriendRecord,
     IndexSegment,
     NodeKind,
     PackHeader,
@@ -103,6 +106,8 @@ MAX_SNAPSHOT_PATHS = 1 << 16
 MAX_SNAPSHOT_TAGS = 1024
 #: Peers, index packs and snapshots named by one root record.
 MAX_PEERS = 4096
+#: Addresses kept per friend (the invite's, and ones found since).
+MAX_FRIEND_ADDRESSES = 8
 MAX_ROOT_INDEX_PACKS = 1 << 16
 MAX_ROOT_SNAPSHOTS = 1 << 16
 #: Payload of one signed envelope.
@@ -778,6 +783,7 @@ def encode_root_record(record: RootRecord) -> bytes:
         tuple((p.peer_id, p.kind, p.location) for p in record.peers),
         tuple(_pack_record_body(p) for p in record.index_packs),
         tuple(record.snapshots),
+        tuple((f.node_id, f.public_key, f.addresses, f.added_at) for f in record.friends),
     )
     return _checked(_seal("root record", ROOT_RECORD_MAGIC, body), decode_root_record)
 
@@ -787,7 +793,11 @@ def decode_root_record(data: Buffer) -> RootRecord:
 
 
 def _root_record(value: object, what: str) -> RootRecord:
-    sequence, time_ns, config, peers, index_packs, snapshots = _fields(value, what, 6)
+    # Six fields: written before friends were part of the record; none then.
+    fields = _array(value, what, max_length=MAX_UINT)
+    if len(fields) == 6:
+        fields = (*fields, ())
+    sequence, time_ns, config, peers, index_packs, snapshots, friends = _fields(fields, what, 7)
     return RootRecord(
         sequence=_int(sequence, f"{what}: sequence"),
         time_ns=_int(time_ns, f"{what}: time"),
@@ -797,7 +807,29 @@ def _root_record(value: object, what: str) -> RootRecord:
             index_packs, f"{what}: index pack", _pack_record, max_length=MAX_ROOT_INDEX_PACKS
         ),
         snapshots=_items(snapshots, f"{what}: snapshot", _id, max_length=MAX_ROOT_SNAPSHOTS),
+        friends=_items(friends, f"{what}: friend", _friend_record, max_length=MAX_PEERS),
     )
+
+
+def _friend_record(value: object, what: str) -> FriendRecord:
+    node_id, public_key, addresses, added_at = _fields(value, what, 4)
+    friend = FriendRecord(
+        node_id=_bytes(
+            node_id, f"{what}: node id", min_length=NODE_ID_SIZE, max_length=NODE_ID_SIZE
+        ),
+        public_key=_bytes(public_key, f"{what}: public key", min_length=32, max_length=32),
+        addresses=_items(
+            addresses,
+            f"{what}: address",
+            lambda v, w: _text(v, w, min_length=1, max_length=MAX_TEXT_LENGTH),
+            max_length=MAX_FRIEND_ADDRESSES,
+        ),
+        added_at=_int(added_at, f"{what}: added at"),
+    )
+    # The id is the key's hash: a record binding a key to another id is damaged.
+    if node_id_for(friend.public_key) != friend.node_id:
+        _fail(what, "node id is not the hash of its public key")
+    return friend
 
 
 def _config(value: object, what: str) -> RepositoryConfig:

@@ -197,6 +197,9 @@ class RootRecord:
     peers: tuple[PeerRecord, ...]
     index_packs: tuple[PackRecord, ...]
     snapshots: tuple[bytes, ...]
+    #: The friend list with their keys and last addresses, so that a home
+    #: recovered on a new machine knows its friends again.
+    friends: tuple[FriendRecord, ...] = ()
 
 
 @attrs.frozen

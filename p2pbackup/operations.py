@@ -549,6 +549,9 @@ async def _rebuild_index(
             # Where the user just reached it wins over where it last was.
             now = found.get(peer.peer_id)
             index.add_peer(now if now is not None and now.kind == peer.kind else peer)
+        for friend in root.friends:
+            if index.friend(friend.node_id) is None:
+                index.add_friend(friend)
         for record in root.index_packs:
             index.add_pack(record, is_index=True, in_segment=True)
         index.set_root_sequence(root.sequence)

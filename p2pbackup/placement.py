@@ -6,12 +6,20 @@ load spreads evenly, and the ranking is stable — retries, repairs and a later
 run with the same peers make the same choices. Shard i goes to the i-th
 ranked peer; peers further down the ranking are the spares used when one of
 the first n refuses.
+
+The **code** (k-of-n) adapts to the peers there are (:func:`choose_code`):
+the configured one when there are enough, else a smaller one that still
+survives two lost peers.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+
+import attrs
+
+from p2pbackup.errors import UsageError
 
 
 def _weight(pack_id: bytes, peer_id: str) -> bytes:
@@ -23,3 +31,42 @@ def _weight(pack_id: bytes, peer_id: str) -> bytes:
 def rank_peers(pack_id: bytes, peer_ids: Iterable[str]) -> list[str]:
     """``peer_ids`` in this pack's order of preference."""
     return sorted(peer_ids, key=lambda peer: _weight(pack_id, peer), reverse=True)
+
+
+#: Peers a pack needs at the least: one shard each, and two may be lost.
+MIN_PEERS = 3
+#: Most expansion (n/k) an adapted code may have.
+MAX_EXPANSION = 3
+
+
+@attrs.frozen
+class Code:
+    """The erasure code a pack is written with: any ``k`` of ``n`` shards."""
+
+    k: int
+    n: int
+    #: Whether fewer peers than the configured n forced a smaller code.
+    adapted: bool = False
+
+
+def choose_code(k: int, n: int, peers: int) -> Code:
+    """The code for the next pack with ``peers`` usable peers (one shard each).
+
+    The configured ``k``-of-``n`` when there are ``n`` peers or more. With
+    fewer, ``n`` = every peer, and ``k`` as near the configured ratio as
+    allows at least two peers to be lost (k <= n - 2) with an expansion of at
+    most three (k >= n / 3). Below :data:`MIN_PEERS` peers no code is safe:
+    :class:`UsageError` saying how many more are needed.
+    """
+    if peers >= n:
+        return Code(k, n)
+    if peers < MIN_PEERS:
+        missing = MIN_PEERS - peers
+        raise UsageError(
+            f"storing needs at least {MIN_PEERS} peers (one shard each, and two may be "
+            f"lost); {peers} usable — add {missing} more with `p2pbackup friend add`, "
+            "`peer add` or `peer add-dir`"
+        )
+    lowest = -(-peers // MAX_EXPANSION)
+    wanted = round(peers * k / n)
+    return Code(min(max(wanted, lowest), peers - 2), peers, adapted=True)

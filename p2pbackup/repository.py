@@ -212,33 +212,34 @@ class Repository:
 
     # -- writing packs --------------------------------------------------------
 
-    def check_enough_peers(self) -> None:
-        """UsageError unless there are at least n peers to place shards on."""
+    def code(self) -> placement.Code:
+        """The code for the next pack, adapted to the peers not known to be
+        down (:func:`placement.choose_code`); UsageError if too few."""
         config = self.config
-        count = len(self.peers())
-        if count < config.n:
-            raise UsageError(
-                f"storing {config.k}-of-{config.n} shards needs {config.n} peers; "
-                f"{count} configured (add more with `p2pbackup peer add` or `peer add-dir`)"
-            )
+        usable = sum(1 for peer in self.peers() if not self.is_down(peer.peer_id))
+        return placement.choose_code(config.k, config.n, usable)
+
+    def check_enough_peers(self) -> None:
+        """UsageError unless there are enough peers to place a pack's shards on."""
+        self.code()
 
     async def write_pack(
         self, builder: packer.PackBuilder, *, is_index: bool = False
     ) -> PackRecord:
         """Encode, place and upload a pack, then record it in the index."""
-        self.check_enough_peers()
         config = self.config
+        code = self.code()
         peer_ids = [p.peer_id for p in self.peers()]
         data, _header = builder.finish(self.keyring.data_key)
         ident = packer.pack_id(data)
         pack_size = len(data)
         payloads, roots, shard_size = await trio.to_thread.run_sync(
-            _encode_pack, data, ident, config.k, config.n, config.block_size
+            _encode_pack, data, ident, code.k, code.n, config.block_size
         )
         del data  # Only the shards are needed from here on; memory stays bounded.
         # Peers known to be down go last: spares of last resort.
         ranked = sorted(placement.rank_peers(ident, peer_ids), key=self.is_down)
-        spares = collections.deque(ranked[config.n :])
+        spares = collections.deque(ranked[code.n :])
         placed: dict[int, str] = {}
         failures: list[ShardFailure] = []
 
@@ -263,19 +264,19 @@ class Repository:
                     return
 
         async with trio.open_nursery() as nursery:
-            for index in range(config.n):
+            for index in range(code.n):
                 nursery.start_soon(place, index, ranked[index])
         # One lost peer must not lose data the moment it is written.
-        if len(placed) < min(config.n, config.k + 1):
+        if len(placed) < min(code.n, code.k + 1):
             reasons = "; ".join(f"{f.peer_id}: {f.reason}" for f in failures)
             raise PeerUnavailableError(
-                f"could place only {len(placed)} of {config.n} shards of a pack ({reasons})"
+                f"could place only {len(placed)} of {code.n} shards of a pack ({reasons})"
             )
         record = PackRecord(
             pack_id=ident,
             size=pack_size,
-            k=config.k,
-            n=config.n,
+            k=code.k,
+            n=code.n,
             shard_size=shard_size,
             block_size=config.block_size,
             shards=tuple(ShardLocation(i, placed[i], roots[i]) for i in sorted(placed)),
@@ -400,6 +401,7 @@ class Repository:
             peers=tuple(self.peers()),
             index_packs=tuple(index_packs),
             snapshots=tuple(sid for sid, _ in self.index.snapshots()),
+            friends=tuple(self.index.friends()),
         )
 
     async def publish_root(self) -> int:

@@ -306,11 +306,28 @@ async def test_check_finds_missing_and_corrupt_shards(tmp_path: Path) -> None:
 
 
 async def test_backup_refuses_too_few_peers_and_missing_paths(tmp_path: Path) -> None:
-    setup = await make_setup(tmp_path, k=3, n=6, peers=4)
-    with pytest.raises(UsageError, match="needs 6 peers; 4 configured"):
+    setup = await make_setup(tmp_path, k=1, n=6, peers=2)
+    with pytest.raises(UsageError, match=r"at least 3 peers.*2 usable.*add 1 more"):
         await _backup(setup.home, make_tree(tmp_path / "src"))
     with pytest.raises(UsageError, match="path does not exist"):
         await _backup(setup.home, tmp_path / "nope")
+
+
+async def test_fewer_peers_than_n_adapt_the_code_and_say_so(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path, k=3, n=6, peers=4)
+    source = make_tree(tmp_path / "src")
+    async with operations.open_repository(setup.home) as repo:
+        summary = await Backup(repo).run([source])
+        codes = {(repo.index.pack(p).k, repo.index.pack(p).n) for p in repo.index.pack_ids()}
+    assert (summary.k, summary.n) == (2, 4)
+    assert "2-of-4 shards; fewer peers than the configured 3-of-6" in "\n".join(summary.lines())
+    assert codes == {(2, 4)}
+    # Two of the four peers lost: every byte still comes back.
+    for peer in setup.peers[:2]:
+        shutil.rmtree(peer)
+    result = await _restore(setup.home, tmp_path / "out")
+    assert result.ok, result.lines()
+    assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
 
 
 async def test_special_files_are_skipped_and_listed(tmp_path: Path) -> None:

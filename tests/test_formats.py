@@ -44,9 +44,11 @@ from p2pbackup.formats import (
     shard_id,
     shard_id_hex,
 )
+from p2pbackup.keys import node_id_for
 from p2pbackup.model import (
     BlobEntry,
     BlobType,
+    FriendRecord,
     IndexSegment,
     NodeKind,
     PackHeader,
@@ -175,6 +177,17 @@ def configs(draw: st.DrawFn) -> RepositoryConfig:
     )
 
 
+@st.composite
+def friend_records(draw: st.DrawFn) -> FriendRecord:
+    public_key = draw(st.binary(min_size=32, max_size=32))
+    return FriendRecord(
+        node_id=node_id_for(public_key),
+        public_key=public_key,
+        addresses=tuple(draw(st.lists(nonempty_texts, max_size=3))),
+        added_at=draw(uints),
+    )
+
+
 root_records = st.builds(
     RootRecord,
     sequence=uints,
@@ -185,6 +198,7 @@ root_records = st.builds(
     ),
     index_packs=st.lists(pack_records(), max_size=2).map(tuple),
     snapshots=st.lists(ids, max_size=3).map(tuple),
+    friends=st.lists(friend_records(), max_size=2).map(tuple),
 )
 
 
@@ -689,6 +703,32 @@ def test_root_record_config_checks() -> None:
         encode_root_record(attrs.evolve(record, snapshots=(b"short",)))
     with pytest.raises(FormatError, match="peer 0: kind: length 0"):
         encode_root_record(attrs.evolve(record, peers=(PeerRecord("p", "", "x"),)))
+    key = bytes(range(32))
+    friend = FriendRecord(node_id_for(key), key, ("h:1",), 5)
+    assert decode_root_record(
+        encode_root_record(attrs.evolve(record, friends=(friend,)))
+    ).friends == (friend,)
+    with pytest.raises(FormatError, match="friend 0: node id is not the hash of its public key"):
+        encode_root_record(attrs.evolve(record, friends=(attrs.evolve(friend, node_id=bytes(20)),)))
+    with pytest.raises(FormatError, match="friend 0: public key"):
+        encode_root_record(
+            attrs.evolve(record, friends=(attrs.evolve(friend, public_key=key[:31]),))
+        )
+
+
+def test_a_root_record_from_before_friends_reads_with_none() -> None:
+    record = decode_root_record(_SAMPLES["root record"](random.Random(6)))
+    body = (
+        record.sequence,
+        record.time_ns,
+        tuple(attrs.astuple(record.config)),
+        tuple((p.peer_id, p.kind, p.location) for p in record.peers),
+        tuple(formats._pack_record_body(p) for p in record.index_packs),
+        tuple(record.snapshots),
+    )
+    old = b"P2PR" + bytes([formats.FORMAT_VERSION]) + msgpack.packb(body, use_bin_type=True)
+    assert decode_root_record(old) == record
+    assert record.friends == ()
 
 
 def test_snapshot_checks() -> None:

@@ -78,6 +78,17 @@ def test_two_friends_back_up_to_each_other_with_invite_codes(tmp_path: Path) -> 
         source, before = sources["alice"]
         assert tree_state(restored(target, source)) == before
 
+        # A new machine: Alice's recovery key and Bob's invite code are enough.
+        fresh = alice.root / "new-home"
+        result = cli_ok(
+            "recover", "--friend", bob.code, "--recovery-key-file", alice.root / "key", home=fresh
+        )
+        assert any("have enough shards to restore" in line for line in result.lines), result.lines
+        assert bob.node.node_id in cli_ok("friend", "list", home=fresh).stdout
+        again = alice.root / "restored-again"
+        cli_ok("restore", snapshots["alice"], "--target", again, home=fresh)
+        assert tree_state(restored(again, source)) == before
+
         # Bob holds every pack Alice still has; forgetting him needs --force,
         # and says what it costs.
         bob_id = bob.node.node_id

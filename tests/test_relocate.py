@@ -183,3 +183,32 @@ async def test_a_node_stores_only_for_its_friends_unless_open(
     async with operations.open_repository(alice, network=network) as repo:
         await repo.store(bob.home.node_id().hex()).put(bytes(32), b"shard")
     assert list((bob.home.hosted_path / "shards").rglob("*"))
+
+
+async def test_recover_brings_the_friend_list_back(tmp_path: Path, nursery: trio.Nursery) -> None:
+    world = MemoryNetwork(seed=6, default_link=LinkProfile(latency=0.001), connect_timeout=0.5)
+    bob = Friend(Home(tmp_path / "bob"), "bob-home")
+    carol = Friend(Home(tmp_path / "carol"), "carol-home")
+    for friend in (bob, carol):
+        operations.init_home(friend.home, SMALL)
+    await start(nursery, world, bob, ())
+    await start(nursery, world, carol, (Address(bob.host, PORT),))
+    alice = Home(tmp_path / "alice")
+    key = operations.init_home(alice, attrs.evolve(SMALL, k=1, n=2))
+    network = world.interface("owner-home")
+    await befriend(world, alice, [bob, carol])
+    async with operations.open_repository(alice, network=network) as repo:
+        await Backup(repo).run([make_tree(tmp_path / "tree")])
+        friends_before = repo.index.friends()
+    assert len(friends_before) == 2
+
+    # A new machine: the key and one friend's address are all there is.
+    fresh = Home(tmp_path / "new-alice")
+    summary = await operations.recover(
+        fresh, key, [], [(f"{bob.host}:{PORT}", bob.home.node_id().hex())], network=network
+    )
+    assert summary.packs_restorable == summary.packs
+    async with operations.open_repository(fresh, network=network) as repo:
+        assert repo.index.friends() == friends_before
+        # Carol, never named to recover, is a peer again and answers as herself.
+        assert await repo.store(carol.home.node_id().hex()).usage() > 0

@@ -42,6 +42,7 @@ import trio
 
 from p2pbackup import blobs, chunker, formats, packer
 from p2pbackup.errors import UsageError
+from p2pbackup.exclude import ExcludeRules
 from p2pbackup.index import CachedFile, Index
 from p2pbackup.model import BlobType, IndexSegment, NodeKind, Snapshot, Tree, TreeNode
 from p2pbackup.nurseries import unwrap_single
@@ -94,6 +95,8 @@ class BackupSummary:
     configured_k: int = 0
     configured_n: int = 0
     seconds: float = 0.0
+    #: Files and directories left out by exclude patterns (not read, not listed).
+    excluded: int = 0
     #: (path, reason) for everything left out of the snapshot.
     skipped: list[tuple[str, str]] = attrs.Factory(list)
 
@@ -124,6 +127,8 @@ class BackupSummary:
             f"({self.k}-of-{self.n} shards{self._code_note()})",
             f"took {self.seconds:.1f} s ({rate:.1f} MB/s)",
         ]
+        if self.excluded:
+            lines.append(f"excluded {self.excluded} files and directories by pattern")
         for path, reason in self.skipped:
             lines.append(f"skipped {path}: {reason}")
         return lines
@@ -262,8 +267,15 @@ def normalize_paths(paths: Iterable[str | os.PathLike[str]]) -> list[bytes]:
 class Backup:
     """One backup run."""
 
-    def __init__(self, repo: Repository, *, progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        *,
+        progress: Progress | None = None,
+        exclude: ExcludeRules | None = None,
+    ) -> None:
         self.repo = repo
+        self.exclude = exclude if exclude is not None else ExcludeRules()
         config = repo.config
         self.params = chunker.ChunkerParams(
             min_size=config.chunk_min,
@@ -537,6 +549,9 @@ class Backup:
         cache = self.repo.index.cached_files_in(prefix)
         for name, st in entries:
             path = prefix + b"/" + name
+            if self.exclude.excludes(path):
+                self.summary.excluded += 1
+                continue
             entry = _Entry(name, st=st)
             pending.append(entry)
             if stat.S_ISREG(st.st_mode):

@@ -294,6 +294,38 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
+class _JsonLines(logging.Formatter):
+    """One JSON object a line: easy to read back, grep and ship elsewhere."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
+
+
+def _log_to_file(path: Path) -> None:
+    """Everything at INFO and above also goes to ``path`` (0600, rotated at 10 MB)."""
+    import logging.handlers
+
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 << 20, backupCount=3)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(_JsonLines())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    # The root level gates every handler: let INFO through to the file, and
+    # keep stderr at the level asked for.
+    for other in root.handlers:
+        if other is not handler:
+            other.setLevel(root.level)
+    root.setLevel(min(root.level, logging.INFO))
+
+
 async def cmd_serve(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import node
     from p2pbackup.net import Address
@@ -304,6 +336,8 @@ async def cmd_serve(args: argparse.Namespace, home: Home) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="p2pbackup serve: %(levelname)s: %(message)s",
     )
+    if home.exists():
+        _log_to_file(home.log_path)
     options = node.ServeOptions(
         listen=Address.parse(args.listen) if args.listen else node.DEFAULT_LISTEN,
         capacity=parse_size(args.capacity) if args.capacity else None,
@@ -328,6 +362,19 @@ async def cmd_serve(args: argparse.Namespace, home: Home) -> int:
                 _out("stopping")
                 nursery.cancel_scope.cancel()
                 break
+    return EXIT_OK
+
+
+async def cmd_status(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations, status
+
+    async with operations.open_repository(home) as repo:
+        report = await status.gather_status(home, repo)
+    if args.json:
+        _out(json.dumps(report.to_json(), indent=2))
+    else:
+        for line in report.lines():
+            _out(line)
     return EXIT_OK
 
 
@@ -363,9 +410,11 @@ async def cmd_peer_list(args: argparse.Namespace, home: Home) -> int:
 async def cmd_backup(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations
     from p2pbackup.backup import Backup
+    from p2pbackup.exclude import ExcludeRules
 
+    exclude = ExcludeRules.from_patterns(args.exclude or ())
     async with operations.open_repository(home) as repo:
-        summary = await Backup(repo, progress=_progress("backup", args)).run(
+        summary = await Backup(repo, progress=_progress("backup", args), exclude=exclude).run(
             args.paths, args.tag or ()
         )
     if args.json:
@@ -543,8 +592,7 @@ def read_recovery_key(path: str | None) -> str:
 
 
 async def cmd_recover(args: argparse.Namespace, home: Home) -> int:
-    from p2pbackup import invites, operations
-    from p2pbackup.net import Address
+    from p2pbackup import operations
 
     if not args.peer_dir and not args.peer and not args.friend:
         raise UsageError(
@@ -553,8 +601,7 @@ async def cmd_recover(args: argparse.Namespace, home: Home) -> int:
         )
     nodes = [(address, node_id) for address, node_id in args.peer or []]
     for code in args.friend or []:
-        invite = invites.decode_invite(code)
-        nodes.extend((str(Address(a.host, a.port)), invite.node_id.hex()) for a in invite.addresses)
+        nodes.extend(operations.invite_nodes(code))
     key = read_recovery_key(args.recovery_key_file)
     summary = await operations.recover(home, key, [Path(p) for p in args.peer_dir or []], nodes)
     _out(f"recovered into {home.path}")
@@ -567,7 +614,15 @@ async def cmd_recover(args: argparse.Namespace, home: Home) -> int:
 async def cmd_demo(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup.demo import run_demo
 
-    return await run_demo(Path(args.dir) if args.dir else None, keep=args.keep)
+    return await run_demo(
+        Path(args.dir) if args.dir else None, keep=args.keep, folders=args.folders
+    )
+
+
+async def cmd_devnet(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup.devnet import run_devnet
+
+    return await run_devnet(Path(args.dir) if args.dir else None, args.nodes)
 
 
 # -- parser -------------------------------------------------------------------------
@@ -685,8 +740,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("status", help="this node, each peer now, and the health of the data")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("backup", help="back up files and directories")
     p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PATTERN",
+        help="leave out names (*.tmp, .cache) or absolute paths (/home/me/Downloads) "
+        "that match (repeatable)",
+    )
     p.add_argument("--tag", action="append", help="tag the snapshot (repeatable)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_backup)
@@ -751,10 +817,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_recover)
 
-    p = sub.add_parser("demo", help="back up a sample tree, destroy peers, restore, compare")
+    p = sub.add_parser(
+        "demo", help="a local network: back up, kill nodes, lose the home, recover, compare"
+    )
     p.add_argument("--dir", metavar="D", help="work here (default: a new temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the demo's files afterwards")
+    p.add_argument(
+        "--folders",
+        action="store_true",
+        help="the story with six folder peers instead of a network of nodes",
+    )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "devnet", help="run N befriended nodes on 127.0.0.1 to try things on (until Ctrl-C)"
+    )
+    p.add_argument(
+        "--nodes", type=int, default=6, metavar="N", help="how many nodes (default 6, at least 4)"
+    )
+    p.add_argument(
+        "--dir", metavar="D", help="put their homes here (default: a new temporary directory)"
+    )
+    p.set_defaults(func=cmd_devnet)
     return parser
 
 

@@ -1,10 +1,17 @@
 """``p2pbackup demo``: the whole story in one command.
 
-Generates a sample home-directory tree, backs it up into six folder peers with
-3-of-6 shards, destroys three peers in different ways (one deleted, one with
-every shard corrupted, one emptied), restores and proves the bytes equal; then
-deletes the home itself and recovers it from the recovery key and a single
-surviving peer, and restores again.
+The default story runs on a local network (:mod:`p2pbackup.devnet`): six
+homes, each served by its own ``p2pbackup serve`` process on 127.0.0.1, all
+friends of each other. Home 1 backs up a generated sample tree to its five
+friends (the code adapts to the peers there are), two friends' nodes are
+SIGKILLed, home 1's machine is lost with its home directory, and a fresh home
+recovers from home 1's recovery key and one surviving friend's invite code,
+restores, and proves every byte, mode, mtime and link equal.
+
+``demo --folders`` is the older story on folder peers: six of them with
+3-of-6 shards, three destroyed in different ways (deleted, every shard
+corrupted, emptied), a restore; then the home deleted, recovered from the key
+and one surviving folder, and restored again.
 """
 
 from __future__ import annotations
@@ -18,12 +25,18 @@ from pathlib import Path
 
 from p2pbackup import operations
 from p2pbackup.backup import Backup
+from p2pbackup.devnet import open_devnet
 from p2pbackup.home import Home, write_private_file
 from p2pbackup.progress import Progress
 from p2pbackup.restore import Restorer
 from p2pbackup.treediff import diff_trees
 
 _PEERS = 6
+#: The network story: six homes; node-01 backs up; node-03 and node-05 die;
+#: node-02's invite code leads the recovery.
+_NODES = 6
+_KILLED = (2, 4)
+_SURVIVOR = 1
 
 
 def _step(number: int, text: str) -> None:
@@ -106,20 +119,101 @@ async def _restore_and_compare(home: Home, sample: Path, target: Path) -> bool:
     return True
 
 
-async def run_demo(workdir: Path | None, *, keep: bool = False) -> int:
+async def run_demo(workdir: Path | None, *, keep: bool = False, folders: bool = False) -> int:
+    """Run the demo in ``workdir`` (default: a new temporary directory,
+    removed afterwards unless ``keep`` or the demo failed). Exit status."""
     created = workdir is None
     base = Path(tempfile.mkdtemp(prefix="p2pbackup-demo-")) if workdir is None else workdir
+    base = base.absolute()
     base.mkdir(parents=True, exist_ok=True)
+    failed = False
     try:
-        return await _run(base)
+        status = await (_run_folders(base) if folders else _run_network(base))
+        failed = status != 0
+        return status
+    except Exception:
+        failed = True
+        raise
     finally:
-        if created and not keep:
+        # Kept after a failure (not after Ctrl-C): the nodes' logs say what went wrong.
+        if created and not keep and not failed:
             shutil.rmtree(base, ignore_errors=True)
-        elif keep or not created:
-            print(f"\nthe demo's files are in {base}")
+        else:
+            print(f"\nthe demo's files are in {base}", flush=True)
 
 
-async def _run(base: Path) -> int:
+def _describe_sample(sample: Path) -> None:
+    files = sum(1 for p in sample.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in sample.rglob("*") if p.is_file() and not p.is_symlink())
+    _say(f"{files} files, {size / 1e6:.1f} MB, with a symlink, a hard link, an empty file,")
+    _say("an empty directory, a duplicate photo and a file name that is not UTF-8")
+
+
+async def _run_network(base: Path) -> int:
+    sample = base / "sample-home"
+    print(f"p2pbackup demo in {base}")
+
+    _step(1, f"generate a sample tree at {sample}")
+    make_sample_tree(sample)
+    _describe_sample(sample)
+
+    _step(2, f"start a local network of {_NODES} homes under {base / 'devnet'}")
+    _say("each home is served by its own `p2pbackup serve` process on 127.0.0.1;")
+    _say("each added the others' invite codes, so every two are friends both ways")
+    async with open_devnet(base / "devnet", _NODES) as devnet:
+        for node in devnet.nodes:
+            _say(f"{node.name}  node {node.node_id}  at {node.address}  (pid {node.pid})")
+        for warning in devnet.warnings:
+            _say(f"warning: {warning}")
+        owner, survivor = devnet.nodes[0], devnet.nodes[_SURVIVOR]
+        friends = len(devnet.nodes) - 1
+
+        _step(3, f"{owner.name} backs up the sample tree to its {friends} friends")
+        async with operations.open_repository(owner.home) as repo:
+            summary = await Backup(repo, progress=Progress("backup")).run([sample])
+        for line in summary.lines():
+            _say(line)
+        _say(
+            f"snapshot {summary.snapshot_id.hex()[:12]}: any {summary.k} of a pack's "
+            f"{summary.n} shards restore it, so {summary.n - summary.k} friends may be lost"
+        )
+        _say(f"{owner.name}'s recovery key is in {owner.key_file} (mode 0600)")
+
+        _step(4, f"{len(_KILLED)} friends' machines die")
+        for index in _KILLED:
+            node = devnet.nodes[index]
+            await devnet.kill(index)
+            _say(f"{node.name} (pid {node.pid}): SIGKILLed")
+
+        _step(5, f"{owner.name}'s machine is lost too: only its recovery key is left")
+        await devnet.kill(owner.index)
+        _say(f"{owner.name} (pid {owner.pid}): SIGKILLed")
+        shutil.rmtree(owner.home.path)
+        _say(f"deleted its home directory {owner.home.path}")
+
+        _step(6, f"recover on a new machine with the key and {survivor.name}'s invite code")
+        new_home = Home(base / "new-machine-home")
+        recovered = await operations.recover(
+            new_home, owner.key_file.read_text(), [], operations.invite_nodes(survivor.invite)
+        )
+        _say(f"into {new_home.path}, as `p2pbackup recover --friend CODE` does:")
+        for line in recovered.lines():
+            _say(line)
+
+        _step(7, "restore on the new machine")
+        if not await _restore_and_compare(new_home, sample, base / "restore"):
+            print("\ndemo FAILED: the restore differs from the original")
+            return 1
+
+    killed = " and ".join(devnet.nodes[i].name for i in _KILLED)
+    print(
+        f"\ndemo passed: with {killed} killed and {owner.name}'s home lost, its recovery key "
+        f"and {survivor.name}'s invite code restored every byte."
+    )
+    return 0
+
+
+async def _run_folders(base: Path) -> int:
     sample = base / "sample-home"
     home = Home(base / "p2pbackup-home")
     peers = [base / "peers" / f"peer-{i}" for i in range(1, _PEERS + 1)]
@@ -127,10 +221,7 @@ async def _run(base: Path) -> int:
 
     _step(1, f"generate a sample tree at {sample}")
     make_sample_tree(sample)
-    files = sum(1 for p in sample.rglob("*") if p.is_file())
-    size = sum(p.stat().st_size for p in sample.rglob("*") if p.is_file() and not p.is_symlink())
-    _say(f"{files} files, {size / 1e6:.1f} MB, with a symlink, a hard link, an empty file,")
-    _say("an empty directory, a duplicate photo and a file name that is not UTF-8")
+    _describe_sample(sample)
 
     _step(2, f"init a home at {home.path} with 3-of-6 shards")
     key = operations.init_home(home, operations.default_config(3, _PEERS))

@@ -124,6 +124,11 @@ class _TrioClock:
 
 # The package reads time.monotonic() directly; this is the one place it can
 # be pointed at trio's clock, which is the real monotonic clock outside tests.
+# The package logs every crawl and store at INFO; the adapter logs what a node
+# operator needs to know itself.
+logging.getLogger("kademlia").setLevel(logging.WARNING)
+logging.getLogger("rpcudp").setLevel(logging.WARNING)
+
 kademlia.routing.time = _TrioClock
 kademlia.storage.time = _TrioClock
 

@@ -12,6 +12,8 @@ Layout (format version 1)::
       addresses     "p2pbackup-addresses 1", then the HOST:PORT lines the node
                     last published (written by serve, read by invite)
       dht-state.json  DHT neighbours remembered between runs (see dht)
+      config.toml   the user's settings: scheduled backups (see schedule)
+      serve.log     what serve did, one JSON object a line
 
 The home is chosen by ``--home``, else ``$P2PBACKUP_HOME``, else the platform's
 user data directory.
@@ -97,6 +99,16 @@ class Home:
     @property
     def serve_lock_path(self) -> Path:
         return self.path / "serve.lock"
+
+    @property
+    def config_path(self) -> Path:
+        """The user's settings (scheduled backups: see schedule)."""
+        return self.path / "config.toml"
+
+    @property
+    def log_path(self) -> Path:
+        """Where ``serve`` logs, one JSON object a line."""
+        return self.path / "serve.log"
 
     @property
     def addresses_path(self) -> Path:

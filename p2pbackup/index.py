@@ -54,6 +54,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS peers (
     peer_id TEXT PRIMARY KEY, kind TEXT NOT NULL, location TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS peer_seen (peer_id TEXT PRIMARY KEY, seen_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS packs (
     pack_id BLOB PRIMARY KEY, size INTEGER NOT NULL, k INTEGER NOT NULL,
     n INTEGER NOT NULL, shard_size INTEGER NOT NULL, block_size INTEGER NOT NULL,
@@ -380,6 +381,35 @@ class Index:
         self._db.executemany(
             "UPDATE packs SET in_segment=1 WHERE pack_id=?", [(p,) for p in pack_ids]
         )
+
+    def set_seen(self, peer_id: str, seen_at: int) -> None:
+        """Remember that ``peer_id`` answered at ``seen_at`` (unix seconds)."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO peer_seen(peer_id, seen_at) VALUES (?, ?)", (peer_id, seen_at)
+        )
+
+    def last_seen(self) -> dict[str, int]:
+        """When each peer last answered (unix seconds), for those that ever did."""
+        return {
+            peer: int(at) for peer, at in self._db.execute("SELECT peer_id, seen_at FROM peer_seen")
+        }
+
+    def pack_placements(self) -> Iterator[tuple[bytes, int, int, list[str]]]:
+        """Every pack as (pack id, k, n, the peers holding its shards)."""
+        rows = self._db.execute(
+            "SELECT p.pack_id, p.k, p.n, s.peer_id FROM packs p"
+            " LEFT JOIN shards s ON s.pack_id = p.pack_id ORDER BY p.pack_id"
+        )
+        current: tuple[bytes, int, int, list[str]] | None = None
+        for pack_id, k, n, peer_id in rows:
+            if current is None or current[0] != pack_id:
+                if current is not None:
+                    yield current
+                current = (bytes(pack_id), int(k), int(n), [])
+            if peer_id is not None:
+                current[3].append(peer_id)
+        if current is not None:
+            yield current
 
     def shard_count_by_peer(self) -> dict[str, int]:
         rows = self._db.execute("SELECT peer_id, count(*) FROM shards GROUP BY peer_id")

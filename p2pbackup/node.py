@@ -30,7 +30,8 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from p2pbackup import dht
+from p2pbackup import dht, operations
+from p2pbackup.backup import Backup
 from p2pbackup.discovery import (
     DEFAULT_REFRESH_PERIOD,
     Discovery,
@@ -38,9 +39,11 @@ from p2pbackup.discovery import (
     advertised_addresses,
     home_friends,
 )
+from p2pbackup.errors import P2PBackupError, RepositoryLockedError
 from p2pbackup.home import Home
 from p2pbackup.keys import Keyring
 from p2pbackup.net import Address, Network, TcpNetwork
+from p2pbackup.schedule import BackupSchedule, load_schedule
 from p2pbackup.server import StorageServer
 from p2pbackup.session import Identity
 from p2pbackup.shardhost import ReconcileReport, ShardHost
@@ -99,6 +102,7 @@ async def serve(
     """Store shards for peers until cancelled."""
     network = network if network is not None else TcpNetwork()
     home.require()
+    schedule = load_schedule(home.config_path)  # a bad config stops serve before it starts
     with home.serving():
         identity = node_identity(home)
         host = await trio.to_thread.run_sync(
@@ -142,6 +146,8 @@ async def serve(
                     home.write_addresses(texts)
                     async with trio.open_nursery() as roles:
                         await roles.start(discovery.run)
+                        if schedule is not None:
+                            roles.start_soon(run_scheduled_backups, home, schedule, network)
                         task_status.started(
                             Serving(
                                 identity.node_id,
@@ -184,6 +190,32 @@ class FriendGate:
         ):
             self._read()
         return node_id in self._friends
+
+
+async def run_scheduled_backups(home: Home, schedule: BackupSchedule, network: Network) -> None:
+    """Back up what the config says, now and then every interval, until cancelled.
+
+    A run that cannot start (a backup from the command line holds the home)
+    or fails is logged, and the next one comes at its time.
+    """
+    while True:
+        started = trio.current_time()
+        try:
+            async with operations.open_repository(home, network=network) as repo:
+                summary = await Backup(repo, exclude=schedule.exclude).run(
+                    schedule.paths, schedule.tags
+                )
+        except RepositoryLockedError as error:
+            log.warning("scheduled backup skipped: %s", error)
+        except P2PBackupError as error:
+            log.error("scheduled backup failed: %s", error)
+        else:
+            log.info(
+                "scheduled backup saved snapshot %s: %s",
+                summary.snapshot_id.hex(),
+                "; ".join(summary.lines()),
+            )
+        await trio.sleep_until(started + schedule.interval)
 
 
 def _storage_offered(home: Home, options: ServeOptions) -> int:

@@ -163,6 +163,13 @@ async def add_folder_peer(repo: Repository, path: Path) -> PeerRecord:
     return record
 
 
+def invite_nodes(code: str) -> list[tuple[str, str]]:
+    """(address, node id) for each address of the node an invite code names,
+    as ``recover`` takes storage nodes (``recover --friend``)."""
+    invite = invites.decode_invite(code)
+    return [(str(Address(a.host, a.port)), invite.node_id.hex()) for a in invite.addresses]
+
+
 def parse_node_id(text: str) -> bytes:
     """A node id given by a user: 40 hex digits."""
     cleaned = text.strip().lower()

@@ -3,8 +3,9 @@
 Peers are ranked per pack by rendezvous (highest-random-weight) hashing of
 ``(pack id, peer id)``: every pack gets its own permutation of the peers, so
 load spreads evenly, and the ranking is stable — retries, repairs and a later
-run with the same peers make the same choices. Shard i goes to the i-th
-ranked peer; peers further down the ranking are the spares used when one of
+run with the same peers make the same choices. Peers on a host that already
+has a shard of the pack go after those on new hosts (:func:`spread_hosts`).
+Shard i goes to the i-th ranked peer; peers further down the ranking are the spares used when one of
 the first n refuses.
 
 The **code** (k-of-n) adapts to the peers there are (:func:`choose_code`):
@@ -15,7 +16,7 @@ survives two lost peers.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
@@ -70,3 +71,18 @@ def choose_code(k: int, n: int, peers: int) -> Code:
     lowest = -(-peers // MAX_EXPANSION)
     wanted = round(peers * k / n)
     return Code(min(max(wanted, lowest), peers - 2), peers, adapted=True)
+
+
+def spread_hosts(ranked: Sequence[str], host_of: Callable[[str], str]) -> list[str]:
+    """``ranked``, reordered so that every peer on a host not yet chosen comes
+    before a second peer on the same host (each group keeps its order): two
+    homes behind one address, or two nodes on one machine, get a pack's
+    shards only once every other host has one."""
+    first: list[str] = []
+    later: list[str] = []
+    hosts: set[str] = set()
+    for peer in ranked:
+        host = host_of(peer)
+        (later if host in hosts else first).append(peer)
+        hosts.add(host)
+    return first + later

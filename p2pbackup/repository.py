@@ -69,6 +69,17 @@ PEER_KIND_DIR = "dir"
 PEER_KIND_NODE = "node"
 
 
+def host_of(peer: PeerRecord) -> str:
+    """The machine a peer lives on, as far as placement can tell: a node's
+    address host; each folder counts as its own (a disk of its own)."""
+    if peer.kind == PEER_KIND_NODE:
+        try:
+            return Address.parse(peer.location).host
+        except UsageError:
+            pass
+    return f"folder {peer.peer_id}"
+
+
 def open_store(
     peer: PeerRecord,
     keyring: Keyring,
@@ -229,7 +240,9 @@ class Repository:
         """Encode, place and upload a pack, then record it in the index."""
         config = self.config
         code = self.code()
-        peer_ids = [p.peer_id for p in self.peers()]
+        peers = self.peers()
+        peer_ids = [p.peer_id for p in peers]
+        hosts = {p.peer_id: host_of(p) for p in peers}
         data, _header = builder.finish(self.keyring.data_key)
         ident = packer.pack_id(data)
         pack_size = len(data)
@@ -237,8 +250,12 @@ class Repository:
             _encode_pack, data, ident, code.k, code.n, config.block_size
         )
         del data  # Only the shards are needed from here on; memory stays bounded.
-        # Peers known to be down go last: spares of last resort.
-        ranked = sorted(placement.rank_peers(ident, peer_ids), key=self.is_down)
+        # One shard per host first; peers known to be down go last, as spares
+        # of last resort.
+        ranked = sorted(
+            placement.spread_hosts(placement.rank_peers(ident, peer_ids), hosts.__getitem__),
+            key=self.is_down,
+        )
         spares = collections.deque(ranked[code.n :])
         placed: dict[int, str] = {}
         failures: list[ShardFailure] = []

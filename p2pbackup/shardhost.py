@@ -1025,6 +1025,23 @@ class Upload:
 # -- module helpers -------------------------------------------------------------------------
 
 
+def usage_by_owner(root: Path) -> dict[bytes, int]:
+    """Bytes of shards held for each owner, read without opening the host (a
+    running node holds it); empty if nothing was ever hosted under ``root``."""
+    path = root / DB_NAME
+    if not path.exists():
+        return {}
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT owner, sum(size) FROM shards GROUP BY owner").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as error:
+        raise StoreError(f"cannot read the shard host database {path}: {error}") from error
+    return {bytes(owner): int(size) for owner, size in rows}
+
+
 def _open_db(path: Path) -> sqlite3.Connection:
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

@@ -399,7 +399,23 @@ def test_progress_is_shown_only_on_a_terminal(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_passes(tmp_path: Path) -> None:
-    result = cli_ok("demo", env=base_env(TMPDIR=str(tmp_path)), timeout=300)
+@pytest.mark.parametrize("story", [[], ["--folders"]], ids=["network", "folders"])
+def test_demo_passes(tmp_path: Path, story: list[str]) -> None:
+    result = cli_ok("demo", *story, env=base_env(TMPDIR=str(tmp_path)), timeout=300)
     assert result.lines[-1].startswith("demo passed"), result.stdout
     assert list(tmp_path.iterdir()) == []  # its temporary directory is removed
+    if not story:
+        # The code adapted to home 1's five friends; two of them and home 1
+        # were killed; no recovery key was shown; no node outlived the demo.
+        assert "(2-of-5 shards" in result.stdout, result.stdout
+        assert result.stdout.count(": SIGKILLed") == 3
+        assert not KEY_RE.search(result.stdout)
+        pids = {
+            int(line.rsplit("(pid ", 1)[1].removesuffix(")"))
+            for line in result.lines
+            if line.startswith("    node-") and "(pid " in line and line.endswith(")")
+        }
+        assert len(pids) == 6
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)

@@ -171,3 +171,34 @@ async def test_a_partitioned_node_fails_only_its_own_shards(
     summary = await restore(cluster, tmp_path / "out")
     assert summary.ok, summary.lines()
     assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
+
+
+async def test_two_nodes_on_one_host_never_hold_one_pack_twice_when_others_can(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    world = MemoryNetwork(seed=8, default_link=LinkProfile(latency=0.0005), connect_timeout=0.5)
+    places = [("shared", PORT), ("shared", PORT + 1), ("other1", PORT), ("other2", PORT)]
+    running = [
+        await start_node(
+            nursery,
+            world.interface(host),
+            tmp_path / f"{host}-{port}",
+            name=f"{host}-{port}",
+            listen=Address(host, port),
+        )
+        for host, port in places
+    ]
+    home = Home(tmp_path / "home")
+    operations.init_home(home, attrs.evolve(SMALL, k=1, n=3))
+    cluster = Cluster(world, home, running)
+    async with cluster.repository() as repo:
+        for node in running:
+            await operations.add_node_peer(repo, str(node.address), node.identity.node_id.hex())
+    await backup(cluster, make_tree(tmp_path / "src"))
+    async with cluster.repository() as repo:
+        host_of = {p.peer_id: p.location.split(":")[0] for p in repo.peers()}
+        for pack_id in repo.index.pack_ids():
+            record = repo.index.pack(pack_id)
+            assert record is not None
+            hosts = [host_of[s.peer_id] for s in record.shards]
+            assert len(hosts) == 3 and len(set(hosts)) == 3, hosts

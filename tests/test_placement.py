@@ -7,7 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pbackup.errors import UsageError
-from p2pbackup.placement import MAX_EXPANSION, MIN_PEERS, Code, choose_code, rank_peers
+from p2pbackup.placement import (
+    MAX_EXPANSION,
+    MIN_PEERS,
+    Code,
+    choose_code,
+    rank_peers,
+    spread_hosts,
+)
 
 
 @st.composite
@@ -58,3 +65,26 @@ def test_ranking_is_a_stable_permutation(pack_id: bytes, peers: list[str]) -> No
     ranked = rank_peers(pack_id, peers)
     assert sorted(ranked) == sorted(peers)
     assert rank_peers(pack_id, list(reversed(peers))) == ranked
+
+
+@given(
+    st.lists(
+        st.tuples(st.text(min_size=1, max_size=4), st.sampled_from("abcd")),
+        unique_by=lambda p: p[0],
+    )
+)
+def test_spreading_puts_one_peer_per_host_first(peers: list[tuple[str, str]]) -> None:
+    host = dict(peers)
+    ranked = [name for name, _ in peers]
+    spread = spread_hosts(ranked, host.__getitem__)
+    assert sorted(spread) == sorted(ranked)
+    distinct = len(set(host.values()))
+    assert len({host[p] for p in spread[:distinct]}) == distinct
+    # Within the first-per-host group and the rest, the ranking's order holds.
+    firsts = spread[:distinct]
+    assert firsts == [p for p in ranked if p in firsts]
+
+
+def test_two_nodes_on_one_machine_share_a_pack_only_when_they_must() -> None:
+    host = {"a1": "10.0.0.1", "a2": "10.0.0.1", "b": "10.0.0.2", "c": "10.0.0.3"}
+    assert spread_hosts(["a1", "a2", "b", "c"], host.__getitem__) == ["a1", "b", "c", "a2"]

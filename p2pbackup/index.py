@@ -411,6 +411,14 @@ class Index:
         if current is not None:
             yield current
 
+    def shard_bytes_by_peer(self) -> dict[str, int]:
+        """Bytes of shard data each peer holds for this home (headers aside)."""
+        rows = self._db.execute(
+            "SELECT s.peer_id, sum(p.shard_size) FROM shards s"
+            " JOIN packs p ON p.pack_id = s.pack_id GROUP BY s.peer_id"
+        )
+        return {peer: int(size) for peer, size in rows}
+
     def shard_count_by_peer(self) -> dict[str, int]:
         rows = self._db.execute("SELECT peer_id, count(*) FROM shards GROUP BY peer_id")
         return {peer: count for peer, count in rows}

@@ -3,8 +3,9 @@
 Nouns:
 
 * **peer state** — :class:`PeerState`: a peer as it is now: whether it
-  answered (**online**), when it last did, how many of our shards the index
-  places on it, and how much we hold for it when it is a node we store for.
+  answered (**online**), when it last did, how many of our shards (and bytes)
+  the index places on it, and how much we hold for it when it is a node we
+  store for: the **balance** between friends.
 * **healthy shard** — a shard the index places on a peer that answered now.
 * **pack health** — :class:`DataHealth`, from each pack's healthy shards
   (pure: :func:`data_health`). A pack is **unrecoverable** below k healthy
@@ -45,8 +46,9 @@ class PeerState:
     online: bool
     #: Unix seconds of the last answer (now, if online); None if never.
     last_seen: int | None
-    #: Shards of ours the index places on this peer.
+    #: Shards of ours the index places on this peer, and their bytes.
     shards_held_for_us: int
+    bytes_held_for_us: int
     #: Bytes of the peer's shards this home's node keeps (0 if none, or a folder).
     bytes_we_hold_for_it: int
     is_friend: bool
@@ -140,7 +142,8 @@ class Status:
             friend = "friend, " if peer.is_friend else ""
             lines.append(
                 f"peer {peer.peer_id[:16]} {friend}{peer.kind} at {peer.location}: {state}, "
-                f"{seen}; holds {peer.shards_held_for_us} shards of ours; "
+                f"{seen}; holds {peer.shards_held_for_us} shards of ours "
+                f"({peer.bytes_held_for_us} bytes); "
                 f"we keep {peer.bytes_we_hold_for_it} bytes for it"
             )
         lines.extend(self.data.lines())
@@ -174,6 +177,7 @@ async def gather_status(home: Home, repo: Repository, *, now: float | None = Non
             index.set_seen(peer_id, seen_at)
     last_seen = index.last_seen()
     held = index.shard_count_by_peer()
+    held_bytes = index.shard_bytes_by_peer()
     hosted = shardhost.usage_by_owner(home.hosted_path)
     friends = {friend.node_id.hex() for friend in index.friends()}
     states = tuple(
@@ -184,6 +188,7 @@ async def gather_status(home: Home, repo: Repository, *, now: float | None = Non
             online=peer.peer_id in online,
             last_seen=last_seen.get(peer.peer_id),
             shards_held_for_us=held.get(peer.peer_id, 0),
+            bytes_held_for_us=held_bytes.get(peer.peer_id, 0),
             bytes_we_hold_for_it=_hosted_for(hosted, peer.peer_id),
             is_friend=peer.peer_id in friends,
             problem=answers.get(peer.peer_id, ""),

@@ -75,6 +75,7 @@ async def test_status_tells_the_truth_as_nodes_die(tmp_path: Path, nursery: trio
             await operations.add_node_peer(repo, str(node.address), node.identity.node_id.hex())
         await Backup(repo).run([make_tree(tmp_path / "tree")])
         packs = len(repo.index.pack_ids())
+        shard_bytes = sum(repo.index.pack(p).shard_size for p in repo.index.pack_ids())  # type: ignore[union-attr]
 
     async def status_now() -> dict[str, object]:
         async with operations.open_repository(home, network=network) as repo:
@@ -97,6 +98,7 @@ async def test_status_tells_the_truth_as_nodes_die(tmp_path: Path, nursery: trio
     for peer in report["peers"]:  # type: ignore[attr-defined]
         assert peer["online"] == (peer["peer_id"] not in dead)
         assert peer["shards_held_for_us"] == packs  # every pack has a shard on each
+        assert peer["bytes_held_for_us"] == shard_bytes
         if peer["online"]:
             assert peer["last_seen"] == 1_800_000_000 and peer["problem"] == ""
         else:

@@ -10,7 +10,9 @@ file (``--recovery-key-file``) or from standard input.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import datetime
+import functools
 import getpass
 import inspect
 import json
@@ -27,7 +29,7 @@ from typing import Any
 import attrs
 import trio
 
-from p2pbackup import __version__
+from p2pbackup import __version__, control
 from p2pbackup.errors import P2PBackupError, UsageError
 from p2pbackup.home import Home, default_home, write_private_file
 from p2pbackup.model import NodeKind, TreeNode
@@ -40,12 +42,24 @@ EXIT_ERROR = 1
 EXIT_PARTIAL = 3
 
 
+#: Where a command's output goes when the daemon runs it for a client.
+_OUTPUT: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
+    "p2pbackup_cli_output", default=None
+)
+
+
 def _out(line: str = "") -> None:
-    print(line, flush=True)
+    writer = _OUTPUT.get()
+    if writer is not None:
+        writer(line)
+    else:
+        print(line, flush=True)
 
 
 def _progress(label: str, args: argparse.Namespace) -> Progress:
-    return Progress(label, enabled=None if not args.json else False)
+    # A progress bar belongs on the user's terminal, not the daemon's.
+    quiet = args.json or _OUTPUT.get() is not None
+    return Progress(label, enabled=None if not quiet else False)
 
 
 # -- commands ----------------------------------------------------------------------
@@ -351,7 +365,11 @@ async def cmd_serve(args: argparse.Namespace, home: Home) -> int:
         open=args.open,
     )
     async with trio.open_nursery() as nursery:
-        serving = await nursery.start(node.serve, home, options)
+        serving = await nursery.start(
+            functools.partial(
+                node.serve, home, options, control=functools.partial(run_forwarded, home)
+            )
+        )
         report = serving.reconciled
         for line in report.describe():
             _out(line)
@@ -850,9 +868,97 @@ def _tolerate_undecodable_names() -> None:
         reconfigure(errors="surrogateescape")
 
 
+#: Commands a running daemon of the home runs for the CLI (those that open
+#: the home's repository), and the arguments that are paths on the user's side.
+_FORWARDED_PATHS: dict[str, tuple[str, ...]] = {
+    "cmd_backup": ("paths",),
+    "cmd_restore": ("target",),
+    "cmd_peer_add_dir": ("path",),
+    "cmd_snapshots": (),
+    "cmd_ls": (),
+    "cmd_forget": (),
+    "cmd_prune": (),
+    "cmd_check": (),
+    "cmd_status": (),
+    "cmd_peer_add": (),
+    "cmd_peer_list": (),
+    "cmd_peer_find": (),
+    "cmd_friend_add": (),
+    "cmd_friend_list": (),
+    "cmd_friend_remove": (),
+}
+
+
+def _error_message(exc: BaseException) -> str | None:
+    """The one line a user sees for an expected failure; None for a bug."""
+    if isinstance(exc, P2PBackupError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        # Permissions, a full disk, a vanished directory: the user's to fix.
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    return None
+
+
+async def run_forwarded(
+    home: Home, argv: list[str], cwd: str, write: Callable[[str], None]
+) -> tuple[int, str]:
+    """Run a client's command in the daemon (the control socket's handler):
+    (exit code, error message). Relative paths are the client's."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:
+        return 2, "the daemon could not read that command line; run it with P2PBACKUP_LOCAL=1"
+    func = args.func
+    if func.__name__ not in _FORWARDED_PATHS:
+        return 2, f"the daemon does not run `{args.command}`; run it with P2PBACKUP_LOCAL=1"
+    if not hasattr(args, "json"):
+        args.json = False
+    logging.getLogger("p2pbackup.control").info("running `%s` for a client", args.command)
+    for name in _FORWARDED_PATHS[func.__name__]:
+        value = getattr(args, name, None)
+        if isinstance(value, list):
+            setattr(args, name, [os.path.join(cwd, v) for v in value])
+        elif isinstance(value, str):
+            setattr(args, name, os.path.join(cwd, value))
+    token = _OUTPUT.set(write)
+    try:
+        with unwrap_single():
+            return int(await func(args, home)), ""
+    except (P2PBackupError, OSError) as exc:
+        message = _error_message(exc)
+        assert message is not None
+        return EXIT_ERROR, message
+    finally:
+        _OUTPUT.reset(token)
+
+
+def _forward(home: Home, args: argparse.Namespace, argv: list[str]) -> int | None:
+    """Hand the command to this home's daemon if one runs; None otherwise."""
+    if args.func.__name__ not in _FORWARDED_PATHS or os.environ.get("P2PBACKUP_LOCAL") == "1":
+        return None
+    if not home.control_path.exists():
+        return None
+
+    def error(message: str) -> None:
+        print(f"p2pbackup: error: {message}", file=sys.stderr)
+
+    return trio.run(
+        functools.partial(
+            control.forward,
+            home.control_path,
+            argv,
+            os.getcwd(),
+            write=lambda line: print(line, flush=True),
+            report=error,
+        )
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _tolerate_undecodable_names()
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     tune_process()
     if not hasattr(args, "json"):
@@ -861,16 +967,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace, Home], Any] = args.func
     try:
         with unwrap_single():
+            forwarded = _forward(home, args, argv)
+            if forwarded is not None:
+                return forwarded
             if inspect.iscoroutinefunction(func):
                 return int(trio.run(func, args, home))
             return int(func(args, home))
-    except P2PBackupError as exc:
-        print(f"p2pbackup: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:
-        # Permissions, a full disk, a vanished directory: the user's to fix.
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"p2pbackup: error: {exc.strerror or exc}{where}", file=sys.stderr)
+    except (P2PBackupError, OSError) as exc:
+        print(f"p2pbackup: error: {_error_message(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("p2pbackup: interrupted", file=sys.stderr)

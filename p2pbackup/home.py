@@ -14,6 +14,7 @@ Layout (format version 1)::
       dht-state.json  DHT neighbours remembered between runs (see dht)
       config.toml   the user's settings: scheduled backups (see schedule)
       serve.log     what serve did, one JSON object a line
+      control.sock  where a running serve takes the CLI's commands (0600)
 
 The home is chosen by ``--home``, else ``$P2PBACKUP_HOME``, else the platform's
 user data directory.
@@ -99,6 +100,11 @@ class Home:
     @property
     def serve_lock_path(self) -> Path:
         return self.path / "serve.lock"
+
+    @property
+    def control_path(self) -> Path:
+        """The Unix socket a running ``serve`` answers the CLI on (see control)."""
+        return self.path / "control.sock"
 
     @property
     def config_path(self) -> Path:

@@ -32,6 +32,7 @@ import trio
 
 from p2pbackup import dht, operations
 from p2pbackup.backup import Backup
+from p2pbackup.control import Handler, serve_control
 from p2pbackup.discovery import (
     DEFAULT_REFRESH_PERIOD,
     Discovery,
@@ -97,9 +98,11 @@ async def serve(
     options: ServeOptions,
     *,
     network: Network | None = None,
+    control: Handler | None = None,
     task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Store shards for peers until cancelled."""
+    """Store shards for peers until cancelled; with ``control``, also answer
+    the CLI on the home's control socket (it runs their commands)."""
     network = network if network is not None else TcpNetwork()
     home.require()
     schedule = load_schedule(home.config_path)  # a bad config stops serve before it starts
@@ -148,6 +151,8 @@ async def serve(
                         await roles.start(discovery.run)
                         if schedule is not None:
                             roles.start_soon(run_scheduled_backups, home, schedule, network)
+                        if control is not None:
+                            await roles.start(serve_control, home.control_path, control)
                         task_status.started(
                             Serving(
                                 identity.node_id,

@@ -72,6 +72,7 @@ def run_cli(
     env: Mapping[str, str] | None = None,
     input: bytes | None = None,
     timeout: float = 120,
+    cwd: Path | None = None,
 ) -> Result:
     argv = [os.fspath(a) for a in args]
     if home is not None:
@@ -83,6 +84,7 @@ def run_cli(
         capture_output=True,
         env=dict(env) if env is not None else base_env(),
         timeout=timeout,
+        cwd=cwd,
     )
     result = Result(tuple(argv), proc.returncode, _decode(proc.stdout), _decode(proc.stderr))
     assert "Traceback" not in result.stderr, str(result)

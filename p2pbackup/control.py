@@ -1,0 +1,196 @@
+"""The control socket: how the CLI reaches a running ``serve`` of the same home.
+
+Nouns:
+
+* **control socket** — ``HOME/control.sock``, a Unix socket that ``serve``
+  opens with mode 0600 and that answers only processes of the same user
+  (checked with ``SO_PEERCRED`` where the system has it).
+* **request** — one command line as the user typed it, with the directory it
+  was typed in (relative paths mean what they meant to the user).
+* **reply** — a stream of output lines as the daemon produces them, then the
+  command's error message (if any) and exit code.
+
+Wire format (version 1): one JSON object a line, at most
+:data:`MAX_LINE` bytes. Request ``{"v": 1, "argv": [...], "cwd": "..."}``;
+replies ``{"out": "text"}`` …, then ``{"exit": code, "error": "message"}``.
+Encoding and decoding are pure (:func:`encode_message`,
+:class:`LineDecoder`); the rest is thin trio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from p2pbackup.errors import RemoteProtocolError
+
+log = logging.getLogger(__name__)
+
+CONTROL_VERSION: Final = 1
+MAX_LINE: Final = 1 << 20
+
+#: What runs a request in the daemon: (argv, cwd, send an output line) → (exit code, error).
+Handler = Callable[[list[str], str, Callable[[str], None]], Awaitable[tuple[int, str]]]
+
+
+def encode_message(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, ensure_ascii=False).encode() + b"\n"
+
+
+class LineDecoder:
+    """Bytes in, JSON objects out, one a line; RemoteProtocolError for junk."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self._buffer += data
+        messages = []
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            try:
+                message = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise RemoteProtocolError(f"control socket: not a JSON line: {error}") from None
+            if not isinstance(message, dict):
+                raise RemoteProtocolError("control socket: a line is not a JSON object")
+            messages.append(message)
+        if len(self._buffer) > MAX_LINE:
+            raise RemoteProtocolError(f"control socket: a line longer than {MAX_LINE} bytes")
+        return messages
+
+
+def parse_request(message: dict[str, Any]) -> tuple[list[str], str]:
+    """(argv, cwd) from a request; RemoteProtocolError naming what is wrong."""
+    if message.get("v") != CONTROL_VERSION:
+        raise RemoteProtocolError(
+            f"control request version {message.get('v')!r}; this daemon speaks {CONTROL_VERSION}"
+        )
+    argv, cwd = message.get("argv"), message.get("cwd")
+    if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+        raise RemoteProtocolError("control request: argv must be a list of strings")
+    if not (isinstance(cwd, str) and cwd.startswith("/")):
+        raise RemoteProtocolError("control request: cwd must be an absolute path")
+    return argv, cwd
+
+
+# -- the daemon's side ------------------------------------------------------------------------
+
+
+def _same_user(sock: trio.socket.SocketType) -> bool:
+    """Whether the peer of a Unix socket runs as this user (True where the
+    system cannot tell: the socket's 0600 mode still guards it)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return True
+    credentials = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", credentials)
+    return bool(uid == os.getuid())
+
+
+async def serve_control(
+    path: Path, handler: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Answer requests on the control socket at ``path`` until cancelled."""
+    # A socket left by a crash: the caller holds the serve lock, so it is stale.
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # created 0600: no moment when others may connect
+    try:
+        await sock.bind(os.fspath(path))
+    finally:
+        os.umask(old_umask)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    try:
+        task_status.started()
+        await trio.serve_listeners(functools.partial(_serve_one, handler=handler), [listener])
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+async def _serve_one(stream: trio.SocketStream, *, handler: Handler) -> None:
+    async with stream:
+        if not _same_user(stream.socket):
+            log.warning("control socket: refused a process of another user")
+            return
+        decoder = LineDecoder()
+        request = None
+        try:
+            while request is None:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                messages = decoder.feed(data)
+                if messages:
+                    request = parse_request(messages[0])
+        except RemoteProtocolError as problem:
+            await stream.send_all(encode_message({"exit": 2, "error": str(problem)}))
+            return
+        argv, cwd = request
+        lines_in, lines_out = trio.open_memory_channel[str](math.inf)
+
+        async def relay() -> None:
+            async for line in lines_out:
+                await stream.send_all(encode_message({"out": line}))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(relay)
+                try:
+                    code, message = await handler(argv, cwd, lines_in.send_nowait)
+                finally:
+                    lines_in.close()
+            await stream.send_all(encode_message({"exit": code, "error": message}))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.info("control socket: the client went away")
+
+
+# -- the CLI's side ---------------------------------------------------------------------------
+
+
+async def forward(
+    path: Path,
+    argv: list[str],
+    cwd: str,
+    *,
+    write: Callable[[str], None],
+    report: Callable[[str], None],
+) -> int | None:
+    """Run ``argv`` in the daemon behind ``path``, writing its output as it
+    comes; its exit code, or None when no daemon answers there."""
+    try:
+        stream = await trio.open_unix_socket(os.fspath(path))
+    except OSError:
+        return None  # no daemon (or a stale socket): run in this process
+    async with stream:
+        await stream.send_all(encode_message({"v": CONTROL_VERSION, "argv": argv, "cwd": cwd}))
+        decoder = LineDecoder()
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise RemoteProtocolError("the daemon closed the control socket mid-command")
+            for message in decoder.feed(data):
+                if "out" in message:
+                    write(str(message["out"]))
+                    continue
+                code = message.get("exit")
+                if not isinstance(code, int):
+                    raise RemoteProtocolError(f"control socket: unexpected reply {message!r}")
+                if message.get("error"):
+                    report(str(message["error"]))
+                return code

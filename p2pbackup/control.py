@@ -27,7 +27,7 @@ import math
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -88,6 +88,25 @@ def parse_request(message: dict[str, Any]) -> tuple[list[str], str]:
 
 # -- the daemon's side ------------------------------------------------------------------------
 
+#: Longest socket path every system takes (Linux allows 107 bytes, macOS 103).
+_MAX_SOCKET_PATH = 100
+
+
+@contextlib.contextmanager
+def _reachable(path: Path) -> Iterator[str]:
+    """A name for the socket at ``path`` short enough to bind or connect to:
+    the path itself, or for a deep home, the same file reached through an
+    open descriptor of its directory (``/proc/self/fd/N/…``, Linux)."""
+    if len(os.fsencode(path)) <= _MAX_SOCKET_PATH:
+        yield os.fspath(path)
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
 
 def _same_user(sock: trio.socket.SocketType) -> bool:
     """Whether the peer of a Unix socket runs as this user (True where the
@@ -110,7 +129,14 @@ async def serve_control(
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # created 0600: no moment when others may connect
     try:
-        await sock.bind(os.fspath(path))
+        with _reachable(path) as name:
+            await sock.bind(name)
+    except OSError as error:
+        # The node's real work goes on; the CLI then runs commands itself.
+        log.warning("no control socket at %s (%s); commands run in their own process", path, error)
+        sock.close()
+        task_status.started()
+        return
     finally:
         os.umask(old_umask)
     sock.listen(16)
@@ -174,7 +200,8 @@ async def forward(
     """Run ``argv`` in the daemon behind ``path``, writing its output as it
     comes; its exit code, or None when no daemon answers there."""
     try:
-        stream = await trio.open_unix_socket(os.fspath(path))
+        with _reachable(path) as name:
+            stream = await trio.open_unix_socket(name)
     except OSError:
         return None  # no daemon (or a stale socket): run in this process
     async with stream:

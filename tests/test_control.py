@@ -120,3 +120,34 @@ def test_the_cli_hands_commands_to_a_running_daemon(tmp_path: Path) -> None:
     assert b"Traceback" not in err
     assert not (world.home / "control.sock").exists()
     assert os.path.exists(world.home / "serve.log")
+
+
+async def test_a_home_deeper_than_a_socket_path_allows_still_has_one(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = deep / "control.sock"
+    assert len(os.fsencode(path)) > 108  # past every system's limit
+
+    async def handler(argv: list[str], cwd: str, write: object) -> tuple[int, str]:
+        write("hello")  # type: ignore[operator]
+        return 0, ""
+
+    await nursery.start(control.serve_control, path, handler)
+    assert path.exists() and oct(path.stat().st_mode & 0o777) == "0o600"
+    lines: list[str] = []
+    assert await control.forward(path, ["status"], "/", write=lines.append, report=print) == 0
+    assert lines == ["hello"]
+
+
+async def test_no_socket_is_a_warning_not_a_failure(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(argv: list[str], cwd: str, write: object) -> tuple[int, str]:
+        raise AssertionError("never called")
+
+    missing = tmp_path / "no-such-dir" / "control.sock"
+    await nursery.start(control.serve_control, missing, handler)
+    assert "no control socket" in caplog.text
+    assert await control.forward(missing, [], "/", write=print, report=print) is None

@@ -143,7 +143,10 @@ def contact_key(node_id: bytes) -> bytes:
 async def test_every_node_finds_every_other_nodes_contact_record(
     world: World, autojump_clock: trio.testing.MockClock
 ) -> None:
-    await trio.sleep(5)
+    # Nodes that joined early published into a smaller network; one refresh
+    # period later every owner has republished into the whole of it (records
+    # handed to newcomers in passing can be lost to the 1% datagram loss).
+    await trio.sleep(REFRESH + 60)
     missing: list[tuple[int, int]] = []
     found = 0
 

@@ -57,6 +57,20 @@ async def start(
     await nursery.start(run)
 
 
+async def bob_and_carol(
+    tmp_path: Path, nursery: trio.Nursery, seed: int
+) -> tuple[MemoryNetwork, Friend, Friend]:
+    """A world with two friends serving: Bob, and Carol who joined through him."""
+    world = MemoryNetwork(seed=seed, default_link=LinkProfile(latency=0.001), connect_timeout=0.5)
+    bob = Friend(Home(tmp_path / "bob"), "bob-home")
+    carol = Friend(Home(tmp_path / "carol"), "carol-home")
+    for friend in (bob, carol):
+        operations.init_home(friend.home, SMALL)
+    await start(nursery, world, bob, ())
+    await start(nursery, world, carol, (Address(bob.host, PORT),))
+    return world, bob, carol
+
+
 async def befriend(world: MemoryNetwork, owner: Home, friends: list[Friend]) -> None:
     """Friendship both ways: each friend stores only for homes it added."""
     owner_code = operations.make_invite(owner, ["owner-home:47470"])
@@ -80,13 +94,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 10) 
 async def test_a_friend_that_moved_is_found_through_the_dht(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    world = MemoryNetwork(seed=3, default_link=LinkProfile(latency=0.001), connect_timeout=0.5)
-    bob = Friend(Home(tmp_path / "bob"), "bob-home")
-    carol = Friend(Home(tmp_path / "carol"), "carol-home")
-    for friend in (bob, carol):
-        operations.init_home(friend.home, SMALL)
-    await start(nursery, world, bob, ())
-    await start(nursery, world, carol, (Address(bob.host, PORT),))
+    world, bob, carol = await bob_and_carol(tmp_path, nursery, seed=3)
 
     alice = Home(tmp_path / "alice")
     operations.init_home(alice, attrs.evolve(SMALL, k=1, n=2))
@@ -126,14 +134,9 @@ async def test_a_friend_that_moved_is_found_through_the_dht(
 async def test_a_wrong_node_at_the_old_address_gets_nothing(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    world = MemoryNetwork(seed=4, default_link=LinkProfile(latency=0.001), connect_timeout=0.5)
-    bob = Friend(Home(tmp_path / "bob"), "bob-home")
-    carol = Friend(Home(tmp_path / "carol"), "carol-home")
+    world, bob, carol = await bob_and_carol(tmp_path, nursery, seed=4)
     mallory = Friend(Home(tmp_path / "mallory"), "bob-home")  # Bob's old address
-    for friend in (bob, carol, mallory):
-        operations.init_home(friend.home, SMALL)
-    await start(nursery, world, bob, ())
-    await start(nursery, world, carol, (Address(bob.host, PORT),))
+    operations.init_home(mallory.home, SMALL)
     alice = Home(tmp_path / "alice")
     operations.init_home(alice, attrs.evolve(SMALL, k=1, n=2))
     network = world.interface("owner-home")
@@ -186,13 +189,7 @@ async def test_a_node_stores_only_for_its_friends_unless_open(
 
 
 async def test_recover_brings_the_friend_list_back(tmp_path: Path, nursery: trio.Nursery) -> None:
-    world = MemoryNetwork(seed=6, default_link=LinkProfile(latency=0.001), connect_timeout=0.5)
-    bob = Friend(Home(tmp_path / "bob"), "bob-home")
-    carol = Friend(Home(tmp_path / "carol"), "carol-home")
-    for friend in (bob, carol):
-        operations.init_home(friend.home, SMALL)
-    await start(nursery, world, bob, ())
-    await start(nursery, world, carol, (Address(bob.host, PORT),))
+    world, bob, carol = await bob_and_carol(tmp_path, nursery, seed=6)
     alice = Home(tmp_path / "alice")
     key = operations.init_home(alice, attrs.evolve(SMALL, k=1, n=2))
     network = world.interface("owner-home")

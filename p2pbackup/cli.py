@@ -611,17 +611,22 @@ def read_recovery_key(path: str | None) -> str:
 
 async def cmd_recover(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations
+    from p2pbackup.net import Address
 
-    if not args.peer_dir and not args.peer and not args.friend:
+    if not args.peer_dir and not args.peer and not args.friend and not args.bootstrap:
         raise UsageError(
             "recover needs a way to the peers: --friend INVITE_CODE (a friend's code), "
-            "--peer HOST:PORT NODE_ID or --peer-dir PATH"
+            "--bootstrap HOST:PORT (any node of the DHT), --peer HOST:PORT NODE_ID "
+            "or --peer-dir PATH"
         )
     nodes = [(address, node_id) for address, node_id in args.peer or []]
     for code in args.friend or []:
         nodes.extend(operations.invite_nodes(code))
+    bootstrap = [Address.parse(text, allow_port_zero=False) for text in args.bootstrap or ()]
     key = read_recovery_key(args.recovery_key_file)
-    summary = await operations.recover(home, key, [Path(p) for p in args.peer_dir or []], nodes)
+    summary = await operations.recover(
+        home, key, [Path(p) for p in args.peer_dir or []], nodes, bootstrap=bootstrap
+    )
     _out(f"recovered into {home.path}")
     for line in summary.lines():
         _out(line)
@@ -832,6 +837,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="INVITE_CODE",
         help="a friend's invite code (repeatable; one friend holding the root record is enough)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="HOST:PORT",
+        help="any node of the DHT (repeatable): the home's root pointer there names "
+        "the nodes holding its root record",
     )
     p.set_defaults(func=cmd_recover)
 

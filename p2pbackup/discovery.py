@@ -11,6 +11,15 @@ Nouns:
   addresses on record (:class:`FriendContact`).
 * **followed contacts** — the newest contact record found for each friend;
   a friend that moved is found at its new address within one refresh period.
+* **root pointer** — the signed DHT record that says where this home's root
+  record is kept: the addresses of up to eight of its storage nodes (the
+  **root holders**, friends first). A node publishes it when the holders change and
+  every refresh period, for :data:`DEFAULT_ROOT_POINTER_LIFETIME`; its friends
+  store it again, unchanged, on the nodes now closest to its key, so it
+  outlives the home it points for — a house that burned down is recovered
+  with ``recover --bootstrap`` for two weeks after its node last ran.
+  :func:`lookup_root_pointer` finds it; :func:`node_at` learns who answers at
+  an address, since a pointer names addresses, not nodes.
 * **one-shot lookup** — :func:`lookup_contact`: a read-only DHT client
   (:data:`dht.READ_ONLY_ID`, kept out of others' routing tables) on a free
   port, for a command that needs one answer and then exits.
@@ -34,11 +43,19 @@ import attrs
 import trio
 
 from p2pbackup import dht, records
-from p2pbackup.errors import FormatError, P2PBackupError, PeerUnavailableError, UsageError
+from p2pbackup.errors import (
+    FormatError,
+    IntegrityError,
+    P2PBackupError,
+    PeerUnavailableError,
+    ProtocolError,
+    UsageError,
+)
 from p2pbackup.home import Home
 from p2pbackup.index import Index
 from p2pbackup.net import Address, Network, TcpNetwork
-from p2pbackup.session import Identity
+from p2pbackup.repository import PEER_KIND_NODE
+from p2pbackup.session import Identity, secure_initiator
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +64,12 @@ DEFAULT_REFRESH_PERIOD: Final = 3600.0
 #: How long a contact record lives: several refresh periods, so one missed
 #: republish (a reboot, a short outage) does not make the node unfindable.
 DEFAULT_CONTACT_LIFETIME: Final = 24 * 3600
+#: How long a root pointer lives after its home last published it: long
+#: enough for a user who lost their machine to get a new one, short enough
+#: that a pointer to long-gone holders does not linger (records allow 30 days).
+DEFAULT_ROOT_POINTER_LIFETIME: Final = 14 * 24 * 3600
+#: Seconds to wait for a node at a root pointer's address to finish a handshake.
+NODE_AT_TIMEOUT: Final = 10.0
 
 
 @attrs.frozen
@@ -65,10 +88,15 @@ class DiscoveryOptions:
     bootstrap: tuple[Address, ...] = ()
     #: Bytes of storage offered to others, published in the contact record.
     storage_offered: int = 0
+    root_pointer_lifetime: int = DEFAULT_ROOT_POINTER_LIFETIME
     dht: dht.DhtOptions = attrs.Factory(dht.DhtOptions)
 
 
 def _no_friends() -> list[FriendContact]:
+    return []
+
+
+def _no_holders() -> list[records.RecordAddress]:
     return []
 
 
@@ -83,6 +111,7 @@ class Discovery:
         *,
         options: DiscoveryOptions = DiscoveryOptions(),
         friends: Callable[[], Sequence[FriendContact]] = _no_friends,
+        root_holders: Callable[[], Sequence[records.RecordAddress]] = _no_holders,
         state_path: Path | None = None,
     ) -> None:
         if not advertised:
@@ -92,8 +121,11 @@ class Discovery:
         self.advertised = tuple(advertised)
         self.options = options
         self.friends = friends
+        self.root_holders = root_holders
         self.state_path = state_path
         self.contact: records.ContactRecord | None = None
+        self.root_pointer: records.RootPointer | None = None
+        self._holders_may_have_changed = trio.Event()
         #: Friend node id → the newest contact record found for it.
         self.followed: dict[bytes, records.ContactRecord] = {}
 
@@ -129,12 +161,59 @@ class Discovery:
             log.warning("DHT: no node took this node's contact record")
         return self.contact
 
+    async def publish_root_pointer(self) -> records.RootPointer | None:
+        """Sign and publish a fresh root pointer to the current root holders;
+        None (and nothing published) while there are none."""
+        holders = tuple(self.root_holders())[: records.MAX_ADDRESSES]
+        if not holders:
+            return None
+        now = self.node.wall_clock()
+        previous = self.root_pointer.sequence if self.root_pointer is not None else 0
+        self.root_pointer = records.sign_root_pointer(
+            self.identity.signing_seed,
+            addresses=holders,
+            sequence=next_sequence(previous, now),
+            now=math.floor(now),
+            lifetime=self.options.root_pointer_lifetime,
+        )
+        if not await self.node.publish(self.root_pointer):
+            log.warning("DHT: no node took this node's root pointer")
+        return self.root_pointer
+
+    def root_holders_may_have_changed(self) -> None:
+        """A hint (after a command or a backup changed the peers): the root
+        pointer is published again at once if its holders changed."""
+        self._holders_may_have_changed.set()
+
+    async def _keep_root_pointer(self) -> None:
+        """Publish the root pointer now, whenever its holders change, and
+        every refresh period to push its expiry on."""
+        await self.publish_root_pointer()
+        while True:
+            changed = self._holders_may_have_changed
+            with trio.move_on_after(self.options.refresh_period) as waited:
+                await changed.wait()
+            if changed.is_set():
+                self._holders_may_have_changed = trio.Event()
+            holders = tuple(self.root_holders())[: records.MAX_ADDRESSES]
+            published = self.root_pointer.addresses if self.root_pointer is not None else ()
+            if waited.cancelled_caught or holders != published:
+                await self.publish_root_pointer()
+
     async def follow_friends(self) -> None:
-        """Look every friend up again; remember the newest record of each."""
+        """Look every friend up again; remember the newest record of each.
+
+        A friend's root pointer is stored again, as it is, on the nodes now
+        closest to its key: the nodes that took it may have left, and a
+        friend whose machine is lost cannot publish it any more.
+        """
         for friend in self.friends():
             record = await self.node.find_contact(friend.node_id)
             if record is not None:
                 self.followed[friend.node_id] = record
+            pointer = await self.node.lookup(records.RecordKind.ROOT, friend.node_id)
+            if pointer is not None:
+                await self.node.publish(pointer)
 
     def save_state(self) -> None:
         if self.state_path is not None:
@@ -150,15 +229,17 @@ class Discovery:
         try:
             await self.join()
             await self.publish()
-            await self.follow_friends()
-            while True:
-                self.save_state()
-                await trio.sleep(self.options.refresh_period)
-                if not self.node.contacts():
-                    await self.join()  # everybody we knew went away: start again
-                await self.node.refresh()
-                await self.publish()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_root_pointer)
                 await self.follow_friends()
+                while True:
+                    self.save_state()
+                    await trio.sleep(self.options.refresh_period)
+                    if not self.node.contacts():
+                        await self.join()  # everybody we knew went away: start again
+                    await self.node.refresh()
+                    await self.publish()
+                    await self.follow_friends()
         finally:
             self.save_state()
 
@@ -185,6 +266,37 @@ def home_friends(home: Home) -> list[FriendContact]:
                 log.warning("friend %s has an unusable address %r", friend.node_id.hex(), text)
         contacts.append(FriendContact(friend.node_id, tuple(addresses)))
     return contacts
+
+
+def home_root_holders(home: Home) -> list[records.RecordAddress]:
+    """Where the home's root record is kept, as its root pointer says: the
+    addresses of its storage nodes (every peer gets the root record), friends
+    first (they also keep the pointer alive); addresses that cannot go into
+    a record (a wildcard, a malformed one) are left out."""
+    try:
+        index = Index(home.index_path)
+    except P2PBackupError as error:
+        log.warning("cannot read the peer list: %s", error)
+        return []
+    try:
+        peers = index.peers()
+        friends = {friend.node_id.hex() for friend in index.friends()}
+    finally:
+        index.close()
+    holders: list[records.RecordAddress] = []
+    for peer in sorted(peers, key=lambda p: p.peer_id not in friends):
+        if peer.kind != PEER_KIND_NODE:
+            continue
+        try:
+            address = Address.parse(peer.location, allow_port_zero=False)
+            if dht.is_wildcard(address.host):
+                continue
+            holder = records.RecordAddress.from_host_port(address.host, address.port)
+        except P2PBackupError:
+            continue
+        if holder not in holders:
+            holders.append(holder)
+    return holders[: records.MAX_ADDRESSES]
 
 
 def next_sequence(previous: int, now: float) -> int:
@@ -326,3 +438,43 @@ def dht_locator(home: Home, network: Network) -> Callable[[bytes], Awaitable[lis
         return found[node_id]
 
     return locate
+
+
+async def lookup_root_pointer(
+    home: Home,
+    node_id: bytes,
+    *,
+    bootstrap: Sequence[Address] = (),
+    network: Network | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> records.RootPointer | None:
+    """The newest valid root pointer of ``node_id`` in the DHT, or None
+    (joined as :func:`read_only_client` joins)."""
+    async with read_only_client(
+        home, bootstrap=bootstrap, network=network, wall_clock=wall_clock
+    ) as node:
+        record = await node.lookup(records.RecordKind.ROOT, node_id)
+    assert record is None or isinstance(record, records.RootPointer)
+    return record
+
+
+async def node_at(
+    network: Network, identity: Identity, address: Address, *, timeout: float = NODE_AT_TIMEOUT
+) -> bytes:
+    """The node id of whoever answers at ``address``, proven in a handshake
+    (and the connection closed); :class:`PeerUnavailableError` if nobody does.
+
+    For a root pointer's addresses: whoever is there proves who it is, and
+    the root record it hands over proves itself (signed and sealed by the
+    owner), so an address taken over by someone else costs a try, no more.
+    """
+    try:
+        with trio.fail_after(timeout):
+            stream = await network.connect(address)
+            secure = await secure_initiator(stream, identity)
+            await secure.aclose()
+    except trio.TooSlowError:
+        raise PeerUnavailableError(f"{address}: no answer within {timeout:g} s") from None
+    except (ProtocolError, IntegrityError, trio.BrokenResourceError) as error:
+        raise PeerUnavailableError(f"{address}: handshake failed: {error}") from None
+    return secure.remote_node_id

@@ -39,6 +39,7 @@ from p2pbackup.discovery import (
     DiscoveryOptions,
     advertised_addresses,
     home_friends,
+    home_root_holders,
 )
 from p2pbackup.errors import P2PBackupError, RepositoryLockedError
 from p2pbackup.home import Home
@@ -143,6 +144,7 @@ async def serve(
                             ),
                         ),
                         friends=functools.partial(home_friends, home),
+                        root_holders=functools.partial(home_root_holders, home),
                         state_path=home.dht_state_path,
                     )
                     texts = tuple(str(Address(a.host, a.port)) for a in advertised)
@@ -150,9 +152,19 @@ async def serve(
                     async with trio.open_nursery() as roles:
                         await roles.start(discovery.run)
                         if schedule is not None:
-                            roles.start_soon(run_scheduled_backups, home, schedule, network)
+                            roles.start_soon(
+                                run_scheduled_backups,
+                                home,
+                                schedule,
+                                network,
+                                discovery.root_holders_may_have_changed,
+                            )
                         if control is not None:
-                            await roles.start(serve_control, home.control_path, control)
+                            await roles.start(
+                                serve_control,
+                                home.control_path,
+                                _then(control, discovery.root_holders_may_have_changed),
+                            )
                         task_status.started(
                             Serving(
                                 identity.node_id,
@@ -197,11 +209,29 @@ class FriendGate:
         return node_id in self._friends
 
 
-async def run_scheduled_backups(home: Home, schedule: BackupSchedule, network: Network) -> None:
+def _then(handler: Handler, after: Callable[[], None]) -> Handler:
+    """``handler``, calling ``after`` once each command it runs is over."""
+
+    async def handle(argv: list[str], cwd: str, write: Callable[[str], None]) -> tuple[int, str]:
+        try:
+            return await handler(argv, cwd, write)
+        finally:
+            after()
+
+    return handle
+
+
+async def run_scheduled_backups(
+    home: Home,
+    schedule: BackupSchedule,
+    network: Network,
+    after_each: Callable[[], None] = lambda: None,
+) -> None:
     """Back up what the config says, now and then every interval, until cancelled.
 
     A run that cannot start (a backup from the command line holds the home)
-    or fails is logged, and the next one comes at its time.
+    or fails is logged, and the next one comes at its time. ``after_each``
+    is called when a run is over (the peers may have changed).
     """
     while True:
         started = trio.current_time()
@@ -220,6 +250,7 @@ async def run_scheduled_backups(home: Home, schedule: BackupSchedule, network: N
                 summary.snapshot_id.hex(),
                 "; ".join(summary.lines()),
             )
+        after_each()
         await trio.sleep_until(started + schedule.interval)
 
 

@@ -28,6 +28,8 @@ from p2pbackup.errors import (
     FormatError,
     IntegrityError,
     NotEnoughShardsError,
+    P2PBackupError,
+    PeerUnavailableError,
     StoreError,
     UsageError,
 )
@@ -498,23 +500,71 @@ async def _find_root(
     return best, found
 
 
+async def _root_holders_in_dht(
+    home: Home,
+    keyring: Keyring,
+    bootstrap: Sequence[Address],
+    network: Network,
+    problems: list[str],
+) -> list[tuple[str, str]]:
+    """(address, node id) of every node that answers at an address of the
+    home's root pointer; what went wrong goes to ``problems``."""
+    try:
+        pointer = await discovery.lookup_root_pointer(
+            home, keyring.node_id, bootstrap=bootstrap, network=network
+        )
+    except P2PBackupError as exc:
+        problems.append(f"the DHT: {exc}")
+        return []
+    if pointer is None:
+        days = discovery.DEFAULT_ROOT_POINTER_LIFETIME // 86400
+        problems.append(
+            f"the DHT holds no root pointer for node {keyring.node_id.hex()} (a pointer "
+            f"lives {days} days after the node last ran; use --friend INVITE_CODE)"
+        )
+        return []
+    identity = Identity.from_keyring(keyring)
+    found: list[tuple[str, str]] = []
+
+    async def ask(holder: RecordAddress) -> None:
+        address = Address(holder.host, holder.port)
+        try:
+            node_id = await discovery.node_at(network, identity, address)
+        except PeerUnavailableError as exc:
+            problems.append(f"root pointer: {exc}")
+            return
+        found.append((str(address), node_id.hex()))
+
+    async with trio.open_nursery() as nursery:
+        for holder in pointer.addresses:
+            nursery.start_soon(ask, holder)
+    return found
+
+
 async def recover(
     home: Home,
     recovery_key: str,
     peer_dirs: list[Path],
     peer_nodes: list[tuple[str, str]] | None = None,
     *,
+    bootstrap: Sequence[Address] = (),
     network: Network | None = None,
 ) -> RecoverSummary:
     """Rebuild a home from its recovery key and any reachable peer: folders
-    (paths) or storage nodes (address and node id)."""
+    (paths), storage nodes (address and node id), or the nodes the home's
+    root pointer names, found in the DHT joined through ``bootstrap``."""
     secret = keys.parse_recovery_key(recovery_key)
     keyring = Keyring.from_master_secret(secret)
     if home.exists():
         raise UsageError(f"{home.path} is already a p2pbackup home; recover into a new one")
     network = network if network is not None else TcpNetwork()
     summary = RecoverSummary(node_id=keyring.node_id.hex())
-    peers = await _reach_peers(peer_dirs, peer_nodes or [], summary.problems)
+    peer_nodes = list(peer_nodes or [])
+    if bootstrap:
+        peer_nodes.extend(
+            await _root_holders_in_dht(home, keyring, bootstrap, network, summary.problems)
+        )
+    peers = await _reach_peers(peer_dirs, peer_nodes, summary.problems)
     root, found = await _find_root(keyring, peers, network, summary.problems)
     existed = home.path.exists()
     home.create(secret, keyring.node_id)

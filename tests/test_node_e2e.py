@@ -6,7 +6,8 @@ second backup of the same tree uploads next to nothing. Four friends are
 SIGKILLed and ``status --json`` says so; A's home directory is deleted and its
 node killed. On a fresh home, ``recover`` with A's recovery key and one
 surviving friend's invite code, then ``restore``: every byte, mode and mtime
-equal.
+equal. Another fresh home recovers with only a surviving node's address
+(``recover --bootstrap``), through the root pointer A's node published.
 """
 
 from __future__ import annotations
@@ -119,6 +120,24 @@ def test_recover_after_the_house_burns_down(tmp_path: Path) -> None:
         # The recovered home knows its nine friends again.
         listed = json.loads(cli_ok("friend", "list", "--json", home=fresh).stdout)
         assert {f["node_id"] for f in listed} == {node.node_id for node in friends}
+
+        # Without even an invite code: any DHT node's address leads to the
+        # root pointer A's node published, and that to the root record.
+        other = tmp_path / "another-machine" / "home"
+        result = cli_ok(
+            "recover",
+            "--bootstrap",
+            survivor.address,
+            "--recovery-key-file",
+            key_file,
+            home=other,
+            timeout=300,
+        )
+        assert any("have enough shards to restore" in line for line in result.lines)
+        snapshots = [
+            json.loads(cli_ok("snapshots", "--json", home=h).stdout) for h in (fresh, other)
+        ]
+        assert snapshots[0] == snapshots[1] and len(snapshots[0]) == 2
     finally:
         errors = [node.stop() for node in everyone]
     assert all("Traceback" not in e for e in errors), errors

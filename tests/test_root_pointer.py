@@ -1,0 +1,300 @@
+"""The root pointer: where a home's root record is kept, found in the DHT.
+
+A home's node publishes it (signed, naming the addresses of its storage
+nodes, friends first); its friends store it again on the nodes now closest to
+its key, so it outlives the home; ``recover --bootstrap`` follows it from
+nothing but the recovery key and one DHT node's address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from p2pbackup import dht, operations, records
+from p2pbackup.backup import Backup
+from p2pbackup.discovery import (
+    Discovery,
+    DiscoveryOptions,
+    FriendContact,
+    home_root_holders,
+    lookup_root_pointer,
+    node_at,
+)
+from p2pbackup.errors import PeerUnavailableError, UsageError
+from p2pbackup.home import Home
+from p2pbackup.index import Index
+from p2pbackup.keys import Keyring, node_id_for, parse_recovery_key
+from p2pbackup.model import FriendRecord, PeerRecord
+from p2pbackup.net import Address, LinkProfile, MemoryNetwork
+from p2pbackup.repository import PEER_KIND_DIR, PEER_KIND_NODE
+from p2pbackup.session import Identity
+
+from .engine_helpers import SMALL, make_tree
+from .test_relocate import PORT, Friend, befriend, bob_and_carol, eventually, start
+
+EPOCH = 1_800_000_000
+DHT_PORT = 4000
+
+
+def wall_clock() -> float:
+    return EPOCH + trio.current_time()
+
+
+def make_identity(name: str) -> Identity:
+    seed = hashlib.blake2b(name.encode(), digest_size=32).digest()
+    return Identity.from_secrets(seed, hashlib.blake2b(seed, digest_size=32).digest())
+
+
+def record_address(host: str) -> records.RecordAddress:
+    return records.RecordAddress.from_host_port(host, DHT_PORT)
+
+
+@attrs.define
+class Member:
+    """One DHT node of the small world below, with its discovery role."""
+
+    host: str
+    identity: Identity
+    discovery: Discovery | None = None
+    scope: trio.CancelScope | None = None
+
+    @property
+    def node_id(self) -> bytes:
+        return node_id_for(self.identity.signing_public)
+
+    @property
+    def dht(self) -> dht.DhtNode:
+        assert self.discovery is not None
+        return self.discovery.node
+
+
+async def join(
+    nursery: trio.Nursery,
+    world: MemoryNetwork,
+    member: Member,
+    bootstrap: list[Address],
+    *,
+    friends: Sequence[FriendContact] = (),
+    holders: Sequence[records.RecordAddress] = (),
+    root_lifetime: int = 3600,
+) -> None:
+    async def run(task_status: trio.TaskStatus[None]) -> None:
+        with trio.CancelScope() as scope:
+            member.scope = scope
+            async with dht.open_dht(
+                world.interface(member.host),
+                Address(member.host, DHT_PORT),
+                node_id=member.node_id,
+                wall_clock=wall_clock,
+            ) as running:
+                member.discovery = Discovery(
+                    running,
+                    member.identity,
+                    [record_address(member.host)],
+                    options=DiscoveryOptions(
+                        bootstrap=tuple(bootstrap), root_pointer_lifetime=root_lifetime
+                    ),
+                    friends=lambda: friends,
+                    root_holders=lambda: holders,
+                )
+                await member.discovery.join()
+                await member.discovery.publish()
+                task_status.started()
+                await trio.sleep_forever()
+
+    await nursery.start(run)
+
+
+async def test_friends_keep_the_pointer_alive_after_the_home_is_gone_until_it_expires(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    world = MemoryNetwork(seed=5, default_link=LinkProfile(latency=0.01))
+    alice = Member("10.0.0.1", make_identity("alice"))
+    key = records.dht_key(records.RecordKind.ROOT, alice.node_id)
+    # Bob is the node closest to Alice's pointer key, so no newcomer is ever
+    # closer than him: none gets the pointer handed over on joining, and a
+    # lookup's repair reaches one node at most. Only Bob storing it again
+    # puts it on every node now closest to the key.
+    candidates = [make_identity(f"member {i}") for i in range(12)]
+    target = int.from_bytes(key, "big")
+    candidates.sort(key=lambda i: int.from_bytes(node_id_for(i.signing_public), "big") ^ target)
+    bob = Member("10.0.0.2", candidates[0])
+    newcomers = [Member(f"10.0.1.{i + 1}", ident) for i, ident in enumerate(candidates[1:5])]
+
+    await join(nursery, world, bob, [], friends=[FriendContact(alice.node_id, ())])
+    lifetime = 3600
+    await join(
+        nursery,
+        world,
+        alice,
+        [Address(bob.host, DHT_PORT)],
+        holders=[record_address(bob.host)],
+        root_lifetime=lifetime,
+    )
+    assert alice.discovery is not None
+    pointer = await alice.discovery.publish_root_pointer()
+    assert pointer is not None and pointer.addresses == (record_address(bob.host),)
+    assert bob.dht.storage.get(key) == records.encode_record(pointer)
+
+    # Alice's house burns down; four nodes join after.
+    assert alice.scope is not None
+    alice.scope.cancel()
+    for member in newcomers:
+        await join(nursery, world, member, [Address(bob.host, DHT_PORT)])
+    assert bob.discovery is not None
+    await bob.discovery.follow_friends()
+    for member in newcomers:
+        assert member.dht.storage.get(key) == records.encode_record(pointer), member.host
+
+    # Nobody can extend it: once its lifetime is over, it is gone everywhere.
+    await trio.sleep(lifetime)
+    await bob.discovery.follow_friends()
+    for member in [bob, *newcomers]:
+        assert await member.dht.lookup(records.RecordKind.ROOT, alice.node_id) is None
+
+
+async def test_the_pointer_is_published_again_when_its_holders_change(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    world = MemoryNetwork(seed=6, default_link=LinkProfile(latency=0.01))
+    bob = Member("10.0.0.2", make_identity("bob"))
+    await join(nursery, world, bob, [])
+    holders: list[records.RecordAddress] = []
+    alice = Member("10.0.0.1", make_identity("alice"))
+    async with dht.open_dht(
+        world.interface(alice.host),
+        Address(alice.host, DHT_PORT),
+        node_id=alice.node_id,
+        wall_clock=wall_clock,
+    ) as running:
+        discovery = Discovery(
+            running,
+            alice.identity,
+            [record_address(alice.host)],
+            options=DiscoveryOptions(bootstrap=(Address(bob.host, DHT_PORT),)),
+            root_holders=lambda: holders,
+        )
+        async with trio.open_nursery() as inner:
+            await inner.start(discovery.run)
+            await trio.sleep(1)
+            # No holders yet: nothing to point at, so nothing is published.
+            assert await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id) is None
+            holders.append(record_address("10.0.0.7"))
+            await trio.sleep(60)
+            # Only a hint makes it look before the refresh period is over.
+            assert await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id) is None
+            discovery.root_holders_may_have_changed()
+            await trio.sleep(1)
+            found = await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id)
+            assert isinstance(found, records.RootPointer)
+            assert found.addresses == (record_address("10.0.0.7"),)
+            first = found.sequence
+            # A hint with no change publishes nothing new.
+            discovery.root_holders_may_have_changed()
+            await trio.sleep(1)
+            found = await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id)
+            assert isinstance(found, records.RootPointer) and found.sequence == first
+            # The refresh period pushes the expiry on, holders changed or not.
+            await trio.sleep(discovery.options.refresh_period)
+            found = await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id)
+            assert isinstance(found, records.RootPointer) and found.sequence > first
+            inner.cancel_scope.cancel()
+
+
+def test_root_holders_are_the_node_peers_friends_first(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    operations.init_home(home, SMALL)
+    friend = make_identity("friend")
+    index = Index(home.index_path)
+    try:
+        with index.transaction():
+            index.add_peer(PeerRecord("aa" * 20, PEER_KIND_NODE, "10.0.0.5:4000"))
+            index.add_peer(PeerRecord("dir-peer", PEER_KIND_DIR, str(tmp_path / "disk")))
+            # Where nobody can be reached: never in a pointer.
+            index.add_peer(PeerRecord("bb" * 20, PEER_KIND_NODE, "0.0.0.0:4000"))
+            index.add_peer(PeerRecord(friend.node_id.hex(), PEER_KIND_NODE, "[2001:db8::1]:4000"))
+            index.add_friend(
+                FriendRecord(friend.node_id, friend.signing_public, ("[2001:db8::1]:4000",), 0)
+            )
+    finally:
+        index.close()
+    assert home_root_holders(home) == [
+        records.RecordAddress("2001:db8::1", 4000),
+        records.RecordAddress("10.0.0.5", 4000),
+    ]
+
+
+async def test_recover_from_the_key_and_one_dht_address(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    world, bob, carol = await bob_and_carol(tmp_path, nursery, seed=11)
+    alice = Friend(Home(tmp_path / "alice"), "owner-home")
+    key = operations.init_home(alice.home, attrs.evolve(SMALL, k=1, n=2))
+    network = world.interface(alice.host)
+    await befriend(world, alice.home, [bob, carol])
+    # Alice's node runs: it publishes her root pointer, naming Bob and Carol.
+    await start(nursery, world, alice, (Address(bob.host, PORT),))
+    tree = make_tree(tmp_path / "tree")
+    async with operations.open_repository(alice.home, network=network) as repo:
+        await Backup(repo).run([tree])
+        friends_before = repo.index.friends()
+    keyring = Keyring.from_master_secret(parse_recovery_key(key))
+
+    async def published() -> bool:
+        found = await lookup_root_pointer(
+            Home(tmp_path / "nobody"),
+            keyring.node_id,
+            bootstrap=[Address(carol.host, PORT)],
+            network=world.interface("lookup-host"),
+        )
+        return found is not None and len(found.addresses) == 2
+
+    await eventually(published)
+    # The house burns down: Alice's node is gone with her home.
+    assert alice.scope is not None
+    alice.scope.cancel()
+
+    fresh = Home(tmp_path / "new-alice")
+    summary = await operations.recover(
+        fresh, key, [], [], bootstrap=[Address(carol.host, PORT)], network=network
+    )
+    assert summary.peers_reached == 2
+    assert summary.snapshots == 1
+    assert summary.packs_restorable == summary.packs > 0
+    async with operations.open_repository(fresh, network=network) as repo:
+        assert repo.index.friends() == friends_before
+
+
+async def test_recover_with_no_pointer_says_so_and_leaves_no_home(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    world, bob, _carol = await bob_and_carol(tmp_path, nursery, seed=12)
+    lost = Home(tmp_path / "lost")
+    key = operations.init_home(lost, SMALL)
+    fresh = Home(tmp_path / "fresh")
+    with pytest.raises(UsageError, match=r"no root pointer for node .* use --friend"):
+        await operations.recover(
+            fresh,
+            key,
+            [],
+            [],
+            bootstrap=[Address(bob.host, PORT)],
+            network=world.interface("new-machine"),
+        )
+    assert not fresh.exists()
+
+
+async def test_node_at_names_whoever_answers(tmp_path: Path, nursery: trio.Nursery) -> None:
+    world, bob, _carol = await bob_and_carol(tmp_path, nursery, seed=13)
+    network = world.interface("asker")
+    asker = make_identity("asker")
+    assert await node_at(network, asker, Address(bob.host, PORT)) == bob.home.node_id()
+    with pytest.raises(PeerUnavailableError, match="nobody-home"):
+        await node_at(network, asker, Address("nobody-home", PORT), timeout=2)

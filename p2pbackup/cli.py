@@ -34,7 +34,7 @@ from p2pbackup.errors import P2PBackupError, UsageError
 from p2pbackup.home import Home, default_home, write_private_file
 from p2pbackup.model import NodeKind, TreeNode
 from p2pbackup.nurseries import unwrap_single
-from p2pbackup.progress import Progress, human_bytes
+from p2pbackup.progress import Progress, human_bytes, terminal_line
 from p2pbackup.runtime import tune_process
 
 EXIT_OK = 0
@@ -56,10 +56,22 @@ def _out(line: str = "") -> None:
         print(line, flush=True)
 
 
+#: Where a command's progress goes when the daemon runs it for a client that
+#: shows progress (None: the client shows none, or the command runs here).
+_PROGRESS: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
+    "p2pbackup_cli_progress", default=None
+)
+
+
 def _progress(label: str, args: argparse.Namespace) -> Progress:
-    # A progress bar belongs on the user's terminal, not the daemon's.
-    quiet = args.json or _OUTPUT.get() is not None
-    return Progress(label, enabled=None if not quiet else False)
+    if args.json:
+        return Progress(label, enabled=False)
+    if _OUTPUT.get() is not None:
+        # Run by the daemon: a progress line belongs on the user's terminal,
+        # if the client asked for one, never on the daemon's.
+        sink = _PROGRESS.get()
+        return Progress(label, sink=sink, enabled=sink is not None)
+    return Progress(label)
 
 
 # -- commands ----------------------------------------------------------------------
@@ -913,7 +925,11 @@ def _error_message(exc: BaseException) -> str | None:
 
 
 async def run_forwarded(
-    home: Home, argv: list[str], cwd: str, write: Callable[[str], None]
+    home: Home,
+    argv: list[str],
+    cwd: str,
+    write: Callable[[str], None],
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[int, str]:
     """Run a client's command in the daemon (the control socket's handler):
     (exit code, error message). Relative paths are the client's."""
@@ -934,6 +950,7 @@ async def run_forwarded(
         elif isinstance(value, str):
             setattr(args, name, os.path.join(cwd, value))
     token = _OUTPUT.set(write)
+    progress_token = _PROGRESS.set(progress)
     try:
         with unwrap_single():
             return int(await func(args, home)), ""
@@ -942,6 +959,7 @@ async def run_forwarded(
         assert message is not None
         return EXIT_ERROR, message
     finally:
+        _PROGRESS.reset(progress_token)
         _OUTPUT.reset(token)
 
 
@@ -955,6 +973,7 @@ def _forward(home: Home, args: argparse.Namespace, argv: list[str]) -> int | Non
     def error(message: str) -> None:
         print(f"p2pbackup: error: {message}", file=sys.stderr)
 
+    shows_progress = sys.stderr.isatty() and not getattr(args, "json", False)
     return trio.run(
         functools.partial(
             control.forward,
@@ -963,6 +982,7 @@ def _forward(home: Home, args: argparse.Namespace, argv: list[str]) -> int | Non
             os.getcwd(),
             write=lambda line: print(line, flush=True),
             report=error,
+            progress=terminal_line(sys.stderr) if shows_progress else None,
         )
     )
 

@@ -11,8 +11,13 @@ Nouns:
   command's error message (if any) and exit code.
 
 Wire format (version 1): one JSON object a line, at most
-:data:`MAX_LINE` bytes. Request ``{"v": 1, "argv": [...], "cwd": "..."}``;
-replies ``{"out": "text"}`` …, then ``{"exit": code, "error": "message"}``.
+:data:`MAX_LINE` bytes. Request ``{"v": 1, "argv": [...], "cwd": "..."}``,
+with ``"progress": true`` when the client shows progress (its stderr is a
+terminal); replies ``{"out": "text"}`` and, only if asked for,
+``{"progress": "line"}`` (an empty line: the progress is over), then
+``{"exit": code, "error": "message"}``. Keys a side does not know are
+ignored, so a client and a daemon of neighbouring releases understand each
+other.
 Encoding and decoding are pure (:func:`encode_message`,
 :class:`LineDecoder`); the rest is thin trio.
 """
@@ -40,8 +45,11 @@ log = logging.getLogger(__name__)
 CONTROL_VERSION: Final = 1
 MAX_LINE: Final = 1 << 20
 
-#: What runs a request in the daemon: (argv, cwd, send an output line) → (exit code, error).
-Handler = Callable[[list[str], str, Callable[[str], None]], Awaitable[tuple[int, str]]]
+#: Sends one line to the client.
+LineSink = Callable[[str], None]
+#: What runs a request in the daemon: (argv, cwd, send an output line, send a
+#: progress line or None if the client shows none) → (exit code, error).
+Handler = Callable[[list[str], str, LineSink, LineSink | None], Awaitable[tuple[int, str]]]
 
 
 def encode_message(message: dict[str, Any]) -> bytes:
@@ -73,7 +81,8 @@ class LineDecoder:
 
 
 def parse_request(message: dict[str, Any]) -> tuple[list[str], str]:
-    """(argv, cwd) from a request; RemoteProtocolError naming what is wrong."""
+    """(argv, cwd) from a request; RemoteProtocolError naming what is wrong.
+    (Whether it asks for progress: :func:`wants_progress`.)"""
     if message.get("v") != CONTROL_VERSION:
         raise RemoteProtocolError(
             f"control request version {message.get('v')!r}; this daemon speaks {CONTROL_VERSION}"
@@ -84,6 +93,10 @@ def parse_request(message: dict[str, Any]) -> tuple[list[str], str]:
     if not (isinstance(cwd, str) and cwd.startswith("/")):
         raise RemoteProtocolError("control request: cwd must be an absolute path")
     return argv, cwd
+
+
+def wants_progress(message: dict[str, Any]) -> bool:
+    return message.get("progress") is True
 
 
 # -- the daemon's side ------------------------------------------------------------------------
@@ -105,7 +118,6 @@ def _reachable(path: Path) -> Iterator[str]:
         yield f"/proc/self/fd/{fd}/{path.name}"
     finally:
         os.close(fd)
-
 
 
 def _same_user(sock: trio.socket.SocketType) -> bool:
@@ -163,24 +175,32 @@ async def _serve_one(stream: trio.SocketStream, *, handler: Handler) -> None:
                     return
                 messages = decoder.feed(data)
                 if messages:
-                    request = parse_request(messages[0])
+                    request = messages[0]
+            argv, cwd = parse_request(request)
         except RemoteProtocolError as problem:
             await stream.send_all(encode_message({"exit": 2, "error": str(problem)}))
             return
-        argv, cwd = request
-        lines_in, lines_out = trio.open_memory_channel[str](math.inf)
+        replies_in, replies_out = trio.open_memory_channel[dict[str, str]](math.inf)
+
+        def out(line: str) -> None:
+            replies_in.send_nowait({"out": line})
+
+        def progress(line: str) -> None:
+            replies_in.send_nowait({"progress": line})
 
         async def relay() -> None:
-            async for line in lines_out:
-                await stream.send_all(encode_message({"out": line}))
+            async for reply in replies_out:
+                await stream.send_all(encode_message(reply))
 
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(relay)
                 try:
-                    code, message = await handler(argv, cwd, lines_in.send_nowait)
+                    code, message = await handler(
+                        argv, cwd, out, progress if wants_progress(request) else None
+                    )
                 finally:
-                    lines_in.close()
+                    replies_in.close()
             await stream.send_all(encode_message({"exit": code, "error": message}))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.info("control socket: the client went away")
@@ -194,18 +214,23 @@ async def forward(
     argv: list[str],
     cwd: str,
     *,
-    write: Callable[[str], None],
-    report: Callable[[str], None],
+    write: LineSink,
+    report: LineSink,
+    progress: LineSink | None = None,
 ) -> int | None:
-    """Run ``argv`` in the daemon behind ``path``, writing its output as it
-    comes; its exit code, or None when no daemon answers there."""
+    """Run ``argv`` in the daemon behind ``path``, writing its output (and
+    with ``progress``, its progress lines) as they come; its exit code, or
+    None when no daemon answers there."""
     try:
         with _reachable(path) as name:
             stream = await trio.open_unix_socket(name)
     except OSError:
         return None  # no daemon (or a stale socket): run in this process
+    request: dict[str, Any] = {"v": CONTROL_VERSION, "argv": argv, "cwd": cwd}
+    if progress is not None:
+        request["progress"] = True
     async with stream:
-        await stream.send_all(encode_message({"v": CONTROL_VERSION, "argv": argv, "cwd": cwd}))
+        await stream.send_all(encode_message(request))
         decoder = LineDecoder()
         while True:
             data = await stream.receive_some(65536)
@@ -214,6 +239,10 @@ async def forward(
             for message in decoder.feed(data):
                 if "out" in message:
                     write(str(message["out"]))
+                    continue
+                if "progress" in message:
+                    if progress is not None:
+                        progress(str(message["progress"]))
                     continue
                 code = message.get("exit")
                 if not isinstance(code, int):

@@ -31,6 +31,7 @@ friend list, so the simulator runs the same code as ``p2pbackup serve``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import socket
@@ -422,16 +423,30 @@ async def find_storage_nodes(
     return [offering[c.node_id] for c in candidates if c.node_id in offering][:count]
 
 
+#: The DHT node of the ``serve`` this code runs in, if any. Commands the
+#: daemon runs for the CLI look nodes up through it: it is joined already, and
+#: knows the network better than a client joined for one lookup.
+SERVING_NODE: contextvars.ContextVar[dht.DhtNode | None] = contextvars.ContextVar(
+    "p2pbackup_serving_dht_node", default=None
+)
+
+
 def dht_locator(home: Home, network: Network) -> Callable[[bytes], Awaitable[list[Address]]]:
-    """A :data:`~p2pbackup.remote.Locator` that asks the DHT (one read-only
-    lookup per node, remembered for the life of the locator)."""
+    """A :data:`~p2pbackup.remote.Locator` that asks the DHT: through the
+    serving node (:data:`SERVING_NODE`) when there is one, else with a
+    read-only lookup per node; each answer remembered for the life of the
+    locator."""
     found: dict[bytes, list[Address]] = {}
 
     async def locate(node_id: bytes) -> list[Address]:
         if node_id not in found:
-            record = await lookup_contact(
-                home, node_id, network=network, friends=home_friends(home)
-            )
+            serving = SERVING_NODE.get()
+            if serving is not None:
+                record = await serving.find_contact(node_id)
+            else:
+                record = await lookup_contact(
+                    home, node_id, network=network, friends=home_friends(home)
+                )
             found[node_id] = (
                 [] if record is None else [Address(a.host, a.port) for a in record.addresses]
             )

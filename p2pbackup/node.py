@@ -32,9 +32,10 @@ import trio
 
 from p2pbackup import dht, operations
 from p2pbackup.backup import Backup
-from p2pbackup.control import Handler, serve_control
+from p2pbackup.control import Handler, LineSink, serve_control
 from p2pbackup.discovery import (
     DEFAULT_REFRESH_PERIOD,
+    SERVING_NODE,
     Discovery,
     DiscoveryOptions,
     advertised_addresses,
@@ -149,6 +150,9 @@ async def serve(
                     )
                     texts = tuple(str(Address(a.host, a.port)) for a in advertised)
                     home.write_addresses(texts)
+                    # Backups and the CLI's commands (tasks started below
+                    # inherit it) look nodes up through this running node.
+                    SERVING_NODE.set(node)
                     async with trio.open_nursery() as roles:
                         await roles.start(discovery.run)
                         if schedule is not None:
@@ -212,9 +216,11 @@ class FriendGate:
 def _then(handler: Handler, after: Callable[[], None]) -> Handler:
     """``handler``, calling ``after`` once each command it runs is over."""
 
-    async def handle(argv: list[str], cwd: str, write: Callable[[str], None]) -> tuple[int, str]:
+    async def handle(
+        argv: list[str], cwd: str, write: LineSink, progress: LineSink | None
+    ) -> tuple[int, str]:
         try:
-            return await handler(argv, cwd, write)
+            return await handler(argv, cwd, write, progress)
         finally:
             after()
 

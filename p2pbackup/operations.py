@@ -641,27 +641,29 @@ async def _rebuild_index(
             index.add_snapshot(snapshot_id, formats.decode_snapshot(plain))
         summary.snapshots += 1
 
-    reached = 0
-    for peer in index.peers():
+    # Every peer at once, each asked once for all it holds of ours: one
+    # listing per peer, not one question per shard.
+    held: dict[str, set[bytes]] = {}
+
+    async def list_peer(peer: PeerRecord) -> None:
         try:
-            await repo.store(peer.peer_id).list()
-            reached += 1
+            held[peer.peer_id] = set(await repo.store(peer.peer_id).list())
         except (StoreError, UsageError) as exc:
             summary.problems.append(f"peer {peer.peer_id} ({peer.location}): {exc}")
-    summary.peers_reached = reached
+
+    async with trio.open_nursery() as nursery:
+        for peer in index.peers():
+            nursery.start_soon(list_peer, peer)
+    summary.peers_reached = reached = len(held)
     for pack_id in index.pack_ids():
         pack = index.pack(pack_id, with_blobs=False)
         assert pack is not None
         summary.packs += 1
-        present = 0
-        for location in pack.shards:
-            try:
-                if await repo.store(location.peer_id).has(
-                    formats.shard_id(pack_id, location.index)
-                ):
-                    present += 1
-            except (StoreError, UsageError):
-                continue
+        present = sum(
+            1
+            for location in pack.shards
+            if formats.shard_id(pack_id, location.index) in held.get(location.peer_id, ())
+        )
         if present >= pack.k:
             summary.packs_restorable += 1
     if reached:

@@ -1,19 +1,39 @@
-"""Progress lines on stderr for long work, shown only when stderr is a terminal."""
+"""Progress lines on stderr for long work, shown only when stderr is a terminal.
+
+A command the daemon runs for a client (see :mod:`p2pbackup.control`) formats
+its progress there and hands each line to a **sink**, which sends it to the
+client; the client shows it in place with :func:`terminal_line`.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 
 class Progress:
-    """A single self-overwriting status line, rate-limited to a few updates a second."""
+    """A single self-overwriting status line, rate-limited to a few updates a second.
 
-    def __init__(self, label: str, *, stream: TextIO | None = None, enabled: bool | None = None):
+    With ``sink``, each line (label, text and elapsed time) goes there instead
+    of to a stream, and an empty line when the progress is over.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        *,
+        stream: TextIO | None = None,
+        enabled: bool | None = None,
+        sink: Callable[[str], None] | None = None,
+    ):
         self._label = label
         self._stream = stream if stream is not None else sys.stderr
-        self._enabled = self._stream.isatty() if enabled is None else enabled
+        self._sink = sink if sink is not None else terminal_line(self._stream)
+        if enabled is None:
+            enabled = sink is not None or self._stream.isatty()
+        self._enabled = enabled
         self._started = time.monotonic()
         self._last = 0.0
         self._shown = False
@@ -26,15 +46,24 @@ class Progress:
             return
         self._last = now
         elapsed = now - self._started
-        self._stream.write(f"\r\x1b[K{self._label}: {text} [{elapsed:5.1f}s]")
-        self._stream.flush()
+        self._sink(f"{self._label}: {text} [{elapsed:5.1f}s]")
         self._shown = True
 
     def close(self) -> None:
         if self._shown:
-            self._stream.write("\r\x1b[K")
-            self._stream.flush()
+            self._sink("")
             self._shown = False
+
+
+def terminal_line(stream: TextIO) -> Callable[[str], None]:
+    """Show each line given in place of the one before on ``stream`` (an
+    empty line clears it)."""
+
+    def show(line: str) -> None:
+        stream.write(f"\r\x1b[K{line}")
+        stream.flush()
+
+    return show
 
 
 def human_bytes(count: float) -> str:

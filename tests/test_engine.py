@@ -13,6 +13,7 @@ from p2pbackup.backup import Backup
 from p2pbackup.check import check
 from p2pbackup.errors import RecoveryKeyError, UsageError
 from p2pbackup.home import Home
+from p2pbackup.index import Index
 from p2pbackup.model import BlobType
 from p2pbackup.prune import prune
 from p2pbackup.restore import Restorer
@@ -234,6 +235,37 @@ async def test_recover_with_home_deleted(tmp_path: Path) -> None:
     result = await _restore(home, tmp_path / "out")
     assert result.ok, result.lines()
     assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
+
+
+async def test_recover_counts_what_the_peers_hold_now(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path)
+    await _backup(setup.home, make_tree(tmp_path / "src"))
+    index = Index(setup.home.index_path)
+    try:
+        lost = index.pack_ids(is_index=False)[0]
+        record = index.pack(lost, with_blobs=False)
+    finally:
+        index.close()
+    assert record is not None
+    # One data pack loses n - k + 1 shards: one short of restorable.
+    doomed = {
+        formats.shard_id(lost, s.index).hex() for s in record.shards[: record.n - record.k + 1]
+    }
+    removed = [
+        path
+        for peer in setup.peers
+        for path in shard_files(peer)
+        if any(name in path.name for name in doomed)
+    ]
+    assert len(removed) == len(doomed)
+    for path in removed:
+        path.unlink()
+    shutil.rmtree(setup.home.path)
+    summary = await operations.recover(
+        Home(tmp_path / "new-home"), setup.recovery_key, [setup.peers[0]]
+    )
+    assert summary.peers_reached == 6
+    assert summary.packs_restorable == summary.packs - 1
 
 
 async def test_recover_rejects_a_typo_and_names_the_group(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ class Friend:
     home: Home
     host: str
     scope: trio.CancelScope | None = None
+    serving: node.Serving | None = None
 
 
 async def start(
@@ -54,7 +55,7 @@ async def start(
                 task_status=task_status,
             )
 
-    await nursery.start(run)
+    friend.serving = await nursery.start(run)
 
 
 async def bob_and_carol(

@@ -20,9 +20,11 @@ import trio.testing
 from p2pbackup import dht, operations, records
 from p2pbackup.backup import Backup
 from p2pbackup.discovery import (
+    SERVING_NODE,
     Discovery,
     DiscoveryOptions,
     FriendContact,
+    dht_locator,
     home_root_holders,
     lookup_root_pointer,
     node_at,
@@ -271,6 +273,18 @@ async def test_recover_from_the_key_and_one_dht_address(
     async with operations.open_repository(fresh, network=network) as repo:
         assert repo.index.friends() == friends_before
 
+    # The recovered node serves from its new machine and resumes its place:
+    # Carol finds it through the DHT (her node's saved neighbours are the way
+    # in) and stores with it as with Alice before.
+    await start(nursery, world, Friend(fresh, "new-machine"), (Address(bob.host, PORT),))
+    async with operations.open_repository(carol.home, network=world.interface(carol.host)) as repo:
+        store = repo.store(keyring.node_id.hex())
+        await store.put(bytes(32), b"a shard of Carol's")
+        assert await store.get(bytes(32)) == b"a shard of Carol's"
+        assert {p.location for p in repo.peers() if p.peer_id == keyring.node_id.hex()} == {
+            f"new-machine:{PORT}"
+        }
+
 
 async def test_recover_with_no_pointer_says_so_and_leaves_no_home(
     tmp_path: Path, nursery: trio.Nursery
@@ -298,3 +312,26 @@ async def test_node_at_names_whoever_answers(tmp_path: Path, nursery: trio.Nurse
     assert await node_at(network, asker, Address(bob.host, PORT)) == bob.home.node_id()
     with pytest.raises(PeerUnavailableError, match="nobody-home"):
         await node_at(network, asker, Address("nobody-home", PORT), timeout=2)
+
+
+async def test_commands_in_the_daemon_look_nodes_up_through_its_running_node(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    world, bob, carol = await bob_and_carol(tmp_path, nursery, seed=14)
+    lonely = Home(tmp_path / "lonely")
+    operations.init_home(lonely, SMALL)  # no friends, no saved neighbours
+    locate = dht_locator(lonely, world.interface("lonely-home"))
+    with pytest.raises(UsageError, match="no way into the DHT"):
+        await locate(bob.home.node_id())
+    # Inside Carol's daemon the running node answers, joined long ago.
+    assert carol.serving is not None and carol.serving.discovery is not None
+    token = SERVING_NODE.set(carol.serving.discovery.node)
+    try:
+
+        async def found() -> bool:
+            locate = dht_locator(lonely, world.interface("lonely-home"))
+            return await locate(bob.home.node_id()) == [Address(bob.host, PORT)]
+
+        await eventually(found)  # once Bob's record is published
+    finally:
+        SERVING_NODE.reset(token)

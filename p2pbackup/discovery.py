@@ -69,6 +69,8 @@ DEFAULT_CONTACT_LIFETIME: Final = 24 * 3600
 #: enough for a user who lost their machine to get a new one, short enough
 #: that a pointer to long-gone holders does not linger (records allow 30 days).
 DEFAULT_ROOT_POINTER_LIFETIME: Final = 14 * 24 * 3600
+#: How often a running node saves its routing state.
+STATE_SAVE_PERIOD: Final = 300.0
 #: Seconds to wait for a node at a root pointer's address to finish a handshake.
 NODE_AT_TIMEOUT: Final = 10.0
 
@@ -223,6 +225,14 @@ class Discovery:
             except OSError as error:
                 log.warning("cannot save the DHT routing state to %s: %s", self.state_path, error)
 
+    async def _keep_saving_state(self) -> None:
+        """Save the routing state now and every few minutes: the CLI's
+        lookups start from it, and a node that was alone when it started
+        (the first of a network) learns its neighbours only later."""
+        while True:
+            self.save_state()
+            await trio.sleep(min(STATE_SAVE_PERIOD, self.options.refresh_period))
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Join, publish, then refresh every period until cancelled. Reports
         started at once: joining waits on addresses that may never answer."""
@@ -232,9 +242,9 @@ class Discovery:
             await self.publish()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep_root_pointer)
+                nursery.start_soon(self._keep_saving_state)
                 await self.follow_friends()
                 while True:
-                    self.save_state()
                     await trio.sleep(self.options.refresh_period)
                     if not self.node.contacts():
                         await self.join()  # everybody we knew went away: start again

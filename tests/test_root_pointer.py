@@ -3,7 +3,9 @@
 A home's node publishes it (signed, naming the addresses of its storage
 nodes, friends first); its friends store it again on the nodes now closest to
 its key, so it outlives the home; ``recover --bootstrap`` follows it from
-nothing but the recovery key and one DHT node's address.
+nothing but the recovery key and one DHT node's address. Also here: the ways
+into the DHT that the owner's commands use (the daemon's running node, the
+neighbours a node saves), on which recovering and relocating peers depend.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from p2pbackup import dht, operations, records
 from p2pbackup.backup import Backup
 from p2pbackup.discovery import (
     SERVING_NODE,
+    STATE_SAVE_PERIOD,
     Discovery,
     DiscoveryOptions,
     FriendContact,
@@ -335,3 +338,31 @@ async def test_commands_in_the_daemon_look_nodes_up_through_its_running_node(
         await eventually(found)  # once Bob's record is published
     finally:
         SERVING_NODE.reset(token)
+
+
+async def test_a_node_that_started_alone_saves_the_neighbours_it_meets_later(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    world = MemoryNetwork(seed=8, default_link=LinkProfile(latency=0.01))
+    first = Member("10.0.0.1", make_identity("first"))
+    state = tmp_path / "dht-state.json"
+    async with dht.open_dht(
+        world.interface(first.host),
+        Address(first.host, DHT_PORT),
+        node_id=first.node_id,
+        wall_clock=wall_clock,
+    ) as running:
+        discovery = Discovery(
+            running, first.identity, [record_address(first.host)], state_path=state
+        )
+        async with trio.open_nursery() as inner:
+            await inner.start(discovery.run)
+            await trio.sleep(1)
+            assert dht.load_routing_state(state, first.node_id) == []
+            second = Member("10.0.0.2", make_identity("second"))
+            await join(nursery, world, second, [Address(first.host, DHT_PORT)])
+            # Long before the hour's refresh, the newcomer is on disk.
+            await trio.sleep(STATE_SAVE_PERIOD)
+            saved = dht.load_routing_state(state, first.node_id)
+            assert [c.node_id for c in saved] == [second.node_id]
+            inner.cancel_scope.cancel()

@@ -40,6 +40,8 @@ from p2pbackup.runtime import tune_process
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_PARTIAL = 3
+#: What a shell reports for a process killed by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
 
 
 #: Where a command's output goes when the daemon runs it for a client.
@@ -1005,6 +1007,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if inspect.iscoroutinefunction(func):
                 return int(trio.run(func, args, home))
             return int(func(args, home))
+    except BrokenPipeError:
+        # The reader went away (`p2pbackup status | head`): stop quietly, as
+        # a process killed by SIGPIPE would, without a second error when
+        # Python flushes stdout on the way out.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (P2PBackupError, OSError) as exc:
         print(f"p2pbackup: error: {_error_message(exc)}", file=sys.stderr)
         return EXIT_ERROR

@@ -35,7 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -141,6 +141,10 @@ class Devnet:
     nodes: list[DevnetNode] = attrs.Factory(list)
     #: What befriending left to say (a friend not reached at once).
     warnings: list[str] = attrs.Factory(list)
+    #: Told when a node dies once the devnet is up; None: the death is an error.
+    on_death: Callable[[DevnetNodeDied], None] | None = None
+    #: Whether every node started and befriended the others.
+    up: bool = False
     _children: dict[int, _Child] = attrs.Factory(dict)
 
     def running(self, index: int) -> bool:
@@ -219,25 +223,30 @@ async def open_devnet(
     *,
     config: RepositoryConfig | None = None,
     serve_args: Sequence[str] = (),
+    on_death: Callable[[DevnetNodeDied], None] | None = None,
 ) -> AsyncIterator[Devnet]:
     """Start a devnet of ``count`` new homes under ``root``; stop it on exit.
 
     ``config`` is every home's (default :func:`operations.default_config`);
     ``serve_args`` go to every ``serve`` (e.g. ``--capacity``). If a node
-    exits unexpectedly the body is cancelled and :class:`DevnetNodeDied`
-    raised; on any exit every node still running is stopped.
+    exits unexpectedly while starting, or later without ``on_death``, the
+    body is cancelled and :class:`DevnetNodeDied` raised; with ``on_death``
+    a node that dies once the devnet is up is reported there and the others
+    go on (a machine that dies is what a devnet is for). On any exit every
+    node still running is stopped.
     """
     check_node_count(count)
     root = root.absolute()
     root.mkdir(parents=True, exist_ok=True)
     _check_free(root, count)
-    devnet = Devnet(root)
+    devnet = Devnet(root, on_death=on_death)
     homes = [_init_home(root, number, config) for number in range(1, count + 1)]
     try:
         with unwrap_single():
             async with trio.open_nursery() as nursery:
                 await _start_all(devnet, homes, list(serve_args), nursery)
                 await _befriend_all(devnet)
+                devnet.up = True
                 yield devnet
                 await devnet.stop_all()
                 nursery.cancel_scope.cancel()  # the watchers
@@ -308,7 +317,7 @@ async def _start_node(
         what = "did not start" if code != -signal.SIGKILL else "did not start in time"
         raise DevnetNodeDied(name, process.pid, code, log_file, what)
     nursery.start_soon(_drain, child, lines)
-    nursery.start_soon(_watch, child)
+    nursery.start_soon(_watch, devnet, child)
     return DevnetNode(
         index=index,
         name=name,
@@ -347,12 +356,17 @@ async def _drain(child: _Child, lines: _LineReader) -> None:
         child.stdout.append(line)
 
 
-async def _watch(child: _Child) -> None:
+async def _watch(devnet: Devnet, child: _Child) -> None:
     code = await child.process.wait()
-    if not child.expected_exit:
-        raise DevnetNodeDied(
-            child.name, child.process.pid, code, child.log_file, "exited unexpectedly"
-        )
+    if child.expected_exit:
+        return
+    died = DevnetNodeDied(
+        child.name, child.process.pid, code, child.log_file, "exited unexpectedly"
+    )
+    if devnet.on_death is None or not devnet.up:
+        raise died
+    child.expected_exit = True  # reported: not a failure any more
+    devnet.on_death(died)
 
 
 async def _befriend_all(devnet: Devnet) -> None:
@@ -441,8 +455,16 @@ async def run_devnet(
                     return
 
             nursery.start_soon(until_signal)
+            reported: set[str] = set()
+
+            def report_death(error: DevnetNodeDied) -> None:
+                reported.add(error.node)
+                err(f"{error}; the other nodes go on")
+                for line in error.log_tail()[-3:]:
+                    err(f"    {line}")
+
             try:
-                async with open_devnet(root, count) as devnet:
+                async with open_devnet(root, count, on_death=report_death) as devnet:
                     running.append(devnet)
                     out(f"devnet of {count} nodes in {root}, every node a friend of every other")
                     out(f"recovery keys in {root}/node-NN.key (mode 0600), logs in node-NN.log")
@@ -452,7 +474,10 @@ async def run_devnet(
                     for line in usage_lines(devnet, program):
                         out(line)
                     out("")
-                    out("running; Ctrl-C stops every node")
+                    out(
+                        "running; Ctrl-C stops every node "
+                        "(kill one to try a machine that dies: the others go on)"
+                    )
                     await stop.wait()
             except DevnetNodeDied as died:
                 err(f"p2pbackup: error: {died}")
@@ -469,7 +494,7 @@ async def run_devnet(
         devnet = running[0]
         for index, node in enumerate(devnet.nodes):
             code = devnet.returncode(index)
-            if code != 0:
+            if code != 0 and node.name not in reported:
                 out(f"{node.name} (pid {node.pid}) did not stop cleanly ({describe_exit(code)})")
     out(f"stopped; the homes stay in {root}")
     return 0

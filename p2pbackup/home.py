@@ -153,6 +153,12 @@ class Home:
             raise UsageError(f"cannot create the home {self.path}: {exc.strerror}") from exc
         if any(p.name not in {"lock"} for p in self.path.iterdir()):
             raise UsageError(f"{self.path} is not empty; choose an empty or new directory")
+        # An empty directory the user made keeps the mode it was made with;
+        # the index it will hold names their files, so it becomes private too.
+        try:
+            os.chmod(self.path, 0o700)
+        except OSError as exc:
+            raise UsageError(f"cannot make the home {self.path} private: {exc.strerror}") from exc
         write_private_file(
             self.secret_path,
             f"{_SECRET_MAGIC} {HOME_FORMAT_VERSION}\n{master_secret.hex()}\n".encode(),
@@ -169,8 +175,13 @@ class Home:
                 "(run `p2pbackup init`, or `p2pbackup recover` with your recovery key)"
             )
         text = self.marker_path.read_text(errors="replace").split()
-        if len(text) < 2 or text[0] != _HOME_MAGIC or text[1] != str(HOME_FORMAT_VERSION):
-            raise UsageError(f"{self.marker_path} is not a home marker this version understands")
+        if len(text) < 2 or text[0] != _HOME_MAGIC:
+            raise UsageError(f"{self.marker_path} is not a p2pbackup home marker")
+        if text[1] != str(HOME_FORMAT_VERSION):
+            raise UsageError(
+                f"{self.path} is a home of format version {text[1]}; this p2pbackup "
+                f"reads version {HOME_FORMAT_VERSION} (a newer p2pbackup made it: upgrade)"
+            )
 
     def node_id(self) -> bytes:
         """The node id written in the home marker (no secret needed)."""
@@ -191,8 +202,13 @@ class Home:
             )
         lines = self.secret_path.read_text().split("\n")
         header = lines[0].split()
-        if header != [_SECRET_MAGIC, str(HOME_FORMAT_VERSION)] or len(lines) < 2:
-            raise UsageError(f"{self.secret_path} is not a secret file this version understands")
+        if len(header) != 2 or header[0] != _SECRET_MAGIC or len(lines) < 2:
+            raise UsageError(f"{self.secret_path} is not a p2pbackup secret file")
+        if header[1] != str(HOME_FORMAT_VERSION):
+            raise UsageError(
+                f"{self.secret_path} has format version {header[1]}; this p2pbackup "
+                f"reads version {HOME_FORMAT_VERSION} (a newer p2pbackup made it: upgrade)"
+            )
         try:
             return bytes.fromhex(lines[1].strip())
         except ValueError as exc:

@@ -95,6 +95,40 @@ def test_init_refuses_to_leave_a_home_whose_key_could_not_be_written(tmp_path: P
     assert list(tmp_path.glob(".keydir*")) == []  # no temp copy of the key left behind
 
 
+def test_a_home_made_in_an_existing_directory_is_private(tmp_path: Path) -> None:
+    home = tmp_path / "made-by-me"
+    home.mkdir(mode=0o755)
+    os.chmod(home, 0o755)  # whatever the umask
+    cli_ok("init", "--recovery-key-file", tmp_path / "key", home=home)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    # A home of a newer format is refused by name and version, untouched.
+    marker = home / "HOME"
+    marker.write_text(marker.read_text().replace("p2pbackup-home 1", "p2pbackup-home 7"))
+    message = cli_error("snapshots", home=home)
+    assert "format version 7" in message and "reads version 1" in message
+    assert "p2pbackup-home 7" in marker.read_text()
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=1, n=2)
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(2000):  # `ls` prints far more than a pipe holds
+        (many / f"a-file-with-a-long-name-{i:05d}.txt").write_text(str(i))
+    cli_ok("backup", many, home=world.home)
+    # `p2pbackup ls latest | head -c 1`: the reader is gone before the writer.
+    proc = subprocess.run(
+        f"{' '.join(CLI)} --home {world.home} ls latest | head -c 1 > /dev/null; "
+        "echo ${PIPESTATUS[0]} >&2",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        env=base_env(),
+        check=False,
+    )
+    assert proc.stderr.decode() == "141\n", proc.stderr
+
+
 # -- backup, browse, restore -------------------------------------------------------------
 
 

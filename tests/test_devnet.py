@@ -2,8 +2,8 @@
 
 The command runs as a real process with real children; the test reads what it
 prints as a user would, drives the nodes through the CLI, and checks by pid
-that every child is gone after Ctrl-C (SIGINT) or after one of them is killed
-from outside.
+that every child is gone after Ctrl-C (SIGINT); a node killed from outside is
+reported once and the others go on.
 """
 
 from __future__ import annotations
@@ -187,22 +187,33 @@ def test_devnet_nodes_are_friends_back_up_and_stop_on_ctrl_c(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_a_node_killed_from_outside_stops_the_devnet_naming_it(tmp_path: Path) -> None:
+def test_a_node_killed_from_outside_is_reported_and_the_others_go_on(tmp_path: Path) -> None:
     root = tmp_path / "net"
     devnet = DevnetProcess.start(root, 4)
     try:
         devnet.read_until("running; Ctrl-C")
         victim = devnet.nodes[2]
         os.kill(victim.pid, signal.SIGKILL)
-        code, _rest, err = devnet.finish()
-        assert code == 1
-        first, *more = err.splitlines()
+        deadline = time.monotonic() + 10
+        while not gone(victim.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)  # reaped by the devnet once it has noticed
+        time.sleep(1)
+        assert devnet.process.poll() is None, "the devnet stopped with one node"
+        others = [n for n in devnet.nodes if n is not victim]
+        assert not any(gone(n.pid) for n in others)
+        # The others still answer for their homes.
+        assert cli_ok("snapshots", home=root / "node-01").returncode == 0
+        devnet.process.send_signal(signal.SIGINT)
+        code, rest, err = devnet.finish()
+        assert code == 0
+        first, *_log_tail = err.splitlines()
         assert first == (
-            f"p2pbackup: error: node-03 (pid {victim.pid}) exited unexpectedly "
-            f"(killed by SIGKILL); its log is {root / 'node-03.log'}"
+            f"node-03 (pid {victim.pid}) exited unexpectedly (killed by SIGKILL); "
+            f"its log is {root / 'node-03.log'}; the other nodes go on"
         )
-        assert more[-1] == "stopped the other nodes"
         assert "Traceback" not in err
+        # Said once: the summary on the way out does not repeat it.
+        assert "node-03" not in rest
         assert all(gone(n.pid) for n in devnet.nodes)
     finally:
         devnet.cleanup()

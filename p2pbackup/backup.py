@@ -99,11 +99,15 @@ class BackupSummary:
     excluded: int = 0
     #: (path, reason) for everything left out of the snapshot.
     skipped: list[tuple[str, str]] = attrs.Factory(list)
+    #: (peer id, why) for every peer that refused a shard as full, or had too
+    #: little room for one by its own offer; those shards went to other peers.
+    full_peers: list[tuple[str, str]] = attrs.Factory(list)
 
     def to_json(self) -> dict[str, object]:
         data = attrs.asdict(self)
         data["snapshot_id"] = self.snapshot_id.hex()
         data["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
+        data["full_peers"] = [{"peer_id": p, "reason": r} for p, r in self.full_peers]
         return data
 
     def _code_note(self) -> str:
@@ -131,6 +135,10 @@ class BackupSummary:
             lines.append(f"excluded {self.excluded} files and directories by pattern")
         for path, reason in self.skipped:
             lines.append(f"skipped {path}: {reason}")
+        for peer_id, reason in self.full_peers:
+            lines.append(
+                f"warning: peer {peer_id} is full, its shards went to other peers: {reason}"
+            )
         return lines
 
 
@@ -306,6 +314,10 @@ class Backup:
         targets = normalize_paths(paths)
         if not targets:
             raise UsageError("nothing to back up: give at least one path")
+        # Who is up and how much room each has, before the first pack: a dead
+        # peer costs one probe instead of a timeout per pack, and placement
+        # weighs the rest by their room.
+        await self.repo.probe_peers()
         self.repo.check_enough_peers()
         started = time.monotonic()
         with unwrap_single():
@@ -316,6 +328,7 @@ class Backup:
             self.repo.index.add_snapshot(snapshot_id, snapshot)
             self.repo.index.cache_files(self._file_cache)
         await self.repo.publish_root()
+        self.summary.full_peers = sorted(self.repo.full_peers().items())
         self.summary.snapshot_id = snapshot_id
         self.summary.seconds = time.monotonic() - started
         return self.summary

@@ -212,7 +212,7 @@ async def cmd_friend_add(args: argparse.Namespace, home: Home) -> int:
 async def cmd_friend_list(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations
 
-    async with operations.open_repository(home) as repo:
+    async with operations.open_repository(home, access="read") as repo:
         listed = operations.friends(repo)
     if args.json:
         _out(
@@ -241,7 +241,7 @@ async def cmd_friend_list(args: argparse.Namespace, home: Home) -> int:
 async def cmd_friend_remove(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations
 
-    async with operations.open_repository(home) as repo:
+    async with operations.open_repository(home, access="remove") as repo:
         removed = await operations.remove_friend(repo, args.id, force=args.force)
     for warning in removed.warnings:
         _out(f"warning: {warning}")
@@ -307,19 +307,11 @@ def cmd_id(args: argparse.Namespace, home: Home) -> int:
 
 
 def parse_size(text: str) -> int:
-    """``500M``, ``20G``, ``1T`` or plain bytes (binary units)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
-    number, unit = cleaned, ""
-    if cleaned and cleaned[-1] in units:
-        number, unit = cleaned[:-1], cleaned[-1]
-    try:
-        value = float(number)
-    except ValueError:
-        raise UsageError(f"{text!r} is not a size (examples: 500M, 20G, 1T)") from None
-    if not value > 0:
-        raise UsageError(f"size {text!r} must be positive")
-    return int(value * units[unit])
+    """``500M``, ``20G``, ``1T`` or plain bytes (binary units); the rules of
+    ``config.toml``'s sizes (:func:`p2pbackup.schedule.parse_size`)."""
+    from p2pbackup import schedule
+
+    return schedule.parse_size(text)
 
 
 class _JsonLines(logging.Formatter):
@@ -336,13 +328,20 @@ class _JsonLines(logging.Formatter):
         )
 
 
-def _log_to_file(path: Path) -> None:
-    """Everything at INFO and above also goes to ``path`` (0600, rotated at 10 MB)."""
+def _log_to_file(path: Path, level: int = logging.INFO, *, max_bytes: int = 10 << 20) -> None:
+    """Everything at ``level`` (at most INFO) and above also goes to ``path``
+    (0600, rotated at 10 MB; every file it rotates to is 0600 too)."""
     import logging.handlers
 
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-    handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 << 20, backupCount=3)
-    handler.setLevel(logging.INFO)
+    class PrivateRotatingFile(logging.handlers.RotatingFileHandler):
+        def _open(self) -> Any:
+            # Each new log file is made 0600 whatever the umask: it names
+            # peers, addresses and paths.
+            fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    handler = PrivateRotatingFile(path, maxBytes=max_bytes, backupCount=3, encoding="utf-8")
+    handler.setLevel(min(level, logging.INFO))
     handler.setFormatter(_JsonLines())
     root = logging.getLogger()
     root.addHandler(handler)
@@ -351,25 +350,34 @@ def _log_to_file(path: Path) -> None:
     for other in root.handlers:
         if other is not handler:
             other.setLevel(root.level)
-    root.setLevel(min(root.level, logging.INFO))
+    root.setLevel(min(root.level, handler.level))
+
+
+#: ``serve --log-level`` names.
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR}  # fmt: skip
 
 
 async def cmd_serve(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import node
     from p2pbackup.net import Address
+    from p2pbackup.schedule import StorageOffer, load_config
 
     # A node runs unattended: what goes wrong with a peer is logged, not raised.
+    level = LOG_LEVELS[args.log_level] if args.log_level else logging.WARNING
+    if args.verbose:
+        level = min(level, logging.INFO)
     logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="p2pbackup serve: %(levelname)s: %(message)s",
+        stream=sys.stderr, level=level, format="p2pbackup serve: %(levelname)s: %(message)s"
     )
     if home.exists():
-        _log_to_file(home.log_path)
+        _log_to_file(home.log_path, level)
+    # What the home offers: config.toml's [storage], unless the command line says.
+    offer = load_config(home.config_path).storage if home.exists() else StorageOffer()
     options = node.ServeOptions(
         listen=Address.parse(args.listen) if args.listen else node.DEFAULT_LISTEN,
-        capacity=parse_size(args.capacity) if args.capacity else None,
-        owner_quota=parse_size(args.owner_quota) if args.owner_quota else None,
+        capacity=parse_size(args.capacity) if args.capacity else offer.capacity,
+        owner_quota=parse_size(args.owner_quota) if args.owner_quota else offer.per_friend,
         bootstrap=tuple(
             Address.parse(text, allow_port_zero=False) for text in args.bootstrap or ()
         ),
@@ -400,7 +408,7 @@ async def cmd_serve(args: argparse.Namespace, home: Home) -> int:
 async def cmd_status(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations, status
 
-    async with operations.open_repository(home) as repo:
+    async with operations.open_repository(home, access="read") as repo:
         report = await status.gather_status(home, repo)
     if args.json:
         _out(json.dumps(report.to_json(), indent=2))
@@ -413,7 +421,7 @@ async def cmd_status(args: argparse.Namespace, home: Home) -> int:
 async def cmd_peer_list(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations
 
-    async with operations.open_repository(home) as repo:
+    async with operations.open_repository(home, access="read") as repo:
         counts = repo.index.shard_count_by_peer()
         peers = repo.peers()
         if args.json:
@@ -462,7 +470,7 @@ async def cmd_backup(args: argparse.Namespace, home: Home) -> int:
 async def cmd_snapshots(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations
 
-    async with operations.open_repository(home) as repo:
+    async with operations.open_repository(home, access="read") as repo:
         rows = repo.index.snapshots()
     if args.json:
         _out(
@@ -528,7 +536,7 @@ def _ls_json(path: bytes, node: TreeNode) -> dict[str, object]:
 async def cmd_ls(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations, snapshots
 
-    async with operations.open_repository(home) as repo:
+    async with operations.open_repository(home, access="read") as repo:
         _sid, snap = snapshots.resolve(repo.index, args.snapshot)
         entries = []
         async for path, node in snapshots.walk(repo, snap, os.fsencode(args.path or "/")):
@@ -550,7 +558,7 @@ async def cmd_restore(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations, snapshots
     from p2pbackup.restore import Restorer
 
-    async with operations.open_repository(home) as repo:
+    async with operations.open_repository(home, access="read") as repo:
         sid, snap = snapshots.resolve(repo.index, args.snapshot)
         only = os.fsencode(args.path) if args.path else None
         restorer = Restorer(
@@ -575,7 +583,7 @@ async def cmd_restore(args: argparse.Namespace, home: Home) -> int:
 async def cmd_forget(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations, snapshots
 
-    async with operations.open_repository(home) as repo:
+    async with operations.open_repository(home, access="remove") as repo:
         removed = await snapshots.forget(repo, args.snapshots)
     for sid in removed:
         _out(f"forgot snapshot {sid.hex()[:12]}")
@@ -587,7 +595,7 @@ async def cmd_prune(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations
     from p2pbackup.prune import prune
 
-    async with operations.open_repository(home) as repo:
+    async with operations.open_repository(home, access="remove") as repo:
         summary = await prune(repo, progress=_progress("prune", args))
     if args.json:
         _out(json.dumps(attrs.asdict(summary), indent=2))
@@ -601,7 +609,7 @@ async def cmd_check(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations
     from p2pbackup.check import check
 
-    async with operations.open_repository(home) as repo:
+    async with operations.open_repository(home, access="read") as repo:
         summary = await check(repo, read_data=args.read_data, progress=_progress("check", args))
     if args.json:
         _out(json.dumps(summary.to_json(), indent=2))
@@ -774,6 +782,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--verbose", action="store_true", help="log every session, not only what goes wrong"
+    )
+    p.add_argument(
+        "--log-level",
+        choices=sorted(LOG_LEVELS, key=LOG_LEVELS.__getitem__),
+        help="what goes to stderr (default warning; --verbose: info); "
+        "HOME/serve.log always has info and above",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -7,6 +7,8 @@ Layout (format version 1)::
       secret        the master secret (mode 0600); everything derives from it
       index.sqlite  the local index (a cache of what the peers hold)
       lock          held (flock) by the process that writes this home
+      readers.lock  held shared (flock) by each process reading it, and
+                    exclusively by one removing data (forget, prune)
       hosted/       shards this node stores for its peers (see shardhost)
       serve.lock    held (flock) by the process serving this home to peers
       addresses     "p2pbackup-addresses 1", then the HOST:PORT lines the node
@@ -96,6 +98,10 @@ class Home:
     def hosted_path(self) -> Path:
         """Where this node keeps the shards it stores for its peers."""
         return self.path / "hosted"
+
+    @property
+    def readers_lock_path(self) -> Path:
+        return self.path / "readers.lock"
 
     @property
     def serve_lock_path(self) -> Path:
@@ -222,6 +228,30 @@ class Home:
             yield
 
     @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the home for reading (``status``, ``restore``, ``snapshots``…):
+        beside other readers and beside a writer that only adds (a backup),
+        never beside one that removes data (:meth:`removing`)."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with shared_lock(
+            self.readers_lock_path,
+            f"{self.path} is being pruned by another p2pbackup process; "
+            "try again once it is done",
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def removing(self) -> Iterator[None]:
+        """Hold the home to remove data (``forget``, ``prune``): the writer's
+        lock, and no reader at the same time."""
+        with self.locked(), exclusive_lock(
+            self.readers_lock_path,
+            f"{self.path} is being read by another p2pbackup process "
+            "(a restore, status or check); try again once it is done",
+        ):
+            yield
+
+    @contextlib.contextmanager
     def serving(self) -> Iterator[None]:
         """Hold the storage server's lock: one ``serve`` per home at a time.
 
@@ -236,10 +266,24 @@ class Home:
 def exclusive_lock(path: Path, busy: str) -> Iterator[None]:
     """Hold an flock on ``path``; if another process holds it, fail with ``busy``
     and the holder's pid (which the holder writes into the file)."""
+    with _flock(path, fcntl.LOCK_EX, busy):
+        yield
+
+
+@contextlib.contextmanager
+def shared_lock(path: Path, busy: str) -> Iterator[None]:
+    """Hold a shared flock on ``path`` (other shared holders welcome); if a
+    process holds it exclusively, fail with ``busy`` and that one's pid."""
+    with _flock(path, fcntl.LOCK_SH, busy):
+        yield
+
+
+@contextlib.contextmanager
+def _flock(path: Path, operation: int, busy: str) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             raise RepositoryLockedError(f"{busy} (pid {holder})") from None

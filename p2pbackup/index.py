@@ -20,6 +20,16 @@ Nouns:
   (kind "node", peer id = the node id in hex); the friends table only adds
   what the invite said. Added to schema version 1 as a new table, so an older
   index gains it on open.
+* **probe counts** — per peer, how many times it was asked something that
+  tells whether it is up (a status or backup-time probe, a put) and how many
+  times it answered: the peer's **uptime** record, which placement weighs.
+  When the asked count reaches :data:`PROBE_MEMORY` both counts halve, so the
+  record follows the last hundred or two observations rather than all time.
+  Added in schema version 2.
+
+Schema versions: ``meta.schema_version``. Opening an older index migrates it
+forward in one transaction (:data:`_MIGRATIONS`, one step per version); a
+newer one is refused and left untouched.
 
 Everything here can be rebuilt from the peers (``recover``), so the index is a
 cache, but one whose every write happens in a transaction: a backup killed at
@@ -48,9 +58,17 @@ from p2pbackup.model import (
     Snapshot,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Asked count at which a peer's probe counts halve (see the module docstring).
+PROBE_MEMORY = 200
 
-_SCHEMA = """
+_PEER_PROBES = """
+CREATE TABLE IF NOT EXISTS peer_probes (
+    peer_id TEXT PRIMARY KEY, asked INTEGER NOT NULL, answered INTEGER NOT NULL);
+"""
+
+#: The tables of schema version 1.
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS peers (
     peer_id TEXT PRIMARY KEY, kind TEXT NOT NULL, location TEXT NOT NULL);
@@ -82,6 +100,15 @@ CREATE TABLE IF NOT EXISTS friends (
     node_id BLOB PRIMARY KEY, public_key BLOB NOT NULL, addresses TEXT NOT NULL,
     added_at INTEGER NOT NULL);
 """
+#: Every table of the current version, for a new index (and, as each creates
+#: only what is missing, for one of the current version that lacks some).
+_SCHEMA = _SCHEMA_V1 + _PEER_PROBES
+
+#: Schema version → the statements that turn an index of that version into
+#: one of the next.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (_PEER_PROBES,),
+}
 
 
 @attrs.frozen
@@ -97,6 +124,14 @@ class ShardShortfall:
 
     below_n: int
     below_k: int
+
+
+@attrs.frozen
+class ProbeCounts:
+    """A peer's uptime record: times asked, times it answered."""
+
+    asked: int
+    answered: int
 
 
 @attrs.frozen
@@ -153,18 +188,47 @@ class Index:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise UsageError(f"cannot open the index {path}: {exc}") from exc
+        version = self._stored_version()
+        if version is not None and version > SCHEMA_VERSION:
+            self._db.close()
+            raise UsageError(
+                f"the index {path} has schema version {version}; this p2pbackup reads "
+                f"versions up to {SCHEMA_VERSION} (was it written by a newer release?)"
+            )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        if version is not None and version < SCHEMA_VERSION:
+            self._migrate(version)
         self._db.executescript(_SCHEMA)
-        version = self.get_meta("schema_version")
         if version is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
-        elif int(version) != SCHEMA_VERSION:
+
+    def _stored_version(self) -> int | None:
+        """The schema version of the index; None for a new (empty) one."""
+        try:
+            has_meta = self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+            ).fetchone()
+            raw = self.get_meta("schema_version") if has_meta else None
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise UsageError(f"cannot read the index {self.path}: {exc}") from exc
+        try:
+            return None if raw is None else int(raw)
+        except ValueError:
+            self._db.close()
             raise UsageError(
-                f"the index {path} has schema version {int(version)}; "
-                f"this p2pbackup reads version {SCHEMA_VERSION}"
-            )
+                f"the index {self.path} has a malformed schema version {raw!r}"
+            ) from None
+
+    def _migrate(self, version: int) -> None:
+        """Bring an index of ``version`` up to :data:`SCHEMA_VERSION`, all or nothing."""
+        with self.transaction():
+            for step in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step]:
+                    self._db.execute(statement)
+            self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
 
     def close(self) -> None:
         self._db.close()
@@ -218,6 +282,7 @@ class Index:
         inside a transaction); returns how many shard rows went."""
         removed = self._db.execute("DELETE FROM shards WHERE peer_id=?", (peer_id,)).rowcount
         self._db.execute("DELETE FROM peers WHERE peer_id=?", (peer_id,))
+        self._db.execute("DELETE FROM peer_probes WHERE peer_id=?", (peer_id,))
         return int(removed)
 
     def shard_shortfall(self) -> ShardShortfall:
@@ -394,20 +459,39 @@ class Index:
             peer: int(at) for peer, at in self._db.execute("SELECT peer_id, seen_at FROM peer_seen")
         }
 
-    def pack_placements(self) -> Iterator[tuple[bytes, int, int, list[str]]]:
-        """Every pack as (pack id, k, n, the peers holding its shards)."""
+    def record_probe(self, peer_id: str, answered: bool) -> None:
+        """Count one observation of whether ``peer_id`` answered (module docstring)."""
+        self._db.execute(
+            "INSERT INTO peer_probes(peer_id, asked, answered) VALUES (?, 1, ?)"
+            " ON CONFLICT(peer_id) DO UPDATE SET asked = asked + 1,"
+            " answered = answered + excluded.answered",
+            (peer_id, int(answered)),
+        )
+        self._db.execute(
+            "UPDATE peer_probes SET asked = asked / 2, answered = answered / 2"
+            " WHERE peer_id = ? AND asked >= ?",
+            (peer_id, PROBE_MEMORY),
+        )
+
+    def probe_counts(self) -> dict[str, ProbeCounts]:
+        """Every peer's uptime record, for those ever asked."""
+        rows = self._db.execute("SELECT peer_id, asked, answered FROM peer_probes")
+        return {peer: ProbeCounts(int(asked), int(answered)) for peer, asked, answered in rows}
+
+    def pack_placements(self) -> Iterator[tuple[bytes, int, int, list[tuple[str, int]]]]:
+        """Every pack as (pack id, k, n, (peer, shard index) of each shard placed)."""
         rows = self._db.execute(
-            "SELECT p.pack_id, p.k, p.n, s.peer_id FROM packs p"
+            "SELECT p.pack_id, p.k, p.n, s.peer_id, s.idx FROM packs p"
             " LEFT JOIN shards s ON s.pack_id = p.pack_id ORDER BY p.pack_id"
         )
-        current: tuple[bytes, int, int, list[str]] | None = None
-        for pack_id, k, n, peer_id in rows:
+        current: tuple[bytes, int, int, list[tuple[str, int]]] | None = None
+        for pack_id, k, n, peer_id, shard_index in rows:
             if current is None or current[0] != pack_id:
                 if current is not None:
                     yield current
                 current = (bytes(pack_id), int(k), int(n), [])
             if peer_id is not None:
-                current[3].append(peer_id)
+                current[3].append((peer_id, int(shard_index)))
         if current is not None:
             yield current
 

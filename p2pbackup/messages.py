@@ -320,10 +320,18 @@ class RootData:
 
 @attrs.frozen
 class Usage:
-    """Bytes the caller stores here, and its quota (None: no per-owner quota)."""
+    """Bytes the caller stores here, and the most this node offers it now:
+    ``used`` plus the room left for the caller — the least of what its
+    per-owner quota, its capacity and its disk still allow (None: no bound
+    the node knows of). The room is an estimate of the moment; a put may still
+    be refused as full.
+
+    Nodes of before this meaning sent the per-owner quota in this field
+    (never below the offer): read from such a node the offer is an upper bound.
+    """
 
     used: int
-    limit: int | None
+    offered: int | None
 
 
 @attrs.frozen
@@ -744,7 +752,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec(0x47, 1, _Fields.of(Deleted, existed=_Bool())),
     _Spec(0x48, 1, _Fields.of(RootStored)),
     _Spec(0x49, 1, _Fields.of(RootData, data=_Optional(_Bytes(0, MAX_ROOT_SIZE)))),
-    _Spec(0x4A, 1, _Fields.of(Usage, used=_Int(0, MAX_UINT), limit=_Optional(_Int(0, MAX_UINT)))),
+    _Spec(0x4A, 1, _Fields.of(Usage, used=_Int(0, MAX_UINT), offered=_Optional(_Int(0, MAX_UINT)))),
     _Spec(
         0x4F,
         1,

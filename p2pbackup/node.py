@@ -46,7 +46,7 @@ from p2pbackup.errors import P2PBackupError, RepositoryLockedError
 from p2pbackup.home import Home
 from p2pbackup.keys import Keyring
 from p2pbackup.net import Address, Network, TcpNetwork
-from p2pbackup.schedule import BackupSchedule, load_schedule
+from p2pbackup.schedule import RUNNING_OFFER, BackupSchedule, StorageOffer, load_schedule
 from p2pbackup.server import StorageServer
 from p2pbackup.session import Identity
 from p2pbackup.shardhost import ReconcileReport, ShardHost
@@ -153,6 +153,7 @@ async def serve(
                     # Backups and the CLI's commands (tasks started below
                     # inherit it) look nodes up through this running node.
                     SERVING_NODE.set(node)
+                    RUNNING_OFFER.set(StorageOffer(options.capacity, options.owner_quota))
                     async with trio.open_nursery() as roles:
                         await roles.start(discovery.run)
                         if schedule is not None:

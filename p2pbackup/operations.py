@@ -19,6 +19,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import attrs
 import trio
@@ -128,13 +129,29 @@ def init_home(
     return key
 
 
+#: How a command holds the home (see :func:`open_repository`).
+Access = Literal["read", "write", "remove"]
+
+
+def _hold(home: Home, access: Access) -> contextlib.AbstractContextManager[None]:
+    if access == "read":
+        return home.reading()
+    if access == "remove":
+        return home.removing()
+    return home.locked()
+
+
 @contextlib.asynccontextmanager
 async def open_repository(
-    home: Home, *, network: Network | None = None
+    home: Home, *, network: Network | None = None, access: Access = "write"
 ) -> AsyncIterator[Repository]:
-    """The home's repository, locked for the duration."""
+    """The home's repository, held for the duration: ``write`` (the
+    default) alone among writers; ``read`` beside other readers and a writer
+    that only adds, such as a backup (a reader still records what it learns
+    of peers: when they answered, where they moved); ``remove`` alone among
+    writers and readers (forget, prune)."""
     home.require()
-    with home.locked():
+    with _hold(home, access):
         keyring = Keyring.from_master_secret(home.load_secret())
         index = Index(home.index_path)
         network = network if network is not None else TcpNetwork()

@@ -5,8 +5,26 @@ Peers are ranked per pack by rendezvous (highest-random-weight) hashing of
 load spreads evenly, and the ranking is stable — retries, repairs and a later
 run with the same peers make the same choices. Peers on a host that already
 has a shard of the pack go after those on new hosts (:func:`spread_hosts`).
-Shard i goes to the i-th ranked peer; peers further down the ranking are the spares used when one of
-the first n refuses.
+Shard i goes to the i-th ranked peer; peers further down the ranking are the
+spares used when one of the first n refuses.
+
+Nouns of the weighted ranking:
+
+* **hash fraction** — the ``(pack id, peer id)`` hash read as a number in
+  (0, 1).
+* **weight** — how much a peer is preferred: its :class:`PeerWeight` (free
+  space, uptime, reputation) made one number by :func:`weigh_peers`. Free
+  space counts in proportion, uptime and reputation as factors; a peer
+  without room for the pack's shard weighs 0. Weights are rounded to steps
+  of a quarter of a power of two (about 19 %), so that the drift of free
+  space and uptime from one day to the next seldom changes a weight: a retry
+  or a repair mostly sees the ranking its pack was written with, and a
+  weight that does change moves only the packs that peer wins or loses.
+* **score** — ``weight / -ln(hash fraction)``, the standard weighted
+  rendezvous hashing (:func:`rank_weighted`): over many packs a peer comes
+  first in a share of them proportional to its weight, and with equal
+  weights the order is exactly :func:`rank_peers`'s. A peer of weight 0
+  scores 0, after every peer with room.
 
 The **code** (k-of-n) adapts to the peers there are (:func:`choose_code`):
 the configured one when there are enough, else a smaller one that still
@@ -16,22 +34,108 @@ survives two lost peers.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+import math
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
 
 from p2pbackup.errors import UsageError
 
 
-def _weight(pack_id: bytes, peer_id: str) -> bytes:
+def _hash(pack_id: bytes, peer_id: str) -> bytes:
     return hashlib.blake2b(
         pack_id + peer_id.encode(), digest_size=16, person=b"p2pb-placement"
     ).digest()
 
 
 def rank_peers(pack_id: bytes, peer_ids: Iterable[str]) -> list[str]:
-    """``peer_ids`` in this pack's order of preference."""
-    return sorted(peer_ids, key=lambda peer: _weight(pack_id, peer), reverse=True)
+    """``peer_ids`` in this pack's order of preference, all weighing the same."""
+    return sorted(peer_ids, key=lambda peer: _hash(pack_id, peer), reverse=True)
+
+
+#: Bits of the hash that make its fraction: all a float's mantissa holds.
+_FRACTION_BITS = 53
+
+
+def hash_fraction(pack_id: bytes, peer_id: str) -> float:
+    """The pack's hash of ``peer_id`` as a number strictly between 0 and 1,
+    in the same order as the hash itself."""
+    top = int.from_bytes(_hash(pack_id, peer_id), "big") >> (128 - _FRACTION_BITS)
+    return (top + 0.5) / (1 << _FRACTION_BITS)
+
+
+def rank_weighted(pack_id: bytes, weights: Mapping[str, float]) -> list[str]:
+    """The peers of ``weights`` in this pack's order of preference
+    (weighted rendezvous hashing; see the module docstring).
+
+    Equal scores — peers of weight 0 — keep the order of their hashes, so
+    the result is a function of the pack and the weights alone.
+    """
+    for peer, weight in weights.items():
+        if not weight >= 0 or math.isinf(weight):
+            raise ValueError(f"peer {peer}: weight {weight} is not a finite number >= 0")
+
+    def key(peer: str) -> tuple[bool, float, bytes]:
+        weight = weights[peer]
+        # The first item keeps a tiny weight whose score underflows to 0
+        # ahead of a weight of 0.
+        return weight > 0, weight / -math.log(hash_fraction(pack_id, peer)), _hash(pack_id, peer)
+
+    return sorted(weights, key=key, reverse=True)
+
+
+@attrs.frozen
+class PeerWeight:
+    """What placement knows of a peer, to weigh it by."""
+
+    #: Bytes more the peer would take now; None when it is not known.
+    free: int | None = None
+    #: Share of the times it was asked that it answered, 0 to 1 (:func:`uptime`).
+    uptime: float = 1.0
+    #: Share of audits it passed, 0 to 1 (no audits yet: 1).
+    reputation: float = 1.0
+
+
+def uptime(answered: int, asked: int) -> float:
+    """A peer's uptime from its probe counts: ``(answered + 1) / (asked + 1)``,
+    so that a peer never asked counts as up rather than as unknown and one
+    missed probe does not bury a new peer."""
+    if not 0 <= answered <= asked:
+        raise ValueError(f"answered {answered} of {asked} probes")
+    return (answered + 1) / (asked + 1)
+
+
+#: Steps weights are rounded to, per doubling.
+_STEPS_PER_DOUBLING = 4
+
+
+def _rounded(weight: float) -> float:
+    if weight <= 0:
+        return 0.0
+    steps = round(math.log2(weight) * _STEPS_PER_DOUBLING)
+    return float(2.0 ** (steps / _STEPS_PER_DOUBLING))
+
+
+def weigh_peers(peers: Mapping[str, PeerWeight], need: int) -> dict[str, float]:
+    """Each peer's weight for a pack whose shard takes ``need`` bytes.
+
+    Free space in proportion (a peer with ``free`` below ``need`` weighs 0;
+    one whose free space is not known counts as the median of those known to
+    have room, or as 1 byte when none does, so that it still goes before the
+    peers known to have none), times uptime, times reputation; rounded (see
+    the module docstring).
+    """
+    fitting = [p.free for p in peers.values() if p.free is not None and p.free >= need]
+    typical = float(statistics.median(fitting)) if fitting else 1.0
+    weights: dict[str, float] = {}
+    for peer, weight in peers.items():
+        free = typical if weight.free is None else float(weight.free)
+        if weight.free is not None and weight.free < need:
+            free = 0.0
+        factors = (min(max(weight.uptime, 0.0), 1.0), min(max(weight.reputation, 0.0), 1.0))
+        weights[peer] = _rounded(free * factors[0] * factors[1])
+    return weights
 
 
 #: Peers a pack needs at the least: one shard each, and two may be lost.

@@ -50,7 +50,7 @@ from p2pbackup.model import ID_SIZE
 from p2pbackup.net import Address, Network
 from p2pbackup.rpc import MessageChannel
 from p2pbackup.session import Identity, secure_initiator
-from p2pbackup.storage import ShardRoot
+from p2pbackup.storage import ShardRoot, Space
 
 #: Leases asked for new shards. Renewal arrives with maintenance; until then a
 #: shard must outlive any plausible gap between backups.
@@ -125,8 +125,15 @@ class RemoteShardStore:
                     return await self._connect(self.address)
                 if self._located:
                     raise
+                # Once per store; a look-up cut short (a caller's timeout
+                # cancelled it) has not used its turn.
+                try:
+                    channel = await self._relocate(failure)
+                except PeerUnavailableError:
+                    self._located = True
+                    raise
                 self._located = True
-                return await self._relocate(failure)
+                return channel
 
     async def _relocate(self, failure: PeerUnavailableError) -> MessageChannel:
         assert self.locate is not None
@@ -342,6 +349,12 @@ class RemoteShardStore:
     async def usage(self) -> int:
         answer = await self._request(messages.GetUsage(), messages.Usage)
         return answer.used
+
+    async def space(self) -> Space:
+        answer = await self._request(messages.GetUsage(), messages.Usage)
+        offered = answer.offered
+        # A node's word, not checked: an offer below the usage means no room.
+        return Space(answer.used, None if offered is None else max(offered, answer.used))
 
     # -- beyond the ShardStore interface -----------------------------------------
 

@@ -14,6 +14,28 @@ and only then record it in the index, in one transaction. Reading a pack: fetch
 shards (data shards first, so the common case needs no decoding), verify each
 against the Merkle root the index kept, treat any bad shard as an erasure, and
 decode from the first k good ones.
+
+What the repository learns of its peers during one run (one command, one
+scheduled backup) — the **run state**:
+
+* **down** — a peer that could not be reached is passed over (tried last) for
+  :data:`DOWN_SECONDS` (:meth:`Repository.mark_down`);
+* **full** — a peer that refused a shard for want of room gets no more shards
+  for the rest of the run, without a round trip to ask
+  (:meth:`Repository.mark_full`); the backup summary names it and why;
+* **space** — what each peer said it holds for us and offers (a
+  :class:`~p2pbackup.storage.Space`), asked of every peer at once by
+  :meth:`Repository.probe_peers` at the start of a backup; its **room** is
+  lowered by every shard sent there since (from the moment the put starts,
+  as the node reserves it, and given back if the put fails). Placement
+  weighs peers by their room, and a peer whose room is too small for a
+  pack's shard is **passed over** for a peer with room: the summary names it
+  too, though it is not counted full (a smaller shard may still fit);
+* **observations** — whether a peer answered, counted into the index's probe
+  counts (its uptime record, which placement also weighs): once per peer
+  per run, and again each time the answer changes (a peer that dies
+  mid-run). Counting every put would let one long backup drown the record in
+  successes, while a dead peer is asked once and then skipped.
 """
 
 from __future__ import annotations
@@ -32,9 +54,11 @@ from p2pbackup.errors import (
     FormatError,
     IntegrityError,
     NotEnoughShardsError,
+    P2PBackupError,
     PeerUnavailableError,
     ShardNotFoundError,
     StoreError,
+    StoreFullError,
     UsageError,
 )
 from p2pbackup.index import Index
@@ -49,13 +73,16 @@ from p2pbackup.model import (
     ShardLocation,
 )
 from p2pbackup.net import Address, Network, TcpNetwork
+from p2pbackup.progress import human_bytes
 from p2pbackup.remote import Locator, RemoteShardStore
 from p2pbackup.session import Identity
-from p2pbackup.storage import FolderShardStore, ShardRoot, ShardStore
+from p2pbackup.storage import FolderShardStore, ShardRoot, ShardStore, Space
 
 ROOT_ENVELOPE_KIND = b"ROOT"
 #: Seconds a peer that could not be reached is passed over (tried last).
 DOWN_SECONDS = 300.0
+#: Seconds every peer has to answer a probe (status, the start of a backup).
+PROBE_SECONDS = 5.0
 #: Decoded packs kept in memory for reading trees and small files.
 _PACK_CACHE_SIZE = 4
 #: Sealed blobs up to this size are opened on trio's thread.
@@ -113,6 +140,19 @@ class ShardFailure:
     reason: str
 
 
+@attrs.frozen
+class ProbeAnswer:
+    """What one peer said when probed: its space, or why it said nothing."""
+
+    peer_id: str
+    space: Space | None
+    problem: str = ""
+
+    @property
+    def answered(self) -> bool:
+        return self.space is not None
+
+
 def seal_root_record(keyring: Keyring, record: RootRecord) -> bytes:
     """The signed, encrypted envelope stored on every peer."""
     payload = crypto.seal(
@@ -164,6 +204,14 @@ class Repository:
         self._stores: dict[str, ShardStore] = {}
         #: Peer id -> trio time until which it counts as down (see mark_down).
         self._down_until: dict[str, float] = {}
+        #: The rest of the run state (module docstring): peer id -> why it
+        #: is full; its space; whether it answered, as last counted.
+        self._full: dict[str, str] = {}
+        self._passed_over: dict[str, str] = {}
+        self._space: dict[str, Space] = {}
+        #: Bytes sent (or being sent) to each peer since its space was asked.
+        self._taken: collections.Counter[str] = collections.Counter()
+        self._observed: dict[str, bool] = {}
         self._pack_cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
 
     @property
@@ -215,6 +263,97 @@ class Repository:
         until = self._down_until.get(peer_id)
         return until is not None and trio.current_time() < until
 
+    def mark_full(self, peer_id: str, reason: str) -> None:
+        """Remember that ``peer_id`` refused a shard for want of room: it gets
+        no more for the rest of this run (a quota does not grow by itself)."""
+        self._full.setdefault(peer_id, reason)
+
+    def is_full(self, peer_id: str) -> bool:
+        return peer_id in self._full
+
+    def full_peers(self) -> dict[str, str]:
+        """Each peer found full in this run or passed over for want of room,
+        and why (module docstring)."""
+        return {**self._passed_over, **self._full}
+
+    def room(self, peer_id: str) -> int | None:
+        """Bytes more ``peer_id`` would take, from what it said when last
+        asked less what was sent there since; None if not known."""
+        space = self._space.get(peer_id)
+        if space is None or space.room is None:
+            return None
+        return max(0, space.room - self._taken[peer_id])
+
+    def observe(self, peer_id: str, answered: bool) -> None:
+        """Count in the index whether ``peer_id`` answered — once per run,
+        and again when that changes (module docstring)."""
+        if self._observed.get(peer_id) is answered:
+            return
+        self._observed[peer_id] = answered
+        self.index.record_probe(peer_id, answered)
+
+    async def probe_peers(
+        self, timeout: float = PROBE_SECONDS, *, seen_at: int | None = None
+    ) -> dict[str, ProbeAnswer]:
+        """Ask every peer its space at once, each within ``timeout`` seconds.
+
+        A peer that answers is recorded as seen (at unix second ``seen_at``,
+        default now) and its space kept for placement; one that does not is
+        marked down, so the first pack does not wait for it. Either way the
+        answer counts toward the peer's uptime.
+        """
+        answers: dict[str, ProbeAnswer] = {}
+
+        async def probe(peer_id: str) -> None:
+            try:
+                with trio.fail_after(timeout):
+                    space = await self.store(peer_id).space()
+            except trio.TooSlowError:
+                answers[peer_id] = ProbeAnswer(peer_id, None, f"no answer within {timeout:g} s")
+            except P2PBackupError as error:
+                answers[peer_id] = ProbeAnswer(peer_id, None, str(error))
+            else:
+                answers[peer_id] = ProbeAnswer(peer_id, space)
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.peers():
+                nursery.start_soon(probe, peer.peer_id)
+        when = int(time.time()) if seen_at is None else seen_at
+        with self.index.transaction():
+            for peer_id, answer in answers.items():
+                if answer.space is not None:
+                    self._space[peer_id] = answer.space
+                    self._taken.pop(peer_id, None)  # the answer counts them
+                    self._down_until.pop(peer_id, None)
+                    self.index.set_seen(peer_id, when)
+                else:
+                    self.mark_down(peer_id)
+                self.observe(peer_id, answer.answered)
+        return answers
+
+    def peer_weights(self, peer_ids: list[str]) -> dict[str, placement.PeerWeight]:
+        """What placement knows of each peer: its room now and its uptime."""
+        counts = self.index.probe_counts()
+        weights = {}
+        for peer_id in peer_ids:
+            count = counts.get(peer_id)
+            weights[peer_id] = placement.PeerWeight(
+                free=self.room(peer_id),
+                uptime=1.0 if count is None else placement.uptime(count.answered, count.asked),
+            )
+        return weights
+
+    def _pass_over(self, peer_id: str, need: int) -> None:
+        space = self._space.get(peer_id)
+        room = self.room(peer_id)
+        if space is None or space.offered is None or room is None:
+            return
+        self._passed_over.setdefault(
+            peer_id,
+            f"it offers us {human_bytes(space.offered)}, {human_bytes(room)} of it free: "
+            f"no room for a shard of {human_bytes(need)}",
+        )
+
     async def aclose(self) -> None:
         """Close the connections that network peers keep open."""
         stores, self._stores = self._stores, {}
@@ -224,11 +363,21 @@ class Repository:
     # -- writing packs --------------------------------------------------------
 
     def code(self) -> placement.Code:
-        """The code for the next pack, adapted to the peers not known to be
-        down (:func:`placement.choose_code`); UsageError if too few."""
+        """The code for the next pack, adapted to the peers neither known to
+        be down nor full (:func:`placement.choose_code`); UsageError if too few."""
         config = self.config
-        usable = sum(1 for peer in self.peers() if not self.is_down(peer.peer_id))
-        return placement.choose_code(config.k, config.n, usable)
+        usable = sum(
+            1
+            for peer in self.peers()
+            if not self.is_down(peer.peer_id) and not self.is_full(peer.peer_id)
+        )
+        try:
+            return placement.choose_code(config.k, config.n, usable)
+        except UsageError as error:
+            if not self._full:
+                raise
+            full = "; ".join(f"{peer}: {reason}" for peer, reason in sorted(self._full.items()))
+            raise UsageError(f"{error} ({len(self._full)} more are full: {full})") from None
 
     def check_enough_peers(self) -> None:
         """UsageError unless there are enough peers to place a pack's shards on."""
@@ -240,7 +389,7 @@ class Repository:
         """Encode, place and upload a pack, then record it in the index."""
         config = self.config
         code = self.code()
-        peers = self.peers()
+        peers = [p for p in self.peers() if not self.is_full(p.peer_id)]
         peer_ids = [p.peer_id for p in peers]
         hosts = {p.peer_id: host_of(p) for p in peers}
         data, _header = builder.finish(self.keyring.data_key)
@@ -250,18 +399,28 @@ class Repository:
             _encode_pack, data, ident, code.k, code.n, config.block_size
         )
         del data  # Only the shards are needed from here on; memory stays bounded.
-        # One shard per host first; peers known to be down go last, as spares
-        # of last resort.
+        need = formats.SHARD_HEADER_SIZE + shard_size
+        weights = placement.weigh_peers(self.peer_weights(peer_ids), need)
+        # One shard per host first; peers without room for the shard after
+        # those with room, and peers known to be down last, as spares of last
+        # resort (the sort is stable: each group keeps its ranking).
         ranked = sorted(
-            placement.spread_hosts(placement.rank_peers(ident, peer_ids), hosts.__getitem__),
-            key=self.is_down,
+            placement.spread_hosts(placement.rank_weighted(ident, weights), hosts.__getitem__),
+            key=lambda peer: (self.is_down(peer), weights[peer] == 0),
         )
         spares = collections.deque(ranked[code.n :])
+        for peer_id in spares:
+            room = self.room(peer_id)
+            if room is not None and room < need and not self.is_down(peer_id):
+                self._pass_over(peer_id, need)
         placed: dict[int, str] = {}
         failures: list[ShardFailure] = []
 
         async def place(index: int, peer_id: str) -> None:
             while True:
+                # Reserved before it is sent, as the node reserves it: a
+                # pack placed meanwhile sees the room that is left.
+                self._taken[peer_id] += need
                 try:
                     await self.store(peer_id).put(
                         formats.shard_id(ident, index),
@@ -269,14 +428,26 @@ class Repository:
                         ShardRoot(config.block_size, roots[index]),
                     )
                 except StoreError as exc:
+                    self._taken[peer_id] -= need
                     if isinstance(exc, PeerUnavailableError):
                         self.mark_down(peer_id)
+                        self.observe(peer_id, False)
+                    elif isinstance(exc, StoreFullError):
+                        self.mark_full(peer_id, str(exc))
+                        self.observe(peer_id, True)  # it answered, if only to refuse
                     failures.append(ShardFailure(peer_id, index, str(exc)))
+                    # A spare found full by another shard meanwhile is skipped.
+                    while spares and self.is_full(spares[0]):
+                        spares.popleft()
                     if not spares:
                         return
                     peer_id = spares.popleft()
+                except BaseException:
+                    self._taken[peer_id] -= need
+                    raise
                 else:
                     placed[index] = peer_id
+                    self.observe(peer_id, True)
                     payloads[index] = bytearray()  # sent: let it go
                     return
 

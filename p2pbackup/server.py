@@ -392,6 +392,14 @@ class _Session:
         await self._send(messages.RootData(data))
 
     async def _get_usage(self, _request: messages.GetUsage) -> None:
-        used = await self._call(self.host.usage, self.owner)
-        assert isinstance(used, int)
-        await self._send(messages.Usage(used, self.host.owner_quota))
+        admits = self.server.admits
+        if admits is not None and not admits(self.owner):
+            # Refused new data: no room is offered beyond what it has.
+            used = await self._call(self.host.usage, self.owner)
+            assert isinstance(used, int)
+            await self._send(messages.Usage(used, used))
+            return
+        result = await self._call(self.host.space, self.owner)
+        assert isinstance(result, tuple)
+        used, offered = result
+        await self._send(messages.Usage(used, offered))

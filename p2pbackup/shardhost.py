@@ -29,6 +29,11 @@ Nouns:
 * **usage** — the bytes held for an owner: its shards plus its root record.
   The **owner quota** bounds each owner's usage, the **capacity** all owners'
   together; either may be None (no bound but the disk).
+* **offer** — what the host offers one owner now: its usage plus its
+  **room**, the least of what the owner quota, the capacity and the free disk
+  still allow, uploads in progress counted (:meth:`ShardHost.space`). This
+  is what a node states to each owner, so that owners place shards where
+  there is room and ask no more of a friend than it gives.
 * **reconciliation** — what :meth:`ShardHost.open` does before serving: bring
   files and rows back into agreement after a crash (:class:`ReconcileReport`).
 
@@ -801,6 +806,23 @@ class ShardHost:
         with self._lock:
             self._check_open()
             return self._usage_locked(owner)
+
+    def space(self, owner: bytes) -> tuple[int, int]:
+        """(usage, offer) of ``owner`` now: the offer is the usage plus the
+        room a put of that many bytes would find (module docstring)."""
+        _check_owner(owner)
+        with _os_errors("read the free space of", self.root):
+            disk = os.statvfs(self.root)
+        rooms = [disk.f_bavail * disk.f_frsize]
+        with self._lock:
+            self._check_open()
+            used = self._usage_locked(owner)
+            if self.owner_quota is not None:
+                rooms.append(self.owner_quota - used - self._reserved.get(owner, 0))
+            if self.capacity is not None:
+                everyone = sum(self._shard_bytes.values()) + sum(self._root_bytes.values())
+                rooms.append(self.capacity - everyone - sum(self._reserved.values()))
+        return used, used + max(0, min(rooms))
 
     def total_usage(self) -> int:
         """Bytes held for all owners."""

@@ -4,9 +4,17 @@ Nouns:
 
 * **peer state** — :class:`PeerState`: a peer as it is now: whether it
   answered (**online**), when it last did, how many of our shards (and bytes)
-  the index places on it, and how much we hold for it when it is a node we
-  store for: the **balance** between friends.
-* **healthy shard** — a shard the index places on a peer that answered now.
+  the index places on it, how much we hold for it when it is a node we
+  store for, and what it **offers** us: the bytes it holds for us by its own
+  count plus the room it says it has left for us.
+* **balance** — bytes a peer holds for us minus bytes we hold for it: above
+  zero we owe it, below zero it owes us. Both sides count stored shards whole
+  (headers included), root records aside.
+* **node state** — :class:`NodeState`: this home as a node: its id, the
+  addresses it last served on, the bytes it keeps for others, and what its
+  ``config.toml`` says it offers (``[storage]``; ``serve`` options override it).
+* **healthy shard** — a shard the index places on a peer that answered now
+  and lists it among the shards it holds for us.
 * **pack health** — :class:`DataHealth`, from each pack's healthy shards
   (pure: :func:`data_health`). A pack is **unrecoverable** below k healthy
   shards, **at risk** below k + 2 (two more lost peers would lose it), and
@@ -26,14 +34,17 @@ from collections.abc import Iterable, Sequence
 import attrs
 import trio
 
-from p2pbackup import shardhost
+from p2pbackup import formats, shardhost
 from p2pbackup.errors import P2PBackupError
 from p2pbackup.home import Home
-from p2pbackup.model import PeerRecord
-from p2pbackup.repository import Repository
+from p2pbackup.progress import human_bytes
+from p2pbackup.repository import PROBE_SECONDS, Repository
+from p2pbackup.schedule import RUNNING_OFFER, load_config
 
 #: Seconds a peer has to answer before it counts as offline.
-PROBE_TIMEOUT = 5.0
+PROBE_TIMEOUT = PROBE_SECONDS
+#: Seconds a peer that answered has to list the shards it holds for us.
+LIST_TIMEOUT = 60.0
 #: Spare healthy shards below which a pack counts as at risk.
 SAFE_MARGIN = 2
 
@@ -46,7 +57,7 @@ class PeerState:
     online: bool
     #: Unix seconds of the last answer (now, if online); None if never.
     last_seen: int | None
-    #: Shards of ours the index places on this peer, and their bytes.
+    #: Shards of ours the index places on this peer, and their bytes (headers included).
     shards_held_for_us: int
     bytes_held_for_us: int
     #: Bytes of the peer's shards this home's node keeps (0 if none, or a folder).
@@ -54,6 +65,16 @@ class PeerState:
     is_friend: bool
     #: Why it did not answer, if it did not.
     problem: str = ""
+    #: What it offers us now: what it holds for us by its count plus its room
+    #: for more; None if it did not answer or sets no bound.
+    offered: int | None = None
+    #: The room in that offer (None likewise).
+    room: int | None = None
+
+    @property
+    def balance(self) -> int:
+        """Bytes it holds for us minus bytes we hold for it (module docstring)."""
+        return self.bytes_held_for_us - self.bytes_we_hold_for_it
 
 
 @attrs.frozen
@@ -115,6 +136,9 @@ class NodeState:
     addresses: tuple[str, ...]
     #: Bytes this node keeps for others.
     hosting_bytes: int
+    #: What ``config.toml`` offers all peers together, and each one (None: no bound).
+    capacity: int | None = None
+    per_friend: int | None = None
 
 
 @attrs.frozen
@@ -124,13 +148,17 @@ class Status:
     data: DataHealth
 
     def to_json(self) -> dict[str, object]:
-        return attrs.asdict(self)
+        data = attrs.asdict(self)
+        for peer, state in zip(data["peers"], self.peers, strict=True):
+            peer["balance"] = state.balance
+        return data
 
     def lines(self) -> list[str]:
         node = self.node
         where = ", ".join(node.addresses) if node.addresses else "not serving"
         lines = [
-            f"node {node.node_id} ({where}); keeps {node.hosting_bytes} bytes for others",
+            f"node {node.node_id} ({where}); keeps {node.hosting_bytes} bytes for others; "
+            f"offers {_bound(node.capacity)} in all, {_bound(node.per_friend)} to each peer",
         ]
         for peer in self.peers:
             state = "online" if peer.online else f"OFFLINE ({peer.problem})"
@@ -144,64 +172,100 @@ class Status:
                 f"peer {peer.peer_id[:16]} {friend}{peer.kind} at {peer.location}: {state}, "
                 f"{seen}; holds {peer.shards_held_for_us} shards of ours "
                 f"({peer.bytes_held_for_us} bytes); "
-                f"we keep {peer.bytes_we_hold_for_it} bytes for it"
+                f"we keep {peer.bytes_we_hold_for_it} bytes for it; "
+                f"balance {peer.balance:+d} bytes; {_offer(peer)}"
             )
         lines.extend(self.data.lines())
         return lines
 
 
+def _bound(size: int | None) -> str:
+    return "what the disk has" if size is None else human_bytes(size)
+
+
+def _offer(peer: PeerState) -> str:
+    if not peer.online:
+        return "offer unknown"
+    if peer.offered is None or peer.room is None:
+        return "offers us no bound"
+    return f"offers us {human_bytes(peer.offered)} ({human_bytes(peer.room)} free)"
+
+
 async def gather_status(home: Home, repo: Repository, *, now: float | None = None) -> Status:
     """Ask every peer now, and put together what ``status`` shows."""
+    # What the running node was started with, if status runs in it; else
+    # what config.toml says a node would start with.
+    offer = RUNNING_OFFER.get() or load_config(home.config_path).storage
     peers = repo.peers()
-    answers: dict[str, str] = {}
-
-    async def probe(peer: PeerRecord) -> None:
-        try:
-            with trio.fail_after(PROBE_TIMEOUT):
-                await repo.store(peer.peer_id).usage()
-        except trio.TooSlowError:
-            answers[peer.peer_id] = f"no answer within {PROBE_TIMEOUT:g} s"
-        except P2PBackupError as error:
-            answers[peer.peer_id] = str(error)
-        else:
-            answers[peer.peer_id] = ""
-
-    async with trio.open_nursery() as nursery:
-        for peer in peers:
-            nursery.start_soon(probe, peer)
     seen_at = int(time.time() if now is None else now)
-    online = {peer_id for peer_id, problem in answers.items() if not problem}
+    answers = await repo.probe_peers(PROBE_TIMEOUT, seen_at=seen_at)
+    online = {peer_id for peer_id, answer in answers.items() if answer.answered}
     index = repo.index
-    with index.transaction():
-        for peer_id in online:
-            index.set_seen(peer_id, seen_at)
     last_seen = index.last_seen()
     held = index.shard_count_by_peer()
     held_bytes = index.shard_bytes_by_peer()
     hosted = shardhost.usage_by_owner(home.hosted_path)
     friends = {friend.node_id.hex() for friend in index.friends()}
-    states = tuple(
-        PeerState(
-            peer_id=peer.peer_id,
-            kind=peer.kind,
-            location=peer.location,
-            online=peer.peer_id in online,
-            last_seen=last_seen.get(peer.peer_id),
-            shards_held_for_us=held.get(peer.peer_id, 0),
-            bytes_held_for_us=held_bytes.get(peer.peer_id, 0),
-            bytes_we_hold_for_it=_hosted_for(hosted, peer.peer_id),
-            is_friend=peer.peer_id in friends,
-            problem=answers.get(peer.peer_id, ""),
+    states = []
+    for peer in peers:
+        answer = answers[peer.peer_id]
+        shards = held.get(peer.peer_id, 0)
+        space = answer.space
+        states.append(
+            PeerState(
+                peer_id=peer.peer_id,
+                kind=peer.kind,
+                location=peer.location,
+                online=answer.answered,
+                last_seen=last_seen.get(peer.peer_id),
+                shards_held_for_us=shards,
+                # Whole shards, as the peer counts them and as we count theirs.
+                bytes_held_for_us=held_bytes.get(peer.peer_id, 0)
+                + shards * formats.SHARD_HEADER_SIZE,
+                bytes_we_hold_for_it=_hosted_for(hosted, peer.peer_id),
+                is_friend=peer.peer_id in friends,
+                problem=answer.problem,
+                offered=None if space is None else space.offered,
+                room=None if space is None else space.room,
+            )
         )
-        for peer in peers
+    # A shard is healthy when its peer lists it now, not merely because the
+    # peer answered: a friend that lost its disk, or recovered into an empty
+    # one, answers but holds nothing.
+    listed = await _list_shards(repo, online)
+    health = data_health(
+        (
+            (k, n, [p for p, i in shards if formats.shard_id(pack_id, i) in listed.get(p, ())])
+            for pack_id, k, n, shards in index.pack_placements()
+        ),
+        set(listed),
     )
-    health = data_health(((k, n, holders) for _, k, n, holders in index.pack_placements()), online)
     node = NodeState(
         node_id=repo.keyring.node_id.hex(),
         addresses=tuple(home.read_addresses()),
         hosting_bytes=sum(hosted.values()),
+        capacity=offer.capacity,
+        per_friend=offer.per_friend,
     )
-    return Status(node, states, health)
+    return Status(node, tuple(states), health)
+
+
+async def _list_shards(repo: Repository, online: set[str]) -> dict[str, frozenset[bytes]]:
+    """The shard ids each online peer lists now, asked all at once; a peer
+    that does not answer the listing in time is left out (not healthy)."""
+    listed: dict[str, frozenset[bytes]] = {}
+
+    async def list_one(peer_id: str) -> None:
+        try:
+            with trio.fail_after(LIST_TIMEOUT):
+                listed[peer_id] = frozenset(await repo.store(peer_id).list())
+        except (trio.TooSlowError, P2PBackupError):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        for peer_id in online:
+            nursery.start_soon(list_one, peer_id)
+    return listed
 
 
 def _hosted_for(hosted: dict[bytes, int], peer_id: str) -> int:

@@ -10,6 +10,12 @@ Nouns:
   **root record** (opaque bytes here), which is replaced whole and atomically.
 * **usage** — the bytes a store holds for its owner: the lengths of its shards
   plus the length of its root record.
+* **offer** — the most bytes the store would hold for its owner now: the
+  usage plus the **room** left for more (the least of what the peer's quotas
+  and its disk still allow). :class:`Space` is the pair (used, offered);
+  ``offered`` is None when nothing bounds it (a memory store without a
+  capacity). An offer is an estimate of the moment, not a promise: a put
+  may still be refused as full.
 * **peer folder** — a local directory acting as a peer (an external disk, a
   NAS mount). Its layout::
 
@@ -84,6 +90,24 @@ _NO_LINK_ERRNOS = frozenset(
 
 
 @attrs.frozen
+class Space:
+    """What a store holds for its owner and the most it offers (module docstring)."""
+
+    used: int
+    #: Used plus the room left; None: unbounded.
+    offered: int | None
+
+    @property
+    def room(self) -> int | None:
+        """Bytes more the store would take now (None: unbounded)."""
+        return None if self.offered is None else max(0, self.offered - self.used)
+
+    @classmethod
+    def with_room(cls, used: int, room: int | None) -> Space:
+        return cls(used, None if room is None else used + max(0, room))
+
+
+@attrs.frozen
 class ShardRoot:
     """The Merkle root of a shard's bytes cut into ``block_size`` blocks."""
 
@@ -127,6 +151,11 @@ class ShardStore(Protocol):
 
     async def usage(self) -> int:
         """Bytes held for the owner: its shards plus its root record."""
+        ...
+
+    async def space(self) -> Space:
+        """The usage and the offer (module docstring): what the store would
+        still take, by the peer's own reckoning."""
         ...
 
     async def aclose(self) -> None:
@@ -232,6 +261,11 @@ class MemoryShardStore:
     async def usage(self) -> int:
         await trio.lowlevel.checkpoint()
         return self._used
+
+    async def space(self) -> Space:
+        await trio.lowlevel.checkpoint()
+        room = None if self.capacity is None else self.capacity - self._used
+        return Space.with_room(self._used, room)
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()  # nothing held open
@@ -614,6 +648,18 @@ class FolderShardStore:
     async def usage(self) -> int:
         await self._ensure_open()
         return await trio.to_thread.run_sync(self._usage_sync)
+
+    async def space(self) -> Space:
+        """The usage, and as room the free space of the folder's disk (a
+        folder has no quota: every owner shares the disk)."""
+        await self._ensure_open()
+        return await trio.to_thread.run_sync(self._space_sync)
+
+    def _space_sync(self) -> Space:
+        used = self._usage_sync()
+        with _os_errors("read the free space of", self.root):
+            disk = os.statvfs(self.root)
+        return Space.with_room(used, disk.f_bavail * disk.f_frsize)
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()  # files are opened per call

@@ -267,13 +267,13 @@ def files_under(root: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def holding_lock(home: Path) -> Iterator[None]:
-    """Hold HOME/lock as another p2pbackup process would (flock, our pid inside)."""
+def holding_lock(home: Path, name: str = "lock", *, shared: bool = False) -> Iterator[None]:
+    """Hold HOME/``name`` as another p2pbackup process would (flock, our pid inside)."""
     import fcntl
 
-    fd = os.open(home / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(home / name, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield

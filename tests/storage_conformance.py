@@ -196,6 +196,22 @@ class ShardStoreConformance:
 
     # -- scale --
 
+    async def test_space_is_the_usage_and_an_offer_above_it(self, store: ShardStore) -> None:
+        empty = await store.space()
+        assert empty.used == 0
+        assert empty.offered is None or empty.offered >= 0
+        await store.put(shard_id(1), b"x" * 100)
+        await store.put_root(b"r" * 10)
+        space = await store.space()
+        assert space.used == await store.usage() == 110
+        if space.offered is None:
+            assert space.room is None
+        else:
+            assert space.offered >= space.used
+            assert space.room == space.offered - space.used
+        await store.delete(shard_id(1))
+        assert (await store.space()).used == 10
+
     async def test_many_concurrent_puts_all_land(self, store: ShardStore) -> None:
         ids = [shard_id(n) for n in range(64)]
         async with trio.open_nursery() as nursery:

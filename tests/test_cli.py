@@ -379,6 +379,21 @@ def test_errors_are_one_clear_line(tmp_path: Path) -> None:
     with holding_lock(world.home):
         message = world.error("backup", source)
         assert "in use" in message and str(os.getpid()) in message
+        # A backup only adds: what reads the home goes on beside it; what
+        # removes waits for it.
+        world.ok("snapshots")
+        world.ok("status")
+        assert "in use" in world.error("prune")
+    # A reader (a restore, say) holds the home: forget and prune wait for it,
+    # naming it, and backups go on.
+    with holding_lock(world.home, "readers.lock", shared=True):
+        message = world.error("prune")
+        assert "being read" in message and str(os.getpid()) in message
+        world.ok("backup", source)
+        world.ok("snapshots")
+    with holding_lock(world.home, "readers.lock"):  # a prune is running
+        message = world.error("restore", "latest", "--target", tmp_path / "nowhere")
+        assert "being pruned" in message and str(os.getpid()) in message
 
     # An ambiguous prefix: make snapshots until two ids share a first digit
     # (in process, to be quick; the seventeenth snapshot at the latest forces it).

@@ -13,10 +13,11 @@ from p2pbackup.backup import Backup
 from p2pbackup.check import check
 from p2pbackup.errors import RecoveryKeyError, UsageError
 from p2pbackup.home import Home
-from p2pbackup.index import Index
+from p2pbackup.index import Index, ProbeCounts
 from p2pbackup.model import BlobType
 from p2pbackup.prune import prune
 from p2pbackup.restore import Restorer
+from p2pbackup.storage import FolderShardStore, ShardRoot, Space, read_folder_peer_id
 from p2pbackup.treediff import diff_trees
 
 from .engine_helpers import make_setup, make_tree, restored_path, shard_files
@@ -412,31 +413,104 @@ async def test_a_full_peer_is_routed_around(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from p2pbackup.errors import StoreFullError
-    from p2pbackup.storage import FolderShardStore, ShardRoot
 
     setup = await make_setup(tmp_path, peers=7)  # 3-of-6 with one spare
     full = setup.peers[0].resolve()
     real_put = FolderShardStore.put
 
+    refusals: list[Path] = []
+
     async def put(
         self: FolderShardStore, shard_id: bytes, data: bytes, root: ShardRoot | None = None
     ) -> None:
         if Path(self.root).resolve() == full:
+            refusals.append(full)
             raise StoreFullError(f"peer folder {full} is full")
         await real_put(self, shard_id, data, root)
 
     monkeypatch.setattr(FolderShardStore, "put", put)
-    source = make_tree(tmp_path / "src")
-    await _backup(setup.home, source)
+    source = make_tree(tmp_path / "src", big=1_500_000)
+    async with operations.open_repository(setup.home) as repo:
+        summary = await Backup(repo).run([source])
     assert shard_files(setup.peers[0]) == []
+    # Remembered as full: later packs do not ask it again (at most one
+    # refusal per uploader already on its way).
+    assert summary.packs_written >= 6
+    assert 1 <= refusals.count(full) <= 2
+    full_id = read_folder_peer_id(setup.peers[0])
+    assert summary.full_peers == [(full_id, f"peer folder {full} is full")]
+    assert (
+        f"warning: peer {full_id} is full, its shards went to other peers: "
+        f"peer folder {full} is full"
+    ) in summary.lines()
     async with operations.open_repository(setup.home) as repo:
         for pack_id in repo.index.pack_ids():
             record = repo.index.pack(pack_id)
             assert record is not None
             assert len({s.peer_id for s in record.shards}) == record.n == 6
-    summary = await _restore(setup.home, tmp_path / "out")
-    assert summary.ok
+        # It answered, if only to refuse: its uptime does not suffer.
+        assert repo.index.probe_counts()[full_id] == ProbeCounts(asked=1, answered=1)
+    restored = await _restore(setup.home, tmp_path / "out")
+    assert restored.ok
     assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
+
+
+async def test_a_peer_without_room_is_passed_over_without_being_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = await make_setup(tmp_path, peers=7)  # 3-of-6 with one spare
+    small = setup.peers[0].resolve()
+    real_space = FolderShardStore.space
+    real_put = FolderShardStore.put
+    puts: list[Path] = []
+
+    async def space(self: FolderShardStore) -> Space:
+        found = await real_space(self)
+        # A friend whose quota leaves 1000 bytes: less than any shard here.
+        return Space(found.used, found.used + 1000) if Path(self.root).resolve() == small else found
+
+    async def put(
+        self: FolderShardStore, shard_id: bytes, data: bytes, root: ShardRoot | None = None
+    ) -> None:
+        puts.append(Path(self.root).resolve())
+        await real_put(self, shard_id, data, root)
+
+    monkeypatch.setattr(FolderShardStore, "space", space)
+    monkeypatch.setattr(FolderShardStore, "put", put)
+    async with operations.open_repository(setup.home) as repo:
+        summary = await Backup(repo).run([make_tree(tmp_path / "src")])
+    assert small not in puts and shard_files(setup.peers[0]) == []
+    assert len(set(puts)) == 6  # every other peer has a shard of every pack
+    small_id = read_folder_peer_id(setup.peers[0])
+    [(peer_id, reason)] = summary.full_peers
+    assert peer_id == small_id
+    assert reason.startswith("it offers us ") and "no room for a shard of" in reason
+
+
+async def test_a_missing_peer_is_found_before_the_first_pack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = await make_setup(tmp_path, peers=7)
+    gone_id = read_folder_peer_id(setup.peers[0])
+    shutil.rmtree(setup.peers[0])
+    real_put = FolderShardStore.put
+    puts: list[Path] = []
+
+    async def put(
+        self: FolderShardStore, shard_id: bytes, data: bytes, root: ShardRoot | None = None
+    ) -> None:
+        puts.append(Path(self.root))
+        await real_put(self, shard_id, data, root)
+
+    monkeypatch.setattr(FolderShardStore, "put", put)
+    async with operations.open_repository(setup.home) as repo:
+        summary = await Backup(repo).run([make_tree(tmp_path / "src")])
+        counts = repo.index.probe_counts()
+    # The probe at the start found it gone: no pack waited for it.
+    assert setup.peers[0] not in puts
+    assert (summary.k, summary.n) == (3, 6)
+    assert counts[gone_id] == ProbeCounts(asked=1, answered=0)
+    assert all(counts[read_folder_peer_id(p)] == ProbeCounts(1, 1) for p in setup.peers[1:])
 
 
 async def test_restore_never_writes_through_a_symlink_in_the_target(tmp_path: Path) -> None:

@@ -233,6 +233,14 @@ def test_type_codes_are_pinned_and_every_version_is_one() -> None:
         assert (code, version) == (TYPE_CODES[cls], 1), cls.__name__
 
 
+def test_the_usage_answer_keeps_its_version_1_shape() -> None:
+    # ``offered`` took the place of the per-owner quota without a new version:
+    # the same two fields (u63, u63 or nil), as older peers wrote them.
+    assert encode_message(Usage(5, 10)) == bytes.fromhex("944a01050a")
+    assert encode_message(Usage(5, None)) == bytes.fromhex("944a0105c0")
+    assert decode_message(bytes.fromhex("944a01050a")) == Usage(used=5, offered=10)
+
+
 def test_requests_responses_and_the_piece_partition_the_types() -> None:
     assert not set(REQUEST_TYPES) & set(RESPONSE_TYPES)
     assert {*REQUEST_TYPES, *RESPONSE_TYPES, ShardPiece} == set(MESSAGE_TYPES)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+import math
+import random
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -11,10 +15,26 @@ from p2pbackup.placement import (
     MAX_EXPANSION,
     MIN_PEERS,
     Code,
+    PeerWeight,
     choose_code,
+    hash_fraction,
     rank_peers,
+    rank_weighted,
     spread_hosts,
+    uptime,
+    weigh_peers,
 )
+
+PACK_IDS = st.binary(min_size=32, max_size=32)
+PEER_NAMES = st.text(min_size=1, max_size=8)
+WEIGHTS = st.dictionaries(
+    PEER_NAMES, st.floats(0, 1e15, allow_nan=False, allow_infinity=False), max_size=12
+)
+
+
+def pack_ids(count: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(32) for _ in range(count)]
 
 
 @st.composite
@@ -88,3 +108,132 @@ def test_spreading_puts_one_peer_per_host_first(peers: list[tuple[str, str]]) ->
 def test_two_nodes_on_one_machine_share_a_pack_only_when_they_must() -> None:
     host = {"a1": "10.0.0.1", "a2": "10.0.0.1", "b": "10.0.0.2", "c": "10.0.0.3"}
     assert spread_hosts(["a1", "a2", "b", "c"], host.__getitem__) == ["a1", "b", "c", "a2"]
+
+
+# -- weighted ranking ---------------------------------------------------------------------
+
+
+@given(PACK_IDS, PEER_NAMES)
+def test_the_hash_fraction_is_strictly_inside_zero_and_one(pack_id: bytes, peer: str) -> None:
+    fraction = hash_fraction(pack_id, peer)
+    assert 0 < fraction < 1
+    assert -math.log(fraction) > 0  # every score is finite
+
+
+@given(PACK_IDS, WEIGHTS)
+def test_the_weighted_ranking_depends_on_the_pack_and_the_weights_alone(
+    pack_id: bytes, weights: dict[str, float]
+) -> None:
+    ranked = rank_weighted(pack_id, weights)
+    assert sorted(ranked) == sorted(weights)
+    shuffled = dict(reversed(list(weights.items())))
+    assert rank_weighted(pack_id, shuffled) == ranked
+
+
+@given(PACK_IDS, st.lists(PEER_NAMES, unique=True), st.floats(1e-6, 1e15))
+def test_equal_weights_rank_as_the_unweighted_ranking(
+    pack_id: bytes, peers: list[str], weight: float
+) -> None:
+    assert rank_weighted(pack_id, dict.fromkeys(peers, weight)) == rank_peers(pack_id, peers)
+
+
+@given(PACK_IDS, WEIGHTS)
+def test_a_peer_of_weight_zero_never_comes_before_one_with_weight(
+    pack_id: bytes, weights: dict[str, float]
+) -> None:
+    ranked = rank_weighted(pack_id, weights)
+    zero = [weights[peer] == 0 for peer in ranked]
+    assert zero == sorted(zero)  # every positive weight first
+
+
+@given(
+    PACK_IDS,
+    st.dictionaries(
+        PEER_NAMES,
+        st.builds(
+            PeerWeight,
+            free=st.none() | st.integers(0, 1 << 44),
+            uptime=st.floats(0.01, 1),
+            reputation=st.floats(0.01, 1),
+        ),
+        max_size=12,
+    ),
+    st.integers(1, 1 << 30),
+)
+def test_a_peer_without_room_for_the_shard_is_never_chosen_before_one_with_room(
+    pack_id: bytes, peers: dict[str, PeerWeight], need: int
+) -> None:
+    ranked = rank_weighted(pack_id, weigh_peers(peers, need))
+    no_room = [peers[p].free is not None and peers[p].free < need for p in ranked]  # type: ignore[operator]
+    assert no_room == sorted(no_room)
+
+
+def test_rank_weighted_refuses_weights_that_are_not_finite_and_non_negative() -> None:
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="weight"):
+            rank_weighted(b"p" * 32, {"a": 1.0, "b": bad})
+
+
+def test_equal_weights_spread_packs_evenly() -> None:
+    peers = [f"peer{i}" for i in range(5)]
+    firsts = collections.Counter(
+        rank_weighted(pack, dict.fromkeys(peers, 3.0))[0] for pack in pack_ids(5000, seed=1)
+    )
+    # Binomial(5000, 1/5): standard deviation 28; 150 is over five of them.
+    assert all(abs(firsts[peer] - 1000) < 150 for peer in peers), firsts
+
+
+def test_a_heavier_peer_wins_proportionally_more_packs() -> None:
+    weights = {"light": 1.0, "middle": 2.0, "heavy": 4.0}
+    packs = pack_ids(7000, seed=2)
+    firsts = collections.Counter(rank_weighted(pack, weights)[0] for pack in packs)
+    # Weighted rendezvous hashing: first place in proportion to the weight
+    # (1000, 2000, 4000 expected; standard deviations 32, 38, 41).
+    for peer, weight in weights.items():
+        assert abs(firsts[peer] - 1000 * weight) < 200, firsts
+    # Among the top two (what a 2-shard pack of three peers uses), the
+    # lightest still gets a fair part: weighting prefers, it does not exclude.
+    top_two = collections.Counter(p for pack in packs for p in rank_weighted(pack, weights)[:2])
+    assert top_two["light"] > 0.15 * len(packs)
+
+
+def test_weights_follow_free_space_uptime_and_reputation() -> None:
+    gib = 1 << 30
+    weights = weigh_peers(
+        {
+            "big": PeerWeight(free=8 * gib),
+            "small": PeerWeight(free=2 * gib),
+            "full": PeerWeight(free=100),
+            "flaky": PeerWeight(free=8 * gib, uptime=0.5),
+            "distrusted": PeerWeight(free=8 * gib, reputation=0.25),
+        },
+        need=1 << 20,
+    )
+    assert weights["big"] == 4 * weights["small"]
+    assert weights["full"] == 0
+    assert weights["flaky"] == weights["big"] / 2
+    assert weights["distrusted"] == weights["big"] / 4
+    # A peer whose room is not known counts as the median of those known.
+    known = {name: PeerWeight(free=size * gib) for name, size in (("a", 1), ("b", 4), ("c", 16))}
+    weights = weigh_peers({**known, "unknown": PeerWeight(free=None)}, need=1)
+    assert weights["unknown"] == weights["b"] == 4 * weights["a"]
+
+
+def test_small_drifts_of_free_space_do_not_change_the_weights() -> None:
+    gib = 1 << 30
+    before = weigh_peers({"a": PeerWeight(free=100 * gib), "b": PeerWeight(free=50 * gib)}, 1)
+    after = weigh_peers(
+        {"a": PeerWeight(free=100 * gib - (1 << 26)), "b": PeerWeight(free=50 * gib + (1 << 26))},
+        1,
+    )
+    assert before == after
+    assert weigh_peers({"a": PeerWeight()}, 1 << 40) == {"a": 1.0}  # nothing known: alike
+
+
+def test_uptime_counts_a_peer_never_asked_as_up() -> None:
+    assert uptime(0, 0) == 1.0
+    assert uptime(0, 1) == 0.5
+    assert uptime(9, 9) == 1.0
+    assert uptime(1, 9) == 0.2
+    with pytest.raises(ValueError):
+        uptime(3, 2)

@@ -26,11 +26,12 @@ from p2pbackup.messages import RefusalCode
 from p2pbackup.net import Address, LinkProfile, MemoryNetwork, Network, TcpNetwork
 from p2pbackup.remote import RemoteShardStore
 from p2pbackup.rpc import MessageChannel
-from p2pbackup.server import ServerLimits
+from p2pbackup.server import ServerLimits, StorageServer
 from p2pbackup.session import Identity, secure_initiator
-from p2pbackup.storage import ShardRoot, ShardStore
+from p2pbackup.shardhost import ShardHost
+from p2pbackup.storage import ShardRoot, ShardStore, Space
 
-from .net_helpers import RunningNode, identity, start_node
+from .net_helpers import LOOPBACK_ANY_PORT, RunningNode, identity, start_node
 from .storage_conformance import ShardStoreConformance, shard_id
 
 OWNER = identity("owner")
@@ -201,6 +202,26 @@ async def test_quota_refusal_is_store_full(tmp_path: Path, nursery: trio.Nursery
         await store.put(shard_id(2), bytes(600))
     assert await store.list() == [shard_id(1)]  # and the session still works
     await store.aclose()
+
+
+async def test_a_node_offers_each_owner_its_room_and_strangers_none(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    network = TcpNetwork()
+    host = ShardHost.open(tmp_path / "node", owner_quota=1000, capacity=1500)
+    node_identity = identity("gated node")
+    server = StorageServer(host, node_identity, admits=lambda node_id: node_id == OWNER.node_id)
+    address = await nursery.start(network.serve, LOOPBACK_ANY_PORT, server.handle_connection)
+    owner = RemoteShardStore(network, OWNER, address, node_identity.node_id)
+    stranger = RemoteShardStore(network, STRANGER, address, node_identity.node_id)
+    assert await owner.space() == Space(0, 1000)  # its quota, while the disk has more
+    await owner.put(shard_id(1), bytes(600))
+    assert await owner.space() == Space(600, 1000)
+    # Not admitted (friends only): no room offered, and indeed none given.
+    assert await stranger.space() == Space(0, 0)
+    await owner.aclose()
+    await stranger.aclose()
+    host.close()
 
 
 async def test_a_silent_node_times_out(nursery: trio.Nursery) -> None:

@@ -17,9 +17,19 @@ from p2pbackup.backup import Backup
 from p2pbackup.errors import RepositoryLockedError, UsageError
 from p2pbackup.exclude import ExcludeRules
 from p2pbackup.net import Address, MemoryNetwork
-from p2pbackup.schedule import MIN_INTERVAL, parse_config, parse_interval
+from p2pbackup.schedule import (
+    MIN_INTERVAL,
+    HomeConfig,
+    StorageOffer,
+    load_config,
+    load_schedule,
+    parse_config,
+    parse_home_config,
+    parse_interval,
+    parse_size,
+)
 
-from .cli_helpers import CLI, base_env, make_world
+from .cli_helpers import CLI, base_env, cli_error, make_world
 from .engine_helpers import make_setup
 
 
@@ -106,6 +116,69 @@ def test_a_bad_config_names_what_is_wrong(text: str, problem: str) -> None:
     assert MIN_INTERVAL == 60
 
 
+def test_the_storage_table_states_what_the_home_offers() -> None:
+    config = parse_home_config(
+        GOOD + '\n[storage]\ncapacity = "200G"\nper_friend = 1000\n', "config.toml"
+    )
+    assert config.storage == StorageOffer(capacity=200 << 30, per_friend=1000)
+    assert config.backup == parse_config(GOOD, "config.toml")  # the tables are apart
+    only = parse_home_config('version = 1\n[storage]\nper_friend = "1.5M"\n', "c")
+    assert only == HomeConfig(backup=None, storage=StorageOffer(per_friend=3 << 19))
+    assert parse_home_config("version = 1\n", "c") == HomeConfig()
+    assert parse_config('version = 1\n[storage]\ncapacity = "1T"\n', "c") is None
+
+
+@pytest.mark.parametrize(
+    ("table", "problem"),
+    [
+        ('capacity = "lots"', r"\[storage\] capacity: 'lots' is not a size \(examples"),
+        ('per_friend = "0G"', r"\[storage\] per_friend: size '0G' must be positive"),
+        ("per_friend = -5", r"\[storage\] per_friend: size -5 must be positive"),
+        ("capacity = true", r"\[storage\] capacity must be a size such as \"200G\""),
+        ("capacity = 1.5", r"\[storage\] capacity must be a size"),
+        ('quota = "1G"', r"unknown \[storage\] settings quota"),
+    ],
+)
+def test_a_bad_storage_size_names_the_key(table: str, problem: str) -> None:
+    with pytest.raises(UsageError, match=rf"^c: {problem}"):
+        parse_home_config(f"version = 1\n[storage]\n{table}\n", "c")
+    with pytest.raises(UsageError, match=r"^c: \[storage\] must be a table"):
+        parse_home_config("version = 1\nstorage = 3\n", "c")
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1000", 1000), ("500M", 500 << 20), ("20g", 20 << 30), ("1T", 1 << 40),
+     ("1.5G", 3 << 29), ("500MiB", 500 << 20), ("500MB", 500 << 20), (" 2K ", 2048)],
+)  # fmt: skip
+def test_sizes_read_as_the_command_line_reads_them(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "G", "-1G", "0", "nan", "inf", "12 parsecs"])
+def test_a_bad_size_is_refused(text: str) -> None:
+    with pytest.raises(UsageError, match="size"):
+        parse_size(text)
+
+
+def test_a_missing_config_is_empty(tmp_path: Path) -> None:
+    assert load_config(tmp_path / "config.toml") == HomeConfig()
+    assert load_schedule(tmp_path / "config.toml") is None
+    (tmp_path / "config.toml").write_text(GOOD + '[storage]\ncapacity = "1G"\n')
+    assert load_config(tmp_path / "config.toml").storage.capacity == 1 << 30
+    assert load_schedule(tmp_path / "config.toml") == parse_config(GOOD, "x")
+
+
+def test_serve_refuses_a_bad_storage_size_naming_the_key(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=1, n=3)
+    config = world.home / "config.toml"
+    config.write_text('version = 1\n[storage]\nper_friend = "50 gigs"\n')
+    message = cli_error("serve", "--listen", "127.0.0.1:0", home=world.home)
+    assert message == (
+        f"{config}: [storage] per_friend: '50 gigs' is not a size (examples: 500M, 20G, 1T)"
+    )
+
+
 async def test_serve_backs_up_on_schedule(tmp_path: Path, nursery: trio.Nursery) -> None:
     setup = await make_setup(tmp_path, k=1, n=3, peers=3)
     source = tmp_path / "src"
@@ -150,7 +223,16 @@ def test_serve_logs_json_lines_to_the_home(tmp_path: Path) -> None:
         f'version = 1\n[backup]\npaths = ["{source}"]\ninterval = "1d"\n'
     )
     process = subprocess.Popen(
-        [*CLI, "--home", str(world.home), "serve", "--listen", "127.0.0.1:0"],
+        [
+            *CLI,
+            "--home",
+            str(world.home),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "info",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=base_env(),
@@ -171,3 +253,32 @@ def test_serve_logs_json_lines_to_the_home(tmp_path: Path) -> None:
     assert oct(log.stat().st_mode & 0o777) == "0o600"
     assert b"Traceback" not in err
     assert b"ERROR" not in err
+    # --log-level info: stderr gets what the file gets, in its own format.
+    assert b"p2pbackup serve: INFO: scheduled backup saved snapshot" in err
+
+
+def test_every_rotated_log_file_stays_private(tmp_path: Path) -> None:
+    import logging
+
+    from p2pbackup import cli
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    old_umask = os.umask(0o022)
+    try:
+        log = tmp_path / "serve.log"
+        cli._log_to_file(log, logging.DEBUG, max_bytes=2000)
+        for i in range(100):
+            logging.getLogger("p2pbackup.test").debug("line %d of the log, padded %s", i, "x" * 40)
+    finally:
+        os.umask(old_umask)
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    files = sorted(tmp_path.glob("serve.log*"))
+    assert [f.name for f in files] == ["serve.log", "serve.log.1", "serve.log.2", "serve.log.3"]
+    assert all(oct(f.stat().st_mode & 0o777) == "0o600" for f in files), files
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert last["level"] == "DEBUG" and last["message"].startswith("line 99 of the log")

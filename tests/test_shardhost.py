@@ -349,6 +349,53 @@ def test_owner_quota_counts_uploads_in_progress(root: Path, clock: FakeClock) ->
     assert files_under(root / "tmp") == []
 
 
+def _disk_free(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    class Disk:
+        f_frsize = 1
+        f_bavail = free
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Disk)
+
+
+def test_the_offer_is_the_usage_plus_the_least_room(
+    root: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = ShardHost.open(root, owner_quota=1000, capacity=1500, clock=clock)
+    _disk_free(monkeypatch, 10**9)
+    assert host.space(OWNER) == (0, 1000)  # the quota binds
+    put(host, OWNER, sid(1), data_of(1, 300))
+    host.put_root(OWNER, b"r" * 100)  # the root record counts too
+    assert host.space(OWNER) == (400, 1000)
+    put(host, OTHER, sid(2), data_of(2, 900))
+    # Capacity left: 1500 - 400 - 900 = 200, below OWNER's quota room of 600.
+    assert host.space(OWNER) == (400, 600)
+    assert host.space(OTHER) == (900, 1000)  # its own quota binds it
+    upload = host.begin_put(OTHER, sid(3), 80, BLOCK, bytes(32), 60)
+    assert upload is not None
+    assert host.space(OWNER) == (400, 520)  # an upload in progress is counted
+    assert host.space(OTHER) == (900, 920)
+    upload.abort()
+    _disk_free(monkeypatch, 50)
+    assert host.space(OWNER) == (400, 450)  # the disk binds
+    _disk_free(monkeypatch, 0)
+    assert host.space(OWNER) == (400, 400)  # no room: the offer is the usage
+    # What is offered is what a put may take: one byte more is refused.
+    _disk_free(monkeypatch, 10**9)
+    used, offered = host.space(OWNER)
+    with pytest.raises(StoreFullError):
+        host.begin_put(OWNER, sid(4), offered - used + 1, BLOCK, bytes(32), 60)
+    assert host.begin_put(OWNER, sid(4), offered - used, BLOCK, bytes(32), 60) is not None
+    host.close()
+
+
+def test_without_limits_the_disk_is_the_offer(
+    host: ShardHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put(host, OWNER, sid(1), data_of(1, 300))
+    _disk_free(monkeypatch, 12345)
+    assert host.space(OWNER) == (300, 300 + 12345)
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
 def test_a_full_disk_while_writing_is_store_full(
     host: ShardHost, monkeypatch: pytest.MonkeyPatch, code: int

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -14,12 +15,17 @@ from hypothesis import strategies as st
 
 from p2pbackup import operations
 from p2pbackup.backup import Backup
+from p2pbackup.formats import SHARD_HEADER_SIZE
 from p2pbackup.home import Home
-from p2pbackup.net import Address, LinkProfile, MemoryNetwork
+from p2pbackup.index import ProbeCounts
+from p2pbackup.merkle import merkle_root
+from p2pbackup.net import Address, LinkProfile, MemoryNetwork, Network
+from p2pbackup.schedule import RUNNING_OFFER, StorageOffer
+from p2pbackup.shardhost import ShardHost
 from p2pbackup.status import SAFE_MARGIN, data_health, gather_status
 
 from .cli_helpers import cli_ok, make_source, make_world
-from .engine_helpers import SMALL, make_tree
+from .engine_helpers import SMALL, make_setup, make_tree
 from .net_helpers import start_node
 
 PORT = 47470
@@ -55,8 +61,20 @@ def test_data_health_lines_say_what_matters() -> None:
     ]
 
 
+def host_for(home: Home, owner: bytes, size: int) -> None:
+    """Make this home's node keep a shard of ``size`` bytes for ``owner``."""
+    host = ShardHost.open(home.hosted_path)
+    data = bytes(size)
+    upload = host.begin_put(owner, bytes(32), size, 4096, merkle_root(data, 4096), 3600)
+    assert upload is not None
+    upload.write(data)
+    upload.commit()
+    host.close()
+
+
 async def test_status_tells_the_truth_as_nodes_die(tmp_path: Path, nursery: trio.Nursery) -> None:
     world = MemoryNetwork(seed=9, default_link=LinkProfile(latency=0.0005), connect_timeout=0.5)
+    quota = 4 << 20
     nodes = [
         await start_node(
             nursery,
@@ -64,25 +82,46 @@ async def test_status_tells_the_truth_as_nodes_die(tmp_path: Path, nursery: trio
             tmp_path / f"node{i}",
             name=f"node{i}",
             listen=Address(f"node{i}", PORT),
+            owner_quota=quota if i < 2 else None,
         )
         for i in range(5)
     ]
     home = Home(tmp_path / "home")
     operations.init_home(home, attrs.evolve(SMALL, k=2, n=5))
+    home.config_path.write_text('version = 1\n[storage]\ncapacity = "10G"\nper_friend = "1G"\n')
     network = world.interface("owner")
     async with operations.open_repository(home, network=network) as repo:
         for node in nodes:
             await operations.add_node_peer(repo, str(node.address), node.identity.node_id.hex())
         await Backup(repo).run([make_tree(tmp_path / "tree")])
         packs = len(repo.index.pack_ids())
-        shard_bytes = sum(repo.index.pack(p).shard_size for p in repo.index.pack_ids())  # type: ignore[union-attr]
+        records = [repo.index.pack(p) for p in repo.index.pack_ids()]
+        shard_bytes = sum(r.shard_size + SHARD_HEADER_SIZE for r in records if r is not None)
+    # This home's node keeps 5000 bytes for node0: the balance with it shifts.
+    host_for(home, nodes[0].identity.node_id, 5000)
 
-    async def status_now() -> dict[str, object]:
+    async def status_now() -> Any:
         async with operations.open_repository(home, network=network) as repo:
             return (await gather_status(home, repo, now=1_800_000_000)).to_json()
 
     report = await status_now()
-    assert [p["online"] for p in report["peers"]] == [True] * 5  # type: ignore[index]
+    assert [p["online"] for p in report["peers"]] == [True] * 5
+    assert report["node"]["capacity"] == 10 << 30
+    assert report["node"]["per_friend"] == 1 << 30
+    owner = home.node_id()
+    by_id = {node.identity.node_id.hex(): node for node in nodes}
+    for peer in report["peers"]:
+        node = by_id[peer["peer_id"]]
+        held = node.host.usage(owner)  # shards and root record, by the node's count
+        assert held > peer["bytes_held_for_us"] == shard_bytes  # the root record aside
+        if node in nodes[:2]:
+            assert peer["offered"] == quota  # the quota binds, not the disk
+            assert peer["room"] == quota - held
+        else:
+            assert peer["offered"] == node.host.space(owner)[1]  # the disk's free space
+        kept = 5000 if node is nodes[0] else 0
+        assert peer["bytes_we_hold_for_it"] == kept
+        assert peer["balance"] == shard_bytes - kept
     assert report["data"] == {
         "packs": packs,
         "safe": packs,
@@ -91,31 +130,64 @@ async def test_status_tells_the_truth_as_nodes_die(tmp_path: Path, nursery: trio
         "min_healthy": 5,
         "min_margin": 3,
     }
+    lines = await gather_status_lines(home, network)
+    peer_lines = {line.split()[1]: line for line in lines if line.startswith("peer ")}
+    assert len(peer_lines) == 5
+    first = peer_lines[nodes[0].identity.node_id.hex()[:16]]
+    assert f"balance +{shard_bytes - 5000} bytes; offers us 4.0 MiB (" in first
+    assert first.endswith(" free)")
+    assert f"balance +{shard_bytes} bytes" in peer_lines[nodes[1].identity.node_id.hex()[:16]]
+    assert lines[0].endswith("offers 10.0 GiB in all, 1.0 GiB to each peer")
+    # node4 loses every shard it held for us but still answers: online, and
+    # no healthy shard of ours on it.
+    lost = nodes[4].host
+    shards, _more = lost.list(owner)
+    for shard in shards:
+        lost.delete(owner, shard.shard_id)
+    report = await status_now()
+    assert all(p["online"] for p in report["peers"])
+    assert report["data"]["min_healthy"] == 4 and report["data"]["min_margin"] == 2
     dead = {nodes[1].identity.node_id.hex(), nodes[3].identity.node_id.hex()}
     world.kill_host("node1")
     world.kill_host("node3")
     report = await status_now()
-    for peer in report["peers"]:  # type: ignore[attr-defined]
+    for peer in report["peers"]:
         assert peer["online"] == (peer["peer_id"] not in dead)
         assert peer["shards_held_for_us"] == packs  # every pack has a shard on each
         assert peer["bytes_held_for_us"] == shard_bytes
         if peer["online"]:
             assert peer["last_seen"] == 1_800_000_000 and peer["problem"] == ""
+            assert peer["offered"] is not None
         else:
             assert peer["last_seen"] == 1_800_000_000  # from the first status
             assert peer["problem"]
+            assert peer["offered"] is None and peer["room"] is None
     assert report["data"] == {
         "packs": packs,
         "safe": 0,
         "at_risk": packs,
         "unrecoverable": 0,
-        "min_healthy": 3,
-        "min_margin": 1,
+        "min_healthy": 2,  # node0 and node2: node4 answers but holds none
+        "min_margin": 0,
     }
     world.kill_host("node0")
     world.kill_host("node2")
     report = await status_now()
-    assert report["data"]["unrecoverable"] == packs  # type: ignore[index]
+    assert report["data"]["unrecoverable"] == packs
+    # Every status counted, for each peer, whether it answered.
+    async with operations.open_repository(home, network=network) as repo:
+        counts = repo.index.probe_counts()
+    answered = {0: 5, 1: 4, 2: 5, 3: 4, 4: 6}  # the backup's probe, then five statuses
+    for i, node in enumerate(nodes):
+        assert counts[node.identity.node_id.hex()] == ProbeCounts(6, answered[i])
+    lines = await gather_status_lines(home, network)
+    offline = [line for line in lines if "OFFLINE" in line]
+    assert len(offline) == 4 and all("offer unknown" in line for line in offline)
+
+
+async def gather_status_lines(home: Home, network: Network) -> list[str]:
+    async with operations.open_repository(home, network=network) as repo:
+        return (await gather_status(home, repo, now=1_800_000_000)).lines()
 
 
 @pytest.mark.slow
@@ -132,3 +204,19 @@ def test_status_through_the_cli(tmp_path: Path) -> None:
     assert report["node"]["addresses"] == []
     text = cli_ok("status", home=world.home).stdout
     assert "OFFLINE" in text and "packs at risk" in text
+
+
+async def test_status_in_the_daemon_reports_what_it_runs_with(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path, k=1, n=3)
+    setup.home.config_path.write_text('version = 1\n[storage]\ncapacity = "10G"\n')
+    async with operations.open_repository(setup.home) as repo:
+        report = await gather_status(setup.home, repo)
+        assert (report.node.capacity, report.node.per_friend) == (10 << 30, None)
+        # `serve --capacity 5G --owner-quota 1G` overrides the config: status
+        # run by that daemon says so.
+        token = RUNNING_OFFER.set(StorageOffer(5 << 30, 1 << 30))
+        try:
+            report = await gather_status(setup.home, repo)
+        finally:
+            RUNNING_OFFER.reset(token)
+        assert (report.node.capacity, report.node.per_friend) == (5 << 30, 1 << 30)

@@ -20,6 +20,7 @@ from p2pbackup.storage import (
     FolderShardStore,
     MemoryShardStore,
     ShardStore,
+    Space,
     init_folder_peer,
     read_folder_peer_id,
 )
@@ -62,6 +63,29 @@ class TestFolderShardStoreWithoutHardLinks(ShardStoreConformance):
 
 
 # --- memory capacity ------------------------------------------------------
+
+
+async def test_a_memory_store_offers_its_capacity() -> None:
+    assert await MemoryShardStore().space() == Space(0, None)
+    store = MemoryShardStore(capacity=100)
+    await store.put(shard_id(1), b"a" * 60)
+    assert await store.space() == Space(60, 100)
+    assert (await store.space()).room == 40
+
+
+async def test_a_folder_offers_the_free_space_of_its_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    init_folder_peer(tmp_path / "peer")
+    store = FolderShardStore(tmp_path / "peer", OWNER)
+    await store.put(shard_id(1), b"a" * 60)
+
+    class Disk:
+        f_frsize = 4096
+        f_bavail = 10
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Disk)
+    assert await store.space() == Space(60, 60 + 40960)
 
 
 async def test_memory_capacity() -> None:

@@ -1,0 +1,99 @@
+"""The index's schema versions, and the peers' uptime record kept in it."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from p2pbackup.errors import UsageError
+from p2pbackup.index import PROBE_MEMORY, SCHEMA_VERSION, Index, ProbeCounts
+from p2pbackup.model import PeerRecord, RepositoryConfig
+
+CONFIG = RepositoryConfig(2, 4, 1 << 20, 1 << 12, 1 << 14, 1 << 16, 1 << 16)
+
+
+def version_1_index(path: Path) -> None:
+    """An index as version 1 wrote it: today's, less the probe counts."""
+    index = Index(path)
+    with index.transaction():
+        index.set_config(CONFIG)
+        index.add_peer(PeerRecord("peer-a", "node", "10.0.0.1:47470"))
+        index.set_seen("peer-a", 1_700_000_000)
+    index.close()
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE peer_probes")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (b"1",))
+    db.commit()
+    db.close()
+
+
+def stored_version(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        (raw,) = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(raw)
+    finally:
+        db.close()
+
+
+def test_a_version_1_index_is_migrated_forward_with_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite"
+    version_1_index(path)
+    assert stored_version(path) == 1
+    index = Index(path)
+    assert stored_version(path) == SCHEMA_VERSION == 2
+    assert index.config() == CONFIG
+    assert index.peers() == [PeerRecord("peer-a", "node", "10.0.0.1:47470")]
+    assert index.last_seen() == {"peer-a": 1_700_000_000}
+    assert index.probe_counts() == {}
+    index.record_probe("peer-a", True)
+    assert index.probe_counts() == {"peer-a": ProbeCounts(asked=1, answered=1)}
+    index.close()
+    reopened = Index(path)  # and opening it again changes nothing
+    assert reopened.probe_counts() == {"peer-a": ProbeCounts(asked=1, answered=1)}
+    reopened.close()
+
+
+def test_a_new_index_starts_at_the_current_version(tmp_path: Path) -> None:
+    Index(tmp_path / "index.sqlite").close()
+    assert stored_version(tmp_path / "index.sqlite") == SCHEMA_VERSION
+
+
+def test_a_newer_index_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite"
+    Index(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (b"3",))
+    db.execute("DROP TABLE friends")  # a newer release might have done anything
+    db.commit()
+    db.close()
+    with pytest.raises(UsageError, match=r"schema version 3; this p2pbackup reads versions up to"):
+        Index(path)
+    db = sqlite3.connect(path)
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    db.close()
+    assert "friends" not in tables  # not recreated: nothing was changed
+
+
+def test_probe_counts_follow_the_recent_past(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.sqlite")
+    for _ in range(PROBE_MEMORY - 1):
+        index.record_probe("flaky", False)
+    index.record_probe("steady", True)
+    assert index.probe_counts()["flaky"] == ProbeCounts(PROBE_MEMORY - 1, 0)
+    # The count reaching PROBE_MEMORY halves both: old silence weighs less
+    # and less as the peer answers again.
+    index.record_probe("flaky", True)
+    assert index.probe_counts()["flaky"] == ProbeCounts(PROBE_MEMORY // 2, 0)
+    for _ in range(PROBE_MEMORY // 2):
+        index.record_probe("flaky", True)
+    counts = index.probe_counts()["flaky"]
+    assert counts == ProbeCounts(PROBE_MEMORY // 2, PROBE_MEMORY // 4)
+    assert index.probe_counts()["steady"] == ProbeCounts(1, 1)
+    with index.transaction():
+        index.add_peer(PeerRecord("steady", "dir", "/mnt/disk"))
+        index.remove_peer("steady")
+    assert "steady" not in index.probe_counts()  # a forgotten peer's record goes too
+    index.close()

@@ -19,7 +19,11 @@
    127.0.0.1, with the secure session and on plain TCP; then the whole-system
    steps again (not the big file) with p2pbackup's 10 peers as ``p2pbackup
    serve`` processes on 127.0.0.1, beside restic (skipped when part 4 already
-   ran with ``--peers nodes``).
+   ran with ``--peers nodes``);
+6. **the devnet**, only with ``--devnet`` — the whole-system steps again (not
+   the big file) as a user of ``p2pbackup devnet`` runs them: 11 befriended
+   homes at 4-of-10, every step handed to node-01's daemon, beside restic
+   (skipped when part 4 already ran with ``--peers devnet``).
 
 Component figures are the best of ``--repeat`` runs on warm caches; MB is
 10^6 bytes. Run from the repository::
@@ -27,6 +31,7 @@ Component figures are the best of ``--repeat`` runs on warm caches; MB is
     .venv/bin/python benchmarks/bench_all.py                # the full benchmark
     .venv/bin/python benchmarks/bench_all.py --quick        # a 1–2 minute smoke run
     .venv/bin/python benchmarks/bench_all.py --network      # and the network part
+    .venv/bin/python benchmarks/bench_all.py --devnet       # and the devnet part
     .venv/bin/python benchmarks/bench_all.py --network --skip-components --skip-system
                                                             # the network part alone
 
@@ -182,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="then the network: bench_network, and the whole system with 10 storage nodes",
     )
+    parser.add_argument(
+        "--devnet",
+        action="store_true",
+        help="then the whole system as a devnet of 11 homes, run by node-01's daemon",
+    )
     bench_backup.add_arguments(parser)
     bench_network.add_arguments(parser, prefix="network-")
     # None means "the full or the --quick size", decided after parsing.
@@ -245,6 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             nodes_args = copy.copy(args)
             nodes_args.peers, nodes_args.skip_big_file = "nodes", True
             code = bench_backup.run(nodes_args) or code
+
+    if args.devnet:
+        if args.peers == "devnet" and not args.skip_system:
+            print("\n(the whole system as a devnet already ran above: --peers devnet)")
+        else:
+            print("\n== devnet: the whole system run by a devnet node's daemon ==", flush=True)
+            devnet_args = copy.copy(args)
+            devnet_args.peers, devnet_args.skip_big_file = "devnet", True
+            code = bench_backup.run(devnet_args) or code
 
     if summary:
         print("\n== components, MB/s (one thread unless said) ==")

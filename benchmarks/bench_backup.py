@@ -20,6 +20,19 @@ each step (summed, from ``/proc/PID/stat`` before and after) are reported
 beside the client's. Logs and results then go to ``logs-nodes/`` and
 ``last-results-nodes.json``, so that a folder run's stay.
 
+With ``--peers devnet`` p2pbackup runs as a user of ``p2pbackup devnet``
+does: a devnet of 11 befriended homes (:func:`p2pbackup.devnet.open_devnet`,
+every home at 4-of-10) in a child process of this script
+(``--devnet-serve DIR``), started before the first step and stopped after
+the restore. Every step is ``p2pbackup --home node-01 …``, which hands the
+command to node-01's daemon over its control socket: the backup and the
+restore run in that daemon, and its 10 friends hold the shards. The client
+process does little, so each step's CPU is the client's plus the daemon's
+(from ``/proc/PID/stat``), its peak RSS the daemon's during the step (its
+``VmHWM``, reset before the step through ``/proc/PID/clear_refs``), and the
+10 other nodes' CPU is reported beside. Logs and results go to
+``logs-devnet/`` and ``last-results-devnet.json``.
+
 Every measured step is one child process: wall seconds, CPU seconds
 (user + system) and peak RSS come from ``os.wait4`` on that child alone.
 MB/s is 10^6 bytes of corpus per wall second (for the incremental backup:
@@ -30,7 +43,8 @@ may (root); the output says whether it was.
 Run from the repository::
 
     .venv/bin/python benchmarks/bench_backup.py [--workdir DIR] [--size-mb 1024] [--seed 1]
-        [--skip-restic] [--big-file-mb 2048] [--skip-big-file] [--peers dirs|nodes] [--keep]
+        [--skip-restic] [--big-file-mb 2048] [--skip-big-file] [--peers dirs|nodes|devnet]
+        [--keep]
 
 The corpus is generated once into ``WORKDIR/corpus-<size>MiB-seed<seed>`` (with
 a stamp file beside it) and reused while it matches the stamp; every run works
@@ -70,7 +84,7 @@ STAMP_VERSION = 1
 TARGET_RATIOS = {"initial backup": 0.5, "incremental backup": 0.5, "full restore": 0.7}
 TARGET_RSS_MB = 300.0
 #: What the details keep of ``p2pbackup backup --json`` and ``restic backup --json``.
-P2P_SUMMARY_KEYS = ("bytes_read", "bytes_new", "bytes_stored", "packs_written",
+P2P_SUMMARY_KEYS = ("bytes_read", "bytes_new", "bytes_stored", "packs_written", "k", "n",
                     "files_new", "files_changed", "files_unchanged")  # fmt: skip
 RESTIC_SUMMARY_KEYS = ("data_added", "files_new", "files_changed", "files_unmodified",
                        "total_bytes_processed")  # fmt: skip
@@ -78,7 +92,27 @@ RESTIC_SUMMARY_KEYS = ("data_added", "files_new", "files_changed", "files_unmodi
 BYTE_KEYS = {"bytes_read", "bytes_new", "bytes_stored", "data_added", "total_bytes_processed"}
 #: The detail with the storage nodes' CPU seconds during a step (peers "nodes").
 NODES_CPU_KEY = "nodes_cpu_seconds"
-PEER_KINDS = ("dirs", "nodes")
+#: Details of a devnet step: the client's own CPU and peak RSS, and the CPU of
+#: the daemon that ran the command (the measurement's CPU is the two summed,
+#: its peak RSS the daemon's).
+CLIENT_CPU_KEY = "client_cpu_seconds"
+CLIENT_RSS_KEY = "client_peak_rss_mb"
+DAEMON_CPU_KEY = "daemon_cpu_seconds"
+#: CPU seconds the machine spent during a step outside the measured tool and
+#: its peers (from /proc/stat): another program's work, which slows the step.
+OTHER_CPU_KEY = "other_cpu_seconds"
+#: CPU seconds the hypervisor gave to someone else while this machine's CPUs
+#: had work (steal time, from /proc/stat): a shared host slowing the step.
+STEAL_CPU_KEY = "steal_cpu_seconds"
+#: The devnet daemon's RSS when a step began (what it kept from earlier steps).
+DAEMON_RSS_BEFORE_KEY = "daemon_rss_before_mb"
+#: For a restic step beside running peers: their CPU meanwhile (idle upkeep).
+IDLE_PEERS_CPU_KEY = "idle_peers_cpu_seconds"
+PEER_KINDS = ("dirs", "nodes", "devnet")
+#: A devnet home's friends are the other nodes: 11 nodes give node-01 its 10 peers.
+DEVNET_NODES = PEERS + 1
+#: The line the devnet child prints, with a JSON list of its nodes, once they run.
+DEVNET_READY = "devnet ready "
 
 
 class StepFailed(Exception):
@@ -284,16 +318,20 @@ class ServeProcess:
     address: str = ""
     node_id: str = ""
     stopped: bool = False
+    #: What the process is, in messages.
+    kind: str = "storage node"
 
     @classmethod
-    def start(cls, cmd: Sequence[str], logs: Path, name: str) -> ServeProcess:
+    def start(
+        cls, cmd: Sequence[str], logs: Path, name: str, kind: str = "storage node"
+    ) -> ServeProcess:
         """Start ``cmd``; its output goes to ``logs/NAME.out`` and ``.err`` (a file,
         never a pipe: nobody reads a pipe while the node runs, and a full one blocks it)."""
         logs.mkdir(parents=True, exist_ok=True)
         out_path, err_path = logs / f"{name}.out", logs / f"{name}.err"
         with out_path.open("wb") as out, err_path.open("wb") as err:
             process = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        return cls(name, process, out_path, err_path)
+        return cls(name, process, out_path, err_path, kind=kind)
 
     def wait_serving(self, timeout: float = 60.0) -> None:
         """Wait for the ``serving on`` line; StepFailed if the node exits or takes too long."""
@@ -312,7 +350,7 @@ class ServeProcess:
                 self.stop()
                 tail = self.err_path.read_text(errors="replace").strip().splitlines()[-15:]
                 raise StepFailed(
-                    f"storage node {self.name} {why}; stderr ({self.err_path}):\n  "
+                    f"{self.kind} {self.name} {why}; stderr ({self.err_path}):\n  "
                     + "\n  ".join(tail)
                 )
             time.sleep(0.02)
@@ -335,13 +373,203 @@ class ServeProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            return [f"storage node {self.name} ignored SIGTERM for 30 s and was killed"]
+            return [f"{self.kind} {self.name} ignored SIGTERM for 30 s and was killed"]
         problems = []
         if code != 0:
-            problems.append(f"storage node {self.name} exited {code} (see {self.err_path})")
+            problems.append(f"{self.kind} {self.name} exited {code} (see {self.err_path})")
         if "Traceback" in self.err_path.read_text(errors="replace"):
-            problems.append(f"storage node {self.name} logged a traceback (see {self.err_path})")
+            problems.append(f"{self.kind} {self.name} logged a traceback (see {self.err_path})")
         return problems
+
+
+def machine_busy_seconds() -> tuple[float, float]:
+    """(busy, steal): CPU seconds the whole machine has spent busy, all CPUs
+    (user, nice, system, irq, softirq from /proc/stat), and stolen by the
+    hypervisor; NaN if unknown.
+
+    A process's own CPU time (``/proc/PID/stat``, rusage) is measured
+    precisely and includes time stolen while it ran, /proc/stat counts
+    ticks: the two agree within a few per cent once steal is added.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[1:9])
+    except (OSError, ValueError, IndexError):
+        return float("nan"), float("nan")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def process_rss_mb(pid: int) -> float:
+    """The RSS (``VmRSS``) of a running process now, MB; NaN if unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / MB
+    return float("nan")
+
+
+def process_peak_rss_mb(pid: int) -> float:
+    """The peak RSS (``VmHWM``) of a running process, MB; NaN if unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / MB
+    return float("nan")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Start a running process's ``VmHWM`` again from its RSS now (Linux ≥ 4.0;
+    the process's owner or root); False when not possible."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5\n")
+    except OSError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class DevnetNodeInfo:
+    """One node of the devnet child, as it reported it."""
+
+    name: str
+    home: str
+    pid: int
+    address: str
+
+
+@dataclass
+class DevnetProcess:
+    """A devnet of :data:`DEVNET_NODES` homes run by a child process of this
+    script (``--devnet-serve ROOT``, see :func:`serve_devnet`); node 0 is the
+    home the benchmark backs up from, the others its friends."""
+
+    root: Path
+    child: ServeProcess
+    logs: Path
+    label: str
+    nodes: list[DevnetNodeInfo] = field(default_factory=list)
+    #: False when the daemon's peak RSS could not be reset (not root, old kernel).
+    peak_resettable: bool = True
+
+    @classmethod
+    def start(cls, root: Path, logs: Path, label: str = "") -> DevnetProcess:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--devnet-serve", str(root)]
+        child = ServeProcess.start(cmd, logs, f"{label}devnet", kind="devnet")
+        return cls(root, child, logs, label)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Wait for the ready line; StepFailed if the devnet exits or takes too long."""
+        deadline = time.monotonic() + timeout
+        while not self.nodes:
+            for line in self.child.out_path.read_text(errors="replace").splitlines():
+                if line.startswith(DEVNET_READY):
+                    listed = json.loads(line.removeprefix(DEVNET_READY))
+                    self.nodes = [DevnetNodeInfo(**node) for node in listed]
+            if self.nodes:
+                break
+            code = self.child.process.poll()
+            if code is not None or time.monotonic() > deadline:
+                why = f"exited {code}" if code is not None else f"not ready after {timeout:g} s"
+                self.child.stop()
+                tail = self.child.err_path.read_text(errors="replace").strip().splitlines()[-15:]
+                raise StepFailed(
+                    f"devnet {why}; stderr ({self.child.err_path}):\n  " + "\n  ".join(tail)
+                )
+            time.sleep(0.1)
+        control = Path(self.daemon.home) / "control.sock"
+        if not control.exists():
+            self.stop()
+            raise StepFailed(
+                f"{self.daemon.name}'s daemon has no control socket at {control}: "
+                "the CLI would not reach it"
+            )
+
+    @property
+    def daemon(self) -> DevnetNodeInfo:
+        """The node whose home the benchmark uses: its daemon runs every step."""
+        return self.nodes[0]
+
+    def daemon_cpu(self) -> float:
+        return self._cpu(self.daemon)
+
+    def others_cpu(self) -> float:
+        """CPU seconds of the other nodes and of the devnet process itself."""
+        return sum(self._cpu(node) for node in self.nodes[1:]) + self.child.cpu_seconds()
+
+    def _cpu(self, node: DevnetNodeInfo) -> float:
+        try:
+            return process_cpu_seconds(node.pid)
+        except OSError:
+            # The devnet reaps a node that dies: its /proc entry is gone.
+            raise StepFailed(
+                f"devnet node {node.name} (pid {node.pid}) is gone; its log is "
+                f"{self.root / node.name}.log"
+            ) from None
+
+    def reset_daemon_peak(self) -> None:
+        self.peak_resettable = reset_peak_rss(self.daemon.pid) and self.peak_resettable
+
+    def daemon_peak_rss_mb(self) -> float:
+        return process_peak_rss_mb(self.daemon.pid)
+
+    def daemon_rss_mb(self) -> float:
+        return process_rss_mb(self.daemon.pid)
+
+    def hosted_bytes(self) -> int:
+        """Disk space of the shards the other nodes hold."""
+        return sum(_disk_usage(Path(node.home) / "hosted") for node in self.nodes[1:])
+
+    def stop(self) -> list[str]:
+        """Stop the devnet (SIGTERM: it stops its nodes); what went wrong, if anything.
+
+        The nodes' logs are copied to ``logs/LABELdevnet-node-NN.log``.
+        """
+        problems = self.child.stop()
+        for log in sorted(self.root.glob("node-*.log")):
+            copy = self.logs / f"{self.label}devnet-{log.name}"
+            with contextlib.suppress(OSError):
+                shutil.copyfile(log, copy)
+                if "Traceback" in copy.read_text(errors="replace"):
+                    problems.append(f"devnet {log.stem} logged a traceback (see {copy})")
+        return problems
+
+
+async def serve_devnet(root: Path, count: int = DEVNET_NODES) -> int:
+    """The devnet child: ``count`` befriended homes at 4-of-10 under ``root``,
+    as ``p2pbackup devnet`` starts them, until SIGTERM or SIGINT.
+
+    ``p2pbackup devnet`` gives its homes the default code (3-of-6) and has no
+    option for another; :func:`~p2pbackup.devnet.open_devnet` takes a config.
+    Prints :data:`DEVNET_READY` and a JSON list of the nodes once they run.
+    """
+    import trio
+
+    from p2pbackup import operations
+    from p2pbackup.devnet import open_devnet
+
+    k, n = operations.parse_shards(SHARDS)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_devnet(root, count, config=operations.default_config(k, n)) as devnet:
+            for warning in devnet.warnings:
+                print(f"warning: {warning}", flush=True)
+            nodes = [
+                asdict(DevnetNodeInfo(node.name, str(node.home.path), node.pid, node.address))
+                for node in devnet.nodes
+            ]
+            print(DEVNET_READY + json.dumps(nodes), flush=True)
+            async for _signum in signals:
+                print("stopping", flush=True)
+                break
+    bad = [
+        f"{node.name} exited {devnet.returncode(index)}"
+        for index, node in enumerate(devnet.nodes)
+        if devnet.returncode(index) != 0
+    ]
+    for line in bad:
+        print(f"devnet: {line}", file=sys.stderr, flush=True)
+    print("stopped", flush=True)
+    return 1 if bad else 0
 
 
 def run_quiet(cmd: Sequence[str], *, env: dict[str, str] | None = None) -> str:
@@ -440,25 +668,97 @@ class Context:
     #: The storage nodes running now (peers "nodes"), and what went wrong with any.
     nodes: list[ServeProcess] = field(default_factory=list)
     node_problems: list[str] = field(default_factory=list)
+    #: The devnet running now (peers "devnet").
+    devnet: DevnetProcess | None = None
+    #: Whether the devnet daemon's peak RSS could be reset before every step.
+    daemon_peak_reset: list[bool] = field(default_factory=list)
 
     def cold(self) -> None:
         self.caches_dropped.append(drop_caches())
 
     def nodes_cpu(self) -> float:
-        """CPU seconds of the running storage nodes, summed."""
-        return sum(node.cpu_seconds() for node in self.nodes)
+        """CPU seconds of the running storage nodes (devnet: all but the daemon), summed."""
+        total = sum(node.cpu_seconds() for node in self.nodes)
+        return total + (self.devnet.others_cpu() if self.devnet is not None else 0.0)
 
     def stop_nodes(self) -> None:
-        """SIGTERM the storage nodes and wait for them; idempotent."""
+        """SIGTERM the storage nodes or the devnet and wait for them; idempotent."""
         nodes, self.nodes = self.nodes, []
         for node in nodes:
             self.node_problems.extend(node.stop())
+        devnet, self.devnet = self.devnet, None
+        if devnet is not None:
+            self.daemon_peak_reset.append(devnet.peak_resettable)
+            self.node_problems.extend(devnet.stop())
+
+    def begin_step(self) -> StepProbe:
+        """Read the peers' CPU (and reset the devnet daemon's peak RSS) before a step."""
+        daemon_cpu, daemon_rss = 0.0, float("nan")
+        if self.devnet is not None:
+            self.devnet.reset_daemon_peak()
+            daemon_cpu, daemon_rss = self.devnet.daemon_cpu(), self.devnet.daemon_rss_mb()
+        busy, steal = machine_busy_seconds()
+        return StepProbe(self.nodes_cpu(), daemon_cpu, busy, steal, daemon_rss)
+
+    def end_step(
+        self, probe: StepProbe, cpu: float, rss: float, *, peers_of_tool: bool = True
+    ) -> tuple[float, float, dict[str, float]]:
+        """After a step: (CPU s, peak RSS MB, details) of the tool doing it.
+
+        With folders, the client's own; with storage nodes, the same and the
+        nodes' CPU as a detail; in a devnet, where the client hands the
+        command to the daemon, CPU is the client's plus the daemon's and peak
+        RSS the daemon's, the client's kept as details. ``peers_of_tool``
+        False (restic's steps, which run while the peers idle): the peers'
+        CPU is only a detail. Every step has the machine's other CPU.
+        """
+        busy, steal = machine_busy_seconds()
+        busy, steal = busy - probe.busy, steal - probe.steal
+        peers = self.nodes_cpu() - probe.nodes_cpu
+        daemon = self.devnet.daemon_cpu() - probe.daemon_cpu if self.devnet is not None else 0.0
+        # Processes' CPU is measured precisely, /proc/stat counts ticks: a
+        # small negative remainder is noise.
+        other = round(max(0.0, busy + steal - cpu - peers - daemon), 2)
+        details: dict[str, float] = {}
+        if not peers_of_tool:
+            if self.nodes or self.devnet is not None:
+                details[IDLE_PEERS_CPU_KEY] = round(peers + daemon, 2)
+        elif self.nodes or self.devnet is not None:
+            details[NODES_CPU_KEY] = round(peers, 2)
+        if self.devnet is not None and peers_of_tool:
+            details.update(
+                {CLIENT_CPU_KEY: round(cpu, 2), CLIENT_RSS_KEY: round(rss, 1),
+                 DAEMON_CPU_KEY: round(daemon, 2),
+                 DAEMON_RSS_BEFORE_KEY: round(probe.daemon_rss_mb, 1)}
+            )  # fmt: skip
+            cpu, rss = cpu + daemon, self.devnet.daemon_peak_rss_mb()
+        details[OTHER_CPU_KEY] = other
+        details[STEAL_CPU_KEY] = round(steal, 2)
+        return cpu, rss, details
+
+    def peers_disk_bytes(self, base: Path) -> int:
+        if self.devnet is not None:
+            return self.devnet.hosted_bytes()
+        return _disk_usage(base / "peers")
 
     def discard(self, *paths: Path) -> None:
         """Free the disk space of a finished part, unless --keep."""
         if not self.keep:
             for path in paths:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class StepProbe:
+    """What :meth:`Context.begin_step` read before a step."""
+
+    nodes_cpu: float
+    daemon_cpu: float
+    #: :func:`machine_busy_seconds` before the step.
+    busy: float
+    steal: float
+    #: The devnet daemon's RSS before the step (NaN without a devnet).
+    daemon_rss_mb: float
 
 
 def _clean(path: Path) -> Path:
@@ -473,8 +773,13 @@ def p2p_home(ctx: Context, base: Path, label: str = "") -> list[str]:
 
     The peers are folders under ``base/peers``, or with ``ctx.peers == "nodes"``
     storage nodes started now (see :func:`start_nodes`; ``label`` starts the
-    names of their logs).
+    names of their logs). With ``ctx.peers == "devnet"``, a devnet started now
+    under ``base/devnet``: the home is its first node's, served by its daemon.
     """
+    if ctx.peers == "devnet":
+        ctx.devnet = DevnetProcess.start(base / "devnet", ctx.logs, label)
+        ctx.devnet.wait_ready()
+        return [*p2pbackup_command(), "--home", ctx.devnet.daemon.home]
     home, peers = base / "home", base / "peers"
     cmd = [*p2pbackup_command(), "--home", str(home)]
     run_quiet([*cmd, "init", "--shards", SHARDS, "--recovery-key-file", str(base / "key.txt")])
@@ -535,11 +840,13 @@ def _disk_usage(path: Path) -> int:
     return total
 
 
-def _nodes_cpu_details(ctx: Context, before: float) -> dict[str, float]:
-    """The storage nodes' CPU seconds since ``before``, as a detail (none without nodes)."""
-    if not ctx.nodes:
-        return {}
-    return {NODES_CPU_KEY: round(ctx.nodes_cpu() - before, 2)}
+def check_code(summary: dict[str, Any]) -> None:
+    """StepFailed unless a backup that wrote packs coded them at :data:`SHARDS`."""
+    if summary.get("packs_written") and f"{summary.get('k')}/{summary.get('n')}" != SHARDS:
+        raise StepFailed(
+            f"p2pbackup coded its packs {summary.get('k')}-of-{summary.get('n')}, not "
+            f"{SHARDS.replace('/', '-of-')}: the benchmark would not compare what it says"
+        )
 
 
 def bench_p2pbackup(ctx: Context, corpus: Path, results: list[Measurement]) -> Iterator[None]:
@@ -553,15 +860,17 @@ def bench_p2pbackup(ctx: Context, corpus: Path, results: list[Measurement]) -> I
     def backup(step: str, name: str, extra: dict[str, Any]) -> None:
         _files, size = tree_size(run)
         ctx.cold()
-        nodes_before = ctx.nodes_cpu()
+        probe = ctx.begin_step()
         seconds, cpu, rss, code, out = run_measured(
             [*cmd, "backup", source, "--json"], ctx.logs, name
         )
+        cpu, rss, peers_details = ctx.end_step(probe, cpu, rss)
         summary = _json_tail(out)
+        check_code(summary)
         details = {
             **extra,
             **{k: summary[k] for k in P2P_SUMMARY_KEYS if k in summary},
-            **_nodes_cpu_details(ctx, nodes_before),
+            **peers_details,
         }
         results.append(Measurement("p2pbackup", step, seconds, cpu, rss, size, code, details))
 
@@ -573,14 +882,15 @@ def bench_p2pbackup(ctx: Context, corpus: Path, results: list[Measurement]) -> I
     target = base / "restore"
     _files, size = tree_size(run)
     ctx.cold()
-    nodes_before = ctx.nodes_cpu()
+    probe = ctx.begin_step()
     seconds, cpu, rss, code, _out = run_measured(
         [*cmd, "restore", "latest", "--target", str(target), "--json"],
         ctx.logs,
         "p2p-restore",
         allowed=(0, 3),
     )
-    nodes_cpu = _nodes_cpu_details(ctx, nodes_before)
+    cpu, rss, peers_details = ctx.end_step(probe, cpu, rss)
+    peers_disk = ctx.peers_disk_bytes(base)
     ctx.stop_nodes()
     problems = verify(run, restored_path(target, run))
     if code != 0:
@@ -589,8 +899,8 @@ def bench_p2pbackup(ctx: Context, corpus: Path, results: list[Measurement]) -> I
         Measurement(
             "p2pbackup", "full restore", seconds, cpu, rss, size, code,
             {"verified": not problems, "problems": problems[:20],
-             "problem_count": len(problems), "peers_disk_bytes": _disk_usage(base / "peers"),
-             **nodes_cpu},
+             "problem_count": len(problems), "peers_disk_bytes": peers_disk,
+             **peers_details},
         )
     )  # fmt: skip
     if not problems:
@@ -640,13 +950,16 @@ def bench_restic(
     def backup(step: str, name: str, extra: dict[str, Any]) -> None:
         _files, size = tree_size(run)
         ctx.cold()
+        probe = ctx.begin_step()
         seconds, cpu, rss, code, out = run_measured(
             [restic, "backup", "--json", source], ctx.logs, name, env=env
         )
+        cpu, rss, other = ctx.end_step(probe, cpu, rss, peers_of_tool=False)
         summary = _restic_summary(out)
         details = {
             **extra,
             **{k: summary[k] for k in RESTIC_SUMMARY_KEYS if k in summary},
+            **other,
         }
         results.append(Measurement("restic", step, seconds, cpu, rss, size, code, details))
 
@@ -658,15 +971,18 @@ def bench_restic(
     target = base / "restore"
     _files, size = tree_size(run)
     ctx.cold()
+    probe = ctx.begin_step()
     seconds, cpu, rss, code, _out = run_measured(
         [restic, "restore", "latest", "--target", str(target)], ctx.logs, "restic-restore", env=env
     )
+    cpu, rss, other = ctx.end_step(probe, cpu, rss, peers_of_tool=False)
     problems = verify(run, restored_path(target, run))
     results.append(
         Measurement(
             "restic", "full restore", seconds, cpu, rss, size, code,
             {"verified": not problems, "problems": problems[:20],
-             "problem_count": len(problems), "repo_disk_bytes": _disk_usage(base / "repo")},
+             "problem_count": len(problems), "repo_disk_bytes": _disk_usage(base / "repo"),
+             **other},
         )
     )  # fmt: skip
     if not problems:
@@ -716,19 +1032,20 @@ def bench_big_file(ctx: Context, size_mb: int, restic: str | None) -> list[Measu
     p2p = _clean(base / "p2pbackup")
     cmd = p2p_home(ctx, p2p, "bigfile-")
     ctx.cold()
-    nodes_before = ctx.nodes_cpu()
+    probe = ctx.begin_step()
     try:
         seconds, cpu, rss, code, out = run_measured(
             [*cmd, "backup", str(big.resolve()), "--json"], ctx.logs, "p2p-backup-bigfile"
         )
-        nodes_cpu = _nodes_cpu_details(ctx, nodes_before)
+        cpu, rss, peers_details = ctx.end_step(probe, cpu, rss)
     finally:
         ctx.stop_nodes()
     summary = _json_tail(out)
+    check_code(summary)
     results.append(
         Measurement("p2pbackup", f"backup one {size_mb} MiB file", seconds, cpu, rss, size, code,
                     {**{k: summary[k] for k in ("bytes_stored", "packs_written") if k in summary},
-                     **nodes_cpu})
+                     **peers_details})
     )  # fmt: skip
     ctx.discard(p2p)
 
@@ -737,12 +1054,15 @@ def bench_big_file(ctx: Context, size_mb: int, restic: str | None) -> list[Measu
         env = restic_env(rbase)
         run_quiet([restic, "init"], env=env)
         ctx.cold()
+        probe = ctx.begin_step()
         seconds, cpu, rss, code, _out = run_measured(
             [restic, "backup", str(big.resolve())], ctx.logs, "restic-backup-bigfile", env=env
         )
+        cpu, rss, other = ctx.end_step(probe, cpu, rss, peers_of_tool=False)
         results.append(
-            Measurement("restic", f"backup one {size_mb} MiB file", seconds, cpu, rss, size, code)
-        )
+            Measurement("restic", f"backup one {size_mb} MiB file", seconds, cpu, rss, size, code,
+                        other)
+        )  # fmt: skip
         ctx.discard(rbase)
     return results
 
@@ -803,6 +1123,44 @@ def nodes_cpu_lines(results: list[Measurement]) -> list[str]:
     return lines
 
 
+def devnet_cpu_lines(results: list[Measurement]) -> list[str]:
+    lines = []
+    for m in results:
+        daemon, nodes = m.details.get(DAEMON_CPU_KEY), m.details.get(NODES_CPU_KEY)
+        client = m.details.get(CLIENT_CPU_KEY)
+        if not (isinstance(daemon, float) and isinstance(nodes, float)):
+            continue
+        total = m.cpu_seconds + nodes
+        lines.append(
+            f"  {m.step:<26} client {client:6.2f} s, daemon {daemon:7.2f} s, other nodes "
+            f"{nodes:6.2f} s, together {total:7.2f} s ({total / m.seconds:.2f} cores); "
+            f"daemon peak RSS {m.peak_rss_mb:.0f} MB ({m.details.get(DAEMON_RSS_BEFORE_KEY)} MB "
+            f"at the start), client {m.details.get(CLIENT_RSS_KEY)} MB"
+        )
+    return lines
+
+
+#: Other programs' average CPU use during a step (cores) above which the
+#: step counts as disturbed: on 2 cores, a fifth of one is already felt.
+DISTURBED_CORES = 0.2
+
+
+def disturbance_lines(results: list[Measurement]) -> list[str]:
+    """Other programs' CPU during each step, and a warning for a disturbed one."""
+    lines = []
+    for m in results:
+        other, steal = m.details.get(OTHER_CPU_KEY), m.details.get(STEAL_CPU_KEY, 0.0)
+        if not isinstance(other, float) or not isinstance(steal, float) or m.seconds <= 0:
+            continue
+        cores = (other + steal) / m.seconds
+        flag = "  DISTURBED" if cores > DISTURBED_CORES else ""
+        lines.append(
+            f"  {m.tool:<9} {m.step:<26} {other:6.2f} s, stolen {steal:5.2f} s "
+            f"({cores:.2f} cores){flag}"
+        )
+    return lines
+
+
 def targets_lines(
     ours: list[Measurement], theirs: list[Measurement], big: list[Measurement]
 ) -> list[str]:
@@ -849,8 +1207,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--peers",
         choices=PEER_KINDS,
         default="dirs",
-        help="p2pbackup's 10 peers: local folders (dirs, the default) or storage nodes, "
-        "each a `p2pbackup serve` process on 127.0.0.1 (nodes)",
+        help="p2pbackup's 10 peers: local folders (dirs, the default), storage nodes, "
+        "each a `p2pbackup serve` process on 127.0.0.1 (nodes), or the 10 friends of "
+        f"node-01 in a devnet of {DEVNET_NODES} homes, every step run by node-01's daemon "
+        "(devnet)",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep homes, peers, repositories and restores"
@@ -896,6 +1256,11 @@ def run(args: argparse.Namespace) -> int:
     if ctx.peers == "nodes":
         print(f"setup:   {PEERS} storage nodes on 127.0.0.1 (one `p2pbackup serve` process "
               f"each, started before and stopped after), {shards} shards")  # fmt: skip
+    elif ctx.peers == "devnet":
+        print(f"setup:   a devnet of {DEVNET_NODES} befriended homes on 127.0.0.1 (open_devnet, "
+              f"each a `p2pbackup serve` process; started before and stopped after), "
+              f"{shards} shards; `p2pbackup --home node-01 …` runs in node-01's daemon, "
+              f"its {PEERS} friends hold the shards")  # fmt: skip
     else:
         print(f"setup:   {PEERS} local folder peers, {shards} shards")
     print(f"rusage:  {'GNU time ' + TIME_BINARY if TIME_BINARY else 'os.wait4 (inflated RSS)'}")
@@ -966,11 +1331,32 @@ def run(args: argparse.Namespace) -> int:
             print(f"restore verification ({m.tool}): {verdict}")
             if not m.details.get("verified"):
                 failures.append(f"{m.tool} restore differs from the source")
+    disturbance = disturbance_lines([*ours, *theirs, *big])
+    if disturbance:
+        print(
+            "\nother programs' CPU during each step (from /proc/stat: the machine's busy time "
+            "less the tool's and its peers'; a few per cent of theirs is noise), and CPU time "
+            f"the hypervisor stole; over {DISTURBED_CORES} cores on average together is "
+            "DISTURBED"
+        )
+        for line in disturbance:
+            print(line)
     if ctx.peers == "nodes":
         print(f"\nstorage nodes ({PEERS} `serve` processes): CPU seconds during each step, summed")
         for line in nodes_cpu_lines([*ours, *big]):
             print(line)
         print("\ntargets (p2pbackup with its 10 peers as storage nodes on 127.0.0.1):")
+    elif ctx.peers == "devnet":
+        print(
+            f"\ndevnet: CPU seconds during each step of the client, node-01's daemon (which "
+            f"runs the command) and the {PEERS} other nodes with the devnet process; "
+            "p2pbackup's CPU in the table above is client + daemon, its RSS the daemon's"
+        )
+        if not all(ctx.daemon_peak_reset):
+            print("  (the daemon's peak RSS could not be reset: it is the peak since it started)")
+        for line in devnet_cpu_lines([*ours, *big]):
+            print(line)
+        print(f"\ntargets (p2pbackup as a devnet of {DEVNET_NODES} homes, {shards}):")
     else:
         print("\ntargets:")
     for line in targets_lines(ours, theirs, big):
@@ -1022,7 +1408,14 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    # The devnet child of --peers devnet (see DevnetProcess).
+    parser.add_argument("--devnet-serve", type=Path, metavar="ROOT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.devnet_serve is not None:
+        import trio
+
+        return trio.run(serve_devnet, args.devnet_serve)
+    return run(args)
 
 
 if __name__ == "__main__":

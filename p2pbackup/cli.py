@@ -665,9 +665,14 @@ async def cmd_demo(args: argparse.Namespace, home: Home) -> int:
 
 
 async def cmd_devnet(args: argparse.Namespace, home: Home) -> int:
+    from p2pbackup import operations
     from p2pbackup.devnet import run_devnet
 
-    return await run_devnet(Path(args.dir) if args.dir else None, args.nodes)
+    # Without --shards, the default code, adapted to the friends there are.
+    config = (
+        operations.default_config(*operations.parse_shards(args.shards)) if args.shards else None
+    )
+    return await run_devnet(Path(args.dir) if args.dir else None, args.nodes, config=config)
 
 
 # -- parser -------------------------------------------------------------------------
@@ -895,6 +900,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dir", metavar="D", help="put their homes here (default: a new temporary directory)"
+    )
+    p.add_argument(
+        "--shards",
+        metavar="K/N",
+        help="every home's code: any K of N shards restore a pack (N at most the nodes "
+        "less one; default 3/6, made smaller when a home has fewer than 6 friends)",
     )
     p.set_defaults(func=cmd_devnet)
     return parser

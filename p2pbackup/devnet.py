@@ -432,10 +432,20 @@ async def run_devnet(
     root: Path | None,
     count: int,
     *,
+    config: RepositoryConfig | None = None,
     program: str | None = None,
 ) -> int:
-    """``p2pbackup devnet``: start, show, wait for a signal, stop. Exit status."""
+    """``p2pbackup devnet``: start, show, wait for a signal, stop. Exit status.
+
+    ``config`` is every home's (``--shards``); its n must fit the friends a
+    home has (``count - 1``), so the code asked for is the code used.
+    """
     check_node_count(count)
+    if config is not None and config.n > count - 1:
+        raise UsageError(
+            f"--shards {config.k}/{config.n}: each home has {count - 1} friends to hold "
+            f"a pack's {config.n} shards; run --nodes {config.n + 1} or more"
+        )
     if root is None:
         root = Path(tempfile.mkdtemp(prefix="p2pbackup-devnet-"))
     root = root.absolute()
@@ -464,9 +474,15 @@ async def run_devnet(
                     err(f"    {line}")
 
             try:
-                async with open_devnet(root, count, on_death=report_death) as devnet:
+                async with open_devnet(
+                    root, count, config=config, on_death=report_death
+                ) as devnet:
                     running.append(devnet)
-                    out(f"devnet of {count} nodes in {root}, every node a friend of every other")
+                    chosen = config if config is not None else operations.default_config()
+                    out(
+                        f"devnet of {count} nodes in {root}, every node a friend of every "
+                        f"other; each home {chosen.k}-of-{chosen.n}"
+                    )
                     out(f"recovery keys in {root}/node-NN.key (mode 0600), logs in node-NN.log")
                     for warning in devnet.warnings:
                         out(f"warning: {warning}")

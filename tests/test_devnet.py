@@ -68,9 +68,9 @@ class DevnetProcess:
     _queue: queue.Queue[str | None] = attrs.Factory(queue.Queue)
 
     @classmethod
-    def start(cls, root: Path, count: int) -> DevnetProcess:
+    def start(cls, root: Path, count: int, *extra: str) -> DevnetProcess:
         process = subprocess.Popen(
-            [*CLI, "devnet", "--nodes", str(count), "--dir", os.fspath(root)],
+            [*CLI, "devnet", "--nodes", str(count), "--dir", os.fspath(root), *extra],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -132,12 +132,16 @@ def test_devnet_refuses_too_few_nodes_and_a_used_directory(tmp_path: Path) -> No
     message = cli_error("devnet", "--nodes", "4", "--dir", tmp_path / "used")
     assert str(tmp_path / "used" / "node-02") in message and "--dir" in message
     assert not (tmp_path / "used" / "node-01").exists()  # nothing was created
+    # A code wider than a home's friends could never be the code used.
+    message = cli_error("devnet", "--nodes", "6", "--shards", "4/10", "--dir", tmp_path / "wide")
+    assert "--shards 4/10" in message and "5 friends" in message and "--nodes 11" in message
+    assert not (tmp_path / "wide" / "node-01").exists()
 
 
 @pytest.mark.slow
 def test_devnet_nodes_are_friends_back_up_and_stop_on_ctrl_c(tmp_path: Path) -> None:
     root = tmp_path / "net"
-    devnet = DevnetProcess.start(root, 4)
+    devnet = DevnetProcess.start(root, 4, "--shards", "2/3")
     try:
         devnet.read_until("running; Ctrl-C")
         shown = devnet.nodes
@@ -166,7 +170,7 @@ def test_devnet_nodes_are_friends_back_up_and_stop_on_ctrl_c(tmp_path: Path) -> 
         source = make_source(tmp_path / "source", big=200_000)
         before = tree_state(source)
         result = cli_ok("backup", source, home=root / "node-02")
-        assert "(1-of-3 shards" in result.stdout, result.stdout
+        assert "(2-of-3 shards" in result.stdout, result.stdout  # --shards 2/3
         snapshot = result.lines[-1]
         assert SNAPSHOT_ID_RE.fullmatch(snapshot)
         for other in ("node-01", "node-03", "node-04"):

@@ -10,9 +10,11 @@ neighbours a node saves), on which recovering and relocating peers depend.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -80,6 +82,21 @@ class Member:
         return self.discovery.node
 
 
+@contextlib.asynccontextmanager
+async def discovery_of(
+    world: MemoryNetwork, member: Member, **options: Any
+) -> AsyncIterator[Discovery]:
+    """``member``'s DHT node on the memory network and its discovery role
+    (not yet run); ``options`` go to :class:`Discovery`."""
+    async with dht.open_dht(
+        world.interface(member.host),
+        Address(member.host, DHT_PORT),
+        node_id=member.node_id,
+        wall_clock=wall_clock,
+    ) as running:
+        yield Discovery(running, member.identity, [record_address(member.host)], **options)
+
+
 async def join(
     nursery: trio.Nursery,
     world: MemoryNetwork,
@@ -93,22 +110,16 @@ async def join(
     async def run(task_status: trio.TaskStatus[None]) -> None:
         with trio.CancelScope() as scope:
             member.scope = scope
-            async with dht.open_dht(
-                world.interface(member.host),
-                Address(member.host, DHT_PORT),
-                node_id=member.node_id,
-                wall_clock=wall_clock,
-            ) as running:
-                member.discovery = Discovery(
-                    running,
-                    member.identity,
-                    [record_address(member.host)],
-                    options=DiscoveryOptions(
-                        bootstrap=tuple(bootstrap), root_pointer_lifetime=root_lifetime
-                    ),
-                    friends=lambda: friends,
-                    root_holders=lambda: holders,
-                )
+            async with discovery_of(
+                world,
+                member,
+                options=DiscoveryOptions(
+                    bootstrap=tuple(bootstrap), root_pointer_lifetime=root_lifetime
+                ),
+                friends=lambda: friends,
+                root_holders=lambda: holders,
+            ) as discovery:
+                member.discovery = discovery
                 await member.discovery.join()
                 await member.discovery.publish()
                 task_status.started()
@@ -173,44 +184,39 @@ async def test_the_pointer_is_published_again_when_its_holders_change(
     await join(nursery, world, bob, [])
     holders: list[records.RecordAddress] = []
     alice = Member("10.0.0.1", make_identity("alice"))
-    async with dht.open_dht(
-        world.interface(alice.host),
-        Address(alice.host, DHT_PORT),
-        node_id=alice.node_id,
-        wall_clock=wall_clock,
-    ) as running:
-        discovery = Discovery(
-            running,
-            alice.identity,
-            [record_address(alice.host)],
+    async with (
+        discovery_of(
+            world,
+            alice,
             options=DiscoveryOptions(bootstrap=(Address(bob.host, DHT_PORT),)),
             root_holders=lambda: holders,
-        )
-        async with trio.open_nursery() as inner:
-            await inner.start(discovery.run)
-            await trio.sleep(1)
-            # No holders yet: nothing to point at, so nothing is published.
-            assert await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id) is None
-            holders.append(record_address("10.0.0.7"))
-            await trio.sleep(60)
-            # Only a hint makes it look before the refresh period is over.
-            assert await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id) is None
-            discovery.root_holders_may_have_changed()
-            await trio.sleep(1)
-            found = await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id)
-            assert isinstance(found, records.RootPointer)
-            assert found.addresses == (record_address("10.0.0.7"),)
-            first = found.sequence
-            # A hint with no change publishes nothing new.
-            discovery.root_holders_may_have_changed()
-            await trio.sleep(1)
-            found = await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id)
-            assert isinstance(found, records.RootPointer) and found.sequence == first
-            # The refresh period pushes the expiry on, holders changed or not.
-            await trio.sleep(discovery.options.refresh_period)
-            found = await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id)
-            assert isinstance(found, records.RootPointer) and found.sequence > first
-            inner.cancel_scope.cancel()
+        ) as discovery,
+        trio.open_nursery() as inner,
+    ):
+        await inner.start(discovery.run)
+        await trio.sleep(1)
+        # No holders yet: nothing to point at, so nothing is published.
+        assert await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id) is None
+        holders.append(record_address("10.0.0.7"))
+        await trio.sleep(60)
+        # Only a hint makes it look before the refresh period is over.
+        assert await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id) is None
+        discovery.root_holders_may_have_changed()
+        await trio.sleep(1)
+        found = await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id)
+        assert isinstance(found, records.RootPointer)
+        assert found.addresses == (record_address("10.0.0.7"),)
+        first = found.sequence
+        # A hint with no change publishes nothing new.
+        discovery.root_holders_may_have_changed()
+        await trio.sleep(1)
+        found = await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id)
+        assert isinstance(found, records.RootPointer) and found.sequence == first
+        # The refresh period pushes the expiry on, holders changed or not.
+        await trio.sleep(discovery.options.refresh_period)
+        found = await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id)
+        assert isinstance(found, records.RootPointer) and found.sequence > first
+        inner.cancel_scope.cancel()
 
 
 def test_root_holders_are_the_node_peers_friends_first(tmp_path: Path) -> None:
@@ -346,23 +352,17 @@ async def test_a_node_that_started_alone_saves_the_neighbours_it_meets_later(
     world = MemoryNetwork(seed=8, default_link=LinkProfile(latency=0.01))
     first = Member("10.0.0.1", make_identity("first"))
     state = tmp_path / "dht-state.json"
-    async with dht.open_dht(
-        world.interface(first.host),
-        Address(first.host, DHT_PORT),
-        node_id=first.node_id,
-        wall_clock=wall_clock,
-    ) as running:
-        discovery = Discovery(
-            running, first.identity, [record_address(first.host)], state_path=state
-        )
-        async with trio.open_nursery() as inner:
-            await inner.start(discovery.run)
-            await trio.sleep(1)
-            assert dht.load_routing_state(state, first.node_id) == []
-            second = Member("10.0.0.2", make_identity("second"))
-            await join(nursery, world, second, [Address(first.host, DHT_PORT)])
-            # Long before the hour's refresh, the newcomer is on disk.
-            await trio.sleep(STATE_SAVE_PERIOD)
-            saved = dht.load_routing_state(state, first.node_id)
-            assert [c.node_id for c in saved] == [second.node_id]
-            inner.cancel_scope.cancel()
+    async with (
+        discovery_of(world, first, state_path=state) as discovery,
+        trio.open_nursery() as inner,
+    ):
+        await inner.start(discovery.run)
+        await trio.sleep(1)
+        assert dht.load_routing_state(state, first.node_id) == []
+        second = Member("10.0.0.2", make_identity("second"))
+        await join(nursery, world, second, [Address(first.host, DHT_PORT)])
+        # Long before the hour's refresh, the newcomer is on disk.
+        await trio.sleep(STATE_SAVE_PERIOD)
+        saved = dht.load_routing_state(state, first.node_id)
+        assert [c.node_id for c in saved] == [second.node_id]
+        inner.cancel_scope.cancel()

@@ -161,21 +161,31 @@ def backup_on_a_terminal(home: Path, source: Path) -> tuple[int, bytes]:
         os.close(controller)
 
 
-@pytest.mark.slow
-def test_the_cli_hands_commands_to_a_running_daemon(tmp_path: Path) -> None:
-    world = make_world(tmp_path, k=1, n=3)
-    make_source(tmp_path / "work" / "src", big=100_000)
+def start_daemon(home: Path) -> subprocess.Popen[bytes]:
+    """``serve`` for ``home`` on a free loopback port, once its control socket is there."""
     process = subprocess.Popen(
-        [*CLI, "--home", str(world.home), "serve", "--listen", "127.0.0.1:0"],
+        [*CLI, "--home", str(home), "serve", "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=base_env(),
     )
+    deadline = time.monotonic() + 30
+    while not (home / "control.sock").exists():
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            _out, err = process.communicate(timeout=10)
+            raise AssertionError(f"no control socket in {home}: {err.decode(errors='replace')}")
+        time.sleep(0.1)
+    return process
+
+
+@pytest.mark.slow
+def test_the_cli_hands_commands_to_a_running_daemon(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=1, n=3)
+    make_source(tmp_path / "work" / "src", big=100_000)
+    process = start_daemon(world.home)
     try:
         socket_path = world.home / "control.sock"
-        deadline = time.monotonic() + 30
-        while not socket_path.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
         assert oct(socket_path.stat().st_mode & 0o777) == "0o600"
         # A relative path means the user's directory, not the daemon's.
         result = run_cli("backup", "src", "--json", home=world.home, cwd=tmp_path / "work")
@@ -253,17 +263,9 @@ def test_sigterm_mid_backup_stops_the_daemon_cleanly_and_loses_nothing(tmp_path:
     big.mkdir()
     for i in range(6):
         (big / f"part{i}.bin").write_bytes(os.urandom(40 << 20))
-    serve = subprocess.Popen(
-        [*CLI, "--home", str(world.home), "serve", "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=base_env(),
-    )
+    serve = start_daemon(world.home)
     try:
         log = world.home / "serve.log"
-        deadline = time.monotonic() + 30
-        while not (world.home / "control.sock").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
         backup = subprocess.Popen(
             [*CLI, "--home", str(world.home), "backup", str(big)],
             stdout=subprocess.PIPE,

@@ -658,30 +658,17 @@ async def _rebuild_index(
             index.add_snapshot(snapshot_id, formats.decode_snapshot(plain))
         summary.snapshots += 1
 
-    # Every peer at once, each asked once for all it holds of ours: one
-    # listing per peer, not one question per shard.
-    held: dict[str, set[bytes]] = {}
-
-    async def list_peer(peer: PeerRecord) -> None:
-        try:
-            held[peer.peer_id] = set(await repo.store(peer.peer_id).list())
-        except (StoreError, UsageError) as exc:
-            summary.problems.append(f"peer {peer.peer_id} ({peer.location}): {exc}")
-
-    async with trio.open_nursery() as nursery:
-        for peer in index.peers():
-            nursery.start_soon(list_peer, peer)
+    peers = index.peers()
+    held, unreached = await repo.list_held(p.peer_id for p in peers)
+    summary.problems.extend(
+        f"peer {p.peer_id} ({p.location}): {unreached[p.peer_id]}"
+        for p in peers
+        if p.peer_id in unreached
+    )
     summary.peers_reached = reached = len(held)
-    for pack_id in index.pack_ids():
-        pack = index.pack(pack_id, with_blobs=False)
-        assert pack is not None
+    for k, _n, holders in repo.live_holders(held):
         summary.packs += 1
-        present = sum(
-            1
-            for location in pack.shards
-            if formats.shard_id(pack_id, location.index) in held.get(location.peer_id, ())
-        )
-        if present >= pack.k:
+        if len(holders) >= k:
             summary.packs_restorable += 1
     if reached:
         # Tell every peer where the others are now (a folder may have moved).

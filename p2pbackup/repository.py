@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import attrs
@@ -330,6 +331,37 @@ class Repository:
                     self.mark_down(peer_id)
                 self.observe(peer_id, answer.answered)
         return answers
+
+    async def list_held(
+        self, peer_ids: Iterable[str], timeout: float | None = None
+    ) -> tuple[dict[str, frozenset[bytes]], dict[str, str]]:
+        """The shard ids each peer lists now, asked all at once (each within
+        ``timeout`` seconds, if given): one listing per peer, not one question
+        per shard. Also, for each peer that did not answer, why."""
+        held: dict[str, frozenset[bytes]] = {}
+        problems: dict[str, str] = {}
+
+        async def list_one(peer_id: str) -> None:
+            try:
+                with trio.fail_after(math.inf if timeout is None else timeout):
+                    held[peer_id] = frozenset(await self.store(peer_id).list())
+            except trio.TooSlowError:
+                problems[peer_id] = f"no listing within {timeout:g} s"
+            except P2PBackupError as error:
+                problems[peer_id] = str(error)
+
+        async with trio.open_nursery() as nursery:
+            for peer_id in peer_ids:
+                nursery.start_soon(list_one, peer_id)
+        return held, problems
+
+    def live_holders(
+        self, held: Mapping[str, frozenset[bytes]]
+    ) -> Iterator[tuple[int, int, list[str]]]:
+        """Every pack in the index as (k, n, the peers whose listing in
+        ``held`` has their shard of it)."""
+        for pack_id, k, n, shards in self.index.pack_placements():
+            yield k, n, [p for p, i in shards if formats.shard_id(pack_id, i) in held.get(p, ())]
 
     def peer_weights(self, peer_ids: list[str]) -> dict[str, placement.PeerWeight]:
         """What placement knows of each peer: its room now and its uptime."""

@@ -32,10 +32,8 @@ import time
 from collections.abc import Iterable, Sequence
 
 import attrs
-import trio
 
 from p2pbackup import formats, shardhost
-from p2pbackup.errors import P2PBackupError
 from p2pbackup.home import Home
 from p2pbackup.progress import human_bytes
 from p2pbackup.repository import PROBE_SECONDS, Repository
@@ -232,14 +230,8 @@ async def gather_status(home: Home, repo: Repository, *, now: float | None = Non
     # A shard is healthy when its peer lists it now, not merely because the
     # peer answered: a friend that lost its disk, or recovered into an empty
     # one, answers but holds nothing.
-    listed = await _list_shards(repo, online)
-    health = data_health(
-        (
-            (k, n, [p for p, i in shards if formats.shard_id(pack_id, i) in listed.get(p, ())])
-            for pack_id, k, n, shards in index.pack_placements()
-        ),
-        set(listed),
-    )
+    listed, _unlisted = await repo.list_held(online, LIST_TIMEOUT)
+    health = data_health(repo.live_holders(listed), set(listed))
     node = NodeState(
         node_id=repo.keyring.node_id.hex(),
         addresses=tuple(home.read_addresses()),
@@ -248,24 +240,6 @@ async def gather_status(home: Home, repo: Repository, *, now: float | None = Non
         per_friend=offer.per_friend,
     )
     return Status(node, tuple(states), health)
-
-
-async def _list_shards(repo: Repository, online: set[str]) -> dict[str, frozenset[bytes]]:
-    """The shard ids each online peer lists now, asked all at once; a peer
-    that does not answer the listing in time is left out (not healthy)."""
-    listed: dict[str, frozenset[bytes]] = {}
-
-    async def list_one(peer_id: str) -> None:
-        try:
-            with trio.fail_after(LIST_TIMEOUT):
-                listed[peer_id] = frozenset(await repo.store(peer_id).list())
-        except (trio.TooSlowError, P2PBackupError):
-            pass
-
-    async with trio.open_nursery() as nursery:
-        for peer_id in online:
-            nursery.start_soon(list_one, peer_id)
-    return listed
 
 
 def _hosted_for(hosted: dict[bytes, int], peer_id: str) -> int:

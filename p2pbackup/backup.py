@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable
 import attrs
 import trio
 
-from p2pbackup import blobs, chunker, formats, packer
+from p2pbackup import blobs, chunker, formats, packer, runtime
 from p2pbackup.errors import UsageError
 from p2pbackup.exclude import ExcludeRules
 from p2pbackup.index import CachedFile, Index
@@ -57,8 +57,9 @@ _FILE_WORKERS = 2
 _UPLOADERS = 2
 #: Jobs queued for the file workers.
 _JOB_QUEUE = 2
-#: Sealed blobs queued for the packer (each up to a few MiB).
-_PACK_QUEUE = 8
+#: Groups of sealed blobs queued for the packer (a group holds about
+#: _FORWARD_BYTES, or a single blob of up to a few MiB).
+_PACK_QUEUE = 2
 #: Files at least this large get a job of their own; smaller ones are batched.
 _LARGE_FILE = 1 << 20
 #: A batch of small files holds at most this many bytes or files.
@@ -304,7 +305,7 @@ class Backup:
         self._trees: trio.Nursery | None = None
         #: The batch of small files being filled (it may span directories).
         self._batch = _Job()
-        self._pack_send: trio.MemorySendChannel[_Sealed] | None = None
+        self._pack_send: trio.MemorySendChannel[list[_Sealed]] | None = None
 
     # -- entry point ------------------------------------------------------------
 
@@ -320,7 +321,7 @@ class Backup:
         await self.repo.probe_peers()
         self.repo.check_enough_peers()
         started = time.monotonic()
-        with unwrap_single():
+        with unwrap_single(), runtime.rare_collections():
             snapshot_id, snapshot = await self._run_pipeline(targets, tuple(tags))
         self.progress.close()
         await self._write_index_segment()
@@ -337,7 +338,7 @@ class Backup:
         self, targets: list[bytes], tags: tuple[str, ...]
     ) -> tuple[bytes, Snapshot]:
         job_send, job_recv = trio.open_memory_channel[_Job](_JOB_QUEUE)
-        pack_send, pack_recv = trio.open_memory_channel[_Sealed](_PACK_QUEUE)
+        pack_send, pack_recv = trio.open_memory_channel[list[_Sealed]](_PACK_QUEUE)
         upload_send, upload_recv = trio.open_memory_channel[packer.PackBuilder](0)
         self._job_send, self._pack_send = job_send, pack_send
         async with trio.open_nursery() as nursery:
@@ -394,20 +395,21 @@ class Backup:
 
     async def _packer(
         self,
-        receive: trio.MemoryReceiveChannel[_Sealed],
+        receive: trio.MemoryReceiveChannel[list[_Sealed]],
         send: trio.MemorySendChannel[packer.PackBuilder],
     ) -> None:
         # File data and metadata (trees, snapshots) go to separate packs, so that
         # listing or planning a restore reads a few small packs, not the data.
         builders = {True: packer.PackBuilder(), False: packer.PackBuilder()}
         async with receive, send:
-            async for item in receive:
-                is_data = item.blob_type == BlobType.DATA
-                builder = builders[is_data]
-                builder.add(item.blob_type, item.ident, item.sealed, item.raw_length)
-                if builder.size >= self.pack_size:
-                    await send.send(builder)
-                    builders[is_data] = packer.PackBuilder()
+            async for group in receive:
+                for item in group:
+                    is_data = item.blob_type == BlobType.DATA
+                    builder = builders[is_data]
+                    builder.add(item.blob_type, item.ident, item.sealed, item.raw_length)
+                    if builder.size >= self.pack_size:
+                        await send.send(builder)
+                        builders[is_data] = packer.PackBuilder()
             for builder in builders.values():
                 if len(builder):
                     await send.send(builder)
@@ -424,9 +426,10 @@ class Backup:
                 )
 
     async def _forward(self, items: list[_Sealed]) -> None:
+        # One channel send per group, not per blob: a group of small files'
+        # blobs is thousands of them, each send a trip through the scheduler.
         assert self._pack_send is not None
-        for item in items:
-            await self._pack_send.send(item)
+        await self._pack_send.send(items)
 
     async def _store_small_blob(self, blob_type: BlobType, ident: bytes, plaintext: bytes) -> None:
         """Seal and queue a tree or snapshot blob unless it is stored already."""

@@ -24,6 +24,7 @@ module that imports pyfastcdc.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -100,7 +101,13 @@ class ChunkerParams:
 DEFAULT_PARAMS = ChunkerParams(min_size=256 * 1024, avg_size=832 * 1024, max_size=4 * 1024 * 1024)
 
 
+@functools.lru_cache(maxsize=8)
 def _fastcdc(params: ChunkerParams) -> FastCDC:
+    # Built once per params: with a seed, pyfastcdc's constructor XORs the
+    # 256-word gear tables in an interpreted loop (~50 µs, holding the GIL),
+    # which was the largest cost of a small file. The object is read-only
+    # after construction (every cut_* call has its own chunker state), so
+    # threads share it.
     return FastCDC(
         params.avg_size,
         min_size=params.min_size,
@@ -184,6 +191,8 @@ def iter_chunks(stream: BinaryIO, params: ChunkerParams) -> Iterator[bytes]:
 
 def chunk_bytes(data: bytes, params: ChunkerParams) -> list[bytes]:
     """Cut in-memory ``data`` into chunks (the same cuts :func:`iter_chunks` makes)."""
+    if 0 < len(data) <= params.min_size:
+        return [data]  # FastCDC never cuts before min_size: one chunk, as it would say
     chunks = [chunk.data for chunk in _fastcdc(params).cut_buf(data)]
     if len(chunks) == 1 and len(chunks[0]) == len(data):
         return [data]  # the common small file: no copy

@@ -474,9 +474,7 @@ async def run_devnet(
                     err(f"    {line}")
 
             try:
-                async with open_devnet(
-                    root, count, config=config, on_death=report_death
-                ) as devnet:
+                async with open_devnet(root, count, config=config, on_death=report_death) as devnet:
                     running.append(devnet)
                     chosen = config if config is not None else operations.default_config()
                     out(

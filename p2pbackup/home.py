@@ -235,8 +235,7 @@ class Home:
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         with shared_lock(
             self.readers_lock_path,
-            f"{self.path} is being pruned by another p2pbackup process; "
-            "try again once it is done",
+            f"{self.path} is being pruned by another p2pbackup process; try again once it is done",
         ):
             yield
 
@@ -244,10 +243,13 @@ class Home:
     def removing(self) -> Iterator[None]:
         """Hold the home to remove data (``forget``, ``prune``): the writer's
         lock, and no reader at the same time."""
-        with self.locked(), exclusive_lock(
-            self.readers_lock_path,
-            f"{self.path} is being read by another p2pbackup process "
-            "(a restore, status or check); try again once it is done",
+        with (
+            self.locked(),
+            exclusive_lock(
+                self.readers_lock_path,
+                f"{self.path} is being read by another p2pbackup process "
+                "(a restore, status or check); try again once it is done",
+            ),
         ):
             yield
 

@@ -822,6 +822,31 @@ def encode_frame(message: Message) -> bytes:
         return b"".join((_LENGTH.pack(len(body)), body))
 
 
+def piece_frame_head(length: int) -> bytes:
+    """The bytes before the data in the frame of a ``length``-byte :class:`ShardPiece`.
+
+    ``piece_frame_head(len(data)) + data == encode_frame(ShardPiece(data))``:
+    a sender can hand the session the head and a view of the shard, and the
+    piece is never copied into a frame of its own.
+    """
+    if not 1 <= length <= PIECE_SIZE:
+        raise LocalProtocolError(
+            f"cannot encode: a piece holds 1 to {PIECE_SIZE} bytes, not {length}"
+        )
+    spec = _BY_CLASS[ShardPiece]
+    # msgpack's smallest bin header for the length, as the packer would write it.
+    if length < 1 << 8:
+        bin_head = struct.pack(">BB", 0xC4, length)
+    elif length < 1 << 16:
+        bin_head = struct.pack(">BH", 0xC5, length)
+    else:
+        bin_head = struct.pack(">BI", 0xC6, length)
+    packed: bytes = msgpack.packb([spec.code, spec.version], use_bin_type=True)
+    # [code, version] became a 2-item array; the piece makes it 3 (fixarray).
+    body_head = bytes([packed[0] + 1]) + packed[1:] + bin_head
+    return _LENGTH.pack(len(body_head) + length) + body_head
+
+
 def encode_frames(messages: Sequence[Message]) -> bytes:
     """Several frames back to back (for one send of a short exchange)."""
     return b"".join(encode_frame(message) for message in messages)

@@ -284,8 +284,7 @@ class RemoteShardStore:
             self._answer(answer, messages.Ready, request)
             view = memoryview(data)
             for start in range(0, len(data), messages.PIECE_SIZE):
-                piece = bytes(view[start : start + messages.PIECE_SIZE])
-                await channel.send(messages.ShardPiece(piece))
+                await channel.send_piece(view[start : start + messages.PIECE_SIZE])
             self._answer(await channel.receive(), messages.Stored, request)
 
         await self._exchange(exchange)

@@ -424,13 +424,9 @@ class Repository:
         peers = [p for p in self.peers() if not self.is_full(p.peer_id)]
         peer_ids = [p.peer_id for p in peers]
         hosts = {p.peer_id: host_of(p) for p in peers}
-        data, _header = builder.finish(self.keyring.data_key)
-        ident = packer.pack_id(data)
-        pack_size = len(data)
-        payloads, roots, shard_size = await trio.to_thread.run_sync(
-            _encode_pack, data, ident, code.k, code.n, config.block_size
+        ident, pack_size, payloads, roots, shard_size = await trio.to_thread.run_sync(
+            _finish_pack, builder, self.keyring.data_key, code.k, code.n, config.block_size
         )
-        del data  # Only the shards are needed from here on; memory stays bounded.
         need = formats.SHARD_HEADER_SIZE + shard_size
         weights = placement.weigh_peers(self.peer_weights(peer_ids), need)
         # One shard per host first; peers without room for the shard after
@@ -646,6 +642,23 @@ class Repository:
             raise PeerUnavailableError(f"no peer accepted the root record ({'; '.join(errors)})")
         self.index.set_root_sequence(record.sequence)
         return stored
+
+
+def _finish_pack(
+    builder: packer.PackBuilder, data_key: bytes, k: int, n: int, block_size: int
+) -> tuple[bytes, int, list[bytearray], list[bytes], int]:
+    """Runs in a worker thread: the pack's id and size, its n shards and their
+    roots, and the shard size.
+
+    Joining, hashing and coding a pack takes tens of milliseconds; on the
+    event loop that would stall every upload in flight meanwhile.
+    """
+    data, _header = builder.finish(data_key)
+    ident = packer.pack_id(data)
+    payloads, roots, shard_size = _encode_pack(data, ident, k, n, block_size)
+    # The pack itself is dropped here: only its shards live on, so memory
+    # stays bounded by the shards of the packs in flight.
+    return ident, len(data), payloads, roots, shard_size
 
 
 def _encode_pack(

@@ -33,7 +33,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from p2pbackup import blobs, formats, packer
+from p2pbackup import blobs, formats, packer, runtime
 from p2pbackup.errors import NotEnoughShardsError, P2PBackupError, UsageError
 from p2pbackup.model import BlobEntry, BlobType, NodeKind, Snapshot, Tree, TreeNode
 from p2pbackup.nurseries import unwrap_single
@@ -146,7 +146,7 @@ class Restorer:
             raise UsageError(f"restore target {self.target} exists and is not a directory")
         self.target.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(self.target)
-        with unwrap_single():
+        with unwrap_single(), runtime.rare_collections():
             await self._plan(snapshot, only)
             await self._write_files()
         self._finish_links()

@@ -36,6 +36,16 @@ class MessageChannel:
     async def send(self, message: messages.Message) -> None:
         await self.stream.send_all(messages.encode_frame(message))
 
+    async def send_piece(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``ShardPiece(data)``: on a secure session without copying ``data``
+        into a frame first (a shard upload is mostly this)."""
+        head = messages.piece_frame_head(len(data))
+        send_parts = getattr(self.stream, "send_all_parts", None)
+        if send_parts is None:
+            await self.stream.send_all(head + bytes(data))
+        else:
+            await send_parts((head, data))
+
     async def receive_or_end(self) -> messages.Message | None:
         """The next message, or None if the peer closed the stream cleanly."""
         while True:

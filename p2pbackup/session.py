@@ -37,6 +37,7 @@ Nothing here logs or shows a key.
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator, Sequence
 from typing import Final
 
 import attrs
@@ -66,10 +67,10 @@ _HEADER_SIZE: Final = 2
 _TAG_SIZE: Final = crypto.TAG_SIZE
 # Bulk traffic pays per call (event loop, syscalls) far more than per byte
 # copied, so both directions move several Noise messages at a time: a send
-# seals up to _SEND_BATCH plaintext bytes into one buffer for one transport
+# seals up to _SEND_BATCH_MESSAGES full messages into one buffer for one transport
 # send, a receive asks the transport for up to _RECEIVE_SIZE bytes and opens
 # every whole frame among them, up to _RECEIVE_CAP plaintext bytes.
-_SEND_BATCH: Final = 16 * MAX_PLAINTEXT_SIZE
+_SEND_BATCH_MESSAGES: Final = 16
 _RECEIVE_SIZE: Final = 256 * 1024
 _RECEIVE_CAP: Final = 1024 * 1024
 
@@ -398,37 +399,54 @@ class SecureStream(trio.abc.Stream):
     # -- sending ------------------------------------------------------------------
 
     async def send_all(self, data: BytesLike) -> None:
+        await self.send_all_parts((data,))
+
+    async def send_all_parts(self, parts: Sequence[BytesLike]) -> None:
+        """Send the concatenation of ``parts``, which are never joined: each
+        Noise message is sealed straight from the parts' memory (only one that
+        straddles two parts is put together, at most one message's worth)."""
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this session")
         self._check_usable()
         self._sending = True
+        views: list[memoryview] = []
         try:
-            if not data:
+            views = [_flat(part) for part in parts if len(part)]
+            if not views:
                 await trio.lowlevel.checkpoint()
                 return
-            with memoryview(data) as view:
-                flat = view.cast("B") if view.ndim != 1 or view.format != "B" else view
-                for start in range(0, len(flat), _SEND_BATCH):
-                    frames = self._seal(flat[start : start + _SEND_BATCH])
-                    try:
-                        await self.transport_stream.send_all(frames)
-                    except BaseException:
-                        # The receiver's nonce now lags ours: nothing sent after
-                        # this could be decrypted, so the session is over.
-                        await self._break("an earlier send did not complete")
-                        raise
+            batch: list[BytesLike] = []
+            for chunk in _plaintext_chunks(views):
+                batch.append(chunk)
+                if len(batch) == _SEND_BATCH_MESSAGES:
+                    await self._send_sealed(batch)
+                    batch = []
+            if batch:
+                await self._send_sealed(batch)
         finally:
             self._sending = False
+            for view in views:
+                view.release()
 
-    def _seal(self, plaintext: memoryview) -> bytearray:
-        """Frames of transport messages carrying ``plaintext``, laid out in one buffer."""
-        count = -(-len(plaintext) // MAX_PLAINTEXT_SIZE)
-        frames = bytearray(len(plaintext) + count * (_HEADER_SIZE + _TAG_SIZE))
+    async def _send_sealed(self, chunks: list[BytesLike]) -> None:
+        frames = self._seal(chunks)
+        try:
+            await self.transport_stream.send_all(frames)
+        except BaseException:
+            # The receiver's nonce now lags ours: nothing sent after this could
+            # be decrypted, so the session is over.
+            await self._break("an earlier send did not complete")
+            raise
+
+    def _seal(self, chunks: list[BytesLike]) -> bytearray:
+        """The transport messages carrying ``chunks`` (one each), laid out in one buffer."""
+        frames = bytearray(
+            sum(len(chunk) for chunk in chunks) + len(chunks) * (_HEADER_SIZE + _TAG_SIZE)
+        )
         cipher = self._send_cipher
         with memoryview(frames) as out:
             position = 0
-            for start in range(0, len(plaintext), MAX_PLAINTEXT_SIZE):
-                chunk = plaintext[start : start + MAX_PLAINTEXT_SIZE]
+            for chunk in chunks:
                 size = len(chunk) + _TAG_SIZE
                 frames[position] = size >> 8
                 frames[position + 1] = size & 0xFF
@@ -547,3 +565,43 @@ class SecureStream(trio.abc.Stream):
         self._closed = True
         self._pending = None
         await self.transport_stream.aclose()
+
+
+def _flat(data: BytesLike) -> memoryview:
+    view = memoryview(data)
+    if view.ndim != 1 or view.format != "B":
+        flat = view.cast("B")
+        view.release()
+        return flat
+    return view
+
+
+def _plaintext_chunks(views: list[memoryview]) -> Iterator[BytesLike]:
+    """The plaintext of consecutive Noise messages: full ones, then the rest.
+
+    The chunks are the same whether the data comes in one part or several: a
+    chunk that straddles parts is joined (a small copy); every other one is a
+    view of its part.
+    """
+    pending: list[memoryview] = []
+    pending_size = 0
+    for view in views:
+        start = 0
+        if pending:
+            take = min(MAX_PLAINTEXT_SIZE - pending_size, len(view))
+            pending.append(view[:take])
+            pending_size += take
+            start = take
+            if pending_size < MAX_PLAINTEXT_SIZE:
+                continue
+            yield b"".join(pending)
+            pending, pending_size = [], 0
+        end = len(view)
+        while end - start >= MAX_PLAINTEXT_SIZE:
+            yield view[start : start + MAX_PLAINTEXT_SIZE]
+            start += MAX_PLAINTEXT_SIZE
+        if start < end:
+            pending.append(view[start:end])
+            pending_size += end - start
+    if pending:
+        yield pending[0] if len(pending) == 1 else b"".join(pending)

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pyfastcdc.cy import FastCDC
 
 from p2pbackup.chunker import (
     DEFAULT_PARAMS,
     MAX_SEED,
+    NORMALIZED_CHUNKING,
     ChunkerParams,
     chunk_bytes,
     iter_chunks,
@@ -199,6 +201,23 @@ def test_insertion_leaves_later_chunks_unchanged() -> None:
 def test_empty_input_yields_nothing() -> None:
     assert chunk_bytes(b"", SMALL) == []
     assert list(iter_chunks(io.BytesIO(b""), SMALL)) == []
+
+
+@given(st.integers(min_value=0, max_value=3 * TINY.max_size), st.integers(0, 2**32))
+def test_cuts_are_pyfastcdcs_on_either_side_of_min_size(length: int, seed: int) -> None:
+    """The short cuts the chunker takes (no FastCDC for inputs within min_size,
+    one FastCDC shared by every call) change no cut point."""
+    data = random_bytes(length, seed)
+    reference = FastCDC(
+        TINY.avg_size,
+        min_size=TINY.min_size,
+        max_size=TINY.max_size,
+        normalized_chunking=NORMALIZED_CHUNKING,
+        seed=TINY.seed,
+    )
+    expected = [bytes(chunk.data) for chunk in reference.cut_buf(data)]
+    assert chunk_bytes(data, TINY) == expected
+    assert chunk_bytes(data, TINY) == expected  # the shared FastCDC, used again
 
 
 def test_one_byte_input_is_one_chunk() -> None:

@@ -63,6 +63,7 @@ from p2pbackup.messages import (
     encode_frames,
     encode_message,
     is_request,
+    piece_frame_head,
     put_statement,
     renew_statement,
 )
@@ -292,6 +293,24 @@ def test_a_full_piece_fits_a_frame_and_comes_back_as_bytes() -> None:
     assert isinstance(piece, ShardPiece)
     assert type(piece.data) is bytes and piece.data == data
     assert decoder.at_frame_boundary() and decoder.buffered == 0
+
+
+@given(
+    st.one_of(
+        st.sampled_from([1, 255, 256, 65535, 65536, PIECE_SIZE - 1, PIECE_SIZE]),
+        st.integers(1, PIECE_SIZE),
+    )
+)
+def test_a_piece_frame_head_and_the_data_are_the_pieces_frame(length: int) -> None:
+    data = bytes([length % 251]) * length
+    head = piece_frame_head(length)
+    assert head + data == encode_frame(ShardPiece(data))
+
+
+@pytest.mark.parametrize("length", [0, -1, PIECE_SIZE + 1])
+def test_a_piece_frame_head_refuses_what_a_piece_cannot_hold(length: int) -> None:
+    with pytest.raises(LocalProtocolError, match="a piece holds"):
+        piece_frame_head(length)
 
 
 def test_bounds_are_inclusive() -> None:

@@ -392,6 +392,40 @@ def test_any_split_of_sends_and_receives_reassembles(
     trio.run(main)
 
 
+@settings(max_examples=25)
+@given(cuts=st.lists(st.integers(0, 200_000), max_size=5))
+def test_parts_are_sent_as_the_messages_of_their_concatenation(cuts: list[int]) -> None:
+    """send_all_parts never joins its parts, yet the wire carries the same
+    Noise messages as one send of the joined bytes: each full but the last."""
+    data = os.urandom(200_000)
+    bounds = sorted(cuts)
+    parts = [data[a:b] for a, b in zip([0, *bounds], [*bounds, len(data)], strict=True)]
+
+    async def main() -> None:
+        joined_wire, parts_wire = bytearray(), bytearray()
+        client, server = await connect(*memory_pair(lambda s, side: Recording(s, joined_wire)))
+        other, other_server = await connect(*memory_pair(lambda s, side: Recording(s, parts_wire)))
+        start_joined, start_parts = len(joined_wire), len(parts_wire)
+        await client.send_all(data)
+        await other.send_all_parts([memoryview(part) for part in parts])
+        assert await receive_exactly(server, len(data)) == data
+        assert await receive_exactly(other_server, len(data)) == data
+        assert _message_sizes(parts_wire[start_parts:]) == _message_sizes(
+            joined_wire[start_joined:]
+        )
+
+    trio.run(main)
+
+
+def _message_sizes(wire: bytes | bytearray) -> list[int]:
+    sizes, position = [], 0
+    while position < len(wire):
+        size = int.from_bytes(wire[position : position + 2], "big")
+        sizes.append(size)
+        position += 2 + size
+    return sizes
+
+
 async def test_a_bad_frame_among_good_ones_breaks_the_session() -> None:
     # 300 kB leave in one transport send of five frames; the third is damaged.
     position = 2 * (2 + MAX_PLAINTEXT_SIZE + 16) + 100

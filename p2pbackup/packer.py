@@ -48,9 +48,20 @@ def padme(length: int) -> int:
     return (length + mask) & ~mask
 
 
-def pack_id(pack: bytes | bytearray | memoryview) -> bytes:
-    """The content address of a finished pack."""
-    return crypto.hash_bytes(pack, size=32)
+#: Bytes of a pack id.
+PACK_ID_SIZE = 32
+
+
+def new_pack_id() -> bytes:
+    """A fresh pack id: random, and only a name.
+
+    Nothing ever recomputes it from the pack: each shard is checked against
+    its Merkle root in the index and each blob by its AEAD tag. A pack's bytes
+    are unique anyway (random nonces and padding), so hashing all of them,
+    as packs written before did, bought nothing and cost as much CPU as
+    the erasure code.
+    """
+    return crypto.random_bytes(PACK_ID_SIZE)
 
 
 class PackBuilder:

@@ -654,7 +654,7 @@ def _finish_pack(
     event loop that would stall every upload in flight meanwhile.
     """
     data, _header = builder.finish(data_key)
-    ident = packer.pack_id(data)
+    ident = packer.new_pack_id()
     payloads, roots, shard_size = _encode_pack(data, ident, k, n, block_size)
     # The pack itself is dropped here: only its shards live on, so memory
     # stays bounded by the shards of the packs in flight.

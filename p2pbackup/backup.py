@@ -35,7 +35,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 import trio
@@ -485,19 +485,18 @@ class Backup:
             before = os.fstat(fd)
             content: list[bytes] = []
             total = 0
-            with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
-                for chunk in chunker.iter_chunks(stream, self.params):
-                    ident = blobs.blob_id(dedup_key, chunk)
-                    content.append(ident)
-                    total += len(chunk)
-                    job.bytes_read += len(chunk)
-                    if self._deduper.claim(ident):
-                        sealed = blobs.seal_blob(data_key, BlobType.DATA, ident, chunk)
-                        job.bytes_new += len(chunk)
-                        job.blobs_new += 1
-                        emit(_Sealed(BlobType.DATA, ident, sealed, len(chunk)))
-                    else:
-                        job.bytes_deduplicated += len(chunk)
+            for chunk in self._chunks_of(fd, before.st_size):
+                ident = blobs.blob_id(dedup_key, chunk)
+                content.append(ident)
+                total += len(chunk)
+                job.bytes_read += len(chunk)
+                if self._deduper.claim(ident):
+                    sealed = blobs.seal_blob(data_key, BlobType.DATA, ident, chunk)
+                    job.bytes_new += len(chunk)
+                    job.blobs_new += 1
+                    emit(_Sealed(BlobType.DATA, ident, sealed, len(chunk)))
+                else:
+                    job.bytes_deduplicated += len(chunk)
             after = os.fstat(fd)
         finally:
             os.close(fd)
@@ -508,6 +507,18 @@ class Backup:
         ):
             raise _FileChanged()
         return tuple(content), after
+
+    def _chunks_of(self, fd: int, size: int) -> Iterable[bytes]:
+        """The chunks of an open file that ``fstat`` says is ``size`` bytes."""
+        if size < min(chunker.SMALL_INPUT, self.params.max_size):
+            # Most files of a home directory: one read, no file object. The
+            # cuts are those iter_chunks makes of the same bytes.
+            return chunker.chunk_bytes(_read_whole(fd, size), self.params)
+        return self._streamed_chunks(fd)
+
+    def _streamed_chunks(self, fd: int) -> Iterator[bytes]:
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
+            yield from chunker.iter_chunks(stream, self.params)
 
     # -- the walk ------------------------------------------------------------------
 
@@ -777,6 +788,27 @@ async def write_index_segment(repo: Repository, pack_ids: list[bytes]) -> None:
     await repo.write_pack(builder, is_index=True)
     with repo.index.transaction():
         repo.index.mark_in_segment(pack_ids)
+
+
+def _read_whole(fd: int, size: int) -> bytes:
+    """The bytes of a small file that ``fstat`` says is ``size`` bytes long.
+
+    One read asks for a byte more than that: if the file grew, the extra byte
+    shows it, and the caller's second ``fstat`` reports the change either way.
+    A short read (the file shrank) reads on to the end.
+    """
+    data = os.read(fd, size + 1)
+    if len(data) >= size:
+        return data
+    parts = [data]
+    got = len(data)
+    while got <= size:
+        piece = os.read(fd, size + 1 - got)
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
 
 
 def _list_dir(path: bytes) -> list[tuple[bytes, os.stat_result]]:

@@ -376,31 +376,36 @@ async def test_special_files_are_skipped_and_listed(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "size",
+    [200_000, 3 * 1024 * 1024],
+    ids=["small file read whole", "large file read as a stream"],
+)
 async def test_file_changing_while_read_is_not_stored_inconsistently(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
-    from p2pbackup import chunker
+    from p2pbackup import blobs
 
     setup = await make_setup(tmp_path)
     source = tmp_path / "src"
     source.mkdir()
     (source / "stable").write_bytes(b"s" * 100_000)
     growing = source / "growing"
-    growing.write_bytes(os.urandom(200_000))
-    real = chunker.iter_chunks
+    growing.write_bytes(os.urandom(size))
+    real = blobs.blob_id
 
-    def appending(stream, params):  # type: ignore[no-untyped-def]
-        for chunk in real(stream, params):
-            with open(growing, "ab") as f:
-                f.write(b"more")
-            yield chunk
+    def appending(dedup_key, plaintext):  # type: ignore[no-untyped-def]
+        # Every chunk hashed means the file grows while it is being read.
+        with open(growing, "ab") as f:
+            f.write(b"more")
+        return real(dedup_key, plaintext)
 
-    monkeypatch.setattr(chunker, "iter_chunks", appending)
+    monkeypatch.setattr(blobs, "blob_id", appending)
     async with operations.open_repository(setup.home) as repo:
         summary = await Backup(repo).run([source])
         assert [os.path.basename(p) for p, _ in summary.skipped] == ["growing"]
         assert all("changed while it was read" in r for _, r in summary.skipped)
-        monkeypatch.setattr(chunker, "iter_chunks", real)
+        monkeypatch.setattr(blobs, "blob_id", real)
         good = await Backup(repo).run([source])
         assert good.skipped == []
     result = await _restore(setup.home, tmp_path / "out")

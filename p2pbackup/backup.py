@@ -67,6 +67,11 @@ _BATCH_BYTES = 8 << 20
 _BATCH_FILES = 256
 #: A worker hands its sealed blobs to the packer in groups of about this size.
 _FORWARD_BYTES = 4 << 20
+#: Directory entries listed ahead of the walk in one thread call.
+_LISTING_BUDGET = 4096
+
+#: A directory's entries (name, lstat), or why it could not be listed.
+_Listing = list[tuple[bytes, os.stat_result]] | OSError
 
 
 @attrs.define
@@ -306,6 +311,9 @@ class Backup:
         #: The batch of small files being filled (it may span directories).
         self._batch = _Job()
         self._pack_send: trio.MemorySendChannel[list[_Sealed]] | None = None
+        #: Directories listed ahead of the walk, until it gets there (see _listing).
+        self._listings: dict[bytes, _Listing] = {}
+        self._walk_ahead: Iterator[tuple[bytes, _Listing]] | None = None
 
     # -- entry point ------------------------------------------------------------
 
@@ -552,13 +560,38 @@ class Backup:
         return await self._save_entries(prefix, entries, subdirs)
 
     async def _save_dir(self, path: bytes) -> _TreeFuture:
-        try:
-            entries = await trio.to_thread.run_sync(_list_dir, path)
-        except OSError as exc:
-            self.summary.skipped.append((_fsdecode(path), f"cannot list: {exc.strerror}"))
+        listing = await self._listing(path)
+        if isinstance(listing, OSError):
+            self.summary.skipped.append((_fsdecode(path), f"cannot list: {listing.strerror}"))
             return _TreeFuture.failed()
+        entries = listing
         self.summary.dirs += 1
         return await self._save_entries(path.rstrip(b"/"), entries, {})
+
+    async def _listing(self, path: bytes) -> _Listing:
+        """The entries of ``path``, listed ahead of the walk.
+
+        A thread call per directory made the walk wait ~2 ms a directory (for
+        a thread, then the GIL): a source tree of small directories spent a
+        third of its backup there. So a walk of the same order runs ahead of
+        this one, a few thousand entries per thread call.
+        """
+        listing = self._listings.pop(path, None)
+        if listing is not None:
+            return listing
+        for attempt in range(2):
+            if self._walk_ahead is None or attempt:
+                # The first directory of a target, or the walk ahead lost its way.
+                self._listings.clear()
+                self._walk_ahead = _walk_listings(path, self.exclude)
+            listings = await trio.to_thread.run_sync(_list_ahead, self._walk_ahead, _LISTING_BUDGET)
+            if not listings:
+                self._walk_ahead = None
+            self._listings.update(listings)
+            listing = self._listings.pop(path, None)
+            if listing is not None:
+                return listing
+        raise AssertionError(f"a walk from {path!r} did not list it first")
 
     async def _save_entries(
         self,
@@ -809,6 +842,38 @@ def _read_whole(fd: int, size: int) -> bytes:
         parts.append(piece)
         got += len(piece)
     return b"".join(parts)
+
+
+def _walk_listings(root: bytes, exclude: ExcludeRules) -> Iterator[tuple[bytes, _Listing]]:
+    """Every directory from ``root`` down with its listing, in the walk's own
+    order: depth first, entries by name, excluded directories not entered, an
+    error standing in for a directory that cannot be listed."""
+    try:
+        entries: _Listing = _list_dir(root)
+    except OSError as exc:
+        entries = exc
+    yield root, entries
+    if isinstance(entries, OSError):
+        return
+    prefix = root.rstrip(b"/")
+    for name, st in entries:
+        below = prefix + b"/" + name
+        if stat.S_ISDIR(st.st_mode) and not exclude.excludes(below):
+            yield from _walk_listings(below, exclude)
+
+
+def _list_ahead(
+    walk: Iterator[tuple[bytes, _Listing]], budget: int
+) -> list[tuple[bytes, _Listing]]:
+    """The next directories of ``walk``, until about ``budget`` entries are listed."""
+    listings = []
+    listed = 0
+    for path, listing in walk:
+        listings.append((path, listing))
+        listed += len(listing) if isinstance(listing, list) else 1
+        if listed >= budget:
+            break
+    return listings
 
 
 def _list_dir(path: bytes) -> list[tuple[bytes, os.stat_result]]:

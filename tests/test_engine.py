@@ -533,3 +533,86 @@ async def test_restore_never_writes_through_a_symlink_in_the_target(tmp_path: Pa
     assert any(c.endswith("/docs") for c in summary.conflicts)
     assert list(outside.iterdir()) == []
     assert (restored / "run.sh").read_bytes() == (source / "run.sh").read_bytes()
+
+
+async def test_a_tree_of_small_directories_is_listed_ahead_in_few_thread_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2pbackup import backup
+    from p2pbackup.exclude import ExcludeRules
+
+    setup = await make_setup(tmp_path)
+    source = tmp_path / "src"
+    expected_dirs = 1
+    for a in range(4):
+        for b in range(4):
+            leaf = source / f"d{a}" / f"e{b}"
+            leaf.mkdir(parents=True)
+            (leaf / "f.txt").write_text(f"{a}/{b}")
+            expected_dirs += 1 + (b == 0)
+    (source / "d2" / "node_modules" / "deep").mkdir(parents=True)
+    (source / "d2" / "node_modules" / "deep" / "x").write_text("left out")
+    listed: list[bytes] = []
+    calls = 0
+    real_ahead, real_dir = backup._list_ahead, backup._list_dir
+
+    def counting_ahead(walk, budget):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return real_ahead(walk, budget)
+
+    def recording_dir(path):  # type: ignore[no-untyped-def]
+        listed.append(path)
+        return real_dir(path)
+
+    # A small budget, so the walk runs past what was listed ahead and lists again.
+    monkeypatch.setattr(backup, "_LISTING_BUDGET", 6)
+    monkeypatch.setattr(backup, "_list_ahead", counting_ahead)
+    monkeypatch.setattr(backup, "_list_dir", recording_dir)
+    async with operations.open_repository(setup.home) as repo:
+        rules = ExcludeRules.from_patterns(["node_modules"])
+        summary = await Backup(repo, exclude=rules).run([source])
+    assert summary.dirs == expected_dirs
+    assert summary.excluded == 1
+    # Every directory listed once, the excluded one never; far fewer thread calls.
+    assert len(listed) == len(set(listed)) == expected_dirs
+    assert not any(b"node_modules" in path for path in listed)
+    assert 1 < calls < expected_dirs // 2
+    # Without what was left out, the source is what the snapshot holds.
+    before = os.stat(source / "d2")
+    shutil.rmtree(source / "d2" / "node_modules")
+    os.utime(source / "d2", ns=(before.st_atime_ns, before.st_mtime_ns))
+    result = await _restore(setup.home, tmp_path / "out")
+    assert result.ok
+    assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
+
+
+async def test_a_directory_that_cannot_be_listed_is_skipped_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2pbackup import backup
+
+    setup = await make_setup(tmp_path)
+    source = tmp_path / "src"
+    (source / "open").mkdir(parents=True)
+    (source / "open" / "a.txt").write_text("a")
+    (source / "locked" / "inner").mkdir(parents=True)
+    (source / "locked" / "inner" / "b.txt").write_text("b")
+    real = backup._list_dir
+    locked = os.fsencode(source / "locked")
+
+    def refusing(path):  # type: ignore[no-untyped-def]
+        # Permission bits do not stop root, who may run the tests: refuse here.
+        if path == locked:
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(backup, "_list_dir", refusing)
+    async with operations.open_repository(setup.home) as repo:
+        summary = await Backup(repo).run([source])
+    assert summary.skipped == [(str(source / "locked"), "cannot list: Permission denied")]
+    result = await _restore(setup.home, tmp_path / "out")
+    assert result.ok
+    restored = restored_path(tmp_path / "out", source)
+    assert (restored / "open" / "a.txt").read_text() == "a"
+    assert not (restored / "locked").exists()

@@ -516,7 +516,7 @@ class Backup:
             raise _FileChanged()
         return tuple(content), after
 
-    def _chunks_of(self, fd: int, size: int) -> Iterable[bytes]:
+    def _chunks_of(self, fd: int, size: int) -> Iterable[bytes | memoryview]:
         """The chunks of an open file that ``fstat`` says is ``size`` bytes."""
         if size < min(chunker.SMALL_INPUT, self.params.max_size):
             # Most files of a home directory: one read, no file object. The
@@ -524,9 +524,11 @@ class Backup:
             return chunker.chunk_bytes(_read_whole(fd, size), self.params)
         return self._streamed_chunks(fd)
 
-    def _streamed_chunks(self, fd: int) -> Iterator[bytes]:
+    def _streamed_chunks(self, fd: int) -> Iterator[bytes | memoryview]:
+        # Views, not copies: _read_file is done with each chunk (hashed and
+        # sealed) before it takes the next.
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
-            yield from chunker.iter_chunks(stream, self.params)
+            yield from chunker.iter_chunk_views(stream, self.params)
 
     # -- the walk ------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ def seal_blob(
 ) -> bytes:
     """Compress (when it pays) and encrypt ``plaintext`` as blob ``ident``."""
     method, payload = compression.compress(plaintext)
-    inner = bytes([BLOB_FORMAT_VERSION, method]) + payload
+    inner = b"".join((bytes([BLOB_FORMAT_VERSION, method]), payload))
     return crypto.seal(data_key, inner, aad=_aad(blob_type, ident))
 
 

@@ -176,6 +176,18 @@ def iter_chunks(stream: BinaryIO, params: ChunkerParams) -> Iterator[bytes]:
     pyfastcdc's stream mode, which keeps one ``2 * max_size`` buffer that it
     refills with ``readinto`` (or ``read``), plus the one chunk being yielded.
     """
+    for chunk in iter_chunk_views(stream, params):
+        # A view is overwritten when the next chunk is cut: copy it out now.
+        yield chunk if isinstance(chunk, bytes) else bytes(chunk)
+
+
+def iter_chunk_views(stream: BinaryIO, params: ChunkerParams) -> Iterator[bytes | memoryview]:
+    """The chunks of :func:`iter_chunks`, each valid only until the next is taken.
+
+    A large input's chunks are views into pyfastcdc's reused buffer. A caller
+    that is done with each chunk before asking for the next (the backup hashes
+    and seals it) saves copying every byte once, with the GIL held.
+    """
     small = min(SMALL_INPUT, params.max_size)
     head = _read_up_to(stream, small)
     if len(head) < small:
@@ -184,9 +196,7 @@ def iter_chunks(stream: BinaryIO, params: ChunkerParams) -> Iterator[bytes]:
     reader = _PrefixedReadinto if hasattr(stream, "readinto") else _PrefixedReader
     source = reader(head, stream)
     for chunk in _fastcdc(params).cut_stream(source):
-        # cut_stream's views point into that reused buffer and are overwritten
-        # when the next chunk is cut, so each one must be copied out now.
-        yield bytes(chunk.data)
+        yield chunk.data
 
 
 def chunk_bytes(data: bytes, params: ChunkerParams) -> list[bytes]:

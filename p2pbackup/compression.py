@@ -112,9 +112,11 @@ def _looks_incompressible(view: memoryview, compressor: zstandard.ZstdCompressor
 
 def compress(
     data: bytes | bytearray | memoryview, *, level: int = DEFAULT_LEVEL, probe: bool = True
-) -> tuple[int, bytes]:
+) -> tuple[int, bytes | memoryview]:
     """``(METHOD_ZSTD, frame)`` if zstd saves at least 1/64, else ``(METHOD_NONE, data)``.
 
+    Stored as it is, ``data`` comes back uncopied (as bytes, or a byte view of
+    it): the caller copies it once, into whatever it builds.
     ``probe=False`` always tries the full compression (for benchmarks).
     """
     view = memoryview(data).cast("B")
@@ -128,9 +130,9 @@ def compress(
     return METHOD_NONE, _as_bytes(data, view)
 
 
-def _as_bytes(data: bytes | bytearray | memoryview, view: memoryview) -> bytes:
-    # bytes(view) would copy even when the caller already handed us bytes.
-    return data if isinstance(data, bytes) else bytes(view)
+def _as_bytes(data: bytes | bytearray | memoryview, view: memoryview) -> bytes | memoryview:
+    # Neither bytes(view) nor a copy of a bytearray: the caller copies once anyway.
+    return data if isinstance(data, bytes) else view
 
 
 def decompress(method: int, payload: bytes | bytearray | memoryview, *, max_size: int) -> bytes:

@@ -328,6 +328,18 @@ def encode_views(data: BytesLike, k: int, n: int) -> list[memoryview]:
     return [row.data for row in rows + _word_rows_as_bytes(parity, length)]
 
 
+def unfilled_buffers(count: int, size: int) -> list[memoryview]:
+    """``count`` writable buffers of ``size`` bytes whose contents are undefined,
+    for :func:`encode_into` (which writes every byte of its outputs).
+
+    ``bytearray(size)`` would clear each one first, holding the GIL: for the
+    shards of a pack that was as much work as the coding itself.
+    """
+    if count < 0 or size < 0:
+        raise ErasureError(f"cannot make {count} buffers of {size} bytes")
+    return [np.empty(size, dtype=np.uint8).data for _ in range(count)]
+
+
 def encode_into(data: BytesLike, k: int, n: int, outputs: Sequence[memoryview]) -> None:
     """:func:`encode` into the caller's ``n`` writable buffers of
     :func:`shard_length` bytes each (e.g. each behind a header in the buffer

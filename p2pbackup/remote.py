@@ -258,7 +258,7 @@ class RemoteShardStore:
     # -- the ShardStore interface -------------------------------------------------
 
     async def put(
-        self, shard_id: bytes, data: bytes | bytearray, root: ShardRoot | None = None
+        self, shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
     ) -> None:
         _check_shard_id(shard_id)
         if root is None:

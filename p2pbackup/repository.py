@@ -476,7 +476,7 @@ class Repository:
                 else:
                     placed[index] = peer_id
                     self.observe(peer_id, True)
-                    payloads[index] = bytearray()  # sent: let it go
+                    payloads[index] = memoryview(b"")  # sent: let it go
                     return
 
         async with trio.open_nursery() as nursery:
@@ -646,7 +646,7 @@ class Repository:
 
 def _finish_pack(
     builder: packer.PackBuilder, data_key: bytes, k: int, n: int, block_size: int
-) -> tuple[bytes, int, list[bytearray], list[bytes], int]:
+) -> tuple[bytes, int, list[memoryview], list[bytes], int]:
     """Runs in a worker thread: the pack's id and size, its n shards and their
     roots, and the shard size.
 
@@ -663,7 +663,7 @@ def _finish_pack(
 
 def _encode_pack(
     data: bytes, ident: bytes, k: int, n: int, block_size: int
-) -> tuple[list[bytearray], list[bytes], int]:
+) -> tuple[list[memoryview], list[bytes], int]:
     """Runs in a worker thread: the n shards of a pack with their headers, and roots.
 
     Each shard is coded straight into the buffer that will be stored, behind
@@ -672,12 +672,11 @@ def _encode_pack(
     """
     shard_size = erasure.shard_length(len(data), k)
     head = formats.SHARD_HEADER_SIZE
-    payloads = [bytearray(head + shard_size) for _ in range(n)]
-    views = [memoryview(payload) for payload in payloads]
-    erasure.encode_into(data, k, n, [view[head:] for view in views])
+    payloads = erasure.unfilled_buffers(n, head + shard_size)
+    erasure.encode_into(data, k, n, [payload[head:] for payload in payloads])
     roots: list[bytes] = []
     for index in range(n):
-        views[index][:head] = formats.encode_shard_header(
+        payloads[index][:head] = formats.encode_shard_header(
             ShardHeader(
                 pack_id=ident,
                 index=index,

@@ -119,7 +119,7 @@ class ShardStore(Protocol):
     """One owner's namespace on one peer (async; see the module docstring)."""
 
     async def put(
-        self, shard_id: bytes, data: bytes | bytearray, root: ShardRoot | None = None
+        self, shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
     ) -> None:
         """Store a shard. Putting an id again with identical bytes does nothing;
         with different bytes raises StoreError and keeps the stored shard.
@@ -212,7 +212,7 @@ class MemoryShardStore:
     # checkpoint, so every operation is atomic with respect to other tasks.
 
     async def put(
-        self, shard_id: bytes, data: bytes | bytearray, root: ShardRoot | None = None
+        self, shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
     ) -> None:
         await trio.lowlevel.checkpoint()
         _check_shard_id(shard_id)
@@ -307,7 +307,7 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
 
 
-def _write_temp(directory: Path, data: bytes | bytearray, in_flight: set[str]) -> Path:
+def _write_temp(directory: Path, data: bytes | bytearray | memoryview, in_flight: set[str]) -> Path:
     """Write ``data`` to a new synced temp file in ``directory``; on any
     failure the temp file is removed before the error propagates."""
     name = TEMP_PREFIX + secrets.token_hex(8)
@@ -364,7 +364,7 @@ def _replace(temp: Path, final: Path, in_flight: set[str]) -> None:
         in_flight.discard(temp.name)
 
 
-def _same_content(path: Path, data: bytes | bytearray) -> bool:
+def _same_content(path: Path, data: bytes | bytearray | memoryview) -> bool:
     if path.stat().st_size != len(data):
         return False
     return path.read_bytes() == data
@@ -530,20 +530,20 @@ class FolderShardStore:
     # -- shards --
 
     async def put(
-        self, shard_id: bytes, data: bytes | bytearray, root: ShardRoot | None = None
+        self, shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
     ) -> None:
         _check_shard_id(shard_id)
         await self._ensure_writable()
         await trio.to_thread.run_sync(self._put_sync, shard_id, data)
 
-    def _put_sync(self, shard_id: bytes, data: bytes | bytearray) -> None:
+    def _put_sync(self, shard_id: bytes, data: bytes | bytearray | memoryview) -> None:
         final = self._shard_path(shard_id)
         with _os_errors("store shard in", final.parent):
             stored = not final.exists() and self._write_new(final, data)
             if not stored and not _same_content(final, data):
                 raise _conflict(shard_id, str(self._owner_dir))
 
-    def _write_new(self, final: Path, data: bytes | bytearray) -> bool:
+    def _write_new(self, final: Path, data: bytes | bytearray | memoryview) -> bool:
         _make_dirs(final.parent, self._peer_dir)
         temp = _write_temp(final.parent, data, self._in_flight)
         return _publish_new(temp, final, self._in_flight)

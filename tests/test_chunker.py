@@ -10,7 +10,7 @@ from typing import BinaryIO, cast
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyfastcdc.cy import FastCDC
 
@@ -20,6 +20,7 @@ from p2pbackup.chunker import (
     NORMALIZED_CHUNKING,
     ChunkerParams,
     chunk_bytes,
+    iter_chunk_views,
     iter_chunks,
 )
 from p2pbackup.errors import UsageError
@@ -218,6 +219,16 @@ def test_cuts_are_pyfastcdcs_on_either_side_of_min_size(length: int, seed: int) 
     expected = [bytes(chunk.data) for chunk in reference.cut_buf(data)]
     assert chunk_bytes(data, TINY) == expected
     assert chunk_bytes(data, TINY) == expected  # the shared FastCDC, used again
+
+
+@settings(max_examples=30)
+@given(st.integers(0, 3 * 1024 * 1024), st.integers(0, 2**32))
+def test_chunk_views_are_the_chunks_while_they_are_current(length: int, seed: int) -> None:
+    data = random_bytes(length, seed)
+    params = ChunkerParams(min_size=64 * 1024, avg_size=256 * 1024, max_size=1024 * 1024, seed=9)
+    # Each view copied out before the next is taken, as the backup uses them.
+    views = [bytes(v) for v in iter_chunk_views(io.BytesIO(data), params)]
+    assert views == list(iter_chunks(io.BytesIO(data), params)) == chunk_bytes(data, params)
 
 
 def test_one_byte_input_is_one_chunk() -> None:

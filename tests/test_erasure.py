@@ -283,6 +283,24 @@ def test_encode_into_writes_what_encode_returns(case: tuple[int, int, bytes], of
     assert all(b[:offset] == b"\xaa" * offset for b in buffers)  # the header space untouched
 
 
+@given(code_and_data())
+def test_unfilled_buffers_take_a_whole_encoding(case: tuple[int, int, bytes]) -> None:
+    k, n, data = case
+    length = erasure.shard_length(len(data), k)
+    buffers = erasure.unfilled_buffers(n, 3 + length)
+    assert [(len(b), b.readonly) for b in buffers] == [(3 + length, False)] * n
+    for buffer in buffers:
+        buffer[:3] = b"hdr"
+    erasure.encode_into(data, k, n, [b[3:] for b in buffers])
+    assert [bytes(b) for b in buffers] == [b"hdr" + s for s in erasure.encode(data, k, n)]
+
+
+def test_unfilled_buffers_refuse_negative_sizes() -> None:
+    with pytest.raises(ErasureError, match="cannot make"):
+        erasure.unfilled_buffers(2, -1)
+    assert erasure.unfilled_buffers(0, 10) == []
+
+
 def test_encode_into_checks_its_buffers() -> None:
     with pytest.raises(ErasureError, match="3 output buffers"):
         erasure.encode_into(b"abcdef", 2, 3, [memoryview(bytearray(3))] * 2)

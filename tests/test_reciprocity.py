@@ -88,7 +88,7 @@ async def test_a_friend_that_refuses_as_full_is_asked_nothing_more(
         puts = 0
 
         async def counted(
-            shard_id: bytes, data: bytes | bytearray, root: ShardRoot | None = None
+            shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
         ) -> None:
             nonlocal puts
             puts += 1

@@ -344,9 +344,19 @@ def encode_into(data: BytesLike, k: int, n: int, outputs: Sequence[memoryview]) 
     """:func:`encode` into the caller's ``n`` writable buffers of
     :func:`shard_length` bytes each (e.g. each behind a header in the buffer
     that will be stored): no array of parity and no copy of it."""
+    encode_parts_into((data,), k, n, outputs)
+
+
+def encode_parts_into(
+    parts: Sequence[BytesLike], k: int, n: int, outputs: Sequence[memoryview]
+) -> None:
+    """:func:`encode_into` of the concatenation of ``parts``, never made: each
+    part is copied straight to its place in the data shards (a pack is coded
+    from its blobs without being joined first)."""
     _check_code(k, n)
-    flat = np.frombuffer(data, dtype=np.uint8)
-    length = shard_length(flat.shape[0], k)
+    sources = [np.frombuffer(part, dtype=np.uint8) for part in parts]
+    size = sum(source.shape[0] for source in sources)
+    length = shard_length(size, k)
     if len(outputs) != n:
         raise ErasureError(f"encode_into needs {n} output buffers, got {len(outputs)}")
     targets = [np.frombuffer(out, dtype=np.uint8) for out in outputs]
@@ -354,13 +364,23 @@ def encode_into(data: BytesLike, k: int, n: int, outputs: Sequence[memoryview]) 
         raise ErasureError(f"every output buffer must be {length} bytes")
     if length % 2:
         # Words need an even length: go through the padded arrays instead.
-        for target, shard in zip(targets, encode_views(data, k, n), strict=True):
+        joined = b"".join(parts)
+        for target, shard in zip(targets, encode_views(joined, k, n), strict=True):
             target[:] = np.frombuffer(shard, dtype=np.uint8)
         return
-    for i in range(k):
-        part = flat[i * length : (i + 1) * length]
-        targets[i][: part.shape[0]] = part
-        targets[i][part.shape[0] :] = 0
+    position = 0
+    for source in sources:
+        offset = 0
+        while offset < source.shape[0]:
+            row, within = divmod(position, length)
+            take = min(length - within, source.shape[0] - offset)
+            targets[row][within : within + take] = source[offset : offset + take]
+            position += take
+            offset += take
+    # The rest of the data shards is the code's zero padding.
+    for row in range(k):
+        start = min(max(position - row * length, 0), length)
+        targets[row][start:] = 0
     words = [target.view(np.uint16) for target in targets]
     _apply(_generator_matrix(k, n)[k:], words[:k], words[k:])
 

@@ -91,6 +91,12 @@ class PackBuilder:
 
     def finish(self, data_key: bytes) -> tuple[bytes, PackHeader]:
         """The finished pack's bytes and its header."""
+        parts, header = self.finish_parts(data_key)
+        return b"".join(parts), header
+
+    def finish_parts(self, data_key: bytes) -> tuple[list[bytes], PackHeader]:
+        """The finished pack as the parts whose concatenation it is, and its
+        header: a pack coded straight from its parts is never copied whole."""
         header = PackHeader(tuple(self._entries))
         sealed_header = crypto.seal(data_key, formats.encode_pack_header(header), aad=_HEADER_AAD)
         body = self._size + len(sealed_header)
@@ -101,10 +107,10 @@ class PackBuilder:
             aad=_TRAILER_AAD,
         )
         padding = crypto.random_bytes(total - body - TRAILER_SIZE)
-        pack = b"".join([*self._parts, sealed_header, padding, trailer])
-        # The parts now live in the pack; keeping both would double the memory.
+        parts = [*self._parts, sealed_header, padding, trailer]
+        # The parts are the caller's now; keeping them too would hold them longer.
         self._parts = []
-        return pack, header
+        return parts, header
 
 
 def read_pack_header(data_key: bytes, pack: bytes | bytearray | memoryview) -> PackHeader:

@@ -653,27 +653,29 @@ def _finish_pack(
     Joining, hashing and coding a pack takes tens of milliseconds; on the
     event loop that would stall every upload in flight meanwhile.
     """
-    data, _header = builder.finish(data_key)
+    parts, _header = builder.finish_parts(data_key)
     ident = packer.new_pack_id()
-    payloads, roots, shard_size = _encode_pack(data, ident, k, n, block_size)
-    # The pack itself is dropped here: only its shards live on, so memory
-    # stays bounded by the shards of the packs in flight.
-    return ident, len(data), payloads, roots, shard_size
+    pack_size = sum(len(part) for part in parts)
+    payloads, roots, shard_size = _encode_pack(parts, pack_size, ident, k, n, block_size)
+    # The blobs are dropped here: only the shards live on, so memory stays
+    # bounded by the shards of the packs in flight.
+    return ident, pack_size, payloads, roots, shard_size
 
 
 def _encode_pack(
-    data: bytes, ident: bytes, k: int, n: int, block_size: int
+    parts: list[bytes], pack_size: int, ident: bytes, k: int, n: int, block_size: int
 ) -> tuple[list[memoryview], list[bytes], int]:
     """Runs in a worker thread: the n shards of a pack with their headers, and roots.
 
     Each shard is coded straight into the buffer that will be stored, behind
-    its header: no parity array beside the shards and no copy of the shards
-    (each a memcpy under the GIL) to put the header in front.
+    its header, from the pack's parts: the pack is never joined, there is no
+    parity array beside the shards, and no copy of a shard (each a memcpy
+    under the GIL) puts the header in front.
     """
-    shard_size = erasure.shard_length(len(data), k)
+    shard_size = erasure.shard_length(pack_size, k)
     head = formats.SHARD_HEADER_SIZE
     payloads = erasure.unfilled_buffers(n, head + shard_size)
-    erasure.encode_into(data, k, n, [payload[head:] for payload in payloads])
+    erasure.encode_parts_into(parts, k, n, [payload[head:] for payload in payloads])
     roots: list[bytes] = []
     for index in range(n):
         payloads[index][:head] = formats.encode_shard_header(
@@ -682,7 +684,7 @@ def _encode_pack(
                 index=index,
                 k=k,
                 n=n,
-                pack_size=len(data),
+                pack_size=pack_size,
                 shard_size=shard_size,
                 block_size=block_size,
             )

@@ -283,6 +283,21 @@ def test_encode_into_writes_what_encode_returns(case: tuple[int, int, bytes], of
     assert all(b[:offset] == b"\xaa" * offset for b in buffers)  # the header space untouched
 
 
+@given(code_and_data(), st.lists(st.integers(0, 300), max_size=6))
+def test_encode_parts_into_codes_the_concatenation(
+    case: tuple[int, int, bytes], cuts: list[int]
+) -> None:
+    """A pack is coded from its parts: any split of the data, empty parts and
+    odd shard lengths included, gives the shards of the whole."""
+    k, n, data = case
+    bounds = sorted(min(c, len(data)) for c in cuts)
+    parts = [data[a:b] for a, b in zip([0, *bounds], [*bounds, len(data)], strict=True)]
+    length = erasure.shard_length(len(data), k)
+    buffers = [bytearray(b"\xaa" * length) for _ in range(n)]
+    erasure.encode_parts_into(parts, k, n, [memoryview(b) for b in buffers])
+    assert [bytes(b) for b in buffers] == erasure.encode(data, k, n)
+
+
 @given(code_and_data())
 def test_unfilled_buffers_take_a_whole_encoding(case: tuple[int, int, bytes]) -> None:
     k, n, data = case

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import attrs
 import msgpack
 import pytest
+import trio
+import trio.testing
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -67,6 +69,7 @@ from p2pbackup.messages import (
     put_statement,
     renew_statement,
 )
+from p2pbackup.rpc import MessageChannel
 
 # --- Strategies: one per message type -------------------------------------------
 
@@ -714,3 +717,16 @@ def test_statements_refuse_malformed_inputs() -> None:
 def test_module_names_are_what_other_layers_use() -> None:
     assert messages.PROTOCOL_VERSION == 1
     assert MAX_FRAME_SIZE == PIECE_SIZE + 64 * 1024
+
+
+@pytest.mark.parametrize("length", [1, 300, 70_000, PIECE_SIZE])
+async def test_a_piece_sent_over_a_plain_stream_arrives_whole(length: int) -> None:
+    """Without a secure session (no send_all_parts) the channel joins the head
+    and the data itself; the peer reads the same message either way."""
+    left, right = trio.testing.memory_stream_pair()
+    sender, receiver = MessageChannel(left), MessageChannel(right)
+    data = bytes(range(256)) * (length // 256) + bytes(length % 256)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.send_piece, memoryview(data))
+        got = await receiver.receive()
+    assert got == ShardPiece(data)

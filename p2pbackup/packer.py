@@ -89,11 +89,6 @@ class PackBuilder:
         self._parts.append(sealed)
         self._size += len(sealed)
 
-    def finish(self, data_key: bytes) -> tuple[bytes, PackHeader]:
-        """The finished pack's bytes and its header."""
-        parts, header = self.finish_parts(data_key)
-        return b"".join(parts), header
-
     def finish_parts(self, data_key: bytes) -> tuple[list[bytes], PackHeader]:
         """The finished pack as the parts whose concatenation it is, and its
         header: a pack coded straight from its parts is never copied whole."""

@@ -39,8 +39,8 @@ def _build(payloads: list[bytes]) -> tuple[bytes, list[bytes]]:
         builder.add(
             BlobType.DATA, ident, blobs.seal_blob(KEY, BlobType.DATA, ident, payload), len(payload)
         )
-    pack, _ = builder.finish(KEY)
-    return pack, ids
+    parts, _ = builder.finish_parts(KEY)
+    return b"".join(parts), ids
 
 
 @given(st.lists(st.binary(max_size=3000), max_size=6))

@@ -91,7 +91,7 @@ from pathlib import Path
 
 import attrs
 
-from p2pbackup.durable import fsync_dir, write_all
+from p2pbackup.durable import DirectWriter, fsync_dir, write_all
 from p2pbackup.errors import (
     MerkleError,
     ShardNotFoundError,
@@ -964,6 +964,7 @@ class Upload:
         self.temp = temp
         self._host = host
         self._fd = fd
+        self._writer = DirectWriter(fd)
         self._builder = MerkleBuilder(block_size)
         self._lock = threading.Lock()
         self._done = False
@@ -985,7 +986,7 @@ class Upload:
                     f"{self.size} bytes declared; it was aborted"
                 )
             try:
-                write_all(self._fd, view)
+                self._writer.write(view)
             except OSError as error:
                 self._abort_locked()
                 raise _os_error("write", self.temp, error) from error
@@ -1010,6 +1011,8 @@ class Upload:
                         f"shard {_short(self.shard_id)}: the {self.size} bytes received do "
                         f"not hash to the declared Merkle root {self.merkle_root.hex()[:16]}"
                     )
+                with _os_errors("write", self.temp):
+                    self._writer.flush()
                 with _os_errors("sync", self.temp):
                     os.fsync(self._fd)
                 self._close_fd()
@@ -1035,6 +1038,7 @@ class Upload:
         self._host._finish(self)
 
     def _close_fd(self) -> None:
+        self._writer.close()
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)

@@ -59,7 +59,7 @@ from typing import Protocol
 import attrs
 import trio
 
-from p2pbackup.durable import fsync_dir, write_all
+from p2pbackup.durable import DirectWriter, fsync_dir
 from p2pbackup.errors import ShardNotFoundError, StoreError, StoreFullError
 from p2pbackup.model import ID_SIZE
 
@@ -307,18 +307,29 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
 
 
-def _write_temp(directory: Path, data: bytes | bytearray | memoryview, in_flight: set[str]) -> Path:
+def _write_temp(
+    directory: Path,
+    data: bytes | bytearray | memoryview,
+    in_flight: set[str],
+    *,
+    direct: bool = False,
+) -> Path:
     """Write ``data`` to a new synced temp file in ``directory``; on any
-    failure the temp file is removed before the error propagates."""
+    failure the temp file is removed before the error propagates. ``direct``
+    writes it around the page cache (:class:`~p2pbackup.durable.DirectWriter`):
+    for shards, written once and rarely read back soon."""
     name = TEMP_PREFIX + secrets.token_hex(8)
     in_flight.add(name)
     temp = directory / name
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        writer = DirectWriter(fd, direct=direct)
         try:
-            write_all(fd, data)
+            writer.write(data)
+            writer.flush()
             os.fsync(fd)
         finally:
+            writer.close()
             os.close(fd)
     except BaseException:
         _unlink_quietly(temp)
@@ -545,7 +556,7 @@ class FolderShardStore:
 
     def _write_new(self, final: Path, data: bytes | bytearray | memoryview) -> bool:
         _make_dirs(final.parent, self._peer_dir)
-        temp = _write_temp(final.parent, data, self._in_flight)
+        temp = _write_temp(final.parent, data, self._in_flight, direct=True)
         return _publish_new(temp, final, self._in_flight)
 
     async def get(self, shard_id: bytes, offset: int = 0, length: int | None = None) -> bytes:

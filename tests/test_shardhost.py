@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pbackup.durable import STAGING_SIZE
 from p2pbackup.errors import MerkleError, ShardNotFoundError, StoreError, StoreFullError
 from p2pbackup.merkle import block_count, merkle_root, verify_block
 from p2pbackup.shardhost import (
@@ -401,8 +402,10 @@ def test_a_full_disk_while_writing_is_store_full(
     host: ShardHost, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
     put(host, OWNER, sid(1), data_of(1, 100))
-    data = data_of(2, 5000)
-    upload = host.begin_put(OWNER, sid(2), 5000, BLOCK, merkle_root(data, BLOCK), 60)
+    # Larger than what the upload stages in memory, so writing reaches the disk.
+    size = STAGING_SIZE + 5000
+    data = data_of(2, size)
+    upload = host.begin_put(OWNER, sid(2), size, 4096, merkle_root(data, 4096), 60)
     assert upload is not None
     upload.write(data[:1000])
     real_write = os.write
@@ -419,7 +422,31 @@ def test_a_full_disk_while_writing_is_store_full(
     assert not host.has(OWNER, sid(2))
     assert host.usage(OWNER) == 100
     assert_consistent(host)
-    put(host, OWNER, sid(2), data)  # the space was released and the store works on
+    put(host, OWNER, sid(2), data, block_size=4096)  # the space was released; the store works on
+
+
+def test_a_full_disk_at_the_last_write_is_store_full(
+    host: ShardHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The last bytes of a shard are written at commit, before the sync.
+    data = data_of(2, 5000)
+    upload = host.begin_put(OWNER, sid(2), 5000, BLOCK, merkle_root(data, BLOCK), 60)
+    assert upload is not None
+    upload.write(data)
+    real_write = os.write
+
+    def full_write(fd: int, buffer: object) -> int:
+        if fd == upload._fd:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, buffer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "write", full_write)
+    with pytest.raises(StoreFullError, match="no room on disk"):
+        upload.commit()
+    monkeypatch.undo()
+    assert not host.has(OWNER, sid(2))
+    assert_consistent(host)
+    put(host, OWNER, sid(2), data)
 
 
 def test_a_full_disk_at_sync_is_store_full(

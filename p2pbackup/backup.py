@@ -30,27 +30,38 @@ of two versions.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import attrs
 import trio
 
-from p2pbackup import blobs, chunker, formats, packer, runtime
-from p2pbackup.errors import UsageError
+from p2pbackup import blobs, chunker, formats, packer, reading, runtime, sealwire
+from p2pbackup.errors import LocalProtocolError, UsageError
 from p2pbackup.exclude import ExcludeRules
 from p2pbackup.index import CachedFile, Index
-from p2pbackup.model import BlobType, IndexSegment, NodeKind, Snapshot, Tree, TreeNode
+from p2pbackup.model import (
+    BlobType,
+    FileStat,
+    IndexSegment,
+    NodeKind,
+    SealingKeys,
+    Snapshot,
+    Tree,
+    TreeNode,
+)
 from p2pbackup.nurseries import unwrap_single
 from p2pbackup.progress import Progress, human_bytes
 from p2pbackup.repository import Repository
+from p2pbackup.sealer import Sealer, SealerError
 
-#: How many times a file that changes under us is read before giving up on it.
-_READ_ATTEMPTS = 3
+log = logging.getLogger(__name__)
+
 #: Threads reading, chunking and sealing files (one per core).
 _FILE_WORKERS = 2
 #: Packs being erasure-coded and uploaded at once.
@@ -69,6 +80,10 @@ _BATCH_BYTES = 8 << 20
 _BATCH_FILES = 256
 #: A worker hands its sealed blobs to the packer in groups of about this size.
 _FORWARD_BYTES = 4 << 20
+#: A batch of at least this many small files is read by a sealer process
+#: (:mod:`p2pbackup.sealer`); smaller ones, and large files, by threads. A
+#: backup of a few files is not worth starting processes for.
+_SEALER_MIN_FILES = 64
 #: Directory entries listed ahead of the walk in one thread call.
 _LISTING_BUDGET = 4096
 
@@ -150,10 +165,6 @@ class BackupSummary:
         return lines
 
 
-class _FileChanged(Exception):
-    """The file changed while it was read."""
-
-
 @attrs.frozen
 class _Sealed:
     blob_type: BlobType
@@ -195,7 +206,7 @@ class _FileWork:
     st: os.stat_result
     job: _Job | None = None
     content: tuple[bytes, ...] = ()
-    final_st: os.stat_result | None = None
+    final_st: os.stat_result | FileStat | None = None
     error: str | None = None
 
 
@@ -299,6 +310,10 @@ class Backup:
             max_size=config.chunk_max,
             seed=repo.keyring.chunker_seed,
         )
+        self._keys = SealingKeys(repo.keyring.dedup_key, repo.keyring.data_key)
+        #: Batches of at least this many files go to sealer processes.
+        self.sealer_min_files = _SEALER_MIN_FILES
+        self._sealers_work = True
         self.pack_size = config.pack_size
         self.summary = BackupSummary(
             k=config.k, n=config.n, configured_k=config.k, configured_n=config.n
@@ -389,19 +404,86 @@ class Backup:
     # -- pipeline stages ----------------------------------------------------------
 
     async def _file_worker(self, receive: trio.MemoryReceiveChannel[_Job]) -> None:
-        async with receive:
-            async for job in receive:
-                await trio.to_thread.run_sync(self._run_job, job)
-                summary = self.summary
-                summary.bytes_read += job.bytes_read
-                summary.bytes_new += job.bytes_new
-                summary.bytes_deduplicated += job.bytes_deduplicated
-                summary.blobs_new += job.blobs_new
-                job.done.set()
-                self.progress.update(
-                    f"{summary.files_new + summary.files_changed + summary.files_unchanged}"
-                    f" files, {human_bytes(summary.bytes_read)} read"
-                )
+        # Each worker has a sealer process of its own, started at its first
+        # batch of enough small files.
+        sealer: Sealer | None = None
+        try:
+            async with receive:
+                async for job in receive:
+                    if sealer is None and self._wants_sealer(job):
+                        sealer = await self._start_sealer()
+                    if sealer is not None and self._wants_sealer(job):
+                        try:
+                            await self._run_job_in_sealer(sealer, job)
+                        except SealerError as exc:
+                            await self._sealer_failed(sealer, exc)
+                            sealer = None
+                            await trio.to_thread.run_sync(self._run_job, job)
+                    else:
+                        await trio.to_thread.run_sync(self._run_job, job)
+                    self._job_done(job)
+        finally:
+            if sealer is not None:
+                await sealer.aclose()
+
+    def _wants_sealer(self, job: _Job) -> bool:
+        return self._sealers_work and len(job.files) >= self.sealer_min_files
+
+    async def _start_sealer(self) -> Sealer | None:
+        try:
+            return await Sealer.start(sealwire.Setup(self._keys, self.params))
+        except SealerError as exc:
+            self._sealers_work = False
+            log.warning("%s; reading files in threads instead", exc)
+            return None
+
+    async def _sealer_failed(self, sealer: Sealer, error: SealerError) -> None:
+        # Nothing of the batch was taken from it: the threads read it again.
+        self._sealers_work = False
+        log.warning("%s; reading files in threads instead", error)
+        await sealer.aclose()
+
+    async def _run_job_in_sealer(self, sealer: Sealer, job: _Job) -> None:
+        """Have a sealer process read a job's files; claim and forward what it sealed."""
+        files = await sealer.seal([work.path for work in job.files])
+        group: list[_Sealed] = []
+        group_bytes = 0
+        for work, file in zip(job.files, files, strict=True):
+            outcome = file.outcome
+            work.content, work.final_st, work.error = outcome.content, outcome.stat, outcome.error
+            for chunk in file.chunks:
+                job.bytes_read += chunk.length
+                if not self._deduper.claim(chunk.ident):
+                    job.bytes_deduplicated += chunk.length
+                    continue
+                if chunk.sealed is None:
+                    # The sealer leaves out only blobs it sent before, which
+                    # were claimed then: this is a bug, not a bad file.
+                    raise LocalProtocolError(
+                        f"a sealer sent chunk {chunk.ident.hex()[:16]} of "
+                        f"{_fsdecode(work.path)} without its blob"
+                    )
+                job.bytes_new += chunk.length
+                job.blobs_new += 1
+                group.append(_Sealed(BlobType.DATA, chunk.ident, chunk.sealed, chunk.length))
+                group_bytes += len(chunk.sealed)
+                if group_bytes >= _FORWARD_BYTES:
+                    await self._forward(group)
+                    group, group_bytes = [], 0
+        if group:
+            await self._forward(group)
+
+    def _job_done(self, job: _Job) -> None:
+        summary = self.summary
+        summary.bytes_read += job.bytes_read
+        summary.bytes_new += job.bytes_new
+        summary.bytes_deduplicated += job.bytes_deduplicated
+        summary.blobs_new += job.blobs_new
+        job.done.set()
+        self.progress.update(
+            f"{summary.files_new + summary.files_changed + summary.files_unchanged}"
+            f" files, {human_bytes(summary.bytes_read)} read"
+        )
 
     async def _packer(
         self,
@@ -455,82 +537,28 @@ class Backup:
         """Runs in a worker thread: read, chunk, dedup and seal every file of a job."""
         outbox: list[_Sealed] = []
         outbox_bytes = 0
-        dedup_key = self.repo.keyring.dedup_key
-        data_key = self.repo.keyring.data_key
 
-        def emit(item: _Sealed) -> None:
+        def sink(ident: bytes, length: int, sealed: bytes | None) -> None:
             nonlocal outbox, outbox_bytes
-            outbox.append(item)
-            outbox_bytes += len(item.sealed)
+            job.bytes_read += length
+            if sealed is None:
+                job.bytes_deduplicated += length
+                return
+            job.bytes_new += length
+            job.blobs_new += 1
+            outbox.append(_Sealed(BlobType.DATA, ident, sealed, length))
+            outbox_bytes += len(sealed)
             if outbox_bytes >= _FORWARD_BYTES:
                 trio.from_thread.run(self._forward, outbox)
                 outbox, outbox_bytes = [], 0
 
         for work in job.files:
-            for _attempt in range(_READ_ATTEMPTS):
-                try:
-                    work.content, work.final_st = self._read_file(
-                        work.path, job, dedup_key, data_key, emit
-                    )
-                    work.error = None
-                    break
-                except _FileChanged:
-                    work.error = "changed while it was read (left out; back it up again)"
-                except OSError as exc:
-                    work.error = f"cannot read: {exc.strerror}"
-                    break
+            outcome = reading.read_file(
+                work.path, self.params, self._keys, self._deduper.claim, sink
+            )
+            work.content, work.final_st, work.error = outcome.content, outcome.stat, outcome.error
         if outbox:
             trio.from_thread.run(self._forward, outbox)
-
-    def _read_file(
-        self,
-        path: bytes,
-        job: _Job,
-        dedup_key: bytes,
-        data_key: bytes,
-        emit: Callable[[_Sealed], None],
-    ) -> tuple[tuple[bytes, ...], os.stat_result]:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0))
-        try:
-            before = os.fstat(fd)
-            content: list[bytes] = []
-            total = 0
-            for chunk in self._chunks_of(fd, before.st_size):
-                ident = blobs.blob_id(dedup_key, chunk)
-                content.append(ident)
-                total += len(chunk)
-                job.bytes_read += len(chunk)
-                if self._deduper.claim(ident):
-                    sealed = blobs.seal_blob(data_key, BlobType.DATA, ident, chunk)
-                    job.bytes_new += len(chunk)
-                    job.blobs_new += 1
-                    emit(_Sealed(BlobType.DATA, ident, sealed, len(chunk)))
-                else:
-                    job.bytes_deduplicated += len(chunk)
-            after = os.fstat(fd)
-        finally:
-            os.close(fd)
-        if total != after.st_size or (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
-            after.st_size,
-            after.st_mtime_ns,
-            after.st_ctime_ns,
-        ):
-            raise _FileChanged()
-        return tuple(content), after
-
-    def _chunks_of(self, fd: int, size: int) -> Iterable[bytes | memoryview]:
-        """The chunks of an open file that ``fstat`` says is ``size`` bytes."""
-        if size < min(chunker.SMALL_INPUT, self.params.max_size):
-            # Most files of a home directory: one read, no file object. The
-            # cuts are those iter_chunks makes of the same bytes.
-            return chunker.chunk_bytes(_read_whole(fd, size), self.params)
-        return self._streamed_chunks(fd)
-
-    def _streamed_chunks(self, fd: int) -> Iterator[bytes | memoryview]:
-        # Views, not copies: _read_file is done with each chunk (hashed and
-        # sealed) before it takes the next.
-        with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
-            yield from chunker.iter_chunk_views(stream, self.params)
 
     # -- the walk ------------------------------------------------------------------
 
@@ -786,7 +814,7 @@ class Backup:
 
     @staticmethod
     def _file_node(
-        name: bytes, st: os.stat_result, content: tuple[bytes, ...], group: int
+        name: bytes, st: os.stat_result | FileStat, content: tuple[bytes, ...], group: int
     ) -> TreeNode:
         return TreeNode(
             name=name,
@@ -825,27 +853,6 @@ async def write_index_segment(repo: Repository, pack_ids: list[bytes]) -> None:
     await repo.write_pack(builder, is_index=True)
     with repo.index.transaction():
         repo.index.mark_in_segment(pack_ids)
-
-
-def _read_whole(fd: int, size: int) -> bytes:
-    """The bytes of a small file that ``fstat`` says is ``size`` bytes long.
-
-    One read asks for a byte more than that: if the file grew, the extra byte
-    shows it, and the caller's second ``fstat`` reports the change either way.
-    A short read (the file shrank) reads on to the end.
-    """
-    data = os.read(fd, size + 1)
-    if len(data) >= size:
-        return data
-    parts = [data]
-    got = len(data)
-    while got <= size:
-        piece = os.read(fd, size + 1 - got)
-        if not piece:
-            break
-        parts.append(piece)
-        got += len(piece)
-    return b"".join(parts)
 
 
 def _walk_listings(root: bytes, exclude: ExcludeRules) -> Iterator[tuple[bytes, _Listing]]:

@@ -8,7 +8,7 @@ Nouns:
   plaintexts are stored once and no outsider can confirm a guessed file.
 * **pack** — encrypted blobs concatenated, followed by an encrypted
   :class:`PackHeader` and padding; the unit of erasure coding. A pack id is
-  the BLAKE2b-256 of the pack's bytes.
+  32 random bytes chosen when the pack is made.
 * **shard** — one of the n pieces a pack is erasure-coded into, each stored on
   a different peer under a :class:`ShardLocation`.
 * **tree** — one directory's listing (:class:`Tree` of :class:`TreeNode`).
@@ -19,6 +19,9 @@ Nouns:
   also a peer (kind "node") that shards may be placed on.
 * **root record** — the small, signed and encrypted entry point stored on every
   peer: configuration, peers, index packs and live snapshots.
+* **file stat** — what a backup keeps of a file's ``stat`` after reading it
+  (:class:`FileStat`), and a **read outcome** — a file's content (chunk ids)
+  and file stat, or why it was left out (:class:`ReadOutcome`).
 
 Serialisation of every class here lives in :mod:`p2pbackup.formats`.
 """
@@ -221,3 +224,33 @@ class ShardHeader:
     #: Length of the shard data that follows the header.
     shard_size: int
     block_size: int
+
+
+@attrs.frozen
+class SealingKeys:
+    """The keys a file's chunks are identified and sealed with."""
+
+    dedup_key: bytes = attrs.field(repr=False)
+    data_key: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen
+class FileStat:
+    """What a backup keeps of a file's ``stat``; named as in ``os.stat_result``."""
+
+    st_mode: int
+    st_size: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+    st_ino: int
+    st_uid: int
+    st_gid: int
+
+
+@attrs.frozen
+class ReadOutcome:
+    """A file read whole (``content`` and ``stat``), or left out (``error``)."""
+
+    content: tuple[bytes, ...] = ()
+    stat: FileStat | None = None
+    error: str | None = None

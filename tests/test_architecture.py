@@ -42,7 +42,7 @@ THIRD_PARTY: Mapping[str, frozenset[str]] = {
     "numpy": frozenset({"p2pbackup.erasure"}),
     "zstandard": frozenset({"p2pbackup.compression"}),
     "pyfastcdc": frozenset({"p2pbackup.chunker"}),
-    "msgpack": frozenset({"p2pbackup.formats", "p2pbackup.messages"}),
+    "msgpack": frozenset({"p2pbackup.formats", "p2pbackup.messages", "p2pbackup.sealwire"}),
     "kademlia": frozenset({DHT_ADAPTER}),
     "trio_asyncio": frozenset({DHT_ADAPTER}),
     # The msgpack flavour of kademlia's RPC layer: the adapter decodes datagrams itself.
@@ -92,6 +92,7 @@ PURE_MODULES = frozenset(
         "blobs",
         "compression",
         "messages",
+        "sealwire",
         "noise",
         "records",
         "invites",

@@ -295,10 +295,12 @@ def run_measured(
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a running process, all its threads, from /proc."""
+    """User + system CPU seconds of a running process, all its threads, and
+    the children it has waited for (a backup's sealer processes), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    # utime and stime are fields 14 and 15 of proc(5), counted from the pid.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # utime, stime, cutime and cstime are fields 14-17 of proc(5), counted
+    # from the pid.
+    return sum(int(field) for field in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 SERVING_PREFIX = "serving on "

@@ -43,8 +43,10 @@ Run from the repository::
 
 The server's shards go to ``WORKDIR/network/server-MODE`` unless
 ``--server-dir`` (e.g. ``/dev/shm`` to keep the disk out of the figures); the
-output names the file system. Gets read shards just written, so they come
-from the page cache: this measures the protocol, not the disk.
+output names the file system. Gets read shards just written; a storage node
+writes shards around the page cache (``durable.DirectWriter``), so on a disk
+they are read back from the disk, in both modes alike. On ``/dev/shm``
+(tmpfs) the shards live in memory: that measures the protocol alone.
 """
 
 from __future__ import annotations

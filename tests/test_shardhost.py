@@ -27,6 +27,7 @@ from p2pbackup.shardhost import (
     HostedShard,
     ShardConflictError,
     ShardHost,
+    Upload,
 )
 
 OWNER = b"\x01" * 20
@@ -397,6 +398,18 @@ def test_without_limits_the_disk_is_the_offer(
     assert host.space(OWNER) == (300, 300 + 12345)
 
 
+def fail_writes(monkeypatch: pytest.MonkeyPatch, upload: Upload, code: int) -> None:
+    """Make every write to ``upload``'s file fail with ``code``, as a full disk does."""
+    real_write = os.write
+
+    def full_write(fd: int, buffer: object) -> int:
+        if fd == upload._fd:
+            raise OSError(code, os.strerror(code))
+        return real_write(fd, buffer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "write", full_write)
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
 def test_a_full_disk_while_writing_is_store_full(
     host: ShardHost, monkeypatch: pytest.MonkeyPatch, code: int
@@ -408,14 +421,7 @@ def test_a_full_disk_while_writing_is_store_full(
     upload = host.begin_put(OWNER, sid(2), size, 4096, merkle_root(data, 4096), 60)
     assert upload is not None
     upload.write(data[:1000])
-    real_write = os.write
-
-    def full_write(fd: int, buffer: object) -> int:
-        if fd == upload._fd:
-            raise OSError(code, os.strerror(code))
-        return real_write(fd, buffer)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "write", full_write)
+    fail_writes(monkeypatch, upload, code)
     with pytest.raises(StoreFullError, match="no room on disk"):
         upload.write(data[1000:])
     monkeypatch.undo()
@@ -425,47 +431,29 @@ def test_a_full_disk_while_writing_is_store_full(
     put(host, OWNER, sid(2), data, block_size=4096)  # the space was released; the store works on
 
 
-def test_a_full_disk_at_the_last_write_is_store_full(
-    host: ShardHost, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("failing", ["write", "fsync"])
+def test_a_full_disk_at_commit_is_store_full(
+    host: ShardHost, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
-    # The last bytes of a shard are written at commit, before the sync.
+    # A commit writes the shard's last bytes, then syncs it: either can meet a full disk.
     data = data_of(2, 5000)
     upload = host.begin_put(OWNER, sid(2), 5000, BLOCK, merkle_root(data, BLOCK), 60)
     assert upload is not None
     upload.write(data)
-    real_write = os.write
+    if failing == "write":
+        fail_writes(monkeypatch, upload, errno.ENOSPC)
+    else:
 
-    def full_write(fd: int, buffer: object) -> int:
-        if fd == upload._fd:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(fd, buffer)  # type: ignore[arg-type]
+        def full_fsync(fd: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "write", full_write)
+        monkeypatch.setattr(os, "fsync", full_fsync)
     with pytest.raises(StoreFullError, match="no room on disk"):
         upload.commit()
     monkeypatch.undo()
     assert not host.has(OWNER, sid(2))
     assert_consistent(host)
     put(host, OWNER, sid(2), data)
-
-
-def test_a_full_disk_at_sync_is_store_full(
-    host: ShardHost, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    data = data_of(2, 5000)
-    upload = host.begin_put(OWNER, sid(2), 5000, BLOCK, merkle_root(data, BLOCK), 60)
-    assert upload is not None
-    upload.write(data)
-
-    def full_fsync(fd: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "fsync", full_fsync)
-    with pytest.raises(StoreFullError):
-        upload.commit()
-    monkeypatch.undo()
-    assert not host.has(OWNER, sid(2))
-    assert_consistent(host)
 
 
 def test_a_disk_without_room_refuses_before_the_upload(

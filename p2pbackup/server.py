@@ -318,7 +318,9 @@ class _Session:
                 raise RemoteProtocolError(f"shard vanished while being read: {exc}") from None
             if len(data) != length:
                 raise RemoteProtocolError("shard shrank while being read")
-            await self._send(messages.ShardPiece(data))
+            # Sealed straight from the bytes read, as an upload's pieces are.
+            with trio.fail_after(self.limits.transfer):
+                await self.channel.send_piece(data)
             position += length
 
     async def _has_shard(self, request: messages.HasShard) -> None:

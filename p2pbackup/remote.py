@@ -300,15 +300,19 @@ class RemoteShardStore:
             answer = self._answer(await channel.receive(), messages.ShardData, request)
             if length is not None and answer.size > length:
                 raise RemoteProtocolError(f"sent {answer.size} bytes for a range of {length}")
-            buffer = bytearray()
-            while len(buffer) < answer.size:
+            # Joined once at the end: growing a buffer piece by piece and
+            # copying it into bytes moved every byte two more times.
+            pieces: list[bytes] = []
+            received = 0
+            while received < answer.size:
                 piece = await channel.receive()
                 if not isinstance(piece, messages.ShardPiece):
                     raise RemoteProtocolError(f"sent {type(piece).__name__} inside a shard")
-                buffer += piece.data
-                if len(buffer) > answer.size:
+                pieces.append(piece.data)
+                received += len(piece.data)
+                if received > answer.size:
                     raise RemoteProtocolError(f"sent more than the {answer.size} bytes announced")
-            return bytes(buffer)
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
         return await self._exchange(exchange)
 

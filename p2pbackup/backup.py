@@ -3,16 +3,19 @@
 The pipeline (each arrow a bounded trio channel, so memory stays bounded
 whatever the file sizes)::
 
-    walker ─► 2 file workers (threads): read, chunk, id, dedup, zstd, AEAD ─► packer ─► 2 uploaders
+    walker ─► 2 file workers: read, chunk, id, dedup, zstd, AEAD ─► packer ─► 2 uploaders
 
 * the **walker** visits the given paths depth-first, in name order. For each
   directory it hands the files that need reading to the workers as **jobs**
   (one large file, or a batch of small ones), walks the subdirectories, then
   waits for its own jobs and stores the directory's tree blob;
-* a **file worker** runs one job in a thread: it chunks each file, computes
-  chunk ids, and seals (compresses and encrypts) only chunks that are neither
-  indexed nor already claimed in this run — that is the deduplication. Hashing,
-  zstd and libsodium release the GIL, so the two workers use both cores;
+* a **file worker** runs one job: it chunks each file, computes chunk ids,
+  and keeps the sealed (compressed and encrypted) chunks that are neither
+  indexed nor already claimed in this run — that is the deduplication. A
+  large file is read in a thread (hashing, zstd and libsodium release the
+  GIL); a batch of many small files by the worker's sealer process
+  (:mod:`p2pbackup.sealer`), since each small file is a string of short
+  calls that would hand the GIL between threads;
 * the **packer** fills packs to the target size; two **uploaders** erasure-code
   them, put the shards on the peers and commit each pack to the index in one
   transaction.
@@ -171,6 +174,34 @@ class _Sealed:
     ident: bytes
     sealed: bytes
     raw_length: int
+
+
+class _Outbox:
+    """A job's sealed blobs on their way to the packer, counted into the job as
+    its chunks are read (in a thread or by a sealer)."""
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.items: list[_Sealed] = []
+        self._bytes = 0
+
+    def add(self, ident: bytes, length: int, sealed: bytes | None) -> list[_Sealed] | None:
+        """Count a chunk read (``sealed`` None: already stored or claimed); a
+        group of about _FORWARD_BYTES to forward, if this chunk filled one."""
+        job = self.job
+        job.bytes_read += length
+        if sealed is None:
+            job.bytes_deduplicated += length
+            return None
+        job.bytes_new += length
+        job.blobs_new += 1
+        self.items.append(_Sealed(BlobType.DATA, ident, sealed, length))
+        self._bytes += len(sealed)
+        return self.take() if self._bytes >= _FORWARD_BYTES else None
+
+    def take(self) -> list[_Sealed]:
+        items, self.items, self._bytes = self.items, [], 0
+        return items
 
 
 class _Deduper:
@@ -446,32 +477,25 @@ class Backup:
     async def _run_job_in_sealer(self, sealer: Sealer, job: _Job) -> None:
         """Have a sealer process read a job's files; claim and forward what it sealed."""
         files = await sealer.seal([work.path for work in job.files])
-        group: list[_Sealed] = []
-        group_bytes = 0
+        outbox = _Outbox(job)
         for work, file in zip(job.files, files, strict=True):
             outcome = file.outcome
             work.content, work.final_st, work.error = outcome.content, outcome.stat, outcome.error
             for chunk in file.chunks:
-                job.bytes_read += chunk.length
-                if not self._deduper.claim(chunk.ident):
-                    job.bytes_deduplicated += chunk.length
-                    continue
-                if chunk.sealed is None:
-                    # The sealer leaves out only blobs it sent before, which
-                    # were claimed then: this is a bug, not a bad file.
-                    raise LocalProtocolError(
-                        f"a sealer sent chunk {chunk.ident.hex()[:16]} of "
-                        f"{_fsdecode(work.path)} without its blob"
-                    )
-                job.bytes_new += chunk.length
-                job.blobs_new += 1
-                group.append(_Sealed(BlobType.DATA, chunk.ident, chunk.sealed, chunk.length))
-                group_bytes += len(chunk.sealed)
-                if group_bytes >= _FORWARD_BYTES:
+                sealed = None
+                if self._deduper.claim(chunk.ident):
+                    if chunk.sealed is None:
+                        # The sealer leaves out only blobs it sent before, which
+                        # were claimed then: this is a bug, not a bad file.
+                        raise LocalProtocolError(
+                            f"a sealer sent chunk {chunk.ident.hex()[:16]} of "
+                            f"{_fsdecode(work.path)} without its blob"
+                        )
+                    sealed = chunk.sealed
+                if group := outbox.add(chunk.ident, chunk.length, sealed):
                     await self._forward(group)
-                    group, group_bytes = [], 0
-        if group:
-            await self._forward(group)
+        if outbox.items:
+            await self._forward(outbox.take())
 
     def _job_done(self, job: _Job) -> None:
         summary = self.summary
@@ -535,30 +559,19 @@ class Backup:
 
     def _run_job(self, job: _Job) -> None:
         """Runs in a worker thread: read, chunk, dedup and seal every file of a job."""
-        outbox: list[_Sealed] = []
-        outbox_bytes = 0
+        outbox = _Outbox(job)
 
         def sink(ident: bytes, length: int, sealed: bytes | None) -> None:
-            nonlocal outbox, outbox_bytes
-            job.bytes_read += length
-            if sealed is None:
-                job.bytes_deduplicated += length
-                return
-            job.bytes_new += length
-            job.blobs_new += 1
-            outbox.append(_Sealed(BlobType.DATA, ident, sealed, length))
-            outbox_bytes += len(sealed)
-            if outbox_bytes >= _FORWARD_BYTES:
-                trio.from_thread.run(self._forward, outbox)
-                outbox, outbox_bytes = [], 0
+            if group := outbox.add(ident, length, sealed):
+                trio.from_thread.run(self._forward, group)
 
         for work in job.files:
             outcome = reading.read_file(
                 work.path, self.params, self._keys, self._deduper.claim, sink
             )
             work.content, work.final_st, work.error = outcome.content, outcome.stat, outcome.error
-        if outbox:
-            trio.from_thread.run(self._forward, outbox)
+        if outbox.items:
+            trio.from_thread.run(self._forward, outbox.take())
 
     # -- the walk ------------------------------------------------------------------
 

@@ -127,34 +127,26 @@ class DirectWriter:
                 memory.close()
 
     def _write_staged(self, length: int) -> None:
-        """Write the first ``length`` staged bytes and keep the rest staged."""
+        """Write the first ``length`` staged bytes directly and keep the rest
+        staged; if the filesystem stops taking direct writes midway, write
+        everything left through the page cache instead."""
         assert self._staged is not None
         done = 0
         while done < length:
-            if not self._direct:
-                write_all(self._fd, self._staged[done:length])
-                done = length
-                break
             try:
                 written = os.write(self._fd, self._staged[done:length])
             except OSError as error:
                 if error.errno != errno.EINVAL:
                     raise
-                # Alignment this filesystem does not accept: nothing was
-                # written; the same bytes go through the page cache.
-                self._direct = False
-                _set_direct(self._fd, False)
-                continue
+                break  # an alignment this filesystem refuses: nothing was written
             done += written
             if written % DIRECT_ALIGNMENT:
-                # A short write left the offset unaligned for direct writes.
-                self._direct = False
-                _set_direct(self._fd, False)
-        rest = self._filled - length
+                break  # a short write left the offset unaligned for direct writes
+        rest = self._filled - done
         if rest:
-            self._staged[:rest] = self._staged[length : self._filled]
+            self._staged[:rest] = self._staged[done : self._filled]
         self._filled = rest
-        if not self._direct:
+        if done < length:
             self._stop_direct()
 
     def _stop_direct(self) -> None:

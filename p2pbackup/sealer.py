@@ -161,15 +161,19 @@ class Sealer:
         await self._send(encode_batch(paths))
         stdout = self._process.stdout
         assert stdout is not None
-        while (body := self._reader.next_body()) is None:
-            try:
-                data = await stdout.receive_some(_READ_SIZE)
-            except trio.BrokenResourceError as exc:
-                raise await self._died(f"its output broke ({exc})") from None
-            if not data:
-                raise await self._died("it closed its output")
-            self._reader.feed(data)
-        files = decode_results(body)
+        try:
+            while (body := self._reader.next_body()) is None:
+                try:
+                    data = await stdout.receive_some(_READ_SIZE)
+                except trio.BrokenResourceError as exc:
+                    raise await self._died(f"its output broke ({exc})") from None
+                if not data:
+                    raise await self._died("it closed its output")
+                self._reader.feed(data)
+            files = decode_results(body)
+        except SealwireError as exc:
+            # Not a file's fault: the batch goes to the threads like any failure.
+            raise SealerError(f"sealer process {self.pid} sent a bad frame: {exc}") from None
         if len(files) != len(paths):
             raise SealerError(f"a sealer answered {len(files)} files for a batch of {len(paths)}")
         return files

@@ -318,6 +318,18 @@ async def test_a_sealer_that_crashes_says_its_last_words(
             await worker.seal([b"/x"])
 
 
+async def test_a_sealer_sending_a_bad_frame_is_a_sealer_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One byte of body that is not msgpack, then it waits for its input to close.
+    child = "import os, sys; os.write(1, bytes([0, 0, 0, 1, 0xC1])); sys.stdin.buffer.read()"
+    monkeypatch.setattr(sealer, "SEALER_COMMAND", (sealer.SEALER_COMMAND[0], "-c", child))
+    worker = await Sealer.start(SETUP)
+    async with worker:
+        with pytest.raises(SealerError, match=rf"sealer process {worker.pid} sent a bad frame"):
+            await worker.seal([b"/x"])
+
+
 # -- backups -----------------------------------------------------------------------------
 
 

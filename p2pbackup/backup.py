@@ -51,7 +51,6 @@ from p2pbackup.index import CachedFile, Index
 from p2pbackup.model import (
     BlobType,
     FileStat,
-    IndexSegment,
     NodeKind,
     SealingKeys,
     Snapshot,
@@ -844,28 +843,7 @@ class Backup:
     # -- index segment ---------------------------------------------------------------
 
     async def _write_index_segment(self) -> None:
-        await write_index_segment(self.repo, self.repo.index.packs_without_segment())
-
-
-async def write_index_segment(repo: Repository, pack_ids: list[bytes]) -> None:
-    """Store the records of ``pack_ids`` as an index pack, so a new home finds them."""
-    if not pack_ids:
-        return
-    records = []
-    for pack_id in pack_ids:
-        record = repo.index.pack(pack_id)
-        if record is not None:
-            records.append(record)
-    data = formats.encode_index_segment(IndexSegment(tuple(records)))
-    ident = blobs.blob_id(repo.keyring.dedup_key, data)
-    sealed = await trio.to_thread.run_sync(
-        blobs.seal_blob, repo.keyring.data_key, BlobType.INDEX, ident, data
-    )
-    builder = packer.PackBuilder()
-    builder.add(BlobType.INDEX, ident, sealed, len(data))
-    await repo.write_pack(builder, is_index=True)
-    with repo.index.transaction():
-        repo.index.mark_in_segment(pack_ids)
+        await self.repo.write_index_segment(self.repo.index.packs_without_segment())
 
 
 def _walk_listings(root: bytes, exclude: ExcludeRules) -> Iterator[tuple[bytes, _Listing]]:

@@ -18,7 +18,6 @@ from p2pbackup import blobs, formats, packer
 from p2pbackup.errors import IntegrityError, NotEnoughShardsError, StoreError
 from p2pbackup.model import PackRecord
 from p2pbackup.progress import Progress
-from p2pbackup.prune import expected_shards
 from p2pbackup.repository import Repository
 from p2pbackup.snapshots import live_blobs
 
@@ -97,7 +96,7 @@ async def check(
         if not repo.index.has_blob(blob_id):
             summary.errors.append(f"blob {blob_id.hex()[:16]} is referenced but not indexed")
 
-    for peer_id, wanted in expected_shards(repo).items():
+    for peer_id, wanted in repo.expected_shards().items():
         try:
             held = await repo.store(peer_id).list()
         except StoreError as exc:

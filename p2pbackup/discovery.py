@@ -54,8 +54,8 @@ from p2pbackup.errors import (
 )
 from p2pbackup.home import Home
 from p2pbackup.index import Index
+from p2pbackup.model import PEER_KIND_NODE
 from p2pbackup.net import Address, Network, TcpNetwork
-from p2pbackup.repository import PEER_KIND_NODE
 from p2pbackup.session import Identity, secure_initiator
 
 log = logging.getLogger(__name__)

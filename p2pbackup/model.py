@@ -151,12 +151,19 @@ class IndexSegment:
     packs: tuple[PackRecord, ...]
 
 
+#: Kind of a peer that is a local folder; its location is the folder's path.
+PEER_KIND_DIR = "dir"
+#: Kind of a peer that is a storage node on the network; its peer id is the
+#: node id in hex and its location the last known ``host:port``.
+PEER_KIND_NODE = "node"
+
+
 @attrs.frozen
 class PeerRecord:
     """A peer as the owner knows it: a stable id, a kind and where to reach it."""
 
     peer_id: str
-    #: "dir" for a local folder; network kinds arrive with the wire.
+    #: :data:`PEER_KIND_DIR` or :data:`PEER_KIND_NODE`.
     kind: str
     location: str
 

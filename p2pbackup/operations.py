@@ -39,6 +39,8 @@ from p2pbackup.index import Index, ShardShortfall
 from p2pbackup.keys import Keyring
 from p2pbackup.model import (
     NODE_ID_SIZE,
+    PEER_KIND_DIR,
+    PEER_KIND_NODE,
     BlobType,
     FriendRecord,
     PeerRecord,
@@ -49,8 +51,6 @@ from p2pbackup.net import Address, Network, TcpNetwork
 from p2pbackup.records import RecordAddress
 from p2pbackup.remote import RemoteShardStore
 from p2pbackup.repository import (
-    PEER_KIND_DIR,
-    PEER_KIND_NODE,
     Repository,
     open_root_record,
     open_store,
@@ -172,9 +172,9 @@ async def add_folder_peer(repo: Repository, path: Path) -> PeerRecord:
         raise UsageError(f"peer folder {path} does not exist or is not a directory")
     peer_id = await trio.to_thread.run_sync(init_folder_peer, path)
     for peer in repo.peers():
-        if peer.peer_id == peer_id or (peer.kind == "dir" and Path(peer.location) == path):
+        if peer.peer_id == peer_id or (peer.kind == PEER_KIND_DIR and Path(peer.location) == path):
             raise UsageError(f"{path} is already peer {peer.peer_id}")
-    record = PeerRecord(peer_id=peer_id, kind="dir", location=str(path))
+    record = PeerRecord(peer_id=peer_id, kind=PEER_KIND_DIR, location=str(path))
     with repo.index.transaction():
         repo.index.add_peer(record)
     if repo.index.snapshots() or repo.index.pack_ids():

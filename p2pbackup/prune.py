@@ -24,12 +24,10 @@ import attrs
 import trio
 
 from p2pbackup import formats, packer
-from p2pbackup.backup import write_index_segment
 from p2pbackup.errors import P2PBackupError, StoreError
 from p2pbackup.progress import Progress
 from p2pbackup.repository import Repository
 from p2pbackup.snapshots import live_blobs
-from p2pbackup.storage import FolderShardStore
 
 #: A pack whose live bytes are below this fraction of its blob bytes is repacked.
 REPACK_THRESHOLD = 0.5
@@ -118,7 +116,7 @@ async def prune(repo: Repository, *, progress: Progress | None = None) -> PruneS
     removed_records = [index.pack(p, with_blobs=False) for p in removed + old_index_packs]
     keep = [p for p in index.pack_ids(is_index=False) if p not in set(removed)]
     progress.update("writing a new index", force=True)
-    await write_index_segment(repo, keep)
+    await repo.write_index_segment(keep)
     with index.transaction():
         for pack_id in removed + old_index_packs:
             index.remove_pack(pack_id)
@@ -143,23 +141,10 @@ async def prune(repo: Repository, *, progress: Progress | None = None) -> PruneS
     return summary
 
 
-def expected_shards(repo: Repository) -> dict[str, set[bytes]]:
-    """Peer id → the shard ids the index says it holds."""
-    expected: dict[str, set[bytes]] = {p.peer_id: set() for p in repo.peers()}
-    for pack_id in repo.index.pack_ids():
-        record = repo.index.pack(pack_id, with_blobs=False)
-        assert record is not None
-        for location in record.shards:
-            expected.setdefault(location.peer_id, set()).add(
-                formats.shard_id(pack_id, location.index)
-            )
-    return expected
-
-
 async def delete_orphans(repo: Repository) -> int:
     """Delete shards on peers that no pack in the index names."""
     deleted = 0
-    for peer_id, wanted in expected_shards(repo).items():
+    for peer_id, wanted in repo.expected_shards().items():
         try:
             store = repo.store(peer_id)
             held = await store.list()
@@ -172,10 +157,9 @@ async def delete_orphans(repo: Repository) -> int:
                     deleted += 1
                 except StoreError:
                     continue
-        if isinstance(store, FolderShardStore):
-            # Half-written shards of killed backups: this home holds its lock,
-            # so nothing else writes to this owner's namespace now.
-            with contextlib.suppress(StoreError):
-                await store.collect_garbage(older_than=0)
+        # Half-written shards of killed backups: this home holds its lock,
+        # so nothing else writes to this owner's namespace now.
+        with contextlib.suppress(StoreError):
+            await store.collect_garbage(older_than=0)
         await trio.lowlevel.checkpoint()
     return deleted

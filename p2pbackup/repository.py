@@ -65,7 +65,10 @@ from p2pbackup.errors import (
 from p2pbackup.index import Index
 from p2pbackup.keys import Keyring
 from p2pbackup.model import (
+    PEER_KIND_DIR,
+    PEER_KIND_NODE,
     BlobType,
+    IndexSegment,
     PackRecord,
     PeerRecord,
     RepositoryConfig,
@@ -88,13 +91,6 @@ PROBE_SECONDS = 5.0
 _PACK_CACHE_SIZE = 4
 #: Sealed blobs up to this size are opened on trio's thread.
 _INLINE_OPEN = 64 * 1024
-
-
-#: Kind of a peer that is a local folder; its location is the folder's path.
-PEER_KIND_DIR = "dir"
-#: Kind of a peer that is a storage node on the network; its peer id is the
-#: node id in hex and its location the last known ``host:port``.
-PEER_KIND_NODE = "node"
 
 
 def host_of(peer: PeerRecord) -> str:
@@ -503,6 +499,38 @@ class Repository:
         return record
 
     # -- reading packs --------------------------------------------------------
+
+    async def write_index_segment(self, pack_ids: list[bytes]) -> None:
+        """Store the records of ``pack_ids`` as an index pack, so a new home finds them."""
+        if not pack_ids:
+            return
+        records = []
+        for pack_id in pack_ids:
+            record = self.index.pack(pack_id)
+            if record is not None:
+                records.append(record)
+        data = formats.encode_index_segment(IndexSegment(tuple(records)))
+        ident = blobs.blob_id(self.keyring.dedup_key, data)
+        sealed = await trio.to_thread.run_sync(
+            blobs.seal_blob, self.keyring.data_key, BlobType.INDEX, ident, data
+        )
+        builder = packer.PackBuilder()
+        builder.add(BlobType.INDEX, ident, sealed, len(data))
+        await self.write_pack(builder, is_index=True)
+        with self.index.transaction():
+            self.index.mark_in_segment(pack_ids)
+
+    def expected_shards(self) -> dict[str, set[bytes]]:
+        """Peer id → the shard ids the index says it holds."""
+        expected: dict[str, set[bytes]] = {p.peer_id: set() for p in self.peers()}
+        for pack_id in self.index.pack_ids():
+            record = self.index.pack(pack_id, with_blobs=False)
+            assert record is not None
+            for location in record.shards:
+                expected.setdefault(location.peer_id, set()).add(
+                    formats.shard_id(pack_id, location.index)
+                )
+        return expected
 
     async def read_pack(
         self,

@@ -158,6 +158,13 @@ class ShardStore(Protocol):
         still take, by the peer's own reckoning."""
         ...
 
+    async def collect_garbage(self, older_than: float = STALE_TEMP_SECONDS) -> int:
+        """Remove half-written shards left over ``older_than`` seconds ago by
+        writers that died, where this store can see them; return how many.
+        ``older_than=0`` removes every leftover, safe only while the owner's
+        lock keeps every other writer out. A remote node collects its own."""
+        ...
+
     async def aclose(self) -> None:
         """Let go of what the store holds open (connections); it is not used after."""
 
@@ -266,6 +273,9 @@ class MemoryShardStore:
         await trio.lowlevel.checkpoint()
         room = None if self.capacity is None else self.capacity - self._used
         return Space.with_room(self._used, room)
+
+    async def collect_garbage(self, older_than: float = STALE_TEMP_SECONDS) -> int:
+        return 0  # every put is whole or absent
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()  # nothing held open

@@ -121,6 +121,18 @@ class ShardStoreConformance:
 
     # -- has / list / delete --
 
+    async def test_collecting_garbage_keeps_every_stored_shard(self, store: ShardStore) -> None:
+        ids = [bytes([i]) * 32 for i in range(3)]
+        for i, shard_id in enumerate(ids):
+            await store.put(shard_id, b"shard %d" % i)
+        assert await store.collect_garbage(older_than=0) >= 0
+        assert await store.list() == sorted(ids)
+        assert [await store.get(shard_id) for shard_id in ids] == [
+            b"shard 0",
+            b"shard 1",
+            b"shard 2",
+        ]
+
     async def test_has(self, store: ShardStore) -> None:
         assert not await store.has(shard_id(1))
         await store.put(shard_id(1), b"x")

@@ -24,10 +24,10 @@ from p2pbackup.errors import PeerUnavailableError, UsageError
 from p2pbackup.home import Home
 from p2pbackup.index import ShardShortfall
 from p2pbackup.keys import Keyring
-from p2pbackup.model import FriendRecord
+from p2pbackup.model import PEER_KIND_NODE, FriendRecord
 from p2pbackup.net import Address, LinkProfile, MemoryNetwork
 from p2pbackup.records import RecordAddress
-from p2pbackup.repository import PEER_KIND_NODE, Repository
+from p2pbackup.repository import Repository
 from p2pbackup.server import StorageServer
 from p2pbackup.session import Identity
 from p2pbackup.shardhost import ShardHost

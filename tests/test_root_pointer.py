@@ -38,9 +38,8 @@ from p2pbackup.errors import PeerUnavailableError, UsageError
 from p2pbackup.home import Home
 from p2pbackup.index import Index
 from p2pbackup.keys import Keyring, node_id_for, parse_recovery_key
-from p2pbackup.model import FriendRecord, PeerRecord
+from p2pbackup.model import PEER_KIND_DIR, PEER_KIND_NODE, FriendRecord, PeerRecord
 from p2pbackup.net import Address, LinkProfile, MemoryNetwork
-from p2pbackup.repository import PEER_KIND_DIR, PEER_KIND_NODE
 from p2pbackup.session import Identity
 
 from .engine_helpers import SMALL, make_tree

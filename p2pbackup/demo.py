@@ -26,7 +26,8 @@ from pathlib import Path
 from p2pbackup import operations
 from p2pbackup.backup import Backup
 from p2pbackup.devnet import open_devnet
-from p2pbackup.home import Home, write_private_file
+from p2pbackup.durable import write_private_file
+from p2pbackup.home import Home
 from p2pbackup.progress import Progress
 from p2pbackup.restore import Restorer
 from p2pbackup.treediff import diff_trees

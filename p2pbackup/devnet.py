@@ -42,8 +42,9 @@ import attrs
 import trio
 
 from p2pbackup import operations
+from p2pbackup.durable import write_private_file
 from p2pbackup.errors import P2PBackupError, UsageError
-from p2pbackup.home import Home, write_private_file
+from p2pbackup.home import Home
 from p2pbackup.model import RepositoryConfig
 from p2pbackup.nurseries import unwrap_single
 

@@ -67,8 +67,8 @@ from kademlia.protocol import KademliaProtocol
 from kademlia.storage import IStorage
 
 from p2pbackup import records
+from p2pbackup.durable import write_private_file
 from p2pbackup.errors import FormatError, UsageError
-from p2pbackup.home import write_private_file
 from p2pbackup.model import NODE_ID_SIZE
 from p2pbackup.net import MAX_DATAGRAM_SIZE, Address, DatagramEndpoint, Network
 from p2pbackup.nurseries import unwrap_single

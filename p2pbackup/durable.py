@@ -8,6 +8,8 @@ Nouns:
 * **direct write** — a write with ``O_DIRECT``: the disk takes the bytes from
   the writer's own buffer instead of through the page cache. The buffer, the
   length and the file offset must be multiples of the device's block size.
+* **private file** — a small file only its owner may read (0600), written
+  whole or not at all: secrets, the DHT's remembered neighbours.
 """
 
 from __future__ import annotations
@@ -32,6 +34,27 @@ def fsync_dir(path: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, readable only by its owner (0600)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        # Leave no half-written copy of a secret behind.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

@@ -31,6 +31,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from p2pbackup.durable import write_private_file
 from p2pbackup.errors import RepositoryLockedError, UsageError
 
 HOME_FORMAT_VERSION = 1
@@ -49,27 +50,6 @@ def default_home() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME")
     base = Path(xdg) if xdg else Path.home() / ".local" / "share"
     return base / "p2pbackup"
-
-
-def write_private_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, readable only by its owner (0600)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        # Leave no half-written copy of a secret behind.
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class Home:

@@ -28,7 +28,8 @@ from pathlib import Path
 import attrs
 
 from p2pbackup import cli, operations
-from p2pbackup.home import Home, write_private_file
+from p2pbackup.durable import write_private_file
+from p2pbackup.home import Home
 
 CLI = [sys.executable, "-m", "p2pbackup.cli"]
 KEY_RE = re.compile(r"\b(?:[0-9A-Z]{5}-){13}[0-9A-Z]{5}\b")

@@ -30,8 +30,9 @@ import attrs
 import trio
 
 from p2pbackup import __version__, control
+from p2pbackup.durable import write_private_file
 from p2pbackup.errors import P2PBackupError, UsageError
-from p2pbackup.home import Home, default_home, write_private_file
+from p2pbackup.home import Home, default_home
 from p2pbackup.model import NodeKind, TreeNode
 from p2pbackup.nurseries import unwrap_single
 from p2pbackup.progress import Progress, human_bytes, terminal_line
@@ -132,14 +133,18 @@ async def cmd_peer_add(args: argparse.Namespace, home: Home) -> int:
 
 
 async def cmd_peer_find(args: argparse.Namespace, home: Home) -> int:
-    from p2pbackup import discovery, operations
+    from p2pbackup import discovery, homedht, operations
     from p2pbackup.net import Address
 
     if args.count < 1:
         raise UsageError("--count must be at least 1")
     bootstrap = [Address.parse(text, allow_port_zero=False) for text in args.bootstrap or ()]
     home.require()
-    found = await discovery.find_storage_nodes(home, count=args.count, bootstrap=bootstrap)
+    remembered = homedht.remembered(home)
+    assert remembered is not None  # home.require() passed
+    found = await discovery.find_storage_nodes(
+        remembered, count=args.count, bootstrap=bootstrap, friends=homedht.home_friends(home)
+    )
     if not found:
         raise UsageError("no node in the DHT offers storage to strangers (open mode) right now")
     added: list[str] = []
@@ -257,13 +262,15 @@ async def cmd_friend_remove(args: argparse.Namespace, home: Home) -> int:
 
 
 async def cmd_lookup(args: argparse.Namespace, home: Home) -> int:
-    from p2pbackup import discovery, operations
+    from p2pbackup import discovery, homedht, operations
     from p2pbackup.net import Address
 
     node_id = operations.parse_node_id(args.node_id)
     bootstrap = [Address.parse(text, allow_port_zero=False) for text in args.bootstrap or ()]
-    friends = discovery.home_friends(home) if home.exists() else []
-    record = await discovery.lookup_contact(home, node_id, bootstrap=bootstrap, friends=friends)
+    friends = homedht.home_friends(home) if home.exists() else []
+    record = await discovery.lookup_contact(
+        homedht.remembered(home), node_id, bootstrap=bootstrap, friends=friends
+    )
     if record is None:
         raise UsageError(
             f"no valid contact record for node {node_id.hex()} in the DHT: the node may be "
@@ -409,7 +416,7 @@ async def cmd_status(args: argparse.Namespace, home: Home) -> int:
     from p2pbackup import operations, status
 
     async with operations.open_repository(home, access="read") as repo:
-        report = await status.gather_status(home, repo)
+        report = await status.gather_status(repo, operations.hosting(home))
     if args.json:
         _out(json.dumps(report.to_json(), indent=2))
     else:

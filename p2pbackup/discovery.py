@@ -22,7 +22,11 @@ Nouns:
   an address, since a pointer names addresses, not nodes.
 * **one-shot lookup** — :func:`lookup_contact`: a read-only DHT client
   (:data:`dht.READ_ONLY_ID`, kept out of others' routing tables) on a free
-  port, for a command that needs one answer and then exits.
+  port, for a command that needs one answer and then exits; it joins through
+  what the home **remembered** (:class:`Remembered`) besides what it is given.
+
+What a home's index says (its friends, its storage nodes) is read above this
+layer (:mod:`p2pbackup.homedht`) and handed in.
 
 Everything that touches the world is passed in: the network, the clock, the
 friend list, so the simulator runs the same code as ``p2pbackup serve``.
@@ -36,7 +40,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -47,14 +51,10 @@ from p2pbackup import dht, records
 from p2pbackup.errors import (
     FormatError,
     IntegrityError,
-    P2PBackupError,
     PeerUnavailableError,
     ProtocolError,
     UsageError,
 )
-from p2pbackup.home import Home
-from p2pbackup.index import Index
-from p2pbackup.model import PEER_KIND_NODE
 from p2pbackup.net import Address, Network, TcpNetwork
 from p2pbackup.session import Identity, secure_initiator
 
@@ -255,61 +255,6 @@ class Discovery:
             self.save_state()
 
 
-def home_friends(home: Home) -> list[FriendContact]:
-    """The home's friends as discovery needs them (read afresh each time, so
-    a friend added while the node runs is followed from the next refresh)."""
-    try:
-        index = Index(home.index_path)
-    except P2PBackupError as error:
-        log.warning("cannot read the friend list: %s", error)
-        return []
-    try:
-        friends = index.friends()
-    finally:
-        index.close()
-    contacts = []
-    for friend in friends:
-        addresses = []
-        for text in friend.addresses:
-            try:
-                addresses.append(Address.parse(text, allow_port_zero=False))
-            except P2PBackupError:
-                log.warning("friend %s has an unusable address %r", friend.node_id.hex(), text)
-        contacts.append(FriendContact(friend.node_id, tuple(addresses)))
-    return contacts
-
-
-def home_root_holders(home: Home) -> list[records.RecordAddress]:
-    """Where the home's root record is kept, as its root pointer says: the
-    addresses of its storage nodes (every peer gets the root record), friends
-    first (they also keep the pointer alive); addresses that cannot go into
-    a record (a wildcard, a malformed one) are left out."""
-    try:
-        index = Index(home.index_path)
-    except P2PBackupError as error:
-        log.warning("cannot read the peer list: %s", error)
-        return []
-    try:
-        peers = index.peers()
-        friends = {friend.node_id.hex() for friend in index.friends()}
-    finally:
-        index.close()
-    holders: list[records.RecordAddress] = []
-    for peer in sorted(peers, key=lambda p: p.peer_id not in friends):
-        if peer.kind != PEER_KIND_NODE:
-            continue
-        try:
-            address = Address.parse(peer.location, allow_port_zero=False)
-            if dht.is_wildcard(address.host):
-                continue
-            holder = records.RecordAddress.from_host_port(address.host, address.port)
-        except P2PBackupError:
-            continue
-        if holder not in holders:
-            holders.append(holder)
-    return holders[: records.MAX_ADDRESSES]
-
-
 def next_sequence(previous: int, now: float) -> int:
     """A record sequence number above ``previous``: the wall clock in
     milliseconds, so a node that lost its state (a new machine, a restart)
@@ -347,9 +292,18 @@ def _outward_address(wildcard: str) -> str:
         return "::1" if family == socket.AF_INET6 else "127.0.0.1"
 
 
+@attrs.frozen
+class Remembered:
+    """What a home remembers of the DHT between runs: its own node id and the
+    file where its node saved its neighbours (:func:`dht.save_routing_state`)."""
+
+    node_id: bytes = attrs.field(repr=bytes.hex)
+    state_path: Path
+
+
 @contextlib.asynccontextmanager
 async def read_only_client(
-    home: Home,
+    remembered: Remembered | None,
     *,
     bootstrap: Sequence[Address] = (),
     friends: Sequence[FriendContact] = (),
@@ -357,14 +311,14 @@ async def read_only_client(
     wall_clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[dht.DhtNode]:
     """A read-only DHT client joined through ``bootstrap``, ``friends`` and
-    the neighbours the home's node last knew; :class:`UsageError` if there is
+    the neighbours the home's node last knew (``remembered``); :class:`UsageError` if there is
     no way in, :class:`PeerUnavailableError` if nothing answers."""
     network = network if network is not None else TcpNetwork()
     addresses = list(bootstrap)
     for friend in friends:
         addresses.extend(friend.addresses)
-    if home.exists():
-        saved = dht.load_routing_state(home.dht_state_path, home.node_id())
+    if remembered is not None:
+        saved = dht.load_routing_state(remembered.state_path, remembered.node_id)
         addresses.extend(contact.address for contact in saved)
     if not addresses:
         raise UsageError(
@@ -381,7 +335,7 @@ async def read_only_client(
 
 
 async def lookup_contact(
-    home: Home,
+    remembered: Remembered | None,
     node_id: bytes,
     *,
     bootstrap: Sequence[Address] = (),
@@ -392,15 +346,16 @@ async def lookup_contact(
     """The newest valid contact record of ``node_id`` in the DHT, or None
     (joined as :func:`read_only_client` joins)."""
     async with read_only_client(
-        home, bootstrap=bootstrap, friends=friends, network=network, wall_clock=wall_clock
+        remembered, bootstrap=bootstrap, friends=friends, network=network, wall_clock=wall_clock
     ) as node:
         return await node.find_contact(node_id)
 
 
 async def find_storage_nodes(
-    home: Home,
+    remembered: Remembered,
     *,
     count: int,
+    friends: Sequence[FriendContact] = (),
     bootstrap: Sequence[Address] = (),
     network: Network | None = None,
     wall_clock: Callable[[], float] = time.time,
@@ -409,11 +364,11 @@ async def find_storage_nodes(
     ones closest in the DHT to this home's own key (so a home asks the same
     ones each time), with their newest valid contact records. Strangers: the
     caller decides whether to trust them."""
-    own = home.node_id()
+    own = remembered.node_id
     async with read_only_client(
-        home,
+        remembered,
         bootstrap=bootstrap,
-        friends=home_friends(home),
+        friends=friends,
         network=network,
         wall_clock=wall_clock,
     ) as node:
@@ -441,32 +396,8 @@ SERVING_NODE: contextvars.ContextVar[dht.DhtNode | None] = contextvars.ContextVa
 )
 
 
-def dht_locator(home: Home, network: Network) -> Callable[[bytes], Awaitable[list[Address]]]:
-    """A :data:`~p2pbackup.remote.Locator` that asks the DHT: through the
-    serving node (:data:`SERVING_NODE`) when there is one, else with a
-    read-only lookup per node; each answer remembered for the life of the
-    locator."""
-    found: dict[bytes, list[Address]] = {}
-
-    async def locate(node_id: bytes) -> list[Address]:
-        if node_id not in found:
-            serving = SERVING_NODE.get()
-            if serving is not None:
-                record = await serving.find_contact(node_id)
-            else:
-                record = await lookup_contact(
-                    home, node_id, network=network, friends=home_friends(home)
-                )
-            found[node_id] = (
-                [] if record is None else [Address(a.host, a.port) for a in record.addresses]
-            )
-        return found[node_id]
-
-    return locate
-
-
 async def lookup_root_pointer(
-    home: Home,
+    remembered: Remembered | None,
     node_id: bytes,
     *,
     bootstrap: Sequence[Address] = (),
@@ -476,7 +407,7 @@ async def lookup_root_pointer(
     """The newest valid root pointer of ``node_id`` in the DHT, or None
     (joined as :func:`read_only_client` joins)."""
     async with read_only_client(
-        home, bootstrap=bootstrap, network=network, wall_clock=wall_clock
+        remembered, bootstrap=bootstrap, network=network, wall_clock=wall_clock
     ) as node:
         record = await node.lookup(records.RecordKind.ROOT, node_id)
     assert record is None or isinstance(record, records.RootPointer)

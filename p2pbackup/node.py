@@ -39,11 +39,10 @@ from p2pbackup.discovery import (
     Discovery,
     DiscoveryOptions,
     advertised_addresses,
-    home_friends,
-    home_root_holders,
 )
 from p2pbackup.errors import P2PBackupError, RepositoryLockedError
 from p2pbackup.home import Home
+from p2pbackup.homedht import home_friends, home_root_holders
 from p2pbackup.keys import Keyring
 from p2pbackup.net import Address, Network, TcpNetwork
 from p2pbackup.schedule import RUNNING_OFFER, BackupSchedule, StorageOffer, load_schedule

@@ -24,7 +24,17 @@ from typing import Literal
 import attrs
 import trio
 
-from p2pbackup import chunker, discovery, formats, invites, keys, merkle, packer
+from p2pbackup import (
+    chunker,
+    discovery,
+    formats,
+    homedht,
+    invites,
+    keys,
+    merkle,
+    packer,
+    shardhost,
+)
 from p2pbackup.errors import (
     FormatError,
     IntegrityError,
@@ -55,7 +65,9 @@ from p2pbackup.repository import (
     open_root_record,
     open_store,
 )
+from p2pbackup.schedule import RUNNING_OFFER, load_config
 from p2pbackup.session import Identity
+from p2pbackup.status import Hosting
 from p2pbackup.storage import init_folder_peer, read_folder_peer_id
 
 DEFAULT_K = 3
@@ -155,7 +167,7 @@ async def open_repository(
         keyring = Keyring.from_master_secret(home.load_secret())
         index = Index(home.index_path)
         network = network if network is not None else TcpNetwork()
-        repo = Repository(keyring, index, network, locate=discovery.dht_locator(home, network))
+        repo = Repository(keyring, index, network, locate=homedht.dht_locator(home, network))
         try:
             yield repo
         finally:
@@ -243,6 +255,19 @@ def _invite_address(text: str) -> RecordAddress:
 
 def _is_unspecified(host: str) -> bool:
     return host in ("0.0.0.0", "::")
+
+
+def hosting(home: Home) -> Hosting:
+    """What ``status`` reports of this home as a node."""
+    # What the running node was started with, if status runs in it; else
+    # what config.toml says a node would start with.
+    offer = RUNNING_OFFER.get() or load_config(home.config_path).storage
+    return Hosting(
+        addresses=tuple(home.read_addresses()),
+        by_owner=shardhost.usage_by_owner(home.hosted_path),
+        capacity=offer.capacity,
+        per_friend=offer.per_friend,
+    )
 
 
 def make_invite(home: Home, addresses: Sequence[str] = ()) -> str:
@@ -528,7 +553,7 @@ async def _root_holders_in_dht(
     home's root pointer; what went wrong goes to ``problems``."""
     try:
         pointer = await discovery.lookup_root_pointer(
-            home, keyring.node_id, bootstrap=bootstrap, network=network
+            homedht.remembered(home), keyring.node_id, bootstrap=bootstrap, network=network
         )
     except P2PBackupError as exc:
         problems.append(f"the DHT: {exc}")

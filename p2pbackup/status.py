@@ -29,15 +29,13 @@ is true now, not what the index last believed.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
-from p2pbackup import formats, shardhost
-from p2pbackup.home import Home
+from p2pbackup import formats
 from p2pbackup.progress import human_bytes
 from p2pbackup.repository import PROBE_SECONDS, Repository
-from p2pbackup.schedule import RUNNING_OFFER, load_config
 
 #: Seconds a peer has to answer before it counts as offline.
 PROBE_TIMEOUT = PROBE_SECONDS
@@ -140,6 +138,18 @@ class NodeState:
 
 
 @attrs.frozen
+class Hosting:
+    """What this home does as a node, as its caller knows it: the addresses
+    it last served on, the bytes it keeps for each owner (node id → bytes),
+    and what it offers (None: no bound)."""
+
+    addresses: tuple[str, ...] = ()
+    by_owner: Mapping[bytes, int] = attrs.field(factory=dict)
+    capacity: int | None = None
+    per_friend: int | None = None
+
+
+@attrs.frozen
 class Status:
     node: NodeState
     peers: tuple[PeerState, ...]
@@ -189,11 +199,10 @@ def _offer(peer: PeerState) -> str:
     return f"offers us {human_bytes(peer.offered)} ({human_bytes(peer.room)} free)"
 
 
-async def gather_status(home: Home, repo: Repository, *, now: float | None = None) -> Status:
+async def gather_status(
+    repo: Repository, hosting: Hosting = Hosting(), *, now: float | None = None
+) -> Status:
     """Ask every peer now, and put together what ``status`` shows."""
-    # What the running node was started with, if status runs in it; else
-    # what config.toml says a node would start with.
-    offer = RUNNING_OFFER.get() or load_config(home.config_path).storage
     peers = repo.peers()
     seen_at = int(time.time() if now is None else now)
     answers = await repo.probe_peers(PROBE_TIMEOUT, seen_at=seen_at)
@@ -202,7 +211,7 @@ async def gather_status(home: Home, repo: Repository, *, now: float | None = Non
     last_seen = index.last_seen()
     held = index.shard_count_by_peer()
     held_bytes = index.shard_bytes_by_peer()
-    hosted = shardhost.usage_by_owner(home.hosted_path)
+    hosted = hosting.by_owner
     friends = {friend.node_id.hex() for friend in index.friends()}
     states = []
     for peer in peers:
@@ -234,15 +243,15 @@ async def gather_status(home: Home, repo: Repository, *, now: float | None = Non
     health = data_health(repo.live_holders(listed), set(listed))
     node = NodeState(
         node_id=repo.keyring.node_id.hex(),
-        addresses=tuple(home.read_addresses()),
+        addresses=hosting.addresses,
         hosting_bytes=sum(hosted.values()),
-        capacity=offer.capacity,
-        per_friend=offer.per_friend,
+        capacity=hosting.capacity,
+        per_friend=hosting.per_friend,
     )
     return Status(node, tuple(states), health)
 
 
-def _hosted_for(hosted: dict[bytes, int], peer_id: str) -> int:
+def _hosted_for(hosted: Mapping[bytes, int], peer_id: str) -> int:
     try:
         return hosted.get(bytes.fromhex(peer_id), 0)
     except ValueError:  # a folder peer's id is not a node id

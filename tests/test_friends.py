@@ -398,7 +398,7 @@ def test_lookup_prints_the_record_or_says_it_found_none(
     asked: list[tuple[bytes, list[Address]]] = []
 
     async def found(
-        home: Home,
+        remembered: object,
         node_id: bytes,
         *,
         bootstrap: Sequence[Address] = (),

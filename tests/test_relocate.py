@@ -16,7 +16,7 @@ import attrs
 import pytest
 import trio
 
-from p2pbackup import node, operations
+from p2pbackup import homedht, node, operations
 from p2pbackup.backup import Backup
 from p2pbackup.errors import StoreError
 from p2pbackup.home import Home
@@ -114,7 +114,10 @@ async def test_a_friend_that_moved_is_found_through_the_dht(
 
     async def published() -> bool:
         found = await operations.discovery.lookup_contact(
-            alice, bytes.fromhex(bob_id), bootstrap=[Address(carol.host, PORT)], network=network
+            homedht.remembered(alice),
+            bytes.fromhex(bob_id),
+            bootstrap=[Address(carol.host, PORT)],
+            network=network,
         )
         return found is not None and found.addresses[0].host == bob.host
 

@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 
-from p2pbackup import dht, operations, records
+from p2pbackup import dht, homedht, operations, records
 from p2pbackup.backup import Backup
 from p2pbackup.discovery import (
     SERVING_NODE,
@@ -29,13 +29,12 @@ from p2pbackup.discovery import (
     Discovery,
     DiscoveryOptions,
     FriendContact,
-    dht_locator,
-    home_root_holders,
     lookup_root_pointer,
     node_at,
 )
 from p2pbackup.errors import PeerUnavailableError, UsageError
 from p2pbackup.home import Home
+from p2pbackup.homedht import dht_locator, home_root_holders
 from p2pbackup.index import Index
 from p2pbackup.keys import Keyring, node_id_for, parse_recovery_key
 from p2pbackup.model import PEER_KIND_DIR, PEER_KIND_NODE, FriendRecord, PeerRecord
@@ -259,7 +258,7 @@ async def test_recover_from_the_key_and_one_dht_address(
 
     async def published() -> bool:
         found = await lookup_root_pointer(
-            Home(tmp_path / "nobody"),
+            homedht.remembered(Home(tmp_path / "nobody")),
             keyring.node_id,
             bootstrap=[Address(carol.host, PORT)],
             network=world.interface("lookup-host"),

@@ -61,8 +61,8 @@ import bench_chunker
 import bench_erasure
 import bench_network
 
-from p2pbackup import blobs, crypto
-from p2pbackup.chunker import iter_chunks
+from p2pbackup.core import blobs, crypto
+from p2pbackup.core.chunker import iter_chunks
 from p2pbackup.model import BlobType
 
 MiB = 1 << 20

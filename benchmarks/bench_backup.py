@@ -21,7 +21,7 @@ beside the client's. Logs and results then go to ``logs-nodes/`` and
 ``last-results-nodes.json``, so that a folder run's stay.
 
 With ``--peers devnet`` p2pbackup runs as a user of ``p2pbackup devnet``
-does: a devnet of 11 befriended homes (:func:`p2pbackup.devnet.open_devnet`,
+does: a devnet of 11 befriended homes (:func:`p2pbackup.app.devnet.open_devnet`,
 every home at 4-of-10) in a child process of this script
 (``--devnet-serve DIR``), started before the first step and stopped after
 the restore. Every step is ``p2pbackup --home node-01 …``, which hands the
@@ -218,7 +218,7 @@ def p2pbackup_command() -> list[str]:
     script = Path(sys.executable).parent / "p2pbackup"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "p2pbackup.cli"]
+    return [sys.executable, "-m", "p2pbackup.app.cli"]
 
 
 def drop_caches() -> bool:
@@ -542,13 +542,13 @@ async def serve_devnet(root: Path, count: int = DEVNET_NODES) -> int:
     as ``p2pbackup devnet`` starts them, until SIGTERM or SIGINT.
 
     ``p2pbackup devnet`` gives its homes the default code (3-of-6) and has no
-    option for another; :func:`~p2pbackup.devnet.open_devnet` takes a config.
+    option for another; :func:`~p2pbackup.app.devnet.open_devnet` takes a config.
     Prints :data:`DEVNET_READY` and a JSON list of the nodes once they run.
     """
     import trio
 
-    from p2pbackup import operations
-    from p2pbackup.devnet import open_devnet
+    from p2pbackup.app import operations
+    from p2pbackup.app.devnet import open_devnet
 
     k, n = operations.parse_shards(SHARDS)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -642,7 +642,7 @@ def mutate(script: Path, run: Path, seed: int, percent: float = 2) -> dict[str, 
 
 def verify(source: Path, restored: Path) -> list[str]:
     """Differences between ``source`` and its restored copy (content, mode, file mtimes)."""
-    from p2pbackup.treediff import diff_trees
+    from p2pbackup.engine.treediff import diff_trees
 
     if not restored.is_dir():
         return [f"missing: {restored} (nothing restored there)"]

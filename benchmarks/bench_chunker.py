@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from p2pbackup.chunker import DEFAULT_PARAMS, ChunkerParams, chunk_bytes, iter_chunks
+from p2pbackup.core.chunker import DEFAULT_PARAMS, ChunkerParams, chunk_bytes, iter_chunks
 
 MiB = 1024 * 1024
 KEYED = ChunkerParams(

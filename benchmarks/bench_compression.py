@@ -1,4 +1,4 @@
-"""Throughput and space saved by p2pbackup.compression, per zstd level.
+"""Throughput and space saved by p2pbackup.core.compression, per zstd level.
 
 Usage::
 
@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from p2pbackup import compression
+from p2pbackup.core import compression
 
 
 def load_pieces(root: Path, piece_size: int) -> list[bytes]:

@@ -1,4 +1,4 @@
-"""Throughput of p2pbackup.erasure against zfec (Tahoe-LAFS's C erasure coder).
+"""Throughput of p2pbackup.core.erasure against zfec (Tahoe-LAFS's C erasure coder).
 
 Each **case** is one code (k-of-n) and one **operation**:
 
@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from p2pbackup import erasure
+from p2pbackup.core import erasure
 
 try:
     from zfec import easyfec

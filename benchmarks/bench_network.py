@@ -73,15 +73,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_backup
 import trio
 
-from p2pbackup import crypto, formats, keys, merkle
+from p2pbackup.core import crypto, formats, keys, merkle
+from p2pbackup.engine.runtime import tune_process
 from p2pbackup.model import NODE_ID_SIZE
-from p2pbackup.net import Address, TcpNetwork
-from p2pbackup.remote import RemoteShardStore
-from p2pbackup.rpc import MessageChannel
-from p2pbackup.runtime import tune_process
-from p2pbackup.server import StorageServer
-from p2pbackup.session import Identity
-from p2pbackup.shardhost import ShardHost
+from p2pbackup.net.network import Address, TcpNetwork
+from p2pbackup.node.server import StorageServer
+from p2pbackup.node.shardhost import ShardHost
+from p2pbackup.stores.remote import RemoteShardStore
+from p2pbackup.wire.rpc import MessageChannel
+from p2pbackup.wire.session import Identity
 
 MiB = 1 << 20
 MB = 1e6

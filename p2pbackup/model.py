@@ -23,7 +23,7 @@ Nouns:
   (:class:`FileStat`), and a **read outcome** — a file's content (chunk ids)
   and file stat, or why it was left out (:class:`ReadOutcome`).
 
-Serialisation of every class here lives in :mod:`p2pbackup.formats`.
+Serialisation of every class here lives in :mod:`p2pbackup.core.formats`.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class PeerRecord:
 
 @attrs.frozen
 class FriendRecord:
-    """A node added with its invite code (:mod:`p2pbackup.invites`).
+    """A node added with its invite code (:mod:`p2pbackup.dht.invites`).
 
     ``public_key`` is the Ed25519 identity key the invite carried: every
     session to the friend must prove it. ``addresses`` are where it was last

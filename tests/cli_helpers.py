@@ -27,11 +27,11 @@ from pathlib import Path
 
 import attrs
 
-from p2pbackup import cli, operations
-from p2pbackup.durable import write_private_file
-from p2pbackup.home import Home
+from p2pbackup.app import cli, operations
+from p2pbackup.app.home import Home
+from p2pbackup.stores.durable import write_private_file
 
-CLI = [sys.executable, "-m", "p2pbackup.cli"]
+CLI = [sys.executable, "-m", "p2pbackup.app.cli"]
 KEY_RE = re.compile(r"\b(?:[0-9A-Z]{5}-){13}[0-9A-Z]{5}\b")
 SNAPSHOT_ID_RE = re.compile(r"[0-9a-f]{64}")
 SHARD_NAME_RE = re.compile(r"[0-9a-f]{64}")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import attrs
 
-from p2pbackup import operations
-from p2pbackup.home import Home
+from p2pbackup.app import operations
+from p2pbackup.app.home import Home
 from p2pbackup.model import RepositoryConfig
 
 #: Small chunks and packs, so a few MB of data spans many packs.

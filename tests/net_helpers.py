@@ -8,12 +8,12 @@ from pathlib import Path
 import attrs
 import trio
 
-from p2pbackup.keys import Keyring
-from p2pbackup.net import Address, Network
-from p2pbackup.remote import RemoteShardStore
-from p2pbackup.server import ServerLimits, StorageServer
-from p2pbackup.session import Identity
-from p2pbackup.shardhost import ShardHost
+from p2pbackup.core.keys import Keyring
+from p2pbackup.net.network import Address, Network
+from p2pbackup.node.server import ServerLimits, StorageServer
+from p2pbackup.node.shardhost import ShardHost
+from p2pbackup.stores.remote import RemoteShardStore
+from p2pbackup.wire.session import Identity
 
 LOOPBACK_ANY_PORT = Address("127.0.0.1", 0)
 DEFAULT_LIMITS = ServerLimits()

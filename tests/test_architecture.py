@@ -2,12 +2,19 @@
 
 The tables below are the rules. A change that needs another import — a new
 third-party package, a library used in one more module, a pure module that
-wants I/O — must change a table here, on purpose, in the same commit.
+wants I/O, a package that reaches sideways — must change a table here, on
+purpose, in the same commit.
+
+The package is a stack of **layers**, one subpackage each (:data:`LAYERS`,
+lowest first). A module may import its own package and every layer below
+it, never one above. A handful of cross-cutting **root modules**
+(:data:`ROOT_MODULES`: the error family, the data model, nursery helpers)
+sit beneath every layer and import only each other.
 
 Every import counts: at module level, inside functions (lazy imports), and
 ``__import__`` / ``importlib.import_module`` calls with a literal name. Only
 imports under ``if TYPE_CHECKING:`` are left out of the cycle check, since they
-never run.
+never run; the layer order holds for them too.
 """
 
 from __future__ import annotations
@@ -25,9 +32,15 @@ import p2pbackup
 PACKAGE = "p2pbackup"
 PACKAGE_DIR = Path(p2pbackup.__file__).parent
 
+#: The layers, lowest first. Each may import the ones before it.
+LAYERS = ("core", "net", "wire", "stores", "dht", "engine", "node", "app")
+
+#: Modules at the root of the package, beside the layers: the package face
+#: and the cross-cutting ones every layer uses.
+ROOT_MODULES = frozenset({PACKAGE, f"{PACKAGE}.errors", f"{PACKAGE}.model", f"{PACKAGE}.nurseries"})
+
 #: The one module that runs kademlia (asyncio) inside trio.
-#: Rename here when it lands, if it is called otherwise.
-DHT_ADAPTER = "p2pbackup.dht"
+DHT_ADAPTER = "p2pbackup.dht.adapter"
 
 #: Anywhere in the package.
 ANYWHERE = frozenset({"*"})
@@ -36,13 +49,15 @@ ANYWHERE = frozenset({"*"})
 #: listed here may not be imported at all.
 THIRD_PARTY: Mapping[str, frozenset[str]] = {
     "attrs": ANYWHERE,
-    "trio": ANYWHERE,  # but see PURE_MODULES
-    "nacl": frozenset({"p2pbackup.crypto"}),
-    "reedsolo": frozenset({"p2pbackup.erasure"}),
-    "numpy": frozenset({"p2pbackup.erasure"}),
-    "zstandard": frozenset({"p2pbackup.compression"}),
-    "pyfastcdc": frozenset({"p2pbackup.chunker"}),
-    "msgpack": frozenset({"p2pbackup.formats", "p2pbackup.messages", "p2pbackup.sealwire"}),
+    "trio": ANYWHERE,  # but see PURE_PACKAGES and PURE_ELSEWHERE
+    "nacl": frozenset({"p2pbackup.core.crypto"}),
+    "reedsolo": frozenset({"p2pbackup.core.erasure"}),
+    "numpy": frozenset({"p2pbackup.core.erasure"}),
+    "zstandard": frozenset({"p2pbackup.core.compression"}),
+    "pyfastcdc": frozenset({"p2pbackup.core.chunker"}),
+    "msgpack": frozenset(
+        {"p2pbackup.core.formats", "p2pbackup.wire.messages", "p2pbackup.engine.sealwire"}
+    ),
     "kademlia": frozenset({DHT_ADAPTER}),
     "trio_asyncio": frozenset({DHT_ADAPTER}),
     # The msgpack flavour of kademlia's RPC layer: the adapter decodes datagrams itself.
@@ -75,30 +90,32 @@ FORBIDDEN = frozenset(
     }
 )
 
-#: Pure modules: bytes in, bytes or decisions out. No I/O of their own, no event loop.
-PURE_MODULES = frozenset(
+#: Pure packages: every module in them takes bytes and returns bytes or decisions.
+PURE_PACKAGES = frozenset({"core"})
+
+#: Pure modules in the other layers and at the root.
+PURE_ELSEWHERE = frozenset(
     f"{PACKAGE}.{name}"
     for name in (
-        "crypto",
-        "keys",
-        "chunker",
-        "erasure",
-        "merkle",
-        "formats",
         "model",
         "errors",
-        "packer",
-        "placement",
-        "blobs",
-        "compression",
-        "messages",
-        "sealwire",
-        "noise",
-        "records",
-        "invites",
-        "ratelimit",
+        "wire.messages",
+        "wire.noise",
+        "engine.sealwire",
+        "dht.records",
+        "dht.invites",
+        "dht.ratelimit",
     )
 )
+
+
+def _pure_modules() -> frozenset[str]:
+    modules = package_modules()
+    in_pure_packages = {
+        name for name in modules if layer_of(name) in PURE_PACKAGES and name != PACKAGE
+    }
+    return frozenset(in_pure_packages | PURE_ELSEWHERE)
+
 
 #: What pure modules may not import (beside any impure p2pbackup module).
 IO_MODULES = frozenset(
@@ -119,7 +136,32 @@ IO_MODULES = frozenset(
 )
 
 #: The top of the stack: nothing below may reach up into it.
-TOP_MODULES = frozenset({f"{PACKAGE}.cli"})
+TOP_MODULES = frozenset({f"{PACKAGE}.app.cli"})
+
+
+def layer_of(module: str) -> str | None:
+    """The layer ``module`` belongs to; None for a root module."""
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in LAYERS:
+        return parts[1]
+    return None
+
+
+def layer_violations(imports: Iterable[Import]) -> list[str]:
+    """Every import of the package's own modules that breaks the layer order."""
+    problems = []
+    for imp in imports:
+        if imp.top != PACKAGE:
+            continue
+        source, target = layer_of(imp.importer), layer_of(imp.target)
+        if source is None:
+            if imp.target not in ROOT_MODULES and imp.target != PACKAGE:
+                problems.append(f"{imp}: a root module imports only root modules")
+        elif target is not None and LAYERS.index(target) > LAYERS.index(source):
+            problems.append(f"{imp}: {source} may not import {target}, a layer above it")
+        elif target is None and imp.target not in ROOT_MODULES:
+            problems.append(f"{imp}: not a module of the package")
+    return problems
 
 
 # -- reading imports ----------------------------------------------------------------------
@@ -268,7 +310,7 @@ def imports() -> list[Import]:
 
 def test_the_tables_name_modules_that_exist() -> None:
     modules = package_modules()
-    named = set(PURE_MODULES) | TOP_MODULES
+    named = set(PURE_ELSEWHERE) | TOP_MODULES | ROOT_MODULES | {DHT_ADAPTER}
     for where in [*THIRD_PARTY.values(), *CONFINED_STDLIB.values()]:
         named |= where - ANYWHERE
     assert named <= set(modules), sorted(named - set(modules))
@@ -293,10 +335,10 @@ def test_third_party_packages_only_where_the_table_allows(imports: list[Import])
 @pytest.mark.parametrize(
     ("library", "owner"),
     [
-        ("nacl", "p2pbackup.crypto"),
-        ("reedsolo", "p2pbackup.erasure"),
-        ("zstandard", "p2pbackup.compression"),
-        ("pyfastcdc", "p2pbackup.chunker"),
+        ("nacl", "p2pbackup.core.crypto"),
+        ("reedsolo", "p2pbackup.core.erasure"),
+        ("zstandard", "p2pbackup.core.compression"),
+        ("pyfastcdc", "p2pbackup.core.chunker"),
     ],
 )
 def test_each_library_lives_behind_one_module(
@@ -320,15 +362,65 @@ def test_nothing_imports_pickle_or_test_code(imports: list[Import]) -> None:
 
 
 def test_pure_modules_do_no_io_and_import_only_pure_modules(imports: list[Import]) -> None:
+    pure = _pure_modules()
     problems = []
     for imp in imports:
-        if imp.importer not in PURE_MODULES:
+        if imp.importer not in pure:
             continue
         if imp.top in IO_MODULES:
             problems.append(f"{imp}: a pure module may not import {imp.top}")
-        if imp.top == PACKAGE and imp.target not in PURE_MODULES | {PACKAGE}:
+        if imp.top == PACKAGE and imp.target not in pure | {PACKAGE}:
             problems.append(f"{imp}: a pure module may import only pure modules")
     assert problems == []
+
+
+def test_the_root_holds_only_the_face_and_the_cross_cutting_modules() -> None:
+    roots = {name for name in package_modules() if layer_of(name) is None}
+    assert roots == set(ROOT_MODULES)
+    layers = {path.name for path in PACKAGE_DIR.iterdir() if (path / "__init__.py").exists()}
+    assert layers == set(LAYERS)
+
+
+def test_every_import_follows_the_layer_order(imports: list[Import]) -> None:
+    assert layer_violations(imports) == []
+
+
+@pytest.mark.parametrize(
+    ("importer", "target"),
+    [
+        ("p2pbackup.core.crypto", "p2pbackup.engine.repository"),  # pure core reaching up
+        ("p2pbackup.dht.discovery", "p2pbackup.engine.repository"),  # the DHT reading the engine
+        ("p2pbackup.engine.status", "p2pbackup.node.shardhost"),
+        ("p2pbackup.node.server", "p2pbackup.app.home"),
+        ("p2pbackup.model", "p2pbackup.core.formats"),  # a root module depending on a layer
+    ],
+)
+def test_a_wrong_import_breaks_the_layer_order(importer: str, target: str) -> None:
+    (problem,) = layer_violations([Import(importer, target, 1)])
+    assert importer in problem and "import" in problem
+
+
+@pytest.mark.parametrize(
+    ("importer", "target"),
+    [
+        ("p2pbackup.engine.prune", "p2pbackup.engine.repository"),  # its own package
+        ("p2pbackup.app.cli", "p2pbackup.core.crypto"),  # any layer below
+        ("p2pbackup.wire.session", "p2pbackup.errors"),  # a root module
+        ("p2pbackup.model", "p2pbackup.errors"),
+    ],
+)
+def test_imports_down_and_within_a_package_are_allowed(importer: str, target: str) -> None:
+    assert layer_violations([Import(importer, target, 1)]) == []
+
+
+def test_each_layer_names_its_nouns_and_what_it_may_import() -> None:
+    for position, layer in enumerate(LAYERS):
+        doc = ast.get_docstring(ast.parse((PACKAGE_DIR / layer / "__init__.py").read_text()))
+        assert doc is not None and "Nouns" in doc, f"{layer}/__init__.py names no nouns"
+        below = ", ".join(LAYERS[:position]) or "nothing but the root modules"
+        assert f"May import: {below}." in " ".join(doc.split()), (
+            f"{layer}/__init__.py does not say what it may import: 'May import: {below}.'"
+        )
 
 
 def test_nothing_reaches_up_into_the_cli(imports: list[Import]) -> None:
@@ -352,45 +444,50 @@ def test_the_reader_sees_every_form_of_import() -> None:
     source = """
 import nacl.bindings
 import os, pickle as p
-from p2pbackup import formats, errors
+from p2pbackup.core import formats, errors
 from p2pbackup.model import Tree
 from . import crypto
 from .sub import thing
 from .. import top
 from typing import TYPE_CHECKING
 if TYPE_CHECKING:
-    from p2pbackup import storage
+    from p2pbackup.stores import folder as storage
 def later():
     import sqlite3
     return __import__("marshal"), importlib.import_module("trio")
 """
-    known = {"p2pbackup.formats", "p2pbackup.errors", "p2pbackup.crypto", "p2pbackup.storage"}
+    known = {
+        "p2pbackup.core.formats",
+        "p2pbackup.core.errors",
+        "p2pbackup.core.crypto",
+        "p2pbackup.stores.folder",
+    }
     found = imports_in(source, "p2pbackup.pkg.mod", known=known | {"p2pbackup.pkg.crypto"})
     targets = {(i.target, i.type_checking) for i in found}
     assert targets == {
         ("nacl.bindings", False),
         ("os", False),
         ("pickle", False),
-        ("p2pbackup.formats", False),
-        ("p2pbackup.errors", False),
+        ("p2pbackup.core.formats", False),
+        ("p2pbackup.core.errors", False),
         ("p2pbackup.model", False),
         ("p2pbackup.pkg.crypto", False),
         ("p2pbackup.pkg.sub", False),
         ("p2pbackup", False),  # `from .. import top`: top is not a known module
         ("typing", False),
-        ("p2pbackup.storage", True),
+        ("p2pbackup.stores.folder", True),
         ("sqlite3", False),
         ("marshal", False),
         ("trio", False),
     }
     assert {i.top for i in found if i.line == 14} == {"marshal", "trio"}
     # A package's relative imports resolve from the package itself.
-    (imp,) = imports_in("from . import keys", "p2pbackup", is_package=True)
-    assert imp.target == "p2pbackup"
+    (imp,) = imports_in("from . import keys", "p2pbackup.core", is_package=True)
+    assert imp.target == "p2pbackup.core"
     (imp,) = imports_in(
-        "from . import keys", "p2pbackup", is_package=True, known={"p2pbackup.keys"}
+        "from . import keys", "p2pbackup.core", is_package=True, known={"p2pbackup.core.keys"}
     )
-    assert imp.target == "p2pbackup.keys"
+    assert imp.target == "p2pbackup.core.keys"
 
 
 def test_the_cycle_finder_finds_cycles() -> None:

@@ -1,4 +1,4 @@
-"""Tests for content-defined chunking (p2pbackup.chunker)."""
+"""Tests for content-defined chunking (p2pbackup.core.chunker)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyfastcdc.cy import FastCDC
 
-from p2pbackup.chunker import (
+from p2pbackup.core.chunker import (
     DEFAULT_PARAMS,
     MAX_SEED,
     NORMALIZED_CHUNKING,

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pbackup import keys, operations
-from p2pbackup.backup import Backup
-from p2pbackup.home import Home
+from p2pbackup.app import operations
+from p2pbackup.app.home import Home
+from p2pbackup.core import keys
+from p2pbackup.engine.backup import Backup
 
 from .cli_helpers import (
     CLI,

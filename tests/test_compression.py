@@ -1,4 +1,4 @@
-"""Tests of p2pbackup.compression: zstd where it pays, raw otherwise, bounded output."""
+"""Tests of p2pbackup.core.compression: zstd where it pays, raw otherwise, bounded output."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbackup import compression
-from p2pbackup.compression import METHOD_NONE, METHOD_ZSTD
+from p2pbackup.core import compression
+from p2pbackup.core.compression import METHOD_NONE, METHOD_ZSTD
 from p2pbackup.errors import FormatError
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

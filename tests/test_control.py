@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pbackup import control
 from p2pbackup.errors import RemoteProtocolError
+from p2pbackup.node import control
 
 from .cli_helpers import CLI, base_env, cli_ok, make_source, make_world, run_cli
 
@@ -114,7 +114,7 @@ async def test_progress_goes_only_to_a_client_that_shows_it(
 
 
 def test_progress_lines_go_to_a_sink_rate_limited_and_cleared_at_the_end() -> None:
-    from p2pbackup.progress import Progress
+    from p2pbackup.engine.progress import Progress
 
     sent: list[str] = []
     progress = Progress("restore", sink=sent.append)

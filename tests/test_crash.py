@@ -28,8 +28,9 @@ import attrs
 import pytest
 import trio
 
-from p2pbackup import formats, operations
-from p2pbackup.home import Home
+from p2pbackup.app import operations
+from p2pbackup.app.home import Home
+from p2pbackup.core import formats
 
 from .cli_helpers import (
     CLI,

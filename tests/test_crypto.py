@@ -1,4 +1,4 @@
-"""Tests of p2pbackup.crypto: AEAD, hashing, key derivation, signatures."""
+"""Tests of p2pbackup.core.crypto: AEAD, hashing, key derivation, signatures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbackup import crypto
+from p2pbackup.core import crypto
 from p2pbackup.errors import DecryptionError, KeyAgreementError, SignatureError
 
 KEY = bytes(range(32))

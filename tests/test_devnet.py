@@ -23,7 +23,7 @@ import attrs
 import pytest
 import trio
 
-from p2pbackup.devnet import DevnetNodeDied, open_devnet
+from p2pbackup.app.devnet import DevnetNodeDied, open_devnet
 
 from .cli_helpers import (
     CLI,

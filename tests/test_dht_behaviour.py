@@ -12,11 +12,12 @@ import trio
 import trio.testing
 import umsgpack
 
-from p2pbackup import dht, records
-from p2pbackup.keys import node_id_for
-from p2pbackup.net import Address, LinkProfile, MemoryNetwork
-from p2pbackup.ratelimit import RateLimit
-from p2pbackup.session import Identity
+from p2pbackup.core.keys import node_id_for
+from p2pbackup.dht import adapter as dht
+from p2pbackup.dht import records
+from p2pbackup.dht.ratelimit import RateLimit
+from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork
+from p2pbackup.wire.session import Identity
 
 EPOCH = 1_800_000_000
 PORT = 4000

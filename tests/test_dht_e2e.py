@@ -23,7 +23,7 @@ from kademlia.network import Server
 from kademlia.node import Node
 from kademlia.utils import digest
 
-from p2pbackup import records
+from p2pbackup.dht import records
 
 from .cli_helpers import CLI, base_env, cli_ok, restored
 from .test_network_e2e import ServeProcess, new_node

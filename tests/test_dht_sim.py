@@ -1,6 +1,6 @@
 """A 100-node DHT in one process, on the memory network, in virtual time.
 
-Every node runs the same :class:`~p2pbackup.discovery.Discovery` that
+Every node runs the same :class:`~p2pbackup.dht.discovery.Discovery` that
 ``p2pbackup serve`` runs, over the in-memory network with latency and loss,
 under ``MockClock``: refresh periods of an hour pass in milliseconds.
 """
@@ -16,11 +16,12 @@ import pytest
 import trio
 import trio.testing
 
-from p2pbackup import dht, records
-from p2pbackup.discovery import Discovery, DiscoveryOptions, FriendContact
-from p2pbackup.keys import node_id_for
-from p2pbackup.net import Address, LinkProfile, MemoryNetwork
-from p2pbackup.session import Identity
+from p2pbackup.core.keys import node_id_for
+from p2pbackup.dht import adapter as dht
+from p2pbackup.dht import records
+from p2pbackup.dht.discovery import Discovery, DiscoveryOptions, FriendContact
+from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork
+from p2pbackup.wire.session import Identity
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Unit tests of the DHT adapter (p2pbackup.dht) without a network.
+"""Unit tests of the DHT adapter (p2pbackup.dht.adapter) without a network.
 
 Each weakness of the ``kademlia`` package that issue 4 lists has a test here:
 
@@ -15,7 +15,7 @@ Each weakness of the ``kademlia`` package that issue 4 lists has a test here:
 The protocol is driven by calling ``datagram_received`` on it directly, with a
 transport that records what it sends; an asyncio loop (``trio_asyncio``) is
 open around it because the package may start asyncio tasks and timers.
-Also here: the small address and sequence helpers of p2pbackup.discovery.
+Also here: the small address and sequence helpers of p2pbackup.dht.discovery.
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ import umsgpack
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbackup import dht, discovery, keys, records
+from p2pbackup.core import keys
+from p2pbackup.dht import adapter as dht
+from p2pbackup.dht import discovery, records
+from p2pbackup.dht.records import RecordAddress, RecordKind
 from p2pbackup.errors import FormatError, UsageError
-from p2pbackup.net import Address
-from p2pbackup.records import RecordAddress, RecordKind
-from p2pbackup.session import Identity
+from p2pbackup.net.network import Address
+from p2pbackup.wire.session import Identity
 
 NOW = 1_800_000_000
 LIFETIME = 3600
@@ -201,12 +203,12 @@ def test_bad_values_are_refused_counted_and_logged(
     key: object, value: object, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     storage = dht.RecordStorage(FakeClock())
-    with caplog.at_level(logging.INFO, logger="p2pbackup.dht"):
+    with caplog.at_level(logging.INFO, logger="p2pbackup.dht.adapter"):
         assert not storage.offer(key, value)
     assert storage.refused == 1
     assert storage.count == 0
     assert list(storage) == []
-    messages = [r.getMessage() for r in caplog.records if r.name == "p2pbackup.dht"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "p2pbackup.dht.adapter"]
     assert len(messages) == 1
     assert messages[0].startswith("DHT storage refused")
     assert reason.lower() in messages[0].lower()
@@ -237,7 +239,7 @@ def test_an_older_or_equal_sequence_is_refused_and_the_held_one_stays(
     # Different bytes (another storage offer, a later expiry): still not newer.
     challenger = encoded(sequence=sequence, storage_offered=10**9, now=NOW + 60)
     assert challenger != held
-    with caplog.at_level(logging.INFO, logger="p2pbackup.dht"):
+    with caplog.at_level(logging.INFO, logger="p2pbackup.dht.adapter"):
         assert not storage.offer(contact_key(ALICE), challenger)
     assert storage.get(contact_key(ALICE)) == held
     assert storage.refused == 1
@@ -316,7 +318,7 @@ def test_the_cap_refuses_new_keys_until_others_expire(caplog: pytest.LogCaptureF
     carol = Identity.generate()
     assert storage.offer(contact_key(ALICE), encoded(ALICE, lifetime=100))
     assert storage.offer(contact_key(BOB), encoded(BOB, lifetime=1000))
-    with caplog.at_level(logging.INFO, logger="p2pbackup.dht"):
+    with caplog.at_level(logging.INFO, logger="p2pbackup.dht.adapter"):
         assert not storage.offer(contact_key(carol), encoded(carol, lifetime=1000))
     assert storage.refused == 1
     assert "2 records held" in caplog.text
@@ -567,7 +569,7 @@ async def test_malformed_datagrams_get_no_answer_and_are_counted(
     datagram: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with harness() as h:
-        with caplog.at_level(logging.INFO, logger="p2pbackup.dht"):
+        with caplog.at_level(logging.INFO, logger="p2pbackup.dht.adapter"):
             assert h.feed(datagram) == []
         assert h.protocol.malformed == 1
         assert "ignored" in caplog.text
@@ -775,7 +777,7 @@ def test_a_contact_is_evicted_only_after_several_missed_replies(
     for _ in range(dht.MISSED_REPLIES_TO_EVICT - 1):
         assert protocol.handle_call_response(missed, node) == missed
         assert in_table(protocol, node)  # the stock package evicts on the first miss
-    with caplog.at_level(logging.INFO, logger="p2pbackup.dht"):
+    with caplog.at_level(logging.INFO, logger="p2pbackup.dht.adapter"):
         protocol.handle_call_response(missed, node)
     assert not in_table(protocol, node)
     assert f"missed {dht.MISSED_REPLIES_TO_EVICT} replies" in caplog.text
@@ -965,7 +967,7 @@ def test_load_routing_state_ignores_a_damaged_file_with_a_warning(
 ) -> None:
     path = tmp_path / "dht-state.json"
     path.write_bytes(data)
-    with caplog.at_level(logging.WARNING, logger="p2pbackup.dht"):
+    with caplog.at_level(logging.WARNING, logger="p2pbackup.dht.adapter"):
         assert dht.load_routing_state(path, bytes(20)) == []
     assert f"ignoring {path}" in caplog.text
 
@@ -984,7 +986,7 @@ def test_load_routing_state_ignores_another_nodes_file(
     path.write_bytes(
         dht.encode_routing_state(others, [dht.Contact(bytes(20), Address("10.0.0.1", 4000))])
     )
-    with caplog.at_level(logging.WARNING, logger="p2pbackup.dht"):
+    with caplog.at_level(logging.WARNING, logger="p2pbackup.dht.adapter"):
         assert dht.load_routing_state(path, bytes(20)) == []
     assert others.hex() in caplog.text
 

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pbackup import durable
-from p2pbackup.durable import DIRECT_ALIGNMENT, DirectWriter
+from p2pbackup.stores import durable
+from p2pbackup.stores.durable import DIRECT_ALIGNMENT, DirectWriter
 
 STAGING = 2 * DIRECT_ALIGNMENT
 

@@ -8,17 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from p2pbackup import formats, operations, snapshots
-from p2pbackup.backup import Backup
-from p2pbackup.check import check
+from p2pbackup.app import operations
+from p2pbackup.app.home import Home
+from p2pbackup.core import formats
+from p2pbackup.engine import snapshots
+from p2pbackup.engine.backup import Backup
+from p2pbackup.engine.check import check
+from p2pbackup.engine.index import Index, ProbeCounts
+from p2pbackup.engine.prune import prune
+from p2pbackup.engine.restore import Restorer
+from p2pbackup.engine.treediff import diff_trees
 from p2pbackup.errors import RecoveryKeyError, UsageError
-from p2pbackup.home import Home
-from p2pbackup.index import Index, ProbeCounts
 from p2pbackup.model import BlobType
-from p2pbackup.prune import prune
-from p2pbackup.restore import Restorer
-from p2pbackup.storage import FolderShardStore, ShardRoot, Space, read_folder_peer_id
-from p2pbackup.treediff import diff_trees
+from p2pbackup.stores.folder import FolderShardStore, ShardRoot, Space, read_folder_peer_id
 
 from .engine_helpers import make_setup, make_tree, restored_path, shard_files
 
@@ -384,7 +386,7 @@ async def test_special_files_are_skipped_and_listed(tmp_path: Path) -> None:
 async def test_file_changing_while_read_is_not_stored_inconsistently(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
-    from p2pbackup import blobs
+    from p2pbackup.core import blobs
 
     setup = await make_setup(tmp_path)
     source = tmp_path / "src"
@@ -538,8 +540,8 @@ async def test_restore_never_writes_through_a_symlink_in_the_target(tmp_path: Pa
 async def test_a_tree_of_small_directories_is_listed_ahead_in_few_thread_calls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from p2pbackup import backup
-    from p2pbackup.exclude import ExcludeRules
+    from p2pbackup.core.exclude import ExcludeRules
+    from p2pbackup.engine import backup
 
     setup = await make_setup(tmp_path)
     source = tmp_path / "src"
@@ -590,7 +592,7 @@ async def test_a_tree_of_small_directories_is_listed_ahead_in_few_thread_calls(
 async def test_a_directory_that_cannot_be_listed_is_skipped_and_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from p2pbackup import backup
+    from p2pbackup.engine import backup
 
     setup = await make_setup(tmp_path)
     source = tmp_path / "src"

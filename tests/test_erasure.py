@@ -1,4 +1,4 @@
-"""Tests for p2pbackup.erasure: the code is reedsolo's, and any k shards decode."""
+"""Tests for p2pbackup.core.erasure: the code is reedsolo's, and any k shards decode."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import reedsolo
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbackup import erasure
+from p2pbackup.core import erasure
 from p2pbackup.errors import ErasureError, NotEnoughShardsError
 
 

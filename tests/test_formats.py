@@ -13,9 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbackup import formats
-from p2pbackup.errors import FormatError
-from p2pbackup.formats import (
+from p2pbackup.core import formats
+from p2pbackup.core.formats import (
     MAX_BLOCK_SIZE,
     MAX_CHUNK_SIZE,
     MAX_PACK_SIZE,
@@ -44,7 +43,8 @@ from p2pbackup.formats import (
     shard_id,
     shard_id_hex,
 )
-from p2pbackup.keys import node_id_for
+from p2pbackup.core.keys import node_id_for
+from p2pbackup.errors import FormatError
 from p2pbackup.model import (
     BlobEntry,
     BlobType,

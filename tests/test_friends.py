@@ -1,7 +1,7 @@
 """Friends: invite codes in, friends and node peers out, on the in-memory network.
 
 Homes serve one another from this process (a StorageServer with the home's own
-identity, as `serve` runs it) over :class:`~p2pbackup.net.MemoryNetwork`; the
+identity, as `serve` runs it) over :class:`~p2pbackup.net.network.MemoryNetwork`; the
 command-line tests at the end run ``cli.main`` in this process.
 """
 
@@ -18,19 +18,20 @@ import attrs
 import pytest
 import trio
 
-from p2pbackup import cli, discovery, invites, node, operations, records
-from p2pbackup.backup import Backup
+from p2pbackup.app import cli, daemon, operations
+from p2pbackup.app.home import Home
+from p2pbackup.core.keys import Keyring
+from p2pbackup.dht import discovery, invites, records
+from p2pbackup.dht.records import RecordAddress
+from p2pbackup.engine.backup import Backup
+from p2pbackup.engine.index import ShardShortfall
+from p2pbackup.engine.repository import Repository
 from p2pbackup.errors import PeerUnavailableError, UsageError
-from p2pbackup.home import Home
-from p2pbackup.index import ShardShortfall
-from p2pbackup.keys import Keyring
 from p2pbackup.model import PEER_KIND_NODE, FriendRecord
-from p2pbackup.net import Address, LinkProfile, MemoryNetwork
-from p2pbackup.records import RecordAddress
-from p2pbackup.repository import Repository
-from p2pbackup.server import StorageServer
-from p2pbackup.session import Identity
-from p2pbackup.shardhost import ShardHost
+from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork
+from p2pbackup.node.server import StorageServer
+from p2pbackup.node.shardhost import ShardHost
+from p2pbackup.wire.session import Identity
 
 from .engine_helpers import SMALL, make_tree
 from .net_helpers import start_node
@@ -443,13 +444,13 @@ def test_serve_passes_bootstrap_and_advertise_to_the_node(
 ) -> None:
     home = tmp_path / "home"
     assert run(capsys, "--home", home, "init", "--recovery-key-file", tmp_path / "key")[0] == 0
-    seen: list[node.ServeOptions] = []
+    seen: list[daemon.ServeOptions] = []
 
-    async def serve(home: Home, options: node.ServeOptions, **_: object) -> None:
+    async def serve(home: Home, options: daemon.ServeOptions, **_: object) -> None:
         seen.append(options)
         raise UsageError("stopped by the test")
 
-    monkeypatch.setattr(node, "serve", serve)
+    monkeypatch.setattr(daemon, "serve", serve)
     message = error_line(
         capsys, "--home", home, "serve", "--listen", "127.0.0.1:0",
         "--bootstrap", "10.0.0.1:47470", "--bootstrap", "seed.example.org:1",

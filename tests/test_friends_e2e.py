@@ -13,7 +13,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from p2pbackup import invites
+from p2pbackup.dht import invites
 
 from .cli_helpers import cli_error, cli_ok, make_source, restored, tree_state
 from .test_network_e2e import NODE_RE, ServeProcess

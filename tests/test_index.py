@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from p2pbackup.engine.index import PROBE_MEMORY, SCHEMA_VERSION, Index, ProbeCounts
 from p2pbackup.errors import UsageError
-from p2pbackup.index import PROBE_MEMORY, SCHEMA_VERSION, Index, ProbeCounts
 from p2pbackup.model import PeerRecord, RepositoryConfig
 
 CONFIG = RepositoryConfig(2, 4, 1 << 20, 1 << 12, 1 << 14, 1 << 16, 1 << 16)

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbackup import invites
+from p2pbackup.core.keys import node_id_for
+from p2pbackup.dht import invites
+from p2pbackup.dht.invites import Invite, decode_invite, decode_invite_bytes, encode_invite
+from p2pbackup.dht.records import RecordAddress
 from p2pbackup.errors import FormatError
-from p2pbackup.invites import Invite, decode_invite, decode_invite_bytes, encode_invite
-from p2pbackup.keys import node_id_for
-from p2pbackup.records import RecordAddress
 
 KEY = bytes(range(32))
 SAMPLE = Invite(KEY, (RecordAddress("203.0.113.7", 47470),))

@@ -1,4 +1,4 @@
-"""Tests of p2pbackup.keys: recovery keys and the keyring derived from a master secret."""
+"""Tests of p2pbackup.core.keys: recovery keys and the keyring derived from a master secret."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbackup import crypto, keys
+from p2pbackup.core import crypto, keys
 from p2pbackup.errors import RecoveryKeyError
 
 SECRET = bytes(range(32))

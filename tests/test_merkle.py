@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbackup.errors import MerkleError
-from p2pbackup.merkle import (
+from p2pbackup.core.merkle import (
     DEFAULT_BLOCK_SIZE,
     MerkleBuilder,
     MerkleTree,
@@ -23,6 +22,7 @@ from p2pbackup.merkle import (
     verify_block,
     verify_root,
 )
+from p2pbackup.errors import MerkleError
 
 BLOCK_SIZES = st.sampled_from([16, 64, 100, 512])
 

@@ -15,10 +15,10 @@ import trio.testing
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from p2pbackup import messages
+from p2pbackup.core.formats import MAX_UINT
 from p2pbackup.errors import LocalProtocolError, RemoteProtocolError
-from p2pbackup.formats import MAX_UINT
-from p2pbackup.messages import (
+from p2pbackup.wire import messages
+from p2pbackup.wire.messages import (
     MAX_AUDIT_BLOCKS,
     MAX_BLOCK_INDEX,
     MAX_FRAME_SIZE,
@@ -69,7 +69,7 @@ from p2pbackup.messages import (
     put_statement,
     renew_statement,
 )
-from p2pbackup.rpc import MessageChannel
+from p2pbackup.wire.rpc import MessageChannel
 
 # --- Strategies: one per message type -------------------------------------------
 

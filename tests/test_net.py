@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pbackup.errors import LocalProtocolError, PeerUnavailableError, UsageError
-from p2pbackup.net import (
+from p2pbackup.net.network import (
     DEFAULT_WINDOW,
     Address,
     LinkProfile,
@@ -236,7 +236,7 @@ async def test_a_failing_handler_is_logged_and_the_listener_goes_on(
         await _shout(stream)
 
     address = await nursery.start(pair.server.serve, pair.listen, handler)
-    with caplog.at_level(logging.ERROR, logger="p2pbackup.net"):
+    with caplog.at_level(logging.ERROR, logger="p2pbackup.net.network"):
         first = await pair.client.connect(address)
         # The failed handler's stream is closed: the client sees EOF, not a hang.
         assert await first.receive_some() == b""

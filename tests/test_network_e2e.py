@@ -19,8 +19,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from p2pbackup import formats, merkle
-from p2pbackup.shardhost import ShardHost
+from p2pbackup.core import formats, merkle
+from p2pbackup.node.shardhost import ShardHost
 
 from .cli_helpers import (
     CLI,

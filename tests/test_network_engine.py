@@ -16,13 +16,15 @@ from typing import Any
 import attrs
 import trio
 
-from p2pbackup import formats, operations, snapshots
-from p2pbackup.backup import Backup
-from p2pbackup.home import Home
-from p2pbackup.net import Address, LinkProfile, MemoryNetwork
-from p2pbackup.repository import Repository
-from p2pbackup.restore import Restorer, RestoreSummary
-from p2pbackup.treediff import diff_trees
+from p2pbackup.app import operations
+from p2pbackup.app.home import Home
+from p2pbackup.core import formats
+from p2pbackup.engine import snapshots
+from p2pbackup.engine.backup import Backup
+from p2pbackup.engine.repository import Repository
+from p2pbackup.engine.restore import Restorer, RestoreSummary
+from p2pbackup.engine.treediff import diff_trees
+from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork
 
 from .engine_helpers import SMALL, make_tree, restored_path
 from .net_helpers import RunningNode, start_node

@@ -1,4 +1,4 @@
-"""Tests of p2pbackup.noise: published vectors, interop, tampering, misuse.
+"""Tests of p2pbackup.wire.noise: published vectors, interop, tampering, misuse.
 
 The independent implementation is the ``noiseprotocol`` package (a test-only
 dependency, imported as ``noise``; it runs on ``cryptography``/OpenSSL, not on
@@ -17,14 +17,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from noise.connection import Keypair, NoiseConnection  # type: ignore[import-untyped]
 
-from p2pbackup import crypto
+from p2pbackup.core import crypto
 from p2pbackup.errors import (
     DecryptionError,
     HandshakeError,
     LocalProtocolError,
     RemoteProtocolError,
 )
-from p2pbackup.noise import (
+from p2pbackup.wire.noise import (
     MAX_MESSAGE_SIZE,
     MAX_NONCE,
     MAX_PLAINTEXT_SIZE,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbackup import blobs, crypto, packer
+from p2pbackup.core import blobs, crypto, packer
 from p2pbackup.errors import DecryptionError, FormatError, IntegrityError
 from p2pbackup.model import BlobType
 

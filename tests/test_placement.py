@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbackup.errors import UsageError
-from p2pbackup.placement import (
+from p2pbackup.core.placement import (
     MAX_EXPANSION,
     MIN_PEERS,
     Code,
@@ -24,6 +23,7 @@ from p2pbackup.placement import (
     uptime,
     weigh_peers,
 )
+from p2pbackup.errors import UsageError
 
 PACK_IDS = st.binary(min_size=32, max_size=32)
 PEER_NAMES = st.text(min_size=1, max_size=8)

@@ -1,4 +1,4 @@
-"""Per-source token buckets (p2pbackup.ratelimit): bursts, refill, clocks that
+"""Per-source token buckets (p2pbackup.dht.ratelimit): bursts, refill, clocks that
 misbehave, independent sources, a bounded table, and the rate bound as a property."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from p2pbackup.dht.ratelimit import RateLimit, RateLimiter
 from p2pbackup.errors import UsageError
-from p2pbackup.ratelimit import RateLimit, RateLimiter
 
 #: Slack for float arithmetic in token counts; far below one request.
 EPSILON = 1e-6

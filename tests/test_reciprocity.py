@@ -18,14 +18,15 @@ import attrs
 import pytest
 import trio
 
-from p2pbackup import operations, packer
-from p2pbackup.home import Home
+from p2pbackup.app import operations
+from p2pbackup.app.home import Home
+from p2pbackup.core import packer
 from p2pbackup.model import BlobType
-from p2pbackup.net import Address, LinkProfile, MemoryNetwork
-from p2pbackup.remote import RemoteShardStore
-from p2pbackup.session import Identity
-from p2pbackup.shardhost import usage_by_owner
-from p2pbackup.storage import ShardRoot
+from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork
+from p2pbackup.node.shardhost import usage_by_owner
+from p2pbackup.stores.folder import ShardRoot
+from p2pbackup.stores.remote import RemoteShardStore
+from p2pbackup.wire.session import Identity
 
 from .cli_helpers import cli_ok, make_source
 from .engine_helpers import SMALL

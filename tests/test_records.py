@@ -11,16 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbackup import crypto, records
-from p2pbackup.errors import (
-    FormatError,
-    IntegrityError,
-    RecordExpiredError,
-    RecordKeyError,
-    SignatureError,
-)
-from p2pbackup.keys import node_id_for
-from p2pbackup.records import (
+from p2pbackup.core import crypto
+from p2pbackup.core.keys import node_id_for
+from p2pbackup.dht import records
+from p2pbackup.dht.records import (
     MAX_ADDRESSES,
     MAX_LIFETIME,
     MAX_RECORD_SIZE,
@@ -38,6 +32,13 @@ from p2pbackup.records import (
     sign_contact,
     sign_root_pointer,
     verify_record,
+)
+from p2pbackup.errors import (
+    FormatError,
+    IntegrityError,
+    RecordExpiredError,
+    RecordKeyError,
+    SignatureError,
 )
 
 SEED = bytes(range(32))

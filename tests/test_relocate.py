@@ -1,6 +1,6 @@
 """A friend whose address changed is found again through the DHT.
 
-Real ``node.serve`` (storage server and DHT) for two friends on the memory
+Real ``daemon.serve`` (storage server and DHT) for two friends on the memory
 network; the owner backs up to them, one friend comes back at a new address,
 and the next backup finds it there through a read-only DHT lookup, with the
 new address remembered in the index. A wrong node at the old address never
@@ -16,11 +16,11 @@ import attrs
 import pytest
 import trio
 
-from p2pbackup import homedht, node, operations
-from p2pbackup.backup import Backup
+from p2pbackup.app import daemon, homedht, operations
+from p2pbackup.app.home import Home
+from p2pbackup.engine.backup import Backup
 from p2pbackup.errors import StoreError
-from p2pbackup.home import Home
-from p2pbackup.net import Address, LinkProfile, MemoryNetwork
+from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork
 
 from .engine_helpers import SMALL, make_tree
 
@@ -32,7 +32,7 @@ class Friend:
     home: Home
     host: str
     scope: trio.CancelScope | None = None
-    serving: node.Serving | None = None
+    serving: daemon.Serving | None = None
 
 
 async def start(
@@ -43,12 +43,12 @@ async def start(
     *,
     open_mode: bool = False,
 ) -> None:
-    async def run(task_status: trio.TaskStatus[node.Serving]) -> None:
+    async def run(task_status: trio.TaskStatus[daemon.Serving]) -> None:
         with trio.CancelScope() as scope:
             friend.scope = scope
-            await node.serve(
+            await daemon.serve(
                 friend.home,
-                node.ServeOptions(
+                daemon.ServeOptions(
                     listen=Address(friend.host, PORT), bootstrap=bootstrap, open=open_mode
                 ),
                 network=world.interface(friend.host),
@@ -186,7 +186,7 @@ async def test_a_node_stores_only_for_its_friends_unless_open(
     # Bob adds Alice while his node runs: her next put is taken at once.
     async with operations.open_repository(bob.home, network=world.interface("bob-home")) as repo:
         await operations.add_friend(repo, operations.make_invite(alice, ["owner-home:47470"]))
-    await trio.sleep(node.FriendGate.REREAD_AFTER_MISS)
+    await trio.sleep(daemon.FriendGate.REREAD_AFTER_MISS)
     async with operations.open_repository(alice, network=network) as repo:
         await repo.store(bob.home.node_id().hex()).put(bytes(32), b"shard")
     assert list((bob.home.hosted_path / "shards").rglob("*"))

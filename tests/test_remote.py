@@ -15,21 +15,22 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pbackup import crypto, merkle, messages
+from p2pbackup.core import crypto, merkle
 from p2pbackup.errors import (
     PeerUnavailableError,
     ProtocolError,
     ShardNotFoundError,
     StoreFullError,
 )
-from p2pbackup.messages import RefusalCode
-from p2pbackup.net import Address, LinkProfile, MemoryNetwork, Network, TcpNetwork
-from p2pbackup.remote import RemoteShardStore
-from p2pbackup.rpc import MessageChannel
-from p2pbackup.server import ServerLimits, StorageServer
-from p2pbackup.session import Identity, secure_initiator
-from p2pbackup.shardhost import ShardHost
-from p2pbackup.storage import ShardRoot, ShardStore, Space
+from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork, Network, TcpNetwork
+from p2pbackup.node.server import ServerLimits, StorageServer
+from p2pbackup.node.shardhost import ShardHost
+from p2pbackup.stores.folder import ShardRoot, ShardStore, Space
+from p2pbackup.stores.remote import RemoteShardStore
+from p2pbackup.wire import messages
+from p2pbackup.wire.messages import RefusalCode
+from p2pbackup.wire.rpc import MessageChannel
+from p2pbackup.wire.session import Identity, secure_initiator
 
 from .net_helpers import LOOPBACK_ANY_PORT, RunningNode, identity, start_node
 from .storage_conformance import ShardStoreConformance, shard_id

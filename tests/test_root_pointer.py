@@ -21,9 +21,13 @@ import pytest
 import trio
 import trio.testing
 
-from p2pbackup import dht, homedht, operations, records
-from p2pbackup.backup import Backup
-from p2pbackup.discovery import (
+from p2pbackup.app import homedht, operations
+from p2pbackup.app.home import Home
+from p2pbackup.app.homedht import dht_locator, home_root_holders
+from p2pbackup.core.keys import Keyring, node_id_for, parse_recovery_key
+from p2pbackup.dht import adapter as dht
+from p2pbackup.dht import records
+from p2pbackup.dht.discovery import (
     SERVING_NODE,
     STATE_SAVE_PERIOD,
     Discovery,
@@ -32,14 +36,12 @@ from p2pbackup.discovery import (
     lookup_root_pointer,
     node_at,
 )
+from p2pbackup.engine.backup import Backup
+from p2pbackup.engine.index import Index
 from p2pbackup.errors import PeerUnavailableError, UsageError
-from p2pbackup.home import Home
-from p2pbackup.homedht import dht_locator, home_root_holders
-from p2pbackup.index import Index
-from p2pbackup.keys import Keyring, node_id_for, parse_recovery_key
 from p2pbackup.model import PEER_KIND_DIR, PEER_KIND_NODE, FriendRecord, PeerRecord
-from p2pbackup.net import Address, LinkProfile, MemoryNetwork
-from p2pbackup.session import Identity
+from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork
+from p2pbackup.wire.session import Identity
 
 from .engine_helpers import SMALL, make_tree
 from .test_relocate import PORT, Friend, befriend, bob_and_carol, eventually, start

@@ -1,11 +1,11 @@
-"""Tests for process-wide tuning (p2pbackup.runtime)."""
+"""Tests for process-wide tuning (p2pbackup.engine.runtime)."""
 
 from __future__ import annotations
 
 import gc
 import weakref
 
-from p2pbackup import runtime
+from p2pbackup.engine import runtime
 
 
 class _Node:

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pbackup import node, operations, snapshots
-from p2pbackup.backup import Backup
+from p2pbackup.app import daemon, operations
+from p2pbackup.core.exclude import ExcludeRules
+from p2pbackup.engine import snapshots
+from p2pbackup.engine.backup import Backup
 from p2pbackup.errors import RepositoryLockedError, UsageError
-from p2pbackup.exclude import ExcludeRules
-from p2pbackup.net import Address, MemoryNetwork
-from p2pbackup.schedule import (
+from p2pbackup.net.network import Address, MemoryNetwork
+from p2pbackup.node.schedule import (
     MIN_INTERVAL,
     HomeConfig,
     StorageOffer,
@@ -192,9 +193,9 @@ async def test_serve_backs_up_on_schedule(tmp_path: Path, nursery: trio.Nursery)
     world = MemoryNetwork()
     await nursery.start(
         functools.partial(
-            node.serve,
+            daemon.serve,
             setup.home,
-            node.ServeOptions(listen=Address("me", 1)),
+            daemon.ServeOptions(listen=Address("me", 1)),
             network=world.interface("me"),
         )
     )
@@ -249,7 +250,7 @@ def test_serve_logs_json_lines_to_the_home(tmp_path: Path) -> None:
         _out, err = process.communicate(timeout=10)
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     saved = [e for e in entries if "scheduled backup saved snapshot" in e["message"]]
-    assert saved and saved[0]["level"] == "INFO" and saved[0]["logger"] == "p2pbackup.node"
+    assert saved and saved[0]["level"] == "INFO" and saved[0]["logger"] == "p2pbackup.app.daemon"
     assert oct(log.stat().st_mode & 0o777) == "0o600"
     assert b"Traceback" not in err
     assert b"ERROR" not in err
@@ -260,7 +261,7 @@ def test_serve_logs_json_lines_to_the_home(tmp_path: Path) -> None:
 def test_every_rotated_log_file_stays_private(tmp_path: Path) -> None:
     import logging
 
-    from p2pbackup import cli
+    from p2pbackup.app import cli
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level

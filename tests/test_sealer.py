@@ -13,16 +13,18 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbackup import backup as backup_module
-from p2pbackup import blobs, chunker, operations, sealer, sealwire, snapshots
-from p2pbackup.backup import Backup
-from p2pbackup.home import Home
+from p2pbackup.app import operations
+from p2pbackup.app.home import Home
+from p2pbackup.core import blobs, chunker
+from p2pbackup.engine import backup as backup_module
+from p2pbackup.engine import sealer, sealwire, snapshots
+from p2pbackup.engine.backup import Backup
+from p2pbackup.engine.reading import CHANGED_WHILE_READ
+from p2pbackup.engine.restore import Restorer
+from p2pbackup.engine.sealer import Sealer, SealerError
+from p2pbackup.engine.sealwire import SealedChunk, SealedFile, SealwireError, Setup
+from p2pbackup.engine.treediff import diff_trees
 from p2pbackup.model import BlobType, FileStat, ReadOutcome, SealingKeys
-from p2pbackup.reading import CHANGED_WHILE_READ
-from p2pbackup.restore import Restorer
-from p2pbackup.sealer import Sealer, SealerError
-from p2pbackup.sealwire import SealedChunk, SealedFile, SealwireError, Setup
-from p2pbackup.treediff import diff_trees
 
 from .engine_helpers import make_setup, make_tree, restored_path
 
@@ -401,7 +403,7 @@ async def test_a_sealer_dying_mid_backup_hands_its_batch_to_threads(
         return await real_seal(self, paths)
 
     monkeypatch.setattr(Sealer, "seal", dying_seal)
-    with caplog.at_level(logging.WARNING, logger="p2pbackup.backup"):
+    with caplog.at_level(logging.WARNING, logger="p2pbackup.engine.backup"):
         backup = await run_backup(setup.home, source, sealer_min_files=1)
     assert killed
     assert backup.summary.files_new == 300 and backup.summary.skipped == []

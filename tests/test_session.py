@@ -1,4 +1,4 @@
-"""Tests of p2pbackup.session: handshakes with identities, the plaintext stream.
+"""Tests of p2pbackup.wire.session: handshakes with identities, the plaintext stream.
 
 Sessions run over trio's in-memory streams (optionally wrapped to record,
 tamper with or dribble the raw bytes) and over real TCP on 127.0.0.1.
@@ -19,16 +19,16 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pbackup import crypto, keys
+from p2pbackup.core import crypto, keys
+from p2pbackup.core.keys import Keyring
 from p2pbackup.errors import (
     HandshakeError,
     PeerAuthenticationError,
     PeerIdentityError,
     RemoteProtocolError,
 )
-from p2pbackup.keys import Keyring
-from p2pbackup.noise import MAX_PLAINTEXT_SIZE
-from p2pbackup.session import (
+from p2pbackup.wire.noise import MAX_PLAINTEXT_SIZE
+from p2pbackup.wire.session import (
     IDENTITY_PROOF_SIZE,
     STATIC_KEY_STATEMENT,
     Identity,

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from p2pbackup.durable import STAGING_SIZE
+from p2pbackup.core.merkle import block_count, merkle_root, verify_block
 from p2pbackup.errors import MerkleError, ShardNotFoundError, StoreError, StoreFullError
-from p2pbackup.merkle import block_count, merkle_root, verify_block
-from p2pbackup.shardhost import (
+from p2pbackup.node.shardhost import (
     MAX_LEASE_SECONDS,
     MAX_ROOT_RECORD_SIZE,
     HostedShard,
@@ -29,6 +28,7 @@ from p2pbackup.shardhost import (
     ShardHost,
     Upload,
 )
+from p2pbackup.stores.durable import STAGING_SIZE
 
 OWNER = b"\x01" * 20
 OTHER = b"\x02" * 20
@@ -717,8 +717,8 @@ def test_a_closed_host_refuses_and_drops_its_uploads(host: ShardHost, root: Path
 _CRASHING_WRITER = r"""
 import os, random, signal, sys
 from pathlib import Path
-from p2pbackup.merkle import merkle_root
-from p2pbackup.shardhost import ShardHost
+from p2pbackup.core.merkle import merkle_root
+from p2pbackup.node.shardhost import ShardHost
 
 root, seed, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 if mode == "after-rename":

@@ -13,16 +13,16 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbackup import operations
-from p2pbackup.backup import Backup
-from p2pbackup.formats import SHARD_HEADER_SIZE
-from p2pbackup.home import Home
-from p2pbackup.index import ProbeCounts
-from p2pbackup.merkle import merkle_root
-from p2pbackup.net import Address, LinkProfile, MemoryNetwork, Network
-from p2pbackup.schedule import RUNNING_OFFER, StorageOffer
-from p2pbackup.shardhost import ShardHost
-from p2pbackup.status import SAFE_MARGIN, data_health, gather_status
+from p2pbackup.app import operations
+from p2pbackup.app.home import Home
+from p2pbackup.core.formats import SHARD_HEADER_SIZE
+from p2pbackup.core.merkle import merkle_root
+from p2pbackup.engine.backup import Backup
+from p2pbackup.engine.index import ProbeCounts
+from p2pbackup.engine.status import SAFE_MARGIN, data_health, gather_status
+from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork, Network
+from p2pbackup.node.schedule import RUNNING_OFFER, StorageOffer
+from p2pbackup.node.shardhost import ShardHost
 
 from .cli_helpers import cli_ok, make_source, make_world
 from .engine_helpers import SMALL, make_setup, make_tree

@@ -1,4 +1,4 @@
-"""Tests for p2pbackup.storage: the conformance suite for each store, then
+"""Tests for p2pbackup.stores.folder: the conformance suite for each store, then
 what only one store does (capacity; folder layout, atomicity, identity)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from p2pbackup.errors import ShardNotFoundError, StoreError, StoreFullError
-from p2pbackup.storage import (
+from p2pbackup.stores.folder import (
     PEER_DIR,
     FolderShardStore,
     MemoryShardStore,

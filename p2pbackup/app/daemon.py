@@ -1,0 +1,280 @@
+"""The node: the composition root that wires a home to the network.
+
+Nouns:
+
+* **node** — one home seen from the network: its identity (from the master
+  secret), its shard host (the shards it keeps for peers, under
+  ``HOME/hosted``) and the storage server answering peers on a listening
+  address.
+* **serve options** — :class:`ServeOptions`: where to listen and how much
+  space to give. Sizes are bytes; None means no limit beyond the disk.
+* **friend gate** — :class:`FriendGate`: by default a node stores new data
+  only for the home's friends; ``open`` lets any node store (within quotas).
+* **DHT role** — the node also takes part in the Kademlia DHT on UDP at the
+  same host and port as its TCP listener (:mod:`p2pbackup.dht.discovery`): it
+  publishes its contact record there and follows its friends.
+
+Everything below is passed in — the network above all — so that tests and the
+simulator run this same code over an in-memory network.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from p2pbackup.app import operations
+from p2pbackup.app.home import Home
+from p2pbackup.app.homedht import home_friends, home_root_holders
+from p2pbackup.core.keys import Keyring
+from p2pbackup.dht import adapter as dht
+from p2pbackup.dht.discovery import (
+    DEFAULT_REFRESH_PERIOD,
+    SERVING_NODE,
+    Discovery,
+    DiscoveryOptions,
+    advertised_addresses,
+)
+from p2pbackup.engine.backup import Backup
+from p2pbackup.errors import P2PBackupError, RepositoryLockedError
+from p2pbackup.net.network import Address, Network, TcpNetwork
+from p2pbackup.node.control import Handler, LineSink, serve_control
+from p2pbackup.node.schedule import RUNNING_OFFER, BackupSchedule, StorageOffer, load_schedule
+from p2pbackup.node.server import StorageServer
+from p2pbackup.node.shardhost import ReconcileReport, ShardHost
+from p2pbackup.wire.session import Identity
+
+log = logging.getLogger(__name__)
+
+#: Port a node listens on unless told otherwise.
+DEFAULT_PORT = 47470
+#: How often shards whose lease ran out are deleted.
+EXPIRY_INTERVAL = 3600.0
+
+
+#: Every interface, the default port.
+DEFAULT_LISTEN = Address("0.0.0.0", DEFAULT_PORT)
+
+
+@attrs.frozen
+class ServeOptions:
+    listen: Address = DEFAULT_LISTEN
+    capacity: int | None = None
+    owner_quota: int | None = None
+    #: DHT nodes to join through, besides friends and remembered neighbours.
+    bootstrap: tuple[Address, ...] = ()
+    #: Addresses published in the contact record; empty: worked out from ``listen``.
+    advertise: tuple[Address, ...] = ()
+    #: Seconds between DHT refreshes (republish, follow friends).
+    refresh_period: float = DEFAULT_REFRESH_PERIOD
+    #: Store for any node that asks (within quotas), not only for friends.
+    open: bool = False
+
+
+@attrs.frozen
+class Serving:
+    """What a started node reports: who it is, where it listens, what it found."""
+
+    node_id: bytes
+    address: Address
+    reconciled: ReconcileReport
+    #: Addresses in the contact record (what `invite` hands out).
+    advertised: tuple[str, ...] = ()
+    discovery: Discovery | None = None
+
+
+def node_identity(home: Home) -> Identity:
+    """The identity a home presents to its peers."""
+    return Identity.from_keyring(Keyring.from_master_secret(home.load_secret()))
+
+
+async def serve(
+    home: Home,
+    options: ServeOptions,
+    *,
+    network: Network | None = None,
+    control: Handler | None = None,
+    task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Store shards for peers until cancelled; with ``control``, also answer
+    the CLI on the home's control socket (it runs their commands)."""
+    network = network if network is not None else TcpNetwork()
+    home.require()
+    schedule = load_schedule(home.config_path)  # a bad config stops serve before it starts
+    with home.serving():
+        identity = node_identity(home)
+        host = await trio.to_thread.run_sync(
+            functools.partial(
+                ShardHost.open,
+                home.hosted_path,
+                capacity=options.capacity,
+                owner_quota=options.owner_quota,
+            )
+        )
+        try:
+            server = StorageServer(
+                host, identity, admits=None if options.open else FriendGate(home)
+            )
+            async with trio.open_nursery() as nursery:
+                address = await nursery.start(
+                    network.serve, options.listen, server.handle_connection
+                )
+                nursery.start_soon(_collect_expired, host)
+                advertised = advertised_addresses(options.listen, address.port, options.advertise)
+                # UDP on the TCP port: one address (and one firewall rule) per node.
+                dht_address = Address(options.listen.host, address.port)
+                async with dht.open_dht(network, dht_address, node_id=identity.node_id) as node:
+                    discovery = Discovery(
+                        node,
+                        identity,
+                        advertised,
+                        options=DiscoveryOptions(
+                            refresh_period=options.refresh_period,
+                            bootstrap=options.bootstrap,
+                            # Offered to the DHT at large only in open mode;
+                            # a friends-only node offers nothing to strangers.
+                            storage_offered=(
+                                _storage_offered(home, options) if options.open else 0
+                            ),
+                        ),
+                        friends=functools.partial(home_friends, home),
+                        root_holders=functools.partial(home_root_holders, home),
+                        state_path=home.dht_state_path,
+                    )
+                    texts = tuple(str(Address(a.host, a.port)) for a in advertised)
+                    home.write_addresses(texts)
+                    # Backups and the CLI's commands (tasks started below
+                    # inherit it) look nodes up through this running node.
+                    SERVING_NODE.set(node)
+                    RUNNING_OFFER.set(StorageOffer(options.capacity, options.owner_quota))
+                    async with trio.open_nursery() as roles:
+                        await roles.start(discovery.run)
+                        if schedule is not None:
+                            roles.start_soon(
+                                run_scheduled_backups,
+                                home,
+                                schedule,
+                                network,
+                                discovery.root_holders_may_have_changed,
+                            )
+                        if control is not None:
+                            await roles.start(
+                                serve_control,
+                                home.control_path,
+                                _then(control, discovery.root_holders_may_have_changed),
+                            )
+                        task_status.started(
+                            Serving(
+                                identity.node_id,
+                                address,
+                                host.reconcile_report,
+                                texts,
+                                discovery,
+                            )
+                        )
+        finally:
+            host.close()
+
+
+class FriendGate:
+    """Who may store new data on this node: the home's friends.
+
+    The friend list is read again when a node not on it asks (at most once a
+    tenth of a second, so strangers cannot make it read its index in a loop) and
+    every half minute anyway, so a friend added or removed while the node runs
+    counts at once or soon.
+    """
+
+    REREAD_AFTER_MISS = 0.1
+    REREAD_ANYWAY = 30.0
+
+    def __init__(self, home: Home, clock: Callable[[], float] = time.monotonic) -> None:
+        self.home = home
+        self.clock = clock
+        self._friends: frozenset[bytes] = frozenset()
+        self._read_at = -math.inf
+
+    def _read(self) -> None:
+        self._friends = frozenset(friend.node_id for friend in home_friends(self.home))
+        self._read_at = self.clock()
+
+    def __call__(self, node_id: bytes) -> bool:
+        age = self.clock() - self._read_at
+        if age >= self.REREAD_ANYWAY or (
+            node_id not in self._friends and age >= self.REREAD_AFTER_MISS
+        ):
+            self._read()
+        return node_id in self._friends
+
+
+def _then(handler: Handler, after: Callable[[], None]) -> Handler:
+    """``handler``, calling ``after`` once each command it runs is over."""
+
+    async def handle(
+        argv: list[str], cwd: str, write: LineSink, progress: LineSink | None
+    ) -> tuple[int, str]:
+        try:
+            return await handler(argv, cwd, write, progress)
+        finally:
+            after()
+
+    return handle
+
+
+async def run_scheduled_backups(
+    home: Home,
+    schedule: BackupSchedule,
+    network: Network,
+    after_each: Callable[[], None] = lambda: None,
+) -> None:
+    """Back up what the config says, now and then every interval, until cancelled.
+
+    A run that cannot start (a backup from the command line holds the home)
+    or fails is logged, and the next one comes at its time. ``after_each``
+    is called when a run is over (the peers may have changed).
+    """
+    while True:
+        started = trio.current_time()
+        try:
+            async with operations.open_repository(home, network=network) as repo:
+                summary = await Backup(repo, exclude=schedule.exclude).run(
+                    schedule.paths, schedule.tags
+                )
+        except RepositoryLockedError as error:
+            log.warning("scheduled backup skipped: %s", error)
+        except P2PBackupError as error:
+            log.error("scheduled backup failed: %s", error)
+        else:
+            log.info(
+                "scheduled backup saved snapshot %s: %s",
+                summary.snapshot_id.hex(),
+                "; ".join(summary.lines()),
+            )
+        after_each()
+        await trio.sleep_until(started + schedule.interval)
+
+
+def _storage_offered(home: Home, options: ServeOptions) -> int:
+    """What the contact record says this node offers: its capacity, or with
+    none set, the free space where hosted shards go."""
+    if options.capacity is not None:
+        return options.capacity
+    try:
+        return shutil.disk_usage(home.hosted_path).free
+    except OSError:
+        return 0
+
+
+async def _collect_expired(host: ShardHost) -> None:
+    while True:
+        removed = await trio.to_thread.run_sync(host.collect_expired)
+        if removed:
+            log.info("removed %d shards whose lease expired", removed)
+        await trio.sleep(EXPIRY_INTERVAL)

@@ -1,0 +1,276 @@
+"""The home directory: where one node keeps its secret, its index and its lock.
+
+Layout (format version 1)::
+
+    HOME/
+      HOME          "p2pbackup-home 1" and the node id — marks an initialised home
+      secret        the master secret (mode 0600); everything derives from it
+      index.sqlite  the local index (a cache of what the peers hold)
+      lock          held (flock) by the process that writes this home
+      readers.lock  held shared (flock) by each process reading it, and
+                    exclusively by one removing data (forget, prune)
+      hosted/       shards this node stores for its peers (see shardhost)
+      serve.lock    held (flock) by the process serving this home to peers
+      addresses     "p2pbackup-addresses 1", then the HOST:PORT lines the node
+                    last published (written by serve, read by invite)
+      dht-state.json  DHT neighbours remembered between runs (see dht)
+      config.toml   the user's settings: scheduled backups (see schedule)
+      serve.log     what serve did, one JSON object a line
+      control.sock  where a running serve takes the CLI's commands (0600)
+
+The home is chosen by ``--home``, else ``$P2PBACKUP_HOME``, else the platform's
+user data directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from p2pbackup.errors import RepositoryLockedError, UsageError
+from p2pbackup.stores.durable import write_private_file
+
+HOME_FORMAT_VERSION = 1
+_HOME_MAGIC = "p2pbackup-home"
+_SECRET_MAGIC = "p2pbackup-secret"
+_ADDRESSES_MAGIC = "p2pbackup-addresses 1"
+
+
+def default_home() -> Path:
+    """``$P2PBACKUP_HOME``, else the platform's user data directory."""
+    env = os.environ.get("P2PBACKUP_HOME")
+    if env:
+        return Path(env)
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "p2pbackup"
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "p2pbackup"
+
+
+class Home:
+    """One node's home directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def marker_path(self) -> Path:
+        return self.path / "HOME"
+
+    @property
+    def secret_path(self) -> Path:
+        return self.path / "secret"
+
+    @property
+    def index_path(self) -> Path:
+        return self.path / "index.sqlite"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / "lock"
+
+    @property
+    def hosted_path(self) -> Path:
+        """Where this node keeps the shards it stores for its peers."""
+        return self.path / "hosted"
+
+    @property
+    def readers_lock_path(self) -> Path:
+        return self.path / "readers.lock"
+
+    @property
+    def serve_lock_path(self) -> Path:
+        return self.path / "serve.lock"
+
+    @property
+    def control_path(self) -> Path:
+        """The Unix socket a running ``serve`` answers the CLI on (see control)."""
+        return self.path / "control.sock"
+
+    @property
+    def config_path(self) -> Path:
+        """The user's settings (scheduled backups: see schedule)."""
+        return self.path / "config.toml"
+
+    @property
+    def log_path(self) -> Path:
+        """Where ``serve`` logs, one JSON object a line."""
+        return self.path / "serve.log"
+
+    @property
+    def addresses_path(self) -> Path:
+        return self.path / "addresses"
+
+    @property
+    def dht_state_path(self) -> Path:
+        return self.path / "dht-state.json"
+
+    def write_addresses(self, addresses: Sequence[str]) -> None:
+        """Record the ``HOST:PORT`` addresses the node publishes (for ``invite``)."""
+        lines = [_ADDRESSES_MAGIC, *addresses]
+        write_private_file(self.addresses_path, ("\n".join(lines) + "\n").encode())
+
+    def read_addresses(self) -> list[str]:
+        """The addresses the node last published; empty if it never served."""
+        try:
+            text = self.addresses_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        lines = text.splitlines()
+        if not lines or lines[0] != _ADDRESSES_MAGIC:
+            raise UsageError(f"{self.addresses_path} is not an address file this version reads")
+        return [line for line in lines[1:] if line]
+
+    def exists(self) -> bool:
+        return self.marker_path.exists()
+
+    def create(self, master_secret: bytes, node_id: bytes) -> None:
+        """Make a new home holding ``master_secret``; refuse to replace an existing one."""
+        if self.exists():
+            raise UsageError(f"{self.path} is already a p2pbackup home; refusing to overwrite it")
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the home {self.path}: {exc.strerror}") from exc
+        if any(p.name not in {"lock"} for p in self.path.iterdir()):
+            raise UsageError(f"{self.path} is not empty; choose an empty or new directory")
+        # An empty directory the user made keeps the mode it was made with;
+        # the index it will hold names their files, so it becomes private too.
+        try:
+            os.chmod(self.path, 0o700)
+        except OSError as exc:
+            raise UsageError(f"cannot make the home {self.path} private: {exc.strerror}") from exc
+        write_private_file(
+            self.secret_path,
+            f"{_SECRET_MAGIC} {HOME_FORMAT_VERSION}\n{master_secret.hex()}\n".encode(),
+        )
+        # The marker is written last: a home without it is not initialised.
+        write_private_file(
+            self.marker_path, f"{_HOME_MAGIC} {HOME_FORMAT_VERSION}\n{node_id.hex()}\n".encode()
+        )
+
+    def require(self) -> None:
+        if not self.exists():
+            raise UsageError(
+                f"{self.path} is not an initialised p2pbackup home "
+                "(run `p2pbackup init`, or `p2pbackup recover` with your recovery key)"
+            )
+        text = self.marker_path.read_text(errors="replace").split()
+        if len(text) < 2 or text[0] != _HOME_MAGIC:
+            raise UsageError(f"{self.marker_path} is not a p2pbackup home marker")
+        if text[1] != str(HOME_FORMAT_VERSION):
+            raise UsageError(
+                f"{self.path} is a home of format version {text[1]}; this p2pbackup "
+                f"reads version {HOME_FORMAT_VERSION} (a newer p2pbackup made it: upgrade)"
+            )
+
+    def node_id(self) -> bytes:
+        """The node id written in the home marker (no secret needed)."""
+        self.require()
+        text = self.marker_path.read_text(errors="replace").split()
+        try:
+            return bytes.fromhex(text[2])
+        except (IndexError, ValueError):
+            raise UsageError(f"{self.marker_path} does not name a node id") from None
+
+    def load_secret(self) -> bytes:
+        self.require()
+        mode = self.secret_path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise UsageError(
+                f"{self.secret_path} is readable by others (mode {mode:o}); "
+                f"run `chmod 600 {self.secret_path}`"
+            )
+        lines = self.secret_path.read_text().split("\n")
+        header = lines[0].split()
+        if len(header) != 2 or header[0] != _SECRET_MAGIC or len(lines) < 2:
+            raise UsageError(f"{self.secret_path} is not a p2pbackup secret file")
+        if header[1] != str(HOME_FORMAT_VERSION):
+            raise UsageError(
+                f"{self.secret_path} has format version {header[1]}; this p2pbackup "
+                f"reads version {HOME_FORMAT_VERSION} (a newer p2pbackup made it: upgrade)"
+            )
+        try:
+            return bytes.fromhex(lines[1].strip())
+        except ValueError as exc:
+            raise UsageError(f"{self.secret_path} is damaged") from exc
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the home's lock; a second writer gets a clear error naming the holder."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with exclusive_lock(self.lock_path, f"{self.path} is in use by another p2pbackup process"):
+            yield
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the home for reading (``status``, ``restore``, ``snapshots``…):
+        beside other readers and beside a writer that only adds (a backup),
+        never beside one that removes data (:meth:`removing`)."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with shared_lock(
+            self.readers_lock_path,
+            f"{self.path} is being pruned by another p2pbackup process; try again once it is done",
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def removing(self) -> Iterator[None]:
+        """Hold the home to remove data (``forget``, ``prune``): the writer's
+        lock, and no reader at the same time."""
+        with (
+            self.locked(),
+            exclusive_lock(
+                self.readers_lock_path,
+                f"{self.path} is being read by another p2pbackup process "
+                "(a restore, status or check); try again once it is done",
+            ),
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Hold the storage server's lock: one ``serve`` per home at a time.
+
+        Apart from :meth:`locked`, so that backups run while the home serves.
+        """
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with exclusive_lock(self.serve_lock_path, f"{self.path} is already serving"):
+            yield
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, busy: str) -> Iterator[None]:
+    """Hold an flock on ``path``; if another process holds it, fail with ``busy``
+    and the holder's pid (which the holder writes into the file)."""
+    with _flock(path, fcntl.LOCK_EX, busy):
+        yield
+
+
+@contextlib.contextmanager
+def shared_lock(path: Path, busy: str) -> Iterator[None]:
+    """Hold a shared flock on ``path`` (other shared holders welcome); if a
+    process holds it exclusively, fail with ``busy`` and that one's pid."""
+    with _flock(path, fcntl.LOCK_SH, busy):
+        yield
+
+
+@contextlib.contextmanager
+def _flock(path: Path, operation: int, busy: str) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RepositoryLockedError(f"{busy} (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

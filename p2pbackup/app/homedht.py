@@ -1,0 +1,116 @@
+"""The home's side of discovery: what the DHT layer needs from a home's index.
+
+Nouns:
+
+* **remembered** — :class:`~p2pbackup.dht.discovery.Remembered` for a home: its
+  node id and the neighbours its node saved (None before ``init``).
+* **home friends** — the friends in the home's index, as
+  :class:`~p2pbackup.dht.discovery.FriendContact`, read afresh at every call so a
+  friend added while the node runs is followed from the next refresh.
+* **root holders** — where the home's root pointer says its root record is
+  kept: its storage nodes' addresses, friends first.
+* **locator** — a :data:`~p2pbackup.stores.remote.Locator` that finds a node that
+  moved by asking the DHT.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from p2pbackup.app.home import Home
+from p2pbackup.dht import adapter as dht
+from p2pbackup.dht import records
+from p2pbackup.dht.discovery import SERVING_NODE, FriendContact, Remembered, lookup_contact
+from p2pbackup.engine.index import Index
+from p2pbackup.errors import P2PBackupError
+from p2pbackup.model import PEER_KIND_NODE
+from p2pbackup.net.network import Address, Network
+
+log = logging.getLogger(__name__)
+
+
+def remembered(home: Home) -> Remembered | None:
+    """What ``home`` remembers of the DHT; None for a home not initialised."""
+    if not home.exists():
+        return None
+    return Remembered(home.node_id(), home.dht_state_path)
+
+
+def home_friends(home: Home) -> list[FriendContact]:
+    """The home's friends as discovery needs them (read afresh each time, so
+    a friend added while the node runs is followed from the next refresh)."""
+    try:
+        index = Index(home.index_path)
+    except P2PBackupError as error:
+        log.warning("cannot read the friend list: %s", error)
+        return []
+    try:
+        friends = index.friends()
+    finally:
+        index.close()
+    contacts = []
+    for friend in friends:
+        addresses = []
+        for text in friend.addresses:
+            try:
+                addresses.append(Address.parse(text, allow_port_zero=False))
+            except P2PBackupError:
+                log.warning("friend %s has an unusable address %r", friend.node_id.hex(), text)
+        contacts.append(FriendContact(friend.node_id, tuple(addresses)))
+    return contacts
+
+
+def home_root_holders(home: Home) -> list[records.RecordAddress]:
+    """Where the home's root record is kept, as its root pointer says: the
+    addresses of its storage nodes (every peer gets the root record), friends
+    first (they also keep the pointer alive); addresses that cannot go into
+    a record (a wildcard, a malformed one) are left out."""
+    try:
+        index = Index(home.index_path)
+    except P2PBackupError as error:
+        log.warning("cannot read the peer list: %s", error)
+        return []
+    try:
+        peers = index.peers()
+        friends = {friend.node_id.hex() for friend in index.friends()}
+    finally:
+        index.close()
+    holders: list[records.RecordAddress] = []
+    for peer in sorted(peers, key=lambda p: p.peer_id not in friends):
+        if peer.kind != PEER_KIND_NODE:
+            continue
+        try:
+            address = Address.parse(peer.location, allow_port_zero=False)
+            if dht.is_wildcard(address.host):
+                continue
+            holder = records.RecordAddress.from_host_port(address.host, address.port)
+        except P2PBackupError:
+            continue
+        if holder not in holders:
+            holders.append(holder)
+    return holders[: records.MAX_ADDRESSES]
+
+
+def dht_locator(home: Home, network: Network) -> Callable[[bytes], Awaitable[list[Address]]]:
+    """A :data:`~p2pbackup.stores.remote.Locator` that asks the DHT: through the
+    serving node (:data:`SERVING_NODE`) when there is one, else with a
+    read-only lookup per node; each answer remembered for the life of the
+    locator."""
+    found: dict[bytes, list[Address]] = {}
+
+    async def locate(node_id: bytes) -> list[Address]:
+        if node_id not in found:
+            serving = SERVING_NODE.get()
+            if serving is not None:
+                record = await serving.find_contact(node_id)
+            else:
+                record = await lookup_contact(
+                    remembered(home), node_id, network=network, friends=home_friends(home)
+                )
+            found[node_id] = (
+                [] if record is None else [Address(a.host, a.port) for a in record.addresses]
+            )
+        return found[node_id]
+
+    return locate

@@ -1,0 +1,863 @@
+"""Byte layouts of every persisted or replicated structure.
+
+Nouns:
+
+* **format** — one structure's byte layout: a 4-byte **magic** naming what
+  the bytes are, a 1-byte **version**, then a **body**.
+* **binary format** — a fixed ``struct`` layout (the shard header, which a
+  holder reads without any library beyond ``struct``) or a length-prefixed
+  layout (the signed envelope).
+* **msgpack format** — the body is one msgpack array holding the model
+  class's fields in declaration order; nested classes are nested arrays, enums
+  are their integer values, ``None`` is nil, names and ids are bin, text is
+  str. Every msgpack format is **canonical**: encoding is deterministic (blob
+  ids are hashes of these bytes) and a decoder accepts only the exact bytes its
+  encoder would produce for the value it returns.
+* **limit** — a bound on a size or count (the ``MAX_*`` constants below), so
+  that hostile bytes can neither make a reader allocate absurd memory nor slip
+  nonsense into the index.
+
+Magics: ``P2PS`` shard header, ``P2PP`` pack header, ``P2PT`` tree, ``P2PN``
+snapshot, ``P2PI`` index segment, ``P2PR`` root record, ``P2PE`` signed
+envelope.
+
+Decoders raise :class:`~p2pbackup.errors.FormatError`, and nothing else, on
+any input, with a message that starts with the format's name ("tree: unknown
+version 7"). Encoders refuse, with the same errors, any value their decoder
+would reject, so nothing unreadable is ever written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
+
+import attrs
+import msgpack
+
+from p2pbackup.core.keys import node_id_for
+from p2pbackup.errors import FormatError
+from p2pbackup.model import (
+    ID_SIZE,
+    NODE_ID_SIZE,
+    BlobEntry,
+    BlobType,
+    FriendRecord,
+    IndexSegment,
+    NodeKind,
+    PackHeader,
+    PackRecord,
+    PeerRecord,
+    RepositoryConfig,
+    RootRecord,
+    ShardHeader,
+    ShardLocation,
+    Snapshot,
+    Tree,
+    TreeNode,
+)
+
+Buffer = bytes | bytearray | memoryview
+_T = TypeVar("_T")
+_E = TypeVar("_E", BlobType, NodeKind)
+
+# --- Limits -----------------------------------------------------------------
+
+#: Integers are stored in SQLite, whose integers are signed 64-bit.
+MAX_UINT = (1 << 63) - 1
+MIN_INT = -(1 << 63)
+#: uid, gid and mode are 32-bit on every platform we back up.
+MAX_U32 = (1 << 32) - 1
+#: Largest pack (and so largest erasure-coded unit).
+MAX_PACK_SIZE = 1 << 30
+#: GF(2^8) Reed-Solomon: at most 255 shards per pack.
+MAX_SHARDS = 255
+#: Merkle block sizes allowed in shard headers and records (powers of two).
+MIN_BLOCK_SIZE = 512
+MAX_BLOCK_SIZE = 1 << 20
+#: Largest plaintext of one blob (compression lets it exceed its sealed length).
+MAX_BLOB_RAW_LENGTH = 1 << 32
+#: Largest content-defined chunk a repository may be configured for.
+MAX_CHUNK_SIZE = 64 << 20
+#: One path component; names longer than this are refused.
+MAX_NAME_LENGTH = 4096
+#: A symlink target (Linux PATH_MAX).
+MAX_LINK_TARGET_LENGTH = 4096
+#: One backed-up path named in a snapshot.
+MAX_PATH_LENGTH = 65536
+#: Host names, peer ids, peer kinds and locations.
+MAX_TEXT_LENGTH = 4096
+#: One snapshot tag.
+MAX_TAG_LENGTH = 256
+#: Entries in one directory.
+MAX_TREE_NODES = 1 << 20
+#: Chunks of one file (16 TiB at a 1 MiB average chunk).
+MAX_FILE_CHUNKS = 1 << 24
+#: Blobs in one pack.
+MAX_PACK_BLOBS = 1 << 20
+#: Shard locations of one pack (repair may list an index on several peers).
+MAX_SHARD_LOCATIONS = 4 * MAX_SHARDS
+#: Pack records in one index segment.
+MAX_SEGMENT_PACKS = 1 << 20
+#: Paths and tags of one snapshot.
+MAX_SNAPSHOT_PATHS = 1 << 16
+MAX_SNAPSHOT_TAGS = 1024
+#: Peers, index packs and snapshots named by one root record.
+MAX_PEERS = 4096
+#: Addresses kept per friend (the invite's, and ones found since).
+MAX_FRIEND_ADDRESSES = 8
+MAX_ROOT_INDEX_PACKS = 1 << 16
+MAX_ROOT_SNAPSHOTS = 1 << 16
+#: Payload of one signed envelope.
+MAX_ENVELOPE_PAYLOAD = 64 << 20
+
+# --- Magics and versions ----------------------------------------------------
+
+SHARD_HEADER_MAGIC = b"P2PS"
+PACK_HEADER_MAGIC = b"P2PP"
+TREE_MAGIC = b"P2PT"
+SNAPSHOT_MAGIC = b"P2PN"
+INDEX_SEGMENT_MAGIC = b"P2PI"
+ROOT_RECORD_MAGIC = b"P2PR"
+ENVELOPE_MAGIC = b"P2PE"
+#: The only version every format has so far.
+FORMAT_VERSION = 1
+
+_MAGIC_NAMES = {
+    SHARD_HEADER_MAGIC: "shard header",
+    PACK_HEADER_MAGIC: "pack header",
+    TREE_MAGIC: "tree",
+    SNAPSHOT_MAGIC: "snapshot",
+    INDEX_SEGMENT_MAGIC: "index segment",
+    ROOT_RECORD_MAGIC: "root record",
+    ENVELOPE_MAGIC: "signed envelope",
+}
+_PREFIX_SIZE = 5
+
+# --- Errors and prefix ------------------------------------------------------
+
+
+def _fail(what: str, problem: str) -> NoReturn:
+    raise FormatError(f"{what}: {problem}")
+
+
+def _check_prefix(what: str, data: bytes, magic: bytes, minimum: int) -> None:
+    """Magic, then version, then length: the order in which a reader cares."""
+    if len(data) >= 4 and data[:4] != magic:
+        got = data[:4]
+        known = _MAGIC_NAMES.get(got)
+        hint = f" (that is a {known})" if known else ""
+        _fail(what, f"bad magic {got!r}, expected {magic!r}{hint}")
+    if len(data) >= _PREFIX_SIZE and data[4] != FORMAT_VERSION:
+        _fail(what, f"unknown version {data[4]}")
+    if len(data) < minimum:
+        _fail(what, f"truncated (got {len(data)} of {minimum} bytes)")
+
+
+# --- Shard header (fixed binary layout) -------------------------------------
+
+# magic, version, index, k, n, pack_size, shard_size, block_size, reserved,
+# pack_id. Big-endian, no implicit padding.
+_SHARD_HEADER = struct.Struct(">4sBBBBQQI4s32s")
+#: Bytes in front of every stored shard's data.
+SHARD_HEADER_SIZE = _SHARD_HEADER.size
+_RESERVED = bytes(4)
+
+
+def encode_shard_header(header: ShardHeader) -> bytes:
+    what = "shard header"
+    # struct would silently pad a short id with zeros or cut a long one.
+    _id(header.pack_id, f"{what}: pack id")
+    try:
+        data = _SHARD_HEADER.pack(
+            SHARD_HEADER_MAGIC,
+            FORMAT_VERSION,
+            header.index,
+            header.k,
+            header.n,
+            header.pack_size,
+            header.shard_size,
+            header.block_size,
+            _RESERVED,
+            header.pack_id,
+        )
+    except struct.error as exc:
+        _fail(what, f"cannot encode ({exc})")
+    return _checked(data, decode_shard_header)
+
+
+def decode_shard_header(buf: Buffer) -> ShardHeader:
+    """Header from the first :data:`SHARD_HEADER_SIZE` bytes of ``buf``."""
+    what = "shard header"
+    data = bytes(memoryview(buf)[:SHARD_HEADER_SIZE])
+    _check_prefix(what, data, SHARD_HEADER_MAGIC, SHARD_HEADER_SIZE)
+    (_, _, index, k, n, pack_size, shard_size, block_size, reserved, pack_id) = (
+        _SHARD_HEADER.unpack(data)
+    )
+    if reserved != _RESERVED:
+        _fail(what, "reserved bytes are not zero")
+    _check_geometry(what, size=pack_size, k=k, n=n, shard_size=shard_size, block_size=block_size)
+    _check_shard_index(what, index, n)
+    return ShardHeader(
+        pack_id=pack_id,
+        index=index,
+        k=k,
+        n=n,
+        pack_size=pack_size,
+        shard_size=shard_size,
+        block_size=block_size,
+    )
+
+
+# --- Shard ids --------------------------------------------------------------
+
+_SHARD_ID_PERSON = b"p2pb-shard-id"
+
+
+def shard_id(pack_id: bytes, index: int) -> bytes:
+    """The 32-byte id under which shard ``index`` of a pack is stored on a peer.
+
+    A hash rather than ``pack_id + index`` gives every store one fixed-size
+    key, and the personalisation keeps it from ever equalling a pack, blob or
+    tree id (a holder must not be able to pass off one object as another).
+    """
+    if len(pack_id) != ID_SIZE:
+        raise ValueError(f"pack id must be {ID_SIZE} bytes, got {len(pack_id)}")
+    if not 0 <= index < MAX_SHARDS:
+        raise ValueError(f"shard index must be in [0, {MAX_SHARDS - 1}], got {index}")
+    hasher = hashlib.blake2b(digest_size=ID_SIZE, person=_SHARD_ID_PERSON)
+    hasher.update(pack_id)
+    hasher.update(bytes([index]))
+    return hasher.digest()
+
+
+def shard_id_hex(pack_id: bytes, index: int) -> str:
+    return shard_id(pack_id, index).hex()
+
+
+def parse_id_hex(text: str, *, what: str = "id") -> bytes:
+    """A 32-byte id from its 64 lowercase hex digits (as file names carry it)."""
+    if len(text) != 2 * ID_SIZE or text != text.lower():
+        _fail(what, f"expected {2 * ID_SIZE} lowercase hex digits, got {text[:80]!r}")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        _fail(what, f"not hexadecimal: {text[:80]!r}")
+
+
+# --- Signed envelope (length-prefixed binary layout) ------------------------
+
+#: Ed25519 sizes.
+PUBLIC_KEY_SIZE = 32
+SIGNATURE_SIZE = 64
+#: Envelope kind of a root record replicated to peers.
+ENVELOPE_KIND_ROOT = b"ROOT"
+
+# magic, version, kind, signer public key, payload length; then the payload,
+# then the signature.
+_ENVELOPE_HEAD = struct.Struct(">4sB4s32sI")
+_ENVELOPE_DOMAIN = b"p2pbackup signed envelope\x00"
+
+
+@attrs.frozen
+class SignedEnvelope:
+    """A payload, the kind of thing it is, who signed it and the signature."""
+
+    kind: bytes
+    signer_public_key: bytes
+    payload: bytes
+    signature: bytes
+
+    def signed_bytes(self) -> bytes:
+        return envelope_signed_bytes(self.kind, self.signer_public_key, self.payload)
+
+
+def envelope_signed_bytes(kind: bytes, signer_public_key: bytes, payload: bytes) -> bytes:
+    """Exactly the bytes the signer signs.
+
+    A domain prefix keeps an envelope signature from ever verifying as a
+    signature over some other message the same key signs (DHT records, RPCs);
+    the head binds kind, key, version and length along with the payload.
+    """
+    return _ENVELOPE_DOMAIN + _envelope_head(kind, signer_public_key, payload) + payload
+
+
+def encode_signed_envelope(
+    kind: bytes, signer_public_key: bytes, payload: bytes, signature: bytes
+) -> bytes:
+    head = _envelope_head(kind, signer_public_key, payload)
+    if len(signature) != SIGNATURE_SIZE:
+        _fail("signed envelope", f"signature must be {SIGNATURE_SIZE} bytes, got {len(signature)}")
+    return head + bytes(payload) + bytes(signature)
+
+
+def decode_signed_envelope(data: Buffer) -> SignedEnvelope:
+    what = "signed envelope"
+    raw = bytes(data)
+    _check_prefix(what, raw, ENVELOPE_MAGIC, _ENVELOPE_HEAD.size + SIGNATURE_SIZE)
+    _, _, kind, key, length = _ENVELOPE_HEAD.unpack_from(raw)
+    if length > MAX_ENVELOPE_PAYLOAD:
+        _fail(what, f"payload of {length} bytes exceeds the limit of {MAX_ENVELOPE_PAYLOAD}")
+    expected = _ENVELOPE_HEAD.size + length + SIGNATURE_SIZE
+    if len(raw) < expected:
+        _fail(what, f"truncated (got {len(raw)} of {expected} bytes)")
+    if len(raw) > expected:
+        _fail(what, f"{len(raw) - expected} trailing bytes")
+    start = _ENVELOPE_HEAD.size
+    return SignedEnvelope(
+        kind=kind,
+        signer_public_key=key,
+        payload=raw[start : start + length],
+        signature=raw[start + length :],
+    )
+
+
+def _envelope_head(kind: bytes, signer_public_key: bytes, payload: bytes) -> bytes:
+    what = "signed envelope"
+    if len(kind) != 4:
+        _fail(what, f"kind must be 4 bytes, got {len(kind)}")
+    if len(signer_public_key) != PUBLIC_KEY_SIZE:
+        _fail(what, f"public key must be {PUBLIC_KEY_SIZE} bytes, got {len(signer_public_key)}")
+    if len(payload) > MAX_ENVELOPE_PAYLOAD:
+        _fail(what, f"payload of {len(payload)} bytes exceeds the limit of {MAX_ENVELOPE_PAYLOAD}")
+    return _ENVELOPE_HEAD.pack(
+        ENVELOPE_MAGIC, FORMAT_VERSION, bytes(kind), bytes(signer_public_key), len(payload)
+    )
+
+
+# --- msgpack plumbing -------------------------------------------------------
+
+
+def _checked(data: bytes, decode: Callable[[bytes], object]) -> bytes:
+    """Encoded bytes, after proving that the decoder accepts them."""
+    decode(data)
+    return data
+
+
+def _seal(what: str, magic: bytes, body: object) -> bytes:
+    try:
+        packed = msgpack.packb(body, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        _fail(what, f"cannot encode ({exc})")
+    assert isinstance(packed, bytes)
+    return magic + bytes([FORMAT_VERSION]) + packed
+
+
+def _open(what: str, data: Buffer, magic: bytes, build: Callable[[object, str], _T]) -> _T:
+    """Check the prefix, unpack the body with limits, build and check canonical form."""
+    raw = bytes(data)
+    _check_prefix(what, raw, magic, _PREFIX_SIZE)
+    body = raw[_PREFIX_SIZE:]
+    unpacked = _unpack(what, body)
+    value = build(unpacked, what)
+    # Any encoding of the same msgpack value other than ours (a wider int, a
+    # str8 where fixstr fits) would give one value two blob ids.
+    if msgpack.packb(unpacked, use_bin_type=True) != body:
+        _fail(what, "body is not in canonical encoding")
+    return value
+
+
+def _unpack(what: str, body: bytes) -> object:
+    # No container or string can hold more items than the body has bytes, so
+    # bounding every length by the body's size stops a 5-byte header from
+    # claiming a 4-billion-item array.
+    limit = len(body)
+    unpacker = msgpack.Unpacker(
+        None,
+        max_buffer_size=max(1, limit),
+        use_list=False,
+        raw=False,
+        strict_map_key=True,
+        max_bin_len=limit,
+        max_str_len=limit,
+        max_array_len=limit,
+        max_map_len=0,
+        max_ext_len=0,
+    )
+    unpacker.feed(body)
+    try:
+        value: object = unpacker.unpack()
+    except msgpack.OutOfData:
+        _fail(what, "truncated body")
+    # Hostile bytes can make the unpacker fail in many ways (bad UTF-8, a
+    # reserved type byte, nesting too deep, a map key type); all of them are
+    # one thing to the caller: a body that does not parse.
+    except Exception as exc:
+        _fail(what, f"malformed body ({type(exc).__name__}: {exc})")
+    trailing = len(body) - unpacker.tell()
+    if trailing:
+        _fail(what, f"{trailing} trailing bytes after the body")
+    return value
+
+
+# What msgpack calls the Python types the unpacker produces, for messages.
+_MSGPACK_TYPE_NAMES: dict[type, str] = {
+    bytes: "bytes",
+    str: "string",
+    tuple: "array",
+    list: "array",
+    dict: "map",
+    bool: "boolean",
+    int: "integer",
+    float: "float",
+    type(None): "nil",
+}
+
+
+def msgpack_kind(value: object) -> str:
+    """What msgpack calls the type of an unpacked ``value`` ("integer", "array"…),
+    for error messages about structures that came off a disk or the wire."""
+    return _MSGPACK_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _array(value: object, what: str, *, max_length: int) -> tuple[object, ...]:
+    if not isinstance(value, tuple):
+        _fail(what, f"expected an array, got {msgpack_kind(value)}")
+    if len(value) > max_length:
+        _fail(what, f"{len(value)} items exceed the limit of {max_length}")
+    return value
+
+
+def _fields(value: object, what: str, count: int) -> tuple[object, ...]:
+    fields = _array(value, what, max_length=MAX_UINT)
+    if len(fields) != count:
+        _fail(what, f"expected {count} fields, got {len(fields)}")
+    return fields
+
+
+def _items(
+    value: object, what: str, build: Callable[[object, str], _T], *, max_length: int
+) -> tuple[_T, ...]:
+    return tuple(
+        build(item, f"{what} {i}")
+        for i, item in enumerate(_array(value, what, max_length=max_length))
+    )
+
+
+def _int(value: object, what: str, *, low: int = 0, high: int = MAX_UINT) -> int:
+    # bool is an int subclass in Python but a distinct msgpack type.
+    if type(value) is not int:
+        _fail(what, f"expected an integer, got {msgpack_kind(value)}")
+    if not low <= value <= high:
+        _fail(what, f"{value} is out of range [{low}, {high}]")
+    return value
+
+
+def _bytes(value: object, what: str, *, min_length: int = 0, max_length: int) -> bytes:
+    if type(value) is not bytes:
+        _fail(what, f"expected bytes, got {msgpack_kind(value)}")
+    if not min_length <= len(value) <= max_length:
+        _fail(what, f"length {len(value)} is out of range [{min_length}, {max_length}]")
+    return value
+
+
+def _id(value: object, what: str) -> bytes:
+    if type(value) is not bytes:
+        _fail(what, f"expected a {ID_SIZE}-byte id, got {msgpack_kind(value)}")
+    if len(value) != ID_SIZE:
+        _fail(what, f"expected a {ID_SIZE}-byte id, got {len(value)} bytes")
+    return value
+
+
+def _text(value: object, what: str, *, min_length: int = 0, max_length: int) -> str:
+    if type(value) is not str:
+        _fail(what, f"expected a string, got {msgpack_kind(value)}")
+    if not min_length <= len(value) <= max_length:
+        _fail(what, f"length {len(value)} is out of range [{min_length}, {max_length}]")
+    return value
+
+
+def _optional(value: object, what: str, build: Callable[[object, str], _T]) -> _T | None:
+    return None if value is None else build(value, what)
+
+
+def _no_nul(value: bytes, what: str) -> bytes:
+    if b"\x00" in value:
+        _fail(what, "contains a NUL byte")
+    return value
+
+
+# --- Shared semantic checks -------------------------------------------------
+
+
+def _check_code(what: str, k: int, n: int) -> None:
+    if not 1 <= k < n <= MAX_SHARDS:
+        _fail(what, f"erasure code k={k}, n={n} is not 1 <= k < n <= {MAX_SHARDS}")
+
+
+def _check_shard_index(what: str, index: int, n: int) -> None:
+    if not 0 <= index < n:
+        _fail(what, f"shard index {index} is not below n={n}")
+
+
+def _check_block_size(what: str, block_size: int) -> None:
+    power_of_two = block_size & (block_size - 1) == 0
+    if not (MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and power_of_two):
+        _fail(
+            what,
+            f"block size {block_size} is not a power of two in "
+            f"[{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]",
+        )
+
+
+def _check_geometry(
+    what: str, *, size: int, k: int, n: int, shard_size: int, block_size: int
+) -> None:
+    """Code parameters, pack size and shard size that the erasure code agrees with."""
+    _check_code(what, k, n)
+    if size > MAX_PACK_SIZE:
+        _fail(what, f"pack size {size} exceeds the limit of {MAX_PACK_SIZE}")
+    # erasure pads a pack to k * ceil(size / k) before splitting it.
+    expected = -(-size // k)
+    if shard_size != expected:
+        _fail(
+            what,
+            f"shard size {shard_size} does not fit pack size {size} with k={k} "
+            f"(expected {expected})",
+        )
+    _check_block_size(what, block_size)
+
+
+def _check_name(value: object, what: str) -> bytes:
+    """A directory entry name that cannot lead a restore outside its target."""
+    name = _bytes(value, what, min_length=1, max_length=MAX_NAME_LENGTH)
+    if name in (b".", b".."):
+        _fail(what, f"{name!r} is not allowed")
+    if b"/" in name:
+        _fail(what, f"{name!r} contains '/'")
+    return _no_nul(name, what)
+
+
+# --- Blob entries and pack headers -------------------------------------------
+
+
+def _blob_entry_body(entry: BlobEntry) -> tuple[object, ...]:
+    return (int(entry.type), entry.blob_id, entry.offset, entry.length, entry.raw_length)
+
+
+def _blob_entry(value: object, what: str, *, pack_size: int = MAX_PACK_SIZE) -> BlobEntry:
+    type_, blob_id, offset, length, raw_length = _fields(value, what, 5)
+    entry = BlobEntry(
+        type=_enum(BlobType, type_, f"{what}: type"),
+        blob_id=_id(blob_id, f"{what}: blob id"),
+        offset=_int(offset, f"{what}: offset", high=MAX_PACK_SIZE),
+        length=_int(length, f"{what}: length", high=MAX_PACK_SIZE),
+        raw_length=_int(raw_length, f"{what}: raw length", high=MAX_BLOB_RAW_LENGTH),
+    )
+    if entry.offset + entry.length > pack_size:
+        _fail(what, f"bytes {entry.offset}+{entry.length} run past the pack's {pack_size}")
+    return entry
+
+
+def _enum(enum_type: type[_E], value: object, what: str) -> _E:
+    number = _int(value, what, high=255)
+    try:
+        return enum_type(number)
+    except ValueError:
+        _fail(what, f"unknown {enum_type.__name__} {number}")
+
+
+def encode_pack_header(header: PackHeader) -> bytes:
+    body = (tuple(_blob_entry_body(e) for e in header.entries),)
+    return _checked(_seal("pack header", PACK_HEADER_MAGIC, body), decode_pack_header)
+
+
+def decode_pack_header(data: Buffer) -> PackHeader:
+    return _open("pack header", data, PACK_HEADER_MAGIC, _pack_header)
+
+
+def _pack_header(value: object, what: str) -> PackHeader:
+    (entries,) = _fields(value, what, 1)
+    return PackHeader(
+        entries=_items(entries, f"{what}: entry", _blob_entry, max_length=MAX_PACK_BLOBS)
+    )
+
+
+# --- Trees ------------------------------------------------------------------
+
+
+def _tree_node_body(node: TreeNode) -> tuple[object, ...]:
+    return (
+        node.name,
+        int(node.kind),
+        node.mode,
+        node.mtime_ns,
+        node.size,
+        tuple(node.content),
+        node.subtree,
+        node.link_target,
+        node.uid,
+        node.gid,
+        node.hardlink_group,
+    )
+
+
+def _tree_node(value: object, what: str) -> TreeNode:
+    fields = _fields(value, what, 11)
+    name = _check_name(fields[0], f"{what}: name")
+    # Name the node by its (printable) name from here on: easier to find.
+    what = f"{what} ({name[:80]!r})"
+    node = TreeNode(
+        name=name,
+        kind=_enum(NodeKind, fields[1], f"{what}: kind"),
+        mode=_int(fields[2], f"{what}: mode", high=MAX_U32),
+        mtime_ns=_int(fields[3], f"{what}: mtime", low=MIN_INT),
+        size=_int(fields[4], f"{what}: size"),
+        content=_items(fields[5], f"{what}: chunk", _id, max_length=MAX_FILE_CHUNKS),
+        subtree=_optional(fields[6], f"{what}: subtree", _id),
+        link_target=_optional(fields[7], f"{what}: link target", _link_target),
+        uid=_int(fields[8], f"{what}: uid", high=MAX_U32),
+        gid=_int(fields[9], f"{what}: gid", high=MAX_U32),
+        hardlink_group=_int(fields[10], f"{what}: hardlink group"),
+    )
+    _check_node_kind(what, node)
+    return node
+
+
+def _link_target(value: object, what: str) -> bytes:
+    target = _bytes(value, what, min_length=1, max_length=MAX_LINK_TARGET_LENGTH)
+    return _no_nul(target, what)
+
+
+def _check_node_kind(what: str, node: TreeNode) -> None:
+    kind = node.kind.name.lower()
+    if node.kind is not NodeKind.FILE and node.content:
+        _fail(what, f"a {kind} has no content chunks")
+    if (node.kind is NodeKind.DIR) != (node.subtree is not None):
+        _fail(what, "a directory, and only a directory, has a subtree")
+    if (node.kind is NodeKind.SYMLINK) != (node.link_target is not None):
+        _fail(what, "a symlink, and only a symlink, has a link target")
+
+
+def encode_tree(tree: Tree) -> bytes:
+    body = (tuple(_tree_node_body(node) for node in tree.nodes),)
+    return _checked(_seal("tree", TREE_MAGIC, body), decode_tree)
+
+
+def decode_tree(data: Buffer) -> Tree:
+    return _open("tree", data, TREE_MAGIC, _tree)
+
+
+def _tree(value: object, what: str) -> Tree:
+    (nodes,) = _fields(value, what, 1)
+    tree = Tree(nodes=_items(nodes, f"{what}: node", _tree_node, max_length=MAX_TREE_NODES))
+    for previous, node in zip(tree.nodes, tree.nodes[1:], strict=False):
+        if node.name <= previous.name:
+            problem = "duplicated" if node.name == previous.name else "out of order"
+            _fail(what, f"name {node.name[:80]!r} is {problem}")
+    return tree
+
+
+# --- Snapshots --------------------------------------------------------------
+
+
+def encode_snapshot(snapshot: Snapshot) -> bytes:
+    body = (
+        snapshot.time_ns,
+        snapshot.hostname,
+        tuple(snapshot.paths),
+        tuple(snapshot.tags),
+        snapshot.tree,
+        snapshot.file_count,
+        snapshot.total_size,
+    )
+    return _checked(_seal("snapshot", SNAPSHOT_MAGIC, body), decode_snapshot)
+
+
+def decode_snapshot(data: Buffer) -> Snapshot:
+    return _open("snapshot", data, SNAPSHOT_MAGIC, _snapshot)
+
+
+def _snapshot(value: object, what: str) -> Snapshot:
+    time_ns, hostname, paths, tags, tree, file_count, total_size = _fields(value, what, 7)
+    return Snapshot(
+        time_ns=_int(time_ns, f"{what}: time"),
+        hostname=_text(hostname, f"{what}: hostname", max_length=MAX_TEXT_LENGTH),
+        paths=_items(paths, f"{what}: path", _snapshot_path, max_length=MAX_SNAPSHOT_PATHS),
+        tags=_items(tags, f"{what}: tag", _tag, max_length=MAX_SNAPSHOT_TAGS),
+        tree=_id(tree, f"{what}: tree"),
+        file_count=_int(file_count, f"{what}: file count"),
+        total_size=_int(total_size, f"{what}: total size"),
+    )
+
+
+def _snapshot_path(value: object, what: str) -> bytes:
+    return _no_nul(_bytes(value, what, min_length=1, max_length=MAX_PATH_LENGTH), what)
+
+
+def _tag(value: object, what: str) -> str:
+    return _text(value, what, min_length=1, max_length=MAX_TAG_LENGTH)
+
+
+# --- Pack records and index segments ----------------------------------------
+
+
+def _pack_record_body(record: PackRecord) -> tuple[object, ...]:
+    return (
+        record.pack_id,
+        record.size,
+        record.k,
+        record.n,
+        record.shard_size,
+        record.block_size,
+        tuple((s.index, s.peer_id, s.merkle_root) for s in record.shards),
+        tuple(_blob_entry_body(b) for b in record.blobs),
+    )
+
+
+def _pack_record(value: object, what: str) -> PackRecord:
+    fields = _fields(value, what, 8)
+    pack_id = _id(fields[0], f"{what}: pack id")
+    what = f"{what} ({pack_id.hex()[:16]})"
+    size = _int(fields[1], f"{what}: size", high=MAX_PACK_SIZE)
+    k = _int(fields[2], f"{what}: k", high=MAX_SHARDS)
+    n = _int(fields[3], f"{what}: n", high=MAX_SHARDS)
+    shard_size = _int(fields[4], f"{what}: shard size", high=MAX_PACK_SIZE)
+    block_size = _int(fields[5], f"{what}: block size", high=MAX_BLOCK_SIZE)
+    _check_geometry(what, size=size, k=k, n=n, shard_size=shard_size, block_size=block_size)
+
+    def location(item: object, where: str) -> ShardLocation:
+        return _shard_location(item, where, n=n)
+
+    def blob(item: object, where: str) -> BlobEntry:
+        return _blob_entry(item, where, pack_size=size)
+
+    return PackRecord(
+        pack_id=pack_id,
+        size=size,
+        k=k,
+        n=n,
+        shard_size=shard_size,
+        block_size=block_size,
+        shards=_items(fields[6], f"{what}: shard", location, max_length=MAX_SHARD_LOCATIONS),
+        blobs=_items(fields[7], f"{what}: blob", blob, max_length=MAX_PACK_BLOBS),
+    )
+
+
+def _shard_location(value: object, what: str, *, n: int) -> ShardLocation:
+    index, peer_id, merkle_root = _fields(value, what, 3)
+    location = ShardLocation(
+        index=_int(index, f"{what}: index", high=MAX_SHARDS - 1),
+        peer_id=_text(peer_id, f"{what}: peer id", min_length=1, max_length=MAX_TEXT_LENGTH),
+        merkle_root=_id(merkle_root, f"{what}: Merkle root"),
+    )
+    _check_shard_index(what, location.index, n)
+    return location
+
+
+def encode_index_segment(segment: IndexSegment) -> bytes:
+    body = (tuple(_pack_record_body(p) for p in segment.packs),)
+    return _checked(_seal("index segment", INDEX_SEGMENT_MAGIC, body), decode_index_segment)
+
+
+def decode_index_segment(data: Buffer) -> IndexSegment:
+    return _open("index segment", data, INDEX_SEGMENT_MAGIC, _index_segment)
+
+
+def _index_segment(value: object, what: str) -> IndexSegment:
+    (packs,) = _fields(value, what, 1)
+    return IndexSegment(
+        packs=_items(packs, f"{what}: pack", _pack_record, max_length=MAX_SEGMENT_PACKS)
+    )
+
+
+# --- Root records -----------------------------------------------------------
+
+
+def encode_root_record(record: RootRecord) -> bytes:
+    config = record.config
+    body = (
+        record.sequence,
+        record.time_ns,
+        (
+            config.k,
+            config.n,
+            config.pack_size,
+            config.chunk_min,
+            config.chunk_avg,
+            config.chunk_max,
+            config.block_size,
+        ),
+        tuple((p.peer_id, p.kind, p.location) for p in record.peers),
+        tuple(_pack_record_body(p) for p in record.index_packs),
+        tuple(record.snapshots),
+        tuple((f.node_id, f.public_key, f.addresses, f.added_at) for f in record.friends),
+    )
+    return _checked(_seal("root record", ROOT_RECORD_MAGIC, body), decode_root_record)
+
+
+def decode_root_record(data: Buffer) -> RootRecord:
+    return _open("root record", data, ROOT_RECORD_MAGIC, _root_record)
+
+
+def _root_record(value: object, what: str) -> RootRecord:
+    # Six fields: written before friends were part of the record; none then.
+    fields = _array(value, what, max_length=MAX_UINT)
+    if len(fields) == 6:
+        fields = (*fields, ())
+    sequence, time_ns, config, peers, index_packs, snapshots, friends = _fields(fields, what, 7)
+    return RootRecord(
+        sequence=_int(sequence, f"{what}: sequence"),
+        time_ns=_int(time_ns, f"{what}: time"),
+        config=_config(config, f"{what}: config"),
+        peers=_items(peers, f"{what}: peer", _peer_record, max_length=MAX_PEERS),
+        index_packs=_items(
+            index_packs, f"{what}: index pack", _pack_record, max_length=MAX_ROOT_INDEX_PACKS
+        ),
+        snapshots=_items(snapshots, f"{what}: snapshot", _id, max_length=MAX_ROOT_SNAPSHOTS),
+        friends=_items(friends, f"{what}: friend", _friend_record, max_length=MAX_PEERS),
+    )
+
+
+def _friend_record(value: object, what: str) -> FriendRecord:
+    node_id, public_key, addresses, added_at = _fields(value, what, 4)
+    friend = FriendRecord(
+        node_id=_bytes(
+            node_id, f"{what}: node id", min_length=NODE_ID_SIZE, max_length=NODE_ID_SIZE
+        ),
+        public_key=_bytes(public_key, f"{what}: public key", min_length=32, max_length=32),
+        addresses=_items(
+            addresses,
+            f"{what}: address",
+            lambda v, w: _text(v, w, min_length=1, max_length=MAX_TEXT_LENGTH),
+            max_length=MAX_FRIEND_ADDRESSES,
+        ),
+        added_at=_int(added_at, f"{what}: added at"),
+    )
+    # The id is the key's hash: a record binding a key to another id is damaged.
+    if node_id_for(friend.public_key) != friend.node_id:
+        _fail(what, "node id is not the hash of its public key")
+    return friend
+
+
+def _config(value: object, what: str) -> RepositoryConfig:
+    k, n, pack_size, chunk_min, chunk_avg, chunk_max, block_size = _fields(value, what, 7)
+    config = RepositoryConfig(
+        k=_int(k, f"{what}: k", high=MAX_SHARDS),
+        n=_int(n, f"{what}: n", high=MAX_SHARDS),
+        pack_size=_int(pack_size, f"{what}: pack size", low=1, high=MAX_PACK_SIZE),
+        chunk_min=_int(chunk_min, f"{what}: chunk min", low=1, high=MAX_CHUNK_SIZE),
+        chunk_avg=_int(chunk_avg, f"{what}: chunk avg", low=1, high=MAX_CHUNK_SIZE),
+        chunk_max=_int(chunk_max, f"{what}: chunk max", low=1, high=MAX_CHUNK_SIZE),
+        block_size=_int(block_size, f"{what}: block size", high=MAX_BLOCK_SIZE),
+    )
+    _check_code(what, config.k, config.n)
+    _check_block_size(what, config.block_size)
+    if not config.chunk_min <= config.chunk_avg <= config.chunk_max:
+        _fail(
+            what,
+            f"chunk sizes {config.chunk_min}/{config.chunk_avg}/{config.chunk_max} "
+            "are not min <= avg <= max",
+        )
+    return config
+
+
+def _peer_record(value: object, what: str) -> PeerRecord:
+    peer_id, kind, location = _fields(value, what, 3)
+    return PeerRecord(
+        peer_id=_text(peer_id, f"{what}: peer id", min_length=1, max_length=MAX_TEXT_LENGTH),
+        kind=_text(kind, f"{what}: kind", min_length=1, max_length=MAX_TEXT_LENGTH),
+        location=_text(location, f"{what}: location", max_length=MAX_TEXT_LENGTH),
+    )

@@ -1,0 +1,437 @@
+"""Discovery: what a node does in the DHT, and short-lived lookups for the CLI.
+
+Nouns:
+
+* **discovery** — :class:`Discovery`, the DHT role of a running node: it joins
+  the DHT (through explicit bootstrap addresses, its friends' addresses and
+  the neighbours it remembered), publishes its contact record, and every
+  **refresh period** refreshes lonely buckets, republishes its record before
+  it expires, looks its friends up again and saves its routing state.
+* **friend** — here, only what discovery needs of one: a node id and the
+  addresses on record (:class:`FriendContact`).
+* **followed contacts** — the newest contact record found for each friend;
+  a friend that moved is found at its new address within one refresh period.
+* **root pointer** — the signed DHT record that says where this home's root
+  record is kept: the addresses of up to eight of its storage nodes (the
+  **root holders**, friends first). A node publishes it when the holders change and
+  every refresh period, for :data:`DEFAULT_ROOT_POINTER_LIFETIME`; its friends
+  store it again, unchanged, on the nodes now closest to its key, so it
+  outlives the home it points for — a house that burned down is recovered
+  with ``recover --bootstrap`` for two weeks after its node last ran.
+  :func:`lookup_root_pointer` finds it; :func:`node_at` learns who answers at
+  an address, since a pointer names addresses, not nodes.
+* **one-shot lookup** — :func:`lookup_contact`: a read-only DHT client
+  (:data:`dht.READ_ONLY_ID`, kept out of others' routing tables) on a free
+  port, for a command that needs one answer and then exits; it joins through
+  what the home **remembered** (:class:`Remembered`) besides what it is given.
+
+What a home's index says (its friends, its storage nodes) is read above this
+layer (:mod:`p2pbackup.app.homedht`) and handed in.
+
+Everything that touches the world is passed in: the network, the clock, the
+friend list, so the simulator runs the same code as ``p2pbackup serve``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Final
+
+import attrs
+import trio
+
+from p2pbackup.dht import adapter as dht
+from p2pbackup.dht import records
+from p2pbackup.errors import (
+    FormatError,
+    IntegrityError,
+    PeerUnavailableError,
+    ProtocolError,
+    UsageError,
+)
+from p2pbackup.net.network import Address, Network, TcpNetwork
+from p2pbackup.wire.session import Identity, secure_initiator
+
+log = logging.getLogger(__name__)
+
+#: How often a node refreshes, republishes and follows its friends.
+DEFAULT_REFRESH_PERIOD: Final = 3600.0
+#: How long a contact record lives: several refresh periods, so one missed
+#: republish (a reboot, a short outage) does not make the node unfindable.
+DEFAULT_CONTACT_LIFETIME: Final = 24 * 3600
+#: How long a root pointer lives after its home last published it: long
+#: enough for a user who lost their machine to get a new one, short enough
+#: that a pointer to long-gone holders does not linger (records allow 30 days).
+DEFAULT_ROOT_POINTER_LIFETIME: Final = 14 * 24 * 3600
+#: How often a running node saves its routing state.
+STATE_SAVE_PERIOD: Final = 300.0
+#: Seconds to wait for a node at a root pointer's address to finish a handshake.
+NODE_AT_TIMEOUT: Final = 10.0
+
+
+@attrs.frozen
+class FriendContact:
+    """A friend as discovery sees it: who, and where it was last known to be."""
+
+    node_id: bytes
+    addresses: tuple[Address, ...] = ()
+
+
+@attrs.frozen
+class DiscoveryOptions:
+    refresh_period: float = DEFAULT_REFRESH_PERIOD
+    contact_lifetime: int = DEFAULT_CONTACT_LIFETIME
+    #: DHT nodes to join through, besides friends and remembered neighbours.
+    bootstrap: tuple[Address, ...] = ()
+    #: Bytes of storage offered to others, published in the contact record.
+    storage_offered: int = 0
+    root_pointer_lifetime: int = DEFAULT_ROOT_POINTER_LIFETIME
+    dht: dht.DhtOptions = attrs.Factory(dht.DhtOptions)
+
+
+def _no_friends() -> list[FriendContact]:
+    return []
+
+
+def _no_holders() -> list[records.RecordAddress]:
+    return []
+
+
+class Discovery:
+    """The DHT role of one running node (see the module docstring)."""
+
+    def __init__(
+        self,
+        node: dht.DhtNode,
+        identity: Identity,
+        advertised: Sequence[records.RecordAddress],
+        *,
+        options: DiscoveryOptions = DiscoveryOptions(),
+        friends: Callable[[], Sequence[FriendContact]] = _no_friends,
+        root_holders: Callable[[], Sequence[records.RecordAddress]] = _no_holders,
+        state_path: Path | None = None,
+    ) -> None:
+        if not advertised:
+            raise UsageError("a node must publish at least one address")
+        self.node = node
+        self.identity = identity
+        self.advertised = tuple(advertised)
+        self.options = options
+        self.friends = friends
+        self.root_holders = root_holders
+        self.state_path = state_path
+        self.contact: records.ContactRecord | None = None
+        self.root_pointer: records.RootPointer | None = None
+        self._holders_may_have_changed = trio.Event()
+        #: Friend node id → the newest contact record found for it.
+        self.followed: dict[bytes, records.ContactRecord] = {}
+
+    def _join_addresses(self) -> list[Address]:
+        addresses = list(self.options.bootstrap)
+        for friend in self.friends():
+            addresses.extend(friend.addresses)
+        if self.state_path is not None:
+            saved = dht.load_routing_state(self.state_path, self.node.node_id)
+            addresses.extend(contact.address for contact in saved)
+        return addresses
+
+    async def join(self) -> int:
+        """Bootstrap; the number of contacts known afterwards."""
+        known = await self.node.bootstrap(self._join_addresses())
+        if not known:
+            log.warning("DHT: no other node answered; this node is alone for now")
+        return known
+
+    async def publish(self) -> records.ContactRecord:
+        """Sign and publish a fresh contact record (a higher sequence each time)."""
+        now = self.node.wall_clock()
+        previous = self.contact.sequence if self.contact is not None else 0
+        self.contact = records.sign_contact(
+            self.identity.signing_seed,
+            addresses=self.advertised,
+            storage_offered=self.options.storage_offered,
+            sequence=next_sequence(previous, now),
+            now=math.floor(now),
+            lifetime=self.options.contact_lifetime,
+        )
+        if not await self.node.publish(self.contact):
+            log.warning("DHT: no node took this node's contact record")
+        return self.contact
+
+    async def publish_root_pointer(self) -> records.RootPointer | None:
+        """Sign and publish a fresh root pointer to the current root holders;
+        None (and nothing published) while there are none."""
+        holders = tuple(self.root_holders())[: records.MAX_ADDRESSES]
+        if not holders:
+            return None
+        now = self.node.wall_clock()
+        previous = self.root_pointer.sequence if self.root_pointer is not None else 0
+        self.root_pointer = records.sign_root_pointer(
+            self.identity.signing_seed,
+            addresses=holders,
+            sequence=next_sequence(previous, now),
+            now=math.floor(now),
+            lifetime=self.options.root_pointer_lifetime,
+        )
+        if not await self.node.publish(self.root_pointer):
+            log.warning("DHT: no node took this node's root pointer")
+        return self.root_pointer
+
+    def root_holders_may_have_changed(self) -> None:
+        """A hint (after a command or a backup changed the peers): the root
+        pointer is published again at once if its holders changed."""
+        self._holders_may_have_changed.set()
+
+    async def _keep_root_pointer(self) -> None:
+        """Publish the root pointer now, whenever its holders change, and
+        every refresh period to push its expiry on."""
+        await self.publish_root_pointer()
+        while True:
+            changed = self._holders_may_have_changed
+            with trio.move_on_after(self.options.refresh_period) as waited:
+                await changed.wait()
+            if changed.is_set():
+                self._holders_may_have_changed = trio.Event()
+            holders = tuple(self.root_holders())[: records.MAX_ADDRESSES]
+            published = self.root_pointer.addresses if self.root_pointer is not None else ()
+            if waited.cancelled_caught or holders != published:
+                await self.publish_root_pointer()
+
+    async def follow_friends(self) -> None:
+        """Look every friend up again; remember the newest record of each.
+
+        A friend's root pointer is stored again, as it is, on the nodes now
+        closest to its key: the nodes that took it may have left, and a
+        friend whose machine is lost cannot publish it any more.
+        """
+        for friend in self.friends():
+            record = await self.node.find_contact(friend.node_id)
+            if record is not None:
+                self.followed[friend.node_id] = record
+            pointer = await self.node.lookup(records.RecordKind.ROOT, friend.node_id)
+            if pointer is not None:
+                await self.node.publish(pointer)
+
+    def save_state(self) -> None:
+        if self.state_path is not None:
+            try:
+                dht.save_routing_state(self.state_path, self.node)
+            except OSError as error:
+                log.warning("cannot save the DHT routing state to %s: %s", self.state_path, error)
+
+    async def _keep_saving_state(self) -> None:
+        """Save the routing state now and every few minutes: the CLI's
+        lookups start from it, and a node that was alone when it started
+        (the first of a network) learns its neighbours only later."""
+        while True:
+            self.save_state()
+            await trio.sleep(min(STATE_SAVE_PERIOD, self.options.refresh_period))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Join, publish, then refresh every period until cancelled. Reports
+        started at once: joining waits on addresses that may never answer."""
+        task_status.started()
+        try:
+            await self.join()
+            await self.publish()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_root_pointer)
+                nursery.start_soon(self._keep_saving_state)
+                await self.follow_friends()
+                while True:
+                    await trio.sleep(self.options.refresh_period)
+                    if not self.node.contacts():
+                        await self.join()  # everybody we knew went away: start again
+                    await self.node.refresh()
+                    await self.publish()
+                    await self.follow_friends()
+        finally:
+            self.save_state()
+
+
+def next_sequence(previous: int, now: float) -> int:
+    """A record sequence number above ``previous``: the wall clock in
+    milliseconds, so a node that lost its state (a new machine, a restart)
+    still outnumbers every record it signed before."""
+    return max(previous + 1, math.floor(now * 1000))
+
+
+def advertised_addresses(
+    listen: Address, port: int, advertise: Sequence[Address] = ()
+) -> list[records.RecordAddress]:
+    """The addresses to publish for a node listening on ``listen`` (bound to
+    ``port``): ``advertise`` if given, else the listening host, else (for a
+    wildcard) the address of the interface that routes outwards."""
+    if advertise:
+        chosen = list(advertise)
+    elif not dht.is_wildcard(listen.host):
+        chosen = [Address(listen.host, port)]
+    else:
+        chosen = [Address(_outward_address(listen.host), port)]
+    try:
+        return [records.RecordAddress.from_host_port(a.host, a.port) for a in chosen]
+    except FormatError as error:
+        raise UsageError(f"cannot publish that address: {error}") from None
+
+
+def _outward_address(wildcard: str) -> str:
+    family = socket.AF_INET6 if ":" in wildcard else socket.AF_INET
+    probe = "2001:db8::1" if family == socket.AF_INET6 else "192.0.2.1"
+    # Connecting a UDP socket sends nothing; it only asks the kernel for a route.
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect((probe, 9))
+            return str(sock.getsockname()[0])
+    except OSError:  # no route (or no IPv6 at all): only this machine is reachable
+        return "::1" if family == socket.AF_INET6 else "127.0.0.1"
+
+
+@attrs.frozen
+class Remembered:
+    """What a home remembers of the DHT between runs: its own node id and the
+    file where its node saved its neighbours (:func:`dht.save_routing_state`)."""
+
+    node_id: bytes = attrs.field(repr=bytes.hex)
+    state_path: Path
+
+
+@contextlib.asynccontextmanager
+async def read_only_client(
+    remembered: Remembered | None,
+    *,
+    bootstrap: Sequence[Address] = (),
+    friends: Sequence[FriendContact] = (),
+    network: Network | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> AsyncIterator[dht.DhtNode]:
+    """A read-only DHT client joined through ``bootstrap``, ``friends`` and
+    the neighbours the home's node last knew (``remembered``); :class:`UsageError` if there is
+    no way in, :class:`PeerUnavailableError` if nothing answers."""
+    network = network if network is not None else TcpNetwork()
+    addresses = list(bootstrap)
+    for friend in friends:
+        addresses.extend(friend.addresses)
+    if remembered is not None:
+        saved = dht.load_routing_state(remembered.state_path, remembered.node_id)
+        addresses.extend(contact.address for contact in saved)
+    if not addresses:
+        raise UsageError(
+            "no way into the DHT: pass --bootstrap HOST:PORT, add a friend, "
+            "or run `p2pbackup serve` once so the node remembers its neighbours"
+        )
+    family_any = "::" if ":" in addresses[0].host else "0.0.0.0"
+    async with dht.open_dht(network, Address(family_any, 0), wall_clock=wall_clock) as node:
+        if not await node.bootstrap(addresses):
+            raise PeerUnavailableError(
+                "no DHT node answered at " + ", ".join(str(a) for a in addresses[:5])
+            )
+        yield node
+
+
+async def lookup_contact(
+    remembered: Remembered | None,
+    node_id: bytes,
+    *,
+    bootstrap: Sequence[Address] = (),
+    network: Network | None = None,
+    friends: Sequence[FriendContact] = (),
+    wall_clock: Callable[[], float] = time.time,
+) -> records.ContactRecord | None:
+    """The newest valid contact record of ``node_id`` in the DHT, or None
+    (joined as :func:`read_only_client` joins)."""
+    async with read_only_client(
+        remembered, bootstrap=bootstrap, friends=friends, network=network, wall_clock=wall_clock
+    ) as node:
+        return await node.find_contact(node_id)
+
+
+async def find_storage_nodes(
+    remembered: Remembered,
+    *,
+    count: int,
+    friends: Sequence[FriendContact] = (),
+    bootstrap: Sequence[Address] = (),
+    network: Network | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> list[records.ContactRecord]:
+    """Open mode: up to ``count`` nodes that offer storage to anyone, the
+    ones closest in the DHT to this home's own key (so a home asks the same
+    ones each time), with their newest valid contact records. Strangers: the
+    caller decides whether to trust them."""
+    own = remembered.node_id
+    async with read_only_client(
+        remembered,
+        bootstrap=bootstrap,
+        friends=friends,
+        network=network,
+        wall_clock=wall_clock,
+    ) as node:
+        key = records.dht_key(records.RecordKind.CONTACT, own)
+        candidates = [c for c in await node.closest_nodes(key) if c.node_id != own]
+        offering: dict[bytes, records.ContactRecord] = {}
+
+        async def fetch(node_id: bytes) -> None:
+            record = await node.find_contact(node_id)
+            if record is not None and record.storage_offered > 0:
+                offering[node_id] = record
+
+        async with trio.open_nursery() as lookups:
+            for contact in candidates:
+                lookups.start_soon(fetch, contact.node_id)
+    # Closest first, as the DHT ranked them.
+    return [offering[c.node_id] for c in candidates if c.node_id in offering][:count]
+
+
+#: The DHT node of the ``serve`` this code runs in, if any. Commands the
+#: daemon runs for the CLI look nodes up through it: it is joined already, and
+#: knows the network better than a client joined for one lookup.
+SERVING_NODE: contextvars.ContextVar[dht.DhtNode | None] = contextvars.ContextVar(
+    "p2pbackup_serving_dht_node", default=None
+)
+
+
+async def lookup_root_pointer(
+    remembered: Remembered | None,
+    node_id: bytes,
+    *,
+    bootstrap: Sequence[Address] = (),
+    network: Network | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> records.RootPointer | None:
+    """The newest valid root pointer of ``node_id`` in the DHT, or None
+    (joined as :func:`read_only_client` joins)."""
+    async with read_only_client(
+        remembered, bootstrap=bootstrap, network=network, wall_clock=wall_clock
+    ) as node:
+        record = await node.lookup(records.RecordKind.ROOT, node_id)
+    assert record is None or isinstance(record, records.RootPointer)
+    return record
+
+
+async def node_at(
+    network: Network, identity: Identity, address: Address, *, timeout: float = NODE_AT_TIMEOUT
+) -> bytes:
+    """The node id of whoever answers at ``address``, proven in a handshake
+    (and the connection closed); :class:`PeerUnavailableError` if nobody does.
+
+    For a root pointer's addresses: whoever is there proves who it is, and
+    the root record it hands over proves itself (signed and sealed by the
+    owner), so an address taken over by someone else costs a try, no more.
+    """
+    try:
+        with trio.fail_after(timeout):
+            stream = await network.connect(address)
+            secure = await secure_initiator(stream, identity)
+            await secure.aclose()
+    except trio.TooSlowError:
+        raise PeerUnavailableError(f"{address}: no answer within {timeout:g} s") from None
+    except (ProtocolError, IntegrityError, trio.BrokenResourceError) as error:
+        raise PeerUnavailableError(f"{address}: handshake failed: {error}") from None
+    return secure.remote_node_id

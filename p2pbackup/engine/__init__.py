@@ -1,0 +1,17 @@
+"""The owner's side: backups, restores and the repository they read and write.
+
+Nouns:
+
+* **repository** (:mod:`.repository`) — one owner's packs on its peers, and the
+  **index** (:mod:`.index`, SQLite) that finds them; the **root record** names
+  the live snapshots and index packs.
+* **backup** (:mod:`.backup`) — directory trees into a snapshot: walk, read
+  (:mod:`.reading`, and the **sealer** processes of :mod:`.sealer`, talking
+  :mod:`.sealwire`), pack, code, place.
+* **restore** (:mod:`.restore`), **snapshots** (:mod:`.snapshots`), **prune**
+  (:mod:`.prune`), **check** (:mod:`.check`), **status** (:mod:`.status`).
+* **progress** (:mod:`.progress`) — the lines long work reports through;
+  **runtime** (:mod:`.runtime`) — process-wide tuning for bulk work.
+
+May import: core, net, wire, stores, dht.
+"""

@@ -1,0 +1,74 @@
+"""Progress lines on stderr for long work, shown only when stderr is a terminal.
+
+A command the daemon runs for a client (see :mod:`p2pbackup.node.control`) formats
+its progress there and hands each line to a **sink**, which sends it to the
+client; the client shows it in place with :func:`terminal_line`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+
+class Progress:
+    """A single self-overwriting status line, rate-limited to a few updates a second.
+
+    With ``sink``, each line (label, text and elapsed time) goes there instead
+    of to a stream, and an empty line when the progress is over.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        *,
+        stream: TextIO | None = None,
+        enabled: bool | None = None,
+        sink: Callable[[str], None] | None = None,
+    ):
+        self._label = label
+        self._stream = stream if stream is not None else sys.stderr
+        self._sink = sink if sink is not None else terminal_line(self._stream)
+        if enabled is None:
+            enabled = sink is not None or self._stream.isatty()
+        self._enabled = enabled
+        self._started = time.monotonic()
+        self._last = 0.0
+        self._shown = False
+
+    def update(self, text: str, *, force: bool = False) -> None:
+        if not self._enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.2:
+            return
+        self._last = now
+        elapsed = now - self._started
+        self._sink(f"{self._label}: {text} [{elapsed:5.1f}s]")
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            self._sink("")
+            self._shown = False
+
+
+def terminal_line(stream: TextIO) -> Callable[[str], None]:
+    """Show each line given in place of the one before on ``stream`` (an
+    empty line clears it)."""
+
+    def show(line: str) -> None:
+        stream.write(f"\r\x1b[K{line}")
+        stream.flush()
+
+    return show
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")

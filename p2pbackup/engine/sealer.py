@@ -1,0 +1,233 @@
+"""Sealer processes: small files read, chunked, identified and sealed outside the GIL.
+
+A backup of many small files is not limited by a core but by the GIL: each
+file is ten short calls that release it (open, fstat, read, hash, zstd,
+seal, close), and with the event loop and two worker threads wanting it,
+every release is a hand-off between threads. A **sealer** is a child
+process (``python -m p2pbackup.engine.sealer``) that does that work for batches of
+small files with a GIL of its own; the backup keeps the deduplication, the
+packing and the uploads.
+
+Nouns:
+
+* **sealer** — the child process, and :class:`Sealer`, its handle in the
+  backup. It reads a setup frame, then answers each batch frame with a
+  results frame (:mod:`p2pbackup.engine.sealwire`), until its stdin closes.
+* **sent ids** — the ids whose sealed blob a sealer has already sent in this
+  run. It seals every other chunk it reads, since it does not know the
+  backup's index: the backup claims each id as usual and drops the blobs of
+  ids it already has.
+
+The keys reach the sealer through its stdin (a pipe), never its command line
+or environment. A sealer that cannot start, dies, or sends a frame that does
+not decode is a :class:`SealerError`; the backup then reads that batch, and
+the rest, in threads.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import trio
+
+from p2pbackup.engine import runtime
+from p2pbackup.engine.reading import read_file
+from p2pbackup.engine.sealwire import (
+    FrameReader,
+    SealedChunk,
+    SealedFile,
+    SealwireError,
+    Setup,
+    decode_batch,
+    decode_results,
+    decode_setup,
+    encode_batch,
+    encode_results,
+    encode_setup,
+)
+from p2pbackup.errors import LocalProtocolError
+from p2pbackup.stores.durable import write_all
+
+#: How the backup starts a sealer: the same interpreter and package (-P: not
+#: a package of that name in whatever directory the backup runs in).
+SEALER_COMMAND = (sys.executable, "-P", "-m", "p2pbackup.engine.sealer")
+#: Bytes asked of a pipe at a time.
+_READ_SIZE = 1 << 20
+#: The most of a dead sealer's stderr kept for the error message.
+_STDERR_KEPT = 4096
+
+
+class SealerError(LocalProtocolError):
+    """A sealer process failed to start, died, or broke the pipe protocol."""
+
+
+# -- the child --------------------------------------------------------------------------
+
+
+def serve(stdin: int, stdout: int) -> None:
+    """Answer batches from ``stdin`` on ``stdout`` until ``stdin`` closes."""
+    reader = FrameReader()
+
+    def next_body() -> bytes | None:
+        while (body := reader.next_body()) is None:
+            data = os.read(stdin, _READ_SIZE)
+            if not data:
+                if reader.pending:
+                    raise SealwireError(f"stdin closed inside a frame ({reader.pending} bytes)")
+                return None
+            reader.feed(data)
+        return body
+
+    first = next_body()
+    if first is None:
+        return
+    setup = decode_setup(first)
+    sent: set[bytes] = set()
+    while (body := next_body()) is not None:
+        files = [_seal_file(path, setup, sent) for path in decode_batch(body)]
+        write_all(stdout, encode_results(files))
+
+
+def _seal_file(path: bytes, setup: Setup, sent: set[bytes]) -> SealedFile:
+    sealed_here: dict[bytes, bytes] = {}
+    lengths: dict[bytes, int] = {}
+
+    def claim(ident: bytes) -> bool:
+        return ident not in sent and ident not in sealed_here
+
+    def sink(ident: bytes, length: int, sealed: bytes | None) -> None:
+        lengths[ident] = length
+        if sealed is not None:
+            sealed_here[ident] = sealed
+
+    outcome = read_file(path, setup.params, setup.keys, claim, sink)
+    chunks = []
+    # Blobs sealed in an attempt that the file changed under are not sent:
+    # only the content of the attempt that read it whole.
+    for ident in outcome.content:
+        sealed = None if ident in sent else sealed_here.get(ident)
+        if sealed is not None:
+            sent.add(ident)
+        chunks.append(SealedChunk(ident, lengths[ident], sealed))
+    return SealedFile(outcome, tuple(chunks))
+
+
+def main() -> None:
+    # The backup stops its sealers; a Ctrl-C at a terminal reaches the whole
+    # process group, and must not print a traceback from here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with runtime.rare_collections():
+        serve(sys.stdin.fileno(), sys.stdout.fileno())
+
+
+# -- the backup's side ------------------------------------------------------------------
+
+
+class Sealer:
+    """A running sealer process; use as ``async with await Sealer.start(setup)``."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self._process = process
+        self._reader = FrameReader()
+
+    @classmethod
+    async def start(cls, setup: Setup) -> Sealer:
+        try:
+            process = await trio.lowlevel.open_process(
+                SEALER_COMMAND,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise SealerError(f"cannot start a sealer process: {exc}") from exc
+        sealer = cls(process)
+        try:
+            await sealer._send(encode_setup(setup))
+        except BaseException:
+            await sealer.aclose()
+            raise
+        return sealer
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    async def seal(self, paths: list[bytes]) -> tuple[SealedFile, ...]:
+        """The outcome of reading each of ``paths``, in order."""
+        await self._send(encode_batch(paths))
+        stdout = self._process.stdout
+        assert stdout is not None
+        try:
+            while (body := self._reader.next_body()) is None:
+                try:
+                    data = await stdout.receive_some(_READ_SIZE)
+                except trio.BrokenResourceError as exc:
+                    raise await self._died(f"its output broke ({exc})") from None
+                if not data:
+                    raise await self._died("it closed its output")
+                self._reader.feed(data)
+            files = decode_results(body)
+        except SealwireError as exc:
+            # Not a file's fault: the batch goes to the threads like any failure.
+            raise SealerError(f"sealer process {self.pid} sent a bad frame: {exc}") from None
+        if len(files) != len(paths):
+            raise SealerError(f"a sealer answered {len(files)} files for a batch of {len(paths)}")
+        return files
+
+    async def _send(self, frame: bytes) -> None:
+        stdin = self._process.stdin
+        assert stdin is not None
+        try:
+            await stdin.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise await self._died(f"its input broke ({exc})") from None
+
+    async def _died(self, how: str) -> SealerError:
+        """The error for a sealer that stopped answering, with its last words."""
+        with trio.move_on_after(5):
+            await self._process.wait()
+        words = b""
+        if self._process.stderr is not None:
+            with trio.move_on_after(1):
+                while len(words) < 64 * _STDERR_KEPT and (
+                    piece := await self._process.stderr.receive_some(_READ_SIZE)
+                ):
+                    words += piece
+        last = words.decode(errors="replace").strip().splitlines()[-1:] or ["nothing on stderr"]
+        code = self._process.returncode
+        status = "still running" if code is None else f"exit status {code}"
+        return SealerError(
+            f"sealer process {self._process.pid} failed: {how}; {status}; "
+            f"it said: {last[0][:_STDERR_KEPT]}"
+        )
+
+    async def aclose(self) -> None:
+        """End the sealer: close its pipes and wait; kill it if cancelled or stuck."""
+        process = self._process
+        try:
+            with trio.CancelScope(shield=True):
+                for stream in (process.stdin, process.stdout, process.stderr):
+                    if stream is not None:
+                        await stream.aclose()
+            # A sealer reading its input exits at once when it closes.
+            with trio.move_on_after(5):
+                await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+
+    async def __aenter__(self) -> Sealer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The pipe protocol between a backup and its sealer processes: frames and their codecs.
+
+Sans-IO: bytes in, values out. :mod:`p2pbackup.engine.sealer` moves the bytes.
+
+Nouns:
+
+* **frame** — a 4-byte big-endian body length, then a msgpack body: an array
+  whose first item is the frame kind.
+* **setup** — the first frame to a sealer: the protocol version, the keys and
+  the chunker params. The keys cross a pipe between two processes of the same
+  user, never a command line or an environment.
+* **batch** — paths of files for a sealer to read (with ``reading.read_file``).
+* **results** — one read outcome per path of a batch, in its order: the file
+  stat and the chunks (id, plaintext length, sealed blob or nil when the
+  sealer already sealed that id in this run), or why the file was left out.
+
+A sealer is a child of the backup that started it, running the same code, so
+a frame that does not decode is a bug or a broken pipe, never an attack; the
+decoders still check every field, and say which one is wrong.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import attrs
+import msgpack
+
+from p2pbackup.core.chunker import ChunkerParams
+from p2pbackup.core.crypto import KEY_SIZE
+from p2pbackup.errors import LocalProtocolError, UsageError
+from p2pbackup.model import ID_SIZE, FileStat, ReadOutcome, SealingKeys
+
+#: The version a setup frame carries; a sealer refuses any other.
+PROTOCOL_VERSION = 1
+#: Largest frame body: a batch's results are at most a batch of small files
+#: (8 MiB), sealed.
+MAX_FRAME = 64 << 20
+
+KIND_SETUP = 1
+KIND_BATCH = 2
+KIND_RESULTS = 3
+
+_LENGTH = struct.Struct(">I")
+
+
+class SealwireError(LocalProtocolError):
+    """A frame between a backup and its sealer that does not decode."""
+
+
+@attrs.frozen
+class Setup:
+    keys: SealingKeys
+    params: ChunkerParams
+
+
+@attrs.frozen
+class SealedChunk:
+    """A chunk of a file a sealer read: ``sealed`` is None if it sealed the id before."""
+
+    ident: bytes
+    length: int
+    sealed: bytes | None = attrs.field(repr=False)
+
+
+@attrs.frozen
+class SealedFile:
+    """A sealer's read outcome for one path, with the chunks it read."""
+
+    outcome: ReadOutcome
+    chunks: tuple[SealedChunk, ...] = ()
+
+
+# -- encoding ---------------------------------------------------------------------------
+
+
+def _frame(body: object) -> bytes:
+    packed = msgpack.packb(body, use_bin_type=True)
+    assert isinstance(packed, bytes)
+    if len(packed) > MAX_FRAME:
+        raise SealwireError(f"a frame of {len(packed)} bytes exceeds the limit of {MAX_FRAME}")
+    return _LENGTH.pack(len(packed)) + packed
+
+
+def encode_setup(setup: Setup) -> bytes:
+    params = setup.params
+    return _frame(
+        [
+            KIND_SETUP,
+            PROTOCOL_VERSION,
+            setup.keys.dedup_key,
+            setup.keys.data_key,
+            [params.min_size, params.avg_size, params.max_size, params.seed],
+        ]
+    )
+
+
+def encode_batch(paths: Sequence[bytes]) -> bytes:
+    return _frame([KIND_BATCH, list(paths)])
+
+
+def encode_results(files: Sequence[SealedFile]) -> bytes:
+    body: list[object] = []
+    for file in files:
+        stat = file.outcome.stat
+        body.append(
+            [
+                file.outcome.error,
+                None
+                if stat is None
+                else [
+                    stat.st_mode,
+                    stat.st_size,
+                    stat.st_mtime_ns,
+                    stat.st_ctime_ns,
+                    stat.st_ino,
+                    stat.st_uid,
+                    stat.st_gid,
+                ],
+                [[c.ident, c.length, c.sealed] for c in file.chunks],
+            ]
+        )
+    return _frame([KIND_RESULTS, body])
+
+
+# -- decoding ---------------------------------------------------------------------------
+
+
+class FrameReader:
+    """Cuts a byte stream into frame bodies, whatever pieces it arrives in."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buffer += data
+
+    def next_body(self) -> bytes | None:
+        """The next whole frame's body, or None until more bytes come."""
+        if len(self._buffer) < _LENGTH.size:
+            return None
+        (length,) = _LENGTH.unpack_from(self._buffer)
+        if length > MAX_FRAME:
+            raise SealwireError(f"a frame claims {length} bytes, over the limit of {MAX_FRAME}")
+        end = _LENGTH.size + length
+        if len(self._buffer) < end:
+            return None
+        body = bytes(self._buffer[_LENGTH.size : end])
+        del self._buffer[:end]
+        return body
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that are not yet a whole frame."""
+        return len(self._buffer)
+
+
+def _unpack(body: bytes, kind: int, name: str) -> tuple[object, ...]:
+    try:
+        value = msgpack.unpackb(body, use_list=False, raw=False, strict_map_key=True)
+    except Exception as exc:  # every way a body can fail to parse is one error here
+        raise SealwireError(
+            f"a {name} frame does not parse ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(value, tuple) or not value or value[0] != kind:
+        raise SealwireError(f"expected a {name} frame, got {_describe(value)}")
+    return value
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, tuple) and value and isinstance(value[0], int):
+        return f"a frame of kind {value[0]}"
+    return f"a {type(value).__name__}"
+
+
+def _bytes(value: object, what: str, size: int | None = None) -> bytes:
+    if not isinstance(value, bytes) or (size is not None and len(value) != size):
+        wanted = "bytes" if size is None else f"{size} bytes"
+        raise SealwireError(f"{what}: expected {wanted}, got {_describe_item(value)}")
+    return value
+
+
+def _int(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise SealwireError(f"{what}: expected a non-negative integer, got {_describe_item(value)}")
+    return value
+
+
+def _array(value: object, what: str, length: int | None = None) -> tuple[object, ...]:
+    if not isinstance(value, tuple) or (length is not None and len(value) != length):
+        wanted = "an array" if length is None else f"an array of {length}"
+        raise SealwireError(f"{what}: expected {wanted}, got {_describe_item(value)}")
+    return value
+
+
+def _describe_item(value: object) -> str:
+    if isinstance(value, bytes | tuple):
+        return f"{type(value).__name__} of length {len(value)}"
+    return repr(value) if isinstance(value, int | None) else type(value).__name__
+
+
+def decode_setup(body: bytes) -> Setup:
+    fields = _unpack(body, KIND_SETUP, "setup")
+    if len(fields) != 5:
+        raise SealwireError(f"setup frame: expected 5 fields, got {len(fields)}")
+    version = _int(fields[1], "setup version")
+    if version != PROTOCOL_VERSION:
+        raise SealwireError(
+            f"setup frame of protocol version {version}; this sealer speaks {PROTOCOL_VERSION}"
+        )
+    dedup_key = _bytes(fields[2], "dedup key", KEY_SIZE)
+    data_key = _bytes(fields[3], "data key", KEY_SIZE)
+    sizes = _array(fields[4], "chunker params", 4)
+    try:
+        params = ChunkerParams(*(_int(v, "chunker param") for v in sizes))
+    except UsageError as exc:
+        raise SealwireError(f"chunker params: {exc}") from None
+    return Setup(SealingKeys(dedup_key, data_key), params)
+
+
+def decode_batch(body: bytes) -> tuple[bytes, ...]:
+    fields = _unpack(body, KIND_BATCH, "batch")
+    paths = _array(fields[1] if len(fields) == 2 else None, "batch paths")
+    return tuple(_bytes(path, f"batch path {i}") for i, path in enumerate(paths))
+
+
+def decode_results(body: bytes) -> tuple[SealedFile, ...]:
+    fields = _unpack(body, KIND_RESULTS, "results")
+    files = _array(fields[1] if len(fields) == 2 else None, "results")
+    return tuple(_sealed_file(item, f"result {i}") for i, item in enumerate(files))
+
+
+def _sealed_file(item: object, what: str) -> SealedFile:
+    error, stat_fields, chunk_items = _array(item, what, 3)
+    if error is not None:
+        if not isinstance(error, str):
+            raise SealwireError(f"{what} error: expected a string, got {_describe_item(error)}")
+        return SealedFile(ReadOutcome(error=error))
+    stat = FileStat(*(_int(v, f"{what} stat") for v in _array(stat_fields, f"{what} stat", 7)))
+    chunks = []
+    for j, chunk_item in enumerate(_array(chunk_items, f"{what} chunks")):
+        ident, length, sealed = _array(chunk_item, f"{what} chunk {j}", 3)
+        chunks.append(
+            SealedChunk(
+                _bytes(ident, f"{what} chunk {j} id", ID_SIZE),
+                _int(length, f"{what} chunk {j} length"),
+                None if sealed is None else _bytes(sealed, f"{what} chunk {j} blob"),
+            )
+        )
+    content = tuple(c.ident for c in chunks)
+    return SealedFile(ReadOutcome(content, stat), tuple(chunks))

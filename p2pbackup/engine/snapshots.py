@@ -1,0 +1,125 @@
+"""Snapshots: naming them, listing them, browsing their trees, forgetting them.
+
+A **snapshot reference** is a full id in hex, a unique prefix of one, or
+``latest``. Forgetting a snapshot only drops it from the index and the root
+record; ``prune`` then frees the space its data alone used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+from p2pbackup.core import formats
+from p2pbackup.engine.index import Index
+from p2pbackup.engine.repository import Repository
+from p2pbackup.errors import NotEnoughShardsError, UsageError
+from p2pbackup.model import BlobType, NodeKind, Snapshot, Tree, TreeNode
+
+
+def resolve(index: Index, ref: str) -> tuple[bytes, Snapshot]:
+    """The snapshot that ``ref`` names; UsageError if none or several do."""
+    snapshots = index.snapshots()
+    if not snapshots:
+        raise UsageError("there are no snapshots yet")
+    if ref == "latest":
+        return max(snapshots, key=lambda item: (item[1].time_ns, item[0]))
+    wanted = ref.lower()
+    matches = [item for item in snapshots if item[0].hex().startswith(wanted)]
+    if not matches:
+        raise UsageError(f"no snapshot matches {ref!r}")
+    if len(matches) > 1:
+        ids = ", ".join(m[0].hex()[:12] for m in matches)
+        raise UsageError(f"{ref!r} is ambiguous: it matches {ids}")
+    return matches[0]
+
+
+async def load_tree(repo: Repository, tree_id: bytes) -> Tree:
+    return formats.decode_tree(await repo.load_blob(tree_id, BlobType.TREE))
+
+
+async def find_node(repo: Repository, snapshot: Snapshot, path: bytes) -> TreeNode | None:
+    """The node at ``path`` (absolute, as backed up); None for the root itself."""
+    components = [c for c in path.split(b"/") if c]
+    tree_id = snapshot.tree
+    node: TreeNode | None = None
+    for name in components:
+        if node is not None:
+            if node.kind != NodeKind.DIR or node.subtree is None:
+                raise UsageError(f"{os.fsdecode(path)} is not in this snapshot")
+            tree_id = node.subtree
+        tree = await load_tree(repo, tree_id)
+        node = next((n for n in tree.nodes if n.name == name), None)
+        if node is None:
+            raise UsageError(f"{os.fsdecode(path)} is not in this snapshot")
+    return node
+
+
+async def walk(
+    repo: Repository, snapshot: Snapshot, path: bytes = b"/"
+) -> AsyncIterator[tuple[bytes, TreeNode]]:
+    """Every (absolute path, node) at and below ``path``, depth first, in name order."""
+    node = await find_node(repo, snapshot, path)
+    prefix = b"/" + b"/".join(c for c in path.split(b"/") if c)
+    if node is None:
+        async for item in _walk_tree(repo, snapshot.tree, b""):
+            yield item
+        return
+    yield prefix, node
+    if node.kind == NodeKind.DIR and node.subtree is not None:
+        async for item in _walk_tree(repo, node.subtree, prefix):
+            yield item
+
+
+async def _walk_tree(
+    repo: Repository, tree_id: bytes, prefix: bytes
+) -> AsyncIterator[tuple[bytes, TreeNode]]:
+    tree = await load_tree(repo, tree_id)
+    for node in tree.nodes:
+        path = prefix + b"/" + node.name
+        yield path, node
+        if node.kind == NodeKind.DIR and node.subtree is not None:
+            async for item in _walk_tree(repo, node.subtree, path):
+                yield item
+
+
+async def live_blobs(repo: Repository) -> tuple[set[bytes], list[str]]:
+    """Every blob id the live snapshots reach, and descriptions of what is unreadable."""
+    live: set[bytes] = set()
+    problems: list[str] = []
+    seen_trees: set[bytes] = set()
+
+    async def visit(tree_id: bytes, where: str) -> None:
+        if tree_id in seen_trees:
+            return
+        seen_trees.add(tree_id)
+        live.add(tree_id)
+        try:
+            tree = await load_tree(repo, tree_id)
+        except NotEnoughShardsError as exc:
+            problems.append(f"{where}: tree cannot be read ({exc})")
+            return
+        for node in tree.nodes:
+            path = f"{where.rstrip('/')}/{os.fsdecode(node.name)}"
+            live.update(node.content)
+            if node.subtree is not None:
+                await visit(node.subtree, path)
+
+    for snapshot_id, snapshot in repo.index.snapshots():
+        live.add(snapshot_id)
+        await visit(snapshot.tree, f"snapshot {snapshot_id.hex()[:12]} /")
+    return live, problems
+
+
+async def forget(repo: Repository, refs: list[str]) -> list[bytes]:
+    """Drop the named snapshots; returns their ids."""
+    chosen = []
+    for ref in refs:
+        snapshot_id, _ = resolve(repo.index, ref)
+        if snapshot_id not in chosen:
+            chosen.append(snapshot_id)
+    with repo.index.transaction():
+        for snapshot_id in chosen:
+            repo.index.remove_snapshot(snapshot_id)
+    await repo.publish_root()
+    return chosen

@@ -1,0 +1,258 @@
+"""What ``p2pbackup status`` reports: this node, each peer, and our data's health.
+
+Nouns:
+
+* **peer state** — :class:`PeerState`: a peer as it is now: whether it
+  answered (**online**), when it last did, how many of our shards (and bytes)
+  the index places on it, how much we hold for it when it is a node we
+  store for, and what it **offers** us: the bytes it holds for us by its own
+  count plus the room it says it has left for us.
+* **balance** — bytes a peer holds for us minus bytes we hold for it: above
+  zero we owe it, below zero it owes us. Both sides count stored shards whole
+  (headers included), root records aside.
+* **node state** — :class:`NodeState`: this home as a node: its id, the
+  addresses it last served on, the bytes it keeps for others, and what its
+  ``config.toml`` says it offers (``[storage]``; ``serve`` options override it).
+* **healthy shard** — a shard the index places on a peer that answered now
+  and lists it among the shards it holds for us.
+* **pack health** — :class:`DataHealth`, from each pack's healthy shards
+  (pure: :func:`data_health`). A pack is **unrecoverable** below k healthy
+  shards, **at risk** below k + 2 (two more lost peers would lose it), and
+  otherwise safe; ``min_healthy`` is the fewest healthy shards of any pack
+  and ``min_margin`` the fewest spare ones (healthy − k), so "all packs ≥ r"
+  reads straight off them.
+
+Peers are asked concurrently, each with a short timeout; the answer is what
+is true now, not what the index last believed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+import attrs
+
+from p2pbackup.core import formats
+from p2pbackup.engine.progress import human_bytes
+from p2pbackup.engine.repository import PROBE_SECONDS, Repository
+
+#: Seconds a peer has to answer before it counts as offline.
+PROBE_TIMEOUT = PROBE_SECONDS
+#: Seconds a peer that answered has to list the shards it holds for us.
+LIST_TIMEOUT = 60.0
+#: Spare healthy shards below which a pack counts as at risk.
+SAFE_MARGIN = 2
+
+
+@attrs.frozen
+class PeerState:
+    peer_id: str
+    kind: str
+    location: str
+    online: bool
+    #: Unix seconds of the last answer (now, if online); None if never.
+    last_seen: int | None
+    #: Shards of ours the index places on this peer, and their bytes (headers included).
+    shards_held_for_us: int
+    bytes_held_for_us: int
+    #: Bytes of the peer's shards this home's node keeps (0 if none, or a folder).
+    bytes_we_hold_for_it: int
+    is_friend: bool
+    #: Why it did not answer, if it did not.
+    problem: str = ""
+    #: What it offers us now: what it holds for us by its count plus its room
+    #: for more; None if it did not answer or sets no bound.
+    offered: int | None = None
+    #: The room in that offer (None likewise).
+    room: int | None = None
+
+    @property
+    def balance(self) -> int:
+        """Bytes it holds for us minus bytes we hold for it (module docstring)."""
+        return self.bytes_held_for_us - self.bytes_we_hold_for_it
+
+
+@attrs.frozen
+class DataHealth:
+    packs: int
+    safe: int
+    at_risk: int
+    unrecoverable: int
+    #: Fewest healthy shards of any pack, and fewest beyond k (None: no packs).
+    min_healthy: int | None
+    min_margin: int | None
+
+    def lines(self) -> list[str]:
+        if not self.packs:
+            return ["data: nothing backed up yet"]
+        lines = []
+        if self.min_margin is not None and self.min_margin >= 0:
+            lines.append(
+                f"data: all {self.packs} packs ≥ {self.min_healthy} healthy shards "
+                f"(≥ {self.min_margin} more than needed)"
+            )
+        if self.at_risk:
+            lines.append(
+                f"{self.at_risk} packs at risk: fewer than {SAFE_MARGIN} spare healthy shards"
+            )
+        if self.unrecoverable:
+            lines.append(
+                f"{self.unrecoverable} packs unrecoverable: fewer healthy shards than needed, "
+                "until their peers come back"
+            )
+        return lines
+
+
+def data_health(packs: Iterable[tuple[int, int, Sequence[str]]], online: set[str]) -> DataHealth:
+    """Pack health from each pack's (k, n, peers holding its shards) and the
+    peers that answered (pure)."""
+    count = safe = at_risk = unrecoverable = 0
+    min_healthy: int | None = None
+    min_margin: int | None = None
+    for k, _n, holders in packs:
+        count += 1
+        healthy = sum(1 for peer in holders if peer in online)
+        margin = healthy - k
+        min_healthy = healthy if min_healthy is None else min(min_healthy, healthy)
+        min_margin = margin if min_margin is None else min(min_margin, margin)
+        if margin < 0:
+            unrecoverable += 1
+        elif margin < SAFE_MARGIN:
+            at_risk += 1
+        else:
+            safe += 1
+    return DataHealth(count, safe, at_risk, unrecoverable, min_healthy, min_margin)
+
+
+@attrs.frozen
+class NodeState:
+    node_id: str
+    #: Addresses the node publishes (from the last ``serve``); empty if it never served.
+    addresses: tuple[str, ...]
+    #: Bytes this node keeps for others.
+    hosting_bytes: int
+    #: What ``config.toml`` offers all peers together, and each one (None: no bound).
+    capacity: int | None = None
+    per_friend: int | None = None
+
+
+@attrs.frozen
+class Hosting:
+    """What this home does as a node, as its caller knows it: the addresses
+    it last served on, the bytes it keeps for each owner (node id → bytes),
+    and what it offers (None: no bound)."""
+
+    addresses: tuple[str, ...] = ()
+    by_owner: Mapping[bytes, int] = attrs.field(factory=dict)
+    capacity: int | None = None
+    per_friend: int | None = None
+
+
+@attrs.frozen
+class Status:
+    node: NodeState
+    peers: tuple[PeerState, ...]
+    data: DataHealth
+
+    def to_json(self) -> dict[str, object]:
+        data = attrs.asdict(self)
+        for peer, state in zip(data["peers"], self.peers, strict=True):
+            peer["balance"] = state.balance
+        return data
+
+    def lines(self) -> list[str]:
+        node = self.node
+        where = ", ".join(node.addresses) if node.addresses else "not serving"
+        lines = [
+            f"node {node.node_id} ({where}); keeps {node.hosting_bytes} bytes for others; "
+            f"offers {_bound(node.capacity)} in all, {_bound(node.per_friend)} to each peer",
+        ]
+        for peer in self.peers:
+            state = "online" if peer.online else f"OFFLINE ({peer.problem})"
+            seen = (
+                "never seen"
+                if peer.last_seen is None
+                else time.strftime("last seen %Y-%m-%d %H:%M", time.localtime(peer.last_seen))
+            )
+            friend = "friend, " if peer.is_friend else ""
+            lines.append(
+                f"peer {peer.peer_id[:16]} {friend}{peer.kind} at {peer.location}: {state}, "
+                f"{seen}; holds {peer.shards_held_for_us} shards of ours "
+                f"({peer.bytes_held_for_us} bytes); "
+                f"we keep {peer.bytes_we_hold_for_it} bytes for it; "
+                f"balance {peer.balance:+d} bytes; {_offer(peer)}"
+            )
+        lines.extend(self.data.lines())
+        return lines
+
+
+def _bound(size: int | None) -> str:
+    return "what the disk has" if size is None else human_bytes(size)
+
+
+def _offer(peer: PeerState) -> str:
+    if not peer.online:
+        return "offer unknown"
+    if peer.offered is None or peer.room is None:
+        return "offers us no bound"
+    return f"offers us {human_bytes(peer.offered)} ({human_bytes(peer.room)} free)"
+
+
+async def gather_status(
+    repo: Repository, hosting: Hosting = Hosting(), *, now: float | None = None
+) -> Status:
+    """Ask every peer now, and put together what ``status`` shows."""
+    peers = repo.peers()
+    seen_at = int(time.time() if now is None else now)
+    answers = await repo.probe_peers(PROBE_TIMEOUT, seen_at=seen_at)
+    online = {peer_id for peer_id, answer in answers.items() if answer.answered}
+    index = repo.index
+    last_seen = index.last_seen()
+    held = index.shard_count_by_peer()
+    held_bytes = index.shard_bytes_by_peer()
+    hosted = hosting.by_owner
+    friends = {friend.node_id.hex() for friend in index.friends()}
+    states = []
+    for peer in peers:
+        answer = answers[peer.peer_id]
+        shards = held.get(peer.peer_id, 0)
+        space = answer.space
+        states.append(
+            PeerState(
+                peer_id=peer.peer_id,
+                kind=peer.kind,
+                location=peer.location,
+                online=answer.answered,
+                last_seen=last_seen.get(peer.peer_id),
+                shards_held_for_us=shards,
+                # Whole shards, as the peer counts them and as we count theirs.
+                bytes_held_for_us=held_bytes.get(peer.peer_id, 0)
+                + shards * formats.SHARD_HEADER_SIZE,
+                bytes_we_hold_for_it=_hosted_for(hosted, peer.peer_id),
+                is_friend=peer.peer_id in friends,
+                problem=answer.problem,
+                offered=None if space is None else space.offered,
+                room=None if space is None else space.room,
+            )
+        )
+    # A shard is healthy when its peer lists it now, not merely because the
+    # peer answered: a friend that lost its disk, or recovered into an empty
+    # one, answers but holds nothing.
+    listed, _unlisted = await repo.list_held(online, LIST_TIMEOUT)
+    health = data_health(repo.live_holders(listed), set(listed))
+    node = NodeState(
+        node_id=repo.keyring.node_id.hex(),
+        addresses=hosting.addresses,
+        hosting_bytes=sum(hosted.values()),
+        capacity=hosting.capacity,
+        per_friend=hosting.per_friend,
+    )
+    return Status(node, tuple(states), health)
+
+
+def _hosted_for(hosted: Mapping[bytes, int], peer_id: str) -> int:
+    try:
+        return hosted.get(bytes.fromhex(peer_id), 0)
+    except ValueError:  # a folder peer's id is not a node id
+        return 0

@@ -1,0 +1,17 @@
+"""The parts a serving node is made of: storing for peers, and taking the CLI's commands.
+
+Nouns:
+
+* **shard host** (:mod:`.shardhost`) — what a storage node keeps on disk for its
+  peers: shard files and their SQLite metadata, quotas, leases.
+* **storage server** (:mod:`.server`) — answers the storage protocol from a host.
+* **control socket** (:mod:`.control`) — how the CLI reaches a running node of
+  the same home.
+* **schedule** (:mod:`.schedule`) — ``config.toml``: scheduled backups and
+  what the node offers its peers.
+
+The daemon that wires these together with a home is a composition root and
+lives in :mod:`p2pbackup.app.daemon`.
+
+May import: core, net, wire, stores, dht, engine.
+"""

@@ -1,0 +1,226 @@
+"""The home's ``config.toml``: what ``serve`` backs up, and what it offers peers.
+
+Nouns:
+
+* **config** — ``HOME/config.toml``, written by the user::
+
+      version = 1
+
+      [backup]
+      paths = ["/home/me"]          # what to back up
+      interval = "6h"               # how often: seconds, or a number with s, m, h, d
+      exclude = ["*.tmp", ".cache"] # patterns, as `backup --exclude` takes them
+      tags = ["scheduled"]          # tags for the snapshots (optional)
+
+      [storage]
+      capacity = "200G"             # most space for all peers together
+      per_friend = "50G"            # most space for any one peer
+
+  Both tables are optional: without ``[backup]`` nothing is scheduled, and
+  without ``[storage]`` (or one of its keys) the node gives what the disk has.
+  ``HomeConfig`` is the whole parsed file.
+* **schedule** — :class:`BackupSchedule`, the parsed ``[backup]`` table.
+* **storage offer** — :class:`StorageOffer`, the parsed ``[storage]`` table:
+  what this home states it offers its peers (``serve --capacity`` and
+  ``--owner-quota`` override it).
+* **size** — bytes, or a number with ``K``, ``M``, ``G`` or ``T`` (binary
+  units; a trailing ``B`` or ``iB`` is allowed): :func:`parse_size`, shared
+  with the command line.
+
+Parsing is pure (:func:`parse_home_config` takes the text); :func:`load_config`
+only reads the file. :func:`parse_config` and :func:`load_schedule` are the
+``[backup]`` table alone.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import tomllib
+from pathlib import Path
+from typing import Final
+
+import attrs
+
+from p2pbackup.core.exclude import ExcludeRules
+from p2pbackup.errors import UsageError
+
+CONFIG_VERSION: Final = 1
+#: Backups more often than this are refused as a likely typo ("6" for "6h").
+MIN_INTERVAL: Final = 60.0
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_INTERVAL = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*\Z")
+_SIZE_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_TABLES: Final = ("backup", "storage")
+
+
+@attrs.frozen
+class BackupSchedule:
+    paths: tuple[str, ...]
+    #: Seconds between the start of one scheduled backup and the next.
+    interval: float
+    exclude: ExcludeRules = attrs.Factory(ExcludeRules)
+    tags: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class StorageOffer:
+    """What a home offers its peers, in bytes (None: as much as the disk has)."""
+
+    #: Most space for all peers together.
+    capacity: int | None = None
+    #: Most space for any one peer (owner).
+    per_friend: int | None = None
+
+
+#: What the ``serve`` this code runs in offers (its options, which may
+#: override config.toml), if any: ``status`` run by the daemon reports that.
+RUNNING_OFFER: contextvars.ContextVar[StorageOffer | None] = contextvars.ContextVar(
+    "p2pbackup_running_offer", default=None
+)
+
+
+@attrs.frozen
+class HomeConfig:
+    """The whole of ``config.toml``."""
+
+    backup: BackupSchedule | None = None
+    storage: StorageOffer = StorageOffer()
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``500M``, ``20G``, ``1.5T`` or plain ``1000`` (binary units).
+
+    UsageError naming the text when it is not a positive size.
+    """
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = cleaned, ""
+    if cleaned and cleaned[-1] in _SIZE_UNITS:
+        number, unit = cleaned[:-1], cleaned[-1]
+    try:
+        value = float(number)
+    except ValueError:
+        raise UsageError(f"{text!r} is not a size (examples: 500M, 20G, 1T)") from None
+    # Also refuses NaN, and inf (which int() cannot take).
+    if not 0 < value < float("inf"):
+        raise UsageError(f"size {text!r} must be positive")
+    return int(value * _SIZE_UNITS[unit])
+
+
+def _size(value: object, what: str) -> int:
+    """A size from the config: text as :func:`parse_size` reads it, or an integer of bytes."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise UsageError(f'{what} must be a size such as "200G", got {value!r}')
+    if isinstance(value, int):
+        if value <= 0:
+            raise UsageError(f"{what}: size {value} must be positive")
+        return value
+    try:
+        return parse_size(value)
+    except UsageError as error:
+        raise UsageError(f"{what}: {error}") from None
+
+
+def _parse_storage(table: object, where: str) -> StorageOffer:
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: [storage] must be a table")
+    unknown = set(table) - {"capacity", "per_friend"}
+    if unknown:
+        raise UsageError(f"{where}: unknown [storage] settings {', '.join(sorted(unknown))}")
+    sizes = {
+        key: _size(table[key], f"{where}: [storage] {key}")
+        for key in ("capacity", "per_friend")
+        if key in table
+    }
+    return StorageOffer(**sizes)
+
+
+def parse_interval(value: object, where: str) -> float:
+    """Seconds from ``3600``, ``"90m"``, ``"6h"``, ``"1d"``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UsageError(f'{where}: interval must be seconds or text such as "6h"')
+    if isinstance(value, str):
+        match = _INTERVAL.match(value)
+        if match is None:
+            raise UsageError(f"{where}: interval {value!r} is not a number with s, m, h or d")
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    else:
+        seconds = float(value)
+    if seconds < MIN_INTERVAL:
+        raise UsageError(
+            f'{where}: interval {value!r} is under {MIN_INTERVAL:g} s; write e.g. "6h"'
+        )
+    return seconds
+
+
+def _strings(value: object, what: str, *, required: bool = False) -> tuple[str, ...]:
+    if value is None and not required:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise UsageError(f"{what} must be a list of non-empty strings")
+    if required and not value:
+        raise UsageError(f"{what} must name at least one path")
+    return tuple(value)
+
+
+def parse_home_config(text: str, where: str) -> HomeConfig:
+    """Everything a config's text says; ``where`` names it in errors."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise UsageError(f"{where} is not valid TOML: {error}") from None
+    version = document.get("version")
+    if version != CONFIG_VERSION:
+        raise UsageError(
+            f"{where}: version = {version!r}; this p2pbackup reads version = {CONFIG_VERSION}"
+        )
+    unknown = set(document) - {"version", *_TABLES}
+    if unknown:
+        raise UsageError(f"{where}: unknown settings {', '.join(sorted(unknown))}")
+    backup = document.get("backup")
+    storage = document.get("storage")
+    return HomeConfig(
+        backup=None if backup is None else _parse_backup(backup, where),
+        storage=StorageOffer() if storage is None else _parse_storage(storage, where),
+    )
+
+
+def _parse_backup(table: object, where: str) -> BackupSchedule:
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: [backup] must be a table")
+    unknown = set(table) - {"paths", "interval", "exclude", "tags"}
+    if unknown:
+        raise UsageError(f"{where}: unknown [backup] settings {', '.join(sorted(unknown))}")
+    if "interval" not in table:
+        raise UsageError(f'{where}: [backup] needs an interval, e.g. interval = "6h"')
+    paths = _strings(table.get("paths"), f"{where}: [backup] paths", required=True)
+    for path in paths:
+        if not path.startswith("/"):
+            raise UsageError(f"{where}: backup path {path!r} must be absolute")
+    return BackupSchedule(
+        paths=paths,
+        interval=parse_interval(table["interval"], f"{where}: [backup]"),
+        exclude=ExcludeRules.from_patterns(_strings(table.get("exclude"), f"{where}: exclude")),
+        tags=_strings(table.get("tags"), f"{where}: tags"),
+    )
+
+
+def parse_config(text: str, where: str) -> BackupSchedule | None:
+    """The schedule in a config's text; None if it schedules no backup."""
+    return parse_home_config(text, where).backup
+
+
+def load_config(path: Path) -> HomeConfig:
+    """The config file at ``path``; an empty config if there is no file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return HomeConfig()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read {path}: {error}") from None
+    return parse_home_config(text, str(path))
+
+
+def load_schedule(path: Path) -> BackupSchedule | None:
+    """The schedule in the config file at ``path``; None if there is none."""
+    return load_config(path).backup

@@ -1,0 +1,409 @@
+"""The storage server: answers the storage protocol for peers, from a shard host.
+
+Nouns:
+
+* **server** — :class:`StorageServer`: one node's service to its peers. It
+  accepts connections, runs the Noise handshake as responder, and then serves
+  one **session** per connection.
+* **session** — the requests of one authenticated peer, answered one at a
+  time. The peer's node id (learnt in the handshake, never from a message) is
+  the **owner** of every shard it stores, lists, renews or deletes, so no
+  peer can touch another's shards: the host is asked only for the owner's own.
+* **refusal** — a :class:`~p2pbackup.wire.messages.Refused` answer: the request was
+  understood and declined (not found, full, forbidden, conflict, integrity).
+  The session goes on. A message that breaks the protocol instead ends the
+  session (and only that session).
+
+The host's work (disk, SQLite) runs in worker threads; everything here is the
+thin trio layer. Every wait on a peer is bounded: the handshake, each message
+of a transfer in either direction, and the idle time between requests; and so
+is the number of sessions served at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from p2pbackup.core import crypto
+from p2pbackup.errors import (
+    IntegrityError,
+    MerkleError,
+    ProtocolError,
+    RemoteProtocolError,
+    ShardNotFoundError,
+    SignatureError,
+    StoreError,
+    StoreFullError,
+    StoreRequestError,
+)
+from p2pbackup.node import shardhost
+from p2pbackup.wire import messages
+from p2pbackup.wire.messages import RefusalCode
+from p2pbackup.wire.rpc import MessageChannel
+from p2pbackup.wire.session import Identity, secure_responder
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class ServerLimits:
+    """How long a peer may make the server wait, in seconds."""
+
+    handshake: float = 10.0
+    #: Between two requests of a session.
+    idle: float = 300.0
+    #: For each message of a request to arrive or leave (the pieces of a transfer).
+    transfer: float = 60.0
+    #: Sessions served at once; connections beyond are closed at once.
+    sessions: int = 256
+
+
+class StorageServer:
+    """Serves the storage protocol from ``host`` as the node ``identity``."""
+
+    def __init__(
+        self,
+        host: shardhost.ShardHost,
+        identity: Identity,
+        *,
+        limits: ServerLimits = ServerLimits(),
+        admits: Callable[[bytes], bool] | None = None,
+    ) -> None:
+        self.host = host
+        self.identity = identity
+        self.limits = limits
+        #: Whether a node may store new data here (None: any node may). A
+        #: node not admitted can still read, list and delete what it has.
+        self.admits = admits
+        self._sessions = trio.CapacityLimiter(limits.sessions)
+
+    @property
+    def active_sessions(self) -> int:
+        """Connections being served now (handshakes included)."""
+        return int(self._sessions.borrowed_tokens)
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one incoming connection until it ends; never raises for a peer's fault."""
+        try:
+            self._sessions.acquire_nowait()
+        except trio.WouldBlock:
+            log.warning("refused a connection: already serving %d sessions", self.limits.sessions)
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await self._handle_connection(stream)
+        finally:
+            self._sessions.release()
+
+    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
+        try:
+            with trio.fail_after(self.limits.handshake):
+                secure = await secure_responder(stream, self.identity)
+        except trio.TooSlowError:
+            log.info("handshake timed out")
+            await trio.aclose_forcefully(stream)
+            return
+        except (ProtocolError, IntegrityError, trio.BrokenResourceError) as exc:
+            log.info("handshake failed: %s", exc)
+            await trio.aclose_forcefully(stream)
+            return
+        await self.serve_session(secure, secure.remote_node_id, secure.remote_signing_key)
+
+    async def serve_session(
+        self, stream: trio.abc.Stream, owner: bytes, owner_signing_key: bytes
+    ) -> None:
+        """Answer the requests of the peer ``owner`` (node id, and its Ed25519 key).
+
+        The caller vouches for who is at the other end: :meth:`handle_connection`
+        passes a Noise session, whose handshake proved it; benchmarks pass a
+        plain stream to measure what the session costs.
+        """
+        session = _Session(self, stream, owner, owner_signing_key)
+        try:
+            await session.run()
+        except (RemoteProtocolError, IntegrityError) as exc:
+            log.info("session with %s closed: %s", session.peer_name, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("session with %s lost: %s", session.peer_name, exc)
+        except trio.TooSlowError:
+            log.info("session with %s timed out", session.peer_name)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+class _Refusal(Exception):
+    """Internal: end this request with a refusal; the session goes on."""
+
+    def __init__(self, code: RefusalCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _refusal_for(exc: Exception) -> _Refusal:
+    """The refusal that tells a peer what went wrong with the host."""
+    if isinstance(exc, ShardNotFoundError):
+        return _Refusal(RefusalCode.NOT_FOUND, str(exc))
+    if isinstance(exc, StoreFullError):
+        return _Refusal(RefusalCode.FULL, str(exc))
+    if isinstance(exc, shardhost.ShardConflictError):
+        return _Refusal(RefusalCode.CONFLICT, str(exc))
+    if isinstance(exc, MerkleError):
+        return _Refusal(RefusalCode.INTEGRITY, str(exc))
+    if isinstance(exc, StoreRequestError):
+        return _Refusal(RefusalCode.BAD_REQUEST, str(exc))
+    if isinstance(exc, StoreError):
+        return _Refusal(RefusalCode.INTERNAL, str(exc))
+    raise exc
+
+
+class _Session:
+    def __init__(
+        self, server: StorageServer, stream: trio.abc.Stream, owner: bytes, owner_key: bytes
+    ) -> None:
+        self.server = server
+        self.host = server.host
+        self.limits = server.limits
+        self.owner = owner
+        self.owner_key = owner_key
+        self.peer_name = owner.hex()[:16]
+        self.channel = MessageChannel(stream)
+
+    async def run(self) -> None:
+        handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
+            messages.PutShard: self._put_shard,
+            messages.GetShard: self._get_shard,
+            messages.HasShard: self._has_shard,
+            messages.Audit: self._audit,
+            messages.ListShards: self._list_shards,
+            messages.RenewLease: self._renew_lease,
+            messages.DeleteShard: self._delete_shard,
+            messages.PutRoot: self._put_root,
+            messages.GetRoot: self._get_root,
+            messages.GetUsage: self._get_usage,
+        }
+        while True:
+            with trio.fail_after(self.limits.idle):
+                request = await self.channel.receive_or_end()
+            if request is None:
+                return
+            handler = handlers.get(type(request))
+            if handler is None:
+                raise RemoteProtocolError(
+                    f"{type(request).__name__} is not a request this server answers"
+                )
+            try:
+                await handler(request)
+            except _Refusal as refusal:
+                await self._send(messages.Refused(refusal.code, refusal.message[:1000]))
+
+    async def _send(self, message: messages.Message) -> None:
+        # A peer that stops reading must not hold this session forever.
+        with trio.fail_after(self.limits.transfer):
+            await self.channel.send(message)
+
+    async def _call(self, function: Callable[..., object], *args: object) -> object:
+        """Run a host method in a worker thread; its failures become refusals."""
+        try:
+            return await trio.to_thread.run_sync(function, *args)
+        except (StoreError, MerkleError) as exc:
+            raise _refusal_for(exc) from None
+
+    def _check_signature(self, statement: bytes, signature: bytes, what: str) -> None:
+        try:
+            crypto.verify(self.owner_key, statement, signature)
+        except SignatureError:
+            raise _Refusal(
+                RefusalCode.FORBIDDEN, f"{what}: the owner's signature does not verify"
+            ) from None
+
+    # -- requests ---------------------------------------------------------------
+
+    def _check_admitted(self) -> None:
+        admits = self.server.admits
+        if admits is not None and not admits(self.owner):
+            raise _Refusal(
+                RefusalCode.FORBIDDEN,
+                f"node {self.server.identity.node_id.hex()} stores only for its friends; "
+                f"its owner must add node {self.owner.hex()} with `p2pbackup friend add`",
+            )
+
+    async def _put_shard(self, request: messages.PutShard) -> None:
+        self._check_admitted()
+        self._check_signature(
+            messages.put_statement(
+                self.server.identity.node_id,
+                request.shard_id,
+                request.size,
+                request.merkle_root,
+                request.lease_seconds,
+            ),
+            request.signature,
+            "put",
+        )
+        upload = await self._call(
+            self.host.begin_put,
+            self.owner,
+            request.shard_id,
+            request.size,
+            request.block_size,
+            request.merkle_root,
+            request.lease_seconds,
+        )
+        if upload is None:
+            info = await self._call(self.host.info, self.owner, request.shard_id)
+            assert isinstance(info, shardhost.HostedShard)
+            await self._send(messages.Stored(request.shard_id, info.lease_expiry))
+            return
+        assert isinstance(upload, shardhost.Upload)
+        try:
+            await self._send(messages.Ready())
+            failure = await self._receive_pieces(upload, request.size)
+            if failure is None:
+                expiry = await self._call(upload.commit)
+                assert isinstance(expiry, int)
+                await self._send(messages.Stored(request.shard_id, expiry))
+                return
+        finally:
+            upload.abort()
+        raise failure
+
+    async def _receive_pieces(self, upload: shardhost.Upload, size: int) -> _Refusal | None:
+        """Take ``size`` bytes of pieces into ``upload``; the refusal if writing failed.
+
+        A failed write does not end the exchange early: the peer has already
+        sent its pieces, so they are read (and dropped) to keep the session in
+        step, and the refusal is the answer.
+        """
+        received = 0
+        failure: _Refusal | None = None
+        while received < size:
+            with trio.fail_after(self.limits.transfer):
+                piece = await self.channel.receive()
+            if not isinstance(piece, messages.ShardPiece):
+                raise RemoteProtocolError(
+                    f"expected a shard piece during an upload, got {type(piece).__name__}"
+                )
+            received += len(piece.data)
+            if received > size:
+                raise RemoteProtocolError(f"upload longer than the {size} bytes declared")
+            if failure is None:
+                try:
+                    await self._call(upload.write, piece.data)
+                except _Refusal as refusal:
+                    failure = refusal
+        return failure
+
+    async def _get_shard(self, request: messages.GetShard) -> None:
+        info = await self._call(self.host.info, self.owner, request.shard_id)
+        if info is None:
+            raise _Refusal(RefusalCode.NOT_FOUND, f"no shard {request.shard_id.hex()[:16]}")
+        assert isinstance(info, shardhost.HostedShard)
+        start = min(request.offset, info.size)
+        end = info.size if request.length is None else min(info.size, start + request.length)
+        await self._send(messages.ShardData(end - start))
+        position = start
+        while position < end:
+            length = min(messages.PIECE_SIZE, end - position)
+            try:
+                data = await trio.to_thread.run_sync(
+                    self.host.read, self.owner, request.shard_id, position, length
+                )
+            except StoreError as exc:
+                # Too late for a refusal: the size is promised. End the session,
+                # which the peer sees as this host failing.
+                raise RemoteProtocolError(f"shard vanished while being read: {exc}") from None
+            if len(data) != length:
+                raise RemoteProtocolError("shard shrank while being read")
+            # Sealed straight from the bytes read, as an upload's pieces are.
+            with trio.fail_after(self.limits.transfer):
+                await self.channel.send_piece(data)
+            position += length
+
+    async def _has_shard(self, request: messages.HasShard) -> None:
+        present = await self._call(self.host.has, self.owner, request.shard_id)
+        await self._send(messages.ShardStatus(bool(present)))
+
+    async def _audit(self, request: messages.Audit) -> None:
+        info = await self._call(self.host.info, self.owner, request.shard_id)
+        if info is None:
+            raise _Refusal(RefusalCode.NOT_FOUND, f"no shard {request.shard_id.hex()[:16]}")
+        assert isinstance(info, shardhost.HostedShard)
+        if not messages.audit_answer_fits(len(request.indices), info.block_size):
+            raise _Refusal(
+                RefusalCode.BAD_REQUEST,
+                f"an answer of {len(request.indices)} blocks of {info.block_size} bytes "
+                "would not fit in one frame; ask for fewer blocks at a time",
+            )
+        answers = await self._call(self.host.audit, self.owner, request.shard_id, request.indices)
+        assert isinstance(answers, list)
+        await self._send(
+            messages.AuditProof(
+                request.nonce,
+                tuple(block for block, _proof in answers),
+                tuple(tuple(proof) for _block, proof in answers),
+            )
+        )
+
+    async def _list_shards(self, request: messages.ListShards) -> None:
+        result = await self._call(self.host.list, self.owner, request.after, request.limit)
+        assert isinstance(result, tuple)
+        shards, more = result
+        await self._send(
+            messages.ShardList(
+                tuple(messages.ShardEntry(s.shard_id, s.size, s.lease_expiry) for s in shards),
+                bool(more),
+            )
+        )
+
+    async def _renew_lease(self, request: messages.RenewLease) -> None:
+        self._check_signature(
+            messages.renew_statement(
+                self.server.identity.node_id, request.shard_ids, request.lease_seconds
+            ),
+            request.signature,
+            "renew",
+        )
+        result = await self._call(
+            self.host.renew, self.owner, request.shard_ids, request.lease_seconds
+        )
+        assert isinstance(result, tuple)
+        expiry, missing = result
+        await self._send(messages.LeaseRenewed(expiry, tuple(missing)))
+
+    async def _delete_shard(self, request: messages.DeleteShard) -> None:
+        self._check_signature(
+            messages.delete_statement(self.server.identity.node_id, request.shard_id),
+            request.signature,
+            "delete",
+        )
+        existed = await self._call(self.host.delete, self.owner, request.shard_id)
+        await self._send(messages.Deleted(bool(existed)))
+
+    async def _put_root(self, request: messages.PutRoot) -> None:
+        self._check_admitted()
+        await self._call(self.host.put_root, self.owner, request.data)
+        await self._send(messages.RootStored())
+
+    async def _get_root(self, _request: messages.GetRoot) -> None:
+        data = await self._call(self.host.get_root, self.owner)
+        assert data is None or isinstance(data, bytes)
+        await self._send(messages.RootData(data))
+
+    async def _get_usage(self, _request: messages.GetUsage) -> None:
+        admits = self.server.admits
+        if admits is not None and not admits(self.owner):
+            # Refused new data: no room is offered beyond what it has.
+            used = await self._call(self.host.usage, self.owner)
+            assert isinstance(used, int)
+            await self._send(messages.Usage(used, used))
+            return
+        result = await self._call(self.host.space, self.owner)
+        assert isinstance(result, tuple)
+        used, offered = result
+        await self._send(messages.Usage(used, offered))

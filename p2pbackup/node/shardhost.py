@@ -1,0 +1,1121 @@
+"""The shard host: what a storage node keeps on disk for its peers.
+
+Nouns:
+
+* **owner** — the node id (20 bytes) of the peer whose shards these are. The
+  server passes the session's authenticated node id, never one read from a
+  message. Every method takes the owner and only ever touches that owner's
+  rows and files, so one owner cannot read, list, renew or delete another's
+  shards: owners are isolated by construction, not by a check that could be
+  forgotten.
+* **hosted shard** — opaque bytes an owner stored under a 32-byte shard id,
+  with the geometry the owner declared for them: the size, a Merkle block size
+  and the Merkle root (:mod:`p2pbackup.core.merkle`'s tree over the whole stored
+  bytes). :class:`HostedShard` is its metadata row. Shards are write-once: an
+  id names the same bytes until the shard is deleted or collected.
+* **upload** — :class:`Upload`: a put in progress. Its bytes stream into a
+  temp file and a :class:`~p2pbackup.core.merkle.MerkleBuilder`; :meth:`Upload.commit`
+  stores the shard only if the size and the Merkle root are the declared ones,
+  so an acknowledged shard has always been verified.
+* **reservation** — the declared size of every upload in progress, counted
+  against the quotas beside the bytes already held, so that two concurrent
+  uploads cannot together exceed a quota that each fits alone.
+* **lease** — the unix second until which the host promises to keep a shard.
+  Putting or renewing never shortens it. A lease that has run out makes the
+  shard *collectable*: :meth:`ShardHost.collect_expired` deletes it; until then
+  it is still served and may be renewed.
+* **root record** — one owner's opaque mutable bytes (at most 1 MiB), replaced
+  whole and atomically.
+* **usage** — the bytes held for an owner: its shards plus its root record.
+  The **owner quota** bounds each owner's usage, the **capacity** all owners'
+  together; either may be None (no bound but the disk).
+* **offer** — what the host offers one owner now: its usage plus its
+  **room**, the least of what the owner quota, the capacity and the free disk
+  still allow, uploads in progress counted (:meth:`ShardHost.space`). This
+  is what a node states to each owner, so that owners place shards where
+  there is room and ask no more of a friend than it gives.
+* **reconciliation** — what :meth:`ShardHost.open` does before serving: bring
+  files and rows back into agreement after a crash (:class:`ReconcileReport`).
+
+Layout under the host's root directory (format version 1, the SQLite
+``user_version``)::
+
+    host.lock                             flock: one process per host
+    hosted.sqlite                         metadata (WAL): one row per shard
+    shards/<owner hex>/<ab>/<shard hex>   shard files; <ab> = first byte of the id
+    roots/<owner hex>                     root records
+    tmp/                                  uploads in progress; emptied on open
+
+Crash order. A put writes the temp file, fsyncs it, renames it into place,
+fsyncs the directory and only then inserts the row (one transaction, durable
+before it returns); the put is acknowledged after that. A crash at any point
+therefore leaves either nothing, a temp file (removed on open) or a file
+without a row — an **orphan**, removed on open — and never a row without its
+file. A delete removes the row first and the file second, for the same reason.
+A row whose file is gone or has the wrong size (a disk that lost data) is
+dropped on open and reported as **missing**, so the owner's next audit or
+listing tells it to repair.
+
+Threads. The server calls every method from worker threads, several at once.
+One SQLite connection and the usage counters are guarded by one lock; the
+bulk of the file I/O (writing and syncing uploads, reading shards, hashing for
+audits) happens outside it, so a large upload does not hold up reads of other
+shards. Renames into place and file removals happen under the lock, so that a
+row and its file change together as seen by every other thread.
+
+Errors. Refusals are :class:`~p2pbackup.errors.StoreError`s: ShardNotFoundError
+for an absent shard, StoreFullError for quota, capacity or a full disk (ENOSPC,
+EDQUOT), :class:`ShardConflictError` (defined here, since only a host meets it)
+for a different shard already stored under the id, MerkleError for bytes that
+fail their declared root, and plain StoreError for anything else, including
+nonsensical values a peer may send (a zero block size, a bad range), which
+must be refused rather than crash the server. Only arguments the server
+itself builds (the owner) raise ValueError.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import secrets
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import attrs
+
+from p2pbackup.core.merkle import HASH_SIZE, MerkleBuilder, block_count
+from p2pbackup.errors import (
+    MerkleError,
+    ShardNotFoundError,
+    StoreError,
+    StoreFullError,
+    StoreRequestError,
+)
+from p2pbackup.model import ID_SIZE, NODE_ID_SIZE
+from p2pbackup.stores.durable import DirectWriter, fsync_dir, write_all
+
+#: Version of the layout and of the SQLite schema (its ``user_version``).
+SCHEMA_VERSION = 1
+DB_NAME = "hosted.sqlite"
+LOCK_NAME = "host.lock"
+SHARDS_DIR = "shards"
+ROOTS_DIR = "roots"
+TMP_DIR = "tmp"
+
+#: Largest root record an owner may keep.
+MAX_ROOT_RECORD_SIZE = 1 << 20
+#: Largest Merkle block: one audit answer carries a block per index.
+MAX_BLOCK_SIZE = 1 << 20
+#: Most blocks a shard may have. An upload keeps 32 bytes per block in memory,
+#: so a peer declaring 1-byte blocks must not be able to make that gigabytes.
+#: 65 536 blocks of 64 KiB is a 4 GiB shard.
+MAX_BLOCKS = 1 << 16
+#: Longest lease granted; longer requests are granted this much (the answer
+#: says the expiry actually granted).
+MAX_LEASE_SECONDS = 10 * 366 * 24 * 3600
+#: Most shards one :meth:`ShardHost.list` call returns; the rest is a next page.
+MAX_LIST_LIMIT = 10_000
+#: Most blocks one audit may ask for.
+MAX_AUDIT_INDICES = 1024
+
+# Audits hash the whole file in reads of this size (bounded memory).
+_READ_SIZE = 1 << 20
+# collect_expired removes this many shards per turn of the lock.
+_COLLECT_BATCH = 1000
+_NO_SPACE_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None
+)
+_OWNER_NAME = re.compile(f"[0-9a-f]{{{2 * NODE_ID_SIZE}}}")
+_SHARD_NAME = re.compile(f"[0-9a-f]{{{2 * ID_SIZE}}}")
+
+_SCHEMA = """
+CREATE TABLE shards (
+    owner BLOB NOT NULL,
+    shard_id BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    block_size INTEGER NOT NULL,
+    merkle_root BLOB NOT NULL,
+    stored_at INTEGER NOT NULL,
+    lease_expiry INTEGER NOT NULL,
+    PRIMARY KEY (owner, shard_id)
+) WITHOUT ROWID;
+CREATE INDEX shards_by_expiry ON shards (lease_expiry);
+"""
+_COLUMNS = "shard_id, size, block_size, merkle_root, stored_at, lease_expiry"
+
+
+class ShardConflictError(StoreError):
+    """A different shard (size or Merkle root) is already stored under the id."""
+
+
+@attrs.frozen
+class HostedShard:
+    """Metadata of one hosted shard, as its owner declared it."""
+
+    shard_id: bytes = attrs.field(repr=lambda value: value.hex())
+    size: int
+    block_size: int
+    merkle_root: bytes = attrs.field(repr=lambda value: value.hex())
+    #: Unix seconds.
+    stored_at: int
+    lease_expiry: int
+
+    @classmethod
+    def from_row(cls, row: tuple[bytes, int, int, bytes, int, int]) -> HostedShard:
+        shard_id, size, block_size, merkle_root, stored_at, lease_expiry = row
+        return cls(
+            shard_id=bytes(shard_id),
+            size=size,
+            block_size=block_size,
+            merkle_root=bytes(merkle_root),
+            stored_at=stored_at,
+            lease_expiry=lease_expiry,
+        )
+
+
+@attrs.frozen
+class LostShard:
+    """A row reconciliation dropped because its file was gone or the wrong size."""
+
+    owner: bytes = attrs.field(repr=lambda value: value.hex())
+    shard_id: bytes = attrs.field(repr=lambda value: value.hex())
+    reason: str
+
+
+@attrs.frozen
+class ReconcileReport:
+    """What :meth:`ShardHost.open` found and fixed."""
+
+    #: Shard files without a row (a crash between rename and row), removed.
+    orphans_removed: int = 0
+    #: Rows dropped because their file was missing or had the wrong size.
+    missing: tuple[LostShard, ...] = ()
+    #: Files of uploads in progress at the last stop, removed.
+    temps_removed: int = 0
+    #: Shards whose lease had run out, collected.
+    expired: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not (self.orphans_removed or self.missing or self.temps_removed or self.expired)
+
+    def describe(self) -> list[str]:
+        """One line per finding, for a human; nothing when all was in order."""
+        lines = []
+        if self.temps_removed:
+            lines.append(f"removed {self.temps_removed} unfinished upload(s)")
+        if self.orphans_removed:
+            lines.append(f"removed {self.orphans_removed} shard file(s) that were never stored")
+        for lost in self.missing:
+            lines.append(
+                f"lost shard {lost.shard_id.hex()[:16]} of {lost.owner.hex()[:16]}: {lost.reason}"
+            )
+        if self.expired:
+            lines.append(f"collected {self.expired} shard(s) whose lease ran out")
+        return lines
+
+
+# -- checks -------------------------------------------------------------------------------
+
+
+def _check_owner(owner: bytes) -> None:
+    # The server builds the owner from the session, so a bad one is our bug.
+    if not isinstance(owner, bytes) or len(owner) != NODE_ID_SIZE:
+        raise ValueError(f"an owner is a {NODE_ID_SIZE}-byte node id, got {owner!r}")
+
+
+def _check_shard_id(shard_id: bytes) -> None:
+    if not isinstance(shard_id, bytes) or len(shard_id) != ID_SIZE:
+        raise StoreRequestError(f"a shard id is {ID_SIZE} bytes, got {len(shard_id)}")
+
+
+def _check_geometry(size: int, block_size: int, merkle_root: bytes) -> None:
+    if size < 0:
+        raise StoreRequestError(f"shard size must not be negative, got {size}")
+    if not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise StoreRequestError(f"Merkle block size {block_size} is not in [1, {MAX_BLOCK_SIZE}]")
+    blocks = block_count(size, block_size)
+    if blocks > MAX_BLOCKS:
+        raise StoreRequestError(
+            f"a shard of {size} bytes in blocks of {block_size} has {blocks} blocks; "
+            f"this host takes at most {MAX_BLOCKS}"
+        )
+    if len(merkle_root) != HASH_SIZE:
+        raise StoreRequestError(f"a Merkle root is {HASH_SIZE} bytes, got {len(merkle_root)}")
+
+
+def _granted_lease(lease_seconds: int) -> int:
+    if lease_seconds < 0:
+        raise StoreRequestError(f"lease must not be negative, got {lease_seconds} seconds")
+    return min(lease_seconds, MAX_LEASE_SECONDS)
+
+
+def _short(shard_id: bytes) -> str:
+    return shard_id.hex()[:16]
+
+
+# -- file helpers -------------------------------------------------------------------------
+
+
+def _os_error(action: str, path: Path | str, error: OSError) -> StoreError:
+    """The store error for an OSError: StoreFullError when the disk or quota is full."""
+    reason = error.strerror or str(error)
+    if error.errno in _NO_SPACE_ERRNOS:
+        return StoreFullError(f"no room on disk to {action} {path}: {reason}")
+    return StoreError(f"could not {action} {path}: {reason}")
+
+
+@contextlib.contextmanager
+def _os_errors(action: str, path: Path | str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as error:
+        raise _os_error(action, path, error) from error
+
+
+def _make_dir(path: Path) -> None:
+    """Create ``path`` if missing (its parent exists), durably."""
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return
+    fsync_dir(path.parent)
+
+
+def _read_at(fd: int, offset: int, length: int) -> bytes:
+    """Up to ``length`` bytes from ``offset``; fewer only at the end of the file."""
+    pieces = []
+    while length > 0:
+        piece = os.pread(fd, length, offset)
+        if not piece:
+            break
+        pieces.append(piece)
+        offset += len(piece)
+        length -= len(piece)
+    return b"".join(pieces)
+
+
+def _unlink_quietly(path: Path) -> None:
+    # Used where the file may already be gone, or where a leftover is harmless
+    # because reconciliation removes it on the next open.
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _write_temp(directory: Path, data: bytes) -> Path:
+    temp = directory / f"root-{secrets.token_hex(8)}"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            write_all(fd, memoryview(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        _unlink_quietly(temp)
+        raise _os_error("write", temp, error) from error
+    return temp
+
+
+# -- the host -----------------------------------------------------------------------------
+
+
+class ShardHost:
+    """The shards and root records a node keeps for its peers (module docstring).
+
+    Make one with :meth:`open`; every method is safe to call from several
+    threads at once.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        db: sqlite3.Connection,
+        lock_fd: int,
+        *,
+        capacity: int | None,
+        owner_quota: int | None,
+        clock: Callable[[], float],
+    ) -> None:
+        # Use open(): this only wires together what open() prepared.
+        self.root = root
+        self.capacity = capacity
+        self.owner_quota = owner_quota
+        self.reconcile_report = ReconcileReport()
+        self._db = db
+        self._lock_fd = lock_fd
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._closed = False
+        self._shard_bytes: dict[bytes, int] = {}
+        self._root_bytes: dict[bytes, int] = {}
+        self._reserved: dict[bytes, int] = {}
+        self._uploads: set[Upload] = set()
+
+    @classmethod
+    def open(
+        cls,
+        root: Path,
+        *,
+        capacity: int | None = None,
+        owner_quota: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> ShardHost:
+        """Open (creating if needed) the host at ``root`` and reconcile it.
+
+        StoreError if another process has it open, or if its database is not
+        one this version reads.
+        """
+        for name, limit in (("capacity", capacity), ("owner quota", owner_quota)):
+            if limit is not None and limit < 0:
+                raise ValueError(f"{name} must not be negative, got {limit}")
+        with _os_errors("create the shard host directory", root):
+            root.mkdir(parents=True, exist_ok=True)
+            for name in (SHARDS_DIR, ROOTS_DIR, TMP_DIR):
+                _make_dir(root / name)
+            lock_fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"the shard host {root} is in use by another process") from None
+            db = _open_db(root / DB_NAME)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        host = cls(root, db, lock_fd, capacity=capacity, owner_quota=owner_quota, clock=clock)
+        try:
+            host.reconcile_report = host._reconcile()
+        except BaseException:
+            host.close()
+            raise
+        return host
+
+    def close(self) -> None:
+        """Abort the uploads in progress and release the host; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            uploads = builtins.list(self._uploads)
+        # Outside the lock: an upload takes its own lock first, then ours.
+        for upload in uploads:
+            upload.abort()
+        with self._lock:
+            self._db.close()
+            os.close(self._lock_fd)  # releases the flock
+
+    # -- puts ------------------------------------------------------------------------------
+
+    def begin_put(
+        self,
+        owner: bytes,
+        shard_id: bytes,
+        size: int,
+        block_size: int,
+        merkle_root: bytes,
+        lease_seconds: int,
+    ) -> Upload | None:
+        """Start storing a shard; None when it is already stored.
+
+        "Already stored" means the same size and Merkle root: the put is then
+        idempotent, and the lease is extended to the later of the old and the
+        new expiry. A different shard under the id raises ShardConflictError
+        (unless its lease has run out: the id is then free again). The space
+        is reserved until the upload is committed or aborted; StoreFullError
+        when the owner's quota, the capacity or the disk has no room for it.
+        """
+        _check_owner(owner)
+        _check_shard_id(shard_id)
+        _check_geometry(size, block_size, merkle_root)
+        lease = _granted_lease(lease_seconds)
+        with _os_errors("read the free space of", self.root):
+            disk = os.statvfs(self.root)
+        disk_free = disk.f_bavail * disk.f_frsize
+        with self._lock:
+            self._check_open()
+            now = self._now()
+            existing = self._row(owner, shard_id)
+            if existing is not None:
+                if existing.size == size and existing.merkle_root == merkle_root:
+                    self._extend_leases(owner, [shard_id], now + lease)
+                    return None
+                if existing.lease_expiry > now:
+                    raise _conflict(shard_id, existing)
+                self._remove_locked(owner, shard_id, existing.size)
+            self._check_room(owner, size, disk_free=disk_free)
+            self._reserved[owner] = self._reserved.get(owner, 0) + size
+            temp = self.root / TMP_DIR / f"shard-{secrets.token_hex(8)}"
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except OSError as error:
+                self._release(owner, size)
+                raise _os_error("create", temp, error) from error
+            upload = Upload(
+                self,
+                owner=owner,
+                shard_id=shard_id,
+                size=size,
+                block_size=block_size,
+                merkle_root=merkle_root,
+                lease_seconds=lease,
+                temp=temp,
+                fd=fd,
+            )
+            self._uploads.add(upload)
+            return upload
+
+    def _publish(self, upload: Upload) -> int:
+        """Move a verified, synced upload into place and insert its row."""
+        owner, shard_id = upload.owner, upload.shard_id
+        final = self._shard_path(owner, shard_id)
+        try:
+            with _os_errors("create the directory of", final):
+                _make_dir(final.parent.parent)
+                _make_dir(final.parent)
+        except BaseException:
+            self._finish(upload)
+            raise
+        with self._lock:
+            # The reservation ends in the same critical section as the row
+            # begins, so no one ever sees the bytes counted twice.
+            try:
+                self._check_open()
+                now = self._now()
+                expiry = now + upload.lease_seconds
+                existing = self._row(owner, shard_id)
+                if existing is not None:
+                    # Another upload of this id committed first.
+                    if existing.size == upload.size and existing.merkle_root == upload.merkle_root:
+                        self._extend_leases(owner, [shard_id], expiry)
+                        return max(expiry, existing.lease_expiry)
+                    if existing.lease_expiry > now:
+                        raise _conflict(shard_id, existing)
+                    self._remove_locked(owner, shard_id, existing.size)
+                try:
+                    with _os_errors("move into place", final):
+                        os.replace(upload.temp, final)
+                        fsync_dir(final.parent)
+                    row = (owner, shard_id, upload.size, upload.block_size, upload.merkle_root)
+                    with self._transaction() as db:
+                        db.execute(
+                            f"INSERT INTO shards (owner, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (*row, now, expiry),
+                        )
+                except BaseException:
+                    # Without its row the file is an orphan: remove it now
+                    # rather than at the next open. (No other thread can have
+                    # put a file there: the name is free while we hold the lock.)
+                    _unlink_quietly(final)
+                    raise
+                self._shard_bytes[owner] = self._shard_bytes.get(owner, 0) + upload.size
+                return expiry
+            finally:
+                self._finish_locked(upload)
+
+    def _finish(self, upload: Upload) -> None:
+        with self._lock:
+            self._finish_locked(upload)
+
+    def _finish_locked(self, upload: Upload) -> None:
+        """Forget an upload and free its reservation (once)."""
+        if upload in self._uploads:
+            self._uploads.discard(upload)
+            self._release(upload.owner, upload.size)
+
+    def _release(self, owner: bytes, size: int) -> None:
+        left = self._reserved[owner] - size
+        if left:
+            self._reserved[owner] = left
+        else:
+            del self._reserved[owner]
+
+    def _check_room(
+        self, owner: bytes, added: int, *, freed: int = 0, disk_free: int | None = None
+    ) -> None:
+        """StoreFullError unless ``added`` more bytes (``freed`` fewer) fit."""
+        if self.owner_quota is not None:
+            used = self._usage_locked(owner)
+            reserved = self._reserved.get(owner, 0)
+            free = max(0, self.owner_quota - used - reserved + freed)
+            if added > free:
+                raise StoreFullError(
+                    f"owner {owner.hex()[:16]} has no room for {added} bytes: its quota is "
+                    f"{self.owner_quota} bytes, {used} used and {reserved} reserved by "
+                    f"uploads in progress ({free} free)"
+                )
+        if self.capacity is not None:
+            used = sum(self._shard_bytes.values()) + sum(self._root_bytes.values())
+            reserved = sum(self._reserved.values())
+            free = max(0, self.capacity - used - reserved + freed)
+            if added > free:
+                raise StoreFullError(
+                    f"this node has no room for {added} bytes: its capacity is "
+                    f"{self.capacity} bytes, {used} used and {reserved} reserved by "
+                    f"uploads in progress ({free} free)"
+                )
+        if disk_free is not None and added - freed > disk_free:
+            raise StoreFullError(
+                f"this node has no room for {added} bytes: the disk holding {self.root} "
+                f"has {disk_free} bytes free"
+            )
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def has(self, owner: bytes, shard_id: bytes) -> bool:
+        return self.info(owner, shard_id) is not None
+
+    def info(self, owner: bytes, shard_id: bytes) -> HostedShard | None:
+        _check_owner(owner)
+        _check_shard_id(shard_id)
+        with self._lock:
+            self._check_open()
+            return self._row(owner, shard_id)
+
+    def read(
+        self, owner: bytes, shard_id: bytes, offset: int = 0, length: int | None = None
+    ) -> bytes:
+        """The shard's bytes from ``offset``, at most ``length`` (None: to the end).
+
+        A range past the end returns what exists. The bytes are read as they
+        are on disk, unverified: the owner checks them against its root.
+        """
+        if offset < 0 or (length is not None and length < 0):
+            raise StoreRequestError(f"bad shard range: offset {offset}, length {length}")
+        with self._open_shard(owner, shard_id) as (fd, _info):
+            if length is None:
+                length = max(0, os.fstat(fd).st_size - offset)
+            return _read_at(fd, offset, length)
+
+    def audit(
+        self, owner: bytes, shard_id: bytes, indices: Sequence[int]
+    ) -> builtins.list[tuple[bytes, tuple[bytes, ...]]]:
+        """Blocks ``indices`` of a shard, each with its Merkle proof.
+
+        The tree is rebuilt from the file as it is now, one read of 1 MiB at a
+        time (memory: the leaf hashes and the answer, not the shard). A
+        damaged file gives proofs that fail against the owner's root, which
+        is how the owner learns of the damage. StoreError for an index out of
+        range (naming it and the block count) or a file of the wrong size.
+        """
+        if len(indices) > MAX_AUDIT_INDICES:
+            raise StoreRequestError(
+                f"audit asks for {len(indices)} blocks; this host answers at most "
+                f"{MAX_AUDIT_INDICES} at a time"
+            )
+        with self._open_shard(owner, shard_id) as (fd, info):
+            count = block_count(info.size, info.block_size)
+            for index in indices:
+                if not 0 <= index < count:
+                    raise StoreRequestError(
+                        f"audit of shard {_short(shard_id)}: block {index} is out of range "
+                        f"(the shard has {count} blocks)"
+                    )
+            on_disk = os.fstat(fd).st_size
+            if on_disk != info.size:
+                raise StoreError(
+                    f"shard {_short(shard_id)} is damaged: its file holds {on_disk} bytes, "
+                    f"{info.size} were stored"
+                )
+            builder = MerkleBuilder(info.block_size)
+            for offset in range(0, info.size, _READ_SIZE):
+                builder.update(_read_at(fd, offset, _READ_SIZE))
+            tree = builder.tree()
+            return [
+                (_read_at(fd, index * info.block_size, info.block_size), tree.proof(index))
+                for index in indices
+            ]
+
+    @contextlib.contextmanager
+    def _open_shard(self, owner: bytes, shard_id: bytes) -> Iterator[tuple[int, HostedShard]]:
+        """An open descriptor of a stored shard's file, with its row."""
+        info = self.info(owner, shard_id)
+        path = self._shard_path(owner, shard_id)
+        if info is None:
+            raise _not_found(shard_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise _not_found(shard_id) from None  # deleted since the lookup
+        except OSError as error:
+            raise _os_error("open", path, error) from error
+        try:
+            with _os_errors("read", path):
+                yield fd, info
+        finally:
+            os.close(fd)
+
+    def list(
+        self, owner: bytes, after: bytes | None = None, limit: int = MAX_LIST_LIMIT
+    ) -> tuple[builtins.list[HostedShard], bool]:
+        """The owner's shards with ids above ``after``, sorted by id, at most
+        ``limit`` (capped at MAX_LIST_LIMIT); and whether more follow."""
+        _check_owner(owner)
+        if limit < 1:
+            raise StoreRequestError(f"a listing needs a limit of at least 1, got {limit}")
+        limit = min(limit, MAX_LIST_LIMIT)
+        with self._lock:
+            self._check_open()
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM shards WHERE owner = ? AND shard_id > ? "
+                "ORDER BY shard_id LIMIT ?",
+                (owner, after or b"", limit + 1),
+            ).fetchall()
+        shards = [HostedShard.from_row(row) for row in rows[:limit]]
+        return shards, len(rows) > limit
+
+    # -- leases and deletes -----------------------------------------------------------------
+
+    def renew(
+        self, owner: bytes, shard_ids: Sequence[bytes], lease_seconds: int
+    ) -> tuple[int, builtins.list[bytes]]:
+        """Keep the listed shards at least ``lease_seconds`` from now.
+
+        Returns that expiry (unix seconds; a lease already longer is kept)
+        and the ids the owner has no shard under, in the order given.
+        """
+        _check_owner(owner)
+        for shard_id in shard_ids:
+            _check_shard_id(shard_id)
+        lease = _granted_lease(lease_seconds)
+        with self._lock:
+            self._check_open()
+            expiry = self._now() + lease
+            missing = self._extend_leases(owner, shard_ids, expiry)
+        return expiry, missing
+
+    def _extend_leases(
+        self, owner: bytes, shard_ids: Sequence[bytes], expiry: int
+    ) -> builtins.list[bytes]:
+        missing = []
+        with self._transaction() as db:
+            for shard_id in shard_ids:
+                cursor = db.execute(
+                    "UPDATE shards SET lease_expiry = MAX(lease_expiry, ?) "
+                    "WHERE owner = ? AND shard_id = ?",
+                    (expiry, owner, shard_id),
+                )
+                if cursor.rowcount == 0:
+                    missing.append(shard_id)
+        return missing
+
+    def delete(self, owner: bytes, shard_id: bytes) -> bool:
+        """Remove a shard; whether it existed."""
+        _check_owner(owner)
+        _check_shard_id(shard_id)
+        with self._lock:
+            self._check_open()
+            existing = self._row(owner, shard_id)
+            if existing is None:
+                return False
+            self._remove_locked(owner, shard_id, existing.size)
+            return True
+
+    def collect_expired(self) -> int:
+        """Delete every shard whose lease has run out; how many there were."""
+        removed = 0
+        while True:
+            with self._lock:
+                self._check_open()
+                rows = self._db.execute(
+                    "SELECT owner, shard_id, size FROM shards WHERE lease_expiry <= ? LIMIT ?",
+                    (self._now(), _COLLECT_BATCH),
+                ).fetchall()
+                self._remove_rows_locked(rows)
+            removed += len(rows)
+            if len(rows) < _COLLECT_BATCH:
+                return removed
+
+    def _remove_locked(self, owner: bytes, shard_id: bytes, size: int) -> None:
+        self._remove_rows_locked([(owner, shard_id, size)])
+
+    def _remove_rows_locked(self, rows: Sequence[tuple[bytes, bytes, int]]) -> None:
+        # Rows first, files second: a crash in between leaves orphan files,
+        # which reconciliation removes, never rows without files.
+        if not rows:
+            return
+        with self._transaction() as db:
+            db.executemany(
+                "DELETE FROM shards WHERE owner = ? AND shard_id = ?",
+                [(owner, shard_id) for owner, shard_id, _size in rows],
+            )
+        for owner, shard_id, size in rows:
+            _unlink_quietly(self._shard_path(owner, shard_id))
+            left = self._shard_bytes.get(owner, 0) - size
+            if left:
+                self._shard_bytes[owner] = left
+            else:
+                self._shard_bytes.pop(owner, None)
+
+    # -- root records ----------------------------------------------------------------------
+
+    def put_root(self, owner: bytes, data: bytes) -> None:
+        """Replace the owner's root record atomically (it counts toward usage)."""
+        _check_owner(owner)
+        if len(data) > MAX_ROOT_RECORD_SIZE:
+            raise StoreRequestError(
+                f"a root record of {len(data)} bytes is over the limit of "
+                f"{MAX_ROOT_RECORD_SIZE} bytes"
+            )
+        final = self._root_path(owner)
+        with self._lock:
+            self._check_open()
+            old = self._root_bytes.get(owner, 0)
+            self._check_room(owner, len(data), freed=old)
+        temp = _write_temp(self.root / TMP_DIR, data)
+        try:
+            with self._lock:
+                self._check_open()
+                # Checked again: other puts may have used the room meanwhile.
+                old = self._root_bytes.get(owner, 0)
+                self._check_room(owner, len(data), freed=old)
+                with _os_errors("move into place", final):
+                    os.replace(temp, final)
+                    fsync_dir(final.parent)
+                self._root_bytes[owner] = len(data)
+        finally:
+            _unlink_quietly(temp)
+
+    def get_root(self, owner: bytes) -> bytes | None:
+        """The owner's root record, or None if it never put one."""
+        _check_owner(owner)
+        with self._lock:
+            self._check_open()
+        path = self._root_path(owner)
+        try:
+            with open(path, "rb") as file:
+                return file.read(MAX_ROOT_RECORD_SIZE)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise _os_error("read", path, error) from error
+
+    # -- usage -----------------------------------------------------------------------------
+
+    def usage(self, owner: bytes) -> int:
+        """Bytes held for ``owner``: its shards and its root record."""
+        _check_owner(owner)
+        with self._lock:
+            self._check_open()
+            return self._usage_locked(owner)
+
+    def space(self, owner: bytes) -> tuple[int, int]:
+        """(usage, offer) of ``owner`` now: the offer is the usage plus the
+        room a put of that many bytes would find (module docstring)."""
+        _check_owner(owner)
+        with _os_errors("read the free space of", self.root):
+            disk = os.statvfs(self.root)
+        rooms = [disk.f_bavail * disk.f_frsize]
+        with self._lock:
+            self._check_open()
+            used = self._usage_locked(owner)
+            if self.owner_quota is not None:
+                rooms.append(self.owner_quota - used - self._reserved.get(owner, 0))
+            if self.capacity is not None:
+                everyone = sum(self._shard_bytes.values()) + sum(self._root_bytes.values())
+                rooms.append(self.capacity - everyone - sum(self._reserved.values()))
+        return used, used + max(0, min(rooms))
+
+    def total_usage(self) -> int:
+        """Bytes held for all owners."""
+        with self._lock:
+            self._check_open()
+            return sum(self._shard_bytes.values()) + sum(self._root_bytes.values())
+
+    def _usage_locked(self, owner: bytes) -> int:
+        return self._shard_bytes.get(owner, 0) + self._root_bytes.get(owner, 0)
+
+    # -- reconciliation --------------------------------------------------------------------
+
+    def _reconcile(self) -> ReconcileReport:
+        """Bring files and rows into agreement (see the module docstring).
+
+        Runs before the host is shared with other threads. It stats every
+        shard file once, which is fine for the tens of thousands of shards a
+        home node holds.
+        """
+        temps_removed = 0
+        for entry in _scan(self.root / TMP_DIR):
+            _unlink_quietly(Path(entry.path))
+            temps_removed += 1
+        stored: set[str] = set()
+        lost: builtins.list[LostShard] = []
+        for owner, shard_id, size in self._db.execute(
+            "SELECT owner, shard_id, size FROM shards"
+        ).fetchall():
+            path = self._shard_path(owner, shard_id)
+            try:
+                found = os.stat(path)
+            except FileNotFoundError:
+                lost.append(LostShard(owner, shard_id, "its file is missing"))
+                continue
+            if not stat.S_ISREG(found.st_mode) or found.st_size != size:
+                lost.append(
+                    LostShard(owner, shard_id, f"its file holds {found.st_size} of {size} bytes")
+                )
+                _unlink_quietly(path)
+                continue
+            stored.add(str(path))
+        if lost:
+            with self._transaction() as db:
+                db.executemany(
+                    "DELETE FROM shards WHERE owner = ? AND shard_id = ?",
+                    [(shard.owner, shard.shard_id) for shard in lost],
+                )
+        orphans = 0
+        for owner_dir in _scan(self.root / SHARDS_DIR):
+            for prefix_dir in _scan(Path(owner_dir.path)):
+                for entry in _scan(Path(prefix_dir.path)):
+                    if entry.path not in stored and entry.is_file(follow_symlinks=False):
+                        _unlink_quietly(Path(entry.path))
+                        orphans += 1
+        for owner, total in self._db.execute(
+            "SELECT owner, SUM(size) FROM shards GROUP BY owner"
+        ).fetchall():
+            if total:
+                self._shard_bytes[bytes(owner)] = total
+        for entry in _scan(self.root / ROOTS_DIR):
+            if _OWNER_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                self._root_bytes[bytes.fromhex(entry.name)] = entry.stat().st_size
+        expired = self.collect_expired()
+        return ReconcileReport(
+            orphans_removed=orphans,
+            missing=tuple(lost),
+            temps_removed=temps_removed,
+            expired=expired,
+        )
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"the shard host {self.root} is closed")
+
+    def _shard_path(self, owner: bytes, shard_id: bytes) -> Path:
+        name = shard_id.hex()
+        return self.root / SHARDS_DIR / owner.hex() / name[:2] / name
+
+    def _root_path(self, owner: bytes) -> Path:
+        return self.root / ROOTS_DIR / owner.hex()
+
+    def _row(self, owner: bytes, shard_id: bytes) -> HostedShard | None:
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM shards WHERE owner = ? AND shard_id = ?",
+            (owner, shard_id),
+        ).fetchone()
+        return None if row is None else HostedShard.from_row(row)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.Error as error:
+            if error.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                raise StoreFullError(f"no room on disk for the host's metadata: {error}") from error
+            raise StoreError(f"the shard host's metadata failed: {error}") from error
+
+
+class Upload:
+    """A put in progress: bytes go to a temp file and a Merkle builder.
+
+    Made by :meth:`ShardHost.begin_put`. Feed it the shard's bytes with
+    :meth:`write` in pieces of any size, then :meth:`commit`; or
+    :meth:`abort`. Any failure aborts it (removes the temp file and frees the
+    reservation); aborting again, or after a commit, does nothing.
+    """
+
+    def __init__(
+        self,
+        host: ShardHost,
+        *,
+        owner: bytes,
+        shard_id: bytes,
+        size: int,
+        block_size: int,
+        merkle_root: bytes,
+        lease_seconds: int,
+        temp: Path,
+        fd: int,
+    ) -> None:
+        self.owner = owner
+        self.shard_id = shard_id
+        self.size = size
+        self.block_size = block_size
+        self.merkle_root = merkle_root
+        self.lease_seconds = lease_seconds
+        self.temp = temp
+        self._host = host
+        self._fd = fd
+        self._writer = DirectWriter(fd)
+        self._builder = MerkleBuilder(block_size)
+        self._lock = threading.Lock()
+        self._done = False
+
+    @property
+    def written(self) -> int:
+        return self._builder.size
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data``. More bytes than declared abort the upload (StoreError);
+        a full disk aborts it with StoreFullError."""
+        view = memoryview(data).cast("B")
+        with self._lock:
+            self._check_open()
+            if self._builder.size + len(view) > self.size:
+                self._abort_locked()
+                raise StoreError(
+                    f"upload of shard {_short(self.shard_id)} is longer than the "
+                    f"{self.size} bytes declared; it was aborted"
+                )
+            try:
+                self._writer.write(view)
+            except OSError as error:
+                self._abort_locked()
+                raise _os_error("write", self.temp, error) from error
+            self._builder.update(view)
+
+    def commit(self) -> int:
+        """Verify and store the shard; its lease expiry (unix seconds).
+
+        StoreError if fewer bytes came than declared, MerkleError if they do
+        not hash to the declared root; either way nothing is stored.
+        """
+        with self._lock:
+            self._check_open()
+            try:
+                if self._builder.size != self.size:
+                    raise StoreError(
+                        f"upload of shard {_short(self.shard_id)} ended after "
+                        f"{self._builder.size} of the {self.size} bytes declared"
+                    )
+                if self._builder.root() != self.merkle_root:
+                    raise MerkleError(
+                        f"shard {_short(self.shard_id)}: the {self.size} bytes received do "
+                        f"not hash to the declared Merkle root {self.merkle_root.hex()[:16]}"
+                    )
+                with _os_errors("write", self.temp):
+                    self._writer.flush()
+                with _os_errors("sync", self.temp):
+                    os.fsync(self._fd)
+                self._close_fd()
+            except BaseException:
+                self._abort_locked()
+                raise
+            self._done = True
+            try:
+                return self._host._publish(self)
+            finally:
+                _unlink_quietly(self.temp)  # still there unless it was moved into place
+
+    def abort(self) -> None:
+        """Drop the upload: remove the temp file, free the reservation."""
+        with self._lock:
+            if not self._done:
+                self._abort_locked()
+
+    def _abort_locked(self) -> None:
+        self._done = True
+        self._close_fd()
+        _unlink_quietly(self.temp)
+        self._host._finish(self)
+
+    def _close_fd(self) -> None:
+        self._writer.close()
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise StoreError(f"upload of shard {_short(self.shard_id)} is already finished")
+
+
+# -- module helpers -------------------------------------------------------------------------
+
+
+def usage_by_owner(root: Path) -> dict[bytes, int]:
+    """Bytes of shards held for each owner, read without opening the host (a
+    running node holds it); empty if nothing was ever hosted under ``root``."""
+    path = root / DB_NAME
+    if not path.exists():
+        return {}
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT owner, sum(size) FROM shards GROUP BY owner").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as error:
+        raise StoreError(f"cannot read the shard host database {path}: {error}") from error
+    return {bytes(owner): int(size) for owner, size in rows}
+
+
+def _open_db(path: Path) -> sqlite3.Connection:
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as error:
+        raise StoreError(f"cannot open the shard host database {path}: {error}") from error
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            # A new database: schema and version in one transaction, so a
+            # crash leaves either nothing or both.
+            db.execute("BEGIN IMMEDIATE")
+            # One statement at a time: executescript() would commit midway.
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        elif version != SCHEMA_VERSION:
+            raise StoreError(
+                f"the shard host database {path} has schema version {version}; "
+                f"this p2pbackup reads version {SCHEMA_VERSION}"
+            )
+        db.execute("PRAGMA journal_mode = WAL")
+        # FULL: a committed row survives power loss, so an acknowledged put does.
+        db.execute("PRAGMA synchronous = FULL")
+    except sqlite3.Error as error:
+        db.close()
+        raise StoreError(f"cannot open the shard host database {path}: {error}") from error
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _scan(directory: Path) -> builtins.list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as entries:
+            return builtins.list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _not_found(shard_id: bytes) -> ShardNotFoundError:
+    return ShardNotFoundError(f"this host holds no shard {_short(shard_id)} for you")
+
+
+def _conflict(shard_id: bytes, existing: HostedShard) -> ShardConflictError:
+    return ShardConflictError(
+        f"conflict: another shard is stored under id {_short(shard_id)} "
+        f"({existing.size} bytes, root {existing.merkle_root.hex()[:16]}); "
+        "shards are write-once, the stored one was kept"
+    )

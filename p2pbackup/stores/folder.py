@@ -1,0 +1,733 @@
+"""Where shards live: one owner's namespace on one peer.
+
+Nouns:
+
+* **shard id** — 32 opaque bytes that name a shard (the engine chooses them).
+* **owner** — the node whose shards a namespace holds, as bytes (its node id).
+* **shard store** — :class:`ShardStore`: one owner's namespace on one peer.
+  Shards are *write-once*: an id, once stored, always means the same bytes
+  until it is deleted. Beside the shards sits one mutable object, the owner's
+  **root record** (opaque bytes here), which is replaced whole and atomically.
+* **usage** — the bytes a store holds for its owner: the lengths of its shards
+  plus the length of its root record.
+* **offer** — the most bytes the store would hold for its owner now: the
+  usage plus the **room** left for more (the least of what the peer's quotas
+  and its disk still allow). :class:`Space` is the pair (used, offered);
+  ``offered`` is None when nothing bounds it (a memory store without a
+  capacity). An offer is an estimate of the moment, not a promise: a put
+  may still be refused as full.
+* **peer folder** — a local directory acting as a peer (an external disk, a
+  NAS mount). Its layout::
+
+      <root>/p2pbackup-peer/PEER                                marker
+      <root>/p2pbackup-peer/owners/<owner hex>/root             root record
+      <root>/p2pbackup-peer/owners/<owner hex>/shards/<ab>/<abcd…>   shards
+
+  where ``<ab>`` is the first two hex digits of the shard id.
+* **marker** — the ``PEER`` file: JSON ``{"format": "p2pbackup-peer",
+  "version": 1, "peer_id": "dir-<16 hex>"}``. The peer id names the folder
+  wherever it is mounted; a folder without a marker is never written to, so an
+  unmounted disk's empty mount point is not silently filled instead.
+* **temp file** — ``.tmp-<random>`` beside its final name: written, synced,
+  then moved into place, so a crash never leaves a partial file under a final
+  name. Leftovers of a crash are garbage, skipped by listings and removed by
+  :meth:`FolderShardStore.collect_garbage` (and, once stale, before a store
+  first writes).
+
+Stores verify nothing they read: the engine checks Merkle roots and AEAD tags,
+so a corrupted shard is returned as it is.
+
+Misuse — a shard id that is not 32 bytes, a negative offset or length — raises
+``ValueError``: only code builds those, never users.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import attrs
+import trio
+
+from p2pbackup.errors import ShardNotFoundError, StoreError, StoreFullError
+from p2pbackup.model import ID_SIZE
+from p2pbackup.stores.durable import DirectWriter, fsync_dir
+
+PEER_DIR = "p2pbackup-peer"
+MARKER_NAME = "PEER"
+MARKER_FORMAT = "p2pbackup-peer"
+MARKER_VERSION = 1
+TEMP_PREFIX = ".tmp-"
+#: Temp files older than this are a crash's leftovers, whoever wrote them; a
+#: younger one may belong to another process writing to the same folder now.
+STALE_TEMP_SECONDS = 3600.0
+
+_RENAME_LOCK = threading.Lock()
+_PEER_ID_RE = re.compile(r"dir-[0-9a-f]{16}")
+_SHARD_NAME_RE = re.compile(r"[0-9a-f]{64}")
+_MAX_MARKER_SIZE = 4096
+_MAX_OWNER_SIZE = 64
+_NO_SPACE_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None
+)
+# link() failures that mean "this filesystem has no hard links" (FAT, exFAT,
+# some network mounts) rather than a real problem.
+_NO_LINK_ERRNOS = frozenset(
+    code
+    for code in (errno.EPERM, errno.EMLINK, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
+    if code is not None
+)
+
+
+@attrs.frozen
+class Space:
+    """What a store holds for its owner and the most it offers (module docstring)."""
+
+    used: int
+    #: Used plus the room left; None: unbounded.
+    offered: int | None
+
+    @property
+    def room(self) -> int | None:
+        """Bytes more the store would take now (None: unbounded)."""
+        return None if self.offered is None else max(0, self.offered - self.used)
+
+    @classmethod
+    def with_room(cls, used: int, room: int | None) -> Space:
+        return cls(used, None if room is None else used + max(0, room))
+
+
+@attrs.frozen
+class ShardRoot:
+    """The Merkle root of a shard's bytes cut into ``block_size`` blocks."""
+
+    block_size: int
+    root: bytes
+
+
+class ShardStore(Protocol):
+    """One owner's namespace on one peer (async; see the module docstring)."""
+
+    async def put(
+        self, shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
+    ) -> None:
+        """Store a shard. Putting an id again with identical bytes does nothing;
+        with different bytes raises StoreError and keeps the stored shard.
+        StoreFullError when there is no room. ``root``, when the caller has
+        computed it, saves a store that must declare it (a remote one) the work."""
+
+    async def get(self, shard_id: bytes, offset: int = 0, length: int | None = None) -> bytes:
+        """The shard's bytes from ``offset``, at most ``length`` of them (all
+        to the end when None). A range past the end returns what exists: a
+        shorter tail, or b"" when ``offset`` is at or beyond the end.
+        ShardNotFoundError when the shard is absent."""
+        ...
+
+    async def has(self, shard_id: bytes) -> bool: ...
+
+    async def delete(self, shard_id: bytes) -> None:
+        """Remove a shard; deleting an absent shard is not an error."""
+
+    async def list(self) -> builtins.list[bytes]:
+        """Every stored shard id, sorted."""
+        ...
+
+    async def put_root(self, data: bytes) -> None:
+        """Replace the owner's root record atomically."""
+
+    async def get_root(self) -> bytes | None:
+        """The owner's root record, or None if none was ever put."""
+        ...
+
+    async def usage(self) -> int:
+        """Bytes held for the owner: its shards plus its root record."""
+        ...
+
+    async def space(self) -> Space:
+        """The usage and the offer (module docstring): what the store would
+        still take, by the peer's own reckoning."""
+        ...
+
+    async def collect_garbage(self, older_than: float = STALE_TEMP_SECONDS) -> int:
+        """Remove half-written shards left over ``older_than`` seconds ago by
+        writers that died, where this store can see them; return how many.
+        ``older_than=0`` removes every leftover, safe only while the owner's
+        lock keeps every other writer out. A remote node collects its own."""
+        ...
+
+    async def aclose(self) -> None:
+        """Let go of what the store holds open (connections); it is not used after."""
+
+
+def _check_shard_id(shard_id: bytes) -> None:
+    if not isinstance(shard_id, bytes) or len(shard_id) != ID_SIZE:
+        raise ValueError(f"a shard id is {ID_SIZE} bytes, got {shard_id!r}")
+
+
+def _check_range(offset: int, length: int | None) -> None:
+    if offset < 0 or (length is not None and length < 0):
+        raise ValueError(f"bad shard range: offset {offset}, length {length}")
+
+
+def _slice(data: bytes, offset: int, length: int | None) -> bytes:
+    return data[offset:] if length is None else data[offset : offset + length]
+
+
+def _conflict(shard_id: bytes, where: str) -> StoreError:
+    return StoreError(
+        f"shard {shard_id.hex()} already exists in {where} with different content; "
+        "shards are write-once, the stored one was kept"
+    )
+
+
+# --- memory ---------------------------------------------------------------
+
+
+# eq=False: a store is a resource, equal only to itself (and hashable).
+@attrs.define(eq=False)
+class MemoryShardStore:
+    """A shard store in memory, for tests and the simulator.
+
+    ``capacity`` (bytes, None for unlimited) bounds :meth:`usage`; an operation
+    that would exceed it raises StoreFullError and changes nothing.
+    """
+
+    capacity: int | None = None
+    _shards: dict[bytes, bytes] = attrs.field(factory=dict, init=False, repr=False)
+    _root: bytes | None = attrs.field(default=None, init=False, repr=False)
+    _used: int = attrs.field(default=0, init=False)
+
+    def _reserve(self, added: int, freed: int = 0) -> None:
+        if self.capacity is not None and self._used - freed + added > self.capacity:
+            raise StoreFullError(
+                f"memory store is full: {added} more bytes would exceed its "
+                f"capacity of {self.capacity} bytes ({self._used} used)"
+            )
+        self._used += added - freed
+
+    # Each method yields to the scheduler first and then acts without another
+    # checkpoint, so every operation is atomic with respect to other tasks.
+
+    async def put(
+        self, shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
+    ) -> None:
+        await trio.lowlevel.checkpoint()
+        _check_shard_id(shard_id)
+        existing = self._shards.get(shard_id)
+        if existing is not None:
+            if existing == data:
+                return
+            raise _conflict(shard_id, "the memory store")
+        self._reserve(len(data))
+        self._shards[shard_id] = bytes(data)
+
+    async def get(self, shard_id: bytes, offset: int = 0, length: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        _check_shard_id(shard_id)
+        _check_range(offset, length)
+        data = self._shards.get(shard_id)
+        if data is None:
+            raise ShardNotFoundError(f"shard {shard_id.hex()} is not in the memory store")
+        return _slice(data, offset, length)
+
+    async def has(self, shard_id: bytes) -> bool:
+        await trio.lowlevel.checkpoint()
+        _check_shard_id(shard_id)
+        return shard_id in self._shards
+
+    async def delete(self, shard_id: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        _check_shard_id(shard_id)
+        data = self._shards.pop(shard_id, None)
+        if data is not None:
+            self._used -= len(data)
+
+    async def list(self) -> builtins.list[bytes]:
+        await trio.lowlevel.checkpoint()
+        return sorted(self._shards)
+
+    async def put_root(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        self._reserve(len(data), freed=len(self._root or b""))
+        self._root = bytes(data)
+
+    async def get_root(self) -> bytes | None:
+        await trio.lowlevel.checkpoint()
+        return self._root
+
+    async def usage(self) -> int:
+        await trio.lowlevel.checkpoint()
+        return self._used
+
+    async def space(self) -> Space:
+        await trio.lowlevel.checkpoint()
+        room = None if self.capacity is None else self.capacity - self._used
+        return Space.with_room(self._used, room)
+
+    async def collect_garbage(self, older_than: float = STALE_TEMP_SECONDS) -> int:
+        return 0  # every put is whole or absent
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()  # nothing held open
+
+
+# --- folder: low-level file operations (blocking; run in worker threads) ----
+
+
+@contextlib.contextmanager
+def _os_errors(action: str, path: Path) -> Iterator[None]:
+    """Turn OSError into StoreFullError (no space) or StoreError naming ``path``."""
+    try:
+        yield
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if error.errno in _NO_SPACE_ERRNOS:
+            raise StoreFullError(f"no room to {action} {path}: {reason}") from error
+        raise StoreError(f"could not {action} {path}: {reason}") from error
+
+
+def _make_dirs(path: Path, base: Path) -> None:
+    """Create ``path`` and its missing ancestors below ``base`` (which exists),
+    syncing each new directory's parent so the new entry survives a crash."""
+    missing: list[Path] = []
+    current = path
+    while current != base and not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue  # made meanwhile by a concurrent put
+        fsync_dir(directory.parent)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _write_temp(
+    directory: Path,
+    data: bytes | bytearray | memoryview,
+    in_flight: set[str],
+    *,
+    direct: bool = False,
+) -> Path:
+    """Write ``data`` to a new synced temp file in ``directory``; on any
+    failure the temp file is removed before the error propagates. ``direct``
+    writes it around the page cache (:class:`~p2pbackup.stores.durable.DirectWriter`):
+    for shards, written once and rarely read back soon."""
+    name = TEMP_PREFIX + secrets.token_hex(8)
+    in_flight.add(name)
+    temp = directory / name
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        writer = DirectWriter(fd, direct=direct)
+        try:
+            writer.write(data)
+            writer.flush()
+            os.fsync(fd)
+        finally:
+            writer.close()
+            os.close(fd)
+    except BaseException:
+        _unlink_quietly(temp)
+        in_flight.discard(name)
+        raise
+    return temp
+
+
+def _publish_new(temp: Path, final: Path, in_flight: set[str]) -> bool:
+    """Move synced ``temp`` to ``final`` unless ``final`` exists (then False).
+
+    link() refuses to replace an existing name, which makes write-once hold
+    even between concurrent writers of the same id.
+    """
+    try:
+        try:
+            os.link(temp, final)
+        except FileExistsError:
+            return False
+        except OSError as error:
+            if error.errno not in _NO_LINK_ERRNOS:
+                raise
+            # No hard links here: a checked rename. The lock closes the gap
+            # between check and rename within this process; two processes
+            # writing one id at the same moment could still race.
+            with _RENAME_LOCK:
+                if final.exists():
+                    return False
+                os.rename(temp, final)
+        fsync_dir(final.parent)
+        return True
+    finally:
+        _unlink_quietly(temp)
+        in_flight.discard(temp.name)
+
+
+def _replace(temp: Path, final: Path, in_flight: set[str]) -> None:
+    try:
+        os.replace(temp, final)
+        fsync_dir(final.parent)
+    finally:
+        _unlink_quietly(temp)
+        in_flight.discard(temp.name)
+
+
+def _same_content(path: Path, data: bytes | bytearray | memoryview) -> bool:
+    if path.stat().st_size != len(data):
+        return False
+    return path.read_bytes() == data
+
+
+# --- folder: peer identity ------------------------------------------------
+
+
+def _marker_path(root: Path) -> Path:
+    return root / PEER_DIR / MARKER_NAME
+
+
+def _encode_marker(peer_id: str) -> bytes:
+    fields = {"format": MARKER_FORMAT, "version": MARKER_VERSION, "peer_id": peer_id}
+    return (json.dumps(fields, indent=2) + "\n").encode()
+
+
+def _parse_marker(raw: bytes, path: Path) -> str:
+    broken = f"{path} is not a valid p2pbackup peer marker"
+    if len(raw) > _MAX_MARKER_SIZE:
+        raise StoreError(f"{broken}: it is {len(raw)} bytes long")
+    try:
+        fields = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StoreError(f"{broken}: {error}") from error
+    if not isinstance(fields, dict) or fields.get("format") != MARKER_FORMAT:
+        raise StoreError(f"{broken}: it does not say format {MARKER_FORMAT!r}")
+    version = fields.get("version")
+    if version != MARKER_VERSION:
+        raise StoreError(
+            f"{path} has marker version {version!r}; this p2pbackup reads version "
+            f"{MARKER_VERSION} (was the folder written by a newer release?)"
+        )
+    peer_id = fields.get("peer_id")
+    if not isinstance(peer_id, str) or not _PEER_ID_RE.fullmatch(peer_id):
+        raise StoreError(f"{broken}: bad peer_id {peer_id!r}")
+    return peer_id
+
+
+def read_folder_peer_id(root: Path) -> str:
+    """The peer id of the peer folder at ``root`` (blocking).
+
+    StoreError if ``root`` is missing, is not a peer folder, or its marker is
+    malformed or of an unknown version.
+    """
+    marker = _marker_path(root)
+    try:
+        raw = marker.read_bytes()
+    except (FileNotFoundError, NotADirectoryError) as error:
+        if not root.is_dir():
+            raise StoreError(f"peer folder {root} does not exist (is the disk mounted?)") from error
+        raise StoreError(
+            f"{root} is not a p2pbackup peer folder: it has no {PEER_DIR}/{MARKER_NAME} "
+            "(is the disk mounted, or was the folder never set up as a peer?)"
+        ) from error
+    except OSError as error:
+        raise StoreError(f"could not read {marker}: {error.strerror or error}") from error
+    return _parse_marker(raw, marker)
+
+
+def init_folder_peer(root: Path) -> str:
+    """Make ``root`` a peer folder if it is not one yet; return its peer id
+    (blocking). Idempotent: an existing marker's id is returned unchanged, and
+    a malformed one raises StoreError rather than being overwritten.
+
+    ``root`` itself is created if missing, but not its parents: a missing
+    parent more likely means an unmounted disk than a wish for new folders.
+    """
+    peer_dir = root / PEER_DIR
+    with _os_errors("create peer folder", root):
+        root.mkdir(exist_ok=True)
+        if not peer_dir.is_dir():
+            peer_dir.mkdir(exist_ok=True)
+            fsync_dir(root)
+    if _marker_path(root).exists():
+        return read_folder_peer_id(root)
+    peer_id = "dir-" + secrets.token_hex(8)
+    with _os_errors("write peer marker in", peer_dir):
+        temp = _write_temp(peer_dir, _encode_marker(peer_id), set())
+        published = _publish_new(temp, _marker_path(root), set())
+    # Lost a race with another init: theirs is the folder's identity.
+    return peer_id if published else read_folder_peer_id(root)
+
+
+# --- folder: the store ----------------------------------------------------
+
+
+def _check_owner(_instance: object, _attribute: object, owner: bytes) -> None:
+    if not isinstance(owner, bytes) or not 0 < len(owner) <= _MAX_OWNER_SIZE:
+        raise ValueError(f"an owner is 1 to {_MAX_OWNER_SIZE} bytes, got {owner!r}")
+
+
+@attrs.define(eq=False)
+class FolderShardStore:
+    """``owner``'s namespace in the peer folder at ``root``.
+
+    Construction does no I/O. The first operation checks the marker (a folder
+    that is not a peer folder raises StoreError and is left untouched) and
+    removes stale temp files; :meth:`open` does the same up front. All
+    blocking I/O runs in worker threads.
+    """
+
+    root: Path
+    owner: bytes = attrs.field(validator=_check_owner)
+    _opened: bool = attrs.field(default=False, init=False)
+    _swept: bool = attrs.field(default=False, init=False)
+    # Names of temp files this store is writing now, spared by collect_garbage.
+    _in_flight: set[str] = attrs.field(factory=set, init=False, repr=False)
+
+    @classmethod
+    async def open(cls, root: Path, owner: bytes) -> FolderShardStore:
+        store = cls(root, owner)
+        await store._ensure_open()
+        return store
+
+    # -- paths --
+
+    @property
+    def _peer_dir(self) -> Path:
+        return self.root / PEER_DIR
+
+    @property
+    def _owner_dir(self) -> Path:
+        return self._peer_dir / "owners" / self.owner.hex()
+
+    @property
+    def _shards_dir(self) -> Path:
+        return self._owner_dir / "shards"
+
+    @property
+    def _root_path(self) -> Path:
+        return self._owner_dir / "root"
+
+    def _shard_path(self, shard_id: bytes) -> Path:
+        name = shard_id.hex()
+        return self._shards_dir / name[:2] / name
+
+    # -- opening and absence --
+
+    async def _ensure_open(self) -> None:
+        if not self._opened:
+            await trio.to_thread.run_sync(self._open_sync)
+
+    async def _ensure_writable(self) -> None:
+        # Stale temp files are swept before the first write, not on open: a
+        # restore only reads, and sweeping 256 prefix folders on each of n
+        # peers cost it ~10 % of its time.
+        await self._ensure_open()
+        if not self._swept:
+            await trio.to_thread.run_sync(self._collect_garbage_sync, STALE_TEMP_SECONDS)
+            self._swept = True
+
+    def _open_sync(self) -> None:
+        read_folder_peer_id(self.root)
+        self._opened = True
+
+    def _check_still_there(self) -> None:
+        """Before reporting something absent, make sure the folder itself did
+        not vanish (an unplugged disk leaves an empty mount point)."""
+        if not _marker_path(self.root).is_file():
+            raise StoreError(f"peer folder {self.root} has gone (was the disk unplugged?)")
+
+    # -- shards --
+
+    async def put(
+        self, shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
+    ) -> None:
+        _check_shard_id(shard_id)
+        await self._ensure_writable()
+        await trio.to_thread.run_sync(self._put_sync, shard_id, data)
+
+    def _put_sync(self, shard_id: bytes, data: bytes | bytearray | memoryview) -> None:
+        final = self._shard_path(shard_id)
+        with _os_errors("store shard in", final.parent):
+            stored = not final.exists() and self._write_new(final, data)
+            if not stored and not _same_content(final, data):
+                raise _conflict(shard_id, str(self._owner_dir))
+
+    def _write_new(self, final: Path, data: bytes | bytearray | memoryview) -> bool:
+        _make_dirs(final.parent, self._peer_dir)
+        temp = _write_temp(final.parent, data, self._in_flight, direct=True)
+        return _publish_new(temp, final, self._in_flight)
+
+    async def get(self, shard_id: bytes, offset: int = 0, length: int | None = None) -> bytes:
+        _check_shard_id(shard_id)
+        _check_range(offset, length)
+        await self._ensure_open()
+        return await trio.to_thread.run_sync(self._get_sync, shard_id, offset, length)
+
+    def _get_sync(self, shard_id: bytes, offset: int, length: int | None) -> bytes:
+        path = self._shard_path(shard_id)
+        with _os_errors("read shard", path):
+            try:
+                with path.open("rb") as file:
+                    file.seek(offset)
+                    return file.read() if length is None else file.read(length)
+            except (FileNotFoundError, NotADirectoryError):
+                self._check_still_there()
+                raise ShardNotFoundError(
+                    f"shard {shard_id.hex()} is not stored in {self._owner_dir}"
+                ) from None
+
+    async def has(self, shard_id: bytes) -> bool:
+        _check_shard_id(shard_id)
+        await self._ensure_open()
+        return await trio.to_thread.run_sync(self._has_sync, shard_id)
+
+    def _has_sync(self, shard_id: bytes) -> bool:
+        path = self._shard_path(shard_id)
+        with _os_errors("check shard", path):
+            try:
+                path.stat()
+            except (FileNotFoundError, NotADirectoryError):
+                self._check_still_there()
+                return False
+            return True
+
+    async def delete(self, shard_id: bytes) -> None:
+        _check_shard_id(shard_id)
+        await self._ensure_open()
+        await trio.to_thread.run_sync(self._delete_sync, shard_id)
+
+    def _delete_sync(self, shard_id: bytes) -> None:
+        path = self._shard_path(shard_id)
+        # No directory sync: a delete undone by a crash only leaves a shard
+        # that the owner's next prune or lease expiry deletes again.
+        with _os_errors("delete shard", path), contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    async def list(self) -> builtins.list[bytes]:
+        await self._ensure_open()
+        return await trio.to_thread.run_sync(self._list_sync)
+
+    def _list_sync(self) -> builtins.list[bytes]:
+        with _os_errors("list shards in", self._shards_dir):
+            ids = [bytes.fromhex(entry.name) for entry in self._shard_entries()]
+        if not ids:
+            self._check_still_there()
+        return sorted(ids)
+
+    def _shard_entries(self) -> Iterator[os.DirEntry[str]]:
+        """The shard files (final names only) under this owner's shards dir."""
+        try:
+            prefixes = builtins.list(os.scandir(self._shards_dir))
+        except FileNotFoundError:
+            return
+        for prefix in prefixes:
+            if len(prefix.name) != 2 or not prefix.is_dir(follow_symlinks=False):
+                continue
+            with os.scandir(prefix.path) as entries:
+                for entry in entries:
+                    if _SHARD_NAME_RE.fullmatch(entry.name) and entry.name[:2] == prefix.name:
+                        yield entry
+
+    # -- root record --
+
+    async def put_root(self, data: bytes) -> None:
+        await self._ensure_writable()
+        await trio.to_thread.run_sync(self._put_root_sync, data)
+
+    def _put_root_sync(self, data: bytes) -> None:
+        with _os_errors("write root record in", self._owner_dir):
+            _make_dirs(self._owner_dir, self._peer_dir)
+            temp = _write_temp(self._owner_dir, data, self._in_flight)
+            _replace(temp, self._root_path, self._in_flight)
+
+    async def get_root(self) -> bytes | None:
+        await self._ensure_open()
+        return await trio.to_thread.run_sync(self._get_root_sync)
+
+    def _get_root_sync(self) -> bytes | None:
+        with _os_errors("read root record", self._root_path):
+            try:
+                return self._root_path.read_bytes()
+            except FileNotFoundError:
+                self._check_still_there()
+                return None
+
+    # -- accounting and garbage --
+
+    async def usage(self) -> int:
+        await self._ensure_open()
+        return await trio.to_thread.run_sync(self._usage_sync)
+
+    async def space(self) -> Space:
+        """The usage, and as room the free space of the folder's disk (a
+        folder has no quota: every owner shares the disk)."""
+        await self._ensure_open()
+        return await trio.to_thread.run_sync(self._space_sync)
+
+    def _space_sync(self) -> Space:
+        used = self._usage_sync()
+        with _os_errors("read the free space of", self.root):
+            disk = os.statvfs(self.root)
+        return Space.with_room(used, disk.f_bavail * disk.f_frsize)
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()  # files are opened per call
+
+    def _usage_sync(self) -> int:
+        with _os_errors("measure", self._owner_dir):
+            total = sum(
+                entry.stat(follow_symlinks=False).st_size for entry in self._shard_entries()
+            )
+            with contextlib.suppress(FileNotFoundError):
+                total += self._root_path.stat().st_size
+        return total
+
+    async def collect_garbage(self, older_than: float = STALE_TEMP_SECONDS) -> int:
+        """Remove this owner's temp files last modified over ``older_than``
+        seconds ago (other than those this store is writing); return how many.
+        ``older_than=0`` removes every leftover, safe only when no other
+        process writes to this owner's namespace."""
+        await self._ensure_open()
+        return await trio.to_thread.run_sync(self._collect_garbage_sync, older_than)
+
+    def _collect_garbage_sync(self, older_than: float) -> int:
+        cutoff = time.time() - older_than
+        removed = 0
+        with _os_errors("clean up temp files in", self._owner_dir):
+            for directory in self._temp_dirs():
+                removed += self._remove_temps(directory, cutoff)
+        return removed
+
+    def _temp_dirs(self) -> Iterator[Path]:
+        yield self._owner_dir
+        with contextlib.suppress(FileNotFoundError), os.scandir(self._shards_dir) as prefixes:
+            for prefix in prefixes:
+                if prefix.is_dir(follow_symlinks=False):
+                    yield Path(prefix.path)
+
+    def _remove_temps(self, directory: Path, cutoff: float) -> int:
+        removed = 0
+        try:
+            entries = builtins.list(os.scandir(directory))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if not entry.name.startswith(TEMP_PREFIX) or entry.name in self._in_flight:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if entry.stat(follow_symlinks=False).st_mtime <= cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed

@@ -16,7 +16,8 @@ from p2pbackup.core.keys import node_id_for
 from p2pbackup.dht import adapter as dht
 from p2pbackup.dht import records
 from p2pbackup.dht.ratelimit import RateLimit
-from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork
+from p2pbackup.net.memory import LinkProfile, MemoryNetwork
+from p2pbackup.net.network import Address
 from p2pbackup.wire.session import Identity
 
 EPOCH = 1_800_000_000

@@ -20,7 +20,8 @@ from p2pbackup.core.keys import node_id_for
 from p2pbackup.dht import adapter as dht
 from p2pbackup.dht import records
 from p2pbackup.dht.discovery import Discovery, DiscoveryOptions, FriendContact
-from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork
+from p2pbackup.net.memory import LinkProfile, MemoryNetwork
+from p2pbackup.net.network import Address
 from p2pbackup.wire.session import Identity
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 """Friends: invite codes in, friends and node peers out, on the in-memory network.
 
 Homes serve one another from this process (a StorageServer with the home's own
-identity, as `serve` runs it) over :class:`~p2pbackup.net.network.MemoryNetwork`; the
+identity, as `serve` runs it) over :class:`~p2pbackup.net.memory.MemoryNetwork`; the
 command-line tests at the end run ``cli.main`` in this process.
 """
 
@@ -28,7 +28,8 @@ from p2pbackup.engine.index import ShardShortfall
 from p2pbackup.engine.repository import Repository
 from p2pbackup.errors import PeerUnavailableError, UsageError
 from p2pbackup.model import PEER_KIND_NODE, FriendRecord
-from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork
+from p2pbackup.net.memory import LinkProfile, MemoryNetwork
+from p2pbackup.net.network import Address
 from p2pbackup.node.server import StorageServer
 from p2pbackup.node.shardhost import ShardHost
 from p2pbackup.wire.session import Identity

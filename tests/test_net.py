@@ -23,17 +23,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pbackup.errors import LocalProtocolError, PeerUnavailableError, UsageError
-from p2pbackup.net.network import (
+from p2pbackup.net.memory import (
     DEFAULT_WINDOW,
-    Address,
     LinkProfile,
     MemoryNetwork,
     MemoryStream,
-    Network,
     NetworkStatistics,
-    TcpNetwork,
-    peer_address,
 )
+from p2pbackup.net.network import Address, Network, TcpNetwork, peer_address
 
 # -- addresses ----------------------------------------------------------------------------
 

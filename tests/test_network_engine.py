@@ -24,7 +24,8 @@ from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.repository import Repository
 from p2pbackup.engine.restore import Restorer, RestoreSummary
 from p2pbackup.engine.treediff import diff_trees
-from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork
+from p2pbackup.net.memory import LinkProfile, MemoryNetwork
+from p2pbackup.net.network import Address
 
 from .engine_helpers import SMALL, make_tree, restored_path
 from .net_helpers import RunningNode, start_node

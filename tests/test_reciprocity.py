@@ -22,7 +22,8 @@ from p2pbackup.app import operations
 from p2pbackup.app.home import Home
 from p2pbackup.core import packer
 from p2pbackup.model import BlobType
-from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork
+from p2pbackup.net.memory import LinkProfile, MemoryNetwork
+from p2pbackup.net.network import Address
 from p2pbackup.node.shardhost import usage_by_owner
 from p2pbackup.stores.folder import ShardRoot
 from p2pbackup.stores.remote import RemoteShardStore

@@ -20,7 +20,8 @@ from p2pbackup.app import daemon, homedht, operations
 from p2pbackup.app.home import Home
 from p2pbackup.engine.backup import Backup
 from p2pbackup.errors import StoreError
-from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork
+from p2pbackup.net.memory import LinkProfile, MemoryNetwork
+from p2pbackup.net.network import Address
 
 from .engine_helpers import SMALL, make_tree
 

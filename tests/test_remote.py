@@ -22,7 +22,8 @@ from p2pbackup.errors import (
     ShardNotFoundError,
     StoreFullError,
 )
-from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork, Network, TcpNetwork
+from p2pbackup.net.memory import LinkProfile, MemoryNetwork
+from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.node.server import ServerLimits, StorageServer
 from p2pbackup.node.shardhost import ShardHost
 from p2pbackup.stores.folder import ShardRoot, ShardStore, Space

@@ -40,7 +40,8 @@ from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.index import Index
 from p2pbackup.errors import PeerUnavailableError, UsageError
 from p2pbackup.model import PEER_KIND_DIR, PEER_KIND_NODE, FriendRecord, PeerRecord
-from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork
+from p2pbackup.net.memory import LinkProfile, MemoryNetwork
+from p2pbackup.net.network import Address
 from p2pbackup.wire.session import Identity
 
 from .engine_helpers import SMALL, make_tree

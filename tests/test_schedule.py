@@ -17,7 +17,8 @@ from p2pbackup.core.exclude import ExcludeRules
 from p2pbackup.engine import snapshots
 from p2pbackup.engine.backup import Backup
 from p2pbackup.errors import RepositoryLockedError, UsageError
-from p2pbackup.net.network import Address, MemoryNetwork
+from p2pbackup.net.memory import MemoryNetwork
+from p2pbackup.net.network import Address
 from p2pbackup.node.schedule import (
     MIN_INTERVAL,
     HomeConfig,

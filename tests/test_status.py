@@ -20,7 +20,8 @@ from p2pbackup.core.merkle import merkle_root
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.index import ProbeCounts
 from p2pbackup.engine.status import SAFE_MARGIN, data_health, gather_status
-from p2pbackup.net.network import Address, LinkProfile, MemoryNetwork, Network
+from p2pbackup.net.memory import LinkProfile, MemoryNetwork
+from p2pbackup.net.network import Address, Network
 from p2pbackup.node.schedule import RUNNING_OFFER, StorageOffer
 from p2pbackup.node.shardhost import ShardHost
 

@@ -1,21 +1,11 @@
 """The network as node code sees it: streams to addresses, listeners, datagrams.
 
 Node code does all its networking through a :class:`Network` and cannot tell
-which implementation it was given:
+which implementation it was given: :class:`TcpNetwork`, the real one (TCP
+streams with ``TCP_NODELAY`` and UDP datagrams through trio), or the memory
+network of :mod:`p2pbackup.net.memory`, a simulated world inside one trio run.
 
-* :class:`TcpNetwork` — the real one: TCP streams (``TCP_NODELAY``) and UDP
-  datagrams through trio.
-* :class:`MemoryNetwork` — a simulated world inside one trio run. Each
-  simulated machine is a **host** (any name: ``"alice"``, ``"10.0.0.7"``);
-  :meth:`MemoryNetwork.interface` gives the :class:`Network` of one host.
-  Every pair of hosts is joined by a **link** (:class:`LinkProfile`: one-way
-  latency, bandwidth per direction, datagram loss). The world can be
-  **partitioned** into groups that cannot reach each other, and a host can be
-  **killed** (a crashed machine) and revived. It reads only trio's clock and a
-  ``random.Random`` seeded at construction, so under
-  ``trio.testing.MockClock(autojump_threshold=0)`` a run is fast and repeatable.
-
-Other nouns:
+Nouns:
 
 * **address** — :class:`Address`: a host and a port, written ``host:port`` or
   ``[v6 address]:port``. Port 0 means "any free port" and only makes sense for
@@ -29,47 +19,16 @@ Other nouns:
 Failures to reach a peer are :class:`~p2pbackup.errors.PeerUnavailableError`,
 naming the address and the reason; a stream that dies underneath its user
 raises ``trio.BrokenResourceError``, as trio's own streams do.
-
-How the memory world models time (a simplification of TCP, documented here so
-that simulations can be read):
-
-* A stream is two one-way **pipes**. ``send_all`` cuts its data into segments
-  of at most :data:`SEGMENT_SIZE` bytes; a segment waits for the link direction
-  to be free, occupies it for ``len / bandwidth`` seconds (every stream and
-  datagram between the same two hosts, in the same direction, shares that
-  time), and arrives ``latency`` seconds after it has been put on the link.
-* Each pipe holds at most ``window`` bytes sent but not yet read by the
-  receiver (in flight or arrived); ``send_all`` returns as soon as its last
-  segment fits, and blocks while the window is full, so a slow reader stalls
-  a fast writer without memory growing.
-* ``connect`` costs one round trip. A listening port answers after one round
-  trip; a reachable host with nothing listening refuses after one round trip;
-  a host that is down or on the other side of a partition never answers, so
-  ``connect`` fails when the connect timeout expires; a host name the world
-  has never seen fails at once ("no such host").
-* When a partition or a killed host breaks a stream, the segments still on
-  the wire are lost; bytes that had arrived can still be read, and then
-  reads, like writes, raise ``trio.BrokenResourceError``. Healing does not
-  mend broken streams (as with TCP, the connection is gone).
-* A datagram is lost with the link's probability, or when nothing is bound
-  at its destination when it is sent, or when the receiving endpoint's queue
-  (:data:`DATAGRAM_QUEUE_LIMIT` datagrams) is full, or when the two hosts
-  cannot reach each other at the moment it is sent or delivered.
 """
 
 from __future__ import annotations
 
 import errno
-import heapq
 import logging
-import math
-import operator
 import os
-import random
 import re
 import socket
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import attrs
@@ -82,26 +41,10 @@ log = logging.getLogger(__name__)
 #: Seconds ``connect`` waits for an answer unless a network is told otherwise.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
-#: Bytes one direction of a memory stream holds unread before ``send_all``
-#: blocks (about a TCP socket's send plus receive buffer).
-DEFAULT_WINDOW = 256 * 1024
-
-#: The largest piece a memory stream puts on a link at once; smaller pieces let
-#: a reader start on the first bytes before the last have crossed a slow link.
-SEGMENT_SIZE = 64 * 1024
 
 #: The largest datagram payload (the UDP limit over IPv4).
 MAX_DATAGRAM_SIZE = 65507
 
-#: Datagrams a memory endpoint holds (in flight or arrived, unread) before it
-#: drops new ones, as a full UDP receive buffer does.
-DATAGRAM_QUEUE_LIMIT = 1024
-
-#: Connections a memory listener holds before its server accepts them.
-LISTEN_BACKLOG = 128
-
-#: Where memory hosts take ports for outgoing connections and for port 0.
-_EPHEMERAL_PORTS = range(49152, 65536)
 
 StreamHandler = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -119,7 +62,7 @@ def _check_port(instance: object, attribute: object, port: int) -> None:
         raise UsageError(f"port {port} is out of range 1..65535")
 
 
-def _check_host(instance: object, attribute: object, host: str) -> None:
+def check_host(instance: object, attribute: object, host: str) -> None:
     if not host:
         raise UsageError("an address needs a host; it is empty")
     bad = _BAD_HOST_CHARACTER.search(host)
@@ -131,7 +74,7 @@ def _check_host(instance: object, attribute: object, host: str) -> None:
 class Address:
     """A host and a port; ``str()`` and :meth:`parse` are inverses."""
 
-    host: str = attrs.field(validator=_check_host)
+    host: str = attrs.field(validator=check_host)
     port: int = attrs.field(validator=_check_port)
 
     @classmethod
@@ -228,8 +171,9 @@ class Network(Protocol):
 
 def peer_address(stream: trio.abc.Stream) -> Address | None:
     """The remote address of a stream that a Network made, if it can be known."""
-    if isinstance(stream, MemoryStream):
-        return stream.remote_address
+    remote = getattr(stream, "remote_address", None)  # a memory stream's
+    if isinstance(remote, Address):
+        return remote
     if isinstance(stream, trio.SocketStream):
         try:
             sockaddr = stream.socket.getpeername()
@@ -239,7 +183,7 @@ def peer_address(stream: trio.abc.Stream) -> Address | None:
     return None
 
 
-async def _run_handler(handler: StreamHandler, stream: trio.abc.Stream) -> None:
+async def run_handler(handler: StreamHandler, stream: trio.abc.Stream) -> None:
     """Run one connection's handler; its failure is that connection's alone."""
     # Read now: a closed socket no longer knows its peer.
     peer = peer_address(stream)
@@ -252,7 +196,7 @@ async def _run_handler(handler: StreamHandler, stream: trio.abc.Stream) -> None:
         await trio.aclose_forcefully(stream)
 
 
-def _check_datagram_size(data: bytes) -> None:
+def check_datagram_size(data: bytes) -> None:
     if len(data) > MAX_DATAGRAM_SIZE:
         raise LocalProtocolError(
             f"a datagram of {len(data)} bytes exceeds the limit of {MAX_DATAGRAM_SIZE}"
@@ -262,7 +206,7 @@ def _check_datagram_size(data: bytes) -> None:
 # -- real sockets --------------------------------------------------------------------------
 
 
-def _os_reason(exc: BaseException) -> str:
+def os_reason(exc: BaseException) -> str:
     """Words for why a socket call failed, from the first errno found inside."""
     pending: list[BaseException] = [exc]
     while pending:
@@ -291,7 +235,7 @@ class TcpNetwork:
                 # are written whole, so Nagle's delay would only add latency.
                 return await trio.open_tcp_stream(address.host, address.port)
             except OSError as exc:
-                raise PeerUnavailableError(f"cannot reach {address}: {_os_reason(exc)}") from None
+                raise PeerUnavailableError(f"cannot reach {address}: {os_reason(exc)}") from None
         raise PeerUnavailableError(
             f"cannot reach {address}: no answer within {self.connect_timeout:g} s"
         )
@@ -306,7 +250,7 @@ class TcpNetwork:
         try:
             listeners = await trio.open_tcp_listeners(address.port, host=address.host)
         except OSError as exc:
-            raise UsageError(f"cannot listen on {address}: {_os_reason(exc)}") from None
+            raise UsageError(f"cannot listen on {address}: {os_reason(exc)}") from None
         if address.port == 0 and len(listeners) > 1:
             # A name that resolves to several addresses gets a different free
             # port on each; keep one, so that the address reported reaches it.
@@ -317,7 +261,7 @@ class TcpNetwork:
         bound = Address(sockaddr[0], sockaddr[1])
 
         async def handle(stream: trio.SocketStream) -> None:
-            await _run_handler(handler, stream)
+            await run_handler(handler, stream)
 
         task_status.started(bound)
         await trio.serve_listeners(handle, listeners)
@@ -329,7 +273,7 @@ class TcpNetwork:
             await sock.bind((address.host, address.port))
         except OSError as exc:
             sock.close()
-            raise UsageError(f"cannot bind {address}: {_os_reason(exc)}") from None
+            raise UsageError(f"cannot bind {address}: {os_reason(exc)}") from None
         sockaddr = sock.getsockname()
         return UdpEndpoint(sock, Address(sockaddr[0], sockaddr[1]))
 
@@ -346,14 +290,14 @@ class UdpEndpoint:
         return self._local_address
 
     async def send(self, data: bytes, address: Address) -> None:
-        _check_datagram_size(data)
+        check_datagram_size(data)
         try:
             await self._socket.sendto(data, (address.host, address.port))
         except OSError as exc:
             if self._socket.fileno() < 0:
                 raise trio.ClosedResourceError("the datagram endpoint is closed") from None
             # UDP promises nothing: an unreachable destination is a lost datagram.
-            log.debug("datagram to %s lost: %s", address, _os_reason(exc))
+            log.debug("datagram to %s lost: %s", address, os_reason(exc))
 
     async def receive(self) -> tuple[bytes, Address]:
         while True:
@@ -370,690 +314,4 @@ class UdpEndpoint:
 
     async def aclose(self) -> None:
         self._socket.close()
-        await trio.lowlevel.checkpoint()
-
-
-# -- the memory world ----------------------------------------------------------------------
-
-
-def _check_latency(instance: object, attribute: object, value: float) -> None:
-    if not (value >= 0 and math.isfinite(value)):
-        raise UsageError(f"link latency must be a finite number of seconds >= 0, not {value}")
-
-
-def _check_bandwidth(instance: object, attribute: object, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise UsageError(f"link bandwidth must be positive bytes/second or None, not {value}")
-
-
-def _check_loss(instance: object, attribute: object, value: float) -> None:
-    if not 0 <= value <= 1:
-        raise UsageError(f"datagram loss must be a probability in 0..1, not {value}")
-
-
-@attrs.frozen
-class LinkProfile:
-    """How a link between two memory hosts behaves, the same both ways."""
-
-    #: One-way delay in seconds.
-    latency: float = attrs.field(default=0.0, validator=_check_latency)
-    #: Bytes per second in each direction; None is unlimited.
-    bandwidth: float | None = attrs.field(default=None, validator=_check_bandwidth)
-    #: Probability that a datagram is lost (streams are reliable, like TCP).
-    loss: float = attrs.field(default=0.0, validator=_check_loss)
-
-
-#: The link a host has to itself unless told otherwise: instant, like loopback.
-_LOOPBACK = LinkProfile()
-
-
-@attrs.frozen
-class NetworkStatistics:
-    """Counters of a memory world since it was made."""
-
-    connections_opened: int = 0
-    #: Refused, timed out, or to a host that does not exist.
-    connections_failed: int = 0
-    #: Streams broken by a partition or a killed host.
-    streams_broken: int = 0
-    stream_bytes_sent: int = 0
-    stream_segments_sent: int = 0
-    #: Stream bytes that were on the wire when their stream broke.
-    stream_bytes_dropped: int = 0
-    datagrams_sent: int = 0
-    datagram_bytes_sent: int = 0
-    datagrams_dropped: int = 0
-    datagram_bytes_dropped: int = 0
-
-
-@attrs.define
-class _Counters:
-    connections_opened: int = 0
-    connections_failed: int = 0
-    streams_broken: int = 0
-    stream_bytes_sent: int = 0
-    stream_segments_sent: int = 0
-    stream_bytes_dropped: int = 0
-    datagrams_sent: int = 0
-    datagram_bytes_sent: int = 0
-    datagrams_dropped: int = 0
-    datagram_bytes_dropped: int = 0
-
-
-@attrs.define(eq=False)
-class _Pipe:
-    """One direction of a memory stream: segments with their arrival times."""
-
-    world: MemoryNetwork
-    source: str
-    destination: str
-    window: int
-    lot: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
-    segments: deque[tuple[float, bytes]] = attrs.Factory(deque)
-    #: Bytes sent and not yet read: the window's occupancy.
-    unread: int = 0
-    last_arrival: float = -math.inf
-    eof_at: float | None = None
-    receiver_closed: bool = False
-    broken: bool = False
-
-    def push(self, data: bytes) -> None:
-        arrival = self.world._transmit(self.source, self.destination, len(data))
-        # A link made slower mid-stream must not let later bytes overtake.
-        arrival = max(arrival, self.last_arrival)
-        self.last_arrival = arrival
-        self.segments.append((arrival, data))
-        self.unread += len(data)
-        counters = self.world._counters
-        counters.stream_bytes_sent += len(data)
-        counters.stream_segments_sent += 1
-        self.lot.unpark_all()
-
-    def queue_eof(self) -> None:
-        if self.eof_at is None and not self.broken:
-            latency = self.world.link(self.source, self.destination).latency
-            self.eof_at = max(trio.current_time() + latency, self.last_arrival)
-            self.lot.unpark_all()
-
-    def next_event_time(self) -> float:
-        if self.segments:
-            return self.segments[0][0]
-        return self.eof_at if self.eof_at is not None else math.inf
-
-    def take(self, now: float, max_bytes: int | None) -> bytes:
-        """Arrived bytes, at most ``max_bytes`` (b"" when none have arrived)."""
-        pieces: list[bytes] = []
-        total = 0
-        while self.segments and self.segments[0][0] <= now:
-            if max_bytes is not None and total >= max_bytes:
-                break
-            arrival, data = self.segments[0]
-            room = len(data) if max_bytes is None else min(len(data), max_bytes - total)
-            if room == len(data):
-                self.segments.popleft()
-                pieces.append(data)
-            else:
-                self.segments[0] = (arrival, data[room:])
-                pieces.append(data[:room])
-            total += room
-        if total:
-            self.unread -= total
-            self.lot.unpark_all()
-        return b"".join(pieces)
-
-    def eof_arrived(self, now: float) -> bool:
-        return not self.segments and self.eof_at is not None and self.eof_at <= now
-
-    def close_receiver(self) -> None:
-        self.receiver_closed = True
-        self.segments.clear()
-        self.unread = 0
-        self.lot.unpark_all()
-
-    def break_(self, now: float) -> None:
-        """The connection died: what is still on the wire never arrives."""
-        if self.broken:
-            return
-        self.broken = True
-        lost = 0
-        while self.segments and self.segments[-1][0] > now:
-            lost += len(self.segments.pop()[1])
-        self.unread -= lost
-        self.world._counters.stream_bytes_dropped += lost
-        if self.eof_at is not None and self.eof_at > now:
-            self.eof_at = None
-        self.lot.unpark_all()
-
-
-class _ConflictDetector:
-    """Raise BusyResourceError when two tasks use one side of a stream at once."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._held = False
-
-    def __enter__(self) -> None:
-        if self._held:
-            raise trio.BusyResourceError(f"another task is already {self._what} this stream")
-        self._held = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._held = False
-
-
-class MemoryStream(trio.abc.HalfCloseableStream):
-    """One end of a memory connection; behaves like a trio SocketStream."""
-
-    def __init__(
-        self,
-        connection: _Connection,
-        send_pipe: _Pipe,
-        receive_pipe: _Pipe,
-        local_address: Address,
-        remote_address: Address,
-    ) -> None:
-        self._connection = connection
-        self._send_pipe = send_pipe
-        self._receive_pipe = receive_pipe
-        self.local_address = local_address
-        self.remote_address = remote_address
-        self._closed = False
-        self._send_conflict = _ConflictDetector("sending on")
-        self._receive_conflict = _ConflictDetector("receiving from")
-
-    def __repr__(self) -> str:
-        return f"<MemoryStream {self.local_address} -> {self.remote_address}>"
-
-    def _check_can_send(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("this stream is closed")
-        if self._send_pipe.eof_at is not None:
-            raise trio.ClosedResourceError("this stream's sending side was shut (send_eof)")
-        if self._send_pipe.broken:
-            raise trio.BrokenResourceError(f"the connection to {self.remote_address} broke")
-        if self._send_pipe.receiver_closed:
-            raise trio.BrokenResourceError(f"{self.remote_address} closed the connection")
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with self._send_conflict:
-            self._check_can_send()
-            # Copied now: the caller may reuse its buffer as soon as we return.
-            view = memoryview(bytes(data))
-            await trio.lowlevel.checkpoint()
-            pipe = self._send_pipe
-            while True:
-                self._check_can_send()
-                if not view:
-                    return
-                room = pipe.window - pipe.unread
-                if room <= 0:
-                    await pipe.lot.park()
-                    continue
-                size = min(len(view), room, SEGMENT_SIZE)
-                pipe.push(bytes(view[:size]))
-                view = view[size:]
-
-    async def wait_send_all_might_not_block(self) -> None:
-        with self._send_conflict:
-            if self._closed:
-                raise trio.ClosedResourceError("this stream is closed")
-            await trio.lowlevel.checkpoint()
-            pipe = self._send_pipe
-            while True:
-                if self._closed:
-                    raise trio.ClosedResourceError("this stream is closed")
-                if pipe.broken or pipe.receiver_closed or pipe.eof_at is not None:
-                    return  # send_all will not block: it will raise
-                if pipe.unread < pipe.window:
-                    return
-                await pipe.lot.park()
-
-    async def send_eof(self) -> None:
-        with self._send_conflict:
-            if self._closed:
-                raise trio.ClosedResourceError("this stream is closed")
-            self._send_pipe.queue_eof()
-            await trio.lowlevel.checkpoint()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None:
-            max_bytes = operator.index(max_bytes)
-            if max_bytes < 1:
-                raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
-        with self._receive_conflict:
-            if self._closed:
-                raise trio.ClosedResourceError("this stream is closed")
-            await trio.lowlevel.checkpoint()
-            pipe = self._receive_pipe
-            while True:
-                if self._closed:
-                    raise trio.ClosedResourceError("this stream is closed")
-                now = trio.current_time()
-                data = pipe.take(now, max_bytes)
-                if data:
-                    return data
-                if pipe.eof_arrived(now):
-                    return b""
-                if pipe.broken:
-                    raise trio.BrokenResourceError(f"the connection to {self.remote_address} broke")
-                # Wake for the next arrival, or earlier if anything changes.
-                with trio.move_on_at(pipe.next_event_time()):
-                    await pipe.lot.park()
-
-    def _close_now(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        # Like TCP's FIN: the peer reads what was already sent, then b"".
-        self._send_pipe.queue_eof()
-        self._receive_pipe.close_receiver()
-        self._send_pipe.lot.unpark_all()
-        self._connection.side_closed()
-
-    async def aclose(self) -> None:
-        self._close_now()
-        await trio.lowlevel.checkpoint()
-
-
-@attrs.define(eq=False)
-class _Connection:
-    """A memory connection: two streams over two pipes, between two hosts."""
-
-    world: MemoryNetwork
-    hosts: tuple[str, str]
-    pipes: tuple[_Pipe, _Pipe]
-    open_sides: int = 2
-
-    def side_closed(self) -> None:
-        self.open_sides -= 1
-        if self.open_sides == 0:
-            self.world._connections.discard(self)
-
-    def break_(self) -> None:
-        now = trio.current_time()
-        for pipe in self.pipes:
-            pipe.break_(now)
-        self.world._counters.streams_broken += 1
-        self.world._connections.discard(self)
-
-
-class _Listener:
-    """A listening port of a memory host: a backlog of accepted streams."""
-
-    def __init__(self, address: Address) -> None:
-        self.address = address
-        self.backlog: deque[MemoryStream] = deque()
-        self.lot = trio.lowlevel.ParkingLot()
-        self.open = True
-
-    def offer(self, stream: MemoryStream) -> bool:
-        if not self.open or len(self.backlog) >= LISTEN_BACKLOG:
-            return False
-        self.backlog.append(stream)
-        self.lot.unpark_all()
-        return True
-
-    async def accept(self) -> MemoryStream:
-        # A listener of a killed host stays closed: its server waits forever,
-        # as a crashed machine's would, until the simulation cancels it.
-        while not self.backlog:
-            await self.lot.park()
-        return self.backlog.popleft()
-
-    def shut(self) -> None:
-        self.open = False
-        while self.backlog:
-            self.backlog.popleft()._close_now()
-
-
-@attrs.define(eq=False)
-class _Host:
-    name: str
-    alive: bool = True
-    listeners: dict[int, _Listener] = attrs.Factory(dict)
-    endpoints: dict[int, MemoryDatagramEndpoint] = attrs.Factory(dict)
-    next_port: int = _EPHEMERAL_PORTS.start
-
-    def free_port(self, taken: Iterable[int]) -> int:
-        taken = set(taken)
-        for _ in range(len(_EPHEMERAL_PORTS)):
-            port = self.next_port
-            self.next_port = (
-                port + 1 if port + 1 < _EPHEMERAL_PORTS.stop else _EPHEMERAL_PORTS.start
-            )
-            if port not in taken:
-                return port
-        raise UsageError(f"host {self.name} has no free port left")
-
-
-class MemoryNetwork:
-    """A simulated world of hosts joined by links; see the module docstring."""
-
-    def __init__(
-        self,
-        *,
-        seed: int = 0,
-        default_link: LinkProfile = LinkProfile(),
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        window: int = DEFAULT_WINDOW,
-    ) -> None:
-        if window < 1:
-            raise UsageError(f"a stream window must be at least 1 byte, not {window}")
-        self.default_link = default_link
-        self.connect_timeout = connect_timeout
-        self.window = window
-        self._random = random.Random(seed)
-        self._hosts: dict[str, _Host] = {}
-        self._links: dict[tuple[str, str], LinkProfile] = {}
-        #: When each link direction finishes sending what is queued on it.
-        self._link_free_at: dict[tuple[str, str], float] = {}
-        #: Partition group of each host named in the partition; the rest share None.
-        self._groups: dict[str, int] = {}
-        self._connections: set[_Connection] = set()
-        self._counters = _Counters()
-
-    # -- the world's controls
-
-    def interface(self, host: str) -> MemoryInterface:
-        """The Network of ``host`` (made, alive, on first mention)."""
-        self._host(host)
-        return MemoryInterface(self, host)
-
-    def set_link(self, a: str, b: str, profile: LinkProfile) -> None:
-        """Make the link between ``a`` and ``b`` (both ways) behave as ``profile``."""
-        self._links[self._link_key(a, b)] = profile
-
-    def link(self, a: str, b: str) -> LinkProfile:
-        """How the link between ``a`` and ``b`` behaves now."""
-        profile = self._links.get(self._link_key(a, b))
-        if profile is not None:
-            return profile
-        return _LOOPBACK if a == b else self.default_link
-
-    def partition(self, *groups: Iterable[str]) -> None:
-        """Split the world: hosts in different groups cannot reach each other.
-
-        Hosts named in no group form one more group together. A new partition
-        replaces the previous one. Streams across the new boundaries break.
-        """
-        assigned: dict[str, int] = {}
-        for number, group in enumerate(groups):
-            for host in group:
-                if host in assigned:
-                    raise UsageError(f"host {host} is in more than one partition group")
-                assigned[host] = number
-        self._groups = assigned
-        for connection in list(self._connections):
-            if not self.reachable(*connection.hosts):
-                connection.break_()
-
-    def heal(self) -> None:
-        """End any partition (streams it broke stay broken)."""
-        self._groups = {}
-
-    def kill_host(self, host: str) -> None:
-        """Crash ``host``: its ports close, its streams break, it answers nothing."""
-        state = self._host(host)
-        state.alive = False
-        for listener in state.listeners.values():
-            listener.shut()
-        state.listeners.clear()
-        for endpoint in list(state.endpoints.values()):
-            endpoint._die()
-        state.endpoints.clear()
-        for connection in list(self._connections):
-            if host in connection.hosts:
-                connection.break_()
-
-    def revive_host(self, host: str) -> None:
-        """Bring a killed host back, with nothing listening or bound yet."""
-        self._host(host).alive = True
-
-    def is_alive(self, host: str) -> bool:
-        state = self._hosts.get(host)
-        return state is not None and state.alive
-
-    def reachable(self, a: str, b: str) -> bool:
-        """Whether packets from ``a`` reach ``b`` now."""
-        if not (self.is_alive(a) and self.is_alive(b)):
-            return False
-        return a == b or self._groups.get(a) == self._groups.get(b)
-
-    def statistics(self) -> NetworkStatistics:
-        return NetworkStatistics(**attrs.asdict(self._counters))
-
-    # -- used by interfaces, streams and endpoints
-
-    def _host(self, name: str) -> _Host:
-        state = self._hosts.get(name)
-        if state is None:
-            _check_host(None, None, name)
-            state = self._hosts[name] = _Host(name)
-        return state
-
-    @staticmethod
-    def _link_key(a: str, b: str) -> tuple[str, str]:
-        return (a, b) if a <= b else (b, a)
-
-    def _transmit(self, source: str, destination: str, size: int) -> float:
-        """Occupy the link direction for ``size`` bytes; the arrival time."""
-        profile = self.link(source, destination)
-        now = trio.current_time()
-        direction = (source, destination)
-        start = max(now, self._link_free_at.get(direction, now))
-        finish = start + (size / profile.bandwidth if profile.bandwidth else 0.0)
-        self._link_free_at[direction] = finish
-        return finish + profile.latency
-
-    def _bind_address(self, host: str, address: Address) -> Address:
-        """The address a host's listener or endpoint gets for ``address``."""
-        if address.host not in (host, "0.0.0.0", "::"):
-            raise UsageError(f"cannot listen on {address}: {address.host} is not host {host}")
-        if not self.is_alive(host):
-            raise UsageError(f"cannot listen on {address}: host {host} is down")
-        return Address(host, address.port)
-
-    def _listen(self, host: str, address: Address) -> _Listener:
-        state = self._host(host)
-        bound = self._bind_address(host, address)
-        if bound.port == 0:
-            bound = Address(host, state.free_port(state.listeners))
-        elif bound.port in state.listeners:
-            raise UsageError(f"cannot listen on {bound}: address already in use")
-        listener = state.listeners[bound.port] = _Listener(bound)
-        return listener
-
-    def _unlisten(self, host: str, listener: _Listener) -> None:
-        listener.shut()
-        state = self._hosts[host]
-        if state.listeners.get(listener.address.port) is listener:
-            del state.listeners[listener.address.port]
-
-    def _open_connection(self, source: str, listener: _Listener) -> MemoryStream | None:
-        """A new connection offered to ``listener``; the client's end, or None if refused."""
-        state = self._hosts[source]
-        client_address = Address(source, state.free_port(()))
-        destination = listener.address.host
-        outbound = _Pipe(self, source, destination, self.window)
-        inbound = _Pipe(self, destination, source, self.window)
-        connection = _Connection(self, (source, destination), (outbound, inbound))
-        client = MemoryStream(connection, outbound, inbound, client_address, listener.address)
-        server = MemoryStream(connection, inbound, outbound, listener.address, client_address)
-        if not listener.offer(server):
-            return None
-        self._connections.add(connection)
-        self._counters.connections_opened += 1
-        return client
-
-    def _drop_datagram(self, size: int) -> None:
-        self._counters.datagrams_dropped += 1
-        self._counters.datagram_bytes_dropped += size
-
-    def _send_datagram(self, source: Address, data: bytes, destination: Address) -> None:
-        self._counters.datagrams_sent += 1
-        self._counters.datagram_bytes_sent += len(data)
-        profile = self.link(source.host, destination.host)
-        # Draw only on lossy links, so that adding a lossless link elsewhere
-        # does not change which datagrams a seed loses.
-        if profile.loss > 0 and self._random.random() < profile.loss:
-            self._drop_datagram(len(data))
-            return
-        target = self._hosts.get(destination.host)
-        endpoint = target.endpoints.get(destination.port) if target is not None else None
-        if endpoint is None or not self.reachable(source.host, destination.host):
-            self._drop_datagram(len(data))
-            return
-        arrival = self._transmit(source.host, destination.host, len(data))
-        endpoint._deliver(arrival, data, source)
-
-
-class MemoryInterface:
-    """The :class:`Network` of one memory host."""
-
-    def __init__(self, world: MemoryNetwork, host: str) -> None:
-        self.world = world
-        self.host = host
-
-    def __repr__(self) -> str:
-        return f"<MemoryInterface {self.host}>"
-
-    async def connect(self, address: Address) -> trio.abc.Stream:
-        world = self.world
-        if not world.is_alive(self.host):
-            world._counters.connections_failed += 1
-            raise PeerUnavailableError(f"cannot reach {address}: this host ({self.host}) is down")
-        if address.host not in world._hosts:
-            await trio.lowlevel.checkpoint()
-            world._counters.connections_failed += 1
-            raise PeerUnavailableError(f"cannot reach {address}: no such host")
-        latency = world.link(self.host, address.host).latency
-        with trio.move_on_after(world.connect_timeout):
-            await trio.sleep(latency)  # our SYN crosses the link
-            if not world.reachable(self.host, address.host):
-                await trio.sleep_forever()  # nobody answers; the timeout ends this
-            listener = world._hosts[address.host].listeners.get(address.port)
-            client = world._open_connection(self.host, listener) if listener else None
-            if client is None:
-                await trio.sleep(latency)  # the refusal crosses back
-                world._counters.connections_failed += 1
-                raise PeerUnavailableError(f"cannot reach {address}: connection refused")
-            try:
-                await trio.sleep(latency)  # the answer crosses back
-            except BaseException:
-                client._close_now()
-                raise
-            return client
-        world._counters.connections_failed += 1
-        raise PeerUnavailableError(
-            f"cannot reach {address}: no answer within {world.connect_timeout:g} s"
-        )
-
-    async def serve(
-        self,
-        address: Address,
-        handler: StreamHandler,
-        *,
-        task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        listener = self.world._listen(self.host, address)
-        try:
-            async with trio.open_nursery() as nursery:
-                task_status.started(listener.address)
-                while True:
-                    stream = await listener.accept()
-                    nursery.start_soon(_run_handler, handler, stream)
-        finally:
-            self.world._unlisten(self.host, listener)
-
-    async def open_datagram(self, address: Address) -> DatagramEndpoint:
-        world = self.world
-        state = world._host(self.host)
-        bound = world._bind_address(self.host, address)
-        if bound.port == 0:
-            bound = Address(self.host, state.free_port(state.endpoints))
-        elif bound.port in state.endpoints:
-            raise UsageError(f"cannot bind {bound}: address already in use")
-        endpoint = MemoryDatagramEndpoint(world, bound)
-        state.endpoints[bound.port] = endpoint
-        await trio.lowlevel.checkpoint()
-        return endpoint
-
-
-class MemoryDatagramEndpoint:
-    """A datagram port of a memory host."""
-
-    def __init__(self, world: MemoryNetwork, local_address: Address) -> None:
-        self._world = world
-        self._local_address = local_address
-        #: (arrival time, sequence number, payload, source): a heap, so that a
-        #: datagram over a faster link may overtake, as on a real network.
-        self._queue: list[tuple[float, int, bytes, Address]] = []
-        self._sequence = 0
-        self._lot = trio.lowlevel.ParkingLot()
-        self._closed = False
-        self._dead = False
-
-    def __repr__(self) -> str:
-        return f"<MemoryDatagramEndpoint {self._local_address}>"
-
-    @property
-    def local_address(self) -> Address:
-        return self._local_address
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("the datagram endpoint is closed")
-        if self._dead:
-            raise trio.BrokenResourceError(f"host {self._local_address.host} was killed")
-
-    def _deliver(self, arrival: float, data: bytes, source: Address) -> None:
-        if len(self._queue) >= DATAGRAM_QUEUE_LIMIT:
-            self._world._drop_datagram(len(data))
-            return
-        self._sequence += 1
-        heapq.heappush(self._queue, (arrival, self._sequence, data, source))
-        self._lot.unpark_all()
-
-    def _discard_queue(self) -> None:
-        for _, _, data, _ in self._queue:
-            self._world._drop_datagram(len(data))
-        self._queue.clear()
-        self._lot.unpark_all()
-
-    def _unbind(self) -> None:
-        endpoints = self._world._hosts[self._local_address.host].endpoints
-        if endpoints.get(self._local_address.port) is self:
-            del endpoints[self._local_address.port]
-
-    def _die(self) -> None:
-        self._dead = True
-        self._discard_queue()
-
-    async def send(self, data: bytes, address: Address) -> None:
-        self._check_usable()
-        _check_datagram_size(data)
-        await trio.lowlevel.checkpoint()
-        self._check_usable()
-        self._world._send_datagram(self._local_address, bytes(data), address)
-
-    async def receive(self) -> tuple[bytes, Address]:
-        self._check_usable()
-        await trio.lowlevel.checkpoint()
-        while True:
-            self._check_usable()
-            if self._queue and self._queue[0][0] <= trio.current_time():
-                _, _, data, source = heapq.heappop(self._queue)
-                if self._world.reachable(source.host, self._local_address.host):
-                    return data, source
-                self._world._drop_datagram(len(data))  # a partition came up on the way
-                continue
-            deadline = self._queue[0][0] if self._queue else math.inf
-            with trio.move_on_at(deadline):
-                await self._lot.park()
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._unbind()
-            self._discard_queue()
         await trio.lowlevel.checkpoint()

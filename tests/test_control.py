@@ -12,10 +12,15 @@ from pathlib import Path
 import pytest
 import trio
 
+from p2pbackup.app import requests
+from p2pbackup.app.home import Home
+from p2pbackup.app.service import EXIT_ERROR, Service
 from p2pbackup.errors import RemoteProtocolError
 from p2pbackup.node import control
 
-from .cli_helpers import CLI, base_env, cli_ok, make_source, make_world, run_cli
+from .cli_helpers import CLI, ODD_NAME, base_env, cli_ok, make_source, make_world, run_cli
+
+STATUS = control.ControlRequest("status")
 
 
 def test_lines_decode_whatever_the_chunking() -> None:
@@ -44,9 +49,9 @@ def test_an_endless_line_is_refused() -> None:
 @pytest.mark.parametrize(
     ("request_", "problem"),
     [
-        ({"v": 2, "argv": [], "cwd": "/"}, "version 2"),
-        ({"v": 1, "argv": "backup", "cwd": "/"}, "argv must be a list"),
-        ({"v": 1, "argv": ["backup"], "cwd": "relative"}, "cwd must be an absolute"),
+        ({"v": 1, "argv": ["backup"], "cwd": "/"}, "version 1; this daemon speaks 2"),
+        ({"v": 2, "command": ["backup"], "args": {}}, "command must be"),
+        ({"v": 2, "command": "backup", "args": ["/x"]}, "args must be a JSON object"),
     ],
 )
 def test_bad_requests_name_what_is_wrong(request_: dict[str, object], problem: str) -> None:
@@ -54,32 +59,44 @@ def test_bad_requests_name_what_is_wrong(request_: dict[str, object], problem: s
         control.parse_request(request_)
 
 
+def test_a_request_survives_its_line() -> None:
+    # A file name that is not UTF-8 is a str with lone surrogates: it has no
+    # UTF-8 form, but must reach the daemon (and come back in output) whole.
+    odd = os.fsdecode(b"/home/me/caf\xe9")
+    sent = control.ControlRequest("backup", {"paths": [odd], "json": True})
+    line = control.encode_message(control.request_message(sent, progress=True))
+    assert line.isascii()
+    [message] = control.LineDecoder().feed(line)
+    assert control.parse_request(message) == sent
+    assert control.wants_progress(message)
+    assert not control.wants_progress(control.request_message(sent))
+
+
 async def test_output_streams_then_the_exit_code(tmp_path: Path, nursery: trio.Nursery) -> None:
     path = tmp_path / "control.sock"
-    seen: list[tuple[list[str], str]] = []
+    seen: list[control.ControlRequest] = []
 
     async def handler(
-        argv: list[str], cwd: str, write: object, progress: object
-    ) -> tuple[int, str]:
-        seen.append((argv, cwd))
+        request: control.ControlRequest,
+        write: control.LineSink,
+        progress: control.LineSink | None,
+    ) -> control.Outcome:
+        seen.append(request)
         for i in range(3):
-            write(f"step {i}")  # type: ignore[operator]
+            write(f"step {i}")
             await trio.sleep(0)
-        return 3, "some packs could not be restored"
+        return control.Outcome(3, "some packs could not be restored")
 
     await nursery.start(control.serve_control, path, handler)
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     lines: list[str] = []
-    errors: list[str] = []
-    code = await control.forward(
-        path, ["restore", "latest"], "/home/me", write=lines.append, report=errors.append
-    )
-    assert code == 3
+    request = control.ControlRequest("restore", {"snapshot": "latest", "target": "/home/me/x"})
+    outcome = await control.forward(path, request, write=lines.append)
+    assert outcome == control.Outcome(3, "some packs could not be restored")
     assert lines == ["step 0", "step 1", "step 2"]
-    assert errors == ["some packs could not be restored"]
-    assert seen == [(["restore", "latest"], "/home/me")]
+    assert seen == [request]
     # Nothing listening: the CLI runs the command itself.
-    assert await control.forward(tmp_path / "none.sock", [], "/", write=print, report=print) is None
+    assert await control.forward(tmp_path / "none.sock", STATUS, write=print) is None
 
 
 async def test_progress_goes_only_to_a_client_that_shows_it(
@@ -89,26 +106,27 @@ async def test_progress_goes_only_to_a_client_that_shows_it(
     offered: list[bool] = []
 
     async def handler(
-        argv: list[str], cwd: str, write: control.LineSink, progress: control.LineSink | None
-    ) -> tuple[int, str]:
+        request: control.ControlRequest,
+        write: control.LineSink,
+        progress: control.LineSink | None,
+    ) -> control.Outcome:
         offered.append(progress is not None)
         write("start")
         if progress is not None:
             progress("backup: 3 files [  0.1s]")
             progress("")
         write("done")
-        return 0, ""
+        return control.Outcome(0)
 
     await nursery.start(control.serve_control, path, handler)
     lines: list[str] = []
     shown: list[str] = []
-    code = await control.forward(
-        path, ["backup"], "/", write=lines.append, report=print, progress=shown.append
-    )
-    assert code == 0 and lines == ["start", "done"]
+    backup = control.ControlRequest("backup", {"paths": ["/home/me"]})
+    outcome = await control.forward(path, backup, write=lines.append, progress=shown.append)
+    assert outcome == control.Outcome(0) and lines == ["start", "done"]
     assert shown == ["backup: 3 files [  0.1s]", ""]
     lines.clear()
-    assert await control.forward(path, ["backup"], "/", write=lines.append, report=print) == 0
+    assert await control.forward(path, backup, write=lines.append) == control.Outcome(0)
     assert lines == ["start", "done"]
     assert offered == [True, False]
 
@@ -194,6 +212,10 @@ def test_the_cli_hands_commands_to_a_running_daemon(tmp_path: Path) -> None:
         assert summary["files_new"] > 5
         listed = cli_ok("snapshots", "--json", home=world.home).stdout
         assert summary["snapshot_id"] in listed
+        # A file name that is not UTF-8 comes back whole, and the daemon lives on.
+        files = cli_ok("ls", "latest", home=world.home).stdout
+        assert os.fsdecode(ODD_NAME) in files
+        assert process.poll() is None
         # An expected failure in the daemon is one line and an exit code here.
         failed = run_cli("restore", "feedbeef", "--target", "out", home=world.home)
         assert failed.returncode == 1
@@ -228,15 +250,17 @@ async def test_a_home_deeper_than_a_socket_path_allows_still_has_one(
     assert len(os.fsencode(path)) > 108  # past every system's limit
 
     async def handler(
-        argv: list[str], cwd: str, write: object, progress: object
-    ) -> tuple[int, str]:
-        write("hello")  # type: ignore[operator]
-        return 0, ""
+        request: control.ControlRequest,
+        write: control.LineSink,
+        progress: control.LineSink | None,
+    ) -> control.Outcome:
+        write("hello")
+        return control.Outcome(0)
 
     await nursery.start(control.serve_control, path, handler)
     assert path.exists() and oct(path.stat().st_mode & 0o777) == "0o600"
     lines: list[str] = []
-    assert await control.forward(path, ["status"], "/", write=lines.append, report=print) == 0
+    assert await control.forward(path, STATUS, write=lines.append) == control.Outcome(0)
     assert lines == ["hello"]
 
 
@@ -244,14 +268,16 @@ async def test_no_socket_is_a_warning_not_a_failure(
     tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def handler(
-        argv: list[str], cwd: str, write: object, progress: object
-    ) -> tuple[int, str]:
+        request: control.ControlRequest,
+        write: control.LineSink,
+        progress: control.LineSink | None,
+    ) -> control.Outcome:
         raise AssertionError("never called")
 
     missing = tmp_path / "no-such-dir" / "control.sock"
     await nursery.start(control.serve_control, missing, handler)
     assert "no control socket" in caplog.text
-    assert await control.forward(missing, [], "/", write=print, report=print) is None
+    assert await control.forward(missing, STATUS, write=print) is None
 
 
 @pytest.mark.slow
@@ -303,3 +329,85 @@ def test_sigterm_mid_backup_stops_the_daemon_cleanly_and_loses_nothing(tmp_path:
     assert all(
         (restored / p.relative_to("/")).read_bytes() == p.read_bytes() for p in big.iterdir()
     )
+
+
+# -- typed requests and the service's answer ------------------------------------------------
+
+#: One request of each command, with no argument left at its default.
+SAMPLES: list[requests.Request] = [
+    requests.BackupRequest(
+        paths=("/home/me", os.fsdecode(b"/home/caf\xe9")),
+        exclude=("*.tmp",),
+        tags=("daily", "é"),
+        json=True,
+    ),
+    requests.RestoreRequest(
+        snapshot="latest", target="/tmp/out", path="/home/me", overwrite=True, json=True
+    ),
+    requests.SnapshotsRequest(json=True),
+    requests.LsRequest(snapshot="0123abcd", path="/home", json=True),
+    requests.ForgetRequest(snapshots=("0123abcd", "latest")),
+    requests.PruneRequest(json=True),
+    requests.CheckRequest(read_data=True, json=True),
+    requests.StatusRequest(json=True),
+    requests.PeerAddDirRequest(path="/mnt/disk"),
+    requests.PeerAddRequest(address="192.0.2.1:47470", node_id="ab" * 20),
+    requests.PeerListRequest(json=True),
+    requests.PeerFindRequest(count=3, add=True, bootstrap=("192.0.2.1:1",), json=True),
+    requests.FriendAddRequest(code="p2pb1-code"),
+    requests.FriendListRequest(json=True),
+    requests.FriendRemoveRequest(id="abababab", force=True),
+]
+
+
+def test_every_command_has_a_sample() -> None:
+    assert sorted(requests.command_name(r) for r in SAMPLES) == sorted(requests.COMMANDS)
+
+
+@pytest.mark.parametrize("request_", SAMPLES, ids=requests.command_name)
+def test_a_typed_request_survives_the_control_socket(request_: requests.Request) -> None:
+    name = requests.command_name(request_)
+    line = control.encode_message(
+        control.request_message(control.ControlRequest(name, requests.encode_arguments(request_)))
+    )
+    [message] = control.LineDecoder().feed(line)
+    received = control.parse_request(message)
+    assert requests.decode_arguments(requests.COMMANDS[received.command], received.args) == (
+        request_
+    )
+
+
+def test_arguments_left_out_take_their_defaults_and_unknown_ones_are_ignored() -> None:
+    decoded = requests.decode_arguments(
+        requests.CheckRequest, {"read_data": True, "from_a_newer_client": 1}
+    )
+    assert decoded == requests.CheckRequest(read_data=True, json=False)
+
+
+@pytest.mark.parametrize(
+    ("sent", "problem"),
+    [
+        (control.ControlRequest("init"), "the daemon does not run `init`"),
+        (control.ControlRequest("backup", {"paths": "/x"}), "paths must be a list of strings"),
+        (control.ControlRequest("backup", {"paths": ["x"]}), "'x' is not an absolute path"),
+        (control.ControlRequest("restore", {"snapshot": "latest"}), "needs the argument target"),
+        (control.ControlRequest("peer find", {"count": True}), "count must be an integer"),
+        (control.ControlRequest("peer find", {"count": 0}), "--count must be at least 1"),
+    ],
+)
+async def test_the_daemon_refuses_a_request_it_cannot_run(
+    tmp_path: Path, sent: control.ControlRequest, problem: str
+) -> None:
+    lines: list[str] = []
+    outcome = await Service(Home(tmp_path)).answer(sent, lines.append, None)
+    assert outcome.code == control.EXIT_BAD_REQUEST
+    assert problem in outcome.error
+    assert lines == []
+
+
+async def test_an_expected_failure_in_the_daemon_is_the_clients_outcome(tmp_path: Path) -> None:
+    lines: list[str] = []
+    home = Home(tmp_path / "nothing-here")
+    outcome = await Service(home).answer(control.ControlRequest("snapshots"), lines.append, None)
+    assert outcome.code == EXIT_ERROR
+    assert str(home.path) in outcome.error and "\n" not in outcome.error

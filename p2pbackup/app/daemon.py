@@ -45,7 +45,7 @@ from p2pbackup.dht.discovery import (
 from p2pbackup.engine.backup import Backup
 from p2pbackup.errors import P2PBackupError, RepositoryLockedError
 from p2pbackup.net.network import Address, Network, TcpNetwork
-from p2pbackup.node.control import Handler, LineSink, serve_control
+from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
 from p2pbackup.node.schedule import RUNNING_OFFER, BackupSchedule, StorageOffer, load_schedule
 from p2pbackup.node.server import StorageServer
 from p2pbackup.node.shardhost import ReconcileReport, ShardHost
@@ -218,10 +218,10 @@ def _then(handler: Handler, after: Callable[[], None]) -> Handler:
     """``handler``, calling ``after`` once each command it runs is over."""
 
     async def handle(
-        argv: list[str], cwd: str, write: LineSink, progress: LineSink | None
-    ) -> tuple[int, str]:
+        request: ControlRequest, write: LineSink, progress: LineSink | None
+    ) -> Outcome:
         try:
-            return await handler(argv, cwd, write, progress)
+            return await handler(request, write, progress)
         finally:
             after()
 

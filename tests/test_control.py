@@ -18,7 +18,16 @@ from p2pbackup.app.service import EXIT_ERROR, Service
 from p2pbackup.errors import RemoteProtocolError
 from p2pbackup.node import control
 
-from .cli_helpers import CLI, ODD_NAME, base_env, cli_ok, make_source, make_world, run_cli
+from .cli_helpers import (
+    CLI,
+    ODD_NAME,
+    base_env,
+    cli_ok,
+    make_source,
+    make_world,
+    restored,
+    run_cli,
+)
 
 STATUS = control.ControlRequest("status")
 
@@ -411,3 +420,42 @@ async def test_an_expected_failure_in_the_daemon_is_the_clients_outcome(tmp_path
     outcome = await Service(home).answer(control.ControlRequest("snapshots"), lines.append, None)
     assert outcome.code == EXIT_ERROR
     assert str(home.path) in outcome.error and "\n" not in outcome.error
+
+
+@pytest.mark.slow
+def test_a_restore_that_fails_in_the_daemon_says_so_to_its_client(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=1, n=3)
+    source = make_source(tmp_path / "src", big=50_000)
+    world.backup(source)
+    target = tmp_path / "out"
+    process = start_daemon(world.home)
+    try:
+        cli_ok("restore", "latest", "--target", target, home=world.home)
+        edited = restored(target, source) / "docs" / "note0.txt"
+        edited.write_text("changed since the backup\n")
+        # A file in the way: the restore ends part done, and the client says so.
+        conflict = run_cli("restore", "latest", "--target", target, home=world.home)
+        assert conflict.returncode == 3, str(conflict)
+        assert conflict.stderr == (
+            "p2pbackup: error: the restore is incomplete (see the list above)\n"
+        ), str(conflict)
+        shown = source.absolute() / "docs" / "note0.txt"  # as the snapshot names it
+        assert f"conflict (exists and differs; use --overwrite): {shown}" in conflict.lines
+        # A path the snapshot does not have: refused, in one line, here.
+        missing = run_cli(
+            "restore", "latest", "--target", tmp_path / "out2", "--path", "/no/such",
+            home=world.home,
+        )  # fmt: skip
+        assert missing.returncode == 1, str(missing)
+        assert missing.stderr == ("p2pbackup: error: path /no/such is not in this snapshot\n"), str(
+            missing
+        )
+        log = (world.home / "serve.log").read_text()
+        assert log.count("running `restore` for a client") == 3
+    finally:
+        process.terminate()
+        _out, err = process.communicate(timeout=10)
+    # Neither went to the daemon's stderr or its log.
+    for said in ("restore is incomplete", "not in this snapshot", "conflict"):
+        assert said not in err.decode(), err.decode()
+        assert said not in log

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pbackup.app import requests
+from p2pbackup.app import cli, requests
 from p2pbackup.app.home import Home
 from p2pbackup.app.service import EXIT_ERROR, Service
 from p2pbackup.errors import RemoteProtocolError
@@ -342,38 +342,86 @@ def test_sigterm_mid_backup_stops_the_daemon_cleanly_and_loses_nothing(tmp_path:
 
 # -- typed requests and the service's answer ------------------------------------------------
 
-#: One request of each command, with no argument left at its default.
-SAMPLES: list[requests.Request] = [
-    requests.BackupRequest(
-        paths=("/home/me", os.fsdecode(b"/home/caf\xe9")),
-        exclude=("*.tmp",),
-        tags=("daily", "é"),
-        json=True,
+ODD_PATH = os.fsdecode(b"/home/caf\xe9")  # not UTF-8: a str with a lone surrogate
+
+#: One request of each command, with no argument left at its default, and a
+#: command line that asks for it.
+SAMPLES: list[tuple[str, requests.Request]] = [
+    (
+        f"backup /home/me {ODD_PATH} --exclude *.tmp --tag daily --tag é --json",
+        requests.BackupRequest(
+            paths=("/home/me", ODD_PATH), exclude=("*.tmp",), tags=("daily", "é"), json=True
+        ),
     ),
-    requests.RestoreRequest(
-        snapshot="latest", target="/tmp/out", path="/home/me", overwrite=True, json=True
+    (
+        "restore latest --target /tmp/out --path /home/me --overwrite --json",
+        requests.RestoreRequest(
+            snapshot="latest", target="/tmp/out", path="/home/me", overwrite=True, json=True
+        ),
     ),
-    requests.SnapshotsRequest(json=True),
-    requests.LsRequest(snapshot="0123abcd", path="/home", json=True),
-    requests.ForgetRequest(snapshots=("0123abcd", "latest")),
-    requests.PruneRequest(json=True),
-    requests.CheckRequest(read_data=True, json=True),
-    requests.StatusRequest(json=True),
-    requests.PeerAddDirRequest(path="/mnt/disk"),
-    requests.PeerAddRequest(address="192.0.2.1:47470", node_id="ab" * 20),
-    requests.PeerListRequest(json=True),
-    requests.PeerFindRequest(count=3, add=True, bootstrap=("192.0.2.1:1",), json=True),
-    requests.FriendAddRequest(code="p2pb1-code"),
-    requests.FriendListRequest(json=True),
-    requests.FriendRemoveRequest(id="abababab", force=True),
+    ("snapshots --json", requests.SnapshotsRequest(json=True)),
+    ("ls 0123abcd /home --json", requests.LsRequest(snapshot="0123abcd", path="/home", json=True)),
+    ("forget 0123abcd latest", requests.ForgetRequest(snapshots=("0123abcd", "latest"))),
+    ("prune --json", requests.PruneRequest(json=True)),
+    ("check --read-data --json", requests.CheckRequest(read_data=True, json=True)),
+    ("status --json", requests.StatusRequest(json=True)),
+    ("peer add-dir /mnt/disk", requests.PeerAddDirRequest(path="/mnt/disk")),
+    (
+        f"peer add 192.0.2.1:47470 {'ab' * 20}",
+        requests.PeerAddRequest(address="192.0.2.1:47470", node_id="ab" * 20),
+    ),
+    ("peer list --json", requests.PeerListRequest(json=True)),
+    (
+        "peer find --count 3 --add --bootstrap 192.0.2.1:1 --json",
+        requests.PeerFindRequest(count=3, add=True, bootstrap=("192.0.2.1:1",), json=True),
+    ),
+    ("friend add p2pb1-code", requests.FriendAddRequest(code="p2pb1-code")),
+    ("friend list --json", requests.FriendListRequest(json=True)),
+    (
+        "friend remove abababab --force",
+        requests.FriendRemoveRequest(id="abababab", force=True),
+    ),
 ]
+REQUESTS = [request for _argv, request in SAMPLES]
+
+
+def typed_from(command_line: str) -> requests.Request:
+    """The request the command line builds from ``command_line`` (words split at spaces)."""
+    args = cli.build_parser().parse_args(command_line.split())
+    return cli._request(args.request, args)
 
 
 def test_every_command_has_a_sample() -> None:
-    assert sorted(requests.command_name(r) for r in SAMPLES) == sorted(requests.COMMANDS)
+    assert sorted(requests.command_name(r) for r in REQUESTS) == sorted(requests.COMMANDS)
 
 
-@pytest.mark.parametrize("request_", SAMPLES, ids=requests.command_name)
+@pytest.mark.parametrize(
+    ("command_line", "request_"), SAMPLES, ids=[requests.command_name(r) for r in REQUESTS]
+)
+def test_the_command_line_asks_for_each_request(
+    command_line: str, request_: requests.Request
+) -> None:
+    assert typed_from(command_line) == request_
+
+
+def test_paths_on_the_users_side_are_made_absolute_where_the_user_typed_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert typed_from("backup src /abs ../up") == requests.BackupRequest(
+        paths=(str(tmp_path / "src"), "/abs", f"{tmp_path}/../up")
+    )
+    assert typed_from("restore latest --target out --path docs") == (
+        requests.RestoreRequest(snapshot="latest", target=str(tmp_path / "out"), path="docs")
+    )
+    assert typed_from("peer add-dir disk") == requests.PeerAddDirRequest(
+        path=str(tmp_path / "disk")
+    )
+    # Options left out take the request's defaults.
+    assert typed_from("peer find") == requests.PeerFindRequest()
+
+
+@pytest.mark.parametrize("request_", REQUESTS, ids=requests.command_name)
 def test_a_typed_request_survives_the_control_socket(request_: requests.Request) -> None:
     name = requests.command_name(request_)
     line = control.encode_message(

@@ -28,7 +28,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import attrs
 import trio
@@ -320,9 +320,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--home", help="home directory (default: $P2PBACKUP_HOME, else the user data dir)"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # In the order `p2pbackup --help` lists them.
+    for add in (
+        _add_init,
+        _add_peer,
+        _add_friend,
+        _add_identity,
+        _add_node,
+        _add_backup_and_restore,
+        _add_upkeep,
+        _add_recover,
+        _add_local_network,
+    ):
+        add(commands)
+    return parser
 
-    p = sub.add_parser("init", help="create a new home and show its recovery key")
+
+#: Where each ``_add_…`` function below adds its commands (argparse gives
+#: the type no public name).
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true")
+
+
+def _addresses_option(p: argparse.ArgumentParser, name: str, help: str) -> None:
+    """``--NAME HOST:PORT``, repeatable."""
+    p.add_argument(f"--{name}", action="append", metavar="HOST:PORT", help=help)
+
+
+def _add_init(commands: _Commands) -> None:
+    p = commands.add_parser("init", help="create a new home and show its recovery key")
     p.add_argument(
         "--shards",
         default="3/6",
@@ -336,64 +366,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_init)
 
-    peer = sub.add_parser("peer", help="manage peers")
-    peer_sub = peer.add_subparsers(dest="peer_command", required=True, metavar="COMMAND")
-    p = peer_sub.add_parser("add-dir", help="use a local folder (e.g. an external disk) as a peer")
+
+def _add_peer(commands: _Commands) -> None:
+    peer = commands.add_parser("peer", help="manage peers")
+    sub = peer.add_subparsers(dest="peer_command", required=True, metavar="COMMAND")
+    p = sub.add_parser("add-dir", help="use a local folder (e.g. an external disk) as a peer")
     p.add_argument("path")
     p.set_defaults(request=requests.PeerAddDirRequest)
-    p = peer_sub.add_parser("add", help="use a storage node on the network as a peer")
+    p = sub.add_parser("add", help="use a storage node on the network as a peer")
     p.add_argument("address", metavar="HOST:PORT")
     p.add_argument("node_id", metavar="NODE_ID", help="as `p2pbackup id` prints it on that node")
     p.set_defaults(request=requests.PeerAddRequest)
-    p = peer_sub.add_parser("list", help="list peers")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("list", help="list peers")
+    _json_option(p)
     p.set_defaults(request=requests.PeerListRequest)
-    p = peer_sub.add_parser(
+    p = sub.add_parser(
         "find", help="open mode: find nodes in the DHT that store for anyone (strangers)"
     )
     p.add_argument("--count", type=int, default=8, help="how many to look for (default 8)")
     p.add_argument("--add", action="store_true", help="make the nodes found peers")
-    p.add_argument("--bootstrap", action="append", metavar="HOST:PORT", help="DHT entry point")
-    p.add_argument("--json", action="store_true")
+    _addresses_option(p, "bootstrap", "DHT entry point")
+    _json_option(p)
     p.set_defaults(request=requests.PeerFindRequest)
 
-    friend = sub.add_parser("friend", help="manage friends (nodes added with an invite code)")
-    friend_sub = friend.add_subparsers(dest="friend_command", required=True, metavar="COMMAND")
-    p = friend_sub.add_parser("add", help="add a friend's node from its invite code")
+
+def _add_friend(commands: _Commands) -> None:
+    friend = commands.add_parser("friend", help="manage friends (nodes added with an invite code)")
+    sub = friend.add_subparsers(dest="friend_command", required=True, metavar="COMMAND")
+    p = sub.add_parser("add", help="add a friend's node from its invite code")
     p.add_argument("code", metavar="CODE", help="as `p2pbackup invite` prints it on that node")
     p.set_defaults(request=requests.FriendAddRequest)
-    p = friend_sub.add_parser("list", help="list friends and the shards they hold")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("list", help="list friends and the shards they hold")
+    _json_option(p)
     p.set_defaults(request=requests.FriendListRequest)
-    p = friend_sub.add_parser("remove", help="forget a friend (and it as a peer)")
+    p = sub.add_parser("remove", help="forget a friend (and it as a peer)")
     p.add_argument("id", metavar="ID", help="node id, or a unique prefix of 8 or more digits")
     p.add_argument(
         "--force", action="store_true", help="also forget the shards it holds of this home"
     )
     p.set_defaults(request=requests.FriendRemoveRequest)
 
-    p = sub.add_parser("invite", help="print this node's invite code for a friend")
-    p.add_argument(
-        "--address",
-        action="append",
-        metavar="HOST:PORT",
-        help="where friends reach this node (repeatable; default: what `serve` last published)",
+
+def _add_identity(commands: _Commands) -> None:
+    """This node as others know it (invite, id), and others as the DHT knows them (lookup)."""
+    p = commands.add_parser("invite", help="print this node's invite code for a friend")
+    _addresses_option(
+        p,
+        "address",
+        "where friends reach this node (repeatable; default: what `serve` last published)",
     )
     p.set_defaults(func=cmd_invite)
-
-    p = sub.add_parser("lookup", help="find a node's contact record in the DHT")
+    p = commands.add_parser("lookup", help="find a node's contact record in the DHT")
     p.add_argument("node_id", metavar="NODE_ID")
-    p.add_argument(
-        "--bootstrap", action="append", metavar="HOST:PORT", help="a DHT node to ask (repeatable)"
-    )
-    p.add_argument("--json", action="store_true")
+    _addresses_option(p, "bootstrap", "a DHT node to ask (repeatable)")
+    _json_option(p)
     p.set_defaults(func=cmd_lookup)
-
-    p = sub.add_parser("id", help="show this home's node id")
-    p.add_argument("--json", action="store_true")
+    p = commands.add_parser("id", help="show this home's node id")
+    _json_option(p)
     p.set_defaults(func=cmd_id)
 
-    p = sub.add_parser("serve", help="store shards for peers (runs until interrupted)")
+
+def _add_node(commands: _Commands) -> None:
+    """``serve``, and ``status``: what the node and its peers are doing now."""
+    p = commands.add_parser("serve", help="store shards for peers (runs until interrupted)")
     p.add_argument(
         "--listen",
         metavar="HOST:PORT",
@@ -401,17 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--capacity", metavar="SIZE", help="most space to give all peers (e.g. 200G)")
     p.add_argument("--owner-quota", metavar="SIZE", help="most space to give any one peer")
-    p.add_argument(
-        "--bootstrap",
-        action="append",
-        metavar="HOST:PORT",
-        help="a DHT node to join through, besides friends (repeatable)",
-    )
-    p.add_argument(
-        "--advertise",
-        action="append",
-        metavar="HOST:PORT",
-        help="an address to publish for this node (repeatable; default: from --listen)",
+    _addresses_option(p, "bootstrap", "a DHT node to join through, besides friends (repeatable)")
+    _addresses_option(
+        p,
+        "advertise",
+        "an address to publish for this node (repeatable; default: from --listen)",
     )
     p.add_argument(
         "--open",
@@ -428,12 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
         "HOME/serve.log always has info and above",
     )
     p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("status", help="this node, each peer now, and the health of the data")
-    p.add_argument("--json", action="store_true")
+    p = commands.add_parser("status", help="this node, each peer now, and the health of the data")
+    _json_option(p)
     p.set_defaults(request=requests.StatusRequest)
 
-    p = sub.add_parser("backup", help="back up files and directories")
+
+def _add_backup_and_restore(commands: _Commands) -> None:
+    p = commands.add_parser("backup", help="back up files and directories")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument(
         "--exclude",
@@ -445,43 +475,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tag", action="append", dest="tags", metavar="TAG", help="tag the snapshot (repeatable)"
     )
-    p.add_argument("--json", action="store_true")
+    _json_option(p)
     p.set_defaults(request=requests.BackupRequest)
-
-    p = sub.add_parser("snapshots", help="list snapshots")
-    p.add_argument("--json", action="store_true")
+    p = commands.add_parser("snapshots", help="list snapshots")
+    _json_option(p)
     p.set_defaults(request=requests.SnapshotsRequest)
-
-    p = sub.add_parser("ls", help="list the contents of a snapshot")
+    p = commands.add_parser("ls", help="list the contents of a snapshot")
     p.add_argument("snapshot", metavar="SNAPSHOT", help="id, unique prefix, or 'latest'")
     p.add_argument("path", nargs="?", metavar="PATH")
-    p.add_argument("--json", action="store_true")
+    _json_option(p)
     p.set_defaults(request=requests.LsRequest)
-
-    p = sub.add_parser("restore", help="restore a snapshot into a directory")
+    p = commands.add_parser("restore", help="restore a snapshot into a directory")
     p.add_argument("snapshot", metavar="SNAPSHOT", help="id, unique prefix, or 'latest'")
     p.add_argument("--target", required=True, metavar="DIR")
     p.add_argument("--path", metavar="P", help="restore only this path of the snapshot")
     p.add_argument("--overwrite", action="store_true", help="replace existing files that differ")
-    p.add_argument("--json", action="store_true")
+    _json_option(p)
     p.set_defaults(request=requests.RestoreRequest)
 
-    p = sub.add_parser("forget", help="drop snapshots (prune frees their space)")
+
+def _add_upkeep(commands: _Commands) -> None:
+    """Dropping what is no longer wanted, and checking what is kept."""
+    p = commands.add_parser("forget", help="drop snapshots (prune frees their space)")
     p.add_argument("snapshots", nargs="+", metavar="SNAPSHOT")
     p.set_defaults(request=requests.ForgetRequest)
-
-    p = sub.add_parser("prune", help="delete data no snapshot needs")
-    p.add_argument("--json", action="store_true")
+    p = commands.add_parser("prune", help="delete data no snapshot needs")
+    _json_option(p)
     p.set_defaults(request=requests.PruneRequest)
-
-    p = sub.add_parser("check", help="verify the index against the peers")
+    p = commands.add_parser("check", help="verify the index against the peers")
     p.add_argument(
         "--read-data", action="store_true", help="download and verify every shard and blob"
     )
-    p.add_argument("--json", action="store_true")
+    _json_option(p)
     p.set_defaults(request=requests.CheckRequest)
 
-    p = sub.add_parser("recover", help="rebuild a home from the recovery key and the peers")
+
+def _add_recover(commands: _Commands) -> None:
+    p = commands.add_parser("recover", help="rebuild a home from the recovery key and the peers")
     p.add_argument(
         "--recovery-key-file",
         metavar="F",
@@ -506,16 +536,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="INVITE_CODE",
         help="a friend's invite code (repeatable; one friend holding the root record is enough)",
     )
-    p.add_argument(
-        "--bootstrap",
-        action="append",
-        metavar="HOST:PORT",
-        help="any node of the DHT (repeatable): the home's root pointer there names "
+    _addresses_option(
+        p,
+        "bootstrap",
+        "any node of the DHT (repeatable): the home's root pointer there names "
         "the nodes holding its root record",
     )
     p.set_defaults(func=cmd_recover)
 
-    p = sub.add_parser(
+
+def _add_local_network(commands: _Commands) -> None:
+    """Nodes on this machine, to watch the whole story or to try things on."""
+    p = commands.add_parser(
         "demo", help="a local network: back up, kill nodes, lose the home, recover, compare"
     )
     p.add_argument("--dir", metavar="D", help="work here (default: a new temporary directory)")
@@ -526,8 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the story with six folder peers instead of a network of nodes",
     )
     p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser(
+    p = commands.add_parser(
         "devnet", help="run N befriended nodes on 127.0.0.1 to try things on (until Ctrl-C)"
     )
     p.add_argument(
@@ -543,7 +574,6 @@ def build_parser() -> argparse.ArgumentParser:
         "less one; default 3/6, made smaller when a home has fewer than 6 friends)",
     )
     p.set_defaults(func=cmd_devnet)
-    return parser
 
 
 def _tolerate_undecodable_names() -> None:

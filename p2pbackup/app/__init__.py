@@ -7,9 +7,17 @@ Nouns:
   needs from it.
 * **operations** (:mod:`.operations`) — what a user does to a home: init,
   recover, add a peer or a friend, open its repository.
+* **request** (:mod:`.requests`) — one command on a home's repository and its
+  typed arguments, as the command line builds it and the control socket
+  carries it.
+* **service** (:mod:`.service`) — runs each request, one method a command,
+  writing to the console it is given: in the command's own process, or in
+  the daemon for a client of the control socket.
 * **daemon** (:mod:`.daemon`) — ``serve``: the storage server, the DHT, the
   control socket and scheduled backups, wired to one home.
-* **cli** (:mod:`.cli`) — the ``p2pbackup`` command.
+* **cli** (:mod:`.cli`) — the ``p2pbackup`` command: parses what was typed
+  into a request (or runs the few commands that are its own) and hands it to
+  a running daemon of the home, or to the service here.
 * **devnet** and **demo** (:mod:`.devnet`, :mod:`.demo`) — a local network of
   real ``serve`` processes on loopback, and the whole story told on one.
 

@@ -20,12 +20,13 @@ simulator run this same code over an in-memory network.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import attrs
 import trio
@@ -42,10 +43,11 @@ from p2pbackup.dht.discovery import (
     DiscoveryOptions,
     advertised_addresses,
 )
+from p2pbackup.dht.records import RecordAddress
 from p2pbackup.engine.backup import Backup
 from p2pbackup.errors import P2PBackupError, RepositoryLockedError
 from p2pbackup.net.network import Address, Network, TcpNetwork
-from p2pbackup.node.control import Handler, LineSink, serve_control
+from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
 from p2pbackup.node.schedule import RUNNING_OFFER, BackupSchedule, StorageOffer, load_schedule
 from p2pbackup.node.server import StorageServer
 from p2pbackup.node.shardhost import ReconcileReport, ShardHost
@@ -104,83 +106,110 @@ async def serve(
     task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Store shards for peers until cancelled; with ``control``, also answer
-    the CLI on the home's control socket (it runs their commands)."""
+    the CLI on the home's control socket (it runs their commands).
+
+    The steps, each below: open the shard host and start the storage server
+    (:func:`_open_storage`), join the DHT (:func:`_join_dht`), then run the
+    node's roles side by side: discovery, the scheduled backups, the control
+    socket."""
     network = network if network is not None else TcpNetwork()
     home.require()
     schedule = load_schedule(home.config_path)  # a bad config stops serve before it starts
     with home.serving():
         identity = node_identity(home)
-        host = await trio.to_thread.run_sync(
-            functools.partial(
-                ShardHost.open,
-                home.hosted_path,
-                capacity=options.capacity,
-                owner_quota=options.owner_quota,
-            )
-        )
-        try:
-            server = StorageServer(
-                host, identity, admits=None if options.open else FriendGate(home)
-            )
-            async with trio.open_nursery() as nursery:
-                address = await nursery.start(
-                    network.serve, options.listen, server.handle_connection
+        async with (
+            _open_storage(home, options, identity, network) as storage,
+            _join_dht(home, options, identity, network, storage.address.port) as discovery,
+            trio.open_nursery() as roles,
+        ):
+            # Backups and the CLI's commands (tasks started below inherit it)
+            # look nodes up through this running node.
+            SERVING_NODE.set(discovery.node)
+            RUNNING_OFFER.set(StorageOffer(options.capacity, options.owner_quota))
+            await roles.start(discovery.run)
+            # A backup or a command may have changed which nodes hold the root record.
+            peers_changed = discovery.root_holders_may_have_changed
+            if schedule is not None:
+                roles.start_soon(run_scheduled_backups, home, schedule, network, peers_changed)
+            if control is not None:
+                await roles.start(serve_control, home.control_path, _then(control, peers_changed))
+            task_status.started(
+                Serving(
+                    identity.node_id,
+                    storage.address,
+                    storage.host.reconcile_report,
+                    _address_texts(discovery.advertised),
+                    discovery,
                 )
-                nursery.start_soon(_collect_expired, host)
-                advertised = advertised_addresses(options.listen, address.port, options.advertise)
-                # UDP on the TCP port: one address (and one firewall rule) per node.
-                dht_address = Address(options.listen.host, address.port)
-                async with dht.open_dht(network, dht_address, node_id=identity.node_id) as node:
-                    discovery = Discovery(
-                        node,
-                        identity,
-                        advertised,
-                        options=DiscoveryOptions(
-                            refresh_period=options.refresh_period,
-                            bootstrap=options.bootstrap,
-                            # Offered to the DHT at large only in open mode;
-                            # a friends-only node offers nothing to strangers.
-                            storage_offered=(
-                                _storage_offered(home, options) if options.open else 0
-                            ),
-                        ),
-                        friends=functools.partial(home_friends, home),
-                        root_holders=functools.partial(home_root_holders, home),
-                        state_path=home.dht_state_path,
-                    )
-                    texts = tuple(str(Address(a.host, a.port)) for a in advertised)
-                    home.write_addresses(texts)
-                    # Backups and the CLI's commands (tasks started below
-                    # inherit it) look nodes up through this running node.
-                    SERVING_NODE.set(node)
-                    RUNNING_OFFER.set(StorageOffer(options.capacity, options.owner_quota))
-                    async with trio.open_nursery() as roles:
-                        await roles.start(discovery.run)
-                        if schedule is not None:
-                            roles.start_soon(
-                                run_scheduled_backups,
-                                home,
-                                schedule,
-                                network,
-                                discovery.root_holders_may_have_changed,
-                            )
-                        if control is not None:
-                            await roles.start(
-                                serve_control,
-                                home.control_path,
-                                _then(control, discovery.root_holders_may_have_changed),
-                            )
-                        task_status.started(
-                            Serving(
-                                identity.node_id,
-                                address,
-                                host.reconcile_report,
-                                texts,
-                                discovery,
-                            )
-                        )
-        finally:
-            host.close()
+            )
+
+
+@attrs.frozen
+class _Storage:
+    """The storage role of a started node."""
+
+    host: ShardHost
+    #: Where the storage server listens (its port chosen, if 0 was asked for).
+    address: Address
+
+
+@contextlib.asynccontextmanager
+async def _open_storage(
+    home: Home, options: ServeOptions, identity: Identity, network: Network
+) -> AsyncIterator[_Storage]:
+    """The home's shard host, and a storage server answering peers from it on
+    ``options.listen``; shards whose lease ran out are deleted every hour. The
+    host is closed once the server has stopped."""
+    host = await trio.to_thread.run_sync(
+        functools.partial(
+            ShardHost.open,
+            home.hosted_path,
+            capacity=options.capacity,
+            owner_quota=options.owner_quota,
+        )
+    )
+    try:
+        server = StorageServer(host, identity, admits=None if options.open else FriendGate(home))
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(network.serve, options.listen, server.handle_connection)
+            nursery.start_soon(_collect_expired, host)
+            yield _Storage(host, address)
+    finally:
+        host.close()
+
+
+@contextlib.asynccontextmanager
+async def _join_dht(
+    home: Home, options: ServeOptions, identity: Identity, network: Network, port: int
+) -> AsyncIterator[Discovery]:
+    """The node's DHT role (not yet running), on UDP at the storage server's
+    ``port``; the addresses it will publish are written to the home for
+    ``invite``."""
+    advertised = advertised_addresses(options.listen, port, options.advertise)
+    # UDP on the TCP port: one address (and one firewall rule) per node.
+    dht_address = Address(options.listen.host, port)
+    async with dht.open_dht(network, dht_address, node_id=identity.node_id) as node:
+        discovery = Discovery(
+            node,
+            identity,
+            advertised,
+            options=DiscoveryOptions(
+                refresh_period=options.refresh_period,
+                bootstrap=options.bootstrap,
+                # Offered to the DHT at large only in open mode; a
+                # friends-only node offers nothing to strangers.
+                storage_offered=_storage_offered(home, options) if options.open else 0,
+            ),
+            friends=functools.partial(home_friends, home),
+            root_holders=functools.partial(home_root_holders, home),
+            state_path=home.dht_state_path,
+        )
+        home.write_addresses(_address_texts(advertised))
+        yield discovery
+
+
+def _address_texts(addresses: Iterable[RecordAddress]) -> tuple[str, ...]:
+    return tuple(str(Address(a.host, a.port)) for a in addresses)
 
 
 class FriendGate:
@@ -218,10 +247,10 @@ def _then(handler: Handler, after: Callable[[], None]) -> Handler:
     """``handler``, calling ``after`` once each command it runs is over."""
 
     async def handle(
-        argv: list[str], cwd: str, write: LineSink, progress: LineSink | None
-    ) -> tuple[int, str]:
+        request: ControlRequest, write: LineSink, progress: LineSink | None
+    ) -> Outcome:
         try:
-            return await handler(argv, cwd, write, progress)
+            return await handler(request, write, progress)
         finally:
             after()
 

@@ -5,21 +5,23 @@ Nouns:
 * **control socket** — ``HOME/control.sock``, a Unix socket that ``serve``
   opens with mode 0600 and that answers only processes of the same user
   (checked with ``SO_PEERCRED`` where the system has it).
-* **request** — one command line as the user typed it, with the directory it
-  was typed in (relative paths mean what they meant to the user).
+* **request** — :class:`ControlRequest`: the name of one command and its
+  arguments as a JSON object. What the names and arguments mean is the
+  app's (:mod:`p2pbackup.app.requests`); this module only carries them.
 * **reply** — a stream of output lines as the daemon produces them, then the
-  command's error message (if any) and exit code.
+  command's :class:`Outcome`: its exit code and error line (if any).
 
-Wire format (version 1): one JSON object a line, at most
-:data:`MAX_LINE` bytes. Request ``{"v": 1, "argv": [...], "cwd": "..."}``,
-with ``"progress": true`` when the client shows progress (its stderr is a
-terminal); replies ``{"out": "text"}`` and, only if asked for,
-``{"progress": "line"}`` (an empty line: the progress is over), then
-``{"exit": code, "error": "message"}``. Keys a side does not know are
-ignored, so a client and a daemon of neighbouring releases understand each
-other.
-Encoding and decoding are pure (:func:`encode_message`,
-:class:`LineDecoder`); the rest is thin trio.
+Wire format (version 2): one JSON object a line, at most :data:`MAX_LINE`
+bytes, pure ASCII (other characters, and the lone surrogates that stand for a
+file name's undecodable bytes, travel as ``\\u`` escapes). Request
+``{"v": 2, "command": "restore", "args": {...}}``, with ``"progress": true``
+when the client shows progress (its stderr is a terminal); replies
+``{"out": "text"}`` and, only if asked for, ``{"progress": "line"}`` (an
+empty line: the progress is over), then ``{"exit": code, "error":
+"message"}``. A request of another version gets ``{"exit": 2, "error": …}``;
+keys a side does not know are ignored.
+Encoding and decoding are pure (:func:`encode_message`, :class:`LineDecoder`,
+:func:`parse_request`); the rest is thin trio.
 """
 
 from __future__ import annotations
@@ -32,28 +34,52 @@ import math
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
+import attrs
 import trio
 
 from p2pbackup.errors import RemoteProtocolError
 
 log = logging.getLogger(__name__)
 
-CONTROL_VERSION: Final = 1
+CONTROL_VERSION: Final = 2
 MAX_LINE: Final = 1 << 20
+#: The exit code of a request the daemon cannot run (as argparse's for a bad command line).
+EXIT_BAD_REQUEST: Final = 2
 
-#: Sends one line to the client.
+#: Takes one line (of output, or of progress).
 LineSink = Callable[[str], None]
-#: What runs a request in the daemon: (argv, cwd, send an output line, send a
-#: progress line or None if the client shows none) → (exit code, error).
-Handler = Callable[[list[str], str, LineSink, LineSink | None], Awaitable[tuple[int, str]]]
 
 
-def encode_message(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, ensure_ascii=False).encode() + b"\n"
+@attrs.frozen
+class ControlRequest:
+    """One command for the daemon: its name and its arguments (a JSON object)."""
+
+    command: str
+    args: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Outcome:
+    """How a command ended: its exit code, and the one line that says what
+    went wrong (empty when nothing did, or when its output says it all)."""
+
+    code: int
+    error: str = ""
+
+
+#: What runs a request in the daemon: (the request, send an output line, send
+#: a progress line or None if the client shows none) → how it ended.
+Handler = Callable[[ControlRequest, LineSink, LineSink | None], Awaitable[Outcome]]
+
+
+def encode_message(message: Mapping[str, Any]) -> bytes:
+    # ASCII: a lone surrogate (a file name's undecodable byte) has no UTF-8
+    # form, but survives as a \u escape.
+    return json.dumps(message).encode("ascii") + b"\n"
 
 
 class LineDecoder:
@@ -80,22 +106,36 @@ class LineDecoder:
         return messages
 
 
-def parse_request(message: dict[str, Any]) -> tuple[list[str], str]:
-    """(argv, cwd) from a request; RemoteProtocolError naming what is wrong.
-    (Whether it asks for progress: :func:`wants_progress`.)"""
+def request_message(request: ControlRequest, *, progress: bool = False) -> dict[str, Any]:
+    """The line a client sends for ``request`` (asking for progress lines or not)."""
+    message: dict[str, Any] = {
+        "v": CONTROL_VERSION,
+        "command": request.command,
+        "args": dict(request.args),
+    }
+    if progress:
+        message["progress"] = True
+    return message
+
+
+def parse_request(message: Mapping[str, Any]) -> ControlRequest:
+    """The request a client's line holds; RemoteProtocolError naming what is
+    wrong. (Whether it asks for progress: :func:`wants_progress`.)"""
     if message.get("v") != CONTROL_VERSION:
         raise RemoteProtocolError(
-            f"control request version {message.get('v')!r}; this daemon speaks {CONTROL_VERSION}"
+            f"control request version {message.get('v')!r}; this daemon speaks "
+            f"{CONTROL_VERSION} (restart serve after an upgrade, or run the command "
+            "with P2PBACKUP_LOCAL=1)"
         )
-    argv, cwd = message.get("argv"), message.get("cwd")
-    if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
-        raise RemoteProtocolError("control request: argv must be a list of strings")
-    if not (isinstance(cwd, str) and cwd.startswith("/")):
-        raise RemoteProtocolError("control request: cwd must be an absolute path")
-    return argv, cwd
+    command, args = message.get("command"), message.get("args", {})
+    if not (isinstance(command, str) and command):
+        raise RemoteProtocolError("control request: command must be a command's name")
+    if not isinstance(args, dict):
+        raise RemoteProtocolError("control request: args must be a JSON object")
+    return ControlRequest(command, args)
 
 
-def wants_progress(message: dict[str, Any]) -> bool:
+def wants_progress(message: Mapping[str, Any]) -> bool:
     return message.get("progress") is True
 
 
@@ -176,9 +216,9 @@ async def _serve_one(stream: trio.SocketStream, *, handler: Handler) -> None:
                 messages = decoder.feed(data)
                 if messages:
                     request = messages[0]
-            argv, cwd = parse_request(request)
+            parsed = parse_request(request)
         except RemoteProtocolError as problem:
-            await stream.send_all(encode_message({"exit": 2, "error": str(problem)}))
+            await stream.send_all(encode_message({"exit": EXIT_BAD_REQUEST, "error": str(problem)}))
             return
         replies_in, replies_out = trio.open_memory_channel[dict[str, str]](math.inf)
 
@@ -196,12 +236,12 @@ async def _serve_one(stream: trio.SocketStream, *, handler: Handler) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(relay)
                 try:
-                    code, message = await handler(
-                        argv, cwd, out, progress if wants_progress(request) else None
+                    outcome = await handler(
+                        parsed, out, progress if wants_progress(request) else None
                     )
                 finally:
                     replies_in.close()
-            await stream.send_all(encode_message({"exit": code, "error": message}))
+            await stream.send_all(encode_message({"exit": outcome.code, "error": outcome.error}))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.info("control socket: the client went away")
 
@@ -211,26 +251,23 @@ async def _serve_one(stream: trio.SocketStream, *, handler: Handler) -> None:
 
 async def forward(
     path: Path,
-    argv: list[str],
-    cwd: str,
+    request: ControlRequest,
     *,
     write: LineSink,
-    report: LineSink,
     progress: LineSink | None = None,
-) -> int | None:
-    """Run ``argv`` in the daemon behind ``path``, writing its output (and
-    with ``progress``, its progress lines) as they come; its exit code, or
+) -> Outcome | None:
+    """Run ``request`` in the daemon behind ``path``, writing its output (and
+    with ``progress``, its progress lines) as they come; how it ended, or
     None when no daemon answers there."""
     try:
         with _reachable(path) as name:
             stream = await trio.open_unix_socket(name)
     except OSError:
         return None  # no daemon (or a stale socket): run in this process
-    request: dict[str, Any] = {"v": CONTROL_VERSION, "argv": argv, "cwd": cwd}
-    if progress is not None:
-        request["progress"] = True
     async with stream:
-        await stream.send_all(encode_message(request))
+        await stream.send_all(
+            encode_message(request_message(request, progress=progress is not None))
+        )
         decoder = LineDecoder()
         while True:
             data = await stream.receive_some(65536)
@@ -247,6 +284,4 @@ async def forward(
                 code = message.get("exit")
                 if not isinstance(code, int):
                     raise RemoteProtocolError(f"control socket: unexpected reply {message!r}")
-                if message.get("error"):
-                    report(str(message["error"]))
-                return code
+                return Outcome(code, str(message.get("error") or ""))

@@ -1,0 +1,264 @@
+"""What a user asks of a home: one typed request per command the service runs.
+
+Nouns:
+
+* **request** — one command on a home's repository and its arguments, as a
+  frozen value checked when it is made (:class:`BackupRequest` …
+  :class:`FriendRemoveRequest`; :data:`Request` is any of them). The command
+  line builds one from what the user typed; ``serve`` decodes one from its
+  control socket; :class:`p2pbackup.app.service.Service` runs it either way.
+* **command name** — the words a user types for it (``"peer add-dir"``):
+  :data:`COMMANDS` maps each to its request class, :func:`command_name` back.
+* **client path** — a field naming a file on the side of the user who asked
+  (``backup``'s paths, ``restore --target``, ``peer add-dir``'s folder). It is
+  always absolute, made so where the user typed it, so that it names the same
+  file in a daemon whose working directory is not the user's. Fields marked
+  with :data:`CLIENT_PATH` are these.
+
+Serialisation is apart from the classes (:func:`encode_arguments`,
+:func:`decode_arguments`): a request's arguments as a JSON object, one member
+per field, tuples as arrays. Decoding checks each member against its field's
+type, fills a missing one from its default (an older client may not send it)
+and ignores members it does not know (a newer client's); the version of this
+encoding is the control socket's (:data:`p2pbackup.node.control.CONTROL_VERSION`).
+This module is pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import attrs
+
+from p2pbackup.errors import RemoteProtocolError, UsageError
+
+#: Field metadata of a client path (see the module docstring).
+CLIENT_PATH: Final[Mapping[str, bool]] = {"client_path": True}
+
+
+def is_client_path(field: attrs.Attribute[Any]) -> bool:
+    return bool(field.metadata.get("client_path"))
+
+
+def _absolute(_request: object, field: attrs.Attribute[Any], value: object) -> None:
+    values = value if isinstance(value, tuple) else (value,)
+    for path in values:
+        if isinstance(path, str) and not os.path.isabs(path):
+            raise UsageError(f"{field.name}: {path!r} is not an absolute path")
+
+
+def _not_empty(_request: object, field: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    if not value:
+        raise UsageError(f"{field.name}: at least one is needed")
+
+
+def _client_path(*, at_least_one: bool = False) -> Any:
+    """A client path field (a tuple of them with ``at_least_one``)."""
+    validators = [_not_empty, _absolute] if at_least_one else [_absolute]
+    return attrs.field(validator=validators, metadata=CLIENT_PATH)
+
+
+def _at_least_one(_request: object, field: attrs.Attribute[Any], value: int) -> None:
+    if value < 1:
+        raise UsageError(f"--{field.name} must be at least 1")
+
+
+# -- the requests -------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class BackupRequest:
+    paths: tuple[str, ...] = _client_path(at_least_one=True)
+    exclude: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class RestoreRequest:
+    snapshot: str
+    target: str = _client_path()
+    #: Restore only this path of the snapshot (a path inside it, not a client path).
+    path: str | None = None
+    overwrite: bool = False
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class SnapshotsRequest:
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class LsRequest:
+    snapshot: str
+    #: A path inside the snapshot; None: all of it.
+    path: str | None = None
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class ForgetRequest:
+    snapshots: tuple[str, ...] = attrs.field(validator=_not_empty)
+
+
+@attrs.frozen(kw_only=True)
+class PruneRequest:
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class CheckRequest:
+    read_data: bool = False
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class StatusRequest:
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class PeerAddDirRequest:
+    path: str = _client_path()
+
+
+@attrs.frozen(kw_only=True)
+class PeerAddRequest:
+    #: ``HOST:PORT``.
+    address: str
+    node_id: str
+
+
+@attrs.frozen(kw_only=True)
+class PeerListRequest:
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class PeerFindRequest:
+    count: int = attrs.field(default=8, validator=_at_least_one)
+    add: bool = False
+    #: DHT nodes to join through (``HOST:PORT``), besides friends.
+    bootstrap: tuple[str, ...] = ()
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class FriendAddRequest:
+    code: str
+
+
+@attrs.frozen(kw_only=True)
+class FriendListRequest:
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class FriendRemoveRequest:
+    #: A node id, or a unique prefix of it.
+    id: str
+    force: bool = False
+
+
+Request = (
+    BackupRequest
+    | RestoreRequest
+    | SnapshotsRequest
+    | LsRequest
+    | ForgetRequest
+    | PruneRequest
+    | CheckRequest
+    | StatusRequest
+    | PeerAddDirRequest
+    | PeerAddRequest
+    | PeerListRequest
+    | PeerFindRequest
+    | FriendAddRequest
+    | FriendListRequest
+    | FriendRemoveRequest
+)
+
+#: Each command the service runs, by the name a user types for it.
+COMMANDS: Final[Mapping[str, type[Request]]] = {
+    "backup": BackupRequest,
+    "restore": RestoreRequest,
+    "snapshots": SnapshotsRequest,
+    "ls": LsRequest,
+    "forget": ForgetRequest,
+    "prune": PruneRequest,
+    "check": CheckRequest,
+    "status": StatusRequest,
+    "peer add-dir": PeerAddDirRequest,
+    "peer add": PeerAddRequest,
+    "peer list": PeerListRequest,
+    "peer find": PeerFindRequest,
+    "friend add": FriendAddRequest,
+    "friend list": FriendListRequest,
+    "friend remove": FriendRemoveRequest,
+}
+
+_NAMES: Final[Mapping[type[Request], str]] = {cls: name for name, cls in COMMANDS.items()}
+
+for _cls in COMMANDS.values():
+    # Field types as objects, not the strings postponed annotations leave.
+    attrs.resolve_types(_cls)
+
+
+def command_name(request: Request) -> str:
+    return _NAMES[type(request)]
+
+
+# -- serialisation ------------------------------------------------------------------------
+
+
+def encode_arguments(request: Request) -> dict[str, Any]:
+    """A request's fields as a JSON object (tuples as lists)."""
+    return {
+        name: list(value) if isinstance(value, tuple) else value
+        for name, value in attrs.asdict(request).items()
+    }
+
+
+def decode_arguments(cls: type[Request], arguments: Mapping[str, Any]) -> Request:
+    """The request of class ``cls`` that ``arguments`` encode.
+
+    :class:`RemoteProtocolError` for a member of the wrong type or a missing
+    one without a default; :class:`UsageError` for a value its field refuses
+    (a relative client path, a count of 0).
+    """
+    values: dict[str, Any] = {}
+    for field in attrs.fields(cls):
+        if field.name not in arguments:
+            if field.default is attrs.NOTHING:
+                raise RemoteProtocolError(
+                    f"control request: `{_NAMES[cls]}` needs the argument {field.name}"
+                )
+            continue
+        values[field.name] = _decode_value(cls, field, arguments[field.name])
+    return cls(**values)
+
+
+def _decode_value(cls: type[Request], field: attrs.Attribute[Any], value: object) -> object:
+    described, fits = _FIELD_TYPES[field.type]
+    if not fits(value):
+        raise RemoteProtocolError(
+            f"control request: `{_NAMES[cls]}`'s {field.name} must be {described}"
+        )
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+#: Each type a request's field may have: how to name it, what JSON value fits it.
+_FIELD_TYPES: Final[Mapping[object, tuple[str, Callable[[object], bool]]]] = {
+    bool: ("true or false", lambda value: isinstance(value, bool)),
+    int: ("an integer", lambda value: isinstance(value, int) and not isinstance(value, bool)),
+    str: ("a string", lambda value: isinstance(value, str)),
+    str | None: ("a string or null", lambda value: value is None or isinstance(value, str)),
+    tuple[str, ...]: ("a list of strings", _strings),
+}

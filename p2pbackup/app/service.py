@@ -1,0 +1,510 @@
+"""The service: each command on a home's repository, one method apiece.
+
+Nouns:
+
+* **service** — :class:`Service`, bound to one home. Each method takes a
+  typed request (:mod:`p2pbackup.app.requests`) and a console, does the work
+  and says how it ended. The command line calls it in its own process;
+  ``serve`` calls it for a client of its control socket (:meth:`Service.answer`).
+  Both ways run the same code with the same output and errors.
+* **console** — :class:`Console`: where a command's lines go. ``out`` takes
+  each line of output; ``progress``, when there is one, each progress line
+  (an empty line ends it), and None means no progress is shown. In the
+  command's own process they write to stdout and to stderr's terminal; in the
+  daemon they send to the client, which shows them there.
+* **outcome** — :class:`~p2pbackup.node.control.Outcome`: the exit code and
+  the one line that says what went wrong. An expected failure raises a
+  :class:`~p2pbackup.errors.P2PBackupError` (or an OSError); work that ends
+  part done (a restore with files it could not write) returns its code and
+  line, so that they reach whoever ran the command, never the daemon's stderr.
+
+The heavy parts (the engine, the DHT) are imported when a command runs, so
+that the command line starts quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+from typing import assert_never
+
+import attrs
+
+from p2pbackup.app.home import Home
+from p2pbackup.app.requests import (
+    COMMANDS,
+    BackupRequest,
+    CheckRequest,
+    ForgetRequest,
+    FriendAddRequest,
+    FriendListRequest,
+    FriendRemoveRequest,
+    LsRequest,
+    PeerAddDirRequest,
+    PeerAddRequest,
+    PeerFindRequest,
+    PeerListRequest,
+    PruneRequest,
+    Request,
+    RestoreRequest,
+    SnapshotsRequest,
+    StatusRequest,
+    decode_arguments,
+)
+from p2pbackup.engine.progress import Progress, human_bytes
+from p2pbackup.errors import P2PBackupError, UsageError
+from p2pbackup.model import NodeKind, TreeNode
+from p2pbackup.node.control import EXIT_BAD_REQUEST, ControlRequest, LineSink, Outcome
+from p2pbackup.nurseries import unwrap_single
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_PARTIAL = 3
+
+OK = Outcome(EXIT_OK)
+
+
+@attrs.frozen
+class Console:
+    """Where a command's output and progress lines go (see the module docstring)."""
+
+    out: LineSink
+    progress: LineSink | None = None
+
+    def progress_line(self, label: str) -> Progress:
+        """A progress line for ``label``: shown through ``progress``, or not at all."""
+        return Progress(label, sink=self.progress, enabled=self.progress is not None)
+
+
+def error_message(exc: BaseException) -> str | None:
+    """The one line a user sees for an expected failure; None for a bug."""
+    if isinstance(exc, P2PBackupError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        # Permissions, a full disk, a vanished directory: the user's to fix.
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    return None
+
+
+def _json(data: object) -> str:
+    return json.dumps(data, indent=2)
+
+
+@attrs.frozen
+class Service:
+    """The commands on one home's repository (see the module docstring)."""
+
+    home: Home
+
+    async def run(self, request: Request, console: Console) -> Outcome:
+        """Run any request: the method its class names."""
+        match request:
+            case BackupRequest():
+                return await self.backup(request, console)
+            case RestoreRequest():
+                return await self.restore(request, console)
+            case SnapshotsRequest():
+                return await self.snapshots(request, console)
+            case LsRequest():
+                return await self.ls(request, console)
+            case ForgetRequest():
+                return await self.forget(request, console)
+            case PruneRequest():
+                return await self.prune(request, console)
+            case CheckRequest():
+                return await self.check(request, console)
+            case StatusRequest():
+                return await self.status(request, console)
+            case PeerAddDirRequest():
+                return await self.peer_add_dir(request, console)
+            case PeerAddRequest():
+                return await self.peer_add(request, console)
+            case PeerListRequest():
+                return await self.peer_list(request, console)
+            case PeerFindRequest():
+                return await self.peer_find(request, console)
+            case FriendAddRequest():
+                return await self.friend_add(request, console)
+            case FriendListRequest():
+                return await self.friend_list(request, console)
+            case FriendRemoveRequest():
+                return await self.friend_remove(request, console)
+            case _:
+                assert_never(request)
+
+    async def answer(
+        self, request: ControlRequest, out: LineSink, progress: LineSink | None
+    ) -> Outcome:
+        """Run a request that came over the control socket (its handler): any
+        expected failure becomes the outcome the client shows."""
+        cls = COMMANDS.get(request.command)
+        if cls is None:
+            return Outcome(
+                EXIT_BAD_REQUEST,
+                f"the daemon does not run `{request.command}`; run it with P2PBACKUP_LOCAL=1",
+            )
+        try:
+            typed = decode_arguments(cls, request.args)
+        except P2PBackupError as problem:
+            return Outcome(EXIT_BAD_REQUEST, str(problem))
+        log.info("running `%s` for a client", request.command)
+        try:
+            with unwrap_single():
+                return await self.run(typed, Console(out, progress))
+        except (P2PBackupError, OSError) as exc:
+            message = error_message(exc)
+            assert message is not None
+            return Outcome(EXIT_ERROR, message)
+
+    # -- backups and snapshots ----------------------------------------------------
+
+    async def backup(self, request: BackupRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.core.exclude import ExcludeRules
+        from p2pbackup.engine.backup import Backup
+
+        exclude = ExcludeRules.from_patterns(request.exclude)
+        async with operations.open_repository(self.home) as repo:
+            summary = await Backup(
+                repo, progress=console.progress_line("backup"), exclude=exclude
+            ).run(list(request.paths), request.tags)
+        if request.json:
+            console.out(_json(summary.to_json()))
+        else:
+            for line in summary.lines():
+                console.out(line)
+            console.out("snapshot saved:")
+            console.out(summary.snapshot_id.hex())
+        return OK
+
+    async def snapshots(self, request: SnapshotsRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+
+        async with operations.open_repository(self.home, access="read") as repo:
+            rows = repo.index.snapshots()
+        if request.json:
+            console.out(
+                _json(
+                    [
+                        {
+                            "id": sid.hex(),
+                            "time": time.strftime(
+                                "%Y-%m-%dT%H:%M:%S%z", time.localtime(s.time_ns / 1e9)
+                            ),
+                            "time_ns": s.time_ns,
+                            "hostname": s.hostname,
+                            "paths": [os.fsdecode(p) for p in s.paths],
+                            "tags": list(s.tags),
+                            "files": s.file_count,
+                            "size": s.total_size,
+                        }
+                        for sid, s in rows
+                    ]
+                )
+            )
+            return OK
+        if not rows:
+            console.out("no snapshots yet")
+        for sid, s in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.time_ns / 1e9))
+            paths = ", ".join(os.fsdecode(p) for p in s.paths)
+            tags = f"  [{', '.join(s.tags)}]" if s.tags else ""
+            console.out(
+                f"{sid.hex()[:12]}  {when}  {s.hostname}  {s.file_count} files  "
+                f"{human_bytes(s.total_size)}  {paths}{tags}"
+            )
+        return OK
+
+    async def ls(self, request: LsRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.engine import snapshots
+
+        async with operations.open_repository(self.home, access="read") as repo:
+            _sid, snap = snapshots.resolve(repo.index, request.snapshot)
+            entries = []
+            async for path, node in snapshots.walk(repo, snap, os.fsencode(request.path or "/")):
+                entries.append((path, node))
+        if request.json:
+            console.out(_json([_ls_json(p, n) for p, n in entries]))
+        else:
+            for path, node in entries:
+                console.out(_describe(path, node))
+        return OK
+
+    async def restore(self, request: RestoreRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.engine import snapshots
+        from p2pbackup.engine.restore import Restorer
+
+        async with operations.open_repository(self.home, access="read") as repo:
+            sid, snap = snapshots.resolve(repo.index, request.snapshot)
+            only = os.fsencode(request.path) if request.path else None
+            restorer = Restorer(
+                repo,
+                Path(request.target),
+                overwrite=request.overwrite,
+                progress=console.progress_line("restore"),
+            )
+            summary = await restorer.run(snap, only)
+        if request.json:
+            console.out(_json(summary.to_json()))
+        else:
+            console.out(f"snapshot {sid.hex()[:12]} → {restorer.target}")
+            for line in summary.lines():
+                console.out(line)
+        if not summary.ok:
+            return Outcome(EXIT_PARTIAL, "the restore is incomplete (see the list above)")
+        return OK
+
+    async def forget(self, request: ForgetRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.engine import snapshots
+
+        async with operations.open_repository(self.home, access="remove") as repo:
+            removed = await snapshots.forget(repo, list(request.snapshots))
+        for sid in removed:
+            console.out(f"forgot snapshot {sid.hex()[:12]}")
+        console.out("run `p2pbackup prune` to free the space only they used")
+        return OK
+
+    async def prune(self, request: PruneRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.engine.prune import prune
+
+        async with operations.open_repository(self.home, access="remove") as repo:
+            summary = await prune(repo, progress=console.progress_line("prune"))
+        if request.json:
+            console.out(_json(attrs.asdict(summary)))
+        else:
+            for line in summary.lines():
+                console.out(line)
+        return OK
+
+    async def check(self, request: CheckRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.engine.check import check
+
+        async with operations.open_repository(self.home, access="read") as repo:
+            summary = await check(
+                repo, read_data=request.read_data, progress=console.progress_line("check")
+            )
+        if request.json:
+            console.out(_json(summary.to_json()))
+        else:
+            for line in summary.lines():
+                console.out(line)
+        # The summary's lines say what is wrong.
+        return OK if summary.ok else Outcome(EXIT_PARTIAL)
+
+    async def status(self, request: StatusRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.engine import status
+
+        async with operations.open_repository(self.home, access="read") as repo:
+            report = await status.gather_status(repo, operations.hosting(self.home))
+        if request.json:
+            console.out(_json(report.to_json()))
+        else:
+            for line in report.lines():
+                console.out(line)
+        return OK
+
+    # -- peers and friends --------------------------------------------------------
+
+    async def peer_add_dir(self, request: PeerAddDirRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+
+        async with operations.open_repository(self.home) as repo:
+            record = await operations.add_folder_peer(repo, Path(request.path))
+            console.out(f"added peer {record.peer_id} at {record.location}")
+        return OK
+
+    async def peer_add(self, request: PeerAddRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+
+        async with operations.open_repository(self.home) as repo:
+            record = await operations.add_node_peer(repo, request.address, request.node_id)
+            console.out(f"added peer {record.peer_id} at {record.location}")
+        return OK
+
+    async def peer_list(self, request: PeerListRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+
+        async with operations.open_repository(self.home, access="read") as repo:
+            counts = repo.index.shard_count_by_peer()
+            peers = repo.peers()
+        if request.json:
+            console.out(
+                _json(
+                    [
+                        {
+                            "peer_id": p.peer_id,
+                            "kind": p.kind,
+                            "location": p.location,
+                            "shards": counts.get(p.peer_id, 0),
+                        }
+                        for p in peers
+                    ]
+                )
+            )
+            return OK
+        for p in peers:
+            console.out(f"{p.peer_id}  {p.kind}  {p.location}  {counts.get(p.peer_id, 0)} shards")
+        if not peers:
+            console.out("no peers yet: add one with `p2pbackup peer add` or `peer add-dir`")
+        return OK
+
+    async def peer_find(self, request: PeerFindRequest, console: Console) -> Outcome:
+        from p2pbackup.app import homedht, operations
+        from p2pbackup.dht import discovery
+        from p2pbackup.net.network import Address
+
+        bootstrap = [Address.parse(text, allow_port_zero=False) for text in request.bootstrap]
+        self.home.require()
+        remembered = homedht.remembered(self.home)
+        assert remembered is not None  # home.require() passed
+        found = await discovery.find_storage_nodes(
+            remembered,
+            count=request.count,
+            bootstrap=bootstrap,
+            friends=homedht.home_friends(self.home),
+        )
+        if not found:
+            raise UsageError("no node in the DHT offers storage to strangers (open mode) right now")
+        added: list[str] = []
+        if request.add:
+            async with operations.open_repository(self.home) as repo:
+                known = {p.peer_id for p in repo.peers()}
+                for record in found:
+                    if record.node_id.hex() in known:
+                        continue
+                    address = record.addresses[0]
+                    try:
+                        await operations.add_node_peer(
+                            repo, str(Address(address.host, address.port)), record.node_id.hex()
+                        )
+                    except P2PBackupError as error:
+                        console.out(f"warning: node {record.node_id.hex()} not added: {error}")
+                    else:
+                        added.append(record.node_id.hex())
+        if request.json:
+            console.out(
+                _json(
+                    [
+                        {
+                            "node_id": r.node_id.hex(),
+                            "addresses": [str(Address(a.host, a.port)) for a in r.addresses],
+                            "storage_offered": r.storage_offered,
+                            "added": r.node_id.hex() in added,
+                        }
+                        for r in found
+                    ]
+                )
+            )
+            return OK
+        for record in found:
+            where = ", ".join(str(Address(a.host, a.port)) for a in record.addresses)
+            mark = " (added as a peer)" if record.node_id.hex() in added else ""
+            console.out(
+                f"node {record.node_id.hex()} at {where} offers "
+                f"{human_bytes(record.storage_offered)}{mark}"
+            )
+        if not request.add:
+            console.out(
+                "these are strangers; `p2pbackup peer find --add` makes them peers (open mode)"
+            )
+        return OK
+
+    async def friend_add(self, request: FriendAddRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+
+        async with operations.open_repository(self.home) as repo:
+            added = await operations.add_friend(repo, request.code)
+        for warning in added.warnings:
+            console.out(f"warning: {warning}")
+        where = "reached at" if added.reached else "to be reached at"
+        console.out(f"added friend {added.friend.node_id.hex()}, {where} {added.peer.location}")
+        return OK
+
+    async def friend_list(self, request: FriendListRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+
+        async with operations.open_repository(self.home, access="read") as repo:
+            listed = operations.friends(repo)
+        if request.json:
+            console.out(
+                _json(
+                    [
+                        {
+                            "node_id": s.friend.node_id.hex(),
+                            "addresses": list(s.friend.addresses),
+                            "location": s.location,
+                            "shards": s.shards,
+                            "added_at": s.friend.added_at,
+                        }
+                        for s in listed
+                    ]
+                )
+            )
+            return OK
+        for s in listed:
+            console.out(
+                f"{s.friend.node_id.hex()}  {', '.join(s.friend.addresses)}  {s.shards} shards"
+            )
+        if not listed:
+            console.out(
+                "no friends yet: add one with `p2pbackup friend add CODE` (`invite` prints yours)"
+            )
+        return OK
+
+    async def friend_remove(self, request: FriendRemoveRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+
+        async with operations.open_repository(self.home, access="remove") as repo:
+            removed = await operations.remove_friend(repo, request.id, force=request.force)
+        for warning in removed.warnings:
+            console.out(f"warning: {warning}")
+        console.out(f"removed friend {removed.friend.node_id.hex()}")
+        if removed.shards_forgotten:
+            console.out(f"forgot {removed.shards_forgotten} shards it held")
+        shortfall = removed.shortfall
+        if shortfall.below_n:
+            console.out(f"{shortfall.below_n} packs now have fewer than N shards (less redundant)")
+        if shortfall.below_k:
+            console.out(
+                f"{shortfall.below_k} packs have fewer than K shards left: they cannot be restored"
+            )
+        return OK
+
+
+def _describe(path: bytes, node: TreeNode) -> str:
+    kind = {NodeKind.DIR: "d", NodeKind.FILE: "-", NodeKind.SYMLINK: "l"}[node.kind]
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(node.mtime_ns / 1e9))
+    line = f"{kind}{stat.filemode(node.mode)[1:]}  {node.size:>12}  {when}  {os.fsdecode(path)}"
+    if node.link_target is not None:
+        line += f" -> {os.fsdecode(node.link_target)}"
+    return line
+
+
+def _ls_json(path: bytes, node: TreeNode) -> dict[str, object]:
+    entry: dict[str, object] = {
+        # Valid text for any JSON reader; a name that is not UTF-8 shows its
+        # odd bytes as \xNN here and comes whole, in hex, as path_hex.
+        "path": path.decode("utf-8", "backslashreplace"),
+        "type": node.kind.name.lower(),
+        "mode": node.mode,
+        "size": node.size,
+        "mtime_ns": node.mtime_ns,
+    }
+    try:
+        path.decode("utf-8")
+    except UnicodeDecodeError:
+        entry["path_hex"] = path.hex()
+    return entry

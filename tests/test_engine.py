@@ -541,7 +541,7 @@ async def test_a_tree_of_small_directories_is_listed_ahead_in_few_thread_calls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from p2pbackup.core.exclude import ExcludeRules
-    from p2pbackup.engine import backup
+    from p2pbackup.engine import listing
 
     setup = await make_setup(tmp_path)
     source = tmp_path / "src"
@@ -556,7 +556,7 @@ async def test_a_tree_of_small_directories_is_listed_ahead_in_few_thread_calls(
     (source / "d2" / "node_modules" / "deep" / "x").write_text("left out")
     listed: list[bytes] = []
     calls = 0
-    real_ahead, real_dir = backup._list_ahead, backup._list_dir
+    real_ahead, real_dir = listing._list_ahead, listing._list_dir
 
     def counting_ahead(walk, budget):  # type: ignore[no-untyped-def]
         nonlocal calls
@@ -568,9 +568,9 @@ async def test_a_tree_of_small_directories_is_listed_ahead_in_few_thread_calls(
         return real_dir(path)
 
     # A small budget, so the walk runs past what was listed ahead and lists again.
-    monkeypatch.setattr(backup, "_LISTING_BUDGET", 6)
-    monkeypatch.setattr(backup, "_list_ahead", counting_ahead)
-    monkeypatch.setattr(backup, "_list_dir", recording_dir)
+    monkeypatch.setattr(listing, "_LISTING_BUDGET", 6)
+    monkeypatch.setattr(listing, "_list_ahead", counting_ahead)
+    monkeypatch.setattr(listing, "_list_dir", recording_dir)
     async with operations.open_repository(setup.home) as repo:
         rules = ExcludeRules.from_patterns(["node_modules"])
         summary = await Backup(repo, exclude=rules).run([source])
@@ -592,7 +592,7 @@ async def test_a_tree_of_small_directories_is_listed_ahead_in_few_thread_calls(
 async def test_a_directory_that_cannot_be_listed_is_skipped_and_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from p2pbackup.engine import backup
+    from p2pbackup.engine import listing
 
     setup = await make_setup(tmp_path)
     source = tmp_path / "src"
@@ -600,7 +600,7 @@ async def test_a_directory_that_cannot_be_listed_is_skipped_and_named(
     (source / "open" / "a.txt").write_text("a")
     (source / "locked" / "inner").mkdir(parents=True)
     (source / "locked" / "inner" / "b.txt").write_text("b")
-    real = backup._list_dir
+    real = listing._list_dir
     locked = os.fsencode(source / "locked")
 
     def refusing(path):  # type: ignore[no-untyped-def]
@@ -609,7 +609,7 @@ async def test_a_directory_that_cannot_be_listed_is_skipped_and_named(
             raise PermissionError(13, "Permission denied")
         return real(path)
 
-    monkeypatch.setattr(backup, "_list_dir", refusing)
+    monkeypatch.setattr(listing, "_list_dir", refusing)
     async with operations.open_repository(setup.home) as repo:
         summary = await Backup(repo).run([source])
     assert summary.skipped == [(str(source / "locked"), "cannot list: Permission denied")]

@@ -6,6 +6,7 @@ import collections
 import math
 import random
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,9 +15,11 @@ from p2pbackup.core.placement import (
     MAX_EXPANSION,
     MIN_PEERS,
     Code,
+    PackPlan,
     PeerWeight,
     choose_code,
     hash_fraction,
+    plan_pack,
     rank_peers,
     rank_weighted,
     spread_hosts,
@@ -30,6 +33,19 @@ PEER_NAMES = st.text(min_size=1, max_size=8)
 WEIGHTS = st.dictionaries(
     PEER_NAMES, st.floats(0, 1e15, allow_nan=False, allow_infinity=False), max_size=12
 )
+
+
+def peer_weights(most_free: int) -> st.SearchStrategy[dict[str, PeerWeight]]:
+    return st.dictionaries(
+        PEER_NAMES,
+        st.builds(
+            PeerWeight,
+            free=st.none() | st.integers(0, most_free),
+            uptime=st.floats(0.01, 1),
+            reputation=st.floats(0.01, 1),
+        ),
+        max_size=12,
+    )
 
 
 def pack_ids(count: int, seed: int) -> list[bytes]:
@@ -146,20 +162,7 @@ def test_a_peer_of_weight_zero_never_comes_before_one_with_weight(
     assert zero == sorted(zero)  # every positive weight first
 
 
-@given(
-    PACK_IDS,
-    st.dictionaries(
-        PEER_NAMES,
-        st.builds(
-            PeerWeight,
-            free=st.none() | st.integers(0, 1 << 44),
-            uptime=st.floats(0.01, 1),
-            reputation=st.floats(0.01, 1),
-        ),
-        max_size=12,
-    ),
-    st.integers(1, 1 << 30),
-)
+@given(PACK_IDS, peer_weights(1 << 44), st.integers(1, 1 << 30))
 def test_a_peer_without_room_for_the_shard_is_never_chosen_before_one_with_room(
     pack_id: bytes, peers: dict[str, PeerWeight], need: int
 ) -> None:
@@ -237,3 +240,91 @@ def test_uptime_counts_a_peer_never_asked_as_up() -> None:
     assert uptime(1, 9) == 0.2
     with pytest.raises(ValueError):
         uptime(3, 2)
+
+
+# -- a pack's plan ------------------------------------------------------------------------
+
+
+#: A pack id, n, the peers, the bytes of a shard, each peer's host, the peers down.
+PlanInputs = tuple[bytes, int, dict[str, PeerWeight], int, dict[str, str], frozenset[str]]
+
+
+@st.composite
+def plan_inputs(draw: st.DrawFn) -> PlanInputs:
+    # Free space and shard sizes of the same scale: some peers have room, some not.
+    peers = draw(peer_weights(1 << 20))
+    hosts = {peer: draw(st.sampled_from("abcdef")) for peer in peers}
+    down = frozenset(draw(st.sets(st.sampled_from(sorted(peers)))) if peers else ())
+    return (
+        draw(PACK_IDS),
+        draw(st.integers(1, 12)),
+        peers,
+        draw(st.integers(1, 1 << 20)),
+        hosts,
+        down,
+    )
+
+
+@given(plan_inputs())
+def test_a_plan_places_every_peer_once_and_depends_on_its_inputs_alone(
+    inputs: PlanInputs,
+) -> None:
+    pack_id, n, peers, need, hosts, down = inputs
+    plan = plan_pack(pack_id, n, peers, need, hosts.__getitem__, down)
+    assert len(plan.targets) == min(n, len(peers))
+    assert sorted(plan.targets + plan.spares) == sorted(peers)
+    shuffled = dict(reversed(list(peers.items())))
+    assert plan_pack(pack_id, n, shuffled, need, hosts.__getitem__, set(down)) == plan
+
+
+@given(plan_inputs())
+def test_a_plan_turns_to_peers_down_or_without_room_last(
+    inputs: PlanInputs,
+) -> None:
+    pack_id, n, peers, need, hosts, down = inputs
+    plan = plan_pack(pack_id, n, peers, need, hosts.__getitem__, down)
+    order = plan.targets + plan.spares
+
+    def short(peer: str) -> bool:
+        free = peers[peer].free
+        return free is not None and free < need
+
+    # Down peers after every other; among each group, no room after room.
+    assert [p in down for p in order] == sorted(p in down for p in order)
+    for group in ([p for p in order if p not in down], [p for p in order if p in down]):
+        assert [short(p) for p in group] == sorted(short(p) for p in group)
+    # The spares reported short of room: exactly those up and without room.
+    assert plan.short_of_room == tuple(p for p in plan.spares if short(p) and p not in down)
+
+
+@given(plan_inputs())
+def test_a_plan_spreads_its_targets_over_hosts_while_it_can(
+    inputs: PlanInputs,
+) -> None:
+    pack_id, n, peers, need, hosts, _down = inputs
+    # With every peer up and room unknown, all weigh alike but for uptime:
+    # the hosts alone decide who shares a pack.
+    unbounded = {peer: attrs.evolve(weight, free=None) for peer, weight in peers.items()}
+    plan = plan_pack(pack_id, n, unbounded, need, hosts.__getitem__)
+    distinct = len(set(hosts.values()))
+    assert len({hosts[p] for p in plan.targets}) == min(len(plan.targets), distinct)
+
+
+def test_a_plan_with_equal_peers_follows_the_ranking() -> None:
+    peers = {f"p{i}": PeerWeight() for i in range(8)}
+    plan = plan_pack(b"x" * 32, 5, peers, 100, lambda peer: peer)
+    ranked = rank_peers(b"x" * 32, peers)
+    assert plan == PackPlan(tuple(ranked[:5]), tuple(ranked[5:]), ())
+
+
+def test_a_full_spare_is_short_of_room_and_a_down_one_is_not() -> None:
+    peers = {
+        "roomy": PeerWeight(free=1000),
+        "also": PeerWeight(free=1000),
+        "cramped": PeerWeight(free=10),
+        "gone": PeerWeight(free=10),
+    }
+    plan = plan_pack(b"y" * 32, 2, peers, 100, lambda peer: peer, down={"gone"})
+    assert set(plan.targets) == {"roomy", "also"}
+    assert plan.spares == ("cramped", "gone")
+    assert plan.short_of_room == ("cramped",)

@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 from p2pbackup.app import operations
 from p2pbackup.app.home import Home
 from p2pbackup.core import blobs, chunker
-from p2pbackup.engine import backup as backup_module
-from p2pbackup.engine import sealer, sealwire, snapshots
+from p2pbackup.engine import pipeline, sealer, sealwire, snapshots
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.reading import CHANGED_WHILE_READ
 from p2pbackup.engine.restore import Restorer
@@ -403,7 +402,7 @@ async def test_a_sealer_dying_mid_backup_hands_its_batch_to_threads(
         return await real_seal(self, paths)
 
     monkeypatch.setattr(Sealer, "seal", dying_seal)
-    with caplog.at_level(logging.WARNING, logger="p2pbackup.engine.backup"):
+    with caplog.at_level(logging.WARNING, logger="p2pbackup.engine.pipeline"):
         backup = await run_backup(setup.home, source, sealer_min_files=1)
     assert killed
     assert backup.summary.files_new == 300 and backup.summary.skipped == []
@@ -424,7 +423,7 @@ async def test_a_small_backup_starts_no_sealer(
     monkeypatch.setattr(Sealer, "start", refuse)
     setup = await make_setup(tmp_path / "repo")
     source = make_tree(tmp_path / "src")
-    backup = await run_backup(setup.home, source, sealer_min_files=backup_module._SEALER_MIN_FILES)
+    backup = await run_backup(setup.home, source, sealer_min_files=pipeline.SEALER_MIN_FILES)
     assert backup.summary.files_new > 5
 
 

@@ -31,11 +31,8 @@ from p2pbackup.core.keys import Keyring
 from p2pbackup.dht import discovery, invites
 from p2pbackup.dht.records import RecordAddress
 from p2pbackup.engine.index import Index, ShardShortfall
-from p2pbackup.engine.repository import (
-    Repository,
-    open_root_record,
-    open_store,
-)
+from p2pbackup.engine.repository import Repository, open_store
+from p2pbackup.engine.rootrecord import open_root_record
 from p2pbackup.engine.status import Hosting
 from p2pbackup.errors import (
     FormatError,

@@ -29,6 +29,11 @@ Nouns of the weighted ranking:
 The **code** (k-of-n) adapts to the peers there are (:func:`choose_code`):
 the configured one when there are enough, else a smaller one that still
 survives two lost peers.
+
+A pack's **plan** (:func:`plan_pack`) puts it all together: the peers in the
+order its shards go to them — shard i to the i-th **target**, then the
+**spares** in order — and the spares known to be **short of room** for a
+shard, which the run reports as passed over.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import math
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import attrs
 
@@ -190,3 +195,45 @@ def spread_hosts(ranked: Sequence[str], host_of: Callable[[str], str]) -> list[s
         (later if host in hosts else first).append(peer)
         hosts.add(host)
     return first + later
+
+
+@attrs.frozen
+class PackPlan:
+    """Which peer gets which shard of a pack (the module docstring's plan)."""
+
+    #: Shard i goes to ``targets[i]``.
+    targets: tuple[str, ...]
+    #: The peers to turn to, in order, when a target refuses.
+    spares: tuple[str, ...]
+    #: Spares not known to be down whose room is known to be too small.
+    short_of_room: tuple[str, ...]
+
+
+def plan_pack(
+    pack_id: bytes,
+    n: int,
+    peers: Mapping[str, PeerWeight],
+    need: int,
+    host_of: Callable[[str], str],
+    down: Collection[str] = (),
+) -> PackPlan:
+    """The plan of the pack ``pack_id`` of ``n`` shards of ``need`` bytes each
+    over ``peers``, of which those in ``down`` are known to be down.
+
+    Peers are ranked by weight (:func:`weigh_peers`, :func:`rank_weighted`),
+    one per host first (:func:`spread_hosts`); then peers without room for
+    the shard go after those with room, and peers known to be down last, as
+    spares of last resort (each group keeps its ranking).
+    """
+    weights = weigh_peers(peers, need)
+    ranked = sorted(
+        spread_hosts(rank_weighted(pack_id, weights), host_of),
+        key=lambda peer: (peer in down, weights[peer] == 0),
+    )
+    spares = ranked[n:]
+    short = []
+    for peer in spares:
+        free = peers[peer].free
+        if free is not None and free < need and peer not in down:
+            short.append(peer)
+    return PackPlan(tuple(ranked[:n]), tuple(spares), tuple(short))

@@ -3,11 +3,14 @@
 Nouns:
 
 * **repository** (:mod:`.repository`) — one owner's packs on its peers, and the
-  **index** (:mod:`.index`, SQLite) that finds them; the **root record** names
-  the live snapshots and index packs.
-* **backup** (:mod:`.backup`) — directory trees into a snapshot: walk, read
-  (:mod:`.reading`, and the **sealer** processes of :mod:`.sealer`, talking
-  :mod:`.sealwire`), pack, code, place.
+  **index** (:mod:`.index`, SQLite) that finds them; the **run state**
+  (:mod:`.runstate`) is what it learns of its peers in one run; a pack's
+  **shards** (:mod:`.shards`) are coded and checked in worker threads; the
+  **root record** (:mod:`.rootrecord`) names the live snapshots and index packs.
+* **backup** (:mod:`.backup`) — directory trees into a snapshot: the **walk**
+  (:mod:`.walk`, listing ahead in :mod:`.listing`) feeds the **pipeline**
+  (:mod:`.pipeline`) that reads (:mod:`.reading`, and the **sealer** processes
+  of :mod:`.sealer`, talking :mod:`.sealwire`), packs, codes and places.
 * **restore** (:mod:`.restore`), **snapshots** (:mod:`.snapshots`), **prune**
   (:mod:`.prune`), **check** (:mod:`.check`), **status** (:mod:`.status`).
 * **progress** (:mod:`.progress`) — the lines long work reports through;

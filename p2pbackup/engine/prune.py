@@ -14,11 +14,20 @@ Steps, ordered so that a prune killed at any point loses nothing:
    record goes to every peer.
 5. **delete** — only now are the shards of dead packs deleted, along with any
    shard on a peer that no pack names (left by a backup that was killed).
+
+Steps 2 to 5 follow a **plan** decided first, by :func:`plan_prune` (pure):
+from the index's packs and the live blobs, which copy of each live blob is
+**kept** (the first the index lists), which data packs are dead, which are
+repacked (and which blobs each gives up to the new packs), which are kept as
+they are, and which index packs are replaced. :func:`prune` then carries it
+out.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 
 import attrs
 import trio
@@ -28,6 +37,7 @@ from p2pbackup.engine.progress import Progress
 from p2pbackup.engine.repository import Repository
 from p2pbackup.engine.snapshots import live_blobs
 from p2pbackup.errors import P2PBackupError, StoreError
+from p2pbackup.model import PackRecord
 
 #: A pack whose live bytes are below this fraction of its blob bytes is repacked.
 REPACK_THRESHOLD = 0.5
@@ -55,9 +65,74 @@ class PruneSummary:
         ]
 
 
+@attrs.frozen
+class Repack:
+    """A mostly dead pack, and the live blobs whose kept copy is in it: those
+    are copied into new packs before it is deleted."""
+
+    pack_id: bytes
+    blobs: frozenset[bytes]
+
+
+@attrs.frozen
+class PrunePlan:
+    """What a prune does (module docstring); every pack listed once."""
+
+    #: Data packs holding no kept copy of a live blob: deleted.
+    dead: tuple[bytes, ...]
+    #: Data packs whose kept live bytes are below the threshold: repacked, then deleted.
+    repack: tuple[Repack, ...]
+    #: Data packs kept as they are.
+    keep: tuple[bytes, ...]
+    #: Index packs, all replaced by one new index segment.
+    old_index: tuple[bytes, ...]
+
+    @property
+    def removed(self) -> tuple[bytes, ...]:
+        """Every pack the index forgets and whose shards are deleted."""
+        return (*self.dead, *(r.pack_id for r in self.repack), *self.old_index)
+
+
+def plan_prune(
+    data_packs: Iterable[PackRecord],
+    index_packs: Iterable[bytes],
+    live: AbstractSet[bytes],
+    copies: Iterable[tuple[bytes, bytes]],
+    *,
+    threshold: float = REPACK_THRESHOLD,
+) -> PrunePlan:
+    """The plan of a prune (module docstring).
+
+    ``data_packs`` are the index's data packs with their blobs, ``live`` the
+    blob ids the live snapshots reach, and ``copies`` every (blob id, pack
+    id) the index holds, in the order of preference: of a live blob's
+    copies, the first is kept. A data pack whose kept bytes are below
+    ``threshold`` of its blob bytes is repacked; one with none is dead.
+    """
+    kept_in: dict[bytes, bytes] = {}
+    for blob_id, pack_id in copies:
+        if blob_id in live and blob_id not in kept_in:
+            kept_in[blob_id] = pack_id
+    dead: list[bytes] = []
+    repack: list[Repack] = []
+    keep: list[bytes] = []
+    for record in data_packs:
+        pack_id = record.pack_id
+        total = sum(b.length for b in record.blobs)
+        kept = [b for b in record.blobs if kept_in.get(b.blob_id) == pack_id]
+        kept_bytes = sum(b.length for b in kept)
+        if not kept:
+            dead.append(pack_id)
+        elif kept_bytes < total * threshold:
+            repack.append(Repack(pack_id, frozenset(b.blob_id for b in kept)))
+        else:
+            keep.append(pack_id)
+    return PrunePlan(tuple(dead), tuple(repack), tuple(keep), tuple(index_packs))
+
+
 async def prune(repo: Repository, *, progress: Progress | None = None) -> PruneSummary:
+    """Plan the prune from what the live snapshots reach, then carry it out."""
     progress = progress or Progress("prune", enabled=False)
-    summary = PruneSummary()
     index = repo.index
     progress.update("marking live data", force=True)
     live, problems = await live_blobs(repo)
@@ -66,59 +141,19 @@ async def prune(repo: Repository, *, progress: Progress | None = None) -> PruneS
             "prune stopped before deleting anything, since some data cannot be read: "
             + "; ".join(problems)
         )
+    plan = plan_prune(
+        _data_packs(repo), index.pack_ids(is_index=True), live, index.iter_blob_rows()
+    )
+    summary = PruneSummary()
+    written = await _repack(repo, plan.repack, progress)
+    summary.packs_repacked = len(plan.repack)
+    summary.packs_written = len(written)
 
-    # Choose one copy of each live blob; every other copy is dead weight.
-    chosen: dict[bytes, bytes] = {}
-    for blob_id, pack_id in index.iter_blob_rows():
-        if blob_id in live and blob_id not in chosen:
-            chosen[blob_id] = pack_id
-
-    dead: list[bytes] = []
-    to_repack: list[bytes] = []
-    for pack_id in index.pack_ids(is_index=False):
-        record = index.pack(pack_id)
-        assert record is not None
-        total = sum(b.length for b in record.blobs)
-        kept = sum(b.length for b in record.blobs if chosen.get(b.blob_id) == pack_id)
-        if kept == 0:
-            dead.append(pack_id)
-        elif kept < total * REPACK_THRESHOLD:
-            to_repack.append(pack_id)
-
-    if to_repack:
-        progress.update(f"repacking {len(to_repack)} packs", force=True)
-        builder = packer.PackBuilder()
-        pack_size = repo.config.pack_size
-        for pack_id in to_repack:
-            record = index.pack(pack_id)
-            assert record is not None
-            data = await repo.read_pack(record, use_cache=False)
-            for entry in record.blobs:
-                if chosen.get(entry.blob_id) != pack_id:
-                    continue
-                builder.add(
-                    entry.type,
-                    entry.blob_id,
-                    bytes(packer.blob_bytes(data, entry)),
-                    entry.raw_length,
-                )
-                if builder.size >= pack_size:
-                    await repo.write_pack(builder)
-                    summary.packs_written += 1
-                    builder = packer.PackBuilder()
-        if len(builder):
-            await repo.write_pack(builder)
-            summary.packs_written += 1
-        summary.packs_repacked = len(to_repack)
-
-    removed = dead + to_repack
-    old_index_packs = index.pack_ids(is_index=True)
-    removed_records = [index.pack(p, with_blobs=False) for p in removed + old_index_packs]
-    keep = [p for p in index.pack_ids(is_index=False) if p not in set(removed)]
+    removed_records = [index.pack(p, with_blobs=False) for p in plan.removed]
     progress.update("writing a new index", force=True)
-    await repo.write_index_segment(keep)
+    await repo.write_index_segment(sorted([*plan.keep, *written]))
     with index.transaction():
-        for pack_id in removed + old_index_packs:
+        for pack_id in plan.removed:
             index.remove_pack(pack_id)
     await repo.publish_root()
 
@@ -127,18 +162,60 @@ async def prune(repo: Repository, *, progress: Progress | None = None) -> PruneS
         if record is None:
             continue
         summary.bytes_freed += record.shard_size * len(record.shards)
-        for location in record.shards:
-            try:
-                await repo.store(location.peer_id).delete(
-                    formats.shard_id(record.pack_id, location.index)
-                )
-                summary.shards_deleted += 1
-            except StoreError:
-                pass  # The next prune finds it again as an orphan.
-    summary.packs_deleted = len(dead)
+        summary.shards_deleted += await _delete_shards(repo, record)
+    summary.packs_deleted = len(plan.dead)
     summary.orphan_shards_deleted = await delete_orphans(repo)
     progress.close()
     return summary
+
+
+def _data_packs(repo: Repository) -> Iterator[PackRecord]:
+    """The index's data packs with their blobs, one at a time."""
+    for pack_id in repo.index.pack_ids(is_index=False):
+        record = repo.index.pack(pack_id)
+        assert record is not None
+        yield record
+
+
+async def _repack(repo: Repository, repack: tuple[Repack, ...], progress: Progress) -> list[bytes]:
+    """Copy the kept blobs of ``repack``'s packs, as they are, into new packs;
+    the ids of the packs written."""
+    if not repack:
+        return []
+    progress.update(f"repacking {len(repack)} packs", force=True)
+    written: list[bytes] = []
+    builder = packer.PackBuilder()
+    pack_size = repo.config.pack_size
+    for old in repack:
+        record = repo.index.pack(old.pack_id)
+        assert record is not None
+        data = await repo.read_pack(record, use_cache=False)
+        for entry in record.blobs:
+            if entry.blob_id not in old.blobs:
+                continue
+            builder.add(
+                entry.type, entry.blob_id, bytes(packer.blob_bytes(data, entry)), entry.raw_length
+            )
+            if builder.size >= pack_size:
+                written.append((await repo.write_pack(builder)).pack_id)
+                builder = packer.PackBuilder()
+    if len(builder):
+        written.append((await repo.write_pack(builder)).pack_id)
+    return written
+
+
+async def _delete_shards(repo: Repository, record: PackRecord) -> int:
+    """Delete the shards of a pack the index has forgotten; how many went."""
+    deleted = 0
+    for location in record.shards:
+        try:
+            await repo.store(location.peer_id).delete(
+                formats.shard_id(record.pack_id, location.index)
+            )
+            deleted += 1
+        except StoreError:
+            pass  # The next prune finds it again as an orphan.
+    return deleted
 
 
 async def delete_orphans(repo: Repository) -> int:

@@ -1,0 +1,96 @@
+"""Listing directories for a backup's walk, ahead of it.
+
+* **listing** — a directory's entries as (name, lstat), sorted by name; or
+  the :class:`OSError` that stands in for a directory that cannot be listed.
+* **walk ahead** — a walk of the same order as the backup's (depth first,
+  entries by name, excluded directories not entered) that runs in a worker
+  thread, a few thousand entries per call, and keeps the listings until the
+  backup's walk gets there. One thread call per directory made the walk wait
+  for a thread, then for the GIL, at every directory: a tree of many small
+  directories spent much of its backup there.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+
+import trio
+
+from p2pbackup.core.exclude import ExcludeRules
+
+#: A directory's entries (name, lstat), or why it could not be listed.
+Listing = list[tuple[bytes, os.stat_result]] | OSError
+
+#: Directory entries listed ahead of the walk in one thread call.
+_LISTING_BUDGET = 4096
+
+
+class ListingAhead:
+    """The listings of one backup's walk, listed ahead of it (module docstring)."""
+
+    def __init__(self, exclude: ExcludeRules) -> None:
+        self._exclude = exclude
+        #: Directories listed ahead of the walk, until it gets there.
+        self._listings: dict[bytes, Listing] = {}
+        self._walk_ahead: Iterator[tuple[bytes, Listing]] | None = None
+
+    async def listing(self, path: bytes) -> Listing:
+        """The entries of ``path``, from the walk ahead (started there if the
+        walk did not expect ``path``: the first directory of a target)."""
+        listing = self._listings.pop(path, None)
+        if listing is not None:
+            return listing
+        for attempt in range(2):
+            if self._walk_ahead is None or attempt:
+                # The first directory of a target, or the walk ahead lost its way.
+                self._listings.clear()
+                self._walk_ahead = _walk_listings(path, self._exclude)
+            listings = await trio.to_thread.run_sync(_list_ahead, self._walk_ahead, _LISTING_BUDGET)
+            if not listings:
+                self._walk_ahead = None
+            self._listings.update(listings)
+            listing = self._listings.pop(path, None)
+            if listing is not None:
+                return listing
+        raise AssertionError(f"a walk from {path!r} did not list it first")
+
+
+def _walk_listings(root: bytes, exclude: ExcludeRules) -> Iterator[tuple[bytes, Listing]]:
+    """Every directory from ``root`` down with its listing, in the walk's own
+    order: depth first, entries by name, excluded directories not entered, an
+    error standing in for a directory that cannot be listed."""
+    try:
+        entries: Listing = _list_dir(root)
+    except OSError as exc:
+        entries = exc
+    yield root, entries
+    if isinstance(entries, OSError):
+        return
+    prefix = root.rstrip(b"/")
+    for name, st in entries:
+        below = prefix + b"/" + name
+        if stat.S_ISDIR(st.st_mode) and not exclude.excludes(below):
+            yield from _walk_listings(below, exclude)
+
+
+def _list_ahead(walk: Iterator[tuple[bytes, Listing]], budget: int) -> list[tuple[bytes, Listing]]:
+    """The next directories of ``walk``, until about ``budget`` entries are listed."""
+    listings = []
+    listed = 0
+    for path, listing in walk:
+        listings.append((path, listing))
+        listed += len(listing) if isinstance(listing, list) else 1
+        if listed >= budget:
+            break
+    return listings
+
+
+def _list_dir(path: bytes) -> list[tuple[bytes, os.stat_result]]:
+    entries = []
+    with os.scandir(path) as it:
+        for entry in it:
+            entries.append((os.fsencode(entry.name), entry.stat(follow_symlinks=False)))
+    entries.sort(key=lambda e: e[0])
+    return entries

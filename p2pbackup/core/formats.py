@@ -44,6 +44,7 @@ from p2pbackup.model import (
     NODE_ID_SIZE,
     BlobEntry,
     BlobType,
+    BytesLike,
     FriendRecord,
     IndexSegment,
     NodeKind,
@@ -59,7 +60,6 @@ from p2pbackup.model import (
     TreeNode,
 )
 
-Buffer = bytes | bytearray | memoryview
 _T = TypeVar("_T")
 _E = TypeVar("_E", BlobType, NodeKind)
 
@@ -188,7 +188,7 @@ def encode_shard_header(header: ShardHeader) -> bytes:
     return _checked(data, decode_shard_header)
 
 
-def decode_shard_header(buf: Buffer) -> ShardHeader:
+def decode_shard_header(buf: BytesLike) -> ShardHeader:
     """Header from the first :data:`SHARD_HEADER_SIZE` bytes of ``buf``."""
     what = "shard header"
     data = bytes(memoryview(buf)[:SHARD_HEADER_SIZE])
@@ -293,7 +293,7 @@ def encode_signed_envelope(
     return head + bytes(payload) + bytes(signature)
 
 
-def decode_signed_envelope(data: Buffer) -> SignedEnvelope:
+def decode_signed_envelope(data: BytesLike) -> SignedEnvelope:
     what = "signed envelope"
     raw = bytes(data)
     _check_prefix(what, raw, ENVELOPE_MAGIC, _ENVELOPE_HEAD.size + SIGNATURE_SIZE)
@@ -345,7 +345,7 @@ def _seal(what: str, magic: bytes, body: object) -> bytes:
     return magic + bytes([FORMAT_VERSION]) + packed
 
 
-def _open(what: str, data: Buffer, magic: bytes, build: Callable[[object, str], _T]) -> _T:
+def _open(what: str, data: BytesLike, magic: bytes, build: Callable[[object, str], _T]) -> _T:
     """Check the prefix, unpack the body with limits, build and check canonical form."""
     raw = bytes(data)
     _check_prefix(what, raw, magic, _PREFIX_SIZE)
@@ -564,7 +564,7 @@ def encode_pack_header(header: PackHeader) -> bytes:
     return _checked(_seal("pack header", PACK_HEADER_MAGIC, body), decode_pack_header)
 
 
-def decode_pack_header(data: Buffer) -> PackHeader:
+def decode_pack_header(data: BytesLike) -> PackHeader:
     return _open("pack header", data, PACK_HEADER_MAGIC, _pack_header)
 
 
@@ -636,7 +636,7 @@ def encode_tree(tree: Tree) -> bytes:
     return _checked(_seal("tree", TREE_MAGIC, body), decode_tree)
 
 
-def decode_tree(data: Buffer) -> Tree:
+def decode_tree(data: BytesLike) -> Tree:
     return _open("tree", data, TREE_MAGIC, _tree)
 
 
@@ -666,7 +666,7 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
     return _checked(_seal("snapshot", SNAPSHOT_MAGIC, body), decode_snapshot)
 
 
-def decode_snapshot(data: Buffer) -> Snapshot:
+def decode_snapshot(data: BytesLike) -> Snapshot:
     return _open("snapshot", data, SNAPSHOT_MAGIC, _snapshot)
 
 
@@ -752,7 +752,7 @@ def encode_index_segment(segment: IndexSegment) -> bytes:
     return _checked(_seal("index segment", INDEX_SEGMENT_MAGIC, body), decode_index_segment)
 
 
-def decode_index_segment(data: Buffer) -> IndexSegment:
+def decode_index_segment(data: BytesLike) -> IndexSegment:
     return _open("index segment", data, INDEX_SEGMENT_MAGIC, _index_segment)
 
 
@@ -788,7 +788,7 @@ def encode_root_record(record: RootRecord) -> bytes:
     return _checked(_seal("root record", ROOT_RECORD_MAGIC, body), decode_root_record)
 
 
-def decode_root_record(data: Buffer) -> RootRecord:
+def decode_root_record(data: BytesLike) -> RootRecord:
     return _open("root record", data, ROOT_RECORD_MAGIC, _root_record)
 
 

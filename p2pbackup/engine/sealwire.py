@@ -30,7 +30,7 @@ import msgpack
 from p2pbackup.core.chunker import ChunkerParams
 from p2pbackup.core.crypto import KEY_SIZE
 from p2pbackup.errors import LocalProtocolError, UsageError
-from p2pbackup.model import ID_SIZE, FileStat, ReadOutcome, SealingKeys
+from p2pbackup.model import ID_SIZE, BytesLike, FileStat, ReadOutcome, SealingKeys
 
 #: The version a setup frame carries; a sealer refuses any other.
 PROTOCOL_VERSION = 1
@@ -133,7 +133,7 @@ class FrameReader:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
+    def feed(self, data: BytesLike) -> None:
         self._buffer += data
 
     def next_body(self) -> bytes | None:

@@ -99,7 +99,7 @@ from p2pbackup.errors import (
     StoreFullError,
     StoreRequestError,
 )
-from p2pbackup.model import ID_SIZE, NODE_ID_SIZE
+from p2pbackup.model import ID_SIZE, NODE_ID_SIZE, BytesLike
 from p2pbackup.stores.durable import DirectWriter, fsync_dir, write_all
 
 #: Version of the layout and of the SQLite schema (its ``user_version``).
@@ -973,7 +973,7 @@ class Upload:
     def written(self) -> int:
         return self._builder.size
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def write(self, data: BytesLike) -> None:
         """Append ``data``. More bytes than declared abort the upload (StoreError);
         a full disk aborts it with StoreFullError."""
         view = memoryview(data).cast("B")

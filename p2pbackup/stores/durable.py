@@ -21,6 +21,8 @@ import mmap
 import os
 from pathlib import Path
 
+from p2pbackup.model import BytesLike
+
 
 def fsync_dir(path: Path) -> None:
     """Make the names in directory ``path`` durable (after a create or rename)."""
@@ -57,7 +59,7 @@ def write_private_file(path: Path, data: bytes) -> None:
         raise
 
 
-def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+def write_all(fd: int, data: BytesLike) -> None:
     """Write every byte of ``data`` (``os.write`` may write fewer)."""
     view = memoryview(data)
     while view:
@@ -109,7 +111,7 @@ class DirectWriter:
         """Whether writes still bypass the page cache."""
         return self._direct
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def write(self, data: BytesLike) -> None:
         """Append every byte of ``data`` (staged: :meth:`flush` before syncing)."""
         view = memoryview(data).cast("B")
         while view:

@@ -60,7 +60,7 @@ import attrs
 import trio
 
 from p2pbackup.errors import ShardNotFoundError, StoreError, StoreFullError
-from p2pbackup.model import ID_SIZE
+from p2pbackup.model import ID_SIZE, BytesLike
 from p2pbackup.stores.durable import DirectWriter, fsync_dir
 
 PEER_DIR = "p2pbackup-peer"
@@ -118,9 +118,7 @@ class ShardRoot:
 class ShardStore(Protocol):
     """One owner's namespace on one peer (async; see the module docstring)."""
 
-    async def put(
-        self, shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
-    ) -> None:
+    async def put(self, shard_id: bytes, data: BytesLike, root: ShardRoot | None = None) -> None:
         """Store a shard. Putting an id again with identical bytes does nothing;
         with different bytes raises StoreError and keeps the stored shard.
         StoreFullError when there is no room. ``root``, when the caller has
@@ -218,9 +216,7 @@ class MemoryShardStore:
     # Each method yields to the scheduler first and then acts without another
     # checkpoint, so every operation is atomic with respect to other tasks.
 
-    async def put(
-        self, shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
-    ) -> None:
+    async def put(self, shard_id: bytes, data: BytesLike, root: ShardRoot | None = None) -> None:
         await trio.lowlevel.checkpoint()
         _check_shard_id(shard_id)
         existing = self._shards.get(shard_id)
@@ -319,7 +315,7 @@ def _unlink_quietly(path: Path) -> None:
 
 def _write_temp(
     directory: Path,
-    data: bytes | bytearray | memoryview,
+    data: BytesLike,
     in_flight: set[str],
     *,
     direct: bool = False,
@@ -385,7 +381,7 @@ def _replace(temp: Path, final: Path, in_flight: set[str]) -> None:
         in_flight.discard(temp.name)
 
 
-def _same_content(path: Path, data: bytes | bytearray | memoryview) -> bool:
+def _same_content(path: Path, data: BytesLike) -> bool:
     if path.stat().st_size != len(data):
         return False
     return path.read_bytes() == data
@@ -550,21 +546,19 @@ class FolderShardStore:
 
     # -- shards --
 
-    async def put(
-        self, shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
-    ) -> None:
+    async def put(self, shard_id: bytes, data: BytesLike, root: ShardRoot | None = None) -> None:
         _check_shard_id(shard_id)
         await self._ensure_writable()
         await trio.to_thread.run_sync(self._put_sync, shard_id, data)
 
-    def _put_sync(self, shard_id: bytes, data: bytes | bytearray | memoryview) -> None:
+    def _put_sync(self, shard_id: bytes, data: BytesLike) -> None:
         final = self._shard_path(shard_id)
         with _os_errors("store shard in", final.parent):
             stored = not final.exists() and self._write_new(final, data)
             if not stored and not _same_content(final, data):
                 raise _conflict(shard_id, str(self._owner_dir))
 
-    def _write_new(self, final: Path, data: bytes | bytearray | memoryview) -> bool:
+    def _write_new(self, final: Path, data: BytesLike) -> bool:
         _make_dirs(final.parent, self._peer_dir)
         temp = _write_temp(final.parent, data, self._in_flight, direct=True)
         return _publish_new(temp, final, self._in_flight)

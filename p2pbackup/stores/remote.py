@@ -45,7 +45,7 @@ from p2pbackup.errors import (
     StoreError,
     StoreFullError,
 )
-from p2pbackup.model import ID_SIZE
+from p2pbackup.model import ID_SIZE, BytesLike
 from p2pbackup.net.network import Address, Network
 from p2pbackup.stores.folder import STALE_TEMP_SECONDS, ShardRoot, Space
 from p2pbackup.wire import messages
@@ -261,9 +261,7 @@ class RemoteShardStore:
 
     # -- the ShardStore interface -------------------------------------------------
 
-    async def put(
-        self, shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
-    ) -> None:
+    async def put(self, shard_id: bytes, data: BytesLike, root: ShardRoot | None = None) -> None:
         _check_shard_id(shard_id)
         if root is None:
             digest = await trio.to_thread.run_sync(merkle.merkle_root, data, TRANSFER_BLOCK_SIZE)

@@ -73,9 +73,7 @@ from p2pbackup.core.formats import (
 )
 from p2pbackup.core.merkle import HASH_SIZE
 from p2pbackup.errors import LocalProtocolError, RemoteProtocolError
-from p2pbackup.model import ID_SIZE, NODE_ID_SIZE
-
-Buffer = bytes | bytearray | memoryview
+from p2pbackup.model import ID_SIZE, NODE_ID_SIZE, BytesLike
 
 # --- Limits -----------------------------------------------------------------
 
@@ -852,7 +850,7 @@ def encode_frames(messages: Sequence[Message]) -> bytes:
     return b"".join(encode_frame(message) for message in messages)
 
 
-def decode_message(body: Buffer) -> Message:
+def decode_message(body: BytesLike) -> Message:
     """The message in one frame body; RemoteProtocolError for anything else."""
     try:
         return _decode(body)
@@ -860,7 +858,7 @@ def decode_message(body: Buffer) -> Message:
         raise RemoteProtocolError(str(exc)) from None
 
 
-def _decode(body: Buffer) -> Message:
+def _decode(body: BytesLike) -> Message:
     if len(body) > MAX_FRAME_SIZE:
         raise _Problem(f"message of {len(body)} bytes exceeds the limit of {MAX_FRAME_SIZE}")
     try:
@@ -915,7 +913,7 @@ class FrameDecoder:
         self._start = 0
         self._error: str | None = None
 
-    def feed(self, data: Buffer) -> None:
+    def feed(self, data: BytesLike) -> None:
         if self._error is None:
             self._buffer += data
 

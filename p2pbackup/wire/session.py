@@ -44,7 +44,6 @@ import attrs
 import trio
 
 from p2pbackup.core import crypto, keys
-from p2pbackup.core.crypto import BytesLike
 from p2pbackup.core.keys import Keyring
 from p2pbackup.errors import (
     DecryptionError,
@@ -54,6 +53,7 @@ from p2pbackup.errors import (
     RemoteProtocolError,
     SignatureError,
 )
+from p2pbackup.model import BytesLike
 from p2pbackup.wire.noise import MAX_PLAINTEXT_SIZE, CipherState, HandshakeState
 
 #: Mixed into every handshake: the version of this wire protocol.

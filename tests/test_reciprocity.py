@@ -25,8 +25,8 @@ from p2pbackup.model import BlobType, BytesLike
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
 from p2pbackup.net.network import Address
 from p2pbackup.node.shardhost import usage_by_owner
-from p2pbackup.stores.folder import ShardRoot
 from p2pbackup.stores.remote import RemoteShardStore
+from p2pbackup.stores.shardstore import ShardRoot
 from p2pbackup.wire.session import Identity
 
 from .cli_helpers import cli_ok, make_source

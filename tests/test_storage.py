@@ -1,4 +1,4 @@
-"""Tests for p2pbackup.stores.folder: the conformance suite for each store, then
+"""Tests for p2pbackup.stores: the conformance suite for each store, then
 what only one store does (capacity; folder layout, atomicity, identity)."""
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from p2pbackup.errors import ShardNotFoundError, StoreError, StoreFullError
 from p2pbackup.stores.folder import (
     PEER_DIR,
     FolderShardStore,
-    MemoryShardStore,
-    ShardStore,
-    Space,
     init_folder_peer,
     read_folder_peer_id,
 )
+from p2pbackup.stores.memory import MemoryShardStore
+from p2pbackup.stores.shardstore import ShardStore, Space
 from tests.storage_conformance import ShardStoreConformance, shard_id
 
 OWNER = bytes(range(20))

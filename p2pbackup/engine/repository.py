@@ -78,8 +78,9 @@ from p2pbackup.model import (
     ShardLocation,
 )
 from p2pbackup.net.network import Address, Network, TcpNetwork
-from p2pbackup.stores.folder import FolderShardStore, ShardRoot, ShardStore, Space
+from p2pbackup.stores.folder import FolderShardStore
 from p2pbackup.stores.remote import Locator, RemoteShardStore
+from p2pbackup.stores.shardstore import ShardRoot, ShardStore, Space
 from p2pbackup.wire.session import Identity
 
 ROOT_ENVELOPE_KIND = b"ROOT"

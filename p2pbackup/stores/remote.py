@@ -4,8 +4,8 @@ Nouns:
 
 * **remote store** — :class:`RemoteShardStore`: one owner's namespace on one
   storage node, reached at an address and known by its node id. It implements
-  :class:`~p2pbackup.stores.folder.ShardStore`, so the engine cannot tell it from a
-  folder.
+  :class:`~p2pbackup.stores.shardstore.ShardStore`, so the engine cannot tell it
+  from a folder.
 * **connection** — an authenticated, encrypted session with the node
   (:mod:`p2pbackup.wire.session`) carrying one request at a time. The store keeps a
   few open and idle between requests (the **pool**), and opens them lazily.
@@ -47,7 +47,7 @@ from p2pbackup.errors import (
 )
 from p2pbackup.model import ID_SIZE, BytesLike
 from p2pbackup.net.network import Address, Network
-from p2pbackup.stores.folder import STALE_TEMP_SECONDS, ShardRoot, Space
+from p2pbackup.stores.shardstore import STALE_TEMP_SECONDS, ShardRoot, Space
 from p2pbackup.wire import messages
 from p2pbackup.wire.messages import RefusalCode
 from p2pbackup.wire.rpc import MessageChannel

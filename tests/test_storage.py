@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pbackup.errors import ShardNotFoundError, StoreError, StoreFullError
+from p2pbackup.errors import ShardNotFoundError, StoreError, StoreFullError, StoreRequestError
+from p2pbackup.node.shardhost import ShardConflictError
 from p2pbackup.stores.folder import (
     PEER_DIR,
     FolderShardStore,
@@ -22,7 +23,7 @@ from p2pbackup.stores.folder import (
     read_folder_peer_id,
 )
 from p2pbackup.stores.memory import MemoryShardStore
-from p2pbackup.stores.shardstore import ShardStore, Space
+from p2pbackup.stores.shardstore import ShardStore, Space, check_range, check_shard_id, conflict
 from tests.storage_conformance import ShardStoreConformance, shard_id
 
 OWNER = bytes(range(20))
@@ -423,3 +424,23 @@ def test_bad_owner_is_rejected(tmp_path: Path) -> None:
         FolderShardStore(tmp_path, b"")
     with pytest.raises(ValueError):
         FolderShardStore(tmp_path, b"x" * 65)
+
+
+# --- the checks every store shares ----------------------------------------
+
+
+def test_the_shared_checks_raise_the_callers_error() -> None:
+    with pytest.raises(ValueError, match="a shard id is 32 bytes, got 31"):
+        check_shard_id(bytes(31))
+    with pytest.raises(StoreRequestError, match="a shard id is 32 bytes, got str"):
+        check_shard_id("0" * 32, StoreRequestError)
+    check_shard_id(bytes(32))
+    with pytest.raises(StoreRequestError, match="bad shard range: offset -1, length None"):
+        check_range(-1, None, StoreRequestError)
+    check_range(0, 0)
+    error = conflict(bytes(32), "in the vault", ShardConflictError)
+    assert isinstance(error, ShardConflictError)
+    assert str(error) == (
+        f"conflict: another shard is stored under id {'00' * 32} in the vault; "
+        "shards are write-once, the stored one was kept"
+    )

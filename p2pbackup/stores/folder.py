@@ -43,9 +43,15 @@ from pathlib import Path
 import attrs
 import trio
 
-from p2pbackup.errors import ShardNotFoundError, StoreError, StoreFullError
+from p2pbackup.errors import ShardNotFoundError, StoreError
 from p2pbackup.model import BytesLike
-from p2pbackup.stores.durable import DirectWriter, fsync_dir
+from p2pbackup.stores.durable import (
+    fsync_dir,
+    make_dirs,
+    os_errors,
+    unlink_quietly,
+    write_temp_file,
+)
 from p2pbackup.stores.shardstore import (
     STALE_TEMP_SECONDS,
     ShardRoot,
@@ -66,9 +72,6 @@ _PEER_ID_RE = re.compile(r"dir-[0-9a-f]{16}")
 _SHARD_NAME_RE = re.compile(r"[0-9a-f]{64}")
 _MAX_MARKER_SIZE = 4096
 _MAX_OWNER_SIZE = 64
-_NO_SPACE_ERRNOS = frozenset(
-    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None
-)
 # link() failures that mean "this filesystem has no hard links" (FAT, exFAT,
 # some network mounts) rather than a real problem.
 _NO_LINK_ERRNOS = frozenset(
@@ -81,65 +84,17 @@ _NO_LINK_ERRNOS = frozenset(
 # --- low-level file operations (blocking; run in worker threads) -----------
 
 
-@contextlib.contextmanager
-def _os_errors(action: str, path: Path) -> Iterator[None]:
-    """Turn OSError into StoreFullError (no space) or StoreError naming ``path``."""
-    try:
-        yield
-    except OSError as error:
-        reason = error.strerror or str(error)
-        if error.errno in _NO_SPACE_ERRNOS:
-            raise StoreFullError(f"no room to {action} {path}: {reason}") from error
-        raise StoreError(f"could not {action} {path}: {reason}") from error
-
-
-def _make_dirs(path: Path, base: Path) -> None:
-    """Create ``path`` and its missing ancestors below ``base`` (which exists),
-    syncing each new directory's parent so the new entry survives a crash."""
-    missing: list[Path] = []
-    current = path
-    while current != base and not current.is_dir():
-        missing.append(current)
-        current = current.parent
-    for directory in reversed(missing):
-        try:
-            directory.mkdir()
-        except FileExistsError:
-            continue  # made meanwhile by a concurrent put
-        fsync_dir(directory.parent)
-
-
-def _unlink_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
 def _write_temp(
-    directory: Path,
-    data: BytesLike,
-    in_flight: set[str],
-    *,
-    direct: bool = False,
+    directory: Path, data: BytesLike, in_flight: set[str], *, direct: bool = False
 ) -> Path:
-    """Write ``data`` to a new synced temp file in ``directory``; on any
-    failure the temp file is removed before the error propagates. ``direct``
-    writes it around the page cache (:class:`~p2pbackup.stores.durable.DirectWriter`):
-    for shards, written once and rarely read back soon."""
+    """A new synced temp file in ``directory`` holding ``data``, its name in
+    ``in_flight`` from before it exists until it is published or removed."""
     name = TEMP_PREFIX + secrets.token_hex(8)
     in_flight.add(name)
     temp = directory / name
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        writer = DirectWriter(fd, direct=direct)
-        try:
-            writer.write(data)
-            writer.flush()
-            os.fsync(fd)
-        finally:
-            writer.close()
-            os.close(fd)
+        write_temp_file(temp, data, direct=direct)
     except BaseException:
-        _unlink_quietly(temp)
         in_flight.discard(name)
         raise
     return temp
@@ -169,7 +124,7 @@ def _publish_new(temp: Path, final: Path, in_flight: set[str]) -> bool:
         fsync_dir(final.parent)
         return True
     finally:
-        _unlink_quietly(temp)
+        unlink_quietly(temp)
         in_flight.discard(temp.name)
 
 
@@ -178,7 +133,7 @@ def _replace(temp: Path, final: Path, in_flight: set[str]) -> None:
         os.replace(temp, final)
         fsync_dir(final.parent)
     finally:
-        _unlink_quietly(temp)
+        unlink_quietly(temp)
         in_flight.discard(temp.name)
 
 
@@ -252,7 +207,7 @@ def init_folder_peer(root: Path) -> str:
     parent more likely means an unmounted disk than a wish for new folders.
     """
     peer_dir = root / PEER_DIR
-    with _os_errors("create peer folder", root):
+    with os_errors("create peer folder", root):
         root.mkdir(exist_ok=True)
         if not peer_dir.is_dir():
             peer_dir.mkdir(exist_ok=True)
@@ -260,7 +215,7 @@ def init_folder_peer(root: Path) -> str:
     if _marker_path(root).exists():
         return read_folder_peer_id(root)
     peer_id = "dir-" + secrets.token_hex(8)
-    with _os_errors("write peer marker in", peer_dir):
+    with os_errors("write peer marker in", peer_dir):
         temp = _write_temp(peer_dir, _encode_marker(peer_id), set())
         published = _publish_new(temp, _marker_path(root), set())
     # Lost a race with another init: theirs is the folder's identity.
@@ -354,13 +309,13 @@ class FolderShardStore:
 
     def _put_sync(self, shard_id: bytes, data: BytesLike) -> None:
         final = self._shard_path(shard_id)
-        with _os_errors("store shard in", final.parent):
+        with os_errors("store shard in", final.parent):
             stored = not final.exists() and self._write_new(final, data)
             if not stored and not _same_content(final, data):
-                raise conflict(shard_id, str(self._owner_dir))
+                raise conflict(shard_id, f"in {self._owner_dir}")
 
     def _write_new(self, final: Path, data: BytesLike) -> bool:
-        _make_dirs(final.parent, self._peer_dir)
+        make_dirs(final.parent, self._peer_dir)
         temp = _write_temp(final.parent, data, self._in_flight, direct=True)
         return _publish_new(temp, final, self._in_flight)
 
@@ -372,7 +327,7 @@ class FolderShardStore:
 
     def _get_sync(self, shard_id: bytes, offset: int, length: int | None) -> bytes:
         path = self._shard_path(shard_id)
-        with _os_errors("read shard", path):
+        with os_errors("read shard", path):
             try:
                 with path.open("rb") as file:
                     file.seek(offset)
@@ -390,7 +345,7 @@ class FolderShardStore:
 
     def _has_sync(self, shard_id: bytes) -> bool:
         path = self._shard_path(shard_id)
-        with _os_errors("check shard", path):
+        with os_errors("check shard", path):
             try:
                 path.stat()
             except (FileNotFoundError, NotADirectoryError):
@@ -407,7 +362,7 @@ class FolderShardStore:
         path = self._shard_path(shard_id)
         # No directory sync: a delete undone by a crash only leaves a shard
         # that the owner's next prune or lease expiry deletes again.
-        with _os_errors("delete shard", path), contextlib.suppress(FileNotFoundError):
+        with os_errors("delete shard", path), contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
     async def list(self) -> builtins.list[bytes]:
@@ -415,7 +370,7 @@ class FolderShardStore:
         return await trio.to_thread.run_sync(self._list_sync)
 
     def _list_sync(self) -> builtins.list[bytes]:
-        with _os_errors("list shards in", self._shards_dir):
+        with os_errors("list shards in", self._shards_dir):
             ids = [bytes.fromhex(entry.name) for entry in self._shard_entries()]
         if not ids:
             self._check_still_there()
@@ -442,8 +397,8 @@ class FolderShardStore:
         await trio.to_thread.run_sync(self._put_root_sync, data)
 
     def _put_root_sync(self, data: bytes) -> None:
-        with _os_errors("write root record in", self._owner_dir):
-            _make_dirs(self._owner_dir, self._peer_dir)
+        with os_errors("write root record in", self._owner_dir):
+            make_dirs(self._owner_dir, self._peer_dir)
             temp = _write_temp(self._owner_dir, data, self._in_flight)
             _replace(temp, self._root_path, self._in_flight)
 
@@ -452,7 +407,7 @@ class FolderShardStore:
         return await trio.to_thread.run_sync(self._get_root_sync)
 
     def _get_root_sync(self) -> bytes | None:
-        with _os_errors("read root record", self._root_path):
+        with os_errors("read root record", self._root_path):
             try:
                 return self._root_path.read_bytes()
             except FileNotFoundError:
@@ -473,7 +428,7 @@ class FolderShardStore:
 
     def _space_sync(self) -> Space:
         used = self._usage_sync()
-        with _os_errors("read the free space of", self.root):
+        with os_errors("read the free space of", self.root):
             disk = os.statvfs(self.root)
         return Space.with_room(used, disk.f_bavail * disk.f_frsize)
 
@@ -481,7 +436,7 @@ class FolderShardStore:
         await trio.lowlevel.checkpoint()  # files are opened per call
 
     def _usage_sync(self) -> int:
-        with _os_errors("measure", self._owner_dir):
+        with os_errors("measure", self._owner_dir):
             total = sum(
                 entry.stat(follow_symlinks=False).st_size for entry in self._shard_entries()
             )
@@ -500,7 +455,7 @@ class FolderShardStore:
     def _collect_garbage_sync(self, older_than: float) -> int:
         cutoff = time.time() - older_than
         removed = 0
-        with _os_errors("clean up temp files in", self._owner_dir):
+        with os_errors("clean up temp files in", self._owner_dir):
             for directory in self._temp_dirs():
                 removed += self._remove_temps(directory, cutoff)
         return removed

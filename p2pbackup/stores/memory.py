@@ -56,7 +56,7 @@ class MemoryShardStore:
         if existing is not None:
             if existing == data:
                 return
-            raise conflict(shard_id, "the memory store")
+            raise conflict(shard_id, "in the memory store")
         self._reserve(len(data))
         self._shards[shard_id] = bytes(data)
 

@@ -22,9 +22,10 @@ Nouns:
 Stores verify nothing they read: the engine checks Merkle roots and AEAD tags,
 so a corrupted shard is returned as it is.
 
-The argument checks every store applies live here too. Misuse — a shard id
-that is not 32 bytes, a negative offset or length — raises ``ValueError``:
-only code builds those, never users.
+The argument checks every store applies live here too, and the storage
+node's shard host with them. Misuse by code — a shard id that is not 32
+bytes, a negative offset or length — raises ``ValueError``; the shard host,
+which checks what a peer sent, passes its own error class instead.
 """
 
 from __future__ import annotations
@@ -123,16 +124,17 @@ class ShardStore(Protocol):
 # -- the checks every store applies ---------------------------------------------------
 
 
-def check_shard_id(shard_id: bytes) -> None:
-    """ValueError unless ``shard_id`` is 32 bytes."""
+def check_shard_id(shard_id: object, error: type[Exception] = ValueError) -> None:
+    """``error`` unless ``shard_id`` is 32 bytes."""
     if not isinstance(shard_id, bytes) or len(shard_id) != ID_SIZE:
-        raise ValueError(f"a shard id is {ID_SIZE} bytes, got {shard_id!r}")
+        got = len(shard_id) if isinstance(shard_id, bytes) else type(shard_id).__name__
+        raise error(f"a shard id is {ID_SIZE} bytes, got {got}")
 
 
-def check_range(offset: int, length: int | None) -> None:
-    """ValueError unless ``offset`` and ``length`` (None: to the end) are not negative."""
+def check_range(offset: int, length: int | None, error: type[Exception] = ValueError) -> None:
+    """``error`` unless ``offset`` and ``length`` (None: to the end) are not negative."""
     if offset < 0 or (length is not None and length < 0):
-        raise ValueError(f"bad shard range: offset {offset}, length {length}")
+        raise error(f"bad shard range: offset {offset}, length {length}")
 
 
 def slice_range(data: bytes, offset: int, length: int | None) -> bytes:
@@ -140,9 +142,10 @@ def slice_range(data: bytes, offset: int, length: int | None) -> bytes:
     return data[offset:] if length is None else data[offset : offset + length]
 
 
-def conflict(shard_id: bytes, where: str) -> StoreError:
-    """The error for a put of other bytes under a stored id, kept in ``where``."""
-    return StoreError(
-        f"shard {shard_id.hex()} already exists in {where} with different content; "
+def conflict(shard_id: bytes, where: str, error: type[StoreError] = StoreError) -> StoreError:
+    """The error for a put of other bytes under an id stored ``where`` ("in
+    <the place>", and what is known of the stored shard)."""
+    return error(
+        f"conflict: another shard is stored under id {shard_id.hex()} {where}; "
         "shards are write-once, the stored one was kept"
     )

@@ -5,7 +5,7 @@ Sans-IO: bytes in, values out. :mod:`p2pbackup.engine.sealer` moves the bytes.
 Nouns:
 
 * **frame** — a 4-byte big-endian body length, then a msgpack body: an array
-  whose first item is the frame kind.
+  whose first item is the frame kind (:func:`frame_reader` cuts the stream).
 * **setup** — the first frame to a sealer: the protocol version, the keys and
   the chunker params. The keys cross a pipe between two processes of the same
   user, never a command line or an environment.
@@ -21,7 +21,6 @@ decoders still check every field, and say which one is wrong.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 
 import attrs
@@ -29,8 +28,9 @@ import msgpack
 
 from p2pbackup.core.chunker import ChunkerParams
 from p2pbackup.core.crypto import KEY_SIZE
+from p2pbackup.core.framing import FrameReader, length_prefix
 from p2pbackup.errors import LocalProtocolError, UsageError
-from p2pbackup.model import ID_SIZE, BytesLike, FileStat, ReadOutcome, SealingKeys
+from p2pbackup.model import ID_SIZE, FileStat, ReadOutcome, SealingKeys
 
 #: The version a setup frame carries; a sealer refuses any other.
 PROTOCOL_VERSION = 1
@@ -42,7 +42,7 @@ KIND_SETUP = 1
 KIND_BATCH = 2
 KIND_RESULTS = 3
 
-_LENGTH = struct.Struct(">I")
+_PREFIX_SIZE = 4
 
 
 class SealwireError(LocalProtocolError):
@@ -80,7 +80,7 @@ def _frame(body: object) -> bytes:
     assert isinstance(packed, bytes)
     if len(packed) > MAX_FRAME:
         raise SealwireError(f"a frame of {len(packed)} bytes exceeds the limit of {MAX_FRAME}")
-    return _LENGTH.pack(len(packed)) + packed
+    return length_prefix(len(packed), _PREFIX_SIZE) + packed
 
 
 def encode_setup(setup: Setup) -> bytes:
@@ -127,33 +127,9 @@ def encode_results(files: Sequence[SealedFile]) -> bytes:
 # -- decoding ---------------------------------------------------------------------------
 
 
-class FrameReader:
-    """Cuts a byte stream into frame bodies, whatever pieces it arrives in."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, data: BytesLike) -> None:
-        self._buffer += data
-
-    def next_body(self) -> bytes | None:
-        """The next whole frame's body, or None until more bytes come."""
-        if len(self._buffer) < _LENGTH.size:
-            return None
-        (length,) = _LENGTH.unpack_from(self._buffer)
-        if length > MAX_FRAME:
-            raise SealwireError(f"a frame claims {length} bytes, over the limit of {MAX_FRAME}")
-        end = _LENGTH.size + length
-        if len(self._buffer) < end:
-            return None
-        body = bytes(self._buffer[_LENGTH.size : end])
-        del self._buffer[:end]
-        return body
-
-    @property
-    def pending(self) -> int:
-        """Bytes received that are not yet a whole frame."""
-        return len(self._buffer)
+def frame_reader() -> FrameReader:
+    """A reader of this pipe's frames: bodies up to MAX_FRAME, SealwireError beyond."""
+    return FrameReader(prefix_size=_PREFIX_SIZE, max_body_size=MAX_FRAME, error=SealwireError)
 
 
 def _unpack(body: bytes, kind: int, name: str) -> tuple[object, ...]:

@@ -20,7 +20,8 @@ Nouns:
   tuples and nested values are arrays. No maps, no extension types, no floats.
 * **frame** — a 4-byte big-endian body length, then the body. A body is at most
   :data:`MAX_FRAME_SIZE` bytes; a longer length is refused as soon as its four
-  bytes arrive, before any of the body is buffered.
+  bytes arrive, before any of the body is buffered
+  (:class:`~p2pbackup.core.framing.FrameReader` cuts the stream).
 * **field kind** — a field's wire type and bounds (``_Int``, ``_Bytes``, ...).
   Each message's wire form is declared once, as a **spec** in ``_SPECS``
   (class, type code, version, one kind per attrs field, in order); both the
@@ -71,6 +72,7 @@ from p2pbackup.core.formats import (
     SIGNATURE_SIZE,
     msgpack_kind,
 )
+from p2pbackup.core.framing import FrameReader, length_prefix
 from p2pbackup.core.merkle import HASH_SIZE
 from p2pbackup.errors import LocalProtocolError, RemoteProtocolError
 from p2pbackup.model import ID_SIZE, NODE_ID_SIZE, BytesLike
@@ -105,8 +107,8 @@ MAX_ROOT_SIZE = 1 << 20
 #: Characters of a refusal's explanation.
 MAX_REFUSAL_TEXT = 1000
 
-_LENGTH = struct.Struct(">I")
-LENGTH_PREFIX_SIZE = _LENGTH.size
+#: Width of a frame's length prefix.
+LENGTH_PREFIX_SIZE = 4
 
 
 # --- Messages ---------------------------------------------------------------
@@ -817,7 +819,7 @@ def encode_frame(message: Message) -> bytes:
     """Length prefix and body of ``message``, ready for the session."""
     packer = _pack_body(message)
     with packer.getbuffer() as body:
-        return b"".join((_LENGTH.pack(len(body)), body))
+        return b"".join((length_prefix(len(body), LENGTH_PREFIX_SIZE), body))
 
 
 def piece_frame_head(length: int) -> bytes:
@@ -842,7 +844,7 @@ def piece_frame_head(length: int) -> bytes:
     packed: bytes = msgpack.packb([spec.code, spec.version], use_bin_type=True)
     # [code, version] became a 2-item array; the piece makes it 3 (fixarray).
     body_head = bytes([packed[0] + 1]) + packed[1:] + bin_head
-    return _LENGTH.pack(len(body_head) + length) + body_head
+    return length_prefix(len(body_head) + length, LENGTH_PREFIX_SIZE) + body_head
 
 
 def encode_frames(messages: Sequence[Message]) -> bytes:
@@ -906,21 +908,19 @@ class FrameDecoder:
     """
 
     def __init__(self) -> None:
-        # Bytes before _start are consumed. Dropping them after every frame
-        # would copy the rest of the buffer each time; dropping them once they
-        # are half the buffer keeps the copying linear in the bytes received.
-        self._buffer = bytearray()
-        self._start = 0
+        self._frames = FrameReader(
+            prefix_size=LENGTH_PREFIX_SIZE, max_body_size=MAX_FRAME_SIZE, error=_Problem
+        )
         self._error: str | None = None
 
     def feed(self, data: BytesLike) -> None:
         if self._error is None:
-            self._buffer += data
+            self._frames.feed(data)
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as messages."""
-        return len(self._buffer) - self._start
+        return self._frames.buffered
 
     def at_frame_boundary(self) -> bool:
         """True when no partial frame is buffered: an end of stream here is clean."""
@@ -937,32 +937,17 @@ class FrameDecoder:
             raise RemoteProtocolError(self._error) from None
 
     def _next(self) -> Message | None:
-        start = self._start
-        if self.buffered < LENGTH_PREFIX_SIZE:
+        frames = self._frames
+        span = frames.next_frame()
+        if span is None:
             return None
-        (length,) = _LENGTH.unpack_from(self._buffer, start)
-        # Checked before a byte of the body is waited for, so a hostile length
-        # cannot make us buffer more than one frame's worth.
-        if length > MAX_FRAME_SIZE:
-            raise _Problem(f"frame of {length} bytes exceeds the limit of {MAX_FRAME_SIZE}")
-        end = start + LENGTH_PREFIX_SIZE + length
-        if len(self._buffer) < end:
-            return None
-        # The views must be released before the buffer changes size again.
-        with memoryview(self._buffer) as view, view[start + LENGTH_PREFIX_SIZE : end] as body:
+        start, end = span
+        # Decoded in place; the views must be released before the buffer
+        # changes size again.
+        with memoryview(frames.buffer) as view, view[start:end] as body:
             message = _decode(body)
-        self._consume(end)
+        frames.consume(end)
         return message
-
-    def _consume(self, end: int) -> None:
-        if end == len(self._buffer):
-            self._buffer.clear()
-            self._start = 0
-        elif 2 * end >= len(self._buffer):
-            del self._buffer[:end]
-            self._start = 0
-        else:
-            self._start = end
 
 
 # --- Owner statements ---------------------------------------------------------

@@ -65,13 +65,8 @@ from typing import Any, Protocol, TypeAlias
 import attrs
 import msgpack
 
-from p2pbackup.core.formats import (
-    MAX_BLOCK_SIZE,
-    MAX_UINT,
-    MIN_BLOCK_SIZE,
-    SIGNATURE_SIZE,
-    msgpack_kind,
-)
+from p2pbackup.core.fields import MAX_UINT, FieldChecks
+from p2pbackup.core.formats import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SIGNATURE_SIZE
 from p2pbackup.core.framing import FrameReader, length_prefix
 from p2pbackup.core.merkle import HASH_SIZE
 from p2pbackup.errors import LocalProtocolError, RemoteProtocolError
@@ -424,8 +419,14 @@ class _Problem(Exception):
     turns it into a LocalProtocolError, the decoder into a RemoteProtocolError."""
 
 
-def _expected(what: str, expected: str, value: object) -> _Problem:
-    return _Problem(f"{what}: expected {expected}, got {msgpack_kind(value)}")
+#: The checks of decoded fields (and of fields about to be encoded).
+_check = FieldChecks(_Problem)
+
+
+def _plain_int(value: object) -> object:
+    """``value`` as msgpack would write it, if it is an integer: an IntEnum
+    member is its integer, but a bool stays a bool (a distinct msgpack type)."""
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class _Kind(Protocol):
@@ -447,30 +448,19 @@ class _Int:
     power_of_two: bool = False
 
     def decode(self, value: object, what: str) -> object:
-        # bool is an int subclass in Python but a distinct msgpack type.
-        if type(value) is not int:
-            raise _expected(what, "an integer", value)
-        return self._check(value, what)
+        number = _check.integer(value, what, low=self.low, high=self.high)
+        if self.power_of_two and number & (number - 1):
+            _check.fail(what, f"{number} is not a power of two")
+        return number
 
     def encode(self, value: object, what: str) -> object:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise _expected(what, "an integer", value)
-        return self._check(int(value), what)
-
-    def _check(self, value: int, what: str) -> int:
-        if not self.low <= value <= self.high:
-            raise _Problem(f"{what}: {value} is out of range [{self.low}, {self.high}]")
-        if self.power_of_two and value & (value - 1):
-            raise _Problem(f"{what}: {value} is not a power of two")
-        return value
+        return self.decode(_plain_int(value), what)
 
 
 @attrs.frozen
 class _Bool:
     def decode(self, value: object, what: str) -> object:
-        if type(value) is not bool:
-            raise _expected(what, "a boolean", value)
-        return value
+        return _check.boolean(value, what)
 
     encode = decode
 
@@ -481,18 +471,9 @@ class _Bytes:
     max_length: int
 
     def decode(self, value: object, what: str) -> object:
-        if type(value) is not bytes:
-            raise _expected(what, self._describe(), value)
-        if not self.min_length <= len(value) <= self.max_length:
-            raise _Problem(f"{what}: expected {self._describe()}, got {len(value)} bytes")
-        return value
+        return _check.binary(value, what, min_length=self.min_length, max_length=self.max_length)
 
     encode = decode
-
-    def _describe(self) -> str:
-        if self.min_length == self.max_length:
-            return f"{self.min_length} bytes"
-        return f"{self.min_length} to {self.max_length} bytes"
 
 
 @attrs.frozen
@@ -500,15 +481,10 @@ class _Text:
     max_length: int
 
     def decode(self, value: object, what: str) -> object:
-        if type(value) is not str:
-            raise _expected(what, "a string", value)
-        if len(value) > self.max_length:
-            raise _Problem(f"{what}: {len(value)} characters exceed the limit of {self.max_length}")
-        return value
+        return _check.text(value, what, max_length=self.max_length)
 
     def encode(self, value: object, what: str) -> object:
-        text = self.decode(value, what)
-        assert isinstance(text, str)
+        text = _check.text(value, what, max_length=self.max_length)
         # msgpack would fail on a lone surrogate anyway, less clearly.
         try:
             text.encode("utf-8")
@@ -522,10 +498,10 @@ class _Optional:
     inner: _Kind
 
     def decode(self, value: object, what: str) -> object:
-        return None if value is None else self.inner.decode(value, what)
+        return _check.optional(value, what, self.inner.decode)
 
     def encode(self, value: object, what: str) -> object:
-        return None if value is None else self.inner.encode(value, what)
+        return _check.optional(value, what, self.inner.encode)
 
 
 @attrs.frozen
@@ -535,25 +511,17 @@ class _Array:
     max_length: int
 
     def decode(self, value: object, what: str) -> object:
-        if type(value) is not tuple:
-            raise _expected(what, "an array", value)
         return self._items(value, what, self.item.decode)
 
     def encode(self, value: object, what: str) -> object:
-        if not isinstance(value, tuple | list):
-            raise _expected(what, "a tuple", value)
-        return self._items(value, what, self.item.encode)
+        return self._items(
+            tuple(value) if isinstance(value, list) else value, what, self.item.encode
+        )
 
     def _items(
-        self,
-        items: Sequence[object],
-        what: str,
-        convert: Callable[[object, str], object],
+        self, value: object, what: str, convert: Callable[[object, str], object]
     ) -> tuple[object, ...]:
-        if not self.min_length <= len(items) <= self.max_length:
-            raise _Problem(
-                f"{what}: {len(items)} items, expected {self.min_length} to {self.max_length}"
-            )
+        items = _check.array(value, what, min_length=self.min_length, max_length=self.max_length)
         return tuple(convert(item, f"{what} item {i}") for i, item in enumerate(items))
 
 
@@ -562,20 +530,10 @@ class _Enum:
     enum_type: type[enum.IntEnum]
 
     def decode(self, value: object, what: str) -> object:
-        if type(value) is not int:
-            raise _expected(what, "an integer", value)
-        return self._member(value, what)
+        return _check.member(self.enum_type, value, what)
 
     def encode(self, value: object, what: str) -> object:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise _expected(what, f"a {self.enum_type.__name__}", value)
-        return int(self._member(value, what))
-
-    def _member(self, value: int, what: str) -> enum.IntEnum:
-        try:
-            return self.enum_type(value)
-        except ValueError:
-            raise _Problem(f"{what}: unknown {self.enum_type.__name__} {value}") from None
+        return int(_check.member(self.enum_type, _plain_int(value), what))
 
 
 @attrs.frozen
@@ -596,13 +554,12 @@ class _Fields:
             )
         return cls(target, tuple(kinds.items()))
 
-    def decode_values(self, values: Sequence[object], what: str) -> Any:
-        if len(values) != len(self.kinds):
-            raise _Problem(f"{what}: expected {len(self.kinds)} fields, got {len(values)}")
+    def decode_values(self, values: object, what: str) -> Any:
+        fields = _check.fields(values, what, len(self.kinds))
         return self.cls(
             *(
                 kind.decode(value, f"{what} field {name!r}")
-                for (name, kind), value in zip(self.kinds, values, strict=True)
+                for (name, kind), value in zip(self.kinds, fields, strict=True)
             )
         )
 
@@ -621,8 +578,6 @@ class _Record:
     fields: _Fields
 
     def decode(self, value: object, what: str) -> object:
-        if type(value) is not tuple:
-            raise _expected(what, "an array", value)
         return self.fields.decode_values(value, what)
 
     def encode(self, value: object, what: str) -> object:
@@ -874,15 +829,12 @@ def _decode(body: BytesLike) -> Message:
     # one thing: a body that does not parse.
     except Exception as exc:
         raise _Problem(f"malformed message body ({type(exc).__name__}: {exc})") from None
-    if type(value) is not tuple:
-        raise _expected("message", "an array", value)
-    if len(value) < 2:
-        raise _Problem(f"message: {len(value)} items, expected a type code and a version first")
-    code, version, *fields = value
-    if type(code) is not int:
-        raise _expected("message type code", "an integer", code)
-    if type(version) is not int:
-        raise _expected("message version", "an integer", version)
+    items = _check.array(value, "message")
+    if len(items) < 2:
+        raise _Problem(f"message: {len(items)} items, expected a type code and a version first")
+    code = _check.integer(items[0], "message type code")
+    version = _check.integer(items[1], "message version")
+    fields = items[2:]
     spec = _BY_WIRE.get((code, version))
     if spec is None:
         name = _NAME_BY_CODE.get(code)

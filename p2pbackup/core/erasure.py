@@ -38,10 +38,7 @@ import numpy.typing as npt
 import reedsolo
 
 from p2pbackup.errors import ErasureError, NotEnoughShardsError
-from p2pbackup.model import BytesLike
-
-#: Largest n: a GF(2^8) Reed-Solomon codeword has at most 255 symbols.
-MAX_SHARDS = 255
+from p2pbackup.model import MAX_SHARDS, BytesLike
 
 _PRIM = 0x11D
 

@@ -38,11 +38,13 @@ from typing import TypeVar
 import attrs
 import msgpack
 
+from p2pbackup.core.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE
 from p2pbackup.core.fields import FieldChecks
 from p2pbackup.core.keys import node_id_for
 from p2pbackup.errors import FormatError
 from p2pbackup.model import (
     ID_SIZE,
+    MAX_SHARDS,
     NODE_ID_SIZE,
     BlobEntry,
     BlobType,
@@ -73,8 +75,6 @@ MIN_INT = -(1 << 63)
 MAX_U32 = (1 << 32) - 1
 #: Largest pack (and so largest erasure-coded unit).
 MAX_PACK_SIZE = 1 << 30
-#: GF(2^8) Reed-Solomon: at most 255 shards per pack.
-MAX_SHARDS = 255
 #: Merkle block sizes allowed in shard headers and records (powers of two).
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 1 << 20
@@ -251,9 +251,6 @@ def parse_id_hex(text: str, *, what: str = "id") -> bytes:
 
 # --- Signed envelope (length-prefixed binary layout) ------------------------
 
-#: Ed25519 sizes.
-PUBLIC_KEY_SIZE = 32
-SIGNATURE_SIZE = 64
 #: Envelope kind of a root record replicated to peers.
 ENVELOPE_KIND_ROOT = b"ROOT"
 

@@ -90,6 +90,7 @@ from pathlib import Path
 
 import attrs
 
+from p2pbackup.core.formats import MAX_BLOCK_SIZE
 from p2pbackup.core.merkle import HASH_SIZE, MerkleBuilder, block_count
 from p2pbackup.errors import (
     MerkleError,
@@ -109,6 +110,12 @@ from p2pbackup.stores.durable import (
     write_temp_file,
 )
 from p2pbackup.stores.shardstore import check_range, check_shard_id, conflict
+from p2pbackup.wire.messages import (
+    MAX_AUDIT_BLOCKS,
+    MAX_LEASE_SECONDS,
+    MAX_LIST_LIMIT,
+    MAX_ROOT_SIZE,
+)
 
 #: Version of the layout and of the SQLite schema (its ``user_version``).
 SCHEMA_VERSION = 1
@@ -118,21 +125,18 @@ SHARDS_DIR = "shards"
 ROOTS_DIR = "roots"
 TMP_DIR = "tmp"
 
-#: Largest root record an owner may keep.
-MAX_ROOT_RECORD_SIZE = 1 << 20
-#: Largest Merkle block: one audit answer carries a block per index.
-MAX_BLOCK_SIZE = 1 << 20
+# What a host keeps and answers is bounded by the protocol's own limits
+# (wire.messages), so that no request the wire lets through is refused here
+# and no answer is built that the wire could not carry: root records
+# (MAX_ROOT_SIZE), leases (MAX_LEASE_SECONDS; a longer request is granted that
+# much, and the answer says the expiry granted), listing pages
+# (MAX_LIST_LIMIT), blocks per audit (MAX_AUDIT_BLOCKS); Merkle blocks by the
+# formats' MAX_BLOCK_SIZE (an audit answer carries one per index).
+
 #: Most blocks a shard may have. An upload keeps 32 bytes per block in memory,
 #: so a peer declaring 1-byte blocks must not be able to make that gigabytes.
 #: 65 536 blocks of 64 KiB is a 4 GiB shard.
 MAX_BLOCKS = 1 << 16
-#: Longest lease granted; longer requests are granted this much (the answer
-#: says the expiry actually granted).
-MAX_LEASE_SECONDS = 10 * 366 * 24 * 3600
-#: Most shards one :meth:`ShardHost.list` call returns; the rest is a next page.
-MAX_LIST_LIMIT = 10_000
-#: Most blocks one audit may ask for.
-MAX_AUDIT_INDICES = 1024
 
 # Audits hash the whole file in reads of this size (bounded memory).
 _READ_SIZE = 1 << 20
@@ -556,10 +560,10 @@ class ShardHost:
         is how the owner learns of the damage. StoreError for an index out of
         range (naming it and the block count) or a file of the wrong size.
         """
-        if len(indices) > MAX_AUDIT_INDICES:
+        if len(indices) > MAX_AUDIT_BLOCKS:
             raise StoreRequestError(
                 f"audit asks for {len(indices)} blocks; this host answers at most "
-                f"{MAX_AUDIT_INDICES} at a time"
+                f"{MAX_AUDIT_BLOCKS} at a time"
             )
         with self._open_shard(owner, shard_id) as (fd, info):
             count = block_count(info.size, info.block_size)
@@ -710,10 +714,9 @@ class ShardHost:
     def put_root(self, owner: bytes, data: bytes) -> None:
         """Replace the owner's root record atomically (it counts toward usage)."""
         _check_owner(owner)
-        if len(data) > MAX_ROOT_RECORD_SIZE:
+        if len(data) > MAX_ROOT_SIZE:
             raise StoreRequestError(
-                f"a root record of {len(data)} bytes is over the limit of "
-                f"{MAX_ROOT_RECORD_SIZE} bytes"
+                f"a root record of {len(data)} bytes is over the limit of {MAX_ROOT_SIZE} bytes"
             )
         final = self._root_path(owner)
         with self._lock:
@@ -744,7 +747,7 @@ class ShardHost:
         path = self._root_path(owner)
         try:
             with open(path, "rb") as file:
-                return file.read(MAX_ROOT_RECORD_SIZE)
+                return file.read(MAX_ROOT_SIZE)
         except FileNotFoundError:
             return None
         except OSError as error:

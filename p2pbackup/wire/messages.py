@@ -65,8 +65,9 @@ from typing import Any, Protocol, TypeAlias
 import attrs
 import msgpack
 
+from p2pbackup.core.crypto import SIGNATURE_SIZE
 from p2pbackup.core.fields import MAX_UINT, FieldChecks
-from p2pbackup.core.formats import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SIGNATURE_SIZE
+from p2pbackup.core.formats import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 from p2pbackup.core.framing import FrameReader, length_prefix
 from p2pbackup.core.merkle import HASH_SIZE
 from p2pbackup.errors import LocalProtocolError, RemoteProtocolError

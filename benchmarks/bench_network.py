@@ -75,7 +75,7 @@ import trio
 
 from p2pbackup.core import crypto, formats, keys, merkle
 from p2pbackup.engine.runtime import tune_process
-from p2pbackup.model import NODE_ID_SIZE
+from p2pbackup.model import NODE_ID_SIZE, BytesLike
 from p2pbackup.net.network import Address, TcpNetwork
 from p2pbackup.node.server import StorageServer
 from p2pbackup.node.shardhost import ShardHost
@@ -170,7 +170,7 @@ class MerkleMeter:
         # call, so a wrapper there sees every root the client computes.
         original = merkle.merkle_root
 
-        def timed(data: merkle.Buffer, block_size: int) -> bytes:
+        def timed(data: BytesLike, block_size: int) -> bytes:
             start = time.thread_time()
             try:
                 return original(data, block_size)

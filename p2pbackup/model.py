@@ -29,6 +29,7 @@ Serialisation of every class here lives in :mod:`p2pbackup.core.formats`.
 from __future__ import annotations
 
 import enum
+from typing import TypeAlias
 
 import attrs
 
@@ -36,6 +37,12 @@ import attrs
 ID_SIZE = 32
 #: Size in bytes of a node id (BLAKE2b-160 of the Ed25519 public key).
 NODE_ID_SIZE = 20
+#: Most shards a pack is coded into: a GF(2^8) Reed-Solomon codeword has at
+#: most 255 symbols.
+MAX_SHARDS = 255
+
+#: Anything whose bytes can be read without copying: bytes or a buffer over them.
+BytesLike: TypeAlias = bytes | bytearray | memoryview
 
 
 class BlobType(enum.IntEnum):

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from p2pbackup.errors import ShardNotFoundError, StoreError
-from p2pbackup.stores.folder import ShardStore
+from p2pbackup.stores.shardstore import ShardStore
 
 MiB = 1024 * 1024
 
@@ -31,7 +31,7 @@ def shard_id(n: int) -> bytes:
 
 
 class ShardStoreConformance:
-    """Behaviour common to every ShardStore (see p2pbackup.stores.folder)."""
+    """Behaviour common to every ShardStore (see p2pbackup.stores.shardstore)."""
 
     async def make_store(self, tmp_path: Path) -> ShardStore:
         raise NotImplementedError("conformance subclasses implement make_store")

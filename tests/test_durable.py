@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from p2pbackup.errors import StoreError, StoreFullError
 from p2pbackup.stores import durable
 from p2pbackup.stores.durable import DIRECT_ALIGNMENT, DirectWriter
 
@@ -246,3 +247,52 @@ def test_the_staging_size_must_be_whole_blocks(new_file: tuple[int, Path]) -> No
 
 def test_the_default_staging_buffer_holds_whole_blocks() -> None:
     assert durable.STAGING_SIZE % DIRECT_ALIGNMENT == 0
+
+
+# -- the helpers every store shares -------------------------------------------------
+
+
+@pytest.mark.parametrize("code", sorted(durable.NO_SPACE_ERRNOS))
+def test_a_full_disk_is_a_full_store(code: int) -> None:
+    error = durable.store_error("write", Path("/x/y"), OSError(code, os.strerror(code)))
+    assert isinstance(error, StoreFullError)
+    assert str(error) == f"no room on disk to write /x/y: {os.strerror(code)}"
+
+
+def test_other_os_errors_are_store_errors_naming_the_action_and_path() -> None:
+    expected = "could not read /x/y: Permission denied"
+    with pytest.raises(StoreError, match=expected) as caught, durable.os_errors("read", "/x/y"):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    assert not isinstance(caught.value, StoreFullError)
+    assert isinstance(caught.value.__cause__, PermissionError)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_temp_file_holds_the_bytes_and_only_its_owner_reads_it(
+    tmp_path: Path, direct: bool
+) -> None:
+    path = tmp_path / "temp"
+    durable.write_temp_file(path, memoryview(b"x" * 10_000), direct=direct)
+    assert path.read_bytes() == b"x" * 10_000
+    assert path.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(FileExistsError):  # never over another file
+        durable.write_temp_file(path, b"other")
+    assert path.read_bytes() == b"x" * 10_000
+
+
+def test_a_temp_file_that_fails_midway_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        durable.write_temp_file(tmp_path / "temp", b"data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_dirs_creates_the_missing_ones_below_the_base(tmp_path: Path) -> None:
+    durable.make_dirs(tmp_path / "a" / "b" / "c", tmp_path)
+    assert (tmp_path / "a" / "b" / "c").is_dir()
+    durable.make_dirs(tmp_path / "a" / "b" / "c", tmp_path)  # already there: nothing to do

@@ -20,7 +20,8 @@ from p2pbackup.engine.restore import Restorer
 from p2pbackup.engine.treediff import diff_trees
 from p2pbackup.errors import RecoveryKeyError, UsageError
 from p2pbackup.model import BlobType
-from p2pbackup.stores.folder import FolderShardStore, ShardRoot, Space, read_folder_peer_id
+from p2pbackup.stores.folder import FolderShardStore, read_folder_peer_id
+from p2pbackup.stores.shardstore import ShardRoot, Space
 
 from .engine_helpers import make_setup, make_tree, restored_path, shard_files
 

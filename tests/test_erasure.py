@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from p2pbackup.core import erasure
 from p2pbackup.errors import ErasureError, NotEnoughShardsError
+from p2pbackup.model import BytesLike
 
 
 @st.composite
@@ -187,7 +188,7 @@ def test_accepts_bytearray_and_memoryview() -> None:
     data = bytearray(random.Random(5).randbytes(50))
     shards = erasure.encode(memoryview(data), 2, 4)
     assert shards == erasure.encode(data, 2, 4) == erasure.encode(bytes(data), 2, 4)
-    given_shards: dict[int, erasure.BytesLike] = {
+    given_shards: dict[int, BytesLike] = {
         2: bytearray(shards[2]),
         3: memoryview(shards[3]),
     }

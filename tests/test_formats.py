@@ -14,12 +14,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pbackup.core import formats
+from p2pbackup.core.fields import MAX_UINT
 from p2pbackup.core.formats import (
     MAX_BLOCK_SIZE,
     MAX_CHUNK_SIZE,
     MAX_PACK_SIZE,
     MAX_U32,
-    MAX_UINT,
     MIN_BLOCK_SIZE,
     MIN_INT,
     SHARD_HEADER_SIZE,
@@ -563,16 +563,16 @@ def test_hand_built_tree_decodes() -> None:
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        (b"", "length 0"),
+        (b"", "expected 1 to 4096 bytes, got 0 bytes"),
         (b".", "not allowed"),
         (b"..", "not allowed"),
         (b"a/b", "contains '/'"),
         (b"/", "contains '/'"),
         (b"../../etc/passwd", "contains '/'"),
         (b"a\x00b", "NUL"),
-        (b"x" * 4097, "length 4097"),
-        ("a", "expected bytes, got string"),
-        (None, "expected bytes, got nil"),
+        (b"x" * 4097, "got 4097 bytes"),
+        ("a", "expected 1 to 4096 bytes, got string"),
+        (None, "expected 1 to 4096 bytes, got nil"),
     ],
 )
 def test_hostile_names_are_rejected(name: object, message: str) -> None:
@@ -602,10 +602,10 @@ def test_unsorted_and_duplicate_names_are_rejected() -> None:
         ({"kind": 2}, "only a symlink, has a link target"),
         ({"link": b"x"}, "only a symlink, has a link target"),
         ({"kind": 1, "subtree": _ID, "content": [_ID]}, "dir has no content"),
-        ({"kind": 2, "link": b""}, "link target: length 0"),
+        ({"kind": 2, "link": b""}, "link target: expected 1 to 4096 bytes, got 0 bytes"),
         ({"kind": 2, "link": b"a\x00"}, "link target: contains a NUL"),
-        ({"kind": 1, "subtree": b"\x07" * 31}, "subtree: expected a 32-byte id, got 31"),
-        ({"content": [_ID, b"short"]}, "chunk 1: expected a 32-byte id"),
+        ({"kind": 1, "subtree": b"\x07" * 31}, "subtree: expected 32 bytes, got 31 bytes"),
+        ({"content": [_ID, b"short"]}, "chunk 1: expected 32 bytes"),
         ({"kind": 3}, "unknown NodeKind 3"),
         ({"kind": True}, "kind: expected an integer, got boolean"),
         ({"mode": 1.5}, "mode: expected an integer, got float"),
@@ -675,7 +675,10 @@ def test_pack_record_checks() -> None:
         (attrs.evolve(record, shard_size=333), "shard size 333"),
         (attrs.evolve(record, k=5), "k=5, n=5"),
         (attrs.evolve(record, shards=(ShardLocation(5, "p", _ID),)), "shard index 5"),
-        (attrs.evolve(record, shards=(ShardLocation(0, "", _ID),)), "peer id: length 0"),
+        (
+            attrs.evolve(record, shards=(ShardLocation(0, "", _ID),)),
+            "peer id: expected 1 to 4096 characters, got 0",
+        ),
         (attrs.evolve(record, blobs=(BlobEntry(BlobType.DATA, _ID, 900, 101, 1),)), "run past"),
         (attrs.evolve(record, pack_id=b"x"), "pack id"),
         (attrs.evolve(record, block_size=4096 + 512), "block size"),
@@ -699,9 +702,9 @@ def test_root_record_config_checks() -> None:
     for value, message in bad:
         with pytest.raises(FormatError, match=f"^root record: config.*{message}"):
             encode_root_record(attrs.evolve(record, config=value))
-    with pytest.raises(FormatError, match="snapshot 0: expected a 32-byte id"):
+    with pytest.raises(FormatError, match="snapshot 0: expected 32 bytes"):
         encode_root_record(attrs.evolve(record, snapshots=(b"short",)))
-    with pytest.raises(FormatError, match="peer 0: kind: length 0"):
+    with pytest.raises(FormatError, match="peer 0: kind: expected 1 to 4096 characters, got 0"):
         encode_root_record(attrs.evolve(record, peers=(PeerRecord("p", "", "x"),)))
     key = bytes(range(32))
     friend = FriendRecord(node_id_for(key), key, ("h:1",), 5)
@@ -734,10 +737,10 @@ def test_a_root_record_from_before_friends_reads_with_none() -> None:
 def test_snapshot_checks() -> None:
     snapshot = decode_snapshot(_SAMPLES["snapshot"](random.Random(7)))
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"tags": ("",)}, "tag 0: length 0"),
-        ({"paths": (b"",)}, "path 0: length 0"),
+        ({"tags": ("",)}, "tag 0: expected 1 to 256 characters, got 0"),
+        ({"paths": (b"",)}, "path 0: expected 1 to 65536 bytes, got 0 bytes"),
         ({"paths": (b"/a\x00",)}, "path 0: contains a NUL"),
-        ({"tree": b""}, "tree: expected a 32-byte id"),
+        ({"tree": b""}, "tree: expected 32 bytes"),
         ({"time_ns": -1}, "time: -1 is out of range"),
         ({"hostname": b"host"}, "hostname: expected a string, got bytes"),
         ({"hostname": "\udcff"}, "cannot encode"),

@@ -15,7 +15,7 @@ import trio.testing
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from p2pbackup.core.formats import MAX_UINT
+from p2pbackup.core.fields import MAX_UINT
 from p2pbackup.errors import LocalProtocolError, RemoteProtocolError
 from p2pbackup.wire import messages
 from p2pbackup.wire.messages import (
@@ -348,7 +348,9 @@ def test_the_largest_audit_answers_that_fit_do_fit_a_frame() -> None:
         assert decode_message(encode_message(proof)) == proof
     assert not audit_answer_fits(0, 512)
     too_deep = AuditProof(b"n" * 16, (b"b",), ((ID,) * (MAX_PROOF_HASHES + 1),))
-    with pytest.raises(LocalProtocolError, match="'proofs' item 0: 22 items"):
+    with pytest.raises(
+        LocalProtocolError, match="'proofs' item 0: expected at most 21 items, got 22 items"
+    ):
         encode_message(too_deep)
 
 
@@ -461,7 +463,7 @@ def test_unknown_type_and_unknown_version() -> None:
         (body_of(0x20, 1, b""), "'data': expected 1 to 1048576 bytes, got 0"),
         (body_of(0x4F, 1, 99, "x"), "'code': unknown RefusalCode 99"),
         (body_of(0x4F, 1, 0, "x"), "'code': unknown RefusalCode 0"),
-        (body_of(0x4F, 1, 1, "x" * 1001), "'message': 1001 characters exceed"),
+        (body_of(0x4F, 1, 1, "x" * 1001), "'message': expected at most 1000 characters, got 1001"),
         (body_of(0x4F, 1, 1, b"\xff"), "'message': expected a string, got bytes"),
         (b"\x93\x4f\x01\xa1\xff", "malformed"),  # invalid UTF-8
         (body_of(0x01, 1, ID, 1, 1000, ID, 60, SIG), "'block_size': 1000 is not a power of two"),
@@ -471,11 +473,14 @@ def test_unknown_type_and_unknown_version() -> None:
         (body_of(0x01, 1, ID[:31], 1, 512, ID, 60, SIG), "'shard_id': expected 32 bytes, got 31"),
         (body_of(0x01, 1, ID, 1, 512, ID, 0, SIG), "'lease_seconds': 0 is out of range"),
         (body_of(0x04, 1, ID, b"n" * 15, [1]), "'nonce': expected 16 to 64 bytes, got 15"),
-        (body_of(0x04, 1, ID, b"n" * 16, []), "'indices': 0 items, expected 1 to 64"),
-        (body_of(0x04, 1, ID, b"n" * 16, list(range(65))), "'indices': 65 items"),
+        (body_of(0x04, 1, ID, b"n" * 16, []), "'indices': expected 1 to 64 items, got 0 items"),
+        (
+            body_of(0x04, 1, ID, b"n" * 16, list(range(65))),
+            "'indices': expected 1 to 64 items, got 65 items",
+        ),
         (body_of(0x04, 1, ID, b"n" * 16, [0, True]), "'indices' item 1: expected an integer"),
         (body_of(0x05, 1, None, 0), "'limit': 0 is out of range"),
-        (body_of(0x06, 1, [], 60, SIG), "'shard_ids': 0 items"),
+        (body_of(0x06, 1, [], 60, SIG), "'shard_ids': expected 1 to 1000 items, got 0 items"),
         (body_of(0x43, 1, 1), "'present': expected a boolean, got integer"),
         (body_of(0x44, 1, b"n" * 16, [b"b"], []), "1 blocks but 0 proofs"),
         (body_of(0x44, 1, b"n" * 16, [b"b"], [[ID[:5]]]), "'proofs' item 0 item 0"),
@@ -600,22 +605,28 @@ def test_random_bytes_raise_nothing_but_remote_protocol_errors(data: bytes) -> N
         (ShardPiece(bytearray(b"x")), "'data': expected 1 to 1048576 bytes, got bytearray"),  # type: ignore[arg-type]
         (GetShard(ID, -5, None), "'offset'"),
         (GetShard(ID, 0, -1), "'length'"),
-        (Audit(ID, b"n" * 16, ()), "'indices': 0 items"),
-        (Audit(ID, b"n" * 16, tuple(range(65))), "'indices': 65 items"),
+        (Audit(ID, b"n" * 16, ()), "'indices': expected 1 to 64 items, got 0 items"),
+        (Audit(ID, b"n" * 16, tuple(range(65))), "'indices': expected 1 to 64 items, got 65 items"),
         (Audit(ID, b"n" * 16, (MAX_BLOCK_INDEX + 1,)), "'indices' item 0"),
         (Audit(ID, b"n" * 65, (1,)), "'nonce'"),
         (ListShards(None, 0), "'limit'"),
         (ListShards(None, MAX_LIST_LIMIT + 1), "'limit'"),
         (ListShards(ID[:4], 1), "'after'"),
-        (RenewLease((), 60, SIG), "'shard_ids': 0 items"),
-        (RenewLease((ID,) * 1001, 60, SIG), "'shard_ids': 1001 items"),
+        (RenewLease((), 60, SIG), "'shard_ids': expected 1 to 1000 items, got 0 items"),
+        (
+            RenewLease((ID,) * 1001, 60, SIG),
+            "'shard_ids': expected 1 to 1000 items, got 1001 items",
+        ),
         (PutRoot(b"x" * ((1 << 20) + 1)), "'data'"),
         (ShardStatus(1), "'present': expected a boolean, got integer"),  # type: ignore[arg-type]
         (AuditProof(b"n" * 16, (b"a", b"b"), ((),)), "2 blocks but 1 proofs"),
         (AuditProof(b"n" * 16, (b"a" * (1 << 20),) * 2, ((), ())), "over the frame limit"),
         (ShardList((ShardEntry(ID, -1, 0),), False), "'entries' item 0 field 'size'"),
         (ShardList(((ID, 1, 0),), False), "'entries' item 0: expected a ShardEntry, got tuple"),  # type: ignore[arg-type]
-        (Refused(RefusalCode.BUSY, "x" * (MAX_REFUSAL_TEXT + 1)), "'message': 1001 characters"),
+        (
+            Refused(RefusalCode.BUSY, "x" * (MAX_REFUSAL_TEXT + 1)),
+            "'message': expected at most 1000 characters, got 1001",
+        ),
         (Refused(99, "x"), "'code': unknown RefusalCode 99"),  # type: ignore[arg-type]
         (Refused(RefusalCode.BUSY, "\ud800"), "'message': not encodable as UTF-8"),
         (Usage(-1, None), "'used'"),
@@ -706,7 +717,9 @@ def test_statements_refuse_malformed_inputs() -> None:
         put_statement(ID, ID, 1, ID, 60)
     with pytest.raises(LocalProtocolError, match="put: size"):
         put_statement(HOST, ID, -1, ID, 60)
-    with pytest.raises(LocalProtocolError, match="renew: shard ids: 0 items"):
+    with pytest.raises(
+        LocalProtocolError, match="renew: shard ids: expected 1 to 1000 items, got 0 items"
+    ):
         renew_statement(HOST, [], 60)
     with pytest.raises(LocalProtocolError, match="renew: lease"):
         renew_statement(HOST, [ID], 0)

@@ -21,12 +21,12 @@ import trio
 from p2pbackup.app import operations
 from p2pbackup.app.home import Home
 from p2pbackup.core import packer
-from p2pbackup.model import BlobType
+from p2pbackup.model import BlobType, BytesLike
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
 from p2pbackup.net.network import Address
 from p2pbackup.node.shardhost import usage_by_owner
-from p2pbackup.stores.folder import ShardRoot
 from p2pbackup.stores.remote import RemoteShardStore
+from p2pbackup.stores.shardstore import ShardRoot
 from p2pbackup.wire.session import Identity
 
 from .cli_helpers import cli_ok, make_source
@@ -89,9 +89,7 @@ async def test_a_friend_that_refuses_as_full_is_asked_nothing_more(
         real_put = store.put
         puts = 0
 
-        async def counted(
-            shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
-        ) -> None:
+        async def counted(shard_id: bytes, data: BytesLike, root: ShardRoot | None = None) -> None:
             nonlocal puts
             puts += 1
             await real_put(shard_id, data, root)

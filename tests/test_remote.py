@@ -26,8 +26,8 @@ from p2pbackup.net.memory import LinkProfile, MemoryNetwork
 from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.node.server import ServerLimits, StorageServer
 from p2pbackup.node.shardhost import ShardHost
-from p2pbackup.stores.folder import ShardRoot, ShardStore, Space
 from p2pbackup.stores.remote import RemoteShardStore
+from p2pbackup.stores.shardstore import ShardRoot, ShardStore, Space
 from p2pbackup.wire import messages
 from p2pbackup.wire.messages import RefusalCode
 from p2pbackup.wire.rpc import MessageChannel

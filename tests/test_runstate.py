@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from p2pbackup.engine.runstate import DOWN_SECONDS, RunState
-from p2pbackup.stores.folder import Space
+from p2pbackup.stores.shardstore import Space
 
 
 class Clock:

@@ -27,6 +27,7 @@ from p2pbackup.errors import (
     PeerIdentityError,
     RemoteProtocolError,
 )
+from p2pbackup.model import BytesLike
 from p2pbackup.wire.noise import MAX_PLAINTEXT_SIZE
 from p2pbackup.wire.session import (
     IDENTITY_PROOF_SIZE,
@@ -53,7 +54,7 @@ class Wrapper(trio.abc.Stream):
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_all(self, data: BytesLike) -> None:
         await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -73,7 +74,7 @@ class Recording(Wrapper):
         super().__init__(inner)
         self.wire = wire
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_all(self, data: BytesLike) -> None:
         self.wire += data
         await self.inner.send_all(data)
 
@@ -99,7 +100,7 @@ class Tampering(Wrapper):
         self.close = close
         self.sends = 0
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_all(self, data: BytesLike) -> None:
         index, self.sends = self.sends, self.sends + 1
         if index != self.target:
             await self.inner.send_all(data)

@@ -19,16 +19,21 @@ from pathlib import Path
 import pytest
 
 from p2pbackup.core.merkle import block_count, merkle_root, verify_block
-from p2pbackup.errors import MerkleError, ShardNotFoundError, StoreError, StoreFullError
+from p2pbackup.errors import (
+    MerkleError,
+    ShardNotFoundError,
+    StoreError,
+    StoreFullError,
+    StoreRequestError,
+)
 from p2pbackup.node.shardhost import (
-    MAX_LEASE_SECONDS,
-    MAX_ROOT_RECORD_SIZE,
     HostedShard,
     ShardConflictError,
     ShardHost,
     Upload,
 )
 from p2pbackup.stores.durable import STAGING_SIZE
+from p2pbackup.wire.messages import MAX_AUDIT_BLOCKS, MAX_LEASE_SECONDS, MAX_ROOT_SIZE
 
 OWNER = b"\x01" * 20
 OTHER = b"\x02" * 20
@@ -579,7 +584,7 @@ def test_root_records(host: ShardHost, root: Path, clock: FakeClock) -> None:
     assert host.get_root(OTHER) == b""
     assert host.usage(OWNER) == 14
     with pytest.raises(StoreError, match="over the limit"):
-        host.put_root(OWNER, bytes(MAX_ROOT_RECORD_SIZE + 1))
+        host.put_root(OWNER, bytes(MAX_ROOT_SIZE + 1))
     host.close()
     reopened = ShardHost.open(root, clock=clock)
     assert reopened.get_root(OWNER) == b"second, longer"
@@ -605,6 +610,13 @@ def test_audit_answers_verify_against_the_declared_root(host: ShardHost) -> None
         host.audit(OWNER, sid(1), [1, 11])
     with pytest.raises(StoreError, match="block -1"):
         host.audit(OWNER, sid(1), [-1])
+
+
+def test_an_audit_asks_for_no_more_blocks_than_the_wire_carries(host: ShardHost) -> None:
+    put(host, OWNER, sid(1), data_of(13, 100 * BLOCK))
+    assert len(host.audit(OWNER, sid(1), list(range(MAX_AUDIT_BLOCKS)))) == MAX_AUDIT_BLOCKS
+    with pytest.raises(StoreRequestError, match=f"answers at most {MAX_AUDIT_BLOCKS} at a time"):
+        host.audit(OWNER, sid(1), list(range(MAX_AUDIT_BLOCKS + 1)))
 
 
 def test_audit_of_an_empty_shard(host: ShardHost) -> None:

@@ -1,4 +1,4 @@
-"""Tests for p2pbackup.stores.folder: the conformance suite for each store, then
+"""Tests for p2pbackup.stores: the conformance suite for each store, then
 what only one store does (capacity; folder layout, atomicity, identity)."""
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from p2pbackup.errors import ShardNotFoundError, StoreError, StoreFullError
+from p2pbackup.errors import ShardNotFoundError, StoreError, StoreFullError, StoreRequestError
+from p2pbackup.node.shardhost import ShardConflictError
 from p2pbackup.stores.folder import (
     PEER_DIR,
     FolderShardStore,
-    MemoryShardStore,
-    ShardStore,
-    Space,
     init_folder_peer,
     read_folder_peer_id,
 )
+from p2pbackup.stores.memory import MemoryShardStore
+from p2pbackup.stores.shardstore import ShardStore, Space, check_range, check_shard_id, conflict
 from tests.storage_conformance import ShardStoreConformance, shard_id
 
 OWNER = bytes(range(20))
@@ -424,3 +424,23 @@ def test_bad_owner_is_rejected(tmp_path: Path) -> None:
         FolderShardStore(tmp_path, b"")
     with pytest.raises(ValueError):
         FolderShardStore(tmp_path, b"x" * 65)
+
+
+# --- the checks every store shares ----------------------------------------
+
+
+def test_the_shared_checks_raise_the_callers_error() -> None:
+    with pytest.raises(ValueError, match="a shard id is 32 bytes, got 31"):
+        check_shard_id(bytes(31))
+    with pytest.raises(StoreRequestError, match="a shard id is 32 bytes, got str"):
+        check_shard_id("0" * 32, StoreRequestError)
+    check_shard_id(bytes(32))
+    with pytest.raises(StoreRequestError, match="bad shard range: offset -1, length None"):
+        check_range(-1, None, StoreRequestError)
+    check_range(0, 0)
+    error = conflict(bytes(32), "in the vault", ShardConflictError)
+    assert isinstance(error, ShardConflictError)
+    assert str(error) == (
+        f"conflict: another shard is stored under id {'00' * 32} in the vault; "
+        "shards are write-once, the stored one was kept"
+    )

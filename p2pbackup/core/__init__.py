@@ -12,7 +12,11 @@ Nouns:
 * **shard** (:mod:`.erasure`) — one of the n pieces of a pack under a systematic
   k-of-n Reed-Solomon code; its **Merkle root** (:mod:`.merkle`) proves any block.
 * **formats** (:mod:`.formats`) — the versioned byte layout of everything
-  persisted or replicated.
+  persisted or replicated; **field checks** (:mod:`.fields`) — the one set of
+  checks of decoded msgpack fields, for the formats, the wire's messages and
+  the sealer pipe alike.
+* **frame** (:mod:`.framing`) — a length-prefixed body in a byte stream, and
+  the one reader that cuts a stream into frames.
 * **placement** (:mod:`.placement`) — which peer holds which shard;
   **exclude rules** (:mod:`.exclude`) — which paths a backup leaves out.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from p2pbackup.core import compression, crypto
 from p2pbackup.errors import FormatError, IntegrityError
-from p2pbackup.model import ID_SIZE, BlobType
+from p2pbackup.model import ID_SIZE, BlobType, BytesLike
 
 #: Version byte inside every sealed blob's plaintext.
 BLOB_FORMAT_VERSION = 1
@@ -26,7 +26,7 @@ BLOB_OVERHEAD = crypto.SEAL_OVERHEAD + 2
 MAX_BLOB_SIZE = 256 * 1024 * 1024
 
 
-def blob_id(dedup_key: bytes, plaintext: bytes | bytearray | memoryview) -> bytes:
+def blob_id(dedup_key: bytes, plaintext: BytesLike) -> bytes:
     """The content id of ``plaintext`` for the owner of ``dedup_key``."""
     return crypto.hash_bytes(plaintext, size=ID_SIZE, key=dedup_key)
 
@@ -39,7 +39,7 @@ def seal_blob(
     data_key: bytes,
     blob_type: BlobType,
     ident: bytes,
-    plaintext: bytes | bytearray | memoryview,
+    plaintext: BytesLike,
 ) -> bytes:
     """Compress (when it pays) and encrypt ``plaintext`` as blob ``ident``."""
     method, payload = compression.compress(plaintext)
@@ -52,7 +52,7 @@ def open_blob(
     dedup_key: bytes,
     blob_type: BlobType,
     ident: bytes,
-    sealed: bytes | bytearray | memoryview,
+    sealed: BytesLike,
     *,
     verify_id: bool = True,
 ) -> bytes:

@@ -62,6 +62,7 @@ from typing import Final
 import zstandard
 
 from p2pbackup.errors import FormatError
+from p2pbackup.model import BytesLike
 
 METHOD_NONE: Final = 0
 METHOD_ZSTD: Final = 1
@@ -111,7 +112,7 @@ def _looks_incompressible(view: memoryview, compressor: zstandard.ZstdCompressor
 
 
 def compress(
-    data: bytes | bytearray | memoryview, *, level: int = DEFAULT_LEVEL, probe: bool = True
+    data: BytesLike, *, level: int = DEFAULT_LEVEL, probe: bool = True
 ) -> tuple[int, bytes | memoryview]:
     """``(METHOD_ZSTD, frame)`` if zstd saves at least 1/64, else ``(METHOD_NONE, data)``.
 
@@ -130,12 +131,12 @@ def compress(
     return METHOD_NONE, _as_bytes(data, view)
 
 
-def _as_bytes(data: bytes | bytearray | memoryview, view: memoryview) -> bytes | memoryview:
+def _as_bytes(data: BytesLike, view: memoryview) -> bytes | memoryview:
     # Neither bytes(view) nor a copy of a bytearray: the caller copies once anyway.
     return data if isinstance(data, bytes) else view
 
 
-def decompress(method: int, payload: bytes | bytearray | memoryview, *, max_size: int) -> bytes:
+def decompress(method: int, payload: BytesLike, *, max_size: int) -> bytes:
     """The plaintext of a :func:`compress` result; :class:`FormatError` if it is not one.
 
     Never produces (or allocates for) more than ``max_size`` bytes: the size
@@ -156,7 +157,7 @@ def decompress(method: int, payload: bytes | bytearray | memoryview, *, max_size
         raise FormatError(f"corrupt zstd payload: {error}") from None
 
 
-def _declared_size(payload: bytes | bytearray | memoryview) -> int:
+def _declared_size(payload: BytesLike) -> int:
     try:
         size = zstandard.frame_content_size(payload)
     except zstandard.ZstdError:

@@ -49,9 +49,7 @@ import nacl.exceptions
 from nacl._sodium import ffi, lib  # type: ignore[import-not-found]
 
 from p2pbackup.errors import DecryptionError, KeyAgreementError, SignatureError
-
-#: Anything whose bytes can be read without copying.
-BytesLike = bytes | bytearray | memoryview
+from p2pbackup.model import BytesLike
 
 KEY_SIZE: Final = 32
 NONCE_SIZE: Final = 24

@@ -38,12 +38,7 @@ import numpy.typing as npt
 import reedsolo
 
 from p2pbackup.errors import ErasureError, NotEnoughShardsError
-
-#: Largest n: a GF(2^8) Reed-Solomon codeword has at most 255 symbols.
-MAX_SHARDS = 255
-
-#: What encode and decode accept as bytes.
-BytesLike = bytes | bytearray | memoryview
+from p2pbackup.model import MAX_SHARDS, BytesLike
 
 _PRIM = 0x11D
 

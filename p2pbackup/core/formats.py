@@ -23,8 +23,9 @@ envelope.
 
 Decoders raise :class:`~p2pbackup.errors.FormatError`, and nothing else, on
 any input, with a message that starts with the format's name ("tree: unknown
-version 7"). Encoders refuse, with the same errors, any value their decoder
-would reject, so nothing unreadable is ever written.
+version 7"); :mod:`p2pbackup.core.fields` checks each field. Encoders
+refuse, with the same errors, any value their decoder would reject, so
+nothing unreadable is ever written.
 """
 
 from __future__ import annotations
@@ -32,18 +33,22 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 import attrs
 import msgpack
 
+from p2pbackup.core.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE
+from p2pbackup.core.fields import FieldChecks
 from p2pbackup.core.keys import node_id_for
 from p2pbackup.errors import FormatError
 from p2pbackup.model import (
     ID_SIZE,
+    MAX_SHARDS,
     NODE_ID_SIZE,
     BlobEntry,
     BlobType,
+    BytesLike,
     FriendRecord,
     IndexSegment,
     NodeKind,
@@ -59,21 +64,17 @@ from p2pbackup.model import (
     TreeNode,
 )
 
-Buffer = bytes | bytearray | memoryview
 _T = TypeVar("_T")
-_E = TypeVar("_E", BlobType, NodeKind)
 
 # --- Limits -----------------------------------------------------------------
 
-#: Integers are stored in SQLite, whose integers are signed 64-bit.
-MAX_UINT = (1 << 63) - 1
+#: Integers are stored in SQLite, whose integers are signed 64-bit: from
+#: MIN_INT to :data:`p2pbackup.core.fields.MAX_UINT`.
 MIN_INT = -(1 << 63)
 #: uid, gid and mode are 32-bit on every platform we back up.
 MAX_U32 = (1 << 32) - 1
 #: Largest pack (and so largest erasure-coded unit).
 MAX_PACK_SIZE = 1 << 30
-#: GF(2^8) Reed-Solomon: at most 255 shards per pack.
-MAX_SHARDS = 255
 #: Merkle block sizes allowed in shard headers and records (powers of two).
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 1 << 20
@@ -139,8 +140,9 @@ _PREFIX_SIZE = 5
 # --- Errors and prefix ------------------------------------------------------
 
 
-def _fail(what: str, problem: str) -> NoReturn:
-    raise FormatError(f"{what}: {problem}")
+#: The checks of decoded fields, raising FormatError.
+_check = FieldChecks(FormatError)
+_fail = _check.fail
 
 
 def _check_prefix(what: str, data: bytes, magic: bytes, minimum: int) -> None:
@@ -188,7 +190,7 @@ def encode_shard_header(header: ShardHeader) -> bytes:
     return _checked(data, decode_shard_header)
 
 
-def decode_shard_header(buf: Buffer) -> ShardHeader:
+def decode_shard_header(buf: BytesLike) -> ShardHeader:
     """Header from the first :data:`SHARD_HEADER_SIZE` bytes of ``buf``."""
     what = "shard header"
     data = bytes(memoryview(buf)[:SHARD_HEADER_SIZE])
@@ -249,9 +251,6 @@ def parse_id_hex(text: str, *, what: str = "id") -> bytes:
 
 # --- Signed envelope (length-prefixed binary layout) ------------------------
 
-#: Ed25519 sizes.
-PUBLIC_KEY_SIZE = 32
-SIGNATURE_SIZE = 64
 #: Envelope kind of a root record replicated to peers.
 ENVELOPE_KIND_ROOT = b"ROOT"
 
@@ -293,7 +292,7 @@ def encode_signed_envelope(
     return head + bytes(payload) + bytes(signature)
 
 
-def decode_signed_envelope(data: Buffer) -> SignedEnvelope:
+def decode_signed_envelope(data: BytesLike) -> SignedEnvelope:
     what = "signed envelope"
     raw = bytes(data)
     _check_prefix(what, raw, ENVELOPE_MAGIC, _ENVELOPE_HEAD.size + SIGNATURE_SIZE)
@@ -345,7 +344,7 @@ def _seal(what: str, magic: bytes, body: object) -> bytes:
     return magic + bytes([FORMAT_VERSION]) + packed
 
 
-def _open(what: str, data: Buffer, magic: bytes, build: Callable[[object, str], _T]) -> _T:
+def _open(what: str, data: BytesLike, magic: bytes, build: Callable[[object, str], _T]) -> _T:
     """Check the prefix, unpack the body with limits, build and check canonical form."""
     raw = bytes(data)
     _check_prefix(what, raw, magic, _PREFIX_SIZE)
@@ -392,85 +391,8 @@ def _unpack(what: str, body: bytes) -> object:
     return value
 
 
-# What msgpack calls the Python types the unpacker produces, for messages.
-_MSGPACK_TYPE_NAMES: dict[type, str] = {
-    bytes: "bytes",
-    str: "string",
-    tuple: "array",
-    list: "array",
-    dict: "map",
-    bool: "boolean",
-    int: "integer",
-    float: "float",
-    type(None): "nil",
-}
-
-
-def msgpack_kind(value: object) -> str:
-    """What msgpack calls the type of an unpacked ``value`` ("integer", "array"…),
-    for error messages about structures that came off a disk or the wire."""
-    return _MSGPACK_TYPE_NAMES.get(type(value), type(value).__name__)
-
-
-def _array(value: object, what: str, *, max_length: int) -> tuple[object, ...]:
-    if not isinstance(value, tuple):
-        _fail(what, f"expected an array, got {msgpack_kind(value)}")
-    if len(value) > max_length:
-        _fail(what, f"{len(value)} items exceed the limit of {max_length}")
-    return value
-
-
-def _fields(value: object, what: str, count: int) -> tuple[object, ...]:
-    fields = _array(value, what, max_length=MAX_UINT)
-    if len(fields) != count:
-        _fail(what, f"expected {count} fields, got {len(fields)}")
-    return fields
-
-
-def _items(
-    value: object, what: str, build: Callable[[object, str], _T], *, max_length: int
-) -> tuple[_T, ...]:
-    return tuple(
-        build(item, f"{what} {i}")
-        for i, item in enumerate(_array(value, what, max_length=max_length))
-    )
-
-
-def _int(value: object, what: str, *, low: int = 0, high: int = MAX_UINT) -> int:
-    # bool is an int subclass in Python but a distinct msgpack type.
-    if type(value) is not int:
-        _fail(what, f"expected an integer, got {msgpack_kind(value)}")
-    if not low <= value <= high:
-        _fail(what, f"{value} is out of range [{low}, {high}]")
-    return value
-
-
-def _bytes(value: object, what: str, *, min_length: int = 0, max_length: int) -> bytes:
-    if type(value) is not bytes:
-        _fail(what, f"expected bytes, got {msgpack_kind(value)}")
-    if not min_length <= len(value) <= max_length:
-        _fail(what, f"length {len(value)} is out of range [{min_length}, {max_length}]")
-    return value
-
-
 def _id(value: object, what: str) -> bytes:
-    if type(value) is not bytes:
-        _fail(what, f"expected a {ID_SIZE}-byte id, got {msgpack_kind(value)}")
-    if len(value) != ID_SIZE:
-        _fail(what, f"expected a {ID_SIZE}-byte id, got {len(value)} bytes")
-    return value
-
-
-def _text(value: object, what: str, *, min_length: int = 0, max_length: int) -> str:
-    if type(value) is not str:
-        _fail(what, f"expected a string, got {msgpack_kind(value)}")
-    if not min_length <= len(value) <= max_length:
-        _fail(what, f"length {len(value)} is out of range [{min_length}, {max_length}]")
-    return value
-
-
-def _optional(value: object, what: str, build: Callable[[object, str], _T]) -> _T | None:
-    return None if value is None else build(value, what)
+    return _check.binary(value, what, min_length=ID_SIZE, max_length=ID_SIZE)
 
 
 def _no_nul(value: bytes, what: str) -> bytes:
@@ -522,7 +444,7 @@ def _check_geometry(
 
 def _check_name(value: object, what: str) -> bytes:
     """A directory entry name that cannot lead a restore outside its target."""
-    name = _bytes(value, what, min_length=1, max_length=MAX_NAME_LENGTH)
+    name = _check.binary(value, what, min_length=1, max_length=MAX_NAME_LENGTH)
     if name in (b".", b".."):
         _fail(what, f"{name!r} is not allowed")
     if b"/" in name:
@@ -538,25 +460,17 @@ def _blob_entry_body(entry: BlobEntry) -> tuple[object, ...]:
 
 
 def _blob_entry(value: object, what: str, *, pack_size: int = MAX_PACK_SIZE) -> BlobEntry:
-    type_, blob_id, offset, length, raw_length = _fields(value, what, 5)
+    type_, blob_id, offset, length, raw_length = _check.fields(value, what, 5)
     entry = BlobEntry(
-        type=_enum(BlobType, type_, f"{what}: type"),
+        type=_check.member(BlobType, type_, f"{what}: type"),
         blob_id=_id(blob_id, f"{what}: blob id"),
-        offset=_int(offset, f"{what}: offset", high=MAX_PACK_SIZE),
-        length=_int(length, f"{what}: length", high=MAX_PACK_SIZE),
-        raw_length=_int(raw_length, f"{what}: raw length", high=MAX_BLOB_RAW_LENGTH),
+        offset=_check.integer(offset, f"{what}: offset", high=MAX_PACK_SIZE),
+        length=_check.integer(length, f"{what}: length", high=MAX_PACK_SIZE),
+        raw_length=_check.integer(raw_length, f"{what}: raw length", high=MAX_BLOB_RAW_LENGTH),
     )
     if entry.offset + entry.length > pack_size:
         _fail(what, f"bytes {entry.offset}+{entry.length} run past the pack's {pack_size}")
     return entry
-
-
-def _enum(enum_type: type[_E], value: object, what: str) -> _E:
-    number = _int(value, what, high=255)
-    try:
-        return enum_type(number)
-    except ValueError:
-        _fail(what, f"unknown {enum_type.__name__} {number}")
 
 
 def encode_pack_header(header: PackHeader) -> bytes:
@@ -564,14 +478,14 @@ def encode_pack_header(header: PackHeader) -> bytes:
     return _checked(_seal("pack header", PACK_HEADER_MAGIC, body), decode_pack_header)
 
 
-def decode_pack_header(data: Buffer) -> PackHeader:
+def decode_pack_header(data: BytesLike) -> PackHeader:
     return _open("pack header", data, PACK_HEADER_MAGIC, _pack_header)
 
 
 def _pack_header(value: object, what: str) -> PackHeader:
-    (entries,) = _fields(value, what, 1)
+    (entries,) = _check.fields(value, what, 1)
     return PackHeader(
-        entries=_items(entries, f"{what}: entry", _blob_entry, max_length=MAX_PACK_BLOBS)
+        entries=_check.items(entries, f"{what}: entry", _blob_entry, max_length=MAX_PACK_BLOBS)
     )
 
 
@@ -595,29 +509,29 @@ def _tree_node_body(node: TreeNode) -> tuple[object, ...]:
 
 
 def _tree_node(value: object, what: str) -> TreeNode:
-    fields = _fields(value, what, 11)
+    fields = _check.fields(value, what, 11)
     name = _check_name(fields[0], f"{what}: name")
     # Name the node by its (printable) name from here on: easier to find.
     what = f"{what} ({name[:80]!r})"
     node = TreeNode(
         name=name,
-        kind=_enum(NodeKind, fields[1], f"{what}: kind"),
-        mode=_int(fields[2], f"{what}: mode", high=MAX_U32),
-        mtime_ns=_int(fields[3], f"{what}: mtime", low=MIN_INT),
-        size=_int(fields[4], f"{what}: size"),
-        content=_items(fields[5], f"{what}: chunk", _id, max_length=MAX_FILE_CHUNKS),
-        subtree=_optional(fields[6], f"{what}: subtree", _id),
-        link_target=_optional(fields[7], f"{what}: link target", _link_target),
-        uid=_int(fields[8], f"{what}: uid", high=MAX_U32),
-        gid=_int(fields[9], f"{what}: gid", high=MAX_U32),
-        hardlink_group=_int(fields[10], f"{what}: hardlink group"),
+        kind=_check.member(NodeKind, fields[1], f"{what}: kind"),
+        mode=_check.integer(fields[2], f"{what}: mode", high=MAX_U32),
+        mtime_ns=_check.integer(fields[3], f"{what}: mtime", low=MIN_INT),
+        size=_check.integer(fields[4], f"{what}: size"),
+        content=_check.items(fields[5], f"{what}: chunk", _id, max_length=MAX_FILE_CHUNKS),
+        subtree=_check.optional(fields[6], f"{what}: subtree", _id),
+        link_target=_check.optional(fields[7], f"{what}: link target", _link_target),
+        uid=_check.integer(fields[8], f"{what}: uid", high=MAX_U32),
+        gid=_check.integer(fields[9], f"{what}: gid", high=MAX_U32),
+        hardlink_group=_check.integer(fields[10], f"{what}: hardlink group"),
     )
     _check_node_kind(what, node)
     return node
 
 
 def _link_target(value: object, what: str) -> bytes:
-    target = _bytes(value, what, min_length=1, max_length=MAX_LINK_TARGET_LENGTH)
+    target = _check.binary(value, what, min_length=1, max_length=MAX_LINK_TARGET_LENGTH)
     return _no_nul(target, what)
 
 
@@ -636,13 +550,13 @@ def encode_tree(tree: Tree) -> bytes:
     return _checked(_seal("tree", TREE_MAGIC, body), decode_tree)
 
 
-def decode_tree(data: Buffer) -> Tree:
+def decode_tree(data: BytesLike) -> Tree:
     return _open("tree", data, TREE_MAGIC, _tree)
 
 
 def _tree(value: object, what: str) -> Tree:
-    (nodes,) = _fields(value, what, 1)
-    tree = Tree(nodes=_items(nodes, f"{what}: node", _tree_node, max_length=MAX_TREE_NODES))
+    (nodes,) = _check.fields(value, what, 1)
+    tree = Tree(nodes=_check.items(nodes, f"{what}: node", _tree_node, max_length=MAX_TREE_NODES))
     for previous, node in zip(tree.nodes, tree.nodes[1:], strict=False):
         if node.name <= previous.name:
             problem = "duplicated" if node.name == previous.name else "out of order"
@@ -666,29 +580,29 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
     return _checked(_seal("snapshot", SNAPSHOT_MAGIC, body), decode_snapshot)
 
 
-def decode_snapshot(data: Buffer) -> Snapshot:
+def decode_snapshot(data: BytesLike) -> Snapshot:
     return _open("snapshot", data, SNAPSHOT_MAGIC, _snapshot)
 
 
 def _snapshot(value: object, what: str) -> Snapshot:
-    time_ns, hostname, paths, tags, tree, file_count, total_size = _fields(value, what, 7)
+    time_ns, hostname, paths, tags, tree, file_count, total_size = _check.fields(value, what, 7)
     return Snapshot(
-        time_ns=_int(time_ns, f"{what}: time"),
-        hostname=_text(hostname, f"{what}: hostname", max_length=MAX_TEXT_LENGTH),
-        paths=_items(paths, f"{what}: path", _snapshot_path, max_length=MAX_SNAPSHOT_PATHS),
-        tags=_items(tags, f"{what}: tag", _tag, max_length=MAX_SNAPSHOT_TAGS),
+        time_ns=_check.integer(time_ns, f"{what}: time"),
+        hostname=_check.text(hostname, f"{what}: hostname", max_length=MAX_TEXT_LENGTH),
+        paths=_check.items(paths, f"{what}: path", _snapshot_path, max_length=MAX_SNAPSHOT_PATHS),
+        tags=_check.items(tags, f"{what}: tag", _tag, max_length=MAX_SNAPSHOT_TAGS),
         tree=_id(tree, f"{what}: tree"),
-        file_count=_int(file_count, f"{what}: file count"),
-        total_size=_int(total_size, f"{what}: total size"),
+        file_count=_check.integer(file_count, f"{what}: file count"),
+        total_size=_check.integer(total_size, f"{what}: total size"),
     )
 
 
 def _snapshot_path(value: object, what: str) -> bytes:
-    return _no_nul(_bytes(value, what, min_length=1, max_length=MAX_PATH_LENGTH), what)
+    return _no_nul(_check.binary(value, what, min_length=1, max_length=MAX_PATH_LENGTH), what)
 
 
 def _tag(value: object, what: str) -> str:
-    return _text(value, what, min_length=1, max_length=MAX_TAG_LENGTH)
+    return _check.text(value, what, min_length=1, max_length=MAX_TAG_LENGTH)
 
 
 # --- Pack records and index segments ----------------------------------------
@@ -708,14 +622,14 @@ def _pack_record_body(record: PackRecord) -> tuple[object, ...]:
 
 
 def _pack_record(value: object, what: str) -> PackRecord:
-    fields = _fields(value, what, 8)
+    fields = _check.fields(value, what, 8)
     pack_id = _id(fields[0], f"{what}: pack id")
     what = f"{what} ({pack_id.hex()[:16]})"
-    size = _int(fields[1], f"{what}: size", high=MAX_PACK_SIZE)
-    k = _int(fields[2], f"{what}: k", high=MAX_SHARDS)
-    n = _int(fields[3], f"{what}: n", high=MAX_SHARDS)
-    shard_size = _int(fields[4], f"{what}: shard size", high=MAX_PACK_SIZE)
-    block_size = _int(fields[5], f"{what}: block size", high=MAX_BLOCK_SIZE)
+    size = _check.integer(fields[1], f"{what}: size", high=MAX_PACK_SIZE)
+    k = _check.integer(fields[2], f"{what}: k", high=MAX_SHARDS)
+    n = _check.integer(fields[3], f"{what}: n", high=MAX_SHARDS)
+    shard_size = _check.integer(fields[4], f"{what}: shard size", high=MAX_PACK_SIZE)
+    block_size = _check.integer(fields[5], f"{what}: block size", high=MAX_BLOCK_SIZE)
     _check_geometry(what, size=size, k=k, n=n, shard_size=shard_size, block_size=block_size)
 
     def location(item: object, where: str) -> ShardLocation:
@@ -731,16 +645,16 @@ def _pack_record(value: object, what: str) -> PackRecord:
         n=n,
         shard_size=shard_size,
         block_size=block_size,
-        shards=_items(fields[6], f"{what}: shard", location, max_length=MAX_SHARD_LOCATIONS),
-        blobs=_items(fields[7], f"{what}: blob", blob, max_length=MAX_PACK_BLOBS),
+        shards=_check.items(fields[6], f"{what}: shard", location, max_length=MAX_SHARD_LOCATIONS),
+        blobs=_check.items(fields[7], f"{what}: blob", blob, max_length=MAX_PACK_BLOBS),
     )
 
 
 def _shard_location(value: object, what: str, *, n: int) -> ShardLocation:
-    index, peer_id, merkle_root = _fields(value, what, 3)
+    index, peer_id, merkle_root = _check.fields(value, what, 3)
     location = ShardLocation(
-        index=_int(index, f"{what}: index", high=MAX_SHARDS - 1),
-        peer_id=_text(peer_id, f"{what}: peer id", min_length=1, max_length=MAX_TEXT_LENGTH),
+        index=_check.integer(index, f"{what}: index", high=MAX_SHARDS - 1),
+        peer_id=_check.text(peer_id, f"{what}: peer id", min_length=1, max_length=MAX_TEXT_LENGTH),
         merkle_root=_id(merkle_root, f"{what}: Merkle root"),
     )
     _check_shard_index(what, location.index, n)
@@ -752,14 +666,14 @@ def encode_index_segment(segment: IndexSegment) -> bytes:
     return _checked(_seal("index segment", INDEX_SEGMENT_MAGIC, body), decode_index_segment)
 
 
-def decode_index_segment(data: Buffer) -> IndexSegment:
+def decode_index_segment(data: BytesLike) -> IndexSegment:
     return _open("index segment", data, INDEX_SEGMENT_MAGIC, _index_segment)
 
 
 def _index_segment(value: object, what: str) -> IndexSegment:
-    (packs,) = _fields(value, what, 1)
+    (packs,) = _check.fields(value, what, 1)
     return IndexSegment(
-        packs=_items(packs, f"{what}: pack", _pack_record, max_length=MAX_SEGMENT_PACKS)
+        packs=_check.items(packs, f"{what}: pack", _pack_record, max_length=MAX_SEGMENT_PACKS)
     )
 
 
@@ -788,43 +702,45 @@ def encode_root_record(record: RootRecord) -> bytes:
     return _checked(_seal("root record", ROOT_RECORD_MAGIC, body), decode_root_record)
 
 
-def decode_root_record(data: Buffer) -> RootRecord:
+def decode_root_record(data: BytesLike) -> RootRecord:
     return _open("root record", data, ROOT_RECORD_MAGIC, _root_record)
 
 
 def _root_record(value: object, what: str) -> RootRecord:
     # Six fields: written before friends were part of the record; none then.
-    fields = _array(value, what, max_length=MAX_UINT)
+    fields = _check.array(value, what)
     if len(fields) == 6:
         fields = (*fields, ())
-    sequence, time_ns, config, peers, index_packs, snapshots, friends = _fields(fields, what, 7)
+    sequence, time_ns, config, peers, index_packs, snapshots, friends = _check.fields(
+        fields, what, 7
+    )
     return RootRecord(
-        sequence=_int(sequence, f"{what}: sequence"),
-        time_ns=_int(time_ns, f"{what}: time"),
+        sequence=_check.integer(sequence, f"{what}: sequence"),
+        time_ns=_check.integer(time_ns, f"{what}: time"),
         config=_config(config, f"{what}: config"),
-        peers=_items(peers, f"{what}: peer", _peer_record, max_length=MAX_PEERS),
-        index_packs=_items(
+        peers=_check.items(peers, f"{what}: peer", _peer_record, max_length=MAX_PEERS),
+        index_packs=_check.items(
             index_packs, f"{what}: index pack", _pack_record, max_length=MAX_ROOT_INDEX_PACKS
         ),
-        snapshots=_items(snapshots, f"{what}: snapshot", _id, max_length=MAX_ROOT_SNAPSHOTS),
-        friends=_items(friends, f"{what}: friend", _friend_record, max_length=MAX_PEERS),
+        snapshots=_check.items(snapshots, f"{what}: snapshot", _id, max_length=MAX_ROOT_SNAPSHOTS),
+        friends=_check.items(friends, f"{what}: friend", _friend_record, max_length=MAX_PEERS),
     )
 
 
 def _friend_record(value: object, what: str) -> FriendRecord:
-    node_id, public_key, addresses, added_at = _fields(value, what, 4)
+    node_id, public_key, addresses, added_at = _check.fields(value, what, 4)
     friend = FriendRecord(
-        node_id=_bytes(
+        node_id=_check.binary(
             node_id, f"{what}: node id", min_length=NODE_ID_SIZE, max_length=NODE_ID_SIZE
         ),
-        public_key=_bytes(public_key, f"{what}: public key", min_length=32, max_length=32),
-        addresses=_items(
+        public_key=_check.binary(public_key, f"{what}: public key", min_length=32, max_length=32),
+        addresses=_check.items(
             addresses,
             f"{what}: address",
-            lambda v, w: _text(v, w, min_length=1, max_length=MAX_TEXT_LENGTH),
+            lambda v, w: _check.text(v, w, min_length=1, max_length=MAX_TEXT_LENGTH),
             max_length=MAX_FRIEND_ADDRESSES,
         ),
-        added_at=_int(added_at, f"{what}: added at"),
+        added_at=_check.integer(added_at, f"{what}: added at"),
     )
     # The id is the key's hash: a record binding a key to another id is damaged.
     if node_id_for(friend.public_key) != friend.node_id:
@@ -833,15 +749,15 @@ def _friend_record(value: object, what: str) -> FriendRecord:
 
 
 def _config(value: object, what: str) -> RepositoryConfig:
-    k, n, pack_size, chunk_min, chunk_avg, chunk_max, block_size = _fields(value, what, 7)
+    k, n, pack_size, chunk_min, chunk_avg, chunk_max, block_size = _check.fields(value, what, 7)
     config = RepositoryConfig(
-        k=_int(k, f"{what}: k", high=MAX_SHARDS),
-        n=_int(n, f"{what}: n", high=MAX_SHARDS),
-        pack_size=_int(pack_size, f"{what}: pack size", low=1, high=MAX_PACK_SIZE),
-        chunk_min=_int(chunk_min, f"{what}: chunk min", low=1, high=MAX_CHUNK_SIZE),
-        chunk_avg=_int(chunk_avg, f"{what}: chunk avg", low=1, high=MAX_CHUNK_SIZE),
-        chunk_max=_int(chunk_max, f"{what}: chunk max", low=1, high=MAX_CHUNK_SIZE),
-        block_size=_int(block_size, f"{what}: block size", high=MAX_BLOCK_SIZE),
+        k=_check.integer(k, f"{what}: k", high=MAX_SHARDS),
+        n=_check.integer(n, f"{what}: n", high=MAX_SHARDS),
+        pack_size=_check.integer(pack_size, f"{what}: pack size", low=1, high=MAX_PACK_SIZE),
+        chunk_min=_check.integer(chunk_min, f"{what}: chunk min", low=1, high=MAX_CHUNK_SIZE),
+        chunk_avg=_check.integer(chunk_avg, f"{what}: chunk avg", low=1, high=MAX_CHUNK_SIZE),
+        chunk_max=_check.integer(chunk_max, f"{what}: chunk max", low=1, high=MAX_CHUNK_SIZE),
+        block_size=_check.integer(block_size, f"{what}: block size", high=MAX_BLOCK_SIZE),
     )
     _check_code(what, config.k, config.n)
     _check_block_size(what, config.block_size)
@@ -855,9 +771,9 @@ def _config(value: object, what: str) -> RepositoryConfig:
 
 
 def _peer_record(value: object, what: str) -> PeerRecord:
-    peer_id, kind, location = _fields(value, what, 3)
+    peer_id, kind, location = _check.fields(value, what, 3)
     return PeerRecord(
-        peer_id=_text(peer_id, f"{what}: peer id", min_length=1, max_length=MAX_TEXT_LENGTH),
-        kind=_text(kind, f"{what}: kind", min_length=1, max_length=MAX_TEXT_LENGTH),
-        location=_text(location, f"{what}: location", max_length=MAX_TEXT_LENGTH),
+        peer_id=_check.text(peer_id, f"{what}: peer id", min_length=1, max_length=MAX_TEXT_LENGTH),
+        kind=_check.text(kind, f"{what}: kind", min_length=1, max_length=MAX_TEXT_LENGTH),
+        location=_check.text(location, f"{what}: location", max_length=MAX_TEXT_LENGTH),
     )

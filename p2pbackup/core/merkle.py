@@ -37,6 +37,7 @@ import attrs
 
 from p2pbackup.core import crypto
 from p2pbackup.errors import MerkleError
+from p2pbackup.model import BytesLike
 
 #: Block size used for new shards unless the repository says otherwise.
 #: 64 KiB rather than 16: hashing a shard takes a quarter of the calls (each
@@ -52,8 +53,6 @@ _NODE_PERSON = b"p2pb-merkle-node"
 # cheaper for them than a call into libsodium.
 _NODE_HASHER = hashlib.blake2b(digest_size=HASH_SIZE, person=_NODE_PERSON)
 
-Buffer = bytes | bytearray | memoryview
-
 
 def block_count(data_size: int, block_size: int) -> int:
     """Number of blocks (leaves) for ``data_size`` bytes; empty data is one block."""
@@ -63,7 +62,7 @@ def block_count(data_size: int, block_size: int) -> int:
     return max(1, -(-data_size // block_size))
 
 
-def leaf_hash(block: Buffer) -> bytes:
+def leaf_hash(block: BytesLike) -> bytes:
     """Hash of one block as it appears at level 0."""
     # libsodium's BLAKE2b (AVX2) hashes blocks ~1.3x faster than hashlib's,
     # and leaves are nearly all of a tree's hashing.
@@ -78,7 +77,7 @@ def node_hash(left: bytes, right: bytes) -> bytes:
     return hasher.digest()
 
 
-def get_block(data: Buffer, index: int, block_size: int) -> bytes:
+def get_block(data: BytesLike, index: int, block_size: int) -> bytes:
     """Block ``index`` of ``data`` (what an audit answer carries)."""
     view = _byte_view(data)
     count = block_count(len(view), block_size)
@@ -88,7 +87,7 @@ def get_block(data: Buffer, index: int, block_size: int) -> bytes:
     return bytes(view[start : start + block_size])
 
 
-def merkle_root(data: Buffer, block_size: int) -> bytes:
+def merkle_root(data: BytesLike, block_size: int) -> bytes:
     """Root of the tree over ``data`` cut into ``block_size`` blocks."""
     level = _leaves(data, block_size)
     while len(level) > 1:
@@ -96,7 +95,7 @@ def merkle_root(data: Buffer, block_size: int) -> bytes:
     return level[0]
 
 
-def verify_root(data: Buffer, block_size: int, expected_root: bytes) -> None:
+def verify_root(data: BytesLike, block_size: int, expected_root: bytes) -> None:
     """Raise :class:`MerkleError` unless ``data`` hashes to ``expected_root``."""
     if merkle_root(data, block_size) != expected_root:
         size = len(_byte_view(data))
@@ -113,7 +112,7 @@ class MerkleTree:
     levels: tuple[tuple[bytes, ...], ...]
 
     @classmethod
-    def build(cls, data: Buffer, block_size: int) -> MerkleTree:
+    def build(cls, data: BytesLike, block_size: int) -> MerkleTree:
         return cls.from_leaves(_leaves(data, block_size))
 
     @classmethod
@@ -175,7 +174,7 @@ class MerkleBuilder:
         """Number of leaves the data fed so far makes (empty data is one leaf)."""
         return block_count(self._size, self.block_size)
 
-    def update(self, data: Buffer) -> None:
+    def update(self, data: BytesLike) -> None:
         view = _byte_view(data)
         self._size += len(view)
         block_size = self.block_size
@@ -216,7 +215,7 @@ def proof_length(index: int, leaf_count: int) -> int:
 
 
 def verify_block(
-    root: bytes, *, index: int, leaf_count: int, block: Buffer, proof: Sequence[bytes]
+    root: bytes, *, index: int, leaf_count: int, block: BytesLike, proof: Sequence[bytes]
 ) -> None:
     """Raise :class:`MerkleError` unless ``block`` is leaf ``index`` under ``root``.
 
@@ -263,7 +262,7 @@ def _path(index: int, leaf_count: int) -> list[bool | None]:
     return sides
 
 
-def _leaves(data: Buffer, block_size: int) -> list[bytes]:
+def _leaves(data: BytesLike, block_size: int) -> list[bytes]:
     view = _byte_view(data)
     count = block_count(len(view), block_size)
     return [leaf_hash(view[i * block_size : (i + 1) * block_size]) for i in range(count)]
@@ -276,7 +275,7 @@ def _next_level(level: list[bytes]) -> list[bytes]:
     return paired
 
 
-def _byte_view(data: Buffer) -> memoryview:
+def _byte_view(data: BytesLike) -> memoryview:
     # A memoryview over e.g. a numpy array counts items, not bytes; blocks are bytes.
     return memoryview(data).cast("B")
 

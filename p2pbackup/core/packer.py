@@ -23,7 +23,7 @@ import struct
 
 from p2pbackup.core import crypto, formats
 from p2pbackup.errors import FormatError
-from p2pbackup.model import BlobEntry, BlobType, PackHeader
+from p2pbackup.model import BlobEntry, BlobType, BytesLike, PackHeader
 
 _TRAILER_PLAIN = struct.Struct("<BQQ")
 _TRAILER_VERSION = 1
@@ -108,7 +108,7 @@ class PackBuilder:
         return parts, header
 
 
-def read_pack_header(data_key: bytes, pack: bytes | bytearray | memoryview) -> PackHeader:
+def read_pack_header(data_key: bytes, pack: BytesLike) -> PackHeader:
     """The table of contents of a pack (used when rebuilding an index from packs)."""
     view = memoryview(pack)
     if len(view) < TRAILER_SIZE:
@@ -127,7 +127,7 @@ def read_pack_header(data_key: bytes, pack: bytes | bytearray | memoryview) -> P
     return header
 
 
-def blob_bytes(pack: bytes | bytearray | memoryview, entry: BlobEntry) -> memoryview:
+def blob_bytes(pack: BytesLike, entry: BlobEntry) -> memoryview:
     """The sealed bytes of one blob of a pack."""
     view = memoryview(pack)
     if entry.offset + entry.length > len(view):

@@ -27,7 +27,7 @@ scheduled backup) — the **run state**:
   (:meth:`~p2pbackup.engine.runstate.RunState.mark_full`); the backup summary
   names it and why;
 * **space** — what each peer said it holds for us and offers (a
-  :class:`~p2pbackup.stores.folder.Space`), asked of every peer at once by
+  :class:`~p2pbackup.stores.shardstore.Space`), asked of every peer at once by
   :meth:`Repository.probe_peers` at the start of a backup; its **room** is
   lowered by every shard sent there since (from the moment the put starts,
   as the node reserves it, and given back if the put fails). Placement
@@ -95,8 +95,9 @@ from p2pbackup.model import (
     ShardLocation,
 )
 from p2pbackup.net.network import Address, Network, TcpNetwork
-from p2pbackup.stores.folder import FolderShardStore, ShardRoot, ShardStore, Space
+from p2pbackup.stores.folder import FolderShardStore
 from p2pbackup.stores.remote import Locator, RemoteShardStore
+from p2pbackup.stores.shardstore import ShardRoot, ShardStore, Space
 from p2pbackup.wire.session import Identity
 
 #: Seconds every peer has to answer a probe (status, the start of a backup).

@@ -23,7 +23,7 @@ from p2pbackup.core.keys import Keyring
 from p2pbackup.engine.index import Index
 from p2pbackup.errors import FormatError, IntegrityError, PeerUnavailableError, StoreError
 from p2pbackup.model import RootRecord
-from p2pbackup.stores.folder import ShardStore
+from p2pbackup.stores.shardstore import ShardStore
 
 ROOT_ENVELOPE_KIND = b"ROOT"
 

@@ -12,7 +12,7 @@ import collections
 from collections.abc import Callable, Mapping
 
 from p2pbackup.engine.progress import human_bytes
-from p2pbackup.stores.folder import Space
+from p2pbackup.stores.shardstore import Space
 
 #: Seconds a peer that could not be reached is passed over (tried last).
 DOWN_SECONDS = 300.0

@@ -36,7 +36,6 @@ import trio
 from p2pbackup.engine import runtime
 from p2pbackup.engine.reading import read_file
 from p2pbackup.engine.sealwire import (
-    FrameReader,
     SealedChunk,
     SealedFile,
     SealwireError,
@@ -47,6 +46,7 @@ from p2pbackup.engine.sealwire import (
     encode_batch,
     encode_results,
     encode_setup,
+    frame_reader,
 )
 from p2pbackup.errors import LocalProtocolError
 from p2pbackup.stores.durable import write_all
@@ -69,14 +69,14 @@ class SealerError(LocalProtocolError):
 
 def serve(stdin: int, stdout: int) -> None:
     """Answer batches from ``stdin`` on ``stdout`` until ``stdin`` closes."""
-    reader = FrameReader()
+    reader = frame_reader()
 
     def next_body() -> bytes | None:
         while (body := reader.next_body()) is None:
             data = os.read(stdin, _READ_SIZE)
             if not data:
-                if reader.pending:
-                    raise SealwireError(f"stdin closed inside a frame ({reader.pending} bytes)")
+                if reader.buffered:
+                    raise SealwireError(f"stdin closed inside a frame ({reader.buffered} bytes)")
                 return None
             reader.feed(data)
         return body
@@ -131,7 +131,7 @@ class Sealer:
 
     def __init__(self, process: trio.Process) -> None:
         self._process = process
-        self._reader = FrameReader()
+        self._reader = frame_reader()
 
     @classmethod
     async def start(cls, setup: Setup) -> Sealer:

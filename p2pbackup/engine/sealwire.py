@@ -5,7 +5,7 @@ Sans-IO: bytes in, values out. :mod:`p2pbackup.engine.sealer` moves the bytes.
 Nouns:
 
 * **frame** — a 4-byte big-endian body length, then a msgpack body: an array
-  whose first item is the frame kind.
+  whose first item is the frame kind (:func:`frame_reader` cuts the stream).
 * **setup** — the first frame to a sealer: the protocol version, the keys and
   the chunker params. The keys cross a pipe between two processes of the same
   user, never a command line or an environment.
@@ -21,7 +21,6 @@ decoders still check every field, and say which one is wrong.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 
 import attrs
@@ -29,6 +28,8 @@ import msgpack
 
 from p2pbackup.core.chunker import ChunkerParams
 from p2pbackup.core.crypto import KEY_SIZE
+from p2pbackup.core.fields import FieldChecks
+from p2pbackup.core.framing import FrameReader, length_prefix
 from p2pbackup.errors import LocalProtocolError, UsageError
 from p2pbackup.model import ID_SIZE, FileStat, ReadOutcome, SealingKeys
 
@@ -42,11 +43,15 @@ KIND_SETUP = 1
 KIND_BATCH = 2
 KIND_RESULTS = 3
 
-_LENGTH = struct.Struct(">I")
+_PREFIX_SIZE = 4
 
 
 class SealwireError(LocalProtocolError):
     """A frame between a backup and its sealer that does not decode."""
+
+
+#: The checks of decoded fields, raising SealwireError.
+_check = FieldChecks(SealwireError)
 
 
 @attrs.frozen
@@ -80,7 +85,7 @@ def _frame(body: object) -> bytes:
     assert isinstance(packed, bytes)
     if len(packed) > MAX_FRAME:
         raise SealwireError(f"a frame of {len(packed)} bytes exceeds the limit of {MAX_FRAME}")
-    return _LENGTH.pack(len(packed)) + packed
+    return length_prefix(len(packed), _PREFIX_SIZE) + packed
 
 
 def encode_setup(setup: Setup) -> bytes:
@@ -127,33 +132,9 @@ def encode_results(files: Sequence[SealedFile]) -> bytes:
 # -- decoding ---------------------------------------------------------------------------
 
 
-class FrameReader:
-    """Cuts a byte stream into frame bodies, whatever pieces it arrives in."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buffer += data
-
-    def next_body(self) -> bytes | None:
-        """The next whole frame's body, or None until more bytes come."""
-        if len(self._buffer) < _LENGTH.size:
-            return None
-        (length,) = _LENGTH.unpack_from(self._buffer)
-        if length > MAX_FRAME:
-            raise SealwireError(f"a frame claims {length} bytes, over the limit of {MAX_FRAME}")
-        end = _LENGTH.size + length
-        if len(self._buffer) < end:
-            return None
-        body = bytes(self._buffer[_LENGTH.size : end])
-        del self._buffer[:end]
-        return body
-
-    @property
-    def pending(self) -> int:
-        """Bytes received that are not yet a whole frame."""
-        return len(self._buffer)
+def frame_reader() -> FrameReader:
+    """A reader of this pipe's frames: bodies up to MAX_FRAME, SealwireError beyond."""
+    return FrameReader(prefix_size=_PREFIX_SIZE, max_body_size=MAX_FRAME, error=SealwireError)
 
 
 def _unpack(body: bytes, kind: int, name: str) -> tuple[object, ...]:
@@ -174,46 +155,20 @@ def _describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
-def _bytes(value: object, what: str, size: int | None = None) -> bytes:
-    if not isinstance(value, bytes) or (size is not None and len(value) != size):
-        wanted = "bytes" if size is None else f"{size} bytes"
-        raise SealwireError(f"{what}: expected {wanted}, got {_describe_item(value)}")
-    return value
-
-
-def _int(value: object, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise SealwireError(f"{what}: expected a non-negative integer, got {_describe_item(value)}")
-    return value
-
-
-def _array(value: object, what: str, length: int | None = None) -> tuple[object, ...]:
-    if not isinstance(value, tuple) or (length is not None and len(value) != length):
-        wanted = "an array" if length is None else f"an array of {length}"
-        raise SealwireError(f"{what}: expected {wanted}, got {_describe_item(value)}")
-    return value
-
-
-def _describe_item(value: object) -> str:
-    if isinstance(value, bytes | tuple):
-        return f"{type(value).__name__} of length {len(value)}"
-    return repr(value) if isinstance(value, int | None) else type(value).__name__
-
-
 def decode_setup(body: bytes) -> Setup:
     fields = _unpack(body, KIND_SETUP, "setup")
     if len(fields) != 5:
         raise SealwireError(f"setup frame: expected 5 fields, got {len(fields)}")
-    version = _int(fields[1], "setup version")
+    version = _check.integer(fields[1], "setup version")
     if version != PROTOCOL_VERSION:
         raise SealwireError(
             f"setup frame of protocol version {version}; this sealer speaks {PROTOCOL_VERSION}"
         )
-    dedup_key = _bytes(fields[2], "dedup key", KEY_SIZE)
-    data_key = _bytes(fields[3], "data key", KEY_SIZE)
-    sizes = _array(fields[4], "chunker params", 4)
+    dedup_key = _key(fields[2], "dedup key")
+    data_key = _key(fields[3], "data key")
+    sizes = _check.fields(fields[4], "chunker params", 4)
     try:
-        params = ChunkerParams(*(_int(v, "chunker param") for v in sizes))
+        params = ChunkerParams(*(_check.integer(v, "chunker param") for v in sizes))
     except UsageError as exc:
         raise SealwireError(f"chunker params: {exc}") from None
     return Setup(SealingKeys(dedup_key, data_key), params)
@@ -221,31 +176,35 @@ def decode_setup(body: bytes) -> Setup:
 
 def decode_batch(body: bytes) -> tuple[bytes, ...]:
     fields = _unpack(body, KIND_BATCH, "batch")
-    paths = _array(fields[1] if len(fields) == 2 else None, "batch paths")
-    return tuple(_bytes(path, f"batch path {i}") for i, path in enumerate(paths))
+    paths = _check.array(fields[1] if len(fields) == 2 else None, "batch paths")
+    return tuple(_check.binary(path, f"batch path {i}") for i, path in enumerate(paths))
 
 
 def decode_results(body: bytes) -> tuple[SealedFile, ...]:
     fields = _unpack(body, KIND_RESULTS, "results")
-    files = _array(fields[1] if len(fields) == 2 else None, "results")
+    files = _check.array(fields[1] if len(fields) == 2 else None, "results")
     return tuple(_sealed_file(item, f"result {i}") for i, item in enumerate(files))
 
 
+def _key(value: object, what: str) -> bytes:
+    return _check.binary(value, what, min_length=KEY_SIZE, max_length=KEY_SIZE)
+
+
 def _sealed_file(item: object, what: str) -> SealedFile:
-    error, stat_fields, chunk_items = _array(item, what, 3)
+    error, stat_fields, chunk_items = _check.fields(item, what, 3)
     if error is not None:
-        if not isinstance(error, str):
-            raise SealwireError(f"{what} error: expected a string, got {_describe_item(error)}")
-        return SealedFile(ReadOutcome(error=error))
-    stat = FileStat(*(_int(v, f"{what} stat") for v in _array(stat_fields, f"{what} stat", 7)))
+        return SealedFile(ReadOutcome(error=_check.text(error, f"{what} error")))
+    stat_values = _check.fields(stat_fields, f"{what} stat", 7)
+    stat = FileStat(*(_check.integer(v, f"{what} stat") for v in stat_values))
     chunks = []
-    for j, chunk_item in enumerate(_array(chunk_items, f"{what} chunks")):
-        ident, length, sealed = _array(chunk_item, f"{what} chunk {j}", 3)
+    for j, chunk_item in enumerate(_check.array(chunk_items, f"{what} chunks")):
+        chunk = f"{what} chunk {j}"
+        ident, length, sealed = _check.fields(chunk_item, chunk, 3)
         chunks.append(
             SealedChunk(
-                _bytes(ident, f"{what} chunk {j} id", ID_SIZE),
-                _int(length, f"{what} chunk {j} length"),
-                None if sealed is None else _bytes(sealed, f"{what} chunk {j} blob"),
+                _check.binary(ident, f"{chunk} id", min_length=ID_SIZE, max_length=ID_SIZE),
+                _check.integer(length, f"{chunk} length"),
+                _check.optional(sealed, f"{chunk} blob", _check.binary),
             )
         )
     content = tuple(c.ident for c in chunks)

@@ -54,6 +54,7 @@ import attrs
 import trio
 
 from p2pbackup.errors import PeerUnavailableError, UsageError
+from p2pbackup.model import BytesLike
 from p2pbackup.net.network import (
     DEFAULT_CONNECT_TIMEOUT,
     Address,
@@ -286,7 +287,7 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         if self._send_pipe.receiver_closed:
             raise trio.BrokenResourceError(f"{self.remote_address} closed the connection")
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_all(self, data: BytesLike) -> None:
         with self._send_conflict:
             self._check_can_send()
             # Copied now: the caller may reuse its buffer as soon as we return.

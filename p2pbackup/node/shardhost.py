@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import errno
 import fcntl
 import os
 import re
@@ -91,6 +90,7 @@ from pathlib import Path
 
 import attrs
 
+from p2pbackup.core.formats import MAX_BLOCK_SIZE
 from p2pbackup.core.merkle import HASH_SIZE, MerkleBuilder, block_count
 from p2pbackup.errors import (
     MerkleError,
@@ -99,8 +99,23 @@ from p2pbackup.errors import (
     StoreFullError,
     StoreRequestError,
 )
-from p2pbackup.model import ID_SIZE, NODE_ID_SIZE
-from p2pbackup.stores.durable import DirectWriter, fsync_dir, write_all
+from p2pbackup.model import NODE_ID_SIZE, BytesLike
+from p2pbackup.stores.durable import (
+    DirectWriter,
+    fsync_dir,
+    make_dirs,
+    os_errors,
+    store_error,
+    unlink_quietly,
+    write_temp_file,
+)
+from p2pbackup.stores.shardstore import check_range, check_shard_id, conflict
+from p2pbackup.wire.messages import (
+    MAX_AUDIT_BLOCKS,
+    MAX_LEASE_SECONDS,
+    MAX_LIST_LIMIT,
+    MAX_ROOT_SIZE,
+)
 
 #: Version of the layout and of the SQLite schema (its ``user_version``).
 SCHEMA_VERSION = 1
@@ -110,31 +125,24 @@ SHARDS_DIR = "shards"
 ROOTS_DIR = "roots"
 TMP_DIR = "tmp"
 
-#: Largest root record an owner may keep.
-MAX_ROOT_RECORD_SIZE = 1 << 20
-#: Largest Merkle block: one audit answer carries a block per index.
-MAX_BLOCK_SIZE = 1 << 20
+# What a host keeps and answers is bounded by the protocol's own limits
+# (wire.messages), so that no request the wire lets through is refused here
+# and no answer is built that the wire could not carry: root records
+# (MAX_ROOT_SIZE), leases (MAX_LEASE_SECONDS; a longer request is granted that
+# much, and the answer says the expiry granted), listing pages
+# (MAX_LIST_LIMIT), blocks per audit (MAX_AUDIT_BLOCKS); Merkle blocks by the
+# formats' MAX_BLOCK_SIZE (an audit answer carries one per index).
+
 #: Most blocks a shard may have. An upload keeps 32 bytes per block in memory,
 #: so a peer declaring 1-byte blocks must not be able to make that gigabytes.
 #: 65 536 blocks of 64 KiB is a 4 GiB shard.
 MAX_BLOCKS = 1 << 16
-#: Longest lease granted; longer requests are granted this much (the answer
-#: says the expiry actually granted).
-MAX_LEASE_SECONDS = 10 * 366 * 24 * 3600
-#: Most shards one :meth:`ShardHost.list` call returns; the rest is a next page.
-MAX_LIST_LIMIT = 10_000
-#: Most blocks one audit may ask for.
-MAX_AUDIT_INDICES = 1024
 
 # Audits hash the whole file in reads of this size (bounded memory).
 _READ_SIZE = 1 << 20
 # collect_expired removes this many shards per turn of the lock.
 _COLLECT_BATCH = 1000
-_NO_SPACE_ERRNOS = frozenset(
-    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None
-)
 _OWNER_NAME = re.compile(f"[0-9a-f]{{{2 * NODE_ID_SIZE}}}")
-_SHARD_NAME = re.compile(f"[0-9a-f]{{{2 * ID_SIZE}}}")
 
 _SCHEMA = """
 CREATE TABLE shards (
@@ -232,11 +240,6 @@ def _check_owner(owner: bytes) -> None:
         raise ValueError(f"an owner is a {NODE_ID_SIZE}-byte node id, got {owner!r}")
 
 
-def _check_shard_id(shard_id: bytes) -> None:
-    if not isinstance(shard_id, bytes) or len(shard_id) != ID_SIZE:
-        raise StoreRequestError(f"a shard id is {ID_SIZE} bytes, got {len(shard_id)}")
-
-
 def _check_geometry(size: int, block_size: int, merkle_root: bytes) -> None:
     if size < 0:
         raise StoreRequestError(f"shard size must not be negative, got {size}")
@@ -265,31 +268,6 @@ def _short(shard_id: bytes) -> str:
 # -- file helpers -------------------------------------------------------------------------
 
 
-def _os_error(action: str, path: Path | str, error: OSError) -> StoreError:
-    """The store error for an OSError: StoreFullError when the disk or quota is full."""
-    reason = error.strerror or str(error)
-    if error.errno in _NO_SPACE_ERRNOS:
-        return StoreFullError(f"no room on disk to {action} {path}: {reason}")
-    return StoreError(f"could not {action} {path}: {reason}")
-
-
-@contextlib.contextmanager
-def _os_errors(action: str, path: Path | str) -> Iterator[None]:
-    try:
-        yield
-    except OSError as error:
-        raise _os_error(action, path, error) from error
-
-
-def _make_dir(path: Path) -> None:
-    """Create ``path`` if missing (its parent exists), durably."""
-    try:
-        path.mkdir()
-    except FileExistsError:
-        return
-    fsync_dir(path.parent)
-
-
 def _read_at(fd: int, offset: int, length: int) -> bytes:
     """Up to ``length`` bytes from ``offset``; fewer only at the end of the file."""
     pieces = []
@@ -301,28 +279,6 @@ def _read_at(fd: int, offset: int, length: int) -> bytes:
         offset += len(piece)
         length -= len(piece)
     return b"".join(pieces)
-
-
-def _unlink_quietly(path: Path) -> None:
-    # Used where the file may already be gone, or where a leftover is harmless
-    # because reconciliation removes it on the next open.
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
-def _write_temp(directory: Path, data: bytes) -> Path:
-    temp = directory / f"root-{secrets.token_hex(8)}"
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            write_all(fd, memoryview(data))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as error:
-        _unlink_quietly(temp)
-        raise _os_error("write", temp, error) from error
-    return temp
 
 
 # -- the host -----------------------------------------------------------------------------
@@ -377,10 +333,10 @@ class ShardHost:
         for name, limit in (("capacity", capacity), ("owner quota", owner_quota)):
             if limit is not None and limit < 0:
                 raise ValueError(f"{name} must not be negative, got {limit}")
-        with _os_errors("create the shard host directory", root):
+        with os_errors("create the shard host directory", root):
             root.mkdir(parents=True, exist_ok=True)
             for name in (SHARDS_DIR, ROOTS_DIR, TMP_DIR):
-                _make_dir(root / name)
+                make_dirs(root / name, root)
             lock_fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
@@ -434,10 +390,10 @@ class ShardHost:
         when the owner's quota, the capacity or the disk has no room for it.
         """
         _check_owner(owner)
-        _check_shard_id(shard_id)
+        check_shard_id(shard_id, StoreRequestError)
         _check_geometry(size, block_size, merkle_root)
         lease = _granted_lease(lease_seconds)
-        with _os_errors("read the free space of", self.root):
+        with os_errors("read the free space of", self.root):
             disk = os.statvfs(self.root)
         disk_free = disk.f_bavail * disk.f_frsize
         with self._lock:
@@ -458,7 +414,7 @@ class ShardHost:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except OSError as error:
                 self._release(owner, size)
-                raise _os_error("create", temp, error) from error
+                raise store_error("create", temp, error) from error
             upload = Upload(
                 self,
                 owner=owner,
@@ -478,9 +434,8 @@ class ShardHost:
         owner, shard_id = upload.owner, upload.shard_id
         final = self._shard_path(owner, shard_id)
         try:
-            with _os_errors("create the directory of", final):
-                _make_dir(final.parent.parent)
-                _make_dir(final.parent)
+            with os_errors("create the directory of", final):
+                make_dirs(final.parent, self.root / SHARDS_DIR)
         except BaseException:
             self._finish(upload)
             raise
@@ -501,7 +456,7 @@ class ShardHost:
                         raise _conflict(shard_id, existing)
                     self._remove_locked(owner, shard_id, existing.size)
                 try:
-                    with _os_errors("move into place", final):
+                    with os_errors("move into place", final):
                         os.replace(upload.temp, final)
                         fsync_dir(final.parent)
                     row = (owner, shard_id, upload.size, upload.block_size, upload.merkle_root)
@@ -514,7 +469,7 @@ class ShardHost:
                     # Without its row the file is an orphan: remove it now
                     # rather than at the next open. (No other thread can have
                     # put a file there: the name is free while we hold the lock.)
-                    _unlink_quietly(final)
+                    unlink_quietly(final)
                     raise
                 self._shard_bytes[owner] = self._shard_bytes.get(owner, 0) + upload.size
                 return expiry
@@ -575,7 +530,7 @@ class ShardHost:
 
     def info(self, owner: bytes, shard_id: bytes) -> HostedShard | None:
         _check_owner(owner)
-        _check_shard_id(shard_id)
+        check_shard_id(shard_id, StoreRequestError)
         with self._lock:
             self._check_open()
             return self._row(owner, shard_id)
@@ -588,8 +543,7 @@ class ShardHost:
         A range past the end returns what exists. The bytes are read as they
         are on disk, unverified: the owner checks them against its root.
         """
-        if offset < 0 or (length is not None and length < 0):
-            raise StoreRequestError(f"bad shard range: offset {offset}, length {length}")
+        check_range(offset, length, StoreRequestError)
         with self._open_shard(owner, shard_id) as (fd, _info):
             if length is None:
                 length = max(0, os.fstat(fd).st_size - offset)
@@ -606,10 +560,10 @@ class ShardHost:
         is how the owner learns of the damage. StoreError for an index out of
         range (naming it and the block count) or a file of the wrong size.
         """
-        if len(indices) > MAX_AUDIT_INDICES:
+        if len(indices) > MAX_AUDIT_BLOCKS:
             raise StoreRequestError(
                 f"audit asks for {len(indices)} blocks; this host answers at most "
-                f"{MAX_AUDIT_INDICES} at a time"
+                f"{MAX_AUDIT_BLOCKS} at a time"
             )
         with self._open_shard(owner, shard_id) as (fd, info):
             count = block_count(info.size, info.block_size)
@@ -646,9 +600,9 @@ class ShardHost:
         except FileNotFoundError:
             raise _not_found(shard_id) from None  # deleted since the lookup
         except OSError as error:
-            raise _os_error("open", path, error) from error
+            raise store_error("open", path, error) from error
         try:
-            with _os_errors("read", path):
+            with os_errors("read", path):
                 yield fd, info
         finally:
             os.close(fd)
@@ -684,7 +638,7 @@ class ShardHost:
         """
         _check_owner(owner)
         for shard_id in shard_ids:
-            _check_shard_id(shard_id)
+            check_shard_id(shard_id, StoreRequestError)
         lease = _granted_lease(lease_seconds)
         with self._lock:
             self._check_open()
@@ -710,7 +664,7 @@ class ShardHost:
     def delete(self, owner: bytes, shard_id: bytes) -> bool:
         """Remove a shard; whether it existed."""
         _check_owner(owner)
-        _check_shard_id(shard_id)
+        check_shard_id(shard_id, StoreRequestError)
         with self._lock:
             self._check_open()
             existing = self._row(owner, shard_id)
@@ -748,7 +702,7 @@ class ShardHost:
                 [(owner, shard_id) for owner, shard_id, _size in rows],
             )
         for owner, shard_id, size in rows:
-            _unlink_quietly(self._shard_path(owner, shard_id))
+            unlink_quietly(self._shard_path(owner, shard_id))
             left = self._shard_bytes.get(owner, 0) - size
             if left:
                 self._shard_bytes[owner] = left
@@ -760,29 +714,30 @@ class ShardHost:
     def put_root(self, owner: bytes, data: bytes) -> None:
         """Replace the owner's root record atomically (it counts toward usage)."""
         _check_owner(owner)
-        if len(data) > MAX_ROOT_RECORD_SIZE:
+        if len(data) > MAX_ROOT_SIZE:
             raise StoreRequestError(
-                f"a root record of {len(data)} bytes is over the limit of "
-                f"{MAX_ROOT_RECORD_SIZE} bytes"
+                f"a root record of {len(data)} bytes is over the limit of {MAX_ROOT_SIZE} bytes"
             )
         final = self._root_path(owner)
         with self._lock:
             self._check_open()
             old = self._root_bytes.get(owner, 0)
             self._check_room(owner, len(data), freed=old)
-        temp = _write_temp(self.root / TMP_DIR, data)
+        temp = self.root / TMP_DIR / f"root-{secrets.token_hex(8)}"
+        with os_errors("write", temp):
+            write_temp_file(temp, data)
         try:
             with self._lock:
                 self._check_open()
                 # Checked again: other puts may have used the room meanwhile.
                 old = self._root_bytes.get(owner, 0)
                 self._check_room(owner, len(data), freed=old)
-                with _os_errors("move into place", final):
+                with os_errors("move into place", final):
                     os.replace(temp, final)
                     fsync_dir(final.parent)
                 self._root_bytes[owner] = len(data)
         finally:
-            _unlink_quietly(temp)
+            unlink_quietly(temp)
 
     def get_root(self, owner: bytes) -> bytes | None:
         """The owner's root record, or None if it never put one."""
@@ -792,11 +747,11 @@ class ShardHost:
         path = self._root_path(owner)
         try:
             with open(path, "rb") as file:
-                return file.read(MAX_ROOT_RECORD_SIZE)
+                return file.read(MAX_ROOT_SIZE)
         except FileNotFoundError:
             return None
         except OSError as error:
-            raise _os_error("read", path, error) from error
+            raise store_error("read", path, error) from error
 
     # -- usage -----------------------------------------------------------------------------
 
@@ -811,7 +766,7 @@ class ShardHost:
         """(usage, offer) of ``owner`` now: the offer is the usage plus the
         room a put of that many bytes would find (module docstring)."""
         _check_owner(owner)
-        with _os_errors("read the free space of", self.root):
+        with os_errors("read the free space of", self.root):
             disk = os.statvfs(self.root)
         rooms = [disk.f_bavail * disk.f_frsize]
         with self._lock:
@@ -844,7 +799,7 @@ class ShardHost:
         """
         temps_removed = 0
         for entry in _scan(self.root / TMP_DIR):
-            _unlink_quietly(Path(entry.path))
+            unlink_quietly(Path(entry.path))
             temps_removed += 1
         stored: set[str] = set()
         lost: builtins.list[LostShard] = []
@@ -861,7 +816,7 @@ class ShardHost:
                 lost.append(
                     LostShard(owner, shard_id, f"its file holds {found.st_size} of {size} bytes")
                 )
-                _unlink_quietly(path)
+                unlink_quietly(path)
                 continue
             stored.add(str(path))
         if lost:
@@ -875,7 +830,7 @@ class ShardHost:
             for prefix_dir in _scan(Path(owner_dir.path)):
                 for entry in _scan(Path(prefix_dir.path)):
                     if entry.path not in stored and entry.is_file(follow_symlinks=False):
-                        _unlink_quietly(Path(entry.path))
+                        unlink_quietly(Path(entry.path))
                         orphans += 1
         for owner, total in self._db.execute(
             "SELECT owner, SUM(size) FROM shards GROUP BY owner"
@@ -973,7 +928,7 @@ class Upload:
     def written(self) -> int:
         return self._builder.size
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def write(self, data: BytesLike) -> None:
         """Append ``data``. More bytes than declared abort the upload (StoreError);
         a full disk aborts it with StoreFullError."""
         view = memoryview(data).cast("B")
@@ -989,7 +944,7 @@ class Upload:
                 self._writer.write(view)
             except OSError as error:
                 self._abort_locked()
-                raise _os_error("write", self.temp, error) from error
+                raise store_error("write", self.temp, error) from error
             self._builder.update(view)
 
     def commit(self) -> int:
@@ -1011,9 +966,9 @@ class Upload:
                         f"shard {_short(self.shard_id)}: the {self.size} bytes received do "
                         f"not hash to the declared Merkle root {self.merkle_root.hex()[:16]}"
                     )
-                with _os_errors("write", self.temp):
+                with os_errors("write", self.temp):
                     self._writer.flush()
-                with _os_errors("sync", self.temp):
+                with os_errors("sync", self.temp):
                     os.fsync(self._fd)
                 self._close_fd()
             except BaseException:
@@ -1023,7 +978,7 @@ class Upload:
             try:
                 return self._host._publish(self)
             finally:
-                _unlink_quietly(self.temp)  # still there unless it was moved into place
+                unlink_quietly(self.temp)  # still there unless it was moved into place
 
     def abort(self) -> None:
         """Drop the upload: remove the temp file, free the reservation."""
@@ -1034,7 +989,7 @@ class Upload:
     def _abort_locked(self) -> None:
         self._done = True
         self._close_fd()
-        _unlink_quietly(self.temp)
+        unlink_quietly(self.temp)
         self._host._finish(self)
 
     def _close_fd(self) -> None:
@@ -1113,9 +1068,6 @@ def _not_found(shard_id: bytes) -> ShardNotFoundError:
     return ShardNotFoundError(f"this host holds no shard {_short(shard_id)} for you")
 
 
-def _conflict(shard_id: bytes, existing: HostedShard) -> ShardConflictError:
-    return ShardConflictError(
-        f"conflict: another shard is stored under id {_short(shard_id)} "
-        f"({existing.size} bytes, root {existing.merkle_root.hex()[:16]}); "
-        "shards are write-once, the stored one was kept"
-    )
+def _conflict(shard_id: bytes, existing: HostedShard) -> StoreError:
+    stored = f"on this host ({existing.size} bytes, root {existing.merkle_root.hex()[:16]})"
+    return conflict(shard_id, stored, ShardConflictError)

@@ -10,6 +10,14 @@ Nouns:
   length and the file offset must be multiples of the device's block size.
 * **private file** — a small file only its owner may read (0600), written
   whole or not at all: secrets, the DHT's remembered neighbours.
+* **temp file** — a new file written and synced under a name of its own,
+  then moved into place by the caller (or removed), so that no final name
+  ever holds a partial file. Which name, and who cleans up after a crash, is
+  each store's business.
+* **store error** — what an ``OSError`` becomes when a store meets it:
+  :class:`~p2pbackup.errors.StoreFullError` when the disk (or the user's
+  quota on it) is full, :class:`~p2pbackup.errors.StoreError` naming the
+  action and the path otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +27,63 @@ import errno
 import fcntl
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+from p2pbackup.errors import StoreError, StoreFullError
+from p2pbackup.model import BytesLike
+
+#: errno values that mean the disk, or the user's quota on it, is full.
+NO_SPACE_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None
+)
+
+
+def store_error(action: str, path: Path | str, error: OSError) -> StoreError:
+    """The store error for ``error``, met while trying to ``action`` ``path``."""
+    reason = error.strerror or str(error)
+    if error.errno in NO_SPACE_ERRNOS:
+        return StoreFullError(f"no room on disk to {action} {path}: {reason}")
+    return StoreError(f"could not {action} {path}: {reason}")
+
+
+@contextlib.contextmanager
+def os_errors(action: str, path: Path | str) -> Iterator[None]:
+    """Raise an ``OSError`` from inside as its :func:`store_error`."""
+    try:
+        yield
+    except OSError as error:
+        raise store_error(action, path, error) from error
+
+
+def unlink_quietly(path: Path) -> None:
+    """Remove ``path`` if it can be: where it may be gone already, or where a
+    leftover is garbage that the store's next clean-up removes."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def write_temp_file(path: Path, data: BytesLike, *, direct: bool = False) -> None:
+    """Write ``data`` to the new file ``path`` (0600; it must not exist) and
+    sync it. On any failure the file is removed before the error propagates.
+    ``direct`` writes around the page cache (:class:`DirectWriter`): for
+    shards, written once and rarely read back soon."""
+    # Opened outside the clean-up: if it fails, there is no file of ours to remove.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            writer = DirectWriter(fd, direct=direct)
+            try:
+                writer.write(data)
+                writer.flush()
+                os.fsync(fd)
+            finally:
+                writer.close()
+        finally:
+            os.close(fd)
+    except BaseException:
+        unlink_quietly(path)
+        raise
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,6 +100,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path, base: Path) -> None:
+    """Create ``path`` and its missing ancestors below ``base`` (which exists),
+    syncing each new directory's parent so the new entry survives a crash."""
+    missing: list[Path] = []
+    current = path
+    while current != base and not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue  # made meanwhile by a concurrent put
+        fsync_dir(directory.parent)
+
+
 def write_private_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically, readable only by its owner (0600)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -43,21 +123,17 @@ def write_private_file(path: Path, data: bytes) -> None:
     try:
         try:
             os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        # Leave no half-written copy of a secret behind.
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        unlink_quietly(tmp)  # no half-written copy of a secret left behind
         raise
 
 
-def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+def write_all(fd: int, data: BytesLike) -> None:
     """Write every byte of ``data`` (``os.write`` may write fewer)."""
     view = memoryview(data)
     while view:
@@ -109,7 +185,7 @@ class DirectWriter:
         """Whether writes still bypass the page cache."""
         return self._direct
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def write(self, data: BytesLike) -> None:
         """Append every byte of ``data`` (staged: :meth:`flush` before syncing)."""
         view = memoryview(data).cast("B")
         while view:

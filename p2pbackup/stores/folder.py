@@ -1,21 +1,9 @@
-"""Where shards live: one owner's namespace on one peer.
+"""The folder store: a local directory acting as a peer.
 
-Nouns:
+A :class:`FolderShardStore` is one owner's namespace in a peer folder; the
+interface and its nouns (shard id, owner, shard store, usage, offer, root
+record) are :mod:`p2pbackup.stores.shardstore`'s. Nouns of its own:
 
-* **shard id** — 32 opaque bytes that name a shard (the engine chooses them).
-* **owner** — the node whose shards a namespace holds, as bytes (its node id).
-* **shard store** — :class:`ShardStore`: one owner's namespace on one peer.
-  Shards are *write-once*: an id, once stored, always means the same bytes
-  until it is deleted. Beside the shards sits one mutable object, the owner's
-  **root record** (opaque bytes here), which is replaced whole and atomically.
-* **usage** — the bytes a store holds for its owner: the lengths of its shards
-  plus the length of its root record.
-* **offer** — the most bytes the store would hold for its owner now: the
-  usage plus the **room** left for more (the least of what the peer's quotas
-  and its disk still allow). :class:`Space` is the pair (used, offered);
-  ``offered`` is None when nothing bounds it (a memory store without a
-  capacity). An offer is an estimate of the moment, not a promise: a put
-  may still be refused as full.
 * **peer folder** — a local directory acting as a peer (an external disk, a
   NAS mount). Its layout::
 
@@ -34,11 +22,8 @@ Nouns:
   :meth:`FolderShardStore.collect_garbage` (and, once stale, before a store
   first writes).
 
-Stores verify nothing they read: the engine checks Merkle roots and AEAD tags,
-so a corrupted shard is returned as it is.
-
-Misuse — a shard id that is not 32 bytes, a negative offset or length — raises
-``ValueError``: only code builds those, never users.
+Like every store it verifies nothing it reads, and it meets misuse (a bad
+shard id or range) with ``ValueError``.
 """
 
 from __future__ import annotations
@@ -54,32 +39,39 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
 
 import attrs
 import trio
 
-from p2pbackup.errors import ShardNotFoundError, StoreError, StoreFullError
-from p2pbackup.model import ID_SIZE
-from p2pbackup.stores.durable import DirectWriter, fsync_dir
+from p2pbackup.errors import ShardNotFoundError, StoreError
+from p2pbackup.model import BytesLike
+from p2pbackup.stores.durable import (
+    fsync_dir,
+    make_dirs,
+    os_errors,
+    unlink_quietly,
+    write_temp_file,
+)
+from p2pbackup.stores.shardstore import (
+    STALE_TEMP_SECONDS,
+    ShardRoot,
+    Space,
+    check_range,
+    check_shard_id,
+    conflict,
+)
 
 PEER_DIR = "p2pbackup-peer"
 MARKER_NAME = "PEER"
 MARKER_FORMAT = "p2pbackup-peer"
 MARKER_VERSION = 1
 TEMP_PREFIX = ".tmp-"
-#: Temp files older than this are a crash's leftovers, whoever wrote them; a
-#: younger one may belong to another process writing to the same folder now.
-STALE_TEMP_SECONDS = 3600.0
 
 _RENAME_LOCK = threading.Lock()
 _PEER_ID_RE = re.compile(r"dir-[0-9a-f]{16}")
 _SHARD_NAME_RE = re.compile(r"[0-9a-f]{64}")
 _MAX_MARKER_SIZE = 4096
 _MAX_OWNER_SIZE = 64
-_NO_SPACE_ERRNOS = frozenset(
-    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None
-)
 # link() failures that mean "this filesystem has no hard links" (FAT, exFAT,
 # some network mounts) rather than a real problem.
 _NO_LINK_ERRNOS = frozenset(
@@ -89,260 +81,20 @@ _NO_LINK_ERRNOS = frozenset(
 )
 
 
-@attrs.frozen
-class Space:
-    """What a store holds for its owner and the most it offers (module docstring)."""
-
-    used: int
-    #: Used plus the room left; None: unbounded.
-    offered: int | None
-
-    @property
-    def room(self) -> int | None:
-        """Bytes more the store would take now (None: unbounded)."""
-        return None if self.offered is None else max(0, self.offered - self.used)
-
-    @classmethod
-    def with_room(cls, used: int, room: int | None) -> Space:
-        return cls(used, None if room is None else used + max(0, room))
-
-
-@attrs.frozen
-class ShardRoot:
-    """The Merkle root of a shard's bytes cut into ``block_size`` blocks."""
-
-    block_size: int
-    root: bytes
-
-
-class ShardStore(Protocol):
-    """One owner's namespace on one peer (async; see the module docstring)."""
-
-    async def put(
-        self, shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
-    ) -> None:
-        """Store a shard. Putting an id again with identical bytes does nothing;
-        with different bytes raises StoreError and keeps the stored shard.
-        StoreFullError when there is no room. ``root``, when the caller has
-        computed it, saves a store that must declare it (a remote one) the work."""
-
-    async def get(self, shard_id: bytes, offset: int = 0, length: int | None = None) -> bytes:
-        """The shard's bytes from ``offset``, at most ``length`` of them (all
-        to the end when None). A range past the end returns what exists: a
-        shorter tail, or b"" when ``offset`` is at or beyond the end.
-        ShardNotFoundError when the shard is absent."""
-        ...
-
-    async def has(self, shard_id: bytes) -> bool: ...
-
-    async def delete(self, shard_id: bytes) -> None:
-        """Remove a shard; deleting an absent shard is not an error."""
-
-    async def list(self) -> builtins.list[bytes]:
-        """Every stored shard id, sorted."""
-        ...
-
-    async def put_root(self, data: bytes) -> None:
-        """Replace the owner's root record atomically."""
-
-    async def get_root(self) -> bytes | None:
-        """The owner's root record, or None if none was ever put."""
-        ...
-
-    async def usage(self) -> int:
-        """Bytes held for the owner: its shards plus its root record."""
-        ...
-
-    async def space(self) -> Space:
-        """The usage and the offer (module docstring): what the store would
-        still take, by the peer's own reckoning."""
-        ...
-
-    async def collect_garbage(self, older_than: float = STALE_TEMP_SECONDS) -> int:
-        """Remove half-written shards left over ``older_than`` seconds ago by
-        writers that died, where this store can see them; return how many.
-        ``older_than=0`` removes every leftover, safe only while the owner's
-        lock keeps every other writer out. A remote node collects its own."""
-        ...
-
-    async def aclose(self) -> None:
-        """Let go of what the store holds open (connections); it is not used after."""
-
-
-def _check_shard_id(shard_id: bytes) -> None:
-    if not isinstance(shard_id, bytes) or len(shard_id) != ID_SIZE:
-        raise ValueError(f"a shard id is {ID_SIZE} bytes, got {shard_id!r}")
-
-
-def _check_range(offset: int, length: int | None) -> None:
-    if offset < 0 or (length is not None and length < 0):
-        raise ValueError(f"bad shard range: offset {offset}, length {length}")
-
-
-def _slice(data: bytes, offset: int, length: int | None) -> bytes:
-    return data[offset:] if length is None else data[offset : offset + length]
-
-
-def _conflict(shard_id: bytes, where: str) -> StoreError:
-    return StoreError(
-        f"shard {shard_id.hex()} already exists in {where} with different content; "
-        "shards are write-once, the stored one was kept"
-    )
-
-
-# --- memory ---------------------------------------------------------------
-
-
-# eq=False: a store is a resource, equal only to itself (and hashable).
-@attrs.define(eq=False)
-class MemoryShardStore:
-    """A shard store in memory, for tests and the simulator.
-
-    ``capacity`` (bytes, None for unlimited) bounds :meth:`usage`; an operation
-    that would exceed it raises StoreFullError and changes nothing.
-    """
-
-    capacity: int | None = None
-    _shards: dict[bytes, bytes] = attrs.field(factory=dict, init=False, repr=False)
-    _root: bytes | None = attrs.field(default=None, init=False, repr=False)
-    _used: int = attrs.field(default=0, init=False)
-
-    def _reserve(self, added: int, freed: int = 0) -> None:
-        if self.capacity is not None and self._used - freed + added > self.capacity:
-            raise StoreFullError(
-                f"memory store is full: {added} more bytes would exceed its "
-                f"capacity of {self.capacity} bytes ({self._used} used)"
-            )
-        self._used += added - freed
-
-    # Each method yields to the scheduler first and then acts without another
-    # checkpoint, so every operation is atomic with respect to other tasks.
-
-    async def put(
-        self, shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
-    ) -> None:
-        await trio.lowlevel.checkpoint()
-        _check_shard_id(shard_id)
-        existing = self._shards.get(shard_id)
-        if existing is not None:
-            if existing == data:
-                return
-            raise _conflict(shard_id, "the memory store")
-        self._reserve(len(data))
-        self._shards[shard_id] = bytes(data)
-
-    async def get(self, shard_id: bytes, offset: int = 0, length: int | None = None) -> bytes:
-        await trio.lowlevel.checkpoint()
-        _check_shard_id(shard_id)
-        _check_range(offset, length)
-        data = self._shards.get(shard_id)
-        if data is None:
-            raise ShardNotFoundError(f"shard {shard_id.hex()} is not in the memory store")
-        return _slice(data, offset, length)
-
-    async def has(self, shard_id: bytes) -> bool:
-        await trio.lowlevel.checkpoint()
-        _check_shard_id(shard_id)
-        return shard_id in self._shards
-
-    async def delete(self, shard_id: bytes) -> None:
-        await trio.lowlevel.checkpoint()
-        _check_shard_id(shard_id)
-        data = self._shards.pop(shard_id, None)
-        if data is not None:
-            self._used -= len(data)
-
-    async def list(self) -> builtins.list[bytes]:
-        await trio.lowlevel.checkpoint()
-        return sorted(self._shards)
-
-    async def put_root(self, data: bytes) -> None:
-        await trio.lowlevel.checkpoint()
-        self._reserve(len(data), freed=len(self._root or b""))
-        self._root = bytes(data)
-
-    async def get_root(self) -> bytes | None:
-        await trio.lowlevel.checkpoint()
-        return self._root
-
-    async def usage(self) -> int:
-        await trio.lowlevel.checkpoint()
-        return self._used
-
-    async def space(self) -> Space:
-        await trio.lowlevel.checkpoint()
-        room = None if self.capacity is None else self.capacity - self._used
-        return Space.with_room(self._used, room)
-
-    async def collect_garbage(self, older_than: float = STALE_TEMP_SECONDS) -> int:
-        return 0  # every put is whole or absent
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()  # nothing held open
-
-
-# --- folder: low-level file operations (blocking; run in worker threads) ----
-
-
-@contextlib.contextmanager
-def _os_errors(action: str, path: Path) -> Iterator[None]:
-    """Turn OSError into StoreFullError (no space) or StoreError naming ``path``."""
-    try:
-        yield
-    except OSError as error:
-        reason = error.strerror or str(error)
-        if error.errno in _NO_SPACE_ERRNOS:
-            raise StoreFullError(f"no room to {action} {path}: {reason}") from error
-        raise StoreError(f"could not {action} {path}: {reason}") from error
-
-
-def _make_dirs(path: Path, base: Path) -> None:
-    """Create ``path`` and its missing ancestors below ``base`` (which exists),
-    syncing each new directory's parent so the new entry survives a crash."""
-    missing: list[Path] = []
-    current = path
-    while current != base and not current.is_dir():
-        missing.append(current)
-        current = current.parent
-    for directory in reversed(missing):
-        try:
-            directory.mkdir()
-        except FileExistsError:
-            continue  # made meanwhile by a concurrent put
-        fsync_dir(directory.parent)
-
-
-def _unlink_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
+# --- low-level file operations (blocking; run in worker threads) -----------
 
 
 def _write_temp(
-    directory: Path,
-    data: bytes | bytearray | memoryview,
-    in_flight: set[str],
-    *,
-    direct: bool = False,
+    directory: Path, data: BytesLike, in_flight: set[str], *, direct: bool = False
 ) -> Path:
-    """Write ``data`` to a new synced temp file in ``directory``; on any
-    failure the temp file is removed before the error propagates. ``direct``
-    writes it around the page cache (:class:`~p2pbackup.stores.durable.DirectWriter`):
-    for shards, written once and rarely read back soon."""
+    """A new synced temp file in ``directory`` holding ``data``, its name in
+    ``in_flight`` from before it exists until it is published or removed."""
     name = TEMP_PREFIX + secrets.token_hex(8)
     in_flight.add(name)
     temp = directory / name
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        writer = DirectWriter(fd, direct=direct)
-        try:
-            writer.write(data)
-            writer.flush()
-            os.fsync(fd)
-        finally:
-            writer.close()
-            os.close(fd)
+        write_temp_file(temp, data, direct=direct)
     except BaseException:
-        _unlink_quietly(temp)
         in_flight.discard(name)
         raise
     return temp
@@ -372,7 +124,7 @@ def _publish_new(temp: Path, final: Path, in_flight: set[str]) -> bool:
         fsync_dir(final.parent)
         return True
     finally:
-        _unlink_quietly(temp)
+        unlink_quietly(temp)
         in_flight.discard(temp.name)
 
 
@@ -381,17 +133,17 @@ def _replace(temp: Path, final: Path, in_flight: set[str]) -> None:
         os.replace(temp, final)
         fsync_dir(final.parent)
     finally:
-        _unlink_quietly(temp)
+        unlink_quietly(temp)
         in_flight.discard(temp.name)
 
 
-def _same_content(path: Path, data: bytes | bytearray | memoryview) -> bool:
+def _same_content(path: Path, data: BytesLike) -> bool:
     if path.stat().st_size != len(data):
         return False
     return path.read_bytes() == data
 
 
-# --- folder: peer identity ------------------------------------------------
+# --- peer identity --------------------------------------------------------
 
 
 def _marker_path(root: Path) -> Path:
@@ -455,7 +207,7 @@ def init_folder_peer(root: Path) -> str:
     parent more likely means an unmounted disk than a wish for new folders.
     """
     peer_dir = root / PEER_DIR
-    with _os_errors("create peer folder", root):
+    with os_errors("create peer folder", root):
         root.mkdir(exist_ok=True)
         if not peer_dir.is_dir():
             peer_dir.mkdir(exist_ok=True)
@@ -463,14 +215,14 @@ def init_folder_peer(root: Path) -> str:
     if _marker_path(root).exists():
         return read_folder_peer_id(root)
     peer_id = "dir-" + secrets.token_hex(8)
-    with _os_errors("write peer marker in", peer_dir):
+    with os_errors("write peer marker in", peer_dir):
         temp = _write_temp(peer_dir, _encode_marker(peer_id), set())
         published = _publish_new(temp, _marker_path(root), set())
     # Lost a race with another init: theirs is the folder's identity.
     return peer_id if published else read_folder_peer_id(root)
 
 
-# --- folder: the store ----------------------------------------------------
+# --- the store ------------------------------------------------------------
 
 
 def _check_owner(_instance: object, _attribute: object, owner: bytes) -> None:
@@ -550,34 +302,32 @@ class FolderShardStore:
 
     # -- shards --
 
-    async def put(
-        self, shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
-    ) -> None:
-        _check_shard_id(shard_id)
+    async def put(self, shard_id: bytes, data: BytesLike, root: ShardRoot | None = None) -> None:
+        check_shard_id(shard_id)
         await self._ensure_writable()
         await trio.to_thread.run_sync(self._put_sync, shard_id, data)
 
-    def _put_sync(self, shard_id: bytes, data: bytes | bytearray | memoryview) -> None:
+    def _put_sync(self, shard_id: bytes, data: BytesLike) -> None:
         final = self._shard_path(shard_id)
-        with _os_errors("store shard in", final.parent):
+        with os_errors("store shard in", final.parent):
             stored = not final.exists() and self._write_new(final, data)
             if not stored and not _same_content(final, data):
-                raise _conflict(shard_id, str(self._owner_dir))
+                raise conflict(shard_id, f"in {self._owner_dir}")
 
-    def _write_new(self, final: Path, data: bytes | bytearray | memoryview) -> bool:
-        _make_dirs(final.parent, self._peer_dir)
+    def _write_new(self, final: Path, data: BytesLike) -> bool:
+        make_dirs(final.parent, self._peer_dir)
         temp = _write_temp(final.parent, data, self._in_flight, direct=True)
         return _publish_new(temp, final, self._in_flight)
 
     async def get(self, shard_id: bytes, offset: int = 0, length: int | None = None) -> bytes:
-        _check_shard_id(shard_id)
-        _check_range(offset, length)
+        check_shard_id(shard_id)
+        check_range(offset, length)
         await self._ensure_open()
         return await trio.to_thread.run_sync(self._get_sync, shard_id, offset, length)
 
     def _get_sync(self, shard_id: bytes, offset: int, length: int | None) -> bytes:
         path = self._shard_path(shard_id)
-        with _os_errors("read shard", path):
+        with os_errors("read shard", path):
             try:
                 with path.open("rb") as file:
                     file.seek(offset)
@@ -589,13 +339,13 @@ class FolderShardStore:
                 ) from None
 
     async def has(self, shard_id: bytes) -> bool:
-        _check_shard_id(shard_id)
+        check_shard_id(shard_id)
         await self._ensure_open()
         return await trio.to_thread.run_sync(self._has_sync, shard_id)
 
     def _has_sync(self, shard_id: bytes) -> bool:
         path = self._shard_path(shard_id)
-        with _os_errors("check shard", path):
+        with os_errors("check shard", path):
             try:
                 path.stat()
             except (FileNotFoundError, NotADirectoryError):
@@ -604,7 +354,7 @@ class FolderShardStore:
             return True
 
     async def delete(self, shard_id: bytes) -> None:
-        _check_shard_id(shard_id)
+        check_shard_id(shard_id)
         await self._ensure_open()
         await trio.to_thread.run_sync(self._delete_sync, shard_id)
 
@@ -612,7 +362,7 @@ class FolderShardStore:
         path = self._shard_path(shard_id)
         # No directory sync: a delete undone by a crash only leaves a shard
         # that the owner's next prune or lease expiry deletes again.
-        with _os_errors("delete shard", path), contextlib.suppress(FileNotFoundError):
+        with os_errors("delete shard", path), contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
     async def list(self) -> builtins.list[bytes]:
@@ -620,7 +370,7 @@ class FolderShardStore:
         return await trio.to_thread.run_sync(self._list_sync)
 
     def _list_sync(self) -> builtins.list[bytes]:
-        with _os_errors("list shards in", self._shards_dir):
+        with os_errors("list shards in", self._shards_dir):
             ids = [bytes.fromhex(entry.name) for entry in self._shard_entries()]
         if not ids:
             self._check_still_there()
@@ -647,8 +397,8 @@ class FolderShardStore:
         await trio.to_thread.run_sync(self._put_root_sync, data)
 
     def _put_root_sync(self, data: bytes) -> None:
-        with _os_errors("write root record in", self._owner_dir):
-            _make_dirs(self._owner_dir, self._peer_dir)
+        with os_errors("write root record in", self._owner_dir):
+            make_dirs(self._owner_dir, self._peer_dir)
             temp = _write_temp(self._owner_dir, data, self._in_flight)
             _replace(temp, self._root_path, self._in_flight)
 
@@ -657,7 +407,7 @@ class FolderShardStore:
         return await trio.to_thread.run_sync(self._get_root_sync)
 
     def _get_root_sync(self) -> bytes | None:
-        with _os_errors("read root record", self._root_path):
+        with os_errors("read root record", self._root_path):
             try:
                 return self._root_path.read_bytes()
             except FileNotFoundError:
@@ -678,7 +428,7 @@ class FolderShardStore:
 
     def _space_sync(self) -> Space:
         used = self._usage_sync()
-        with _os_errors("read the free space of", self.root):
+        with os_errors("read the free space of", self.root):
             disk = os.statvfs(self.root)
         return Space.with_room(used, disk.f_bavail * disk.f_frsize)
 
@@ -686,7 +436,7 @@ class FolderShardStore:
         await trio.lowlevel.checkpoint()  # files are opened per call
 
     def _usage_sync(self) -> int:
-        with _os_errors("measure", self._owner_dir):
+        with os_errors("measure", self._owner_dir):
             total = sum(
                 entry.stat(follow_symlinks=False).st_size for entry in self._shard_entries()
             )
@@ -705,7 +455,7 @@ class FolderShardStore:
     def _collect_garbage_sync(self, older_than: float) -> int:
         cutoff = time.time() - older_than
         removed = 0
-        with _os_errors("clean up temp files in", self._owner_dir):
+        with os_errors("clean up temp files in", self._owner_dir):
             for directory in self._temp_dirs():
                 removed += self._remove_temps(directory, cutoff)
         return removed

@@ -4,8 +4,8 @@ Nouns:
 
 * **remote store** — :class:`RemoteShardStore`: one owner's namespace on one
   storage node, reached at an address and known by its node id. It implements
-  :class:`~p2pbackup.stores.folder.ShardStore`, so the engine cannot tell it from a
-  folder.
+  :class:`~p2pbackup.stores.shardstore.ShardStore`, so the engine cannot tell it
+  from a folder.
 * **connection** — an authenticated, encrypted session with the node
   (:mod:`p2pbackup.wire.session`) carrying one request at a time. The store keeps a
   few open and idle between requests (the **pool**), and opens them lazily.
@@ -45,9 +45,15 @@ from p2pbackup.errors import (
     StoreError,
     StoreFullError,
 )
-from p2pbackup.model import ID_SIZE
+from p2pbackup.model import BytesLike
 from p2pbackup.net.network import Address, Network
-from p2pbackup.stores.folder import STALE_TEMP_SECONDS, ShardRoot, Space
+from p2pbackup.stores.shardstore import (
+    STALE_TEMP_SECONDS,
+    ShardRoot,
+    Space,
+    check_range,
+    check_shard_id,
+)
 from p2pbackup.wire import messages
 from p2pbackup.wire.messages import RefusalCode
 from p2pbackup.wire.rpc import MessageChannel
@@ -261,10 +267,8 @@ class RemoteShardStore:
 
     # -- the ShardStore interface -------------------------------------------------
 
-    async def put(
-        self, shard_id: bytes, data: bytes | bytearray | memoryview, root: ShardRoot | None = None
-    ) -> None:
-        _check_shard_id(shard_id)
+    async def put(self, shard_id: bytes, data: BytesLike, root: ShardRoot | None = None) -> None:
+        check_shard_id(shard_id)
         if root is None:
             digest = await trio.to_thread.run_sync(merkle.merkle_root, data, TRANSFER_BLOCK_SIZE)
             root = ShardRoot(TRANSFER_BLOCK_SIZE, digest)
@@ -294,9 +298,8 @@ class RemoteShardStore:
         await self._exchange(exchange)
 
     async def get(self, shard_id: bytes, offset: int = 0, length: int | None = None) -> bytes:
-        _check_shard_id(shard_id)
-        if offset < 0 or (length is not None and length < 0):
-            raise ValueError(f"bad range: offset {offset}, length {length}")
+        check_shard_id(shard_id)
+        check_range(offset, length)
         request = messages.GetShard(shard_id, offset, length)
 
         async def exchange(channel: MessageChannel) -> bytes:
@@ -321,12 +324,12 @@ class RemoteShardStore:
         return await self._exchange(exchange)
 
     async def has(self, shard_id: bytes) -> bool:
-        _check_shard_id(shard_id)
+        check_shard_id(shard_id)
         answer = await self._request(messages.HasShard(shard_id), messages.ShardStatus)
         return answer.present
 
     async def delete(self, shard_id: bytes) -> None:
-        _check_shard_id(shard_id)
+        check_shard_id(shard_id)
         statement = messages.delete_statement(self.node_id, shard_id)
         signature = crypto.sign(self.identity.signing_seed, statement)
         await self._request(messages.DeleteShard(shard_id, signature), messages.Deleted)
@@ -388,8 +391,3 @@ class RemoteShardStore:
 
 class _StaleConnection(Exception):
     """Internal: a pooled connection was found dead; the exchange may run again."""
-
-
-def _check_shard_id(shard_id: bytes) -> None:
-    if len(shard_id) != ID_SIZE:
-        raise ValueError(f"shard id must be {ID_SIZE} bytes, got {len(shard_id)}")

@@ -20,7 +20,8 @@ Nouns:
   tuples and nested values are arrays. No maps, no extension types, no floats.
 * **frame** — a 4-byte big-endian body length, then the body. A body is at most
   :data:`MAX_FRAME_SIZE` bytes; a longer length is refused as soon as its four
-  bytes arrive, before any of the body is buffered.
+  bytes arrive, before any of the body is buffered
+  (:class:`~p2pbackup.core.framing.FrameReader` cuts the stream).
 * **field kind** — a field's wire type and bounds (``_Int``, ``_Bytes``, ...).
   Each message's wire form is declared once, as a **spec** in ``_SPECS``
   (class, type code, version, one kind per attrs field, in order); both the
@@ -64,18 +65,13 @@ from typing import Any, Protocol, TypeAlias
 import attrs
 import msgpack
 
-from p2pbackup.core.formats import (
-    MAX_BLOCK_SIZE,
-    MAX_UINT,
-    MIN_BLOCK_SIZE,
-    SIGNATURE_SIZE,
-    msgpack_kind,
-)
+from p2pbackup.core.crypto import SIGNATURE_SIZE
+from p2pbackup.core.fields import MAX_UINT, FieldChecks
+from p2pbackup.core.formats import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
+from p2pbackup.core.framing import FrameReader, length_prefix
 from p2pbackup.core.merkle import HASH_SIZE
 from p2pbackup.errors import LocalProtocolError, RemoteProtocolError
-from p2pbackup.model import ID_SIZE, NODE_ID_SIZE
-
-Buffer = bytes | bytearray | memoryview
+from p2pbackup.model import ID_SIZE, NODE_ID_SIZE, BytesLike
 
 # --- Limits -----------------------------------------------------------------
 
@@ -107,8 +103,8 @@ MAX_ROOT_SIZE = 1 << 20
 #: Characters of a refusal's explanation.
 MAX_REFUSAL_TEXT = 1000
 
-_LENGTH = struct.Struct(">I")
-LENGTH_PREFIX_SIZE = _LENGTH.size
+#: Width of a frame's length prefix.
+LENGTH_PREFIX_SIZE = 4
 
 
 # --- Messages ---------------------------------------------------------------
@@ -424,8 +420,14 @@ class _Problem(Exception):
     turns it into a LocalProtocolError, the decoder into a RemoteProtocolError."""
 
 
-def _expected(what: str, expected: str, value: object) -> _Problem:
-    return _Problem(f"{what}: expected {expected}, got {msgpack_kind(value)}")
+#: The checks of decoded fields (and of fields about to be encoded).
+_check = FieldChecks(_Problem)
+
+
+def _plain_int(value: object) -> object:
+    """``value`` as msgpack would write it, if it is an integer: an IntEnum
+    member is its integer, but a bool stays a bool (a distinct msgpack type)."""
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class _Kind(Protocol):
@@ -447,30 +449,19 @@ class _Int:
     power_of_two: bool = False
 
     def decode(self, value: object, what: str) -> object:
-        # bool is an int subclass in Python but a distinct msgpack type.
-        if type(value) is not int:
-            raise _expected(what, "an integer", value)
-        return self._check(value, what)
+        number = _check.integer(value, what, low=self.low, high=self.high)
+        if self.power_of_two and number & (number - 1):
+            _check.fail(what, f"{number} is not a power of two")
+        return number
 
     def encode(self, value: object, what: str) -> object:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise _expected(what, "an integer", value)
-        return self._check(int(value), what)
-
-    def _check(self, value: int, what: str) -> int:
-        if not self.low <= value <= self.high:
-            raise _Problem(f"{what}: {value} is out of range [{self.low}, {self.high}]")
-        if self.power_of_two and value & (value - 1):
-            raise _Problem(f"{what}: {value} is not a power of two")
-        return value
+        return self.decode(_plain_int(value), what)
 
 
 @attrs.frozen
 class _Bool:
     def decode(self, value: object, what: str) -> object:
-        if type(value) is not bool:
-            raise _expected(what, "a boolean", value)
-        return value
+        return _check.boolean(value, what)
 
     encode = decode
 
@@ -481,18 +472,9 @@ class _Bytes:
     max_length: int
 
     def decode(self, value: object, what: str) -> object:
-        if type(value) is not bytes:
-            raise _expected(what, self._describe(), value)
-        if not self.min_length <= len(value) <= self.max_length:
-            raise _Problem(f"{what}: expected {self._describe()}, got {len(value)} bytes")
-        return value
+        return _check.binary(value, what, min_length=self.min_length, max_length=self.max_length)
 
     encode = decode
-
-    def _describe(self) -> str:
-        if self.min_length == self.max_length:
-            return f"{self.min_length} bytes"
-        return f"{self.min_length} to {self.max_length} bytes"
 
 
 @attrs.frozen
@@ -500,15 +482,10 @@ class _Text:
     max_length: int
 
     def decode(self, value: object, what: str) -> object:
-        if type(value) is not str:
-            raise _expected(what, "a string", value)
-        if len(value) > self.max_length:
-            raise _Problem(f"{what}: {len(value)} characters exceed the limit of {self.max_length}")
-        return value
+        return _check.text(value, what, max_length=self.max_length)
 
     def encode(self, value: object, what: str) -> object:
-        text = self.decode(value, what)
-        assert isinstance(text, str)
+        text = _check.text(value, what, max_length=self.max_length)
         # msgpack would fail on a lone surrogate anyway, less clearly.
         try:
             text.encode("utf-8")
@@ -522,10 +499,10 @@ class _Optional:
     inner: _Kind
 
     def decode(self, value: object, what: str) -> object:
-        return None if value is None else self.inner.decode(value, what)
+        return _check.optional(value, what, self.inner.decode)
 
     def encode(self, value: object, what: str) -> object:
-        return None if value is None else self.inner.encode(value, what)
+        return _check.optional(value, what, self.inner.encode)
 
 
 @attrs.frozen
@@ -535,25 +512,17 @@ class _Array:
     max_length: int
 
     def decode(self, value: object, what: str) -> object:
-        if type(value) is not tuple:
-            raise _expected(what, "an array", value)
         return self._items(value, what, self.item.decode)
 
     def encode(self, value: object, what: str) -> object:
-        if not isinstance(value, tuple | list):
-            raise _expected(what, "a tuple", value)
-        return self._items(value, what, self.item.encode)
+        return self._items(
+            tuple(value) if isinstance(value, list) else value, what, self.item.encode
+        )
 
     def _items(
-        self,
-        items: Sequence[object],
-        what: str,
-        convert: Callable[[object, str], object],
+        self, value: object, what: str, convert: Callable[[object, str], object]
     ) -> tuple[object, ...]:
-        if not self.min_length <= len(items) <= self.max_length:
-            raise _Problem(
-                f"{what}: {len(items)} items, expected {self.min_length} to {self.max_length}"
-            )
+        items = _check.array(value, what, min_length=self.min_length, max_length=self.max_length)
         return tuple(convert(item, f"{what} item {i}") for i, item in enumerate(items))
 
 
@@ -562,20 +531,10 @@ class _Enum:
     enum_type: type[enum.IntEnum]
 
     def decode(self, value: object, what: str) -> object:
-        if type(value) is not int:
-            raise _expected(what, "an integer", value)
-        return self._member(value, what)
+        return _check.member(self.enum_type, value, what)
 
     def encode(self, value: object, what: str) -> object:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise _expected(what, f"a {self.enum_type.__name__}", value)
-        return int(self._member(value, what))
-
-    def _member(self, value: int, what: str) -> enum.IntEnum:
-        try:
-            return self.enum_type(value)
-        except ValueError:
-            raise _Problem(f"{what}: unknown {self.enum_type.__name__} {value}") from None
+        return int(_check.member(self.enum_type, _plain_int(value), what))
 
 
 @attrs.frozen
@@ -596,13 +555,12 @@ class _Fields:
             )
         return cls(target, tuple(kinds.items()))
 
-    def decode_values(self, values: Sequence[object], what: str) -> Any:
-        if len(values) != len(self.kinds):
-            raise _Problem(f"{what}: expected {len(self.kinds)} fields, got {len(values)}")
+    def decode_values(self, values: object, what: str) -> Any:
+        fields = _check.fields(values, what, len(self.kinds))
         return self.cls(
             *(
                 kind.decode(value, f"{what} field {name!r}")
-                for (name, kind), value in zip(self.kinds, values, strict=True)
+                for (name, kind), value in zip(self.kinds, fields, strict=True)
             )
         )
 
@@ -621,8 +579,6 @@ class _Record:
     fields: _Fields
 
     def decode(self, value: object, what: str) -> object:
-        if type(value) is not tuple:
-            raise _expected(what, "an array", value)
         return self.fields.decode_values(value, what)
 
     def encode(self, value: object, what: str) -> object:
@@ -819,7 +775,7 @@ def encode_frame(message: Message) -> bytes:
     """Length prefix and body of ``message``, ready for the session."""
     packer = _pack_body(message)
     with packer.getbuffer() as body:
-        return b"".join((_LENGTH.pack(len(body)), body))
+        return b"".join((length_prefix(len(body), LENGTH_PREFIX_SIZE), body))
 
 
 def piece_frame_head(length: int) -> bytes:
@@ -844,7 +800,7 @@ def piece_frame_head(length: int) -> bytes:
     packed: bytes = msgpack.packb([spec.code, spec.version], use_bin_type=True)
     # [code, version] became a 2-item array; the piece makes it 3 (fixarray).
     body_head = bytes([packed[0] + 1]) + packed[1:] + bin_head
-    return _LENGTH.pack(len(body_head) + length) + body_head
+    return length_prefix(len(body_head) + length, LENGTH_PREFIX_SIZE) + body_head
 
 
 def encode_frames(messages: Sequence[Message]) -> bytes:
@@ -852,7 +808,7 @@ def encode_frames(messages: Sequence[Message]) -> bytes:
     return b"".join(encode_frame(message) for message in messages)
 
 
-def decode_message(body: Buffer) -> Message:
+def decode_message(body: BytesLike) -> Message:
     """The message in one frame body; RemoteProtocolError for anything else."""
     try:
         return _decode(body)
@@ -860,7 +816,7 @@ def decode_message(body: Buffer) -> Message:
         raise RemoteProtocolError(str(exc)) from None
 
 
-def _decode(body: Buffer) -> Message:
+def _decode(body: BytesLike) -> Message:
     if len(body) > MAX_FRAME_SIZE:
         raise _Problem(f"message of {len(body)} bytes exceeds the limit of {MAX_FRAME_SIZE}")
     try:
@@ -874,15 +830,12 @@ def _decode(body: Buffer) -> Message:
     # one thing: a body that does not parse.
     except Exception as exc:
         raise _Problem(f"malformed message body ({type(exc).__name__}: {exc})") from None
-    if type(value) is not tuple:
-        raise _expected("message", "an array", value)
-    if len(value) < 2:
-        raise _Problem(f"message: {len(value)} items, expected a type code and a version first")
-    code, version, *fields = value
-    if type(code) is not int:
-        raise _expected("message type code", "an integer", code)
-    if type(version) is not int:
-        raise _expected("message version", "an integer", version)
+    items = _check.array(value, "message")
+    if len(items) < 2:
+        raise _Problem(f"message: {len(items)} items, expected a type code and a version first")
+    code = _check.integer(items[0], "message type code")
+    version = _check.integer(items[1], "message version")
+    fields = items[2:]
     spec = _BY_WIRE.get((code, version))
     if spec is None:
         name = _NAME_BY_CODE.get(code)
@@ -908,21 +861,19 @@ class FrameDecoder:
     """
 
     def __init__(self) -> None:
-        # Bytes before _start are consumed. Dropping them after every frame
-        # would copy the rest of the buffer each time; dropping them once they
-        # are half the buffer keeps the copying linear in the bytes received.
-        self._buffer = bytearray()
-        self._start = 0
+        self._frames = FrameReader(
+            prefix_size=LENGTH_PREFIX_SIZE, max_body_size=MAX_FRAME_SIZE, error=_Problem
+        )
         self._error: str | None = None
 
-    def feed(self, data: Buffer) -> None:
+    def feed(self, data: BytesLike) -> None:
         if self._error is None:
-            self._buffer += data
+            self._frames.feed(data)
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as messages."""
-        return len(self._buffer) - self._start
+        return self._frames.buffered
 
     def at_frame_boundary(self) -> bool:
         """True when no partial frame is buffered: an end of stream here is clean."""
@@ -939,32 +890,17 @@ class FrameDecoder:
             raise RemoteProtocolError(self._error) from None
 
     def _next(self) -> Message | None:
-        start = self._start
-        if self.buffered < LENGTH_PREFIX_SIZE:
+        frames = self._frames
+        span = frames.next_frame()
+        if span is None:
             return None
-        (length,) = _LENGTH.unpack_from(self._buffer, start)
-        # Checked before a byte of the body is waited for, so a hostile length
-        # cannot make us buffer more than one frame's worth.
-        if length > MAX_FRAME_SIZE:
-            raise _Problem(f"frame of {length} bytes exceeds the limit of {MAX_FRAME_SIZE}")
-        end = start + LENGTH_PREFIX_SIZE + length
-        if len(self._buffer) < end:
-            return None
-        # The views must be released before the buffer changes size again.
-        with memoryview(self._buffer) as view, view[start + LENGTH_PREFIX_SIZE : end] as body:
+        start, end = span
+        # Decoded in place; the views must be released before the buffer
+        # changes size again.
+        with memoryview(frames.buffer) as view, view[start:end] as body:
             message = _decode(body)
-        self._consume(end)
+        frames.consume(end)
         return message
-
-    def _consume(self, end: int) -> None:
-        if end == len(self._buffer):
-            self._buffer.clear()
-            self._start = 0
-        elif 2 * end >= len(self._buffer):
-            del self._buffer[:end]
-            self._start = 0
-        else:
-            self._start = end
 
 
 # --- Owner statements ---------------------------------------------------------

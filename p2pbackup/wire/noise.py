@@ -47,7 +47,6 @@ import struct
 from typing import Final
 
 from p2pbackup.core import crypto
-from p2pbackup.core.crypto import BytesLike
 from p2pbackup.errors import (
     DecryptionError,
     HandshakeError,
@@ -55,6 +54,7 @@ from p2pbackup.errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
+from p2pbackup.model import BytesLike
 
 PROTOCOL_NAME: Final = b"Noise_XX_25519_ChaChaPoly_BLAKE2b"
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import trio
 
 from p2pbackup.errors import RemoteProtocolError
+from p2pbackup.model import BytesLike
 from p2pbackup.wire import messages
 
 #: Bytes asked of the stream at once: a little more than one piece, so that a
@@ -36,7 +37,7 @@ class MessageChannel:
     async def send(self, message: messages.Message) -> None:
         await self.stream.send_all(messages.encode_frame(message))
 
-    async def send_piece(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_piece(self, data: BytesLike) -> None:
         """Send ``ShardPiece(data)``: on a secure session without copying ``data``
         into a frame first (a shard upload is mostly this)."""
         head = messages.piece_frame_head(len(data))

@@ -44,7 +44,7 @@ import attrs
 import trio
 
 from p2pbackup.core import crypto, keys
-from p2pbackup.core.crypto import BytesLike
+from p2pbackup.core.framing import FrameReader, length_prefix
 from p2pbackup.core.keys import Keyring
 from p2pbackup.errors import (
     DecryptionError,
@@ -54,6 +54,7 @@ from p2pbackup.errors import (
     RemoteProtocolError,
     SignatureError,
 )
+from p2pbackup.model import BytesLike
 from p2pbackup.wire.noise import MAX_PLAINTEXT_SIZE, CipherState, HandshakeState
 
 #: Mixed into every handshake: the version of this wire protocol.
@@ -158,21 +159,26 @@ def verify_identity_proof(payload: bytes, remote_static: bytes, *, peer: str) ->
 
 
 def _frame(message: bytes) -> bytes:
-    return len(message).to_bytes(_HEADER_SIZE, "big") + message
+    return length_prefix(len(message), _HEADER_SIZE) + message
 
 
-class _FrameReader:
+class _TransportReader:
     """Frames from a transport stream; bytes beyond whole frames wait in :attr:`buffer`.
 
     The buffer outlives the handshake: the peer may send its first transport
     message right behind its last handshake message, in one segment.
     """
 
-    __slots__ = ("_stream", "buffer")
+    __slots__ = ("_frames", "_stream")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
-        self.buffer = bytearray()
+        # No limit of our own: a 2-byte length is at most a Noise message.
+        self._frames = FrameReader(prefix_size=_HEADER_SIZE, error=RemoteProtocolError)
+
+    @property
+    def buffer(self) -> bytearray:
+        return self._frames.buffer
 
     def whole_frames(self, limit: int) -> list[tuple[int, int]]:
         """``(start, end)`` in :attr:`buffer` of the messages of the whole frames there.
@@ -180,20 +186,15 @@ class _FrameReader:
         The first frame always; more while their messages hold at most
         ``limit`` plaintext bytes in all (counting each as a transport message).
         """
-        buffer = self.buffer
-        available = len(buffer)
+        frames = self._frames
         spans: list[tuple[int, int]] = []
         position = total = 0
-        while position + _HEADER_SIZE <= available:
-            size = (buffer[position] << 8) | buffer[position + 1]
-            start = position + _HEADER_SIZE
-            end = start + size
-            if end > available:
-                break
-            total += max(size - _TAG_SIZE, 0)
+        while (span := frames.frame_at(position)) is not None:
+            start, end = span
+            total += max(end - start - _TAG_SIZE, 0)
             if spans and total > limit:
                 break
-            spans.append((start, end))
+            spans.append(span)
             position = end
         return spans
 
@@ -201,19 +202,17 @@ class _FrameReader:
         """Receive more; ``False`` at a clean end of stream (no partial frame left)."""
         data = await self._stream.receive_some(_RECEIVE_SIZE)
         if data:
-            self.buffer += data
+            self._frames.feed(data)
             return True
-        if self.buffer:
+        if self._frames.buffered:
             raise RemoteProtocolError(
                 f"connection closed mid-message {during} "
-                f"({len(self.buffer)} bytes of an unfinished frame)"
+                f"({self._frames.buffered} bytes of an unfinished frame)"
             )
         return False
 
     def consume(self, end: int) -> None:
-        # Deleting from the front of a bytearray moves no bytes (CPython
-        # keeps an offset), so a buffer of many frames costs nothing extra.
-        del self.buffer[:end]
+        self._frames.consume(end)
 
 
 # --- the handshake -------------------------------------------------------------
@@ -245,7 +244,7 @@ async def _send(stream: trio.abc.Stream, message: bytes) -> None:
 
 
 async def _read_handshake(
-    reader: _FrameReader, handshake: HandshakeState, number: int, peer: str
+    reader: _TransportReader, handshake: HandshakeState, number: int, peer: str
 ) -> bytes:
     while not (spans := reader.whole_frames(0)):
         try:
@@ -274,7 +273,7 @@ async def secure_initiator(
     """
     peer = _describe(stream)
     try:
-        reader = _FrameReader(stream)
+        reader = _TransportReader(stream)
         handshake = HandshakeState.initiator(identity.transport_private, prologue=PROLOGUE)
         await _send(stream, handshake.write_message())
         payload = await _read_handshake(reader, handshake, 2, peer)
@@ -299,7 +298,7 @@ async def secure_responder(stream: trio.abc.Stream, identity: Identity) -> Secur
     """
     peer = _describe(stream)
     try:
-        reader = _FrameReader(stream)
+        reader = _TransportReader(stream)
         handshake = HandshakeState.responder(identity.transport_private, prologue=PROLOGUE)
         first = await _read_handshake(reader, handshake, 1, peer)
         if first:
@@ -340,7 +339,7 @@ class SecureStream(trio.abc.Stream):
         self,
         transport_stream: trio.abc.Stream,
         *,
-        reader: _FrameReader,
+        reader: _TransportReader,
         send_cipher: CipherState,
         receive_cipher: CipherState,
         remote_signing_key: bytes,
@@ -368,7 +367,7 @@ class SecureStream(trio.abc.Stream):
     def _after_handshake(
         cls,
         stream: trio.abc.Stream,
-        reader: _FrameReader,
+        reader: _TransportReader,
         handshake: HandshakeState,
         remote_signing_key: bytes,
     ) -> SecureStream:

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
+import pytest
 import trio
 import trio.testing
 import umsgpack
@@ -15,6 +18,7 @@ import umsgpack
 from p2pbackup.core.keys import node_id_for
 from p2pbackup.dht import adapter as dht
 from p2pbackup.dht import records
+from p2pbackup.dht.discovery import Discovery, DiscoveryOptions, FriendContact
 from p2pbackup.dht.ratelimit import RateLimit
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
 from p2pbackup.net.network import Address
@@ -162,3 +166,165 @@ async def test_one_host_cannot_fill_a_nodes_record_table(
         records.encode_record(contact("n3", "10.0.0.5")),
         source="10.6.6.6",
     )
+
+
+# --- failing soft: contacts that vanish, and bugs in background work ------------------------
+
+
+async def test_publishing_when_no_contact_answers_reports_false_and_keeps_a_copy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The package's set_digest takes max() of the nodes its crawl found, and
+    # raises when none answered; that ended `serve`.
+    w = world()
+    async with running(w, "10.0.0.1", "a") as a:
+        async with running(w, "10.0.0.2", "b") as b:
+            await a.bootstrap([b.local_address])
+        assert [c.address.host for c in a.contacts()] == ["10.0.0.2"]  # b is gone, not yet missed
+        record = contact("a", "10.0.0.1")
+        assert not await a.publish(record)
+        key = records.dht_key(records.RecordKind.CONTACT, node_id("a"))
+        assert a.storage.get(key) == records.encode_record(record)
+
+
+def discovery_of(node: dht.DhtNode, name: str, **options: Any) -> Discovery:
+    host = node.local_address.host
+    return Discovery(
+        node, identity(name), [records.RecordAddress.from_host_port(host, PORT)], **options
+    )
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_record_nobody_took_is_published_again_with_backoff(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    w = world()
+    holders = [records.RecordAddress.from_host_port("10.0.0.7", PORT)]
+    key = records.dht_key(records.RecordKind.ROOT, node_id("a"))
+    caplog.set_level(logging.INFO)
+    async with running(w, "10.0.0.1", "a") as a, trio.open_nursery() as nursery:
+        async with running(w, "10.0.0.2", "b") as b:
+            discovery = discovery_of(
+                a,
+                "a",
+                options=DiscoveryOptions(bootstrap=(b.local_address,)),
+                root_holders=lambda: holders,
+            )
+            await nursery.start(discovery.run)
+            await trio.sleep(5)
+            assert b.storage.get(key) is not None
+        # a's only contact is gone; its holders change.
+        holders.append(records.RecordAddress.from_host_port("10.0.0.8", PORT))
+        discovery.root_holders_may_have_changed()
+        await trio.sleep(5)
+        assert "DHT: no node took this node's root pointer; trying again in 30 s" in warnings(
+            caplog
+        )
+        await trio.sleep(30)
+        assert warnings(caplog)[-1].endswith("trying again in 60 s")
+        # b comes back (empty-handed); the next try reaches it.
+        async with running(w, "10.0.0.2", "b") as b:
+            await trio.sleep(60)
+            pointer = b.storage.get(key)
+            assert pointer is not None
+            assert records.decode_record(pointer).addresses == tuple(holders)  # type: ignore[union-attr]
+            # Taken: the next publish is a refresh period away, not a backoff.
+            caplog.clear()
+            await trio.sleep(discovery.options.refresh_period / 2)
+            assert not warnings(caplog)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_step_that_raises_is_logged_and_the_node_goes_on(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    w = world()
+    broken = {"holders"}
+
+    def friends() -> list[FriendContact]:
+        if "friends" in broken:
+            raise RuntimeError("the friend list is unreadable")
+        return []
+
+    def holders() -> list[records.RecordAddress]:
+        if "holders" in broken:
+            raise RuntimeError("the peer list is unreadable")
+        return [records.RecordAddress.from_host_port("10.0.0.7", PORT)]
+
+    def errors() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+    key = records.dht_key(records.RecordKind.ROOT, node_id("a"))
+    async with (
+        running(w, "10.0.0.2", "b") as b,
+        running(w, "10.0.0.1", "a") as a,
+        trio.open_nursery() as nursery,
+    ):
+        discovery = discovery_of(
+            a,
+            "a",
+            options=DiscoveryOptions(bootstrap=(b.local_address,), refresh_period=600),
+            friends=friends,
+            root_holders=holders,
+        )
+        await nursery.start(discovery.run)
+        await trio.sleep(5)
+        assert errors() == [
+            "DHT: publishing this node's root pointer failed: RuntimeError: "
+            "the peer list is unreadable; trying again in 30 s"
+        ]
+        # One failing step stops no other: the contact record is out.
+        assert b.storage.get(records.dht_key(records.RecordKind.CONTACT, node_id("a")))
+        broken = {"friends"}
+        await trio.sleep(30)
+        assert b.storage.get(key) is not None
+        await trio.sleep(600)
+        assert errors()[-1] == (
+            "DHT: following friends failed: RuntimeError: the friend list is unreadable; "
+            "trying again at the next refresh"
+        )
+        broken = set()
+        caplog.clear()
+        await trio.sleep(600)
+        assert not errors()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failure_in_a_background_task_or_a_datagram_does_not_stop_the_node(
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    w = world()
+    serve_ping = dht._Protocol.rpc_ping
+
+    def bug() -> None:
+        raise RuntimeError("a bug")
+
+    def ping_with_a_bug(protocol: object, sender: tuple[str, int], nodeid: bytes) -> object:
+        if sender[0] == "10.6.6.6":
+            raise RuntimeError("a bug in ping")
+        return serve_ping(protocol, sender, nodeid)
+
+    monkeypatch.setattr(dht._Protocol, "rpc_ping", ping_with_a_bug)
+    async with running(w, "10.0.0.1", "a") as a:
+        # Something started in the node's asyncio loop that nobody awaits.
+        a._loop.call_soon(bug)
+        await trio.sleep(1)
+        # A request that meets a bug while it is served.
+        odd = await w.interface("10.6.6.6").open_datagram(Address("10.6.6.6", 5000))
+        await odd.send(b"\x00" + bytes(20) + umsgpack.packb(["ping", [bytes(20)]]), a.local_address)
+        await trio.sleep(1)
+        async with running(w, "10.0.0.2", "b") as b:
+            assert await b.bootstrap([a.local_address]) == 1  # a still serves
+        await odd.aclose()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(
+        e.startswith("DHT: a background task") and "RuntimeError: a bug;" in e for e in errors
+    )
+    assert (
+        "DHT: handling a datagram from 10.6.6.6:5000 failed: RuntimeError: a bug in ping; dropped"
+    ) in errors

@@ -405,7 +405,13 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
     def _in_background(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log_failure(log, "a request sent in passing", error, then="going on")
 
     def _check_move(self, node: Node) -> None:
         # A known id speaking from a new address: a node whose IP changed, or
@@ -692,13 +698,43 @@ class DhtNode:
 
     async def publish(self, record: records.Record) -> bool:
         """Store a record on the k nodes closest to its key (and here, if this
-        node is among them); whether any of them took it."""
+        node is among them); whether any of them took it.
+
+        A node that knows no other keeps the record itself and counts that as
+        published (it is the whole DHT it knows). A node whose contacts all
+        fail to answer also keeps it, but reports False: nobody else has it.
+        """
         value = records.encode_record(record)
         key = records.dht_key(records.record_kind(record), record.node_id)
         if not self.contacts():
             return self.storage.offer(key, value)
-        stored = await self._aio(self._server.set_digest, key, value)
-        return bool(stored)
+        target = Node(key)
+        nearest = self._protocol.router.find_neighbors(target, self._server.ksize)
+        crawl = NodeSpiderCrawl(
+            self._protocol, target, nearest, self._server.ksize, self._server.alpha
+        )
+        nodes: list[Node] = await self._aio(crawl.find)
+        # The package's ``set_digest`` keeps a copy when this node is closer
+        # than the farthest node found, and fails (``max`` of nothing) when
+        # none answered; here it keeps one then too.
+        own = self._server.node.distance_to(target)
+        if not nodes or own < max(n.distance_to(target) for n in nodes):
+            self.storage.offer(key, value)
+        if not nodes:
+            log.info("DHT: no node answered the search for the nodes closest to %s", key.hex())
+            return False
+        return any(await self._store_on(nodes, key, value))
+
+    async def _store_on(self, nodes: Sequence[Node], key: bytes, value: bytes) -> list[bool]:
+        """Ask each of ``nodes`` to store ``value`` under ``key``; which took it."""
+
+        async def store_all() -> list[_Result]:
+            return list(
+                await asyncio.gather(*(self._protocol.call_store(n, key, value) for n in nodes))
+            )
+
+        results: list[_Result] = await self._aio(store_all)
+        return [answered and taken is True for answered, taken in results]
 
     async def lookup(self, kind: records.RecordKind, node_id: bytes) -> records.Record | None:
         """The newest valid record of ``kind`` for ``node_id`` among all the
@@ -736,11 +772,7 @@ class DhtNode:
         self, crawl: SpiderCrawl, key: bytes, value: bytes, peers: list[bytes]
     ) -> None:
         nodes = [node for node in (crawl.nearest.get_node(p) for p in peers) if node is not None]
-
-        async def store_all() -> None:
-            await asyncio.gather(*(self._protocol.call_store(n, key, value) for n in nodes))
-
-        await self._aio(store_all)
+        await self._store_on(nodes, key, value)
 
     async def find_contact(self, node_id: bytes) -> records.ContactRecord | None:
         """The newest valid contact record of ``node_id``."""
@@ -785,6 +817,7 @@ async def open_dht(
         # groups of one from the loop's and the pumps' nurseries.
         with unwrap_single():
             async with trio_asyncio.open_loop() as loop:
+                loop.set_exception_handler(_log_loop_error)
                 storage = RecordStorage(wall_clock, max_records=options.max_records)
                 server = _Server(
                     ksize=options.ksize,
@@ -839,6 +872,10 @@ async def _pump_out(
             log.info("DHT: datagram to %s:%s not sent: %s", host, port, error)
 
 
+#: Seconds the incoming pump waits after the endpoint fails to receive.
+RECEIVE_RETRY: Final = 1.0
+
+
 async def _pump_in(
     endpoint: DatagramEndpoint,
     loop: asyncio.AbstractEventLoop,
@@ -846,12 +883,43 @@ async def _pump_in(
     limiter: RateLimiter,
 ) -> None:
     while True:
-        data, source = await endpoint.receive()
+        try:
+            data, source = await endpoint.receive()
+        except OSError as error:
+            # Not a lost datagram (the endpoint absorbs those): the socket
+            # itself failed. The node keeps serving and tries again.
+            log.error("DHT: receiving failed: %s; trying again", error)
+            await trio.sleep(RECEIVE_RETRY)
+            continue
         if not limiter.allow(source.host, trio.current_time()):
             continue
         # Straight in from this trio task (inside the loop's context): the
         # protocol only sets futures and starts tasks, never blocks.
-        protocol.datagram_received(data, (source.host, source.port))
+        try:
+            protocol.datagram_received(data, (source.host, source.port))
+        except Exception as error:
+            # A bug met by one datagram costs that datagram, not the node.
+            log_failure(log, f"handling a datagram from {source}", error, then="dropped")
+
+
+def log_failure(logger: logging.Logger, what: str, error: BaseException, *, then: str) -> None:
+    """One clear line (ERROR) for an unexpected failure in the DHT's work,
+    saying what the node does ``then``; the traceback goes to DEBUG. A node
+    goes on without that piece of work rather than stop."""
+    logger.error("DHT: %s failed: %s: %s; %s", what, type(error).__name__, error, then)
+    logger.debug("DHT: %s failed", what, exc_info=error)
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    # trio-asyncio's default handler raises a background task's error into
+    # the loop's nursery, which would end the node; the package starts tasks
+    # it never awaits (a ping to a bucket's head, stores to a newcomer).
+    error = context.get("exception")
+    what = f"a background task ({context.get('message', 'no message')})"
+    if error is None:
+        log.error("DHT: %s; going on", what)
+    else:
+        log_failure(log, what, error, then="going on")
 
 
 # -- routing state -----------------------------------------------------------------------------

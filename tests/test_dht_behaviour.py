@@ -5,8 +5,10 @@ does not single out."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -166,6 +168,98 @@ async def test_one_host_cannot_fill_a_nodes_record_table(
         records.encode_record(contact("n3", "10.0.0.5")),
         source="10.6.6.6",
     )
+
+
+# --- one network is one source: an IPv4 /24, an IPv6 /64 ------------------------------------
+
+
+@functools.cache
+def many_records(count: int) -> list[tuple[bytes, bytes]]:
+    """``count`` valid records under distinct keys, as (DHT key, bytes): a
+    contact record and a root pointer for each of count / 2 identities."""
+    made = []
+    where = [records.RecordAddress.from_host_port("10.0.0.5", PORT)]
+    for index in range((count + 1) // 2):
+        seed = hashlib.blake2b(f"filler {index}".encode(), digest_size=32).digest()
+        for record in (
+            records.sign_contact(
+                seed, addresses=where, storage_offered=0, sequence=1, now=EPOCH, lifetime=3600
+            ),
+            records.sign_root_pointer(seed, addresses=where, sequence=1, now=EPOCH, lifetime=3600),
+        ):
+            key = records.dht_key(records.record_kind(record), record.node_id)
+            made.append((key, records.encode_record(record)))
+    return made[:count]
+
+
+def offer_all(storage: dht.RecordStorage, offers: list[tuple[str, tuple[bytes, bytes]]]) -> int:
+    """Offer each (source host, record); how many the storage took."""
+    return sum(storage.offer(key, value, source=host) for host, (key, value) in offers)
+
+
+def test_many_addresses_of_one_network_are_one_source() -> None:
+    storage = dht.RecordStorage(lambda: EPOCH)
+    share = dht.DEFAULT_MAX_KEYS_PER_SOURCE
+    filler = iter(many_records(3 * (share + 50) + 2))
+    # Every datagram from another address: of one /24, of one /64, and of
+    # that /24 again seen through a dual-stack socket.
+    ipv4 = [(f"198.51.100.{i % 254 + 1}", next(filler)) for i in range(share + 50)]
+    ipv6 = [(f"2001:db8:7:7::{i + 1:x}", next(filler)) for i in range(share + 50)]
+    mapped = [(f"::ffff:198.51.100.{i % 254 + 1}", next(filler)) for i in range(share + 50)]
+    assert offer_all(storage, ipv4) == share
+    assert offer_all(storage, ipv6) == share
+    assert offer_all(storage, mapped) == 0  # the /24 had its share already
+    # The neighbouring networks are sources of their own.
+    key, value = next(filler)
+    assert storage.offer(key, value, source="198.51.101.1")
+    key, value = next(filler)
+    assert storage.offer(key, value, source="2001:db8:7:8::1")
+
+
+def test_it_takes_40_networks_to_fill_a_nodes_record_table() -> None:
+    share = dht.DEFAULT_MAX_KEYS_PER_SOURCE
+    assert math.ceil(dht.DEFAULT_MAX_RECORDS / share) == 40  # as docs/discovery.md says
+    storage = dht.RecordStorage(lambda: EPOCH)
+    filler = iter(many_records(dht.DEFAULT_MAX_RECORDS + share + 1))
+    # 39 networks, each sending its whole share from addresses all over its /24.
+    for network in range(39):
+        offers = [(f"10.{network}.7.{i % 254 + 1}", next(filler)) for i in range(share)]
+        assert offer_all(storage, offers) == share
+    # Room is left for others: a record from anywhere else is still taken...
+    key, value = next(filler)
+    assert storage.offer(key, value, source="192.0.2.1")
+    # ...until a 40th network fills the table; then new keys wait for expiry.
+    offers = [(f"10.39.7.{i % 254 + 1}", next(filler)) for i in range(share)]
+    assert offer_all(storage, offers) == dht.DEFAULT_MAX_RECORDS - 39 * share - 1
+    assert storage.count == dht.DEFAULT_MAX_RECORDS
+    key, value = next(filler)
+    assert not storage.offer(key, value, source="192.0.2.1")
+
+
+async def test_a_flood_from_many_addresses_of_one_network_gets_one_burst(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    w = world()
+    limit = RateLimit(rate=10.0, burst=20.0)
+    ping = b"\x00" + bytes(20) + umsgpack.packb(["ping", [bytes(20)]])
+    async with running(w, "10.0.0.1", "a", rate_limit=limit) as a:
+        for hosts in (
+            [f"10.6.6.{i + 1}" for i in range(50)],
+            [f"2001:db8:6:6::{i + 1:x}" for i in range(50)],
+        ):
+            flood = [await w.interface(host).open_datagram(Address(host, 5000)) for host in hosts]
+            for endpoint in flood:
+                await endpoint.send(ping, a.local_address)
+            answers = 0
+            for endpoint in flood:
+                with trio.move_on_after(1):
+                    await endpoint.receive()
+                    answers += 1
+                await endpoint.aclose()
+            assert answers == 20  # one burst for the whole network
+        assert a.limiter.refused == 2 * 30
+        async with running(w, "10.6.7.1", "b") as b:
+            assert await b.bootstrap([a.local_address]) == 1  # the next /24 is served
 
 
 # --- failing soft: contacts that vanish, and bugs in background work ------------------------

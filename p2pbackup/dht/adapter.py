@@ -67,7 +67,7 @@ from kademlia.protocol import KademliaProtocol
 from kademlia.storage import IStorage
 
 from p2pbackup.dht import records
-from p2pbackup.dht.ratelimit import RateLimit, RateLimiter
+from p2pbackup.dht.ratelimit import RateLimit, RateLimiter, source_network
 from p2pbackup.errors import FormatError, UsageError
 from p2pbackup.model import NODE_ID_SIZE
 from p2pbackup.net.network import MAX_DATAGRAM_SIZE, Address, DatagramEndpoint, Network
@@ -83,10 +83,11 @@ ALPHA: Final = 3
 MISSED_REPLIES_TO_EVICT: Final = 3
 #: Records one node holds for others at most (each at most 4 KiB).
 DEFAULT_MAX_RECORDS: Final = 10_000
-#: New keys one host may bring into a node's storage (its own records, and
-#: replicas it hands on, are far fewer).
+#: New keys one source network (an IPv4 /24, an IPv6 /64) may bring into a
+#: node's storage. An honest node's own records, and the replicas it hands
+#: on, are far fewer; it takes 40 networks to fill :data:`DEFAULT_MAX_RECORDS`.
 DEFAULT_MAX_KEYS_PER_SOURCE: Final = 256
-#: Datagrams per second one host may send us, sustained and in a burst.
+#: Datagrams per second one source network may send us, sustained and in a burst.
 DEFAULT_RATE_LIMIT: Final = RateLimit(rate=50.0, burst=200.0)
 #: Seconds a join waits for more bootstrap answers after the first.
 BOOTSTRAP_GRACE: Final = 0.5
@@ -162,9 +163,11 @@ class RecordStorage(IStorage):  # type: ignore[misc]
 
     def offer(self, key: object, value: object, source: str | None = None) -> bool:
         """Store ``value`` under ``key`` if it is a valid record newer than the
-        one held; log why not otherwise. ``source`` (the sending host) may
-        bring at most :attr:`max_keys_per_source` new keys: one host alone
-        cannot fill the table."""
+        one held; log why not otherwise. ``source`` (the sending host) is
+        charged to its network (:func:`~p2pbackup.dht.ratelimit.source_network`),
+        which may bring at most :attr:`max_keys_per_source` new keys: one
+        host alone, whatever addresses of its network it sends from, cannot
+        fill the table."""
         if not (isinstance(key, bytes) and len(key) == NODE_ID_SIZE):
             return self._refuse("a key that is not 20 bytes")
         if not isinstance(value, bytes):
@@ -178,6 +181,8 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         problem = records.store_refusal(existing, value, key=key, now=now)
         if problem is not None:
             return self._refuse(problem)
+        if source is not None:
+            source = source_network(source)
         if existing is None:
             if source is not None and self._keys_from[source] >= self.max_keys_per_source:
                 self._drop_expired(now)
@@ -891,7 +896,7 @@ async def _pump_in(
             log.error("DHT: receiving failed: %s; trying again", error)
             await trio.sleep(RECEIVE_RETRY)
             continue
-        if not limiter.allow(source.host, trio.current_time()):
+        if not limiter.allow(source_network(source.host), trio.current_time()):
             continue
         # Straight in from this trio task (inside the loop's context): the
         # protocol only sets futures and starts tasks, never blocks.

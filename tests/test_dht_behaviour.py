@@ -262,6 +262,133 @@ async def test_a_flood_from_many_addresses_of_one_network_gets_one_burst(
             assert await b.bootstrap([a.local_address]) == 1  # the next /24 is served
 
 
+# --- reflection and amplification: what one datagram can make a node do --------------------
+
+
+def shared_bits(a: bytes, b: bytes) -> int:
+    """Leading bits ``a`` and ``b`` have in common (160 if equal)."""
+    return 160 - (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).bit_length()
+
+
+def flip_bit(node: bytes, bit: int) -> bytes:
+    """``node`` with its ``bit``-th bit from the top flipped."""
+    return (int.from_bytes(node, "big") ^ (1 << (159 - bit))).to_bytes(20, "big")
+
+
+@contextlib.contextmanager
+def records_examined(storage: dht.RecordStorage, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Count every record ``storage`` looks at (each passes ``_live``)."""
+    seen = {"count": 0}
+    live = dht.RecordStorage._live
+
+    def counting(self: dht.RecordStorage, key: bytes, now: int) -> bytes | None:
+        if self is storage:
+            seen["count"] += 1
+        return live(self, key, now)
+
+    monkeypatch.setattr(dht.RecordStorage, "_live", counting)
+    yield seen
+
+
+async def fill(storage: dht.RecordStorage, count: int) -> None:
+    for key, value in many_records(count):
+        assert storage.offer(key, value)
+
+
+async def test_a_ping_from_an_unverified_source_draws_no_more_than_it_sent(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = world()
+    async with running(w, "10.0.0.1", "a") as a, running(w, "10.0.0.2", "b") as b:
+        await b.bootstrap([a.local_address])
+        await fill(a.storage, 2000)
+        # Ids chosen so that a newcomer would be owed as many of a's records
+        # as can be: right next to a's own id, and at random.
+        crafted = [flip_bit(a.node_id, 159), flip_bit(a.node_id, 1)]
+        crafted += [hashlib.blake2b(bytes([i]), digest_size=20).digest() for i in range(30)]
+        with records_examined(a.storage, monkeypatch) as examined:
+            for index, claimed in enumerate(crafted):
+                host = f"10.66.{index}.1"  # each from a network of its own
+                victim = await w.interface(host).open_datagram(Address(host, 5000))
+                ping = b"\x00" + bytes(20) + umsgpack.packb(["ping", [claimed]])
+                await victim.send(ping, a.local_address)
+                received = 0
+                with trio.move_on_after(60):
+                    while True:
+                        data, _ = await victim.receive()
+                        received += len(data)
+                assert 0 < received <= len(ping), (index, received)
+                await victim.aclose()
+        # Work bounded by what was asked, not by what the node holds.
+        assert examined["count"] == 0
+
+
+def newcomer_of(
+    w: MemoryNetwork, host: str, node: bytes
+) -> contextlib.AbstractAsyncContextManager[dht.DhtNode]:
+    """A DHT node with the id ``node`` (chosen, as an attacker may)."""
+    return dht.open_dht(w.interface(host), Address(host, PORT), node_id=node, wall_clock=wall_clock)
+
+
+async def test_a_verified_newcomer_gets_the_records_it_should_hold_within_bounds(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = world()
+    async with running(w, "10.0.0.1", "a") as a:
+        await fill(a.storage, 2000)
+        held = dict(a.storage)
+        newcomer = flip_bit(a.node_id, 150)
+        # What Kademlia's replication owes the newcomer: the records it is
+        # closer to than a, while a knows no node closer than itself (a
+        # knows no other node here).
+        own, new = int.from_bytes(a.node_id, "big"), int.from_bytes(newcomer, "big")
+        owed = {k for k in held if new ^ int.from_bytes(k, "big") < own ^ int.from_bytes(k, "big")}
+        assert len(owed) > dht.MAX_HANDOVER_RECORDS
+        async with newcomer_of(w, "10.0.0.9", newcomer) as n:
+            with records_examined(a.storage, monkeypatch) as examined:
+                # The newcomer joins through a: its requests prove nothing
+                # about its address, so a answers them and hands over nothing.
+                assert await n.bootstrap([a.local_address]) == 1
+                await trio.sleep(10)
+                assert n.storage.count == 0
+                assert examined["count"] == 0
+                # a asks the newcomer something, and it answers: verified.
+                assert await a.bootstrap([n.local_address]) == 1
+                await trio.sleep(10)
+                assert 0 < examined["count"] <= dht.MAX_HANDOVER_EXAMINED
+            handed = dict(n.storage)
+            assert set(handed) <= owed
+            assert len(handed) == dht.MAX_HANDOVER_RECORDS
+            assert sum(len(v) for v in handed.values()) <= dht.MAX_HANDOVER_BYTES
+            # Nearest first: nothing owed and left behind is nearer the newcomer.
+            nearest_left = max(shared_bits(newcomer, k) for k in owed - set(handed))
+            assert min(shared_bits(newcomer, k) for k in handed) >= nearest_left
+            # Once only: asked again, it is not new any more.
+            assert await a.bootstrap([n.local_address]) == 1
+            await trio.sleep(10)
+            assert n.storage.count == len(handed)
+
+
+async def test_a_verified_newcomer_gets_every_record_owed_when_they_are_few(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    w = world()
+    async with running(w, "10.0.0.1", "a") as a:
+        await fill(a.storage, 40)
+        newcomer = flip_bit(a.node_id, 0)  # the far half of the id space
+        own, new = int.from_bytes(a.node_id, "big"), int.from_bytes(newcomer, "big")
+        owed = {
+            k
+            for k, _ in a.storage
+            if new ^ int.from_bytes(k, "big") < own ^ int.from_bytes(k, "big")
+        }
+        assert 0 < len(owed) < dht.MAX_HANDOVER_RECORDS
+        async with newcomer_of(w, "10.0.0.9", newcomer) as n:
+            assert await a.bootstrap([n.local_address]) == 1
+            await trio.sleep(10)
+            assert {k for k, _ in n.storage} == owed
+
+
 # --- failing soft: contacts that vanish, and bugs in background work ------------------------
 
 

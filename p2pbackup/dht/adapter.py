@@ -17,6 +17,12 @@ Nouns:
 * **record storage** — :class:`RecordStorage`, the package's ``IStorage``: it
   holds only valid signed records (:mod:`p2pbackup.dht.records`), each replaced
   only by a newer one, drops them when they expire, and caps how many it holds.
+* **verified contact** — an address that has answered a request of ours. A
+  request's source address may be forged; an answer to our request (which
+  carries our random message id) comes from whoever is at that address.
+* **handover** — Kademlia's replication on join: the records a newly verified
+  contact should hold because it is closer to their keys than this node,
+  stored on it once, nearest its id first and bounded (``MAX_HANDOVER_*``).
 * **newest lookup** — :meth:`DhtNode.lookup` asks every one of the k closest
   nodes and returns the newest *valid* record, never the majority value.
 * **routing state** — the neighbours worth remembering between runs, saved as
@@ -36,6 +42,12 @@ The package's weaknesses and what this module does about each:
 - state is saved with pickle → :func:`save_routing_state` writes JSON;
 - one missed reply evicts a contact → a contact is evicted after
   :data:`MISSED_REPLIES_TO_EVICT` missed replies in a row;
+- the sender of any request is handed, at once, every record it is closer to
+  than this node (one forged ping drew hundreds of stores to its claimed
+  source), after a walk over every record held → only a verified contact
+  gets a handover, once, with the records looked at and sent bounded;
+- ``set_digest`` fails when no contact answers its search →
+  :meth:`DhtNode.publish` stores by itself and reports a record nobody took;
 - requests and answers are not validated (a malformed one kills the task
   serving it, or a whole lookup) → every request and answer is checked
   against the shape the protocol gives it, and a bad one is logged and dropped.
@@ -44,6 +56,7 @@ The package's weaknesses and what this module does about each:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import ipaddress
@@ -98,6 +111,16 @@ REPLY_TIMEOUT: Final = 2.0
 SEND_QUEUE: Final = 1024
 #: Most contacts an answer may list (the package sends k).
 MAX_CONTACTS_IN_ANSWER: Final = 2 * KSIZE
+#: The handover to one newly verified contact: records looked at, records
+#: sent and their bytes, at most. Owners republish every hour, so what does
+#: not fit reaches the newcomer then.
+MAX_HANDOVER_EXAMINED: Final = 128
+MAX_HANDOVER_RECORDS: Final = 32
+MAX_HANDOVER_BYTES: Final = 16 * 1024
+#: Addresses remembered as verified (each has had its handover) at most.
+MAX_VERIFIED: Final = 4096
+#: Bits in a node id and a DHT key.
+ID_BITS: Final = 8 * NODE_ID_SIZE
 
 #: The node id a read-only client presents (as BitTorrent's BEP 43 "ro" flag):
 #: nodes answer it but never put it in their routing tables, so a short-lived
@@ -159,6 +182,9 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         self._keys_from: collections.Counter[str] = collections.Counter()
         #: key → (record bytes, verified on the way in; its expiry).
         self._values: dict[bytes, tuple[bytes, int]] = {}
+        #: The keys of ``_values`` in order (bytes of one length sort as
+        #: numbers), so the records near a point are found without a scan.
+        self._keys: list[bytes] = []
         self.refused = 0
 
     def offer(self, key: object, value: object, source: str | None = None) -> bool:
@@ -198,6 +224,8 @@ class RecordStorage(IStorage):  # type: ignore[misc]
             if source is not None:
                 self._origin[key] = source
                 self._keys_from[source] += 1
+        if key not in self._values:
+            bisect.insort(self._keys, key)
         self._values[key] = (value, records.decode_record(value).expiry)
         return True
 
@@ -216,6 +244,7 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         value, expiry = held
         if expiry <= now:
             del self._values[key]  # nobody keeps an expired record alive
+            del self._keys[bisect.bisect_left(self._keys, key)]
             source = self._origin.pop(key, None)
             if source is not None:
                 self._keys_from[source] -= 1
@@ -227,6 +256,20 @@ class RecordStorage(IStorage):  # type: ignore[misc]
     def _drop_expired(self, now: int) -> None:
         for key in list(self._values):
             self._live(key, now)
+
+    def in_range(self, low: bytes, high: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """The live records whose keys lie between ``low`` and ``high`` (both
+        included), in key order, one at a time: a caller that stops early
+        has looked at no more records than it took."""
+        now = self._now()
+        index = bisect.bisect_left(self._keys, low)
+        while index < len(self._keys) and self._keys[index] <= high:
+            key = self._keys[index]
+            value = self._live(key, now)
+            if value is None:
+                continue  # expired and dropped: the next key moved up to ``index``
+            index += 1
+            yield key, value
 
     # IStorage ----------------------------------------------------------------
 
@@ -305,6 +348,47 @@ _REQUESTS: Final[dict[str, tuple[Callable[[object], bool], ...]]] = {
     "find_value": (_is_node_id, _is_node_id),
 }
 
+
+def _shared_bits(a: int, b: int) -> int:
+    """How many leading bits the ids ``a`` and ``b`` have in common."""
+    return ID_BITS - (a ^ b).bit_length()
+
+
+def _subtree(value: int, depth: int) -> tuple[int, int]:
+    """The ids that share their first ``depth`` bits with ``value``: a range."""
+    free = ID_BITS - depth
+    low = value >> free << free
+    return low, low | ((1 << free) - 1)
+
+
+def _as_key(value: int) -> bytes:
+    return value.to_bytes(NODE_ID_SIZE, "big")
+
+
+def _handover_ranges(own: int, new: int, occupied: set[int]) -> Iterator[tuple[int, int]]:
+    """The key ranges where this node (``own``) may owe records to a new
+    contact (``new``), nearest the newcomer first.
+
+    A key is owed when the newcomer is closer to it than this node and no
+    contact is closer still. Keys sharing exactly ``d`` leading bits with
+    ``own`` form a range (the subtree beside this node at depth ``d``); a
+    contact in it is closer than this node to all of its keys, so a depth in
+    ``occupied`` (the depths of the contacts, the newcomer left out) owes
+    nothing and is skipped without looking at a record. The newcomer shares
+    ``p`` bits with this node: keys sharing more with the newcomer come first
+    (nearest first), then the subtrees beside this node above ``p``, from the
+    deepest up; the subtree at ``p`` is this node's side, nearer to it.
+    """
+    p = _shared_bits(own, new)
+    if p not in occupied:
+        yield new, new
+        for depth in range(ID_BITS - 1, p, -1):
+            yield _subtree(new ^ (1 << (ID_BITS - 1 - depth)), depth + 1)
+    for depth in range(p - 1, -1, -1):
+        if depth not in occupied:
+            yield _subtree(own ^ (1 << (ID_BITS - 1 - depth)), depth + 1)
+
+
 _Result = tuple[bool, Any]
 _NO_ANSWER: Final[_Result] = (False, None)
 
@@ -323,6 +407,8 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         self._background: set[asyncio.Future[Any]] = set()
         #: Ids whose old address is being asked whether it still answers.
         self._checking: set[bytes] = set()
+        #: Addresses that answered a request of ours (oldest first).
+        self._verified: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
 
     def _malformed(self, what: str, address: object) -> None:
         self.malformed += 1
@@ -388,24 +474,65 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
             future.set_result((True, data))
 
     def welcome_if_new(self, node: Node) -> None:
-        # The package hashes the (already hashed) key again here, so it hands
-        # records to nodes near the wrong point, and it walks the routing table
-        # once per record held. Here: a newcomer closer to a record's key than
-        # this node gets the record while this node is the closest holder it
-        # knows, measured against every contact at once.
+        # The package calls this for the sender of every request and answer,
+        # and hands a newcomer the records it should hold at once: a request
+        # with a forged source address and a chosen id drew hundreds of stores
+        # to that address. Here a newcomer enters the routing table (a contact
+        # that never answers is dropped after missed replies) and is sent
+        # nothing beyond the answer; it gets its handover once it has
+        # answered a request of ours (:meth:`_answered`).
         if node.id == READ_ONLY_ID:
             return
         if not self.router.is_new_node(node):
             self._check_move(node)
             return
-        contacts = [c.long_id for bucket in self.router.buckets for c in bucket.nodes.values()]
-        own = self.source_node.long_id
-        for key, value in self.record_storage:
-            target = int.from_bytes(key, "big")
-            distance = own ^ target
-            if node.long_id ^ target < distance and all(c ^ target > distance for c in contacts):
-                self._in_background(self.call_store(node, key, value))
         self.router.add_contact(node)
+
+    def _answered(self, node: Node) -> None:
+        """``node`` answered a request of ours, so its address is real and
+        asks for what it gets: the first time, it gets its handover."""
+        if node.id in (READ_ONLY_ID, self.source_node.id):
+            return
+        address = (node.ip, node.port)
+        if address in self._verified:
+            self._verified.move_to_end(address)
+            return
+        self._verified[address] = None
+        while len(self._verified) > MAX_VERIFIED:
+            self._verified.popitem(last=False)
+        self._hand_over(node)
+
+    def _hand_over(self, node: Node) -> None:
+        """Store on a newly verified contact the records it should hold:
+        those whose key it is closer to than this node, while this node is
+        the closest holder it knows (Kademlia's replication on join). The
+        package hashes the (already hashed) key again, so it handed records
+        to nodes near the wrong point, and walked every record held; here
+        the keys nearest the newcomer are looked at first, and the work is
+        bounded (``MAX_HANDOVER_*``)."""
+        own, new = self.source_node.long_id, node.long_id
+        contacts = [
+            c.long_id
+            for bucket in self.router.buckets
+            for c in bucket.nodes.values()
+            if c.id != node.id
+        ]
+        occupied = {_shared_bits(own, c) for c in contacts}
+        examined = sent = size = 0
+        for low, high in _handover_ranges(own, new, occupied):
+            for key, value in self.record_storage.in_range(_as_key(low), _as_key(high)):
+                if examined == MAX_HANDOVER_EXAMINED:
+                    return
+                examined += 1
+                target = int.from_bytes(key, "big")
+                distance = own ^ target
+                if new ^ target > distance or any(c ^ target < distance for c in contacts):
+                    continue
+                if sent == MAX_HANDOVER_RECORDS or size + len(value) > MAX_HANDOVER_BYTES:
+                    return
+                sent += 1
+                size += len(value)
+                self._in_background(self.call_store(node, key, value))
 
     def _in_background(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -438,6 +565,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
                     return  # still there: the newcomer is not taking its place
                 log.info("DHT: node %s moved from %s to %s", node.id.hex(), known, node)
                 bucket.remove_node(known)
+                self._verified.pop((known.ip, known.port), None)
                 self._missed.pop(node.id, None)
                 self.router.add_contact(node)
             finally:
@@ -494,6 +622,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
     def handle_call_response(self, result: _Result, node: Node) -> _Result:
         if result[0]:
             self._missed.pop(node.id, None)
+            self._answered(node)
             self.welcome_if_new(node)
             return result
         if self.router.is_new_node(node):
@@ -502,6 +631,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         if missed >= MISSED_REPLIES_TO_EVICT:
             log.info("DHT: %s missed %d replies in a row; dropped", node, missed)
             self._missed.pop(node.id, None)
+            self._verified.pop((node.ip, node.port), None)  # if it comes back, it is new
             self.router.remove_contact(node)
         else:
             self._missed[node.id] = missed

@@ -36,7 +36,7 @@ import pytest
 import trio
 import trio_asyncio
 import umsgpack
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from p2pbackup.core import keys
@@ -299,6 +299,63 @@ def test_iteration_yields_only_live_records() -> None:
     clock.now = NOW + 500
     assert list(storage) == [(contact_key(BOB), encoded(BOB, lifetime=1000))]
     assert storage.count == 1
+
+
+def test_in_range_yields_the_live_records_between_two_keys_in_order() -> None:
+    clock = FakeClock()
+    storage = dht.RecordStorage(clock)
+    people = [Identity.generate() for _ in range(12)]
+    for index, person in enumerate(people):
+        assert storage.offer(contact_key(person), encoded(person, lifetime=100 + 100 * (index % 2)))
+    keys = sorted(contact_key(person) for person in people)
+    assert [k for k, _ in storage.in_range(keys[0], keys[-1])] == keys
+    assert [k for k, _ in storage.in_range(keys[3], keys[7])] == keys[3:8]  # both ends included
+    assert list(storage.in_range(keys[5], keys[4])) == []
+    everything = list(storage.in_range(bytes(20), bytes([255]) * 20))
+    assert everything == [(k, storage.get(k)) for k in keys]
+    # Half expire; walking over them drops them, and the rest still come in order.
+    clock.now = NOW + 150
+    live = [k for k in keys if storage.get(k) is not None]
+    assert 0 < len(live) < len(keys)
+    assert [k for k, _ in storage.in_range(keys[0], keys[-1])] == live
+    assert storage.count == len(live)
+    # A caller that stops early looked at no more than it took.
+    walk = storage.in_range(keys[0], keys[-1])
+    assert next(walk)[0] == live[0]
+
+
+@given(
+    own=st.integers(0, 2**160 - 1),
+    new=st.integers(0, 2**160 - 1),
+    contacts=st.lists(st.integers(0, 2**160 - 1), max_size=8),
+    keys=st.lists(st.integers(0, 2**160 - 1), max_size=30),
+    low_bits=st.integers(0, 2**160 - 1),
+)
+def test_handover_ranges_hold_every_owed_key_once_nearest_first(
+    own: int, new: int, contacts: list[int], keys: list[int], low_bits: int
+) -> None:
+    assume(new != own and own not in contacts and new not in contacts)
+    # Keys at every depth beside both nodes too, where random ones seldom fall.
+    for bit in range(160):
+        below = low_bits & ((1 << bit) - 1)
+        keys += [own ^ (1 << bit) ^ below, new ^ (1 << bit) ^ below]
+    occupied = {dht._shared_bits(own, c) for c in contacts}
+    ranges = list(dht._handover_ranges(own, new, occupied))
+
+    def where(key: int) -> list[int]:
+        return [i for i, (low, high) in enumerate(ranges) if low <= key <= high]
+
+    for key in keys:
+        distance = own ^ key
+        owed = new ^ key < distance and all(c ^ key > distance for c in contacts)
+        found = where(key)
+        assert len(found) <= 1  # the ranges do not overlap
+        if owed:
+            assert found, hex(key)
+    # Nearest the newcomer first: a later range holds no key nearer it.
+    placed = [(where(k)[0], dht._shared_bits(new, k)) for k in keys if where(k)]
+    for first, nearness in placed:
+        assert all(n <= nearness for later, n in placed if later > first)
 
 
 @pytest.mark.parametrize("seconds", [0, 0.0, 3600, -1])

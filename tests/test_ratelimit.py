@@ -1,13 +1,16 @@
 """Per-source token buckets (p2pbackup.dht.ratelimit): bursts, refill, clocks that
-misbehave, independent sources, a bounded table, and the rate bound as a property."""
+misbehave, independent sources, a bounded table, and the rate bound as a property;
+and the network a source address is charged to."""
 
 from __future__ import annotations
+
+import ipaddress
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbackup.dht.ratelimit import RateLimit, RateLimiter
+from p2pbackup.dht.ratelimit import RateLimit, RateLimiter, source_network
 from p2pbackup.errors import UsageError
 
 #: Slack for float arithmetic in token counts; far below one request.
@@ -187,3 +190,43 @@ def test_refused_plus_allowed_is_every_request(
         now += delay
         allowed += limiter.allow(source, now)
     assert allowed + limiter.refused == len(steps)
+
+
+# --- the source network --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "network"),
+    [
+        ("203.0.113.7", "203.0.113.0/24"),
+        ("203.0.113.250", "203.0.113.0/24"),
+        ("203.0.114.7", "203.0.114.0/24"),
+        ("127.0.0.1", "127.0.0.0/24"),
+        ("2001:db8:1:2::7", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::7", "2001:db8:1:3::/64"),
+        ("2001:DB8:1:2:0:0:0:7", "2001:db8:1:2::/64"),
+        # An IPv4 peer seen through a dual-stack socket is that IPv4 address,
+        # not a member of ::/64 with every other IPv4 peer.
+        ("::ffff:203.0.113.7", "203.0.113.0/24"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("::1", "::/64"),
+        ("alice", "alice"),  # the simulator's names: each its own
+    ],
+)
+def test_a_source_is_charged_to_its_network(host: str, network: str) -> None:
+    assert source_network(host) == network
+
+
+@given(st.ip_addresses(v=4))
+def test_every_ipv4_address_of_a_slash_24_is_one_source(address: ipaddress.IPv4Address) -> None:
+    base = ipaddress.IPv4Address(int(address) >> 8 << 8)
+    assert source_network(str(address)) == source_network(str(base)) == f"{base}/24"
+
+
+@given(st.ip_addresses(v=6))
+def test_every_ipv6_address_of_a_slash_64_is_one_source(address: ipaddress.IPv6Address) -> None:
+    if address.ipv4_mapped is not None:
+        return
+    base = ipaddress.IPv6Address(int(address) >> 64 << 64)
+    assert source_network(str(address)) == source_network(str(base)) == f"{base}/64"

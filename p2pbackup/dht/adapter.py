@@ -17,6 +17,12 @@ Nouns:
 * **record storage** — :class:`RecordStorage`, the package's ``IStorage``: it
   holds only valid signed records (:mod:`p2pbackup.dht.records`), each replaced
   only by a newer one, drops them when they expire, and caps how many it holds.
+* **verified contact** — an address that has answered a request of ours. A
+  request's source address may be forged; an answer to our request (which
+  carries our random message id) comes from whoever is at that address.
+* **handover** — Kademlia's replication on join: the records a newly verified
+  contact should hold because it is closer to their keys than this node,
+  stored on it once, nearest its id first and bounded (``MAX_HANDOVER_*``).
 * **newest lookup** — :meth:`DhtNode.lookup` asks every one of the k closest
   nodes and returns the newest *valid* record, never the majority value.
 * **routing state** — the neighbours worth remembering between runs, saved as
@@ -36,6 +42,12 @@ The package's weaknesses and what this module does about each:
 - state is saved with pickle → :func:`save_routing_state` writes JSON;
 - one missed reply evicts a contact → a contact is evicted after
   :data:`MISSED_REPLIES_TO_EVICT` missed replies in a row;
+- the sender of any request is handed, at once, every record it is closer to
+  than this node (one forged ping drew hundreds of stores to its claimed
+  source), after a walk over every record held → only a verified contact
+  gets a handover, once, with the records looked at and sent bounded;
+- ``set_digest`` fails when no contact answers its search →
+  :meth:`DhtNode.publish` stores by itself and reports a record nobody took;
 - requests and answers are not validated (a malformed one kills the task
   serving it, or a whole lookup) → every request and answer is checked
   against the shape the protocol gives it, and a bad one is logged and dropped.
@@ -44,6 +56,7 @@ The package's weaknesses and what this module does about each:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import ipaddress
@@ -67,7 +80,7 @@ from kademlia.protocol import KademliaProtocol
 from kademlia.storage import IStorage
 
 from p2pbackup.dht import records
-from p2pbackup.dht.ratelimit import RateLimit, RateLimiter
+from p2pbackup.dht.ratelimit import RateLimit, RateLimiter, source_network
 from p2pbackup.errors import FormatError, UsageError
 from p2pbackup.model import NODE_ID_SIZE
 from p2pbackup.net.network import MAX_DATAGRAM_SIZE, Address, DatagramEndpoint, Network
@@ -83,10 +96,11 @@ ALPHA: Final = 3
 MISSED_REPLIES_TO_EVICT: Final = 3
 #: Records one node holds for others at most (each at most 4 KiB).
 DEFAULT_MAX_RECORDS: Final = 10_000
-#: New keys one host may bring into a node's storage (its own records, and
-#: replicas it hands on, are far fewer).
+#: New keys one source network (an IPv4 /24, an IPv6 /64) may bring into a
+#: node's storage. An honest node's own records, and the replicas it hands
+#: on, are far fewer; it takes 40 networks to fill :data:`DEFAULT_MAX_RECORDS`.
 DEFAULT_MAX_KEYS_PER_SOURCE: Final = 256
-#: Datagrams per second one host may send us, sustained and in a burst.
+#: Datagrams per second one source network may send us, sustained and in a burst.
 DEFAULT_RATE_LIMIT: Final = RateLimit(rate=50.0, burst=200.0)
 #: Seconds a join waits for more bootstrap answers after the first.
 BOOTSTRAP_GRACE: Final = 0.5
@@ -97,6 +111,16 @@ REPLY_TIMEOUT: Final = 2.0
 SEND_QUEUE: Final = 1024
 #: Most contacts an answer may list (the package sends k).
 MAX_CONTACTS_IN_ANSWER: Final = 2 * KSIZE
+#: The handover to one newly verified contact: records looked at, records
+#: sent and their bytes, at most. Owners republish every hour, so what does
+#: not fit reaches the newcomer then.
+MAX_HANDOVER_EXAMINED: Final = 128
+MAX_HANDOVER_RECORDS: Final = 32
+MAX_HANDOVER_BYTES: Final = 16 * 1024
+#: Addresses remembered as verified (each has had its handover) at most.
+MAX_VERIFIED: Final = 4096
+#: Bits in a node id and a DHT key.
+ID_BITS: Final = 8 * NODE_ID_SIZE
 
 #: The node id a read-only client presents (as BitTorrent's BEP 43 "ro" flag):
 #: nodes answer it but never put it in their routing tables, so a short-lived
@@ -158,13 +182,18 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         self._keys_from: collections.Counter[str] = collections.Counter()
         #: key → (record bytes, verified on the way in; its expiry).
         self._values: dict[bytes, tuple[bytes, int]] = {}
+        #: The keys of ``_values`` in order (bytes of one length sort as
+        #: numbers), so the records near a point are found without a scan.
+        self._keys: list[bytes] = []
         self.refused = 0
 
     def offer(self, key: object, value: object, source: str | None = None) -> bool:
         """Store ``value`` under ``key`` if it is a valid record newer than the
-        one held; log why not otherwise. ``source`` (the sending host) may
-        bring at most :attr:`max_keys_per_source` new keys: one host alone
-        cannot fill the table."""
+        one held; log why not otherwise. ``source`` (the sending host) is
+        charged to its network (:func:`~p2pbackup.dht.ratelimit.source_network`),
+        which may bring at most :attr:`max_keys_per_source` new keys: one
+        host alone, whatever addresses of its network it sends from, cannot
+        fill the table."""
         if not (isinstance(key, bytes) and len(key) == NODE_ID_SIZE):
             return self._refuse("a key that is not 20 bytes")
         if not isinstance(value, bytes):
@@ -178,6 +207,8 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         problem = records.store_refusal(existing, value, key=key, now=now)
         if problem is not None:
             return self._refuse(problem)
+        if source is not None:
+            source = source_network(source)
         if existing is None:
             if source is not None and self._keys_from[source] >= self.max_keys_per_source:
                 self._drop_expired(now)
@@ -193,6 +224,8 @@ class RecordStorage(IStorage):  # type: ignore[misc]
             if source is not None:
                 self._origin[key] = source
                 self._keys_from[source] += 1
+        if key not in self._values:
+            bisect.insort(self._keys, key)
         self._values[key] = (value, records.decode_record(value).expiry)
         return True
 
@@ -211,6 +244,7 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         value, expiry = held
         if expiry <= now:
             del self._values[key]  # nobody keeps an expired record alive
+            del self._keys[bisect.bisect_left(self._keys, key)]
             source = self._origin.pop(key, None)
             if source is not None:
                 self._keys_from[source] -= 1
@@ -222,6 +256,20 @@ class RecordStorage(IStorage):  # type: ignore[misc]
     def _drop_expired(self, now: int) -> None:
         for key in list(self._values):
             self._live(key, now)
+
+    def in_range(self, low: bytes, high: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """The live records whose keys lie between ``low`` and ``high`` (both
+        included), in key order, one at a time: a caller that stops early
+        has looked at no more records than it took."""
+        now = self._now()
+        index = bisect.bisect_left(self._keys, low)
+        while index < len(self._keys) and self._keys[index] <= high:
+            key = self._keys[index]
+            value = self._live(key, now)
+            if value is None:
+                continue  # expired and dropped: the next key moved up to ``index``
+            index += 1
+            yield key, value
 
     # IStorage ----------------------------------------------------------------
 
@@ -300,6 +348,47 @@ _REQUESTS: Final[dict[str, tuple[Callable[[object], bool], ...]]] = {
     "find_value": (_is_node_id, _is_node_id),
 }
 
+
+def _shared_bits(a: int, b: int) -> int:
+    """How many leading bits the ids ``a`` and ``b`` have in common."""
+    return ID_BITS - (a ^ b).bit_length()
+
+
+def _subtree(value: int, depth: int) -> tuple[int, int]:
+    """The ids that share their first ``depth`` bits with ``value``: a range."""
+    free = ID_BITS - depth
+    low = value >> free << free
+    return low, low | ((1 << free) - 1)
+
+
+def _as_key(value: int) -> bytes:
+    return value.to_bytes(NODE_ID_SIZE, "big")
+
+
+def _handover_ranges(own: int, new: int, occupied: set[int]) -> Iterator[tuple[int, int]]:
+    """The key ranges where this node (``own``) may owe records to a new
+    contact (``new``), nearest the newcomer first.
+
+    A key is owed when the newcomer is closer to it than this node and no
+    contact is closer still. Keys sharing exactly ``d`` leading bits with
+    ``own`` form a range (the subtree beside this node at depth ``d``); a
+    contact in it is closer than this node to all of its keys, so a depth in
+    ``occupied`` (the depths of the contacts, the newcomer left out) owes
+    nothing and is skipped without looking at a record. The newcomer shares
+    ``p`` bits with this node: keys sharing more with the newcomer come first
+    (nearest first), then the subtrees beside this node above ``p``, from the
+    deepest up; the subtree at ``p`` is this node's side, nearer to it.
+    """
+    p = _shared_bits(own, new)
+    if p not in occupied:
+        yield new, new
+        for depth in range(ID_BITS - 1, p, -1):
+            yield _subtree(new ^ (1 << (ID_BITS - 1 - depth)), depth + 1)
+    for depth in range(p - 1, -1, -1):
+        if depth not in occupied:
+            yield _subtree(own ^ (1 << (ID_BITS - 1 - depth)), depth + 1)
+
+
 _Result = tuple[bool, Any]
 _NO_ANSWER: Final[_Result] = (False, None)
 
@@ -318,6 +407,8 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         self._background: set[asyncio.Future[Any]] = set()
         #: Ids whose old address is being asked whether it still answers.
         self._checking: set[bytes] = set()
+        #: Addresses that answered a request of ours (oldest first).
+        self._verified: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
 
     def _malformed(self, what: str, address: object) -> None:
         self.malformed += 1
@@ -383,29 +474,76 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
             future.set_result((True, data))
 
     def welcome_if_new(self, node: Node) -> None:
-        # The package hashes the (already hashed) key again here, so it hands
-        # records to nodes near the wrong point, and it walks the routing table
-        # once per record held. Here: a newcomer closer to a record's key than
-        # this node gets the record while this node is the closest holder it
-        # knows, measured against every contact at once.
+        # The package calls this for the sender of every request and answer,
+        # and hands a newcomer the records it should hold at once: a request
+        # with a forged source address and a chosen id drew hundreds of stores
+        # to that address. Here a newcomer enters the routing table (a contact
+        # that never answers is dropped after missed replies) and is sent
+        # nothing beyond the answer; it gets its handover once it has
+        # answered a request of ours (:meth:`_answered`).
         if node.id == READ_ONLY_ID:
             return
         if not self.router.is_new_node(node):
             self._check_move(node)
             return
-        contacts = [c.long_id for bucket in self.router.buckets for c in bucket.nodes.values()]
-        own = self.source_node.long_id
-        for key, value in self.record_storage:
-            target = int.from_bytes(key, "big")
-            distance = own ^ target
-            if node.long_id ^ target < distance and all(c ^ target > distance for c in contacts):
-                self._in_background(self.call_store(node, key, value))
         self.router.add_contact(node)
+
+    def _answered(self, node: Node) -> None:
+        """``node`` answered a request of ours, so its address is real and
+        asks for what it gets: the first time, it gets its handover."""
+        if node.id in (READ_ONLY_ID, self.source_node.id):
+            return
+        address = (node.ip, node.port)
+        if address in self._verified:
+            self._verified.move_to_end(address)
+            return
+        self._verified[address] = None
+        while len(self._verified) > MAX_VERIFIED:
+            self._verified.popitem(last=False)
+        self._hand_over(node)
+
+    def _hand_over(self, node: Node) -> None:
+        """Store on a newly verified contact the records it should hold:
+        those whose key it is closer to than this node, while this node is
+        the closest holder it knows (Kademlia's replication on join). The
+        package hashes the (already hashed) key again, so it handed records
+        to nodes near the wrong point, and walked every record held; here
+        the keys nearest the newcomer are looked at first, and the work is
+        bounded (``MAX_HANDOVER_*``)."""
+        own, new = self.source_node.long_id, node.long_id
+        contacts = [
+            c.long_id
+            for bucket in self.router.buckets
+            for c in bucket.nodes.values()
+            if c.id != node.id
+        ]
+        occupied = {_shared_bits(own, c) for c in contacts}
+        examined = sent = size = 0
+        for low, high in _handover_ranges(own, new, occupied):
+            for key, value in self.record_storage.in_range(_as_key(low), _as_key(high)):
+                if examined == MAX_HANDOVER_EXAMINED:
+                    return
+                examined += 1
+                target = int.from_bytes(key, "big")
+                distance = own ^ target
+                if new ^ target > distance or any(c ^ target < distance for c in contacts):
+                    continue
+                if sent == MAX_HANDOVER_RECORDS or size + len(value) > MAX_HANDOVER_BYTES:
+                    return
+                sent += 1
+                size += len(value)
+                self._in_background(self.call_store(node, key, value))
 
     def _in_background(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log_failure(log, "a request sent in passing", error, then="going on")
 
     def _check_move(self, node: Node) -> None:
         # A known id speaking from a new address: a node whose IP changed, or
@@ -427,6 +565,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
                     return  # still there: the newcomer is not taking its place
                 log.info("DHT: node %s moved from %s to %s", node.id.hex(), known, node)
                 bucket.remove_node(known)
+                self._verified.pop((known.ip, known.port), None)
                 self._missed.pop(node.id, None)
                 self.router.add_contact(node)
             finally:
@@ -483,6 +622,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
     def handle_call_response(self, result: _Result, node: Node) -> _Result:
         if result[0]:
             self._missed.pop(node.id, None)
+            self._answered(node)
             self.welcome_if_new(node)
             return result
         if self.router.is_new_node(node):
@@ -491,6 +631,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         if missed >= MISSED_REPLIES_TO_EVICT:
             log.info("DHT: %s missed %d replies in a row; dropped", node, missed)
             self._missed.pop(node.id, None)
+            self._verified.pop((node.ip, node.port), None)  # if it comes back, it is new
             self.router.remove_contact(node)
         else:
             self._missed[node.id] = missed
@@ -692,13 +833,43 @@ class DhtNode:
 
     async def publish(self, record: records.Record) -> bool:
         """Store a record on the k nodes closest to its key (and here, if this
-        node is among them); whether any of them took it."""
+        node is among them); whether any of them took it.
+
+        A node that knows no other keeps the record itself and counts that as
+        published (it is the whole DHT it knows). A node whose contacts all
+        fail to answer also keeps it, but reports False: nobody else has it.
+        """
         value = records.encode_record(record)
         key = records.dht_key(records.record_kind(record), record.node_id)
         if not self.contacts():
             return self.storage.offer(key, value)
-        stored = await self._aio(self._server.set_digest, key, value)
-        return bool(stored)
+        target = Node(key)
+        nearest = self._protocol.router.find_neighbors(target, self._server.ksize)
+        crawl = NodeSpiderCrawl(
+            self._protocol, target, nearest, self._server.ksize, self._server.alpha
+        )
+        nodes: list[Node] = await self._aio(crawl.find)
+        # The package's ``set_digest`` keeps a copy when this node is closer
+        # than the farthest node found, and fails (``max`` of nothing) when
+        # none answered; here it keeps one then too.
+        own = self._server.node.distance_to(target)
+        if not nodes or own < max(n.distance_to(target) for n in nodes):
+            self.storage.offer(key, value)
+        if not nodes:
+            log.info("DHT: no node answered the search for the nodes closest to %s", key.hex())
+            return False
+        return any(await self._store_on(nodes, key, value))
+
+    async def _store_on(self, nodes: Sequence[Node], key: bytes, value: bytes) -> list[bool]:
+        """Ask each of ``nodes`` to store ``value`` under ``key``; which took it."""
+
+        async def store_all() -> list[_Result]:
+            return list(
+                await asyncio.gather(*(self._protocol.call_store(n, key, value) for n in nodes))
+            )
+
+        results: list[_Result] = await self._aio(store_all)
+        return [answered and taken is True for answered, taken in results]
 
     async def lookup(self, kind: records.RecordKind, node_id: bytes) -> records.Record | None:
         """The newest valid record of ``kind`` for ``node_id`` among all the
@@ -736,11 +907,7 @@ class DhtNode:
         self, crawl: SpiderCrawl, key: bytes, value: bytes, peers: list[bytes]
     ) -> None:
         nodes = [node for node in (crawl.nearest.get_node(p) for p in peers) if node is not None]
-
-        async def store_all() -> None:
-            await asyncio.gather(*(self._protocol.call_store(n, key, value) for n in nodes))
-
-        await self._aio(store_all)
+        await self._store_on(nodes, key, value)
 
     async def find_contact(self, node_id: bytes) -> records.ContactRecord | None:
         """The newest valid contact record of ``node_id``."""
@@ -785,6 +952,7 @@ async def open_dht(
         # groups of one from the loop's and the pumps' nurseries.
         with unwrap_single():
             async with trio_asyncio.open_loop() as loop:
+                loop.set_exception_handler(_log_loop_error)
                 storage = RecordStorage(wall_clock, max_records=options.max_records)
                 server = _Server(
                     ksize=options.ksize,
@@ -839,6 +1007,10 @@ async def _pump_out(
             log.info("DHT: datagram to %s:%s not sent: %s", host, port, error)
 
 
+#: Seconds the incoming pump waits after the endpoint fails to receive.
+RECEIVE_RETRY: Final = 1.0
+
+
 async def _pump_in(
     endpoint: DatagramEndpoint,
     loop: asyncio.AbstractEventLoop,
@@ -846,12 +1018,43 @@ async def _pump_in(
     limiter: RateLimiter,
 ) -> None:
     while True:
-        data, source = await endpoint.receive()
-        if not limiter.allow(source.host, trio.current_time()):
+        try:
+            data, source = await endpoint.receive()
+        except OSError as error:
+            # Not a lost datagram (the endpoint absorbs those): the socket
+            # itself failed. The node keeps serving and tries again.
+            log.error("DHT: receiving failed: %s; trying again", error)
+            await trio.sleep(RECEIVE_RETRY)
+            continue
+        if not limiter.allow(source_network(source.host), trio.current_time()):
             continue
         # Straight in from this trio task (inside the loop's context): the
         # protocol only sets futures and starts tasks, never blocks.
-        protocol.datagram_received(data, (source.host, source.port))
+        try:
+            protocol.datagram_received(data, (source.host, source.port))
+        except Exception as error:
+            # A bug met by one datagram costs that datagram, not the node.
+            log_failure(log, f"handling a datagram from {source}", error, then="dropped")
+
+
+def log_failure(logger: logging.Logger, what: str, error: BaseException, *, then: str) -> None:
+    """One clear line (ERROR) for an unexpected failure in the DHT's work,
+    saying what the node does ``then``; the traceback goes to DEBUG. A node
+    goes on without that piece of work rather than stop."""
+    logger.error("DHT: %s failed: %s: %s; %s", what, type(error).__name__, error, then)
+    logger.debug("DHT: %s failed", what, exc_info=error)
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    # trio-asyncio's default handler raises a background task's error into
+    # the loop's nursery, which would end the node; the package starts tasks
+    # it never awaits (a ping to a bucket's head, stores to a newcomer).
+    error = context.get("exception")
+    what = f"a background task ({context.get('message', 'no message')})"
+    if error is None:
+        log.error("DHT: %s; going on", what)
+    else:
+        log_failure(log, what, error, then="going on")
 
 
 # -- routing state -----------------------------------------------------------------------------

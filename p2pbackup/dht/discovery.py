@@ -6,7 +6,10 @@ Nouns:
   the DHT (through explicit bootstrap addresses, its friends' addresses and
   the neighbours it remembered), publishes its contact record, and every
   **refresh period** refreshes lonely buckets, republishes its record before
-  it expires, looks its friends up again and saves its routing state.
+  it expires, looks its friends up again and saves its routing state. A
+  record that no node took is published again after a **backoff** (30 s,
+  doubled each time, at most a refresh period); a step that fails is logged
+  and comes again at its next time, so nothing here ends the node.
 * **friend** — here, only what discovery needs of one: a node id and the
   addresses on record (:class:`FriendContact`).
 * **followed contacts** — the newest contact record found for each friend;
@@ -40,7 +43,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -128,8 +131,11 @@ class Discovery:
         self.root_holders = root_holders
         self.state_path = state_path
         self.contact: records.ContactRecord | None = None
+        self.contact_taken = False
         self.root_pointer: records.RootPointer | None = None
-        self._holders_may_have_changed = trio.Event()
+        self.root_pointer_taken = False
+        self._holders_may_have_changed = Nudge()
+        self._joined = Nudge()
         #: Friend node id → the newest contact record found for it.
         self.followed: dict[bytes, records.ContactRecord] = {}
 
@@ -150,7 +156,8 @@ class Discovery:
         return known
 
     async def publish(self) -> records.ContactRecord:
-        """Sign and publish a fresh contact record (a higher sequence each time)."""
+        """Sign and publish a fresh contact record (a higher sequence each
+        time); :attr:`contact_taken` says whether any node took it."""
         now = self.node.wall_clock()
         previous = self.contact.sequence if self.contact is not None else 0
         self.contact = records.sign_contact(
@@ -161,13 +168,13 @@ class Discovery:
             now=math.floor(now),
             lifetime=self.options.contact_lifetime,
         )
-        if not await self.node.publish(self.contact):
-            log.warning("DHT: no node took this node's contact record")
+        self.contact_taken = await self.node.publish(self.contact)
         return self.contact
 
     async def publish_root_pointer(self) -> records.RootPointer | None:
         """Sign and publish a fresh root pointer to the current root holders;
-        None (and nothing published) while there are none."""
+        None (and nothing published) while there are none.
+        :attr:`root_pointer_taken` says whether any node took it."""
         holders = tuple(self.root_holders())[: records.MAX_ADDRESSES]
         if not holders:
             return None
@@ -180,8 +187,7 @@ class Discovery:
             now=math.floor(now),
             lifetime=self.options.root_pointer_lifetime,
         )
-        if not await self.node.publish(self.root_pointer):
-            log.warning("DHT: no node took this node's root pointer")
+        self.root_pointer_taken = await self.node.publish(self.root_pointer)
         return self.root_pointer
 
     def root_holders_may_have_changed(self) -> None:
@@ -189,20 +195,54 @@ class Discovery:
         pointer is published again at once if its holders changed."""
         self._holders_may_have_changed.set()
 
-    async def _keep_root_pointer(self) -> None:
-        """Publish the root pointer now, whenever its holders change, and
-        every refresh period to push its expiry on."""
-        await self.publish_root_pointer()
+    async def _publish_contact(self) -> bool:
+        await self.publish()
+        return self.contact_taken
+
+    async def _publish_root_pointer(self) -> bool:
+        return await self.publish_root_pointer() is None or self.root_pointer_taken
+
+    def _holders_changed(self) -> bool:
+        holders = tuple(self.root_holders())[: records.MAX_ADDRESSES]
+        published = self.root_pointer.addresses if self.root_pointer is not None else ()
+        return holders != published
+
+    async def _keep_published(
+        self,
+        what: str,
+        publish: Callable[[], Awaitable[bool]],
+        nudge: Nudge,
+        needed: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """Publish a record now, when ``nudge`` is set and ``needed()`` (or
+        forced), and every refresh period to push its expiry on. When no node
+        takes it, or publishing fails, try again after a backoff
+        (:func:`retry_delay`). A node alone keeps its records itself, which
+        counts as published: the nudge after it joins again spreads them."""
+        period = self.options.refresh_period
+        due = trio.current_time()
+        failures = 0
         while True:
-            changed = self._holders_may_have_changed
-            with trio.move_on_after(self.options.refresh_period) as waited:
-                await changed.wait()
-            if changed.is_set():
-                self._holders_may_have_changed = trio.Event()
-            holders = tuple(self.root_holders())[: records.MAX_ADDRESSES]
-            published = self.root_pointer.addresses if self.root_pointer is not None else ()
-            if waited.cancelled_caught or holders != published:
-                await self.publish_root_pointer()
+            forced = await nudge.wait_until(due)
+            failure: Exception | None = None
+            try:
+                if trio.current_time() < due and not (forced or needed()):
+                    continue
+                taken = await publish()
+            except Exception as error:  # trio.Cancelled is not one: it passes
+                taken, failure = False, error
+            if taken:
+                failures = 0
+                due = trio.current_time() + period
+                continue
+            failures += 1
+            delay = retry_delay(failures, most=period)
+            due = trio.current_time() + delay
+            then = f"trying again in {delay:.0f} s"
+            if failure is None:
+                log.warning("DHT: no node took this node's %s; %s", what, then)
+            else:
+                dht.log_failure(log, f"publishing this node's {what}", failure, then=then)
 
     async def follow_friends(self) -> None:
         """Look every friend up again; remember the newest record of each.
@@ -231,29 +271,90 @@ class Discovery:
         lookups start from it, and a node that was alone when it started
         (the first of a network) learns its neighbours only later."""
         while True:
-            self.save_state()
+            try:
+                self.save_state()
+            except Exception as error:
+                dht.log_failure(log, "saving the routing state", error, then="going on")
             await trio.sleep(min(STATE_SAVE_PERIOD, self.options.refresh_period))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Join, publish, then refresh every period until cancelled. Reports
-        started at once: joining waits on addresses that may never answer."""
+        started at once: joining waits on addresses that may never answer.
+
+        Nothing that fails in here ends the node: a step that raises is
+        logged and comes again at its next time (publishing, sooner).
+        """
         task_status.started()
         try:
-            await self.join()
-            await self.publish()
+            await _survive("joining the DHT", self.join)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keep_root_pointer)
+                nursery.start_soon(
+                    self._keep_published, "contact record", self._publish_contact, self._joined
+                )
+                nursery.start_soon(
+                    self._keep_published,
+                    "root pointer",
+                    self._publish_root_pointer,
+                    self._holders_may_have_changed,
+                    self._holders_changed,
+                )
                 nursery.start_soon(self._keep_saving_state)
-                await self.follow_friends()
+                await _survive("following friends", self.follow_friends)
                 while True:
                     await trio.sleep(self.options.refresh_period)
                     if not self.node.contacts():
-                        await self.join()  # everybody we knew went away: start again
-                    await self.node.refresh()
-                    await self.publish()
-                    await self.follow_friends()
+                        # Everybody we knew went away: start again, and
+                        # publish at once to whoever is there now.
+                        await _survive("joining the DHT", self.join)
+                        self._joined.set()
+                        self._holders_may_have_changed.set(force=True)
+                    await _survive("refreshing the routing table", self.node.refresh)
+                    await _survive("following friends", self.follow_friends)
         finally:
             self.save_state()
+
+
+#: Seconds before trying again to publish a record that no node took; the
+#: wait doubles with each failure in a row, up to the refresh period.
+FIRST_RETRY: Final = 30.0
+
+
+def retry_delay(failures: int, *, first: float = FIRST_RETRY, most: float) -> float:
+    """Seconds to wait after ``failures`` (at least one) failed attempts in
+    a row: ``first``, doubled after each further failure, at most ``most``."""
+    return min(most, first * 2.0 ** min(max(failures, 1) - 1, 64))
+
+
+class Nudge:
+    """A wake-up that may be set any number of times: :meth:`wait_until`
+    returns when it is set (and clears it) or at a deadline. A forced nudge
+    asks for the work whether or not it looks needed."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._forced = False
+
+    def set(self, *, force: bool = False) -> None:
+        self._forced = self._forced or force
+        self._event.set()
+
+    async def wait_until(self, deadline: float) -> bool:
+        """Wait until set or ``deadline``; whether a forced nudge came."""
+        with trio.move_on_at(deadline):
+            await self._event.wait()
+        forced, self._forced = self._forced, False
+        if self._event.is_set():
+            self._event = trio.Event()
+        return forced
+
+
+async def _survive(what: str, step: Callable[[], Awaitable[object]]) -> None:
+    """Run one step of a node's DHT role; if it raises, log one clear line
+    and go on (``trio.Cancelled`` is not an ``Exception``: it passes)."""
+    try:
+        await step()
+    except Exception as error:
+        dht.log_failure(log, what, error, then="trying again at the next refresh")
 
 
 def next_sequence(previous: int, now: float) -> int:

@@ -3,7 +3,11 @@
 Nouns:
 
 * **source** — whatever a request is charged to: for the DHT, the sender's
-  host (not host and port: a host that changes port is still one host).
+  **network** (:func:`source_network`): its IPv4 /24 or IPv6 /64, not its
+  address and port. A host that changes port is still one host, and one
+  host usually holds a whole IPv6 /64 (and an attacker easily many IPv4
+  addresses of one /24): charged per address, it would be any number of
+  sources.
 * **bucket** — a token bucket per source: it holds at most ``burst`` tokens,
   refills at ``rate`` tokens a second, and each request takes one. A request
   that finds the bucket empty is refused.
@@ -19,7 +23,9 @@ simulator's virtual time works the same as the real one.
 from __future__ import annotations
 
 import collections
+import ipaddress
 from collections.abc import Hashable
+from typing import Final
 
 import attrs
 
@@ -78,3 +84,23 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+#: Prefix lengths of the network a source address is charged to.
+IPV4_SOURCE_PREFIX: Final = 24
+IPV6_SOURCE_PREFIX: Final = 64
+
+
+def source_network(host: str) -> str:
+    """The source a datagram from ``host`` is charged to: its /24 (IPv4) or
+    /64 (IPv6) network in CIDR notation. An IPv4 address seen through a
+    dual-stack socket (``::ffff:a.b.c.d``) counts as that IPv4 address; a
+    host that is not an IP address (the simulator's names) is its own source."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = IPV4_SOURCE_PREFIX if address.version == 4 else IPV6_SOURCE_PREFIX
+    return str(ipaddress.ip_network((address, prefix), strict=False))

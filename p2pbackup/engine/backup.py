@@ -73,8 +73,8 @@ _UPLOADERS = 2
 _JOB_QUEUE = 2
 #: Groups of sealed blobs queued for the packer (a group holds about
 #: _FORWARD_BYTES, or a single blob of up to a few MiB). One is enough to keep
-#: the packer fed; two raised the peak memory of a 2 GiB file's backup by
-#: ~30 MB at the same speed.
+#: the packer fed; two only raised the peak memory of a large file's backup,
+#: at the same speed (docs/performance.md#backup).
 _PACK_QUEUE = 1
 #: Files at least this large get a job of their own; smaller ones are batched.
 _LARGE_FILE = 1 << 20
@@ -209,8 +209,9 @@ class _Deduper:
 
     It holds every blob id of the index (loaded once, at the start) and every
     id claimed during this run, in memory: a lookup must not release the GIL,
-    or the two file workers convoy on it (an SQLite query per chunk cost ~15x
-    its own time that way). About 100 bytes per blob: 100 MB for a million.
+    or the two file workers convoy on it (an SQLite query per chunk cost many
+    times its own time that way). About 100 bytes per blob: 100 MB for a
+    million.
     """
 
     def __init__(self, index: Index) -> None:
@@ -616,10 +617,11 @@ class Backup:
     async def _listing(self, path: bytes) -> _Listing:
         """The entries of ``path``, listed ahead of the walk.
 
-        A thread call per directory made the walk wait ~2 ms a directory (for
-        a thread, then the GIL): a source tree of small directories spent a
-        third of its backup there. So a walk of the same order runs ahead of
-        this one, a few thousand entries per thread call.
+        A thread call per directory made the walk wait at every directory
+        (for a thread, then the GIL): a source tree of small directories spent
+        much of its backup there (docs/performance.md#backup). So a walk of
+        the same order runs ahead of this one, a few thousand entries per
+        thread call.
         """
         listing = self._listings.pop(path, None)
         if listing is not None:

@@ -1,7 +1,8 @@
 """Whole-system benchmark: p2pbackup against restic on the same corpus, same run.
 
-On the deterministic corpus of ``make_corpus.py`` (1024 MiB, seed 1 by
-default) it measures, for p2pbackup with 10 local folder peers at 4-of-10:
+On the deterministic corpus of ``benchmarks/make_corpus.py`` (1024 MiB, seed
+1 by default) it measures, for p2pbackup with 10 local folder peers at
+4-of-10:
 
 * **initial backup** of the corpus;
 * **incremental backup** after ``make_corpus.py --mutate 2``;
@@ -47,8 +48,9 @@ Run from the repository::
         [--keep]
 
 The corpus is generated once into ``WORKDIR/corpus-<size>MiB-seed<seed>`` (with
-a stamp file beside it) and reused while it matches the stamp; every run works
-on a fresh copy of it, so reruns are deterministic. Everything else under
+a stamp file beside it, which names the generator by a digest of its source)
+and reused while it matches the stamp; every run works on a fresh copy of it,
+so reruns are deterministic. Everything else under
 WORKDIR is rebuilt each run and removed afterwards unless ``--keep``.
 """
 
@@ -72,7 +74,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORKDIR = REPO / "bench-work"
-DEFAULT_CORPUS_SCRIPT = REPO.parent / "shared" / "bench" / "make_corpus.py"
+DEFAULT_CORPUS_SCRIPT = REPO / "benchmarks" / "make_corpus.py"
 MiB = 1 << 20
 MB = 1e6
 PEERS = 10
@@ -602,7 +604,10 @@ def ensure_corpus(workdir: Path, script: Path, size_mb: float, seed: int) -> Pat
     """``WORKDIR/corpus-<size>MiB-seed<seed>``, generated unless its stamp matches."""
     name = f"corpus-{size_mb:g}MiB-seed{seed}"
     corpus, stamp_path = workdir / name, workdir / f"{name}.stamp"
-    wanted = {"version": STAMP_VERSION, "size_mb": size_mb, "seed": seed}
+    # The generator's digest: a corpus made by another generator, or another
+    # version of it, is made again.
+    generator = hashlib.sha256(script.read_bytes()).hexdigest()[:16]
+    wanted = {"version": STAMP_VERSION, "size_mb": size_mb, "seed": seed, "generator": generator}
     if corpus.is_dir() and stamp_path.exists():
         with contextlib.suppress(ValueError, OSError):
             stamp = json.loads(stamp_path.read_text())
@@ -1203,7 +1208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--corpus-script",
         type=Path,
         default=DEFAULT_CORPUS_SCRIPT,
-        help=f"make_corpus.py (default {DEFAULT_CORPUS_SCRIPT})",
+        help=f"the corpus generator (default {DEFAULT_CORPUS_SCRIPT})",
     )
     parser.add_argument(
         "--peers",

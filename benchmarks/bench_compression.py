@@ -2,7 +2,7 @@
 
 Usage::
 
-    python3 /work/shared/bench/make_corpus.py /tmp/corpus-comp --size-mb 200 --seed 1
+    python3 benchmarks/make_corpus.py /tmp/corpus-comp --size-mb 200 --seed 1
     .venv/bin/python benchmarks/bench_compression.py /tmp/corpus-comp
 
 Every file of the corpus directory is read into memory and cut into pieces

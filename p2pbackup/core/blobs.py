@@ -62,7 +62,8 @@ def open_blob(
     ``verify_id`` also re-hashes the plaintext against the id: that catches a
     blob sealed under the right key with the wrong id — a bug, not an attack,
     since only the owner holds the key — and ``check --read-data`` does it;
-    a restore skips it (it costs ~9 % of the restore's time).
+    a restore skips it (a noticeable share of the restore's time:
+    docs/performance.md#restore).
     """
     inner = crypto.unseal(data_key, sealed, aad=_aad(blob_type, ident))
     if len(inner) < 2:

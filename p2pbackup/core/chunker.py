@@ -104,10 +104,10 @@ DEFAULT_PARAMS = ChunkerParams(min_size=256 * 1024, avg_size=832 * 1024, max_siz
 @functools.lru_cache(maxsize=8)
 def _fastcdc(params: ChunkerParams) -> FastCDC:
     # Built once per params: with a seed, pyfastcdc's constructor XORs the
-    # 256-word gear tables in an interpreted loop (~50 µs, holding the GIL),
-    # which was the largest cost of a small file. The object is read-only
-    # after construction (every cut_* call has its own chunker state), so
-    # threads share it.
+    # 256-word gear tables in an interpreted loop (holding the GIL), which was
+    # the largest cost of a small file (docs/performance.md#chunker). The
+    # object is read-only after construction (every cut_* call has its own
+    # chunker state), so threads share it.
     return FastCDC(
         params.avg_size,
         min_size=params.min_size,
@@ -118,8 +118,9 @@ def _fastcdc(params: ChunkerParams) -> FastCDC:
 
 
 #: Inputs up to this size are read whole and cut in memory: pyfastcdc's stream
-#: mode allocates a ``2 * max_size`` buffer per call, which costs ~150 µs — more
-#: than the whole work for the many small files of a home directory.
+#: mode allocates a ``2 * max_size`` buffer per call, which costs more than the
+#: whole work for the many small files of a home directory
+#: (docs/performance.md#chunker).
 SMALL_INPUT = 1 << 20
 
 

@@ -16,40 +16,25 @@ least one byte): below that the saving is not worth a decompression on every
 restore. Frames are written with their content size and without zstd's own
 checksum (the AEAD around every blob already authenticates it).
 
-Level, measured with ``benchmarks/bench_compression.py`` on the synthetic
-200 MiB corpus (``make_corpus.py --size-mb 200 --seed 1``: ~78 % of bytes
-incompressible), cut into 1 MiB pieces like the chunker's ~1 MiB chunks, in
-MB of input per CPU second of one thread, ranges over five runs on this
-project's (shared, busy) 2-core machine. "Text" is the 44 MiB of pieces that
-level 1 shrinks by at least 10 %, the slow case:
-
-=====  =========  ======  ==========  ==========
-level  all, MB/s  saved   text, MB/s  text saved
-=====  =========  ======  ==========  ==========
-1      615–730    13.0 %  140–190     58.7 %
-3      440–640    13.5 %  110–150     61.0 %
-6      180–245    13.7 %  39–50       61.9 %
-=====  =========  ======  ==========  ==========
-
-:data:`DEFAULT_LEVEL` is 3: even on text alone it runs at 110–150 MB/s per
-core (the engine compresses in two threads), well above the engine's
-~60 MB/s target with room left for hashing, encryption and erasure coding,
-and it stores ~6 % fewer bytes of text than level 1. Level 6 would fall
-below the target on text-heavy data (~40–50 MB/s per core) for one more
-point of saving.
+Level: :data:`DEFAULT_LEVEL` is 3, chosen with
+``benchmarks/bench_compression.py``. Even on text alone it runs well above
+the engine's throughput target per core (the engine compresses in two
+threads), with room left for hashing, encryption and erasure coding, and it
+stores fewer bytes of text than level 1. Level 6 saves hardly more and falls
+below the target on text-heavy data. The table:
+docs/performance.md#compression.
 
 Probe: inputs of at least :data:`PROBE_MIN_INPUT` bytes are first sampled (four
 4 KiB slices spread over the input, compressed together); if the sample saves
 less than 1/32 the input is stored raw without a full compression. zstd
-already skips through random data fast (~2.5 GB/s), so the gain is modest:
-5–15 % on the whole corpus at levels 1 and 3 (e.g. 430–590 MB/s without the
-probe at level 3), with not one byte of saving lost. It can miss savings only
+already skips through random data fast, so the gain is modest, with not one
+byte of saving lost on the benchmark corpus. It can miss savings only
 for input that is random in every sampled slice yet repeats itself at long
 range (e.g. one random block stored twice within a chunk), a case chunk-level
 deduplication mostly covers.
 
 Thread safety: zstd contexts are not safe to share, and building one per call
-costs ~12 µs (~40 % more time on small files), so each thread keeps its own
+costs more than compressing a small file, so each thread keeps its own
 compressor per level and its own decompressor. zstandard releases the GIL
 while it works, so threads compress on separate cores.
 """

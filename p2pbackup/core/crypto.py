@@ -29,8 +29,8 @@ Performance: the bulk operations (:func:`seal`, :func:`unseal`,
 :func:`hash_bytes`, :meth:`Hasher.update`) call libsodium through cffi
 directly rather than through ``nacl.bindings``, because the bindings insist on
 ``bytes`` inputs (a full copy of every memoryview), zero-fill their output
-buffers and then copy them out again: measured here on a 1 MiB chunk that is
-2.2 ms per seal instead of 1.0 ms. cffi releases the GIL for the duration of
+buffers and then copy them out again, which about doubles the cost of sealing
+a chunk (docs/performance.md#crypto). cffi releases the GIL for the duration of
 each libsodium call, so two threads seal or hash on two cores at once.
 """
 
@@ -172,9 +172,10 @@ def _padded_person(person: bytes) -> Any:
 
 
 #: Inputs shorter than this are hashed by the standard library's BLAKE2b (the
-#: same function): it costs ~1 µs a call against libsodium's ~3.5 µs through
-#: cffi, and keeps the GIL below 2 KiB instead of handing it to another
-#: thread and waiting to get it back. libsodium is faster from a few KiB up.
+#: same function): a call costs a fraction of libsodium's through cffi, and it
+#: keeps the GIL below 2 KiB instead of handing it to another thread and
+#: waiting to get it back. libsodium is faster from a few KiB up
+#: (docs/performance.md#crypto).
 _SMALL_HASH_INPUT: Final = 4096
 
 

@@ -43,10 +43,9 @@ from p2pbackup.model import MAX_SHARDS, BytesLike
 _PRIM = 0x11D
 
 #: uint16 words per column block: 1 MiB of every input shard per block. Small
-#: blocks (64 KiB) keep more in cache and win alone, but every numpy call
-#: releases and retakes the GIL: beside the backup's other threads, 64 KiB
-#: blocks fell from 101 to 32 MB/s while 1 MiB blocks ran 133 MB/s alone and
-#: 65 MB/s contended (4-of-10, 16 MiB, this 2-core machine).
+#: blocks keep more in cache and win alone, but every numpy call releases and
+#: retakes the GIL, so beside the backup's other threads small blocks lose far
+#: more than large ones (docs/performance.md#erasure).
 _BLOCK_WORDS = 1 << 19
 
 _U8 = npt.NDArray[np.uint8]

@@ -64,8 +64,8 @@ def block_count(data_size: int, block_size: int) -> int:
 
 def leaf_hash(block: BytesLike) -> bytes:
     """Hash of one block as it appears at level 0."""
-    # libsodium's BLAKE2b (AVX2) hashes blocks ~1.3x faster than hashlib's,
-    # and leaves are nearly all of a tree's hashing.
+    # libsodium's BLAKE2b (AVX2) hashes blocks faster than hashlib's, and
+    # leaves are nearly all of a tree's hashing (docs/performance.md#merkle).
     return crypto.hash_bytes(block, size=HASH_SIZE, person=_LEAF_PERSON)
 
 

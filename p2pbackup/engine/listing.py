@@ -7,7 +7,7 @@
   thread, a few thousand entries per call, and keeps the listings until the
   backup's walk gets there. One thread call per directory made the walk wait
   for a thread, then for the GIL, at every directory: a tree of many small
-  directories spent much of its backup there.
+  directories spent much of its backup there (docs/performance.md#backup).
 """
 
 from __future__ import annotations

@@ -62,8 +62,8 @@ _UPLOADERS = 2
 _JOB_QUEUE = 2
 #: Groups of sealed blobs queued for the packer (a group holds about
 #: _FORWARD_BYTES, or a single blob of up to a few MiB). One is enough to keep
-#: the packer fed; two raised the peak memory of a 2 GiB file's backup by
-#: ~30 MB at the same speed.
+#: the packer fed; two only raised the peak memory of a large file's backup,
+#: at the same speed (docs/performance.md#backup).
 _PACK_QUEUE = 1
 #: Files at least this large get a job of their own; smaller ones are batched.
 _LARGE_FILE = 1 << 20
@@ -149,8 +149,9 @@ class Deduper:
 
     It holds every blob id of the index (loaded once, at the start) and every
     id claimed during this run, in memory: a lookup must not release the GIL,
-    or the two file workers convoy on it (an SQLite query per chunk cost ~15x
-    its own time that way). About 100 bytes per blob: 100 MB for a million.
+    or the two file workers convoy on it (an SQLite query per chunk cost many
+    times its own time that way). About 100 bytes per blob: 100 MB for a
+    million.
     """
 
     def __init__(self, index: Index) -> None:

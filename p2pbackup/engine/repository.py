@@ -556,7 +556,8 @@ class Repository:
                 f"{record.k} needed ({'; '.join(f'{f.peer_id}: {f.reason}' for f in failures)})"
             )
         # Each shard matched the Merkle root the index kept, so the decoded
-        # bytes are the pack; hashing it again would cost ~7 % of a restore.
+        # bytes are the pack; hashing it again would only slow the restore
+        # (docs/performance.md#restore).
         data = await trio.to_thread.run_sync(erasure.decode, good, record.k, record.n, record.size)
         if use_cache:
             self._packs.put(record.pack_id, data)

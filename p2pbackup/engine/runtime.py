@@ -4,26 +4,28 @@
   threads whose work (hashing, zstd, libsodium, numpy) releases the GIL many
   times per second in short calls. With CPython's default 5 ms interval a
   thread that wants the GIL back waits behind one that holds it — a convoy
-  that halved backup throughput. 1 ms keeps both cores busy.
+  that costs a backup much of its throughput. 1 ms keeps both cores busy.
 * **malloc arenas** — glibc gives each thread its own arena, and the many
   short-lived I/O threads left freed multi-MiB buffers parked in a dozen of
-  them (peak RSS ~600 MB for a 200 MB backup). Two arenas keep the same
-  speed at under half the memory, and serving buffers of 4 MiB and more
-  (packs, shards) straight from mmap returns them to the system when freed
-  instead of leaving them to fragment a heap (another ~35 MB off the peak).
+  them: a backup's peak RSS grew far past the data in flight. Two arenas
+  keep the same speed in much less memory, and serving buffers of 4 MiB and
+  more (packs, shards) straight from mmap returns them to the system when
+  freed instead of leaving them to fragment a heap.
 
 * **BLAS threads** — numpy starts OpenBLAS worker threads at import, which
-  spin between calls (~1 % of a backup's CPU in ``perf``); p2pbackup never
-  multiplies matrices, so one is enough. Set before numpy is first imported.
+  spin between calls (they show in ``perf`` profiles of a backup); p2pbackup
+  never multiplies matrices, so one is enough. Set before numpy is first
+  imported.
 * **garbage collection during bulk work** — a backup allocates millions of
   short-lived containers (tuples, tree nodes, sealed blobs) that reference
   counting frees; the cyclic collector finds nothing among them, yet with
-  CPython's default threshold it ran ~640 times over a 23,000-file backup,
-  and each full pass over the objects alive then stopped every thread (it
-  holds the GIL) for ~70 ms. :func:`rare_collections` makes passes rare for
-  the length of a backup or restore.
+  CPython's default threshold it ran hundreds of times over a backup of
+  many small files, and each full pass over the objects alive then stopped
+  every thread (it holds the GIL). :func:`rare_collections` makes passes
+  rare for the length of a backup or restore.
 
-Measured with ``benchmarks/bench_backup.py``; see docs/performance.md.
+The figures behind each choice, with the commands that measured them:
+docs/performance.md#runtime.
 """
 
 from __future__ import annotations

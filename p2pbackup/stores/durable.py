@@ -154,10 +154,10 @@ class DirectWriter:
     """Appends to an open file with direct writes where the filesystem allows.
 
     For files written once and rarely read soon after: shards. Through the
-    page cache, ten storage nodes writing shards at once spent ~3 CPU-seconds
-    per GB in the kernel on this project's test machine, against ~0.2 with
-    direct writes; and a shard has no business evicting the page cache of
-    the files its host is using.
+    page cache, storage nodes writing shards at once spend many times more
+    CPU in the kernel than with direct writes (docs/performance.md#durable);
+    and a shard has no business evicting the page cache of the files its
+    host is using.
 
     Bytes are gathered in a page-aligned buffer (STAGING_SIZE) and written
     from it; :meth:`flush` writes what is left, its unaligned tail through

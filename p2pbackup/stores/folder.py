@@ -284,7 +284,7 @@ class FolderShardStore:
     async def _ensure_writable(self) -> None:
         # Stale temp files are swept before the first write, not on open: a
         # restore only reads, and sweeping 256 prefix folders on each of n
-        # peers cost it ~10 % of its time.
+        # peers was a noticeable share of its time (docs/performance.md#restore).
         await self._ensure_open()
         if not self._swept:
             await trio.to_thread.run_sync(self._collect_garbage_sync, STALE_TEMP_SECONDS)

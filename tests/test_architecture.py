@@ -102,6 +102,7 @@ PURE_ELSEWHERE = frozenset(
         "wire.messages",
         "wire.noise",
         "engine.sealwire",
+        "engine.shards",
         "dht.records",
         "dht.invites",
         "dht.ratelimit",

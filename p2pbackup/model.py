@@ -56,6 +56,11 @@ class NodeKind(enum.IntEnum):
     FILE = 0
     DIR = 1
     SYMLINK = 2
+    #: Named pipe; kept as a name and metadata (no content).
+    FIFO = 3
+    #: Character and block devices, with their device number (``rdev``).
+    CHARDEV = 4
+    BLOCKDEV = 5
 
 
 @attrs.frozen
@@ -88,6 +93,10 @@ class TreeNode:
     tree id of a directory; ``link_target`` is a symlink's target.
     ``hardlink_group`` is non-zero for files that were hard links of one
     another within the snapshot (same group number, same content).
+    ``rdev`` is a device's number (zero for everything else). ``xattrs`` are
+    the entry's extended attributes as (name, value) pairs sorted by name;
+    POSIX ACLs are among them (``system.posix_acl_access`` and, on a
+    directory, ``system.posix_acl_default``).
     """
 
     name: bytes
@@ -101,6 +110,8 @@ class TreeNode:
     uid: int = 0
     gid: int = 0
     hardlink_group: int = 0
+    rdev: int = 0
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @attrs.frozen

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from p2pbackup.engine.prune import prune
 from p2pbackup.engine.restore import Restorer
 from p2pbackup.engine.treediff import diff_trees
 from p2pbackup.errors import RecoveryKeyError, UsageError
-from p2pbackup.model import BlobType
+from p2pbackup.model import BlobType, NodeKind
 from p2pbackup.stores.folder import FolderShardStore, read_folder_peer_id
 from p2pbackup.stores.shardstore import ShardRoot, Space
 
@@ -366,17 +367,23 @@ async def test_fewer_peers_than_n_adapt_the_code_and_say_so(tmp_path: Path) -> N
     assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
 
 
-async def test_special_files_are_skipped_and_listed(tmp_path: Path) -> None:
+async def test_sockets_are_skipped_and_listed_and_fifos_kept(tmp_path: Path) -> None:
     setup = await make_setup(tmp_path)
     source = tmp_path / "src"
     source.mkdir()
     (source / "file").write_text("x")
     os.mkfifo(source / "pipe")
-    async with operations.open_repository(setup.home) as repo:
-        summary = await Backup(repo).run([source])
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(os.fspath(source / "sock"))
+        async with operations.open_repository(setup.home) as repo:
+            summary = await Backup(repo).run([source])
     assert [(os.path.basename(p), r) for p, r in summary.skipped] == [
-        ("pipe", "fifo, not backed up")
+        ("sock", "socket, not backed up")
     ]
+    async with operations.open_repository(setup.home, access="read") as repo:
+        _, snap = snapshots.resolve(repo.index, "latest")
+        pipe = await snapshots.find_node(repo, snap, os.fsencode(source / "pipe"))
+    assert pipe is not None and pipe.kind is NodeKind.FIFO
 
 
 @pytest.mark.parametrize(

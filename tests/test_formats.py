@@ -3,6 +3,7 @@ yields FormatError."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from typing import Any
@@ -20,9 +21,11 @@ from p2pbackup.core.formats import (
     MAX_CHUNK_SIZE,
     MAX_PACK_SIZE,
     MAX_U32,
+    MAX_XATTR_NAME_LENGTH,
     MIN_BLOCK_SIZE,
     MIN_INT,
     SHARD_HEADER_SIZE,
+    TREE_VERSION,
     SignedEnvelope,
     decode_index_segment,
     decode_pack_header,
@@ -103,10 +106,19 @@ def blob_entries(draw: st.DrawFn, pack_size: int = MAX_PACK_SIZE) -> BlobEntry:
 pack_headers = st.builds(PackHeader, entries=st.lists(blob_entries(), max_size=5).map(tuple))
 
 
+xattr_names = st.binary(min_size=1, max_size=MAX_XATTR_NAME_LENGTH).filter(
+    lambda name: b"\x00" not in name
+)
+xattr_lists = st.lists(
+    st.tuples(xattr_names, st.binary(max_size=64)), max_size=3, unique_by=lambda pair: pair[0]
+).map(lambda pairs: tuple(sorted(pairs)))
+
+
 @st.composite
 def tree_nodes(draw: st.DrawFn) -> TreeNode:
     kind = draw(st.sampled_from(NodeKind))
     link = st.binary(min_size=1, max_size=40).filter(lambda t: b"\x00" not in t)
+    device = kind in (NodeKind.CHARDEV, NodeKind.BLOCKDEV)
     return TreeNode(
         name=draw(names),
         kind=kind,
@@ -119,6 +131,8 @@ def tree_nodes(draw: st.DrawFn) -> TreeNode:
         uid=draw(st.integers(0, MAX_U32)),
         gid=draw(st.integers(0, MAX_U32)),
         hardlink_group=draw(uints),
+        rdev=draw(uints) if device else 0,
+        xattrs=draw(xattr_lists),
     )
 
 
@@ -274,7 +288,8 @@ def _accepts_only_canonical(codec: Codec, data: bytes) -> None:
 def test_round_trip(codec: Codec, data: st.DataObject) -> None:
     value = data.draw(codec.values)
     encoded = codec.encode(value)
-    assert encoded.startswith(codec.magic + b"\x01")
+    assert encoded[:4] == codec.magic
+    assert encoded[4] in (1, TREE_VERSION if codec.magic == b"P2PT" else 1)
     decoded = codec.decode(encoded)
     assert decoded == value
     assert codec.encode(decoded) == encoded
@@ -549,9 +564,68 @@ def _node(**changes: Any) -> list[Any]:
     return list(fields.values())
 
 
-def _tree_bytes(*nodes: list[Any]) -> bytes:
+def _tree_bytes(*nodes: list[Any], version: int = 1) -> bytes:
     body: bytes = msgpack.packb([list(nodes)], use_bin_type=True)
-    return b"P2PT\x01" + body
+    return b"P2PT" + bytes([version]) + body
+
+
+def _node_v2(rdev: int = 0, xattrs: Any = (), **changes: Any) -> list[Any]:
+    return [*_node(**changes), rdev, [list(pair) for pair in xattrs]]
+
+
+def test_a_tree_that_needs_nothing_new_is_still_written_as_version_1() -> None:
+    plain = Tree((TreeNode(b"a", NodeKind.FILE, 0o644, 0),))
+    assert encode_tree(plain)[4] == 1
+    assert encode_tree(plain) == _tree_bytes(_node())  # an old tree's id is kept
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        TreeNode(b"p", NodeKind.FIFO, 0o600, 0),
+        TreeNode(b"d", NodeKind.CHARDEV, 0o600, 0, rdev=os.makedev(1, 3)),
+        TreeNode(b"f", NodeKind.FILE, 0o644, 0, xattrs=((b"user.tag", b"red"),)),
+        TreeNode(
+            b"acl",
+            NodeKind.DIR,
+            0o750,
+            0,
+            subtree=_ID,
+            xattrs=((b"system.posix_acl_access", b"\x02\x00"), (b"user.x", b"")),
+        ),
+    ],
+)
+def test_fifos_devices_and_extended_attributes_need_version_2(node: TreeNode) -> None:
+    data = encode_tree(Tree((node,)))
+    assert data[4] == TREE_VERSION
+    assert decode_tree(data).nodes == (node,)
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        (_node_v2(), "version 2 for a tree that version 1 holds"),
+        (_node_v2(rdev=5, xattrs=[(b"user.a", b"")]), "a file has no device number"),
+        (_node_v2(kind=3, rdev=5), "a fifo has no device number"),
+        (_node_v2(kind=3, content=[_ID]), "a fifo has no content"),
+        (_node_v2(xattrs=[(b"user.b", b""), (b"user.a", b"")]), "user.a' is out of order"),
+        (_node_v2(xattrs=[(b"user.a", b""), (b"user.a", b"")]), "user.a' is duplicated"),
+        (_node_v2(xattrs=[(b"", b"")]), "extended attribute 0: name: expected 1 to 255"),
+        (_node_v2(xattrs=[(b"user.\x00", b"")]), "contains a NUL"),
+        (_node_v2(xattrs=[(b"user.a", bytes(65537))]), "value: expected at most 65536 bytes"),
+        (_node_v2(xattrs=[[b"user.a"]]), "expected 2 fields, got 1"),
+    ],
+)
+def test_version_2_nodes_are_checked(node: list[Any], message: str) -> None:
+    with pytest.raises(FormatError, match=message):
+        decode_tree(_tree_bytes(node, version=2))
+
+
+def test_unknown_tree_versions_are_refused() -> None:
+    with pytest.raises(FormatError, match="tree: unknown version 3"):
+        decode_tree(_tree_bytes(_node_v2(kind=3), version=3))
+    with pytest.raises(FormatError, match="expected 13 fields, got 11"):
+        decode_tree(_tree_bytes(_node(kind=3), version=2))
 
 
 def test_hand_built_tree_decodes() -> None:
@@ -606,7 +680,8 @@ def test_unsorted_and_duplicate_names_are_rejected() -> None:
         ({"kind": 2, "link": b"a\x00"}, "link target: contains a NUL"),
         ({"kind": 1, "subtree": b"\x07" * 31}, "subtree: expected 32 bytes, got 31 bytes"),
         ({"content": [_ID, b"short"]}, "chunk 1: expected 32 bytes"),
-        ({"kind": 3}, "unknown NodeKind 3"),
+        ({"kind": 9}, "unknown NodeKind 9"),
+        ({"kind": 3}, "a version 1 tree holds no fifo"),
         ({"kind": True}, "kind: expected an integer, got boolean"),
         ({"mode": 1.5}, "mode: expected an integer, got float"),
         ({"size": -1}, "size: -1 is out of range"),

@@ -82,6 +82,17 @@ class Console:
         return Progress(label, sink=self.progress, enabled=self.progress is not None)
 
 
+#: The type letter ``ls -l`` shows for each kind of node.
+_LS_TYPES = {
+    NodeKind.FILE: "-",
+    NodeKind.DIR: "d",
+    NodeKind.SYMLINK: "l",
+    NodeKind.FIFO: "p",
+    NodeKind.CHARDEV: "c",
+    NodeKind.BLOCKDEV: "b",
+}
+
+
 def error_message(exc: BaseException) -> str | None:
     """The one line a user sees for an expected failure; None for a bug."""
     if isinstance(exc, P2PBackupError):
@@ -485,7 +496,7 @@ class Service:
 
 
 def _describe(path: bytes, node: TreeNode) -> str:
-    kind = {NodeKind.DIR: "d", NodeKind.FILE: "-", NodeKind.SYMLINK: "l"}[node.kind]
+    kind = _LS_TYPES[node.kind]
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(node.mtime_ns / 1e9))
     line = f"{kind}{stat.filemode(node.mode)[1:]}  {node.size:>12}  {when}  {os.fsdecode(path)}"
     if node.link_target is not None:

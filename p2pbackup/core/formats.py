@@ -31,6 +31,7 @@ nothing unreadable is ever written.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
 from collections.abc import Callable
 from typing import TypeVar
@@ -96,6 +97,11 @@ MAX_TAG_LENGTH = 256
 MAX_TREE_NODES = 1 << 20
 #: Chunks of one file (16 TiB at a 1 MiB average chunk).
 MAX_FILE_CHUNKS = 1 << 24
+#: Extended attributes of one entry, and the sizes Linux allows each name
+#: (XATTR_NAME_MAX) and value (XATTR_SIZE_MAX).
+MAX_XATTRS = 1024
+MAX_XATTR_NAME_LENGTH = 255
+MAX_XATTR_VALUE_LENGTH = 65536
 #: Blobs in one pack.
 MAX_PACK_BLOBS = 1 << 20
 #: Shard locations of one pack (repair may list an index on several peers).
@@ -123,8 +129,15 @@ SNAPSHOT_MAGIC = b"P2PN"
 INDEX_SEGMENT_MAGIC = b"P2PI"
 ROOT_RECORD_MAGIC = b"P2PR"
 ENVELOPE_MAGIC = b"P2PE"
-#: The only version every format has so far.
+#: The version every format started at.
 FORMAT_VERSION = 1
+#: Trees: version 2 adds fifos and devices (with ``rdev``) and extended
+#: attributes. A tree that needs none of them is still written as version 1,
+#: so an unchanged directory keeps its tree id across the upgrade.
+TREE_VERSION = 2
+_TREE_VERSIONS = (FORMAT_VERSION, TREE_VERSION)
+#: Node kinds a version-1 tree can hold.
+_V1_KINDS = frozenset({NodeKind.FILE, NodeKind.DIR, NodeKind.SYMLINK})
 
 _MAGIC_NAMES = {
     SHARD_HEADER_MAGIC: "shard header",
@@ -145,14 +158,20 @@ _check = FieldChecks(FormatError)
 _fail = _check.fail
 
 
-def _check_prefix(what: str, data: bytes, magic: bytes, minimum: int) -> None:
+def _check_prefix(
+    what: str,
+    data: bytes,
+    magic: bytes,
+    minimum: int,
+    versions: tuple[int, ...] = (FORMAT_VERSION,),
+) -> None:
     """Magic, then version, then length: the order in which a reader cares."""
     if len(data) >= 4 and data[:4] != magic:
         got = data[:4]
         known = _MAGIC_NAMES.get(got)
         hint = f" (that is a {known})" if known else ""
         _fail(what, f"bad magic {got!r}, expected {magic!r}{hint}")
-    if len(data) >= _PREFIX_SIZE and data[4] != FORMAT_VERSION:
+    if len(data) >= _PREFIX_SIZE and data[4] not in versions:
         _fail(what, f"unknown version {data[4]}")
     if len(data) < minimum:
         _fail(what, f"truncated (got {len(data)} of {minimum} bytes)")
@@ -335,19 +354,25 @@ def _checked(data: bytes, decode: Callable[[bytes], object]) -> bytes:
     return data
 
 
-def _seal(what: str, magic: bytes, body: object) -> bytes:
+def _seal(what: str, magic: bytes, body: object, version: int = FORMAT_VERSION) -> bytes:
     try:
         packed = msgpack.packb(body, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         _fail(what, f"cannot encode ({exc})")
     assert isinstance(packed, bytes)
-    return magic + bytes([FORMAT_VERSION]) + packed
+    return magic + bytes([version]) + packed
 
 
-def _open(what: str, data: BytesLike, magic: bytes, build: Callable[[object, str], _T]) -> _T:
+def _open(
+    what: str,
+    data: BytesLike,
+    magic: bytes,
+    build: Callable[[object, str], _T],
+    versions: tuple[int, ...] = (FORMAT_VERSION,),
+) -> _T:
     """Check the prefix, unpack the body with limits, build and check canonical form."""
     raw = bytes(data)
-    _check_prefix(what, raw, magic, _PREFIX_SIZE)
+    _check_prefix(what, raw, magic, _PREFIX_SIZE, versions)
     body = raw[_PREFIX_SIZE:]
     unpacked = _unpack(what, body)
     value = build(unpacked, what)
@@ -492,8 +517,16 @@ def _pack_header(value: object, what: str) -> PackHeader:
 # --- Trees ------------------------------------------------------------------
 
 
-def _tree_node_body(node: TreeNode) -> tuple[object, ...]:
-    return (
+def _tree_version(tree: Tree) -> int:
+    """The lowest tree version that can hold every node of ``tree``."""
+    for node in tree.nodes:
+        if node.kind not in _V1_KINDS or node.rdev or node.xattrs:
+            return TREE_VERSION
+    return FORMAT_VERSION
+
+
+def _tree_node_body(node: TreeNode, version: int) -> tuple[object, ...]:
+    body = (
         node.name,
         int(node.kind),
         node.mode,
@@ -506,10 +539,13 @@ def _tree_node_body(node: TreeNode) -> tuple[object, ...]:
         node.gid,
         node.hardlink_group,
     )
+    if version == FORMAT_VERSION:
+        return body
+    return (*body, node.rdev, tuple((name, value) for name, value in node.xattrs))
 
 
-def _tree_node(value: object, what: str) -> TreeNode:
-    fields = _check.fields(value, what, 11)
+def _tree_node(value: object, what: str, version: int) -> TreeNode:
+    fields = _check.fields(value, what, 11 if version == FORMAT_VERSION else 13)
     name = _check_name(fields[0], f"{what}: name")
     # Name the node by its (printable) name from here on: easier to find.
     what = f"{what} ({name[:80]!r})"
@@ -526,8 +562,34 @@ def _tree_node(value: object, what: str) -> TreeNode:
         gid=_check.integer(fields[9], f"{what}: gid", high=MAX_U32),
         hardlink_group=_check.integer(fields[10], f"{what}: hardlink group"),
     )
+    if version != FORMAT_VERSION:
+        node = attrs.evolve(
+            node,
+            rdev=_check.integer(fields[11], f"{what}: device number"),
+            xattrs=_xattrs(fields[12], f"{what}: extended attribute"),
+        )
+    elif node.kind not in _V1_KINDS:
+        _fail(what, f"a version 1 tree holds no {node.kind.name.lower()}")
     _check_node_kind(what, node)
     return node
+
+
+def _xattrs(value: object, what: str) -> tuple[tuple[bytes, bytes], ...]:
+    pairs = _check.items(value, what, _xattr, max_length=MAX_XATTRS)
+    for previous, pair in itertools.pairwise(pairs):
+        if pair[0] <= previous[0]:
+            problem = "duplicated" if pair[0] == previous[0] else "out of order"
+            _fail(what, f"name {pair[0][:80]!r} is {problem}")
+    return pairs
+
+
+def _xattr(value: object, what: str) -> tuple[bytes, bytes]:
+    name, data = _check.fields(value, what, 2)
+    name = _no_nul(
+        _check.binary(name, f"{what}: name", min_length=1, max_length=MAX_XATTR_NAME_LENGTH),
+        f"{what}: name",
+    )
+    return name, _check.binary(data, f"{what}: value", max_length=MAX_XATTR_VALUE_LENGTH)
 
 
 def _link_target(value: object, what: str) -> bytes:
@@ -543,20 +605,35 @@ def _check_node_kind(what: str, node: TreeNode) -> None:
         _fail(what, "a directory, and only a directory, has a subtree")
     if (node.kind is NodeKind.SYMLINK) != (node.link_target is not None):
         _fail(what, "a symlink, and only a symlink, has a link target")
+    if node.rdev and node.kind not in (NodeKind.CHARDEV, NodeKind.BLOCKDEV):
+        _fail(what, f"a {kind} has no device number")
 
 
 def encode_tree(tree: Tree) -> bytes:
-    body = (tuple(_tree_node_body(node) for node in tree.nodes),)
-    return _checked(_seal("tree", TREE_MAGIC, body), decode_tree)
+    version = _tree_version(tree)
+    body = (tuple(_tree_node_body(node, version) for node in tree.nodes),)
+    return _checked(_seal("tree", TREE_MAGIC, body, version), decode_tree)
 
 
 def decode_tree(data: BytesLike) -> Tree:
-    return _open("tree", data, TREE_MAGIC, _tree)
+    raw = bytes(data)
+    version = raw[4] if len(raw) > 4 else FORMAT_VERSION
+
+    def build(value: object, what: str) -> Tree:
+        return _tree(value, what, version)
+
+    return _open("tree", raw, TREE_MAGIC, build, _TREE_VERSIONS)
 
 
-def _tree(value: object, what: str) -> Tree:
+def _tree(value: object, what: str, version: int) -> Tree:
     (nodes,) = _check.fields(value, what, 1)
-    tree = Tree(nodes=_check.items(nodes, f"{what}: node", _tree_node, max_length=MAX_TREE_NODES))
+
+    def build_node(item: object, where: str) -> TreeNode:
+        return _tree_node(item, where, version)
+
+    tree = Tree(nodes=_check.items(nodes, f"{what}: node", build_node, max_length=MAX_TREE_NODES))
+    if version != FORMAT_VERSION and _tree_version(tree) == FORMAT_VERSION:
+        _fail(what, f"version {version} for a tree that version {FORMAT_VERSION} holds")
     for previous, node in zip(tree.nodes, tree.nodes[1:], strict=False):
         if node.name <= previous.name:
             problem = "duplicated" if node.name == previous.name else "out of order"

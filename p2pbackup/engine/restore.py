@@ -2,11 +2,18 @@
 
 The restorer first walks the snapshot's trees and makes a **plan**: the
 directories to create, the files to write (each with the packs and offsets of
-its chunks), the symlinks and hard links to make afterwards. It then reads each
+its chunks), the symlinks, hard links, fifos and devices to make afterwards.
+It then reads each
 needed pack once — verifying every shard and every blob — and writes the
 chunks it holds into **temporary files** beside their final names. A file is
 renamed into place only when every byte is written and checked, so a file
-never appears half-written under its real name.
+never appears half-written under its real name. A chunk of zeros is not
+written but left a **hole**, so a sparse file comes back sparse.
+
+Every entry gets its owner (as root), mode, mtime and **extended
+attributes** (POSIX ACLs among them) back; an attribute the target cannot
+take (a filesystem without them, a namespace only root may write) is named
+in the summary, and the entry is restored without it.
 
 Safety rules:
 
@@ -51,12 +58,16 @@ class RestoreSummary:
     files: int = 0
     dirs: int = 0
     symlinks: int = 0
+    #: Fifos and devices.
+    specials: int = 0
     bytes_written: int = 0
     #: Files already present with the same content (left as they were).
     identical: int = 0
     unrecoverable: list[str] = attrs.Factory(list)
     conflicts: list[str] = attrs.Factory(list)
     failed: list[tuple[str, str]] = attrs.Factory(list)
+    #: Entries restored without some of their metadata (extended attributes), and why.
+    incomplete_metadata: list[tuple[str, str]] = attrs.Factory(list)
     seconds: float = 0.0
 
     @property
@@ -66,13 +77,17 @@ class RestoreSummary:
     def to_json(self) -> dict[str, object]:
         data = attrs.asdict(self)
         data["failed"] = [{"path": p, "reason": r} for p, r in self.failed]
+        data["incomplete_metadata"] = [
+            {"path": p, "reason": r} for p, r in self.incomplete_metadata
+        ]
         return data
 
     def lines(self) -> list[str]:
         rate = self.bytes_written / self.seconds / 1e6 if self.seconds > 0 else 0.0
         lines = [
-            f"restored {self.files} files, {self.dirs} directories, {self.symlinks} symlinks; "
-            f"{human_bytes(self.bytes_written)} in {self.seconds:.1f} s ({rate:.1f} MB/s)",
+            f"restored {self.files} files, {self.dirs} directories, {self.symlinks} symlinks"
+            + (f", {self.specials} fifos and devices" if self.specials else "")
+            + f"; {human_bytes(self.bytes_written)} in {self.seconds:.1f} s ({rate:.1f} MB/s)",
         ]
         if self.identical:
             lines.append(f"{self.identical} files were already present with the same content")
@@ -82,6 +97,8 @@ class RestoreSummary:
             lines.append(f"unrecoverable (too few good shards): {path}")
         for path, reason in self.failed:
             lines.append(f"failed: {path}: {reason}")
+        for path, reason in self.incomplete_metadata:
+            lines.append(f"restored without some extended attributes: {path}: {reason}")
         return lines
 
 
@@ -133,6 +150,7 @@ class Restorer:
         self._dirs: list[tuple[Path, TreeNode]] = []
         self._files: list[_FileJob] = []
         self._symlinks: list[tuple[Path, TreeNode]] = []
+        self._specials: list[tuple[Path, TreeNode]] = []
         self._hardlinks: dict[int, _FileJob] = {}
         self._links: list[tuple[Path, TreeNode, int]] = []
         self._chown = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -151,6 +169,7 @@ class Restorer:
             await self._plan(snapshot, only)
             await self._write_files()
         self._finish_links()
+        self._finish_specials()
         self._finish_dirs()
         self.progress.close()
         self.summary.seconds = time.monotonic() - started
@@ -221,6 +240,8 @@ class Restorer:
                 await self._plan_tree(path, node.subtree)
         elif node.kind == NodeKind.SYMLINK:
             self._symlinks.append((path, node))
+        elif node.kind in _SPECIAL_TYPES:
+            self._specials.append((path, node))
         elif node.hardlink_group and node.hardlink_group in self._hardlinks:
             self._links.append((path, node, node.hardlink_group))
         else:
@@ -372,8 +393,11 @@ class Restorer:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             job.temp = temp
             try:
-                _write_at(fd, plaintext, 0)
-                self._stamp(fd, job.node)
+                if _is_zeros(plaintext):
+                    os.ftruncate(fd, len(plaintext))  # a hole, not written blocks
+                else:
+                    _write_at(fd, plaintext, 0)
+                self._stamp(fd, job.path, job.node)
                 job.stamped = True
             finally:
                 os.close(fd)
@@ -383,6 +407,8 @@ class Restorer:
             if job.temp is None:
                 self._create_temp(job)
         assert job.temp is not None
+        if _is_zeros(plaintext):
+            return len(plaintext)  # the temp file was made at full size: a hole is there
         fd = os.open(job.temp, os.O_WRONLY | os.O_NOFOLLOW)
         try:
             _write_at(fd, plaintext, piece.offset)
@@ -390,11 +416,15 @@ class Restorer:
             os.close(fd)
         return len(plaintext)
 
-    def _stamp(self, fd: int, node: TreeNode) -> None:
-        """Give an open file the node's owner, mode and mtime (after its last write)."""
+    def _stamp(self, fd: int, path: Path, node: TreeNode) -> None:
+        """Give an open file the node's owner, extended attributes, mode and
+        mtime (after its last write)."""
         # The temp file is ours already: chown only to someone else.
         if self._chown and (node.uid, node.gid) != self._own_ids:
             os.fchown(fd, node.uid, node.gid)
+        # Before the mode: a read-only mode would refuse them, and an ACL's
+        # entries must agree with the mode set after it.
+        self._set_xattrs(fd, path, node)
         os.fchmod(fd, node.mode)
         os.utime(fd, ns=(node.mtime_ns, node.mtime_ns))
 
@@ -444,16 +474,37 @@ class Restorer:
                 job.temp.unlink()
                 return "conflict"
         if not job.stamped:
-            self._apply_metadata(job.temp, node)
+            self._apply_metadata(job.temp, node, shown=job.path)
         os.replace(job.temp, job.path)
         return "restored"
 
-    def _apply_metadata(self, path: Path, node: TreeNode) -> None:
+    def _apply_metadata(self, path: Path, node: TreeNode, shown: Path | None = None) -> None:
+        """Owner, extended attributes, mode and mtime; ``shown`` is the name
+        the summary gives the entry (``path`` may be its temp file)."""
         if self._chown:
             os.chown(path, node.uid, node.gid, follow_symlinks=False)
+        self._set_xattrs(path, shown or path, node)
         if node.kind != NodeKind.SYMLINK:
             os.chmod(path, node.mode)
         os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
+
+    def _set_xattrs(self, where: int | Path, shown: Path, node: TreeNode) -> None:
+        """Set ``node``'s extended attributes on ``where`` (an open file or a
+        path, not followed); those the target refuses are named in the summary."""
+        refused = []
+        for name, value in node.xattrs:
+            try:
+                if isinstance(where, int):
+                    os.setxattr(where, name, value)
+                else:
+                    os.setxattr(where, name, value, follow_symlinks=False)
+            except OSError as exc:
+                refused.append(f"{os.fsdecode(name)} ({exc.strerror})")
+        if refused:
+            # list.append is atomic: worker threads may report at once.
+            self.summary.incomplete_metadata.append(
+                (_display(shown, self.target), ", ".join(refused))
+            )
 
     def _finish_links(self) -> None:
         for path, _node, group in self._links:
@@ -490,6 +541,31 @@ class Restorer:
                 os.symlink(node.link_target, path)
                 self._apply_metadata(path, node)
                 self.summary.symlinks += 1
+            except OSError as exc:
+                self.summary.failed.append((shown, str(exc.strerror)))
+
+    def _finish_specials(self) -> None:
+        """Make the fifos and devices (a device only as root, as mknod demands)."""
+        for path, node in self._specials:
+            shown = _display(path, self.target)
+            file_type = _SPECIAL_TYPES[node.kind]
+            try:
+                if os.path.lexists(path):
+                    st = os.lstat(path)
+                    if stat.S_IFMT(st.st_mode) == file_type and st.st_rdev == node.rdev:
+                        self._apply_metadata(path, node)
+                        self.summary.identical += 1
+                        continue
+                    if not self.overwrite or _is_real_dir(path):
+                        self.summary.conflicts.append(shown)
+                        continue
+                    os.unlink(path)
+                if node.kind == NodeKind.FIFO:
+                    os.mkfifo(path, 0o600)
+                else:
+                    os.mknod(path, file_type | 0o600, node.rdev)
+                self._apply_metadata(path, node)
+                self.summary.specials += 1
             except OSError as exc:
                 self.summary.failed.append((shown, str(exc.strerror)))
 
@@ -531,6 +607,19 @@ def _remove_stale_temps(directory: Path) -> None:
                     os.unlink(entry.path)
     except OSError:
         return  # leftovers are harmless; a failed cleanup must not stop a restore
+
+
+#: The file type each special node is made as.
+_SPECIAL_TYPES = {
+    NodeKind.FIFO: stat.S_IFIFO,
+    NodeKind.CHARDEV: stat.S_IFCHR,
+    NodeKind.BLOCKDEV: stat.S_IFBLK,
+}
+
+
+def _is_zeros(data: bytes) -> bool:
+    """True for a chunk of zeros (the first byte rules out almost every other)."""
+    return data[:1] == b"\0" and data.count(0) == len(data)
 
 
 def _write_at(fd: int, data: bytes, position: int) -> None:

@@ -1,4 +1,5 @@
-"""Compare two directory trees: content, type, mode, mtime and symlink targets.
+"""Compare two directory trees: content, type, mode, mtime, symlink targets,
+device numbers and extended attributes (POSIX ACLs among them).
 
 Used by the demo to prove a restore is exact, and by tests.
 """
@@ -18,6 +19,14 @@ def _entries(root: Path) -> dict[bytes, os.stat_result]:
             full = os.path.join(dirpath, name)
             result[os.path.relpath(full, base)] = os.lstat(full)
     return result
+
+
+def _xattrs(path: bytes) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}  # the filesystem keeps none
+    return {name: os.getxattr(path, name, follow_symlinks=False) for name in names}
 
 
 def same_content(a: str | bytes | os.PathLike[str], b: str | bytes | os.PathLike[str]) -> bool:
@@ -52,6 +61,11 @@ def diff_trees(expected: Path, actual: Path, *, check_dir_mtime: bool = True) ->
         if stat.S_IFMT(a.st_mode) != stat.S_IFMT(b.st_mode):
             problems.append(f"type differs: {shown}")
             continue
+        path_a, path_b = os.path.join(base_a, rel), os.path.join(base_b, rel)
+        if _xattrs(path_a) != _xattrs(path_b):
+            problems.append(f"extended attributes differ: {shown}")
+        if (stat.S_ISCHR(a.st_mode) or stat.S_ISBLK(a.st_mode)) and a.st_rdev != b.st_rdev:
+            problems.append(f"device number differs: {shown}")
         if stat.S_ISLNK(a.st_mode):
             if os.readlink(os.path.join(base_a, rel)) != os.readlink(os.path.join(base_b, rel)):
                 problems.append(f"symlink target differs: {shown}")

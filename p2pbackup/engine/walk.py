@@ -4,7 +4,8 @@
   order, and the directories from / down to them. For each directory it
   **plans** every entry — a regular file read by the pipeline
   (:mod:`.pipeline`) or taken from the file cache, a subdirectory walked, a
-  symlink stored as it is, anything else left out and named — then a task of
+  symlink, fifo or device stored as it is, a socket left out and named, each
+  with its **extended attributes** (POSIX ACLs among them) — then a task of
   the directory's own stores its **tree** blob once every entry is done. The
   walker itself never waits for file data, so the workers always have the
   next files queued (it waits only when the job queue is full).
@@ -20,6 +21,8 @@ What the walk finds it counts into a :class:`WalkTally` (the backup's summary).
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import stat
 from collections.abc import Callable
@@ -36,6 +39,12 @@ from p2pbackup.engine.pipeline import FileWork, Pipeline
 from p2pbackup.model import BlobType, FileStat, NodeKind, Tree, TreeNode
 
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
+
+#: listxattr's answers for "this filesystem keeps no extended attributes",
+#: and getxattr's for "that one went away meanwhile": nothing to keep.
+_NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT, errno.ENODATA})
 
 
 class WalkTally(Protocol):
@@ -158,6 +167,7 @@ class _Entry:
     """A directory entry waiting to become a tree node."""
 
     name: bytes
+    path: bytes
     st: os.stat_result
     node: TreeNode | None = None
     work: FileWork | None = None
@@ -250,7 +260,7 @@ class TreeWalk:
             if self._exclude.excludes(path):
                 self._tally.excluded += 1
                 continue
-            entry = _Entry(name, st=st)
+            entry = _Entry(name, path, st=st)
             pending.append(entry)
             if stat.S_ISREG(st.st_mode):
                 await self._plan_file(entry, path, st, cache)
@@ -260,7 +270,7 @@ class TreeWalk:
                 entry.node = self._special_node(path, name, st)
         for name in sorted(layout_dirs):
             path = prefix + b"/" + name
-            entry = _Entry(name, st=os.lstat(path))
+            entry = _Entry(name, path, st=os.lstat(path))
             entry.subtree = await self._save_layout(path, layout_dirs[name])
             pending.append(entry)
         future = _TreeFuture()
@@ -296,6 +306,13 @@ class TreeWalk:
         await self._pipeline.read(work)
 
     async def _finish_entry(self, entry: _Entry) -> TreeNode | None:
+        node = await self._entry_node(entry)
+        if node is None:
+            return None
+        xattrs = read_xattrs(entry.path)
+        return attrs.evolve(node, xattrs=xattrs) if xattrs else node
+
+    async def _entry_node(self, entry: _Entry) -> TreeNode | None:
         tally = self._tally
         if entry.subtree is not None:
             tree_id = await entry.subtree.wait()
@@ -333,7 +350,7 @@ class TreeWalk:
         return ident
 
     def _special_node(self, path: bytes, name: bytes, st: os.stat_result) -> TreeNode | None:
-        """A symlink's node; None (and a note) for fifos, sockets and devices."""
+        """The node of a symlink, a fifo or a device; None (and a note) for a socket."""
         mode = st.st_mode
         if stat.S_ISLNK(mode):
             self._tally.symlinks += 1
@@ -346,9 +363,55 @@ class TreeWalk:
                 uid=st.st_uid,
                 gid=st.st_gid,
             )
-        kind = "fifo" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
-        self._tally.skipped.append((os.fsdecode(path), f"{kind}, not backed up"))
-        return None
+        kind = _SPECIAL_KINDS.get(stat.S_IFMT(mode))
+        if kind is None:
+            # A socket is made by the program that listens on it, never restored.
+            self._tally.skipped.append((os.fsdecode(path), "socket, not backed up"))
+            return None
+        return TreeNode(
+            name=name,
+            kind=kind,
+            mode=stat.S_IMODE(mode),
+            mtime_ns=st.st_mtime_ns,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            rdev=st.st_rdev if kind is not NodeKind.FIFO else 0,
+        )
+
+
+_SPECIAL_KINDS = {
+    stat.S_IFIFO: NodeKind.FIFO,
+    stat.S_IFCHR: NodeKind.CHARDEV,
+    stat.S_IFBLK: NodeKind.BLOCKDEV,
+}
+
+
+def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    """The extended attributes of ``path`` itself (a symlink's own, not its
+    target's), sorted by name; () where the filesystem keeps none. One that
+    cannot be read is left out with a warning: the entry is kept without it."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in _NO_XATTRS:
+            log.warning("%s: extended attributes not read: %s", os.fsdecode(path), exc.strerror)
+        return ()
+    pairs = []
+    for name in names:
+        try:
+            value = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in _NO_XATTRS:
+                log.warning(
+                    "%s: extended attribute %s not read: %s",
+                    os.fsdecode(path),
+                    name,
+                    exc.strerror,
+                )
+            continue
+        pairs.append((os.fsencode(name), value))
+    pairs.sort()
+    return tuple(pairs)
 
 
 def _dir_node(name: bytes, st: os.stat_result, subtree: bytes) -> TreeNode:

@@ -33,7 +33,7 @@ PACKAGE = "p2pbackup"
 PACKAGE_DIR = Path(p2pbackup.__file__).parent
 
 #: The layers, lowest first. Each may import the ones before it.
-LAYERS = ("core", "net", "wire", "stores", "dht", "engine", "node", "app")
+LAYERS = ("core", "net", "wire", "stores", "dht", "engine", "maintenance", "node", "app")
 
 #: Modules at the root of the package, beside the layers: the package face
 #: and the cross-cutting ones every layer uses.

@@ -21,5 +21,5 @@ Nouns:
 * **devnet** and **demo** (:mod:`.devnet`, :mod:`.demo`) — a local network of
   real ``serve`` processes on loopback, and the whole story told on one.
 
-May import: core, net, wire, stores, dht, engine, node.
+May import: core, net, wire, stores, dht, engine, maintenance, node.
 """

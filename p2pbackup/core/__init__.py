@@ -21,6 +21,6 @@ Nouns:
   **exclude rules** (:mod:`.exclude`) — which paths a backup leaves out.
 
 May import: nothing but the root modules. (The layers, lowest first: core,
-net, wire, stores, dht, engine, node, app; each imports only those below it,
-and ``tests/test_architecture.py`` holds every layer to that.)
+net, wire, stores, dht, engine, maintenance, node, app; each imports only
+those below it, and ``tests/test_architecture.py`` holds every layer to that.)
 """

@@ -13,5 +13,5 @@ Nouns:
 The daemon that wires these together with a home is a composition root and
 lives in :mod:`p2pbackup.app.daemon`.
 
-May import: core, net, wire, stores, dht, engine.
+May import: core, net, wire, stores, dht, engine, maintenance.
 """

@@ -105,6 +105,7 @@ PURE_ELSEWHERE = frozenset(
         "dht.records",
         "dht.invites",
         "dht.ratelimit",
+        "node.admission",
     )
 )
 

@@ -119,8 +119,10 @@ async def serve(
             )
         )
         try:
+            # Friends come first for sessions in open mode too.
+            friends = FriendGate(home)
             server = StorageServer(
-                host, identity, admits=None if options.open else FriendGate(home)
+                host, identity, admits=None if options.open else friends, friends=friends
             )
             async with trio.open_nursery() as nursery:
                 address = await nursery.start(

@@ -78,7 +78,7 @@ from p2pbackup.engine.runtime import tune_process
 from p2pbackup.model import NODE_ID_SIZE, BytesLike
 from p2pbackup.net.network import Address, TcpNetwork
 from p2pbackup.node.server import StorageServer
-from p2pbackup.node.shardhost import ShardHost
+from p2pbackup.node.shardhost import ShardCharge, ShardHost
 from p2pbackup.stores.remote import RemoteShardStore
 from p2pbackup.wire.rpc import MessageChannel
 from p2pbackup.wire.session import Identity
@@ -270,8 +270,13 @@ async def run_client(
             await _in_parallel(count, concurrency, put)
         phase("put", start, meter.cpu_seconds)
         used = await store.usage()
-        if used != total:
-            raise AssertionError(f"{mode}: the server holds {used} bytes after putting {total}")
+        # The node charges each shard its disk blocks and metadata (shardhost).
+        charged = sum(ShardCharge().of(len(pool[index % len(pool)])) for index in range(count))
+        if used != charged:
+            raise AssertionError(
+                f"{mode}: the server charges {used} bytes after putting {total} "
+                f"(expected {charged})"
+            )
         start = (time.perf_counter(), _self_cpu(), server.cpu_seconds())
         await _in_parallel(count, concurrency, get)
         phase("get", start, 0.0)

@@ -11,12 +11,16 @@ import trio
 from p2pbackup.core.keys import Keyring
 from p2pbackup.net.network import Address, Network
 from p2pbackup.node.server import ServerLimits, StorageServer
-from p2pbackup.node.shardhost import ShardHost
+from p2pbackup.node.shardhost import ShardCharge, ShardHost
 from p2pbackup.stores.remote import RemoteShardStore
 from p2pbackup.wire.session import Identity
 
 LOOPBACK_ANY_PORT = Address("127.0.0.1", 0)
 DEFAULT_LIMITS = ServerLimits()
+#: A node that charges owners exactly the bytes they store, for tests that
+#: count bytes through the protocol (the default charges whole disk blocks).
+BYTES_ONLY = ShardCharge(block=1, per_file=0)
+DEFAULT_CHARGE = ShardCharge()
 
 
 def identity(name: str) -> Identity:
@@ -52,9 +56,10 @@ async def start_node(
     limits: ServerLimits = DEFAULT_LIMITS,
     capacity: int | None = None,
     owner_quota: int | None = None,
+    charge: ShardCharge = DEFAULT_CHARGE,
 ) -> RunningNode:
     """A storage node serving from ``root`` until ``nursery`` is cancelled."""
-    host = ShardHost.open(root, capacity=capacity, owner_quota=owner_quota)
+    host = ShardHost.open(root, capacity=capacity, owner_quota=owner_quota, charge=charge)
     node_identity = identity(name)
     server = StorageServer(host, node_identity, limits=limits)
     address = await nursery.start(network.serve, listen, server.handle_connection)

@@ -107,6 +107,7 @@ PURE_ELSEWHERE = frozenset(
         "dht.invites",
         "dht.ratelimit",
         "app.requests",
+        "node.admission",
     )
 )
 

@@ -46,6 +46,8 @@ class ServeProcess:
     node_id: str
     process: subprocess.Popen[bytes] | None = None
     address: str = ""
+    #: What the last start printed, up to its ``serving on`` line.
+    started: list[str] = attrs.Factory(list)
 
     def start(self, listen: str = "127.0.0.1:0", *extra: str, open_mode: bool = True) -> None:
         # Open by default: these nodes store for owners that are not their friends.
@@ -68,6 +70,7 @@ class ServeProcess:
             match = SERVING_RE.match(line.strip())
             if match:
                 self.address = match.group(1)
+                self.started = [line.rstrip("\n") for line in lines]
                 assert f"node {self.node_id}\n" in lines
                 return
         raise AssertionError(f"serve did not start: {lines} {self.stop()}")

@@ -82,7 +82,8 @@ async def test_a_friend_that_refuses_as_full_is_asked_nothing_more(
             friend.address,
             friend.identity.node_id,
         )
-        await elsewhere.put(bytes(32), bytes(limit - friend.host.usage(home.node_id()) - KIB))
+        left = friend.host.charge.largest(limit - friend.host.usage(home.node_id()))
+        await elsewhere.put(bytes(32), bytes(left - KIB))
         await elsewhere.aclose()
 
         store = repo.store(friend_id)

@@ -33,7 +33,7 @@ from p2pbackup.wire.messages import RefusalCode
 from p2pbackup.wire.rpc import MessageChannel
 from p2pbackup.wire.session import Identity, secure_initiator
 
-from .net_helpers import LOOPBACK_ANY_PORT, RunningNode, identity, start_node
+from .net_helpers import BYTES_ONLY, LOOPBACK_ANY_PORT, RunningNode, identity, start_node
 from .storage_conformance import ShardStoreConformance, shard_id
 
 OWNER = identity("owner")
@@ -44,7 +44,7 @@ class TestRemoteShardStoreOverTcp(ShardStoreConformance):
     @pytest.fixture
     async def store(self, tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[ShardStore]:
         network = TcpNetwork()
-        node = await start_node(nursery, network, tmp_path / "node")
+        node = await start_node(nursery, network, tmp_path / "node", charge=BYTES_ONLY)
         client = node.client(network, OWNER)
         yield client
         await client.aclose()
@@ -55,7 +55,11 @@ class TestRemoteShardStoreOverMemory(ShardStoreConformance):
     async def store(self, tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[ShardStore]:
         world = MemoryNetwork(seed=1, default_link=LinkProfile(latency=0.001))
         node = await start_node(
-            nursery, world.interface("server"), tmp_path / "node", listen=Address("server", 7)
+            nursery,
+            world.interface("server"),
+            tmp_path / "node",
+            listen=Address("server", 7),
+            charge=BYTES_ONLY,
         )
         client = node.client(world.interface("client"), OWNER)
         yield client
@@ -197,7 +201,9 @@ async def test_an_unreachable_node_is_unavailable(network: Network) -> None:
 
 async def test_quota_refusal_is_store_full(tmp_path: Path, nursery: trio.Nursery) -> None:
     network = TcpNetwork()
-    node = await start_node(nursery, network, tmp_path / "node", owner_quota=1000)
+    node = await start_node(
+        nursery, network, tmp_path / "node", owner_quota=1000, charge=BYTES_ONLY
+    )
     store = node.client(network, OWNER)
     await store.put(shard_id(1), bytes(600))
     with pytest.raises(StoreFullError):
@@ -210,7 +216,7 @@ async def test_a_node_offers_each_owner_its_room_and_strangers_none(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     network = TcpNetwork()
-    host = ShardHost.open(tmp_path / "node", owner_quota=1000, capacity=1500)
+    host = ShardHost.open(tmp_path / "node", owner_quota=1000, capacity=1500, charge=BYTES_ONLY)
     node_identity = identity("gated node")
     server = StorageServer(host, node_identity, admits=lambda node_id: node_id == OWNER.node_id)
     address = await nursery.start(network.serve, LOOPBACK_ANY_PORT, server.handle_connection)

@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pbackup.core import formats
 from p2pbackup.core.merkle import block_count, merkle_root, verify_block
 from p2pbackup.errors import (
     MerkleError,
@@ -26,8 +28,11 @@ from p2pbackup.errors import (
     StoreFullError,
     StoreRequestError,
 )
+from p2pbackup.model import ShardHeader
 from p2pbackup.node.shardhost import (
+    ADOPTED_LEASE_SECONDS,
     HostedShard,
+    ShardCharge,
     ShardConflictError,
     ShardHost,
     Upload,
@@ -39,6 +44,9 @@ OWNER = b"\x01" * 20
 OTHER = b"\x02" * 20
 BLOCK = 64
 T0 = 1_700_000_000
+#: Charges of exactly the bytes stored: for the tests of byte counting; the
+#: tests of the charge itself use the host's default.
+BYTES = ShardCharge(block=1, per_file=0)
 
 
 class FakeClock:
@@ -69,7 +77,7 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def host(root: Path, clock: FakeClock) -> Iterator[ShardHost]:
-    host = ShardHost.open(root, clock=clock)
+    host = ShardHost.open(root, charge=BYTES, clock=clock)
     yield host
     host.close()
 
@@ -191,7 +199,7 @@ def test_a_different_shard_may_take_an_expired_id(host: ShardHost, clock: FakeCl
 
 
 def test_wrong_root_is_refused_and_nothing_is_stored(root: Path, clock: FakeClock) -> None:
-    host = ShardHost.open(root, owner_quota=1000, clock=clock)
+    host = ShardHost.open(root, owner_quota=1000, charge=BYTES, clock=clock)
     data = data_of(5, 1000)
     upload = host.begin_put(OWNER, sid(1), 1000, BLOCK, merkle_root(b"x" * 1000, BLOCK), 60)
     assert upload is not None
@@ -311,7 +319,7 @@ def test_threads_putting_at_once(host: ShardHost) -> None:
 
 
 def test_owner_quota(root: Path, clock: FakeClock) -> None:
-    host = ShardHost.open(root, owner_quota=1000, clock=clock)
+    host = ShardHost.open(root, owner_quota=1000, charge=BYTES, clock=clock)
     put(host, OWNER, sid(1), data_of(1, 700))
     with pytest.raises(StoreFullError, match=r"quota is 1000 bytes, 700 used .*\(300 free\)"):
         host.begin_put(OWNER, sid(2), 301, BLOCK, bytes(32), 60)
@@ -332,7 +340,7 @@ def test_owner_quota(root: Path, clock: FakeClock) -> None:
 
 
 def test_capacity_counts_uploads_in_progress(root: Path, clock: FakeClock) -> None:
-    host = ShardHost.open(root, capacity=1000, clock=clock)
+    host = ShardHost.open(root, capacity=1000, charge=BYTES, clock=clock)
     upload = host.begin_put(OWNER, sid(1), 600, BLOCK, bytes(32), 60)
     assert upload is not None
     with pytest.raises(StoreFullError, match=r"capacity is 1000 bytes.*600 reserved"):
@@ -346,7 +354,7 @@ def test_capacity_counts_uploads_in_progress(root: Path, clock: FakeClock) -> No
 
 
 def test_owner_quota_counts_uploads_in_progress(root: Path, clock: FakeClock) -> None:
-    host = ShardHost.open(root, owner_quota=1000, clock=clock)
+    host = ShardHost.open(root, owner_quota=1000, charge=BYTES, clock=clock)
     first = host.begin_put(OWNER, sid(1), 600, BLOCK, bytes(32), 60)
     assert first is not None
     with pytest.raises(StoreFullError, match="600 reserved"):
@@ -367,7 +375,7 @@ def _disk_free(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
 def test_the_offer_is_the_usage_plus_the_least_room(
     root: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    host = ShardHost.open(root, owner_quota=1000, capacity=1500, clock=clock)
+    host = ShardHost.open(root, owner_quota=1000, capacity=1500, charge=BYTES, clock=clock)
     _disk_free(monkeypatch, 10**9)
     assert host.space(OWNER) == (0, 1000)  # the quota binds
     put(host, OWNER, sid(1), data_of(1, 300))
@@ -401,6 +409,74 @@ def test_without_limits_the_disk_is_the_offer(
     put(host, OWNER, sid(1), data_of(1, 300))
     _disk_free(monkeypatch, 12345)
     assert host.space(OWNER) == (300, 300 + 12345)
+
+
+def test_the_disk_check_counts_what_uploads_in_progress_will_write(
+    host: ShardHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _disk_free(monkeypatch, 10_000)
+    first = host.begin_put(OWNER, sid(1), 6000, BLOCK, bytes(32), 60)
+    assert first is not None
+    # 6000 bytes are promised to the first upload: 4000 are left for others.
+    assert host.space(OTHER) == (0, 4000)
+    with pytest.raises(StoreFullError, match="6000 of them promised to uploads in progress"):
+        host.begin_put(OTHER, sid(2), 6000, BLOCK, bytes(32), 60)
+    # What an upload has written is on the disk already: the statvfs figure
+    # (fixed here) would show it; only the rest is still promised.
+    first.write(bytes(3000))
+    assert host.space(OTHER) == (0, 7000)
+    second = host.begin_put(OTHER, sid(2), 6000, BLOCK, bytes(32), 60)
+    assert second is not None
+    first.abort()
+    second.abort()
+    assert host.space(OTHER) == (0, 10_000)
+
+
+def test_each_file_is_charged_at_least_what_it_takes_on_disk(root: Path, clock: FakeClock) -> None:
+    charge = ShardCharge()
+    host = ShardHost.open(root, owner_quota=100 * 4096, clock=clock)
+    assert host.charge == charge
+    # Empty shards are not free: each costs an inode, a directory entry and a row.
+    stored = 0
+    with pytest.raises(StoreFullError, match=r"no room for 0 bytes \(charged 4096\)"):
+        for n in range(2000):
+            put(host, OWNER, sid(n), b"")
+            stored += 1
+    assert stored == 100
+    assert host.usage(OWNER) == host.space(OWNER)[1] == 100 * 4096
+    for n in range(stored):
+        host.delete(OWNER, sid(n))
+    assert host.usage(OWNER) == 0
+    # A size is rounded up to whole blocks; the root record is charged alike.
+    put(host, OWNER, sid(1), data_of(1, 5000))
+    host.put_root(OWNER, b"r")
+    assert host.usage(OWNER) == (8192 + 4096) + (4096 + 4096)
+    assert host.total_usage() == host.usage(OWNER)
+    # And at least what the file system gives the shard file.
+    on_disk = os.stat(host._shard_path(OWNER, sid(1))).st_blocks * 512
+    assert on_disk <= charge.of(5000) - charge.per_file
+    host.close()
+    # The charges are counted again from the rows on the next open.
+    again = ShardHost.open(root, owner_quota=100 * 4096, clock=clock)
+    assert again.usage(OWNER) == (8192 + 4096) + (4096 + 4096)
+    again.close()
+
+
+def test_shards_per_owner_are_capped(root: Path, clock: FakeClock) -> None:
+    host = ShardHost.open(root, max_shards_per_owner=3, clock=clock)
+    put(host, OWNER, sid(1), b"one")
+    put(host, OWNER, sid(2), b"two")
+    upload = host.begin_put(OWNER, sid(3), 5, BLOCK, merkle_root(b"three", BLOCK), 60)
+    assert upload is not None  # an upload in progress counts
+    with pytest.raises(StoreFullError, match="keeps 3 shards here"):
+        host.begin_put(OWNER, sid(4), 4, BLOCK, merkle_root(b"four", BLOCK), 60)
+    put(host, OTHER, sid(4), b"four")  # the cap is per owner
+    assert host.begin_put(OWNER, sid(1), 3, BLOCK, merkle_root(b"one", BLOCK), 60) is None
+    upload.write(b"three")
+    upload.commit()
+    host.delete(OWNER, sid(1))
+    put(host, OWNER, sid(4), b"four")
+    host.close()
 
 
 def fail_writes(monkeypatch: pytest.MonkeyPatch, upload: Upload, code: int) -> None:
@@ -586,7 +662,7 @@ def test_root_records(host: ShardHost, root: Path, clock: FakeClock) -> None:
     with pytest.raises(StoreError, match="over the limit"):
         host.put_root(OWNER, bytes(MAX_ROOT_SIZE + 1))
     host.close()
-    reopened = ShardHost.open(root, clock=clock)
+    reopened = ShardHost.open(root, charge=BYTES, clock=clock)
     assert reopened.get_root(OWNER) == b"second, longer"
     assert reopened.usage(OWNER) == 14
     reopened.close()
@@ -646,7 +722,7 @@ def test_audit_of_a_corrupted_file_fails_verification(host: ShardHost) -> None:
 
 
 def test_reconcile_fixes_what_a_crash_or_a_disk_left(root: Path, clock: FakeClock) -> None:
-    host = ShardHost.open(root, clock=clock)
+    host = ShardHost.open(root, charge=BYTES, clock=clock)
     assert host.reconcile_report.clean
     for n in range(4):
         put(host, OWNER, sid(n), data_of(n, 500))
@@ -663,7 +739,7 @@ def test_reconcile_fixes_what_a_crash_or_a_disk_left(root: Path, clock: FakeCloc
         file.truncate(100)
     clock.now += 10
 
-    host = ShardHost.open(root, clock=clock)
+    host = ShardHost.open(root, charge=BYTES, clock=clock)
     report = host.reconcile_report
     assert report.orphans_removed == 1
     assert report.temps_removed == 1
@@ -681,10 +757,140 @@ def test_reconcile_fixes_what_a_crash_or_a_disk_left(root: Path, clock: FakeCloc
     assert_consistent(host)
     host.close()
 
-    again = ShardHost.open(root, clock=clock)
+    again = ShardHost.open(root, charge=BYTES, clock=clock)
     assert again.reconcile_report.clean
     assert again.reconcile_report.describe() == []
     again.close()
+
+
+def shard_file(seed: int, pack_size: int = 3000, k: int = 2) -> tuple[bytes, bytes]:
+    """(shard id, bytes) of a well-formed shard: a header, then the data."""
+    header = ShardHeader(
+        pack_id=hashlib.blake2b(bytes([seed]), digest_size=32).digest(),
+        index=1,
+        k=k,
+        n=k + 2,
+        pack_size=pack_size,
+        shard_size=-(-pack_size // k),
+        block_size=512,
+    )
+    data = formats.encode_shard_header(header) + data_of(seed, header.shard_size)
+    return formats.shard_id(header.pack_id, header.index), data
+
+
+def drop_database(root: Path, how: str) -> None:
+    db = root / "hosted.sqlite"
+    for extra in ("-wal", "-shm"):
+        Path(f"{db}{extra}").unlink(missing_ok=True)
+    if how == "deleted":
+        db.unlink()
+    else:
+        db.write_bytes(b"")
+
+
+@pytest.mark.parametrize("how", ["deleted", "emptied"])
+def test_a_lost_database_is_rebuilt_from_the_shard_files(
+    root: Path, clock: FakeClock, how: str
+) -> None:
+    host = ShardHost.open(root, clock=clock)
+    shards = {}
+    for seed, owner in ((1, OWNER), (2, OWNER), (3, OTHER)):
+        shard_id, data = shard_file(seed)
+        put(host, owner, shard_id, data, block_size=512)
+        shards[owner, shard_id] = host.info(owner, shard_id)
+    host.put_root(OTHER, b"root record")
+    usage = {owner: host.usage(owner) for owner in (OWNER, OTHER)}
+    host.close()
+
+    drop_database(root, how)
+    clock.now += 100
+    host = ShardHost.open(root, clock=clock)
+    report = host.reconcile_report
+    assert report.rebuilt_database and report.adopted == 3 and report.orphans_removed == 0
+    assert report.describe() == [
+        "hosted.sqlite was missing or empty: rebuilt it from the 3 shard file(s) found "
+        "(their leases restart at 366 days)"
+    ]
+    for (owner, shard_id), before in shards.items():
+        after = host.info(owner, shard_id)
+        assert after is not None
+        # What the owner declared (size, block size, root) comes back from the file.
+        assert (after.size, after.block_size, after.merkle_root) == (
+            before.size,
+            before.block_size,
+            before.merkle_root,
+        )
+        assert after.lease_expiry == T0 + 100 + ADOPTED_LEASE_SECONDS
+    assert {owner: host.usage(owner) for owner in (OWNER, OTHER)} == usage
+    assert host.get_root(OTHER) == b"root record"
+    assert_consistent(host)
+    host.close()
+    again = ShardHost.open(root, clock=clock)
+    assert again.reconcile_report.clean
+    again.close()
+
+
+def test_a_lost_database_with_files_it_cannot_account_for_is_refused(
+    root: Path, clock: FakeClock
+) -> None:
+    host = ShardHost.open(root, clock=clock)
+    shard_id, data = shard_file(1)
+    put(host, OWNER, shard_id, data, block_size=512)
+    put(host, OWNER, sid(2), b"bytes without a header")  # fine while the row exists
+    host.close()
+    files = files_under(root / "shards")
+
+    drop_database(root, "deleted")
+    with pytest.raises(StoreError, match=r"missing or empty, and 1 file\(s\) under") as caught:
+        ShardHost.open(root, clock=clock)
+    assert "nothing was changed" in str(caught.value)
+    assert str(host._shard_path(OWNER, sid(2))) in str(caught.value)
+    assert files_under(root / "shards") == files  # no file removed
+    assert (root / "hosted.sqlite").stat().st_size == 0  # no schema made either
+    ShardHost.open(root / "elsewhere").close()  # the lock was released
+
+    host._shard_path(OWNER, sid(2)).rename(root.parent / "moved-away")
+    host = ShardHost.open(root, clock=clock)
+    assert host.reconcile_report.rebuilt_database and host.reconcile_report.adopted == 1
+    assert host.has(OWNER, shard_id)
+    host.close()
+
+
+def test_an_orphan_that_is_a_well_formed_shard_is_listed_again(
+    root: Path, clock: FakeClock
+) -> None:
+    """Rows lost with the database's -wal file: the schema is there, the rows not."""
+    host = ShardHost.open(root, clock=clock)
+    shard_id, data = shard_file(4)
+    put(host, OWNER, shard_id, data, block_size=512)
+    host._db.execute("DELETE FROM shards")
+    host.close()
+    host = ShardHost.open(root, clock=clock)
+    report = host.reconcile_report
+    assert (report.adopted, report.orphans_removed, report.rebuilt_database) == (1, 0, False)
+    assert report.describe() == [
+        "listed 1 shard file(s) again whose row was missing (their leases restart at 366 days)"
+    ]
+    assert host.read(OWNER, shard_id) == data
+    host.close()
+
+
+def test_everything_the_host_makes_is_private(root: Path) -> None:
+    host = ShardHost.open(root)
+    put(host, OWNER, sid(1), b"data")
+    host.put_root(OWNER, b"root")
+    host.close()
+    made = [root, *root.rglob("*")]
+    for path in made:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        assert mode & 0o077 == 0, (path, oct(mode))
+    # A host made by an older version, or a directory the user made for it,
+    # is made private on open.
+    for path in (root, root / "shards", root / "hosted.sqlite"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    ShardHost.open(root).close()
+    for path in (root, root / "shards", root / "hosted.sqlite"):
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
 
 
 def test_unknown_schema_version_is_refused(root: Path) -> None:

@@ -169,7 +169,11 @@ async def _open_storage(
         )
     )
     try:
-        server = StorageServer(host, identity, admits=None if options.open else FriendGate(home))
+        # Friends come first for sessions in open mode too.
+        friends = FriendGate(home)
+        server = StorageServer(
+            host, identity, admits=None if options.open else friends, friends=friends
+        )
         async with trio.open_nursery() as nursery:
             address = await nursery.start(network.serve, options.listen, server.handle_connection)
             nursery.start_soon(_collect_expired, host)

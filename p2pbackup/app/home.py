@@ -31,6 +31,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from p2pbackup.core.keys import MASTER_SECRET_SIZE
 from p2pbackup.errors import RepositoryLockedError, UsageError
 from p2pbackup.stores.durable import write_private_file
 
@@ -186,7 +187,8 @@ class Home:
                 f"{self.secret_path} is readable by others (mode {mode:o}); "
                 f"run `chmod 600 {self.secret_path}`"
             )
-        lines = self.secret_path.read_text().split("\n")
+        # Bytes, decoded leniently: a damaged file is a message, not a traceback.
+        lines = self.secret_path.read_bytes().decode("ascii", errors="replace").split("\n")
         header = lines[0].split()
         if len(header) != 2 or header[0] != _SECRET_MAGIC or len(lines) < 2:
             raise UsageError(f"{self.secret_path} is not a p2pbackup secret file")
@@ -196,9 +198,16 @@ class Home:
                 f"reads version {HOME_FORMAT_VERSION} (a newer p2pbackup made it: upgrade)"
             )
         try:
-            return bytes.fromhex(lines[1].strip())
-        except ValueError as exc:
-            raise UsageError(f"{self.secret_path} is damaged") from exc
+            secret = bytes.fromhex(lines[1].strip())
+        except ValueError:
+            secret = b""
+        if len(secret) != MASTER_SECRET_SIZE:
+            raise UsageError(
+                f"{self.secret_path} is damaged (it should hold {MASTER_SECRET_SIZE} bytes "
+                "in hex): put back a copy, or `p2pbackup recover` into a new home with the "
+                "recovery key"
+            )
+        return secret
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

@@ -41,7 +41,7 @@ def home_friends(home: Home) -> list[FriendContact]:
     """The home's friends as discovery needs them (read afresh each time, so
     a friend added while the node runs is followed from the next refresh)."""
     try:
-        index = Index(home.index_path)
+        index = Index(home.index_path, create=False)
     except P2PBackupError as error:
         log.warning("cannot read the friend list: %s", error)
         return []
@@ -67,7 +67,7 @@ def home_root_holders(home: Home) -> list[records.RecordAddress]:
     first (they also keep the pointer alive); addresses that cannot go into
     a record (a wildcard, a malformed one) are left out."""
     try:
-        index = Index(home.index_path)
+        index = Index(home.index_path, create=False)
     except P2PBackupError as error:
         log.warning("cannot read the peer list: %s", error)
         return []

@@ -155,7 +155,7 @@ async def open_repository(
     home.require()
     with _hold(home, access):
         keyring = Keyring.from_master_secret(home.load_secret())
-        index = Index(home.index_path)
+        index = Index(home.index_path, create=False)
         network = network if network is not None else TcpNetwork()
         repo = Repository(keyring, index, network, locate=homedht.dht_locator(home, network))
         try:

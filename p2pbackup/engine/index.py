@@ -179,16 +179,33 @@ def _friend(row: tuple[bytes, bytes, str, int]) -> FriendRecord:
     )
 
 
+def _lost_index(path: Path) -> UsageError:
+    return UsageError(
+        f"the index {path} is missing or empty, so this home no longer knows its "
+        "snapshots; they are still on its peers: `p2pbackup recover` with the recovery "
+        "key, into a new home, finds them again"
+    )
+
+
 class Index:
     """The SQLite index of one home."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        """Open the index at ``path``; without ``create``, one that is missing
+        or empty (never made, deleted, cut to 0 bytes) is an error, not a new
+        index: an initialised home whose index is gone has lost what it knew,
+        and an empty index would only hide that."""
         self.path = path
+        if not create and not path.exists():
+            raise _lost_index(path)
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise UsageError(f"cannot open the index {path}: {exc}") from exc
         version = self._stored_version()
+        if version is None and not create:
+            self._db.close()
+            raise _lost_index(path)
         if version is not None and version > SCHEMA_VERSION:
             self._db.close()
             raise UsageError(

@@ -5,6 +5,8 @@ Nouns:
 * **shard host** (:mod:`.shardhost`) — what a storage node keeps on disk for its
   peers: shard files and their SQLite metadata, quotas, leases.
 * **storage server** (:mod:`.server`) — answers the storage protocol from a host.
+* **admission** (:mod:`.admission`) — which connections the server serves and
+  for how long: every bound it keeps, friends first.
 * **control socket** (:mod:`.control`) — how the CLI reaches a running node of
   the same home.
 * **schedule** (:mod:`.schedule`) — ``config.toml``: scheduled backups and

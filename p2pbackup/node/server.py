@@ -16,8 +16,11 @@ Nouns:
 
 The host's work (disk, SQLite) runs in worker threads; everything here is the
 thin trio layer. Every wait on a peer is bounded: the handshake, each message
-of a transfer in either direction, and the idle time between requests; and so
-is the number of sessions served at once.
+of a transfer in either direction (and an upload's pace), and the idle time
+between requests; and so are the connections served at once, per source and
+per node, with room kept for friends (:mod:`p2pbackup.node.admission`, whose
+:class:`~p2pbackup.node.admission.ServerLimits` holds every bound), and the
+memory a download holds while its reader is slow.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import attrs
 import trio
 
 from p2pbackup.core import crypto
@@ -41,26 +43,17 @@ from p2pbackup.errors import (
     StoreFullError,
     StoreRequestError,
 )
+from p2pbackup.net.network import peer_address
 from p2pbackup.node import shardhost
+from p2pbackup.node.admission import Admission, LogThrottle, ServerLimits, Session, source_of
 from p2pbackup.wire import messages
 from p2pbackup.wire.messages import RefusalCode
 from p2pbackup.wire.rpc import MessageChannel
-from p2pbackup.wire.session import Identity, secure_responder
+from p2pbackup.wire.session import Identity, SecureStream, secure_responder
 
 log = logging.getLogger(__name__)
 
-
-@attrs.frozen
-class ServerLimits:
-    """How long a peer may make the server wait, in seconds."""
-
-    handshake: float = 10.0
-    #: Between two requests of a session.
-    idle: float = 300.0
-    #: For each message of a request to arrive or leave (the pieces of a transfer).
-    transfer: float = 60.0
-    #: Sessions served at once; connections beyond are closed at once.
-    sessions: int = 256
+_DEFAULT_LIMITS = ServerLimits()
 
 
 class StorageServer:
@@ -71,8 +64,9 @@ class StorageServer:
         host: shardhost.ShardHost,
         identity: Identity,
         *,
-        limits: ServerLimits = ServerLimits(),
+        limits: ServerLimits = _DEFAULT_LIMITS,
         admits: Callable[[bytes], bool] | None = None,
+        friends: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.host = host
         self.identity = identity
@@ -80,58 +74,120 @@ class StorageServer:
         #: Whether a node may store new data here (None: any node may). A
         #: node not admitted can still read, list and delete what it has.
         self.admits = admits
-        self._sessions = trio.CapacityLimiter(limits.sessions)
+        #: Whether a node is a friend, whose sessions come first (None: the
+        #: nodes ``admits`` admits; with neither, every node is a stranger).
+        self.friends = friends if friends is not None else admits
+        self.admission = Admission(limits)
+        self._throttle = LogThrottle()
+        self._handshake_scopes: dict[object, trio.CancelScope] = {}
 
     @property
     def active_sessions(self) -> int:
         """Connections being served now (handshakes included)."""
-        return int(self._sessions.borrowed_tokens)
+        return self.admission.handshaking + self.admission.sessions
+
+    def _log(self, kind: str, level: int, message: str, *args: object) -> None:
+        """Log through the throttle (admission module docstring)."""
+        allowed, held_back = self._throttle.allow(kind, trio.current_time())
+        if not allowed:
+            return
+        if held_back:
+            message += " (and %d more like it since the last one logged)"
+            args = (*args, held_back)
+        log.log(level, message, *args)
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one incoming connection until it ends; never raises for a peer's fault."""
-        try:
-            self._sessions.acquire_nowait()
-        except trio.WouldBlock:
-            log.warning("refused a connection: already serving %d sessions", self.limits.sessions)
-            await trio.aclose_forcefully(stream)
+        address = peer_address(stream)
+        source = source_of(None if address is None else address.host)
+        secure = await self._handshake(stream, source)
+        if secure is None:
+            return
+        owner = secure.remote_node_id
+        friend = self.friends is not None and self.friends(owner)
+        session = self.admission.admit(source, owner, friend=friend)
+        if not isinstance(session, Session):
+            self._log(
+                f"turned away: {session.kind}",
+                logging.WARNING,
+                "turned a connection away: %s",
+                session.reason,
+            )
+            await trio.aclose_forcefully(secure)
             return
         try:
-            await self._handle_connection(stream)
+            await self.serve_session(
+                secure,
+                owner,
+                secure.remote_signing_key,
+                idle=self.admission.idle_limit(session),
+            )
         finally:
-            self._sessions.release()
+            self.admission.end_session(session)
 
-    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
+    async def _handshake(self, stream: trio.abc.Stream, source: str) -> SecureStream | None:
+        """The session of a completed handshake; None (the stream closed) if
+        it failed, timed out or was displaced."""
+        handshake, displaced = self.admission.begin_handshake(source)
+        if displaced is not None:
+            self._handshake_scopes.pop(displaced).cancel()
+            self._log(
+                "displaced",
+                logging.WARNING,
+                "closed a connection from %s whose handshake was not over: "
+                "%d handshakes at once are the most (%d from one source)",
+                displaced.source,
+                self.limits.handshakes,
+                self.limits.handshakes_per_source,
+            )
+        scope = self._handshake_scopes[handshake] = trio.CancelScope()
         try:
-            with trio.fail_after(self.limits.handshake):
-                secure = await secure_responder(stream, self.identity)
+            with scope, trio.fail_after(self.limits.handshake):
+                return await secure_responder(stream, self.identity)
         except trio.TooSlowError:
-            log.info("handshake timed out")
-            await trio.aclose_forcefully(stream)
-            return
+            self._log("handshake timeout", logging.INFO, "handshake timed out")
         except (ProtocolError, IntegrityError, trio.BrokenResourceError) as exc:
-            log.info("handshake failed: %s", exc)
-            await trio.aclose_forcefully(stream)
-            return
-        await self.serve_session(secure, secure.remote_node_id, secure.remote_signing_key)
+            self._log("handshake failed", logging.INFO, "handshake failed: %s", exc)
+        finally:
+            self.admission.end_handshake(handshake)
+            self._handshake_scopes.pop(handshake, None)
+        # Displaced (the scope caught its cancellation), failed or timed out;
+        # secure_responder has closed the stream in each case.
+        await trio.aclose_forcefully(stream)
+        return None
 
     async def serve_session(
-        self, stream: trio.abc.Stream, owner: bytes, owner_signing_key: bytes
+        self,
+        stream: trio.abc.Stream,
+        owner: bytes,
+        owner_signing_key: bytes,
+        *,
+        idle: float | None = None,
     ) -> None:
-        """Answer the requests of the peer ``owner`` (node id, and its Ed25519 key).
+        """Answer the requests of the peer ``owner`` (node id, and its Ed25519 key),
+        allowing it ``idle`` seconds between requests (default: a friend's).
 
         The caller vouches for who is at the other end: :meth:`handle_connection`
         passes a Noise session, whose handshake proved it; benchmarks pass a
         plain stream to measure what the session costs.
         """
-        session = _Session(self, stream, owner, owner_signing_key)
+        session = _Session(
+            self, stream, owner, owner_signing_key, self.limits.idle if idle is None else idle
+        )
         try:
             await session.run()
         except (RemoteProtocolError, IntegrityError) as exc:
-            log.info("session with %s closed: %s", session.peer_name, exc)
+            self._log(
+                "session closed", logging.INFO, "session with %s closed: %s", session.peer_name, exc
+            )
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("session with %s lost: %s", session.peer_name, exc)
+            self._log(
+                "session lost", logging.INFO, "session with %s lost: %s", session.peer_name, exc
+            )
         except trio.TooSlowError:
-            log.info("session with %s timed out", session.peer_name)
+            self._log(
+                "session timeout", logging.INFO, "session with %s timed out", session.peer_name
+            )
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -164,11 +220,17 @@ def _refusal_for(exc: Exception) -> _Refusal:
 
 class _Session:
     def __init__(
-        self, server: StorageServer, stream: trio.abc.Stream, owner: bytes, owner_key: bytes
+        self,
+        server: StorageServer,
+        stream: trio.abc.Stream,
+        owner: bytes,
+        owner_key: bytes,
+        idle: float,
     ) -> None:
         self.server = server
         self.host = server.host
         self.limits = server.limits
+        self.idle = idle
         self.owner = owner
         self.owner_key = owner_key
         self.peer_name = owner.hex()[:16]
@@ -188,7 +250,7 @@ class _Session:
             messages.GetUsage: self._get_usage,
         }
         while True:
-            with trio.fail_after(self.limits.idle):
+            with trio.fail_after(self.idle):
                 request = await self.channel.receive_or_end()
             if request is None:
                 return
@@ -282,8 +344,12 @@ class _Session:
         """
         received = 0
         failure: _Refusal | None = None
+        started = trio.current_time()
         while received < size:
-            with trio.fail_after(self.limits.transfer):
+            # Past the first piece's time, a trickle that falls behind the
+            # minimum rate ends the session, and the reservation with it.
+            deadline = self.limits.upload_deadline(started, received, trio.current_time())
+            with trio.fail_at(deadline):
                 piece = await self.channel.receive()
             if not isinstance(piece, messages.ShardPiece):
                 raise RemoteProtocolError(
@@ -309,7 +375,9 @@ class _Session:
         await self._send(messages.ShardData(end - start))
         position = start
         while position < end:
-            length = min(messages.PIECE_SIZE, end - position)
+            # One piece at a time, each read only once the last one has been
+            # taken: a reader that stops reading holds one piece of memory.
+            length = min(self.limits.download_piece, end - position)
             try:
                 data = await trio.to_thread.run_sync(
                     self.host.read, self.owner, request.shard_id, position, length
@@ -362,6 +430,9 @@ class _Session:
         )
 
     async def _renew_lease(self, request: messages.RenewLease) -> None:
+        # Keeping data longer is storing it: a node no longer a friend may
+        # read, list and delete what it has, and its leases run out.
+        self._check_admitted()
         self._check_signature(
             messages.renew_statement(
                 self.server.identity.node_id, request.shard_ids, request.lease_seconds

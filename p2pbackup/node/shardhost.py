@@ -17,28 +17,49 @@ Nouns:
   temp file and a :class:`~p2pbackup.core.merkle.MerkleBuilder`; :meth:`Upload.commit`
   stores the shard only if the size and the Merkle root are the declared ones,
   so an acknowledged shard has always been verified.
-* **reservation** — the declared size of every upload in progress, counted
-  against the quotas beside the bytes already held, so that two concurrent
-  uploads cannot together exceed a quota that each fits alone.
+* **charge** — what a stored file costs its owner (:class:`ShardCharge`): its
+  size rounded up to whole 4 KiB blocks, plus 4 KiB for its inode, directory
+  entry and row. That is at least what the file takes on disk, so a quota
+  bounds the disk an owner can take, however small its shards: a 0-byte
+  shard is charged 4 KiB. Each owner also keeps at most
+  :data:`MAX_SHARDS_PER_OWNER` shards, which bounds the files of an owner
+  with no quota.
+* **reservation** — the charge of every upload in progress, counted against
+  the quotas and the free disk beside what is already held, so that two
+  concurrent uploads cannot together exceed a quota or a disk that each fits
+  alone. On the disk, only the part of an upload not written yet is counted
+  (the free space already shows the rest).
 * **lease** — the unix second until which the host promises to keep a shard.
   Putting or renewing never shortens it. A lease that has run out makes the
   shard *collectable*: :meth:`ShardHost.collect_expired` deletes it; until then
   it is still served and may be renewed.
 * **root record** — one owner's opaque mutable bytes (at most 1 MiB), replaced
   whole and atomically.
-* **usage** — the bytes held for an owner: its shards plus its root record.
-  The **owner quota** bounds each owner's usage, the **capacity** all owners'
-  together; either may be None (no bound but the disk).
+* **usage** — what an owner is charged for: its shards plus its root record,
+  each at its charge. The **owner quota** bounds each owner's usage, the
+  **capacity** all owners' together; either may be None (no bound but the
+  disk). (:func:`usage_by_owner` reads the plain bytes of shards instead, for
+  the reciprocity balance, which compares them with the owner's own count.)
 * **offer** — what the host offers one owner now: its usage plus its
-  **room**, the least of what the owner quota, the capacity and the free disk
-  still allow, uploads in progress counted (:meth:`ShardHost.space`). This
+  **room**, the charge a put may still take: the least of what the owner
+  quota, the capacity and the free disk still allow, uploads in progress
+  counted (:meth:`ShardHost.space`). This
   is what a node states to each owner, so that owners place shards where
   there is room and ask no more of a friend than it gives.
 * **reconciliation** — what :meth:`ShardHost.open` does before serving: bring
   files and rows back into agreement after a crash (:class:`ReconcileReport`).
+* **adoption** — listing a shard file again that has no row. Shards are
+  self-describing: a p2pbackup shard starts with its header (pack id, index,
+  Merkle block size, shard size; :mod:`p2pbackup.core.formats`) and its file
+  name is the shard id the header derives, so a file that agrees with its
+  header gets its row back — the Merkle root recomputed from the bytes (the
+  owner checks it against its own, as for every read), stored at the file's
+  mtime, with a lease of :data:`ADOPTED_LEASE_SECONDS` from now (the old
+  expiry was in the lost row). Other files without a row are removed.
 
 Layout under the host's root directory (format version 1, the SQLite
-``user_version``)::
+``user_version``), private to the node's user (directories 0700, files
+0600; tightened on open)::
 
     host.lock                             flock: one process per host
     hosted.sqlite                         metadata (WAL): one row per shard
@@ -50,11 +71,21 @@ Crash order. A put writes the temp file, fsyncs it, renames it into place,
 fsyncs the directory and only then inserts the row (one transaction, durable
 before it returns); the put is acknowledged after that. A crash at any point
 therefore leaves either nothing, a temp file (removed on open) or a file
-without a row — an **orphan**, removed on open — and never a row without its
-file. A delete removes the row first and the file second, for the same reason.
-A row whose file is gone or has the wrong size (a disk that lost data) is
-dropped on open and reported as **missing**, so the owner's next audit or
-listing tells it to repair.
+without a row — an **orphan**: adopted on open if it is a well-formed shard,
+else removed — and never a row without its file. A delete removes the row
+first and the file second, for the same reason (a crash in between may bring
+the shard back by adoption; its lease then ends it). A row whose file is gone
+or has the wrong size (a disk that lost data) is dropped on open and reported
+as **missing**, so the owner's next audit or listing tells it to repair.
+
+A lost database. The rows are the only record of what was acknowledged, but
+the files are the data: when ``hosted.sqlite`` is missing or empty (deleted,
+cut to 0 bytes, or a copy of the home that left out the ``-wal`` file, which
+holds the rows not yet checkpointed), every shard file is an orphan. Open
+then never removes one: it adopts them all, which rebuilds the database
+(:attr:`ReconcileReport.rebuilt_database`), or — if any file is not a
+well-formed shard — refuses to open (StoreError naming one such file) and
+changes nothing, so that the user can move the stray files away and retry.
 
 Threads. The server calls every method from worker threads, several at once.
 One SQLite connection and the usage counters are guarded by one lock; the
@@ -90,16 +121,18 @@ from pathlib import Path
 
 import attrs
 
+from p2pbackup.core import formats
 from p2pbackup.core.formats import MAX_BLOCK_SIZE
 from p2pbackup.core.merkle import HASH_SIZE, MerkleBuilder, block_count
 from p2pbackup.errors import (
+    FormatError,
     MerkleError,
     ShardNotFoundError,
     StoreError,
     StoreFullError,
     StoreRequestError,
 )
-from p2pbackup.model import NODE_ID_SIZE, BytesLike
+from p2pbackup.model import ID_SIZE, NODE_ID_SIZE
 from p2pbackup.stores.durable import (
     DirectWriter,
     fsync_dir,
@@ -137,12 +170,17 @@ TMP_DIR = "tmp"
 #: so a peer declaring 1-byte blocks must not be able to make that gigabytes.
 #: 65 536 blocks of 64 KiB is a 4 GiB shard.
 MAX_BLOCKS = 1 << 16
+#: Most shards one owner may keep here (module docstring, "charge").
+MAX_SHARDS_PER_OWNER = 1 << 20
+#: The lease of an adopted shard: at least the 365 days p2pbackup owners ask.
+ADOPTED_LEASE_SECONDS = 366 * 24 * 3600
 
 # Audits hash the whole file in reads of this size (bounded memory).
 _READ_SIZE = 1 << 20
 # collect_expired removes this many shards per turn of the lock.
 _COLLECT_BATCH = 1000
 _OWNER_NAME = re.compile(f"[0-9a-f]{{{2 * NODE_ID_SIZE}}}")
+_SHARD_NAME = re.compile(f"[0-9a-f]{{{2 * ID_SIZE}}}")
 
 _SCHEMA = """
 CREATE TABLE shards (
@@ -162,6 +200,24 @@ _COLUMNS = "shard_id, size, block_size, merkle_root, stored_at, lease_expiry"
 
 class ShardConflictError(StoreError):
     """A different shard (size or Merkle root) is already stored under the id."""
+
+
+@attrs.frozen
+class ShardCharge:
+    """What a stored file of some size costs its owner (module docstring, "charge")."""
+
+    #: Sizes are rounded up to whole blocks of this many bytes.
+    block: int = 4096
+    #: Added once per file: its inode, directory entry and row.
+    per_file: int = 4096
+
+    def of(self, size: int) -> int:
+        """The charge of a file of ``size`` bytes."""
+        return -(-size // self.block) * self.block + self.per_file
+
+    def largest(self, budget: int) -> int:
+        """The largest size whose charge fits in ``budget`` (0 if none does)."""
+        return max(0, (budget - self.per_file) // self.block * self.block)
 
 
 @attrs.frozen
@@ -202,7 +258,7 @@ class LostShard:
 class ReconcileReport:
     """What :meth:`ShardHost.open` found and fixed."""
 
-    #: Shard files without a row (a crash between rename and row), removed.
+    #: Files without a row that are not shards adoption can list again, removed.
     orphans_removed: int = 0
     #: Rows dropped because their file was missing or had the wrong size.
     missing: tuple[LostShard, ...] = ()
@@ -210,14 +266,36 @@ class ReconcileReport:
     temps_removed: int = 0
     #: Shards whose lease had run out, collected.
     expired: int = 0
+    #: Shard files without a row listed again from their headers (adoption).
+    adopted: int = 0
+    #: The database was missing or empty and was rebuilt by adopting every file.
+    rebuilt_database: bool = False
 
     @property
     def clean(self) -> bool:
-        return not (self.orphans_removed or self.missing or self.temps_removed or self.expired)
+        return not (
+            self.orphans_removed
+            or self.missing
+            or self.temps_removed
+            or self.expired
+            or self.adopted
+            or self.rebuilt_database
+        )
 
     def describe(self) -> list[str]:
         """One line per finding, for a human; nothing when all was in order."""
         lines = []
+        days = ADOPTED_LEASE_SECONDS // 86400
+        if self.rebuilt_database:
+            lines.append(
+                f"{DB_NAME} was missing or empty: rebuilt it from the {self.adopted} shard "
+                f"file(s) found (their leases restart at {days} days)"
+            )
+        elif self.adopted:
+            lines.append(
+                f"listed {self.adopted} shard file(s) again whose row was missing "
+                f"(their leases restart at {days} days)"
+            )
         if self.temps_removed:
             lines.append(f"removed {self.temps_removed} unfinished upload(s)")
         if self.orphans_removed:
@@ -268,6 +346,17 @@ def _short(shard_id: bytes) -> str:
 # -- file helpers -------------------------------------------------------------------------
 
 
+def _make_private(path: Path) -> None:
+    """Take group and other permissions off ``path`` if it exists (a host made
+    by an older version, or a directory the user made for it)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        os.chmod(path, mode & 0o700)
+
+
 def _read_at(fd: int, offset: int, length: int) -> bytes:
     """Up to ``length`` bytes from ``offset``; fewer only at the end of the file."""
     pieces = []
@@ -299,20 +388,27 @@ class ShardHost:
         *,
         capacity: int | None,
         owner_quota: int | None,
+        charge: ShardCharge,
+        max_shards_per_owner: int,
         clock: Callable[[], float],
     ) -> None:
         # Use open(): this only wires together what open() prepared.
         self.root = root
         self.capacity = capacity
         self.owner_quota = owner_quota
+        self.charge = charge
+        self.max_shards_per_owner = max_shards_per_owner
         self.reconcile_report = ReconcileReport()
         self._db = db
         self._lock_fd = lock_fd
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
-        self._shard_bytes: dict[bytes, int] = {}
-        self._root_bytes: dict[bytes, int] = {}
+        # Per owner: the charges of its shards, their count, its root record's size.
+        self._shard_charges: dict[bytes, int] = {}
+        self._shard_counts: dict[bytes, int] = {}
+        self._root_sizes: dict[bytes, int] = {}
+        # Per owner: the charges of its uploads in progress.
         self._reserved: dict[bytes, int] = {}
         self._uploads: set[Upload] = set()
 
@@ -323,33 +419,51 @@ class ShardHost:
         *,
         capacity: int | None = None,
         owner_quota: int | None = None,
+        charge: ShardCharge = ShardCharge(),
+        max_shards_per_owner: int = MAX_SHARDS_PER_OWNER,
         clock: Callable[[], float] = time.time,
     ) -> ShardHost:
         """Open (creating if needed) the host at ``root`` and reconcile it.
 
-        StoreError if another process has it open, or if its database is not
-        one this version reads.
+        StoreError if another process has it open, if its database is not
+        one this version reads, or if the database is missing or empty while
+        shard files it cannot account for are present (module docstring, "A
+        lost database").
         """
         for name, limit in (("capacity", capacity), ("owner quota", owner_quota)):
             if limit is not None and limit < 0:
                 raise ValueError(f"{name} must not be negative, got {limit}")
         with os_errors("create the shard host directory", root):
-            root.mkdir(parents=True, exist_ok=True)
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_private(root)
             for name in (SHARDS_DIR, ROOTS_DIR, TMP_DIR):
-                make_dirs(root / name, root)
+                make_dirs(root / name, root, mode=0o700)
+                _make_private(root / name)
             lock_fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise StoreError(f"the shard host {root} is in use by another process") from None
-            db = _open_db(root / DB_NAME)
+            db, created = _open_db(root / DB_NAME, before_create=lambda: _check_adoptable(root))
         except BaseException:
             os.close(lock_fd)
             raise
-        host = cls(root, db, lock_fd, capacity=capacity, owner_quota=owner_quota, clock=clock)
+        host = cls(
+            root,
+            db,
+            lock_fd,
+            capacity=capacity,
+            owner_quota=owner_quota,
+            charge=charge,
+            max_shards_per_owner=max_shards_per_owner,
+            clock=clock,
+        )
         try:
-            host.reconcile_report = host._reconcile()
+            report = host._reconcile()
+            if created and report.adopted:
+                report = attrs.evolve(report, rebuilt_database=True)
+            host.reconcile_report = report
         except BaseException:
             host.close()
             raise
@@ -385,17 +499,16 @@ class ShardHost:
         "Already stored" means the same size and Merkle root: the put is then
         idempotent, and the lease is extended to the later of the old and the
         new expiry. A different shard under the id raises ShardConflictError
-        (unless its lease has run out: the id is then free again). The space
+        (unless its lease has run out: the id is then free again). Its charge
         is reserved until the upload is committed or aborted; StoreFullError
-        when the owner's quota, the capacity or the disk has no room for it.
+        when the owner's quota, the capacity or the disk has no room for it,
+        or the owner keeps as many shards as it may.
         """
         _check_owner(owner)
         check_shard_id(shard_id, StoreRequestError)
         _check_geometry(size, block_size, merkle_root)
         lease = _granted_lease(lease_seconds)
-        with os_errors("read the free space of", self.root):
-            disk = os.statvfs(self.root)
-        disk_free = disk.f_bavail * disk.f_frsize
+        disk_free = self._disk_free()
         with self._lock:
             self._check_open()
             now = self._now()
@@ -407,13 +520,22 @@ class ShardHost:
                 if existing.lease_expiry > now:
                     raise _conflict(shard_id, existing)
                 self._remove_locked(owner, shard_id, existing.size)
-            self._check_room(owner, size, disk_free=disk_free)
-            self._reserved[owner] = self._reserved.get(owner, 0) + size
+            shards = self._shard_counts.get(owner, 0) + sum(
+                1 for upload in self._uploads if upload.owner == owner
+            )
+            if shards >= self.max_shards_per_owner:
+                raise StoreFullError(
+                    f"owner {owner.hex()[:16]} keeps {shards} shards here (uploads in "
+                    f"progress counted), the most this node keeps for one owner"
+                )
+            charge = self.charge.of(size)
+            self._check_room(owner, size, charge, disk_free=disk_free)
+            self._reserved[owner] = self._reserved.get(owner, 0) + charge
             temp = self.root / TMP_DIR / f"shard-{secrets.token_hex(8)}"
             try:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except OSError as error:
-                self._release(owner, size)
+                self._release(owner, charge)
                 raise store_error("create", temp, error) from error
             upload = Upload(
                 self,
@@ -435,7 +557,7 @@ class ShardHost:
         final = self._shard_path(owner, shard_id)
         try:
             with os_errors("create the directory of", final):
-                make_dirs(final.parent, self.root / SHARDS_DIR)
+                make_dirs(final.parent, self.root / SHARDS_DIR, mode=0o700)
         except BaseException:
             self._finish(upload)
             raise
@@ -471,7 +593,7 @@ class ShardHost:
                     # put a file there: the name is free while we hold the lock.)
                     unlink_quietly(final)
                     raise
-                self._shard_bytes[owner] = self._shard_bytes.get(owner, 0) + upload.size
+                self._count_shard(owner, upload.size, +1)
                 return expiry
             finally:
                 self._finish_locked(upload)
@@ -484,44 +606,72 @@ class ShardHost:
         """Forget an upload and free its reservation (once)."""
         if upload in self._uploads:
             self._uploads.discard(upload)
-            self._release(upload.owner, upload.size)
+            self._release(upload.owner, self.charge.of(upload.size))
 
-    def _release(self, owner: bytes, size: int) -> None:
-        left = self._reserved[owner] - size
+    def _release(self, owner: bytes, charge: int) -> None:
+        left = self._reserved[owner] - charge
         if left:
             self._reserved[owner] = left
         else:
             del self._reserved[owner]
 
-    def _check_room(
-        self, owner: bytes, added: int, *, freed: int = 0, disk_free: int | None = None
-    ) -> None:
-        """StoreFullError unless ``added`` more bytes (``freed`` fewer) fit."""
+    def _count_shard(self, owner: bytes, size: int, sign: int) -> None:
+        """Add (``sign`` +1) or take away (-1) a stored shard of ``size`` bytes."""
+        for counts, amount in (
+            (self._shard_charges, self.charge.of(size)),
+            (self._shard_counts, 1),
+        ):
+            left = counts.get(owner, 0) + sign * amount
+            if left:
+                counts[owner] = left
+            else:
+                counts.pop(owner, None)
+
+    def _disk_free(self) -> int:
+        with os_errors("read the free space of", self.root):
+            disk = os.statvfs(self.root)
+        return int(disk.f_bavail * disk.f_frsize)
+
+    def _rooms_locked(self, owner: bytes, disk_free: int, freed: int = 0) -> dict[str, int]:
+        """The charge each bound still allows ``owner`` (``freed`` given back),
+        each with the words that explain it."""
+        rooms = {}
         if self.owner_quota is not None:
             used = self._usage_locked(owner)
             reserved = self._reserved.get(owner, 0)
-            free = max(0, self.owner_quota - used - reserved + freed)
-            if added > free:
-                raise StoreFullError(
-                    f"owner {owner.hex()[:16]} has no room for {added} bytes: its quota is "
-                    f"{self.owner_quota} bytes, {used} used and {reserved} reserved by "
-                    f"uploads in progress ({free} free)"
-                )
+            free = self.owner_quota - used - reserved + freed
+            rooms[
+                f"owner {owner.hex()[:16]} has no room for {{what}}: its quota is "
+                f"{self.owner_quota} bytes, {used} used and {reserved} reserved by "
+                f"uploads in progress ({max(0, free)} free)"
+            ] = free
         if self.capacity is not None:
-            used = sum(self._shard_bytes.values()) + sum(self._root_bytes.values())
+            used = self._total_locked()
             reserved = sum(self._reserved.values())
-            free = max(0, self.capacity - used - reserved + freed)
-            if added > free:
-                raise StoreFullError(
-                    f"this node has no room for {added} bytes: its capacity is "
-                    f"{self.capacity} bytes, {used} used and {reserved} reserved by "
-                    f"uploads in progress ({free} free)"
-                )
-        if disk_free is not None and added - freed > disk_free:
-            raise StoreFullError(
-                f"this node has no room for {added} bytes: the disk holding {self.root} "
-                f"has {disk_free} bytes free"
-            )
+            free = self.capacity - used - reserved + freed
+            rooms[
+                f"this node has no room for {{what}}: its capacity is "
+                f"{self.capacity} bytes, {used} used and {reserved} reserved by "
+                f"uploads in progress ({max(0, free)} free)"
+            ] = free
+        # What uploads in progress have not written yet is not on the disk
+        # yet, but will be: the disk's free space must hold it too.
+        pending = sum(max(0, self.charge.of(u.size) - u.written) for u in self._uploads)
+        rooms[
+            f"this node has no room for {{what}}: the disk holding {self.root} has "
+            f"{disk_free} bytes free, {pending} of them promised to uploads in progress"
+        ] = disk_free - pending + freed
+        return rooms
+
+    def _check_room(
+        self, owner: bytes, size: int, charge: int, *, freed: int = 0, disk_free: int
+    ) -> None:
+        """StoreFullError unless a file of ``size`` bytes, charged ``charge``,
+        fits (``freed`` given back)."""
+        what = f"{size} bytes" if charge == size else f"{size} bytes (charged {charge})"
+        for words, free in self._rooms_locked(owner, disk_free, freed).items():
+            if charge > free:
+                raise StoreFullError(words.format(what=what))
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -703,11 +853,7 @@ class ShardHost:
             )
         for owner, shard_id, size in rows:
             unlink_quietly(self._shard_path(owner, shard_id))
-            left = self._shard_bytes.get(owner, 0) - size
-            if left:
-                self._shard_bytes[owner] = left
-            else:
-                self._shard_bytes.pop(owner, None)
+            self._count_shard(owner, size, -1)
 
     # -- root records ----------------------------------------------------------------------
 
@@ -719,10 +865,13 @@ class ShardHost:
                 f"a root record of {len(data)} bytes is over the limit of {MAX_ROOT_SIZE} bytes"
             )
         final = self._root_path(owner)
+        charge = self.charge.of(len(data))
+        disk_free = self._disk_free()
         with self._lock:
             self._check_open()
-            old = self._root_bytes.get(owner, 0)
-            self._check_room(owner, len(data), freed=old)
+            self._check_room(
+                owner, len(data), charge, freed=self._root_charge(owner), disk_free=disk_free
+            )
         temp = self.root / TMP_DIR / f"root-{secrets.token_hex(8)}"
         with os_errors("write", temp):
             write_temp_file(temp, data)
@@ -730,12 +879,17 @@ class ShardHost:
             with self._lock:
                 self._check_open()
                 # Checked again: other puts may have used the room meanwhile.
-                old = self._root_bytes.get(owner, 0)
-                self._check_room(owner, len(data), freed=old)
+                self._check_room(
+                    owner,
+                    len(data),
+                    charge,
+                    freed=self._root_charge(owner),
+                    disk_free=disk_free,  # as it was before the temp file
+                )
                 with os_errors("move into place", final):
                     os.replace(temp, final)
                     fsync_dir(final.parent)
-                self._root_bytes[owner] = len(data)
+                self._root_sizes[owner] = len(data)
         finally:
             unlink_quietly(temp)
 
@@ -756,7 +910,7 @@ class ShardHost:
     # -- usage -----------------------------------------------------------------------------
 
     def usage(self, owner: bytes) -> int:
-        """Bytes held for ``owner``: its shards and its root record."""
+        """What ``owner`` is charged for: its shards and its root record."""
         _check_owner(owner)
         with self._lock:
             self._check_open()
@@ -764,29 +918,31 @@ class ShardHost:
 
     def space(self, owner: bytes) -> tuple[int, int]:
         """(usage, offer) of ``owner`` now: the offer is the usage plus the
-        room a put of that many bytes would find (module docstring)."""
+        room left, the charge a put may still take (module docstring)."""
         _check_owner(owner)
-        with os_errors("read the free space of", self.root):
-            disk = os.statvfs(self.root)
-        rooms = [disk.f_bavail * disk.f_frsize]
+        disk_free = self._disk_free()
         with self._lock:
             self._check_open()
             used = self._usage_locked(owner)
-            if self.owner_quota is not None:
-                rooms.append(self.owner_quota - used - self._reserved.get(owner, 0))
-            if self.capacity is not None:
-                everyone = sum(self._shard_bytes.values()) + sum(self._root_bytes.values())
-                rooms.append(self.capacity - everyone - sum(self._reserved.values()))
-        return used, used + max(0, min(rooms))
+            room = min(self._rooms_locked(owner, disk_free).values())
+        return used, used + max(0, room)
 
     def total_usage(self) -> int:
-        """Bytes held for all owners."""
+        """What all owners are charged for."""
         with self._lock:
             self._check_open()
-            return sum(self._shard_bytes.values()) + sum(self._root_bytes.values())
+            return self._total_locked()
 
     def _usage_locked(self, owner: bytes) -> int:
-        return self._shard_bytes.get(owner, 0) + self._root_bytes.get(owner, 0)
+        return self._shard_charges.get(owner, 0) + self._root_charge(owner)
+
+    def _total_locked(self) -> int:
+        roots = sum(self.charge.of(size) for size in self._root_sizes.values())
+        return sum(self._shard_charges.values()) + roots
+
+    def _root_charge(self, owner: bytes) -> int:
+        size = self._root_sizes.get(owner)
+        return 0 if size is None else self.charge.of(size)
 
     # -- reconciliation --------------------------------------------------------------------
 
@@ -825,28 +981,50 @@ class ShardHost:
                     "DELETE FROM shards WHERE owner = ? AND shard_id = ?",
                     [(shard.owner, shard.shard_id) for shard in lost],
                 )
-        orphans = 0
-        for owner_dir in _scan(self.root / SHARDS_DIR):
-            for prefix_dir in _scan(Path(owner_dir.path)):
-                for entry in _scan(Path(prefix_dir.path)):
-                    if entry.path not in stored and entry.is_file(follow_symlinks=False):
-                        unlink_quietly(Path(entry.path))
-                        orphans += 1
-        for owner, total in self._db.execute(
-            "SELECT owner, SUM(size) FROM shards GROUP BY owner"
-        ).fetchall():
-            if total:
-                self._shard_bytes[bytes(owner)] = total
+        orphans = adopted = 0
+        batch: builtins.list[tuple[bytes, bytes, int, int, bytes, int, int]] = []
+        expiry = self._now() + ADOPTED_LEASE_SECONDS
+        for entry in _shard_files(self.root):
+            if entry.path in stored:
+                continue
+            row = _adopt(entry, expiry)
+            if row is None:
+                unlink_quietly(Path(entry.path))
+                orphans += 1
+                continue
+            batch.append(row)
+            if len(batch) == _COLLECT_BATCH:
+                adopted += self._insert_adopted(batch)
+                batch = []
+        adopted += self._insert_adopted(batch)
+        block, per_file = self.charge.block, self.charge.per_file
+        for owner, count, charges in self._db.execute(
+            "SELECT owner, COUNT(*), SUM((size + ? - 1) / ? * ? + ?) FROM shards GROUP BY owner",
+            (block, block, block, per_file),
+        ):
+            self._shard_counts[bytes(owner)] = count
+            self._shard_charges[bytes(owner)] = charges
         for entry in _scan(self.root / ROOTS_DIR):
             if _OWNER_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-                self._root_bytes[bytes.fromhex(entry.name)] = entry.stat().st_size
+                self._root_sizes[bytes.fromhex(entry.name)] = entry.stat().st_size
         expired = self.collect_expired()
         return ReconcileReport(
             orphans_removed=orphans,
             missing=tuple(lost),
             temps_removed=temps_removed,
             expired=expired,
+            adopted=adopted,
         )
+
+    def _insert_adopted(
+        self, rows: builtins.list[tuple[bytes, bytes, int, int, bytes, int, int]]
+    ) -> int:
+        if rows:
+            with self._transaction() as db:
+                db.executemany(
+                    f"INSERT INTO shards (owner, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
+                )
+        return len(rows)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -928,7 +1106,7 @@ class Upload:
     def written(self) -> int:
         return self._builder.size
 
-    def write(self, data: BytesLike) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data``. More bytes than declared abort the upload (StoreError);
         a full disk aborts it with StoreFullError."""
         view = memoryview(data).cast("B")
@@ -1023,7 +1201,15 @@ def usage_by_owner(root: Path) -> dict[bytes, int]:
     return {bytes(owner): int(size) for owner, size in rows}
 
 
-def _open_db(path: Path) -> sqlite3.Connection:
+def _open_db(path: Path, *, before_create: Callable[[], None]) -> tuple[sqlite3.Connection, bool]:
+    """The open database, and whether it was made now (``before_create``
+    runs first, and may refuse by raising)."""
+    with os_errors("create", path):
+        # Made here, not by SQLite, to make it 0600: SQLite gives its -wal
+        # and -shm files the mode of the database.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        for suffix in ("", "-wal", "-shm"):
+            _make_private(Path(f"{path}{suffix}"))
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as error:
@@ -1031,6 +1217,7 @@ def _open_db(path: Path) -> sqlite3.Connection:
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
+            before_create()
             # A new database: schema and version in one transaction, so a
             # crash leaves either nothing or both.
             db.execute("BEGIN IMMEDIATE")
@@ -1053,7 +1240,79 @@ def _open_db(path: Path) -> sqlite3.Connection:
     except BaseException:
         db.close()
         raise
-    return db
+    return db, version == 0
+
+
+def _shard_files(root: Path) -> Iterator[os.DirEntry[str]]:
+    """Every file where shard files live (shards/<owner>/<ab>/<name>), named well or not."""
+    for owner_dir in _scan(root / SHARDS_DIR):
+        for prefix_dir in _scan(Path(owner_dir.path)):
+            for entry in _scan(Path(prefix_dir.path)):
+                if entry.is_file(follow_symlinks=False):
+                    yield entry
+
+
+def _adoptable(entry: os.DirEntry[str]) -> tuple[bytes, bytes, int, int] | None:
+    """(owner, shard id, size, block size) of a shard file that agrees with its
+    name and its header (module docstring, "adoption"); None for any other file."""
+    path = Path(entry.path)
+    owner_name, prefix, name = path.parent.parent.name, path.parent.name, path.name
+    if not (
+        _OWNER_NAME.fullmatch(owner_name) and _SHARD_NAME.fullmatch(name) and prefix == name[:2]
+    ):
+        return None
+    try:
+        size = entry.stat(follow_symlinks=False).st_size
+        with open(path, "rb") as file:
+            head = file.read(formats.SHARD_HEADER_SIZE)
+        header = formats.decode_shard_header(head)
+    except (OSError, FormatError):
+        return None
+    shard_id = bytes.fromhex(name)
+    if (
+        formats.shard_id(header.pack_id, header.index) != shard_id
+        or size != formats.SHARD_HEADER_SIZE + header.shard_size
+        or block_count(size, header.block_size) > MAX_BLOCKS
+    ):
+        return None
+    return bytes.fromhex(owner_name), shard_id, size, header.block_size
+
+
+def _adopt(
+    entry: os.DirEntry[str], lease_expiry: int
+) -> tuple[bytes, bytes, int, int, bytes, int, int] | None:
+    """The row of an adoptable shard file, its Merkle root computed from its
+    bytes; None if it is not one. StoreError if it cannot be read (it is
+    kept, for the next open to try again)."""
+    found = _adoptable(entry)
+    if found is None:
+        return None
+    owner, shard_id, size, block_size = found
+    builder = MerkleBuilder(block_size)
+    with os_errors("read", entry.path):
+        fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for offset in range(0, size, _READ_SIZE):
+                builder.update(_read_at(fd, offset, _READ_SIZE))
+            stored_at = int(os.fstat(fd).st_mtime)
+        finally:
+            os.close(fd)
+    if builder.size != size:
+        return None  # cut short since it was listed
+    return owner, shard_id, size, block_size, builder.root(), stored_at, lease_expiry
+
+
+def _check_adoptable(root: Path) -> None:
+    """Before a database is made where shard files may already be: StoreError
+    unless adoption can account for every one of them."""
+    strays = [entry.path for entry in _shard_files(root) if _adoptable(entry) is None]
+    if strays:
+        raise StoreError(
+            f"the shard host database {root / DB_NAME} is missing or empty, and "
+            f"{len(strays)} file(s) under {root / SHARDS_DIR} are not shards it can be "
+            f"rebuilt from (such as {strays[0]}); nothing was changed: restore the "
+            "database from a copy, or move those files away, and start again"
+        )
 
 
 def _scan(directory: Path) -> builtins.list[os.DirEntry[str]]:

@@ -100,9 +100,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def make_dirs(path: Path, base: Path) -> None:
+def make_dirs(path: Path, base: Path, *, mode: int = 0o777) -> None:
     """Create ``path`` and its missing ancestors below ``base`` (which exists),
-    syncing each new directory's parent so the new entry survives a crash."""
+    with ``mode`` (less the umask), syncing each new directory's parent so the
+    new entry survives a crash."""
     missing: list[Path] = []
     current = path
     while current != base and not current.is_dir():
@@ -110,7 +111,7 @@ def make_dirs(path: Path, base: Path) -> None:
         current = current.parent
     for directory in reversed(missing):
         try:
-            directory.mkdir()
+            directory.mkdir(mode=mode)
         except FileExistsError:
             continue  # made meanwhile by a concurrent put
         fsync_dir(directory.parent)

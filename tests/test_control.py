@@ -31,6 +31,7 @@ from .cli_helpers import (
     all_shards,
     base_env,
     cli_ok,
+    holding_lock,
     make_source,
     make_world,
     restored,
@@ -599,6 +600,18 @@ def test_no_line_on_the_control_socket_ends_the_daemon(tmp_path: Path) -> None:
         # And the daemon still runs commands.
         assert cli_ok("snapshots", home=world.home).lines == ["no snapshots yet"]
         assert "running `snapshots` for a client" in (world.home / "serve.log").read_text()
+        # Killed outright, serve leaves its socket: the CLI says so, and runs
+        # the command itself.
+        process.kill()
+        process.wait(timeout=10)
+        killed = run_cli("snapshots", home=world.home)
+        assert killed.returncode == 0 and killed.lines == ["no snapshots yet"], str(killed)
+        assert killed.stderr.startswith(
+            f"p2pbackup: warning: the serve of {world.home} stopped unexpectedly"
+        ), str(killed)
+        # The next serve replaces the socket, and the CLI is quiet again.
+        process = start_daemon(world.home)
+        assert cli_ok("snapshots", home=world.home).lines == ["no snapshots yet"]
     finally:
         stop_daemon(process)
 
@@ -670,6 +683,37 @@ def test_ctrl_c_cancels_the_backup_in_the_daemon(tmp_path: Path) -> None:
     finally:
         stop_daemon(serve)
     assert serve.returncode == 0
+
+
+def test_the_cli_says_when_a_serve_does_not_answer(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=1, n=2)
+    home = world.home
+    # A serve that stopped unexpectedly leaves its socket, where nobody answers.
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(home / "control.sock"))
+    dead.close()
+    result = run_cli("snapshots", home=home)
+    assert result.returncode == 0 and result.lines == ["no snapshots yet"], str(result)
+    assert result.stderr == (
+        f"p2pbackup: warning: the serve of {home} stopped unexpectedly (see {home}/serve.log): "
+        "nothing stores for friends or runs scheduled backups until `p2pbackup serve` runs "
+        "again; running `snapshots` in this process\n"
+    )
+    # P2PBACKUP_LOCAL=1 asks for this process: nothing to warn about.
+    cli_ok("snapshots", home=home, env=base_env(P2PBACKUP_LOCAL="1"))
+    # A serve that holds the home but has no socket (yet).
+    (home / "control.sock").unlink()
+    with holding_lock(home, "serve.lock"):
+        result = run_cli("snapshots", home=home)
+    assert result.returncode == 0 and result.lines == ["no snapshots yet"], str(result)
+    assert result.stderr == (
+        f"p2pbackup: warning: serve (pid {os.getpid()}) does not answer on "
+        f"{home}/control.sock (still starting? see {home}/serve.log); "
+        "running `snapshots` in this process\n"
+    )
+    # No serve, and none that stopped unexpectedly: the CLI just runs it.
+    cli_ok("snapshots", home=home)
+    assert Home(home).serving_pid() is None
 
 
 # -- typed requests and the service's answer ------------------------------------------------

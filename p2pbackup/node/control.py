@@ -193,7 +193,10 @@ def _same_user(sock: trio.socket.SocketType) -> bool:
 async def serve_control(
     path: Path, handler: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Answer requests on the control socket at ``path`` until cancelled."""
+    """Answer requests on the control socket at ``path`` until cancelled.
+
+    The socket file stays when this ends: the caller removes it on a clean
+    stop, and one left behind tells the CLI that no daemon answers any more."""
     # A socket left by a crash: the caller holds the serve lock, so it is stale.
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -212,12 +215,8 @@ async def serve_control(
         os.umask(old_umask)
     sock.listen(16)
     listener = trio.SocketListener(sock)
-    try:
-        task_status.started()
-        await trio.serve_listeners(functools.partial(_serve_one, handler=handler), [listener])
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
+    task_status.started()
+    await trio.serve_listeners(functools.partial(_serve_one, handler=handler), [listener])
 
 
 async def _serve_one(stream: trio.SocketStream, *, handler: Handler) -> None:

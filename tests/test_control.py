@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from p2pbackup.app import cli, requests
 from p2pbackup.app.home import Home
@@ -21,8 +27,11 @@ from p2pbackup.node import control
 from .cli_helpers import (
     CLI,
     ODD_NAME,
+    World,
+    all_shards,
     base_env,
     cli_ok,
+    holding_lock,
     make_source,
     make_world,
     restored,
@@ -53,6 +62,69 @@ def test_junk_lines_are_protocol_errors(data: bytes, problem: str) -> None:
 def test_an_endless_line_is_refused() -> None:
     with pytest.raises(RemoteProtocolError, match="longer than"):
         control.LineDecoder().feed(b"x" * (control.MAX_LINE + 1))
+
+
+#: Lines that are JSON by their syntax but that Python cannot read: a number
+#: of more digits than it converts, arrays nested deeper than it recurses.
+UNREADABLE_LINES = [
+    b'{"v": 2, "command": "status", "args": {"n": ' + b"9" * 5000 + b"}}\n",
+    b"[" * 200_000 + b"\n",
+    b'{"a": ' * 100_000 + b"1" + b"}" * 100_000 + b"\n",
+]
+
+
+@pytest.mark.parametrize("line", UNREADABLE_LINES, ids=["long-number", "deep-array", "deep-object"])
+def test_a_line_too_long_a_number_or_too_deep_is_a_protocol_error(line: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match="not a JSON line"):
+        control.LineDecoder().feed(line)
+    # The same, a byte at a time: nothing until the end of the line, then the error.
+    decoder = control.LineDecoder()
+    for i in range(len(line) - 1):
+        assert decoder.feed(line[i : i + 1]) == []
+    with pytest.raises(RemoteProtocolError, match="not a JSON line"):
+        decoder.feed(line[-1:])
+
+
+def _chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+def _decode_all(chunks: list[bytes]) -> list[dict[str, object]]:
+    """Every object the chunks hold, or RemoteProtocolError (nothing else)."""
+    decoder = control.LineDecoder()
+    return [message for chunk in chunks for message in decoder.feed(chunk)]
+
+
+#: Pieces that JSON parsers stumble on, for lines made of them.
+_PIECES = [b"[", b"]", b"{", b"}", b'"', b":", b",", b"\\", b"\\u", b"d800", b"\n", b"-",
+           b"1e999", b"9" * 4400, b"0", b"null", b"NaN", b"\xff", b"\xc3", b"\x00", b" ",
+           b'{"v": 2', b'"command": "status"', b"\xfe\xff", b"\x00\x00"]  # fmt: skip
+
+
+@given(st.binary(max_size=4096), st.lists(st.integers(min_value=0), max_size=8))
+def test_random_bytes_decode_or_are_a_protocol_error(data: bytes, cuts: list[int]) -> None:
+    try:
+        messages = _decode_all(_chunked(data, cuts))
+    except RemoteProtocolError:
+        return
+    assert all(isinstance(m, dict) for m in messages)
+
+
+@given(
+    st.lists(st.sampled_from(_PIECES), max_size=60),
+    st.integers(min_value=0, max_value=200),
+    st.lists(st.integers(min_value=0), max_size=8),
+)
+def test_lines_of_awkward_pieces_decode_or_are_a_protocol_error(
+    pieces: list[bytes], depth: int, cuts: list[int]
+) -> None:
+    data = b"[" * depth * 10 + b"".join(pieces) + b"\n"
+    try:
+        messages = _decode_all(_chunked(data, cuts))
+    except RemoteProtocolError:
+        return
+    assert all(isinstance(m, dict) for m in messages)
 
 
 @pytest.mark.parametrize(
@@ -140,6 +212,136 @@ async def test_progress_goes_only_to_a_client_that_shows_it(
     assert offered == [True, False]
 
 
+class SlowCommand:
+    """A handler whose ``backup`` writes a line, then works until cancelled;
+    any other command answers at once."""
+
+    def __init__(self) -> None:
+        self.stopped = trio.Event()
+
+    async def __call__(
+        self,
+        request: control.ControlRequest,
+        write: control.LineSink,
+        progress: control.LineSink | None,
+    ) -> control.Outcome:
+        if request.command != "backup":
+            write("quick")
+            return control.Outcome(0)
+        write("working")
+        try:
+            await trio.sleep_forever()
+        finally:
+            # A killed backup's cleanup takes a moment; the client that
+            # waits for the daemon's close must see it done.
+            with trio.CancelScope(shield=True):
+                await trio.sleep(0.2)
+            self.stopped.set()
+
+
+async def _connect_and_ask(path: Path, command: str) -> trio.SocketStream:
+    stream = await trio.open_unix_socket(str(path))
+    await stream.send_all(control.encode_message(control.request_message(
+        control.ControlRequest(command))))  # fmt: skip
+    return stream
+
+
+async def test_a_client_that_goes_away_cancels_its_command_and_nothing_else(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "control.sock"
+    handler = SlowCommand()
+    await nursery.start(control.serve_control, path, handler)
+    stream = await _connect_and_ask(path, "backup")
+    assert await stream.receive_some(65536) == control.encode_message({"out": "working"})
+    await stream.aclose()
+    with trio.fail_after(10):
+        await handler.stopped.wait()
+        # Logged once the command's cancellation is over, just after.
+        while "the client of `backup` went away; it was cancelled" not in caplog.text:
+            await trio.sleep(0.01)
+    # The daemon answers the next client as ever.
+    lines: list[str] = []
+    assert await control.forward(path, STATUS, write=lines.append) == control.Outcome(0)
+    assert lines == ["quick"]
+
+
+async def test_a_client_that_stops_reading_and_leaves_is_only_its_own_loss(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    path = tmp_path / "control.sock"
+
+    async def chatty(
+        request: control.ControlRequest,
+        write: control.LineSink,
+        progress: control.LineSink | None,
+    ) -> control.Outcome:
+        for i in range(20_000):  # more than any socket buffer holds
+            write(f"line {i} " + "x" * 100)
+            await trio.sleep(0)
+        return control.Outcome(0)
+
+    await nursery.start(control.serve_control, path, chatty)
+    for _ in range(3):
+        stream = await _connect_and_ask(path, "ls")
+        await stream.receive_some(100)  # the start of the first line, as `head -c` would
+        await stream.aclose()
+    lines: list[str] = []
+    with trio.fail_after(20):
+        assert await control.forward(path, STATUS, write=lines.append) == control.Outcome(0)
+    assert len(lines) == 20_000
+
+
+async def test_an_interrupted_client_returns_once_the_command_has_stopped(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    path = tmp_path / "control.sock"
+    handler = SlowCommand()
+    await nursery.start(control.serve_control, path, handler)
+    lines: list[str] = []
+
+    def write_then_interrupted(line: str) -> None:
+        lines.append(line)
+        raise KeyboardInterrupt  # Ctrl-C as the line is shown
+
+    backup = control.ControlRequest("backup")
+    with pytest.raises(KeyboardInterrupt), trio.fail_after(10):
+        await control.forward(path, backup, write=write_then_interrupted)
+    # forward returned only after the daemon's side of the command had
+    # cleaned up (it shuts its sending side and waits for the daemon's close).
+    assert handler.stopped.is_set()
+    assert lines == ["working"]
+
+
+async def test_a_handlers_bug_is_its_clients_error_and_the_daemon_goes_on(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "control.sock"
+
+    async def buggy(
+        request: control.ControlRequest,
+        write: control.LineSink,
+        progress: control.LineSink | None,
+    ) -> control.Outcome:
+        if request.command == "status":
+            return control.Outcome(0)
+        write("about to fail")
+        raise ZeroDivisionError("division by zero")
+
+    await nursery.start(control.serve_control, path, buggy)
+    lines: list[str] = []
+    outcome = await control.forward(path, control.ControlRequest("check"), write=lines.append)
+    assert outcome == control.Outcome(
+        1,
+        "`check` failed in the daemon: ZeroDivisionError: division by zero "
+        "(a bug; the traceback is in serve's log)",
+    )
+    assert lines == ["about to fail"]
+    assert "`check` failed unexpectedly" in caplog.text and "Traceback" in caplog.text
+    assert await control.forward(path, STATUS, write=print) == control.Outcome(0)
+
+
 def test_progress_lines_go_to_a_sink_rate_limited_and_cleared_at_the_end() -> None:
     from p2pbackup.engine.progress import Progress
 
@@ -188,6 +390,17 @@ def backup_on_a_terminal(home: Path, source: Path) -> tuple[int, bytes]:
         os.close(controller)
 
 
+def answers(path: Path) -> bool:
+    """Whether a daemon listens on the control socket at ``path`` (one left
+    by a serve that was killed is there, but nobody answers)."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def start_daemon(home: Path) -> subprocess.Popen[bytes]:
     """``serve`` for ``home`` on a free loopback port, once its control socket is there."""
     process = subprocess.Popen(
@@ -197,7 +410,7 @@ def start_daemon(home: Path) -> subprocess.Popen[bytes]:
         env=base_env(),
     )
     deadline = time.monotonic() + 30
-    while not (home / "control.sock").exists():
+    while not answers(home / "control.sock"):
         if time.monotonic() > deadline or process.poll() is not None:
             process.kill()
             _out, err = process.communicate(timeout=10)
@@ -289,32 +502,45 @@ async def test_no_socket_is_a_warning_not_a_failure(
     assert await control.forward(missing, STATUS, write=print) is None
 
 
+def random_files(root: Path, count: int) -> Path:
+    """``count`` files of 40 MiB of random data: a backup of them takes a while."""
+    root.mkdir()
+    for i in range(count):
+        (root / f"part{i}.bin").write_bytes(os.urandom(40 << 20))
+    return root
+
+
+def backup_under_way(world: World, source: Path) -> subprocess.Popen[bytes]:
+    """A client backing ``source`` up through the daemon, once the daemon is
+    storing the first packs of it."""
+    backup = subprocess.Popen(
+        [*CLI, "--home", str(world.home), "backup", str(source)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=base_env(),
+    )
+    log = world.home / "serve.log"
+    stored_before = len(all_shards(world.peers))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        started = "running `backup`" in (log.read_text() if log.exists() else "")
+        if started and len(all_shards(world.peers)) > stored_before + 4:
+            return backup
+        time.sleep(0.05)
+    backup.kill()
+    raise AssertionError("the backup did not start storing within a minute")
+
+
 @pytest.mark.slow
 def test_sigterm_mid_backup_stops_the_daemon_cleanly_and_loses_nothing(tmp_path: Path) -> None:
     world = make_world(tmp_path, k=2, n=3)
     first = make_source(tmp_path / "first", seed=2)
     assert run_cli("backup", first, home=world.home).returncode == 0
-    big = tmp_path / "big"
-    big.mkdir()
-    for i in range(6):
-        (big / f"part{i}.bin").write_bytes(os.urandom(40 << 20))
+    big = random_files(tmp_path / "big", 6)
     serve = start_daemon(world.home)
     try:
-        log = world.home / "serve.log"
-        backup = subprocess.Popen(
-            [*CLI, "--home", str(world.home), "backup", str(big)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=base_env(),
-        )
         # Stop the daemon once its first packs of the new data are out.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if "running `backup`" in (log.read_text() if log.exists() else ""):
-                shards = list(world.peers[0].rglob("*"))
-                if len([p for p in shards if p.is_file()]) > 8:
-                    break
-            time.sleep(0.05)
+        backup = backup_under_way(world, big)
         serve.send_signal(signal.SIGTERM)
         out, err = serve.communicate(timeout=30)
         client_out, client_err = backup.communicate(timeout=30)
@@ -338,6 +564,156 @@ def test_sigterm_mid_backup_stops_the_daemon_cleanly_and_loses_nothing(tmp_path:
     assert all(
         (restored / p.relative_to("/")).read_bytes() == p.read_bytes() for p in big.iterdir()
     )
+
+
+def stop_daemon(process: subprocess.Popen[bytes]) -> bytes:
+    """Stop ``serve`` as systemd would; its stderr, which must hold no traceback."""
+    if process.poll() is None:
+        process.terminate()
+    _out, err = process.communicate(timeout=30)
+    assert b"Traceback" not in err, err.decode(errors="replace")
+    return err
+
+
+def ask_raw(home: Path, data: bytes) -> bytes:
+    """Send ``data`` to the home's control socket; the reply, up to the daemon's close."""
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(30)
+        client.connect(str(home / "control.sock"))
+        client.sendall(data)
+        reply = b""
+        while chunk := client.recv(65536):
+            reply += chunk
+        return reply
+
+
+@pytest.mark.slow
+def test_no_line_on_the_control_socket_ends_the_daemon(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=1, n=2)
+    process = start_daemon(world.home)
+    try:
+        junk = [*UNREADABLE_LINES, b"\xff\xfe\x00junk\n", b"[1, 2]\n", b'{"v": 2, "command": 7}\n']
+        for line in junk:
+            reply = json.loads(ask_raw(world.home, line))
+            assert reply["exit"] == control.EXIT_BAD_REQUEST and reply["error"], reply
+            assert process.poll() is None, line[:40]
+        # And the daemon still runs commands.
+        assert cli_ok("snapshots", home=world.home).lines == ["no snapshots yet"]
+        assert "running `snapshots` for a client" in (world.home / "serve.log").read_text()
+        # Killed outright, serve leaves its socket: the CLI says so, and runs
+        # the command itself.
+        process.kill()
+        process.wait(timeout=10)
+        killed = run_cli("snapshots", home=world.home)
+        assert killed.returncode == 0 and killed.lines == ["no snapshots yet"], str(killed)
+        assert killed.stderr.startswith(
+            f"p2pbackup: warning: the serve of {world.home} stopped unexpectedly"
+        ), str(killed)
+        # The next serve replaces the socket, and the CLI is quiet again.
+        process = start_daemon(world.home)
+        assert cli_ok("snapshots", home=world.home).lines == ["no snapshots yet"]
+    finally:
+        stop_daemon(process)
+
+
+@pytest.mark.slow
+def test_a_client_that_goes_away_early_is_its_business_only(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=1, n=2)
+    many = tmp_path / "many"
+    many.mkdir()
+    # Long names: the listing is more than the socket's buffers hold, so the
+    # daemon is still sending when the client goes.
+    for i in range(4000):
+        (many / f"{i:05}-{'n' * 150}").write_text(str(i))
+    world.backup(many)
+    process = start_daemon(world.home)
+    try:
+        ls_head = f"{shlex.join(CLI)} --home {shlex.quote(str(world.home))} ls latest | head -2"
+        for _ in range(3):
+            piped = subprocess.run(
+                ls_head, shell=True, capture_output=True, env=base_env(), timeout=60
+            )
+            assert piped.returncode == 0 and len(piped.stdout.splitlines()) == 2, piped
+            assert b"Traceback" not in piped.stderr, piped.stderr
+            assert process.poll() is None
+        # A client that asks and leaves without reading a byte.
+        ls = control.request_message(control.ControlRequest("ls", {"snapshot": "latest"}))
+        for _ in range(3):
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(str(world.home / "control.sock"))
+                client.sendall(control.encode_message(ls))
+        # The daemon lives on and answers the next command in full.
+        listed = cli_ok("ls", "latest", home=world.home).lines
+        assert sum("n" * 150 in line for line in listed) == 4000
+        assert process.poll() is None
+        log = (world.home / "serve.log").read_text()
+        assert log.count("running `ls` for a client") == 7
+        assert "went away" in log
+    finally:
+        err = stop_daemon(process)
+    assert process.returncode == 0 and b"Broken pipe" not in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_the_backup_in_the_daemon(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=2, n=3)
+    world.backup(make_source(tmp_path / "first", seed=2))
+    big = random_files(tmp_path / "big", 4)
+    serve = start_daemon(world.home)
+    try:
+        log = world.home / "serve.log"
+        # Interrupt the client once the daemon is storing packs of the new data.
+        backup = backup_under_way(world, big)
+        backup.send_signal(signal.SIGINT)
+        out, err = backup.communicate(timeout=30)
+        assert backup.returncode == 130, err
+        assert err == b"p2pbackup: interrupted\n" and b"snapshot" not in out
+        # The daemon stopped the backup (before the client returned), and lives on.
+        assert "the client of `backup` went away; it was cancelled" in log.read_text()
+        assert serve.poll() is None
+        assert len(json.loads(cli_ok("snapshots", "--json", home=world.home).stdout)) == 1
+        # The repository is as a killed backup leaves it: it checks clean, and
+        # the next backup (through the daemon again) succeeds.
+        cli_ok("check", "--read-data", home=world.home, timeout=300)
+        again = run_cli("backup", big, "--json", home=world.home, timeout=300)
+        assert again.returncode == 0, str(again)
+        assert len(json.loads(cli_ok("snapshots", "--json", home=world.home).stdout)) == 2
+        cli_ok("check", home=world.home)
+        assert serve.poll() is None
+    finally:
+        stop_daemon(serve)
+    assert serve.returncode == 0
+
+
+def test_the_cli_says_when_a_serve_does_not_answer(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=1, n=2)
+    home = world.home
+    # A serve that stopped unexpectedly leaves its socket, where nobody answers.
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(home / "control.sock"))
+    dead.close()
+    result = run_cli("snapshots", home=home)
+    assert result.returncode == 0 and result.lines == ["no snapshots yet"], str(result)
+    assert result.stderr == (
+        f"p2pbackup: warning: the serve of {home} stopped unexpectedly (see {home}/serve.log): "
+        "nothing stores for friends or runs scheduled backups until `p2pbackup serve` runs "
+        "again; running `snapshots` in this process\n"
+    )
+    # P2PBACKUP_LOCAL=1 asks for this process: nothing to warn about.
+    cli_ok("snapshots", home=home, env=base_env(P2PBACKUP_LOCAL="1"))
+    # A serve that holds the home but has no socket (yet).
+    (home / "control.sock").unlink()
+    with holding_lock(home, "serve.lock"):
+        result = run_cli("snapshots", home=home)
+    assert result.returncode == 0 and result.lines == ["no snapshots yet"], str(result)
+    assert result.stderr == (
+        f"p2pbackup: warning: serve (pid {os.getpid()}) does not answer on "
+        f"{home}/control.sock (still starting? see {home}/serve.log); "
+        "running `snapshots` in this process\n"
+    )
+    # No serve, and none that stopped unexpectedly: the CLI just runs it.
+    cli_ok("snapshots", home=home)
+    assert Home(home).serving_pid() is None
 
 
 # -- typed requests and the service's answer ------------------------------------------------

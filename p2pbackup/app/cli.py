@@ -608,19 +608,47 @@ def _absolute(value: str | tuple[str, ...]) -> str | tuple[str, ...]:
 
 
 def _forward(home: Home, request: requests.Request, console: Console) -> Outcome | None:
-    """Hand the request to this home's daemon if one runs; None otherwise."""
-    if os.environ.get("P2PBACKUP_LOCAL") == "1" or not home.control_path.exists():
+    """Hand the request to this home's daemon if one runs; None otherwise
+    (with a warning when a daemon should have answered)."""
+    if os.environ.get("P2PBACKUP_LOCAL") == "1":
         return None
-    sent = ControlRequest(requests.command_name(request), requests.encode_arguments(request))
-    return trio.run(
-        functools.partial(
-            control.forward,
-            home.control_path,
-            sent,
-            write=console.out,
-            progress=console.progress,
+    name = requests.command_name(request)
+    if home.control_path.exists():
+        sent = ControlRequest(name, requests.encode_arguments(request))
+        outcome = trio.run(
+            functools.partial(
+                control.forward,
+                home.control_path,
+                sent,
+                write=console.out,
+                progress=console.progress,
+            )
         )
-    )
+        if outcome is not None:
+            return outcome
+    problem = _no_daemon(home)
+    if problem is not None:
+        print(f"p2pbackup: warning: {problem}; running `{name}` in this process", file=sys.stderr)
+    return None
+
+
+def _no_daemon(home: Home) -> str | None:
+    """What is wrong when no daemon answered: a ``serve`` that holds the home
+    but does not answer, or one that stopped without a clean stop (it leaves
+    its control socket); None when no ``serve`` runs and none stopped so."""
+    pid = home.serving_pid()
+    if pid is not None:
+        return (
+            f"serve (pid {pid}) does not answer on {home.control_path} "
+            f"(still starting? see {home.log_path})"
+        )
+    if home.control_path.exists():
+        return (
+            f"the serve of {home.path} stopped unexpectedly (see {home.log_path}): "
+            "nothing stores for friends or runs scheduled backups until "
+            "`p2pbackup serve` runs again"
+        )
+    return None
 
 
 def _terminal(*, shows_progress: bool) -> Console:

@@ -13,6 +13,15 @@ Nouns:
 * **DHT role** — the node also takes part in the Kademlia DHT on UDP at the
   same host and port as its TCP listener (:mod:`p2pbackup.dht.discovery`): it
   publishes its contact record there and follows its friends.
+* **role** — each task a started node runs side by side: the storage server
+  (one task per connection), the hourly collection of expired shards,
+  discovery, the scheduled backups and the control socket (one task per
+  client). What goes wrong in one run of a role (a connection, a client, a
+  backup, a collection) is logged and the role goes on. A failure that ends
+  a role ends the node: its last log line says why (``serve stopped: …``),
+  and the control socket is left behind, so that the CLI tells the user
+  that ``serve`` stopped instead of quietly running commands itself. A stop
+  by cancellation (SIGTERM, Ctrl-C) removes the socket.
 
 Everything below is passed in — the network above all — so that tests and the
 simulator run this same code over an in-memory network.
@@ -26,7 +35,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 import attrs
 import trio
@@ -34,6 +43,7 @@ import trio
 from p2pbackup.app import operations
 from p2pbackup.app.home import Home
 from p2pbackup.app.homedht import home_friends, home_root_holders
+from p2pbackup.app.service import error_message
 from p2pbackup.core.keys import Keyring
 from p2pbackup.dht import adapter as dht
 from p2pbackup.dht.discovery import (
@@ -45,12 +55,13 @@ from p2pbackup.dht.discovery import (
 )
 from p2pbackup.dht.records import RecordAddress
 from p2pbackup.engine.backup import Backup
-from p2pbackup.errors import P2PBackupError, RepositoryLockedError
+from p2pbackup.errors import RepositoryLockedError
 from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
 from p2pbackup.node.schedule import RUNNING_OFFER, BackupSchedule, StorageOffer, load_schedule
 from p2pbackup.node.server import StorageServer
 from p2pbackup.node.shardhost import ReconcileReport, ShardHost
+from p2pbackup.nurseries import unwrap_single
 from p2pbackup.wire.session import Identity
 
 log = logging.getLogger(__name__)
@@ -111,11 +122,11 @@ async def serve(
     The steps, each below: open the shard host and start the storage server
     (:func:`_open_storage`), join the DHT (:func:`_join_dht`), then run the
     node's roles side by side: discovery, the scheduled backups, the control
-    socket."""
+    socket. How it stops: :func:`_stopping`."""
     network = network if network is not None else TcpNetwork()
     home.require()
     schedule = load_schedule(home.config_path)  # a bad config stops serve before it starts
-    with home.serving():
+    with home.serving(), _stopping(home) as stop:
         identity = node_identity(home)
         async with (
             _open_storage(home, options, identity, network) as storage,
@@ -142,6 +153,42 @@ async def serve(
                     discovery,
                 )
             )
+            stop.started = True
+
+
+@attrs.define
+class _Stop:
+    #: Whether the node got as far as reporting itself started.
+    started: bool = False
+
+
+@contextlib.contextmanager
+def _stopping(home: Home) -> Iterator[_Stop]:
+    """Around a node: once it has started, a failure that ends it is its last
+    log line; unless it failed, its control socket is removed (one left
+    behind tells the CLI that ``serve`` stopped unexpectedly)."""
+    stop = _Stop()
+    failed = False
+    try:
+        yield stop
+    except Exception as error:
+        failed = True
+        if stop.started:  # before, the command line reports it
+            _log_stop(error)
+        raise
+    finally:
+        if not failed:
+            with contextlib.suppress(FileNotFoundError):
+                home.control_path.unlink()
+
+
+def _log_stop(error: Exception) -> None:
+    """The last log line of a node that ``error`` ended."""
+    message = error_message(error)
+    if message is None:
+        log.critical("serve stopped by an unexpected error (a bug)", exc_info=error)
+    else:
+        log.critical("serve stopped: %s", message)
 
 
 @attrs.frozen
@@ -270,20 +317,25 @@ async def run_scheduled_backups(
     """Back up what the config says, now and then every interval, until cancelled.
 
     A run that cannot start (a backup from the command line holds the home)
-    or fails is logged, and the next one comes at its time. ``after_each``
-    is called when a run is over (the peers may have changed).
+    or fails, even by a bug, is logged, and the next one comes at its time.
+    ``after_each`` is called when a run is over (the peers may have changed).
     """
     while True:
         started = trio.current_time()
         try:
-            async with operations.open_repository(home, network=network) as repo:
-                summary = await Backup(repo, exclude=schedule.exclude).run(
-                    schedule.paths, schedule.tags
-                )
+            with unwrap_single():
+                async with operations.open_repository(home, network=network) as repo:
+                    summary = await Backup(repo, exclude=schedule.exclude).run(
+                        schedule.paths, schedule.tags
+                    )
         except RepositoryLockedError as error:
             log.warning("scheduled backup skipped: %s", error)
-        except P2PBackupError as error:
-            log.error("scheduled backup failed: %s", error)
+        except Exception as error:
+            message = error_message(error)
+            if message is None:
+                log.exception("scheduled backup failed by an unexpected error (a bug)")
+            else:
+                log.error("scheduled backup failed: %s", message)
         else:
             log.info(
                 "scheduled backup saved snapshot %s: %s",
@@ -307,7 +359,12 @@ def _storage_offered(home: Home, options: ServeOptions) -> int:
 
 async def _collect_expired(host: ShardHost) -> None:
     while True:
-        removed = await trio.to_thread.run_sync(host.collect_expired)
-        if removed:
-            log.info("removed %d shards whose lease expired", removed)
+        try:
+            removed = await trio.to_thread.run_sync(host.collect_expired)
+        except Exception:
+            # The shards stay a while longer; the next round tries again.
+            log.exception("deleting shards whose lease expired failed; trying again in an hour")
+        else:
+            if removed:
+                log.info("removed %d shards whose lease expired", removed)
         await trio.sleep(EXPIRY_INTERVAL)

@@ -16,7 +16,8 @@ Layout (format version 1)::
       dht-state.json  DHT neighbours remembered between runs (see dht)
       config.toml   the user's settings: scheduled backups (see schedule)
       serve.log     what serve did, one JSON object a line
-      control.sock  where a running serve takes the CLI's commands (0600)
+      control.sock  where a running serve takes the CLI's commands (0600);
+                    left behind by a serve that stopped unexpectedly
 
 The home is chosen by ``--home``, else ``$P2PBACKUP_HOME``, else the platform's
 user data directory.
@@ -28,6 +29,7 @@ import contextlib
 import fcntl
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -247,17 +249,42 @@ class Home:
         """Hold the storage server's lock: one ``serve`` per home at a time.
 
         Apart from :meth:`locked`, so that backups run while the home serves.
+        Patient for a moment: the CLI tries the lock when it finds no daemon
+        (:meth:`serving_pid`), and must not make a starting ``serve`` fail.
         """
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with exclusive_lock(self.serve_lock_path, f"{self.path} is already serving"):
+        with exclusive_lock(
+            self.serve_lock_path, f"{self.path} is already serving", patience=_SERVE_LOCK_PATIENCE
+        ):
             yield
+
+    def serving_pid(self) -> str | None:
+        """The pid of the ``serve`` that holds this home (as it wrote it), or
+        None when none does. Creates nothing."""
+        try:
+            fd = os.open(self.serve_lock_path, os.O_RDONLY)
+        except OSError:
+            return None  # never served, or not a home at all
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _holder(fd)
+            return None
+        finally:
+            os.close(fd)  # and with it the lock, if this took it
+
+
+#: Seconds ``serve`` waits for its lock in case a process is only looking at it.
+_SERVE_LOCK_PATIENCE = 0.5
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, busy: str) -> Iterator[None]:
-    """Hold an flock on ``path``; if another process holds it, fail with ``busy``
-    and the holder's pid (which the holder writes into the file)."""
-    with _flock(path, fcntl.LOCK_EX, busy):
+def exclusive_lock(path: Path, busy: str, *, patience: float = 0.0) -> Iterator[None]:
+    """Hold an flock on ``path``; if another process holds it (still, after
+    ``patience`` seconds), fail with ``busy`` and the holder's pid (which the
+    holder writes into the file)."""
+    with _flock(path, fcntl.LOCK_EX, busy, patience=patience):
         yield
 
 
@@ -270,16 +297,25 @@ def shared_lock(path: Path, busy: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _flock(path: Path, operation: int, busy: str) -> Iterator[None]:
+def _flock(path: Path, operation: int, busy: str, *, patience: float = 0.0) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, operation | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise RepositoryLockedError(f"{busy} (pid {holder})") from None
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.flock(fd, operation | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RepositoryLockedError(f"{busy} (pid {_holder(fd)})") from None
+                time.sleep(0.01)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """The pid a lock's holder wrote into its file."""
+    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"

@@ -59,7 +59,7 @@ from p2pbackup.engine.progress import Progress, human_bytes
 from p2pbackup.errors import P2PBackupError, UsageError
 from p2pbackup.model import NodeKind, TreeNode
 from p2pbackup.node.control import EXIT_BAD_REQUEST, ControlRequest, LineSink, Outcome
-from p2pbackup.nurseries import unwrap_single
+from p2pbackup.nurseries import leaves, unwrap_single
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,11 @@ _LS_TYPES = {
 
 
 def error_message(exc: BaseException) -> str | None:
-    """The one line a user sees for an expected failure; None for a bug."""
+    """The one line a user sees for an expected failure (or a group of them,
+    their lines joined); None for a bug."""
+    if isinstance(exc, BaseExceptionGroup):
+        messages = [error_message(leaf) for leaf in leaves(exc)]
+        return "; ".join(m for m in messages if m) if all(messages) else None
     if isinstance(exc, P2PBackupError):
         return str(exc)
     if isinstance(exc, OSError):

@@ -20,6 +20,15 @@ when the client shows progress (its stderr is a terminal); replies
 empty line: the progress is over), then ``{"exit": code, "error":
 "message"}``. A request of another version gets ``{"exit": 2, "error": …}``;
 keys a side does not know are ignored.
+
+A connection is one client's business alone: a line that is not a JSON object
+(whatever its bytes: junk, a number too long to read, nesting too deep) gets
+``{"exit": 2, …}``, a handler's bug gets ``{"exit": 1, …}`` and is logged, and
+a client that goes away closes only its own connection. The client keeps its
+side open until the exit line comes: when it closes it (or only shuts its
+sending side, as an interrupted client does), the daemon cancels the command
+and closes the connection once the command has stopped, sending nothing more.
+
 Encoding and decoding are pure (:func:`encode_message`, :class:`LineDecoder`,
 :func:`parse_request`); the rest is thin trio.
 """
@@ -49,6 +58,10 @@ CONTROL_VERSION: Final = 2
 MAX_LINE: Final = 1 << 20
 #: The exit code of a request the daemon cannot run (as argparse's for a bad command line).
 EXIT_BAD_REQUEST: Final = 2
+#: The exit code of a command whose handler failed unexpectedly (a bug; as any failure's).
+EXIT_HANDLER_FAILED: Final = 1
+#: Seconds an interrupted client waits for the daemon to stop its command.
+HANG_UP_WAIT: Final = 10.0
 
 #: Takes one line (of output, or of progress).
 LineSink = Callable[[str], None]
@@ -89,14 +102,20 @@ class LineDecoder:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
+        # Only the new bytes are searched for the end of a line: a line that
+        # comes a byte at a time costs its length, not its length squared.
+        start = len(self._buffer)
         self._buffer += data
         messages = []
-        while (end := self._buffer.find(b"\n")) >= 0:
+        while (end := self._buffer.find(b"\n", start)) >= 0:
             line = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
+            start = 0
             try:
                 message = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            except (ValueError, RecursionError) as error:
+                # ValueError: not JSON, not Unicode, or a number with more
+                # digits than Python converts; RecursionError: nested too deep.
                 raise RemoteProtocolError(f"control socket: not a JSON line: {error}") from None
             if not isinstance(message, dict):
                 raise RemoteProtocolError("control socket: a line is not a JSON object")
@@ -174,7 +193,10 @@ def _same_user(sock: trio.socket.SocketType) -> bool:
 async def serve_control(
     path: Path, handler: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Answer requests on the control socket at ``path`` until cancelled."""
+    """Answer requests on the control socket at ``path`` until cancelled.
+
+    The socket file stays when this ends: the caller removes it on a clean
+    stop, and one left behind tells the CLI that no daemon answers any more."""
     # A socket left by a crash: the caller holds the serve lock, so it is stale.
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -193,57 +215,106 @@ async def serve_control(
         os.umask(old_umask)
     sock.listen(16)
     listener = trio.SocketListener(sock)
-    try:
-        task_status.started()
-        await trio.serve_listeners(functools.partial(_serve_one, handler=handler), [listener])
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
+    task_status.started()
+    await trio.serve_listeners(functools.partial(_serve_one, handler=handler), [listener])
 
 
 async def _serve_one(stream: trio.SocketStream, *, handler: Handler) -> None:
+    """One client: its request, run with the replies sent back as they come.
+    Whatever goes wrong here ends this connection, never the daemon."""
     async with stream:
-        if not _same_user(stream.socket):
-            log.warning("control socket: refused a process of another user")
-            return
-        decoder = LineDecoder()
-        request = None
         try:
-            while request is None:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                messages = decoder.feed(data)
-                if messages:
-                    request = messages[0]
-            parsed = parse_request(request)
-        except RemoteProtocolError as problem:
-            await stream.send_all(encode_message({"exit": EXIT_BAD_REQUEST, "error": str(problem)}))
-            return
-        replies_in, replies_out = trio.open_memory_channel[dict[str, str]](math.inf)
+            if not _same_user(stream.socket):
+                log.warning("control socket: refused a process of another user")
+                return
+            await _converse(stream, handler)
+        except trio.BrokenResourceError:
+            log.info("control socket: the client went away")
+        except Exception:
+            log.exception("control socket: a client's connection failed unexpectedly")
 
-        def out(line: str) -> None:
-            replies_in.send_nowait({"out": line})
 
-        def progress(line: str) -> None:
-            replies_in.send_nowait({"progress": line})
+async def _converse(stream: trio.SocketStream, handler: Handler) -> None:
+    try:
+        message = await _receive_request(stream)
+        if message is None:
+            return  # gone before asking anything
+        request = parse_request(message)
+    except RemoteProtocolError as problem:
+        await stream.send_all(encode_message({"exit": EXIT_BAD_REQUEST, "error": str(problem)}))
+        return
+    outcome = await _run_for_client(stream, request, handler, progress=wants_progress(message))
+    if outcome is None:
+        log.info("control socket: the client of `%s` went away; it was cancelled", request.command)
+        return
+    await stream.send_all(encode_message({"exit": outcome.code, "error": outcome.error}))
+
+
+async def _receive_request(stream: trio.SocketStream) -> dict[str, Any] | None:
+    """The client's first line; None if it closes before sending one."""
+    decoder = LineDecoder()
+    while data := await stream.receive_some(65536):
+        if messages := decoder.feed(data):
+            return messages[0]
+    return None
+
+
+async def _run_for_client(
+    stream: trio.SocketStream, request: ControlRequest, handler: Handler, *, progress: bool
+) -> Outcome | None:
+    """Run ``request``, sending its lines to the client as they come: how it
+    ended, or None if the client went away first, which cancels it."""
+    replies_in, replies_out = trio.open_memory_channel[dict[str, str]](math.inf)
+    gone = False
+    outcome = None
+
+    def out(line: str) -> None:
+        replies_in.send_nowait({"out": line})
+
+    def show(line: str) -> None:
+        replies_in.send_nowait({"progress": line})
+
+    async with trio.open_nursery() as nursery:
+
+        def client_gone() -> None:
+            nonlocal gone
+            gone = True
+            nursery.cancel_scope.cancel()
+
+        async def watch() -> None:
+            await _until_hang_up(stream)
+            client_gone()
 
         async def relay() -> None:
-            async for reply in replies_out:
-                await stream.send_all(encode_message(reply))
+            try:
+                async for reply in replies_out:
+                    await stream.send_all(encode_message(reply))
+            except trio.BrokenResourceError:
+                client_gone()
+            else:
+                nursery.cancel_scope.cancel()  # all sent: stop watching
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(relay)
-                try:
-                    outcome = await handler(
-                        parsed, out, progress if wants_progress(request) else None
-                    )
-                finally:
-                    replies_in.close()
-            await stream.send_all(encode_message({"exit": outcome.code, "error": outcome.error}))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            log.info("control socket: the client went away")
+        nursery.start_soon(watch)
+        nursery.start_soon(relay)
+        with replies_in:
+            try:
+                outcome = await handler(request, out, show if progress else None)
+            except Exception as error:
+                log.exception("control socket: `%s` failed unexpectedly", request.command)
+                outcome = Outcome(
+                    EXIT_HANDLER_FAILED,
+                    f"`{request.command}` failed in the daemon: {type(error).__name__}: "
+                    f"{error} (a bug; the traceback is in serve's log)",
+                )
+    return None if gone else outcome
+
+
+async def _until_hang_up(stream: trio.abc.ReceiveStream) -> None:
+    """Return once the other side has closed, or shut its sending side (what
+    else it sends is ignored)."""
+    with contextlib.suppress(trio.BrokenResourceError):
+        while await stream.receive_some(65536):
+            pass
 
 
 # -- the CLI's side ---------------------------------------------------------------------------
@@ -268,20 +339,39 @@ async def forward(
         await stream.send_all(
             encode_message(request_message(request, progress=progress is not None))
         )
-        decoder = LineDecoder()
-        while True:
+        try:
+            return await _receive_outcome(stream, write, progress)
+        except KeyboardInterrupt:
+            # Interrupted: the daemon cancels the command once this side
+            # shuts; wait (a little) until it has, so that the home is free
+            # again when the user gets the prompt back.
+            with trio.move_on_after(HANG_UP_WAIT):
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_eof()
+                await _until_hang_up(stream)
+            raise
+
+
+async def _receive_outcome(
+    stream: trio.SocketStream, write: LineSink, progress: LineSink | None
+) -> Outcome:
+    decoder = LineDecoder()
+    while True:
+        try:
             data = await stream.receive_some(65536)
-            if not data:
-                raise RemoteProtocolError("the daemon closed the control socket mid-command")
-            for message in decoder.feed(data):
-                if "out" in message:
-                    write(str(message["out"]))
-                    continue
-                if "progress" in message:
-                    if progress is not None:
-                        progress(str(message["progress"]))
-                    continue
-                code = message.get("exit")
-                if not isinstance(code, int):
-                    raise RemoteProtocolError(f"control socket: unexpected reply {message!r}")
-                return Outcome(code, str(message.get("error") or ""))
+        except trio.BrokenResourceError:
+            data = b""
+        if not data:
+            raise RemoteProtocolError("the daemon closed the control socket mid-command")
+        for message in decoder.feed(data):
+            if "out" in message:
+                write(str(message["out"]))
+                continue
+            if "progress" in message:
+                if progress is not None:
+                    progress(str(message["progress"]))
+                continue
+            code = message.get("exit")
+            if not isinstance(code, int):
+                raise RemoteProtocolError(f"control socket: unexpected reply {message!r}")
+            return Outcome(code, str(message.get("error") or ""))

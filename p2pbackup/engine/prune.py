@@ -184,8 +184,8 @@ async def _repack(repo: Repository, repack: tuple[Repack, ...], progress: Progre
         return []
     progress.update(f"repacking {len(repack)} packs", force=True)
     written: list[bytes] = []
-    builder = packer.PackBuilder()
     pack_size = repo.config.pack_size
+    builder = packer.PackBuilder(pack_size)
     for old in repack:
         record = repo.index.pack(old.pack_id)
         assert record is not None
@@ -193,12 +193,12 @@ async def _repack(repo: Repository, repack: tuple[Repack, ...], progress: Progre
         for entry in record.blobs:
             if entry.blob_id not in old.blobs:
                 continue
+            if not builder.fits(entry.length):
+                written.append((await repo.write_pack(builder)).pack_id)
+                builder = packer.PackBuilder(pack_size)
             builder.add(
                 entry.type, entry.blob_id, bytes(packer.blob_bytes(data, entry)), entry.raw_length
             )
-            if builder.size >= pack_size:
-                written.append((await repo.write_pack(builder)).pack_id)
-                builder = packer.PackBuilder()
     if len(builder):
         written.append((await repo.write_pack(builder)).pack_id)
     return written

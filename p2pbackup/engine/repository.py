@@ -501,7 +501,7 @@ class Repository:
         sealed = await trio.to_thread.run_sync(
             blobs.seal_blob, self.keyring.data_key, BlobType.INDEX, ident, data
         )
-        builder = packer.PackBuilder()
+        builder = packer.PackBuilder(self.config.pack_size)
         builder.add(BlobType.INDEX, ident, sealed, len(data))
         await self.write_pack(builder, is_index=True)
         with self.index.transaction():

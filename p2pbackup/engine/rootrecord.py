@@ -7,6 +7,10 @@
 * **signed envelope** — how it is stored: the record sealed with the record
   key (only the owner reads it), in an envelope signed by the identity key
   (a peer cannot pass off a record of its own).
+* **padding** — zeros inside the seal, so that the envelope a peer stores is
+  :data:`ROOT_RECORD_MIN_SIZE` bytes, or that doubled as often as the record
+  needs (:func:`envelope_size`): its size does not count snapshots, packs or
+  peers until there are hundreds of them (docs/privacy.md).
 
 It is **published** to every peer after each change; one peer taking it is
 enough, since any peer is a way back in.
@@ -26,15 +30,32 @@ from p2pbackup.model import RootRecord
 from p2pbackup.stores.shardstore import ShardStore
 
 ROOT_ENVELOPE_KIND = b"ROOT"
+#: The smallest stored root record: the envelope of a record naming up to
+#: about a hundred snapshots' index packs (docs/privacy.md).
+ROOT_RECORD_MIN_SIZE = 64 * 1024
+#: What the envelope adds to the record: its head, the seal and the signature.
+_ENVELOPE_OVERHEAD = (
+    len(formats.encode_signed_envelope(ROOT_ENVELOPE_KIND, bytes(32), b"", bytes(64)))
+    + crypto.SEAL_OVERHEAD
+)
+
+
+def envelope_size(record_length: int) -> int:
+    """The size the envelope of an encoded record of ``record_length`` bytes
+    is padded to: the minimum, doubled until the record fits."""
+    size = ROOT_RECORD_MIN_SIZE
+    while size < record_length + _ENVELOPE_OVERHEAD:
+        size *= 2
+    return size
 
 
 def seal_root_record(keyring: Keyring, record: RootRecord) -> bytes:
-    """The signed, encrypted envelope stored on every peer."""
-    payload = crypto.seal(
-        keyring.record_key,
-        formats.encode_root_record(record),
-        aad=b"p2pbackup-root" + keyring.node_id,
+    """The signed, encrypted and padded envelope stored on every peer."""
+    plain = formats.encode_root_record(record)
+    padded = formats.encode_root_record(
+        record, padded_size=envelope_size(len(plain)) - _ENVELOPE_OVERHEAD
     )
+    payload = crypto.seal(keyring.record_key, padded, aad=b"p2pbackup-root" + keyring.node_id)
     signed = formats.envelope_signed_bytes(ROOT_ENVELOPE_KIND, keyring.identity_public, payload)
     signature = crypto.sign(keyring.identity_seed, signed)
     return formats.encode_signed_envelope(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import attrs
 import msgpack
@@ -10,6 +11,7 @@ import msgpack
 from p2pbackup.core import crypto, formats
 from p2pbackup.core.keys import Keyring
 from p2pbackup.engine import rootrecord
+from p2pbackup.engine.index import Index
 from p2pbackup.model import (
     BlobEntry,
     BlobType,
@@ -83,3 +85,36 @@ def test_a_record_stored_before_padding_and_instance_ids_still_opens() -> None:
     )
     assert len(envelope) < 4096  # as it was: unpadded
     assert rootrecord.open_root_record(KEYRING, envelope) == record
+
+
+def test_a_record_is_foreign_when_another_home_wrote_it_after_our_last(
+    tmp_path: Path,
+) -> None:
+    index = Index(tmp_path / "index.sqlite")
+    ours, theirs, other = b"o" * 16, b"t" * 16, b"x" * 16
+
+    def foreign(*records: tuple[int, bytes]) -> bool:
+        found = {
+            f"peer{i}": attrs.evolve(record_after(0), sequence=sequence, instance=writer)
+            for i, (sequence, writer) in enumerate(records)
+        }
+        return rootrecord.foreign_record(found, index, ours) is not None
+
+    # A new home (no record yet) finds one: another home wrote it.
+    assert foreign((1, theirs))
+    # Recovered from their #5: that record and older ones are not foreign,
+    # a newer one of theirs, or another #5, is.
+    index.set_root(5, theirs)
+    assert not foreign((5, theirs), (4, other), (3, b""))
+    assert foreign((5, theirs), (6, theirs))
+    assert foreign((5, other))
+    # Our own records never are, even numbered above our last (a put that
+    # timed out may have landed).
+    index.set_root(7, ours)
+    assert not foreign((7, ours), (8, ours), (6, theirs))
+    assert foreign((7, theirs))
+    # A home from before instance ids, among records from before them.
+    index.set_root(9, b"")
+    assert not foreign((9, b""), (8, b""))
+    assert foreign((10, b""))
+    index.close()

@@ -134,6 +134,9 @@ async def prune(repo: Repository, *, progress: Progress | None = None) -> PruneS
     """Plan the prune from what the live snapshots reach, then carry it out."""
     progress = progress or Progress("prune", enabled=False)
     index = repo.index
+    # Another home of this identity writing the root record: its packs
+    # would look like orphans here. Refuse before any work.
+    await repo.check_writer()
     progress.update("marking live data", force=True)
     live, problems = await live_blobs(repo)
     if problems:

@@ -7,7 +7,9 @@ must name what is wrong in words a user understands.
 Families:
 
 * :class:`UsageError` — the user asked for something impossible (a path that
-  does not exist, an unknown snapshot, a home that is not initialised).
+  does not exist, an unknown snapshot, a home that is not initialised);
+  :class:`HomeConflictError` when another home of the same identity writes
+  the root record.
 * :class:`RecoveryKeyError` — a recovery key that does not parse or whose
   checksum fails; says which group holds the typo when that can be known.
 * :class:`IntegrityError` — bytes that fail verification: a failed AEAD tag,
@@ -48,6 +50,17 @@ class UsageError(P2PBackupError):
 
 class RepositoryLockedError(UsageError):
     """Another process holds the home directory's lock."""
+
+
+class HomeConflictError(UsageError):
+    """Another home with the same recovery key wrote the root record since
+    this home last did: writing now would drop that home's snapshots."""
+
+    def __init__(self, message: str, *, peer_id: str, sequence: int) -> None:
+        super().__init__(message)
+        #: The peer holding the other home's record, and that record's number.
+        self.peer_id = peer_id
+        self.sequence = sequence
 
 
 class RecoveryKeyError(P2PBackupError):

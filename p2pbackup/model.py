@@ -37,6 +37,8 @@ import attrs
 ID_SIZE = 32
 #: Size in bytes of a node id (BLAKE2b-160 of the Ed25519 public key).
 NODE_ID_SIZE = 20
+#: Size in bytes of a home's instance id (:class:`RootRecord`).
+INSTANCE_ID_SIZE = 16
 #: Most shards a pack is coded into: a GF(2^8) Reed-Solomon codeword has at
 #: most 255 symbols.
 MAX_SHARDS = 255
@@ -228,19 +230,27 @@ class RootRecord:
     #: The friend list with their keys and last addresses, so that a home
     #: recovered on a new machine knows its friends again.
     friends: tuple[FriendRecord, ...] = ()
+    #: The instance id of the home that wrote the record: random, made when
+    #: the home was (``init``, ``recover``), so that two homes of one
+    #: identity notice each other (:mod:`p2pbackup.engine.rootrecord`).
+    #: Empty in records written before homes had one.
+    instance: bytes = b""
 
 
 @attrs.frozen
 class ShardHeader:
     """The versioned header in front of every stored shard's data.
 
-    Peers see it: it names the pack (an opaque hash of ciphertext) and the code
-    parameters, never anything about the files inside. The shard's Merkle root
-    covers this header and the data after it, so it cannot live in here: the
-    owner keeps it (:class:`ShardLocation`) and declares it to the host.
+    Peers see it: the code parameters and the shard's place in them, and the
+    padded pack's size (one of a few buckets), never anything about the files
+    inside nor which pack it belongs to. The shard's Merkle root covers this
+    header and the data after it, so it cannot live in here: the owner keeps
+    it (:class:`ShardLocation`) and declares it to the host.
     """
 
-    pack_id: bytes
+    #: The pack, in headers written before shard headers stopped naming it
+    #: (format version 1); None since.
+    pack_id: bytes | None
     index: int
     k: int
     n: int

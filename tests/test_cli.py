@@ -24,7 +24,9 @@ import trio
 from p2pbackup.app import operations
 from p2pbackup.app.home import Home
 from p2pbackup.core import keys
+from p2pbackup.core.keys import Keyring
 from p2pbackup.engine.backup import Backup
+from p2pbackup.engine.rootrecord import open_root_record
 
 from .cli_helpers import (
     CLI,
@@ -349,6 +351,61 @@ def test_recover_from_the_key_and_one_peer(tmp_path: Path) -> None:
     target = tmp_path / "out2"
     cli_ok("restore", "latest", "--target", target, home=home)
     assert tree_state(restored(target, source)) == state
+
+
+def test_two_live_homes_of_one_key_never_drop_each_others_snapshots(tmp_path: Path) -> None:
+    """`recover` of one key into several homes, all still in use: the last
+    one to recover writes the root record; the others refuse to, until told
+    to take over, and a refused backup uploads nothing."""
+    world = make_world(tmp_path, k=2, n=3)
+    source = make_source(tmp_path / "src", big=50_000)
+    first = world.backup(source)
+    recovered = []
+    for name in ("second", "third"):
+        home = tmp_path / name
+        result = cli_ok("recover", "--recovery-key-file", world.key_file,
+                        "--peer-dir", world.peers[0], home=home)  # fmt: skip
+        assert "this home now writes the root record" in result.stdout, str(result)
+        recovered.append(home)
+    second, third = recovered
+    (source / "later.txt").write_text("written after the recoveries\n")
+    shards = all_shards(world.peers)
+    for home in (world.home, second):
+        message = cli_error("backup", source, home=home)
+        assert message.startswith("another home with this recovery key wrote root record #"), (
+            message
+        )
+        assert "backup --takeover" in message
+        assert all_shards(world.peers) == shards  # refused before uploading anything
+    kept = cli_ok("backup", source, home=third).lines[-1]
+    assert SNAPSHOT_ID_RE.fullmatch(kept)
+
+    keyring = Keyring.from_master_secret(keys.parse_recovery_key(world.key))
+
+    def on_the_peers() -> tuple[int, set[str]]:
+        """The root record every peer holds: its number and snapshots."""
+        records = [
+            open_root_record(keyring, path.read_bytes())
+            for peer in world.peers
+            for path in peer.glob("p2pbackup-peer/owners/*/root")
+        ]
+        assert len(records) == len(world.peers)
+        assert len({record.sequence for record in records}) == 1
+        return records[0].sequence, {snapshot.hex() for snapshot in records[0].snapshots}
+
+    # What the peers hold is what the writing home made: nothing was dropped.
+    sequence, snapshots = on_the_peers()
+    assert snapshots == {first, kept}
+
+    # The first home takes over (knowingly dropping the third's new snapshot
+    # from the record); now the third is the one refused, and the second still is.
+    taken = cli_ok("backup", "--takeover", source, home=world.home).lines[-1]
+    assert "another home" in cli_error("backup", source, home=third)
+    assert "another home" in cli_error("backup", source, home=second)
+    # Nor may it prune: to it, the other homes' new packs look like orphans.
+    assert "another home" in cli_error("prune", home=second)
+    # Numbered above the third's: a home recovering now finds the first's.
+    assert on_the_peers() == (sequence + 1, {first, taken})
 
 
 # -- errors ------------------------------------------------------------------------------------

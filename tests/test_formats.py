@@ -213,6 +213,7 @@ root_records = st.builds(
     index_packs=st.lists(pack_records(), max_size=2).map(tuple),
     snapshots=st.lists(ids, max_size=3).map(tuple),
     friends=st.lists(friend_records(), max_size=2).map(tuple),
+    instance=st.sampled_from([b"", bytes(range(16))]),
 )
 
 
@@ -220,7 +221,7 @@ root_records = st.builds(
 def shard_headers(draw: st.DrawFn) -> ShardHeader:
     geometry = draw(geometries())
     return ShardHeader(
-        pack_id=draw(ids),
+        pack_id=draw(st.none() | ids),
         index=draw(st.integers(0, geometry["n"] - 1)),
         k=geometry["k"],
         n=geometry["n"],
@@ -240,6 +241,8 @@ class Codec:
     encode: Callable[[Any], bytes]
     decode: Callable[[bytes], Any]
     values: st.SearchStrategy[Any]
+    #: The versions its encoder writes.
+    versions: tuple[int, ...] = (1,)
 
 
 def _encode_envelope(envelope: SignedEnvelope) -> bytes:
@@ -257,12 +260,14 @@ envelopes = st.builds(
 )
 
 CODECS = [
-    Codec("shard header", b"P2PS", encode_shard_header, decode_shard_header, shard_headers()),
+    Codec(
+        "shard header", b"P2PS", encode_shard_header, decode_shard_header, shard_headers(), (1, 2)
+    ),
     Codec("pack header", b"P2PP", encode_pack_header, decode_pack_header, pack_headers),
-    Codec("tree", b"P2PT", encode_tree, decode_tree, trees),
+    Codec("tree", b"P2PT", encode_tree, decode_tree, trees, (1, TREE_VERSION)),
     Codec("snapshot", b"P2PN", encode_snapshot, decode_snapshot, snapshots),
     Codec("index segment", b"P2PI", encode_index_segment, decode_index_segment, index_segments),
-    Codec("root record", b"P2PR", encode_root_record, decode_root_record, root_records),
+    Codec("root record", b"P2PR", encode_root_record, decode_root_record, root_records, (2,)),
     Codec("signed envelope", b"P2PE", _encode_envelope, decode_signed_envelope, envelopes),
 ]
 BY_NAME = {codec.name: codec for codec in CODECS}
@@ -288,8 +293,7 @@ def _accepts_only_canonical(codec: Codec, data: bytes) -> None:
 def test_round_trip(codec: Codec, data: st.DataObject) -> None:
     value = data.draw(codec.values)
     encoded = codec.encode(value)
-    assert encoded[:4] == codec.magic
-    assert encoded[4] in (1, TREE_VERSION if codec.magic == b"P2PT" else 1)
+    assert encoded.startswith(codec.magic) and encoded[4] in codec.versions
     decoded = codec.decode(encoded)
     assert decoded == value
     assert codec.encode(decoded) == encoded
@@ -332,9 +336,7 @@ def _sample_record(rng: random.Random) -> PackRecord:
 
 
 _SAMPLES: dict[str, Callable[[random.Random], bytes]] = {
-    "shard header": lambda rng: encode_shard_header(
-        ShardHeader(_rid(rng), 2, 3, 5, 1000, 334, 512)
-    ),
+    "shard header": lambda rng: encode_shard_header(ShardHeader(None, 2, 3, 5, 1000, 334, 512)),
     "pack header": lambda rng: encode_pack_header(
         PackHeader((BlobEntry(BlobType.TREE, _rid(rng), 0, 300, 280),))
     ),
@@ -359,6 +361,7 @@ _SAMPLES: dict[str, Callable[[random.Random], bytes]] = {
             (PeerRecord("peer-a", "dir", "/mnt/a"),),
             (_sample_record(rng),),
             (_rid(rng),),
+            instance=rng.randbytes(16),
         )
     ),
     "signed envelope": lambda rng: encode_signed_envelope(
@@ -386,6 +389,29 @@ def test_every_byte_mutation_and_truncation_only_raises_format_error(codec: Code
 
 
 def test_shard_header_layout_is_pinned() -> None:
+    header = ShardHeader(
+        pack_id=None,
+        index=2,
+        k=3,
+        n=5,
+        pack_size=1000,
+        shard_size=334,
+        block_size=16384,
+    )
+    encoded = encode_shard_header(header)
+    assert SHARD_HEADER_SIZE == len(encoded) == 64
+    assert encoded == (
+        b"P2PS\x02\x02\x03\x05"
+        + (1000).to_bytes(8, "big")
+        + (334).to_bytes(8, "big")
+        + (16384).to_bytes(4, "big")
+        + bytes(4)
+        + bytes(32)  # no pack id: shards of one pack cannot be matched up
+    )
+
+
+def test_version_1_shard_header_layout_is_pinned() -> None:
+    """Shards written before version 2 named their pack; they still read."""
     header = ShardHeader(
         pack_id=bytes(range(32)),
         index=2,
@@ -439,7 +465,10 @@ def test_prefix_errors_are_named(codec: Codec) -> None:
         codec.decode(codec.magic + b"\x00" + encoded[5:])
     with pytest.raises(FormatError, match=f"^{codec.name}: bad magic b'XXXX'"):
         codec.decode(b"XXXX" + encoded[4:])
-    if codec.name != "shard header":  # the shard's data follows its header
+    if codec.name == "root record":  # zeros after it are padding; nothing else is
+        with pytest.raises(FormatError, match=r"^root record: padding after the body is not zero$"):
+            codec.decode(encoded + b"\x00\x01")
+    elif codec.name != "shard header":  # the shard's data follows its header
         with pytest.raises(FormatError, match=f"^{codec.name}: .*trailing"):
             codec.decode(encoded + b"\x00")
 
@@ -507,6 +536,11 @@ def test_shard_header_rejects_bad_ids_and_reserved_bytes() -> None:
         encode_shard_header(_header(index=-1))
     encoded = bytearray(encode_shard_header(_header()))
     encoded[30] = 1
+    with pytest.raises(FormatError, match="reserved"):
+        decode_shard_header(bytes(encoded))
+    # Version 2's pack id place is reserved too: nothing may hide a pack id there.
+    encoded = bytearray(encode_shard_header(_header(pack_id=None)))
+    encoded[40] = 1
     with pytest.raises(FormatError, match="reserved"):
         decode_shard_header(bytes(encoded))
 
@@ -804,9 +838,39 @@ def test_a_root_record_from_before_friends_reads_with_none() -> None:
         tuple(formats._pack_record_body(p) for p in record.index_packs),
         tuple(record.snapshots),
     )
-    old = b"P2PR" + bytes([formats.FORMAT_VERSION]) + msgpack.packb(body, use_bin_type=True)
-    assert decode_root_record(old) == record
+    old = b"P2PR\x01" + msgpack.packb(body, use_bin_type=True)
+    assert decode_root_record(old) == attrs.evolve(record, instance=b"")
     assert record.friends == ()
+
+
+def test_a_version_1_root_record_reads_without_instance_id() -> None:
+    key = bytes(range(32))
+    friend = FriendRecord(node_id_for(key), key, ("h:1",), 5)
+    record = attrs.evolve(
+        decode_root_record(_SAMPLES["root record"](random.Random(6))), friends=(friend,)
+    )
+    body = msgpack.unpackb(encode_root_record(record)[5:])
+    old = b"P2PR\x01" + msgpack.packb(body[:7], use_bin_type=True)
+    assert decode_root_record(old) == attrs.evolve(record, instance=b"")
+    # Version 1 had no instance id: an eighth field there is damage.
+    with pytest.raises(FormatError, match="root record: expected 7 fields, got 8"):
+        decode_root_record(b"P2PR\x01" + msgpack.packb(body, use_bin_type=True))
+
+
+def test_a_root_record_pads_with_zeros_to_the_size_asked() -> None:
+    record = decode_root_record(_SAMPLES["root record"](random.Random(6)))
+    plain = encode_root_record(record)
+    padded = encode_root_record(record, padded_size=len(plain) + 1000)
+    assert len(padded) == len(plain) + 1000 and padded.startswith(plain)
+    assert decode_root_record(padded) == record
+    # A size below the record's own is no padding, never a cut.
+    assert encode_root_record(record, padded_size=10) == plain
+    tampered = bytearray(padded)
+    tampered[-1] = 1
+    with pytest.raises(FormatError, match="root record: padding after the body is not zero"):
+        decode_root_record(bytes(tampered))
+    with pytest.raises(FormatError, match="root record: instance id: must be empty or 16"):
+        encode_root_record(attrs.evolve(record, instance=bytes(8)))
 
 
 def test_snapshot_checks() -> None:

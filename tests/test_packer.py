@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from p2pbackup.core import blobs, crypto, packer
@@ -14,24 +14,51 @@ KEY = bytes(range(32))
 DEDUP = bytes(range(32, 64))
 
 
-@given(st.integers(min_value=0, max_value=1 << 40))
-def test_padme_never_shrinks_and_overhead_is_bounded(length: int) -> None:
-    padded = packer.padme(length)
+MIB = 1 << 20
+TARGET = 12 * MIB
+
+
+def test_buckets_halve_from_the_target_down_to_the_smallest() -> None:
+    assert packer.pack_buckets(TARGET) == [
+        48 << 10, 96 << 10, 192 << 10, 384 << 10, 768 << 10,
+        3 * MIB // 2, 3 * MIB, 6 * MIB, 12 * MIB,
+    ]  # fmt: skip
+    assert packer.pack_buckets(256 << 10) == [32 << 10, 64 << 10, 128 << 10, 256 << 10]
+    # A target that is not a power of two halves rounding up; a tiny one is its
+    # own only bucket.
+    assert packer.pack_buckets(100_001) == [50_001, 100_001]
+    assert packer.pack_buckets(1000) == [1000]
+
+
+@given(st.integers(1, 64 * MIB), st.integers(1, 64 * MIB))
+def test_a_pack_is_padded_to_the_smallest_bucket_it_fits(length: int, target: int) -> None:
+    padded = packer.pack_bucket(length, target)
     assert padded >= length
-    if length >= 256:
-        # Padmé's worst case is below 12 %; at pack sizes it is a few percent.
-        assert padded - length <= length * 0.12
+    if length > target:
+        # Larger than the target (one huge blob): whole targets.
+        assert padded % target == 0 and padded - length < target
+        return
+    buckets = packer.pack_buckets(target)
+    assert padded in buckets
+    smaller = [size for size in buckets if size < padded]
+    assert not smaller or smaller[-1] < length
+    # Each bucket at most doubles what it holds, above the smallest.
+    assert padded == buckets[0] or padded < 2 * length + 2
 
 
-def test_padme_leaves_few_distinct_sizes() -> None:
-    sizes = {packer.padme(n) for n in range(8 << 20, 16 << 20, 997)}
-    # 8 MiB of distinct lengths collapse into a few dozen buckets.
-    assert len(sizes) < 40
-    assert packer.padme((16 << 20) + 1) - ((16 << 20) + 1) <= (16 << 20) * 0.04
+def test_sizes_within_ten_percent_share_a_bucket_away_from_its_edges() -> None:
+    # The promise docs/privacy.md makes: a bucket b holds everything in
+    # (b/2, b], so any two sizes in [0.55 b, 0.9 b] (ten percent apart at
+    # most... and more) leave the same pack size.
+    for bucket in packer.pack_buckets(TARGET)[1:]:
+        low, high = int(0.55 * bucket), int(0.9 * bucket)
+        assert packer.pack_bucket(low, TARGET) == packer.pack_bucket(high, TARGET) == bucket
+    # The brief's measured case: one 1,234,567-byte file.
+    assert packer.pack_bucket(1_234_567 + 200, TARGET) == 3 * MIB // 2
 
 
 def _build(payloads: list[bytes]) -> tuple[bytes, list[bytes]]:
-    builder = packer.PackBuilder()
+    builder = packer.PackBuilder(TARGET)
     ids = []
     for payload in payloads:
         ident = blobs.blob_id(DEDUP, payload)
@@ -46,7 +73,7 @@ def _build(payloads: list[bytes]) -> tuple[bytes, list[bytes]]:
 @given(st.lists(st.binary(max_size=3000), max_size=6))
 def test_pack_round_trip(payloads: list[bytes]) -> None:
     pack, ids = _build(payloads)
-    assert len(pack) == packer.padme(len(pack))
+    assert len(pack) == packer.MIN_PACK_BUCKET * 3 // 2  # the smallest bucket of 12 MiB
     header = packer.read_pack_header(KEY, pack)
     assert [e.blob_id for e in header.entries] == ids
     for entry, payload in zip(header.entries, payloads, strict=True):
@@ -94,3 +121,30 @@ def test_blob_moved_to_another_id_or_type_fails() -> None:
         blobs.open_blob(KEY, DEDUP, BlobType.TREE, ident, sealed)
     with pytest.raises(DecryptionError):
         blobs.open_blob(KEY, DEDUP, BlobType.DATA, bytes(32), sealed)
+
+
+@given(
+    st.integers(2 * packer.MIN_PACK_BUCKET, 256 << 10),
+    st.lists(st.integers(0, 40_000), min_size=1, max_size=60),
+)
+# Closed at 25 kB, below half the target: full all the same.
+@example(64 << 10, [25_000, 40_000])
+def test_a_pack_closed_because_the_next_blob_did_not_fit_is_exactly_the_target(
+    target: int, lengths: list[int]
+) -> None:
+    """What `fits` admits never overflows the target, so every full pack is
+    the target exactly: a peer sees one size for all of them."""
+    builder = packer.PackBuilder(target)
+    finished: list[tuple[int, bool]] = []
+    for number, length in enumerate(lengths):
+        if not builder.fits(length + crypto.SEAL_OVERHEAD):
+            parts, _ = builder.finish_parts(KEY)
+            finished.append((sum(len(part) for part in parts), True))
+            builder = packer.PackBuilder(target)
+        ident = number.to_bytes(32, "big")
+        builder.add(BlobType.DATA, ident, crypto.seal(KEY, bytes(length)), length)
+    parts, _ = builder.finish_parts(KEY)
+    last = sum(len(part) for part in parts)
+    assert last in packer.pack_buckets(target) or last % target == 0
+    for size, full in finished:
+        assert full and size == target

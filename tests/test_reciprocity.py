@@ -39,7 +39,7 @@ KIB = 1024
 
 
 def data_pack(rng: random.Random, size: int) -> packer.PackBuilder:
-    builder = packer.PackBuilder()
+    builder = packer.PackBuilder(SMALL.pack_size)
     builder.add(BlobType.DATA, rng.randbytes(32), rng.randbytes(size), size)
     return builder
 

@@ -475,6 +475,13 @@ def _add_backup_and_restore(commands: _Commands) -> None:
     p.add_argument(
         "--tag", action="append", dest="tags", metavar="TAG", help="tag the snapshot (repeatable)"
     )
+    p.add_argument(
+        "--takeover",
+        action="store_true",
+        help="make this home the one that writes the root record, when another home "
+        "with the same recovery key has written it since (that home's newer snapshots "
+        "are dropped)",
+    )
     _json_option(p)
     p.set_defaults(request=requests.BackupRequest)
     p = commands.add_parser("snapshots", help="list snapshots")

@@ -36,6 +36,7 @@ from p2pbackup.engine.rootrecord import open_root_record
 from p2pbackup.engine.status import Hosting
 from p2pbackup.errors import (
     FormatError,
+    HomeConflictError,
     IntegrityError,
     NotEnoughShardsError,
     P2PBackupError,
@@ -461,6 +462,9 @@ class RecoverSummary:
     snapshots: int = 0
     packs: int = 0
     packs_restorable: int = 0
+    #: The sequence number of the root record this home wrote as it took
+    #: over from the home that wrote the one found (0: it wrote none).
+    took_over: int = 0
     problems: list[str] = attrs.Factory(list)
 
     def lines(self) -> list[str]:
@@ -470,6 +474,12 @@ class RecoverSummary:
             f"snapshots: {self.snapshots}; packs: {self.packs_restorable} of {self.packs} "
             "have enough shards to restore",
         ]
+        if self.took_over:
+            lines.append(
+                f"this home now writes the root record (#{self.took_over}); the home that "
+                f"wrote #{self.root_sequence}, if still in use, refuses to back up until "
+                "`p2pbackup backup --takeover` there"
+            )
         lines.extend(f"problem: {p}" for p in self.problems)
         return lines
 
@@ -643,7 +653,8 @@ async def _rebuild_index(
                 index.add_friend(friend)
         for record in root.index_packs:
             index.add_pack(record, is_index=True, in_segment=True)
-        index.set_root_sequence(root.sequence)
+        # The record taken over: its writer's later ones are foreign, ours not.
+        index.set_root(root.sequence, root.instance)
     summary.root_sequence = root.sequence
     summary.peers_known = len(root.peers)
 
@@ -686,5 +697,13 @@ async def _rebuild_index(
         if len(holders) >= k:
             summary.packs_restorable += 1
     if reached:
-        # Tell every peer where the others are now (a folder may have moved).
-        await repo.publish_root()
+        # Tell every peer where the others are now (a folder may have moved);
+        # from now on this home is the one that writes the root record.
+        try:
+            await repo.publish_root()
+        except HomeConflictError as exc:
+            raise UsageError(
+                f"peer {exc.peer_id} holds a newer root record (#{exc.sequence}) than the "
+                f"#{root.sequence} found; recover again, naming that peer too"
+            ) from None
+        summary.took_over = index.root_sequence()

@@ -73,6 +73,9 @@ class BackupRequest:
     paths: tuple[str, ...] = _client_path(at_least_one=True)
     exclude: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
+    #: Write the root record even though another home of this identity
+    #: wrote one since this home last did (:mod:`p2pbackup.engine.rootrecord`).
+    takeover: bool = False
     json: bool = False
 
 

@@ -187,6 +187,7 @@ class Service:
 
         exclude = ExcludeRules.from_patterns(request.exclude)
         async with operations.open_repository(self.home) as repo:
+            repo.takeover = request.takeover
             summary = await Backup(
                 repo, progress=console.progress_line("backup"), exclude=exclude
             ).run(list(request.paths), request.tags)

@@ -45,6 +45,7 @@ from p2pbackup.core.keys import node_id_for
 from p2pbackup.errors import FormatError
 from p2pbackup.model import (
     ID_SIZE,
+    INSTANCE_ID_SIZE,
     MAX_SHARDS,
     NODE_ID_SIZE,
     BlobEntry,
@@ -129,8 +130,13 @@ SNAPSHOT_MAGIC = b"P2PN"
 INDEX_SEGMENT_MAGIC = b"P2PI"
 ROOT_RECORD_MAGIC = b"P2PR"
 ENVELOPE_MAGIC = b"P2PE"
-#: The version every format started at.
+#: The version of every format that has had only one.
 FORMAT_VERSION = 1
+#: Shard headers: 1 named the pack in clear; 2 (written now) does not.
+SHARD_HEADER_VERSION = 2
+#: Root records: 1 had six or seven fields; 2 (written now) adds the writing
+#: home's instance id and may be padded with zeros.
+ROOT_RECORD_VERSION = 2
 #: Trees: version 2 adds fifos and devices (with ``rdev``) and extended
 #: attributes. A tree that needs none of them is still written as version 1,
 #: so an unchanged directory keeps its tree id across the upgrade.
@@ -165,7 +171,8 @@ def _check_prefix(
     minimum: int,
     versions: tuple[int, ...] = (FORMAT_VERSION,),
 ) -> None:
-    """Magic, then version, then length: the order in which a reader cares."""
+    """Magic, then version (one of ``versions``), then length: the order in
+    which a reader cares."""
     if len(data) >= 4 and data[:4] != magic:
         got = data[:4]
         known = _MAGIC_NAMES.get(got)
@@ -180,21 +187,30 @@ def _check_prefix(
 # --- Shard header (fixed binary layout) -------------------------------------
 
 # magic, version, index, k, n, pack_size, shard_size, block_size, reserved,
-# pack_id. Big-endian, no implicit padding.
+# pack_id. Big-endian, no implicit padding. Version 2 has the same 64 bytes
+# with the pack id's place zero: a shard's header names no pack, so that
+# shards of one pack on different peers cannot be matched up (the pack id is
+# a secret of the owner's; shard ids are hashes of it, docs/privacy.md).
 _SHARD_HEADER = struct.Struct(">4sBBBBQQI4s32s")
-#: Bytes in front of every stored shard's data.
+#: Bytes in front of every stored shard's data (either version).
 SHARD_HEADER_SIZE = _SHARD_HEADER.size
 _RESERVED = bytes(4)
+_NO_PACK_ID = bytes(ID_SIZE)
 
 
 def encode_shard_header(header: ShardHeader) -> bytes:
+    """Version 2, or version 1 for a header that names its pack (as shards
+    written before did)."""
     what = "shard header"
-    # struct would silently pad a short id with zeros or cut a long one.
-    _id(header.pack_id, f"{what}: pack id")
+    if header.pack_id is None:
+        version, pack_id = SHARD_HEADER_VERSION, _NO_PACK_ID
+    else:
+        # struct would silently pad a short id with zeros or cut a long one.
+        version, pack_id = 1, _id(header.pack_id, f"{what}: pack id")
     try:
         data = _SHARD_HEADER.pack(
             SHARD_HEADER_MAGIC,
-            FORMAT_VERSION,
+            version,
             header.index,
             header.k,
             header.n,
@@ -202,7 +218,7 @@ def encode_shard_header(header: ShardHeader) -> bytes:
             header.shard_size,
             header.block_size,
             _RESERVED,
-            header.pack_id,
+            pack_id,
         )
     except struct.error as exc:
         _fail(what, f"cannot encode ({exc})")
@@ -213,16 +229,16 @@ def decode_shard_header(buf: BytesLike) -> ShardHeader:
     """Header from the first :data:`SHARD_HEADER_SIZE` bytes of ``buf``."""
     what = "shard header"
     data = bytes(memoryview(buf)[:SHARD_HEADER_SIZE])
-    _check_prefix(what, data, SHARD_HEADER_MAGIC, SHARD_HEADER_SIZE)
-    (_, _, index, k, n, pack_size, shard_size, block_size, reserved, pack_id) = (
+    _check_prefix(what, data, SHARD_HEADER_MAGIC, SHARD_HEADER_SIZE, (1, SHARD_HEADER_VERSION))
+    (_, version, index, k, n, pack_size, shard_size, block_size, reserved, pack_id) = (
         _SHARD_HEADER.unpack(data)
     )
-    if reserved != _RESERVED:
+    if reserved != _RESERVED or (version == SHARD_HEADER_VERSION and pack_id != _NO_PACK_ID):
         _fail(what, "reserved bytes are not zero")
     _check_geometry(what, size=pack_size, k=k, n=n, shard_size=shard_size, block_size=block_size)
     _check_shard_index(what, index, n)
     return ShardHeader(
-        pack_id=pack_id,
+        pack_id=pack_id if version == 1 else None,
         index=index,
         k=k,
         n=n,
@@ -369,21 +385,26 @@ def _open(
     magic: bytes,
     build: Callable[[object, str], _T],
     versions: tuple[int, ...] = (FORMAT_VERSION,),
+    *,
+    padded: tuple[int, ...] = (),
 ) -> _T:
-    """Check the prefix, unpack the body with limits, build and check canonical form."""
+    """Check the prefix, unpack the body with limits, build and check canonical
+    form. In the versions listed in ``padded`` the body may be followed by
+    zero bytes (padding); in the others, by nothing."""
     raw = bytes(data)
     _check_prefix(what, raw, magic, _PREFIX_SIZE, versions)
     body = raw[_PREFIX_SIZE:]
-    unpacked = _unpack(what, body)
+    unpacked, used = _unpack(what, body, padded=raw[4] in padded)
     value = build(unpacked, what)
     # Any encoding of the same msgpack value other than ours (a wider int, a
     # str8 where fixstr fits) would give one value two blob ids.
-    if msgpack.packb(unpacked, use_bin_type=True) != body:
+    if msgpack.packb(unpacked, use_bin_type=True) != body[:used]:
         _fail(what, "body is not in canonical encoding")
     return value
 
 
-def _unpack(what: str, body: bytes) -> object:
+def _unpack(what: str, body: bytes, *, padded: bool = False) -> tuple[object, int]:
+    """The msgpack value at the start of ``body`` and the bytes it took."""
     # No container or string can hold more items than the body has bytes, so
     # bounding every length by the body's size stops a 5-byte header from
     # claiming a 4-billion-item array.
@@ -410,10 +431,13 @@ def _unpack(what: str, body: bytes) -> object:
     # one thing to the caller: a body that does not parse.
     except Exception as exc:
         _fail(what, f"malformed body ({type(exc).__name__}: {exc})")
-    trailing = len(body) - unpacker.tell()
-    if trailing:
+    used = unpacker.tell()
+    trailing = len(body) - used
+    if trailing and not padded:
         _fail(what, f"{trailing} trailing bytes after the body")
-    return value
+    if padded and body[used:].count(0) != trailing:
+        _fail(what, "padding after the body is not zero")
+    return value, used
 
 
 def _id(value: object, what: str) -> bytes:
@@ -757,7 +781,11 @@ def _index_segment(value: object, what: str) -> IndexSegment:
 # --- Root records -----------------------------------------------------------
 
 
-def encode_root_record(record: RootRecord) -> bytes:
+def encode_root_record(record: RootRecord, *, padded_size: int = 0) -> bytes:
+    """Version 2, followed by zeros up to ``padded_size`` bytes if it is
+    longer: so that a record's size says little (docs/privacy.md). The one
+    exception to canonical form: the same record, padded otherwise, is other
+    bytes."""
     config = record.config
     body = (
         record.sequence,
@@ -775,21 +803,37 @@ def encode_root_record(record: RootRecord) -> bytes:
         tuple(_pack_record_body(p) for p in record.index_packs),
         tuple(record.snapshots),
         tuple((f.node_id, f.public_key, f.addresses, f.added_at) for f in record.friends),
+        record.instance,
     )
-    return _checked(_seal("root record", ROOT_RECORD_MAGIC, body), decode_root_record)
+    encoded = _seal("root record", ROOT_RECORD_MAGIC, body, ROOT_RECORD_VERSION)
+    padding = bytes(max(0, padded_size - len(encoded)))
+    return _checked(encoded + padding, decode_root_record)
 
 
 def decode_root_record(data: BytesLike) -> RootRecord:
-    return _open("root record", data, ROOT_RECORD_MAGIC, _root_record)
+    """A root record of either version (version 1: no instance id, no padding)."""
+    raw = bytes(data)
+    version = raw[4] if len(raw) > 4 else ROOT_RECORD_VERSION
+
+    def build(value: object, what: str) -> RootRecord:
+        return _root_record(value, what, version)
+
+    versions = (1, ROOT_RECORD_VERSION)
+    return _open(
+        "root record", raw, ROOT_RECORD_MAGIC, build, versions, padded=(ROOT_RECORD_VERSION,)
+    )
 
 
-def _root_record(value: object, what: str) -> RootRecord:
-    # Six fields: written before friends were part of the record; none then.
+def _root_record(value: object, what: str, version: int) -> RootRecord:
     fields = _check.array(value, what)
-    if len(fields) == 6:
-        fields = (*fields, ())
-    sequence, time_ns, config, peers, index_packs, snapshots, friends = _check.fields(
-        fields, what, 7
+    if version == 1:
+        # Six fields: written before friends were part of the record; none
+        # then. No instance id in either.
+        if len(fields) == 6:
+            fields = (*fields, ())
+        fields = (*_check.fields(fields, what, 7), b"")
+    sequence, time_ns, config, peers, index_packs, snapshots, friends, instance = _check.fields(
+        fields, what, 8
     )
     return RootRecord(
         sequence=_check.integer(sequence, f"{what}: sequence"),
@@ -801,7 +845,17 @@ def _root_record(value: object, what: str) -> RootRecord:
         ),
         snapshots=_check.items(snapshots, f"{what}: snapshot", _id, max_length=MAX_ROOT_SNAPSHOTS),
         friends=_check.items(friends, f"{what}: friend", _friend_record, max_length=MAX_PEERS),
+        instance=_instance(instance, f"{what}: instance id"),
     )
+
+
+def _instance(value: object, what: str) -> bytes:
+    """A home's instance id: empty (written before homes had one) or
+    :data:`~p2pbackup.model.INSTANCE_ID_SIZE` bytes."""
+    instance = _check.binary(value, what, max_length=INSTANCE_ID_SIZE)
+    if len(instance) not in (0, INSTANCE_ID_SIZE):
+        _fail(what, f"must be empty or {INSTANCE_ID_SIZE} bytes, got {len(instance)}")
+    return instance
 
 
 def _friend_record(value: object, what: str) -> FriendRecord:

@@ -9,12 +9,28 @@ shards *are* the pack's bytes)::
 * **sealed header** — ``seal(data_key, encode_pack_header(...))``: the table of
   contents (type, id, offset, lengths of each blob), so an index can be rebuilt
   from the packs alone.
-* **padding** — random bytes bringing the total length to a Padmé bucket, so a
-  pack's size says little about what it holds (at most ~12 % overhead on tiny
-  packs, under 4 % at the default 12 MiB).
+* **padding** — random bytes bringing the total length to the pack's
+  **bucket**, so that a pack's size says little about what it holds.
 * **sealed trailer** — fixed size; holds the header's offset and length.
 
-A **pack id** is the BLAKE2b-256 of the finished pack's bytes.
+Sizes:
+
+* the **target** — the repository's pack size (``RepositoryConfig.pack_size``):
+  a builder takes blobs while they fit in it (:meth:`PackBuilder.fits`), so
+  every pack closed because the next blob did not fit is a **full pack**;
+* the **buckets** — the sizes a pack is padded to (:func:`pack_buckets`): the
+  target, and the target halved again and again down to at least
+  :data:`MIN_PACK_BUCKET` (for 12 MiB: 12 MiB, 6 MiB … 96 KiB, 48 KiB). A pack
+  is padded to the smallest bucket it fits in, so a full pack is exactly the
+  target, and a pack of one blob larger than the target (a chunk size above
+  the pack size) is padded to a whole number of targets (:func:`pack_bucket`).
+
+Why halving: a peer sees only which bucket a pack fell in, and two packs
+whose contents differ by under 10 % fall in the same bucket unless a bucket's
+edge lies between them (docs/privacy.md states for which sizes that holds);
+each bucket at most doubles what it holds (docs/performance.md#padding).
+
+A **pack id** is 32 random bytes (:func:`new_pack_id`).
 """
 
 from __future__ import annotations
@@ -33,19 +49,35 @@ _HEADER_AAD = b"p2pbackup-pack-header"
 _TRAILER_AAD = b"p2pbackup-pack-trailer"
 
 
-def padme(length: int) -> int:
-    """The Padmé bucket for ``length``: leaks O(log log L) bits of the size.
+#: The smallest bucket is the target halved while the half stays at least this.
+MIN_PACK_BUCKET = 32 * 1024
+#: The most a sealed pack header grows by per blob: a 5-item array of the
+#: type, the 32-byte id (bin8), offset and length (each below 2**32, as packs
+#: are at most MAX_PACK_SIZE) and raw length (up to 2**32, a uint64).
+_HEADER_ENTRY_BOUND = 1 + 1 + (2 + 32) + 5 + 5 + 9
+#: The rest of a sealed pack header at most: magic and version, the outer
+#: array, the entries' array header (up to 2**32 items), and the seal.
+_HEADER_FIXED_BOUND = 5 + 1 + 5 + crypto.SEAL_OVERHEAD
 
-    Rounds up by clearing the low bits below the top ``floor(log2(log2 L)) + 1``
-    significant bits (Nikitin et al., "Reducing Metadata Leakage from Encrypted
-    Files and Communication with PURBs", 2019).
-    """
-    if length < 2:
-        return length
-    exponent = length.bit_length() - 1
-    significant = exponent.bit_length()
-    mask = (1 << (exponent - significant)) - 1
-    return (length + mask) & ~mask
+
+def pack_buckets(target: int) -> list[int]:
+    """The sizes packs of a repository with pack size ``target`` are padded
+    to, smallest first (module docstring)."""
+    if target < 1:
+        raise ValueError(f"pack target must be positive, got {target}")
+    sizes = [target]
+    while (half := -(-sizes[-1] // 2)) >= MIN_PACK_BUCKET and half < sizes[-1]:
+        sizes.append(half)
+    return sizes[::-1]
+
+
+def pack_bucket(length: int, target: int) -> int:
+    """The size a pack of ``length`` bytes (blobs, sealed header and
+    trailer) is padded to: the smallest bucket it fits in, or above the
+    target a whole number of targets."""
+    if length > target:
+        return -(-length // target) * target
+    return next(size for size in pack_buckets(target) if size >= length)
 
 
 #: Bytes of a pack id.
@@ -65,9 +97,14 @@ def new_pack_id() -> bytes:
 
 
 class PackBuilder:
-    """Accumulates sealed blobs and finishes them into a pack."""
+    """Accumulates sealed blobs and finishes them into a pack padded to its
+    bucket for the pack size ``target`` (module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: int) -> None:
+        if target < 1:
+            raise ValueError(f"pack target must be positive, got {target}")
+        self.target = target
+        self._full = False
         self._parts: list[bytes] = []
         self._entries: list[BlobEntry] = []
         self._size = 0
@@ -84,6 +121,22 @@ class PackBuilder:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def fits(self, length: int) -> bool:
+        """Whether a sealed blob of ``length`` bytes still fits in the target
+        with the header and trailer; an empty builder takes any blob.
+
+        A builder that said no is **full**: it is padded to the whole target,
+        whatever it holds, so that every full pack has the one size.
+        """
+        if not self._entries:
+            return True
+        count = len(self._entries) + 1
+        header = _HEADER_FIXED_BOUND + count * _HEADER_ENTRY_BOUND
+        if self._size + length + header + TRAILER_SIZE <= self.target:
+            return True
+        self._full = True
+        return False
+
     def add(self, blob_type: BlobType, ident: bytes, sealed: bytes, raw_length: int) -> None:
         self._entries.append(BlobEntry(blob_type, ident, self._size, len(sealed), raw_length))
         self._parts.append(sealed)
@@ -95,7 +148,9 @@ class PackBuilder:
         header = PackHeader(tuple(self._entries))
         sealed_header = crypto.seal(data_key, formats.encode_pack_header(header), aad=_HEADER_AAD)
         body = self._size + len(sealed_header)
-        total = padme(body + TRAILER_SIZE)
+        total = pack_bucket(body + TRAILER_SIZE, self.target)
+        if self._full:
+            total = max(total, self.target)
         trailer = crypto.seal(
             data_key,
             _TRAILER_PLAIN.pack(_TRAILER_VERSION, self._size, len(sealed_header)),

@@ -28,7 +28,9 @@ Nouns of the weighted ranking:
 
 The **code** (k-of-n) adapts to the peers there are (:func:`choose_code`):
 the configured one when there are enough, else a smaller one that still
-survives two lost peers.
+survives two lost peers — with three peers 1-of-3, a whole copy of each
+(encrypted) pack on each: k is for durability, not secrecy
+(docs/privacy.md, "Few friends: 1-of-n").
 
 A pack's **plan** (:func:`plan_pack`) puts it all together: the peers in the
 order its shards go to them — shard i to the i-th **target**, then the

@@ -186,6 +186,9 @@ class Backup:
         # weighs the rest by their room.
         await self.repo.probe_peers()
         self.repo.check_enough_peers()
+        # Another home of this identity writing the root record would make
+        # this one's unpublishable: say so before uploading anything.
+        await self.repo.check_writer()
         started = time.monotonic()
         pipeline = Pipeline(
             self.repo,

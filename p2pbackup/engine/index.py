@@ -13,7 +13,10 @@ Nouns:
 * **file cache** — path → (size, mtime, ctime, inode) → chunk ids, so that
   unchanged files are not read again.
 * **snapshot rows** — decoded snapshots, a cache of the snapshot blobs.
-* **meta** — repository configuration and the root record sequence number.
+* **meta** — repository configuration; this home's **instance id** (made
+  at its first root record, :mod:`~p2pbackup.engine.rootrecord`); and the
+  **last root record** this home wrote or, when recovered, took over: its
+  sequence number and the instance id of the home that wrote it.
 * **friend rows** — nodes added with an invite code: node id, the public key
   every session to them must prove, the ``HOST:PORT`` addresses last known
   (newline-separated) and when they were added. A friend is also a peer row
@@ -279,8 +282,23 @@ class Index:
         raw = self.get_meta("root_sequence")
         return 0 if raw is None else int(raw)
 
-    def set_root_sequence(self, sequence: int) -> None:
+    def root_writer(self) -> bytes:
+        """The instance id in the last root record (empty: none, or one
+        written before records had one)."""
+        return self.get_meta("root_writer") or b""
+
+    def set_root(self, sequence: int, writer: bytes) -> None:
+        """The last root record is number ``sequence``, written by the home
+        whose instance id is ``writer``."""
         self.set_meta("root_sequence", str(sequence).encode())
+        self.set_meta("root_writer", writer)
+
+    def instance(self) -> bytes | None:
+        """This home's instance id, once it has one."""
+        return self.get_meta("instance")
+
+    def set_instance(self, instance: bytes) -> None:
+        self.set_meta("instance", instance)
 
     # -- peers ---------------------------------------------------------------
 

@@ -377,16 +377,20 @@ class Pipeline:
     ) -> None:
         # File data and metadata (trees, snapshots) go to separate packs, so that
         # listing or planning a restore reads a few small packs, not the data.
-        builders = {True: packer.PackBuilder(), False: packer.PackBuilder()}
+        target = self._pack_size
+        builders = {True: packer.PackBuilder(target), False: packer.PackBuilder(target)}
         async with receive, send:
             async for group in receive:
                 for item in group:
                     is_data = item.blob_type == BlobType.DATA
                     builder = builders[is_data]
-                    builder.add(item.blob_type, item.ident, item.sealed, item.raw_length)
-                    if builder.size >= self._pack_size:
+                    # A blob that does not fit starts the next pack, so that
+                    # every pack but a run's last is padded to exactly the
+                    # target (core.packer).
+                    if not builder.fits(len(item.sealed)):
                         await send.send(builder)
-                        builders[is_data] = packer.PackBuilder()
+                        builder = builders[is_data] = packer.PackBuilder(target)
+                    builder.add(item.blob_type, item.ident, item.sealed, item.raw_length)
             for builder in builders.values():
                 if len(builder):
                     await send.send(builder)

@@ -134,6 +134,9 @@ async def prune(repo: Repository, *, progress: Progress | None = None) -> PruneS
     """Plan the prune from what the live snapshots reach, then carry it out."""
     progress = progress or Progress("prune", enabled=False)
     index = repo.index
+    # Another home of this identity writing the root record: its packs
+    # would look like orphans here. Refuse before any work.
+    await repo.check_writer()
     progress.update("marking live data", force=True)
     live, problems = await live_blobs(repo)
     if problems:
@@ -184,8 +187,8 @@ async def _repack(repo: Repository, repack: tuple[Repack, ...], progress: Progre
         return []
     progress.update(f"repacking {len(repack)} packs", force=True)
     written: list[bytes] = []
-    builder = packer.PackBuilder()
     pack_size = repo.config.pack_size
+    builder = packer.PackBuilder(pack_size)
     for old in repack:
         record = repo.index.pack(old.pack_id)
         assert record is not None
@@ -193,12 +196,12 @@ async def _repack(repo: Repository, repack: tuple[Repack, ...], progress: Progre
         for entry in record.blobs:
             if entry.blob_id not in old.blobs:
                 continue
+            if not builder.fits(entry.length):
+                written.append((await repo.write_pack(builder)).pack_id)
+                builder = packer.PackBuilder(pack_size)
             builder.add(
                 entry.type, entry.blob_id, bytes(packer.blob_bytes(data, entry)), entry.raw_length
             )
-            if builder.size >= pack_size:
-                written.append((await repo.write_pack(builder)).pack_id)
-                builder = packer.PackBuilder()
     if len(builder):
         written.append((await repo.write_pack(builder)).pack_id)
     return written

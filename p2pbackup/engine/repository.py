@@ -252,6 +252,9 @@ class Repository:
         self.run = RunState(trio.current_time)
         self._stores = StoreCache(keyring, index, self.network, locate)
         self._packs = PackCache(_PACK_CACHE_SIZE)
+        #: Write the root record even over another home's (a **takeover**,
+        #: :mod:`~p2pbackup.engine.rootrecord`).
+        self.takeover = False
 
     @property
     def config(self) -> RepositoryConfig:
@@ -501,7 +504,7 @@ class Repository:
         sealed = await trio.to_thread.run_sync(
             blobs.seal_blob, self.keyring.data_key, BlobType.INDEX, ident, data
         )
-        builder = packer.PackBuilder()
+        builder = packer.PackBuilder(self.config.pack_size)
         builder.add(BlobType.INDEX, ident, sealed, len(data))
         await self.write_pack(builder, is_index=True)
         with self.index.transaction():
@@ -619,7 +622,15 @@ class Repository:
     # -- the root record --------------------------------------------------------
 
     async def publish_root(self) -> int:
-        """Write a new root record to every peer; returns how many took it."""
+        """Write a new root record to every peer; returns how many took it.
+        HomeConflictError if another home of this identity wrote one since
+        this home last did, unless this is a takeover."""
         return await rootrecord.publish_root(
-            self.index, self.keyring, self.store, time_ns=time.time_ns()
+            self.index, self.keyring, self.store, time_ns=time.time_ns(), takeover=self.takeover
         )
+
+    async def check_writer(self) -> None:
+        """HomeConflictError if publishing would be refused (unless this is a
+        takeover): asked before work whose end is a new root record."""
+        if not self.takeover:
+            await rootrecord.check_writer(self.index, self.keyring, self.store)

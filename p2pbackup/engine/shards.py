@@ -51,14 +51,14 @@ def finish_pack(
     parts, _header = builder.finish_parts(data_key)
     ident = packer.new_pack_id()
     pack_size = sum(len(part) for part in parts)
-    payloads, roots, shard_size = encode_pack(parts, pack_size, ident, k, n, block_size)
+    payloads, roots, shard_size = encode_pack(parts, pack_size, k, n, block_size)
     # The blobs are dropped here: only the shards live on, so memory stays
     # bounded by the shards of the packs in flight.
     return CodedPack(ident, pack_size, payloads, roots, shard_size)
 
 
 def encode_pack(
-    parts: list[bytes], pack_size: int, ident: bytes, k: int, n: int, block_size: int
+    parts: list[bytes], pack_size: int, k: int, n: int, block_size: int
 ) -> tuple[list[memoryview], list[bytes], int]:
     """The n payloads of a pack, their roots, and the shard size.
 
@@ -75,7 +75,7 @@ def encode_pack(
     for index in range(n):
         payloads[index][:head] = formats.encode_shard_header(
             ShardHeader(
-                pack_id=ident,
+                pack_id=None,
                 index=index,
                 k=k,
                 n=n,
@@ -93,9 +93,11 @@ def verify_shard(record: PackRecord, location: ShardLocation, raw: bytes) -> byt
     """The data of a stored shard, once its root and header match the index."""
     merkle.verify_root(raw, record.block_size, location.merkle_root)
     header = formats.decode_shard_header(raw)
-    expected = (record.pack_id, location.index, record.k, record.n, record.size, record.shard_size)
-    got = (header.pack_id, header.index, header.k, header.n, header.pack_size, header.shard_size)
-    if got != expected:
+    expected = (location.index, record.k, record.n, record.size, record.shard_size)
+    got = (header.index, header.k, header.n, header.pack_size, header.shard_size)
+    # Headers since version 2 name no pack; the Merkle root, which the index
+    # kept for this very shard, binds it to its pack all the same.
+    if got != expected or header.pack_id not in (None, record.pack_id):
         raise IntegrityError("shard header does not match the index")
     data = raw[formats.SHARD_HEADER_SIZE :]
     if len(data) != record.shard_size:

@@ -118,6 +118,7 @@ async def forget(repo: Repository, refs: list[str]) -> list[bytes]:
         snapshot_id, _ = resolve(repo.index, ref)
         if snapshot_id not in chosen:
             chosen.append(snapshot_id)
+    await repo.check_writer()  # before the index forgets anything
     with repo.index.transaction():
         for snapshot_id in chosen:
             repo.index.remove_snapshot(snapshot_id)

@@ -49,10 +49,10 @@ Nouns:
 * **reconciliation** — what :meth:`ShardHost.open` does before serving: bring
   files and rows back into agreement after a crash (:class:`ReconcileReport`).
 * **adoption** — listing a shard file again that has no row. Shards are
-  self-describing: a p2pbackup shard starts with its header (pack id, index,
-  Merkle block size, shard size; :mod:`p2pbackup.core.formats`) and its file
-  name is the shard id the header derives, so a file that agrees with its
-  header gets its row back — the Merkle root recomputed from the bytes (the
+  self-describing: a p2pbackup shard starts with its header (index, Merkle
+  block size, shard size; :mod:`p2pbackup.core.formats`), and a file whose
+  size agrees with its header (and, for a version 1 header, which names its
+  pack, whose name is the shard id the header derives) gets its row back — the Merkle root recomputed from the bytes (the
   owner checks it against its own, as for every read), stored at the file's
   mtime, with a lease of :data:`ADOPTED_LEASE_SECONDS` from now (the old
   expiry was in the lost row). Other files without a row are removed.
@@ -1269,8 +1269,11 @@ def _adoptable(entry: os.DirEntry[str]) -> tuple[bytes, bytes, int, int] | None:
     except (OSError, FormatError):
         return None
     shard_id = bytes.fromhex(name)
+    # A version 1 header names its pack, so its name can be checked; a
+    # version 2 header names none (docs/privacy.md): its size and geometry must do.
+    named = header.pack_id is None or formats.shard_id(header.pack_id, header.index) == shard_id
     if (
-        formats.shard_id(header.pack_id, header.index) != shard_id
+        not named
         or size != formats.SHARD_HEADER_SIZE + header.shard_size
         or block_count(size, header.block_size) > MAX_BLOCKS
     ):

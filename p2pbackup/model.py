@@ -19,6 +19,12 @@ Nouns:
   also a peer (kind "node") that shards may be placed on.
 * **root record** — the small, signed and encrypted entry point stored on every
   peer: configuration, peers, index packs and live snapshots.
+* **peer audits** — what audits have said of a peer (:class:`PeerAudits`):
+  its passed and failed audits, each count decaying as newer audits come
+  (the policy is :mod:`p2pbackup.maintenance.reputation`'s), and whether it
+  was **disqualified**; its **score** is the decayed share of audits passed.
+* **shard audit** — what the last audit said of one shard on its peer, and
+  when the next is due (:class:`ShardAudit`).
 * **file stat** — what a backup keeps of a file's ``stat`` after reading it
   (:class:`FileStat`), and a **read outcome** — a file's content (chunk ids)
   and file stat, or why it was left out (:class:`ReadOutcome`).
@@ -289,3 +295,47 @@ class ReadOutcome:
     content: tuple[bytes, ...] = ()
     stat: FileStat | None = None
     error: str | None = None
+
+
+@attrs.frozen
+class PeerAudits:
+    """What audits have said of one peer (module docstring: peer audits)."""
+
+    #: Audits passed and failed, each decayed by every audit counted since.
+    passed: float
+    failed: float
+    #: Audits counted in all, and those failed (not decayed).
+    audits: int = 0
+    failures: int = 0
+    #: Unix seconds of the last audit counted; None if none was.
+    last_audit: int | None = None
+    #: What the last failed audit found ("" if none failed).
+    last_failure: str = ""
+    #: Unix seconds at which the peer was disqualified; None while it is not.
+    disqualified_at: int | None = None
+
+    @property
+    def score(self) -> float:
+        """The decayed share of audits passed, 0 to 1 (1 before any audit)."""
+        total = self.passed + self.failed
+        return 1.0 if total <= 0 else self.passed / total
+
+    @property
+    def disqualified(self) -> bool:
+        return self.disqualified_at is not None
+
+
+@attrs.frozen
+class ShardAudit:
+    """What the last audit said of one shard on ``peer_id``, and when the
+    next is due (module docstring: shard audit)."""
+
+    peer_id: str
+    #: Unix seconds at which the next audit is due.
+    due_at: int
+    #: Unix seconds of the last audit answered, passed or failed; None: never.
+    audited_at: int | None = None
+    #: Whether that audit passed; None if the shard was never audited.
+    passed: bool | None = None
+    #: What a failed audit found ("" otherwise).
+    reason: str = ""

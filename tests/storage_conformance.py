@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 import trio
 
+from p2pbackup.core import merkle
 from p2pbackup.errors import ShardNotFoundError, StoreError
-from p2pbackup.stores.shardstore import ShardStore
+from p2pbackup.stores.shardstore import ShardRoot, ShardStore
+from p2pbackup.wire.messages import MAX_AUDIT_BLOCKS
 
 MiB = 1024 * 1024
 
@@ -170,6 +172,37 @@ class ShardStoreConformance:
         await store.delete(shard_id(2))
         await store.delete(shard_id(2))
         assert await store.list() == []
+
+    # -- audits --
+
+    async def test_audit_answers_verify_against_the_root(self, store: ShardStore) -> None:
+        data = os.urandom(5 * 1024 + 100)
+        root = merkle.merkle_root(data, 1024)
+        await store.put(shard_id(1), data, ShardRoot(1024, root))
+        answer = await store.audit(shard_id(1), b"nonce-" * 4, (5, 0, 3), 1024)
+        assert answer.nonce == b"nonce-" * 4
+        assert answer.blocks == (data[5120:], data[:1024], data[3072:4096])
+        for index, block, proof in zip((5, 0, 3), answer.blocks, answer.proofs, strict=True):
+            merkle.verify_block(root, index=index, leaf_count=6, block=block, proof=proof)
+
+    async def test_audit_of_an_empty_shard(self, store: ShardStore) -> None:
+        await store.put(shard_id(1), b"", ShardRoot(1024, merkle.merkle_root(b"", 1024)))
+        answer = await store.audit(shard_id(1), bytes(16), (0,), 1024)
+        assert (answer.blocks, answer.proofs) == ((b"",), ((),))
+
+    async def test_audit_of_an_absent_shard_raises(self, store: ShardStore) -> None:
+        await store.put(shard_id(2), b"other")
+        with pytest.raises(ShardNotFoundError):
+            await store.audit(shard_id(1), bytes(16), (0,), 1024)
+
+    async def test_audit_past_the_last_block_is_refused(self, store: ShardStore) -> None:
+        data = os.urandom(3 * 1024)
+        await store.put(shard_id(1), data, ShardRoot(1024, merkle.merkle_root(data, 1024)))
+        for indices in [(3,), (0, 7), tuple(range(MAX_AUDIT_BLOCKS + 1))]:
+            with pytest.raises(StoreError) as caught:
+                await store.audit(shard_id(1), bytes(16), indices, 1024)
+            assert not isinstance(caught.value, ShardNotFoundError)
+        assert len((await store.audit(shard_id(1), bytes(16), (2,), 1024)).blocks) == 1
 
     # -- root record --
 

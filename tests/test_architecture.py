@@ -103,6 +103,8 @@ PURE_ELSEWHERE = frozenset(
         "wire.noise",
         "engine.sealwire",
         "engine.shards",
+        "maintenance.audit",
+        "maintenance.reputation",
         "dht.records",
         "dht.invites",
         "dht.ratelimit",

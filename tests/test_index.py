@@ -1,4 +1,4 @@
-"""The index's schema versions, and the peers' uptime record kept in it."""
+"""The index's schema versions, and the peers' uptime and audit records kept in it."""
 
 from __future__ import annotations
 
@@ -7,9 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from p2pbackup.engine.index import PROBE_MEMORY, SCHEMA_VERSION, Index, ProbeCounts
+from p2pbackup.engine.index import (
+    PROBE_MEMORY,
+    SCHEMA_VERSION,
+    Index,
+    PlacedShard,
+    ProbeCounts,
+)
 from p2pbackup.errors import UsageError
-from p2pbackup.model import PeerRecord, RepositoryConfig
+from p2pbackup.model import (
+    PackRecord,
+    PeerAudits,
+    PeerRecord,
+    RepositoryConfig,
+    ShardAudit,
+    ShardLocation,
+)
 
 CONFIG = RepositoryConfig(2, 4, 1 << 20, 1 << 12, 1 << 14, 1 << 16, 1 << 16)
 
@@ -29,6 +42,22 @@ def version_1_index(path: Path) -> None:
     db.close()
 
 
+def version_2_index(path: Path) -> None:
+    """An index as version 2 wrote it: today's, less the audit records."""
+    index = Index(path)
+    with index.transaction():
+        index.set_config(CONFIG)
+        index.add_peer(PeerRecord("peer-a", "node", "10.0.0.1:47470"))
+        index.record_probe("peer-a", True)
+    index.close()
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE peer_audits")
+    db.execute("DROP TABLE shard_audits")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (b"2",))
+    db.commit()
+    db.close()
+
+
 def stored_version(path: Path) -> int:
     db = sqlite3.connect(path)
     try:
@@ -43,7 +72,7 @@ def test_a_version_1_index_is_migrated_forward_with_its_data(tmp_path: Path) -> 
     version_1_index(path)
     assert stored_version(path) == 1
     index = Index(path)
-    assert stored_version(path) == SCHEMA_VERSION == 2
+    assert stored_version(path) == SCHEMA_VERSION == 3
     assert index.config() == CONFIG
     assert index.peers() == [PeerRecord("peer-a", "node", "10.0.0.1:47470")]
     assert index.last_seen() == {"peer-a": 1_700_000_000}
@@ -56,6 +85,62 @@ def test_a_version_1_index_is_migrated_forward_with_its_data(tmp_path: Path) -> 
     reopened.close()
 
 
+def test_a_version_2_index_gains_the_audit_records(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite"
+    version_2_index(path)
+    index = Index(path)
+    assert stored_version(path) == SCHEMA_VERSION
+    assert index.probe_counts() == {"peer-a": ProbeCounts(asked=1, answered=1)}
+    assert index.peer_audits() == {}
+    assert index.shard_audits() == {}
+    audits = PeerAudits(passed=99.0, failed=1.0, audits=2, failures=1, last_audit=5)
+    index.set_peer_audits("peer-a", audits)
+    index.close()
+    assert Index(path).peer_audits() == {"peer-a": audits}
+
+
+def pack(pack_id: bytes, *holders: str) -> PackRecord:
+    shards = tuple(ShardLocation(i, peer, bytes([i]) * 32) for i, peer in enumerate(holders))
+    return PackRecord(pack_id, 100, 1, len(holders), 60, 4096, shards, ())
+
+
+def test_audit_records_follow_the_shards_and_peers(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.sqlite")
+    with index.transaction():
+        for peer in ("a", "b", "c"):
+            index.add_peer(PeerRecord(peer, "dir", f"/mnt/{peer}"))
+        index.add_pack(pack(b"P" * 32, "a", "b"))
+        index.add_pack(pack(b"Q" * 32, "b", "c"))
+    assert index.placed_shards()[0] == PlacedShard(b"P" * 32, 0, "a", bytes(32), 60, 4096)
+    assert index.has_shard_root(bytes([1]) * 32) and not index.has_shard_root(b"x" * 32)
+    good = ShardAudit("a", due_at=10, audited_at=5, passed=True)
+    bad = ShardAudit("c", due_at=10, audited_at=5, passed=False, reason="missing")
+    index.set_shard_audits(
+        [
+            (b"P" * 32, 0, good),
+            (b"Q" * 32, 1, bad),
+            (b"Q" * 32, 0, ShardAudit("a", due_at=3)),  # shard 0 of Q is b's, not a's
+            (b"R" * 32, 0, good),  # no such pack
+        ]
+    )
+    assert index.shard_audits() == {(b"P" * 32, 0): good, (b"Q" * 32, 1): bad}
+    index.set_peer_audits("b", PeerAudits(1.0, 9.0, disqualified_at=7))
+    index.set_peer_audits("gone", PeerAudits(1.0, 0.0))  # not a peer: not recorded
+    assert index.disqualified_peers() == {"b"}
+    assert set(index.peer_audits()) == {"b"}
+    # A shard moved to another peer: the old peer's verdict no longer speaks for it.
+    with index.transaction():
+        index.add_pack(pack(b"P" * 32, "c", "b"))
+    assert (b"P" * 32, 0) not in index.shard_audits()
+    with index.transaction():
+        index.remove_pack(b"Q" * 32)
+        index.remove_peer("b")
+    assert index.shard_audits() == {}
+    assert index.peer_audits() == {}
+    assert index.disqualified_peers() == frozenset()
+    index.close()
+
+
 def test_a_new_index_starts_at_the_current_version(tmp_path: Path) -> None:
     Index(tmp_path / "index.sqlite").close()
     assert stored_version(tmp_path / "index.sqlite") == SCHEMA_VERSION
@@ -65,11 +150,14 @@ def test_a_newer_index_is_refused_and_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "index.sqlite"
     Index(path).close()
     db = sqlite3.connect(path)
-    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (b"3",))
+    newer = SCHEMA_VERSION + 1
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(newer).encode(),))
     db.execute("DROP TABLE friends")  # a newer release might have done anything
     db.commit()
     db.close()
-    with pytest.raises(UsageError, match=r"schema version 3; this p2pbackup reads versions up to"):
+    with pytest.raises(
+        UsageError, match=rf"schema version {newer}; this p2pbackup reads versions up to"
+    ):
         Index(path)
     db = sqlite3.connect(path)
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}

@@ -19,6 +19,8 @@ from p2pbackup.core.merkle import (
     get_block,
     merkle_root,
     proof_length,
+    prove_blocks,
+    root_from_proof,
     verify_block,
     verify_root,
 )
@@ -249,3 +251,25 @@ def test_builder_rejects_bad_block_size() -> None:
 def test_tree_from_leaves_needs_a_leaf() -> None:
     with pytest.raises(ValueError):
         MerkleTree.from_leaves([])
+
+
+@given(st.binary(max_size=2000), BLOCK_SIZES, st.data())
+def test_proving_blocks_answers_what_the_tree_holds(
+    data: bytes, block_size: int, draw: st.DataObject
+) -> None:
+    count = block_count(len(data), block_size)
+    indices = draw.draw(st.lists(st.integers(0, count - 1), max_size=5))
+    reads: list[tuple[int, int]] = []
+
+    def read(offset: int, length: int) -> bytes:
+        reads.append((offset, length))
+        return data[offset : offset + length]
+
+    answers = prove_blocks(read, len(data), block_size, indices)
+    tree = MerkleTree.build(data, block_size)
+    assert answers == [(get_block(data, i, block_size), tree.proof(i)) for i in indices]
+    for index, (block, proof) in zip(indices, answers, strict=True):
+        assert root_from_proof(index=index, leaf_count=count, block=block, proof=proof) == tree.root
+    assert all(offset >= 0 and offset + length <= len(data) for offset, length in reads)
+    with pytest.raises(IndexError):
+        prove_blocks(read, len(data), block_size, [count])

@@ -314,7 +314,7 @@ async def test_an_audit_answer_verifies_against_the_owners_root(
     data = os.urandom(5 * 4096 + 100)
     root = merkle.merkle_root(data, 4096)
     await store.put(shard_id(1), data, ShardRoot(4096, root))
-    answer = await store.audit(shard_id(1), b"n" * 16, (0, 3, 5))
+    answer = await store.audit(shard_id(1), b"n" * 16, (0, 3, 5), 4096)
     leaves = merkle.block_count(len(data), 4096)
     for index, block, proof in zip((0, 3, 5), answer.blocks, answer.proofs, strict=True):
         merkle.verify_block(root, index=index, leaf_count=leaves, block=block, proof=proof)

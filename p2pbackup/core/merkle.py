@@ -23,15 +23,15 @@ Nouns:
   pieces of any size, hashed block by block as the blocks complete, so that a
   stream's root needs memory for its leaf hashes only (32 bytes per block).
 
-Audits ask a holder for a few blocks and their proofs; the owner checks them
-with :func:`verify_block` against the root it kept. Downloads are checked with
-:func:`verify_root`.
+Audits ask a holder for a few blocks and their proofs (:func:`prove_blocks`);
+the owner checks them with :func:`verify_block` (or :func:`root_from_proof`)
+against the root it kept. Downloads are checked with :func:`verify_root`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -223,6 +223,20 @@ def verify_block(
     never from the prover: it fixes the shape of the path, so a proof of the
     wrong length or for another position cannot verify.
     """
+    if root_from_proof(index=index, leaf_count=leaf_count, block=block, proof=proof) != root:
+        raise MerkleError(f"Merkle proof for block {index} does not match the root")
+
+
+def root_from_proof(
+    *, index: int, leaf_count: int, block: BytesLike, proof: Sequence[bytes]
+) -> bytes:
+    """The root that ``block`` and ``proof`` lead to as leaf ``index`` of
+    ``leaf_count``; :class:`MerkleError` if the proof has not the shape that
+    position needs (its length, or a hash of the wrong size).
+
+    :func:`verify_block` compares it with the root it expects; an audit
+    compares the roots of several blocks to tell a wrong shard from a wrong block.
+    """
     if leaf_count < 1:
         raise MerkleError(f"Merkle proof: leaf count must be at least 1, got {leaf_count}")
     if not 0 <= index < leaf_count:
@@ -241,8 +255,40 @@ def verify_block(
         if len(sibling) != HASH_SIZE:
             raise MerkleError(f"Merkle proof for block {index}: hash of {len(sibling)} bytes")
         current = node_hash(sibling, current) if side else node_hash(current, sibling)
-    if current != root:
-        raise MerkleError(f"Merkle proof for block {index} does not match the root")
+    return current
+
+
+#: Bytes :func:`prove_blocks` reads at a time to rebuild a tree.
+PROVE_READ_SIZE = 1 << 20
+
+
+def prove_blocks(
+    read: Callable[[int, int], BytesLike], size: int, block_size: int, indices: Sequence[int]
+) -> list[tuple[bytes, tuple[bytes, ...]]]:
+    """Blocks ``indices`` of ``size`` bytes of data, each with its proof: what
+    a holder answers to an audit.
+
+    ``read(offset, length)`` returns the data's bytes in that range (from
+    memory, or from a file). The tree is rebuilt from the bytes as they are
+    now, :data:`PROVE_READ_SIZE` at a time, so memory holds the leaf hashes
+    and the answer, not the data; damaged bytes give proofs that fail against
+    the root of the bytes first stored, which is how their owner learns of
+    the damage. IndexError for an index out of range.
+    """
+    count = block_count(size, block_size)
+    for index in indices:
+        if not 0 <= index < count:
+            raise IndexError(f"block {index} out of range (data has {count} blocks)")
+    builder = MerkleBuilder(block_size)
+    for offset in range(0, size, PROVE_READ_SIZE):
+        builder.update(read(offset, min(PROVE_READ_SIZE, size - offset)))
+    tree = builder.tree()
+    answers = []
+    for index in indices:
+        start = index * block_size
+        block = bytes(read(start, max(0, min(block_size, size - start))))
+        answers.append((block, tree.proof(index)))
+    return answers
 
 
 def _path(index: int, leaf_count: int) -> list[bool | None]:

@@ -29,6 +29,13 @@ Nouns:
   When the asked count reaches :data:`PROBE_MEMORY` both counts halve, so the
   record follows the last hundred or two observations rather than all time.
   Added in schema version 2.
+* **peer audits** and **shard audits** — what audits said of each peer (its
+  decayed passes and failures, whether it is disqualified) and of each shard
+  on its peer (the last verdict, when the next audit is due): the
+  :class:`~p2pbackup.model.PeerAudits` and :class:`~p2pbackup.model.ShardAudit`
+  rows that :mod:`p2pbackup.maintenance` keeps. A shard audit row speaks of
+  the peer it names only: once a shard moves to another peer, the row is
+  stale and read as absent. Added in schema version 3.
 
 Schema versions: ``meta.schema_version``. Opening an older index migrates it
 forward in one transaction (:data:`_MIGRATIONS`, one step per version); a
@@ -55,19 +62,35 @@ from p2pbackup.model import (
     BlobType,
     FriendRecord,
     PackRecord,
+    PeerAudits,
     PeerRecord,
     RepositoryConfig,
+    ShardAudit,
     ShardLocation,
     Snapshot,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Asked count at which a peer's probe counts halve (see the module docstring).
 PROBE_MEMORY = 200
 
 _PEER_PROBES = """
 CREATE TABLE IF NOT EXISTS peer_probes (
     peer_id TEXT PRIMARY KEY, asked INTEGER NOT NULL, answered INTEGER NOT NULL);
+"""
+
+_PEER_AUDITS = """
+CREATE TABLE IF NOT EXISTS peer_audits (
+    peer_id TEXT PRIMARY KEY, passed REAL NOT NULL, failed REAL NOT NULL,
+    audits INTEGER NOT NULL, failures INTEGER NOT NULL, last_audit INTEGER,
+    last_failure TEXT NOT NULL, disqualified_at INTEGER);
+"""
+_SHARD_AUDITS = """
+CREATE TABLE IF NOT EXISTS shard_audits (
+    pack_id BLOB NOT NULL REFERENCES packs(pack_id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL, peer_id TEXT NOT NULL, due_at INTEGER NOT NULL,
+    audited_at INTEGER, passed INTEGER, reason TEXT NOT NULL,
+    PRIMARY KEY (pack_id, idx));
 """
 
 #: The tables of schema version 1.
@@ -105,12 +128,13 @@ CREATE TABLE IF NOT EXISTS friends (
 """
 #: Every table of the current version, for a new index (and, as each creates
 #: only what is missing, for one of the current version that lacks some).
-_SCHEMA = _SCHEMA_V1 + _PEER_PROBES
+_SCHEMA = _SCHEMA_V1 + _PEER_PROBES + _PEER_AUDITS + _SHARD_AUDITS
 
 #: Schema version → the statements that turn an index of that version into
 #: one of the next.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (_PEER_PROBES,),
+    2: (_PEER_AUDITS, _SHARD_AUDITS),
 }
 
 
@@ -135,6 +159,19 @@ class ProbeCounts:
 
     asked: int
     answered: int
+
+
+@attrs.frozen
+class PlacedShard:
+    """One shard row, with what checking that shard needs of its pack."""
+
+    pack_id: bytes
+    index: int
+    peer_id: str
+    merkle_root: bytes
+    #: Bytes of the shard's data (its header aside), and its Merkle block size.
+    shard_size: int
+    block_size: int
 
 
 @attrs.frozen
@@ -318,6 +355,8 @@ class Index:
         removed = self._db.execute("DELETE FROM shards WHERE peer_id=?", (peer_id,)).rowcount
         self._db.execute("DELETE FROM peers WHERE peer_id=?", (peer_id,))
         self._db.execute("DELETE FROM peer_probes WHERE peer_id=?", (peer_id,))
+        self._db.execute("DELETE FROM peer_audits WHERE peer_id=?", (peer_id,))
+        self._db.execute("DELETE FROM shard_audits WHERE peer_id=?", (peer_id,))
         return int(removed)
 
     def shard_shortfall(self) -> ShardShortfall:
@@ -512,6 +551,108 @@ class Index:
         """Every peer's uptime record, for those ever asked."""
         rows = self._db.execute("SELECT peer_id, asked, answered FROM peer_probes")
         return {peer: ProbeCounts(int(asked), int(answered)) for peer, asked, answered in rows}
+
+    # -- audits --------------------------------------------------------------
+
+    def peer_audits(self) -> dict[str, PeerAudits]:
+        """What audits said of each peer ever audited."""
+        rows = self._db.execute(
+            "SELECT peer_id, passed, failed, audits, failures, last_audit, last_failure,"
+            " disqualified_at FROM peer_audits"
+        )
+        return {
+            peer: PeerAudits(
+                passed=passed,
+                failed=failed,
+                audits=audits,
+                failures=failures,
+                last_audit=last,
+                last_failure=failure,
+                disqualified_at=disqualified,
+            )
+            for peer, passed, failed, audits, failures, last, failure, disqualified in rows
+        }
+
+    def set_peer_audits(self, peer_id: str, audits: PeerAudits) -> None:
+        """Record what audits said of a peer (unless it was removed meanwhile)."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO peer_audits(peer_id, passed, failed, audits, failures,"
+            " last_audit, last_failure, disqualified_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?"
+            " WHERE EXISTS (SELECT 1 FROM peers WHERE peer_id=?)",
+            (
+                peer_id,
+                audits.passed,
+                audits.failed,
+                audits.audits,
+                audits.failures,
+                audits.last_audit,
+                audits.last_failure,
+                audits.disqualified_at,
+                peer_id,
+            ),
+        )
+
+    def disqualified_peers(self) -> frozenset[str]:
+        """The peers that audits disqualified: they get no new shards."""
+        rows = self._db.execute("SELECT peer_id FROM peer_audits WHERE disqualified_at IS NOT NULL")
+        return frozenset(peer for (peer,) in rows)
+
+    def placed_shards(self) -> list[PlacedShard]:
+        """Every shard row, with its pack's shard size and block size."""
+        rows = self._db.execute(
+            "SELECT s.pack_id, s.idx, s.peer_id, s.merkle_root, p.shard_size, p.block_size"
+            " FROM shards s JOIN packs p ON p.pack_id = s.pack_id ORDER BY s.pack_id, s.idx"
+        )
+        return [
+            PlacedShard(bytes(pack), idx, peer, bytes(root), size, block)
+            for pack, idx, peer, root, size, block in rows
+        ]
+
+    def has_shard_root(self, merkle_root: bytes) -> bool:
+        """Whether any shard of ours has this Merkle root."""
+        row = self._db.execute(
+            "SELECT 1 FROM shards WHERE merkle_root=? LIMIT 1", (merkle_root,)
+        ).fetchone()
+        return row is not None
+
+    def shard_audits(self) -> dict[tuple[bytes, int], ShardAudit]:
+        """(pack id, shard index) → its audit row, for the shards whose row
+        names the peer that holds them now (module docstring)."""
+        rows = self._db.execute(
+            "SELECT a.pack_id, a.idx, a.peer_id, a.due_at, a.audited_at, a.passed, a.reason"
+            " FROM shard_audits a JOIN shards s"
+            " ON s.pack_id = a.pack_id AND s.idx = a.idx AND s.peer_id = a.peer_id"
+        )
+        return {
+            (bytes(pack), idx): ShardAudit(
+                peer, due, audited, None if passed is None else bool(passed), reason
+            )
+            for pack, idx, peer, due, audited, passed, reason in rows
+        }
+
+    def set_shard_audits(self, audits: Iterable[tuple[bytes, int, ShardAudit]]) -> None:
+        """Record audit rows, each (pack id, shard index, row); a row whose
+        shard is gone from that peer meanwhile (pruned, moved) is dropped."""
+        self._db.executemany(
+            "INSERT OR REPLACE INTO shard_audits(pack_id, idx, peer_id, due_at, audited_at,"
+            " passed, reason) SELECT ?, ?, ?, ?, ?, ?, ? WHERE EXISTS"
+            " (SELECT 1 FROM shards WHERE pack_id=? AND idx=? AND peer_id=?)",
+            [
+                (
+                    pack_id,
+                    index,
+                    a.peer_id,
+                    a.due_at,
+                    a.audited_at,
+                    None if a.passed is None else int(a.passed),
+                    a.reason,
+                    pack_id,
+                    index,
+                    a.peer_id,
+                )
+                for pack_id, index, a in audits
+            ],
+        )
 
     def pack_placements(self) -> Iterator[tuple[bytes, int, int, list[tuple[str, int]]]]:
         """Every pack as (pack id, k, n, (peer, shard index) of each shard placed)."""

@@ -49,7 +49,9 @@ The pieces the repository is made of:
 * :mod:`~p2pbackup.engine.shards` codes a pack into its shards and checks a
   shard read back, in worker threads;
 * writing a pack is a **plan** — which peer gets which shard, and the spares
-  (:func:`~p2pbackup.core.placement.plan_pack`, pure) — then the **upload**
+  (:func:`~p2pbackup.core.placement.plan_pack`, pure; peers that audits
+  disqualified are left out, and the others weighed by their audit score
+  too) — then the **upload**
   of its shards, each retried on the next spare when a peer refuses, then
   the **commit** of the pack to the index;
 * :mod:`~p2pbackup.engine.rootrecord` builds, seals and publishes the root
@@ -352,16 +354,25 @@ class Repository:
             yield k, n, [p for p, i in shards_of if formats.shard_id(pack_id, i) in held.get(p, ())]
 
     def peer_weights(self, peer_ids: list[str]) -> dict[str, placement.PeerWeight]:
-        """What placement knows of each peer: its room now and its uptime."""
+        """What placement knows of each peer: its room now, its uptime and its
+        audit score."""
         counts = self.index.probe_counts()
+        audits = self.index.peer_audits()
         weights = {}
         for peer_id in peer_ids:
             count = counts.get(peer_id)
+            audited = audits.get(peer_id)
             weights[peer_id] = placement.PeerWeight(
                 free=self.run.room(peer_id),
                 uptime=1.0 if count is None else placement.uptime(count.answered, count.asked),
+                reputation=1.0 if audited is None else audited.score,
             )
         return weights
+
+    def placeable(self, peers: Iterable[PeerRecord]) -> list[PeerRecord]:
+        """``peers`` less those that audits disqualified: they get no new shards."""
+        disqualified = self.index.disqualified_peers()
+        return [peer for peer in peers if peer.peer_id not in disqualified]
 
     # -- writing packs --------------------------------------------------------
 
@@ -371,7 +382,7 @@ class Repository:
         config = self.config
         usable = sum(
             1
-            for peer in self.peers()
+            for peer in self.placeable(self.peers())
             if not self.run.is_down(peer.peer_id) and not self.run.is_full(peer.peer_id)
         )
         try:
@@ -416,6 +427,7 @@ class Repository:
 
     def _plan(self, coded: CodedPack, n: int, peers: list[PeerRecord]) -> placement.PackPlan:
         """Which of ``peers`` gets which shard, from what this run knows of them."""
+        peers = self.placeable(peers)
         peer_ids = [p.peer_id for p in peers]
         hosts = {p.peer_id: host_of(p) for p in peers}
         need = coded.stored_size

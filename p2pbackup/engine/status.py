@@ -13,8 +13,13 @@ Nouns:
 * **node state** — :class:`NodeState`: this home as a node: its id, the
   addresses it last served on, the bytes it keeps for others, and what its
   ``config.toml`` says it offers (``[storage]``; ``serve`` options override it).
+* **audit standing** — what audits said of a peer, as the index keeps it
+  (:class:`~p2pbackup.model.PeerAudits`): its score, its last audit, and
+  whether it was **disqualified** — then its shards count as lost and it
+  gets no new ones, and ``status`` says so in words.
 * **healthy shard** — a shard the index places on a peer that answered now
-  and lists it among the shards it holds for us.
+  and lists it among the shards it holds for us, unless its last audit
+  failed or its peer is disqualified.
 * **pack health** — :class:`DataHealth`, from each pack's healthy shards
   (pure: :func:`data_health`). A pack is **unrecoverable** below k healthy
   shards, **at risk** below k + 2 (two more lost peers would lose it), and
@@ -28,12 +33,14 @@ is true now, not what the index last believed.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
 from p2pbackup.core import formats
+from p2pbackup.engine.index import Index
 from p2pbackup.engine.progress import human_bytes
 from p2pbackup.engine.repository import PROBE_SECONDS, Repository
 
@@ -66,6 +73,13 @@ class PeerState:
     offered: int | None = None
     #: The room in that offer (None likewise).
     room: int | None = None
+    #: Its audit score (None: never audited), its last audit (unix seconds)
+    #: and when audits disqualified it (None: they did not).
+    audit_score: float | None = None
+    last_audit: int | None = None
+    disqualified_at: int | None = None
+    #: What its last failed audit found ("" if none failed).
+    audit_failure: str = ""
 
     @property
     def balance(self) -> int:
@@ -170,15 +184,11 @@ class Status:
         ]
         for peer in self.peers:
             state = "online" if peer.online else f"OFFLINE ({peer.problem})"
-            seen = (
-                "never seen"
-                if peer.last_seen is None
-                else time.strftime("last seen %Y-%m-%d %H:%M", time.localtime(peer.last_seen))
-            )
+            seen = "never seen" if peer.last_seen is None else f"last seen {_date(peer.last_seen)}"
             friend = "friend, " if peer.is_friend else ""
             lines.append(
                 f"peer {peer.peer_id[:16]} {friend}{peer.kind} at {peer.location}: {state}, "
-                f"{seen}; holds {peer.shards_held_for_us} shards of ours "
+                f"{seen}; {_audits(peer)}; holds {peer.shards_held_for_us} shards of ours "
                 f"({peer.bytes_held_for_us} bytes); "
                 f"we keep {peer.bytes_we_hold_for_it} bytes for it; "
                 f"balance {peer.balance:+d} bytes; {_offer(peer)}"
@@ -189,6 +199,28 @@ class Status:
 
 def _bound(size: int | None) -> str:
     return "what the disk has" if size is None else human_bytes(size)
+
+
+def _audits(peer: PeerState) -> str:
+    if peer.disqualified_at is not None:
+        return (
+            f"DISQUALIFIED {_date(peer.disqualified_at)}: failed audits brought its score to "
+            f"{_score(peer.audit_score or 0.0)}, so its shards count as lost and it gets no new "
+            f"ones (last failure: {peer.audit_failure}); to trust it again, remove it "
+            "and add it back"
+        )
+    if peer.audit_score is None or peer.last_audit is None:
+        return "not audited yet"
+    return f"audit score {_score(peer.audit_score)}, last audit {_date(peer.last_audit)}"
+
+
+def _score(score: float) -> str:
+    # Rounded down, so that a score just under a threshold never reads as it.
+    return f"{math.floor(score * 100) / 100:.2f}"
+
+
+def _date(unix: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(unix))
 
 
 def _offer(peer: PeerState) -> str:
@@ -213,11 +245,13 @@ async def gather_status(
     held_bytes = index.shard_bytes_by_peer()
     hosted = hosting.by_owner
     friends = {friend.node_id.hex() for friend in index.friends()}
+    audits = index.peer_audits()
     states = []
     for peer in peers:
         answer = answers[peer.peer_id]
         shards = held.get(peer.peer_id, 0)
         space = answer.space
+        audited = audits.get(peer.peer_id)
         states.append(
             PeerState(
                 peer_id=peer.peer_id,
@@ -234,13 +268,17 @@ async def gather_status(
                 problem=answer.problem,
                 offered=None if space is None else space.offered,
                 room=None if space is None else space.room,
+                audit_score=None if audited is None else audited.score,
+                last_audit=None if audited is None else audited.last_audit,
+                disqualified_at=None if audited is None else audited.disqualified_at,
+                audit_failure="" if audited is None else audited.last_failure,
             )
         )
     # A shard is healthy when its peer lists it now, not merely because the
     # peer answered: a friend that lost its disk, or recovered into an empty
     # one, answers but holds nothing.
     listed, _unlisted = await repo.list_held(online, LIST_TIMEOUT)
-    health = data_health(repo.live_holders(listed), set(listed))
+    health = data_health(repo.live_holders(_audited(index, listed)), set(listed))
     node = NodeState(
         node_id=repo.keyring.node_id.hex(),
         addresses=hosting.addresses,
@@ -249,6 +287,21 @@ async def gather_status(
         per_friend=hosting.per_friend,
     )
     return Status(node, tuple(states), health)
+
+
+def _audited(index: Index, listed: Mapping[str, frozenset[bytes]]) -> dict[str, frozenset[bytes]]:
+    """The shards ``listed`` less those audits found lost: every shard of a
+    disqualified peer, and each shard whose last audit failed."""
+    disqualified = index.disqualified_peers()
+    failed: dict[str, set[bytes]] = {}
+    for (pack_id, shard_index), audit in index.shard_audits().items():
+        if audit.passed is False:
+            failed.setdefault(audit.peer_id, set()).add(formats.shard_id(pack_id, shard_index))
+    return {
+        peer: shards - failed.get(peer, set())
+        for peer, shards in listed.items()
+        if peer not in disqualified
+    }
 
 
 def _hosted_for(hosted: Mapping[bytes, int], peer_id: str) -> int:

@@ -9,6 +9,8 @@ Nouns:
 * **reputation** — what audits and contacts say of a peer over time
   (decaying), kept in the index; it decides whether a peer still gets shards
   and whether its shards still count.
+* **standing** — where a peer and each of its shards stand by the audits so
+  far: what ``status`` shows and repair decides with.
 * **repair** — rebuilding the missing shards of a pack whose healthy shards
   fell below the repair threshold, from any k healthy ones, onto peers that
   hold none of that pack.

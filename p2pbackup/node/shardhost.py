@@ -109,6 +109,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import secrets
@@ -123,7 +124,7 @@ import attrs
 
 from p2pbackup.core import formats
 from p2pbackup.core.formats import MAX_BLOCK_SIZE
-from p2pbackup.core.merkle import HASH_SIZE, MerkleBuilder, block_count
+from p2pbackup.core.merkle import HASH_SIZE, MerkleBuilder, block_count, prove_blocks
 from p2pbackup.errors import (
     FormatError,
     MerkleError,
@@ -142,9 +143,8 @@ from p2pbackup.stores.durable import (
     unlink_quietly,
     write_temp_file,
 )
-from p2pbackup.stores.shardstore import check_range, check_shard_id, conflict
+from p2pbackup.stores.shardstore import check_audit_size, check_range, check_shard_id, conflict
 from p2pbackup.wire.messages import (
-    MAX_AUDIT_BLOCKS,
     MAX_LEASE_SECONDS,
     MAX_LIST_LIMIT,
     MAX_ROOT_SIZE,
@@ -175,8 +175,6 @@ MAX_SHARDS_PER_OWNER = 1 << 20
 #: The lease of an adopted shard: at least the 365 days p2pbackup owners ask.
 ADOPTED_LEASE_SECONDS = 366 * 24 * 3600
 
-# Audits hash the whole file in reads of this size (bounded memory).
-_READ_SIZE = 1 << 20
 # collect_expired removes this many shards per turn of the lock.
 _COLLECT_BATCH = 1000
 _OWNER_NAME = re.compile(f"[0-9a-f]{{{2 * NODE_ID_SIZE}}}")
@@ -704,17 +702,12 @@ class ShardHost:
     ) -> builtins.list[tuple[bytes, tuple[bytes, ...]]]:
         """Blocks ``indices`` of a shard, each with its Merkle proof.
 
-        The tree is rebuilt from the file as it is now, one read of 1 MiB at a
-        time (memory: the leaf hashes and the answer, not the shard). A
-        damaged file gives proofs that fail against the owner's root, which
-        is how the owner learns of the damage. StoreError for an index out of
+        The tree is rebuilt from the file as it is now
+        (:func:`~p2pbackup.core.merkle.prove_blocks`): a damaged file gives
+        proofs that fail against the owner's root. StoreError for an index out of
         range (naming it and the block count) or a file of the wrong size.
         """
-        if len(indices) > MAX_AUDIT_BLOCKS:
-            raise StoreRequestError(
-                f"audit asks for {len(indices)} blocks; this host answers at most "
-                f"{MAX_AUDIT_BLOCKS} at a time"
-            )
+        check_audit_size(indices)
         with self._open_shard(owner, shard_id) as (fd, info):
             count = block_count(info.size, info.block_size)
             for index in indices:
@@ -729,14 +722,8 @@ class ShardHost:
                     f"shard {_short(shard_id)} is damaged: its file holds {on_disk} bytes, "
                     f"{info.size} were stored"
                 )
-            builder = MerkleBuilder(info.block_size)
-            for offset in range(0, info.size, _READ_SIZE):
-                builder.update(_read_at(fd, offset, _READ_SIZE))
-            tree = builder.tree()
-            return [
-                (_read_at(fd, index * info.block_size, info.block_size), tree.proof(index))
-                for index in indices
-            ]
+            read = functools.partial(_read_at, fd)
+            return prove_blocks(read, info.size, info.block_size, indices)
 
     @contextlib.contextmanager
     def _open_shard(self, owner: bytes, shard_id: bytes) -> Iterator[tuple[int, HostedShard]]:

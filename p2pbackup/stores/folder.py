@@ -37,7 +37,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import attrs
@@ -56,10 +56,12 @@ from p2pbackup.stores.shardstore import (
     STALE_TEMP_SECONDS,
     ShardRoot,
     Space,
+    answer_audit,
     check_range,
     check_shard_id,
     conflict,
 )
+from p2pbackup.wire.messages import AuditProof
 
 PEER_DIR = "p2pbackup-peer"
 MARKER_NAME = "PEER"
@@ -333,10 +335,43 @@ class FolderShardStore:
                     file.seek(offset)
                     return file.read() if length is None else file.read(length)
             except (FileNotFoundError, NotADirectoryError):
-                self._check_still_there()
-                raise ShardNotFoundError(
-                    f"shard {shard_id.hex()} is not stored in {self._owner_dir}"
-                ) from None
+                raise self._missing(shard_id) from None
+
+    def _missing(self, shard_id: bytes) -> ShardNotFoundError:
+        """The error for a shard that is not here (once the folder is known to be)."""
+        self._check_still_there()
+        return ShardNotFoundError(f"shard {shard_id.hex()} is not stored in {self._owner_dir}")
+
+    async def audit(
+        self, shard_id: bytes, nonce: bytes, indices: Sequence[int], block_size: int
+    ) -> AuditProof:
+        """The audit answer from the shard's file as it is on the disk now."""
+        check_shard_id(shard_id)
+        await self._ensure_open()
+        return await trio.to_thread.run_sync(
+            self._audit_sync, shard_id, nonce, tuple(indices), block_size
+        )
+
+    def _audit_sync(
+        self, shard_id: bytes, nonce: bytes, indices: tuple[int, ...], block_size: int
+    ) -> AuditProof:
+        path = self._shard_path(shard_id)
+        with os_errors("audit shard", path):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
+                raise self._missing(shard_id) from None
+            try:
+                size = os.fstat(fd).st_size
+                return answer_audit(
+                    lambda offset, length: os.pread(fd, length, offset),
+                    size,
+                    nonce,
+                    indices,
+                    block_size,
+                )
+            finally:
+                os.close(fd)
 
     async def has(self, shard_id: bytes) -> bool:
         check_shard_id(shard_id)

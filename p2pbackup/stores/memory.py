@@ -7,6 +7,7 @@ own is the **capacity**, the most bytes a memory store holds.
 from __future__ import annotations
 
 import builtins
+from collections.abc import Sequence
 
 import attrs
 import trio
@@ -17,11 +18,13 @@ from p2pbackup.stores.shardstore import (
     STALE_TEMP_SECONDS,
     ShardRoot,
     Space,
+    answer_audit,
     check_range,
     check_shard_id,
     conflict,
     slice_range,
 )
+from p2pbackup.wire.messages import AuditProof
 
 
 # eq=False: a store is a resource, equal only to itself (and hashable).
@@ -64,10 +67,13 @@ class MemoryShardStore:
         await trio.lowlevel.checkpoint()
         check_shard_id(shard_id)
         check_range(offset, length)
+        return slice_range(self._shard(shard_id), offset, length)
+
+    def _shard(self, shard_id: bytes) -> bytes:
         data = self._shards.get(shard_id)
         if data is None:
             raise ShardNotFoundError(f"shard {shard_id.hex()} is not in the memory store")
-        return slice_range(data, offset, length)
+        return data
 
     async def has(self, shard_id: bytes) -> bool:
         await trio.lowlevel.checkpoint()
@@ -80,6 +86,20 @@ class MemoryShardStore:
         data = self._shards.pop(shard_id, None)
         if data is not None:
             self._used -= len(data)
+
+    async def audit(
+        self, shard_id: bytes, nonce: bytes, indices: Sequence[int], block_size: int
+    ) -> AuditProof:
+        await trio.lowlevel.checkpoint()
+        check_shard_id(shard_id)
+        data = memoryview(self._shard(shard_id))
+        return answer_audit(
+            lambda offset, length: data[offset : offset + length],
+            len(data),
+            nonce,
+            indices,
+            block_size,
+        )
 
     async def list(self) -> builtins.list[bytes]:
         await trio.lowlevel.checkpoint()

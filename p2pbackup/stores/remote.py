@@ -51,6 +51,7 @@ from p2pbackup.stores.shardstore import (
     STALE_TEMP_SECONDS,
     ShardRoot,
     Space,
+    check_audit_size,
     check_range,
     check_shard_id,
 )
@@ -366,6 +367,18 @@ class RemoteShardStore:
         # A node's word, not checked: an offer below the usage means no room.
         return Space(answer.used, None if offered is None else max(offered, answer.used))
 
+    async def audit(
+        self, shard_id: bytes, nonce: bytes, indices: Sequence[int], block_size: int
+    ) -> messages.AuditProof:
+        """The node's answer to an audit, as it gave it: the caller verifies it
+        against its own root. The node cuts the shard in the block size
+        declared when it was put; ``block_size`` is not sent."""
+        check_shard_id(shard_id)
+        check_audit_size(indices)
+        return await self._request(
+            messages.Audit(shard_id, nonce, tuple(indices)), messages.AuditProof
+        )
+
     # -- beyond the ShardStore interface -----------------------------------------
 
     async def renew(
@@ -378,15 +391,6 @@ class RemoteShardStore:
             messages.RenewLease(tuple(shard_ids), lease_seconds, signature), messages.LeaseRenewed
         )
         return answer.lease_expiry, builtins.list(answer.missing)
-
-    async def audit(
-        self, shard_id: bytes, nonce: bytes, indices: tuple[int, ...]
-    ) -> messages.AuditProof:
-        """The node's answer to an audit; the caller verifies it against its own root."""
-        answer = await self._request(messages.Audit(shard_id, nonce, indices), messages.AuditProof)
-        if answer.nonce != nonce or len(answer.blocks) != len(indices):
-            raise PeerUnavailableError(f"{self.name}: audit answer does not match the challenge")
-        return answer
 
 
 class _StaleConnection(Exception):

@@ -18,6 +18,11 @@ Nouns:
   may still be refused as full.
 * **shard root** — :class:`ShardRoot`: the Merkle root of a shard's bytes,
   with the block size it was computed over.
+* **audit answer** — a :class:`~p2pbackup.wire.messages.AuditProof`, the
+  storage protocol's own: some blocks of a shard, each with its Merkle proof,
+  computed from the bytes the store holds *now*, so that a store whose bytes
+  rotted (a folder on a failing disk as much as a node) answers with proofs
+  that fail against the root its owner kept.
 
 Stores verify nothing they read: the engine checks Merkle roots and AEAD tags,
 so a corrupted shard is returned as it is.
@@ -31,12 +36,15 @@ which checks what a peer sent, passes its own error class instead.
 from __future__ import annotations
 
 import builtins
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import attrs
 
-from p2pbackup.errors import StoreError
+from p2pbackup.core.merkle import prove_blocks
+from p2pbackup.errors import StoreError, StoreRequestError
 from p2pbackup.model import ID_SIZE, BytesLike
+from p2pbackup.wire.messages import MAX_AUDIT_BLOCKS, AuditProof
 
 #: Temp files older than this are a crash's leftovers, whoever wrote them; a
 #: younger one may belong to another process writing to the same store now.
@@ -90,6 +98,19 @@ class ShardStore(Protocol):
     async def delete(self, shard_id: bytes) -> None:
         """Remove a shard; deleting an absent shard is not an error."""
 
+    async def audit(
+        self, shard_id: bytes, nonce: bytes, indices: Sequence[int], block_size: int
+    ) -> AuditProof:
+        """The audit answer (module docstring) for blocks ``indices`` of the
+        shard cut into ``block_size``-byte blocks, ``nonce`` echoed.
+
+        A remote store's node cuts the shard in the block size declared when
+        it was put (``block_size`` is not sent). ShardNotFoundError when the
+        shard is absent; StoreError when an index lies past the blocks the
+        store holds or more than the wire's ``MAX_AUDIT_BLOCKS`` are asked.
+        The answer is not checked here: its asker verifies it."""
+        ...
+
     async def list(self) -> builtins.list[bytes]:
         """Every stored shard id, sorted."""
         ...
@@ -140,6 +161,36 @@ def check_range(offset: int, length: int | None, error: type[Exception] = ValueE
 def slice_range(data: bytes, offset: int, length: int | None) -> bytes:
     """The bytes of ``data`` in a checked range (past the end: what exists)."""
     return data[offset:] if length is None else data[offset : offset + length]
+
+
+def check_audit_size(indices: Sequence[int]) -> None:
+    """StoreRequestError if an audit asks for more blocks than the wire carries."""
+    if len(indices) > MAX_AUDIT_BLOCKS:
+        raise StoreRequestError(
+            f"an audit asks for {len(indices)} blocks; a store answers at most "
+            f"{MAX_AUDIT_BLOCKS} at a time"
+        )
+
+
+def answer_audit(
+    read: Callable[[int, int], BytesLike],
+    size: int,
+    nonce: bytes,
+    indices: Sequence[int],
+    block_size: int,
+) -> AuditProof:
+    """A store's audit answer from its ``size`` bytes of a shard, which
+    ``read(offset, length)`` returns (see :meth:`ShardStore.audit`)."""
+    check_audit_size(indices)
+    try:
+        answers = prove_blocks(read, size, block_size, indices)
+    except IndexError as error:
+        raise StoreRequestError(f"cannot answer the audit: {error}") from None
+    return AuditProof(
+        nonce,
+        tuple(block for block, _proof in answers),
+        tuple(proof for _block, proof in answers),
+    )
 
 
 def conflict(shard_id: bytes, where: str, error: type[StoreError] = StoreError) -> StoreError:

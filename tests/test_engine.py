@@ -453,7 +453,7 @@ async def test_a_full_peer_is_routed_around(
     assert summary.packs_written >= 6
     assert 1 <= refusals.count(full) <= 2
     full_id = read_folder_peer_id(setup.peers[0])
-    assert summary.full_peers == [(full_id, f"peer folder {full} is full")]
+    assert summary.passed_over == [(full_id, "full", f"peer folder {full} is full")]
     assert (
         f"warning: peer {full_id} is full, its shards went to other peers: "
         f"peer folder {full} is full"
@@ -468,6 +468,54 @@ async def test_a_full_peer_is_routed_around(
     restored = await _restore(setup.home, tmp_path / "out")
     assert restored.ok
     assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
+
+
+async def test_a_pack_stored_below_its_n_is_reported_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2pbackup.errors import StoreError
+
+    setup = await make_setup(tmp_path, peers=6)  # 3-of-6, no spare
+    failing = setup.peers[0].resolve()
+    real_put = FolderShardStore.put
+
+    async def put(
+        self: FolderShardStore, shard_id: bytes, data: bytes, root: ShardRoot | None = None
+    ) -> None:
+        if Path(self.root).resolve() == failing:
+            raise StoreError(f"peer folder {failing}: input/output error")
+        await real_put(self, shard_id, data, root)
+
+    monkeypatch.setattr(FolderShardStore, "put", put)
+    async with operations.open_repository(setup.home) as repo:
+        summary = await Backup(repo).run([make_tree(tmp_path / "src")])
+        stored = {
+            pack_id: (record.k, record.n, len(record.shards))
+            for pack_id in repo.index.pack_ids()
+            if (record := repo.index.pack(pack_id)) is not None
+        }
+    # The packs in flight when it refused got five shards of six; later ones
+    # a code that fits the five peers left.
+    short = {p.pack_id: (p.k, p.n, p.placed) for p in summary.below_n}
+    assert short and set(short.values()) == {(3, 6, 5)}
+    assert short == {p: code for p, code in stored.items() if code[2] < code[1]}
+    assert {code for code in stored.values() if code[2] == code[1]} <= {(2, 5, 5)}
+    assert (summary.k, summary.n, summary.placed_min, summary.spare_min) == (3, 6, 5, 2)
+    failing_id = read_folder_peer_id(setup.peers[0])
+    assert summary.passed_over == [
+        (failing_id, "refused", f"peer folder {failing}: input/output error")
+    ]
+    lines = summary.lines()
+    assert f"warning: peer {failing_id} refused our shards: peer folder {failing}: " in "\n".join(
+        lines
+    )
+    assert lines[-1] == (
+        f"warning: {len(short)} packs are stored below their n, on as few as 5 of 6 peers: "
+        "the weakest survives 2 more peers lost, not 3"
+    )
+    assert summary.to_json()["below_n"] == [
+        {"pack_id": p.hex(), "k": 3, "n": 6, "placed": 5} for p in short
+    ]
 
 
 async def test_a_peer_without_room_is_passed_over_without_being_asked(
@@ -497,8 +545,8 @@ async def test_a_peer_without_room_is_passed_over_without_being_asked(
     assert small not in puts and shard_files(setup.peers[0]) == []
     assert len(set(puts)) == 6  # every other peer has a shard of every pack
     small_id = read_folder_peer_id(setup.peers[0])
-    [(peer_id, reason)] = summary.full_peers
-    assert peer_id == small_id
+    [(peer_id, what, reason)] = summary.passed_over
+    assert (peer_id, what) == (small_id, "no room")
     assert reason.startswith("it offers us ") and "no room for a shard of" in reason
 
 

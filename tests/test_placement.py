@@ -18,6 +18,7 @@ from p2pbackup.core.placement import (
     PackPlan,
     PeerWeight,
     choose_code,
+    fit_code,
     hash_fraction,
     plan_pack,
     rank_peers,
@@ -94,6 +95,43 @@ def test_too_few_peers_is_a_refusal_saying_how_many_more() -> None:
         choose_code(1, 2, 0)
     # A configured code smaller than three peers still works with its n.
     assert choose_code(1, 2, 2) == Code(1, 2)
+
+
+def test_the_code_counts_only_peers_with_room_for_its_shard() -> None:
+    def need(k: int) -> int:
+        return 600 // k  # a pack of 600 bytes
+
+    # Seven peers, two of which offer nothing: 3-of-6 would put two of its
+    # six shards where they are refused. Five take shards: 2-of-5.
+    assert fit_code(3, 6, [None, 10_000, 10_000, 10_000, 10_000, 0, 0], need) == Code(
+        2, 5, adapted=True
+    )
+    # Room for a 3-of-6 shard (200) but not for a 2-of-5 one (300): the
+    # count is taken again for the smaller code's larger shards.
+    assert fit_code(3, 6, [None] * 4 + [250, 0, 0], need) == Code(2, 4, adapted=True)
+    assert fit_code(3, 6, [None] * 7, need) == Code(3, 6)
+    with pytest.raises(UsageError, match="2 usable"):
+        fit_code(3, 6, [None, None, 0, 0, 0], need)
+
+
+@given(
+    configured(),
+    st.lists(st.one_of(st.none(), st.integers(0, 2000)), max_size=20),
+    st.integers(0, 3000),
+)
+def test_a_fitted_code_has_n_peers_with_room(
+    code: tuple[int, int], rooms: list[int | None], size: int
+) -> None:
+    k, n = code
+
+    def need(data_shards: int) -> int:
+        return -(-size // data_shards)
+
+    try:
+        chosen = fit_code(k, n, rooms, need)
+    except UsageError:
+        return
+    assert sum(1 for room in rooms if room is None or room >= need(chosen.k)) >= chosen.n
 
 
 @given(st.binary(min_size=32, max_size=32), st.lists(st.text(min_size=1), unique=True))

@@ -198,6 +198,14 @@ class Service:
                 console.out(line)
             console.out("snapshot saved:")
             console.out(summary.snapshot_id.hex())
+        if summary.below_n:
+            # Saved and restorable, but less safe than its code says: a
+            # script (or cron) must hear of it, not only a reader of the log.
+            return Outcome(
+                EXIT_PARTIAL,
+                f"snapshot {summary.snapshot_id.hex()[:12]} saved, but {len(summary.below_n)} "
+                f"packs are stored below their n (see the warnings)",
+            )
         return OK
 
     async def snapshots(self, request: SnapshotsRequest, console: Console) -> Outcome:

@@ -30,7 +30,8 @@ The **code** (k-of-n) adapts to the peers there are (:func:`choose_code`):
 the configured one when there are enough, else a smaller one that still
 survives two lost peers — with three peers 1-of-3, a whole copy of each
 (encrypted) pack on each: k is for durability, not secrecy
-(docs/privacy.md, "Few friends: 1-of-n").
+(docs/privacy.md, "Few friends: 1-of-n"). Only peers with room for the
+code's shard count (:func:`fit_code`).
 
 A pack's **plan** (:func:`plan_pack`) puts it all together: the peers in the
 order its shards go to them — shard i to the i-th **target**, then the
@@ -182,6 +183,29 @@ def choose_code(k: int, n: int, peers: int) -> Code:
     lowest = -(-peers // MAX_EXPANSION)
     wanted = round(peers * k / n)
     return Code(min(max(wanted, lowest), peers - 2), peers, adapted=True)
+
+
+def fit_code(k: int, n: int, rooms: Sequence[int | None], need: Callable[[int], int]) -> Code:
+    """The code for the next pack over peers with ``rooms`` (bytes each would
+    take; None: not known, counted as enough), a shard of a code with ``k``
+    data shards taking ``need(k)`` bytes.
+
+    :func:`choose_code` over the peers with room for a shard of the code it
+    chooses: a peer that would refuse its shard (a full one, or a node that
+    stores only for its friends and offers an owner it has not added no
+    room) must not count toward n, or the pack is stored below its n and
+    survives fewer lost peers than its code says. A smaller code has larger
+    shards, so the count is taken again until it holds.
+    """
+    usable = len(rooms)
+    while True:
+        code = choose_code(k, n, usable)
+        fitting = sum(1 for room in rooms if room is None or room >= need(code.k))
+        if fitting >= code.n:
+            return code
+        # Fewer than code.n <= usable: each turn lowers it, so this ends (in
+        # choose_code's refusal at the latest).
+        usable = fitting
 
 
 def spread_hosts(ranked: Sequence[str], host_of: Callable[[str], str]) -> list[str]:

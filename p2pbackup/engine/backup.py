@@ -31,6 +31,12 @@ that no index entry names (``prune`` removes them).
 A file that changes while it is read is read again (twice at most) and, if it
 keeps changing, left out of the snapshot and reported — never stored as a mix
 of two versions.
+
+The summary says what was placed, not what was meant: each pack's code, the
+fewest shards any pack got and its **spare** shards (placed − k: how many
+more lost peers it survives), every pack stored **below n** (a peer failed
+or refused while it was uploaded and no spare was left), and every peer
+**passed over** and why.
 """
 
 from __future__ import annotations
@@ -55,6 +61,34 @@ from p2pbackup.model import BlobType, PackRecord, SealingKeys, Snapshot
 from p2pbackup.nurseries import unwrap_single
 
 
+@attrs.frozen
+class PackPlacement:
+    """How one pack was stored: its code and the shards placed."""
+
+    pack_id: bytes
+    k: int
+    n: int
+    placed: int
+
+    @property
+    def spare(self) -> int:
+        """How many more lost peers the pack survives."""
+        return self.placed - self.k
+
+    def to_json(self) -> dict[str, object]:
+        return {"pack_id": self.pack_id.hex(), "k": self.k, "n": self.n, "placed": self.placed}
+
+
+#: How the summary says why a peer was passed over.
+_PASSED_OVER = {
+    "full": "is full",
+    "refused": "refused our shards",
+    # Full by its own offer: the reason says so.
+    "no room": "is full",
+    "down": "is down",
+}
+
+
 @attrs.define
 class BackupSummary:
     snapshot_id: bytes = b""
@@ -76,25 +110,47 @@ class BackupSummary:
     #: Bytes uploaded to peers, shards and headers, i.e. with redundancy.
     bytes_stored: int = 0
     #: The code of the packs written (the configured one unless there were
-    #: too few peers for it).
+    #: too few peers for it); of the pack with the fewest spare shards when
+    #: they differ.
     k: int = 0
     n: int = 0
     configured_k: int = 0
     configured_n: int = 0
+    #: The fewest shards placed of any pack, and the fewest spare ones
+    #: (placed − k); None before a pack is written.
+    placed_min: int | None = None
+    spare_min: int | None = None
+    #: Every pack stored with fewer shards than its n.
+    below_n: list[PackPlacement] = attrs.Factory(list)
     seconds: float = 0.0
     #: Files and directories left out by exclude patterns (not read, not listed).
     excluded: int = 0
     #: (path, reason) for everything left out of the snapshot.
     skipped: list[tuple[str, str]] = attrs.Factory(list)
-    #: (peer id, why) for every peer that refused a shard as full, or had too
-    #: little room for one by its own offer; those shards went to other peers.
-    full_peers: list[tuple[str, str]] = attrs.Factory(list)
+    #: (peer id, what, why) for every peer passed over in this run: ``full``
+    #: (it refused a shard as full), ``refused`` (it refused one otherwise),
+    #: ``no room`` (too little room for one by its own offer) or ``down``.
+    passed_over: list[tuple[str, str, str]] = attrs.Factory(list)
+
+    def placed(self, record: PackRecord) -> None:
+        """Count how ``record``'s pack was stored."""
+        pack = PackPlacement(record.pack_id, record.k, record.n, len(record.shards))
+        if self.spare_min is None or pack.spare < self.spare_min:
+            self.spare_min = pack.spare
+            self.k, self.n = pack.k, pack.n
+        if self.placed_min is None or pack.placed < self.placed_min:
+            self.placed_min = pack.placed
+        if pack.placed < pack.n:
+            self.below_n.append(pack)
 
     def to_json(self) -> dict[str, object]:
-        data = attrs.asdict(self)
+        data = attrs.asdict(self, recurse=False)
         data["snapshot_id"] = self.snapshot_id.hex()
         data["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
-        data["full_peers"] = [{"peer_id": p, "reason": r} for p, r in self.full_peers]
+        data["below_n"] = [pack.to_json() for pack in self.below_n]
+        data["passed_over"] = [
+            {"peer_id": p, "what": w, "reason": r} for p, w, r in self.passed_over
+        ]
         return data
 
     def _code_note(self) -> str:
@@ -122,11 +178,23 @@ class BackupSummary:
             lines.append(f"excluded {self.excluded} files and directories by pattern")
         for path, reason in self.skipped:
             lines.append(f"skipped {path}: {reason}")
-        for peer_id, reason in self.full_peers:
+        # Where every pack got all its shards, a peer passed over had its
+        # share go to others; where not, that would not be true.
+        elsewhere = "" if self.below_n else ", its shards went to other peers"
+        for peer_id, what, reason in self.passed_over:
+            lines.append(f"warning: peer {peer_id} {_PASSED_OVER[what]}{elsewhere}: {reason}")
+        if self.below_n:
+            weakest = min(self.below_n, key=lambda pack: pack.spare)
             lines.append(
-                f"warning: peer {peer_id} is full, its shards went to other peers: {reason}"
+                f"warning: {len(self.below_n)} packs are stored below their n, "
+                f"on as few as {weakest.placed} of {weakest.n} peers: the weakest survives "
+                f"{_peers(weakest.spare)} lost, not {weakest.n - weakest.k}"
             )
         return lines
+
+
+def _peers(count: int) -> str:
+    return f"{count} more peer" if count == 1 else f"{count} more peers"
 
 
 def normalize_paths(paths: Iterable[str | os.PathLike[str]]) -> list[bytes]:
@@ -207,12 +275,17 @@ class Backup:
                 functools.partial(self._save_snapshot, walk, pipeline, targets, tuple(tags))
             )
         self.progress.close()
-        await self.repo.write_index_segment(self.repo.index.packs_without_segment())
+        segment = await self.repo.write_index_segment(self.repo.index.packs_without_segment())
+        if segment is not None:
+            self.summary.placed(segment)
         with self.repo.index.transaction():
             self.repo.index.add_snapshot(snapshot_id, snapshot)
             self._file_cache.write_back()
         await self.repo.publish_root()
-        self.summary.full_peers = sorted(self.repo.full_peers().items())
+        self.summary.passed_over = [
+            (peer_id, what, reason)
+            for peer_id, (what, reason) in sorted(self.repo.run.passed_over().items())
+        ]
         self.summary.snapshot_id = snapshot_id
         self.summary.seconds = time.monotonic() - started
         return self.summary
@@ -254,5 +327,5 @@ class Backup:
         summary = self.summary
         summary.packs_written += 1
         # Fewer peers than configured give a smaller code: say which.
-        summary.k, summary.n = record.k, record.n
+        summary.placed(record)
         summary.bytes_stored += len(record.shards) * (record.shard_size + formats.SHARD_HEADER_SIZE)

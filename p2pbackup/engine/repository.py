@@ -12,28 +12,41 @@ Nouns:
 Writing a pack: finish it, erasure-code it into n shards, put each shard on a
 different peer (ranked by :mod:`placement`, spares used when a peer refuses),
 and only then record it in the index, in one transaction. Reading a pack: fetch
-shards (data shards first, so the common case needs no decoding), verify each
-against the Merkle root the index kept, treat any bad shard as an erasure, and
-decode from the first k good ones.
+k shards at once (data shards first, so the common case needs no decoding),
+verify each against the Merkle root the index kept, treat any bad shard as an
+erasure, and decode from the first k good ones. A fetch that fails, or is
+overdue while the others have answered, has the next shard fetched beside it
+(:func:`~p2pbackup.engine.race.race`): one dead or hung peer never holds a
+read up for its timeout.
 
 What the repository learns of its peers during one run (one command, one
 scheduled backup) — the **run state**:
 
-* **down** — a peer that could not be reached is passed over (tried last) for
+* **down** — a peer that could not be reached, or did not answer a probe
+  while the others did, is passed over (tried last) for
   :data:`~p2pbackup.engine.runstate.DOWN_SECONDS`
   (:meth:`~p2pbackup.engine.runstate.RunState.mark_down`);
-* **full** — a peer that refused a shard for want of room gets no more shards
+* **slow** — a peer whose shard had not come when the others' had: later
+  reads ask it after the others, for the rest of the run
+  (:meth:`~p2pbackup.engine.runstate.RunState.mark_slow`);
+* **full**, **refused** — a peer that refused a shard, for want of room or
+  otherwise (a node that stores only for its friends), gets no more shards
   for the rest of the run, without a round trip to ask
-  (:meth:`~p2pbackup.engine.runstate.RunState.mark_full`); the backup summary
-  names it and why;
+  (:meth:`~p2pbackup.engine.runstate.RunState.mark_full`,
+  :meth:`~p2pbackup.engine.runstate.RunState.mark_refused`);
 * **space** — what each peer said it holds for us and offers (a
   :class:`~p2pbackup.stores.shardstore.Space`), asked of every peer at once by
   :meth:`Repository.probe_peers` at the start of a backup; its **room** is
   lowered by every shard sent there since (from the moment the put starts,
-  as the node reserves it, and given back if the put fails). Placement
-  weighs peers by their room, and a peer whose room is too small for a
-  pack's shard is **passed over** for a peer with room: the summary names it
-  too, though it is not counted full (a smaller shard may still fit);
+  as the node reserves it, and given back if the put fails). The code of a
+  pack counts only the peers with room for its shard
+  (:func:`~p2pbackup.core.placement.fit_code`); placement weighs peers by
+  their room, and a peer whose room is too small for a pack's shard is
+  **passed over** for a peer with room, though it is not counted full (a
+  smaller shard may still fit);
+* **passed over**, in the backup summary — every peer that was down, full,
+  refused or without room at some point of the run, and why
+  (:meth:`~p2pbackup.engine.runstate.RunState.passed_over`);
 * **observations** — whether a peer answered, counted into the index's probe
   counts (its uptime record, which placement also weighs): once per peer
   per run, and again each time the answer changes (a peer that dies
@@ -74,6 +87,7 @@ from p2pbackup.core import blobs, erasure, formats, packer, placement
 from p2pbackup.core.keys import Keyring
 from p2pbackup.engine import rootrecord, shards
 from p2pbackup.engine.index import Index
+from p2pbackup.engine.race import Patience, race
 from p2pbackup.engine.runstate import RunState
 from p2pbackup.engine.shards import CodedPack
 from p2pbackup.errors import (
@@ -102,8 +116,19 @@ from p2pbackup.stores.remote import Locator, RemoteShardStore
 from p2pbackup.stores.shardstore import ShardRoot, ShardStore, Space
 from p2pbackup.wire.session import Identity
 
-#: Seconds every peer has to answer a probe (status, the start of a backup).
+#: Seconds every peer has to answer a probe (status, check, the start of a
+#: backup), at the most.
 PROBE_SECONDS = 5.0
+#: When a probe is given up on while the other peers have answered: an
+#: answer is a few round trips, so a peer three times slower than the
+#: slowest other one is taken for down — but never before two seconds, which
+#: a friend across an ocean (three round trips of 300 ms) answers well
+#: within, whatever the peers next door answered in.
+PROBE_PATIENCE = Patience(floor=2.0, factor=3.0, limit=PROBE_SECONDS)
+#: When a shard fetch gets the next shard fetched beside it: three times the
+#: longest fetch of the pack so far, a quarter second at the least; while no
+#: shard has come yet, after as long as a probe may take.
+READ_PATIENCE = Patience(floor=0.25, factor=3.0, limit=PROBE_SECONDS)
 #: Decoded packs kept in memory for reading trees and small files.
 _PACK_CACHE_SIZE = 4
 #: Sealed blobs up to this size are opened on trio's thread.
@@ -288,29 +313,41 @@ class Repository:
     async def probe_peers(
         self, timeout: float = PROBE_SECONDS, *, seen_at: int | None = None
     ) -> dict[str, ProbeAnswer]:
-        """Ask every peer its space at once, each within ``timeout`` seconds.
+        """Ask every peer its space at once, each within ``timeout`` seconds,
+        and none once it is overdue while the others have answered
+        (:data:`PROBE_PATIENCE`): one hung peer does not hold up the rest.
 
         A peer that answers is recorded as seen (at unix second ``seen_at``,
         default now) and its space kept for placement; one that does not is
         marked down, so the first pack does not wait for it. Either way the
         answer counts toward the peer's uptime.
         """
-        answers: dict[str, ProbeAnswer] = {}
 
-        async def probe(peer_id: str) -> None:
+        async def probe(peer_id: str) -> Space:
             try:
                 with trio.fail_after(timeout):
-                    space = await self.store(peer_id).space()
+                    return await self.store(peer_id).space()
             except trio.TooSlowError:
-                answers[peer_id] = ProbeAnswer(peer_id, None, f"no answer within {timeout:g} s")
-            except P2PBackupError as error:
-                answers[peer_id] = ProbeAnswer(peer_id, None, str(error))
-            else:
-                answers[peer_id] = ProbeAnswer(peer_id, space)
+                raise PeerUnavailableError(f"no answer within {timeout:g} s") from None
 
-        async with trio.open_nursery() as nursery:
-            for peer in self.peers():
-                nursery.start_soon(probe, peer.peer_id)
+        peer_ids = [peer.peer_id for peer in self.peers()]
+        patience = attrs.evolve(PROBE_PATIENCE, limit=timeout)
+        asked = await race(peer_ids, probe, wanted=len(peer_ids), patience=patience, give_up=True)
+        answers: dict[str, ProbeAnswer] = {}
+        for peer_id in peer_ids:
+            if peer_id in asked.answers:
+                answers[peer_id] = ProbeAnswer(peer_id, asked.answers[peer_id])
+            elif peer_id in asked.failures:
+                answers[peer_id] = ProbeAnswer(peer_id, None, str(asked.failures[peer_id]))
+            else:
+                # Given up on: overdue while the others answered.
+                waited = asked.given_up.get(peer_id, timeout)
+                others = (
+                    "" if asked.slowest is None else f", the others within {asked.slowest:.2f} s"
+                )
+                answers[peer_id] = ProbeAnswer(
+                    peer_id, None, f"no answer within {waited:.1f} s{others}"
+                )
         when = int(time.time()) if seen_at is None else seen_at
         with self.index.transaction():
             for peer_id, answer in answers.items():
@@ -318,7 +355,7 @@ class Repository:
                     self.run.answered(peer_id, answer.space)
                     self.index.set_seen(peer_id, when)
                 else:
-                    self.run.mark_down(peer_id)
+                    self.run.mark_down(peer_id, answer.problem)
                 self._observe(peer_id, answer.answered)
         return answers
 
@@ -376,23 +413,37 @@ class Repository:
 
     # -- writing packs --------------------------------------------------------
 
-    def code(self) -> placement.Code:
-        """The code for the next pack, adapted to the peers neither known to
-        be down nor full (:func:`placement.choose_code`); UsageError if too few."""
+    def code(self, size: int = 0) -> placement.Code:
+        """The code for the next pack, of ``size`` bytes, adapted to the peers
+        neither known to be down nor to refuse shards, and with room for one
+        of it as far as is known (:func:`placement.fit_code`); UsageError if
+        too few."""
         config = self.config
-        usable = sum(
-            1
+        live = [
+            peer.peer_id
             for peer in self.placeable(self.peers())
-            if not self.run.is_down(peer.peer_id) and not self.run.is_full(peer.peer_id)
-        )
+            if not self.run.is_down(peer.peer_id) and not self.run.is_refusing(peer.peer_id)
+        ]
         try:
-            return placement.choose_code(config.k, config.n, usable)
+            return placement.fit_code(
+                config.k,
+                config.n,
+                [self.run.room(peer_id) for peer_id in live],
+                lambda k: formats.SHARD_HEADER_SIZE + erasure.shard_length(size, k),
+            )
         except UsageError as error:
-            refused = self.run.refused()
+            refused = dict(self.run.refused())
+            refused.update(
+                (peer_id, "it offers us no room")
+                for peer_id in live
+                if self.run.room(peer_id) == 0 and peer_id not in refused
+            )
             if not refused:
                 raise
             full = "; ".join(f"{peer}: {reason}" for peer, reason in sorted(refused.items()))
-            raise UsageError(f"{error} ({len(refused)} more are full: {full})") from None
+            raise UsageError(
+                f"{error} ({len(refused)} more are full or refuse our shards: {full})"
+            ) from None
 
     def check_enough_peers(self) -> None:
         """UsageError unless there are enough peers to place a pack's shards on."""
@@ -404,8 +455,9 @@ class Repository:
         """Encode, place and upload a pack, then record it in the index
         (module docstring: plan, upload, commit)."""
         block_size = self.config.block_size
-        code = self.code()
-        peers = [p for p in self.peers() if not self.run.is_full(p.peer_id)]
+        # The blobs' size: the pack's header and padding add a little.
+        code = self.code(builder.size)
+        peers = [p for p in self.peers() if not self.run.is_refusing(p.peer_id)]
         coded = await trio.to_thread.run_sync(
             shards.finish_pack, builder, self.keyring.data_key, code.k, code.n, block_size
         )
@@ -471,14 +523,17 @@ class Repository:
                 except StoreError as exc:
                     self.run.release(peer_id, need)
                     if isinstance(exc, PeerUnavailableError):
-                        self.run.mark_down(peer_id)
+                        self.run.mark_down(peer_id, str(exc))
                         self._observe(peer_id, False)
-                    elif isinstance(exc, StoreFullError):
-                        self.run.mark_full(peer_id, str(exc))
+                    else:
+                        if isinstance(exc, StoreFullError):
+                            self.run.mark_full(peer_id, str(exc))
+                        else:
+                            self.run.mark_refused(peer_id, str(exc))
                         self._observe(peer_id, True)  # it answered, if only to refuse
                     failures.append(ShardFailure(peer_id, index, str(exc)))
-                    # A spare found full by another shard meanwhile is skipped.
-                    while spares and self.run.is_full(spares[0]):
+                    # A spare that refused another shard meanwhile is skipped.
+                    while spares and self.run.is_refusing(spares[0]):
                         spares.popleft()
                     if not spares:
                         return
@@ -502,10 +557,11 @@ class Repository:
             )
         return placed
 
-    async def write_index_segment(self, pack_ids: list[bytes]) -> None:
-        """Store the records of ``pack_ids`` as an index pack, so a new home finds them."""
+    async def write_index_segment(self, pack_ids: list[bytes]) -> PackRecord | None:
+        """Store the records of ``pack_ids`` as an index pack, so a new home
+        finds them; the index pack's record (None: nothing to store)."""
         if not pack_ids:
-            return
+            return None
         records = []
         for pack_id in pack_ids:
             record = self.index.pack(pack_id)
@@ -518,9 +574,10 @@ class Repository:
         )
         builder = packer.PackBuilder(self.config.pack_size)
         builder.add(BlobType.INDEX, ident, sealed, len(data))
-        await self.write_pack(builder, is_index=True)
+        record = await self.write_pack(builder, is_index=True)
         with self.index.transaction():
             self.index.mark_in_segment(pack_ids)
+        return record
 
     def expected_shards(self) -> dict[str, set[bytes]]:
         """Peer id → the shard ids the index says it holds."""
@@ -554,17 +611,26 @@ class Repository:
         if failures is None:
             failures = []
         # Data shards first: with all of them the decode is a concatenation.
-        # Peers known to be down are tried last.
-        candidates = sorted(record.shards, key=lambda s: (self.run.is_down(s.peer_id), s.index))
-        good: dict[int, bytes] = {}
-        position = 0
-        while len(good) < record.k and position < len(candidates):
-            wanted = record.k - len(good)
-            batch = candidates[position : position + wanted]
-            position += len(batch)
-            async with trio.open_nursery() as nursery:
-                for location in batch:
-                    nursery.start_soon(self._fetch_shard, record, location, good, failures)
+        # Peers found slow are asked after the others, those down last.
+        run = self.run
+        candidates = sorted(
+            record.shards,
+            key=lambda s: (run.is_down(s.peer_id), run.is_slow(s.peer_id), s.index),
+        )
+        fetched = await race(
+            candidates,
+            functools.partial(self._fetch_shard, record, failures),
+            wanted=record.k,
+            patience=READ_PATIENCE,
+            overdue=lambda location: run.mark_slow(location.peer_id),
+        )
+        # Two may have come at once: the data shards first, as above.
+        good = {
+            location.index: data
+            for location, data in sorted(fetched.answers.items(), key=lambda a: a[0].index)[
+                : record.k
+            ]
+        }
         if len(good) < record.k:
             raise NotEnoughShardsError(
                 f"pack {record.pack_id.hex()[:16]}: only {len(good)} good shards of the "
@@ -586,21 +652,21 @@ class Repository:
         return await trio.to_thread.run_sync(shards.verify_shard, record, location, raw)
 
     async def _fetch_shard(
-        self,
-        record: PackRecord,
-        location: ShardLocation,
-        good: dict[int, bytes],
-        failures: list[ShardFailure],
-    ) -> None:
+        self, record: PackRecord, failures: list[ShardFailure], location: ShardLocation
+    ) -> bytes:
+        """One verified shard; a failure is noted in ``failures`` and raised again."""
         try:
-            good[location.index] = await self.fetch_verified_shard(record, location)
+            return await self.fetch_verified_shard(record, location)
         except ShardNotFoundError:
             failures.append(ShardFailure(location.peer_id, location.index, "missing"))
+            raise
         except PeerUnavailableError as exc:
-            self.run.mark_down(location.peer_id)
+            self.run.mark_down(location.peer_id, str(exc))
             failures.append(ShardFailure(location.peer_id, location.index, str(exc)))
+            raise
         except (StoreError, IntegrityError, UsageError) as exc:
             failures.append(ShardFailure(location.peer_id, location.index, str(exc)))
+            raise
 
     async def load_blob(self, blob_id: bytes, blob_type: BlobType) -> bytes:
         """The plaintext of a blob, from the first of its packs that can be read."""

@@ -1,7 +1,7 @@
 """The run state: what a repository learns of its peers during one run.
 
-The nouns — **down**, **full**, **space** and **room**, **passed over**,
-**observations** — are defined in :mod:`p2pbackup.engine.repository`'s
+The nouns — **down**, **slow**, **full**, **refused**, **space** and
+**room**, **passed over**, **observations** — are defined in :mod:`p2pbackup.engine.repository`'s
 docstring, beside the operations that feed them. This module only keeps
 them: it does no I/O, and reads the time through the clock it is given.
 """
@@ -26,8 +26,13 @@ class RunState:
         self._clock = clock
         #: Peer id -> the time until which it counts as down.
         self._down_until: dict[str, float] = {}
-        #: Peer id -> why it is full, or why it was passed over.
+        #: Peer id -> why it was last found down (kept once it is up again,
+        #: for the run's report).
+        self._down_reason: dict[str, str] = {}
+        self._slow: set[str] = set()
+        #: Peer id -> why it is full, refused a shard, or was passed over.
         self._full: dict[str, str] = {}
+        self._refused: dict[str, str] = {}
         self._passed_over: dict[str, str] = {}
         #: Peer id -> its space when last asked.
         self._space: dict[str, Space] = {}
@@ -38,17 +43,30 @@ class RunState:
 
     # -- down -----------------------------------------------------------------
 
-    def mark_down(self, peer_id: str) -> None:
-        """Remember that ``peer_id`` could not be reached, for :data:`DOWN_SECONDS`.
+    def mark_down(self, peer_id: str, reason: str = "") -> None:
+        """Remember that ``peer_id`` could not be reached (and why), for
+        :data:`DOWN_SECONDS`.
 
         A dead peer costs a connect timeout; without this, every pack of a
         backup would pay it again before turning to a spare.
         """
         self._down_until[peer_id] = self._clock() + DOWN_SECONDS
+        self._down_reason[peer_id] = reason or "it could not be reached"
 
     def is_down(self, peer_id: str) -> bool:
         until = self._down_until.get(peer_id)
         return until is not None and self._clock() < until
+
+    # -- slow -----------------------------------------------------------------
+
+    def mark_slow(self, peer_id: str) -> None:
+        """Remember that ``peer_id`` had not answered a read while the others
+        had: later reads ask it after them, for the rest of the run. It is
+        not down (it may only be far away), so placement still counts it."""
+        self._slow.add(peer_id)
+
+    def is_slow(self, peer_id: str) -> bool:
+        return peer_id in self._slow
 
     # -- full -----------------------------------------------------------------
 
@@ -60,14 +78,39 @@ class RunState:
     def is_full(self, peer_id: str) -> bool:
         return peer_id in self._full
 
+    def mark_refused(self, peer_id: str, reason: str) -> None:
+        """Remember that ``peer_id`` refused a shard for another reason than
+        room (a node that stores only for its friends, a failing disk): it
+        gets no more for the rest of this run either."""
+        self._refused.setdefault(peer_id, reason)
+
+    def is_refusing(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` refused a shard in this run, as full or otherwise."""
+        return peer_id in self._full or peer_id in self._refused
+
     def refused(self) -> Mapping[str, str]:
-        """Each peer that refused a shard as full in this run, and why."""
-        return self._full
+        """Each peer that refused a shard in this run, as full or otherwise, and why."""
+        return {**self._refused, **self._full}
 
     def full_peers(self) -> dict[str, str]:
         """Each peer found full in this run or passed over for want of room,
         and why."""
         return {**self._passed_over, **self._full}
+
+    def passed_over(self) -> dict[str, tuple[str, str]]:
+        """Each peer that did not get every shard it would have in this run:
+        peer id -> (what it was: ``full``, ``refused``, ``no room`` or
+        ``down``, and why), the first of those that applies."""
+        found: dict[str, tuple[str, str]] = {}
+        for what, reasons in (
+            ("full", self._full),
+            ("refused", self._refused),
+            ("no room", self._passed_over),
+            ("down", self._down_reason),
+        ):
+            for peer_id, reason in reasons.items():
+                found.setdefault(peer_id, (what, reason))
+        return found
 
     # -- space and room -------------------------------------------------------
 
@@ -102,11 +145,19 @@ class RunState:
         room = self.room(peer_id)
         if space is None or space.offered is None or room is None:
             return
-        self._passed_over.setdefault(
-            peer_id,
-            f"it offers us {human_bytes(space.offered)}, {human_bytes(room)} of it free: "
-            f"no room for a shard of {human_bytes(need)}",
-        )
+        if space.room == 0:
+            # Also what a node that stores only for its friends answers an
+            # owner it has not added: nothing beyond what it holds.
+            reason = (
+                f"it offers us no room beyond the {human_bytes(space.used)} it holds for us: "
+                "a full peer, or a node that has not added this one as a friend"
+            )
+        else:
+            reason = (
+                f"it offers us {human_bytes(space.offered)}, {human_bytes(room)} of it free: "
+                f"no room for a shard of {human_bytes(need)}"
+            )
+        self._passed_over.setdefault(peer_id, reason)
 
     # -- observations ---------------------------------------------------------
 

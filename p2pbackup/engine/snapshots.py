@@ -8,7 +8,9 @@ record; ``prune`` then frees the space its data alone used.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+
+import attrs
 
 from p2pbackup.core import formats
 from p2pbackup.engine.index import Index
@@ -85,30 +87,62 @@ async def _walk_tree(
 
 async def live_blobs(repo: Repository) -> tuple[set[bytes], list[str]]:
     """Every blob id the live snapshots reach, and descriptions of what is unreadable."""
+    reached = await reach(repo)
+    return reached.live, reached.problems
+
+
+@attrs.frozen
+class Reached:
+    """What the live snapshots reach (:func:`reach`)."""
+
+    #: Every blob id.
+    live: set[bytes]
+    #: What could not be read, and where.
+    problems: list[str]
+    #: Snapshot id -> the watched packs it has blobs in.
+    packs: dict[bytes, frozenset[bytes]]
+
+
+async def reach(repo: Repository, watched: Mapping[bytes, bytes] | None = None) -> Reached:
+    """Walk every live snapshot: the blobs it reaches, what cannot be read,
+    and which of the packs in ``watched`` (blob id -> pack id) it has blobs
+    in. Each tree is read once, however many snapshots share it."""
+    watched = watched or {}
     live: set[bytes] = set()
     problems: list[str] = []
-    seen_trees: set[bytes] = set()
+    #: Tree id -> the watched packs of the blobs at and below it.
+    below: dict[bytes, frozenset[bytes]] = {}
 
-    async def visit(tree_id: bytes, where: str) -> None:
-        if tree_id in seen_trees:
-            return
-        seen_trees.add(tree_id)
+    async def visit(tree_id: bytes, where: str) -> frozenset[bytes]:
+        if tree_id in below:
+            return below[tree_id]
+        below[tree_id] = frozenset()
         live.add(tree_id)
+        packs = {watched[tree_id]} if tree_id in watched else set()
         try:
             tree = await load_tree(repo, tree_id)
         except NotEnoughShardsError as exc:
             problems.append(f"{where}: tree cannot be read ({exc})")
-            return
+            below[tree_id] = frozenset(packs)
+            return below[tree_id]
         for node in tree.nodes:
             path = f"{where.rstrip('/')}/{os.fsdecode(node.name)}"
             live.update(node.content)
+            if watched:
+                packs.update(watched[blob] for blob in node.content if blob in watched)
             if node.subtree is not None:
-                await visit(node.subtree, path)
+                packs |= await visit(node.subtree, path)
+        below[tree_id] = frozenset(packs)
+        return below[tree_id]
 
+    per_snapshot: dict[bytes, frozenset[bytes]] = {}
     for snapshot_id, snapshot in repo.index.snapshots():
         live.add(snapshot_id)
-        await visit(snapshot.tree, f"snapshot {snapshot_id.hex()[:12]} /")
-    return live, problems
+        packs = await visit(snapshot.tree, f"snapshot {snapshot_id.hex()[:12]} /")
+        if snapshot_id in watched:
+            packs |= {watched[snapshot_id]}
+        per_snapshot[snapshot_id] = packs
+    return Reached(live, problems, per_snapshot)
 
 
 async def forget(repo: Repository, refs: list[str]) -> list[bytes]:

@@ -27,8 +27,10 @@ Nouns:
   and ``min_margin`` the fewest spare ones (healthy − k), so "all packs ≥ r"
   reads straight off them.
 
-Peers are asked concurrently, each with a short timeout; the answer is what
-is true now, not what the index last believed.
+Peers are asked concurrently, each with a short timeout, and one that is
+overdue while the others have answered is given up on as offline
+(:meth:`~p2pbackup.engine.repository.Repository.probe_peers`); the answer is
+what is true now, not what the index last believed.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from p2pbackup.engine.index import Index
 from p2pbackup.engine.progress import human_bytes
 from p2pbackup.engine.repository import PROBE_SECONDS, Repository
 
-#: Seconds a peer has to answer before it counts as offline.
+#: Seconds a peer has at the most to answer before it counts as offline.
 PROBE_TIMEOUT = PROBE_SECONDS
 #: Seconds a peer that answered has to list the shards it holds for us.
 LIST_TIMEOUT = 60.0

@@ -52,7 +52,8 @@ Nouns:
   self-describing: a p2pbackup shard starts with its header (index, Merkle
   block size, shard size; :mod:`p2pbackup.core.formats`), and a file whose
   size agrees with its header (and, for a version 1 header, which names its
-  pack, whose name is the shard id the header derives) gets its row back — the Merkle root recomputed from the bytes (the
+  pack, whose name is the shard id the header derives) gets its row back —
+  the Merkle root recomputed from the bytes (the
   owner checks it against its own, as for every read), stored at the file's
   mtime, with a lease of :data:`ADOPTED_LEASE_SECONDS` from now (the old
   expiry was in the lost row). Other files without a row are removed.
@@ -175,6 +176,8 @@ MAX_SHARDS_PER_OWNER = 1 << 20
 #: The lease of an adopted shard: at least the 365 days p2pbackup owners ask.
 ADOPTED_LEASE_SECONDS = 366 * 24 * 3600
 
+# Adoption hashes a whole shard file in reads of this size (bounded memory).
+_READ_SIZE = 1 << 20
 # collect_expired removes this many shards per turn of the lock.
 _COLLECT_BATCH = 1000
 _OWNER_NAME = re.compile(f"[0-9a-f]{{{2 * NODE_ID_SIZE}}}")

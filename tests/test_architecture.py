@@ -106,6 +106,8 @@ PURE_ELSEWHERE = frozenset(
         "dht.records",
         "dht.invites",
         "dht.ratelimit",
+        "maintenance.repair",
+        "maintenance.pacing",
         "app.requests",
     )
 )

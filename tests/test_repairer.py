@@ -15,13 +15,16 @@ import pytest
 import trio
 import trio.testing
 
-from p2pbackup.core import formats
+from p2pbackup.app import operations
+from p2pbackup.app.home import Home
+from p2pbackup.core import formats, keys
 from p2pbackup.engine import rootrecord, shards
+from p2pbackup.engine.index import ShardShortfall
 from p2pbackup.engine.repository import Repository
 from p2pbackup.engine.treediff import diff_trees
 from p2pbackup.maintenance.repair import RepairPolicy
 from p2pbackup.maintenance.repairer import RepairOptions, evacuate, repair_pass
-from p2pbackup.model import PackRecord
+from p2pbackup.model import FriendRecord, PackRecord
 
 from .engine_helpers import make_tree, restored_path
 from .test_network_engine import Cluster, backup, make_cluster, restore
@@ -265,3 +268,70 @@ async def test_the_rate_limit_holds_in_virtual_time(
     # Every byte beyond the first burst waited for its turn; the last
     # transfer booked may start before it ends.
     assert elapsed >= (moved - burst - shard) / rate, (elapsed, moved)
+
+
+async def test_a_home_recovered_after_a_repair_finds_the_moved_shards(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    cluster = await make_cluster(tmp_path, nursery, nodes=9)
+    source = make_tree(tmp_path / "src")
+    await backup(cluster, source)
+    dead = ["node0", "node1"]
+    for host in dead:
+        cluster.world.kill_host(host)
+    async with cluster.repository() as repo:
+        report = await repair_pass(repo, NOW_LOST)
+        assert report.ok and report.shards_rebuilt > 0
+        repaired = {r.pack_id: r.shards for r in records(repo)}
+    # The old index segment and the repair's new one disagree on where the
+    # moved shards are: the peers' listings settle it.
+    key = keys.format_recovery_key(cluster.home.load_secret())
+    fresh = Home(tmp_path / "fresh")
+    live = cluster.nodes[4]
+    summary = await operations.recover(
+        fresh,
+        key,
+        [],
+        [(str(live.address), live.identity.node_id.hex())],
+        network=cluster.world.interface("owner"),
+    )
+    assert summary.packs_restorable == summary.packs == len(repaired), summary.lines()
+    recovered = Cluster(cluster.world, fresh, cluster.nodes)
+    async with recovered.repository() as repo:
+        assert {r.pack_id: r.shards for r in records(repo)} == repaired
+    for host in ["node2", "node3", "node5"]:
+        cluster.world.kill_host(host)
+    summary_restore = await restore(recovered, tmp_path / "out")
+    assert summary_restore.ok, summary_restore.lines()
+    assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
+
+
+async def test_friend_remove_rebuilds_its_shards_elsewhere_before_forgetting_it(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    cluster = await make_cluster(tmp_path, nursery, nodes=8)
+    source = make_tree(tmp_path / "src")
+    await backup(cluster, source)
+    friend = cluster.nodes[3]
+    friend_id = friend.identity.node_id
+    async with cluster.repository() as repo:
+        with repo.index.transaction():
+            repo.index.add_friend(
+                FriendRecord(friend_id, friend.identity.signing_public, (str(friend.address),), 0)
+            )
+        held = repo.index.shard_count_by_peer()[friend_id.hex()]
+        removed = await operations.remove_friend(repo, friend_id.hex()[:8])
+        assert (removed.shards_rebuilt, removed.shards_forgotten) == (held, 0)
+        assert removed.shards_deleted >= held
+        assert removed.shortfall == ShardShortfall(below_n=0, below_k=0)
+        assert removed.warnings == ()
+        assert repo.index.friend(friend_id) is None
+        assert friend_id.hex() not in {p.peer_id for p in repo.peers()}
+        shards, _more = friend.host.list(repo.keyring.node_id, None, 10_000)
+        assert shards == []
+    # Without it and two more nodes, every pack still has k shards.
+    for host in [friend.address.host, "node0", "node1"]:
+        cluster.world.kill_host(host)
+    summary = await restore(cluster, tmp_path / "out")
+    assert summary.ok, summary.lines()
+    assert diff_trees(source, restored_path(tmp_path / "out", source)) == []

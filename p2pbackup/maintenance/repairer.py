@@ -78,10 +78,10 @@ from p2pbackup.maintenance.repair import (
 from p2pbackup.model import PackRecord, ShardLocation
 from p2pbackup.stores.shardstore import ShardRoot
 
-#: Bytes a second a pass moves by default: 1 MB/s (8 Mbit/s), under half of
-#: a typical home uplink of 20 Mbit/s or more, and spread over the k peers
+#: Bytes a second a pass moves by default: 1 MiB/s (8.4 Mbit/s), under half
+#: of a typical home uplink of 20 Mbit/s or more, and spread over the k peers
 #: a download reads from (docs/maintenance.md).
-DEFAULT_RATE = 1_000_000.0
+DEFAULT_RATE = float(1 << 20)
 #: Packs repaired at once: enough to keep the network and a core busy while
 #: another pack is coded, few enough to bound memory (k shards each).
 DEFAULT_CONCURRENCY = 3

@@ -19,7 +19,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import attrs
 import trio
@@ -70,8 +70,11 @@ DEFAULT_PACK_SIZE = 12 * 1024 * 1024
 #: Seconds ``friend add`` waits for each address of a friend to answer: a
 #: friend that is offline is still added, so a long wait buys nothing.
 FRIEND_PROBE_TIMEOUT = 5.0
-#: The fewest hex digits that may name a friend (``friend remove``).
+#: The fewest hex digits that may name a friend (``friend remove``), or
+#: characters a peer (``peer remove``).
 MIN_ID_PREFIX = 8
+
+_T = TypeVar("_T")
 
 
 def parse_shards(text: str) -> tuple[int, int]:
@@ -411,53 +414,59 @@ def find_friend(repo: Repository, id_text: str) -> FriendRecord:
             f"{id_text!r} is too short to name a friend: give at least {MIN_ID_PREFIX} "
             "hex digits of its node id"
         )
-    matches = [f for f in repo.index.friends() if f.node_id.hex().startswith(wanted)]
+    friends = {f.node_id.hex(): f for f in repo.index.friends()}
+    return _by_prefix(friends, wanted, "friend", "a node id")
+
+
+def find_peer(repo: Repository, id_text: str) -> PeerRecord:
+    """The peer named by its full id or a unique prefix of at least
+    :data:`MIN_ID_PREFIX` characters."""
+    wanted = id_text.strip().lower()
+    if len(wanted) < MIN_ID_PREFIX:
+        raise UsageError(
+            f"{id_text!r} is too short to name a peer: give at least {MIN_ID_PREFIX} "
+            "characters of its id (see `peer list`)"
+        )
+    return _by_prefix({p.peer_id.lower(): p for p in repo.peers()}, wanted, "peer", "an id")
+
+
+def _by_prefix(named: Mapping[str, _T], wanted: str, noun: str, id_name: str) -> _T:
+    """The one value whose name starts with ``wanted``; UsageError naming
+    none or all of them (``noun``: friend or peer, listed by `NOUN list`)."""
+    matches = [name for name in named if name.startswith(wanted)]
     if not matches:
-        raise UsageError(f"no friend has a node id starting with {wanted} (see `friend list`)")
+        raise UsageError(f"no {noun} has {id_name} starting with {wanted} (see `{noun} list`)")
     if len(matches) > 1:
-        names = ", ".join(f.node_id.hex() for f in matches)
-        raise UsageError(f"{wanted} could be any of {len(matches)} friends ({names}); type more")
-    return matches[0]
+        names = ", ".join(matches)
+        raise UsageError(f"{wanted} could be any of {len(matches)} {noun}s ({names}); type more")
+    return named[matches[0]]
 
 
-@attrs.frozen
-class FriendRemoved:
+@attrs.frozen(kw_only=True)
+class PeerRemoved:
+    """What :func:`remove_peer` did."""
+
+    peer_id: str
+    #: Its shards rebuilt on other peers first, and those it was asked to delete.
+    shards_rebuilt: int
+    shards_deleted: int
+    #: Shard rows forgotten with the peer (non-zero only with ``force``).
+    shards_forgotten: int
+    #: Packs short of shards afterwards (all packs, not only this peer's).
+    shortfall: ShardShortfall
+    warnings: tuple[str, ...]
+
+
+@attrs.frozen(kw_only=True)
+class FriendRemoved(PeerRemoved):
     """What :func:`remove_friend` did."""
 
     friend: FriendRecord
-    #: Shard rows forgotten with the peer (non-zero only with ``force``).
-    shards_forgotten: int
-    #: Packs short of shards afterwards (all packs, not only this friend's).
-    shortfall: ShardShortfall
-    warnings: tuple[str, ...]
-    #: Its shards rebuilt on other peers first, and those it was asked to delete.
-    shards_rebuilt: int = 0
-    shards_deleted: int = 0
-
-
-@attrs.frozen
-class PeerRemoved:
-    """What :func:`remove_peer` did (the fields of :class:`FriendRemoved`)."""
-
-    peer: PeerRecord
-    shards_forgotten: int
-    shortfall: ShardShortfall
-    warnings: tuple[str, ...]
-    shards_rebuilt: int = 0
-    shards_deleted: int = 0
-
-
-@attrs.frozen
-class _Forgotten:
-    shards_rebuilt: int
-    shards_deleted: int
-    shards_forgotten: int
-    warnings: tuple[str, ...]
 
 
 async def _evacuate_and_forget(
     repo: Repository, peer_id: str, *, force: bool, friend: bytes | None = None
-) -> _Forgotten:
+) -> PeerRemoved:
     """Take a peer out of the repository: its shards count as lost at once
     and are rebuilt on the other peers now (a repair pass over its packs,
     without reading from it), it is asked to delete those rebuilt, and then
@@ -493,7 +502,14 @@ async def _evacuate_and_forget(
         forgotten = repo.index.remove_peer(peer_id)
     if had_peer and repo.peers() and (repo.index.snapshots() or repo.index.pack_ids()):
         warnings.extend(await _publish_root(repo))
-    return _Forgotten(rebuilt, deleted, forgotten, tuple(warnings))
+    return PeerRemoved(
+        peer_id=peer_id,
+        shards_rebuilt=rebuilt,
+        shards_deleted=deleted,
+        shards_forgotten=forgotten,
+        shortfall=repo.index.shard_shortfall(),
+        warnings=tuple(warnings),
+    )
 
 
 async def remove_friend(repo: Repository, id_text: str, *, force: bool = False) -> FriendRemoved:
@@ -503,32 +519,7 @@ async def remove_friend(repo: Repository, id_text: str, *, force: bool = False) 
     done = await _evacuate_and_forget(
         repo, friend.node_id.hex(), force=force, friend=friend.node_id
     )
-    return FriendRemoved(
-        friend,
-        done.shards_forgotten,
-        repo.index.shard_shortfall(),
-        done.warnings,
-        done.shards_rebuilt,
-        done.shards_deleted,
-    )
-
-
-def find_peer(repo: Repository, id_text: str) -> PeerRecord:
-    """The peer named by its full id or a unique prefix of at least
-    :data:`MIN_ID_PREFIX` characters."""
-    wanted = id_text.strip().lower()
-    if len(wanted) < MIN_ID_PREFIX:
-        raise UsageError(
-            f"{id_text!r} is too short to name a peer: give at least {MIN_ID_PREFIX} "
-            "characters of its id (see `peer list`)"
-        )
-    matches = [p for p in repo.peers() if p.peer_id.lower().startswith(wanted)]
-    if not matches:
-        raise UsageError(f"no peer has an id starting with {wanted} (see `peer list`)")
-    if len(matches) > 1:
-        names = ", ".join(p.peer_id for p in matches)
-        raise UsageError(f"{wanted} could be any of {len(matches)} peers ({names}); type more")
-    return matches[0]
+    return FriendRemoved(friend=friend, **attrs.asdict(done, recurse=False))
 
 
 async def remove_peer(repo: Repository, id_text: str, *, force: bool = False) -> PeerRemoved:
@@ -540,15 +531,7 @@ async def remove_peer(repo: Repository, id_text: str, *, force: bool = False) ->
             f"node {peer.peer_id} is a friend: `p2pbackup friend remove {peer.peer_id}` "
             "forgets it as a friend and as a peer"
         )
-    done = await _evacuate_and_forget(repo, peer.peer_id, force=force)
-    return PeerRemoved(
-        peer,
-        done.shards_forgotten,
-        repo.index.shard_shortfall(),
-        done.warnings,
-        done.shards_rebuilt,
-        done.shards_deleted,
-    )
+    return await _evacuate_and_forget(repo, peer.peer_id, force=force)
 
 
 @attrs.define

@@ -388,7 +388,7 @@ class Service:
 
         async with operations.open_repository(self.home, access="remove") as repo:
             removed = await operations.remove_peer(repo, request.id, force=request.force)
-        _removal_lines(console, f"removed peer {removed.peer.peer_id}", removed)
+        _removal_lines(console, f"removed peer {removed.peer_id}", removed)
         return OK
 
     async def peer_list(self, request: PeerListRequest, console: Console) -> Outcome:
@@ -530,9 +530,7 @@ class Service:
         return OK
 
 
-def _removal_lines(
-    console: Console, what: str, removed: operations.FriendRemoved | operations.PeerRemoved
-) -> None:
+def _removal_lines(console: Console, what: str, removed: operations.PeerRemoved) -> None:
     """What ``friend remove`` and ``peer remove`` say they did."""
     for warning in removed.warnings:
         console.out(f"warning: {warning}")

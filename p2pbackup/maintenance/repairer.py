@@ -386,7 +386,6 @@ class _Pass:
         if self.options.verify:
             state = self.pack_state(record, displaced, overrides)
             await self.verify(record, state, roots, overrides, good)
-        problem = ""
         for _attempt in range(_ATTEMPTS):
             state = self.pack_state(record, displaced, overrides)
             decision = decide_pack(state, self.pool(), self.options.policy, self.now)
@@ -405,7 +404,12 @@ class _Pass:
             await self.settle(record, decision, roots, placed)
             self.finish(record, decision, placed, problem)
             return
-        self.finish(record, decision, placed={}, problem="its shards kept failing verification")
+        self.finish(
+            record,
+            decision,
+            placed={},
+            problem=f"pack {record.pack_id.hex()[:16]}: its shards kept failing verification",
+        )
 
     async def verify(
         self,
@@ -450,8 +454,11 @@ class _Pass:
             state = ShardState.MISSING
         except PeerUnavailableError:
             state = reachability(self.now, self.now, self.options.policy.grace)
-        except (StoreError, IntegrityError, UsageError, ProtocolError):
+        except IntegrityError:
             # The peer answered, with bytes that are not the shard.
+            self.received[copy.peer_id] += size
+            state = ShardState.FAILED
+        except (StoreError, UsageError, ProtocolError):
             state = ShardState.FAILED
         else:
             self.received[copy.peer_id] += size

@@ -108,6 +108,8 @@ PURE_ELSEWHERE = frozenset(
         "dht.records",
         "dht.invites",
         "dht.ratelimit",
+        "maintenance.repair",
+        "maintenance.pacing",
         "app.requests",
         "node.admission",
     )

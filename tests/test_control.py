@@ -742,12 +742,17 @@ SAMPLES: list[tuple[str, requests.Request]] = [
     ("prune --json", requests.PruneRequest(json=True)),
     ("check --read-data --json", requests.CheckRequest(read_data=True, json=True)),
     ("status --json", requests.StatusRequest(json=True)),
+    (
+        "repair --grace 0 --rate 2M --json",
+        requests.RepairRequest(grace="0", rate="2M", json=True),
+    ),
     ("peer add-dir /mnt/disk", requests.PeerAddDirRequest(path="/mnt/disk")),
     (
         f"peer add 192.0.2.1:47470 {'ab' * 20}",
         requests.PeerAddRequest(address="192.0.2.1:47470", node_id="ab" * 20),
     ),
     ("peer list --json", requests.PeerListRequest(json=True)),
+    ("peer remove dir-0123abcd --force", requests.PeerRemoveRequest(id="dir-0123abcd", force=True)),
     (
         "peer find --count 3 --add --bootstrap 192.0.2.1:1 --json",
         requests.PeerFindRequest(count=3, add=True, bootstrap=("192.0.2.1:1",), json=True),

@@ -185,3 +185,32 @@ def test_probe_counts_follow_the_recent_past(tmp_path: Path) -> None:
         index.remove_peer("steady")
     assert "steady" not in index.probe_counts()  # a forgotten peer's record goes too
     index.close()
+
+
+def test_displaced_copies_and_traffic_are_kept_and_go_with_their_peer(tmp_path: Path) -> None:
+    pack_id = bytes(range(32))
+    record = PackRecord(pack_id, 100, 2, 4, 50, 4096, (ShardLocation(0, "peer-a", b"r" * 32),), ())
+    index = Index(tmp_path / "index.sqlite")
+    with index.transaction():
+        index.set_config(CONFIG)
+        index.add_peer(PeerRecord("peer-a", "node", "10.0.0.1:47470"))
+        index.add_pack(record)
+        # A repair moves shard 0 to peer-b and remembers the copy on peer-a.
+        index.add_displaced(pack_id, ShardLocation(0, "peer-a", b"r" * 32), 1_700_000_000)
+        index.set_shard(pack_id, ShardLocation(0, "peer-b", b"r" * 32))
+        index.add_traffic(19_000, "peer-b", "repair", sent=10)
+        index.add_traffic(19_000, "peer-b", "repair", sent=5, received=7)
+        index.add_traffic(19_001, "peer-a", "audit", received=3)
+    stored = index.pack(pack_id)
+    assert stored is not None and [s.peer_id for s in stored.shards] == ["peer-b"]
+    [copy] = index.displaced()[pack_id]
+    assert copy.location.peer_id == "peer-a" and copy.displaced_at == 1_700_000_000
+    assert [(t.day, t.peer_id, t.purpose, t.sent, t.received) for t in index.traffic()] == [
+        (19_000, "peer-b", "repair", 15, 7),
+        (19_001, "peer-a", "audit", 0, 3),
+    ]
+    assert [t.peer_id for t in index.traffic(since_day=19_001)] == ["peer-a"]
+    with index.transaction():
+        index.remove_peer("peer-a")
+    assert index.displaced() == {}
+    index.close()

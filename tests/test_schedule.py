@@ -26,6 +26,7 @@ from p2pbackup.node.schedule import (
     load_config,
     load_schedule,
     parse_config,
+    parse_duration,
     parse_home_config,
     parse_interval,
     parse_size,
@@ -284,3 +285,14 @@ def test_every_rotated_log_file_stays_private(tmp_path: Path) -> None:
     assert all(oct(f.stat().st_mode & 0o777) == "0o600" for f in files), files
     last = json.loads(log.read_text().splitlines()[-1])
     assert last["level"] == "DEBUG" and last["message"].startswith("line 99 of the log")
+
+
+def test_durations_take_a_unit_or_mean_seconds_and_may_be_zero() -> None:
+    assert parse_duration("0") == 0
+    assert parse_duration("90") == 90
+    assert parse_duration(" 36h ") == 36 * 3600
+    assert parse_duration("3d") == 3 * 86400
+    assert parse_duration("1.5m") == 90
+    for bad in ("", "soon", "-1d", "3 days", "3w"):
+        with pytest.raises(UsageError, match="is not a duration"):
+            parse_duration(bad)

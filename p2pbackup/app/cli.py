@@ -380,6 +380,14 @@ def _add_peer(commands: _Commands) -> None:
     p = sub.add_parser("list", help="list peers")
     _json_option(p)
     p.set_defaults(request=requests.PeerListRequest)
+    p = sub.add_parser("remove", help="rebuild a peer's shards on the other peers, then forget it")
+    p.add_argument("id", metavar="ID", help="peer id, or a unique prefix of 8 or more characters")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also forget the shards no other peer could take (leaving those packs less redundant)",
+    )
+    p.set_defaults(request=requests.PeerRemoveRequest)
     p = sub.add_parser(
         "find", help="open mode: find nodes in the DHT that store for anyone (strangers)"
     )
@@ -399,10 +407,14 @@ def _add_friend(commands: _Commands) -> None:
     p = sub.add_parser("list", help="list friends and the shards they hold")
     _json_option(p)
     p.set_defaults(request=requests.FriendListRequest)
-    p = sub.add_parser("remove", help="forget a friend (and it as a peer)")
+    p = sub.add_parser(
+        "remove", help="rebuild a friend's shards on the other peers, then forget it"
+    )
     p.add_argument("id", metavar="ID", help="node id, or a unique prefix of 8 or more digits")
     p.add_argument(
-        "--force", action="store_true", help="also forget the shards it holds of this home"
+        "--force",
+        action="store_true",
+        help="also forget the shards no other peer could take (leaving those packs less redundant)",
     )
     p.set_defaults(request=requests.FriendRemoveRequest)
 
@@ -509,6 +521,23 @@ def _add_upkeep(commands: _Commands) -> None:
     p = commands.add_parser("prune", help="delete data no snapshot needs")
     _json_option(p)
     p.set_defaults(request=requests.PruneRequest)
+    p = commands.add_parser(
+        "repair",
+        help="read back every shard now and rebuild what is lost or corrupt on other peers",
+    )
+    p.add_argument(
+        "--grace",
+        metavar="DURATION",
+        help="how long a peer that does not answer counts as asleep rather than lost "
+        "(default 3d; 0: every unreachable peer is lost)",
+    )
+    p.add_argument(
+        "--rate",
+        metavar="SIZE",
+        help="most bytes a second to move, such as 500K or 2M (default 1M; 'unlimited')",
+    )
+    _json_option(p)
+    p.set_defaults(request=requests.RepairRequest)
     p = commands.add_parser("check", help="verify the index against the peers")
     p.add_argument(
         "--read-data", action="store_true", help="download and verify every shard and blob"

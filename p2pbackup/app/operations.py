@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import attrs
 import trio
@@ -50,6 +50,7 @@ from p2pbackup.model import (
     PEER_KIND_NODE,
     BlobType,
     FriendRecord,
+    PackRecord,
     PeerRecord,
     RepositoryConfig,
     RootRecord,
@@ -70,8 +71,11 @@ DEFAULT_PACK_SIZE = 12 * 1024 * 1024
 #: Seconds ``friend add`` waits for each address of a friend to answer: a
 #: friend that is offline is still added, so a long wait buys nothing.
 FRIEND_PROBE_TIMEOUT = 5.0
-#: The fewest hex digits that may name a friend (``friend remove``).
+#: The fewest hex digits that may name a friend (``friend remove``), or
+#: characters a peer (``peer remove``).
 MIN_ID_PREFIX = 8
+
+_T = TypeVar("_T")
 
 
 def parse_shards(text: str) -> tuple[int, int]:
@@ -411,46 +415,124 @@ def find_friend(repo: Repository, id_text: str) -> FriendRecord:
             f"{id_text!r} is too short to name a friend: give at least {MIN_ID_PREFIX} "
             "hex digits of its node id"
         )
-    matches = [f for f in repo.index.friends() if f.node_id.hex().startswith(wanted)]
+    friends = {f.node_id.hex(): f for f in repo.index.friends()}
+    return _by_prefix(friends, wanted, "friend", "a node id")
+
+
+def find_peer(repo: Repository, id_text: str) -> PeerRecord:
+    """The peer named by its full id or a unique prefix of at least
+    :data:`MIN_ID_PREFIX` characters."""
+    wanted = id_text.strip().lower()
+    if len(wanted) < MIN_ID_PREFIX:
+        raise UsageError(
+            f"{id_text!r} is too short to name a peer: give at least {MIN_ID_PREFIX} "
+            "characters of its id (see `peer list`)"
+        )
+    return _by_prefix({p.peer_id.lower(): p for p in repo.peers()}, wanted, "peer", "an id")
+
+
+def _by_prefix(named: Mapping[str, _T], wanted: str, noun: str, id_name: str) -> _T:
+    """The one value whose name starts with ``wanted``; UsageError naming
+    none or all of them (``noun``: friend or peer, listed by `NOUN list`)."""
+    matches = [name for name in named if name.startswith(wanted)]
     if not matches:
-        raise UsageError(f"no friend has a node id starting with {wanted} (see `friend list`)")
+        raise UsageError(f"no {noun} has {id_name} starting with {wanted} (see `{noun} list`)")
     if len(matches) > 1:
-        names = ", ".join(f.node_id.hex() for f in matches)
-        raise UsageError(f"{wanted} could be any of {len(matches)} friends ({names}); type more")
-    return matches[0]
+        names = ", ".join(matches)
+        raise UsageError(f"{wanted} could be any of {len(matches)} {noun}s ({names}); type more")
+    return named[matches[0]]
 
 
-@attrs.frozen
-class FriendRemoved:
-    """What :func:`remove_friend` did."""
+@attrs.frozen(kw_only=True)
+class PeerRemoved:
+    """What :func:`remove_peer` did."""
 
-    friend: FriendRecord
+    peer_id: str
+    #: Its shards rebuilt on other peers first, and those it was asked to delete.
+    shards_rebuilt: int
+    shards_deleted: int
     #: Shard rows forgotten with the peer (non-zero only with ``force``).
     shards_forgotten: int
-    #: Packs short of shards afterwards (all packs, not only this friend's).
+    #: Packs short of shards afterwards (all packs, not only this peer's).
     shortfall: ShardShortfall
     warnings: tuple[str, ...]
 
 
-async def remove_friend(repo: Repository, id_text: str, *, force: bool = False) -> FriendRemoved:
-    """Forget a friend and its peer row; refused while it holds shards of this
-    home unless ``force``, which forgets those shards too."""
-    friend = find_friend(repo, id_text)
-    peer_id = friend.node_id.hex()
+@attrs.frozen(kw_only=True)
+class FriendRemoved(PeerRemoved):
+    """What :func:`remove_friend` did."""
+
+    friend: FriendRecord
+
+
+async def _evacuate_and_forget(
+    repo: Repository, peer_id: str, *, force: bool, friend: bytes | None = None
+) -> PeerRemoved:
+    """Take a peer out of the repository: its shards count as lost at once
+    and are rebuilt on the other peers now (a repair pass over its packs,
+    without reading from it), it is asked to delete those rebuilt, and then
+    it is forgotten, with ``friend``'s friend row if given.
+
+    Refused (UsageError, nothing forgotten) while it still holds shards no
+    other peer could take, unless ``force``: those are forgotten, not
+    deleted, since they may be the last copies.
+    """
+    from p2pbackup.maintenance import repairer
+
     held = repo.index.shard_count_by_peer().get(peer_id, 0)
+    rebuilt = deleted = 0
+    warnings: list[str] = []
+    if held:
+        report = await repairer.evacuate(repo, peer_id)
+        rebuilt, deleted = report.shards_rebuilt, report.shards_deleted
+        warnings.extend(report.problems)
+        held = repo.index.shard_count_by_peer().get(peer_id, 0)
     if held and not force:
         raise UsageError(
             f"node {peer_id} holds {held} shards of this home's packs; "
             f"`friend remove --force {peer_id}` forgets them, leaving those packs less redundant"
+            if friend is not None
+            else f"peer {peer_id} holds {held} shards of this home's packs that no other peer "
+            f"could take; `peer remove --force {peer_id}` forgets them, leaving those packs "
+            "less redundant"
         )
     had_peer = any(p.peer_id == peer_id for p in repo.peers())
     with repo.index.transaction():
-        repo.index.remove_friend(friend.node_id)
+        if friend is not None:
+            repo.index.remove_friend(friend)
         forgotten = repo.index.remove_peer(peer_id)
-    warnings: list[str] = []
     if had_peer and repo.peers() and (repo.index.snapshots() or repo.index.pack_ids()):
         warnings.extend(await _publish_root(repo))
-    return FriendRemoved(friend, forgotten, repo.index.shard_shortfall(), tuple(warnings))
+    return PeerRemoved(
+        peer_id=peer_id,
+        shards_rebuilt=rebuilt,
+        shards_deleted=deleted,
+        shards_forgotten=forgotten,
+        shortfall=repo.index.shard_shortfall(),
+        warnings=tuple(warnings),
+    )
+
+
+async def remove_friend(repo: Repository, id_text: str, *, force: bool = False) -> FriendRemoved:
+    """Forget a friend and its peer row, once its shards are rebuilt on
+    other peers (:func:`_evacuate_and_forget`)."""
+    friend = find_friend(repo, id_text)
+    done = await _evacuate_and_forget(
+        repo, friend.node_id.hex(), force=force, friend=friend.node_id
+    )
+    return FriendRemoved(friend=friend, **attrs.asdict(done, recurse=False))
+
+
+async def remove_peer(repo: Repository, id_text: str, *, force: bool = False) -> PeerRemoved:
+    """Forget a peer that is not a friend, once its shards are rebuilt on
+    other peers (:func:`_evacuate_and_forget`)."""
+    peer = find_peer(repo, id_text)
+    if peer.kind == PEER_KIND_NODE and repo.index.friend(bytes.fromhex(peer.peer_id)):
+        raise UsageError(
+            f"node {peer.peer_id} is a friend: `p2pbackup friend remove {peer.peer_id}` "
+            "forgets it as a friend and as a peer"
+        )
+    return await _evacuate_and_forget(repo, peer.peer_id, force=force)
 
 
 @attrs.define
@@ -628,6 +710,47 @@ async def recover(
     return summary
 
 
+def _merge_pack(index: Index, record: PackRecord) -> None:
+    """Add a pack record read from an index segment. A repair that moved
+    shards describes the pack again in a later segment, and segments come
+    in no particular order: where two disagree on a shard's peer, the first
+    stays current and the other is kept as a displaced copy, for
+    :func:`_prefer_listed` to settle."""
+    known = index.pack(record.pack_id, with_blobs=False)
+    if known is None:
+        index.add_pack(record, in_segment=True)
+        return
+    current = {location.index: location for location in known.shards}
+    for location in record.shards:
+        have = current.get(location.index)
+        if have is None:
+            index.set_shard(record.pack_id, location)
+        elif have.peer_id != location.peer_id:
+            index.add_displaced(record.pack_id, location, 0)
+
+
+def _prefer_listed(index: Index, held: Mapping[str, frozenset[bytes]]) -> None:
+    """Where a displaced copy's peer lists the shard and the current copy's
+    peer does not, the displaced copy becomes current (the other displaced)."""
+    for pack_id, copies in index.displaced().items():
+        record = index.pack(pack_id, with_blobs=False)
+        assert record is not None
+        current = {location.index: location for location in record.shards}
+        for copy in copies:
+            location = copy.location
+            shard = formats.shard_id(pack_id, location.index)
+            now = current.get(location.index)
+            if shard not in held.get(location.peer_id, ()):
+                continue
+            if now is not None and shard in held.get(now.peer_id, ()):
+                continue
+            index.forget_displaced(pack_id, location.index, location.peer_id)
+            if now is not None:
+                index.add_displaced(pack_id, now, copy.displaced_at)
+            index.set_shard(pack_id, location)
+            current[location.index] = location
+
+
 def _remove_home(home: Home, *, keep_dir: bool) -> None:
     for path in (home.marker_path, home.secret_path, home.lock_path):
         path.unlink(missing_ok=True)
@@ -672,7 +795,7 @@ async def _rebuild_index(
             segment = formats.decode_index_segment(plain)
             with index.transaction():
                 for listed in segment.packs:
-                    index.add_pack(listed, in_segment=True)
+                    _merge_pack(index, listed)
 
     for snapshot_id in root.snapshots:
         try:
@@ -692,6 +815,8 @@ async def _rebuild_index(
         if p.peer_id in unreached
     )
     summary.peers_reached = reached = len(held)
+    with index.transaction():
+        _prefer_listed(index, held)
     for k, _n, holders in repo.live_holders(held):
         summary.packs += 1
         if len(holders) >= k:

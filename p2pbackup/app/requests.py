@@ -124,6 +124,16 @@ class StatusRequest:
 
 
 @attrs.frozen(kw_only=True)
+class RepairRequest:
+    #: How long an unreachable peer counts as asleep, not lost (``"3d"``,
+    #: ``"0"``); None: the repair policy's default.
+    grace: str | None = None
+    #: Bytes a second (``"2M"``) or ``"unlimited"``; None: the default.
+    rate: str | None = None
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
 class PeerAddDirRequest:
     path: str = _client_path()
 
@@ -133,6 +143,13 @@ class PeerAddRequest:
     #: ``HOST:PORT``.
     address: str
     node_id: str
+
+
+@attrs.frozen(kw_only=True)
+class PeerRemoveRequest:
+    #: A peer id, or a unique prefix of it.
+    id: str
+    force: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -175,8 +192,10 @@ Request = (
     | PruneRequest
     | CheckRequest
     | StatusRequest
+    | RepairRequest
     | PeerAddDirRequest
     | PeerAddRequest
+    | PeerRemoveRequest
     | PeerListRequest
     | PeerFindRequest
     | FriendAddRequest
@@ -194,8 +213,10 @@ COMMANDS: Final[Mapping[str, type[Request]]] = {
     "prune": PruneRequest,
     "check": CheckRequest,
     "status": StatusRequest,
+    "repair": RepairRequest,
     "peer add-dir": PeerAddDirRequest,
     "peer add": PeerAddRequest,
+    "peer remove": PeerRemoveRequest,
     "peer list": PeerListRequest,
     "peer find": PeerFindRequest,
     "friend add": FriendAddRequest,

@@ -30,7 +30,7 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import assert_never
+from typing import TYPE_CHECKING, assert_never
 
 import attrs
 
@@ -48,7 +48,9 @@ from p2pbackup.app.requests import (
     PeerAddRequest,
     PeerFindRequest,
     PeerListRequest,
+    PeerRemoveRequest,
     PruneRequest,
+    RepairRequest,
     Request,
     RestoreRequest,
     SnapshotsRequest,
@@ -60,6 +62,9 @@ from p2pbackup.errors import P2PBackupError, UsageError
 from p2pbackup.model import NodeKind, TreeNode
 from p2pbackup.node.control import EXIT_BAD_REQUEST, ControlRequest, LineSink, Outcome
 from p2pbackup.nurseries import leaves, unwrap_single
+
+if TYPE_CHECKING:
+    from p2pbackup.app import operations
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +142,14 @@ class Service:
                 return await self.check(request, console)
             case StatusRequest():
                 return await self.status(request, console)
+            case RepairRequest():
+                return await self.repair(request, console)
             case PeerAddDirRequest():
                 return await self.peer_add_dir(request, console)
             case PeerAddRequest():
                 return await self.peer_add(request, console)
+            case PeerRemoveRequest():
+                return await self.peer_remove(request, console)
             case PeerListRequest():
                 return await self.peer_list(request, console)
             case PeerFindRequest():
@@ -340,6 +349,35 @@ class Service:
                 console.out(line)
         return OK
 
+    async def repair(self, request: RepairRequest, console: Console) -> Outcome:
+        """A repair pass now: every listed shard read back and verified (the
+        stand-in for audits), then every pack below r rebuilt."""
+        from p2pbackup.app import operations
+        from p2pbackup.maintenance import repairer
+        from p2pbackup.maintenance.repair import RepairPolicy
+        from p2pbackup.node.schedule import parse_duration, parse_size
+
+        policy = RepairPolicy()
+        if request.grace is not None:
+            policy = attrs.evolve(policy, grace=parse_duration(request.grace))
+        rate: float | None = repairer.DEFAULT_RATE
+        if request.rate is not None:
+            rate = None if request.rate == "unlimited" else float(parse_size(request.rate))
+        options = repairer.RepairOptions(policy=policy, rate=rate, verify=True)
+        async with operations.open_repository(self.home) as repo:
+            report = await repairer.repair_pass(
+                repo, options, progress=console.progress_line("repair")
+            )
+        if request.json:
+            console.out(_json(report.to_json()))
+        else:
+            for line in report.lines():
+                if line != report.failure():
+                    console.out(line)
+        if not report.ok:
+            return Outcome(EXIT_ERROR, report.failure())
+        return OK
+
     # -- peers and friends --------------------------------------------------------
 
     async def peer_add_dir(self, request: PeerAddDirRequest, console: Console) -> Outcome:
@@ -356,6 +394,14 @@ class Service:
         async with operations.open_repository(self.home) as repo:
             record = await operations.add_node_peer(repo, request.address, request.node_id)
             console.out(f"added peer {record.peer_id} at {record.location}")
+        return OK
+
+    async def peer_remove(self, request: PeerRemoveRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+
+        async with operations.open_repository(self.home, access="remove") as repo:
+            removed = await operations.remove_peer(repo, request.id, force=request.force)
+        _removal_lines(console, f"removed peer {removed.peer_id}", removed)
         return OK
 
     async def peer_list(self, request: PeerListRequest, console: Console) -> Outcome:
@@ -493,19 +539,28 @@ class Service:
 
         async with operations.open_repository(self.home, access="remove") as repo:
             removed = await operations.remove_friend(repo, request.id, force=request.force)
-        for warning in removed.warnings:
-            console.out(f"warning: {warning}")
-        console.out(f"removed friend {removed.friend.node_id.hex()}")
-        if removed.shards_forgotten:
-            console.out(f"forgot {removed.shards_forgotten} shards it held")
-        shortfall = removed.shortfall
-        if shortfall.below_n:
-            console.out(f"{shortfall.below_n} packs now have fewer than N shards (less redundant)")
-        if shortfall.below_k:
-            console.out(
-                f"{shortfall.below_k} packs have fewer than K shards left: they cannot be restored"
-            )
+        _removal_lines(console, f"removed friend {removed.friend.node_id.hex()}", removed)
         return OK
+
+
+def _removal_lines(console: Console, what: str, removed: operations.PeerRemoved) -> None:
+    """What ``friend remove`` and ``peer remove`` say they did."""
+    for warning in removed.warnings:
+        console.out(f"warning: {warning}")
+    console.out(what)
+    if removed.shards_rebuilt:
+        console.out(f"rebuilt {removed.shards_rebuilt} of its shards on other peers")
+    if removed.shards_deleted:
+        console.out(f"asked it to delete {removed.shards_deleted} shards")
+    if removed.shards_forgotten:
+        console.out(f"forgot {removed.shards_forgotten} shards it held")
+    shortfall = removed.shortfall
+    if shortfall.below_n:
+        console.out(f"{shortfall.below_n} packs now have fewer than N shards (less redundant)")
+    if shortfall.below_k:
+        console.out(
+            f"{shortfall.below_k} packs have fewer than K shards left: they cannot be restored"
+        )
 
 
 def _describe(path: bytes, node: TreeNode) -> str:

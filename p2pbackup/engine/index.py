@@ -36,6 +36,13 @@ Nouns:
   rows that :mod:`p2pbackup.maintenance` keeps. A shard audit row speaks of
   the peer it names only: once a shard moves to another peer, the row is
   stale and read as absent. Added in schema version 3.
+* **displaced shards** — copies of a shard that a repair replaced while
+  their peer was away: the shard moved to another peer, but the old copy is
+  remembered (pack, shard index, peer, Merkle root, when), so that it
+  counts again if the peer returns (:mod:`p2pbackup.maintenance.repair`).
+* **traffic** — bytes sent to and received from each peer per day (unix day
+  number) and purpose (``repair``, ``audit``): what maintenance cost.
+  Displaced shards and traffic are created on open where missing.
 
 Schema versions: ``meta.schema_version``. Opening an older index migrates it
 forward in one transaction (:data:`_MIGRATIONS`, one step per version); a
@@ -92,6 +99,18 @@ CREATE TABLE IF NOT EXISTS shard_audits (
     audited_at INTEGER, passed INTEGER, reason TEXT NOT NULL,
     PRIMARY KEY (pack_id, idx));
 """
+#: Tables added to version 2 without a new version: an index of version 2
+#: that lacks them gains them on open.
+_MAINTENANCE_TABLES = """
+CREATE TABLE IF NOT EXISTS displaced_shards (
+    pack_id BLOB NOT NULL REFERENCES packs(pack_id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL, peer_id TEXT NOT NULL, merkle_root BLOB NOT NULL,
+    displaced_at INTEGER NOT NULL, PRIMARY KEY (pack_id, idx, peer_id));
+CREATE TABLE IF NOT EXISTS traffic (
+    day INTEGER NOT NULL, peer_id TEXT NOT NULL, purpose TEXT NOT NULL,
+    sent INTEGER NOT NULL, received INTEGER NOT NULL,
+    PRIMARY KEY (day, peer_id, purpose));
+"""
 
 #: The tables of schema version 1.
 _SCHEMA_V1 = """
@@ -128,7 +147,7 @@ CREATE TABLE IF NOT EXISTS friends (
 """
 #: Every table of the current version, for a new index (and, as each creates
 #: only what is missing, for one of the current version that lacks some).
-_SCHEMA = _SCHEMA_V1 + _PEER_PROBES + _PEER_AUDITS + _SHARD_AUDITS
+_SCHEMA = _SCHEMA_V1 + _PEER_PROBES + _PEER_AUDITS + _SHARD_AUDITS + _MAINTENANCE_TABLES
 
 #: Schema version → the statements that turn an index of that version into
 #: one of the next.
@@ -172,6 +191,27 @@ class PlacedShard:
     #: Bytes of the shard's data (its header aside), and its Merkle block size.
     shard_size: int
     block_size: int
+
+
+@attrs.frozen
+class DisplacedShard:
+    """A copy of shard ``location.index`` of a pack that a repair moved away
+    from ``location.peer_id`` at unix second ``displaced_at``."""
+
+    pack_id: bytes
+    location: ShardLocation
+    displaced_at: int
+
+
+@attrs.frozen
+class Traffic:
+    """Bytes moved with one peer on one day (unix day number) for one purpose."""
+
+    day: int
+    peer_id: str
+    purpose: str
+    sent: int
+    received: int
 
 
 @attrs.frozen
@@ -353,6 +393,7 @@ class Index:
         """Forget a peer and the shard rows that place shards on it (call
         inside a transaction); returns how many shard rows went."""
         removed = self._db.execute("DELETE FROM shards WHERE peer_id=?", (peer_id,)).rowcount
+        self._db.execute("DELETE FROM displaced_shards WHERE peer_id=?", (peer_id,))
         self._db.execute("DELETE FROM peers WHERE peer_id=?", (peer_id,))
         self._db.execute("DELETE FROM peer_probes WHERE peer_id=?", (peer_id,))
         self._db.execute("DELETE FROM peer_audits WHERE peer_id=?", (peer_id,))
@@ -520,6 +561,83 @@ class Index:
         self._db.executemany(
             "UPDATE packs SET in_segment=1 WHERE pack_id=?", [(p,) for p in pack_ids]
         )
+
+    def mark_out_of_segment(self, pack_ids: Iterable[bytes]) -> None:
+        """The records of these data packs changed (a repair moved shards):
+        the next index segment describes them again."""
+        self._db.executemany(
+            "UPDATE packs SET in_segment=0 WHERE pack_id=? AND is_index=0",
+            [(p,) for p in pack_ids],
+        )
+
+    def is_index_pack(self, pack_id: bytes) -> bool:
+        row = self._db.execute("SELECT is_index FROM packs WHERE pack_id=?", (pack_id,)).fetchone()
+        return row is not None and bool(row[0])
+
+    # -- shards moved by repairs ------------------------------------------------
+
+    def set_shard(self, pack_id: bytes, location: ShardLocation) -> None:
+        """Shard ``location.index`` of a pack is on ``location.peer_id`` now."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO shards(pack_id, idx, peer_id, merkle_root) VALUES (?, ?, ?, ?)",
+            (pack_id, location.index, location.peer_id, location.merkle_root),
+        )
+
+    def forget_shard(self, pack_id: bytes, index: int, peer_id: str) -> None:
+        """Forget that ``peer_id`` holds shard ``index`` of a pack, as its
+        current copy or a displaced one."""
+        self._db.execute(
+            "DELETE FROM shards WHERE pack_id=? AND idx=? AND peer_id=?", (pack_id, index, peer_id)
+        )
+        self.forget_displaced(pack_id, index, peer_id)
+
+    def add_displaced(self, pack_id: bytes, location: ShardLocation, displaced_at: int) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO displaced_shards(pack_id, idx, peer_id, merkle_root,"
+            " displaced_at) VALUES (?, ?, ?, ?, ?)",
+            (pack_id, location.index, location.peer_id, location.merkle_root, displaced_at),
+        )
+
+    def forget_displaced(self, pack_id: bytes, index: int, peer_id: str) -> None:
+        self._db.execute(
+            "DELETE FROM displaced_shards WHERE pack_id=? AND idx=? AND peer_id=?",
+            (pack_id, index, peer_id),
+        )
+
+    def displaced(self) -> dict[bytes, list[DisplacedShard]]:
+        """Every displaced copy, by pack."""
+        found: dict[bytes, list[DisplacedShard]] = {}
+        rows = self._db.execute(
+            "SELECT pack_id, idx, peer_id, merkle_root, displaced_at FROM displaced_shards"
+            " ORDER BY pack_id, idx, peer_id"
+        )
+        for pack_id, idx, peer_id, root, at in rows:
+            key = bytes(pack_id)
+            location = ShardLocation(int(idx), peer_id, bytes(root))
+            found.setdefault(key, []).append(DisplacedShard(key, location, int(at)))
+        return found
+
+    # -- traffic --------------------------------------------------------------------
+
+    def add_traffic(
+        self, day: int, peer_id: str, purpose: str, *, sent: int = 0, received: int = 0
+    ) -> None:
+        """Count bytes moved with ``peer_id`` on ``day`` (unix day number)."""
+        self._db.execute(
+            "INSERT INTO traffic(day, peer_id, purpose, sent, received) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT(day, peer_id, purpose) DO UPDATE SET sent = sent + excluded.sent,"
+            " received = received + excluded.received",
+            (day, peer_id, purpose, sent, received),
+        )
+
+    def traffic(self, *, since_day: int = 0) -> list[Traffic]:
+        """Every day's traffic from ``since_day`` on, by day, peer and purpose."""
+        rows = self._db.execute(
+            "SELECT day, peer_id, purpose, sent, received FROM traffic WHERE day >= ?"
+            " ORDER BY day, peer_id, purpose",
+            (since_day,),
+        )
+        return [Traffic(int(d), p, purpose, int(s), int(r)) for d, p, purpose, s, r in rows]
 
     def set_seen(self, peer_id: str, seen_at: int) -> None:
         """Remember that ``peer_id`` answered at ``seen_at`` (unix seconds)."""

@@ -580,7 +580,8 @@ class Repository:
         return record
 
     def expected_shards(self) -> dict[str, set[bytes]]:
-        """Peer id → the shard ids the index says it holds."""
+        """Peer id → the shard ids the index says it holds (displaced copies,
+        which a repair keeps counting on, included)."""
         expected: dict[str, set[bytes]] = {p.peer_id: set() for p in self.peers()}
         for pack_id in self.index.pack_ids():
             record = self.index.pack(pack_id, with_blobs=False)
@@ -588,6 +589,11 @@ class Repository:
             for location in record.shards:
                 expected.setdefault(location.peer_id, set()).add(
                     formats.shard_id(pack_id, location.index)
+                )
+        for pack_id, copies in self.index.displaced().items():
+            for copy in copies:
+                expected.setdefault(copy.location.peer_id, set()).add(
+                    formats.shard_id(pack_id, copy.location.index)
                 )
         return expected
 

@@ -6,6 +6,9 @@ when one is read back.
   **roots** are the Merkle roots over each whole payload, header included:
   what a host verifies on upload and answers audits against, and what the
   index keeps to check a shard read back.
+* **rebuilt shard** — a shard coded again from any k others of its pack
+  (:func:`rebuild_shards`): the same bytes as the original, header and all,
+  so the same Merkle root.
 
 The functions here run in worker threads and do no I/O: joining, hashing and
 coding a pack takes tens of milliseconds, which on the event loop would stall
@@ -14,11 +17,13 @@ every upload in flight.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import attrs
 
 from p2pbackup.core import erasure, formats, merkle, packer
 from p2pbackup.errors import IntegrityError
-from p2pbackup.model import PackRecord, ShardHeader, ShardLocation
+from p2pbackup.model import BytesLike, PackRecord, ShardHeader, ShardLocation
 
 
 @attrs.define(eq=False)
@@ -73,20 +78,63 @@ def encode_pack(
     erasure.encode_parts_into(parts, k, n, [payload[head:] for payload in payloads])
     roots: list[bytes] = []
     for index in range(n):
-        payloads[index][:head] = formats.encode_shard_header(
-            ShardHeader(
-                pack_id=None,
-                index=index,
-                k=k,
-                n=n,
-                pack_size=pack_size,
-                shard_size=shard_size,
-                block_size=block_size,
-            )
-        )
+        payloads[index][:head] = _header(None, index, k, n, pack_size, shard_size, block_size)
         # Over the whole stored shard, header included (module docstring).
         roots.append(merkle.merkle_root(payloads[index], block_size))
     return payloads, roots, shard_size
+
+
+def _header(
+    pack_id: bytes | None,
+    index: int,
+    k: int,
+    n: int,
+    pack_size: int,
+    shard_size: int,
+    block_size: int,
+) -> bytes:
+    """A shard header: version 2 (naming no pack) for ``pack_id`` None."""
+    return formats.encode_shard_header(
+        ShardHeader(
+            pack_id=pack_id,
+            index=index,
+            k=k,
+            n=n,
+            pack_size=pack_size,
+            shard_size=shard_size,
+            block_size=block_size,
+        )
+    )
+
+
+@attrs.frozen
+class RebuiltShard:
+    """A shard coded again (module docstring): its stored bytes and root."""
+
+    payload: bytes = attrs.field(repr=lambda p: f"<{len(p)} bytes>")
+    root: bytes = attrs.field(repr=lambda r: r.hex()[:16])
+
+
+def rebuild_shards(
+    record: PackRecord, good: Mapping[int, BytesLike], wanted: Sequence[int]
+) -> dict[int, RebuiltShard]:
+    """Shards ``wanted`` of the pack ``record`` describes, from the data of
+    any k of its other shards (``good``: index → data, verified)."""
+    data = erasure.reconstruct(good, record.k, record.n, wanted)
+    known = {location.index: location.merkle_root for location in record.shards}
+    geometry = (record.k, record.n, record.size, record.shard_size, record.block_size)
+    rebuilt = {}
+    for index, shard in data.items():
+        payload = _header(None, index, *geometry) + shard
+        root = merkle.merkle_root(payload, record.block_size)
+        if index in known and root != known[index]:
+            # Written before headers stopped naming the pack: rebuilt as it was.
+            older = _header(record.pack_id, index, *geometry) + shard
+            older_root = merkle.merkle_root(older, record.block_size)
+            if older_root == known[index]:
+                payload, root = older, older_root
+        rebuilt[index] = RebuiltShard(payload, root)
+    return rebuilt
 
 
 def verify_shard(record: PackRecord, location: ShardLocation, raw: bytes) -> bytes:

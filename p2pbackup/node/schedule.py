@@ -135,15 +135,23 @@ def _parse_storage(table: object, where: str) -> StorageOffer:
     return StorageOffer(**sizes)
 
 
+def parse_duration(text: str) -> float:
+    """Seconds from ``"0"``, ``"90"``, ``"90m"``, ``"36h"``, ``"3d"`` (a
+    number with s, m, h or d; seconds without). UsageError naming the text."""
+    match = _INTERVAL.match(text)
+    if match is None:
+        raise UsageError(f"{text!r} is not a duration (a number with s, m, h or d, such as 3d)")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
 def parse_interval(value: object, where: str) -> float:
     """Seconds from ``3600``, ``"90m"``, ``"6h"``, ``"1d"``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise UsageError(f'{where}: interval must be seconds or text such as "6h"')
     if isinstance(value, str):
-        match = _INTERVAL.match(value)
-        if match is None:
+        if _INTERVAL.match(value) is None:
             raise UsageError(f"{where}: interval {value!r} is not a number with s, m, h or d")
-        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+        seconds = parse_duration(value)
     else:
         seconds = float(value)
     if seconds < MIN_INTERVAL:

@@ -220,7 +220,7 @@ def p2pbackup_command() -> list[str]:
     script = Path(sys.executable).parent / "p2pbackup"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "p2pbackup.app.cli"]
+    return [sys.executable, "-m", "p2pbackup.cli"]
 
 
 def drop_caches() -> bool:

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import attrs
 
-from p2pbackup.app import cli, operations
+from p2pbackup.app import operations
 from p2pbackup.app.home import Home
+from p2pbackup.cli import main as cli
 from p2pbackup.stores.durable import write_private_file
 
-CLI = [sys.executable, "-m", "p2pbackup.app.cli"]
+CLI = [sys.executable, "-m", "p2pbackup.cli"]
 KEY_RE = re.compile(r"\b(?:[0-9A-Z]{5}-){13}[0-9A-Z]{5}\b")
 SNAPSHOT_ID_RE = re.compile(r"[0-9a-f]{64}")
 SHARD_NAME_RE = re.compile(r"[0-9a-f]{64}")

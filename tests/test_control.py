@@ -18,9 +18,10 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbackup.app import cli, requests
+from p2pbackup.app import requests
 from p2pbackup.app.home import Home
 from p2pbackup.app.service import EXIT_ERROR, Service
+from p2pbackup.cli import main as cli
 from p2pbackup.errors import RemoteProtocolError
 from p2pbackup.node import control
 

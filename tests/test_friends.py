@@ -18,8 +18,9 @@ import attrs
 import pytest
 import trio
 
-from p2pbackup.app import cli, daemon, operations
+from p2pbackup.app import daemon, operations
 from p2pbackup.app.home import Home
+from p2pbackup.cli import main as cli
 from p2pbackup.core.keys import Keyring
 from p2pbackup.dht import discovery, invites, records
 from p2pbackup.dht.records import RecordAddress

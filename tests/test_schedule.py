@@ -263,7 +263,7 @@ def test_serve_logs_json_lines_to_the_home(tmp_path: Path) -> None:
 def test_every_rotated_log_file_stays_private(tmp_path: Path) -> None:
     import logging
 
-    from p2pbackup.app import cli
+    from p2pbackup.cli import main as cli
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level

@@ -1,4 +1,4 @@
-"""The owner's composition roots: the command line, the daemon, and the home they act on.
+"""The owner's composition roots: the service, the daemon, and the home they act on.
 
 Nouns:
 
@@ -15,9 +15,6 @@ Nouns:
   the daemon for a client of the control socket.
 * **daemon** (:mod:`.daemon`) — ``serve``: the storage server, the DHT, the
   control socket and scheduled backups, wired to one home.
-* **cli** (:mod:`.cli`) — the ``p2pbackup`` command: parses what was typed
-  into a request (or runs the few commands that are its own) and hands it to
-  a running daemon of the home, or to the service here.
 * **devnet** and **demo** (:mod:`.devnet`, :mod:`.demo`) — a local network of
   real ``serve`` processes on loopback, and the whole story told on one.
 

@@ -49,7 +49,7 @@ from p2pbackup.nurseries import unwrap_single
 from p2pbackup.stores.durable import write_private_file
 
 #: How a child node is run: this Python, this package (as tests/cli_helpers does).
-NODE_COMMAND = (sys.executable, "-m", "p2pbackup.app.cli")
+NODE_COMMAND = (sys.executable, "-m", "p2pbackup.cli")
 DEFAULT_NODES = 6
 #: Each home's friends are the other N - 1 nodes, and a backup needs three
 #: peers (placement.MIN_PEERS): fewer nodes make a network where nobody can
@@ -407,7 +407,7 @@ def program_name(argv0: str | None = None) -> str:
         if found is not None and Path(found).resolve() == Path(argv0).resolve():
             return "p2pbackup"
         return shlex.quote(os.path.abspath(argv0))
-    return f"{shlex.quote(sys.executable)} -m p2pbackup.app.cli"
+    return f"{shlex.quote(sys.executable)} -m p2pbackup.cli"
 
 
 def usage_lines(devnet: Devnet, program: str) -> list[str]:

@@ -730,7 +730,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if outcome.error:
         print(f"p2pbackup: error: {outcome.error}", file=sys.stderr)
     return outcome.code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

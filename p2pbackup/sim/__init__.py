@@ -1,0 +1,14 @@
+"""Simulation: the real node on a simulated network, and durability by the numbers.
+
+Nouns:
+
+* **durability model** — an event-level Monte Carlo of placement, failures,
+  audits and repair over many nodes and years, using the node's own
+  placement and repair-policy code (to come with the simulation issue).
+* **simulator** — unmodified nodes run in one process on the memory network
+  in virtual time, driven by a scenario (to come with the simulation issue).
+
+It sits above the app layer because the simulator runs the daemon itself.
+
+May import: core, net, wire, stores, dht, engine, maintenance, node, app.
+"""

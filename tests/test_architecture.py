@@ -406,7 +406,7 @@ def test_every_import_follows_the_layer_order(imports: list[Import]) -> None:
     [
         ("p2pbackup.core.crypto", "p2pbackup.engine.repository"),  # pure core reaching up
         ("p2pbackup.dht.discovery", "p2pbackup.engine.repository"),  # the DHT reading the engine
-        ("p2pbackup.engine.status", "p2pbackup.node.shardhost"),
+        ("p2pbackup.maintenance.status", "p2pbackup.node.shardhost"),
         ("p2pbackup.node.server", "p2pbackup.app.home"),
         ("p2pbackup.model", "p2pbackup.core.formats"),  # a root module depending on a layer
     ],

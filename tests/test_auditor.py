@@ -25,12 +25,12 @@ from p2pbackup.core.keys import Keyring
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.index import Index, PlacedShard
 from p2pbackup.engine.repository import Repository
-from p2pbackup.engine.status import gather_status
 from p2pbackup.maintenance import auditor
 from p2pbackup.maintenance.audit import AuditPolicy, FailureReason, Outcome
 from p2pbackup.maintenance.auditor import AuditReport, ShardResult, audit_once, run_audits
 from p2pbackup.maintenance.reputation import ShardHealth
 from p2pbackup.maintenance.standing import peer_standing, peer_standings, shard_states
+from p2pbackup.maintenance.status import gather_status
 from p2pbackup.model import PEER_KIND_DIR, PackRecord, PeerRecord, ShardLocation
 from p2pbackup.node.shardhost import SHARDS_DIR
 from p2pbackup.stores.memory import MemoryShardStore
@@ -109,7 +109,13 @@ async def test_honest_peers_pass_every_audit(tmp_path: Path, nursery: trio.Nurse
         placed = repo.index.placed_shards()
         states = shard_states(repo.index)
         standings = peer_standings(repo.index, now=2_000_000_000)
+        traffic = repo.index.traffic()
     assert len(report.results) == len(placed) > 20
+    # What the audits cost is counted per peer and day, and is what came.
+    assert {t.purpose for t in traffic} == {"audit"}
+    assert {t.peer_id for t in traffic} == {r.peer_id for r in report.results}
+    assert sum(t.received for t in traffic) == sum(r.received for r in report.results) > 0
+    assert sum(t.sent for t in traffic) == sum(r.sent for r in report.results) > 0
     assert report.count(Outcome.HEALTHY) == len(placed)
     assert report.lines() == [
         f"audited {len(placed)} shards on 6 peers: {len(placed)} healthy, 0 failed, 0 unanswered"

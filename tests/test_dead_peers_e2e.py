@@ -27,7 +27,7 @@ from p2pbackup.app import operations
 from p2pbackup.app.home import Home
 from p2pbackup.engine.index import Index
 from p2pbackup.engine.repository import PROBE_SECONDS
-from p2pbackup.engine.status import PROBE_TIMEOUT
+from p2pbackup.maintenance.status import PROBE_TIMEOUT
 from p2pbackup.net.network import DEFAULT_CONNECT_TIMEOUT
 
 from .cli_helpers import cli_ok, make_source, restored, tree_state

@@ -118,6 +118,12 @@ async def test_a_pass_rebuilds_lost_shards_on_new_nodes_and_they_restore(
         assert sum(t.sent for t in traffic) == report.bytes_sent > 0
         assert sum(t.received for t in traffic) == report.bytes_received > 0
         assert {t.purpose for t in traffic} == {"repair"}
+        # So are the shards moved: off the dead nodes, onto the new holders.
+        counts = repo.index.repair_counts()
+        assert sum(c.moved_off for c in counts.values()) == report.shards_rebuilt
+        assert sum(c.placed for c in counts.values()) == report.shards_rebuilt
+        assert {p for p, c in counts.items() if c.moved_off} == dead_ids
+        assert {p for p, c in counts.items() if c.placed} == report.new_holders
         # The root record went to every node, the new holders among them,
         # and it names the index packs where their shards are now.
         sequence = repo.index.root_sequence()

@@ -28,8 +28,8 @@ from p2pbackup.engine import snapshots
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.repository import PROBE_PATIENCE, READ_PATIENCE, Repository
 from p2pbackup.engine.restore import Restorer
-from p2pbackup.engine.status import gather_status
 from p2pbackup.engine.treediff import diff_trees
+from p2pbackup.maintenance.status import gather_status
 from p2pbackup.model import PackRecord
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
 from p2pbackup.net.network import Address

@@ -20,7 +20,7 @@ from p2pbackup.core.formats import SHARD_HEADER_SIZE
 from p2pbackup.core.merkle import merkle_root
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.index import ProbeCounts
-from p2pbackup.engine.status import SAFE_MARGIN, data_health, gather_status
+from p2pbackup.maintenance.status import SAFE_MARGIN, data_health, gather_status
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
 from p2pbackup.net.network import Address, Network
 from p2pbackup.node.schedule import RUNNING_OFFER, StorageOffer
@@ -49,6 +49,10 @@ def test_data_health_counts_every_pack_once(
     assert health.unrecoverable == sum(m < 0 for m in margins)
     assert health.at_risk == sum(0 <= m < SAFE_MARGIN for m in margins)
     assert health.min_margin == (min(margins) if margins else None)
+    # r = min(n, k + 3) with the default policy.
+    assert health.below_threshold == sum(
+        m + k < min(8, k + 3) for (k, _), m in zip(packs, margins, strict=True)
+    )
 
 
 def test_data_health_lines_say_what_matters() -> None:
@@ -56,11 +60,17 @@ def test_data_health_lines_say_what_matters() -> None:
     assert health.lines() == [
         "data: all 2 packs ≥ 3 healthy shards (≥ 1 more than needed)",
         "1 packs at risk: fewer than 2 spare healthy shards",
+        "1 packs below the repair threshold: the next repair pass rebuilds their missing "
+        "shards (`p2pbackup repair` runs one now)",
     ]
     lost = data_health([(3, 5, "abcde")], {"a"})
     assert lost.lines() == [
-        "1 packs unrecoverable: fewer healthy shards than needed, until their peers come back"
+        "1 packs unrecoverable: fewer healthy shards than needed, until their peers come back",
+        "1 packs below the repair threshold: the next repair pass rebuilds their missing "
+        "shards (`p2pbackup repair` runs one now)",
     ]
+    # A pack at r is not repaired, whatever its spares.
+    assert data_health([(2, 5, "abcde")], set("abcde")).below_threshold == 0
 
 
 def host_for(home: Home, owner: bytes, size: int) -> None:
@@ -150,6 +160,7 @@ async def test_status_tells_the_truth_as_nodes_die(
         "unrecoverable": 0,
         "min_healthy": 5,
         "min_margin": 3,
+        "below_threshold": 0,
     }
     lines = await gather_status_lines(home, network)
     peer_lines = {line.split()[1]: line for line in lines if line.startswith("peer ")}
@@ -168,6 +179,12 @@ async def test_status_tells_the_truth_as_nodes_die(
     report = await status_now()
     assert all(p["online"] for p in report["peers"])
     assert report["data"]["min_healthy"] == 4 and report["data"]["min_margin"] == 2
+    # r = 5 for 2-of-5: every pack now waits for repair, and node4's shards are the gone ones.
+    assert report["data"]["below_threshold"] == packs
+    pending = {p["peer_id"]: p["maintenance"]["pending"] for p in report["peers"]}
+    assert pending == {
+        node.identity.node_id.hex(): packs if node is nodes[4] else 0 for node in nodes
+    }
     dead = {nodes[1].identity.node_id.hex(), nodes[3].identity.node_id.hex()}
     world.kill_host("node1")
     world.kill_host("node3")
@@ -190,7 +207,10 @@ async def test_status_tells_the_truth_as_nodes_die(
         "unrecoverable": 0,
         "min_healthy": 2,  # node0 and node2: node4 answers but holds none
         "min_margin": 0,
+        "below_threshold": packs,
     }
+    # Unseen for less than the grace period: offline, not gone.
+    assert sum(p["maintenance"]["pending"] for p in report["peers"]) == packs
     world.kill_host("node0")
     world.kill_host("node2")
     report = await status_now()

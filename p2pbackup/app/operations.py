@@ -33,7 +33,6 @@ from p2pbackup.dht.records import RecordAddress
 from p2pbackup.engine.index import Index, ShardShortfall
 from p2pbackup.engine.repository import Repository, open_store
 from p2pbackup.engine.rootrecord import open_root_record
-from p2pbackup.engine.status import Hosting
 from p2pbackup.errors import (
     FormatError,
     HomeConflictError,
@@ -44,6 +43,7 @@ from p2pbackup.errors import (
     StoreError,
     UsageError,
 )
+from p2pbackup.maintenance.status import Hosting
 from p2pbackup.model import (
     NODE_ID_SIZE,
     PEER_KIND_DIR,

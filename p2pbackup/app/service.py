@@ -338,7 +338,7 @@ class Service:
 
     async def status(self, request: StatusRequest, console: Console) -> Outcome:
         from p2pbackup.app import operations
-        from p2pbackup.engine import status
+        from p2pbackup.maintenance import status
 
         async with operations.open_repository(self.home, access="read") as repo:
             report = await status.gather_status(repo, operations.hosting(self.home))

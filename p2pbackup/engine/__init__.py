@@ -12,7 +12,7 @@ Nouns:
   (:mod:`.pipeline`) that reads (:mod:`.reading`, and the **sealer** processes
   of :mod:`.sealer`, talking :mod:`.sealwire`), packs, codes and places.
 * **restore** (:mod:`.restore`), **snapshots** (:mod:`.snapshots`), **prune**
-  (:mod:`.prune`), **check** (:mod:`.check`), **status** (:mod:`.status`).
+  (:mod:`.prune`), **check** (:mod:`.check`).
 * **progress** (:mod:`.progress`) — the lines long work reports through;
   **runtime** (:mod:`.runtime`) — process-wide tuning for bulk work.
 

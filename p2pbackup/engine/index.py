@@ -42,7 +42,10 @@ Nouns:
   counts again if the peer returns (:mod:`p2pbackup.maintenance.repair`).
 * **traffic** — bytes sent to and received from each peer per day (unix day
   number) and purpose (``repair``, ``audit``): what maintenance cost.
-  Displaced shards and traffic are created on open where missing.
+* **repairs** — per peer and day, how many of our shards on it repair
+  rebuilt elsewhere (**moved off**) and how many rebuilt shards it took
+  (**placed**).
+  Displaced shards, traffic and repairs are created on open where missing.
 
 Schema versions: ``meta.schema_version``. Opening an older index migrates it
 forward in one transaction (:data:`_MIGRATIONS`, one step per version); a
@@ -110,6 +113,10 @@ CREATE TABLE IF NOT EXISTS traffic (
     day INTEGER NOT NULL, peer_id TEXT NOT NULL, purpose TEXT NOT NULL,
     sent INTEGER NOT NULL, received INTEGER NOT NULL,
     PRIMARY KEY (day, peer_id, purpose));
+CREATE TABLE IF NOT EXISTS repairs (
+    day INTEGER NOT NULL, peer_id TEXT NOT NULL,
+    moved_off INTEGER NOT NULL, placed INTEGER NOT NULL,
+    PRIMARY KEY (day, peer_id));
 """
 
 #: The tables of schema version 1.
@@ -212,6 +219,14 @@ class Traffic:
     purpose: str
     sent: int
     received: int
+
+
+@attrs.frozen
+class RepairCount:
+    """Shards repair rebuilt away from one peer, and rebuilt shards it took."""
+
+    moved_off: int
+    placed: int
 
 
 @attrs.frozen
@@ -638,6 +653,24 @@ class Index:
             (since_day,),
         )
         return [Traffic(int(d), p, purpose, int(s), int(r)) for d, p, purpose, s, r in rows]
+
+    def add_repairs(self, day: int, peer_id: str, *, moved_off: int = 0, placed: int = 0) -> None:
+        """Count shards repair moved off ``peer_id`` or placed on it on ``day``."""
+        self._db.execute(
+            "INSERT INTO repairs(day, peer_id, moved_off, placed) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(day, peer_id) DO UPDATE SET moved_off = moved_off + excluded.moved_off,"
+            " placed = placed + excluded.placed",
+            (day, peer_id, moved_off, placed),
+        )
+
+    def repair_counts(self, *, since_day: int = 0) -> dict[str, RepairCount]:
+        """Each peer's shards moved off and placed by repair from ``since_day`` on."""
+        rows = self._db.execute(
+            "SELECT peer_id, SUM(moved_off), SUM(placed) FROM repairs WHERE day >= ?"
+            " GROUP BY peer_id",
+            (since_day,),
+        )
+        return {peer: RepairCount(int(off), int(on)) for peer, off, on in rows}
 
     def set_seen(self, peer_id: str, seen_at: int) -> None:
         """Remember that ``peer_id`` answered at ``seen_at`` (unix seconds)."""

@@ -14,6 +14,9 @@ Nouns:
 * **repair** — rebuilding the missing shards of a pack whose healthy shards
   fell below the repair threshold, from any k healthy ones, onto peers that
   hold none of that pack.
+* **status** (:mod:`.status`) — this node, each peer now, what audits and
+  repair found and did for it, and the health of our data: what
+  ``p2pbackup status`` shows.
 * **lease** — how long a holder keeps a shard without hearing from its owner;
   the owner renews the leases of its live shards.
 

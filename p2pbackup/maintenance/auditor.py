@@ -16,7 +16,9 @@ Nouns (those of challenges and verdicts are :mod:`~p2pbackup.maintenance.audit`'
   its deadline and asked again when it times out. Each verdict is written to
   the index as it comes, with the peer's reputation
   (:mod:`~p2pbackup.maintenance.reputation`), so that a pass cut short
-  loses nothing. A peer that ran out of re-asks (too slow) or stopped
+  loses nothing, and the bytes it cost (challenges sent, blocks and proofs
+  received) are counted per peer and day under the purpose ``audit``. A
+  peer that ran out of re-asks (too slow) or stopped
   answering is left alone for the rest of the pass, its other shards still
   due: one slow peer costs a pass one deadline's worth of re-asks, not one
   per shard. A disqualified peer is not audited at all.
@@ -68,6 +70,9 @@ RETRY_SECONDS = 3600
 MAX_SLEEP = 3600.0
 MIN_SLEEP = 60.0
 
+#: The purpose audit traffic is counted under in the index.
+PURPOSE = "audit"
+
 #: Unix seconds now.
 Clock = Callable[[], float]
 
@@ -84,6 +89,8 @@ class ShardResult:
     asks: int = 1
     #: Bytes of the answer received: blocks and proof hashes.
     received: int = 0
+    #: Bytes of the challenges sent: shard id, nonce and block indices, each ask.
+    sent: int = 0
 
 
 @attrs.frozen
@@ -307,7 +314,10 @@ class _Pass:
 
         def result(verdict: Verdict, ask: int, answer: AuditProof | None = None) -> ShardResult:
             received = 0 if answer is None else _answer_size(answer)
-            return ShardResult(shard.pack_id, shard.index, shard.peer_id, verdict, ask, received)
+            sent = ask * _challenge_size(target, challenge)
+            return ShardResult(
+                shard.pack_id, shard.index, shard.peer_id, verdict, ask, received, sent
+            )
 
         # The same challenge each time: a holder that cannot answer it must
         # not get another by keeping silent.
@@ -367,6 +377,9 @@ class _Pass:
             )
             self.index.set_shard_audits([(shard.pack_id, shard.index, row)])
             self.index.set_peer_audits(peer_id, after)
+            self.index.add_traffic(
+                now // 86400, peer_id, PURPOSE, sent=result.sent, received=result.received
+            )
             if verdict.reason is not FailureReason.TOO_SLOW:
                 self.index.set_seen(peer_id, now)
         newly = after.disqualified and (before is None or not before.disqualified)
@@ -395,6 +408,11 @@ class _Pass:
         if later:
             with self.index.transaction():
                 self.index.set_shard_audits(later)
+
+
+def _challenge_size(target: AuditedShard, challenge: Challenge) -> int:
+    # Block indices travel as 32-bit integers; the block size as one more.
+    return len(target.shard_id) + len(challenge.nonce) + 4 * (len(challenge.indices) + 1)
 
 
 def _answer_size(answer: AuditProof) -> int:

@@ -27,7 +27,8 @@ Nouns:
   :class:`~p2pbackup.maintenance.pacing.Pace` (``rate`` bytes a second), so
   that a pass never fills a home's uplink.
 * **traffic** — bytes sent to and received from each peer, counted in the
-  index per day under the purpose ``repair``.
+  index per day under the purpose ``repair``; beside it, per peer and day,
+  the shards rebuilt away from it and the rebuilt shards it took.
 * **report** — :class:`RepairReport`: what the pass found and did.
 
 When shards moved, the pass ends by describing the data packs whose records
@@ -614,8 +615,12 @@ class _Pass:
                 root = roots[(copy.index, copy.peer_id)]
                 index.set_shard(pack_id, ShardLocation(copy.index, copy.peer_id, root))
                 index.forget_displaced(pack_id, copy.index, copy.peer_id)
+            was_on = {location.index: location.peer_id for location in record.shards}
             for shard_index, (peer_id, root) in placed.items():
                 index.set_shard(pack_id, ShardLocation(shard_index, peer_id, root))
+                index.add_repairs(self.day, peer_id, placed=1)
+                if was_on.get(shard_index, peer_id) != peer_id:
+                    index.add_repairs(self.day, was_on[shard_index], moved_off=1)
             self.flush_traffic()
         self.report.shards_reinstated += len(decision.reinstate)
         if index.is_index_pack(pack_id):

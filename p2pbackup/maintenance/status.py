@@ -25,7 +25,16 @@ Nouns:
   shards, **at risk** below k + 2 (two more lost peers would lose it), and
   otherwise safe; ``min_healthy`` is the fewest healthy shards of any pack
   and ``min_margin`` the fewest spare ones (healthy − k), so "all packs ≥ r"
-  reads straight off them.
+  reads straight off them. Packs **below the repair threshold** r
+  (:meth:`~p2pbackup.maintenance.repair.RepairPolicy.threshold`) are the
+  ones the next repair pass rebuilds.
+* **maintenance of a peer** — :class:`PeerMaintenance`: what audits and
+  repair did about one peer over the last :data:`MAINTENANCE_DAYS` days:
+  shards of ours on it that count as **gone** now and wait for repair
+  (**pending**: a failed audit, not listed by a peer that answered, every
+  shard of a disqualified peer, or of one unseen for longer than the grace
+  period), shards repair **moved off** it and rebuilt shards it took
+  (**placed**), and the bytes audits and repair moved with it.
 
 Peers are asked concurrently, each with a short timeout, and one that is
 overdue while the others have answered is given up on as offline
@@ -42,9 +51,11 @@ from collections.abc import Iterable, Mapping, Sequence
 import attrs
 
 from p2pbackup.core import formats
-from p2pbackup.engine.index import Index
+from p2pbackup.engine.index import Index, RepairCount, Traffic
 from p2pbackup.engine.progress import human_bytes
 from p2pbackup.engine.repository import PROBE_SECONDS, Repository
+from p2pbackup.maintenance import auditor, repairer
+from p2pbackup.maintenance.repair import RepairPolicy, ShardState, reachability
 
 #: Seconds a peer has at the most to answer before it counts as offline.
 PROBE_TIMEOUT = PROBE_SECONDS
@@ -52,6 +63,32 @@ PROBE_TIMEOUT = PROBE_SECONDS
 LIST_TIMEOUT = 60.0
 #: Spare healthy shards below which a pack counts as at risk.
 SAFE_MARGIN = 2
+#: The repair policy ``status`` judges by unless told another.
+DEFAULT_REPAIR = RepairPolicy()
+#: Days of repairs and traffic ``status`` sums up.
+MAINTENANCE_DAYS = 30
+
+
+@attrs.frozen
+class PeerMaintenance:
+    """What audits and repair did about one peer (module docstring)."""
+
+    pending: int = 0
+    moved_off: int = 0
+    placed: int = 0
+    audit_sent: int = 0
+    audit_received: int = 0
+    repair_sent: int = 0
+    repair_received: int = 0
+
+    def describe(self) -> str:
+        audit = human_bytes(self.audit_sent + self.audit_received)
+        repair = human_bytes(self.repair_sent + self.repair_received)
+        return (
+            f"repairs: {self.pending} of its shards wait, {self.moved_off} moved off it, "
+            f"{self.placed} rebuilt onto it; traffic: audits {audit}, repair {repair} "
+            f"(last {MAINTENANCE_DAYS} days)"
+        )
 
 
 @attrs.frozen
@@ -82,6 +119,7 @@ class PeerState:
     disqualified_at: int | None = None
     #: What its last failed audit found ("" if none failed).
     audit_failure: str = ""
+    maintenance: PeerMaintenance = PeerMaintenance()
 
     @property
     def balance(self) -> int:
@@ -98,6 +136,8 @@ class DataHealth:
     #: Fewest healthy shards of any pack, and fewest beyond k (None: no packs).
     min_healthy: int | None
     min_margin: int | None
+    #: Packs with fewer healthy shards than the repair threshold r.
+    below_threshold: int = 0
 
     def lines(self) -> list[str]:
         if not self.packs:
@@ -117,19 +157,29 @@ class DataHealth:
                 f"{self.unrecoverable} packs unrecoverable: fewer healthy shards than needed, "
                 "until their peers come back"
             )
+        if self.below_threshold:
+            lines.append(
+                f"{self.below_threshold} packs below the repair threshold: the next repair "
+                "pass rebuilds their missing shards (`p2pbackup repair` runs one now)"
+            )
         return lines
 
 
-def data_health(packs: Iterable[tuple[int, int, Sequence[str]]], online: set[str]) -> DataHealth:
+def data_health(
+    packs: Iterable[tuple[int, int, Sequence[str]]],
+    online: set[str],
+    policy: RepairPolicy = DEFAULT_REPAIR,
+) -> DataHealth:
     """Pack health from each pack's (k, n, peers holding its shards) and the
     peers that answered (pure)."""
-    count = safe = at_risk = unrecoverable = 0
+    count = safe = at_risk = unrecoverable = below = 0
     min_healthy: int | None = None
     min_margin: int | None = None
     for k, _n, holders in packs:
         count += 1
         healthy = sum(1 for peer in holders if peer in online)
         margin = healthy - k
+        below += healthy < policy.threshold(k, _n)
         min_healthy = healthy if min_healthy is None else min(min_healthy, healthy)
         min_margin = margin if min_margin is None else min(min_margin, margin)
         if margin < 0:
@@ -138,7 +188,7 @@ def data_health(packs: Iterable[tuple[int, int, Sequence[str]]], online: set[str
             at_risk += 1
         else:
             safe += 1
-    return DataHealth(count, safe, at_risk, unrecoverable, min_healthy, min_margin)
+    return DataHealth(count, safe, at_risk, unrecoverable, min_healthy, min_margin, below)
 
 
 @attrs.frozen
@@ -195,6 +245,7 @@ class Status:
                 f"we keep {peer.bytes_we_hold_for_it} bytes for it; "
                 f"balance {peer.balance:+d} bytes; {_offer(peer)}"
             )
+            lines.append(f"  {peer.maintenance.describe()}")
         lines.extend(self.data.lines())
         return lines
 
@@ -234,7 +285,11 @@ def _offer(peer: PeerState) -> str:
 
 
 async def gather_status(
-    repo: Repository, hosting: Hosting = Hosting(), *, now: float | None = None
+    repo: Repository,
+    hosting: Hosting = Hosting(),
+    *,
+    now: float | None = None,
+    policy: RepairPolicy = DEFAULT_REPAIR,
 ) -> Status:
     """Ask every peer now, and put together what ``status`` shows."""
     peers = repo.peers()
@@ -248,6 +303,24 @@ async def gather_status(
     hosted = hosting.by_owner
     friends = {friend.node_id.hex() for friend in index.friends()}
     audits = index.peer_audits()
+    # A shard is healthy when its peer lists it now, not merely because the
+    # peer answered: a friend that lost its disk, or recovered into an empty
+    # one, answers but holds nothing.
+    listed, _unlisted = await repo.list_held(online, LIST_TIMEOUT)
+    healthy = _audited(index, listed)
+    since = seen_at // 86400 - MAINTENANCE_DAYS + 1
+    maintenance = peer_maintenance(
+        index,
+        healthy,
+        gone_unseen={
+            p.peer_id
+            for p in peers
+            if p.peer_id not in listed
+            and reachability(last_seen.get(p.peer_id), seen_at, policy.grace) is ShardState.LOST
+        },
+        traffic=index.traffic(since_day=since),
+        repairs=index.repair_counts(since_day=since),
+    )
     states = []
     for peer in peers:
         answer = answers[peer.peer_id]
@@ -274,13 +347,10 @@ async def gather_status(
                 last_audit=None if audited is None else audited.last_audit,
                 disqualified_at=None if audited is None else audited.disqualified_at,
                 audit_failure="" if audited is None else audited.last_failure,
+                maintenance=maintenance.get(peer.peer_id, PeerMaintenance()),
             )
         )
-    # A shard is healthy when its peer lists it now, not merely because the
-    # peer answered: a friend that lost its disk, or recovered into an empty
-    # one, answers but holds nothing.
-    listed, _unlisted = await repo.list_held(online, LIST_TIMEOUT)
-    health = data_health(repo.live_holders(_audited(index, listed)), set(listed))
+    health = data_health(repo.live_holders(healthy), set(listed), policy)
     node = NodeState(
         node_id=repo.keyring.node_id.hex(),
         addresses=hosting.addresses,
@@ -289,6 +359,45 @@ async def gather_status(
         per_friend=hosting.per_friend,
     )
     return Status(node, tuple(states), health)
+
+
+def peer_maintenance(
+    index: Index,
+    healthy: Mapping[str, frozenset[bytes]],
+    *,
+    gone_unseen: set[str],
+    traffic: Iterable[Traffic],
+    repairs: Mapping[str, RepairCount],
+) -> dict[str, PeerMaintenance]:
+    """Each peer's :class:`PeerMaintenance`: its placed shards that count as
+    gone (not in ``healthy``, the audited listing of the peers that answered,
+    or on a peer in ``gone_unseen``), with the ``traffic`` and ``repairs``
+    counted over the days asked for."""
+    pending: dict[str, int] = {}
+    disqualified = index.disqualified_peers()
+    for shard in index.placed_shards():
+        peer = shard.peer_id
+        listing = healthy.get(peer)
+        if listing is None:
+            gone = peer in gone_unseen or peer in disqualified
+        else:
+            gone = formats.shard_id(shard.pack_id, shard.index) not in listing
+        if gone:
+            pending[peer] = pending.get(peer, 0) + 1
+    sums: dict[tuple[str, str], tuple[int, int]] = {}
+    for row in traffic:
+        sent, received = sums.get((row.peer_id, row.purpose), (0, 0))
+        sums[(row.peer_id, row.purpose)] = (sent + row.sent, received + row.received)
+    result = {}
+    for record in index.peers():
+        peer_id = record.peer_id
+        counted = repairs.get(peer_id, RepairCount(0, 0))
+        audit = sums.get((peer_id, auditor.PURPOSE), (0, 0))
+        repair = sums.get((peer_id, repairer.PURPOSE), (0, 0))
+        result[peer_id] = PeerMaintenance(
+            pending.get(peer_id, 0), counted.moved_off, counted.placed, *audit, *repair
+        )
+    return result
 
 
 def _audited(index: Index, listed: Mapping[str, frozenset[bytes]]) -> dict[str, frozenset[bytes]]:

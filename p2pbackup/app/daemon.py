@@ -15,9 +15,13 @@ Nouns:
   publishes its contact record there and follows its friends.
 * **role** — each task a started node runs side by side: the storage server
   (one task per connection), the hourly collection of expired shards,
-  discovery, the scheduled backups and the control socket (one task per
-  client). What goes wrong in one run of a role (a connection, a client, a
-  backup, a collection) is logged and the role goes on. A failure that ends
+  discovery, the scheduled backups, the background maintenance of our own
+  backups (:mod:`p2pbackup.maintenance.keeper`: audits, repair) and the
+  control socket (one task per client). What goes wrong in one run of a
+  role (a connection, a client, a backup, a collection, a maintenance
+  round) is logged and the role goes on. Scheduled backups and maintenance
+  rounds take turns with the repository: one waits for the other instead
+  of being refused. A failure that ends
   a role ends the node: its last log line says why (``serve stopped: …``),
   and the control socket is left behind, so that the CLI tells the user
   that ``serve`` stopped instead of quietly running commands itself. A stop
@@ -33,6 +37,7 @@ import contextlib
 import functools
 import logging
 import math
+import random
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -56,9 +61,10 @@ from p2pbackup.dht.discovery import (
 from p2pbackup.dht.records import RecordAddress
 from p2pbackup.engine.backup import Backup
 from p2pbackup.errors import RepositoryLockedError
+from p2pbackup.maintenance import keeper
 from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
-from p2pbackup.node.schedule import RUNNING_OFFER, BackupSchedule, StorageOffer, load_schedule
+from p2pbackup.node.schedule import RUNNING_OFFER, BackupSchedule, StorageOffer, load_config
 from p2pbackup.node.server import StorageServer
 from p2pbackup.node.shardhost import ReconcileReport, ShardHost
 from p2pbackup.nurseries import unwrap_single
@@ -114,6 +120,8 @@ async def serve(
     *,
     network: Network | None = None,
     control: Handler | None = None,
+    clock: Callable[[], float] = time.time,
+    rng: random.Random | None = None,
     task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Store shards for peers until cancelled; with ``control``, also answer
@@ -121,11 +129,14 @@ async def serve(
 
     The steps, each below: open the shard host and start the storage server
     (:func:`_open_storage`), join the DHT (:func:`_join_dht`), then run the
-    node's roles side by side: discovery, the scheduled backups, the control
-    socket. How it stops: :func:`_stopping`."""
+    node's roles side by side: discovery, the scheduled backups, the
+    maintenance of our backups (:func:`run_maintenance`), the control
+    socket. How it stops: :func:`_stopping`. ``clock`` (unix seconds) and
+    ``rng`` (default: the system's) are the maintenance's."""
     network = network if network is not None else TcpNetwork()
     home.require()
-    schedule = load_schedule(home.config_path)  # a bad config stops serve before it starts
+    config = load_config(home.config_path)  # a bad config stops serve before it starts
+    schedule = config.backup
     with home.serving(), _stopping(home) as stop:
         identity = node_identity(home)
         async with (
@@ -140,8 +151,25 @@ async def serve(
             await roles.start(discovery.run)
             # A backup or a command may have changed which nodes hold the root record.
             peers_changed = discovery.root_holders_may_have_changed
+            turns = trio.Lock()
             if schedule is not None:
-                roles.start_soon(run_scheduled_backups, home, schedule, network, peers_changed)
+                roles.start_soon(
+                    functools.partial(
+                        run_scheduled_backups, home, schedule, network, peers_changed, turns=turns
+                    )
+                )
+            if config.maintenance.enabled:
+                await roles.start(
+                    functools.partial(
+                        run_maintenance,
+                        home,
+                        config.maintenance,
+                        network,
+                        clock=clock,
+                        rng=rng if rng is not None else random.SystemRandom(),
+                        turns=turns,
+                    )
+                )
             if control is not None:
                 await roles.start(serve_control, home.control_path, _then(control, peers_changed))
             task_status.started(
@@ -313,18 +341,24 @@ async def run_scheduled_backups(
     schedule: BackupSchedule,
     network: Network,
     after_each: Callable[[], None] = lambda: None,
+    *,
+    turns: trio.Lock | None = None,
 ) -> None:
     """Back up what the config says, now and then every interval, until cancelled.
 
     A run that cannot start (a backup from the command line holds the home)
     or fails, even by a bug, is logged, and the next one comes at its time.
     ``after_each`` is called when a run is over (the peers may have changed).
+    ``turns``, when given, is held around each run (module docstring: role).
     """
     while True:
         started = trio.current_time()
         try:
             with unwrap_single():
-                async with operations.open_repository(home, network=network) as repo:
+                async with (
+                    turns if turns is not None else contextlib.nullcontext(),
+                    operations.open_repository(home, network=network) as repo,
+                ):
                     summary = await Backup(repo, exclude=schedule.exclude).run(
                         schedule.paths, schedule.tags
                     )
@@ -344,6 +378,31 @@ async def run_scheduled_backups(
             )
         after_each()
         await trio.sleep_until(started + schedule.interval)
+
+
+async def run_maintenance(
+    home: Home,
+    options: keeper.MaintenanceOptions,
+    network: Network,
+    *,
+    clock: Callable[[], float],
+    rng: random.Random,
+    turns: trio.Lock | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Keep our backups alive until cancelled (:func:`keeper.keep
+    <p2pbackup.maintenance.keeper.keep>`): audits, repair, each round on the
+    repository opened as a scheduled backup opens it. A round that fails is
+    logged and the next comes at its time: it never ends the node."""
+    await keeper.keep(
+        functools.partial(operations.open_repository, home, network=network),
+        options,
+        clock=clock,
+        rng=rng,
+        explain=error_message,
+        lock=turns,
+        task_status=task_status,
+    )
 
 
 def _storage_offered(home: Home, options: ServeOptions) -> int:

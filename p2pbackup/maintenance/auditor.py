@@ -191,12 +191,26 @@ async def run_audits(
     """Audit the shards as they come due, for ever (module docstring: schedule)."""
     task_status.started()
     while True:
-        due = schedule(repo.index, clock(), policy, rng)
-        if due:
-            report = await _Pass(repo, clock, rng, policy, reputation).run(due)
-            if on_report is not None:
-                on_report(report)
+        report = await audit_due(repo, clock=clock, rng=rng, policy=policy, reputation=reputation)
+        if report is not None and on_report is not None:
+            on_report(report)
         await trio.sleep(seconds_to_next(repo.index, clock()))
+
+
+async def audit_due(
+    repo: Repository,
+    *,
+    clock: Clock,
+    rng: random.Random,
+    policy: AuditPolicy = DEFAULT_POLICY,
+    reputation: ReputationPolicy = DEFAULT_REPUTATION,
+) -> AuditReport | None:
+    """One pass over the shards due now (module docstring: schedule); None
+    when none is due."""
+    due = schedule(repo.index, clock(), policy, rng)
+    if not due:
+        return None
+    return await _Pass(repo, clock, rng, policy, reputation).run(due)
 
 
 def schedule(

@@ -21,8 +21,16 @@ Nouns:
   ask peers holding failed copies to delete them; put each rebuilt shard on
   its target, turning to the decision's spares when one refuses; then, in
   one transaction, record where each shard is now (a copy moved away from
-  an absent peer is kept as a displaced copy), and count the traffic. Peers
-  holding surplus or removed copies are asked to delete them afterwards.
+  an absent peer is kept as a displaced copy; a rebuilt shard's audit row
+  starts afresh, due at once, since the last verdict on its index was about
+  the bytes it replaced), and count the traffic. Peers holding surplus or
+  removed copies are asked to delete them afterwards.
+* **what audits found** — :func:`with_audits`: the verdicts a pass takes
+  from the audits recorded in the index instead of reading shards back
+  (:func:`audit_verdicts`: a shard whose last audit on the peer holding it
+  failed counts as failed), and the peers audits disqualified, whose shards
+  count as removed: rebuilt elsewhere, then deleted. What a serving home's
+  background passes use.
 * **pace** — every byte a pass moves goes through one
   :class:`~p2pbackup.maintenance.pacing.Pace` (``rate`` bytes a second), so
   that a pass never fills a home's uplink.
@@ -51,7 +59,7 @@ import trio
 
 from p2pbackup.core import formats
 from p2pbackup.engine import shards
-from p2pbackup.engine.index import DisplacedShard
+from p2pbackup.engine.index import DisplacedShard, Index
 from p2pbackup.engine.progress import Progress, human_bytes
 from p2pbackup.engine.repository import PROBE_SECONDS, Repository, host_of
 from p2pbackup.errors import (
@@ -76,7 +84,7 @@ from p2pbackup.maintenance.repair import (
     most_urgent_first,
     reachability,
 )
-from p2pbackup.model import PackRecord, ShardLocation
+from p2pbackup.model import PackRecord, ShardAudit, ShardLocation
 from p2pbackup.stores.shardstore import ShardRoot
 
 #: Bytes a second a pass moves by default: 1 MiB/s (8.4 Mbit/s), under half
@@ -119,6 +127,29 @@ class RepairOptions:
     #: Only these packs (None: every pack).
     packs: frozenset[bytes] | None = None
     concurrency: int = DEFAULT_CONCURRENCY
+
+
+def audit_verdicts(audits: Mapping[tuple[bytes, int], ShardAudit]) -> dict[ShardKey, ShardState]:
+    """What audit rows (:meth:`Index.shard_audits
+    <p2pbackup.engine.index.Index.shard_audits>`: each about the peer that
+    holds its shard now) say for repair: a shard whose last audit failed is
+    failed; one that passed or was not audited yet is left to the listing,
+    which also finds a shard deleted since its last audit."""
+    return {
+        ShardKey(pack_id, index, audit.peer_id): ShardState.FAILED
+        for (pack_id, index), audit in audits.items()
+        if audit.passed is False
+    }
+
+
+def with_audits(options: RepairOptions, index: Index) -> RepairOptions:
+    """``options`` with what the audits recorded in ``index`` found (module
+    docstring); verdicts already in ``options`` take precedence."""
+    return attrs.evolve(
+        options,
+        verdicts={**audit_verdicts(index.shard_audits()), **options.verdicts},
+        removed=options.removed | index.disqualified_peers(),
+    )
 
 
 @attrs.define
@@ -618,6 +649,10 @@ class _Pass:
             was_on = {location.index: location.peer_id for location in record.shards}
             for shard_index, (peer_id, root) in placed.items():
                 index.set_shard(pack_id, ShardLocation(shard_index, peer_id, root))
+                # A verdict on the bytes this shard replaced (perhaps on the
+                # same peer) must not count against it: audited afresh, now.
+                fresh = ShardAudit(peer_id, due_at=int(self.now))
+                index.set_shard_audits([(pack_id, shard_index, fresh)])
                 index.add_repairs(self.day, peer_id, placed=1)
                 if was_on.get(shard_index, peer_id) != peer_id:
                     index.add_repairs(self.day, was_on[shard_index], moved_off=1)

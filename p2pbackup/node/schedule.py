@@ -16,13 +16,24 @@ Nouns:
       capacity = "200G"             # most space for all peers together
       per_friend = "50G"            # most space for any one peer
 
-  Both tables are optional: without ``[backup]`` nothing is scheduled, and
-  without ``[storage]`` (or one of its keys) the node gives what the disk has.
+      [maintenance]
+      enabled = true                # audits and repair in the background
+      audit_period = "7d"           # every shard audited at least this often
+      repair_interval = "6h"        # a repair pass at least this often
+      grace = "3d"                  # an unreachable peer is lost after this
+      repair_rate = "1M"            # a size per second, or "unlimited"
+
+  Every table is optional: without ``[backup]`` nothing is scheduled,
+  without ``[storage]`` (or one of its keys) the node gives what the disk
+  has, and without ``[maintenance]`` (or one of its keys) the defaults of
+  :class:`~p2pbackup.maintenance.keeper.MaintenanceOptions` hold.
   ``HomeConfig`` is the whole parsed file.
 * **schedule** — :class:`BackupSchedule`, the parsed ``[backup]`` table.
 * **storage offer** — :class:`StorageOffer`, the parsed ``[storage]`` table:
   what this home states it offers its peers (``serve --capacity`` and
   ``--owner-quota`` override it).
+* **maintenance** — the parsed ``[maintenance]`` table, as the keeper's
+  :class:`~p2pbackup.maintenance.keeper.MaintenanceOptions`.
 * **size** — bytes, or a number with ``K``, ``M``, ``G`` or ``T`` (binary
   units; a trailing ``B`` or ``iB`` is allowed): :func:`parse_size`, shared
   with the command line.
@@ -35,6 +46,7 @@ only reads the file. :func:`parse_config` and :func:`load_schedule` are the
 from __future__ import annotations
 
 import contextvars
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -44,6 +56,7 @@ import attrs
 
 from p2pbackup.core.exclude import ExcludeRules
 from p2pbackup.errors import UsageError
+from p2pbackup.maintenance.keeper import MaintenanceOptions
 
 CONFIG_VERSION: Final = 1
 #: Backups more often than this are refused as a likely typo ("6" for "6h").
@@ -51,7 +64,10 @@ MIN_INTERVAL: Final = 60.0
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _INTERVAL = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*\Z")
 _SIZE_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_TABLES: Final = ("backup", "storage")
+_TABLES: Final = ("backup", "storage", "maintenance")
+#: Audit periods and repair intervals shorter than this are refused as a
+#: likely typo ("7" for "7d").
+MIN_MAINTENANCE_PERIOD: Final = 3600.0
 
 
 @attrs.frozen
@@ -86,6 +102,7 @@ class HomeConfig:
 
     backup: BackupSchedule | None = None
     storage: StorageOffer = StorageOffer()
+    maintenance: MaintenanceOptions = attrs.Factory(MaintenanceOptions)
 
 
 def parse_size(text: str) -> int:
@@ -144,19 +161,29 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
-def parse_interval(value: object, where: str) -> float:
-    """Seconds from ``3600``, ``"90m"``, ``"6h"``, ``"1d"``."""
+def parse_interval(
+    value: object,
+    where: str,
+    *,
+    name: str = "interval",
+    minimum: float = MIN_INTERVAL,
+    example: str = "6h",
+) -> float:
+    """Seconds from ``3600``, ``"90m"``, ``"6h"``, ``"1d"``; the setting
+    ``name`` in errors, which refuse less than ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise UsageError(f'{where}: interval must be seconds or text such as "6h"')
+        raise UsageError(f'{where}: {name} must be seconds or text such as "{example}"')
     if isinstance(value, str):
         if _INTERVAL.match(value) is None:
-            raise UsageError(f"{where}: interval {value!r} is not a number with s, m, h or d")
+            raise UsageError(f"{where}: {name} {value!r} is not a number with s, m, h or d")
         seconds = parse_duration(value)
     else:
         seconds = float(value)
-    if seconds < MIN_INTERVAL:
+    if seconds == math.inf:
+        raise UsageError(f"{where}: {name} {value!r} is not a finite duration")
+    if not seconds >= minimum:
         raise UsageError(
-            f'{where}: interval {value!r} is under {MIN_INTERVAL:g} s; write e.g. "6h"'
+            f'{where}: {name} {value!r} is under {minimum:g} s; write e.g. "{example}"'
         )
     return seconds
 
@@ -187,10 +214,63 @@ def parse_home_config(text: str, where: str) -> HomeConfig:
         raise UsageError(f"{where}: unknown settings {', '.join(sorted(unknown))}")
     backup = document.get("backup")
     storage = document.get("storage")
+    maintenance = document.get("maintenance")
     return HomeConfig(
         backup=None if backup is None else _parse_backup(backup, where),
         storage=StorageOffer() if storage is None else _parse_storage(storage, where),
+        maintenance=(
+            MaintenanceOptions() if maintenance is None else _parse_maintenance(maintenance, where)
+        ),
     )
+
+
+def _rate(value: object, where: str) -> float | None:
+    """Bytes a second from a size, or None from ``"unlimited"``."""
+    if value == "unlimited":
+        return None
+    try:
+        return float(_size(value, f"{where} repair_rate"))
+    except UsageError as error:
+        raise UsageError(f'{error} (a size per second, or "unlimited")') from None
+
+
+def _parse_maintenance(table: object, where: str) -> MaintenanceOptions:
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: [maintenance] must be a table")
+    keys = {"enabled", "audit_period", "repair_interval", "grace", "repair_rate"}
+    unknown = set(table) - keys
+    if unknown:
+        raise UsageError(f"{where}: unknown [maintenance] settings {', '.join(sorted(unknown))}")
+    options = MaintenanceOptions()
+    here = f"{where}: [maintenance]"
+    if "enabled" in table:
+        if not isinstance(table["enabled"], bool):
+            raise UsageError(f"{here} enabled must be true or false, got {table['enabled']!r}")
+        options = attrs.evolve(options, enabled=table["enabled"])
+    if "audit_period" in table:
+        period = parse_interval(
+            table["audit_period"],
+            here,
+            name="audit_period",
+            minimum=MIN_MAINTENANCE_PERIOD,
+            example="7d",
+        )
+        options = attrs.evolve(options, audit=attrs.evolve(options.audit, period=period))
+    if "repair_interval" in table:
+        interval = parse_interval(
+            table["repair_interval"],
+            here,
+            name="repair_interval",
+            minimum=MIN_MAINTENANCE_PERIOD,
+            example="6h",
+        )
+        options = attrs.evolve(options, repair_interval=interval)
+    if "grace" in table:
+        grace = parse_interval(table["grace"], here, name="grace", minimum=0, example="3d")
+        options = attrs.evolve(options, repair=attrs.evolve(options.repair, grace=grace))
+    if "repair_rate" in table:
+        options = attrs.evolve(options, repair_rate=_rate(table["repair_rate"], here))
+    return options
 
 
 def _parse_backup(table: object, where: str) -> BackupSchedule:

@@ -69,14 +69,14 @@ def test_only_failures_and_disqualifications_call_for_a_pass_at_once() -> None:
 def test_the_next_round_comes_with_the_next_audit_or_pass_within_bounds() -> None:
     options = MaintenanceOptions(repair_interval=6 * HOUR)
     state = KeeperState(last_repair=0.0)
-    assert next_round(600.0, state, 0.0, options) == 600.0
+    assert next_round(2000.0, state, 0.0, options) == 2000.0
     assert next_round(5.0, state, 0.0, options) == keeper.MIN_SLEEP
     assert next_round(10 * DAY, state, 0.0, options) == keeper.MAX_SLEEP
     # The pass comes due before the next audit.
-    assert next_round(10 * DAY, state, 6 * HOUR - 900, options) == 900.0
+    assert next_round(10 * DAY, state, 6 * HOUR - 1800, options) == 1800.0
     # Audits off: only the passes (and the upper bound) wake it.
     off = attrs.evolve(options, audits=False)
-    assert next_round(1.0, state, 6 * HOUR - 900, off) == 900.0
+    assert next_round(1.0, state, 6 * HOUR - 1800, off) == 1800.0
 
 
 # -- what audits say for repair ----------------------------------------------------------------

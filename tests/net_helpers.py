@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -57,9 +59,12 @@ async def start_node(
     capacity: int | None = None,
     owner_quota: int | None = None,
     charge: ShardCharge = DEFAULT_CHARGE,
+    clock: Callable[[], float] = time.time,
 ) -> RunningNode:
     """A storage node serving from ``root`` until ``nursery`` is cancelled."""
-    host = ShardHost.open(root, capacity=capacity, owner_quota=owner_quota, charge=charge)
+    host = ShardHost.open(
+        root, capacity=capacity, owner_quota=owner_quota, charge=charge, clock=clock
+    )
     node_identity = identity(name)
     server = StorageServer(host, node_identity, limits=limits)
     address = await nursery.start(network.serve, listen, server.handle_connection)

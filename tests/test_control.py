@@ -754,6 +754,7 @@ SAMPLES: list[tuple[str, requests.Request]] = [
         "repair --grace 0 --rate 2M --json",
         requests.RepairRequest(grace="0", rate="2M", json=True),
     ),
+    ("leave --json", requests.LeaveRequest(json=True)),
     ("peer add-dir /mnt/disk", requests.PeerAddDirRequest(path="/mnt/disk")),
     (
         f"peer add 192.0.2.1:47470 {'ab' * 20}",

@@ -11,6 +11,7 @@ from p2pbackup.engine.index import (
     PROBE_MEMORY,
     SCHEMA_VERSION,
     Index,
+    LeasedShard,
     PlacedShard,
     ProbeCounts,
 )
@@ -27,6 +28,14 @@ from p2pbackup.model import (
 CONFIG = RepositoryConfig(2, 4, 1 << 20, 1 << 12, 1 << 14, 1 << 16, 1 << 16)
 
 
+def as_version_3(db: sqlite3.Connection) -> None:
+    """Take version 4's lease column and leaving peers out of today's index."""
+    db.execute("DROP INDEX shards_by_lease")
+    db.execute("ALTER TABLE shards DROP COLUMN lease_expiry")
+    db.execute("DROP TABLE leaving_peers")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (b"3",))
+
+
 def version_1_index(path: Path) -> None:
     """An index as version 1 wrote it: today's, less the probe counts."""
     index = Index(path)
@@ -36,6 +45,7 @@ def version_1_index(path: Path) -> None:
         index.set_seen("peer-a", 1_700_000_000)
     index.close()
     db = sqlite3.connect(path)
+    as_version_3(db)
     db.execute("DROP TABLE peer_probes")
     db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (b"1",))
     db.commit()
@@ -51,6 +61,7 @@ def version_2_index(path: Path) -> None:
         index.record_probe("peer-a", True)
     index.close()
     db = sqlite3.connect(path)
+    as_version_3(db)
     db.execute("DROP TABLE peer_audits")
     db.execute("DROP TABLE shard_audits")
     db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (b"2",))
@@ -72,7 +83,7 @@ def test_a_version_1_index_is_migrated_forward_with_its_data(tmp_path: Path) -> 
     version_1_index(path)
     assert stored_version(path) == 1
     index = Index(path)
-    assert stored_version(path) == SCHEMA_VERSION == 3
+    assert stored_version(path) == SCHEMA_VERSION == 4
     assert index.config() == CONFIG
     assert index.peers() == [PeerRecord("peer-a", "node", "10.0.0.1:47470")]
     assert index.last_seen() == {"peer-a": 1_700_000_000}
@@ -97,6 +108,55 @@ def test_a_version_2_index_gains_the_audit_records(tmp_path: Path) -> None:
     index.set_peer_audits("peer-a", audits)
     index.close()
     assert Index(path).peer_audits() == {"peer-a": audits}
+
+
+def test_a_version_3_index_gains_leases_and_leaving_peers(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite"
+    index = Index(path)
+    with index.transaction():
+        index.set_config(CONFIG)
+        index.add_peer(PeerRecord("peer-a", "node", "10.0.0.1:47470"))
+        index.add_pack(pack(b"P" * 32, "peer-a"))
+    index.close()
+    db = sqlite3.connect(path)
+    as_version_3(db)
+    db.commit()
+    db.close()
+    index = Index(path)
+    assert stored_version(path) == SCHEMA_VERSION
+    # The row made before leases were recorded: its lease is unknown, so due.
+    assert index.leased_shards(expiring_before=0) == [LeasedShard(b"P" * 32, 0, "peer-a", None)]
+    assert index.leaving_peers() == {}
+    index.close()
+
+
+def test_leases_are_recorded_and_read_back_by_expiry(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.sqlite")
+    with index.transaction():
+        for peer in ("a", "b"):
+            index.add_peer(PeerRecord(peer, "node", f"10.0.0.{ord(peer)}:1"))
+        index.add_peer(PeerRecord("folder", "dir", "/mnt/f"))
+        index.add_pack(pack(b"P" * 32, "a", "b", "folder"))
+        index.set_lease_expiries([(b"P" * 32, 0, "a", 1000), (b"P" * 32, 1, "b", 5000)])
+        # Shard 1 is b's, not a's: left alone.
+        index.set_lease_expiries([(b"P" * 32, 1, "a", 1)])
+    # Folders have no leases; b's lease ends after the bound.
+    assert index.leased_shards(expiring_before=2000) == [LeasedShard(b"P" * 32, 0, "a", 1000)]
+    assert [s.peer_id for s in index.leased_shards(expiring_before=9999)] == ["a", "b"]
+    # A leaving peer's shards are not renewed; a stranger's notice is not kept.
+    with index.transaction():
+        assert index.set_leaving("b", 77)
+        assert index.set_leaving("b", 88)  # the first notice counts
+        assert not index.set_leaving("stranger", 77)
+    assert index.leaving_peers() == {"b": 77}
+    assert [s.peer_id for s in index.leased_shards(expiring_before=9999)] == ["a"]
+    # Moved to another peer by a repair: the new copy's lease is unknown.
+    with index.transaction():
+        index.set_shard(b"P" * 32, ShardLocation(0, "b", bytes(32)))
+        index.remove_peer("b")
+    assert index.leaving_peers() == {}
+    assert index.leased_shards(expiring_before=9999) == []
+    index.close()
 
 
 def pack(pack_id: bytes, *holders: str) -> PackRecord:

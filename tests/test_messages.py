@@ -31,8 +31,10 @@ from p2pbackup.wire.messages import (
     PIECE_SIZE,
     REQUEST_TYPES,
     RESPONSE_TYPES,
+    AllDeleted,
     Audit,
     AuditProof,
+    DeleteAll,
     Deleted,
     DeleteShard,
     FrameDecoder,
@@ -41,8 +43,10 @@ from p2pbackup.wire.messages import (
     GetUsage,
     HasShard,
     LeaseRenewed,
+    Leaving,
     ListShards,
     Message,
+    Noted,
     PutRoot,
     PutShard,
     Ready,
@@ -60,6 +64,7 @@ from p2pbackup.wire.messages import (
     Usage,
     audit_answer_fits,
     decode_message,
+    delete_all_statement,
     delete_statement,
     encode_frame,
     encode_frames,
@@ -125,6 +130,10 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     RootStored: st.just(RootStored()),
     RootData: st.builds(RootData, st.none() | small_data),
     Usage: st.builds(Usage, uints, st.none() | uints),
+    DeleteAll: st.builds(DeleteAll, signatures),
+    Leaving: st.just(Leaving()),
+    AllDeleted: st.builds(AllDeleted, uints, st.booleans()),
+    Noted: st.builds(Noted, st.booleans()),
     Refused: st.builds(Refused, st.sampled_from(RefusalCode), st.text(max_size=40)),
 }
 any_message = st.one_of(*STRATEGIES.values())
@@ -157,6 +166,10 @@ EXAMPLES: dict[type[Message], Message] = {
     RootStored: RootStored(),
     RootData: RootData(b"root"),
     Usage: Usage(5, 10),
+    DeleteAll: DeleteAll(SIG),
+    Leaving: Leaving(),
+    AllDeleted: AllDeleted(12, True),
+    Noted: Noted(True),
     Refused: Refused(RefusalCode.FULL, "over quota"),
 }
 #: Fields that may be nil.
@@ -174,6 +187,8 @@ TYPE_CODES: dict[type[Message], int] = {
     PutRoot: 0x08,
     GetRoot: 0x09,
     GetUsage: 0x0A,
+    DeleteAll: 0x0B,
+    Leaving: 0x0C,
     ShardPiece: 0x20,
     Ready: 0x40,
     Stored: 0x41,
@@ -186,6 +201,8 @@ TYPE_CODES: dict[type[Message], int] = {
     RootStored: 0x48,
     RootData: 0x49,
     Usage: 0x4A,
+    AllDeleted: 0x4B,
+    Noted: 0x4C,
     Refused: 0x4F,
 }
 
@@ -673,6 +690,7 @@ def test_statements_are_pinned() -> None:
         + (60).to_bytes(8, "big")
     )
     assert delete_statement(HOST, ID) == b"p2pbackup storage v1\x00delete\x00" + HOST + ID
+    assert delete_all_statement(HOST) == b"p2pbackup storage v1\x00delete-all\x00" + HOST
 
 
 put_args = st.tuples(ids, sizes, ids, leases)
@@ -693,12 +711,14 @@ def test_a_statement_is_bound_to_its_host_and_its_operation(
     assert put_statement(HOST, *put) != put_statement(OTHER_HOST, *put)
     assert renew_statement(HOST, renew_ids, lease) != renew_statement(OTHER_HOST, renew_ids, lease)
     assert delete_statement(HOST, shard) != delete_statement(OTHER_HOST, shard)
+    assert delete_all_statement(HOST) != delete_all_statement(OTHER_HOST)
     statements = {
         put_statement(HOST, *put),
         renew_statement(HOST, renew_ids, lease),
         delete_statement(HOST, shard),
+        delete_all_statement(HOST),
     }
-    assert len(statements) == 3
+    assert len(statements) == 4
 
 
 @given(st.lists(ids, min_size=1, max_size=4), st.lists(ids, min_size=1, max_size=4), leases)

@@ -49,7 +49,7 @@ async def test_a_role_that_fails_ends_the_node_with_a_last_log_line(
     setup = await make_setup(tmp_path, k=1, n=2)
     go = trio.Event()
 
-    async def failing_role(host: object) -> None:
+    async def failing_role(host: object, friends: object) -> None:
         await go.wait()
         raise failure
 
@@ -146,7 +146,7 @@ async def test_expired_shards_are_collected_again_after_a_failure(
     class Host:
         rounds = 0
 
-        def collect_expired(self) -> int:
+        def collect_expired(self, spare: frozenset[bytes]) -> int:
             self.rounds += 1
             if self.rounds == 1:
                 raise OSError(5, "Input/output error")
@@ -157,7 +157,7 @@ async def test_expired_shards_are_collected_again_after_a_failure(
     monkeypatch.setattr(daemon, "EXPIRY_INTERVAL", 0.01)
     with trio.move_on_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(daemon._collect_expired, cast(ShardHost, host))
+            nursery.start_soon(daemon._collect_expired, cast(ShardHost, host), frozenset)
             while host.rounds < 3:
                 await trio.sleep(0.01)
             nursery.cancel_scope.cancel()

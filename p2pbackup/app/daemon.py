@@ -14,9 +14,10 @@ Nouns:
   same host and port as its TCP listener (:mod:`p2pbackup.dht.discovery`): it
   publishes its contact record there and follows its friends.
 * **role** — each task a started node runs side by side: the storage server
-  (one task per connection), the hourly collection of expired shards,
+  (one task per connection), the hourly collection of expired shards (a
+  friend's are kept while it is a friend),
   discovery, the scheduled backups, the background maintenance of our own
-  backups (:mod:`p2pbackup.maintenance.keeper`: audits, repair) and the
+  backups (:mod:`p2pbackup.maintenance.keeper`: audits, repair, leases) and the
   control socket (one task per client). What goes wrong in one run of a
   role (a connection, a client, a backup, a collection, a maintenance
   round) is logged and the role goes on. Scheduled backups and maintenance
@@ -39,6 +40,7 @@ import logging
 import math
 import random
 import shutil
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
@@ -60,8 +62,9 @@ from p2pbackup.dht.discovery import (
 )
 from p2pbackup.dht.records import RecordAddress
 from p2pbackup.engine.backup import Backup
-from p2pbackup.errors import RepositoryLockedError
-from p2pbackup.maintenance import keeper
+from p2pbackup.engine.index import Index
+from p2pbackup.errors import RepositoryLockedError, StoreError
+from p2pbackup.maintenance import keeper, leases
 from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
 from p2pbackup.node.schedule import RUNNING_OFFER, BackupSchedule, StorageOffer, load_config
@@ -235,23 +238,29 @@ async def _open_storage(
     """The home's shard host, and a storage server answering peers from it on
     ``options.listen``; shards whose lease ran out are deleted every hour. The
     host is closed once the server has stopped."""
+    # Friends come first for sessions in open mode too, and their shards
+    # are never collected.
+    friends = FriendGate(home)
     host = await trio.to_thread.run_sync(
         functools.partial(
             ShardHost.open,
             home.hosted_path,
             capacity=options.capacity,
             owner_quota=options.owner_quota,
+            spare=friends.ids(),
         )
     )
     try:
-        # Friends come first for sessions in open mode too.
-        friends = FriendGate(home)
         server = StorageServer(
-            host, identity, admits=None if options.open else friends, friends=friends
+            host,
+            identity,
+            admits=None if options.open else friends,
+            friends=friends,
+            leaving=functools.partial(_note_leaving, home),
         )
         async with trio.open_nursery() as nursery:
             address = await nursery.start(network.serve, options.listen, server.handle_connection)
-            nursery.start_soon(_collect_expired, host)
+            nursery.start_soon(_collect_expired, host, friends.ids)
             yield _Storage(host, address)
     finally:
         host.close()
@@ -320,6 +329,11 @@ class FriendGate:
         ):
             self._read()
         return node_id in self._friends
+
+    def ids(self) -> frozenset[bytes]:
+        """The friends' node ids, read afresh."""
+        self._read()
+        return self._friends
 
 
 def _then(handler: Handler, after: Callable[[], None]) -> Handler:
@@ -400,9 +414,24 @@ async def run_maintenance(
         clock=clock,
         rng=rng,
         explain=error_message,
+        renew=leases.renew_leases,
         lock=turns,
         task_status=task_status,
     )
+
+
+def _note_leaving(home: Home, node_id: bytes) -> bool:
+    """A peer said it is leaving: remember it in the home's index, so that
+    repair moves our shards off it; whether it is one of our peers."""
+    try:
+        index = Index(home.index_path, create=False)
+        try:
+            with index.transaction():
+                return index.set_leaving(node_id.hex(), int(time.time()))
+        finally:
+            index.close()
+    except sqlite3.Error as error:  # busy, a full disk: the notice is refused
+        raise StoreError(f"cannot write the index {home.index_path}: {error}") from error
 
 
 def _storage_offered(home: Home, options: ServeOptions) -> int:
@@ -416,10 +445,11 @@ def _storage_offered(home: Home, options: ServeOptions) -> int:
         return 0
 
 
-async def _collect_expired(host: ShardHost) -> None:
+async def _collect_expired(host: ShardHost, friends: Callable[[], frozenset[bytes]]) -> None:
+    """Every hour, delete the shards whose lease ran out, but the friends'."""
     while True:
         try:
-            removed = await trio.to_thread.run_sync(host.collect_expired)
+            removed = await trio.to_thread.run_sync(host.collect_expired, friends())
         except Exception:
             # The shards stay a while longer; the next round tries again.
             log.exception("deleting shards whose lease expired failed; trying again in an hour")

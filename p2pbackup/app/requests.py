@@ -134,6 +134,11 @@ class RepairRequest:
 
 
 @attrs.frozen(kw_only=True)
+class LeaveRequest:
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
 class PeerAddDirRequest:
     path: str = _client_path()
 
@@ -193,6 +198,7 @@ Request = (
     | CheckRequest
     | StatusRequest
     | RepairRequest
+    | LeaveRequest
     | PeerAddDirRequest
     | PeerAddRequest
     | PeerRemoveRequest
@@ -214,6 +220,7 @@ COMMANDS: Final[Mapping[str, type[Request]]] = {
     "check": CheckRequest,
     "status": StatusRequest,
     "repair": RepairRequest,
+    "leave": LeaveRequest,
     "peer add-dir": PeerAddDirRequest,
     "peer add": PeerAddRequest,
     "peer remove": PeerRemoveRequest,

@@ -43,6 +43,7 @@ from p2pbackup.app.requests import (
     FriendAddRequest,
     FriendListRequest,
     FriendRemoveRequest,
+    LeaveRequest,
     LsRequest,
     PeerAddDirRequest,
     PeerAddRequest,
@@ -144,6 +145,8 @@ class Service:
                 return await self.status(request, console)
             case RepairRequest():
                 return await self.repair(request, console)
+            case LeaveRequest():
+                return await self.leave(request, console)
             case PeerAddDirRequest():
                 return await self.peer_add_dir(request, console)
             case PeerAddRequest():
@@ -377,6 +380,22 @@ class Service:
         if not report.ok:
             return Outcome(EXIT_ERROR, report.failure())
         return OK
+
+    # -- leaving the network -------------------------------------------------------
+
+    async def leave(self, request: LeaveRequest, console: Console) -> Outcome:
+        """Delete our data on every peer, and tell the owners we store for
+        that we are going (:mod:`p2pbackup.app.leave`)."""
+        from p2pbackup.app import leave, operations
+
+        async with operations.open_repository(self.home, access="remove") as repo:
+            report = await leave.leave(self.home, repo)
+        if request.json:
+            console.out(_json(report.to_json()))
+        else:
+            for line in report.lines():
+                console.out(line)
+        return OK if report.ok else Outcome(EXIT_PARTIAL, report.failure())
 
     # -- peers and friends --------------------------------------------------------
 

@@ -330,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_node,
         _add_backup_and_restore,
         _add_upkeep,
+        _add_leave,
         _add_recover,
         _add_local_network,
     ):
@@ -544,6 +545,15 @@ def _add_upkeep(commands: _Commands) -> None:
     )
     _json_option(p)
     p.set_defaults(request=requests.CheckRequest)
+
+
+def _add_leave(commands: _Commands) -> None:
+    p = commands.add_parser(
+        "leave",
+        help="delete this home's data on every peer and tell those this node stores for",
+    )
+    _json_option(p)
+    p.set_defaults(request=requests.LeaveRequest)
 
 
 def _add_recover(commands: _Commands) -> None:

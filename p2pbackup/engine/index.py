@@ -46,6 +46,14 @@ Nouns:
   rebuilt elsewhere (**moved off**) and how many rebuilt shards it took
   (**placed**).
   Displaced shards, traffic and repairs are created on open where missing.
+* **lease expiry** — per shard row, the unix second until which its peer
+  promised to keep it (what the peer answered to the put or to the last
+  renewal); NULL when unknown (a folder peer, which has no leases; a row
+  recovered from an index segment, or made before schema version 4): the
+  next renewal asks for it (:mod:`p2pbackup.maintenance.leases`).
+* **leaving peers** — peers that told us they are leaving the network, and
+  when: their shards count as removed, so repair moves them away while the
+  peer still serves. Added in schema version 4, with the lease expiry.
 
 Schema versions: ``meta.schema_version``. Opening an older index migrates it
 forward in one transaction (:data:`_MIGRATIONS`, one step per version); a
@@ -80,7 +88,7 @@ from p2pbackup.model import (
     Snapshot,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Asked count at which a peer's probe counts halve (see the module docstring).
 PROBE_MEMORY = 200
 
@@ -119,6 +127,17 @@ CREATE TABLE IF NOT EXISTS repairs (
     PRIMARY KEY (day, peer_id));
 """
 
+#: Version 4's change to a table of version 1. ALTER TABLE has no IF NOT
+#: EXISTS, so a new index runs these once after making its tables, and an
+#: index of version 3 in its migration.
+_LEASE_COLUMN = (
+    "ALTER TABLE shards ADD COLUMN lease_expiry INTEGER",
+    "CREATE INDEX IF NOT EXISTS shards_by_lease ON shards(lease_expiry)",
+)
+_LEAVING_PEERS = """
+CREATE TABLE IF NOT EXISTS leaving_peers (peer_id TEXT PRIMARY KEY, since INTEGER NOT NULL);
+"""
+
 #: The tables of schema version 1.
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -154,13 +173,16 @@ CREATE TABLE IF NOT EXISTS friends (
 """
 #: Every table of the current version, for a new index (and, as each creates
 #: only what is missing, for one of the current version that lacks some).
-_SCHEMA = _SCHEMA_V1 + _PEER_PROBES + _PEER_AUDITS + _SHARD_AUDITS + _MAINTENANCE_TABLES
+_SCHEMA = (
+    _SCHEMA_V1 + _PEER_PROBES + _PEER_AUDITS + _SHARD_AUDITS + _MAINTENANCE_TABLES + _LEAVING_PEERS
+)
 
 #: Schema version → the statements that turn an index of that version into
 #: one of the next.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (_PEER_PROBES,),
     2: (_PEER_AUDITS, _SHARD_AUDITS),
+    3: (*_LEASE_COLUMN, _LEAVING_PEERS),
 }
 
 
@@ -198,6 +220,17 @@ class PlacedShard:
     #: Bytes of the shard's data (its header aside), and its Merkle block size.
     shard_size: int
     block_size: int
+
+
+@attrs.frozen
+class LeasedShard:
+    """A shard row on a node peer, with the lease expiry recorded for it."""
+
+    pack_id: bytes
+    index: int
+    peer_id: str
+    #: Unix seconds; None: unknown (module docstring, "lease expiry").
+    lease_expiry: int | None
 
 
 @attrs.frozen
@@ -312,9 +345,15 @@ class Index:
         self._db.execute("PRAGMA foreign_keys=ON")
         if version is not None and version < SCHEMA_VERSION:
             self._migrate(version)
-        self._db.executescript(_SCHEMA)
         if version is None:
-            self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
+            with self.transaction():
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    self._db.execute(statement)
+                for statement in _LEASE_COLUMN:
+                    self._db.execute(statement)
+                self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
+        else:
+            self._db.executescript(_SCHEMA)
 
     def _stored_version(self) -> int | None:
         """The schema version of the index; None for a new (empty) one."""
@@ -413,7 +452,40 @@ class Index:
         self._db.execute("DELETE FROM peer_probes WHERE peer_id=?", (peer_id,))
         self._db.execute("DELETE FROM peer_audits WHERE peer_id=?", (peer_id,))
         self._db.execute("DELETE FROM shard_audits WHERE peer_id=?", (peer_id,))
+        self._db.execute("DELETE FROM leaving_peers WHERE peer_id=?", (peer_id,))
         return int(removed)
+
+    def set_leaving(self, peer_id: str, since: int) -> bool:
+        """Remember that ``peer_id`` said at unix second ``since`` that it is
+        leaving (the first notice counts); whether it is one of our peers
+        (only those are remembered)."""
+        if not self._db.execute("SELECT 1 FROM peers WHERE peer_id=?", (peer_id,)).fetchone():
+            return False
+        self._db.execute(
+            "INSERT OR IGNORE INTO leaving_peers(peer_id, since) VALUES (?, ?)", (peer_id, since)
+        )
+        return True
+
+    def leaving_peers(self) -> dict[str, int]:
+        """Each peer that said it is leaving, and since when (unix seconds)."""
+        rows = self._db.execute("SELECT peer_id, since FROM leaving_peers")
+        return {peer: int(since) for peer, since in rows}
+
+    def forget_shards_on(self, peer_ids: Iterable[str]) -> int:
+        """Forget every shard the peers ``peer_ids`` held (they deleted them:
+        this home left them; call inside a transaction), then every pack left
+        with fewer than k shards, which can no longer be read, and with no
+        pack left, the snapshots; returns how many packs went."""
+        for peer_id in peer_ids:
+            self._db.execute("DELETE FROM shards WHERE peer_id=?", (peer_id,))
+            self._db.execute("DELETE FROM displaced_shards WHERE peer_id=?", (peer_id,))
+        dropped = self._db.execute(
+            "DELETE FROM packs WHERE k > (SELECT count(*) FROM shards s"
+            " WHERE s.pack_id = packs.pack_id)"
+        ).rowcount
+        if not self._db.execute("SELECT 1 FROM packs LIMIT 1").fetchone():
+            self._db.execute("DELETE FROM snapshots")
+        return int(dropped)
 
     def shard_shortfall(self) -> ShardShortfall:
         """How many packs have fewer shard rows than n, and than k."""
@@ -758,6 +830,31 @@ class Index:
             PlacedShard(bytes(pack), idx, peer, bytes(root), size, block)
             for pack, idx, peer, root, size, block in rows
         ]
+
+    def leased_shards(self, *, expiring_before: int) -> list[LeasedShard]:
+        """The shard rows on node peers not leaving whose lease ends before
+        unix second ``expiring_before`` or is unknown, by peer: one query,
+        which is all a renewal with nothing due costs."""
+        rows = self._db.execute(
+            "SELECT s.pack_id, s.idx, s.peer_id, s.lease_expiry FROM shards s"
+            " JOIN peers p ON p.peer_id = s.peer_id"
+            " WHERE p.kind = 'node' AND (s.lease_expiry IS NULL OR s.lease_expiry < ?)"
+            " AND s.peer_id NOT IN (SELECT peer_id FROM leaving_peers)"
+            " ORDER BY s.peer_id, s.pack_id, s.idx",
+            (expiring_before,),
+        )
+        return [
+            LeasedShard(bytes(pack), int(idx), peer, None if expiry is None else int(expiry))
+            for pack, idx, peer, expiry in rows
+        ]
+
+    def set_lease_expiries(self, leases: Iterable[tuple[bytes, int, str, int]]) -> None:
+        """Record leases, each (pack id, shard index, peer, expiry in unix
+        seconds); a row whose shard is no longer on that peer is left alone."""
+        self._db.executemany(
+            "UPDATE shards SET lease_expiry=? WHERE pack_id=? AND idx=? AND peer_id=?",
+            [(expiry, pack_id, index, peer_id) for pack_id, index, peer_id, expiry in leases],
+        )
 
     def has_shard_root(self, merkle_root: bytes) -> bool:
         """Whether any shard of ours has this Merkle root."""

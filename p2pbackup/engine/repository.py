@@ -63,7 +63,7 @@ The pieces the repository is made of:
   shard read back, in worker threads;
 * writing a pack is a **plan** — which peer gets which shard, and the spares
   (:func:`~p2pbackup.core.placement.plan_pack`, pure; peers that audits
-  disqualified are left out, and the others weighed by their audit score
+  disqualified or that are leaving are left out, and the others weighed by their audit score
   too) — then the **upload**
   of its shards, each retried on the next spare when a peer refuses, then
   the **commit** of the pack to the index;
@@ -407,9 +407,10 @@ class Repository:
         return weights
 
     def placeable(self, peers: Iterable[PeerRecord]) -> list[PeerRecord]:
-        """``peers`` less those that audits disqualified: they get no new shards."""
-        disqualified = self.index.disqualified_peers()
-        return [peer for peer in peers if peer.peer_id not in disqualified]
+        """``peers`` less those that audits disqualified and those leaving
+        the network: they get no new shards."""
+        barred = self.index.disqualified_peers() | self.index.leaving_peers().keys()
+        return [peer for peer in peers if peer.peer_id not in barred]
 
     # -- writing packs --------------------------------------------------------
 
@@ -462,7 +463,8 @@ class Repository:
             shards.finish_pack, builder, self.keyring.data_key, code.k, code.n, block_size
         )
         plan = self._plan(coded, code.n, peers)
-        placed = await self._upload(coded, plan, code, block_size)
+        leases: dict[int, int] = {}
+        placed = await self._upload(coded, plan, code, block_size, leases)
         record = PackRecord(
             pack_id=coded.pack_id,
             size=coded.size,
@@ -475,6 +477,9 @@ class Repository:
         )
         with self.index.transaction():
             self.index.add_pack(record, is_index=is_index)
+            self.index.set_lease_expiries(
+                (coded.pack_id, i, placed[i], expiry) for i, expiry in leases.items()
+            )
         return record
 
     def _plan(self, coded: CodedPack, n: int, peers: list[PeerRecord]) -> placement.PackPlan:
@@ -496,10 +501,16 @@ class Repository:
         return plan
 
     async def _upload(
-        self, coded: CodedPack, plan: placement.PackPlan, code: placement.Code, block_size: int
+        self,
+        coded: CodedPack,
+        plan: placement.PackPlan,
+        code: placement.Code,
+        block_size: int,
+        leases: dict[int, int],
     ) -> dict[int, str]:
         """Put shard i on the plan's i-th target, turning to its next spare
-        whenever a peer refuses; shard index -> the peer that took it.
+        whenever a peer refuses; shard index -> the peer that took it. The
+        lease each node granted goes to ``leases`` (shard index -> expiry).
 
         PeerUnavailableError if too few were placed: one lost peer must not
         lose data the moment it is written.
@@ -515,7 +526,7 @@ class Repository:
                 # pack placed meanwhile sees the room that is left.
                 self.run.reserve(peer_id, need)
                 try:
-                    await self.store(peer_id).put(
+                    expiry = await self.store(peer_id).put(
                         formats.shard_id(coded.pack_id, index),
                         coded.payloads[index],
                         ShardRoot(block_size, coded.roots[index]),
@@ -543,6 +554,8 @@ class Repository:
                     raise
                 else:
                     placed[index] = peer_id
+                    if expiry is not None:
+                        leases[index] = expiry
                     self._observe(peer_id, True)
                     coded.release(index)
                     return

@@ -9,8 +9,9 @@ Nouns:
   verdicts instead of reading shards back
   (:func:`repairer.with_audits <p2pbackup.maintenance.repairer.with_audits>`:
   a shard whose last audit failed counts as failed, every shard of a
-  disqualified peer as removed); then the lease renewal hook, if there is
-  one. :class:`RoundReport` says what it did.
+  disqualified peer as removed); then the lease renewal step, if given
+  (``serve`` gives :func:`~p2pbackup.maintenance.leases.renew_leases`).
+  :class:`RoundReport` says what it did.
 * **repair due** — a pass runs at the first round, then every
   :attr:`MaintenanceOptions.repair_interval`, and at once after a round
   whose audits failed a shard or disqualified a peer. Between passes, a
@@ -53,6 +54,7 @@ from p2pbackup.errors import RepositoryLockedError
 from p2pbackup.maintenance import auditor, repairer
 from p2pbackup.maintenance.audit import DEFAULT_POLICY, AuditPolicy
 from p2pbackup.maintenance.auditor import AuditReport, Clock
+from p2pbackup.maintenance.leases import LeaseReport
 from p2pbackup.maintenance.repair import RepairPolicy
 from p2pbackup.maintenance.repairer import RepairOptions, RepairReport
 from p2pbackup.maintenance.reputation import DEFAULT_REPUTATION, ReputationPolicy
@@ -84,7 +86,7 @@ MAX_SLEEP = auditor.MAX_SLEEP
 #: Opens the home's repository for one round (held for its duration).
 OpenRepository = Callable[[], contextlib.AbstractAsyncContextManager[Repository]]
 #: The lease renewal step: the repository and unix seconds now.
-Renew = Callable[[Repository, float], Awaitable[object]]
+Renew = Callable[[Repository, float], Awaitable[LeaseReport]]
 #: The one line for an expected failure; None for a bug.
 Explain = Callable[[BaseException], str | None]
 
@@ -128,7 +130,7 @@ class RoundReport:
 
     audit: AuditReport | None = None
     repair: RepairReport | None = None
-    renewed: object = None
+    renewed: LeaseReport | None = None
     #: Seconds until the next round.
     sleep: float = MAX_SLEEP
 
@@ -235,6 +237,10 @@ def _log_round(report: RoundReport) -> None:
     if audit is not None:
         level = logging.WARNING if found_something(audit) else logging.INFO
         log.log(level, "audits: %s", "; ".join(audit.lines()))
+    renewed = report.renewed
+    if renewed is not None and renewed.peers:
+        level = logging.WARNING if renewed.missing else logging.INFO
+        log.log(level, "leases: %s", "; ".join(renewed.lines()))
     repair = report.repair
     if repair is None:
         return

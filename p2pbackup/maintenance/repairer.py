@@ -6,7 +6,8 @@ Nouns:
   shards it lists for us), tell each copy of each shard its state
   (:mod:`p2pbackup.maintenance.repair`'s nouns: healthy when its peer lists
   it, missing when its peer answers without it, offline or lost by how long
-  ago its peer was last seen, removed when its peer is being removed; an
+  ago its peer was last seen, removed when its peer is being removed or
+  said it is leaving the network; an
   **audit verdict**, when the caller has one, overrides the listing), decide
   each pack, most urgent first, and carry the decisions out. A pass with
   **read verification** also downloads every listed shard and checks it
@@ -756,7 +757,10 @@ async def repair_pass(
     progress: Progress | None = None,
 ) -> RepairReport:
     """One repair pass over the packs (module docstring); ``now`` is unix
-    seconds (default: the time)."""
+    seconds (default: the time). Peers that said they are leaving count as
+    removed: their shards are rebuilt elsewhere."""
+    leaving = frozenset(repo.index.leaving_peers())
+    options = attrs.evolve(options, removed=options.removed | leaving)
     work = _Pass(
         repo,
         options,

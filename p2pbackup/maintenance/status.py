@@ -17,6 +17,9 @@ Nouns:
   (:class:`~p2pbackup.model.PeerAudits`): its score, its last audit, and
   whether it was **disqualified** — then its shards count as lost and it
   gets no new ones, and ``status`` says so in words.
+* **leaving peer** — a peer that told us it is leaving the network: its
+  shards count as removed (repair moves them), it gets no new ones, and
+  ``status`` says so in words.
 * **healthy shard** — a shard the index places on a peer that answered now
   and lists it among the shards it holds for us, unless its last audit
   failed or its peer is disqualified.
@@ -120,6 +123,8 @@ class PeerState:
     #: What its last failed audit found ("" if none failed).
     audit_failure: str = ""
     maintenance: PeerMaintenance = PeerMaintenance()
+    #: When it said it is leaving the network (None: it did not).
+    leaving_since: int | None = None
 
     @property
     def balance(self) -> int:
@@ -236,6 +241,11 @@ class Status:
         ]
         for peer in self.peers:
             state = "online" if peer.online else f"OFFLINE ({peer.problem})"
+            if peer.leaving_since is not None:
+                state += (
+                    f", LEAVING the network since {_date(peer.leaving_since)}: repair moves "
+                    "its shards to other peers and it gets no new ones"
+                )
             seen = "never seen" if peer.last_seen is None else f"last seen {_date(peer.last_seen)}"
             friend = "friend, " if peer.is_friend else ""
             lines.append(
@@ -303,6 +313,7 @@ async def gather_status(
     hosted = hosting.by_owner
     friends = {friend.node_id.hex() for friend in index.friends()}
     audits = index.peer_audits()
+    leaving = index.leaving_peers()
     # A shard is healthy when its peer lists it now, not merely because the
     # peer answered: a friend that lost its disk, or recovered into an empty
     # one, answers but holds nothing.
@@ -348,6 +359,7 @@ async def gather_status(
                 disqualified_at=None if audited is None else audited.disqualified_at,
                 audit_failure="" if audited is None else audited.last_failure,
                 maintenance=maintenance.get(peer.peer_id, PeerMaintenance()),
+                leaving_since=leaving.get(peer.peer_id),
             )
         )
     health = data_health(repo.live_holders(healthy), set(listed), policy)
@@ -375,10 +387,13 @@ def peer_maintenance(
     counted over the days asked for."""
     pending: dict[str, int] = {}
     disqualified = index.disqualified_peers()
+    leaving = index.leaving_peers()
     for shard in index.placed_shards():
         peer = shard.peer_id
         listing = healthy.get(peer)
-        if listing is None:
+        if peer in leaving:
+            gone = True  # counted as removed: repair moves it
+        elif listing is None:
             gone = peer in gone_unseen or peer in disqualified
         else:
             gone = formats.shard_id(shard.pack_id, shard.index) not in listing

@@ -9,6 +9,14 @@ Nouns:
   time. The peer's node id (learnt in the handshake, never from a message) is
   the **owner** of every shard it stores, lists, renews or deletes, so no
   peer can touch another's shards: the host is asked only for the owner's own.
+* **stranger's lease** — a node that is not a friend (open mode) is granted
+  leases of at most :data:`STRANGER_LEASE_SECONDS`, so that what a stranger
+  stored and abandoned is collected within that time; a friend may ask for
+  up to the protocol's longest, and its shards are not collected anyway
+  while it is a friend (:mod:`p2pbackup.node.shardhost`).
+* **leaving notice** — a peer that stores shards *for us* telling us that
+  it leaves the network (``Leaving``); the server hands its node id to
+  ``leaving``, which records it so that our repair moves our shards away.
 * **refusal** — a :class:`~p2pbackup.wire.messages.Refused` answer: the request was
   understood and declined (not found, full, forbidden, conflict, integrity).
   The session goes on. A message that breaks the protocol instead ends the
@@ -35,6 +43,7 @@ from p2pbackup.core import crypto
 from p2pbackup.errors import (
     IntegrityError,
     MerkleError,
+    P2PBackupError,
     ProtocolError,
     RemoteProtocolError,
     ShardNotFoundError,
@@ -54,6 +63,9 @@ from p2pbackup.wire.session import Identity, SecureStream, secure_responder
 log = logging.getLogger(__name__)
 
 _DEFAULT_LIMITS = ServerLimits()
+#: The longest lease a stranger is granted: a year and a month, a little
+#: more than the year p2pbackup owners ask for and renew monthly.
+STRANGER_LEASE_SECONDS = 400 * 86400
 
 
 class StorageServer:
@@ -67,6 +79,8 @@ class StorageServer:
         limits: ServerLimits = _DEFAULT_LIMITS,
         admits: Callable[[bytes], bool] | None = None,
         friends: Callable[[bytes], bool] | None = None,
+        leaving: Callable[[bytes], bool] | None = None,
+        stranger_lease: int = STRANGER_LEASE_SECONDS,
     ) -> None:
         self.host = host
         self.identity = identity
@@ -77,6 +91,11 @@ class StorageServer:
         #: Whether a node is a friend, whose sessions come first (None: the
         #: nodes ``admits`` admits; with neither, every node is a stranger).
         self.friends = friends if friends is not None else admits
+        #: Records that a node which stores for us is leaving; whether it is
+        #: one of our peers (None: such notices are refused).
+        self.leaving = leaving
+        #: Seconds of lease a node that is not a friend is granted at most.
+        self.stranger_lease = stranger_lease
         self.admission = Admission(limits)
         self._throttle = LogThrottle()
         self._handshake_scopes: dict[object, trio.CancelScope] = {}
@@ -248,6 +267,8 @@ class _Session:
             messages.PutRoot: self._put_root,
             messages.GetRoot: self._get_root,
             messages.GetUsage: self._get_usage,
+            messages.DeleteAll: self._delete_all,
+            messages.Leaving: self._leaving,
         }
         while True:
             with trio.fail_after(self.idle):
@@ -286,6 +307,13 @@ class _Session:
 
     # -- requests ---------------------------------------------------------------
 
+    def _lease(self, asked: int) -> int:
+        """The lease granted for ``asked`` seconds (module docstring)."""
+        friends = self.server.friends
+        if friends is not None and friends(self.owner):
+            return asked
+        return min(asked, self.server.stranger_lease)
+
     def _check_admitted(self) -> None:
         admits = self.server.admits
         if admits is not None and not admits(self.owner):
@@ -315,7 +343,7 @@ class _Session:
             request.size,
             request.block_size,
             request.merkle_root,
-            request.lease_seconds,
+            self._lease(request.lease_seconds),
         )
         if upload is None:
             info = await self._call(self.host.info, self.owner, request.shard_id)
@@ -441,7 +469,7 @@ class _Session:
             "renew",
         )
         result = await self._call(
-            self.host.renew, self.owner, request.shard_ids, request.lease_seconds
+            self.host.renew, self.owner, request.shard_ids, self._lease(request.lease_seconds)
         )
         assert isinstance(result, tuple)
         expiry, missing = result
@@ -455,6 +483,28 @@ class _Session:
         )
         existed = await self._call(self.host.delete, self.owner, request.shard_id)
         await self._send(messages.Deleted(bool(existed)))
+
+    async def _delete_all(self, request: messages.DeleteAll) -> None:
+        self._check_signature(
+            messages.delete_all_statement(self.server.identity.node_id),
+            request.signature,
+            "delete all",
+        )
+        result = await self._call(self.host.delete_owner, self.owner)
+        assert isinstance(result, tuple)
+        shards, root = result
+        log.info("deleted the %d shards of %s at its request", shards, self.peer_name)
+        await self._send(messages.AllDeleted(shards, root))
+
+    async def _leaving(self, _request: messages.Leaving) -> None:
+        if self.server.leaving is None:
+            raise _Refusal(RefusalCode.BAD_REQUEST, "this node keeps no record of leaving peers")
+        try:
+            known = await trio.to_thread.run_sync(self.server.leaving, self.owner)
+        except P2PBackupError as error:
+            raise _Refusal(RefusalCode.INTERNAL, f"could not record it: {error}") from None
+        log.info("node %s says it is leaving the network", self.owner.hex())
+        await self._send(messages.Noted(known))
 
     async def _put_root(self, request: messages.PutRoot) -> None:
         self._check_admitted()

@@ -31,8 +31,13 @@ Nouns:
   (the free space already shows the rest).
 * **lease** — the unix second until which the host promises to keep a shard.
   Putting or renewing never shortens it. A lease that has run out makes the
-  shard *collectable*: :meth:`ShardHost.collect_expired` deletes it; until then
-  it is still served and may be renewed.
+  shard *collectable*: :meth:`ShardHost.collect_expired` deletes it, except
+  the shards of **spared** owners (the node's friends: a friend's shards
+  are kept while it is a friend, whatever its leases); until then it is
+  still served and may be renewed. How long a lease may be is the server's
+  to bound (a stranger gets less than a friend, :mod:`p2pbackup.node.server`).
+* **forgetting an owner** — :meth:`ShardHost.delete_owner`: every shard and
+  the root record of one owner, deleted at its request (it is leaving).
 * **root record** — one owner's opaque mutable bytes (at most 1 MiB), replaced
   whole and atomically.
 * **usage** — what an owner is charged for: its shards plus its root record,
@@ -118,7 +123,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 
 import attrs
@@ -423,8 +428,11 @@ class ShardHost:
         charge: ShardCharge = ShardCharge(),
         max_shards_per_owner: int = MAX_SHARDS_PER_OWNER,
         clock: Callable[[], float] = time.time,
+        spare: Collection[bytes] = frozenset(),
     ) -> ShardHost:
-        """Open (creating if needed) the host at ``root`` and reconcile it.
+        """Open (creating if needed) the host at ``root`` and reconcile it
+        (shards whose lease ran out are collected, but those of the owners in
+        ``spare``).
 
         StoreError if another process has it open, if its database is not
         one this version reads, or if the database is missing or empty while
@@ -461,7 +469,7 @@ class ShardHost:
             clock=clock,
         )
         try:
-            report = host._reconcile()
+            report = host._reconcile(spare)
             if created and report.adopted:
                 report = attrs.evolve(report, rebuilt_database=True)
             host.reconcile_report = report
@@ -813,15 +821,52 @@ class ShardHost:
             self._remove_locked(owner, shard_id, existing.size)
             return True
 
-    def collect_expired(self) -> int:
-        """Delete every shard whose lease has run out; how many there were."""
+    def delete_owner(self, owner: bytes) -> tuple[int, bool]:
+        """Forget an owner (module docstring): every shard it keeps here and
+        its root record; how many shards there were, and whether there was
+        a root record."""
+        _check_owner(owner)
         removed = 0
         while True:
             with self._lock:
                 self._check_open()
                 rows = self._db.execute(
-                    "SELECT owner, shard_id, size FROM shards WHERE lease_expiry <= ? LIMIT ?",
-                    (self._now(), _COLLECT_BATCH),
+                    "SELECT owner, shard_id, size FROM shards WHERE owner = ? LIMIT ?",
+                    (owner, _COLLECT_BATCH),
+                ).fetchall()
+                self._remove_rows_locked(rows)
+            removed += len(rows)
+            if len(rows) < _COLLECT_BATCH:
+                break
+        with self._lock:
+            self._check_open()
+            had_root = self._root_sizes.pop(owner, None) is not None
+            unlink_quietly(self._root_path(owner))
+            # The owner's directories, now empty (an upload still in
+            # progress keeps its own; a later open tidies nothing more).
+            owner_dir = self.root / SHARDS_DIR / owner.hex()
+            for directory in [*(Path(entry.path) for entry in _scan(owner_dir)), owner_dir]:
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+        return removed, had_root
+
+    def collect_expired(self, spare: Collection[bytes] = frozenset()) -> int:
+        """Delete every shard whose lease has run out, but those of the owners
+        in ``spare`` (the friends); how many there were."""
+        spared = builtins.list(spare)
+        for owner in spared:
+            _check_owner(owner)
+        # One bound parameter per spared owner: a node has tens of friends,
+        # far below SQLite's limit on parameters.
+        not_spared = f" AND owner NOT IN ({', '.join('?' * len(spared))})" if spared else ""
+        removed = 0
+        while True:
+            with self._lock:
+                self._check_open()
+                rows = self._db.execute(
+                    "SELECT owner, shard_id, size FROM shards WHERE lease_expiry <= ?"
+                    f"{not_spared} LIMIT ?",
+                    (self._now(), *spared, _COLLECT_BATCH),
                 ).fetchall()
                 self._remove_rows_locked(rows)
             removed += len(rows)
@@ -936,7 +981,7 @@ class ShardHost:
 
     # -- reconciliation --------------------------------------------------------------------
 
-    def _reconcile(self) -> ReconcileReport:
+    def _reconcile(self, spare: Collection[bytes]) -> ReconcileReport:
         """Bring files and rows into agreement (see the module docstring).
 
         Runs before the host is shared with other threads. It stats every
@@ -997,7 +1042,7 @@ class ShardHost:
         for entry in _scan(self.root / ROOTS_DIR):
             if _OWNER_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                 self._root_sizes[bytes.fromhex(entry.name)] = entry.stat().st_size
-        expired = self.collect_expired()
+        expired = self.collect_expired(spare)
         return ReconcileReport(
             orphans_removed=orphans,
             missing=tuple(lost),

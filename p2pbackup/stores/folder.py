@@ -304,10 +304,13 @@ class FolderShardStore:
 
     # -- shards --
 
-    async def put(self, shard_id: bytes, data: BytesLike, root: ShardRoot | None = None) -> None:
+    async def put(
+        self, shard_id: bytes, data: BytesLike, root: ShardRoot | None = None
+    ) -> int | None:
         check_shard_id(shard_id)
         await self._ensure_writable()
         await trio.to_thread.run_sync(self._put_sync, shard_id, data)
+        return None  # a folder keeps shards until they are deleted
 
     def _put_sync(self, shard_id: bytes, data: BytesLike) -> None:
         final = self._shard_path(shard_id)
@@ -426,6 +429,29 @@ class FolderShardStore:
                         yield entry
 
     # -- root record --
+
+    async def delete_all(self) -> tuple[int, bool]:
+        """Delete every shard of the owner and its root record (the owner is
+        leaving): how many shards there were, and whether there was a root
+        record."""
+        await self._ensure_open()
+        return await trio.to_thread.run_sync(self._delete_all_sync)
+
+    def _delete_all_sync(self) -> tuple[int, bool]:
+        shards = self._list_sync()
+        for shard_id in shards:
+            self._delete_sync(shard_id)
+        root = self._root_path
+        had_root = root.exists()
+        with os_errors("delete", root):
+            root.unlink(missing_ok=True)
+        # Its directories, now empty (a temp file of a writer that died stays).
+        for directory in sorted(self._owner_dir.rglob("*"), reverse=True):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        with contextlib.suppress(OSError):
+            self._owner_dir.rmdir()
+        return len(shards), had_root
 
     async def put_root(self, data: bytes) -> None:
         await self._ensure_writable()

@@ -52,16 +52,19 @@ class MemoryShardStore:
     # Each method yields to the scheduler first and then acts without another
     # checkpoint, so every operation is atomic with respect to other tasks.
 
-    async def put(self, shard_id: bytes, data: BytesLike, root: ShardRoot | None = None) -> None:
+    async def put(
+        self, shard_id: bytes, data: BytesLike, root: ShardRoot | None = None
+    ) -> int | None:
         await trio.lowlevel.checkpoint()
         check_shard_id(shard_id)
         existing = self._shards.get(shard_id)
         if existing is not None:
             if existing == data:
-                return
+                return None
             raise conflict(shard_id, "in the memory store")
         self._reserve(len(data))
         self._shards[shard_id] = bytes(data)
+        return None
 
     async def get(self, shard_id: bytes, offset: int = 0, length: int | None = None) -> bytes:
         await trio.lowlevel.checkpoint()

@@ -60,8 +60,9 @@ from p2pbackup.wire.messages import RefusalCode
 from p2pbackup.wire.rpc import MessageChannel
 from p2pbackup.wire.session import Identity, secure_initiator
 
-#: Leases asked for new shards. Renewal arrives with maintenance; until then a
-#: shard must outlive any plausible gap between backups.
+#: Leases asked for new shards and renewals: a year, renewed monthly
+#: (:mod:`p2pbackup.maintenance.leases`), so that a user who lost the machine
+#: has at least eleven months to recover before the shards may be collected.
 DEFAULT_LEASE_SECONDS = 365 * 24 * 3600
 #: Merkle block size of the roots this store computes itself (when the caller
 #: passes none).
@@ -268,7 +269,7 @@ class RemoteShardStore:
 
     # -- the ShardStore interface -------------------------------------------------
 
-    async def put(self, shard_id: bytes, data: BytesLike, root: ShardRoot | None = None) -> None:
+    async def put(self, shard_id: bytes, data: BytesLike, root: ShardRoot | None = None) -> int:
         check_shard_id(shard_id)
         if root is None:
             digest = await trio.to_thread.run_sync(merkle.merkle_root, data, TRANSFER_BLOCK_SIZE)
@@ -285,18 +286,18 @@ class RemoteShardStore:
             crypto.sign(self.identity.signing_seed, statement),
         )
 
-        async def exchange(channel: MessageChannel) -> None:
+        async def exchange(channel: MessageChannel) -> int:
             await channel.send(request)
             answer = await channel.receive()
             if isinstance(answer, messages.Stored):
-                return  # already there
+                return answer.lease_expiry  # already there
             self._answer(answer, messages.Ready, request)
             view = memoryview(data)
             for start in range(0, len(data), messages.PIECE_SIZE):
                 await channel.send_piece(view[start : start + messages.PIECE_SIZE])
-            self._answer(await channel.receive(), messages.Stored, request)
+            return self._answer(await channel.receive(), messages.Stored, request).lease_expiry
 
-        await self._exchange(exchange)
+        return await self._exchange(exchange)
 
     async def get(self, shard_id: bytes, offset: int = 0, length: int | None = None) -> bytes:
         check_shard_id(shard_id)
@@ -391,6 +392,20 @@ class RemoteShardStore:
             messages.RenewLease(tuple(shard_ids), lease_seconds, signature), messages.LeaseRenewed
         )
         return answer.lease_expiry, builtins.list(answer.missing)
+
+    async def delete_all(self) -> tuple[int, bool]:
+        """Ask the node to delete every shard of ours and our root record: how
+        many shards it deleted, and whether it held a root record."""
+        statement = messages.delete_all_statement(self.node_id)
+        signature = crypto.sign(self.identity.signing_seed, statement)
+        answer = await self._request(messages.DeleteAll(signature), messages.AllDeleted)
+        return answer.shards, answer.root
+
+    async def notify_leaving(self) -> bool:
+        """Tell the node, an owner whose shards we store, that we are leaving
+        the network; whether it counts us among its peers."""
+        answer = await self._request(messages.Leaving(), messages.Noted)
+        return answer.known
 
 
 class _StaleConnection(Exception):

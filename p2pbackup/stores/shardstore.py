@@ -80,11 +80,17 @@ class ShardRoot:
 class ShardStore(Protocol):
     """One owner's namespace on one peer (async; see the module docstring)."""
 
-    async def put(self, shard_id: bytes, data: BytesLike, root: ShardRoot | None = None) -> None:
+    async def put(
+        self, shard_id: bytes, data: BytesLike, root: ShardRoot | None = None
+    ) -> int | None:
         """Store a shard. Putting an id again with identical bytes does nothing;
         with different bytes raises StoreError and keeps the stored shard.
         StoreFullError when there is no room. ``root``, when the caller has
-        computed it, saves a store that must declare it (a remote one) the work."""
+        computed it, saves a store that must declare it (a remote one) the work.
+
+        Returns the shard's lease expiry (unix seconds) on a store that keeps
+        shards under leases (a node), None on one that keeps them until
+        deleted (a folder, memory)."""
 
     async def get(self, shard_id: bytes, offset: int = 0, length: int | None = None) -> bytes:
         """The shard's bytes from ``offset``, at most ``length`` of them (all

@@ -28,7 +28,8 @@ Nouns:
   encoder and the decoder are driven by that one declaration.
 * **statement** — the exact bytes an owner signs to let one host store, renew
   or delete its shards (:func:`put_statement`, :func:`renew_statement`,
-  :func:`delete_statement`). The signing itself is ``crypto.sign``.
+  :func:`delete_statement`, :func:`delete_all_statement`). The signing
+  itself is ``crypto.sign``.
 
 Exchanges (C = client, S = server)::
 
@@ -43,6 +44,15 @@ Exchanges (C = client, S = server)::
     PutRoot     → RootStored | Refused
     GetRoot     → RootData | Refused
     GetUsage    → Usage | Refused
+    DeleteAll   → AllDeleted | Refused
+    Leaving     → Noted | Refused
+
+``DeleteAll`` is an owner forgetting itself on a host: every shard and the
+root record, in one signed request (``p2pbackup leave``). ``Leaving`` goes
+the other way: a host tells an owner it stores for that it is leaving the
+network, on a session it opens to the owner's node; the owner records it and
+moves its shards away. It needs no signature: the session proves who sent
+it, and it can only make its receiver stop relying on that sender.
 
 Errors: decoding anything that is not a well-formed frame of a known message
 within its bounds raises :class:`~p2pbackup.errors.RemoteProtocolError` (the
@@ -230,6 +240,19 @@ class GetUsage:
     pass
 
 
+@attrs.frozen
+class DeleteAll:
+    """Delete every shard and the root record the caller keeps here;
+    ``signature`` signs :func:`delete_all_statement`."""
+
+    signature: bytes
+
+
+@attrs.frozen
+class Leaving:
+    """The caller, which stores shards for the receiver, is leaving the network."""
+
+
 # Responses.
 
 
@@ -331,6 +354,23 @@ class Usage:
 
 
 @attrs.frozen
+class AllDeleted:
+    """The caller's ``shards`` shards here are deleted, and its root record
+    if it had one (``root``)."""
+
+    shards: int
+    root: bool
+
+
+@attrs.frozen
+class Noted:
+    """The leaving node is recorded; ``known``: it holds shards of ours (it is
+    one of our peers), so they will be moved."""
+
+    known: bool
+
+
+@attrs.frozen
 class Refused:
     """The request was refused; ``message`` explains it to a human."""
 
@@ -350,6 +390,8 @@ Message: TypeAlias = (
     | PutRoot
     | GetRoot
     | GetUsage
+    | DeleteAll
+    | Leaving
     | Ready
     | Stored
     | ShardData
@@ -361,6 +403,8 @@ Message: TypeAlias = (
     | RootStored
     | RootData
     | Usage
+    | AllDeleted
+    | Noted
     | Refused
 )
 
@@ -376,6 +420,8 @@ REQUEST_TYPES: tuple[type[Message], ...] = (
     PutRoot,
     GetRoot,
     GetUsage,
+    DeleteAll,
+    Leaving,
 )
 #: Messages that answer one.
 RESPONSE_TYPES: tuple[type[Message], ...] = (
@@ -390,6 +436,8 @@ RESPONSE_TYPES: tuple[type[Message], ...] = (
     RootStored,
     RootData,
     Usage,
+    AllDeleted,
+    Noted,
     Refused,
 )
 #: Every message class: requests, the piece, responses.
@@ -675,6 +723,8 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec(0x08, 1, _Fields.of(PutRoot, data=_Bytes(0, MAX_ROOT_SIZE))),
     _Spec(0x09, 1, _Fields.of(GetRoot)),
     _Spec(0x0A, 1, _Fields.of(GetUsage)),
+    _Spec(0x0B, 1, _Fields.of(DeleteAll, signature=_SIGNATURE)),
+    _Spec(0x0C, 1, _Fields.of(Leaving)),
     _Spec(0x20, 1, _Fields.of(ShardPiece, data=_Bytes(1, PIECE_SIZE))),
     _Spec(0x40, 1, _Fields.of(Ready)),
     _Spec(0x41, 1, _Fields.of(Stored, shard_id=_SHARD_ID, lease_expiry=_UNIX_TIME)),
@@ -709,6 +759,8 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec(0x48, 1, _Fields.of(RootStored)),
     _Spec(0x49, 1, _Fields.of(RootData, data=_Optional(_Bytes(0, MAX_ROOT_SIZE)))),
     _Spec(0x4A, 1, _Fields.of(Usage, used=_Int(0, MAX_UINT), offered=_Optional(_Int(0, MAX_UINT)))),
+    _Spec(0x4B, 1, _Fields.of(AllDeleted, shards=_Int(0, MAX_UINT), root=_Bool())),
+    _Spec(0x4C, 1, _Fields.of(Noted, known=_Bool())),
     _Spec(
         0x4F,
         1,
@@ -967,3 +1019,10 @@ def delete_statement(host_id: bytes, shard_id: bytes) -> bytes:
     _statement_field(_HOST_ID, host_id, "delete: host id")
     _statement_field(_SHARD_ID, shard_id, "delete: shard id")
     return b"".join((_STATEMENT_DOMAIN, b"delete\x00", host_id, shard_id))
+
+
+def delete_all_statement(host_id: bytes) -> bytes:
+    """What an owner signs to let host ``host_id`` delete everything it keeps
+    for the owner: its shards and its root record."""
+    _statement_field(_HOST_ID, host_id, "delete all: host id")
+    return b"".join((_STATEMENT_DOMAIN, b"delete-all\x00", host_id))

@@ -86,6 +86,11 @@ class RestoreRequest:
     #: Restore only this path of the snapshot (a path inside it, not a client path).
     path: str | None = None
     overwrite: bool = False
+    #: Patterns, as ``backup --exclude`` takes them, on the paths as backed up.
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    #: Read every file restored back and compare it with the snapshot.
+    verify: bool = False
     json: bool = False
 
 

@@ -373,6 +373,7 @@ class Service:
 
     async def restore(self, request: RestoreRequest, console: Console) -> Outcome:
         from p2pbackup.app import operations
+        from p2pbackup.core.exclude import ExcludeRules
         from p2pbackup.engine import snapshots
         from p2pbackup.engine.restore import Restorer
 
@@ -384,6 +385,9 @@ class Service:
                 Path(request.target),
                 overwrite=request.overwrite,
                 progress=console.progress_line("restore"),
+                include=ExcludeRules.from_patterns(request.include),
+                exclude=ExcludeRules.from_patterns(request.exclude),
+                verify=request.verify,
             )
             summary = await restorer.run(snap, only)
         if request.json:

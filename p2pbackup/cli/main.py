@@ -510,6 +510,24 @@ def _add_backup_and_restore(commands: _Commands) -> None:
     p.add_argument("--target", required=True, metavar="DIR")
     p.add_argument("--path", metavar="P", help="restore only this path of the snapshot")
     p.add_argument("--overwrite", action="store_true", help="replace existing files that differ")
+    p.add_argument(
+        "--include",
+        action="append",
+        metavar="PATTERN",
+        help="restore only what matches: names (*.jpg) or absolute paths as backed up "
+        "(/home/me/docs), with everything under a match (repeatable)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PATTERN",
+        help="leave out what matches, as backup --exclude (repeatable)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every file restored back and compare it with the snapshot",
+    )
     _json_option(p)
     p.set_defaults(request=requests.RestoreRequest)
 

@@ -115,6 +115,7 @@ PURE_ELSEWHERE = frozenset(
         "wire.noise",
         "engine.sealwire",
         "engine.shards",
+        "engine.retention",
         "maintenance.audit",
         "maintenance.reputation",
         "dht.records",

@@ -748,6 +748,15 @@ SAMPLES: list[tuple[str, requests.Request]] = [
     ("ls 0123abcd /home --json", requests.LsRequest(snapshot="0123abcd", path="/home", json=True)),
     ("forget 0123abcd latest", requests.ForgetRequest(snapshots=("0123abcd", "latest"))),
     ("prune --json", requests.PruneRequest(json=True)),
+    (
+        "diff 0123 latest --json",
+        requests.DiffRequest(snapshot1="0123", snapshot2="latest", json=True),
+    ),
+    (
+        "find *.jpg /home/*/x --snapshot 0123 --json",
+        requests.FindRequest(patterns=("*.jpg", "/home/*/x"), snapshot=("0123",), json=True),
+    ),
+    ("dump latest /home/me/a.txt", requests.DumpRequest(snapshot="latest", path="/home/me/a.txt")),
     ("check --read-data --json", requests.CheckRequest(read_data=True, json=True)),
     ("status --json", requests.StatusRequest(json=True)),
     (
@@ -898,3 +907,40 @@ def test_a_restore_that_fails_in_the_daemon_says_so_to_its_client(tmp_path: Path
     for said in ("restore is incomplete", "not in this snapshot", "conflict"):
         assert said not in err.decode(), err.decode()
         assert said not in log
+
+
+#: Samples of options a command's first sample leaves out.
+MORE_SAMPLES = [
+    (
+        "forget --keep-daily 7 --keep-within 1y --keep-tag a,b --group-by paths --prune --dry-run",
+        requests.ForgetRequest(
+            keep_daily=7,
+            keep_within="1y",
+            keep_tag=("a,b",),
+            group_by="paths",
+            prune=True,
+            dry_run=True,
+        ),
+    ),
+    ("prune --dry-run", requests.PruneRequest(dry_run=True)),
+    (
+        "restore latest --target /tmp/out --include *.jpg --exclude cache --verify",
+        requests.RestoreRequest(
+            snapshot="latest",
+            target="/tmp/out",
+            include=("*.jpg",),
+            exclude=("cache",),
+            verify=True,
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("command_line", "request_"), MORE_SAMPLES)
+def test_the_command_line_asks_for_each_option(
+    command_line: str, request_: requests.Request
+) -> None:
+    assert typed_from(command_line) == request_
+    name = requests.command_name(request_)
+    arguments = json.loads(json.dumps(requests.encode_arguments(request_)))
+    assert requests.decode_arguments(requests.COMMANDS[name], arguments) == request_

@@ -50,7 +50,7 @@ import trio
 from p2pbackup.app import operations
 from p2pbackup.app.home import Home
 from p2pbackup.app.homedht import home_friends, home_root_holders
-from p2pbackup.app.service import error_message
+from p2pbackup.app.service import error_message, local_zone
 from p2pbackup.core.keys import Keyring
 from p2pbackup.dht import adapter as dht
 from p2pbackup.dht.discovery import (
@@ -63,11 +63,17 @@ from p2pbackup.dht.discovery import (
 from p2pbackup.dht.records import RecordAddress
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.index import Index
-from p2pbackup.errors import RepositoryLockedError, StoreError
+from p2pbackup.errors import P2PBackupError, RepositoryLockedError, StoreError
 from p2pbackup.maintenance import keeper, leases
 from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
-from p2pbackup.node.schedule import RUNNING_OFFER, BackupSchedule, StorageOffer, load_config
+from p2pbackup.node.schedule import (
+    RUNNING_OFFER,
+    BackupSchedule,
+    RetentionConfig,
+    StorageOffer,
+    load_config,
+)
 from p2pbackup.node.server import StorageServer
 from p2pbackup.node.shardhost import ReconcileReport, ShardHost
 from p2pbackup.nurseries import unwrap_single
@@ -358,15 +364,25 @@ async def run_scheduled_backups(
     *,
     turns: trio.Lock | None = None,
 ) -> None:
-    """Back up what the config says, now and then every interval, until cancelled.
+    """Back up what the config says every interval, until cancelled: the
+    first run at once, unless the last run that completed is more recent
+    than the interval (a restarted ``serve`` waits for the rest of it).
 
     A run that cannot start (a backup from the command line holds the home)
     or fails, even by a bug, is logged, and the next one comes at its time.
+    After a run that completed, config.toml's ``[forget]`` policy, if any,
+    is applied to the group of its snapshot (:func:`apply_scheduled_retention`).
     ``after_each`` is called when a run is over (the peers may have changed).
     ``turns``, when given, is held around each run (module docstring: role).
     """
+    forget = load_config(home.config_path).forget
+    wait = _rest_of_interval(home, schedule.interval)
+    if wait > 0:
+        log.info("scheduled backup: the last run was recent; the next in %.0f s", wait)
+        await trio.sleep(wait)
     while True:
         started = trio.current_time()
+        summary = None
         try:
             with unwrap_single():
                 async with (
@@ -376,20 +392,20 @@ async def run_scheduled_backups(
                     summary = await Backup(repo, exclude=schedule.exclude).run(
                         schedule.paths, schedule.tags
                     )
+                    with repo.index.transaction():
+                        repo.index.set_meta(LAST_SCHEDULED_RUN, str(time.time_ns()).encode())
         except RepositoryLockedError as error:
             log.warning("scheduled backup skipped: %s", error)
         except Exception as error:
-            message = error_message(error)
-            if message is None:
-                log.exception("scheduled backup failed by an unexpected error (a bug)")
-            else:
-                log.error("scheduled backup failed: %s", message)
+            _log_failure("scheduled backup", error)
         else:
             log.info(
                 "scheduled backup saved snapshot %s: %s",
                 summary.snapshot_id.hex(),
                 "; ".join(summary.lines()),
             )
+        if summary is not None and forget is not None:
+            await apply_scheduled_retention(home, network, forget, summary.snapshot_id)
         after_each()
         await trio.sleep_until(started + schedule.interval)
 
@@ -432,6 +448,72 @@ def _note_leaving(home: Home, node_id: bytes) -> bool:
             index.close()
     except sqlite3.Error as error:  # busy, a full disk: the notice is refused
         raise StoreError(f"cannot write the index {home.index_path}: {error}") from error
+
+
+#: The index's meta key for when the last scheduled run completed (ns since the epoch).
+LAST_SCHEDULED_RUN = "last_scheduled_backup_ns"
+
+
+def _rest_of_interval(home: Home, interval: float) -> float:
+    """Seconds until the next scheduled run is due, by when the last one
+    completed (0: now, or no run completed yet)."""
+    try:
+        index = Index(home.index_path, create=False)
+    except P2PBackupError:
+        return 0.0
+    try:
+        raw = index.get_meta(LAST_SCHEDULED_RUN)
+    finally:
+        index.close()
+    if raw is None:
+        return 0.0
+    since = (time.time_ns() - int(raw)) / 1e9
+    return min(max(interval - since, 0.0), interval)
+
+
+async def apply_scheduled_retention(
+    home: Home, network: Network, forget: RetentionConfig, snapshot_id: bytes
+) -> None:
+    """Forget what the ``[forget]`` policy does not keep of the group of
+    ``snapshot_id`` (a scheduled run's), then prune if it says so; what goes
+    wrong is logged, and tried again after the next run."""
+    from p2pbackup.engine import snapshots
+    from p2pbackup.engine.prune import prune
+
+    try:
+        with unwrap_single():
+            async with operations.open_repository(home, network=network, access="remove") as repo:
+                decision = await snapshots.apply_retention(
+                    repo,
+                    forget.policy,
+                    tz=local_zone(),
+                    group_by=forget.group_by,
+                    group_of=snapshot_id,
+                )
+                removed = decision.removed
+                log.info(
+                    "scheduled forget (%s): kept %d snapshots, forgot %d",
+                    forget.policy.describe(),
+                    len(decision.kept),
+                    len(removed),
+                )
+                if removed and forget.prune:
+                    pruned = await prune(repo)
+                    log.info("scheduled prune: %s", "; ".join(pruned.lines()))
+    except RepositoryLockedError as error:
+        log.warning("scheduled forget skipped (tried again after the next run): %s", error)
+    except Exception as error:
+        _log_failure("scheduled forget", error)
+
+
+def _log_failure(what: str, error: Exception) -> None:
+    """Log a scheduled run's failure: the one line of an expected failure,
+    the traceback of a bug."""
+    message = error_message(error)
+    if message is None:
+        log.error("%s failed by an unexpected error (a bug)", what, exc_info=error)
+    else:
+        log.error("%s failed: %s", what, message)
 
 
 def _storage_offered(home: Home, options: ServeOptions) -> int:

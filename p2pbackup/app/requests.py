@@ -86,6 +86,11 @@ class RestoreRequest:
     #: Restore only this path of the snapshot (a path inside it, not a client path).
     path: str | None = None
     overwrite: bool = False
+    #: Patterns, as ``backup --exclude`` takes them, on the paths as backed up.
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    #: Read every file restored back and compare it with the snapshot.
+    verify: bool = False
     json: bool = False
 
 
@@ -102,13 +107,85 @@ class LsRequest:
     json: bool = False
 
 
+def _not_negative(_request: object, field: attrs.Attribute[Any], value: int) -> None:
+    if value < 0:
+        raise UsageError(f"--{field.name.replace('_', '-')} must not be negative")
+
+
+def _keep() -> Any:
+    return attrs.field(default=0, validator=_not_negative)
+
+
+@attrs.frozen(kw_only=True)
+class DiffRequest:
+    #: The older and the newer snapshot (references, as ``ls`` takes them).
+    snapshot1: str
+    snapshot2: str
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class FindRequest:
+    #: Glob patterns: on the name (no slash) or the whole path (with one).
+    patterns: tuple[str, ...] = attrs.field(validator=_not_empty)
+    #: Look only in these snapshots; empty: in every one.
+    snapshot: tuple[str, ...] = ()
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class DumpRequest:
+    """A file's bytes, or a directory as tar, to the client's standard
+    output: bytes, so it runs in the client's process (:data:`LOCAL_COMMANDS`)."""
+
+    snapshot: str
+    #: A path inside the snapshot.
+    path: str
+
+
 @attrs.frozen(kw_only=True)
 class ForgetRequest:
-    snapshots: tuple[str, ...] = attrs.field(validator=_not_empty)
+    """Forget the named snapshots, or those a retention policy does not keep
+    (:mod:`p2pbackup.engine.retention`): one or the other."""
+
+    snapshots: tuple[str, ...] = ()
+    keep_last: int = _keep()
+    keep_hourly: int = _keep()
+    keep_daily: int = _keep()
+    keep_weekly: int = _keep()
+    keep_monthly: int = _keep()
+    keep_yearly: int = _keep()
+    #: restic's form: ``7d``, ``1y6m``.
+    keep_within: str | None = None
+    keep_tag: tuple[str, ...] = ()
+    #: ``host,paths,tags``, any of them; None: the default grouping.
+    group_by: str | None = None
+    #: Prune afterwards.
+    prune: bool = False
+    #: Say what would be forgotten (and pruned), and write nothing.
+    dry_run: bool = False
+    json: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.snapshots and self.has_policy:
+            raise UsageError("forget takes snapshots or --keep-… options, not both")
+        if not self.snapshots and not self.has_policy:
+            raise UsageError(
+                "forget needs the snapshots to forget, or a policy of what to keep "
+                "(--keep-last N, --keep-daily N, --keep-within 30d …)"
+            )
+
+    @property
+    def has_policy(self) -> bool:
+        counts = (self.keep_last, self.keep_hourly, self.keep_daily, self.keep_weekly,
+                  self.keep_monthly, self.keep_yearly)  # fmt: skip
+        return any(counts) or self.keep_within is not None or bool(self.keep_tag)
 
 
 @attrs.frozen(kw_only=True)
 class PruneRequest:
+    #: Say what would be deleted and repacked, and write nothing.
+    dry_run: bool = False
     json: bool = False
 
 
@@ -193,6 +270,9 @@ Request = (
     | RestoreRequest
     | SnapshotsRequest
     | LsRequest
+    | DiffRequest
+    | FindRequest
+    | DumpRequest
     | ForgetRequest
     | PruneRequest
     | CheckRequest
@@ -215,6 +295,9 @@ COMMANDS: Final[Mapping[str, type[Request]]] = {
     "restore": RestoreRequest,
     "snapshots": SnapshotsRequest,
     "ls": LsRequest,
+    "diff": DiffRequest,
+    "find": FindRequest,
+    "dump": DumpRequest,
     "forget": ForgetRequest,
     "prune": PruneRequest,
     "check": CheckRequest,
@@ -230,6 +313,10 @@ COMMANDS: Final[Mapping[str, type[Request]]] = {
     "friend list": FriendListRequest,
     "friend remove": FriendRemoveRequest,
 }
+
+#: Commands that write bytes, not lines, to the client's standard output:
+#: they run in the client's own process, never through the daemon.
+LOCAL_COMMANDS: Final = frozenset({"dump"})
 
 _NAMES: Final[Mapping[type[Request], str]] = {cls: name for name, cls in COMMANDS.items()}
 

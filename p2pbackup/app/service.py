@@ -24,11 +24,13 @@ that the command line starts quickly.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 import stat
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, assert_never
 
@@ -39,6 +41,9 @@ from p2pbackup.app.requests import (
     COMMANDS,
     BackupRequest,
     CheckRequest,
+    DiffRequest,
+    DumpRequest,
+    FindRequest,
     ForgetRequest,
     FriendAddRequest,
     FriendListRequest,
@@ -60,12 +65,14 @@ from p2pbackup.app.requests import (
 )
 from p2pbackup.engine.progress import Progress, human_bytes
 from p2pbackup.errors import P2PBackupError, UsageError
-from p2pbackup.model import NodeKind, TreeNode
+from p2pbackup.model import NodeKind, Snapshot, TreeNode
 from p2pbackup.node.control import EXIT_BAD_REQUEST, ControlRequest, LineSink, Outcome
 from p2pbackup.nurseries import leaves, unwrap_single
 
 if TYPE_CHECKING:
     from p2pbackup.app import operations
+    from p2pbackup.engine import browse, retention
+    from p2pbackup.engine.prune import PruneSummary
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +89,9 @@ class Console:
 
     out: LineSink
     progress: LineSink | None = None
+    #: Where bytes go (``dump``): the command's own standard output; None
+    #: where there is none (in the daemon).
+    data: Callable[[bytes], None] | None = None
 
     def progress_line(self, label: str) -> Progress:
         """A progress line for ``label``: shown through ``progress``, or not at all."""
@@ -135,6 +145,12 @@ class Service:
                 return await self.snapshots(request, console)
             case LsRequest():
                 return await self.ls(request, console)
+            case DiffRequest():
+                return await self.diff(request, console)
+            case FindRequest():
+                return await self.find(request, console)
+            case DumpRequest():
+                return await self.dump(request, console)
             case ForgetRequest():
                 return await self.forget(request, console)
             case PruneRequest():
@@ -274,8 +290,93 @@ class Service:
                 console.out(_describe(path, node))
         return OK
 
+    async def diff(self, request: DiffRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.engine import browse, snapshots
+
+        stats = browse.DiffStats()
+        changes = []
+        async with operations.open_repository(self.home, access="read") as repo:
+            old_id, old = snapshots.resolve(repo.index, request.snapshot1)
+            new_id, new = snapshots.resolve(repo.index, request.snapshot2)
+            async for change in browse.diff(repo, old, new):
+                stats.count(change)
+                changes.append(change)
+        if request.json:
+            console.out(
+                _json(
+                    {
+                        "old": old_id.hex(),
+                        "new": new_id.hex(),
+                        "changes": [_change_json(c) for c in changes],
+                        "stats": attrs.asdict(stats),
+                    }
+                )
+            )
+            return OK
+        console.out(f"comparing snapshot {old_id.hex()[:12]} to {new_id.hex()[:12]}:")
+        for change in changes:
+            console.out(_change_line(change))
+        console.out("")
+        for line in _diff_stats_lines(stats):
+            console.out(line)
+        return OK
+
+    async def find(self, request: FindRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.engine import browse, snapshots
+
+        rules = browse.matcher(list(request.patterns))
+        found: list[tuple[bytes, Snapshot, list[tuple[bytes, TreeNode]]]] = []
+        async with operations.open_repository(self.home, access="read") as repo:
+            if request.snapshot:
+                chosen = dict(snapshots.resolve(repo.index, ref) for ref in request.snapshot)
+                rows = sorted(chosen.items(), key=lambda item: item[1].time_ns)
+            else:
+                rows = repo.index.snapshots()
+            for sid, snap in rows:
+                matches = [item async for item in browse.find(repo, snap, rules)]
+                if matches:
+                    found.append((sid, snap, matches))
+        if request.json:
+            console.out(
+                _json(
+                    [
+                        {
+                            "snapshot": sid.hex(),
+                            "time": time.strftime(
+                                "%Y-%m-%dT%H:%M:%S%z", time.localtime(snap.time_ns / 1e9)
+                            ),
+                            "matches": [_ls_json(p, n) for p, n in matches],
+                        }
+                        for sid, snap, matches in found
+                    ]
+                )
+            )
+            return OK
+        if not found:
+            searched = _plural(len(rows), "snapshot")
+            console.out(f"nothing matches {' or '.join(request.patterns)} in {searched}")
+        for sid, snap, matches in found:
+            console.out(f"found in snapshot {sid.hex()[:12]} from {_when(snap.time_ns)}:")
+            for path, node in matches:
+                console.out(f"  {_describe(path, node)}")
+        return OK
+
+    async def dump(self, request: DumpRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.engine import browse, snapshots
+
+        if console.data is None:
+            raise UsageError("dump writes bytes to its own standard output: run it there")
+        async with operations.open_repository(self.home, access="read") as repo:
+            _sid, snap = snapshots.resolve(repo.index, request.snapshot)
+            await browse.dump(repo, snap, os.fsencode(request.path), console.data)
+        return OK
+
     async def restore(self, request: RestoreRequest, console: Console) -> Outcome:
         from p2pbackup.app import operations
+        from p2pbackup.core.exclude import ExcludeRules
         from p2pbackup.engine import snapshots
         from p2pbackup.engine.restore import Restorer
 
@@ -287,6 +388,9 @@ class Service:
                 Path(request.target),
                 overwrite=request.overwrite,
                 progress=console.progress_line("restore"),
+                include=ExcludeRules.from_patterns(request.include),
+                exclude=ExcludeRules.from_patterns(request.exclude),
+                verify=request.verify,
             )
             summary = await restorer.run(snap, only)
         if request.json:
@@ -301,13 +405,56 @@ class Service:
 
     async def forget(self, request: ForgetRequest, console: Console) -> Outcome:
         from p2pbackup.app import operations
-        from p2pbackup.engine import snapshots
+        from p2pbackup.engine import retention, snapshots
+        from p2pbackup.engine.prune import prune
 
         async with operations.open_repository(self.home, access="remove") as repo:
-            removed = await snapshots.forget(repo, list(request.snapshots))
-        for sid in removed:
-            console.out(f"forgot snapshot {sid.hex()[:12]}")
-        console.out("run `p2pbackup prune` to free the space only they used")
+            if request.snapshots:
+                chosen = [
+                    snapshots.resolve(repo.index, ref)[0]
+                    for ref in dict.fromkeys(request.snapshots)
+                ]
+                decision = None
+                if not request.dry_run:
+                    await snapshots.forget_ids(repo, list(dict.fromkeys(chosen)))
+            else:
+                decision = await snapshots.apply_retention(
+                    repo,
+                    _policy(request),
+                    tz=local_zone(),
+                    group_by=retention.parse_group_by(request.group_by),
+                    dry_run=request.dry_run,
+                )
+                chosen = decision.removed
+            pruned = None
+            if request.prune and chosen:
+                pruned = await prune(
+                    repo,
+                    progress=console.progress_line("prune"),
+                    dry_run=request.dry_run,
+                    without=frozenset(chosen) if request.dry_run else frozenset(),
+                )
+        if request.json:
+            console.out(_json(_forget_json(request, chosen, decision, pruned)))
+            return OK
+        if decision is not None:
+            for line in _decision_lines(decision):
+                console.out(line)
+        forgot = "would forget" if request.dry_run else "forgot"
+        if not chosen:
+            console.out("no snapshot to forget: the policy keeps them all")
+        elif decision is None:
+            for sid in dict.fromkeys(chosen):
+                console.out(f"{forgot} snapshot {sid.hex()[:12]}")
+        else:
+            console.out(f"{forgot} {_plural(len(chosen), 'snapshot')}")
+        if request.dry_run:
+            console.out("--dry-run: nothing was changed")
+        if pruned is not None:
+            for line in pruned.lines():
+                console.out(line)
+        elif chosen and not request.dry_run:
+            console.out("run `p2pbackup prune` to free the space only they used")
         return OK
 
     async def prune(self, request: PruneRequest, console: Console) -> Outcome:
@@ -315,7 +462,9 @@ class Service:
         from p2pbackup.engine.prune import prune
 
         async with operations.open_repository(self.home, access="remove") as repo:
-            summary = await prune(repo, progress=console.progress_line("prune"))
+            summary = await prune(
+                repo, progress=console.progress_line("prune"), dry_run=request.dry_run
+            )
         if request.json:
             console.out(_json(attrs.asdict(summary)))
         else:
@@ -580,6 +729,146 @@ def _removal_lines(console: Console, what: str, removed: operations.PeerRemoved)
         console.out(
             f"{shortfall.below_k} packs have fewer than K shards left: they cannot be restored"
         )
+
+
+def _change_line(change: browse.Change) -> str:
+    path = os.fsdecode(change.path)
+    old, new = change.old, change.new
+    if change.kind == "M" and old is not None and new is not None:
+        return f"M    {path}  ({human_bytes(old.size)} → {human_bytes(new.size)})"
+    node = new if new is not None else old
+    assert node is not None
+    suffix = "/" if node.kind == NodeKind.DIR else ""
+    size = (
+        f"  ({human_bytes(node.size)})"
+        if node.kind == NodeKind.FILE and change.kind in "+-"
+        else ""
+    )
+    return f"{change.kind}    {path}{suffix}{size}"
+
+
+def _change_json(change: browse.Change) -> dict[str, object]:
+    data: dict[str, object] = {
+        "change": {"+": "added", "-": "removed", "M": "modified", "U": "metadata", "T": "type"}[
+            change.kind
+        ],
+        "path": change.path.decode("utf-8", "backslashreplace"),
+    }
+    if change.old is not None:
+        data["old"] = {"type": change.old.kind.name.lower(), "size": change.old.size}
+    if change.new is not None:
+        data["new"] = {"type": change.new.kind.name.lower(), "size": change.new.size}
+    return data
+
+
+def _diff_stats_lines(stats: browse.DiffStats) -> list[str]:
+    return [
+        f"added:    {_plural(stats.files_added, 'file')}, "
+        f"{_plural(stats.dirs_added, 'directory')}, {_plural(stats.others_added, 'other')}; "
+        f"{human_bytes(stats.bytes_added)}",
+        f"removed:  {_plural(stats.files_removed, 'file')}, "
+        f"{_plural(stats.dirs_removed, 'directory')}, {_plural(stats.others_removed, 'other')}; "
+        f"{human_bytes(stats.bytes_removed)}",
+        f"changed:  {_plural(stats.files_changed, 'file')} "
+        f"({human_bytes(stats.bytes_changed_before)} → {human_bytes(stats.bytes_changed_after)}); "
+        f"metadata only: {stats.metadata_changed}",
+    ]
+
+
+def _plural(count: int, noun: str) -> str:
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun[:-1]}ies" if noun.endswith("y") else f"{count} {noun}s"
+
+
+def _when(time_ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time_ns / 1e9))
+
+
+def _policy(request: ForgetRequest) -> retention.RetentionPolicy:
+    from p2pbackup.engine import retention
+
+    return retention.RetentionPolicy.from_options(
+        keep_last=request.keep_last,
+        keep_hourly=request.keep_hourly,
+        keep_daily=request.keep_daily,
+        keep_weekly=request.keep_weekly,
+        keep_monthly=request.keep_monthly,
+        keep_yearly=request.keep_yearly,
+        keep_within=request.keep_within,
+        keep_tag=request.keep_tag,
+    )
+
+
+def local_zone() -> datetime.tzinfo:
+    """The user's time zone: a policy's days and weeks are theirs."""
+    zone = datetime.datetime.now().astimezone().tzinfo
+    assert zone is not None
+    return zone
+
+
+def _group_title(key: Mapping[str, object]) -> str:
+    parts = []
+    for name, value in key.items():
+        if name == "paths":
+            assert isinstance(value, tuple)
+            parts.append(f"paths {', '.join(os.fsdecode(p) for p in value) or '(none)'}")
+        elif name == "tags":
+            assert isinstance(value, tuple)
+            parts.append(f"tags {', '.join(value) or '(none)'}")
+        else:
+            parts.append(f"host {value}")
+    return "snapshots of " + "; ".join(parts) if parts else "all snapshots"
+
+
+def _decision_lines(decision: retention.RetentionDecision) -> list[str]:
+    """restic's forget listing: per group, what is kept and why, what goes."""
+    lines = []
+    for group in decision.groups:
+        lines.append(f"{_group_title(group.key)}:")
+        lines.append(f"keep {_plural(len(group.keep), 'snapshot')}:")
+        for kept in group.keep:
+            lines.append(
+                f"  {kept.snapshot_id.hex()[:12]}  {_when(kept.snapshot.time_ns)}  "
+                f"{', '.join(kept.reasons)}"
+            )
+        if group.remove:
+            lines.append(f"remove {_plural(len(group.remove), 'snapshot')}:")
+            for sid, snap in group.remove:
+                lines.append(f"  {sid.hex()[:12]}  {_when(snap.time_ns)}")
+        lines.append("")
+    return lines
+
+
+def _forget_json(
+    request: ForgetRequest,
+    chosen: list[bytes],
+    decision: retention.RetentionDecision | None,
+    pruned: PruneSummary | None,
+) -> dict[str, object]:
+    data: dict[str, object] = {
+        "dry_run": request.dry_run,
+        "forgotten": [sid.hex() for sid in dict.fromkeys(chosen)],
+    }
+    if decision is not None:
+        data["groups"] = [
+            {
+                "key": {
+                    name: [os.fsdecode(v) if isinstance(v, bytes) else v for v in value]
+                    if isinstance(value, tuple)
+                    else value
+                    for name, value in group.key.items()
+                },
+                "keep": [
+                    {"id": k.snapshot_id.hex(), "reasons": list(k.reasons)} for k in group.keep
+                ],
+                "remove": [sid.hex() for sid, _ in group.remove],
+            }
+            for group in decision.groups
+        ]
+    if pruned is not None:
+        data["prune"] = attrs.asdict(pruned)
+    return data
 
 
 def _describe(path: bytes, node: TreeNode) -> str:

@@ -505,21 +505,71 @@ def _add_backup_and_restore(commands: _Commands) -> None:
     p.add_argument("path", nargs="?", metavar="PATH")
     _json_option(p)
     p.set_defaults(request=requests.LsRequest)
+    _add_browse(commands)
     p = commands.add_parser("restore", help="restore a snapshot into a directory")
     p.add_argument("snapshot", metavar="SNAPSHOT", help="id, unique prefix, or 'latest'")
     p.add_argument("--target", required=True, metavar="DIR")
     p.add_argument("--path", metavar="P", help="restore only this path of the snapshot")
     p.add_argument("--overwrite", action="store_true", help="replace existing files that differ")
+    p.add_argument(
+        "--include",
+        action="append",
+        metavar="PATTERN",
+        help="restore only what matches: names (*.jpg) or absolute paths as backed up "
+        "(/home/me/docs), with everything under a match (repeatable)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PATTERN",
+        help="leave out what matches, as backup --exclude (repeatable)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every file restored back and compare it with the snapshot",
+    )
     _json_option(p)
     p.set_defaults(request=requests.RestoreRequest)
 
 
+def _add_browse(commands: _Commands) -> None:
+    """Looking into snapshots without restoring them."""
+    p = commands.add_parser("diff", help="what changed between two snapshots")
+    p.add_argument(
+        "snapshot1", metavar="SNAPSHOT1", help="the older: id, unique prefix, or 'latest'"
+    )
+    p.add_argument("snapshot2", metavar="SNAPSHOT2", help="the newer")
+    _json_option(p)
+    p.set_defaults(request=requests.DiffRequest)
+    p = commands.add_parser("find", help="find files by name or path in every snapshot")
+    p.add_argument(
+        "patterns",
+        nargs="+",
+        metavar="PATTERN",
+        help="a glob on the name (*.jpg) or, with a slash, on the whole path (/home/*/notes.txt)",
+    )
+    p.add_argument(
+        "--snapshot",
+        action="append",
+        metavar="SNAPSHOT",
+        help="look only in this snapshot (repeatable; default: every one)",
+    )
+    _json_option(p)
+    p.set_defaults(request=requests.FindRequest)
+    p = commands.add_parser(
+        "dump", help="write a file of a snapshot to standard output (a directory as tar)"
+    )
+    p.add_argument("snapshot", metavar="SNAPSHOT", help="id, unique prefix, or 'latest'")
+    p.add_argument("path", metavar="PATH", help="a path in the snapshot ('/' for all of it)")
+    p.set_defaults(request=requests.DumpRequest)
+
+
 def _add_upkeep(commands: _Commands) -> None:
     """Dropping what is no longer wanted, and checking what is kept."""
-    p = commands.add_parser("forget", help="drop snapshots (prune frees their space)")
-    p.add_argument("snapshots", nargs="+", metavar="SNAPSHOT")
-    p.set_defaults(request=requests.ForgetRequest)
+    _add_forget(commands)
     p = commands.add_parser("prune", help="delete data no snapshot needs")
+    _dry_run_option(p, "say what would be deleted and repacked")
     _json_option(p)
     p.set_defaults(request=requests.PruneRequest)
     p = commands.add_parser(
@@ -554,6 +604,55 @@ def _add_leave(commands: _Commands) -> None:
     )
     _json_option(p)
     p.set_defaults(request=requests.LeaveRequest)
+
+
+def _dry_run_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--dry-run", action="store_true", help=f"{what}, and change nothing (here or on peers)"
+    )
+
+
+def _add_forget(commands: _Commands) -> None:
+    p = commands.add_parser(
+        "forget",
+        help="drop snapshots, named or by a policy of what to keep (prune frees their space)",
+        description="Forget the snapshots named, or those a policy does not keep. "
+        "A policy applies to each group of snapshots apart (by default: the same paths "
+        "and tags); a snapshot that any --keep option keeps is kept.",
+    )
+    p.add_argument(
+        "snapshots", nargs="*", metavar="SNAPSHOT", help="id, unique prefix, or 'latest'"
+    )
+    for unit, what in (
+        ("last", "the N newest snapshots"),
+        ("hourly", "the newest snapshot of each of the N newest hours that have one"),
+        ("daily", "the newest snapshot of each of the N newest days that have one"),
+        ("weekly", "the newest snapshot of each of the N newest weeks that have one"),
+        ("monthly", "the newest snapshot of each of the N newest months that have one"),
+        ("yearly", "the newest snapshot of each of the N newest years that have one"),
+    ):
+        p.add_argument(f"--keep-{unit}", type=int, metavar="N", help=f"keep {what}")
+    p.add_argument(
+        "--keep-within",
+        metavar="DURATION",
+        help="keep the snapshots younger than DURATION, counted back from the newest "
+        "(y, m, d, h: 7d, 1y6m)",
+    )
+    p.add_argument(
+        "--keep-tag",
+        action="append",
+        metavar="TAG[,TAG]",
+        help="keep the snapshots that carry these tags (repeatable)",
+    )
+    p.add_argument(
+        "--group-by",
+        metavar="KEYS",
+        help="group snapshots by any of host,paths,tags ('' for one group; default paths,tags)",
+    )
+    p.add_argument("--prune", action="store_true", help="prune afterwards")
+    _dry_run_option(p, "say what would be forgotten (and pruned)")
+    _json_option(p)
+    p.set_defaults(request=requests.ForgetRequest)
 
 
 def _add_recover(commands: _Commands) -> None:
@@ -712,10 +811,24 @@ def _run(args: argparse.Namespace, home: Home) -> Outcome:
             return Outcome(int(trio.run(func, args, home, console.out)))
         return Outcome(int(func(args, home, console.out)))
     request = _request(cls, args)
+    if requests.command_name(request) in requests.LOCAL_COMMANDS:
+        console = attrs.evolve(console, data=_standard_output_bytes())
+        return trio.run(Service(home).run, request, console)
     forwarded = _forward(home, request, console)
     if forwarded is not None:
         return forwarded
     return trio.run(Service(home).run, request, console)
+
+
+def _standard_output_bytes() -> Callable[[bytes], None]:
+    """Writes bytes to standard output (after any text already printed)."""
+    sys.stdout.flush()
+    stream = sys.stdout.buffer
+
+    def write(data: bytes) -> None:
+        stream.write(data)
+
+    return write
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,7 +49,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from p2pbackup.core import blobs, chunker, formats
+from p2pbackup.core import blobs, formats
 from p2pbackup.core.exclude import ExcludeRules
 from p2pbackup.engine import runtime, sealwire
 from p2pbackup.engine.pipeline import SEALER_MIN_FILES, Deduper, Job, Pipeline, Sealers
@@ -227,12 +227,7 @@ class Backup:
         self.repo = repo
         self.exclude = exclude if exclude is not None else ExcludeRules()
         config = repo.config
-        self.params = chunker.ChunkerParams(
-            min_size=config.chunk_min,
-            avg_size=config.chunk_avg,
-            max_size=config.chunk_max,
-            seed=repo.keyring.chunker_seed,
-        )
+        self.params = repo.chunker_params()
         self._keys = SealingKeys(repo.keyring.dedup_key, repo.keyring.data_key)
         #: Batches of at least this many files go to sealer processes.
         self.sealer_min_files = SEALER_MIN_FILES

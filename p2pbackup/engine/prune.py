@@ -33,7 +33,7 @@ import attrs
 import trio
 
 from p2pbackup.core import formats, packer
-from p2pbackup.engine.progress import Progress
+from p2pbackup.engine.progress import Progress, human_bytes
 from p2pbackup.engine.repository import Repository
 from p2pbackup.engine.snapshots import live_blobs
 from p2pbackup.errors import P2PBackupError, StoreError
@@ -52,17 +52,55 @@ class PruneSummary:
     packs_deleted: int = 0
     packs_repacked: int = 0
     packs_written: int = 0
+    #: Index packs replaced by one new index segment (a prune consolidates them).
+    index_packs_replaced: int = 0
     shards_deleted: int = 0
     orphan_shards_deleted: int = 0
+    #: Shard bytes deleted less shard bytes written (new packs, the new index).
     bytes_freed: int = 0
+    #: A dry run: what would be done, nothing done.
+    dry_run: bool = False
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not (
+            self.packs_deleted
+            or self.packs_repacked
+            or self.index_packs_replaced
+            or self.orphan_shards_deleted
+        )
 
     def lines(self) -> list[str]:
-        return [
-            f"deleted {self.packs_deleted} packs, repacked {self.packs_repacked} "
-            f"into {self.packs_written} new ones",
-            f"deleted {self.shards_deleted} shards of dead packs and "
-            f"{self.orphan_shards_deleted} orphaned shards; freed about {self.bytes_freed} bytes",
+        if self.nothing_to_do:
+            return ["nothing to prune: every pack holds live data and no shard is orphaned"]
+        verbs = ("would delete", "repack", "replace") if self.dry_run else (
+            "deleted", "repacked", "replaced")  # fmt: skip
+        lines = [
+            f"{verbs[0]} {_count(self.packs_deleted, 'dead pack')}, {verbs[1]} "
+            f"{_count(self.packs_repacked, 'mostly dead pack')} into "
+            f"{_count(self.packs_written, 'new one')}"
+            + (
+                f", and {verbs[2]} {_count(self.index_packs_replaced, 'index pack')} with one"
+                if self.index_packs_replaced
+                else ""
+            ),
         ]
+        if self.dry_run:
+            lines.append(
+                f"would delete {_count(self.orphan_shards_deleted, 'orphaned shard')}; "
+                f"free about {human_bytes(self.bytes_freed)} (--dry-run: nothing was changed)"
+            )
+        else:
+            lines.append(
+                f"deleted {_count(self.shards_deleted, 'shard')} of replaced packs and "
+                f"{_count(self.orphan_shards_deleted, 'orphaned shard')}; "
+                f"freed about {human_bytes(self.bytes_freed)}"
+            )
+        return lines
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 @attrs.frozen
@@ -130,15 +168,24 @@ def plan_prune(
     return PrunePlan(tuple(dead), tuple(repack), tuple(keep), tuple(index_packs))
 
 
-async def prune(repo: Repository, *, progress: Progress | None = None) -> PruneSummary:
-    """Plan the prune from what the live snapshots reach, then carry it out."""
+async def prune(
+    repo: Repository,
+    *,
+    progress: Progress | None = None,
+    dry_run: bool = False,
+    without: AbstractSet[bytes] = frozenset(),
+) -> PruneSummary:
+    """Plan the prune from what the live snapshots reach, then carry it out
+    (with ``dry_run``, only say what it would do: nothing is written, on the
+    peers or in the index; ``without`` names snapshots to count as forgotten
+    already, for a dry run of ``forget --prune``)."""
     progress = progress or Progress("prune", enabled=False)
     index = repo.index
     # Another home of this identity writing the root record: its packs
     # would look like orphans here. Refuse before any work.
     await repo.check_writer()
     progress.update("marking live data", force=True)
-    live, problems = await live_blobs(repo)
+    live, problems = await live_blobs(repo, without)
     if problems:
         raise PruneAbortedError(
             "prune stopped before deleting anything, since some data cannot be read: "
@@ -147,29 +194,58 @@ async def prune(repo: Repository, *, progress: Progress | None = None) -> PruneS
     plan = plan_prune(
         _data_packs(repo), index.pack_ids(is_index=True), live, index.iter_blob_rows()
     )
-    summary = PruneSummary()
-    written = await _repack(repo, plan.repack, progress)
-    summary.packs_repacked = len(plan.repack)
-    summary.packs_written = len(written)
-
+    if not (plan.dead or plan.repack or index.packs_without_segment()) and len(plan.old_index) <= 1:
+        # The one index pack already describes every pack kept: writing it
+        # again would free nothing, only replace it with its twin.
+        plan = attrs.evolve(plan, old_index=())
+    summary = PruneSummary(
+        packs_deleted=len(plan.dead),
+        packs_repacked=len(plan.repack),
+        index_packs_replaced=len(plan.old_index),
+        dry_run=dry_run,
+    )
     removed_records = [index.pack(p, with_blobs=False) for p in plan.removed]
-    progress.update("writing a new index", force=True)
-    await repo.write_index_segment(sorted([*plan.keep, *written]))
-    with index.transaction():
-        for pack_id in plan.removed:
-            index.remove_pack(pack_id)
-    await repo.publish_root()
+    freed = sum(r.shard_size * len(r.shards) for r in removed_records if r is not None)
+    if dry_run:
+        summary.packs_written = _repacked_estimate(repo, plan.repack)
+        summary.orphan_shards_deleted = len(await find_orphans(repo))
+        summary.bytes_freed = freed
+        progress.close()
+        return summary
+
+    written = await _repack(repo, plan.repack, progress)
+    summary.packs_written = len(written)
+    if plan.old_index:
+        progress.update("writing a new index", force=True)
+        segment = await repo.write_index_segment(sorted([*plan.keep, *written]))
+        written_records = [index.pack(p, with_blobs=False) for p in written]
+        if segment is not None:
+            written_records.append(segment)
+        freed -= sum(r.shard_size * len(r.shards) for r in written_records if r is not None)
+        with index.transaction():
+            for pack_id in plan.removed:
+                index.remove_pack(pack_id)
+        await repo.publish_root()
 
     progress.update("deleting shards", force=True)
     for record in removed_records:
         if record is None:
             continue
-        summary.bytes_freed += record.shard_size * len(record.shards)
         summary.shards_deleted += await _delete_shards(repo, record)
-    summary.packs_deleted = len(plan.dead)
     summary.orphan_shards_deleted = await delete_orphans(repo)
+    summary.bytes_freed = max(freed, 0)
     progress.close()
     return summary
+
+
+def _repacked_estimate(repo: Repository, repack: tuple[Repack, ...]) -> int:
+    """How many packs a repack of ``repack`` would write."""
+    live = 0
+    for old in repack:
+        record = repo.index.pack(old.pack_id)
+        assert record is not None
+        live += sum(b.length for b in record.blobs if b.blob_id in old.blobs)
+    return -(-live // repo.config.pack_size) if live else 0
 
 
 def _data_packs(repo: Repository) -> Iterator[PackRecord]:
@@ -221,25 +297,40 @@ async def _delete_shards(repo: Repository, record: PackRecord) -> int:
     return deleted
 
 
-async def delete_orphans(repo: Repository) -> int:
-    """Delete shards on peers that no pack in the index names."""
-    deleted = 0
+async def find_orphans(repo: Repository) -> list[tuple[str, bytes]]:
+    """(peer id, shard id) of every shard on a peer that no pack in the index names."""
+    orphans, _answered = await _orphans(repo)
+    return orphans
+
+
+async def _orphans(repo: Repository) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """The orphaned shards, and the peers that listed theirs."""
+    orphans: list[tuple[str, bytes]] = []
+    answered: list[str] = []
     for peer_id, wanted in repo.expected_shards().items():
         try:
-            store = repo.store(peer_id)
-            held = await store.list()
+            held = await repo.store(peer_id).list()
         except StoreError:
             continue
-        for shard_id in held:
-            if shard_id not in wanted:
-                try:
-                    await store.delete(shard_id)
-                    deleted += 1
-                except StoreError:
-                    continue
+        answered.append(peer_id)
+        orphans += [(peer_id, shard_id) for shard_id in held if shard_id not in wanted]
+    return orphans, answered
+
+
+async def delete_orphans(repo: Repository) -> int:
+    """Delete shards on peers that no pack in the index names."""
+    orphans, answered = await _orphans(repo)
+    deleted = 0
+    for peer_id, shard_id in orphans:
+        try:
+            await repo.store(peer_id).delete(shard_id)
+            deleted += 1
+        except StoreError:
+            continue
+    for peer_id in answered:
         # Half-written shards of killed backups: this home holds its lock,
         # so nothing else writes to this owner's namespace now.
         with contextlib.suppress(StoreError):
-            await store.collect_garbage(older_than=0)
+            await repo.store(peer_id).collect_garbage(older_than=0)
         await trio.lowlevel.checkpoint()
     return deleted

@@ -83,7 +83,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from p2pbackup.core import blobs, erasure, formats, packer, placement
+from p2pbackup.core import blobs, chunker, erasure, formats, packer, placement
 from p2pbackup.core.keys import Keyring
 from p2pbackup.engine import rootrecord, shards
 from p2pbackup.engine.index import Index
@@ -282,6 +282,16 @@ class Repository:
         #: Write the root record even over another home's (a **takeover**,
         #: :mod:`~p2pbackup.engine.rootrecord`).
         self.takeover = False
+
+    def chunker_params(self) -> chunker.ChunkerParams:
+        """How this repository cuts files into chunks (its config, its secret seed)."""
+        config = self.config
+        return chunker.ChunkerParams(
+            min_size=config.chunk_min,
+            avg_size=config.chunk_avg,
+            max_size=config.chunk_max,
+            seed=self.keyring.chunker_seed,
+        )
 
     @property
     def config(self) -> RepositoryConfig:

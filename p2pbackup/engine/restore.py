@@ -25,6 +25,15 @@ Safety rules:
 * where a pack has fewer than k good shards the restore goes on with
   everything else and names exactly the files it could not restore
   (**unrecoverable**).
+
+**Include** and **exclude** patterns (``backup --exclude``'s rules,
+:mod:`p2pbackup.core.exclude`, on the paths as they were backed up) choose
+what is restored: an excluded entry is left out with everything under it;
+with include patterns, only what one matches is restored, with everything
+under it and the directories on the way to it (a directory with nothing
+included below is not created). **Verify** reads every file restored back
+once all are written, cuts it into chunks as the backup did, and compares
+their ids with the snapshot's: a file that differs is a **mismatch**.
 """
 
 from __future__ import annotations
@@ -36,11 +45,13 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
 
-from p2pbackup.core import blobs, formats, packer
+from p2pbackup.core import blobs, chunker, formats, packer
+from p2pbackup.core.exclude import ExcludeRules
 from p2pbackup.engine import runtime
 from p2pbackup.engine.progress import Progress, human_bytes
 from p2pbackup.engine.repository import Repository
@@ -69,14 +80,22 @@ class RestoreSummary:
     #: Entries restored without some of their metadata (extended attributes), and why.
     incomplete_metadata: list[tuple[str, str]] = attrs.Factory(list)
     seconds: float = 0.0
+    #: Entries left out by the include and exclude patterns.
+    filtered: int = 0
+    #: Files read back and found to hold the snapshot's content (``verify``);
+    #: None when not asked for.
+    verified: int | None = None
+    #: Files read back whose content is not the snapshot's, and why.
+    mismatches: list[tuple[str, str]] = attrs.Factory(list)
 
     @property
     def ok(self) -> bool:
-        return not (self.unrecoverable or self.conflicts or self.failed)
+        return not (self.unrecoverable or self.conflicts or self.failed or self.mismatches)
 
     def to_json(self) -> dict[str, object]:
         data = attrs.asdict(self)
         data["failed"] = [{"path": p, "reason": r} for p, r in self.failed]
+        data["mismatches"] = [{"path": p, "reason": r} for p, r in self.mismatches]
         data["incomplete_metadata"] = [
             {"path": p, "reason": r} for p, r in self.incomplete_metadata
         ]
@@ -91,6 +110,17 @@ class RestoreSummary:
         ]
         if self.identical:
             lines.append(f"{self.identical} files were already present with the same content")
+        if self.filtered:
+            entries = "entry" if self.filtered == 1 else "entries"
+            lines.append(f"left out {self.filtered} {entries} by --include/--exclude")
+        if self.verified is not None:
+            files = "file" if self.verified == 1 else "files"
+            lines.append(
+                f"verified {self.verified} {files} against the snapshot: "
+                + (f"{len(self.mismatches)} differ" if self.mismatches else "all match")
+            )
+        for path, reason in self.mismatches:
+            lines.append(f"mismatch: {path}: {reason}")
         for path in self.conflicts:
             lines.append(f"conflict (exists and differs; use --overwrite): {path}")
         for path in self.unrecoverable:
@@ -141,10 +171,17 @@ class Restorer:
         *,
         overwrite: bool = False,
         progress: Progress | None = None,
+        include: ExcludeRules | None = None,
+        exclude: ExcludeRules | None = None,
+        verify: bool = False,
     ) -> None:
         self.repo = repo
         self.target = Path(os.path.abspath(target))
         self.overwrite = overwrite
+        #: None: everything is included.
+        self.include = include if include is not None and include.patterns else None
+        self.exclude = exclude if exclude is not None else ExcludeRules()
+        self.verify = verify
         self.progress = progress or Progress("restore", enabled=False)
         self.summary = RestoreSummary()
         self._dirs: list[tuple[Path, TreeNode]] = []
@@ -171,6 +208,8 @@ class Restorer:
         self._finish_links()
         self._finish_specials()
         self._finish_dirs()
+        if self.verify:
+            await self._verify()
         self.progress.close()
         self.summary.seconds = time.monotonic() - started
         return self.summary
@@ -195,7 +234,7 @@ class Restorer:
             if node is None:
                 raise UsageError(f"path {os.fsdecode(only or b'')} is not in this snapshot")
             if depth == len(components) - 1:
-                await self._plan_node(path, node)
+                await self._plan_node(path, node, included=False)
                 return
             if node.kind != NodeKind.DIR or node.subtree is None:
                 raise UsageError(f"path {os.fsdecode(only or b'')} is not in this snapshot")
@@ -204,7 +243,7 @@ class Restorer:
                 return
             path = child
             tree_id = node.subtree
-        await self._plan_tree(path, tree_id)
+        await self._plan_tree(path, tree_id, included=False)
 
     def _make_dir(self, path: Path, node: TreeNode) -> bool:
         try:
@@ -223,21 +262,40 @@ class Restorer:
         self._dirs.append((path, node))
         return True
 
-    async def _plan_tree(self, path: Path, tree_id: bytes) -> None:
+    async def _plan_tree(self, path: Path, tree_id: bytes, *, included: bool) -> None:
         try:
             tree = await self._load_tree(tree_id)
         except NotEnoughShardsError:
             self.summary.unrecoverable.append(_display(path, self.target) + "/ (listing lost)")
             return
         for node in tree.nodes:
-            await self._plan_node(path, node)
+            await self._plan_node(path, node, included=included)
 
-    async def _plan_node(self, parent: Path, node: TreeNode) -> None:
+    def _planned(self) -> int:
+        lists: tuple[list[Any], ...] = (
+            self._dirs, self._files, self._symlinks, self._specials, self._links)  # fmt: skip
+        return sum(len(planned) for planned in lists)
+
+    async def _plan_node(self, parent: Path, node: TreeNode, *, included: bool) -> None:
+        """Plan ``node``; ``included``: an include pattern matched a directory above it."""
         path = parent / os.fsdecode(node.name)
+        if self.exclude.patterns or self.include is not None:
+            where = os.fsencode(_display(path, self.target))
+            if self.exclude.excludes(where):
+                self.summary.filtered += 1
+                return
+            included = included or self.include is None or self.include.excludes(where)
+        else:
+            included = True
         if node.kind == NodeKind.DIR:
+            before = self._planned()
             if self._make_dir(path, node) and node.subtree is not None:
                 self.summary.dirs += 1
-                await self._plan_tree(path, node.subtree)
+                await self._plan_tree(path, node.subtree, included=included)
+                if not included and self._planned() == before + 1:
+                    self._drop_dir(path)
+        elif not included:
+            self.summary.filtered += 1
         elif node.kind == NodeKind.SYMLINK:
             self._symlinks.append((path, node))
         elif node.kind in _SPECIAL_TYPES:
@@ -250,6 +308,15 @@ class Restorer:
                 self._hardlinks[node.hardlink_group] = job
             if self._check_conflict(job):
                 self._files.append(job)
+
+    def _drop_dir(self, path: Path) -> None:
+        """Undo the plan of a directory with nothing included below it."""
+        dropped, _node = self._dirs.pop()
+        assert dropped == path
+        self.summary.dirs -= 1
+        if path in self._fresh_dirs:
+            self._fresh_dirs.discard(path)
+            os.rmdir(path)
 
     def _check_conflict(self, job: _FileJob) -> bool:
         """False if an existing entry means this file must not be restored."""
@@ -577,10 +644,44 @@ class Restorer:
             except OSError as exc:
                 self.summary.failed.append((_display(path, self.target), str(exc.strerror)))
 
+    async def _verify(self) -> None:
+        """Read every file restored back and compare its chunk ids with the snapshot's."""
+        self.summary.verified = 0
+        params = self.repo.chunker_params()
+        dedup_key = self.repo.keyring.dedup_key
+        for job in self._files:
+            if job.failed:
+                continue
+            self.progress.update(f"verifying {_display(job.path, self.target)}")
+            problem = await trio.to_thread.run_sync(
+                _content_problem, job.path, job.node, params, dedup_key
+            )
+            if problem is None:
+                self.summary.verified += 1
+            else:
+                self.summary.mismatches.append((_display(job.path, self.target), problem))
+
 
 #: Temp files are ``.p2pbackup-<pid>-<n>.tmp``: the pid tells whether the
 #: restore that wrote one is still running.
 _TEMP_NAME = re.compile(rb"\.p2pbackup-(\d+)-\d+\.tmp")
+
+
+def _content_problem(
+    path: Path, node: TreeNode, params: chunker.ChunkerParams, dedup_key: bytes
+) -> str | None:
+    """Why the file at ``path`` does not hold ``node``'s content; None if it does."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != node.size:
+                return f"{size} bytes, not {node.size}"
+            ids = [blobs.blob_id(dedup_key, chunk) for chunk in chunker.iter_chunk_views(f, params)]
+    except OSError as exc:
+        return f"cannot read it back: {exc.strerror}"
+    if tuple(ids) != node.content:
+        return "its content is not the snapshot's"
+    return None
 
 
 def _process_alive(pid: int) -> bool:

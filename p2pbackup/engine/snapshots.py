@@ -7,12 +7,15 @@ record; ``prune`` then frees the space its data alone used.
 
 from __future__ import annotations
 
+import datetime
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 import attrs
 
 from p2pbackup.core import formats
+from p2pbackup.engine import retention
 from p2pbackup.engine.index import Index
 from p2pbackup.engine.repository import Repository
 from p2pbackup.errors import NotEnoughShardsError, UsageError
@@ -85,9 +88,12 @@ async def _walk_tree(
                 yield item
 
 
-async def live_blobs(repo: Repository) -> tuple[set[bytes], list[str]]:
-    """Every blob id the live snapshots reach, and descriptions of what is unreadable."""
-    reached = await reach(repo)
+async def live_blobs(
+    repo: Repository, without: AbstractSet[bytes] = frozenset()
+) -> tuple[set[bytes], list[str]]:
+    """Every blob id the live snapshots (less those in ``without``) reach,
+    and descriptions of what is unreadable."""
+    reached = await reach(repo, without=without)
     return reached.live, reached.problems
 
 
@@ -103,10 +109,16 @@ class Reached:
     packs: dict[bytes, frozenset[bytes]]
 
 
-async def reach(repo: Repository, watched: Mapping[bytes, bytes] | None = None) -> Reached:
-    """Walk every live snapshot: the blobs it reaches, what cannot be read,
-    and which of the packs in ``watched`` (blob id -> pack id) it has blobs
-    in. Each tree is read once, however many snapshots share it."""
+async def reach(
+    repo: Repository,
+    watched: Mapping[bytes, bytes] | None = None,
+    *,
+    without: AbstractSet[bytes] = frozenset(),
+) -> Reached:
+    """Walk every live snapshot but those in ``without``: the blobs it
+    reaches, what cannot be read, and which of the packs in ``watched``
+    (blob id -> pack id) it has blobs in. Each tree is read once, however
+    many snapshots share it."""
     watched = watched or {}
     live: set[bytes] = set()
     problems: list[str] = []
@@ -137,6 +149,8 @@ async def reach(repo: Repository, watched: Mapping[bytes, bytes] | None = None) 
 
     per_snapshot: dict[bytes, frozenset[bytes]] = {}
     for snapshot_id, snapshot in repo.index.snapshots():
+        if snapshot_id in without:
+            continue
         live.add(snapshot_id)
         packs = await visit(snapshot.tree, f"snapshot {snapshot_id.hex()[:12]} /")
         if snapshot_id in watched:
@@ -152,9 +166,39 @@ async def forget(repo: Repository, refs: list[str]) -> list[bytes]:
         snapshot_id, _ = resolve(repo.index, ref)
         if snapshot_id not in chosen:
             chosen.append(snapshot_id)
+    await forget_ids(repo, chosen)
+    return chosen
+
+
+async def forget_ids(repo: Repository, snapshot_ids: list[bytes]) -> None:
+    """Drop the snapshots of ``snapshot_ids`` (none: nothing is written)."""
+    if not snapshot_ids:
+        return
     await repo.check_writer()  # before the index forgets anything
     with repo.index.transaction():
-        for snapshot_id in chosen:
+        for snapshot_id in snapshot_ids:
             repo.index.remove_snapshot(snapshot_id)
     await repo.publish_root()
-    return chosen
+
+
+async def apply_retention(
+    repo: Repository,
+    policy: retention.RetentionPolicy,
+    *,
+    tz: datetime.tzinfo,
+    group_by: Sequence[str] = retention.DEFAULT_GROUP_BY,
+    group_of: bytes | None = None,
+    dry_run: bool = False,
+) -> retention.RetentionDecision:
+    """Forget what ``policy`` does not keep (with ``dry_run``, only decide):
+    of every snapshot, or with ``group_of`` only of that snapshot's group."""
+    rows = repo.index.snapshots()
+    if group_of is not None:
+        chosen = dict(rows).get(group_of)
+        if chosen is not None:
+            key = retention.group_key(chosen, group_by)
+            rows = [row for row in rows if retention.group_key(row[1], group_by) == key]
+    decision = retention.apply_policy(policy, rows, tz=tz, group_by=group_by)
+    if not dry_run:
+        await forget_ids(repo, decision.removed)
+    return decision

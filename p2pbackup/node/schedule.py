@@ -23,12 +23,23 @@ Nouns:
       grace = "3d"                  # an unreachable peer is lost after this
       repair_rate = "1M"            # a size per second, or "unlimited"
 
+      [forget]                      # after each scheduled backup (optional)
+      keep_daily = 7                # as `forget --keep-daily 7`; also keep_last,
+      keep_weekly = 4               # keep_hourly, keep_monthly, keep_yearly,
+      keep_within = "2d"            # keep_within, keep_tag = ["a", "b,c"],
+      prune = true                  # group_by = "paths,tags"; prune afterwards
+
   Every table is optional: without ``[backup]`` nothing is scheduled,
   without ``[storage]`` (or one of its keys) the node gives what the disk
-  has, and without ``[maintenance]`` (or one of its keys) the defaults of
-  :class:`~p2pbackup.maintenance.keeper.MaintenanceOptions` hold.
-  ``HomeConfig`` is the whole parsed file.
+  has, without ``[maintenance]`` (or one of its keys) the defaults of
+  :class:`~p2pbackup.maintenance.keeper.MaintenanceOptions` hold, and
+  without ``[forget]`` no snapshot is forgotten. ``HomeConfig`` is the whole
+  parsed file.
 * **schedule** — :class:`BackupSchedule`, the parsed ``[backup]`` table.
+* **retention** — :class:`RetentionConfig`, the parsed ``[forget]`` table:
+  the policy ``serve`` applies to the group of each scheduled backup's
+  snapshot after the run (:mod:`p2pbackup.engine.retention`), and whether it
+  prunes then.
 * **storage offer** — :class:`StorageOffer`, the parsed ``[storage]`` table:
   what this home states it offers its peers (``serve --capacity`` and
   ``--owner-quota`` override it).
@@ -55,6 +66,7 @@ from typing import Final
 import attrs
 
 from p2pbackup.core.exclude import ExcludeRules
+from p2pbackup.engine.retention import DEFAULT_GROUP_BY, RetentionPolicy, parse_group_by
 from p2pbackup.errors import UsageError
 from p2pbackup.maintenance.keeper import MaintenanceOptions
 
@@ -64,10 +76,13 @@ MIN_INTERVAL: Final = 60.0
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _INTERVAL = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*\Z")
 _SIZE_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_TABLES: Final = ("backup", "storage", "maintenance")
+_TABLES: Final = ("backup", "storage", "maintenance", "forget")
 #: Audit periods and repair intervals shorter than this are refused as a
 #: likely typo ("7" for "7d").
 MIN_MAINTENANCE_PERIOD: Final = 3600.0
+_KEEP_COUNTS: Final = tuple(
+    f"keep_{unit}" for unit in ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+)
 
 
 @attrs.frozen
@@ -97,12 +112,22 @@ RUNNING_OFFER: contextvars.ContextVar[StorageOffer | None] = contextvars.Context
 
 
 @attrs.frozen
+class RetentionConfig:
+    """The ``[forget]`` table: what ``serve`` keeps after a scheduled backup."""
+
+    policy: RetentionPolicy
+    group_by: tuple[str, ...] = DEFAULT_GROUP_BY
+    prune: bool = False
+
+
+@attrs.frozen
 class HomeConfig:
     """The whole of ``config.toml``."""
 
     backup: BackupSchedule | None = None
     storage: StorageOffer = StorageOffer()
     maintenance: MaintenanceOptions = attrs.Factory(MaintenanceOptions)
+    forget: RetentionConfig | None = None
 
 
 def parse_size(text: str) -> int:
@@ -215,12 +240,14 @@ def parse_home_config(text: str, where: str) -> HomeConfig:
     backup = document.get("backup")
     storage = document.get("storage")
     maintenance = document.get("maintenance")
+    forget = document.get("forget")
     return HomeConfig(
         backup=None if backup is None else _parse_backup(backup, where),
         storage=StorageOffer() if storage is None else _parse_storage(storage, where),
         maintenance=(
             MaintenanceOptions() if maintenance is None else _parse_maintenance(maintenance, where)
         ),
+        forget=None if forget is None else _parse_forget(forget, where),
     )
 
 
@@ -271,6 +298,45 @@ def _parse_maintenance(table: object, where: str) -> MaintenanceOptions:
     if "repair_rate" in table:
         options = attrs.evolve(options, repair_rate=_rate(table["repair_rate"], here))
     return options
+
+
+def _parse_forget(table: object, where: str) -> RetentionConfig:
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: [forget] must be a table")
+    known = {*_KEEP_COUNTS, "keep_within", "keep_tag", "group_by", "prune"}
+    unknown = set(table) - known
+    if unknown:
+        raise UsageError(f"{where}: unknown [forget] settings {', '.join(sorted(unknown))}")
+    counts = {}
+    for key in _KEEP_COUNTS:
+        value = table.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UsageError(f"{where}: [forget] {key} must be a whole number, got {value!r}")
+        counts[key] = value
+    within = table.get("keep_within")
+    if within is not None and not isinstance(within, str):
+        raise UsageError(f'{where}: [forget] keep_within must be text such as "7d"')
+    group_by = table.get("group_by")
+    if group_by is not None and not isinstance(group_by, str):
+        raise UsageError(f'{where}: [forget] group_by must be text such as "paths,tags"')
+    prune = table.get("prune", False)
+    if not isinstance(prune, bool):
+        raise UsageError(f"{where}: [forget] prune must be true or false")
+    try:
+        policy = RetentionPolicy.from_options(
+            **counts,
+            keep_within=within,
+            keep_tag=_strings(table.get("keep_tag"), "keep_tag"),
+        )
+        grouping = parse_group_by(group_by)
+    except UsageError as error:
+        raise UsageError(f"{where}: [forget] {error}") from None
+    if policy.empty:
+        raise UsageError(
+            f"{where}: [forget] keeps nothing: it needs at least one keep_… setting, "
+            "such as keep_daily = 7"
+        )
+    return RetentionConfig(policy, grouping, prune)
 
 
 def _parse_backup(table: object, where: str) -> BackupSchedule:

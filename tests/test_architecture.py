@@ -124,6 +124,7 @@ PURE_ELSEWHERE = frozenset(
         "maintenance.pacing",
         "app.requests",
         "node.admission",
+        "net.natpmp",
     )
 )
 

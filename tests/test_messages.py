@@ -35,6 +35,8 @@ from p2pbackup.wire.messages import (
     AuditProof,
     Deleted,
     DeleteShard,
+    DialBack,
+    DialBackResult,
     FrameDecoder,
     GetRoot,
     GetShard,
@@ -126,6 +128,12 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     RootData: st.builds(RootData, st.none() | small_data),
     Usage: st.builds(Usage, uints, st.none() | uints),
     Refused: st.builds(Refused, st.sampled_from(RefusalCode), st.text(max_size=40)),
+    DialBack: st.builds(
+        DialBack, st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=8).map(tuple)
+    ),
+    DialBackResult: st.builds(
+        DialBackResult, st.lists(st.booleans(), min_size=1, max_size=8).map(tuple)
+    ),
 }
 any_message = st.one_of(*STRATEGIES.values())
 
@@ -158,6 +166,8 @@ EXAMPLES: dict[type[Message], Message] = {
     RootData: RootData(b"root"),
     Usage: Usage(5, 10),
     Refused: Refused(RefusalCode.FULL, "over quota"),
+    DialBack: DialBack(("203.0.113.5:4001", "192.168.1.20:4001")),
+    DialBackResult: DialBackResult((True, False)),
 }
 #: Fields that may be nil.
 OPTIONAL_FIELDS = {(GetShard, 2), (ListShards, 0), (RootData, 0), (Usage, 1)}
@@ -187,6 +197,8 @@ TYPE_CODES: dict[type[Message], int] = {
     RootData: 0x49,
     Usage: 0x4A,
     Refused: 0x4F,
+    DialBack: 0x18,
+    DialBackResult: 0x58,
 }
 
 

@@ -42,10 +42,12 @@ from p2pbackup.errors import (
     StoreError,
     StoreFullError,
     StoreRequestError,
+    UsageError,
 )
-from p2pbackup.net.network import peer_address
+from p2pbackup.net.network import Address, peer_address
 from p2pbackup.node import shardhost
 from p2pbackup.node.admission import Admission, LogThrottle, ServerLimits, Session, source_of
+from p2pbackup.node.reachability import DialBacker
 from p2pbackup.wire import messages
 from p2pbackup.wire.messages import RefusalCode
 from p2pbackup.wire.rpc import MessageChannel
@@ -67,6 +69,7 @@ class StorageServer:
         limits: ServerLimits = _DEFAULT_LIMITS,
         admits: Callable[[bytes], bool] | None = None,
         friends: Callable[[bytes], bool] | None = None,
+        dial_back: DialBacker | None = None,
     ) -> None:
         self.host = host
         self.identity = identity
@@ -77,6 +80,8 @@ class StorageServer:
         #: Whether a node is a friend, whose sessions come first (None: the
         #: nodes ``admits`` admits; with neither, every node is a stranger).
         self.friends = friends if friends is not None else admits
+        #: Dials a friend back for its reachability check (None: refused).
+        self.dial_back = dial_back
         self.admission = Admission(limits)
         self._throttle = LogThrottle()
         self._handshake_scopes: dict[object, trio.CancelScope] = {}
@@ -121,6 +126,7 @@ class StorageServer:
                 owner,
                 secure.remote_signing_key,
                 idle=self.admission.idle_limit(session),
+                observed=address,
             )
         finally:
             self.admission.end_session(session)
@@ -163,9 +169,11 @@ class StorageServer:
         owner_signing_key: bytes,
         *,
         idle: float | None = None,
+        observed: Address | None = None,
     ) -> None:
         """Answer the requests of the peer ``owner`` (node id, and its Ed25519 key),
-        allowing it ``idle`` seconds between requests (default: a friend's).
+        allowing it ``idle`` seconds between requests (default: a friend's);
+        ``observed`` is where its connection came from.
 
         The caller vouches for who is at the other end: :meth:`handle_connection`
         passes a Noise session, whose handshake proved it; benchmarks pass a
@@ -174,6 +182,7 @@ class StorageServer:
         session = _Session(
             self, stream, owner, owner_signing_key, self.limits.idle if idle is None else idle
         )
+        session.observed = observed
         try:
             await session.run()
         except (RemoteProtocolError, IntegrityError) as exc:
@@ -235,6 +244,7 @@ class _Session:
         self.owner_key = owner_key
         self.peer_name = owner.hex()[:16]
         self.channel = MessageChannel(stream)
+        self.observed: Address | None = None
 
     async def run(self) -> None:
         handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
@@ -248,6 +258,7 @@ class _Session:
             messages.PutRoot: self._put_root,
             messages.GetRoot: self._get_root,
             messages.GetUsage: self._get_usage,
+            messages.DialBack: self._dial_back,
         }
         while True:
             with trio.fail_after(self.idle):
@@ -478,3 +489,18 @@ class _Session:
         assert isinstance(result, tuple)
         used, offered = result
         await self._send(messages.Usage(used, offered))
+
+    # -- reachability -----------------------------------------------------------
+
+    async def _dial_back(self, request: messages.DialBack) -> None:
+        """Dial a friend back at the addresses it names (node.reachability)."""
+        friends = self.server.friends
+        dial_back = self.server.dial_back
+        if dial_back is None or friends is None or not friends(self.owner):
+            raise _Refusal(RefusalCode.FORBIDDEN, "this node dials back only its friends")
+        observed = self.observed.host if self.observed is not None else None
+        try:
+            reachable = await dial_back(self.owner, observed, request.addresses)
+        except UsageError as error:
+            raise _Refusal(RefusalCode.FORBIDDEN, str(error)) from None
+        await self._send(messages.DialBackResult(reachable))

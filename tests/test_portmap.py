@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+from pathlib import Path
+
 import pytest
 import trio
 import trio.testing
 
+from p2pbackup.app import daemon
 from p2pbackup.errors import PortMappingError
 from p2pbackup.net import natpmp
 from p2pbackup.net.memory import MemoryNetwork, NatProfile
 from p2pbackup.net.network import Address, default_gateway_in
 from p2pbackup.net.portmap import MappingOutcome, PortMapper, find_gateway, keep_ports_mapped
+
+from .engine_helpers import make_setup
 
 ROUTER = NatProfile(public_host="203.0.113.1", gateway_host="192.168.1.1")
 HOME = "192.168.1.20"
@@ -139,3 +146,44 @@ async def test_a_router_without_mapping_is_reported_with_the_reason(
         await keep_ports_mapped(mapper, PORT, outcomes.append)
     assert outcomes[0].external is None
     assert "did not answer" in (outcomes[0].reason or "")
+
+
+async def test_serve_maps_its_port_publishes_it_and_deletes_it_on_stop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    setup = await make_setup(tmp_path, k=1, n=2)
+    world = home_world()
+    options = daemon.ServeOptions(listen=Address(HOME, PORT))
+    caplog.set_level(logging.INFO, logger="p2pbackup")
+    async with trio.open_nursery() as nursery:
+        serving = await nursery.start(
+            functools.partial(daemon.serve, setup.home, options, network=world.interface(HOME))
+        )
+        with trio.fail_after(10):
+            while serving.discovery.advertised[0].host != ROUTER.public_host:
+                await trio.sleep(0.01)
+        assert {m.transport for m in world.port_mappings(ROUTER.public_host)} == set(
+            natpmp.Transport
+        )
+        assert setup.home.read_addresses()[0] == str(Address(ROUTER.public_host, PORT))
+        with trio.fail_after(30):
+            while "reachability" not in caplog.text:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    # No friend to ask: the node says so.
+    assert "reachability unknown: no friend answered" in caplog.text
+    assert world.port_mappings(ROUTER.public_host) == []
+
+
+async def test_serve_no_port_mapping_leaves_the_router_alone(tmp_path: Path) -> None:
+    setup = await make_setup(tmp_path, k=1, n=2)
+    world = home_world()
+    options = daemon.ServeOptions(listen=Address(HOME, PORT), port_mapping=False)
+    async with trio.open_nursery() as nursery:
+        serving = await nursery.start(
+            functools.partial(daemon.serve, setup.home, options, network=world.interface(HOME))
+        )
+        await trio.sleep(0.5)
+        assert world.port_mappings(ROUTER.public_host) == []
+        assert [a.host for a in serving.discovery.advertised] == [HOME]
+        nursery.cancel_scope.cancel()

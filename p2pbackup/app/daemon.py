@@ -43,6 +43,13 @@ import trio
 from p2pbackup.app import operations
 from p2pbackup.app.home import Home
 from p2pbackup.app.homedht import home_friends, home_root_holders
+from p2pbackup.app.homenat import (
+    REACHABILITY,
+    PublishedAddresses,
+    ReachabilityBoard,
+    has_router,
+    keep_reachable,
+)
 from p2pbackup.app.service import error_message
 from p2pbackup.core.keys import Keyring
 from p2pbackup.dht import adapter as dht
@@ -58,6 +65,7 @@ from p2pbackup.engine.backup import Backup
 from p2pbackup.errors import RepositoryLockedError
 from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
+from p2pbackup.node.reachability import DialBackService
 from p2pbackup.node.schedule import RUNNING_OFFER, BackupSchedule, StorageOffer, load_schedule
 from p2pbackup.node.server import StorageServer
 from p2pbackup.node.shardhost import ReconcileReport, ShardHost
@@ -89,6 +97,8 @@ class ServeOptions:
     refresh_period: float = DEFAULT_REFRESH_PERIOD
     #: Store for any node that asks (within quotas), not only for friends.
     open: bool = False
+    #: Ask the router to forward the port (NAT-PMP/PCP); see app.homenat.
+    port_mapping: bool = True
 
 
 @attrs.frozen
@@ -121,23 +131,27 @@ async def serve(
 
     The steps, each below: open the shard host and start the storage server
     (:func:`_open_storage`), join the DHT (:func:`_join_dht`), then run the
-    node's roles side by side: discovery, the scheduled backups, the control
-    socket. How it stops: :func:`_stopping`."""
+    node's roles side by side: discovery, reachability (port mapping and
+    dial-back, :func:`_start_reachability`), the scheduled backups, the
+    control socket. How it stops: :func:`_stopping`."""
     network = network if network is not None else TcpNetwork()
     home.require()
     schedule = load_schedule(home.config_path)  # a bad config stops serve before it starts
     with home.serving(), _stopping(home) as stop:
         identity = node_identity(home)
+        published = PublishedAddresses()
         async with (
-            _open_storage(home, options, identity, network) as storage,
+            _open_storage(home, options, identity, network, published) as storage,
             _join_dht(home, options, identity, network, storage.address.port) as discovery,
             trio.open_nursery() as roles,
         ):
+            published.discovery = discovery
             # Backups and the CLI's commands (tasks started below inherit it)
             # look nodes up through this running node.
             SERVING_NODE.set(discovery.node)
             RUNNING_OFFER.set(StorageOffer(options.capacity, options.owner_quota))
             await roles.start(discovery.run)
+            _start_reachability(roles, home, options, identity, network, discovery, storage)
             # A backup or a command may have changed which nodes hold the root record.
             peers_changed = discovery.root_holders_may_have_changed
             if schedule is not None:
@@ -202,7 +216,11 @@ class _Storage:
 
 @contextlib.asynccontextmanager
 async def _open_storage(
-    home: Home, options: ServeOptions, identity: Identity, network: Network
+    home: Home,
+    options: ServeOptions,
+    identity: Identity,
+    network: Network,
+    published: PublishedAddresses,
 ) -> AsyncIterator[_Storage]:
     """The home's shard host, and a storage server answering peers from it on
     ``options.listen``; shards whose lease ran out are deleted every hour. The
@@ -219,7 +237,11 @@ async def _open_storage(
         # Friends come first for sessions in open mode too.
         friends = FriendGate(home)
         server = StorageServer(
-            host, identity, admits=None if options.open else friends, friends=friends
+            host,
+            identity,
+            admits=None if options.open else friends,
+            friends=friends,
+            dial_back=DialBackService(network, identity, published),
         )
         async with trio.open_nursery() as nursery:
             address = await nursery.start(network.serve, options.listen, server.handle_connection)
@@ -257,6 +279,38 @@ async def _join_dht(
         )
         home.write_addresses(_address_texts(advertised))
         yield discovery
+
+
+def _start_reachability(
+    roles: trio.Nursery,
+    home: Home,
+    options: ServeOptions,
+    identity: Identity,
+    network: Network,
+    discovery: Discovery,
+    storage: _Storage,
+) -> None:
+    """The reachability role (app.homenat), where there is a router to ask
+    (not for a node on loopback); its board goes where ``status`` finds it."""
+    gateway = has_router(options.listen, network)
+    if gateway is None:
+        return
+    board = ReachabilityBoard()
+    REACHABILITY.set(board)
+    roles.start_soon(
+        functools.partial(
+            keep_reachable,
+            home,
+            network,
+            identity,
+            discovery,
+            gateway,
+            storage.address.port,
+            board,
+            port_mapping=options.port_mapping,
+            publish_addresses=lambda addresses: home.write_addresses(_address_texts(addresses)),
+        )
+    )
 
 
 def _address_texts(addresses: Iterable[RecordAddress]) -> tuple[str, ...]:

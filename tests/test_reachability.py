@@ -116,15 +116,23 @@ async def test_a_friend_dials_no_address_that_is_not_the_askers(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     world = World(tmp_path, [PUBLIC_ADDRESS])
+    world.network.add_port_mapping(ROUTER.public_host, natpmp.Transport.TCP, PORT, LAN_ADDRESS)
     await world.start(nursery)
+    victim = Address("192.0.2.80", 80)
+    dialled: list[object] = []
+
+    async def note(stream: trio.abc.Stream) -> None:
+        dialled.append(stream)
+
+    await nursery.start(world.network.interface(victim.host).serve, victim, note)
+    home = world.network.interface(HOME)
+    answer = await ask_dial_back(
+        home, world.home, world.friend.node_id, FRIEND_ADDRESS, [PUBLIC_ADDRESS, victim]
+    )
+    assert answer == (True, False)
     with pytest.raises(PeerUnavailableError, match=r"will not dial 192\.0\.2\.80:80"):
-        await ask_dial_back(
-            world.network.interface(HOME),
-            world.home,
-            world.friend.node_id,
-            FRIEND_ADDRESS,
-            [PUBLIC_ADDRESS, Address("192.0.2.80", 80)],
-        )
+        await ask_dial_back(home, world.home, world.friend.node_id, FRIEND_ADDRESS, [victim])
+    assert dialled == []
 
 
 async def test_a_stranger_is_not_dialled_back(

@@ -44,7 +44,11 @@ from p2pbackup.wire.session import Identity
 log = logging.getLogger(__name__)
 
 #: Seconds before asking friends again when none answered the dial-back.
-RETRY_UNKNOWN = 300.0
+RETRY_UNKNOWN = 120.0
+#: Longest wait for the contact record with the addresses to check to be
+#: published: a friend dials only addresses it finds there (or the host the
+#: asker's connection comes from).
+PUBLISH_WAIT = 20.0
 
 
 @attrs.define
@@ -128,12 +132,25 @@ async def keep_reachable(
         while True:
             with trio.move_on_after(wait):
                 outcome = await receive.receive()
+            await _published(discovery)
             verdict = await _check(home, network, identity, discovery, outcome)
             board.verdict = verdict
             level = logging.INFO if verdict.reachable_at else logging.WARNING
             log.log(level, "%s", verdict.describe())
             # A new mapping round brings the next check sooner.
             wait = RENEW_EVERY if verdict.checked else RETRY_UNKNOWN
+
+
+async def _published(discovery: Discovery) -> None:
+    """Wait (a while) until the DHT took a contact record with the addresses
+    now advertised."""
+    with trio.move_on_after(PUBLISH_WAIT):
+        while not (
+            discovery.contact_taken
+            and discovery.contact is not None
+            and discovery.contact.addresses == discovery.advertised
+        ):
+            await trio.sleep(0.5)
 
 
 async def _check(

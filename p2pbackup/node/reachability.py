@@ -14,8 +14,9 @@ Nouns:
 * **dial-back service** — :class:`DialBackService`, the friend's side. It
   answers only friends, and dials only an address that is in the asker's
   contact record or whose host is the address the asker's connection came
-  from — never an address a stranger names, so nobody can use a node to
-  probe a third party.
+  from (any other counts as not reached, and a request naming none of those
+  is refused) — never an address a stranger names, so nobody can use a node
+  to probe a third party.
 * **verdict** — :class:`Reachability`: reachable directly at some addresses,
   not reachable (with why: what the router said, which addresses no friend
   could dial), or unknown (no friend answered). :meth:`Reachability.describe`
@@ -130,17 +131,17 @@ class DialBackService:
     async def __call__(
         self, asker: bytes, observed_host: str | None, texts: Sequence[str]
     ) -> tuple[bool, ...]:
-        """Dial ``asker`` at each address (in parallel); UsageError when one
-        may not be dialled (not the asker's, or not an address)."""
+        """Dial ``asker`` at each address it may be dialled at (in parallel);
+        the others count as not reached. UsageError when it may be dialled at
+        none of them (or one is not an address)."""
         try:
             addresses = [Address.parse(text, allow_port_zero=False) for text in texts]
         except UsageError as error:
             raise UsageError(f"cannot dial back: {error}") from None
         allowed = await self.allowed(asker, observed_host, addresses)
-        refused = [str(a) for a in addresses if a not in allowed]
-        if refused:
+        if not allowed:
             raise UsageError(
-                f"will not dial {', '.join(refused)}: not in node {asker.hex()[:16]}'s contact "
+                f"will not dial {', '.join(texts)}: not in node {asker.hex()[:16]}'s contact "
                 "record, nor where its connection came from"
             )
         results = [False] * len(addresses)
@@ -149,8 +150,9 @@ class DialBackService:
             results[index] = await dial(self.network, self.identity, asker, addresses[index])
 
         async with trio.open_nursery() as nursery:
-            for index in range(len(addresses)):
-                nursery.start_soon(one, index)
+            for index, address in enumerate(addresses):
+                if address in allowed:
+                    nursery.start_soon(one, index)
         return tuple(results)
 
 

@@ -339,8 +339,9 @@ class Usage:
 class DialBack:
     """Dial me back at these addresses (``host:port``) and say which answer as me.
 
-    Answered only for friends, and only at addresses in the asker's contact
-    record or at the address its connection came from."""
+    Answered only for friends. Only addresses in the asker's contact record or
+    at the host its connection came from are dialled; the others count as not
+    reached."""
 
     addresses: tuple[str, ...]
 

@@ -139,7 +139,7 @@ def test_a_mapped_home_is_reached_directly_and_an_unmapped_one_says_why(
         logs=logs,
     )
     line_b = next(line for line in log_b.read_text().splitlines() if "not reachable:" in line)
-    assert f"the router at {ROUTER2_LAN} did not answer NAT-PMP or PCP" in line_b
+    assert f"the router at {ROUTER2_LAN} did not answer NAT-PMP, PCP or UPnP" in line_b
     assert f"no friend could dial {HOME_B}:{PORT}" in line_b
     assert "relays will be used" in line_b
     assert ROUTER1_LAN not in line_b
@@ -160,3 +160,48 @@ def test_a_mapped_home_is_reached_directly_and_an_unmapped_one_says_why(
         what="home A's mappings deleted when it stopped",
         logs=logs,
     )
+
+
+_UPNP_MAP = """
+import trio
+from p2pbackup.net.network import TcpNetwork
+from p2pbackup.net.natpmp import Transport
+from p2pbackup.net.portmap import UpnpMapper
+
+async def main():
+    mapper = UpnpMapper(TcpNetwork())
+    mapping = await mapper.map(Transport.TCP, 4002)
+    print("mapped", mapping.external, mapper.location)
+    input()
+    await mapper.unmap(mapping)
+    print("unmapped")
+
+trio.run(main)
+"""
+
+
+def test_upnp_finds_the_router_by_ssdp_and_maps_a_port(lab: Lab) -> None:
+    process = subprocess.Popen(
+        lab.command("homea", *CLI[:1], "-c", _UPNP_MAP),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=base_env(),
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        line = process.stdout.readline()
+        assert line.startswith(f"mapped {ROUTER1_WAN}:4002 http://{ROUTER1_LAN}:"), (
+            line + (process.stderr.read() if process.poll() is not None else "")  # type: ignore[union-attr]
+        )
+        rules = lab.run("r1", "nft", "list", "chain", "inet", "filter", "prerouting_miniupnpd")
+        assert f"dnat ip to {HOME_A}:4002" in rules
+        process.stdin.write("\n")
+        process.stdin.flush()
+        assert process.stdout.readline() == "unmapped\n"
+        rules = lab.run("r1", "nft", "list", "chain", "inet", "filter", "prerouting_miniupnpd")
+        assert f"{HOME_A}:4002" not in rules
+    finally:
+        process.kill()
+        process.wait()

@@ -33,8 +33,8 @@ from p2pbackup.errors import FormatError
 from p2pbackup.net.network import Address, Network
 from p2pbackup.net.portmap import (
     RENEW_EVERY,
+    AnyMapper,
     MappingOutcome,
-    PortMapper,
     find_gateway,
     keep_ports_mapped,
 )
@@ -125,7 +125,7 @@ async def keep_reachable(
         # first comes at once.
         wait = math.inf
         if port_mapping:
-            nursery.start_soon(keep_ports_mapped, PortMapper(network, gateway), port, mapped)
+            nursery.start_soon(keep_ports_mapped, AnyMapper(network, gateway), port, mapped)
         else:
             wait = 0.0
         outcome: MappingOutcome | None = None

@@ -6,12 +6,16 @@ Nouns:
   (``/proc/net/route``, :meth:`~p2pbackup.net.network.TcpNetwork.default_gateway`),
   or on the memory network the router the host is behind; it answers NAT-PMP
   and PCP on UDP port 5351 (:mod:`p2pbackup.net.natpmp` has the messages).
-* **port mapper** — :class:`PortMapper`: one gateway, asked over a
-  :class:`~p2pbackup.net.network.Network`. It speaks PCP first and falls back
-  to NAT-PMP when the router says it does not know PCP (an older router), and
-  remembers which one worked. A request is sent again after 0.25 s, 0.5 s,
-  1 s and 2 s without an answer, as RFC 6886 asks (cut short: a router that
-  has not answered in four seconds is not going to).
+* **port mapper** — what asks one router, over a
+  :class:`~p2pbackup.net.network.Network`. :class:`PortMapper` speaks PCP
+  first and falls back to NAT-PMP when the router says it does not know PCP
+  (an older router). A request is sent again after 0.25 s, 0.5 s, 1 s and
+  2 s without an answer, as RFC 6886 asks (cut short: a router that has not
+  answered in four seconds is not going to). :class:`UpnpMapper` speaks
+  UPnP-IGD (the messages are in :mod:`p2pbackup.net.upnp`): an SSDP search,
+  the router's description, SOAP calls. :class:`AnyMapper` tries the first,
+  then the second when the router answered nothing, and keeps the one that
+  worked.
 * **mapping** — :class:`PortMapping`: what the router granted: the public
   address and port, for how long, by which protocol.
 * **keeping ports mapped** — :func:`keep_ports_mapped`: a node's role. It maps
@@ -22,7 +26,8 @@ Nouns:
 
 Errors: a router that refuses, or does not answer, raises
 :class:`~p2pbackup.errors.PortMappingError` with the reason in words a person
-can act on; a router that answers garbage is one too (the codec's
+can act on (:class:`RouterSilentError` when nothing answered at all); a
+router that answers garbage raises one too (the codec's
 :class:`~p2pbackup.errors.RemoteProtocolError` is named inside it).
 """
 
@@ -32,13 +37,20 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import attrs
 import trio
 
-from p2pbackup.errors import PortMappingError, ProtocolError
-from p2pbackup.net import natpmp
+from p2pbackup.errors import (
+    PeerUnavailableError,
+    PortMappingError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from p2pbackup.net import natpmp, upnp
 from p2pbackup.net.natpmp import MapAnswer, MapRequest, Transport
 from p2pbackup.net.network import Address, DatagramEndpoint, Network
 
@@ -53,6 +65,10 @@ FIRST_WAIT = 0.25
 TRIES = 4
 #: Seconds a clean stop spends deleting its mappings.
 DELETE_TIMEOUT = 2.0
+
+
+class RouterSilentError(PortMappingError):
+    """No router answered the port-mapping protocol at all."""
 
 
 @attrs.frozen
@@ -220,7 +236,7 @@ class PortMapper:
                     if source.host == self.gateway.host and data[1:2] == bytes((opcode,)):
                         return data
             wait *= 2
-        raise PortMappingError(
+        raise RouterSilentError(
             f"the router at {self.gateway.host} did not answer NAT-PMP or PCP "
             "(turn on UPnP/NAT-PMP in its settings, or forward the port by hand)"
         )
@@ -235,7 +251,7 @@ class MappingOutcome:
 
 
 async def keep_ports_mapped(
-    mapper: PortMapper,
+    mapper: Mapper,
     port: int,
     report: Callable[[MappingOutcome], None],
     *,
@@ -276,3 +292,205 @@ async def keep_ports_mapped(
                     await mapper.unmap(mapping)
                 except PortMappingError as error:
                     log.info("port mapping: not deleted, it lapses by itself: %s", error)
+
+
+# -- UPnP-IGD ------------------------------------------------------------------------------
+
+
+#: Seconds an SSDP search waits for gateways to answer (its MX is 2).
+SEARCH_WAIT = 2.5
+#: Seconds one HTTP exchange with the router may take.
+HTTP_TIMEOUT = 5.0
+
+
+class UpnpMapper:
+    """Maps ports through a UPnP Internet gateway device (:mod:`.upnp`)."""
+
+    method = "UPnP"
+
+    def __init__(self, network: Network, *, location: str | None = None) -> None:
+        self.network = network
+        #: The description URL (found by an SSDP search when not given).
+        self.location = location
+        self._service: upnp.GatewayService | None = None
+
+    async def _search(self) -> str:
+        endpoint = await self.network.open_datagram(Address("0.0.0.0", 0))
+        try:
+            group = Address(upnp.SSDP_GROUP, upnp.SSDP_PORT)
+            await endpoint.send(upnp.search_request(), group)
+            with trio.move_on_after(SEARCH_WAIT):
+                while True:
+                    data, source = await endpoint.receive()
+                    try:
+                        return upnp.parse_search_answer(data)
+                    except ProtocolError as error:
+                        log.debug("port mapping: an SSDP answer from %s: %s", source, error)
+        finally:
+            await endpoint.aclose()
+        raise RouterSilentError("no UPnP gateway answered a search on this network")
+
+    async def _http(self, url: str, request: bytes) -> tuple[int, bytes, str]:
+        """The status, body and our own address of one HTTP exchange."""
+        parts = urllib.parse.urlsplit(url)
+        where = Address(parts.hostname or "", parts.port or 80)
+        try:
+            with trio.fail_after(HTTP_TIMEOUT):
+                stream = await self.network.connect(where)
+                try:
+                    local = _local_host(stream)
+                    await stream.send_all(request)
+                    received = bytearray()
+                    while chunk := await stream.receive_some(upnp.MAX_ANSWER_SIZE):
+                        received += chunk
+                        if len(received) > upnp.MAX_ANSWER_SIZE:
+                            raise RemoteProtocolError(
+                                f"the router's answer at {where} is longer than "
+                                f"{upnp.MAX_ANSWER_SIZE} bytes"
+                            )
+                finally:
+                    await trio.aclose_forcefully(stream)
+            status, body = upnp.http_body(bytes(received), f"the router's answer at {where}")
+        except trio.TooSlowError:
+            raise PortMappingError(f"the UPnP gateway at {where} did not answer in time") from None
+        except (PeerUnavailableError, trio.BrokenResourceError) as error:
+            raise PortMappingError(f"the UPnP gateway at {where}: {error}") from None
+        except ProtocolError as error:
+            raise PortMappingError(str(error)) from None
+        return status, body, local
+
+    async def _gateway(self) -> upnp.GatewayService:
+        if self._service is None:
+            location = self.location or await self._search()
+            status, body, _ = await self._http(location, upnp.http_get(location))
+            if status != 200:
+                raise PortMappingError(f"the router's UPnP description answered HTTP {status}")
+            try:
+                self._service = upnp.parse_description(body, location)
+            except ProtocolError as error:
+                raise PortMappingError(str(error)) from None
+            self.location = location
+        return self._service
+
+    async def _call(
+        self, action: str, arguments: list[tuple[str, str]]
+    ) -> tuple[Mapping[str, str], str]:
+        service = await self._gateway()
+        status, body, local = await self._http(
+            service.control_url, upnp.soap_request(service, action, arguments)
+        )
+        try:
+            return upnp.parse_soap_answer(status, body, action), local
+        except ProtocolError as error:
+            raise PortMappingError(str(error)) from None
+
+    async def map(
+        self,
+        transport: Transport,
+        internal_port: int,
+        *,
+        external_port: int = 0,
+        lifetime: int = LEASE,
+    ) -> PortMapping:
+        external_port = external_port or internal_port
+        # The internal client is this machine as the router sees it: learnt
+        # from a first call, since a machine may have several addresses.
+        answer, local = await self._call("GetExternalIPAddress", [])
+        external_ip = answer.get("NewExternalIPAddress", "")
+        if not _is_ip(external_ip):
+            raise PortMappingError(f"the UPnP gateway names no public address ({external_ip!r})")
+        arguments = [
+            ("NewRemoteHost", ""),
+            ("NewExternalPort", str(external_port)),
+            ("NewProtocol", transport.name),
+            ("NewInternalPort", str(internal_port)),
+            ("NewInternalClient", local),
+            ("NewEnabled", "1"),
+            ("NewPortMappingDescription", "p2pbackup"),
+            ("NewLeaseDuration", str(lifetime)),
+        ]
+        await self._call("AddPortMapping", arguments)
+        return PortMapping(
+            self.method, transport, internal_port, Address(external_ip, external_port), lifetime
+        )
+
+    async def unmap(self, mapping: PortMapping) -> None:
+        await self._call(
+            "DeletePortMapping",
+            [
+                ("NewRemoteHost", ""),
+                ("NewExternalPort", str(mapping.external.port)),
+                ("NewProtocol", mapping.transport.name),
+            ],
+        )
+
+
+def _local_host(stream: trio.abc.Stream) -> str:
+    local = getattr(stream, "local_address", None)  # a memory stream's
+    if isinstance(local, Address):
+        return local.host
+    if isinstance(stream, trio.SocketStream):
+        return str(stream.socket.getsockname()[0])
+    raise PortMappingError("cannot tell this machine's address on the router's network")
+
+
+# -- whichever the router speaks -----------------------------------------------------------
+
+
+class Mapper(Protocol):
+    """What :func:`keep_ports_mapped` needs of a port mapper."""
+
+    async def map(
+        self,
+        transport: Transport,
+        internal_port: int,
+        *,
+        external_port: int = 0,
+        lifetime: int = LEASE,
+    ) -> PortMapping: ...
+
+    async def unmap(self, mapping: PortMapping) -> None: ...
+
+
+class AnyMapper:
+    """NAT-PMP/PCP first, UPnP-IGD when the router answers neither; the one
+    that worked is used from then on."""
+
+    def __init__(self, network: Network, gateway: str) -> None:
+        self.gateway = gateway
+        self.pmp = PortMapper(network, gateway)
+        self.upnp = UpnpMapper(network)
+        self._chosen: Mapper | None = None
+
+    async def map(
+        self,
+        transport: Transport,
+        internal_port: int,
+        *,
+        external_port: int = 0,
+        lifetime: int = LEASE,
+    ) -> PortMapping:
+        if self._chosen is not None:
+            return await self._chosen.map(
+                transport, internal_port, external_port=external_port, lifetime=lifetime
+            )
+        try:
+            mapping = await self.pmp.map(
+                transport, internal_port, external_port=external_port, lifetime=lifetime
+            )
+            self._chosen = self.pmp
+        except RouterSilentError:
+            try:
+                mapping = await self.upnp.map(
+                    transport, internal_port, external_port=external_port, lifetime=lifetime
+                )
+            except RouterSilentError:
+                raise RouterSilentError(
+                    f"the router at {self.gateway} did not answer NAT-PMP, PCP or UPnP "
+                    "(turn on UPnP/NAT-PMP in its settings, or forward the port by hand)"
+                ) from None
+            self._chosen = self.upnp
+        return mapping
+
+    async def unmap(self, mapping: PortMapping) -> None:
+        await (self.upnp if mapping.method == UpnpMapper.method else self.pmp).unmap(mapping)

@@ -187,3 +187,20 @@ async def test_serve_no_port_mapping_leaves_the_router_alone(tmp_path: Path) -> 
         assert world.port_mappings(ROUTER.public_host) == []
         assert [a.host for a in serving.discovery.advertised] == [HOME]
         nursery.cancel_scope.cancel()
+
+
+def _answers_another_port(data: bytes) -> bytes | None:
+    request = natpmp.decode_request(data)
+    assert request is not None
+    return natpmp.encode_pcp_map_answer(
+        natpmp.MapAnswer(request.transport, 0, 9999, 9999, 60, 1, request.nonce, "11.20.30.9")
+    )
+
+
+async def test_an_answer_to_another_request_is_not_taken(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    world = MemoryNetwork()
+    await nursery.start(_fake_router, world, _answers_another_port)
+    with pytest.raises(PortMappingError, match="another request"):
+        await PortMapper(world.interface(ME), GATEWAY).map(natpmp.Transport.TCP, PORT)

@@ -178,6 +178,14 @@ class PortMapper:
             if not answer.ok:
                 reason = natpmp.describe_result(self.method, answer.result)
                 raise PortMappingError(f"the router at {self.gateway.host} refused: {reason}")
+            if (
+                answer.transport != transport
+                or answer.internal_port != internal
+                or (self.method == "PCP" and answer.nonce != nonce)
+            ):
+                raise PortMappingError(
+                    f"the router at {self.gateway.host} answered another request than ours"
+                )
             if lifetime == 0:
                 external_ip = self._external_ip or self.gateway.host
             else:

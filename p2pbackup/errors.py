@@ -35,6 +35,8 @@ Families:
   the one dialled. :class:`KeyAgreementError` (an integrity error) for an
   unusable X25519 public key.
 * :class:`PeerUnavailableError` — a peer that cannot be reached now.
+* :class:`PortMappingError` — the home router forwards no port: it refused,
+  did not answer, or answered nonsense; the message says which.
 """
 
 from __future__ import annotations
@@ -128,6 +130,10 @@ class StoreFullError(StoreError):
 
 class PeerUnavailableError(StoreError):
     """A peer cannot be reached now."""
+
+
+class PortMappingError(P2PBackupError):
+    """The home router did not forward a port: it refused, or it does not map ports."""
 
 
 class ProtocolError(P2PBackupError):

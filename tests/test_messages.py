@@ -37,6 +37,8 @@ from p2pbackup.wire.messages import (
     DeleteAll,
     Deleted,
     DeleteShard,
+    DialBack,
+    DialBackResult,
     FrameDecoder,
     GetRoot,
     GetShard,
@@ -135,6 +137,12 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     AllDeleted: st.builds(AllDeleted, uints, st.booleans()),
     Noted: st.builds(Noted, st.booleans()),
     Refused: st.builds(Refused, st.sampled_from(RefusalCode), st.text(max_size=40)),
+    DialBack: st.builds(
+        DialBack, st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=8).map(tuple)
+    ),
+    DialBackResult: st.builds(
+        DialBackResult, st.lists(st.booleans(), min_size=1, max_size=8).map(tuple)
+    ),
 }
 any_message = st.one_of(*STRATEGIES.values())
 
@@ -171,6 +179,8 @@ EXAMPLES: dict[type[Message], Message] = {
     AllDeleted: AllDeleted(12, True),
     Noted: Noted(True),
     Refused: Refused(RefusalCode.FULL, "over quota"),
+    DialBack: DialBack(("203.0.113.5:4001", "192.168.1.20:4001")),
+    DialBackResult: DialBackResult((True, False)),
 }
 #: Fields that may be nil.
 OPTIONAL_FIELDS = {(GetShard, 2), (ListShards, 0), (RootData, 0), (Usage, 1)}
@@ -204,6 +214,8 @@ TYPE_CODES: dict[type[Message], int] = {
     AllDeleted: 0x4B,
     Noted: 0x4C,
     Refused: 0x4F,
+    DialBack: 0x18,
+    DialBackResult: 0x58,
 }
 
 

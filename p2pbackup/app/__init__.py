@@ -4,7 +4,8 @@ Nouns:
 
 * **home** (:mod:`.home`) — the directory where one node keeps its secret, its
   index, its hosted shards and its lock; :mod:`.homedht` reads what discovery
-  needs from it.
+  needs from it; :mod:`.homenat` keeps a home node's port mapped and its
+  reachability known.
 * **operations** (:mod:`.operations`) — what a user does to a home: init,
   recover, add a peer or a friend, open its repository.
 * **request** (:mod:`.requests`) — one command on a home's repository and its

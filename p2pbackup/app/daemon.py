@@ -50,6 +50,13 @@ import trio
 from p2pbackup.app import operations
 from p2pbackup.app.home import Home
 from p2pbackup.app.homedht import home_friends, home_root_holders
+from p2pbackup.app.homenat import (
+    REACHABILITY,
+    PublishedAddresses,
+    ReachabilityBoard,
+    has_router,
+    keep_reachable,
+)
 from p2pbackup.app.service import error_message, local_zone
 from p2pbackup.core.keys import Keyring
 from p2pbackup.dht import adapter as dht
@@ -67,6 +74,7 @@ from p2pbackup.errors import P2PBackupError, RepositoryLockedError, StoreError
 from p2pbackup.maintenance import keeper, leases
 from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
+from p2pbackup.node.reachability import DialBackService
 from p2pbackup.node.schedule import (
     RUNNING_OFFER,
     BackupSchedule,
@@ -104,6 +112,8 @@ class ServeOptions:
     refresh_period: float = DEFAULT_REFRESH_PERIOD
     #: Store for any node that asks (within quotas), not only for friends.
     open: bool = False
+    #: Ask the router to forward the port (NAT-PMP/PCP); see app.homenat.
+    port_mapping: bool = True
 
 
 @attrs.frozen
@@ -138,7 +148,8 @@ async def serve(
 
     The steps, each below: open the shard host and start the storage server
     (:func:`_open_storage`), join the DHT (:func:`_join_dht`), then run the
-    node's roles side by side: discovery, the scheduled backups, the
+    node's roles side by side: discovery, reachability (port mapping and
+    dial-back, :func:`_start_reachability`), the scheduled backups, the
     maintenance of our backups (:func:`run_maintenance`), the control
     socket. How it stops: :func:`_stopping`. ``clock`` (unix seconds) and
     ``rng`` (default: the system's) are the maintenance's."""
@@ -148,16 +159,19 @@ async def serve(
     schedule = config.backup
     with home.serving(), _stopping(home) as stop:
         identity = node_identity(home)
+        published = PublishedAddresses()
         async with (
-            _open_storage(home, options, identity, network) as storage,
+            _open_storage(home, options, identity, network, published) as storage,
             _join_dht(home, options, identity, network, storage.address.port) as discovery,
             trio.open_nursery() as roles,
         ):
+            published.discovery = discovery
             # Backups and the CLI's commands (tasks started below inherit it)
             # look nodes up through this running node.
             SERVING_NODE.set(discovery.node)
             RUNNING_OFFER.set(StorageOffer(options.capacity, options.owner_quota))
             await roles.start(discovery.run)
+            _start_reachability(roles, home, options, identity, network, discovery, storage)
             # A backup or a command may have changed which nodes hold the root record.
             peers_changed = discovery.root_holders_may_have_changed
             turns = trio.Lock()
@@ -239,7 +253,11 @@ class _Storage:
 
 @contextlib.asynccontextmanager
 async def _open_storage(
-    home: Home, options: ServeOptions, identity: Identity, network: Network
+    home: Home,
+    options: ServeOptions,
+    identity: Identity,
+    network: Network,
+    published: PublishedAddresses,
 ) -> AsyncIterator[_Storage]:
     """The home's shard host, and a storage server answering peers from it on
     ``options.listen``; shards whose lease ran out are deleted every hour. The
@@ -263,6 +281,7 @@ async def _open_storage(
             admits=None if options.open else friends,
             friends=friends,
             leaving=functools.partial(_note_leaving, home),
+            dial_back=DialBackService(network, identity, published),
         )
         async with trio.open_nursery() as nursery:
             address = await nursery.start(network.serve, options.listen, server.handle_connection)
@@ -300,6 +319,38 @@ async def _join_dht(
         )
         home.write_addresses(_address_texts(advertised))
         yield discovery
+
+
+def _start_reachability(
+    roles: trio.Nursery,
+    home: Home,
+    options: ServeOptions,
+    identity: Identity,
+    network: Network,
+    discovery: Discovery,
+    storage: _Storage,
+) -> None:
+    """The reachability role (app.homenat), where there is a router to ask
+    (not for a node on loopback); its board goes where ``status`` finds it."""
+    gateway = has_router(options.listen, network)
+    if gateway is None:
+        return
+    board = ReachabilityBoard()
+    REACHABILITY.set(board)
+    roles.start_soon(
+        functools.partial(
+            keep_reachable,
+            home,
+            network,
+            identity,
+            discovery,
+            gateway,
+            storage.address.port,
+            board,
+            port_mapping=options.port_mapping,
+            publish_addresses=lambda addresses: home.write_addresses(_address_texts(addresses)),
+        )
+    )
 
 
 def _address_texts(addresses: Iterable[RecordAddress]) -> tuple[str, ...]:

@@ -494,11 +494,17 @@ class Service:
 
         async with operations.open_repository(self.home, access="read") as repo:
             report = await status.gather_status(repo, operations.hosting(self.home))
+        reachability = _reachability_line()
         if request.json:
-            console.out(_json(report.to_json()))
+            data = report.to_json()
+            if reachability is not None:
+                data["reachability"] = reachability
+            console.out(_json(data))
         else:
             for line in report.lines():
                 console.out(line)
+            if reachability is not None:
+                console.out(reachability)
         return OK
 
     async def repair(self, request: RepairRequest, console: Console) -> Outcome:
@@ -895,3 +901,12 @@ def _ls_json(path: bytes, node: TreeNode) -> dict[str, object]:
     except UnicodeDecodeError:
         entry["path_hex"] = path.hex()
     return entry
+
+
+def _reachability_line() -> str | None:
+    """How the world reaches the node running this command (None outside
+    ``serve``): app.homenat's board."""
+    from p2pbackup.app.homenat import REACHABILITY
+
+    board = REACHABILITY.get()
+    return None if board is None else board.line()

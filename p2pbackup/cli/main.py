@@ -234,6 +234,7 @@ async def cmd_serve(args: argparse.Namespace, home: Home, out: LineSink) -> int:
             Address.parse(text, allow_port_zero=False) for text in args.advertise or ()
         ),
         open=args.open,
+        port_mapping=not args.no_port_mapping,
     )
     async with trio.open_nursery() as nursery:
         serving = await nursery.start(
@@ -459,6 +460,11 @@ def _add_node(commands: _Commands) -> None:
         "--open",
         action="store_true",
         help="store for any node that asks (within quotas), not only for friends",
+    )
+    p.add_argument(
+        "--no-port-mapping",
+        action="store_true",
+        help="do not ask the router to forward the port (NAT-PMP/PCP); see docs/nat.md",
     )
     p.add_argument(
         "--verbose", action="store_true", help="log every session, not only what goes wrong"

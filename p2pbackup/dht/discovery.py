@@ -155,6 +155,15 @@ class Discovery:
             log.warning("DHT: no other node answered; this node is alone for now")
         return known
 
+    def readvertise(self, addresses: Sequence[records.RecordAddress]) -> None:
+        """Publish these addresses from now on (the router mapped a port, or
+        stopped): the contact record goes out again at once."""
+        if not addresses:
+            raise UsageError("a node must publish at least one address")
+        if tuple(addresses) != self.advertised:
+            self.advertised = tuple(addresses)
+            self._joined.set(force=True)
+
     async def publish(self) -> records.ContactRecord:
         """Sign and publish a fresh contact record (a higher sequence each
         time); :attr:`contact_taken` says whether any node took it."""

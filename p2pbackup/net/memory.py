@@ -38,11 +38,37 @@ that simulations can be read):
   at its destination when it is sent, or when the receiving endpoint's queue
   (:data:`DATAGRAM_QUEUE_LIMIT` datagrams) is full, or when the two hosts
   cannot reach each other at the moment it is sent or delivered.
+
+How the memory world models a home router (**NAT**), after Linux's
+MASQUERADE; :meth:`MemoryNetwork.put_behind_nat` puts a host behind one:
+
+* A router has a **public host** (its address outside, where the world sees
+  every host behind it) and a **gateway host** (its address inside). The hosts
+  behind it and the gateway form its **LAN**: they reach each other directly.
+* From outside, a LAN host cannot be reached by its own name at all
+  (``connect`` gets no answer, datagrams are lost). The public host forwards
+  a stream or a datagram to a LAN host only through a **port mapping**
+  (protocol, external port → internal address) that has not expired. A
+  datagram is also let in when it comes from an address that the LAN host
+  sent to from that port recently: a **UDP flow**, kept
+  :attr:`NatProfile.udp_timeout` seconds (30, Linux's
+  ``nf_conntrack_udp_timeout``) after the last datagram, and
+  :attr:`NatProfile.udp_stream_timeout` (120) once datagrams went both ways.
+  Anything else sent to the public host is the router's own: usually refused
+  (also from its own LAN: the model does not hairpin).
+* Outward, a LAN host appears as the public host, at the same port it sends
+  from (port-preserving, as MASQUERADE is while ports do not clash).
+* A router with :attr:`NatProfile.port_mapping` answers NAT-PMP and PCP
+  (:mod:`p2pbackup.net.natpmp`) from its LAN at ``gateway:5351``, at once;
+  one without it answers nothing there. Mappings last the lease granted (at
+  most :attr:`NatProfile.max_lease`); :meth:`MemoryNetwork.add_port_mapping`
+  is a port forwarded by hand.
 """
 
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import logging
 import math
 import operator
@@ -53,8 +79,9 @@ from collections.abc import Iterable
 import attrs
 import trio
 
-from p2pbackup.errors import PeerUnavailableError, UsageError
+from p2pbackup.errors import PeerUnavailableError, ProtocolError, UsageError
 from p2pbackup.model import BytesLike
+from p2pbackup.net import natpmp
 from p2pbackup.net.network import (
     DEFAULT_CONNECT_TIMEOUT,
     Address,
@@ -439,6 +466,154 @@ class _Host:
         raise UsageError(f"host {self.name} has no free port left")
 
 
+# -- routers (NAT) -------------------------------------------------------------------------
+
+
+@attrs.frozen
+class NatProfile:
+    """A home router: its two addresses, whether it maps ports, its timeouts."""
+
+    #: The router's address outside: what the world sees of its LAN.
+    public_host: str
+    #: The router's address inside, where it answers NAT-PMP and PCP.
+    gateway_host: str
+    #: Whether it answers port-mapping requests (NAT-PMP, PCP).
+    port_mapping: bool = True
+    #: Seconds a UDP flow stays open after its last datagram, one way only...
+    udp_timeout: float = 30.0
+    #: ... and once datagrams went both ways.
+    udp_stream_timeout: float = 120.0
+    #: The longest lease it grants a mapping, in seconds.
+    max_lease: int = 24 * 3600
+
+
+@attrs.frozen
+class NatMapping:
+    """A port of a router's public host forwarded to a LAN host."""
+
+    transport: natpmp.Transport
+    external_port: int
+    internal: Address
+    #: When it lapses (trio time); math.inf for one made by hand.
+    expires: float
+
+
+@attrs.define(eq=False)
+class _Flow:
+    internal: Address
+    expires: float
+    replied: bool = False
+
+
+@attrs.define(eq=False)
+class _Nat:
+    profile: NatProfile
+    #: When it first answered (its epoch counts from there).
+    started: float | None = None
+    lan: set[str] = attrs.Factory(set)
+    mappings: dict[tuple[natpmp.Transport, int], NatMapping] = attrs.Factory(dict)
+    #: (public port, remote address) → the LAN host's flow.
+    flows: dict[tuple[int, Address], _Flow] = attrs.Factory(dict)
+
+    def mapping(self, transport: natpmp.Transport, port: int, now: float) -> NatMapping | None:
+        found = self.mappings.get((transport, port))
+        if found is not None and found.expires <= now:
+            del self.mappings[(transport, port)]
+            return None
+        return found
+
+    def send_out(self, source: Address, destination: Address, now: float) -> Address:
+        """A LAN datagram leaves: its flow opens or stays; the source seen outside."""
+        key = (source.port, destination)
+        flow = self.flows.get(key)
+        if flow is None or flow.expires <= now or flow.internal != source:
+            flow = self.flows[key] = _Flow(source, 0.0)
+        flow.expires = now + self._flow_timeout(flow)
+        return Address(self.profile.public_host, source.port)
+
+    def let_in(self, source: Address, port: int, now: float) -> Address | None:
+        """Where a datagram from ``source`` to the public ``port`` goes, if anywhere."""
+        mapped = self.mapping(natpmp.Transport.UDP, port, now)
+        if mapped is not None:
+            return mapped.internal
+        flow = self.flows.get((port, source))
+        if flow is None or flow.expires <= now:
+            return None
+        flow.replied = True
+        flow.expires = now + self._flow_timeout(flow)
+        return flow.internal
+
+    def _flow_timeout(self, flow: _Flow) -> float:
+        return self.profile.udp_stream_timeout if flow.replied else self.profile.udp_timeout
+
+    def answer(self, data: bytes, source: Address, now: float) -> bytes | None:
+        """The router's answer to a NAT-PMP or PCP request from a LAN host."""
+        try:
+            request = natpmp.decode_request(data)
+        except ProtocolError:
+            return None  # as a router does with garbage: no answer
+        if self.started is None:
+            self.started = now
+        epoch = int(now - self.started)
+        public = self.profile.public_host
+        if request is None:
+            if not _is_ipv4(public):
+                return natpmp.encode_address_answer(natpmp.AddressAnswer(3, epoch, None))
+            return natpmp.encode_address_answer(natpmp.AddressAnswer(0, epoch, public))
+        pcp = data[0] == natpmp.PCP_VERSION
+        result, external, lifetime = 0, 0, 0
+        if pcp and request.client_ip != source.host:
+            result = natpmp.PcpResult.ADDRESS_MISMATCH
+        elif request.lifetime == 0:
+            internal = Address(source.host, request.internal_port)
+            for key, mapped in list(self.mappings.items()):
+                if mapped.transport == request.transport and mapped.internal == internal:
+                    del self.mappings[key]
+        else:
+            external = self._free_port(request, Address(source.host, request.internal_port), now)
+            lifetime = min(request.lifetime, self.profile.max_lease)
+            self.mappings[(request.transport, external)] = NatMapping(
+                request.transport,
+                external,
+                Address(source.host, request.internal_port),
+                now + lifetime,
+            )
+        answer = natpmp.MapAnswer(
+            request.transport,
+            result,
+            request.internal_port,
+            external,
+            lifetime,
+            epoch,
+            request.nonce,
+            public if result == 0 and _is_ip(public) else None,
+        )
+        if pcp:
+            return natpmp.encode_pcp_map_answer(answer)
+        return natpmp.encode_natpmp_map_answer(answer)
+
+    def _free_port(self, request: natpmp.MapRequest, internal: Address, now: float) -> int:
+        wanted: int = request.external_port or request.internal_port
+        candidates: list[int] = [wanted, *_EPHEMERAL_PORTS]
+        for port in candidates:
+            held = self.mapping(request.transport, port, now)
+            if held is None or held.internal == internal:
+                return port
+        return wanted  # every port taken: the newest asker wins
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_ipv4(text: str) -> bool:
+    return _is_ip(text) and ":" not in text
+
+
 class MemoryNetwork:
     """A simulated world of hosts joined by links; see the module docstring."""
 
@@ -464,6 +639,9 @@ class MemoryNetwork:
         self._groups: dict[str, int] = {}
         self._connections: set[_Connection] = set()
         self._counters = _Counters()
+        #: Routers by public host, and the router of each LAN host.
+        self._nats: dict[str, _Nat] = {}
+        self._nat_of: dict[str, _Nat] = {}
 
     # -- the world's controls
 
@@ -535,6 +713,91 @@ class MemoryNetwork:
     def statistics(self) -> NetworkStatistics:
         return NetworkStatistics(**attrs.asdict(self._counters))
 
+    # -- routers
+
+    def put_behind_nat(self, host: str, profile: NatProfile) -> None:
+        """Put ``host`` on the LAN of the router ``profile`` describes (one
+        router per public host: hosts given equal profiles share it)."""
+        if host in self._nats or host in (profile.public_host, profile.gateway_host):
+            raise UsageError(f"host {host} is a router; it cannot be behind one")
+        nat = self._nats.get(profile.public_host)
+        if nat is None:
+            if profile.public_host in self._nat_of or profile.gateway_host in self._nats:
+                raise UsageError(f"router {profile.public_host} would be behind another")
+            nat = self._nats[profile.public_host] = _Nat(profile)
+            self._host(profile.public_host)
+            self._host(profile.gateway_host)
+            nat.lan.add(profile.gateway_host)
+            self._nat_of[profile.gateway_host] = nat
+        elif nat.profile != profile:
+            raise UsageError(f"router {profile.public_host} already has another profile")
+        previous = self._nat_of.get(host)
+        if previous is not None and previous is not nat:
+            raise UsageError(f"host {host} is already behind {previous.profile.public_host}")
+        self._host(host)
+        nat.lan.add(host)
+        self._nat_of[host] = nat
+
+    def gateway_of(self, host: str) -> str | None:
+        """The gateway host of the router ``host`` is behind, if any."""
+        nat = self._nat_of.get(host)
+        return nat.profile.gateway_host if nat is not None and host in nat.lan else None
+
+    def add_port_mapping(
+        self,
+        public_host: str,
+        transport: natpmp.Transport,
+        external_port: int,
+        internal: Address,
+        *,
+        lifetime: float = math.inf,
+    ) -> None:
+        """Forward a port of a router, as a user does in its settings."""
+        nat = self._nats.get(public_host)
+        if nat is None:
+            raise UsageError(f"{public_host} is not a router's public host")
+        expires = trio.current_time() + lifetime
+        nat.mappings[(transport, external_port)] = NatMapping(
+            transport, external_port, internal, expires
+        )
+
+    def port_mappings(self, public_host: str) -> list[NatMapping]:
+        """The mappings of a router that have not lapsed."""
+        nat = self._nats.get(public_host)
+        if nat is None:
+            return []
+        now = trio.current_time()
+        return [m for key, m in list(nat.mappings.items()) if nat.mapping(*key, now) is not None]
+
+    def _inside_other_lan(self, source: str, destination: str) -> bool:
+        """Whether ``destination`` is on a LAN that ``source`` is not on."""
+        nat = self._nat_of.get(destination)
+        return nat is not None and source not in nat.lan
+
+    def _public_side(self, source: str, destination: str) -> _Nat | None:
+        """The router whose public host ``destination`` is, seen from outside its LAN."""
+        nat = self._nats.get(destination)
+        return nat if nat is not None and source not in nat.lan else None
+
+    def _seen_as(self, source: Address, destination: str) -> Address:
+        """Where a stream from ``source`` to ``destination`` seems to come from."""
+        nat = self._nat_of.get(source.host)
+        if nat is None or destination in nat.lan:
+            return source
+        return Address(nat.profile.public_host, source.port)
+
+    def _stream_target(self, source: str, address: Address) -> Address | None:
+        """Where a connection from ``source`` to ``address`` lands; None when a
+        router drops it unanswered."""
+        if self._inside_other_lan(source, address.host):
+            return None
+        nat = self._public_side(source, address.host)
+        if nat is not None:
+            mapped = nat.mapping(natpmp.Transport.TCP, address.port, trio.current_time())
+            if mapped is not None:
+                return mapped.internal
+        return address
+
     # -- used by interfaces, streams and endpoints
 
     def _host(self, name: str) -> _Host:
@@ -582,16 +845,20 @@ class MemoryNetwork:
         if state.listeners.get(listener.address.port) is listener:
             del state.listeners[listener.address.port]
 
-    def _open_connection(self, source: str, listener: _Listener) -> MemoryStream | None:
-        """A new connection offered to ``listener``; the client's end, or None if refused."""
+    def _open_connection(
+        self, source: str, listener: _Listener, dialled: Address
+    ) -> MemoryStream | None:
+        """A new connection offered to ``listener`` (``dialled`` may be a
+        router's port forwarded to it); the client's end, or None if refused."""
         state = self._hosts[source]
         client_address = Address(source, state.free_port(()))
         destination = listener.address.host
+        seen_as = self._seen_as(client_address, destination)
         outbound = _Pipe(self, source, destination, self.window)
         inbound = _Pipe(self, destination, source, self.window)
         connection = _Connection(self, (source, destination), (outbound, inbound))
-        client = MemoryStream(connection, outbound, inbound, client_address, listener.address)
-        server = MemoryStream(connection, inbound, outbound, listener.address, client_address)
+        client = MemoryStream(connection, outbound, inbound, client_address, dialled)
+        server = MemoryStream(connection, inbound, outbound, listener.address, seen_as)
         if not listener.offer(server):
             return None
         self._connections.add(connection)
@@ -611,13 +878,54 @@ class MemoryNetwork:
         if profile.loss > 0 and self._random.random() < profile.loss:
             self._drop_datagram(len(data))
             return
+        if self._answer_as_router(source, data, destination):
+            return
+        routed = self._route_datagram(source, destination)
+        if routed is None:
+            self._drop_datagram(len(data))
+            return
+        seen_as, destination = routed
         target = self._hosts.get(destination.host)
         endpoint = target.endpoints.get(destination.port) if target is not None else None
         if endpoint is None or not self.reachable(source.host, destination.host):
             self._drop_datagram(len(data))
             return
         arrival = self._transmit(source.host, destination.host, len(data))
-        endpoint._deliver(arrival, data, source)
+        endpoint._deliver(arrival, data, seen_as)
+
+    def _answer_as_router(self, source: Address, data: bytes, destination: Address) -> bool:
+        """Whether the datagram was a request to the sender's router's mapping
+        service (then answered, unless it made no sense)."""
+        home = self._nat_of.get(source.host)
+        if (
+            home is None
+            or not home.profile.port_mapping
+            or destination != Address(home.profile.gateway_host, natpmp.SERVER_PORT)
+        ):
+            return False
+        answer = home.answer(data, source, trio.current_time())
+        if answer is not None:
+            self._send_datagram(destination, answer, source)
+        return True
+
+    def _route_datagram(
+        self, source: Address, destination: Address
+    ) -> tuple[Address, Address] | None:
+        """Through the routers on the way: (the source seen at the far end, where
+        the datagram lands), or None when a router drops it."""
+        now = trio.current_time()
+        home = self._nat_of.get(source.host)
+        if self._inside_other_lan(source.host, destination.host):
+            return None
+        seen_as = source
+        if home is not None and destination.host not in home.lan:
+            seen_as = home.send_out(source, destination, now)
+        far = self._public_side(source.host, destination.host)
+        if far is not None:
+            internal = far.let_in(seen_as, destination.port, now)
+            if internal is not None:
+                return seen_as, internal
+        return seen_as, destination
 
 
 class MemoryInterface:
@@ -629,6 +937,10 @@ class MemoryInterface:
 
     def __repr__(self) -> str:
         return f"<MemoryInterface {self.host}>"
+
+    def default_gateway(self) -> str | None:
+        """The router this host is behind, if any (its LAN address)."""
+        return self.world.gateway_of(self.host)
 
     async def connect(self, address: Address) -> trio.abc.Stream:
         world = self.world
@@ -642,10 +954,11 @@ class MemoryInterface:
         latency = world.link(self.host, address.host).latency
         with trio.move_on_after(world.connect_timeout):
             await trio.sleep(latency)  # our SYN crosses the link
-            if not world.reachable(self.host, address.host):
+            target = world._stream_target(self.host, address)
+            if target is None or not world.reachable(self.host, target.host):
                 await trio.sleep_forever()  # nobody answers; the timeout ends this
-            listener = world._hosts[address.host].listeners.get(address.port)
-            client = world._open_connection(self.host, listener) if listener else None
+            listener = world._hosts[target.host].listeners.get(target.port)
+            client = world._open_connection(self.host, listener, address) if listener else None
             if client is None:
                 await trio.sleep(latency)  # the refusal crosses back
                 world._counters.connections_failed += 1

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -222,11 +223,40 @@ def os_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+#: Where Linux lists its IPv4 routes.
+ROUTE_TABLE = "/proc/net/route"
+
+
+def default_gateway_in(table: str) -> str | None:
+    """The IPv4 default route's gateway in the text of ``/proc/net/route``."""
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        # Destination 0.0.0.0 with the RTF_GATEWAY flag (0x2): the default route.
+        if len(fields) < 4 or fields[1] != "00000000":
+            continue
+        try:
+            flags, gateway = int(fields[3], 16), int(fields[2], 16)
+        except ValueError:
+            continue
+        if flags & 0x2 and gateway:
+            # The kernel prints the address as a number in host byte order.
+            return socket.inet_ntoa(gateway.to_bytes(4, sys.byteorder))
+    return None
+
+
 class TcpNetwork:
     """The real network: TCP streams and UDP datagrams through trio."""
 
     def __init__(self, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
         self.connect_timeout = connect_timeout
+
+    def default_gateway(self) -> str | None:
+        """The router of this machine's default IPv4 route, if it has one."""
+        try:
+            with open(ROUTE_TABLE, encoding="ascii", errors="replace") as table:
+                return default_gateway_in(table.read(1 << 20))
+        except OSError:
+            return None
 
     async def connect(self, address: Address) -> trio.abc.Stream:
         with trio.move_on_after(self.connect_timeout):

@@ -11,6 +11,8 @@ Nouns:
   the same home.
 * **schedule** (:mod:`.schedule`) — ``config.toml``: scheduled backups and
   what the node offers its peers.
+* **reachability** (:mod:`.reachability`) — whether friends can dial this
+  node directly: the dial-back a friend does for it, and the verdict.
 
 The daemon that wires these together with a home is a composition root and
 lives in :mod:`p2pbackup.app.daemon`.

@@ -51,10 +51,12 @@ from p2pbackup.errors import (
     StoreError,
     StoreFullError,
     StoreRequestError,
+    UsageError,
 )
-from p2pbackup.net.network import peer_address
+from p2pbackup.net.network import Address, peer_address
 from p2pbackup.node import shardhost
 from p2pbackup.node.admission import Admission, LogThrottle, ServerLimits, Session, source_of
+from p2pbackup.node.reachability import DialBacker
 from p2pbackup.wire import messages
 from p2pbackup.wire.messages import RefusalCode
 from p2pbackup.wire.rpc import MessageChannel
@@ -81,6 +83,7 @@ class StorageServer:
         friends: Callable[[bytes], bool] | None = None,
         leaving: Callable[[bytes], bool] | None = None,
         stranger_lease: int = STRANGER_LEASE_SECONDS,
+        dial_back: DialBacker | None = None,
     ) -> None:
         self.host = host
         self.identity = identity
@@ -96,6 +99,8 @@ class StorageServer:
         self.leaving = leaving
         #: Seconds of lease a node that is not a friend is granted at most.
         self.stranger_lease = stranger_lease
+        #: Dials a friend back for its reachability check (None: refused).
+        self.dial_back = dial_back
         self.admission = Admission(limits)
         self._throttle = LogThrottle()
         self._handshake_scopes: dict[object, trio.CancelScope] = {}
@@ -140,6 +145,7 @@ class StorageServer:
                 owner,
                 secure.remote_signing_key,
                 idle=self.admission.idle_limit(session),
+                observed=address,
             )
         finally:
             self.admission.end_session(session)
@@ -182,9 +188,11 @@ class StorageServer:
         owner_signing_key: bytes,
         *,
         idle: float | None = None,
+        observed: Address | None = None,
     ) -> None:
         """Answer the requests of the peer ``owner`` (node id, and its Ed25519 key),
-        allowing it ``idle`` seconds between requests (default: a friend's).
+        allowing it ``idle`` seconds between requests (default: a friend's);
+        ``observed`` is where its connection came from.
 
         The caller vouches for who is at the other end: :meth:`handle_connection`
         passes a Noise session, whose handshake proved it; benchmarks pass a
@@ -193,6 +201,7 @@ class StorageServer:
         session = _Session(
             self, stream, owner, owner_signing_key, self.limits.idle if idle is None else idle
         )
+        session.observed = observed
         try:
             await session.run()
         except (RemoteProtocolError, IntegrityError) as exc:
@@ -254,6 +263,7 @@ class _Session:
         self.owner_key = owner_key
         self.peer_name = owner.hex()[:16]
         self.channel = MessageChannel(stream)
+        self.observed: Address | None = None
 
     async def run(self) -> None:
         handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
@@ -269,6 +279,7 @@ class _Session:
             messages.GetUsage: self._get_usage,
             messages.DeleteAll: self._delete_all,
             messages.Leaving: self._leaving,
+            messages.DialBack: self._dial_back,
         }
         while True:
             with trio.fail_after(self.idle):
@@ -528,3 +539,18 @@ class _Session:
         assert isinstance(result, tuple)
         used, offered = result
         await self._send(messages.Usage(used, offered))
+
+    # -- reachability -----------------------------------------------------------
+
+    async def _dial_back(self, request: messages.DialBack) -> None:
+        """Dial a friend back at the addresses it names (node.reachability)."""
+        friends = self.server.friends
+        dial_back = self.server.dial_back
+        if dial_back is None or friends is None or not friends(self.owner):
+            raise _Refusal(RefusalCode.FORBIDDEN, "this node dials back only its friends")
+        observed = self.observed.host if self.observed is not None else None
+        try:
+            reachable = await dial_back(self.owner, observed, request.addresses)
+        except UsageError as error:
+            raise _Refusal(RefusalCode.FORBIDDEN, str(error)) from None
+        await self._send(messages.DialBackResult(reachable))

@@ -46,6 +46,7 @@ Exchanges (C = client, S = server)::
     GetUsage    → Usage | Refused
     DeleteAll   → AllDeleted | Refused
     Leaving     → Noted | Refused
+    DialBack    → DialBackResult (S dialled each address) | Refused
 
 ``DeleteAll`` is an owner forgetting itself on a host: every shard and the
 root record, in one signed request (``p2pbackup leave``). ``Leaving`` goes
@@ -112,6 +113,10 @@ MAX_RENEW_SHARDS = 1000
 MAX_ROOT_SIZE = 1 << 20
 #: Characters of a refusal's explanation.
 MAX_REFUSAL_TEXT = 1000
+#: Addresses in one dial-back request (a contact record holds at most 8),
+#: and characters of one (``host:port``, a DNS name at its longest).
+MAX_DIAL_BACK_ADDRESSES = 8
+MAX_ADDRESS_TEXT = 262
 
 #: Width of a frame's length prefix.
 LENGTH_PREFIX_SIZE = 4
@@ -371,6 +376,25 @@ class Noted:
 
 
 @attrs.frozen
+class DialBack:
+    """Dial me back at these addresses (``host:port``) and say which answer as me.
+
+    Answered only for friends. Only addresses in the asker's contact record or
+    at the host its connection came from are dialled; the others count as not
+    reached."""
+
+    addresses: tuple[str, ...]
+
+
+@attrs.frozen
+class DialBackResult:
+    """For each address of the :class:`DialBack`, in order: whether the asker
+    answered there (a completed handshake as the asker's node)."""
+
+    reachable: tuple[bool, ...]
+
+
+@attrs.frozen
 class Refused:
     """The request was refused; ``message`` explains it to a human."""
 
@@ -406,6 +430,8 @@ Message: TypeAlias = (
     | AllDeleted
     | Noted
     | Refused
+    | DialBack
+    | DialBackResult
 )
 
 #: Messages that open an exchange.
@@ -422,6 +448,7 @@ REQUEST_TYPES: tuple[type[Message], ...] = (
     GetUsage,
     DeleteAll,
     Leaving,
+    DialBack,
 )
 #: Messages that answer one.
 RESPONSE_TYPES: tuple[type[Message], ...] = (
@@ -439,6 +466,7 @@ RESPONSE_TYPES: tuple[type[Message], ...] = (
     AllDeleted,
     Noted,
     Refused,
+    DialBackResult,
 )
 #: Every message class: requests, the piece, responses.
 MESSAGE_TYPES: tuple[type[Message], ...] = (*REQUEST_TYPES, ShardPiece, *RESPONSE_TYPES)
@@ -765,6 +793,20 @@ _SPECS: tuple[_Spec, ...] = (
         0x4F,
         1,
         _Fields.of(Refused, code=_Enum(RefusalCode), message=_Text(MAX_REFUSAL_TEXT)),
+    ),
+    # Reachability: dial-back (codes apart from the storage requests').
+    _Spec(
+        0x18,
+        1,
+        _Fields.of(
+            DialBack,
+            addresses=_Array(_Text(MAX_ADDRESS_TEXT), 1, MAX_DIAL_BACK_ADDRESSES),
+        ),
+    ),
+    _Spec(
+        0x58,
+        1,
+        _Fields.of(DialBackResult, reachable=_Array(_Bool(), 1, MAX_DIAL_BACK_ADDRESSES)),
     ),
 )
 

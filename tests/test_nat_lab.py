@@ -1,0 +1,207 @@
+"""Homes behind real NAT routers, in network namespaces (tests/netns_lab.py).
+
+Home A sits behind a router running miniupnpd: its ``serve`` maps its port and
+the public node, a friend, reaches it at the router's public address. Home B
+sits behind a router that maps nothing: its ``serve`` says it is not
+reachable and why. Needs root, ``ip``, ``iptables``, ``nft`` and ``miniupnpd``
+(.ci/run installs them); skips with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from p2pbackup.app.home import Home
+
+from .cli_helpers import CLI, base_env, cli_ok
+from .netns_lab import (
+    HOME_A,
+    HOME_B,
+    PUBLIC_NODE,
+    ROUTER1_LAN,
+    ROUTER1_WAN,
+    ROUTER2_LAN,
+    Lab,
+    lab_unavailable,
+    namespace_lab,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+PORT = 4001
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    reason = lab_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with namespace_lab(tmp_path / "lab") as built:
+        yield built
+
+
+def _home(tmp_path: Path, name: str) -> Path:
+    home = tmp_path / name
+    cli_ok("init", "--shards", "1/2", "--recovery-key-file", tmp_path / f"{name}.key", home=home)
+    return home
+
+
+def _in(lab: Lab, role: str, home: Path, *args: str) -> str:
+    """A command of ``home``, run inside ``role``'s namespace; its output."""
+    done = subprocess.run(
+        lab.command(role, *CLI, "--home", home, *args),
+        capture_output=True,
+        text=True,
+        env=base_env(),
+        timeout=120,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, (done.stdout, done.stderr)
+    return done.stdout
+
+
+def _invite(lab: Lab, role: str, home: Path, *addresses: str) -> str:
+    options = [item for address in addresses for item in ("--address", address)]
+    return _in(lab, role, home, "invite", *options).splitlines()[-1]
+
+
+def _befriend(lab: Lab, a: tuple[str, Path, str], b: tuple[str, Path, str]) -> None:
+    """Each adds the other's invite code, from inside its own namespace."""
+    _in(lab, a[0], a[1], "friend", "add", b[2])
+    _in(lab, b[0], b[1], "friend", "add", a[2])
+
+
+def _serve(
+    lab: Lab, role: str, home: Path, listen: str, *extra: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    log = home.parent / f"{home.name}-serve.out"
+    process = lab.start(
+        role,
+        *CLI,
+        "--home",
+        home,
+        "serve",
+        "--listen",
+        listen,
+        "--log-level",
+        "info",
+        *extra,
+        env=base_env(),
+        log=log,
+    )
+    return process, log
+
+
+def test_a_mapped_home_is_reached_directly_and_an_unmapped_one_says_why(
+    lab: Lab, tmp_path: Path
+) -> None:
+    public, home_a, home_b = (_home(tmp_path, name) for name in ("public", "a", "b"))
+    public_code = _invite(lab, "pub", public, f"{PUBLIC_NODE}:{PORT}")
+    code_a = _invite(lab, "homea", home_a, f"{ROUTER1_WAN}:{PORT}", f"{HOME_A}:{PORT}")
+    code_b = _invite(lab, "homeb", home_b, f"{HOME_B}:{PORT}")
+    _befriend(lab, ("pub", public, public_code), ("homea", home_a, code_a))
+    _befriend(lab, ("pub", public, public_code), ("homeb", home_b, code_b))
+
+    _, public_log = _serve(lab, "pub", public, f"{PUBLIC_NODE}:{PORT}")
+    wait_for(
+        lambda: "serving on" in public_log.read_text(),
+        timeout=60,
+        what="the public node started",
+        logs=[public_log],
+    )
+    bootstrap = ("--bootstrap", f"{PUBLIC_NODE}:{PORT}")
+    node_a, log_a = _serve(lab, "homea", home_a, f"0.0.0.0:{PORT}", *bootstrap)
+    _, log_b = _serve(lab, "homeb", home_b, f"0.0.0.0:{PORT}", *bootstrap)
+    logs = [log_a, log_b, public_log, lab.root / "miniupnpd.log"]
+
+    wait_for(
+        lambda: f"reachable directly at {ROUTER1_WAN}:{PORT}" in log_a.read_text(),
+        timeout=120,
+        what="home A reachable at its router's public address",
+        logs=logs,
+    )
+    # The router forwards both protocols; the address went into the contact
+    # record, and into what `invite` hands out.
+    forwarded = lab.run("r1", "nft", "list", "chain", "inet", "filter", "prerouting_miniupnpd")
+    assert f"dnat ip to {HOME_A}:{PORT}" in forwarded
+    assert "0x6" in forwarded and "0x11" in forwarded  # TCP and UDP
+    assert Home(home_a).read_addresses()[0] == f"{ROUTER1_WAN}:{PORT}"
+
+    wait_for(
+        lambda: "not reachable:" in log_b.read_text(),
+        timeout=120,
+        what="home B reporting itself unreachable",
+        logs=logs,
+    )
+    line_b = next(line for line in log_b.read_text().splitlines() if "not reachable:" in line)
+    assert f"the router at {ROUTER2_LAN} did not answer NAT-PMP, PCP or UPnP" in line_b
+    assert f"no friend could dial {HOME_B}:{PORT}" in line_b
+    assert "relays will be used" in line_b
+    assert ROUTER1_LAN not in line_b
+
+    # status, asked of the running node, says the same.
+    status_a = cli_ok("status", home=home_a).stdout
+    assert f"reachable directly at {ROUTER1_WAN}:{PORT}" in status_a
+
+    # A clean stop deletes the mappings.
+    node_a.send_signal(signal.SIGTERM)
+    node_a.wait(timeout=30)
+    wait_for(
+        lambda: (
+            f"dnat ip to {HOME_A}"
+            not in lab.run("r1", "nft", "list", "chain", "inet", "filter", "prerouting_miniupnpd")
+        ),
+        timeout=30,
+        what="home A's mappings deleted when it stopped",
+        logs=logs,
+    )
+
+
+_UPNP_MAP = """
+import trio
+from p2pbackup.net.network import TcpNetwork
+from p2pbackup.net.natpmp import Transport
+from p2pbackup.net.portmap import UpnpMapper
+
+async def main():
+    mapper = UpnpMapper(TcpNetwork())
+    mapping = await mapper.map(Transport.TCP, 4002)
+    print("mapped", mapping.external, mapper.location)
+    input()
+    await mapper.unmap(mapping)
+    print("unmapped")
+
+trio.run(main)
+"""
+
+
+def test_upnp_finds_the_router_by_ssdp_and_maps_a_port(lab: Lab) -> None:
+    process = subprocess.Popen(
+        lab.command("homea", *CLI[:1], "-c", _UPNP_MAP),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=base_env(),
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        line = process.stdout.readline()
+        assert line.startswith(f"mapped {ROUTER1_WAN}:4002 http://{ROUTER1_LAN}:"), (
+            line + (process.stderr.read() if process.poll() is not None else "")  # type: ignore[union-attr]
+        )
+        rules = lab.run("r1", "nft", "list", "chain", "inet", "filter", "prerouting_miniupnpd")
+        assert f"dnat ip to {HOME_A}:4002" in rules
+        process.stdin.write("\n")
+        process.stdin.flush()
+        assert process.stdout.readline() == "unmapped\n"
+        rules = lab.run("r1", "nft", "list", "chain", "inet", "filter", "prerouting_miniupnpd")
+        assert f"{HOME_A}:4002" not in rules
+    finally:
+        process.kill()
+        process.wait()

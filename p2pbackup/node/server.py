@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 
 _DEFAULT_LIMITS = ServerLimits()
 
+#: Answers a relay request (peer's node id, the request); the session is its
+#: until it returns.
+RelayHandler = Callable[[MessageChannel, bytes, messages.Message], Awaitable[None]]
+
 
 class StorageServer:
     """Serves the storage protocol from ``host`` as the node ``identity``."""
@@ -67,6 +71,7 @@ class StorageServer:
         limits: ServerLimits = _DEFAULT_LIMITS,
         admits: Callable[[bytes], bool] | None = None,
         friends: Callable[[bytes], bool] | None = None,
+        relay: RelayHandler | None = None,
     ) -> None:
         self.host = host
         self.identity = identity
@@ -77,6 +82,9 @@ class StorageServer:
         #: Whether a node is a friend, whose sessions come first (None: the
         #: nodes ``admits`` admits; with neither, every node is a stranger).
         self.friends = friends if friends is not None else admits
+        #: Takes a session that opens with a relay request (None: this node
+        #: relays for nobody); see :mod:`p2pbackup.node.relay`.
+        self.relay = relay
         self.admission = Admission(limits)
         self._throttle = LogThrottle()
         self._handshake_scopes: dict[object, trio.CancelScope] = {}
@@ -254,6 +262,9 @@ class _Session:
                 request = await self.channel.receive_or_end()
             if request is None:
                 return
+            if isinstance(request, messages.RELAY_REQUEST_TYPES):
+                await self._relay(request)
+                return
             handler = handlers.get(type(request))
             if handler is None:
                 raise RemoteProtocolError(
@@ -263,6 +274,18 @@ class _Session:
                 await handler(request)
             except _Refusal as refusal:
                 await self._send(messages.Refused(refusal.code, refusal.message[:1000]))
+
+    async def _relay(self, request: messages.Message) -> None:
+        """Hand the session to the relay, which keeps it until it is done."""
+        if self.server.relay is None:
+            await self._send(
+                messages.Refused(
+                    RefusalCode.FORBIDDEN,
+                    f"node {self.server.identity.node_id.hex()} relays for nobody",
+                )
+            )
+            return
+        await self.server.relay(self.channel, self.owner, request)
 
     async def _send(self, message: messages.Message) -> None:
         # A peer that stops reading must not hold this session forever.

@@ -980,6 +980,14 @@ class FrameDecoder:
         """Bytes received but not yet returned as messages."""
         return self._frames.buffered
 
+    def take_buffered(self) -> bytes:
+        """The bytes received beyond the last message returned, handed over
+        (the decoder keeps none): the stream is someone else's from here."""
+        frames = self._frames
+        rest = bytes(frames.buffer)
+        frames.consume(len(rest))
+        return rest
+
     def at_frame_boundary(self) -> bool:
         """True when no partial frame is buffered: an end of stream here is clean."""
         return self.buffered == 0

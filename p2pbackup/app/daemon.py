@@ -43,6 +43,7 @@ import trio
 from p2pbackup.app import operations
 from p2pbackup.app.home import Home
 from p2pbackup.app.homedht import home_friends, home_root_holders
+from p2pbackup.app.relays import keep_relays
 from p2pbackup.app.service import error_message
 from p2pbackup.core.keys import Keyring
 from p2pbackup.dht import adapter as dht
@@ -58,6 +59,7 @@ from p2pbackup.engine.backup import Backup
 from p2pbackup.errors import RepositoryLockedError
 from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
+from p2pbackup.node.relay import Relay
 from p2pbackup.node.schedule import RUNNING_OFFER, BackupSchedule, StorageOffer, load_schedule
 from p2pbackup.node.server import StorageServer
 from p2pbackup.node.shardhost import ReconcileReport, ShardHost
@@ -70,6 +72,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 47470
 #: How often shards whose lease ran out are deleted.
 EXPIRY_INTERVAL = 3600.0
+#: Seconds between pings to DHT neighbours behind NAT: under the 30 s after
+#: which Linux's conntrack forgets an idle UDP mapping.
+NAT_KEEPALIVE = 20.0
 
 
 #: Every interface, the default port.
@@ -89,6 +94,9 @@ class ServeOptions:
     refresh_period: float = DEFAULT_REFRESH_PERIOD
     #: Store for any node that asks (within quotas), not only for friends.
     open: bool = False
+    #: This node cannot be dialled (behind NAT): hold reservations at up to
+    #: two friends, publish them as its relays, keep its UDP mapping open.
+    via_relays: bool = False
 
 
 @attrs.frozen
@@ -144,6 +152,15 @@ async def serve(
                 roles.start_soon(run_scheduled_backups, home, schedule, network, peers_changed)
             if control is not None:
                 await roles.start(serve_control, home.control_path, _then(control, peers_changed))
+            if options.via_relays:
+                roles.start_soon(
+                    keep_relays,
+                    network,
+                    identity,
+                    functools.partial(home_friends, home),
+                    storage.server.handle_connection,
+                    discovery.set_relays,
+                )
             task_status.started(
                 Serving(
                     identity.node_id,
@@ -198,6 +215,9 @@ class _Storage:
     host: ShardHost
     #: Where the storage server listens (its port chosen, if 0 was asked for).
     address: Address
+    server: StorageServer
+    #: Joins the node's friends to its friends that cannot be dialled.
+    relay: Relay
 
 
 @contextlib.asynccontextmanager
@@ -218,13 +238,18 @@ async def _open_storage(
     try:
         # Friends come first for sessions in open mode too.
         friends = FriendGate(home)
+        relay = Relay(identity.node_id, friends)
         server = StorageServer(
-            host, identity, admits=None if options.open else friends, friends=friends
+            host,
+            identity,
+            admits=None if options.open else friends,
+            friends=friends,
+            relay=relay.serve,
         )
         async with trio.open_nursery() as nursery:
             address = await nursery.start(network.serve, options.listen, server.handle_connection)
             nursery.start_soon(_collect_expired, host)
-            yield _Storage(host, address)
+            yield _Storage(host, address, server, relay)
     finally:
         host.close()
 
@@ -250,6 +275,7 @@ async def _join_dht(
                 # Offered to the DHT at large only in open mode; a
                 # friends-only node offers nothing to strangers.
                 storage_offered=_storage_offered(home, options) if options.open else 0,
+                keepalive=NAT_KEEPALIVE if options.via_relays else None,
             ),
             friends=functools.partial(home_friends, home),
             root_holders=functools.partial(home_root_holders, home),

@@ -234,6 +234,7 @@ async def cmd_serve(args: argparse.Namespace, home: Home, out: LineSink) -> int:
             Address.parse(text, allow_port_zero=False) for text in args.advertise or ()
         ),
         open=args.open,
+        via_relays=args.via_relays,
     )
     async with trio.open_nursery() as nursery:
         serving = await nursery.start(
@@ -458,6 +459,12 @@ def _add_node(commands: _Commands) -> None:
         "--open",
         action="store_true",
         help="store for any node that asks (within quotas), not only for friends",
+    )
+    p.add_argument(
+        "--via-relays",
+        action="store_true",
+        help="this node cannot be dialled (behind NAT): be reached through up to two "
+        "friends that can, and keep the router's mappings open",
     )
     p.add_argument(
         "--verbose", action="store_true", help="log every session, not only what goes wrong"

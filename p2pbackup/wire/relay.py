@@ -45,6 +45,7 @@ from p2pbackup.errors import (
     RemoteProtocolError,
 )
 from p2pbackup.net.network import Address, Network, StreamHandler, run_handler
+from p2pbackup.nurseries import unwrap_single
 from p2pbackup.wire import messages
 from p2pbackup.wire.rpc import MessageChannel
 from p2pbackup.wire.session import Identity, SecureStream, secure_initiator
@@ -156,21 +157,24 @@ async def hold_reservation(
             raise RemoteProtocolError(f"relay answered RelayReserve with {type(answer).__name__}")
         keepalive = answer.keepalive
         task_status.started(keepalive)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_keep_alive, channel, keepalive)
-            while True:
-                with trio.move_on_after(keepalive * SILENT_INTERVALS) as silent:
-                    message = await channel.receive()
-                if silent.cancelled_caught:
-                    raise PeerUnavailableError(
-                        f"relay {relay} went silent for {keepalive * SILENT_INTERVALS} s"
-                    )
-                if isinstance(message, messages.RelayIncoming):
-                    nursery.start_soon(_accept, network, identity, relay, message, handler, timeout)
-                elif not isinstance(message, messages.RelayPong):
-                    raise RemoteProtocolError(
-                        f"relay sent {type(message).__name__} on a reservation"
-                    )
+        with unwrap_single():  # the pings end with the loop: one failure at most
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_keep_alive, channel, keepalive)
+                while True:
+                    with trio.move_on_after(keepalive * SILENT_INTERVALS) as silent:
+                        message = await channel.receive()
+                    if silent.cancelled_caught:
+                        raise PeerUnavailableError(
+                            f"relay {relay} went silent for {keepalive * SILENT_INTERVALS} s"
+                        )
+                    if isinstance(message, messages.RelayIncoming):
+                        nursery.start_soon(
+                            _accept, network, identity, relay, message, handler, timeout
+                        )
+                    elif not isinstance(message, messages.RelayPong):
+                        raise RemoteProtocolError(
+                            f"relay sent {type(message).__name__} on a reservation"
+                        )
     except (ProtocolError, IntegrityError, trio.BrokenResourceError, trio.TooSlowError) as exc:
         raise PeerUnavailableError(f"reservation at relay {relay} lost: {exc}") from None
     finally:

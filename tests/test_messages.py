@@ -54,6 +54,14 @@ from p2pbackup.wire.messages import (
     Ready,
     RefusalCode,
     Refused,
+    RelayAccept,
+    RelayConnect,
+    RelayIncoming,
+    RelayJoined,
+    RelayPing,
+    RelayPong,
+    RelayReserve,
+    RelayReserved,
     RenewLease,
     RootData,
     RootStored,
@@ -88,6 +96,8 @@ block_sizes = st.sampled_from([1 << e for e in range(9, 21)])
 leases = st.integers(1, MAX_LEASE_SECONDS)
 uints = st.integers(0, MAX_UINT)
 small_data = st.binary(max_size=300)
+node_ids = st.binary(min_size=20, max_size=20)
+circuits = st.binary(min_size=16, max_size=16)
 
 
 @st.composite
@@ -143,6 +153,14 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     DialBackResult: st.builds(
         DialBackResult, st.lists(st.booleans(), min_size=1, max_size=8).map(tuple)
     ),
+    RelayReserve: st.just(RelayReserve()),
+    RelayConnect: st.builds(RelayConnect, node_ids),
+    RelayAccept: st.builds(RelayAccept, circuits),
+    RelayPing: st.just(RelayPing()),
+    RelayReserved: st.builds(RelayReserved, st.integers(1, messages.MAX_KEEPALIVE_SECONDS)),
+    RelayIncoming: st.builds(RelayIncoming, circuits, node_ids),
+    RelayJoined: st.just(RelayJoined()),
+    RelayPong: st.just(RelayPong()),
 }
 any_message = st.one_of(*STRATEGIES.values())
 
@@ -181,6 +199,14 @@ EXAMPLES: dict[type[Message], Message] = {
     Refused: Refused(RefusalCode.FULL, "over quota"),
     DialBack: DialBack(("203.0.113.5:4001", "192.168.1.20:4001")),
     DialBackResult: DialBackResult((True, False)),
+    RelayReserve: RelayReserve(),
+    RelayConnect: RelayConnect(ID[:20]),
+    RelayAccept: RelayAccept(ID[:16]),
+    RelayPing: RelayPing(),
+    RelayReserved: RelayReserved(15),
+    RelayIncoming: RelayIncoming(ID[:16], ID[:20]),
+    RelayJoined: RelayJoined(),
+    RelayPong: RelayPong(),
 }
 #: Fields that may be nil.
 OPTIONAL_FIELDS = {(GetShard, 2), (ListShards, 0), (RootData, 0), (Usage, 1)}
@@ -214,8 +240,16 @@ TYPE_CODES: dict[type[Message], int] = {
     AllDeleted: 0x4B,
     Noted: 0x4C,
     Refused: 0x4F,
-    DialBack: 0x18,
-    DialBackResult: 0x58,
+    DialBack: 0x0D,
+    DialBackResult: 0x4D,
+    RelayReserve: 0x18,
+    RelayConnect: 0x19,
+    RelayAccept: 0x1A,
+    RelayPing: 0x1B,
+    RelayReserved: 0x58,
+    RelayIncoming: 0x59,
+    RelayJoined: 0x5A,
+    RelayPong: 0x5B,
 }
 
 
@@ -359,9 +393,31 @@ def test_bounds_are_inclusive() -> None:
         Refused(RefusalCode.INTERNAL, "\U0001f600" * MAX_REFUSAL_TEXT),
         Usage(MAX_UINT, 0),
         ShardList(tuple(ShardEntry(ID, MAX_SHARD_SIZE, MAX_UINT) for _ in range(10_000)), False),
+        RelayReserved(1),
+        RelayReserved(messages.MAX_KEEPALIVE_SECONDS),
     ]
     for message in edge_cases:
         assert decode_message(encode_message(message)) == message
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (body_of(0x58, 1, 0), "RelayReserved (v1) field 'keepalive'"),
+        (body_of(0x58, 1, messages.MAX_KEEPALIVE_SECONDS + 1), "field 'keepalive'"),
+        (body_of(0x19, 1, b"x" * 21), "RelayConnect (v1) field 'node_id'"),
+        (body_of(0x1A, 1, b"x" * 15), "RelayAccept (v1) field 'circuit'"),
+        (body_of(0x59, 1, b"c" * 16, b"p" * 19), "RelayIncoming (v1) field 'peer'"),
+        (body_of(0x5A, 2), "RelayJoined: unknown version 2"),
+    ],
+)
+def test_relay_messages_keep_their_bounds(body: bytes, problem: str) -> None:
+    assert problem in remote_error(framed(body))
+
+
+def test_relay_messages_are_requests_the_relay_takes() -> None:
+    assert set(messages.RELAY_REQUEST_TYPES) <= set(REQUEST_TYPES)
+    assert set(messages.RELAY_RESPONSE_TYPES) <= set(RESPONSE_TYPES)
 
 
 def test_the_largest_audit_answers_that_fit_do_fit_a_frame() -> None:

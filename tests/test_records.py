@@ -18,9 +18,11 @@ from p2pbackup.dht.records import (
     MAX_ADDRESSES,
     MAX_LIFETIME,
     MAX_RECORD_SIZE,
+    MAX_RELAYS,
     ContactRecord,
     RecordAddress,
     RecordKind,
+    RelayAddress,
     RootPointer,
     accept_store,
     choose_newest,
@@ -126,6 +128,82 @@ def test_round_trip(
     verify_record(decode_record(data), key=key_of(record), now=NOW)
 
 
+relays = st.lists(
+    st.builds(
+        RelayAddress,
+        st.binary(min_size=20, max_size=20),
+        st.builds(RecordAddress, hosts, st.integers(1, 65535)),
+    ),
+    max_size=MAX_RELAYS,
+    unique_by=lambda relay: relay.node_id,
+)
+
+
+@given(addresses, relays, u64)
+def test_round_trip_with_relays(
+    addrs: list[RecordAddress], hops: list[RelayAddress], sequence: int
+) -> None:
+    record = contact(addresses=addrs, relays=hops, sequence=sequence)
+    data = encode_record(record)
+    # Version 2 only when relays are named: a record without them reads as
+    # it did before relays existed.
+    assert data[4] == (records.RELAY_VERSION if hops else records.VERSION)
+    assert len(data) <= MAX_RECORD_SIZE
+    assert decode_record(data) == record
+    verify_record(decode_record(data), key=key_of(record), now=NOW)
+
+
+RELAY = RelayAddress(b"\x07" * 20, RecordAddress("198.51.100.3", 47470))
+
+
+def test_a_record_without_relays_is_the_version_1_layout() -> None:
+    # The bytes the encoder wrote before version 2 existed.
+    data = encode_record(contact())
+    assert hashlib.sha256(data).hexdigest() == (
+        "8f96f090a1276557b5de7063fa8554a99cb66f667b94f42010ba7ff690ec1a07"
+    )
+
+
+def test_relays_are_signed() -> None:
+    record = contact(relays=[RELAY])
+    moved = attrs.evolve(
+        record, relays=(RelayAddress(RELAY.node_id, RecordAddress("203.0.113.9", 1)),)
+    )
+    with pytest.raises(SignatureError):
+        verify_record(moved, key=key_of(record), now=NOW)
+    with pytest.raises(SignatureError):
+        verify_record(attrs.evolve(record, relays=()), key=key_of(record), now=NOW)
+
+
+def test_bad_relays_are_refused() -> None:
+    own_id = contact().node_id
+    other = RelayAddress(b"\x08" * 20, RELAY.address)
+    with pytest.raises(FormatError, match="at most"):
+        contact(relays=[RELAY, other, RelayAddress(b"\x09" * 20, RELAY.address)])
+    with pytest.raises(FormatError, match="itself or named twice"):
+        contact(relays=[RELAY, RELAY])
+    with pytest.raises(FormatError, match="itself or named twice"):
+        contact(relays=[RelayAddress(own_id, RELAY.address)])
+    with pytest.raises(FormatError, match="relay node id"):
+        contact(relays=[RelayAddress(b"\x07" * 19, RELAY.address)])
+    with pytest.raises(FormatError, match="port"):
+        contact(relays=[RelayAddress(RELAY.node_id, RecordAddress("a", 0))])
+
+
+def test_version_2_needs_relays_and_a_contact_record() -> None:
+    data = bytearray(encode_record(contact(relays=[RELAY])))
+    count_at = len(data) - crypto.SIGNATURE_SIZE - (20 + 1 + len("198.51.100.3") + 2) - 1
+    assert data[count_at] == 1
+    for count in (0, MAX_RELAYS + 1):
+        data[count_at] = count
+        with pytest.raises(FormatError, match="relays"):
+            decode_record(bytes(data))
+    pointer = bytearray(encode_record(root()))
+    pointer[4] = records.RELAY_VERSION
+    with pytest.raises(FormatError, match="root record has no version 2"):
+        decode_record(bytes(pointer))
+
+
 def test_kinds_are_distinct_on_the_wire() -> None:
     c, r = contact(), root()
     assert isinstance(decode_record(encode_record(c)), ContactRecord)
@@ -188,7 +266,8 @@ def _long_host(tag: int) -> str:
 def test_largest_record_is_far_under_the_kademlia_limit() -> None:
     big = [RecordAddress(_long_host(i), 65535) for i in range(MAX_ADDRESSES)]
     assert len(big[0].host) == 255
-    data = encode_record(contact(addresses=big))
+    hops = [RelayAddress(bytes([i]) * 20, big[i]) for i in range(MAX_RELAYS)]
+    data = encode_record(contact(addresses=big, relays=hops))
     assert len(data) <= MAX_RECORD_SIZE < 8192
     verify_record(decode_record(data), key=key_of(contact()), now=NOW)
 
@@ -205,7 +284,8 @@ def test_oversize_input_is_refused_before_parsing() -> None:
     ("mutate", "message"),
     [
         (lambda d: b"XXXX" + d[4:], "magic"),
-        (lambda d: d[:4] + b"\x02" + d[5:], "version"),
+        (lambda d: d[:4] + b"\x03" + d[5:], "version"),
+        (lambda d: d[:4] + b"\x02" + d[5:], "truncated in relay count"),
         (lambda d: d[:5] + b"\x09" + d[6:], "kind"),
         (lambda d: d[:-1], r"stray|truncated"),
         (lambda d: d + b"\0", r"stray|truncated"),
@@ -230,7 +310,11 @@ def test_absurd_address_count_is_refused() -> None:
             decode_record(bytes(data))
 
 
-@pytest.mark.parametrize("record", [contact(), root()], ids=["contact", "root"])
+@pytest.mark.parametrize(
+    "record",
+    [contact(), contact(relays=[RELAY]), root()],
+    ids=["contact", "contact with a relay", "root"],
+)
 def test_every_single_byte_mutation_is_caught(record: records.Record) -> None:
     data = encode_record(record)
     key = key_of(record)

@@ -42,6 +42,7 @@ from p2pbackup.errors import PeerUnavailableError, UsageError
 from p2pbackup.model import PEER_KIND_DIR, PEER_KIND_NODE, FriendRecord, PeerRecord
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
 from p2pbackup.net.network import Address
+from p2pbackup.wire.relay import Route
 from p2pbackup.wire.session import Identity
 
 from .engine_helpers import SMALL, make_tree
@@ -340,7 +341,7 @@ async def test_commands_in_the_daemon_look_nodes_up_through_its_running_node(
 
         async def found() -> bool:
             locate = dht_locator(lonely, world.interface("lonely-home"))
-            return await locate(bob.home.node_id()) == [Address(bob.host, PORT)]
+            return await locate(bob.home.node_id()) == [Route(Address(bob.host, PORT))]
 
         await eventually(found)  # once Bob's record is published
     finally:

@@ -57,6 +57,7 @@ from p2pbackup.app.homenat import (
     has_router,
     keep_reachable,
 )
+from p2pbackup.app.relays import keep_relays
 from p2pbackup.app.service import error_message, local_zone
 from p2pbackup.core.keys import Keyring
 from p2pbackup.dht import adapter as dht
@@ -75,6 +76,7 @@ from p2pbackup.maintenance import keeper, leases
 from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
 from p2pbackup.node.reachability import DialBackService
+from p2pbackup.node.relay import Relay
 from p2pbackup.node.schedule import (
     RUNNING_OFFER,
     BackupSchedule,
@@ -93,6 +95,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 47470
 #: How often shards whose lease ran out are deleted.
 EXPIRY_INTERVAL = 3600.0
+#: Seconds between pings to DHT neighbours behind NAT: under the 30 s after
+#: which Linux's conntrack forgets an idle UDP mapping.
+NAT_KEEPALIVE = 20.0
 
 
 #: Every interface, the default port.
@@ -114,6 +119,9 @@ class ServeOptions:
     open: bool = False
     #: Ask the router to forward the port (NAT-PMP/PCP); see app.homenat.
     port_mapping: bool = True
+    #: This node cannot be dialled (behind NAT): hold reservations at up to
+    #: two friends, publish them as its relays, keep its UDP mapping open.
+    via_relays: bool = False
 
 
 @attrs.frozen
@@ -195,6 +203,15 @@ async def serve(
                 )
             if control is not None:
                 await roles.start(serve_control, home.control_path, _then(control, peers_changed))
+            if options.via_relays:
+                roles.start_soon(
+                    keep_relays,
+                    network,
+                    identity,
+                    functools.partial(home_friends, home),
+                    storage.server.handle_connection,
+                    discovery.set_relays,
+                )
             task_status.started(
                 Serving(
                     identity.node_id,
@@ -249,6 +266,9 @@ class _Storage:
     host: ShardHost
     #: Where the storage server listens (its port chosen, if 0 was asked for).
     address: Address
+    server: StorageServer
+    #: Joins the node's friends to its friends that cannot be dialled.
+    relay: Relay
 
 
 @contextlib.asynccontextmanager
@@ -275,6 +295,7 @@ async def _open_storage(
         )
     )
     try:
+        relay = Relay(identity.node_id, friends)
         server = StorageServer(
             host,
             identity,
@@ -282,11 +303,12 @@ async def _open_storage(
             friends=friends,
             leaving=functools.partial(_note_leaving, home),
             dial_back=DialBackService(network, identity, published),
+            relay=relay.serve,
         )
         async with trio.open_nursery() as nursery:
             address = await nursery.start(network.serve, options.listen, server.handle_connection)
             nursery.start_soon(_collect_expired, host, friends.ids)
-            yield _Storage(host, address)
+            yield _Storage(host, address, server, relay)
     finally:
         host.close()
 
@@ -312,6 +334,7 @@ async def _join_dht(
                 # Offered to the DHT at large only in open mode; a
                 # friends-only node offers nothing to strangers.
                 storage_offered=_storage_offered(home, options) if options.open else 0,
+                keepalive=NAT_KEEPALIVE if options.via_relays else None,
             ),
             friends=functools.partial(home_friends, home),
             root_holders=functools.partial(home_root_holders, home),

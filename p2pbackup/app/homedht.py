@@ -10,7 +10,8 @@ Nouns:
 * **root holders** — where the home's root pointer says its root record is
   kept: its storage nodes' addresses, friends first.
 * **locator** — a :data:`~p2pbackup.stores.remote.Locator` that finds a node that
-  moved by asking the DHT.
+  moved by asking the DHT: the routes of its contact record, its own
+  addresses first, then the relays it names.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from p2pbackup.engine.index import Index
 from p2pbackup.errors import P2PBackupError
 from p2pbackup.model import PEER_KIND_NODE
 from p2pbackup.net.network import Address, Network
+from p2pbackup.wire.relay import Route
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +94,14 @@ def home_root_holders(home: Home) -> list[records.RecordAddress]:
     return holders[: records.MAX_ADDRESSES]
 
 
-def dht_locator(home: Home, network: Network) -> Callable[[bytes], Awaitable[list[Address]]]:
+def dht_locator(home: Home, network: Network) -> Callable[[bytes], Awaitable[list[Route]]]:
     """A :data:`~p2pbackup.stores.remote.Locator` that asks the DHT: through the
     serving node (:data:`SERVING_NODE`) when there is one, else with a
     read-only lookup per node; each answer remembered for the life of the
     locator."""
-    found: dict[bytes, list[Address]] = {}
+    found: dict[bytes, list[Route]] = {}
 
-    async def locate(node_id: bytes) -> list[Address]:
+    async def locate(node_id: bytes) -> list[Route]:
         if node_id not in found:
             serving = SERVING_NODE.get()
             if serving is not None:
@@ -108,9 +110,14 @@ def dht_locator(home: Home, network: Network) -> Callable[[bytes], Awaitable[lis
                 record = await lookup_contact(
                     remembered(home), node_id, network=network, friends=home_friends(home)
                 )
-            found[node_id] = (
-                [] if record is None else [Address(a.host, a.port) for a in record.addresses]
-            )
+            found[node_id] = [] if record is None else contact_routes(record)
         return found[node_id]
 
     return locate
+
+
+def contact_routes(record: records.ContactRecord) -> list[Route]:
+    """How to reach the node of ``record``: its own addresses, then its relays."""
+    direct = [Route(Address(a.host, a.port)) for a in record.addresses]
+    relayed = [Route(Address(r.address.host, r.address.port), r.node_id) for r in record.relays]
+    return direct + relayed

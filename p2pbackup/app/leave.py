@@ -35,6 +35,7 @@ from p2pbackup.net.network import Address
 from p2pbackup.node import shardhost
 from p2pbackup.stores.folder import FolderShardStore
 from p2pbackup.stores.remote import Locator, RemoteShardStore
+from p2pbackup.wire.relay import Route
 from p2pbackup.wire.session import Identity
 
 #: Owners told at once.
@@ -179,18 +180,20 @@ async def _tell(
             addresses.append(Address.parse(text, allow_port_zero=False))
         except P2PBackupError:
             continue
+    routes: list[Route] = [Route(address) for address in addresses]
     try:
-        if not addresses:
-            addresses = list(await locate(owner))
+        if not routes:
+            routes = list(await locate(owner))
     except P2PBackupError as error:
         return OwnerAnswer(name, problem=f"looking it up failed: {error}")
-    if not addresses:
+    if not routes:
         return OwnerAnswer(name, problem="no address known for it (it is not in the DHT)")
     problems = []
-    for address in addresses:
+    for route in routes:
         store = RemoteShardStore(
-            repo.network, identity, address, owner, connect_timeout=CONNECT_SECONDS
+            repo.network, identity, route.address, owner, connect_timeout=CONNECT_SECONDS
         )
+        store.route = route  # a relayed route is dialled through its relay
         try:
             return OwnerAnswer(name, known=await store.notify_leaving())
         except P2PBackupError as error:

@@ -235,6 +235,7 @@ async def cmd_serve(args: argparse.Namespace, home: Home, out: LineSink) -> int:
         ),
         open=args.open,
         port_mapping=not args.no_port_mapping,
+        via_relays=args.via_relays,
     )
     async with trio.open_nursery() as nursery:
         serving = await nursery.start(
@@ -465,6 +466,12 @@ def _add_node(commands: _Commands) -> None:
         "--no-port-mapping",
         action="store_true",
         help="do not ask the router to forward the port (NAT-PMP/PCP); see docs/nat.md",
+    )
+    p.add_argument(
+        "--via-relays",
+        action="store_true",
+        help="this node cannot be dialled (behind NAT): be reached through up to two "
+        "friends that can, and keep the router's mappings open",
     )
     p.add_argument(
         "--verbose", action="store_true", help="log every session, not only what goes wrong"

@@ -827,6 +827,26 @@ class DhtNode:
         local = self.local_address
         return (local.host, local.port)
 
+    async def ping_neighbours(self, count: int = KSIZE) -> int:
+        """Ping the ``count`` closest contacts once; how many answered.
+
+        Behind a NAT router this keeps the UDP mapping of the node's port
+        open: a router forgets an idle mapping (Linux after 30 s), and
+        then nobody's requests reach the node any more.
+        """
+        nodes = self._protocol.router.find_neighbors(self._server.node, count)
+        answered = 0
+
+        async def ping(node: Node) -> None:
+            nonlocal answered
+            result = await self._aio(self._protocol.call_ping, node)
+            answered += bool(result[0])
+
+        async with trio.open_nursery() as pings:
+            for node in nodes:
+                pings.start_soon(ping, node)
+        return answered
+
     async def refresh(self) -> None:
         """Look up the buckets nobody has touched for an hour (the paper's refresh)."""
         await self._aio(self._server._refresh_table)

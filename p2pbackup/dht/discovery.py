@@ -10,6 +10,11 @@ Nouns:
   record that no node took is published again after a **backoff** (30 s,
   doubled each time, at most a refresh period); a step that fails is logged
   and comes again at its next time, so nothing here ends the node.
+* **relays** — the friends this node holds a relay reservation at
+  (:meth:`Discovery.set_relays`), published in its contact record; and a
+  node reached through relays sits behind NAT, so with
+  :attr:`DiscoveryOptions.keepalive` set it pings its DHT neighbours that
+  often, to keep its UDP mapping open.
 * **friend** — here, only what discovery needs of one: a node id and the
   addresses on record (:class:`FriendContact`).
 * **followed contacts** — the newest contact record found for each friend;
@@ -96,6 +101,9 @@ class DiscoveryOptions:
     #: Bytes of storage offered to others, published in the contact record.
     storage_offered: int = 0
     root_pointer_lifetime: int = DEFAULT_ROOT_POINTER_LIFETIME
+    #: Seconds between pings to the DHT neighbours (None: none beyond the
+    #: DHT's own traffic); for a node behind NAT.
+    keepalive: float | None = None
     dht: dht.DhtOptions = attrs.Factory(dht.DhtOptions)
 
 
@@ -132,6 +140,7 @@ class Discovery:
         self.state_path = state_path
         self.contact: records.ContactRecord | None = None
         self.contact_taken = False
+        self.relays: tuple[records.RelayAddress, ...] = ()
         self.root_pointer: records.RootPointer | None = None
         self.root_pointer_taken = False
         self._holders_may_have_changed = Nudge()
@@ -172,6 +181,7 @@ class Discovery:
         self.contact = records.sign_contact(
             self.identity.signing_seed,
             addresses=self.advertised,
+            relays=self.relays,
             storage_offered=self.options.storage_offered,
             sequence=next_sequence(previous, now),
             now=math.floor(now),
@@ -179,6 +189,18 @@ class Discovery:
         )
         self.contact_taken = await self.node.publish(self.contact)
         return self.contact
+
+    def set_relays(self, relays: Sequence[records.RelayAddress]) -> None:
+        """The relays this node can be reached through now: the contact
+        record naming them is published at once."""
+        self.relays = tuple(relays)[: records.MAX_RELAYS]
+        # The contact record's nudge: a new record goes out now.
+        self._joined.set()
+
+    async def _keep_mappings_open(self, period: float) -> None:
+        while True:
+            await trio.sleep(period)
+            await _survive("pinging DHT neighbours", self.node.ping_neighbours)
 
     async def publish_root_pointer(self) -> records.RootPointer | None:
         """Sign and publish a fresh root pointer to the current root holders;
@@ -308,6 +330,8 @@ class Discovery:
                     self._holders_changed,
                 )
                 nursery.start_soon(self._keep_saving_state)
+                if self.options.keepalive is not None:
+                    nursery.start_soon(self._keep_mappings_open, self.options.keepalive)
                 await _survive("following friends", self.follow_friends)
                 while True:
                     await trio.sleep(self.options.refresh_period)

@@ -6,12 +6,18 @@ Nouns:
   Ed25519 identity key. Two **kinds**:
 
   - **contact record** (:class:`ContactRecord`): node id, public key, the
-    addresses it can be reached at, the storage it offers to others.
+    addresses it can be reached at, the storage it offers to others, and
+    the **relays** it keeps a reservation at (none for a node that can be
+    reached directly).
   - **root pointer** (:class:`RootPointer`): the addresses where the node's
     root record (DESIGN.md "Root record") can be fetched.
 
 * **record address** (:class:`RecordAddress`) — host (an IPv4 or IPv6 literal
   in its canonical text form, or a lowercase DNS name) and TCP port.
+* **relay** (:class:`RelayAddress`) — a friend that is reachable and joins
+  whoever asks it to this node (:mod:`p2pbackup.wire.relay`): the relay's
+  node id, which the dialler checks in its handshake with the relay, and one
+  of its addresses. A record names at most :data:`MAX_RELAYS`.
 * **sequence** — a counter the owner bumps on every new record of a kind; a
   higher sequence supersedes a lower one, whatever the majority of the DHT
   serves.
@@ -25,12 +31,20 @@ Nouns:
   node id, it sits under the DHT key of its own node id and kind, and it has
   not expired (nor claims an expiry absurdly far away).
 
-Layout (version 1, big-endian, fixed and therefore canonical)::
+Layout (big-endian, fixed and therefore canonical)::
 
     magic "P2PD" | version u8 | kind u8 | node id 20 | public key 32
     | sequence u64 | expiry u64 | [contact only: storage offered u64]
     | address count u8 (1..8) | count x (host length u8, host ASCII, port u16)
+    | [version 2 only: relay count u8 (1..2)
+    |  | count x (relay node id 20, host length u8, host ASCII, port u16)]
     | signature 64
+
+Version 2 exists only for contact records that name relays; a contact record
+without relays, and every root pointer, is written as version 1, byte for
+byte as before relays existed. So nodes of before version 2 still read the
+record of every node reachable directly, and each record has exactly one
+encoding (a version 2 record with no relays is refused).
 
 The signature covers ``b"p2pbackup record v1\\0" + kind name + b"\\0"`` followed
 by every byte before the signature, so a signature on one kind (or on any other
@@ -63,10 +77,16 @@ from p2pbackup.errors import (
 from p2pbackup.model import NODE_ID_SIZE
 
 MAGIC: Final = b"P2PD"
+#: The version of records without relays (and of every root pointer).
 VERSION: Final = 1
+#: The version of contact records that name relays.
+RELAY_VERSION: Final = 2
+#: Relays one contact record may name.
+MAX_RELAYS: Final = 2
 #: Far below the ~8 KiB the kademlia package accepts for a whole request, which
 #: also carries the key, the sender's id and framing. The largest record the
-#: layout allows (8 addresses of 255-char hosts) is about 2.2 KiB.
+#: layout allows (8 addresses and 2 relays, all with 255-char hosts) is
+#: about 2.8 KiB.
 MAX_RECORD_SIZE: Final = 4096
 MAX_ADDRESSES: Final = 8
 MAX_HOST_LENGTH: Final = 255
@@ -120,6 +140,14 @@ class RecordAddress:
 
 
 @attrs.frozen
+class RelayAddress:
+    """A relay a node can be reached through: the relay's node id and address."""
+
+    node_id: bytes = attrs.field(repr=bytes.hex)
+    address: RecordAddress
+
+
+@attrs.frozen
 class ContactRecord:
     """How to reach a node, and what it offers, signed by that node."""
 
@@ -130,6 +158,8 @@ class ContactRecord:
     sequence: int
     expiry: int
     signature: bytes = attrs.field(repr=lambda s: s.hex())
+    #: Where the node keeps a relay reservation (none: reach it directly).
+    relays: tuple[RelayAddress, ...] = ()
 
 
 @attrs.frozen
@@ -180,9 +210,10 @@ def sign_contact(
     sequence: int,
     now: int,
     lifetime: int,
+    relays: Sequence[RelayAddress] = (),
 ) -> ContactRecord:
     """A contact record of the node whose identity seed is ``identity_seed``,
-    valid from ``now`` for ``lifetime`` seconds."""
+    valid from ``now`` for ``lifetime`` seconds, naming ``relays``."""
     public_key = crypto.signing_public_key(identity_seed)
     unsigned = ContactRecord(
         node_id=node_id_for(public_key),
@@ -192,6 +223,7 @@ def sign_contact(
         sequence=sequence,
         expiry=_expiry(now, lifetime),
         signature=bytes(crypto.SIGNATURE_SIZE),
+        relays=tuple(relays),
     )
     return attrs.evolve(unsigned, signature=_sign(identity_seed, unsigned))
 
@@ -244,12 +276,17 @@ def encode_record(record: Record) -> bytes:
     return _body(record) + record.signature
 
 
+def record_version(record: Record) -> int:
+    """The layout version ``record`` is written in: 2 if it names relays, else 1."""
+    return RELAY_VERSION if isinstance(record, ContactRecord) and record.relays else VERSION
+
+
 def _body(record: Record) -> bytes:
     _check_record(record)
     parts = [
         _HEAD.pack(
             MAGIC,
-            VERSION,
+            record_version(record),
             record_kind(record),
             record.node_id,
             record.public_key,
@@ -260,10 +297,17 @@ def _body(record: Record) -> bytes:
     if isinstance(record, ContactRecord):
         parts.append(_U64.pack(record.storage_offered))
     parts.append(_U8.pack(len(record.addresses)))
-    for address in record.addresses:
-        host = address.host.encode("ascii")
-        parts += [_U8.pack(len(host)), host, _PORT.pack(address.port)]
+    parts += [_address_bytes(address) for address in record.addresses]
+    if isinstance(record, ContactRecord) and record.relays:
+        parts.append(_U8.pack(len(record.relays)))
+        for relay in record.relays:
+            parts += [relay.node_id, _address_bytes(relay.address)]
     return b"".join(parts)
+
+
+def _address_bytes(address: RecordAddress) -> bytes:
+    host = address.host.encode("ascii")
+    return _U8.pack(len(host)) + host + _PORT.pack(address.port)
 
 
 def decode_record(data: bytes) -> Record:
@@ -279,25 +323,36 @@ def decode_record(data: bytes) -> Record:
     magic, version, kind_byte, node_id, public_key, sequence, expiry = _HEAD.unpack_from(data)
     if magic != MAGIC:
         _fail(f"bad magic {magic!r}, expected {MAGIC!r}")
-    if version != VERSION:
+    if version not in (VERSION, RELAY_VERSION):
         _fail(f"unknown version {version}")
     try:
         kind = RecordKind(kind_byte)
     except ValueError:
         _fail(f"unknown kind {kind_byte}")
+    if version == RELAY_VERSION and kind is not RecordKind.CONTACT:
+        _fail(f"a {kind.label} record has no version {version}")
     reader = _Reader(data, _HEAD.size, len(data) - crypto.SIGNATURE_SIZE)
     storage_offered = reader.u64("storage offered") if kind is RecordKind.CONTACT else 0
     count = reader.u8("address count")
     if not 1 <= count <= MAX_ADDRESSES:
         _fail(f"address count must be 1..{MAX_ADDRESSES}, got {count}")
-    addresses = tuple(reader.address(i) for i in range(count))
+    addresses = tuple(reader.address(f"address {i}") for i in range(count))
+    relays: tuple[RelayAddress, ...] = ()
+    if version == RELAY_VERSION:
+        relay_count = reader.u8("relay count")
+        if not 1 <= relay_count <= MAX_RELAYS:
+            _fail(f"a version {version} record names 1..{MAX_RELAYS} relays, not {relay_count}")
+        relays = tuple(
+            RelayAddress(reader.take(NODE_ID_SIZE, f"relay {i}"), reader.address(f"relay {i}"))
+            for i in range(relay_count)
+        )
     if reader.offset != reader.end:
         _fail(f"{reader.end - reader.offset} stray bytes before the signature")
     signature = bytes(data[reader.end :])
     record: Record
     if kind is RecordKind.CONTACT:
         record = ContactRecord(
-            node_id, public_key, addresses, storage_offered, sequence, expiry, signature
+            node_id, public_key, addresses, storage_offered, sequence, expiry, signature, relays
         )
     else:
         record = RootPointer(node_id, public_key, addresses, sequence, expiry, signature)
@@ -328,8 +383,7 @@ class _Reader:
         value: int = _U64.unpack(self.take(_U64.size, what))[0]
         return value
 
-    def address(self, index: int) -> RecordAddress:
-        what = f"address {index}"
+    def address(self, what: str) -> RecordAddress:
         raw_host = self.take(self.u8(what), what)
         port: int = _PORT.unpack(self.take(_PORT.size, what))[0]
         try:
@@ -358,6 +412,22 @@ def _check_record(record: Record) -> None:
         _fail(f"address count must be 1..{MAX_ADDRESSES}, got {len(record.addresses)}")
     for address in record.addresses:
         _check_address(address)
+    if isinstance(record, ContactRecord):
+        _check_relays(record)
+
+
+def _check_relays(record: ContactRecord) -> None:
+    if len(record.relays) > MAX_RELAYS:
+        _fail(f"a record names at most {MAX_RELAYS} relays, not {len(record.relays)}")
+    seen = {record.node_id}
+    for relay in record.relays:
+        if len(relay.node_id) != NODE_ID_SIZE:
+            _fail(f"relay node id must be {NODE_ID_SIZE} bytes, got {len(relay.node_id)}")
+        if relay.node_id in seen:
+            # A node is no relay to itself, and one relay named twice is one.
+            _fail(f"relay {relay.node_id.hex()} is the node itself or named twice")
+        seen.add(relay.node_id)
+        _check_address(relay.address)
 
 
 def _check_address(address: RecordAddress) -> None:

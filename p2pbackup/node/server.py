@@ -69,6 +69,10 @@ _DEFAULT_LIMITS = ServerLimits()
 #: more than the year p2pbackup owners ask for and renew monthly.
 STRANGER_LEASE_SECONDS = 400 * 86400
 
+#: Answers a relay request (peer's node id, the request); the session is its
+#: until it returns.
+RelayHandler = Callable[[MessageChannel, bytes, messages.Message], Awaitable[None]]
+
 
 class StorageServer:
     """Serves the storage protocol from ``host`` as the node ``identity``."""
@@ -84,6 +88,7 @@ class StorageServer:
         leaving: Callable[[bytes], bool] | None = None,
         stranger_lease: int = STRANGER_LEASE_SECONDS,
         dial_back: DialBacker | None = None,
+        relay: RelayHandler | None = None,
     ) -> None:
         self.host = host
         self.identity = identity
@@ -101,6 +106,9 @@ class StorageServer:
         self.stranger_lease = stranger_lease
         #: Dials a friend back for its reachability check (None: refused).
         self.dial_back = dial_back
+        #: Takes a session that opens with a relay request (None: this node
+        #: relays for nobody); see :mod:`p2pbackup.node.relay`.
+        self.relay = relay
         self.admission = Admission(limits)
         self._throttle = LogThrottle()
         self._handshake_scopes: dict[object, trio.CancelScope] = {}
@@ -286,6 +294,9 @@ class _Session:
                 request = await self.channel.receive_or_end()
             if request is None:
                 return
+            if isinstance(request, messages.RELAY_REQUEST_TYPES):
+                await self._relay(request)
+                return
             handler = handlers.get(type(request))
             if handler is None:
                 raise RemoteProtocolError(
@@ -295,6 +306,18 @@ class _Session:
                 await handler(request)
             except _Refusal as refusal:
                 await self._send(messages.Refused(refusal.code, refusal.message[:1000]))
+
+    async def _relay(self, request: messages.Message) -> None:
+        """Hand the session to the relay, which keeps it until it is done."""
+        if self.server.relay is None:
+            await self._send(
+                messages.Refused(
+                    RefusalCode.FORBIDDEN,
+                    f"node {self.server.identity.node_id.hex()} relays for nobody",
+                )
+            )
+            return
+        await self.server.relay(self.channel, self.owner, request)
 
     async def _send(self, message: messages.Message) -> None:
         # A peer that stops reading must not hold this session forever.

@@ -13,10 +13,16 @@ Nouns:
   reused: its state is unknown.
 * **lease** — how long the node keeps a shard unless it is renewed; the owner
   signs every put, renewal and deletion, binding them to this node's id.
-* **locator** — where to ask for the node's current addresses when it stops
-  answering at the one on record (the DHT, for a friend whose IP changed).
-  The node must still prove its id in the handshake wherever it is found, so
-  a locator can point to the wrong place but never to the wrong node.
+* **locator** — where to ask for the node's current routes when it stops
+  answering at the address on record (the DHT, for a friend whose IP
+  changed): its own addresses, then the relays it names
+  (:class:`~p2pbackup.wire.relay.Route`). The node must still prove its id
+  in the handshake wherever it is found, so a locator can point to the wrong
+  place but never to the wrong node.
+* **route** — where the store dials now: the address on record, or what the
+  locator found. A route through a relay serves the store for its life but
+  is not written back as the node's address (the next store tries the
+  node's own address first again, in case its router now lets it in).
 
 Failures are :class:`~p2pbackup.errors.StoreError`\\ s, so the engine routes
 around them like a missing folder: a node that cannot be reached, does not
@@ -57,8 +63,9 @@ from p2pbackup.stores.shardstore import (
 )
 from p2pbackup.wire import messages
 from p2pbackup.wire.messages import RefusalCode
+from p2pbackup.wire.relay import Route, open_session
 from p2pbackup.wire.rpc import MessageChannel
-from p2pbackup.wire.session import Identity, secure_initiator
+from p2pbackup.wire.session import Identity
 
 #: Leases asked for new shards and renewals: a year, renewed monthly
 #: (:mod:`p2pbackup.maintenance.leases`), so that a user who lost the machine
@@ -72,8 +79,9 @@ _M = TypeVar("_M")
 
 log = logging.getLogger(__name__)
 
-#: Where a node is now: node id → its current addresses (none if unknown).
-Locator: TypeAlias = Callable[[bytes], Awaitable[Sequence[Address]]]
+#: Where a node is now: node id → its current routes, direct ones first
+#: (none if unknown).
+Locator: TypeAlias = Callable[[bytes], Awaitable[Sequence[Route]]]
 
 #: Shard ids asked for in one listing page.
 _LIST_PAGE = 5000
@@ -99,6 +107,7 @@ class RemoteShardStore:
         self.network = network
         self.identity = identity
         self.address = address
+        self.route = Route(address)
         self.node_id = node_id
         self.connect_timeout = connect_timeout
         self.io_timeout = io_timeout
@@ -113,7 +122,7 @@ class RemoteShardStore:
 
     @property
     def name(self) -> str:
-        return f"node {self.node_id.hex()[:16]} at {self.address}"
+        return f"node {self.node_id.hex()[:16]} at {self.route}"
 
     # -- connections ------------------------------------------------------------
 
@@ -123,15 +132,15 @@ class RemoteShardStore:
         If the node does not answer at its address, the locator (once per
         store) is asked where it is now, and the node is tried there.
         """
-        tried = self.address
+        tried = self.route
         try:
             return await self._connect(tried)
         except PeerUnavailableError as failure:
             if self.locate is None:
                 raise
             async with self._locating:
-                if self.address != tried:  # another connection found it meanwhile
-                    return await self._connect(self.address)
+                if self.route != tried:  # another connection found it meanwhile
+                    return await self._connect(self.route)
                 if self._located:
                     raise
                 # Once per store; a look-up cut short (a caller's timeout
@@ -150,40 +159,28 @@ class RemoteShardStore:
             candidates = list(await self.locate(self.node_id))
         except P2PBackupError as error:
             raise PeerUnavailableError(f"{failure}; looking it up failed: {error}") from None
-        for address in candidates:
-            if address == self.address:
+        for route in candidates:
+            if route == self.route:
                 continue
             try:
-                channel = await self._connect(address)
+                channel = await self._connect(route)
             except PeerUnavailableError as error:
                 log.info("%s", error)
                 continue
-            log.info("node %s moved from %s to %s", self.node_id.hex(), self.address, address)
-            self.address = address
-            if self.moved is not None:
-                self.moved(address)
+            log.info("node %s moved from %s to %s", self.node_id.hex(), self.route, route)
+            self.route = route
+            if route.relay is None:
+                self.address = route.address
+                if self.moved is not None:
+                    self.moved(route.address)
             return channel
-        where = ", ".join(str(a) for a in candidates) or "nowhere else"
+        where = ", ".join(str(r) for r in candidates) or "nowhere else"
         raise PeerUnavailableError(f"{failure}; its published addresses: {where}") from None
 
-    async def _connect(self, address: Address) -> MessageChannel:
-        name = f"node {self.node_id.hex()[:16]} at {address}"
-        try:
-            with trio.fail_after(self.connect_timeout):
-                stream = await self.network.connect(address)
-                try:
-                    secure = await secure_initiator(
-                        stream, self.identity, expected_node_id=self.node_id
-                    )
-                except BaseException:
-                    await trio.aclose_forcefully(stream)
-                    raise
-        except trio.TooSlowError:
-            raise PeerUnavailableError(
-                f"{name}: no answer within {self.connect_timeout:g} s"
-            ) from None
-        except (ProtocolError, IntegrityError, trio.BrokenResourceError) as exc:
-            raise PeerUnavailableError(f"{name}: handshake failed: {exc}") from None
+    async def _connect(self, route: Route) -> MessageChannel:
+        secure = await open_session(
+            self.network, self.identity, route, self.node_id, timeout=self.connect_timeout
+        )
         return MessageChannel(secure)
 
     async def _exchange(self, operation: Callable[[MessageChannel], Awaitable[_T]]) -> _T:

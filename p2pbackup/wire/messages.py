@@ -55,6 +55,16 @@ network, on a session it opens to the owner's node; the owner records it and
 moves its shards away. It needs no signature: the session proves who sent
 it, and it can only make its receiver stop relying on that sender.
 
+Relay exchanges (docs/protocol.md, "Relays"; N = a node that cannot be
+reached, R = its relay, a friend; D = a friend of R dialling N)::
+
+    N: RelayReserve → RelayReserved | Refused; then on that session, for
+       its life: N sends RelayPing → RelayPong, R sends RelayIncoming
+    D: RelayConnect(N) → RelayJoined | Refused; then the session carries
+       N's bytes (R sent RelayIncoming to N, and N answered on a new session)
+    N: RelayAccept(circuit) → RelayJoined | Refused; then the session
+       carries D's bytes
+
 Errors: decoding anything that is not a well-formed frame of a known message
 within its bounds raises :class:`~p2pbackup.errors.RemoteProtocolError` (the
 peer broke the protocol) and nothing else; encoding a message that breaks its
@@ -117,6 +127,10 @@ MAX_REFUSAL_TEXT = 1000
 #: and characters of one (``host:port``, a DNS name at its longest).
 MAX_DIAL_BACK_ADDRESSES = 8
 MAX_ADDRESS_TEXT = 262
+#: Bytes of a relay circuit's id (random, chosen by the relay).
+CIRCUIT_ID_SIZE = 16
+#: Longest keepalive interval a relay may ask for.
+MAX_KEEPALIVE_SECONDS = 3600
 
 #: Width of a frame's length prefix.
 LENGTH_PREFIX_SIZE = 4
@@ -258,6 +272,34 @@ class Leaving:
     """The caller, which stores shards for the receiver, is leaving the network."""
 
 
+# Relay requests (docs/protocol.md, "Relays").
+
+
+@attrs.frozen
+class RelayReserve:
+    """Keep this session as a reservation: join the relay's friends who ask
+    for the sender to it, through :class:`RelayIncoming`."""
+
+
+@attrs.frozen
+class RelayConnect:
+    """Join this session to node ``node_id``, which holds a reservation here."""
+
+    node_id: bytes
+
+
+@attrs.frozen
+class RelayAccept:
+    """This session is the reserved node's end of circuit ``circuit``."""
+
+    circuit: bytes
+
+
+@attrs.frozen
+class RelayPing:
+    """A reservation's keepalive (it also keeps NAT mappings open)."""
+
+
 # Responses.
 
 
@@ -395,6 +437,33 @@ class DialBackResult:
 
 
 @attrs.frozen
+class RelayReserved:
+    """The reservation holds while a :class:`RelayPing` comes at least every
+    ``keepalive`` seconds."""
+
+    keepalive: int
+
+
+@attrs.frozen
+class RelayIncoming:
+    """Sent by a relay on a reservation: node ``peer`` asks for this node;
+    open a new session to the relay and send ``RelayAccept(circuit)``."""
+
+    circuit: bytes
+    peer: bytes
+
+
+@attrs.frozen
+class RelayJoined:
+    """From the next byte on, this session carries the other end's bytes."""
+
+
+@attrs.frozen
+class RelayPong:
+    """The answer to :class:`RelayPing`."""
+
+
+@attrs.frozen
 class Refused:
     """The request was refused; ``message`` explains it to a human."""
 
@@ -432,6 +501,29 @@ Message: TypeAlias = (
     | Refused
     | DialBack
     | DialBackResult
+    | RelayReserve
+    | RelayConnect
+    | RelayAccept
+    | RelayPing
+    | RelayReserved
+    | RelayIncoming
+    | RelayJoined
+    | RelayPong
+)
+
+#: Requests that open a relay exchange (the storage server hands them to its relay).
+RELAY_REQUEST_TYPES: tuple[type[Message], ...] = (
+    RelayReserve,
+    RelayConnect,
+    RelayAccept,
+    RelayPing,
+)
+#: What a relay answers or sends on a reservation.
+RELAY_RESPONSE_TYPES: tuple[type[Message], ...] = (
+    RelayReserved,
+    RelayIncoming,
+    RelayJoined,
+    RelayPong,
 )
 
 #: Messages that open an exchange.
@@ -449,6 +541,7 @@ REQUEST_TYPES: tuple[type[Message], ...] = (
     DeleteAll,
     Leaving,
     DialBack,
+    *RELAY_REQUEST_TYPES,
 )
 #: Messages that answer one.
 RESPONSE_TYPES: tuple[type[Message], ...] = (
@@ -467,6 +560,7 @@ RESPONSE_TYPES: tuple[type[Message], ...] = (
     Noted,
     Refused,
     DialBackResult,
+    *RELAY_RESPONSE_TYPES,
 )
 #: Every message class: requests, the piece, responses.
 MESSAGE_TYPES: tuple[type[Message], ...] = (*REQUEST_TYPES, ShardPiece, *RESPONSE_TYPES)
@@ -669,6 +763,8 @@ _BLOCK_SIZE = _Int(MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, power_of_two=True)
 _LEASE_SECONDS = _Int(1, MAX_LEASE_SECONDS)
 _UNIX_TIME = _Int(0, MAX_UINT)
 _NONCE = _Bytes(MIN_NONCE_SIZE, MAX_NONCE_SIZE)
+_NODE_ID = _Bytes(NODE_ID_SIZE, NODE_ID_SIZE)
+_CIRCUIT_ID = _Bytes(CIRCUIT_ID_SIZE, CIRCUIT_ID_SIZE)
 _SHARD_ENTRY = _Record(
     _Fields.of(ShardEntry, shard_id=_SHARD_ID, size=_SHARD_SIZE, lease_expiry=_UNIX_TIME)
 )
@@ -696,7 +792,8 @@ def _audit_proof_check(proof: AuditProof) -> str | None:
     return None
 
 
-# Type codes: requests from 0x01, the piece 0x20, responses from 0x40.
+# Type codes: requests from 0x01, the piece 0x20, responses from 0x40; the
+# relay's requests from 0x18, its answers from 0x58.
 _SPECS: tuple[_Spec, ...] = (
     _Spec(
         0x01,
@@ -794,9 +891,9 @@ _SPECS: tuple[_Spec, ...] = (
         1,
         _Fields.of(Refused, code=_Enum(RefusalCode), message=_Text(MAX_REFUSAL_TEXT)),
     ),
-    # Reachability: dial-back (codes apart from the storage requests').
+    # Reachability: dial-back.
     _Spec(
-        0x18,
+        0x0D,
         1,
         _Fields.of(
             DialBack,
@@ -804,10 +901,18 @@ _SPECS: tuple[_Spec, ...] = (
         ),
     ),
     _Spec(
-        0x58,
+        0x4D,
         1,
         _Fields.of(DialBackResult, reachable=_Array(_Bool(), 1, MAX_DIAL_BACK_ADDRESSES)),
     ),
+    _Spec(0x18, 1, _Fields.of(RelayReserve)),
+    _Spec(0x19, 1, _Fields.of(RelayConnect, node_id=_NODE_ID)),
+    _Spec(0x1A, 1, _Fields.of(RelayAccept, circuit=_CIRCUIT_ID)),
+    _Spec(0x1B, 1, _Fields.of(RelayPing)),
+    _Spec(0x58, 1, _Fields.of(RelayReserved, keepalive=_Int(1, MAX_KEEPALIVE_SECONDS))),
+    _Spec(0x59, 1, _Fields.of(RelayIncoming, circuit=_CIRCUIT_ID, peer=_NODE_ID)),
+    _Spec(0x5A, 1, _Fields.of(RelayJoined)),
+    _Spec(0x5B, 1, _Fields.of(RelayPong)),
 )
 
 _BY_WIRE: dict[tuple[int, int], _Spec] = {(s.code, s.version): s for s in _SPECS}
@@ -969,6 +1074,14 @@ class FrameDecoder:
         """Bytes received but not yet returned as messages."""
         return self._frames.buffered
 
+    def take_buffered(self) -> bytes:
+        """The bytes received beyond the last message returned, handed over
+        (the decoder keeps none): the stream is someone else's from here."""
+        frames = self._frames
+        rest = bytes(frames.buffer)
+        frames.consume(len(rest))
+        return rest
+
     def at_frame_boundary(self) -> bool:
         """True when no partial frame is buffered: an end of stream here is clean."""
         return self.buffered == 0
@@ -1006,7 +1119,7 @@ class FrameDecoder:
 _STATEMENT_DOMAIN = b"p2pbackup storage v%d\x00" % PROTOCOL_VERSION
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
-_HOST_ID = _Bytes(NODE_ID_SIZE, NODE_ID_SIZE)
+_HOST_ID = _NODE_ID
 
 
 def _statement_field(kind: _Kind, value: object, what: str) -> None:

@@ -70,5 +70,36 @@ class MessageChannel:
             raise trio.BrokenResourceError("the peer closed the connection before answering")
         return message
 
+    def detach(self) -> trio.abc.Stream:
+        """The stream, for bytes that are no longer messages (a relay's
+        circuit): whatever arrived behind the last message comes first."""
+        rest = self._decoder.take_buffered()
+        return self.stream if not rest else _Prefixed(self.stream, rest)
+
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+class _Prefixed(trio.abc.Stream):
+    """A stream that returns ``prefix`` before anything more it receives."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self.transport_stream = stream
+        self._prefix = prefix
+
+    async def send_all(self, data: BytesLike) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if not self._prefix:
+            return await self.transport_stream.receive_some(max_bytes)
+        await trio.lowlevel.checkpoint()
+        size = len(self._prefix) if max_bytes is None else max_bytes
+        data, self._prefix = self._prefix[:size], self._prefix[size:]
+        return data
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()

@@ -319,3 +319,48 @@ async def test_a_target_that_fails_is_reported_and_the_others_still_get_theirs(
     )
     assert results[0].problem and not results[1].problem
     assert len(hooks) == 1
+
+
+# -- the commands ------------------------------------------------------------------------
+
+
+def _home(tmp_path: Path) -> Path:
+    from tests.cli_helpers import cli_ok
+
+    home = tmp_path / "home"
+    cli_ok("--home", home, "init", "--recovery-key-file", tmp_path / "key")
+    return home
+
+
+def test_ui_prints_the_address_with_the_token_on_its_last_line(tmp_path: Path) -> None:
+    from tests.cli_helpers import cli_ok
+
+    home = _home(tmp_path)
+    (home / "config.toml").write_text("version = 1\n[ui]\nport = 8123\n")
+    result = cli_ok("--home", home, "ui", "--no-browser")
+    token = access.load_token(home)
+    assert result.lines[-1] == f"http://127.0.0.1:8123/?token={token}"
+    assert "start `p2pbackup serve`" in result.lines[0]
+    assert stat.S_IMODE(access.token_path(home).stat().st_mode) == 0o600
+
+
+def test_alerts_test_sends_to_each_target_and_names_the_one_that_failed(
+    tmp_path: Path, receivers: tuple[int, int, list[Any], list[bytes]]
+) -> None:
+    from tests.cli_helpers import cli_error, cli_ok
+
+    web_port, smtp_port, hooks, mails = receivers
+    home = _home(tmp_path)
+    config = home / "config.toml"
+    config.write_text(
+        f'version = 1\n[[alerts.webhook]]\nurl = "http://127.0.0.1:{web_port}/h"\n'
+        f'[alerts.email]\nserver = "127.0.0.1:{smtp_port}"\nsecurity = "none"\n'
+        'from = "n@example.org"\nto = ["me@example.org"]\n'
+    )
+    result = cli_ok("--home", home, "alerts", "test")
+    assert [line.endswith(": sent") for line in result.lines] == [True, True]
+    assert json.loads(hooks[0][2])["event"] == "test" and len(mails) == 1
+    config.write_text('version = 1\n[[alerts.webhook]]\nurl = "http://127.0.0.1:9/closed"\n')
+    assert "1 of 1 alert targets" in cli_error("--home", home, "alerts", "test")
+    config.write_text('version = 1\n[alerts]\nno_backup_days = "soon"\n')
+    assert "no_backup_days" in cli_error("--home", home, "alerts", "test")

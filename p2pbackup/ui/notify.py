@@ -17,15 +17,14 @@ Nouns:
 
 The standard library speaks both protocols (http.client, smtplib), each
 call in a worker thread with a timeout, so that a slow server never stalls
-the node. A delivery that fails is logged and reported, never raised: the
-other targets still get theirs.
+the node. A delivery that fails is reported (the caller logs it or shows
+it), never raised: the other targets still get theirs.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import logging
 import smtplib
 import ssl
 import time
@@ -36,8 +35,6 @@ import attrs
 import trio
 
 from p2pbackup.ui.alerts import Email, Event, Webhook
-
-log = logging.getLogger(__name__)
 
 #: Seconds one delivery may take.
 TIMEOUT = 20.0
@@ -160,9 +157,7 @@ async def deliver(
         try:
             await trio.to_thread.run_sync(_deliver_one, target, event, node, when)
         except (OSError, smtplib.SMTPException, http.client.HTTPException) as error:
-            problem = str(error) or type(error).__name__
-            log.warning("alert %r not delivered to %s: %s", event.title, name, problem)
-            results.append(Delivery(name, problem))
+            results.append(Delivery(name, str(error) or type(error).__name__))
         else:
             results.append(Delivery(name))
     return results

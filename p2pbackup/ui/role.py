@@ -134,5 +134,9 @@ async def look(source: Source, history: History, alerts: AlertConfig) -> None:
     state, events = evaluate(history.alert_state(), observation, alerts)
     for event in events:
         log.info("alert: %s: %s", event.title, event.message)
-        await deliver(alerts.targets, event, observation.node_id, now)
+        for result in await deliver(alerts.targets, event, observation.node_id, now):
+            if result.problem:
+                log.warning(
+                    "alert %r not delivered to %s: %s", event.title, result.target, result.problem
+                )
     history.set_alert_state(state)

@@ -44,6 +44,7 @@ LAYERS = (
     "node",
     "app",
     "sim",
+    "ui",
     "cli",
 )
 
@@ -74,6 +75,10 @@ THIRD_PARTY: Mapping[str, frozenset[str]] = {
     "trio_asyncio": frozenset({DHT_ADAPTER}),
     # The msgpack flavour of kademlia's RPC layer: the adapter decodes datagrams itself.
     "umsgpack": frozenset({DHT_ADAPTER}),
+    # The dashboard's web stack and its QR codes, each behind one module.
+    "starlette": frozenset({"p2pbackup.ui.asgi"}),
+    "hypercorn": frozenset({"p2pbackup.ui.http"}),
+    "segno": frozenset({"p2pbackup.ui.qr"}),
 }
 
 #: Standard-library modules confined like third-party ones.
@@ -127,6 +132,7 @@ PURE_ELSEWHERE = frozenset(
         "node.admission",
         "net.natpmp",
         "net.upnp",
+        "ui.plots",
     )
 )
 
@@ -360,6 +366,9 @@ def test_third_party_packages_only_where_the_table_allows(imports: list[Import])
         ("reedsolo", "p2pbackup.core.erasure"),
         ("zstandard", "p2pbackup.core.compression"),
         ("pyfastcdc", "p2pbackup.core.chunker"),
+        ("starlette", "p2pbackup.ui.asgi"),
+        ("hypercorn", "p2pbackup.ui.http"),
+        ("segno", "p2pbackup.ui.qr"),
     ],
 )
 def test_each_library_lives_behind_one_module(

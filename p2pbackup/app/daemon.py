@@ -26,7 +26,11 @@ Nouns:
   a role ends the node: its last log line says why (``serve stopped: …``),
   and the control socket is left behind, so that the CLI tells the user
   that ``serve`` stopped instead of quietly running commands itself. A stop
-  by cancellation (SIGTERM, Ctrl-C) removes the socket.
+  by cancellation (SIGTERM, Ctrl-C) removes the socket. The caller may add
+  **extra roles** (:data:`ExtraRole`: the dashboard, from a layer above).
+* **backup record** — :class:`BackupRecord`: when the scheduled backups last
+  started, succeeded or failed and when the next one is due, as the running
+  node knows it (what the dashboard and the alerts read).
 
 Everything below is passed in — the network above all — so that tests and the
 simulator run this same code over an in-memory network.
@@ -42,7 +46,7 @@ import random
 import shutil
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 
 import attrs
 import trio
@@ -124,6 +128,20 @@ class ServeOptions:
     via_relays: bool = False
 
 
+@attrs.define
+class BackupRecord:
+    """What the scheduled backups of a running node did (unix seconds; None: not yet)."""
+
+    last_started: float | None = None
+    last_succeeded: float | None = None
+    last_failed: float | None = None
+    #: The one line that says why the last failed run failed.
+    last_error: str = ""
+    next_at: float | None = None
+    #: Seconds between runs; None: nothing is scheduled.
+    interval: float | None = None
+
+
 @attrs.frozen
 class Serving:
     """What a started node reports: who it is, where it listens, what it found."""
@@ -134,6 +152,14 @@ class Serving:
     #: Addresses in the contact record (what `invite` hands out).
     advertised: tuple[str, ...] = ()
     discovery: Discovery | None = None
+    backups: BackupRecord = attrs.Factory(BackupRecord)
+
+
+#: A role the caller adds to a node: started (``nursery.start``) once the
+#: node's own roles run, with what the node reports; it calls
+#: ``task_status.started()`` once it is ready, and the node reports itself
+#: started only after every extra role did.
+ExtraRole = Callable[..., Awaitable[None]]
 
 
 def node_identity(home: Home) -> Identity:
@@ -149,10 +175,12 @@ async def serve(
     control: Handler | None = None,
     clock: Callable[[], float] = time.time,
     rng: random.Random | None = None,
+    extra_roles: Sequence[ExtraRole] = (),
     task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Store shards for peers until cancelled; with ``control``, also answer
-    the CLI on the home's control socket (it runs their commands).
+    the CLI on the home's control socket (it runs their commands); each of
+    ``extra_roles`` is started beside them (:data:`ExtraRole`).
 
     The steps, each below: open the shard host and start the storage server
     (:func:`_open_storage`), join the DHT (:func:`_join_dht`), then run the
@@ -183,10 +211,23 @@ async def serve(
             # A backup or a command may have changed which nodes hold the root record.
             peers_changed = discovery.root_holders_may_have_changed
             turns = trio.Lock()
+            serving = Serving(
+                identity.node_id,
+                storage.address,
+                storage.host.reconcile_report,
+                _address_texts(discovery.advertised),
+                discovery,
+            )
             if schedule is not None:
                 roles.start_soon(
                     functools.partial(
-                        run_scheduled_backups, home, schedule, network, peers_changed, turns=turns
+                        run_scheduled_backups,
+                        home,
+                        schedule,
+                        network,
+                        peers_changed,
+                        turns=turns,
+                        record=serving.backups,
                     )
                 )
             if config.maintenance.enabled:
@@ -212,15 +253,9 @@ async def serve(
                     storage.server.handle_connection,
                     discovery.set_relays,
                 )
-            task_status.started(
-                Serving(
-                    identity.node_id,
-                    storage.address,
-                    storage.host.reconcile_report,
-                    _address_texts(discovery.advertised),
-                    discovery,
-                )
-            )
+            for role in extra_roles:
+                await roles.start(role, serving)
+            task_status.started(serving)
             stop.started = True
 
 
@@ -437,6 +472,7 @@ async def run_scheduled_backups(
     after_each: Callable[[], None] = lambda: None,
     *,
     turns: trio.Lock | None = None,
+    record: BackupRecord | None = None,
 ) -> None:
     """Back up what the config says every interval, until cancelled: the
     first run at once, unless the last run that completed is more recent
@@ -446,17 +482,23 @@ async def run_scheduled_backups(
     or fails, even by a bug, is logged, and the next one comes at its time.
     After a run that completed, config.toml's ``[forget]`` policy, if any,
     is applied to the group of its snapshot (:func:`apply_scheduled_retention`).
-    ``after_each`` is called when a run is over (the peers may have changed).
-    ``turns``, when given, is held around each run (module docstring: role).
+    ``after_each`` is called when a run is over (the peers may have changed);
+    ``record`` is kept up to date with each run. ``turns``, when given, is
+    held around each run (module docstring: role).
     """
+    record = record if record is not None else BackupRecord()
+    record.interval = schedule.interval
     forget = load_config(home.config_path).forget
     wait = _rest_of_interval(home, schedule.interval)
     if wait > 0:
+        record.next_at = time.time() + wait
         log.info("scheduled backup: the last run was recent; the next in %.0f s", wait)
         await trio.sleep(wait)
     while True:
         started = trio.current_time()
         summary = None
+        record.last_started = time.time()
+        record.next_at = record.last_started + schedule.interval
         try:
             with unwrap_single():
                 async with (
@@ -471,8 +513,11 @@ async def run_scheduled_backups(
         except RepositoryLockedError as error:
             log.warning("scheduled backup skipped: %s", error)
         except Exception as error:
+            message = error_message(error)
+            record.last_failed, record.last_error = time.time(), message or "a bug (see the log)"
             _log_failure("scheduled backup", error)
         else:
+            record.last_succeeded = time.time()
             log.info(
                 "scheduled backup saved snapshot %s: %s",
                 summary.snapshot_id.hex(),

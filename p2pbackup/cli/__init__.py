@@ -9,5 +9,5 @@ Nouns:
 
 ``python -m p2pbackup.cli`` runs it (:mod:`.__main__`).
 
-May import: core, net, wire, stores, dht, engine, maintenance, node, app, sim.
+May import: core, net, wire, stores, dht, engine, maintenance, node, app, sim, ui.
 """

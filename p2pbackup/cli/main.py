@@ -11,7 +11,7 @@ The commands on a home's repository become typed requests
 runs: in the home's running ``serve``, over its control socket, when there is
 one; else here. Either way their lines, progress, error and exit code reach
 this process. The other commands (``init``, ``recover``, ``invite``, ``id``,
-``lookup``, ``serve``, ``demo``, ``devnet``) always run here.
+``lookup``, ``serve``, ``ui``, ``alerts test``, ``demo``, ``devnet``) always run here.
 """
 
 from __future__ import annotations
@@ -237,20 +237,96 @@ async def cmd_serve(args: argparse.Namespace, home: Home, out: LineSink) -> int:
         port_mapping=not args.no_port_mapping,
         via_relays=args.via_relays,
     )
+    ui = _ui_role(args, home, options.listen)
     async with trio.open_nursery() as nursery:
         serving = await nursery.start(
-            functools.partial(daemon.serve, home, options, control=Service(home).answer)
+            functools.partial(
+                daemon.serve,
+                home,
+                options,
+                control=Service(home).answer,
+                extra_roles=[ui.run] if ui is not None else [],
+            )
         )
         report = serving.reconciled
         for line in report.describe():
             out(line)
         out(f"node {serving.node_id.hex()}")
         out(f"serving on {serving.address}")
+        if ui is not None and ui.url is not None:
+            out(f"dashboard on {ui.url} (`p2pbackup ui` prints it with its token)")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _signal in signals:
                 out("stopping")
                 nursery.cancel_scope.cancel()
                 break
+    return EXIT_OK
+
+
+def _ui_role(args: argparse.Namespace, home: Home, listen: Any) -> Any:
+    """The dashboard and alerts role ``serve`` asks for (None without a home)."""
+    from p2pbackup.ui import access
+    from p2pbackup.ui.role import UiOptions, UiRole
+    from p2pbackup.ui.settings import load_settings
+
+    if not home.exists():
+        return None  # serve refuses it itself
+    settings = load_settings(home.config_path)
+    if args.ui_listen and args.ui_port is None:
+        host, port = _ui_address(args.ui_listen)
+    else:
+        host = "127.0.0.1"
+        # A node on a port the system picks gets a dashboard on one too.
+        default = 0 if listen.port == 0 else access.DEFAULT_UI_PORT
+        chosen: int | None = args.ui_port if args.ui_port is not None else settings.ui.port
+        port = default if chosen is None else chosen
+        if args.ui_listen:
+            host = _ui_address(args.ui_listen)[0]
+    return UiRole(home, UiOptions(not args.no_ui, host, port, alerts=settings.alerts))
+
+
+def _ui_address(text: str) -> tuple[str, int]:
+    from p2pbackup.net.network import Address
+
+    address = Address.parse(text)
+    return address.host, address.port
+
+
+def cmd_ui(args: argparse.Namespace, home: Home, out: LineSink) -> int:
+    import webbrowser
+
+    from p2pbackup.ui import access
+    from p2pbackup.ui.settings import load_settings
+
+    home.require()
+    address = access.read_address(home.path)
+    if address is None or home.serving_pid() is None:
+        port = load_settings(home.config_path).ui.port or access.DEFAULT_UI_PORT
+        address = access.http_address("127.0.0.1", port)
+        out(f"no serve of {home.path} is running: start `p2pbackup serve`, then open:")
+    else:
+        out("the dashboard of this home (the address holds its token: keep it to yourself):")
+    url = access.dashboard_url(address, access.load_token(home.path))
+    if not args.no_browser and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        webbrowser.open(url)
+    out(url)
+    return EXIT_OK
+
+
+async def cmd_alerts_test(args: argparse.Namespace, home: Home, out: LineSink) -> int:
+    from p2pbackup.ui import alerts, notify
+    from p2pbackup.ui.settings import load_settings
+
+    home.require()
+    config = load_settings(home.config_path).alerts
+    if not config.targets:
+        raise UsageError(f"{home.config_path} sets no alert targets ([alerts] webhook or email)")
+    results = await notify.deliver(config.targets, alerts.test_event(), home.node_id().hex())
+    for result in results:
+        out(f"{result.target}: {'sent' if not result.problem else 'FAILED: ' + result.problem}")
+    failed = [r for r in results if r.problem]
+    if failed:
+        raise UsageError(f"{len(failed)} of {len(results)} alert targets did not take the test")
     return EXIT_OK
 
 
@@ -482,7 +558,28 @@ def _add_node(commands: _Commands) -> None:
         help="what goes to stderr (default warning; --verbose: info); "
         "HOME/serve.log always has info and above",
     )
+    p.add_argument(
+        "--ui-port",
+        type=int,
+        metavar="PORT",
+        help="the dashboard's port on 127.0.0.1 (default: config.toml's [ui] port, else 47471; "
+        "0 when --listen picks its port)",
+    )
+    p.add_argument("--no-ui", action="store_true", help="run without the web dashboard")
+    p.add_argument(
+        "--ui-listen",
+        metavar="HOST:PORT",
+        help="let the dashboard listen elsewhere than 127.0.0.1 (reachable by others on that "
+        "network, guarded by its token only; an SSH tunnel is safer: see the user guide)",
+    )
     p.set_defaults(func=cmd_serve)
+    p = commands.add_parser("ui", help="print the address of the web dashboard, with its token")
+    p.add_argument("--no-browser", action="store_true", help="only print it, even on a desktop")
+    p.set_defaults(func=cmd_ui)
+    alerts = commands.add_parser("alerts", help="alerts by webhook or email ([alerts] in config)")
+    sub = alerts.add_subparsers(dest="alerts_command", required=True, metavar="COMMAND")
+    p = sub.add_parser("test", help="send a test message to each configured target")
+    p.set_defaults(func=cmd_alerts_test)
     p = commands.add_parser("status", help="this node, each peer now, and the health of the data")
     _json_option(p)
     p.set_defaults(request=requests.StatusRequest)

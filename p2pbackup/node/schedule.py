@@ -77,6 +77,8 @@ _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _INTERVAL = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*\Z")
 _SIZE_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _TABLES: Final = ("backup", "storage", "maintenance", "forget")
+#: Tables read by the layers above (the dashboard and the alerts: p2pbackup.ui.settings).
+_OTHER_TABLES: Final = ("alerts", "ui")
 #: Audit periods and repair intervals shorter than this are refused as a
 #: likely typo ("7" for "7d").
 MIN_MAINTENANCE_PERIOD: Final = 3600.0
@@ -234,7 +236,7 @@ def parse_home_config(text: str, where: str) -> HomeConfig:
         raise UsageError(
             f"{where}: version = {version!r}; this p2pbackup reads version = {CONFIG_VERSION}"
         )
-    unknown = set(document) - {"version", *_TABLES}
+    unknown = set(document) - {"version", *_TABLES, *_OTHER_TABLES}
     if unknown:
         raise UsageError(f"{where}: unknown settings {', '.join(sorted(unknown))}")
     backup = document.get("backup")

@@ -74,6 +74,8 @@ THIRD_PARTY: Mapping[str, frozenset[str]] = {
     "trio_asyncio": frozenset({DHT_ADAPTER}),
     # The msgpack flavour of kademlia's RPC layer: the adapter decodes datagrams itself.
     "umsgpack": frozenset({DHT_ADAPTER}),
+    # Dask runs the durability model's sweeps (an optional extra).
+    "distributed": frozenset({"p2pbackup.sim.sweep"}),
 }
 
 #: Standard-library modules confined like third-party ones.
@@ -124,6 +126,8 @@ PURE_ELSEWHERE = frozenset(
         "maintenance.pacing",
         "app.requests",
         "node.admission",
+        "sim.durability",
+        "sim.closedform",
     )
 )
 

@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -757,6 +757,12 @@ class _CommandOrScenario(argparse._SubParsersAction):  # type: ignore[type-arg]
     one is registered (``sim durability`` and ``sim path/to/x.toml`` then
     live side by side)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse checks the first word against ``choices`` before it
+        # calls the action: let a scenario's path through.
+        self.choices = _Subcommands(self._name_parser_map)  # type: ignore[assignment]
+
     def __call__(
         self,
         parser: argparse.ArgumentParser,
@@ -764,9 +770,30 @@ class _CommandOrScenario(argparse._SubParsersAction):  # type: ignore[type-arg]
         values: Any,
         option_string: str | None = None,
     ) -> None:
-        if values and values[0] not in self.choices and SIM_SCENARIO in self.choices:
+        names = self._name_parser_map
+        if values and values[0] not in names and SIM_SCENARIO in names:
             values = [SIM_SCENARIO, *values]
         super().__call__(parser, namespace, values, option_string)
+
+
+class _Subcommands(Mapping[str, argparse.ArgumentParser]):
+    """The subcommands by name, holding any word once a scenario runner is
+    registered."""
+
+    def __init__(self, parsers: dict[str, argparse.ArgumentParser]) -> None:
+        self._parsers = parsers
+
+    def __getitem__(self, name: str) -> argparse.ArgumentParser:
+        return self._parsers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parsers)
+
+    def __len__(self) -> int:
+        return len(self._parsers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._parsers or SIM_SCENARIO in self._parsers
 
 
 #: The ``sim`` subcommand that runs a scenario file given in place of a

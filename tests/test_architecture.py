@@ -79,6 +79,8 @@ THIRD_PARTY: Mapping[str, frozenset[str]] = {
     "starlette": frozenset({"p2pbackup.ui.asgi"}),
     "hypercorn": frozenset({"p2pbackup.ui.http"}),
     "segno": frozenset({"p2pbackup.ui.qr"}),
+    # Dask runs the durability model's sweeps (an optional extra).
+    "distributed": frozenset({"p2pbackup.sim.sweep"}),
 }
 
 #: Standard-library modules confined like third-party ones.
@@ -133,6 +135,8 @@ PURE_ELSEWHERE = frozenset(
         "net.natpmp",
         "net.upnp",
         "ui.plots",
+        "sim.durability",
+        "sim.closedform",
     )
 )
 

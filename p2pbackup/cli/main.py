@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -386,6 +386,144 @@ async def cmd_devnet(args: argparse.Namespace, home: Home, out: LineSink) -> int
     return await run_devnet(Path(args.dir) if args.dir else None, args.nodes, config=config)
 
 
+def _durability_params(args: argparse.Namespace, k: int, n: int) -> Any:
+    """The model's parameters from ``sim durability``'s options."""
+    from p2pbackup.maintenance.repair import RepairPolicy
+    from p2pbackup.sim import durability
+
+    repair = None
+    if not args.no_repair:
+        if args.repair_days is None:
+            raise UsageError(
+                "give --repair-threshold R --repair-days T, or --no-repair for no repair"
+            )
+        threshold = args.repair_threshold
+        if threshold is None:
+            threshold = RepairPolicy().threshold(k, n)
+        bandwidth = None if args.repair_mbps is None else args.repair_mbps * 1e6 / 8
+        repair = durability.RepairModel.with_threshold(
+            k,
+            n,
+            threshold,
+            grace_days=args.grace_days,
+            repair_days=args.repair_days,
+            bandwidth=bandwidth,
+        )
+    return durability.DurabilityParams(
+        k=k,
+        n=n,
+        nodes=args.nodes,
+        packs=args.packs,
+        node_mttf_days=args.node_mttf_days,
+        years=args.years,
+        repair=repair,
+        availability=args.availability,
+        detect_days=args.detect_days,
+    )
+
+
+def cmd_sim_durability(args: argparse.Namespace, home: Home, out: LineSink) -> int:
+    import random
+
+    from p2pbackup.app import operations
+    from p2pbackup.sim import durability
+
+    if args.no_repair and (args.repair_threshold is not None or args.repair_days is not None):
+        raise UsageError("--no-repair takes no --repair-threshold or --repair-days")
+    k, n = operations.parse_shards(args.shards)
+    params = _durability_params(args, k, n)
+    summary = durability.summary(durability.simulate(params, random.Random(args.seed)))
+    summary["seed"] = args.seed
+    if args.json:
+        out(json.dumps(summary))
+        return EXIT_OK
+    for line in _durability_lines(summary):
+        out(line)
+    return EXIT_OK
+
+
+def _durability_lines(s: dict[str, Any]) -> list[str]:
+    if s["repair_threshold"] is None:
+        repair = "no repair"
+    else:
+        repair = (
+            f"repair below {s['repair_threshold']} shards after a grace of "
+            f"{s['grace_days']:g} days, {s['repair_days']:g} days each"
+        )
+    low, high = s["simulated_loss_interval_95"]
+    lines = [
+        f"{s['shards']}, {repair}; {s['nodes']} nodes (mean lifetime "
+        f"{s['node_mttf_days']:g} days, online {s['availability']:.0%} of the day), "
+        f"{s['packs']} packs, {s['years']:g} years, seed {s['seed']}",
+        f"packs lost: {s['packs_lost']} of {s['packs']}",
+        f"loss per pack-year: {s['simulated_loss_per_pack_year']:.3g} simulated "
+        f"(95 % interval {low:.3g} to {high:.3g}), "
+        f"{s['analytic_loss_per_pack_year']:.3g} by the closed form",
+    ]
+    if s["available_fraction"] is not None:
+        lines.append(f"packs readable at a random moment: {s['available_fraction']:.2%}")
+    if s["repair_threshold"] is not None:
+        lines.append(
+            f"repair: {s['repairs']} repairs, {s['shards_rebuilt']} shards rebuilt, "
+            f"{human_bytes(s['repair_bytes'])} moved"
+        )
+    return lines
+
+
+def _number_list(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """An option's type: comma-separated values of ``kind``."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from None
+
+    return parse
+
+
+def _threshold(text: str) -> int | None:
+    return None if text.strip() == "none" else int(text)
+
+
+def cmd_sim_sweep(args: argparse.Namespace, home: Home, out: LineSink) -> int:
+    from p2pbackup.app import operations
+    from p2pbackup.sim import sweep
+
+    codes = [operations.parse_shards(text) for text in args.shards.split(",")]
+    request = sweep.SweepRequest(
+        codes=tuple(codes),
+        thresholds=tuple(args.repair_threshold),
+        grace_days=tuple(args.grace_days),
+        mttf_days=tuple(args.node_mttf_days),
+        repair_days=args.repair_days,
+        years=args.years,
+        nodes=args.nodes,
+        packs=args.packs,
+        availability=args.availability,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        workers=args.workers,
+    )
+    results = sweep.run_in_child(request)
+    if args.json:
+        out(json.dumps({"seed": args.seed, "points": results}))
+        return EXIT_OK
+    out(f"{len(results)} points, {args.nodes} nodes, {args.packs} packs, {args.years:g} years")
+    out("K/N    r     grace  lifetime  lost  loss/pack-year (95 %)            closed form")
+    for s in results:
+        low, high = s["simulated_loss_interval_95"]
+        r = "-" if s["repair_threshold"] is None else str(s["repair_threshold"])
+        grace = "-" if s["grace_days"] is None else f"{s['grace_days']:g}d"
+        out(
+            f"{s['shards']:<6} {r:<5} {grace:<6} {s['node_mttf_days']:>7g}d  "
+            f"{s['packs_lost']:>4}  {s['simulated_loss_per_pack_year']:.3g} "
+            f"({low:.3g}–{high:.3g})".ljust(66)
+            + f" {s['analytic_loss_per_pack_year']:.3g}"
+        )
+    return EXIT_OK
+
+
 # -- parser -------------------------------------------------------------------------
 
 
@@ -411,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_leave,
         _add_recover,
         _add_local_network,
+        _add_sim,
     ):
         add(commands)
     return parser
@@ -829,6 +968,171 @@ def _add_local_network(commands: _Commands) -> None:
         "less one; default 3/6, made smaller when a home has fewer than 6 friends)",
     )
     p.set_defaults(func=cmd_devnet)
+
+
+class _CommandOrScenario(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """``sim``'s subcommands, where a first word that names none of them is
+    the path of a scenario, run by the subcommand :data:`SIM_SCENARIO` once
+    one is registered (``sim durability`` and ``sim path/to/x.toml`` then
+    live side by side)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse checks the first word against ``choices`` before it
+        # calls the action: let a scenario's path through.
+        self.choices = _Subcommands(self._name_parser_map)  # type: ignore[assignment]
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        names = self._name_parser_map
+        if values and values[0] not in names and SIM_SCENARIO in names:
+            values = [SIM_SCENARIO, *values]
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _Subcommands(Mapping[str, argparse.ArgumentParser]):
+    """The subcommands by name, holding any word once a scenario runner is
+    registered."""
+
+    def __init__(self, parsers: dict[str, argparse.ArgumentParser]) -> None:
+        self._parsers = parsers
+
+    def __getitem__(self, name: str) -> argparse.ArgumentParser:
+        return self._parsers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parsers)
+
+    def __len__(self) -> int:
+        return len(self._parsers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._parsers or SIM_SCENARIO in self._parsers
+
+
+#: The ``sim`` subcommand that runs a scenario file given in place of a
+#: subcommand's name (see :class:`_CommandOrScenario`).
+SIM_SCENARIO = "run"
+
+
+def _add_sim(commands: _Commands) -> None:
+    """Simulations: the durability model and its sweeps."""
+    sim = commands.add_parser("sim", help="simulate: durability of a code, sweeps of parameters")
+    sub = sim.add_subparsers(
+        dest="sim_command", required=True, metavar="COMMAND", action=_CommandOrScenario
+    )
+    p = sub.add_parser(
+        "durability", help="the chance of losing a pack per year, by a Monte Carlo of the network"
+    )
+    p.add_argument("--shards", required=True, metavar="K/N", help="any K of N shards restore")
+    repair = p.add_mutually_exclusive_group()
+    repair.add_argument("--no-repair", action="store_true", help="never repair")
+    repair.add_argument(
+        "--repair-days",
+        type=float,
+        metavar="T",
+        help="days a repair takes from its decision to the rebuilt shards in place",
+    )
+    p.add_argument(
+        "--repair-threshold",
+        type=int,
+        metavar="R",
+        help="repair a pack with fewer than R healthy shards (default: the node's, K+3 at most N)",
+    )
+    _durability_options(p)
+    p.add_argument("--packs", type=int, default=1000, metavar="P", help="packs (default 1000)")
+    p.add_argument(
+        "--grace-days",
+        type=float,
+        default=3.0,
+        metavar="G",
+        help="days an unreachable holder is waited for before its shards count as lost "
+        "(default 3, the node's)",
+    )
+    p.add_argument(
+        "--repair-mbps",
+        type=float,
+        metavar="B",
+        help="megabits per second a repair moves, adding its transfer time (default: no limit)",
+    )
+    p.add_argument(
+        "--detect-days",
+        type=float,
+        default=1.0,
+        metavar="A",
+        help="days until audits notice a holder gone (default 1)",
+    )
+    p.set_defaults(func=cmd_sim_durability)
+
+    p = sub.add_parser(
+        "sweep", help="the durability model over a grid of parameters, on Dask distributed"
+    )
+    p.add_argument(
+        "--shards", required=True, metavar="K/N,...", help="codes, comma-separated (4/8,6/12)"
+    )
+    p.add_argument(
+        "--repair-threshold",
+        type=_number_list(_threshold),
+        required=True,
+        metavar="R,...",
+        help="repair thresholds; 'none' for no repair (those that do not fit a code are skipped)",
+    )
+    p.add_argument(
+        "--grace-days",
+        type=_number_list(float),
+        default=[3.0],
+        metavar="G,...",
+        help="grace periods in days (default 3)",
+    )
+    p.add_argument(
+        "--repair-days",
+        type=float,
+        default=1.0,
+        metavar="T",
+        help="days a repair takes (default 1)",
+    )
+    _durability_options(p, lists=True)
+    p.add_argument("--packs", type=int, default=1000, metavar="P", help="packs (default 1000)")
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="an existing Dask scheduler (tcp://host:8786); default: a local cluster",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        metavar="W",
+        help="processes of the local cluster (default 2)",
+    )
+    p.set_defaults(func=cmd_sim_sweep)
+
+
+def _durability_options(p: argparse.ArgumentParser, *, lists: bool = False) -> None:
+    """The options ``sim durability`` and ``sim sweep`` share."""
+    p.add_argument(
+        "--node-mttf-days",
+        type=_number_list(float) if lists else float,
+        required=True,
+        metavar="D,..." if lists else "D",
+        help="mean node lifetime in days (exponential)",
+    )
+    p.add_argument("--years", type=float, required=True, metavar="Y", help="years simulated")
+    p.add_argument("--nodes", type=int, default=1000, metavar="N", help="nodes (default 1000)")
+    p.add_argument(
+        "--availability",
+        type=float,
+        default=1.0,
+        metavar="A",
+        help="share of each day a node is online, 0 to 1 (default 1)",
+    )
+    p.add_argument("--seed", type=int, default=1, metavar="S", help="random seed (default 1)")
+    _json_option(p)
 
 
 def _tolerate_undecodable_names() -> None:

@@ -508,10 +508,11 @@ class Service:
         return OK
 
     async def repair(self, request: RepairRequest, console: Console) -> Outcome:
-        """A repair pass now: every listed shard read back and verified (the
-        stand-in for audits), then every pack below r rebuilt."""
+        """A repair pass now: every placed shard audited, then every listed
+        shard read back and verified (which also finds damage an audit's
+        sample of blocks missed), then every pack below r rebuilt."""
         from p2pbackup.app import operations
-        from p2pbackup.maintenance import repairer
+        from p2pbackup.maintenance import auditor, repairer
         from p2pbackup.maintenance.repair import RepairPolicy
         from p2pbackup.node.schedule import parse_duration, parse_size
 
@@ -523,12 +524,17 @@ class Service:
             rate = None if request.rate == "unlimited" else float(parse_size(request.rate))
         options = repairer.RepairOptions(policy=policy, rate=rate, verify=True)
         async with operations.open_repository(self.home) as repo:
+            audit = await auditor.audit_once(repo)
             report = await repairer.repair_pass(
-                repo, options, progress=console.progress_line("repair")
+                repo,
+                repairer.with_audits(options, repo.index),
+                progress=console.progress_line("repair"),
             )
         if request.json:
-            console.out(_json(report.to_json()))
+            console.out(_json({**report.to_json(), "audit": audit.to_json()}))
         else:
+            for line in audit.lines():
+                console.out(f"audit: {line}")
             for line in report.lines():
                 if line != report.failure():
                     console.out(line)

@@ -455,7 +455,7 @@ def test_the_cli_hands_commands_to_a_running_daemon(tmp_path: Path) -> None:
         # P2PBACKUP_LOCAL=1: this process does the work itself.
         local = run_cli("snapshots", home=world.home, env=base_env(P2PBACKUP_LOCAL="1"))
         assert local.returncode == 0
-        assert (world.home / "serve.log").read_text().count("running `snapshots`") == 1
+        assert (world.home / "serve.log").read_text().count("running `snapshots` for a client") == 1
     finally:
         process.terminate()
         _out, err = process.communicate(timeout=10)

@@ -183,10 +183,17 @@ class Service:
                 assert_never(request)
 
     async def answer(
-        self, request: ControlRequest, out: LineSink, progress: LineSink | None
+        self,
+        request: ControlRequest,
+        out: LineSink,
+        progress: LineSink | None,
+        *,
+        asker: str = "a client",
     ) -> Outcome:
         """Run a request that came over the control socket (its handler): any
-        expected failure becomes the outcome the client shows."""
+        expected failure becomes the outcome the client shows. ``asker`` names
+        who asked in the log line, so the dashboard's own reads are told apart
+        from commands a user typed."""
         cls = COMMANDS.get(request.command)
         if cls is None:
             return Outcome(
@@ -197,7 +204,7 @@ class Service:
             typed = decode_arguments(cls, request.args)
         except P2PBackupError as problem:
             return Outcome(EXIT_BAD_REQUEST, str(problem))
-        log.info("running `%s` for a client", request.command)
+        log.info("running `%s` for %s", request.command, asker)
         try:
             with unwrap_single():
                 return await self.run(typed, Console(out, progress))

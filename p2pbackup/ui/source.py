@@ -145,7 +145,9 @@ class Source:
         """Run ``request`` as the daemon runs a client's (module docstring)."""
         lines: list[str] = []
         sent = ControlRequest(command_name(request), encode_arguments(request))
-        outcome = await Service(self.home).answer(sent, lines.append, progress)
+        outcome = await Service(self.home).answer(
+            sent, lines.append, progress, asker="the dashboard"
+        )
         return Ran(outcome, tuple(lines))
 
     async def _json(self, request: Request) -> Any:

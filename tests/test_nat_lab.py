@@ -9,6 +9,7 @@ reachable and why. Needs root, ``ip``, ``iptables``, ``nft`` and ``miniupnpd``
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -205,3 +206,84 @@ def test_upnp_finds_the_router_by_ssdp_and_maps_a_port(lab: Lab) -> None:
     finally:
         process.kill()
         process.wait()
+
+
+def _tree(root: Path, owner: str) -> dict[str, bytes]:
+    """A small tree whose names and contents are easy to look for."""
+    root.mkdir(parents=True)
+    files = {
+        f"{owner}-diary-secret.txt": f"{owner} wrote this plaintext marker".encode() * 50,
+        f"{owner}-photo.raw": os.urandom(300_000),
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return files
+
+
+def _holds_none_of(directory: Path, needles: list[bytes]) -> list[str]:
+    """Where under ``directory`` any of ``needles`` appears (names or bytes)."""
+    found = []
+    for path in directory.rglob("*"):
+        for needle in needles:
+            if needle in os.fsencode(path.name) or (path.is_file() and needle in path.read_bytes()):
+                found.append(f"{path}: {needle[:20]!r}")
+    return found
+
+
+def test_two_homes_behind_nat_back_up_to_each_other_and_survive_the_public_friend(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """Home A maps its port and is dialled directly; home B maps nothing and
+    is reached only through relays (the public friend, and A). Both back up
+    to each other and to the public friend; the public friend dies; both
+    restore exactly. The public friend, a relay for both, kept none of
+    their plaintext or file names."""
+    public, home_a, home_b = (_home(tmp_path, name) for name in ("public", "a", "b"))
+    public_code = _invite(lab, "pub", public, f"{PUBLIC_NODE}:{PORT}")
+    code_a = _invite(lab, "homea", home_a, f"{ROUTER1_WAN}:{PORT}")
+    code_b = _invite(lab, "homeb", home_b, f"{HOME_B}:{PORT}")
+    _befriend(lab, ("pub", public, public_code), ("homea", home_a, code_a))
+    _befriend(lab, ("pub", public, public_code), ("homeb", home_b, code_b))
+    _befriend(lab, ("homea", home_a, code_a), ("homeb", home_b, code_b))
+
+    public_node, public_log = _serve(lab, "pub", public, f"{PUBLIC_NODE}:{PORT}")
+    wait_for(
+        lambda: "serving on" in public_log.read_text(),
+        timeout=60,
+        what="the public node started",
+        logs=[public_log],
+    )
+    bootstrap = ("--bootstrap", f"{PUBLIC_NODE}:{PORT}")
+    _, log_a = _serve(lab, "homea", home_a, f"0.0.0.0:{PORT}", *bootstrap)
+    _, log_b = _serve(lab, "homeb", home_b, f"0.0.0.0:{PORT}", "--via-relays", *bootstrap)
+    logs = [log_a, log_b, public_log]
+    wait_for(
+        lambda: f"reachable directly at {ROUTER1_WAN}:{PORT}" in log_a.read_text(),
+        timeout=120,
+        what="home A reachable at its router's public address",
+        logs=logs,
+    )
+    wait_for(
+        lambda: log_b.read_text().count("reachable through relay") >= 2,
+        timeout=120,
+        what="home B holding reservations at both reachable friends",
+        logs=logs,
+    )
+
+    trees = {"a": _tree(tmp_path / "src-a", "alice"), "b": _tree(tmp_path / "src-b", "bob")}
+    snapshot = {}
+    for name, role, home in (("a", "homea", home_a), ("b", "homeb", home_b)):
+        out = _in(lab, role, home, "backup", str(tmp_path / f"src-{name}"))
+        snapshot[name] = out.splitlines()[-1]
+
+    public_node.kill()
+    public_node.wait(timeout=30)
+    for name, role, home in (("a", "homea", home_a), ("b", "homeb", home_b)):
+        target = tmp_path / f"out-{name}"
+        _in(lab, role, home, "restore", snapshot[name], "--target", str(target))
+        restored = {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+        assert restored == trees[name], sorted(restored)
+
+    needles = [name.encode() for tree in trees.values() for name in tree] + [b"plaintext marker"]
+    assert _holds_none_of(public, needles) == []
+    assert not [n for n in needles if n in public_log.read_bytes()]

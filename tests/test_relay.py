@@ -192,6 +192,19 @@ async def test_a_stranger_is_refused_with_a_reason(tmp_path: Path, nursery: trio
         await open_session(world.network, B, world.relay_route, A.node_id)
 
 
+async def test_the_relays_own_node_may_dial_through_it_but_holds_no_reservation(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The relay's owner reaches a friend reserved at its own node (a restore
+    run by the serving node itself); it is no friend of itself, and only
+    dialling is open to it."""
+    world = await start_world(nursery, tmp_path)
+    session = await open_session(world.network, R, world.relay_route, B.node_id)
+    await session.aclose()
+    with pytest.raises(PeerUnavailableError, match="relays only for its friends"):
+        await hold_reservation(world.network, R, world.relay_route, lambda stream: trio.sleep(0))
+
+
 async def test_a_node_that_relays_for_nobody_says_so(tmp_path: Path, nursery: trio.Nursery) -> None:
     network = TcpNetwork()
     server = StorageServer(ShardHost.open(tmp_path / "n"), R)

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 
+from p2pbackup.app.home import Home
+from p2pbackup.app.homedht import SERVING_RELAY, ServingRelay, contact_routes, dht_locator
 from p2pbackup.app.relays import keep_relays
 from p2pbackup.dht.discovery import FriendContact
-from p2pbackup.dht.records import RecordAddress, RelayAddress
+from p2pbackup.dht.records import ContactRecord, RecordAddress, RelayAddress
+from p2pbackup.errors import UsageError
 from p2pbackup.net.network import Address, TcpNetwork
 from p2pbackup.node.relay import Relay
 from p2pbackup.node.server import StorageServer
@@ -61,3 +65,51 @@ async def test_a_node_holds_a_reservation_at_a_friend_and_names_it(
     with trio.fail_after(60):
         while published[-1]:
             await trio.sleep(0.05)
+
+
+def test_a_relay_that_is_this_node_is_dialled_where_it_listens() -> None:
+    """A friend's contact record names this very node as its relay: the
+    serving node dials itself on loopback, not at the router's address."""
+    record = ContactRecord(
+        node_id=B.node_id,
+        public_key=B.signing_public,
+        addresses=(RecordAddress("192.168.2.20", 4001),),
+        storage_offered=0,
+        sequence=1,
+        expiry=2_000_000_000,
+        signature=b"\0" * 64,
+        relays=(
+            RelayAddress(R.node_id, RecordAddress("11.20.30.1", 4001)),
+            RelayAddress(A.node_id, RecordAddress("11.20.30.100", 4001)),
+        ),
+    )
+    myself = Route(Address("0.0.0.0", 4001).dialled_locally(), R.node_id)
+    assert contact_routes(record, myself) == [
+        Route(Address("192.168.2.20", 4001)),
+        Route(Address("127.0.0.1", 4001), R.node_id),
+        Route(Address("11.20.30.100", 4001), A.node_id),
+    ]
+    # Anywhere else, every relay is dialled at its published address.
+    assert contact_routes(record)[1] == Route(Address("11.20.30.1", 4001), R.node_id)
+    assert Address("::", 7).dialled_locally() == Address("::1", 7)
+    assert Address("10.0.0.5", 7).dialled_locally() == Address("10.0.0.5", 7)
+
+
+async def test_a_friend_reserved_at_this_node_is_reached_here_without_a_lookup(
+    tmp_path: Path,
+) -> None:
+    """Its contact record may not have reached the DHT (or the DHT is gone):
+    the serving node's own relay knows it holds a reservation."""
+    here = Route(Address("127.0.0.1", 4001), R.node_id)
+    reserved = {B.node_id}
+    token = SERVING_RELAY.set(ServingRelay(here, lambda: frozenset(reserved)))
+    try:
+        # A home that does not exist: any lookup would find nothing.
+        locate = dht_locator(Home(tmp_path / "nohome"), TcpNetwork(connect_timeout=1))
+        assert await locate(B.node_id) == [here]
+        # Once it holds none here, the locator goes to the DHT.
+        reserved.clear()
+        with pytest.raises(UsageError, match="no way into the DHT"):
+            await locate(B.node_id)
+    finally:
+        SERVING_RELAY.reset(token)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from p2pbackup.errors import UsageError
@@ -184,6 +185,18 @@ def test_each_change_of_state_is_told_once_and_nothing_while_nothing_changes() -
         ["backup ok", "repair done"],
         [],
     ]
+
+
+def test_a_friend_never_reached_yet_is_not_told_as_lost_until_it_answered_once() -> None:
+    config = AlertConfig(peer_lost_after=DAY)
+    t = 1_000_000.0
+    never = Observation(t, "safe", t, None, (PeerSeen("ab" * 20, False, None),), 0, "cd" * 20)
+    state, events = evaluate({}, never, config)
+    assert events == [] and state["peer " + "ab" * 20] == "ok"
+    # Once it has answered, a long silence is a loss.
+    seen = attrs.evolve(never, now=t + 2 * DAY, peers=(PeerSeen("ab" * 20, False, int(t)),))
+    _state, events = evaluate(state, seen, config)
+    assert [e.kind for e in events] == ["peer lost"]
 
 
 def test_a_bad_state_at_the_first_look_is_told_and_a_kept_state_is_not_told_again() -> None:

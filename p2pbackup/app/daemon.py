@@ -53,7 +53,12 @@ import trio
 
 from p2pbackup.app import operations
 from p2pbackup.app.home import Home
-from p2pbackup.app.homedht import home_friends, home_root_holders
+from p2pbackup.app.homedht import (
+    SERVING_RELAY,
+    ServingRelay,
+    home_friends,
+    home_root_holders,
+)
 from p2pbackup.app.homenat import (
     REACHABILITY,
     PublishedAddresses,
@@ -91,6 +96,7 @@ from p2pbackup.node.schedule import (
 from p2pbackup.node.server import StorageServer
 from p2pbackup.node.shardhost import ReconcileReport, ShardHost
 from p2pbackup.nurseries import unwrap_single
+from p2pbackup.wire.relay import Route
 from p2pbackup.wire.session import Identity
 
 log = logging.getLogger(__name__)
@@ -205,6 +211,12 @@ async def serve(
             # Backups and the CLI's commands (tasks started below inherit it)
             # look nodes up through this running node.
             SERVING_NODE.set(discovery.node)
+            SERVING_RELAY.set(
+                ServingRelay(
+                    Route(storage.address.dialled_locally(), identity.node_id),
+                    lambda: storage.relay.reserved,
+                )
+            )
             RUNNING_OFFER.set(StorageOffer(options.capacity, options.owner_quota))
             await roles.start(discovery.run)
             _start_reachability(roles, home, options, identity, network, discovery, storage)

@@ -12,12 +12,23 @@ Nouns:
 * **locator** — a :data:`~p2pbackup.stores.remote.Locator` that finds a node that
   moved by asking the DHT: the routes of its contact record, its own
   addresses first, then the relays it names.
+* **serving relay** — :data:`SERVING_RELAY`: the relay of the ``serve`` this
+  code runs in, as :class:`ServingRelay`: how that node is dialled from its
+  own host, and which friends hold a reservation at it now. A friend that
+  holds one is reached through it first, with no lookup (its contact
+  record may not have reached the DHT yet, or the DHT may be gone). A relay
+  a contact record names may be this very node; its published address is
+  the router's, which a home's own router seldom loops back to it, so that
+  route goes to the local one instead.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
+
+import attrs
 
 from p2pbackup.app.home import Home
 from p2pbackup.dht import adapter as dht
@@ -30,6 +41,22 @@ from p2pbackup.net.network import Address, Network
 from p2pbackup.wire.relay import Route
 
 log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class ServingRelay:
+    """The serving node's relay, as its own commands reach it."""
+
+    #: The node's own route: its local address, its node id as the relay.
+    route: Route
+    #: The friends holding a reservation at it now.
+    reserved: Callable[[], frozenset[bytes]]
+
+
+#: The serving node's relay (module docstring); None outside ``serve``.
+SERVING_RELAY: contextvars.ContextVar[ServingRelay | None] = contextvars.ContextVar(
+    "p2pbackup_serving_relay", default=None
+)
 
 
 def remembered(home: Home) -> Remembered | None:
@@ -98,10 +125,14 @@ def dht_locator(home: Home, network: Network) -> Callable[[bytes], Awaitable[lis
     """A :data:`~p2pbackup.stores.remote.Locator` that asks the DHT: through the
     serving node (:data:`SERVING_NODE`) when there is one, else with a
     read-only lookup per node; each answer remembered for the life of the
-    locator."""
+    locator. A node holding a reservation at the serving node's own relay
+    is reached there, with no lookup (:data:`SERVING_RELAY`)."""
     found: dict[bytes, list[Route]] = {}
 
     async def locate(node_id: bytes) -> list[Route]:
+        relay = SERVING_RELAY.get()
+        if relay is not None and node_id in relay.reserved():
+            return [relay.route]
         if node_id not in found:
             serving = SERVING_NODE.get()
             if serving is not None:
@@ -110,14 +141,21 @@ def dht_locator(home: Home, network: Network) -> Callable[[bytes], Awaitable[lis
                 record = await lookup_contact(
                     remembered(home), node_id, network=network, friends=home_friends(home)
                 )
-            found[node_id] = [] if record is None else contact_routes(record)
+            myself = relay.route if relay is not None else None
+            found[node_id] = [] if record is None else contact_routes(record, myself)
         return found[node_id]
 
     return locate
 
 
-def contact_routes(record: records.ContactRecord) -> list[Route]:
-    """How to reach the node of ``record``: its own addresses, then its relays."""
+def contact_routes(record: records.ContactRecord, myself: Route | None = None) -> list[Route]:
+    """How to reach the node of ``record``: its own addresses, then its relays;
+    a relay that is ``myself`` (the serving route) is dialled where it listens."""
     direct = [Route(Address(a.host, a.port)) for a in record.addresses]
-    relayed = [Route(Address(r.address.host, r.address.port), r.node_id) for r in record.relays]
+    relayed = [
+        myself
+        if myself is not None and r.node_id == myself.relay
+        else Route(Address(r.address.host, r.address.port), r.node_id)
+        for r in record.relays
+    ]
     return direct + relayed

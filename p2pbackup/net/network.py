@@ -119,6 +119,15 @@ class Address:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 
+    def dialled_locally(self) -> Address:
+        """Where a process on this host dials a server bound here: a
+        wildcard bind (every interface) is reached on its family's loopback."""
+        if self.host == "0.0.0.0":
+            return Address("127.0.0.1", self.port)
+        if self.host == "::":
+            return Address("::1", self.port)
+        return self
+
 
 # -- the interface -------------------------------------------------------------------------
 

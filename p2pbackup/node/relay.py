@@ -21,8 +21,9 @@ Nouns:
 * **traffic** — :class:`RelayTraffic`: per friend, the circuits it took part
   in and the bytes relayed to and from it (for ``status``).
 
-Only friends are served, at both ends (the relay's owner vouches for each):
-anyone else is refused with a reason that says so.
+Only friends are served, at both ends (the relay's owner vouches for each),
+and the relay's own node as a dialler (its owner reaching a friend that
+holds a reservation here): anyone else is refused with a reason that says so.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ class Relay:
         """Answer one relay request of node ``peer`` on ``channel``; the
         session is the relay's until this returns (then it ends)."""
         try:
-            if not self.friends(peer):
+            own_dial = peer == self.node_id and isinstance(request, messages.RelayConnect)
+            if not (self.friends(peer) or own_dial):
                 raise RelayRefusal(
                     RefusalCode.FORBIDDEN,
                     f"node {self.node_id.hex()} relays only for its friends; "

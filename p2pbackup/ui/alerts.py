@@ -27,7 +27,10 @@ Nouns:
 * **alert state** — key → state for each thing watched: ``backup``
   (ok / failed), ``stale`` (ok / stale: no success for ``no_backup_days``),
   ``data`` (the status's verdict), ``peer ID`` (ok / lost / failing audits /
-  disqualified) and ``repairs`` (shards rebuilt so far).
+  disqualified; a peer that has never answered — a friend just added, whose
+  node has not been reached yet — is ok until it has answered once, as its
+  silence says nothing of how long it has been gone; what its absence does
+  to the data shows in ``data``) and ``repairs`` (shards rebuilt so far).
 * **event** — :class:`Event`: one message, made only when a state changes
   (:func:`evaluate`): into a bad state (backup failed, no backup for days,
   data at risk or unrecoverable, a peer lost or failing audits), back out of
@@ -223,7 +226,7 @@ def _peer_state(peer: PeerSeen, now: float, lost_after: float) -> str:
         return "disqualified"
     if peer.audit_failing:
         return "failing audits"
-    if not peer.online and (peer.last_seen is None or now - peer.last_seen > lost_after):
+    if not peer.online and peer.last_seen is not None and now - peer.last_seen > lost_after:
         return "lost"
     return "ok"
 

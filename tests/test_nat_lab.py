@@ -233,8 +233,9 @@ def _holds_none_of(directory: Path, needles: list[bytes]) -> list[str]:
 def test_two_homes_behind_nat_back_up_to_each_other_and_survive_the_public_friend(
     lab: Lab, tmp_path: Path
 ) -> None:
-    """Home A maps its port and is dialled directly; home B maps nothing and
-    is reached only through relays (the public friend, and A). Both back up
+    """Home A maps its port and is dialled directly; home B maps nothing, finds
+    that no friend can dial it, and is reached only through relays (the
+    public friend, and A). Both back up
     to each other and to the public friend; the public friend dies; both
     restore exactly. The public friend, a relay for both, kept none of
     their plaintext or file names."""
@@ -255,7 +256,8 @@ def test_two_homes_behind_nat_back_up_to_each_other_and_survive_the_public_frien
     )
     bootstrap = ("--bootstrap", f"{PUBLIC_NODE}:{PORT}")
     _, log_a = _serve(lab, "homea", home_a, f"0.0.0.0:{PORT}", *bootstrap)
-    _, log_b = _serve(lab, "homeb", home_b, f"0.0.0.0:{PORT}", "--via-relays", *bootstrap)
+    # B is not told it sits behind NAT: its failed dial-back turns its relays on.
+    _, log_b = _serve(lab, "homeb", home_b, f"0.0.0.0:{PORT}", *bootstrap)
     logs = [log_a, log_b, public_log]
     wait_for(
         lambda: f"reachable directly at {ROUTER1_WAN}:{PORT}" in log_a.read_text(),

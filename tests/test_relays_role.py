@@ -3,18 +3,22 @@ friends, the relays handed on for the contact record, a lost one replaced."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from p2pbackup.app.home import Home
 from p2pbackup.app.homedht import SERVING_RELAY, ServingRelay, contact_routes, dht_locator
-from p2pbackup.app.relays import keep_relays
+from p2pbackup.app.homenat import ReachabilityBoard
+from p2pbackup.app.relays import keep_relays, relay_while_unreachable
 from p2pbackup.dht.discovery import FriendContact
 from p2pbackup.dht.records import ContactRecord, RecordAddress, RelayAddress
 from p2pbackup.errors import UsageError
 from p2pbackup.net.network import Address, TcpNetwork
+from p2pbackup.node.reachability import Reachability
 from p2pbackup.node.relay import Relay
 from p2pbackup.node.server import StorageServer
 from p2pbackup.node.shardhost import ShardHost
@@ -113,3 +117,39 @@ async def test_a_friend_reserved_at_this_node_is_reached_here_without_a_lookup(
             await locate(B.node_id)
     finally:
         SERVING_RELAY.reset(token)
+
+
+async def test_relays_are_held_only_while_friends_cannot_dial_the_node(
+    nursery: trio.Nursery,
+) -> None:
+    board = ReachabilityBoard()
+    running: list[str] = []
+
+    def role(name: str) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            running.append(name)
+            try:
+                await trio.sleep_forever()
+            finally:
+                running.remove(name)
+
+        return run
+
+    nursery.start_soon(relay_while_unreachable, board, role("relays"), role("keepalive"))
+    await trio.testing.wait_all_tasks_blocked()
+    # Not checked yet, then unknown (no friend answered): no relays.
+    assert running == []
+    board.tell(Reachability(checked=False))
+    await trio.testing.wait_all_tasks_blocked()
+    assert running == []
+    # Friends tried and could not dial it: relays, and DHT keepalives.
+    board.tell(Reachability(unreachable_at=(Address("192.168.2.20", 4001),), checked=True))
+    await trio.testing.wait_all_tasks_blocked()
+    assert sorted(running) == ["keepalive", "relays"]
+    board.tell(Reachability(unreachable_at=(Address("192.168.2.20", 4001),), checked=True))
+    await trio.testing.wait_all_tasks_blocked()
+    assert sorted(running) == ["keepalive", "relays"]
+    # A port forwarded by hand later: they are let go.
+    board.tell(Reachability(reachable_at=(Address("11.20.30.2", 4001),), checked=True))
+    await trio.testing.wait_all_tasks_blocked()
+    assert running == []

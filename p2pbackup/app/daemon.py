@@ -66,7 +66,7 @@ from p2pbackup.app.homenat import (
     has_router,
     keep_reachable,
 )
-from p2pbackup.app.relays import keep_relays
+from p2pbackup.app.relays import keep_relays, relay_while_unreachable
 from p2pbackup.app.service import error_message, local_zone
 from p2pbackup.core.keys import Keyring
 from p2pbackup.dht import adapter as dht
@@ -219,7 +219,7 @@ async def serve(
             )
             RUNNING_OFFER.set(StorageOffer(options.capacity, options.owner_quota))
             await roles.start(discovery.run)
-            _start_reachability(roles, home, options, identity, network, discovery, storage)
+            board = _start_reachability(roles, home, options, identity, network, discovery, storage)
             # A backup or a command may have changed which nodes hold the root record.
             peers_changed = discovery.root_holders_may_have_changed
             turns = trio.Lock()
@@ -256,14 +256,23 @@ async def serve(
                 )
             if control is not None:
                 await roles.start(serve_control, home.control_path, _then(control, peers_changed))
+            relays = functools.partial(
+                keep_relays,
+                network,
+                identity,
+                functools.partial(home_friends, home),
+                storage.server.handle_connection,
+                discovery.set_relays,
+            )
             if options.via_relays:
+                roles.start_soon(relays)
+            elif board is not None:
+                # Relays only while friends cannot dial this node.
                 roles.start_soon(
-                    keep_relays,
-                    network,
-                    identity,
-                    functools.partial(home_friends, home),
-                    storage.server.handle_connection,
-                    discovery.set_relays,
+                    relay_while_unreachable,
+                    board,
+                    relays,
+                    functools.partial(discovery.keep_mappings_open, NAT_KEEPALIVE),
                 )
             for role in extra_roles:
                 await roles.start(role, serving)
@@ -399,12 +408,13 @@ def _start_reachability(
     network: Network,
     discovery: Discovery,
     storage: _Storage,
-) -> None:
+) -> ReachabilityBoard | None:
     """The reachability role (app.homenat), where there is a router to ask
-    (not for a node on loopback); its board goes where ``status`` finds it."""
+    (not for a node on loopback); its board goes where ``status`` finds it,
+    and is returned (None: no router, no role)."""
     gateway = has_router(options.listen, network)
     if gateway is None:
-        return
+        return None
     board = ReachabilityBoard()
     REACHABILITY.set(board)
     roles.start_soon(
@@ -421,6 +431,7 @@ def _start_reachability(
             publish_addresses=lambda addresses: home.write_addresses(_address_texts(addresses)),
         )
     )
+    return board
 
 
 def _address_texts(addresses: Iterable[RecordAddress]) -> tuple[str, ...]:

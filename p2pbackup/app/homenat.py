@@ -11,7 +11,9 @@ Nouns:
   a friend to dial it back (:mod:`p2pbackup.node.reachability`). The verdict
   is logged and kept on the **board** for ``status``.
 * **board** — :class:`ReachabilityBoard`: the latest verdict of the running
-  node, found through :data:`REACHABILITY` by the commands it runs.
+  node, found through :data:`REACHABILITY` by the commands it runs; a role
+  may wait for the next one (:meth:`ReachabilityBoard.changed`), as the
+  relays do (:func:`p2pbackup.app.relays.relay_while_unreachable`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,22 @@ class ReachabilityBoard:
     verdict: Reachability | None = None
     #: The public address the router forwards, while it does.
     mapped: Address | None = None
+    _told: trio.Event = attrs.field(factory=trio.Event, init=False, repr=False)
+
+    def tell(self, verdict: Reachability) -> None:
+        """A new verdict: kept, and whoever waits for one wakes."""
+        self.verdict = verdict
+        self._told.set()
+        self._told = trio.Event()
+
+    async def changed(self) -> None:
+        """Wait for the next verdict."""
+        await self._told.wait()
+
+    def unreachable(self) -> bool:
+        """Whether friends tried and none could dial this node."""
+        verdict = self.verdict
+        return verdict is not None and verdict.checked and not verdict.reachable_at
 
     def line(self) -> str:
         if self.verdict is None:
@@ -134,7 +152,7 @@ async def keep_reachable(
                 outcome = await receive.receive()
             await _published(discovery)
             verdict = await _check(home, network, identity, discovery, outcome)
-            board.verdict = verdict
+            board.tell(verdict)
             level = logging.INFO if verdict.reachable_at else logging.WARNING
             log.log(level, "%s", verdict.describe())
             # A new mapping round brings the next check sooner.

@@ -11,16 +11,22 @@ Nouns:
   held are the node's **relays**: each change is handed to ``on_change``
   (discovery publishes them in the contact record). A reservation lost is
   replaced, by the same friend or another, at the next try.
+* **relays when unreachable** — :func:`relay_while_unreachable`: a node
+  not started with ``--via-relays`` holds relays only while its
+  reachability check says no friend can dial it (its router maps nothing
+  and no port is forwarded), and drops them when a later check finds it
+  reachable; meanwhile it keeps its DHT's NAT mapping open with pings.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
 import trio
 
+from p2pbackup.app.homenat import ReachabilityBoard
 from p2pbackup.dht.discovery import FriendContact
 from p2pbackup.dht.records import MAX_RELAYS, RecordAddress, RelayAddress
 from p2pbackup.errors import FormatError, PeerUnavailableError
@@ -85,3 +91,24 @@ async def keep_relays(
                 trying.add(friend.node_id)
                 nursery.start_soon(hold, friend)
             await trio.sleep(retry)
+
+
+async def relay_while_unreachable(
+    board: ReachabilityBoard,
+    relays: Callable[[], Awaitable[None]],
+    keep_open: Callable[[], Awaitable[None]],
+) -> None:
+    """Run ``relays`` (:func:`keep_relays`, bound) and ``keep_open`` (DHT
+    keepalives) while ``board`` says the node is unreachable, until
+    cancelled (module docstring)."""
+    while True:
+        while not board.unreachable():
+            await board.changed()
+        log.info("friends cannot dial this node: reaching it through relays from now on")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relays)
+            nursery.start_soon(keep_open)
+            while board.unreachable():
+                await board.changed()
+            nursery.cancel_scope.cancel()
+        log.info("friends dial this node directly again: its relays are let go")

@@ -686,7 +686,8 @@ def _add_node(commands: _Commands) -> None:
         "--via-relays",
         action="store_true",
         help="this node cannot be dialled (behind NAT): be reached through up to two "
-        "friends that can, and keep the router's mappings open",
+        "friends that can from the start, and keep the router's mappings open (without "
+        "it, relays are used while no friend can dial the node back)",
     )
     p.add_argument(
         "--verbose", action="store_true", help="log every session, not only what goes wrong"

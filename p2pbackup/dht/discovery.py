@@ -197,7 +197,10 @@ class Discovery:
         # The contact record's nudge: a new record goes out now.
         self._joined.set()
 
-    async def _keep_mappings_open(self, period: float) -> None:
+    async def keep_mappings_open(self, period: float) -> None:
+        """Ping the DHT neighbours every ``period`` seconds, until cancelled:
+        behind NAT, the UDP mapping stays open and requests keep reaching
+        this node."""
         while True:
             await trio.sleep(period)
             await _survive("pinging DHT neighbours", self.node.ping_neighbours)
@@ -331,7 +334,7 @@ class Discovery:
                 )
                 nursery.start_soon(self._keep_saving_state)
                 if self.options.keepalive is not None:
-                    nursery.start_soon(self._keep_mappings_open, self.options.keepalive)
+                    nursery.start_soon(self.keep_mappings_open, self.options.keepalive)
                 await _survive("following friends", self.follow_friends)
                 while True:
                     await trio.sleep(self.options.refresh_period)

@@ -95,7 +95,7 @@ def test_a_relay_that_is_this_node_is_dialled_where_it_listens() -> None:
     ]
     # Anywhere else, every relay is dialled at its published address.
     assert contact_routes(record)[1] == Route(Address("11.20.30.1", 4001), R.node_id)
-    assert Address("::", 7).dialled_locally() == Address("::1", 7)
+    assert Address("::", 7).dialled_locally() == Address("127.0.0.1", 7)
     assert Address("10.0.0.5", 7).dialled_locally() == Address("10.0.0.5", 7)
 
 

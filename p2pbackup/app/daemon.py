@@ -82,7 +82,7 @@ from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.index import Index
 from p2pbackup.errors import P2PBackupError, RepositoryLockedError, StoreError
 from p2pbackup.maintenance import keeper, leases
-from p2pbackup.net.network import Address, Network, TcpNetwork
+from p2pbackup.net.network import BOTH_FAMILIES, Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
 from p2pbackup.node.reachability import DialBackService
 from p2pbackup.node.relay import Relay
@@ -110,8 +110,9 @@ EXPIRY_INTERVAL = 3600.0
 NAT_KEEPALIVE = 20.0
 
 
-#: Every interface, the default port.
-DEFAULT_LISTEN = Address("0.0.0.0", DEFAULT_PORT)
+#: Every interface of both IP families (IPv4 alone where the host has no
+#: IPv6), the default port.
+DEFAULT_LISTEN = Address(BOTH_FAMILIES, DEFAULT_PORT)
 
 
 @attrs.frozen

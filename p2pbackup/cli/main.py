@@ -662,7 +662,8 @@ def _add_node(commands: _Commands) -> None:
     p.add_argument(
         "--listen",
         metavar="HOST:PORT",
-        help="address to listen on (default: every interface, port 47470; port 0 picks one)",
+        help="address to listen on (default: [::]:47470, every interface of both IP "
+        "families; 0.0.0.0:PORT for IPv4 alone; port 0 picks one)",
     )
     p.add_argument("--capacity", metavar="SIZE", help="most space to give all peers (e.g. 200G)")
     p.add_argument("--owner-quota", metavar="SIZE", help="most space to give any one peer")

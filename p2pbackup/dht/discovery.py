@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ipaddress
 import logging
 import math
 import socket
@@ -64,7 +65,7 @@ from p2pbackup.errors import (
     ProtocolError,
     UsageError,
 )
-from p2pbackup.net.network import Address, Network, TcpNetwork
+from p2pbackup.net.network import BOTH_FAMILIES, Address, Network, TcpNetwork
 from p2pbackup.wire.session import Identity, secure_initiator
 
 log = logging.getLogger(__name__)
@@ -405,11 +406,17 @@ def advertised_addresses(
 ) -> list[records.RecordAddress]:
     """The addresses to publish for a node listening on ``listen`` (bound to
     ``port``): ``advertise`` if given, else the listening host, else (for a
-    wildcard) the address of the interface that routes outwards."""
+    wildcard) the address of the interface that routes outwards — for
+    ``[::]`` (both families), the IPv4 one and the IPv6 one, where there is
+    a route of each."""
     if advertise:
         chosen = list(advertise)
     elif not dht.is_wildcard(listen.host):
         chosen = [Address(listen.host, port)]
+    elif listen.host == BOTH_FAMILIES:
+        found = [_outward_address(wildcard) for wildcard in ("0.0.0.0", "::")]
+        routed = [host for host in found if not ipaddress.ip_address(host).is_loopback]
+        chosen = [Address(host, port) for host in routed or found[:1]]
     else:
         chosen = [Address(_outward_address(listen.host), port)]
     try:

@@ -15,6 +15,10 @@ Nouns:
   that raises is logged and the listener goes on.
 * **datagram endpoint** — :class:`DatagramEndpoint`: a bound UDP-like port
   (unreliable, unordered, at most :data:`MAX_DATAGRAM_SIZE` bytes each).
+* **both families** — :data:`BOTH_FAMILIES`, ``::``: listening there (TCP or
+  UDP) takes IPv6 and IPv4 on one socket where the host has IPv6, and IPv4
+  alone where it has not. Peers that come over IPv4 are named by their
+  IPv4 address, never the ``::ffff:`` form the socket reports.
 
 Failures to reach a peer are :class:`~p2pbackup.errors.PeerUnavailableError`,
 naming the address and the reason; a stream that dies underneath its user
@@ -24,6 +28,7 @@ raises ``trio.BrokenResourceError``, as trio's own streams do.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import re
@@ -124,8 +129,10 @@ class Address:
         wildcard bind (every interface) is reached on its family's loopback."""
         if self.host == "0.0.0.0":
             return Address("127.0.0.1", self.port)
-        if self.host == "::":
-            return Address("::1", self.port)
+        if self.host == BOTH_FAMILIES:
+            # A socket of both families takes IPv4 too, and IPv4 loopback is
+            # there even where IPv6 is turned off.
+            return Address("127.0.0.1", self.port)
         return self
 
 
@@ -189,8 +196,44 @@ def peer_address(stream: trio.abc.Stream) -> Address | None:
             sockaddr = stream.socket.getpeername()
         except OSError:
             return None
-        return Address(sockaddr[0], sockaddr[1])
+        return Address(unmapped(sockaddr[0]), sockaddr[1])
     return None
+
+
+#: Where a node listens on every interface of both IP families (module docstring).
+BOTH_FAMILIES = "::"
+_MAPPED_PREFIX = "::ffff:"
+
+
+def unmapped(host: str) -> str:
+    """An IPv4 peer as a dual-stack socket reports it (``::ffff:a.b.c.d``),
+    as its IPv4 address; any other host as it is."""
+    if host.lower().startswith(_MAPPED_PREFIX) and "." in host:
+        return host[len(_MAPPED_PREFIX) :]
+    return host
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _both_families_socket(kind: socket.SocketKind, port: int) -> trio.socket.SocketType | None:
+    """A socket bound to ``[::]:port`` that takes IPv4 too; None where the
+    host has no IPv6 (the caller binds ``0.0.0.0`` instead)."""
+    try:
+        sock = trio.socket.socket(socket.AF_INET6, kind)
+    except OSError:
+        return None
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 async def run_handler(handler: StreamHandler, stream: trio.abc.Stream) -> None:
@@ -287,7 +330,10 @@ class TcpNetwork:
         task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         try:
-            listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+            if address.host == BOTH_FAMILIES:
+                listeners = await _listen_on_both_families(address.port)
+            else:
+                listeners = await trio.open_tcp_listeners(address.port, host=address.host)
         except OSError as exc:
             raise UsageError(f"cannot listen on {address}: {os_reason(exc)}") from None
         if address.port == 0 and len(listeners) > 1:
@@ -306,15 +352,38 @@ class TcpNetwork:
         await trio.serve_listeners(handle, listeners)
 
     async def open_datagram(self, address: Address) -> DatagramEndpoint:
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+        host = address.host
+        sock = None
+        if host == BOTH_FAMILIES:
+            sock = _both_families_socket(socket.SOCK_DGRAM, address.port)
+            if sock is None:
+                host = "0.0.0.0"
+        if sock is None:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = trio.socket.socket(family, socket.SOCK_DGRAM)
         try:
-            await sock.bind((address.host, address.port))
+            await sock.bind((host, address.port))
         except OSError as exc:
             sock.close()
             raise UsageError(f"cannot bind {address}: {os_reason(exc)}") from None
         sockaddr = sock.getsockname()
         return UdpEndpoint(sock, Address(sockaddr[0], sockaddr[1]))
+
+
+async def _listen_on_both_families(port: int) -> list[trio.SocketListener]:
+    """One listener on ``[::]:port`` taking both families, or on
+    ``0.0.0.0:port`` where the host has no IPv6."""
+    sock = _both_families_socket(socket.SOCK_STREAM, port)
+    if sock is None:
+        return await trio.open_tcp_listeners(port, host="0.0.0.0")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await sock.bind((BOTH_FAMILIES, port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    return [trio.SocketListener(sock)]
 
 
 class UdpEndpoint:
@@ -330,8 +399,12 @@ class UdpEndpoint:
 
     async def send(self, data: bytes, address: Address) -> None:
         check_datagram_size(data)
+        host = address.host
+        if self._socket.family == socket.AF_INET6 and _is_ipv4(host):
+            # A socket of both families reaches IPv4 peers at their mapped form.
+            host = _MAPPED_PREFIX + host
         try:
-            await self._socket.sendto(data, (address.host, address.port))
+            await self._socket.sendto(data, (host, address.port))
         except OSError as exc:
             if self._socket.fileno() < 0:
                 raise trio.ClosedResourceError("the datagram endpoint is closed") from None
@@ -349,7 +422,7 @@ class UdpEndpoint:
                 if self._socket.fileno() < 0 or exc.errno == errno.EBADF:
                     raise trio.ClosedResourceError("the datagram endpoint is closed") from None
                 raise
-            return data, Address(sockaddr[0], sockaddr[1])
+            return data, Address(unmapped(sockaddr[0]), sockaddr[1])
 
     async def aclose(self) -> None:
         self._socket.close()

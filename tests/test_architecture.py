@@ -129,7 +129,7 @@ PURE_ELSEWHERE = frozenset(
         "dht.invites",
         "dht.ratelimit",
         "maintenance.repair",
-        "maintenance.pacing",
+        "net.pacing",
         "app.requests",
         "node.admission",
         "net.natpmp",

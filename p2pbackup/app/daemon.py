@@ -82,6 +82,7 @@ from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.index import Index
 from p2pbackup.errors import P2PBackupError, RepositoryLockedError, StoreError
 from p2pbackup.maintenance import keeper, leases
+from p2pbackup.net.limits import limited
 from p2pbackup.net.network import BOTH_FAMILIES, Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
 from p2pbackup.node.reachability import DialBackService
@@ -196,9 +197,11 @@ async def serve(
     maintenance of our backups (:func:`run_maintenance`), the control
     socket. How it stops: :func:`_stopping`. ``clock`` (unix seconds) and
     ``rng`` (default: the system's) are the maintenance's."""
-    network = network if network is not None else TcpNetwork()
     home.require()
     config = load_config(home.config_path)  # a bad config stops serve before it starts
+    # Everything the node does shares the limits of its [bandwidth] table.
+    network = limited(network if network is not None else TcpNetwork(), config.bandwidth)
+    operations.SERVING_NETWORK.set(network)
     schedule = config.backup
     with home.serving(), _stopping(home) as stop:
         identity = node_identity(home)

@@ -16,6 +16,7 @@ key, so an address that leads to another node is never trusted.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ from p2pbackup.model import (
     RepositoryConfig,
     RootRecord,
 )
+from p2pbackup.net.limits import BandwidthLimits, limited
 from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.node import shardhost
 from p2pbackup.node.schedule import RUNNING_OFFER, load_config
@@ -148,6 +150,21 @@ def _hold(home: Home, access: Access) -> contextlib.AbstractContextManager[None]
     return home.locked()
 
 
+#: The network of the ``serve`` this code runs in (kept to its bandwidth
+#: limits): the commands it runs for a client, and its scheduled backups,
+#: go through it. None outside ``serve``.
+SERVING_NETWORK: contextvars.ContextVar[Network | None] = contextvars.ContextVar(
+    "p2pbackup_serving_network", default=None
+)
+
+
+def network_within(limits: BandwidthLimits) -> Network:
+    """The network a command uses (the serving node's, else TCP), kept to
+    ``limits`` besides."""
+    base = SERVING_NETWORK.get()
+    return limited(base if base is not None else TcpNetwork(), limits)
+
+
 @contextlib.asynccontextmanager
 async def open_repository(
     home: Home, *, network: Network | None = None, access: Access = "write"
@@ -161,7 +178,8 @@ async def open_repository(
     with _hold(home, access):
         keyring = Keyring.from_master_secret(home.load_secret())
         index = Index(home.index_path, create=False)
-        network = network if network is not None else TcpNetwork()
+        if network is None:
+            network = SERVING_NETWORK.get() or TcpNetwork()
         repo = Repository(keyring, index, network, locate=homedht.dht_locator(home, network))
         try:
             yield repo

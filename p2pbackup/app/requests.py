@@ -65,6 +65,16 @@ def _at_least_one(_request: object, field: attrs.Attribute[Any], value: int) -> 
         raise UsageError(f"--{field.name} must be at least 1")
 
 
+def _limit() -> Any:
+    """A bandwidth limit in KiB/s (``--limit-upload``), None for none."""
+    return attrs.field(default=None, validator=attrs.validators.optional(_at_least_one_kib))
+
+
+def _at_least_one_kib(_request: object, field: attrs.Attribute[Any], value: int) -> None:
+    if value < 1:
+        raise UsageError(f"--{field.name.replace('_', '-')} must be at least 1 (KiB/s)")
+
+
 # -- the requests -------------------------------------------------------------------
 
 
@@ -76,6 +86,9 @@ class BackupRequest:
     #: Write the root record even though another home of this identity
     #: wrote one since this home last did (:mod:`p2pbackup.engine.rootrecord`).
     takeover: bool = False
+    #: KiB/s at most up and down (None: no limit).
+    limit_upload: int | None = _limit()
+    limit_download: int | None = _limit()
     json: bool = False
 
 
@@ -91,6 +104,8 @@ class RestoreRequest:
     exclude: tuple[str, ...] = ()
     #: Read every file restored back and compare it with the snapshot.
     verify: bool = False
+    limit_upload: int | None = _limit()
+    limit_download: int | None = _limit()
     json: bool = False
 
 
@@ -192,6 +207,8 @@ class PruneRequest:
 @attrs.frozen(kw_only=True)
 class CheckRequest:
     read_data: bool = False
+    limit_upload: int | None = _limit()
+    limit_download: int | None = _limit()
     json: bool = False
 
 
@@ -376,6 +393,10 @@ def _strings(value: object) -> bool:
 _FIELD_TYPES: Final[Mapping[object, tuple[str, Callable[[object], bool]]]] = {
     bool: ("true or false", lambda value: isinstance(value, bool)),
     int: ("an integer", lambda value: isinstance(value, int) and not isinstance(value, bool)),
+    int | None: (
+        "an integer or null",
+        lambda value: value is None or (isinstance(value, int) and not isinstance(value, bool)),
+    ),
     str: ("a string", lambda value: isinstance(value, str)),
     str | None: ("a string or null", lambda value: value is None or isinstance(value, str)),
     tuple[str, ...]: ("a list of strings", _strings),

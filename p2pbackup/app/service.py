@@ -66,6 +66,8 @@ from p2pbackup.app.requests import (
 from p2pbackup.engine.progress import Progress, human_bytes
 from p2pbackup.errors import P2PBackupError, UsageError
 from p2pbackup.model import NodeKind, Snapshot, TreeNode
+from p2pbackup.net.limits import BandwidthLimits
+from p2pbackup.net.network import Network
 from p2pbackup.node.control import EXIT_BAD_REQUEST, ControlRequest, LineSink, Outcome
 from p2pbackup.nurseries import leaves, unwrap_single
 
@@ -221,7 +223,7 @@ class Service:
         from p2pbackup.engine.backup import Backup
 
         exclude = ExcludeRules.from_patterns(request.exclude)
-        async with operations.open_repository(self.home) as repo:
+        async with operations.open_repository(self.home, network=_network(request)) as repo:
             repo.takeover = request.takeover
             summary = await Backup(
                 repo, progress=console.progress_line("backup"), exclude=exclude
@@ -387,7 +389,9 @@ class Service:
         from p2pbackup.engine import snapshots
         from p2pbackup.engine.restore import Restorer
 
-        async with operations.open_repository(self.home, access="read") as repo:
+        async with operations.open_repository(
+            self.home, access="read", network=_network(request)
+        ) as repo:
             sid, snap = snapshots.resolve(repo.index, request.snapshot)
             only = os.fsencode(request.path) if request.path else None
             restorer = Restorer(
@@ -483,7 +487,9 @@ class Service:
         from p2pbackup.app import operations
         from p2pbackup.engine.check import check
 
-        async with operations.open_repository(self.home, access="read") as repo:
+        async with operations.open_repository(
+            self.home, access="read", network=_network(request)
+        ) as repo:
             summary = await check(
                 repo, read_data=request.read_data, progress=console.progress_line("check")
             )
@@ -923,3 +929,14 @@ def _reachability_line() -> str | None:
 
     board = REACHABILITY.get()
     return None if board is None else board.line()
+
+
+def _network(request: BackupRequest | RestoreRequest | CheckRequest) -> Network | None:
+    """The network a command with bandwidth limits uses; None (the default
+    network) without any."""
+    limits = BandwidthLimits.from_kib(request.limit_upload, request.limit_download)
+    if limits.unlimited:
+        return None
+    from p2pbackup.app import operations
+
+    return operations.network_within(limits)

@@ -564,6 +564,18 @@ def _json_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _limit_options(p: argparse.ArgumentParser) -> None:
+    """``--limit-upload`` and ``--limit-download``, in KiB/s (as restic's)."""
+    for way, what in (("upload", "send"), ("download", "read")):
+        p.add_argument(
+            f"--limit-{way}",
+            type=int,
+            metavar="KIB",
+            help=f"{what} at most KIB KiB/s to and from the peers together "
+            "(under `serve`, besides the limits of its config.toml)",
+        )
+
+
 def _addresses_option(p: argparse.ArgumentParser, name: str, help: str) -> None:
     """``--NAME HOST:PORT``, repeatable."""
     p.add_argument(f"--{name}", action="append", metavar="HOST:PORT", help=help)
@@ -746,6 +758,7 @@ def _add_backup_and_restore(commands: _Commands) -> None:
         "with the same recovery key has written it since (that home's newer snapshots "
         "are dropped)",
     )
+    _limit_options(p)
     _json_option(p)
     p.set_defaults(request=requests.BackupRequest)
     p = commands.add_parser("snapshots", help="list snapshots")
@@ -780,6 +793,7 @@ def _add_backup_and_restore(commands: _Commands) -> None:
         action="store_true",
         help="read every file restored back and compare it with the snapshot",
     )
+    _limit_options(p)
     _json_option(p)
     p.set_defaults(request=requests.RestoreRequest)
 
@@ -844,6 +858,7 @@ def _add_upkeep(commands: _Commands) -> None:
     p.add_argument(
         "--read-data", action="store_true", help="download and verify every shard and blob"
     )
+    _limit_options(p)
     _json_option(p)
     p.set_defaults(request=requests.CheckRequest)
 

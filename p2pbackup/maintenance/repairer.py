@@ -72,7 +72,6 @@ from p2pbackup.errors import (
     StoreError,
     UsageError,
 )
-from p2pbackup.maintenance.pacing import Pace
 from p2pbackup.maintenance.repair import (
     Action,
     PackDecision,
@@ -86,6 +85,7 @@ from p2pbackup.maintenance.repair import (
     reachability,
 )
 from p2pbackup.model import PackRecord, ShardAudit, ShardLocation
+from p2pbackup.net.pacing import Pace
 from p2pbackup.stores.shardstore import ShardRoot
 
 #: Bytes a second a pass moves by default: 1 MiB/s (8.4 Mbit/s), under half

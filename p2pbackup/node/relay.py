@@ -37,7 +37,7 @@ import trio
 
 from p2pbackup.core import crypto
 from p2pbackup.errors import IntegrityError, ProtocolError
-from p2pbackup.maintenance.pacing import Pace
+from p2pbackup.net.pacing import Pace
 from p2pbackup.wire import messages
 from p2pbackup.wire.messages import RefusalCode
 from p2pbackup.wire.relay import DEFAULT_DIAL_TIMEOUT, DEFAULT_KEEPALIVE, SILENT_INTERVALS

@@ -23,6 +23,10 @@ Nouns:
       grace = "3d"                  # an unreachable peer is lost after this
       repair_rate = "1M"            # a size per second, or "unlimited"
 
+      [bandwidth]                   # all serve moves together (optional)
+      upload = "500K"               # a size per second, or "unlimited"
+      download = "2M"
+
       [forget]                      # after each scheduled backup (optional)
       keep_daily = 7                # as `forget --keep-daily 7`; also keep_last,
       keep_weekly = 4               # keep_hourly, keep_monthly, keep_yearly,
@@ -45,6 +49,10 @@ Nouns:
   ``--owner-quota`` override it).
 * **maintenance** — the parsed ``[maintenance]`` table, as the keeper's
   :class:`~p2pbackup.maintenance.keeper.MaintenanceOptions`.
+* **bandwidth** — the parsed ``[bandwidth]`` table, as
+  :class:`~p2pbackup.net.limits.BandwidthLimits`: what ``serve`` sends and
+  reads at most, its scheduled backups, audits, repairs, the commands it
+  runs and what it serves to friends all together.
 * **size** — bytes, or a number with ``K``, ``M``, ``G`` or ``T`` (binary
   units; a trailing ``B`` or ``iB`` is allowed): :func:`parse_size`, shared
   with the command line.
@@ -69,6 +77,7 @@ from p2pbackup.core.exclude import ExcludeRules
 from p2pbackup.engine.retention import DEFAULT_GROUP_BY, RetentionPolicy, parse_group_by
 from p2pbackup.errors import UsageError
 from p2pbackup.maintenance.keeper import MaintenanceOptions
+from p2pbackup.net.limits import BandwidthLimits
 
 CONFIG_VERSION: Final = 1
 #: Backups more often than this are refused as a likely typo ("6" for "6h").
@@ -76,7 +85,7 @@ MIN_INTERVAL: Final = 60.0
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _INTERVAL = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*\Z")
 _SIZE_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_TABLES: Final = ("backup", "storage", "maintenance", "forget")
+_TABLES: Final = ("backup", "storage", "maintenance", "forget", "bandwidth")
 #: Tables read by the layers above (the dashboard and the alerts: p2pbackup.ui.settings).
 _OTHER_TABLES: Final = ("alerts", "ui")
 #: Audit periods and repair intervals shorter than this are refused as a
@@ -130,6 +139,7 @@ class HomeConfig:
     storage: StorageOffer = StorageOffer()
     maintenance: MaintenanceOptions = attrs.Factory(MaintenanceOptions)
     forget: RetentionConfig | None = None
+    bandwidth: BandwidthLimits = attrs.Factory(BandwidthLimits)
 
 
 def parse_size(text: str) -> int:
@@ -250,15 +260,31 @@ def parse_home_config(text: str, where: str) -> HomeConfig:
             MaintenanceOptions() if maintenance is None else _parse_maintenance(maintenance, where)
         ),
         forget=None if forget is None else _parse_forget(forget, where),
+        bandwidth=_parse_bandwidth(document.get("bandwidth"), where),
     )
 
 
-def _rate(value: object, where: str) -> float | None:
+def _parse_bandwidth(table: object, where: str) -> BandwidthLimits:
+    if table is None:
+        return BandwidthLimits()
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: [bandwidth] must be a table")
+    unknown = set(table) - {"upload", "download"}
+    if unknown:
+        raise UsageError(f"{where}: unknown [bandwidth] settings {', '.join(sorted(unknown))}")
+    here = f"{where}: [bandwidth]"
+    return BandwidthLimits(
+        upload=_rate(table.get("upload", "unlimited"), here, "upload"),
+        download=_rate(table.get("download", "unlimited"), here, "download"),
+    )
+
+
+def _rate(value: object, where: str, name: str = "repair_rate") -> float | None:
     """Bytes a second from a size, or None from ``"unlimited"``."""
     if value == "unlimited":
         return None
     try:
-        return float(_size(value, f"{where} repair_rate"))
+        return float(_size(value, f"{where} {name}"))
     except UsageError as error:
         raise UsageError(f'{error} (a size per second, or "unlimited")') from None
 

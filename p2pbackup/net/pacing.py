@@ -6,7 +6,8 @@ Nouns:
   up to ``burst`` bytes sent at once after a quiet spell (a token bucket
   that waits instead of refusing). Repair and audits go through one, so
   that they never fill a home's uplink (or a friend's, which a download
-  from it uses).
+  from it uses); so do a relay's circuits, and the streams of a network
+  with bandwidth limits (:mod:`p2pbackup.net.limits`).
 * **delay** — how long a transfer of some bytes must wait before it starts,
   given the transfers booked before it: :meth:`Pace.book` books it and
   returns the wait. Transfers booked from several tasks line up in the

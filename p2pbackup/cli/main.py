@@ -550,9 +550,40 @@ def build_parser() -> argparse.ArgumentParser:
         _add_recover,
         _add_local_network,
         _add_sim,
+        _add_shell,
     ):
         add(commands)
     return parser
+
+
+def _add_shell(commands: _Commands) -> None:
+    from p2pbackup.cli.shell import SHELLS
+
+    p = commands.add_parser("completion", help="print a shell completion script")
+    p.add_argument(
+        "shell",
+        choices=SHELLS,
+        help="bash: `source <(p2pbackup completion bash)` in ~/.bashrc; zsh: the same in "
+        "~/.zshrc after compinit; fish: `p2pbackup completion fish | source` in "
+        "~/.config/fish/config.fish",
+    )
+    p.set_defaults(func=cmd_completion)
+    p = commands.add_parser("man", help="print the manual page p2pbackup(1), in roff")
+    p.set_defaults(func=cmd_man)
+
+
+def cmd_completion(args: argparse.Namespace, home: Home, out: LineSink) -> int:
+    from p2pbackup.cli.shell import completion_script
+
+    out(completion_script(build_parser(), args.shell).rstrip("\n"))
+    return 0
+
+
+def cmd_man(args: argparse.Namespace, home: Home, out: LineSink) -> int:
+    from p2pbackup.cli.shell import manual_page
+
+    out(manual_page(build_parser()).rstrip("\n"))
+    return 0
 
 
 #: Where each ``_add_…`` function below adds its commands (argparse gives

@@ -53,6 +53,11 @@ class UsageError(P2PBackupError):
 class RepositoryLockedError(UsageError):
     """Another process holds the home directory's lock."""
 
+    def __init__(self, message: str, *, holder: str | None = None) -> None:
+        super().__init__(message)
+        #: The pid the holder wrote into the lock file, if known.
+        self.holder = holder
+
 
 class HomeConflictError(UsageError):
     """Another home with the same recovery key wrote the root record since

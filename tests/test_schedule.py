@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from p2pbackup.app import daemon, operations
+from p2pbackup.app.home import Home
 from p2pbackup.core.exclude import ExcludeRules
 from p2pbackup.engine import snapshots
 from p2pbackup.engine.backup import Backup
@@ -296,3 +297,21 @@ def test_durations_take_a_unit_or_mean_seconds_and_may_be_zero() -> None:
     for bad in ("", "soon", "-1d", "3 days", "3w"):
         with pytest.raises(UsageError, match="is not a duration"):
             parse_duration(bad)
+
+
+def test_a_home_held_by_its_own_serve_says_so_and_not_another_process(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    home.path.mkdir()
+    # Another process (here: this one, without a serve) holds the home.
+    with home.locked(), pytest.raises(RepositoryLockedError) as raised, home.locked():
+        pass
+    assert "is in use by another p2pbackup process" in str(raised.value)
+    # The home's own serve holds it (a scheduled backup running in it).
+    with home.serving(), home.locked():
+        for attempt in (home.locked, home.removing):
+            with pytest.raises(RepositoryLockedError) as raised, attempt():
+                pass
+            message = str(raised.value)
+            assert message.startswith(f"this home's `serve` (pid {os.getpid()}) is writing to")
+            assert "wait for it to finish" in message and "another" not in message
+            assert "kill" not in message

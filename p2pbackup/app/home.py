@@ -215,7 +215,29 @@ class Home:
     def locked(self) -> Iterator[None]:
         """Hold the home's lock; a second writer gets a clear error naming the holder."""
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with exclusive_lock(self.lock_path, f"{self.path} is in use by another p2pbackup process"):
+        with self._held(
+            exclusive_lock(self.lock_path, f"{self.path} is in use by another p2pbackup process"),
+            "writing to",
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def _held(self, lock: contextlib.AbstractContextManager[None], doing: str) -> Iterator[None]:
+        """Hold ``lock``; when the home's own ``serve`` is what holds it (a
+        scheduled backup, a repair, a command it runs), say so: it is not
+        "another process" to be got rid of, but work to wait for."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(lock)
+            except RepositoryLockedError as error:
+                if error.holder is None or error.holder != self.serving_pid():
+                    raise
+                raise RepositoryLockedError(
+                    f"this home's `serve` (pid {error.holder}) is {doing} {self.path} — a "
+                    "scheduled backup, a repair or a command it runs; wait for it to finish "
+                    "(`p2pbackup status` says what it is doing)",
+                    holder=error.holder,
+                ) from None
             yield
 
     @contextlib.contextmanager
@@ -224,9 +246,13 @@ class Home:
         beside other readers and beside a writer that only adds (a backup),
         never beside one that removes data (:meth:`removing`)."""
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with shared_lock(
-            self.readers_lock_path,
-            f"{self.path} is being pruned by another p2pbackup process; try again once it is done",
+        with self._held(
+            shared_lock(
+                self.readers_lock_path,
+                f"{self.path} is being pruned by another p2pbackup process; "
+                "try again once it is done",
+            ),
+            "pruning",
         ):
             yield
 
@@ -236,10 +262,13 @@ class Home:
         lock, and no reader at the same time."""
         with (
             self.locked(),
-            exclusive_lock(
-                self.readers_lock_path,
-                f"{self.path} is being read by another p2pbackup process "
-                "(a restore, status or check); try again once it is done",
+            self._held(
+                exclusive_lock(
+                    self.readers_lock_path,
+                    f"{self.path} is being read by another p2pbackup process "
+                    "(a restore, status or check); try again once it is done",
+                ),
+                "reading",
             ),
         ):
             yield
@@ -307,7 +336,8 @@ def _flock(path: Path, operation: int, busy: str, *, patience: float = 0.0) -> I
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise RepositoryLockedError(f"{busy} (pid {_holder(fd)})") from None
+                    holder = _holder(fd)
+                    raise RepositoryLockedError(f"{busy} (pid {holder})", holder=holder) from None
                 time.sleep(0.01)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

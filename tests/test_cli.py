@@ -62,6 +62,10 @@ def test_init_shows_the_recovery_key_once_or_writes_it_0600(tmp_path: Path) -> N
     assert result.stdout.count(keys_shown[0]) == 1
     keys.parse_recovery_key(keys_shown[0])  # a well-formed key, checksum and all
     assert "2-of-4" in result.stdout
+    # What to do next: the friends flow first, folders and nodes beside it.
+    hint = result.stdout[result.stdout.index("next, with friends:") :]
+    for command in ("serve", "invite", "friend add CODE", "peer add-dir PATH", "peer add HOST"):
+        assert f"p2pbackup {command}" in hint, hint
 
     # --home wins over $P2PBACKUP_HOME (initialised already: using it would fail).
     # --recovery-key-file: written 0600, never printed.

@@ -237,7 +237,7 @@ def test_serve_logs_json_lines_to_the_home(tmp_path: Path) -> None:
             "--log-level",
             "info",
         ],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=base_env(),
     )
@@ -250,7 +250,9 @@ def test_serve_logs_json_lines_to_the_home(tmp_path: Path) -> None:
             time.sleep(0.2)
     finally:
         process.terminate()
-        _out, err = process.communicate(timeout=10)
+        out, err = process.communicate(timeout=10)
+    # serve says what it loaded, as it starts.
+    assert f"scheduled backup of {source} every 1d (from config.toml)\n".encode() in out
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     saved = [e for e in entries if "scheduled backup saved snapshot" in e["message"]]
     assert saved and saved[0]["level"] == "INFO" and saved[0]["logger"] == "p2pbackup.app.daemon"

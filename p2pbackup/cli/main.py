@@ -87,7 +87,10 @@ def cmd_init(args: argparse.Namespace, home: Home, out: LineSink) -> int:
         out("")
         out(f"    {key}")
         out("")
-    out("next: add peers with `p2pbackup peer add HOST:PORT NODE_ID` or `peer add-dir PATH`")
+    out("next, with friends: `p2pbackup serve`, then `p2pbackup invite` and send the code to")
+    out("      a friend, who runs `p2pbackup friend add CODE` (and you, theirs)")
+    out("  or, on your own: `p2pbackup peer add-dir PATH` (a disk, a mounted share), or")
+    out("      `p2pbackup peer add HOST:PORT NODE_ID` (a storage node)")
     return EXIT_OK
 
 
@@ -253,6 +256,12 @@ async def cmd_serve(args: argparse.Namespace, home: Home, out: LineSink) -> int:
             out(line)
         out(f"node {serving.node_id.hex()}")
         out(f"serving on {serving.address}")
+        schedule = load_config(home.config_path).backup
+        out(
+            schedule.describe()
+            if schedule is not None
+            else "no scheduled backups (config.toml has no [backup] table)"
+        )
         if ui is not None and ui.url is not None:
             out(f"dashboard on {ui.url} (`p2pbackup ui` prints it with its token)")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -104,6 +104,22 @@ class BackupSchedule:
     exclude: ExcludeRules = attrs.Factory(ExcludeRules)
     tags: tuple[str, ...] = ()
 
+    def describe(self) -> str:
+        """One line for ``serve`` to say what it loaded."""
+        return (
+            f"scheduled backup of {', '.join(self.paths)} every "
+            f"{interval_text(self.interval)} (from config.toml)"
+        )
+
+
+def interval_text(seconds: float) -> str:
+    """``seconds`` as config.toml would write it: ``"6h"``, ``"90m"``, ``"1d"``."""
+    for unit in ("d", "h", "m"):
+        size = _UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
 
 @attrs.frozen
 class StorageOffer:

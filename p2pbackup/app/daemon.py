@@ -80,7 +80,7 @@ from p2pbackup.maintenance import keeper, leases
 from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
 from p2pbackup.node.reachability import DialBackService
-from p2pbackup.node.relay import Relay
+from p2pbackup.node.relay import RUNNING_RELAY, Relay
 from p2pbackup.node.schedule import (
     RUNNING_OFFER,
     BackupSchedule,
@@ -206,6 +206,7 @@ async def serve(
             # look nodes up through this running node.
             SERVING_NODE.set(discovery.node)
             RUNNING_OFFER.set(StorageOffer(options.capacity, options.owner_quota))
+            RUNNING_RELAY.set(storage.relay)
             await roles.start(discovery.run)
             _start_reachability(roles, home, options, identity, network, discovery, storage)
             # A backup or a command may have changed which nodes hold the root record.

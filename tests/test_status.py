@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +16,30 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pbackup.app import operations
+from p2pbackup.app.daemon import node_identity
 from p2pbackup.app.home import Home
+from p2pbackup.app.requests import StatusRequest
+from p2pbackup.app.service import Console, Service
 from p2pbackup.core.formats import SHARD_HEADER_SIZE
 from p2pbackup.core.merkle import merkle_root
+from p2pbackup.dht.discovery import SERVING_NODE
+from p2pbackup.dht.records import ContactRecord, RecordAddress, RelayAddress, sign_contact
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.index import ProbeCounts
 from p2pbackup.maintenance.status import SAFE_MARGIN, data_health, gather_status
+from p2pbackup.model import PEER_KIND_NODE, PeerRecord
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
-from p2pbackup.net.network import Address, Network
+from p2pbackup.net.network import Address, Network, TcpNetwork
+from p2pbackup.node.relay import RUNNING_RELAY, Relay
 from p2pbackup.node.schedule import RUNNING_OFFER, StorageOffer
+from p2pbackup.node.server import StorageServer
 from p2pbackup.node.shardhost import ShardHost
+from p2pbackup.ui import pages
+from p2pbackup.wire.relay import Route, hold_reservation
 
 from .cli_helpers import cli_ok, make_source, make_world
 from .engine_helpers import SMALL, make_setup, make_tree
-from .net_helpers import start_node
+from .net_helpers import LOOPBACK_ANY_PORT, identity, start_node
 
 PORT = 47470
 
@@ -261,3 +272,82 @@ async def test_status_in_the_daemon_reports_what_it_runs_with(tmp_path: Path) ->
         finally:
             RUNNING_OFFER.reset(token)
         assert (report.node.capacity, report.node.per_friend) == (5 << 30, 1 << 30)
+
+
+async def test_a_peer_reached_through_a_relay_shows_relayed(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """B cannot be dialled (its address on record answers nothing) and keeps a
+    reservation at R; the DHT names R as B's relay. ``status`` reaches B through
+    R and says so, D directly; the dashboard's peers page shows both. Run by
+    a daemon that relays (R's relay standing in for it), it also reports what
+    that relay carried."""
+    network = TcpNetwork(connect_timeout=2)
+    home = Home(tmp_path / "home")
+    operations.init_home(home, attrs.evolve(SMALL, k=1, n=2))
+    owner = node_identity(home)
+    b, r = identity("status-relayed-b"), identity("status-relay-r")
+    relay = Relay(r.node_id, {owner.node_id, b.node_id}.__contains__)
+    r_server = StorageServer(ShardHost.open(tmp_path / "r"), r, relay=relay.serve)
+    r_address = await nursery.start(network.serve, LOOPBACK_ANY_PORT, r_server.handle_connection)
+    b_server = StorageServer(ShardHost.open(tmp_path / "b"), b)
+    await nursery.start(
+        hold_reservation, network, b, Route(r_address, r.node_id), b_server.handle_connection
+    )
+    direct = await start_node(nursery, network, tmp_path / "d", name="status-direct")
+    nowhere = Address("127.0.0.1", 9)  # B's old address: nothing listens there
+
+    class ServingDht:
+        """The serving node's DHT, as the locator asks it: B's contact record."""
+
+        async def find_contact(self, node_id: bytes) -> ContactRecord | None:
+            assert node_id == b.node_id
+            return sign_contact(
+                b.signing_seed,
+                addresses=[RecordAddress(nowhere.host, nowhere.port)],
+                storage_offered=0,
+                sequence=1,
+                now=int(time.time()),
+                lifetime=3600,
+                relays=[RelayAddress(r.node_id, RecordAddress(r_address.host, r_address.port))],
+            )
+
+    async with operations.open_repository(home, network=network) as repo:
+        await operations.add_node_peer(repo, str(direct.address), direct.identity.node_id.hex())
+        with repo.index.transaction():
+            repo.index.add_peer(PeerRecord(b.node_id.hex(), PEER_KIND_NODE, str(nowhere)))
+    lines: list[str] = []
+    tokens = (SERVING_NODE.set(ServingDht()), RUNNING_RELAY.set(relay))  # type: ignore[arg-type]
+    try:
+        for request in (StatusRequest(json=True), StatusRequest()):
+            outcome = await Service(home).status(request, Console(lines.append))
+            assert outcome.code == 0
+    finally:
+        SERVING_NODE.reset(tokens[0])
+        RUNNING_RELAY.reset(tokens[1])
+    report = json.loads(lines[0])
+    peers = {p["peer_id"]: p for p in report["peers"]}
+    reached_b = peers[b.node_id.hex()]
+    assert reached_b["online"]
+    assert reached_b["route"] == "relayed"
+    assert reached_b["relay"] == r.node_id.hex()
+    assert reached_b["relay_address"] == str(r_address)
+    reached_d = peers[direct.identity.node_id.hex()]
+    assert (reached_d["route"], reached_d["relay"]) == ("direct", None)
+    # What the relay carried: the status's own session with B, both ways.
+    carried = {f["node_id"]: f for f in report["relay"]["friends"]}
+    assert set(carried) == {owner.node_id.hex(), b.node_id.hex()}
+    assert carried[owner.node_id.hex()]["bytes_from"] > 0
+    assert carried[b.node_id.hex()]["bytes_from"] > 0
+    assert report["relay"]["reservations"] == 1
+    assert report["relay"]["summary"].startswith("relay for friends: 1 holding a reservation")
+    assert "for 2 friends" in report["relay"]["summary"]
+    text = "\n".join(lines[1:])
+    assert f"{b.node_id.hex()[:16]} node at {nowhere} (relayed by {r.node_id.hex()[:16]}" in text
+    assert f"node at {direct.address} (direct): online" in text
+    assert "relay for friends: 1 holding a reservation here" in text
+    # The dashboard's peers page, from that same JSON.
+    page = pages.peers_page("token", report, None, None)
+    assert f"node, relayed by {r.node_id.hex()[:16]} at {r_address}" in page
+    assert f"node, direct: {direct.address}" in page
+    assert 'id="relay"' in page and "relay for friends" in page

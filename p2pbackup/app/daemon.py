@@ -86,7 +86,7 @@ from p2pbackup.net.limits import limited
 from p2pbackup.net.network import BOTH_FAMILIES, Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
 from p2pbackup.node.reachability import DialBackService
-from p2pbackup.node.relay import Relay
+from p2pbackup.node.relay import RUNNING_RELAY, Relay
 from p2pbackup.node.schedule import (
     RUNNING_OFFER,
     BackupSchedule,
@@ -222,6 +222,7 @@ async def serve(
                 )
             )
             RUNNING_OFFER.set(StorageOffer(options.capacity, options.owner_quota))
+            RUNNING_RELAY.set(storage.relay)
             await roles.start(discovery.run)
             board = _start_reachability(roles, home, options, identity, network, discovery, storage)
             # A backup or a command may have changed which nodes hold the root record.

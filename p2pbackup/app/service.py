@@ -63,7 +63,7 @@ from p2pbackup.app.requests import (
     StatusRequest,
     decode_arguments,
 )
-from p2pbackup.engine.progress import Progress, human_bytes
+from p2pbackup.engine.progress import Progress, human_bytes, plural
 from p2pbackup.errors import P2PBackupError, UsageError
 from p2pbackup.model import NodeKind, Snapshot, TreeNode
 from p2pbackup.net.limits import BandwidthLimits
@@ -364,7 +364,7 @@ class Service:
             )
             return OK
         if not found:
-            searched = _plural(len(rows), "snapshot")
+            searched = plural(len(rows), "snapshot")
             console.out(f"nothing matches {' or '.join(request.patterns)} in {searched}")
         for sid, snap, matches in found:
             console.out(f"found in snapshot {sid.hex()[:12]} from {_when(snap.time_ns)}:")
@@ -458,7 +458,7 @@ class Service:
             for sid in dict.fromkeys(chosen):
                 console.out(f"{forgot} snapshot {sid.hex()[:12]}")
         else:
-            console.out(f"{forgot} {_plural(len(chosen), 'snapshot')}")
+            console.out(f"{forgot} {plural(len(chosen), 'snapshot')}")
         if request.dry_run:
             console.out("--dry-run: nothing was changed")
         if pruned is not None:
@@ -504,20 +504,27 @@ class Service:
     async def status(self, request: StatusRequest, console: Console) -> Outcome:
         from p2pbackup.app import operations
         from p2pbackup.maintenance import status
+        from p2pbackup.node.relay import RUNNING_RELAY
 
         async with operations.open_repository(self.home, access="read") as repo:
             report = await status.gather_status(repo, operations.hosting(self.home))
         reachability = _reachability_line()
+        relay = RUNNING_RELAY.get()
+        relaying = None if relay is None else relay.report()
         if request.json:
             data = report.to_json()
             if reachability is not None:
                 data["reachability"] = reachability
+            if relaying is not None:
+                data["relay"] = relaying.to_json()
             console.out(_json(data))
         else:
             for line in report.lines():
                 console.out(line)
             if reachability is not None:
                 console.out(reachability)
+            if relaying is not None:
+                console.out(relaying.line())
         return OK
 
     async def repair(self, request: RepairRequest, console: Console) -> Outcome:
@@ -788,22 +795,16 @@ def _change_json(change: browse.Change) -> dict[str, object]:
 
 def _diff_stats_lines(stats: browse.DiffStats) -> list[str]:
     return [
-        f"added:    {_plural(stats.files_added, 'file')}, "
-        f"{_plural(stats.dirs_added, 'directory')}, {_plural(stats.others_added, 'other')}; "
+        f"added:    {plural(stats.files_added, 'file')}, "
+        f"{plural(stats.dirs_added, 'directory')}, {plural(stats.others_added, 'other')}; "
         f"{human_bytes(stats.bytes_added)}",
-        f"removed:  {_plural(stats.files_removed, 'file')}, "
-        f"{_plural(stats.dirs_removed, 'directory')}, {_plural(stats.others_removed, 'other')}; "
+        f"removed:  {plural(stats.files_removed, 'file')}, "
+        f"{plural(stats.dirs_removed, 'directory')}, {plural(stats.others_removed, 'other')}; "
         f"{human_bytes(stats.bytes_removed)}",
-        f"changed:  {_plural(stats.files_changed, 'file')} "
+        f"changed:  {plural(stats.files_changed, 'file')} "
         f"({human_bytes(stats.bytes_changed_before)} → {human_bytes(stats.bytes_changed_after)}); "
         f"metadata only: {stats.metadata_changed}",
     ]
-
-
-def _plural(count: int, noun: str) -> str:
-    if count == 1:
-        return f"{count} {noun}"
-    return f"{count} {noun[:-1]}ies" if noun.endswith("y") else f"{count} {noun}s"
 
 
 def _when(time_ns: int) -> str:
@@ -851,14 +852,14 @@ def _decision_lines(decision: retention.RetentionDecision) -> list[str]:
     lines = []
     for group in decision.groups:
         lines.append(f"{_group_title(group.key)}:")
-        lines.append(f"keep {_plural(len(group.keep), 'snapshot')}:")
+        lines.append(f"keep {plural(len(group.keep), 'snapshot')}:")
         for kept in group.keep:
             lines.append(
                 f"  {kept.snapshot_id.hex()[:12]}  {_when(kept.snapshot.time_ns)}  "
                 f"{', '.join(kept.reasons)}"
             )
         if group.remove:
-            lines.append(f"remove {_plural(len(group.remove), 'snapshot')}:")
+            lines.append(f"remove {plural(len(group.remove), 'snapshot')}:")
             for sid, snap in group.remove:
                 lines.append(f"  {sid.hex()[:12]}  {_when(snap.time_ns)}")
         lines.append("")

@@ -114,6 +114,7 @@ from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.stores.folder import FolderShardStore
 from p2pbackup.stores.remote import Locator, RemoteShardStore
 from p2pbackup.stores.shardstore import ShardRoot, ShardStore, Space
+from p2pbackup.wire.relay import Route
 from p2pbackup.wire.session import Identity
 
 #: Seconds every peer has to answer a probe (status, check, the start of a
@@ -224,6 +225,10 @@ class StoreCache:
             self._stores[peer_id] = store
         return store
 
+    def opened(self, peer_id: str) -> ShardStore | None:
+        """The peer's store if it was opened already (None: not yet)."""
+        return self._stores.get(peer_id)
+
     def _peer_moved(self, peer: PeerRecord, address: Address) -> None:
         """A node peer answered at a new address: remember it for next time."""
         location = str(address)
@@ -304,6 +309,13 @@ class Repository:
 
     def store(self, peer_id: str) -> ShardStore:
         return self._stores.get(peer_id)
+
+    def route(self, peer_id: str) -> Route | None:
+        """Where this run dials node peer ``peer_id`` now: its own address, or a
+        relay that the locator named when the node did not answer there; None
+        for a folder peer or one not used yet in this run."""
+        store = self._stores.opened(peer_id)
+        return store.route if isinstance(store, RemoteShardStore) else None
 
     async def aclose(self) -> None:
         """Close the connections that network peers keep open."""

@@ -7,6 +7,12 @@ Nouns:
   the index places on it, how much we hold for it when it is a node we
   store for, and what it **offers** us: the bytes it holds for us by its own
   count plus the room it says it has left for us.
+* **route** — how this status reached a node peer that answered:
+  **direct** (at an address of its own) or **relayed** (through a relay, a
+  friend of that node that it keeps a reservation at, because nobody can
+  dial it: :mod:`p2pbackup.node.relay`), as the remote store found it
+  (:meth:`~p2pbackup.engine.repository.Repository.route`). None for a folder
+  and for a node that did not answer.
 * **balance** — bytes a peer holds for us minus bytes we hold for it: above
   zero we owe it, below zero it owes us. Both sides count stored shards whole
   (headers included), root records aside.
@@ -59,6 +65,7 @@ from p2pbackup.engine.progress import human_bytes
 from p2pbackup.engine.repository import PROBE_SECONDS, Repository
 from p2pbackup.maintenance import auditor, repairer
 from p2pbackup.maintenance.repair import RepairPolicy, ShardState, reachability
+from p2pbackup.wire.relay import Route
 
 #: Seconds a peer has at the most to answer before it counts as offline.
 PROBE_TIMEOUT = PROBE_SECONDS
@@ -70,6 +77,9 @@ SAFE_MARGIN = 2
 DEFAULT_REPAIR = RepairPolicy()
 #: Days of repairs and traffic ``status`` sums up.
 MAINTENANCE_DAYS = 30
+#: The routes (module docstring).
+ROUTE_DIRECT = "direct"
+ROUTE_RELAYED = "relayed"
 
 
 @attrs.frozen
@@ -125,6 +135,11 @@ class PeerState:
     maintenance: PeerMaintenance = PeerMaintenance()
     #: When it said it is leaving the network (None: it did not).
     leaving_since: int | None = None
+    #: Its route (module docstring): ROUTE_DIRECT, ROUTE_RELAYED or None; when
+    #: relayed, the relay's node id (hex) and the address it was dialled at.
+    route: str | None = None
+    relay: str | None = None
+    relay_address: str | None = None
 
     @property
     def balance(self) -> int:
@@ -249,7 +264,8 @@ class Status:
             seen = "never seen" if peer.last_seen is None else f"last seen {_date(peer.last_seen)}"
             friend = "friend, " if peer.is_friend else ""
             lines.append(
-                f"peer {peer.peer_id[:16]} {friend}{peer.kind} at {peer.location}: {state}, "
+                f"peer {peer.peer_id[:16]} {friend}{peer.kind} at {peer.location}"
+                f"{_route(peer)}: {state}, "
                 f"{seen}; {_audits(peer)}; holds {peer.shards_held_for_us} shards of ours "
                 f"({peer.bytes_held_for_us} bytes); "
                 f"we keep {peer.bytes_we_hold_for_it} bytes for it; "
@@ -258,6 +274,14 @@ class Status:
             lines.append(f"  {peer.maintenance.describe()}")
         lines.extend(self.data.lines())
         return lines
+
+
+def _route(peer: PeerState) -> str:
+    if peer.route == ROUTE_RELAYED:
+        return f" (relayed by {peer.relay[:16] if peer.relay else '?'} at {peer.relay_address})"
+    if peer.route == ROUTE_DIRECT:
+        return " (direct)"
+    return ""
 
 
 def _bound(size: int | None) -> str:
@@ -338,6 +362,7 @@ async def gather_status(
         shards = held.get(peer.peer_id, 0)
         space = answer.space
         audited = audits.get(peer.peer_id)
+        route = repo.route(peer.peer_id) if answer.answered else None
         states.append(
             PeerState(
                 peer_id=peer.peer_id,
@@ -360,6 +385,9 @@ async def gather_status(
                 audit_failure="" if audited is None else audited.last_failure,
                 maintenance=maintenance.get(peer.peer_id, PeerMaintenance()),
                 leaving_since=leaving.get(peer.peer_id),
+                route=None if route is None else _route_kind(route),
+                relay=None if route is None or route.relay is None else route.relay.hex(),
+                relay_address=None if route is None or route.relay is None else str(route.address),
             )
         )
     health = data_health(repo.live_holders(healthy), set(listed), policy)
@@ -413,6 +441,10 @@ def peer_maintenance(
             pending.get(peer_id, 0), counted.moved_off, counted.placed, *audit, *repair
         )
     return result
+
+
+def _route_kind(route: Route) -> str:
+    return ROUTE_DIRECT if route.relay is None else ROUTE_RELAYED
 
 
 def _audited(index: Index, listed: Mapping[str, frozenset[bytes]]) -> dict[str, frozenset[bytes]]:

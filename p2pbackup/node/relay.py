@@ -19,7 +19,9 @@ Nouns:
   (in all and per node), bytes per second over all circuits, how long a
   reserved node has to answer.
 * **traffic** — :class:`RelayTraffic`: per friend, the circuits it took part
-  in and the bytes relayed to and from it (for ``status``).
+  in and the bytes relayed to and from it, since the relay started.
+* **relay report** — :class:`RelayReport`: what ``status`` shows of the
+  relay: reservations and circuits now, and the traffic.
 
 Only friends are served, at both ends (the relay's owner vouches for each),
 and the relay's own node as a dialler (its owner reaching a friend that
@@ -28,14 +30,16 @@ holds a reservation here): anyone else is refused with a reason that says so.
 
 from __future__ import annotations
 
+import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final
 
 import attrs
 import trio
 
 from p2pbackup.core import crypto
+from p2pbackup.engine.progress import human_bytes, plural
 from p2pbackup.errors import IntegrityError, ProtocolError
 from p2pbackup.net.pacing import Pace
 from p2pbackup.wire import messages
@@ -72,6 +76,40 @@ class RelayTraffic:
     #: Bytes relayed from this friend to the other end, and to it.
     bytes_from: int = 0
     bytes_to: int = 0
+
+
+@attrs.frozen
+class RelayReport:
+    """The relay report (module docstring)."""
+
+    #: Friends holding a reservation now, and circuits open now.
+    reservations: int
+    circuits_open: int
+    traffic: Mapping[bytes, RelayTraffic]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "summary": self.line(),
+            "reservations": self.reservations,
+            "circuits_open": self.circuits_open,
+            "friends": [
+                {"node_id": node.hex(), **attrs.asdict(counts)}
+                for node, counts in sorted(self.traffic.items())
+            ],
+        }
+
+    def line(self) -> str:
+        # Every circuit joins two friends, and every byte relayed leaves one
+        # friend for another: each is counted once here.
+        circuits = sum(counts.circuits for counts in self.traffic.values()) // 2
+        relayed = sum(counts.bytes_from for counts in self.traffic.values())
+        friends = len(self.traffic)
+        return (
+            f"relay for friends: {self.reservations} holding a reservation here, "
+            f"{plural(self.circuits_open, 'circuit')} open; since serve started, "
+            f"{plural(circuits, 'circuit')} relayed {human_bytes(relayed)} for "
+            f"{plural(friends, 'friend')}"
+        )
 
 
 class RelayRefusal(Exception):
@@ -126,6 +164,9 @@ class Relay:
     def traffic(self) -> dict[bytes, RelayTraffic]:
         """Per friend (node id): what was relayed for it so far (copies)."""
         return {node: attrs.evolve(counts) for node, counts in self._traffic.items()}
+
+    def report(self) -> RelayReport:
+        return RelayReport(len(self._reservations), self._circuits, self.traffic())
 
     @property
     def reserved(self) -> frozenset[bytes]:
@@ -304,3 +345,10 @@ class Relay:
             await sink.send_all(data)
             self._traffic.setdefault(sender, RelayTraffic()).bytes_from += len(data)
             self._traffic.setdefault(receiver, RelayTraffic()).bytes_to += len(data)
+
+
+#: The relay of the ``serve`` this code runs in, if any: ``status`` run by
+#: the daemon reports it.
+RUNNING_RELAY: contextvars.ContextVar[Relay | None] = contextvars.ContextVar(
+    "p2pbackup_running_relay", default=None
+)

@@ -9,7 +9,8 @@ Nouns:
   token for the script's actions (a ``<meta>``: only a page served to the
   token's holder has it).
 * **id** — HTML ids the script and the browser tests find things by:
-  ``verdict``, ``peers``, ``entries``, ``job``, ``plots``, ``settings-form``.
+  ``verdict``, ``peers``, ``relay``, ``entries``, ``job``, ``plots``,
+  ``settings-form``.
 
 Every value from outside (names, paths, errors) is escaped here.
 """
@@ -23,6 +24,8 @@ from typing import Any
 from urllib.parse import quote
 
 from p2pbackup.engine.progress import human_bytes
+from p2pbackup.maintenance.status import ROUTE_DIRECT, ROUTE_RELAYED
+from p2pbackup.model import PEER_KIND_NODE
 
 JSON = Mapping[str, Any]
 
@@ -158,7 +161,7 @@ def peers_page(token: str, status: JSON, invite: str | None, qr: str | None) -> 
             [
                 f'<span title="{e(p["peer_id"])}">{e(p["peer_id"][:16])}</span>'
                 + (" (friend)" if p["is_friend"] else ""),
-                e(f"{p['kind']}, direct: {p['location']}"),
+                e(_where(p)),
                 f'<span class="{"good" if p["online"] else "bad"}">{e(state)}</span>',
                 e(when(p["last_seen"])),
                 e(score),
@@ -191,9 +194,12 @@ def peers_page(token: str, status: JSON, invite: str | None, qr: str | None) -> 
             f'<textarea id="invite" readonly rows=3>{e(invite)}</textarea>'
             f'<div class="qr">{qr or ""}</div>'
         )
+    relay = status.get("relay")
+    relaying = "" if relay is None else f'<p id="relay">{e(relay["summary"])}</p>'
     body = (
         f"{table}"
         "<p class=note>Balance: bytes a peer keeps for us minus bytes we keep for it.</p>"
+        f"{relaying}"
         "<h2>Add a friend</h2>"
         '<form data-action="/api/friends" class="action">'
         '<textarea name="code" rows=3 required placeholder="their invite code"></textarea>'
@@ -202,6 +208,19 @@ def peers_page(token: str, status: JSON, invite: str | None, qr: str | None) -> 
         f"<h2>Our invite code</h2>{ours}"
     )
     return frame("Peers and friends", "/peers", token, body)
+
+
+def _where(peer: JSON) -> str:
+    """The peer's location and how the node reached it (its route in ``status --json``)."""
+    route = peer.get("route")
+    if route == ROUTE_RELAYED:
+        relay = peer.get("relay") or "?"
+        return f"{peer['kind']}, relayed by {relay[:16]} at {peer.get('relay_address')}"
+    if route == ROUTE_DIRECT:
+        return f"{peer['kind']}, direct: {peer['location']}"
+    if peer["kind"] == PEER_KIND_NODE:
+        return f"{peer['kind']}, not reached: {peer['location']}"
+    return f"{peer['kind']}: {peer['location']}"
 
 
 def _balance(balance: int) -> str:

@@ -81,6 +81,8 @@ THIRD_PARTY: Mapping[str, frozenset[str]] = {
     "segno": frozenset({"p2pbackup.ui.qr"}),
     # Dask runs the durability model's sweeps (an optional extra).
     "distributed": frozenset({"p2pbackup.sim.sweep"}),
+    # Shell completion scripts made from the parser.
+    "shtab": frozenset({"p2pbackup.cli.shell"}),
 }
 
 #: Standard-library modules confined like third-party ones.
@@ -373,6 +375,7 @@ def test_third_party_packages_only_where_the_table_allows(imports: list[Import])
         ("starlette", "p2pbackup.ui.asgi"),
         ("hypercorn", "p2pbackup.ui.http"),
         ("segno", "p2pbackup.ui.qr"),
+        ("shtab", "p2pbackup.cli.shell"),
     ],
 )
 def test_each_library_lives_behind_one_module(

@@ -26,7 +26,7 @@ from p2pbackup.ui.alerts import (
     parse_alerts,
 )
 from p2pbackup.ui.history import History
-from p2pbackup.ui.settings import check_settings
+from p2pbackup.ui.settings import check_settings, settings_summary
 
 DAY = 86400.0
 
@@ -76,6 +76,14 @@ def test_settings_read_the_alerts_and_ui_tables() -> None:
     assert alerts.no_backup_days == 2 and alerts.peer_lost_after == 12 * 3600
     assert [hook.format for hook in alerts.webhooks] == ["json", "ntfy"]
     assert alerts.email == Email("127.0.0.1", 2525, "node@example.org", ("me@example.org",), "none")
+
+
+def test_the_settings_summary_says_the_bandwidth_limits() -> None:
+    limited = check_settings('version = 1\n[bandwidth]\nupload = "512K"\n', "config.toml")
+    assert "bandwidth: up 512.0 KiB/s, down unlimited" in settings_summary(limited)
+    assert "bandwidth: up unlimited, down unlimited" in settings_summary(
+        check_settings("version = 1\n", "config.toml")
+    )
 
 
 @pytest.mark.parametrize(

@@ -101,6 +101,14 @@ def settings_summary(settings: Settings) -> list[str]:
         + (human_bytes(storage.per_friend) if storage.per_friend else "no bound")
         + " each"
     )
+    bandwidth = settings.home.bandwidth
+    lines.append(
+        "bandwidth: "
+        + ", ".join(
+            f"{way} {human_bytes(int(rate)) + '/s' if rate is not None else 'unlimited'}"
+            for way, rate in (("up", bandwidth.upload), ("down", bandwidth.download))
+        )
+    )
     alerts = settings.alerts
     targets = [f"webhook ({hook.format}) {hook.url}" for hook in alerts.webhooks]
     if isinstance(alerts.email, Email):

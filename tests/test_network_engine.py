@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import trio
 
 from p2pbackup.app import operations
@@ -24,6 +25,7 @@ from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.repository import Repository
 from p2pbackup.engine.restore import Restorer, RestoreSummary
 from p2pbackup.engine.treediff import diff_trees
+from p2pbackup.errors import UsageError
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
 from p2pbackup.net.network import Address
 
@@ -136,6 +138,21 @@ async def test_a_dead_node_is_routed_around_on_backup_and_restore(
     summary = await restore(cluster, tmp_path / "out")
     assert summary.ok, summary.lines()
     assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
+
+
+async def test_too_few_peers_names_those_that_are_only_offline(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    cluster = await make_cluster(tmp_path, nursery, nodes=3)
+    cluster.world.kill_host("node1")  # a friend's machine switched off
+    source = make_tree(tmp_path / "src")
+    with pytest.raises(UsageError) as raised:
+        await backup(cluster, source)
+    message = str(raised.value)
+    assert "storing needs at least 3 peers" in message and "2 usable" in message
+    offline = cluster.nodes[1].identity.node_id.hex()
+    assert f"1 more are offline: {offline}: " in message
+    assert "\n" not in message
 
 
 async def test_a_node_that_lies_about_shard_contents_is_routed_around(

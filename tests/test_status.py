@@ -351,3 +351,35 @@ async def test_a_peer_reached_through_a_relay_shows_relayed(
     assert f"node, relayed by {r.node_id.hex()[:16]} at {r_address}" in page
     assert f"node, direct: {direct.address}" in page
     assert 'id="relay"' in page and "relay for friends" in page
+
+
+def test_status_says_the_last_backup_and_under_serve_the_next_and_the_last_failure() -> None:
+    from p2pbackup.app import service
+    from p2pbackup.app.daemon import RUNNING_BACKUPS, BackupRecord
+
+    lines, data = service._backups(None)
+    assert lines == ["last backup: none yet"] and data["scheduled"] is None
+    record = BackupRecord(
+        last_started=1_900_000_000.0,
+        last_succeeded=1_899_990_000.0,
+        last_failed=1_900_000_100.0,
+        last_error="storing needs at least 3 peers …",
+        next_at=1_900_021_600.0,
+        interval=21_600.0,
+    )
+    token = RUNNING_BACKUPS.set(record)
+    try:
+        lines, data = service._backups(1_899_990_000)
+        assert lines[0].startswith("last backup: 2030-")
+        assert lines[1].startswith("next scheduled backup: 2030-")
+        assert lines[2].startswith("last scheduled backup FAILED at 2030-")
+        assert lines[2].endswith(": storing needs at least 3 peers …")
+        assert isinstance(data["scheduled"], dict) and data["scheduled"]["last_error"]
+        # A success since: the failure is history.
+        record.last_succeeded = 1_900_000_200.0
+        assert not any("FAILED" in line for line in service._backups(1_900_000_200)[0])
+        # Serving, with nothing scheduled.
+        RUNNING_BACKUPS.set(BackupRecord())
+        assert service._backups(None)[0][-1].startswith("no scheduled backups")
+    finally:
+        RUNNING_BACKUPS.reset(token)

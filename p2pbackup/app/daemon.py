@@ -39,6 +39,7 @@ simulator run this same code over an in-memory network.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -149,6 +150,20 @@ class BackupRecord:
     #: Seconds between runs; None: nothing is scheduled.
     interval: float | None = None
 
+    def failing(self) -> bool:
+        """Whether the last scheduled run failed (no success since)."""
+        return self.last_failed is not None and (
+            self.last_succeeded is None or self.last_failed > self.last_succeeded
+        )
+
+
+#: The scheduled backups' record of the ``serve`` this code runs in (None
+#: outside ``serve``): ``status`` run by the daemon says when the last
+#: failed and why, and when the next is due.
+RUNNING_BACKUPS: contextvars.ContextVar[BackupRecord | None] = contextvars.ContextVar(
+    "p2pbackup_running_backups", default=None
+)
+
 
 @attrs.frozen
 class Serving:
@@ -235,6 +250,7 @@ async def serve(
                 _address_texts(discovery.advertised),
                 discovery,
             )
+            RUNNING_BACKUPS.set(serving.backups)
             if schedule is not None:
                 roles.start_soon(
                     functools.partial(

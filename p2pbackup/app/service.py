@@ -508,6 +508,9 @@ class Service:
 
         async with operations.open_repository(self.home, access="read") as repo:
             report = await status.gather_status(repo, operations.hosting(self.home))
+            snapshots = repo.index.snapshots()
+        newest = max((snap.time_ns for _, snap in snapshots), default=None)
+        backups = _backups(None if newest is None else newest // 1_000_000_000)
         reachability = _reachability_line()
         relay = RUNNING_RELAY.get()
         relaying = None if relay is None else relay.report()
@@ -517,9 +520,12 @@ class Service:
                 data["reachability"] = reachability
             if relaying is not None:
                 data["relay"] = relaying.to_json()
+            data["backups"] = backups[1]
             console.out(_json(data))
         else:
             for line in report.lines():
+                console.out(line)
+            for line in backups[0]:
                 console.out(line)
             if reachability is not None:
                 console.out(reachability)
@@ -921,6 +927,35 @@ def _ls_json(path: bytes, node: TreeNode) -> dict[str, object]:
     except UnicodeDecodeError:
         entry["path_hex"] = path.hex()
     return entry
+
+
+def _backups(last_snapshot: int | None) -> tuple[list[str], dict[str, object]]:
+    """What ``status`` says of backups: the newest snapshot, and under
+    ``serve`` its schedule — the next run, and the last failure with its
+    reason while no run has succeeded since (lines, and the JSON object)."""
+    from p2pbackup.app.daemon import RUNNING_BACKUPS
+
+    record = RUNNING_BACKUPS.get()
+    when = "none yet" if last_snapshot is None else _local_time(last_snapshot)
+    lines = [f"last backup: {when}"]
+    data: dict[str, object] = {"last_snapshot": last_snapshot, "scheduled": None}
+    if record is not None and record.interval is not None:
+        data["scheduled"] = attrs.asdict(record)
+        if record.next_at is not None:
+            lines.append(f"next scheduled backup: {_local_time(int(record.next_at))}")
+        if record.failing():
+            assert record.last_failed is not None
+            lines.append(
+                f"last scheduled backup FAILED at {_local_time(int(record.last_failed))}: "
+                f"{record.last_error}"
+            )
+    elif record is not None:
+        lines.append("no scheduled backups (config.toml has no [backup] table)")
+    return lines, data
+
+
+def _local_time(unix: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(unix))
 
 
 def _reachability_line() -> str | None:

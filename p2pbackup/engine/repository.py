@@ -442,10 +442,11 @@ class Repository:
         of it as far as is known (:func:`placement.fit_code`); UsageError if
         too few."""
         config = self.config
+        placeable = [peer.peer_id for peer in self.placeable(self.peers())]
         live = [
-            peer.peer_id
-            for peer in self.placeable(self.peers())
-            if not self.run.is_down(peer.peer_id) and not self.run.is_refusing(peer.peer_id)
+            peer_id
+            for peer_id in placeable
+            if not self.run.is_down(peer_id) and not self.run.is_refusing(peer_id)
         ]
         try:
             return placement.fit_code(
@@ -461,12 +462,20 @@ class Repository:
                 for peer_id in live
                 if self.run.room(peer_id) == 0 and peer_id not in refused
             )
-            if not refused:
+            # Name the peers that would count but for being offline, full or
+            # refusing: "add 2 more" alone sends the user shopping for peers
+            # when a friend's machine is only switched off.
+            offline = {p: why for p, why in self.run.down().items() if p in placeable}
+            said = []
+            if offline:
+                named = "; ".join(f"{peer}: {why}" for peer, why in sorted(offline.items()))
+                said.append(f"{len(offline)} more are offline: {named}")
+            if refused:
+                full = "; ".join(f"{peer}: {reason}" for peer, reason in sorted(refused.items()))
+                said.append(f"{len(refused)} more are full or refuse our shards: {full}")
+            if not said:
                 raise
-            full = "; ".join(f"{peer}: {reason}" for peer, reason in sorted(refused.items()))
-            raise UsageError(
-                f"{error} ({len(refused)} more are full or refuse our shards: {full})"
-            ) from None
+            raise UsageError(f"{error} ({'; and '.join(said)})") from None
 
     def check_enough_peers(self) -> None:
         """UsageError unless there are enough peers to place a pack's shards on."""

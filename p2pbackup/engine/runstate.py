@@ -57,6 +57,10 @@ class RunState:
         until = self._down_until.get(peer_id)
         return until is not None and self._clock() < until
 
+    def down(self) -> dict[str, str]:
+        """The peers down now, each with why."""
+        return {peer: self._down_reason[peer] for peer in self._down_until if self.is_down(peer)}
+
     # -- slow -----------------------------------------------------------------
 
     def mark_slow(self, peer_id: str) -> None:

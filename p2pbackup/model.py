@@ -241,6 +241,9 @@ class RootRecord:
     #: identity notice each other (:mod:`p2pbackup.engine.rootrecord`).
     #: Empty in records written before homes had one.
     instance: bytes = b""
+    #: The home's ``config.toml`` as it was (UTF-8 text; empty: none), so
+    #: that ``recover`` brings back its schedules, paths and offer.
+    settings: bytes = b""
 
 
 @attrs.frozen

@@ -295,6 +295,33 @@ def test_forget_prune_and_check_find_what_they_should(tmp_path: Path) -> None:
 # -- recover --------------------------------------------------------------------------------
 
 
+def test_recover_brings_back_config_toml_and_says_what_it_sets_up(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=2, n=4)
+    source = make_source(tmp_path / "src")
+    settings = (
+        "version = 1\n"
+        f'[backup]\npaths = ["{source}"]\ninterval = "6h"\nexclude = ["*.tmp"]\n'
+        '[storage]\ncapacity = "200G"\n'
+        "[alerts.email]\n"
+        'server = "smtp.example.org:587"\nfrom = "me@example.org"\n'
+        'to = ["me@example.org"]\nusername = "me"\npassword = "hunter2-smtp"\n'
+    )
+    (world.home / "config.toml").write_text(settings)
+    assert cli_inprocess("--home", world.home, "backup", source) == 0
+    shutil.rmtree(world.home)
+    home = tmp_path / "new-home"
+    result = cli_ok("recover", "--recovery-key-file", world.key_file, "--peer-dir",
+                    world.peers[1], home=home)  # fmt: skip
+    assert (home / "config.toml").read_text() == settings
+    assert oct((home / "config.toml").stat().st_mode & 0o777) == "0o600"  # it holds a password
+    assert f"config.toml restored: scheduled backup of {source} every 6h" in result.stdout
+    assert "hunter2" not in result.stdout + result.stderr
+    # The peers hold it sealed: no peer file shows it.
+    for peer in world.peers:
+        for path in peer.rglob("*"):
+            assert not path.is_file() or b"hunter2-smtp" not in path.read_bytes()
+
+
 def test_recover_from_the_key_and_one_peer(tmp_path: Path) -> None:
     world = make_world(tmp_path, k=2, n=4)
     source = make_source(tmp_path / "src")

@@ -214,6 +214,7 @@ root_records = st.builds(
     snapshots=st.lists(ids, max_size=3).map(tuple),
     friends=st.lists(friend_records(), max_size=2).map(tuple),
     instance=st.sampled_from([b"", bytes(range(16))]),
+    settings=st.binary(max_size=64),
 )
 
 
@@ -267,7 +268,7 @@ CODECS = [
     Codec("tree", b"P2PT", encode_tree, decode_tree, trees, (1, TREE_VERSION)),
     Codec("snapshot", b"P2PN", encode_snapshot, decode_snapshot, snapshots),
     Codec("index segment", b"P2PI", encode_index_segment, decode_index_segment, index_segments),
-    Codec("root record", b"P2PR", encode_root_record, decode_root_record, root_records, (2,)),
+    Codec("root record", b"P2PR", encode_root_record, decode_root_record, root_records, (3,)),
     Codec("signed envelope", b"P2PE", _encode_envelope, decode_signed_envelope, envelopes),
 ]
 BY_NAME = {codec.name: codec for codec in CODECS}
@@ -362,6 +363,7 @@ _SAMPLES: dict[str, Callable[[random.Random], bytes]] = {
             (_sample_record(rng),),
             (_rid(rng),),
             instance=rng.randbytes(16),
+            settings=b'version = 1\n[backup]\npaths = ["/home/me"]\ninterval = "6h"\n',
         )
     ),
     "signed envelope": lambda rng: encode_signed_envelope(
@@ -839,7 +841,7 @@ def test_a_root_record_from_before_friends_reads_with_none() -> None:
         tuple(record.snapshots),
     )
     old = b"P2PR\x01" + msgpack.packb(body, use_bin_type=True)
-    assert decode_root_record(old) == attrs.evolve(record, instance=b"")
+    assert decode_root_record(old) == attrs.evolve(record, instance=b"", settings=b"")
     assert record.friends == ()
 
 
@@ -851,10 +853,24 @@ def test_a_version_1_root_record_reads_without_instance_id() -> None:
     )
     body = msgpack.unpackb(encode_root_record(record)[5:])
     old = b"P2PR\x01" + msgpack.packb(body[:7], use_bin_type=True)
-    assert decode_root_record(old) == attrs.evolve(record, instance=b"")
+    assert decode_root_record(old) == attrs.evolve(record, instance=b"", settings=b"")
     # Version 1 had no instance id: an eighth field there is damage.
     with pytest.raises(FormatError, match="root record: expected 7 fields, got 8"):
-        decode_root_record(b"P2PR\x01" + msgpack.packb(body, use_bin_type=True))
+        decode_root_record(b"P2PR\x01" + msgpack.packb(body[:8], use_bin_type=True))
+
+
+def test_a_version_2_root_record_reads_without_settings() -> None:
+    record = decode_root_record(_SAMPLES["root record"](random.Random(6)))
+    assert record.settings.startswith(b"version = 1")
+    body = msgpack.unpackb(encode_root_record(record)[5:])
+    old = b"P2PR\x02" + msgpack.packb(body[:8], use_bin_type=True)
+    assert decode_root_record(old) == attrs.evolve(record, settings=b"")
+    # Version 2 had no settings: a ninth field there is damage.
+    with pytest.raises(FormatError, match="root record: expected 8 fields, got 9"):
+        decode_root_record(b"P2PR\x02" + msgpack.packb(body, use_bin_type=True))
+    # Settings are bounded.
+    with pytest.raises(FormatError, match="root record: settings"):
+        encode_root_record(attrs.evolve(record, settings=bytes(formats.MAX_ROOT_SETTINGS + 1)))
 
 
 def test_a_root_record_pads_with_zeros_to_the_size_asked() -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -60,9 +62,12 @@ from p2pbackup.net.limits import BandwidthLimits, limited
 from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.node import shardhost
 from p2pbackup.node.schedule import RUNNING_OFFER, load_config
+from p2pbackup.stores.durable import write_private_file
 from p2pbackup.stores.folder import init_folder_peer, read_folder_peer_id
 from p2pbackup.stores.remote import RemoteShardStore
 from p2pbackup.wire.session import Identity
+
+log = logging.getLogger(__name__)
 
 DEFAULT_K = 3
 DEFAULT_N = 6
@@ -181,6 +186,7 @@ async def open_repository(
         if network is None:
             network = SERVING_NETWORK.get() or TcpNetwork()
         repo = Repository(keyring, index, network, locate=homedht.dht_locator(home, network))
+        repo.settings = functools.partial(home_settings, home)
         try:
             yield repo
         finally:
@@ -565,6 +571,8 @@ class RecoverSummary:
     #: The sequence number of the root record this home wrote as it took
     #: over from the home that wrote the one found (0: it wrote none).
     took_over: int = 0
+    #: What the restored config.toml sets up ("": none was carried).
+    settings: str = ""
     problems: list[str] = attrs.Factory(list)
 
     def lines(self) -> list[str]:
@@ -574,6 +582,8 @@ class RecoverSummary:
             f"snapshots: {self.snapshots}; packs: {self.packs_restorable} of {self.packs} "
             "have enough shards to restore",
         ]
+        if self.settings:
+            lines.append(f"config.toml restored: {self.settings}")
         if self.took_over:
             lines.append(
                 f"this home now writes the root record (#{self.took_over}); the home that "
@@ -712,9 +722,11 @@ async def recover(
     home.create(secret, keyring.node_id)
     try:
         with home.locked():
+            _restore_settings(home, root, summary)
             index = Index(home.index_path)
             try:
                 repo = Repository(keyring, index, network)
+                repo.settings = functools.partial(home_settings, home)
                 try:
                     await _rebuild_index(repo, root, found, summary)
                 finally:
@@ -726,6 +738,42 @@ async def recover(
         _remove_home(home, keep_dir=existed)
         raise
     return summary
+
+
+def home_settings(home: Home) -> bytes:
+    """The home's ``config.toml``, for the root record to carry (empty when
+    there is none, or when it is too large to carry: said in the log)."""
+    try:
+        text = home.config_path.read_bytes()
+    except FileNotFoundError:
+        return b""
+    if len(text) > formats.MAX_ROOT_SETTINGS:
+        log.warning(
+            "%s is over %d bytes: the root record does not carry it, and `recover` "
+            "will not bring it back",
+            home.config_path,
+            formats.MAX_ROOT_SETTINGS,
+        )
+        return b""
+    return text
+
+
+def _restore_settings(home: Home, root: RootRecord, summary: RecoverSummary) -> None:
+    """Write back the ``config.toml`` the root record carries (0600: it may
+    hold an SMTP password or a webhook token), and say what it sets up."""
+    if not root.settings:
+        return
+    write_private_file(home.config_path, root.settings)
+    try:
+        config = load_config(home.config_path)
+    except P2PBackupError as error:
+        summary.problems.append(f"config.toml restored, but it does not read: {error}")
+        return
+    summary.settings = (
+        config.backup.describe()
+        if config.backup is not None
+        else "no scheduled backups (config.toml has no [backup] table)"
+    )
 
 
 def _merge_pack(index: Index, record: PackRecord) -> None:

@@ -136,7 +136,9 @@ FORMAT_VERSION = 1
 SHARD_HEADER_VERSION = 2
 #: Root records: 1 had six or seven fields; 2 (written now) adds the writing
 #: home's instance id and may be padded with zeros.
-ROOT_RECORD_VERSION = 2
+ROOT_RECORD_VERSION = 3
+#: The most bytes of ``config.toml`` a root record carries.
+MAX_ROOT_SETTINGS = 64 * 1024
 #: Trees: version 2 adds fifos and devices (with ``rdev``) and extended
 #: attributes. A tree that needs none of them is still written as version 1,
 #: so an unchanged directory keeps its tree id across the upgrade.
@@ -782,7 +784,7 @@ def _index_segment(value: object, what: str) -> IndexSegment:
 
 
 def encode_root_record(record: RootRecord, *, padded_size: int = 0) -> bytes:
-    """Version 2, followed by zeros up to ``padded_size`` bytes if it is
+    """Version 3, followed by zeros up to ``padded_size`` bytes if it is
     longer: so that a record's size says little (docs/privacy.md). The one
     exception to canonical form: the same record, padded otherwise, is other
     bytes."""
@@ -804,6 +806,7 @@ def encode_root_record(record: RootRecord, *, padded_size: int = 0) -> bytes:
         tuple(record.snapshots),
         tuple((f.node_id, f.public_key, f.addresses, f.added_at) for f in record.friends),
         record.instance,
+        record.settings,
     )
     encoded = _seal("root record", ROOT_RECORD_MAGIC, body, ROOT_RECORD_VERSION)
     padding = bytes(max(0, padded_size - len(encoded)))
@@ -811,17 +814,16 @@ def encode_root_record(record: RootRecord, *, padded_size: int = 0) -> bytes:
 
 
 def decode_root_record(data: BytesLike) -> RootRecord:
-    """A root record of either version (version 1: no instance id, no padding)."""
+    """A root record of any version (version 1: no instance id, no padding;
+    versions 1 and 2: no settings)."""
     raw = bytes(data)
     version = raw[4] if len(raw) > 4 else ROOT_RECORD_VERSION
 
     def build(value: object, what: str) -> RootRecord:
         return _root_record(value, what, version)
 
-    versions = (1, ROOT_RECORD_VERSION)
-    return _open(
-        "root record", raw, ROOT_RECORD_MAGIC, build, versions, padded=(ROOT_RECORD_VERSION,)
-    )
+    versions = (1, 2, ROOT_RECORD_VERSION)
+    return _open("root record", raw, ROOT_RECORD_MAGIC, build, versions, padded=(2, 3))
 
 
 def _root_record(value: object, what: str, version: int) -> RootRecord:
@@ -832,9 +834,19 @@ def _root_record(value: object, what: str, version: int) -> RootRecord:
         if len(fields) == 6:
             fields = (*fields, ())
         fields = (*_check.fields(fields, what, 7), b"")
-    sequence, time_ns, config, peers, index_packs, snapshots, friends, instance = _check.fields(
-        fields, what, 8
-    )
+    if version in (1, 2):
+        fields = (*_check.fields(fields, what, 8), b"")
+    (
+        sequence,
+        time_ns,
+        config,
+        peers,
+        index_packs,
+        snapshots,
+        friends,
+        instance,
+        settings,
+    ) = _check.fields(fields, what, 9)
     return RootRecord(
         sequence=_check.integer(sequence, f"{what}: sequence"),
         time_ns=_check.integer(time_ns, f"{what}: time"),
@@ -846,6 +858,7 @@ def _root_record(value: object, what: str, version: int) -> RootRecord:
         snapshots=_check.items(snapshots, f"{what}: snapshot", _id, max_length=MAX_ROOT_SNAPSHOTS),
         friends=_check.items(friends, f"{what}: friend", _friend_record, max_length=MAX_PEERS),
         instance=_instance(instance, f"{what}: instance id"),
+        settings=_check.binary(settings, f"{what}: settings", max_length=MAX_ROOT_SETTINGS),
     )
 
 

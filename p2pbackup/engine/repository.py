@@ -287,6 +287,9 @@ class Repository:
         #: Write the root record even over another home's (a **takeover**,
         #: :mod:`~p2pbackup.engine.rootrecord`).
         self.takeover = False
+        #: The home's settings to carry in the root record (its
+        #: ``config.toml``), read each time one is written; the app sets it.
+        self.settings: Callable[[], bytes] = lambda: b""
 
     def chunker_params(self) -> chunker.ChunkerParams:
         """How this repository cuts files into chunks (its config, its secret seed)."""
@@ -754,7 +757,12 @@ class Repository:
         HomeConflictError if another home of this identity wrote one since
         this home last did, unless this is a takeover."""
         return await rootrecord.publish_root(
-            self.index, self.keyring, self.store, time_ns=time.time_ns(), takeover=self.takeover
+            self.index,
+            self.keyring,
+            self.store,
+            time_ns=time.time_ns(),
+            takeover=self.takeover,
+            settings=self.settings(),
         )
 
     async def check_writer(self) -> None:

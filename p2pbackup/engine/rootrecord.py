@@ -111,11 +111,17 @@ def home_instance(index: Index) -> bytes:
 
 
 def build_root_record(
-    index: Index, *, time_ns: int, sequence: int | None = None, instance: bytes = b""
+    index: Index,
+    *,
+    time_ns: int,
+    sequence: int | None = None,
+    instance: bytes = b"",
+    settings: bytes = b"",
 ) -> RootRecord:
     """The next root record of the repository ``index`` describes, made at
-    unix nanosecond ``time_ns`` by the home ``instance``; numbered
-    ``sequence`` (default: the one after the last)."""
+    unix nanosecond ``time_ns`` by the home ``instance``, carrying the
+    home's ``settings``; numbered ``sequence`` (default: the one after the
+    last)."""
     index_packs = []
     for pack_id in index.pack_ids(is_index=True):
         record = index.pack(pack_id)
@@ -130,6 +136,7 @@ def build_root_record(
         snapshots=tuple(sid for sid, _ in index.snapshots()),
         friends=tuple(index.friends()),
         instance=instance,
+        settings=settings,
     )
 
 
@@ -207,6 +214,7 @@ async def publish_root(
     *,
     time_ns: int,
     takeover: bool = False,
+    settings: bytes = b"",
 ) -> int:
     """Write a new root record to every peer (each reached through ``store``)
     that could be read, unless one holds a foreign record and this is no
@@ -220,7 +228,9 @@ async def publish_root(
         raise _conflict(*conflict, index)
     # Above every record found: the newest is what a recovering home takes.
     sequence = max([index.root_sequence(), *(r.sequence for r in found.values())]) + 1
-    record = build_root_record(index, time_ns=time_ns, sequence=sequence, instance=instance)
+    record = build_root_record(
+        index, time_ns=time_ns, sequence=sequence, instance=instance, settings=settings
+    )
     envelope = seal_root_record(keyring, record)
     stored = 0
     errors = [f"{peer_id}: {problem}" for peer_id, problem in sorted(unreachable.items())]

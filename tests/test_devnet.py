@@ -189,6 +189,27 @@ def test_devnet_nodes_are_friends_back_up_and_stop_on_ctrl_c(tmp_path: Path) -> 
     finally:
         devnet.cleanup()
 
+    # The homes that stayed start again: same nodes, new ports, friends as before.
+    again = DevnetProcess.start(root, 4)
+    try:
+        again.read_until("running; Ctrl-C")
+        assert f"devnet of 4 nodes in {root}, started again" in again.lines[0]
+        assert [n.node_id for n in again.nodes] == [n.node_id for n in shown]
+        listed = json.loads(cli_ok("friend", "list", "--json", home=root / "node-01").stdout)
+        assert {tuple(f["addresses"]) for f in listed} == {(n.address,) for n in again.nodes[1:]}
+        # node-02's snapshot comes back from its friends where they listen now.
+        target = tmp_path / "restored-again"
+        cli_ok("restore", snapshot, "--target", target, home=root / "node-02")
+        assert tree_state(restored(target, source)) == before
+        again.process.send_signal(signal.SIGINT)
+        code, rest, err = again.finish()
+        assert code == 0, (rest, err)
+    finally:
+        again.cleanup()
+    # Another count than the homes there: said, with the count to use.
+    message = cli_error("devnet", "--nodes", "5", "--dir", root)
+    assert "holds 4 homes of an earlier devnet" in message and "--nodes 4" in message
+
 
 @pytest.mark.slow
 def test_a_node_killed_from_outside_is_reported_and_the_others_go_on(tmp_path: Path) -> None:

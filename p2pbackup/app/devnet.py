@@ -11,6 +11,10 @@ Nouns:
   node id, address, invite code, pid, and the files beside the home: its
   recovery key (``D/node-01.key``, mode 0600) and its log (``D/node-01.log``,
   the child's stderr).
+* **restart** — ``devnet --dir D`` where an earlier devnet left its homes:
+  they are started again (no new homes, no new keys), and each records
+  where its friends listen now (:func:`_readdress_all`); their snapshots,
+  friends and shards are as they were.
 * **unexpected exit** — a child that exits without being asked (by
   :meth:`Devnet.stop`, :meth:`Devnet.kill` or the devnet closing).
   :func:`open_devnet` then raises :class:`DevnetNodeDied` into its body, so
@@ -44,7 +48,7 @@ import trio
 from p2pbackup.app import operations
 from p2pbackup.app.home import Home
 from p2pbackup.errors import P2PBackupError, UsageError
-from p2pbackup.model import RepositoryConfig
+from p2pbackup.model import PEER_KIND_NODE, PeerRecord, RepositoryConfig
 from p2pbackup.nurseries import unwrap_single
 from p2pbackup.stores.durable import write_private_file
 
@@ -146,6 +150,8 @@ class Devnet:
     on_death: Callable[[DevnetNodeDied], None] | None = None
     #: Whether every node started and befriended the others.
     up: bool = False
+    #: Whether its homes are an earlier devnet's, started again.
+    restarted: bool = False
     _children: dict[int, _Child] = attrs.Factory(dict)
 
     def running(self, index: int) -> bool:
@@ -203,6 +209,26 @@ def check_node_count(count: int) -> None:
         raise UsageError(f"--nodes {count}: at most {MAX_NODES} nodes (each is a process)")
 
 
+def _earlier_homes(root: Path, count: int) -> bool:
+    """Whether ``root`` holds the ``count`` homes of an earlier devnet, to be
+    started again (True), or nothing of one (False); UsageError for anything
+    between, naming what is there."""
+    names = [node_name(number) for number in range(1, count + 1)]
+    homes = [name for name in names if Home(root / name).exists()]
+    if not homes:
+        _check_free(root, count)
+        return False
+    more = root / node_name(count + 1)
+    if len(homes) == count and not Home(more).exists():
+        return True
+    found = sum(1 for path in root.glob("node-*") if Home(path).exists())
+    raise UsageError(
+        f"{root} holds {found} homes of an earlier devnet, not {count}: run "
+        f"`devnet --dir {root} --nodes {found}` to start them again, or give --dir a new "
+        "or empty directory"
+    )
+
+
 def _check_free(root: Path, count: int) -> None:
     for number in range(1, count + 1):
         for path in (
@@ -226,7 +252,9 @@ async def open_devnet(
     serve_args: Sequence[str] = (),
     on_death: Callable[[DevnetNodeDied], None] | None = None,
 ) -> AsyncIterator[Devnet]:
-    """Start a devnet of ``count`` new homes under ``root``; stop it on exit.
+    """Start a devnet of ``count`` homes under ``root`` — new ones, or the
+    homes an earlier devnet left there, started again (:attr:`Devnet.restarted`);
+    stop it on exit.
 
     ``config`` is every home's (default :func:`operations.default_config`);
     ``serve_args`` go to every ``serve`` (e.g. ``--capacity``). If a node
@@ -239,14 +267,20 @@ async def open_devnet(
     check_node_count(count)
     root = root.absolute()
     root.mkdir(parents=True, exist_ok=True)
-    _check_free(root, count)
-    devnet = Devnet(root, on_death=on_death)
-    homes = [_init_home(root, number, config) for number in range(1, count + 1)]
+    restarted = _earlier_homes(root, count)
+    devnet = Devnet(root, on_death=on_death, restarted=restarted)
+    if restarted:
+        homes = [Home(root / node_name(number)) for number in range(1, count + 1)]
+    else:
+        homes = [_init_home(root, number, config) for number in range(1, count + 1)]
     try:
         with unwrap_single():
             async with trio.open_nursery() as nursery:
                 await _start_all(devnet, homes, list(serve_args), nursery)
-                await _befriend_all(devnet)
+                if restarted:
+                    await _readdress_all(devnet)
+                else:
+                    await _befriend_all(devnet)
                 devnet.up = True
                 yield devnet
                 await devnet.stop_all()
@@ -387,6 +421,24 @@ async def _befriend_all(devnet: Devnet) -> None:
             nursery.start_soon(befriend, node)
 
 
+async def _readdress_all(devnet: Devnet) -> None:
+    """Homes started again listen on new ports: each records where its
+    friends are now, as friend and as peer (their ids and keys are as before)."""
+
+    async def readdress(node: DevnetNode) -> None:
+        async with operations.open_repository(node.home) as repo:
+            with repo.index.transaction():
+                for other in devnet.nodes:
+                    if other.index == node.index:
+                        continue
+                    repo.index.set_friend_addresses(bytes.fromhex(other.node_id), [other.address])
+                    repo.index.add_peer(PeerRecord(other.node_id, PEER_KIND_NODE, other.address))
+
+    async with trio.open_nursery() as nursery:
+        for node in devnet.nodes:
+            nursery.start_soon(readdress, node)
+
+
 # -- the `p2pbackup devnet` command ------------------------------------------------------
 
 
@@ -478,10 +530,16 @@ async def run_devnet(
                 async with open_devnet(root, count, config=config, on_death=report_death) as devnet:
                     running.append(devnet)
                     chosen = config if config is not None else operations.default_config()
-                    out(
-                        f"devnet of {count} nodes in {root}, every node a friend of every "
-                        f"other; each home {chosen.k}-of-{chosen.n}"
-                    )
+                    if devnet.restarted:
+                        out(
+                            f"devnet of {count} nodes in {root}, started again: the homes "
+                            "an earlier devnet left there, friends as before"
+                        )
+                    else:
+                        out(
+                            f"devnet of {count} nodes in {root}, every node a friend of "
+                            f"every other; each home {chosen.k}-of-{chosen.n}"
+                        )
                     out(f"recovery keys in {root}/node-NN.key (mode 0600), logs in node-NN.log")
                     for warning in devnet.warnings:
                         out(f"warning: {warning}")

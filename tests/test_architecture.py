@@ -83,6 +83,8 @@ THIRD_PARTY: Mapping[str, frozenset[str]] = {
     "distributed": frozenset({"p2pbackup.sim.sweep"}),
     # Shell completion scripts made from the parser.
     "shtab": frozenset({"p2pbackup.cli.shell"}),
+    # FUSE, for `p2pbackup mount` (an optional extra).
+    "pyfuse3": frozenset({"p2pbackup.app.mount"}),
 }
 
 #: Standard-library modules confined like third-party ones.
@@ -376,6 +378,7 @@ def test_third_party_packages_only_where_the_table_allows(imports: list[Import])
         ("hypercorn", "p2pbackup.ui.http"),
         ("segno", "p2pbackup.ui.qr"),
         ("shtab", "p2pbackup.cli.shell"),
+        ("pyfuse3", "p2pbackup.app.mount"),
     ],
 )
 def test_each_library_lives_behind_one_module(

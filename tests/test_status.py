@@ -355,7 +355,7 @@ async def test_a_peer_reached_through_a_relay_shows_relayed(
 
 def test_status_says_the_last_backup_and_under_serve_the_next_and_the_last_failure() -> None:
     from p2pbackup.app import service
-    from p2pbackup.app.daemon import RUNNING_BACKUPS, BackupRecord
+    from p2pbackup.node.schedule import RUNNING_BACKUPS, BackupRecord
 
     lines, data = service._backups(None)
     assert lines == ["last backup: none yet"] and data["scheduled"] is None

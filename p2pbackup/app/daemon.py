@@ -28,9 +28,10 @@ Nouns:
   that ``serve`` stopped instead of quietly running commands itself. A stop
   by cancellation (SIGTERM, Ctrl-C) removes the socket. The caller may add
   **extra roles** (:data:`ExtraRole`: the dashboard, from a layer above).
-* **backup record** — :class:`BackupRecord`: when the scheduled backups last
-  started, succeeded or failed and when the next one is due, as the running
-  node knows it (what the dashboard and the alerts read).
+* **backup record** — :class:`~p2pbackup.node.schedule.BackupRecord`: when
+  the scheduled backups last started, succeeded or failed and when the next
+  one is due, as the running node knows it (what ``status``, the dashboard
+  and the alerts read).
 
 Everything below is passed in — the network above all — so that tests and the
 simulator run this same code over an in-memory network.
@@ -39,7 +40,6 @@ simulator run this same code over an in-memory network.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import logging
 import math
@@ -89,7 +89,9 @@ from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, s
 from p2pbackup.node.reachability import DialBackService
 from p2pbackup.node.relay import RUNNING_RELAY, Relay
 from p2pbackup.node.schedule import (
+    RUNNING_BACKUPS,
     RUNNING_OFFER,
+    BackupRecord,
     BackupSchedule,
     RetentionConfig,
     StorageOffer,
@@ -135,34 +137,6 @@ class ServeOptions:
     #: This node cannot be dialled (behind NAT): hold reservations at up to
     #: two friends, publish them as its relays, keep its UDP mapping open.
     via_relays: bool = False
-
-
-@attrs.define
-class BackupRecord:
-    """What the scheduled backups of a running node did (unix seconds; None: not yet)."""
-
-    last_started: float | None = None
-    last_succeeded: float | None = None
-    last_failed: float | None = None
-    #: The one line that says why the last failed run failed.
-    last_error: str = ""
-    next_at: float | None = None
-    #: Seconds between runs; None: nothing is scheduled.
-    interval: float | None = None
-
-    def failing(self) -> bool:
-        """Whether the last scheduled run failed (no success since)."""
-        return self.last_failed is not None and (
-            self.last_succeeded is None or self.last_failed > self.last_succeeded
-        )
-
-
-#: The scheduled backups' record of the ``serve`` this code runs in (None
-#: outside ``serve``): ``status`` run by the daemon says when the last
-#: failed and why, and when the next is due.
-RUNNING_BACKUPS: contextvars.ContextVar[BackupRecord | None] = contextvars.ContextVar(
-    "p2pbackup_running_backups", default=None
-)
 
 
 @attrs.frozen

@@ -933,7 +933,7 @@ def _backups(last_snapshot: int | None) -> tuple[list[str], dict[str, object]]:
     """What ``status`` says of backups: the newest snapshot, and under
     ``serve`` its schedule — the next run, and the last failure with its
     reason while no run has succeeded since (lines, and the JSON object)."""
-    from p2pbackup.app.daemon import RUNNING_BACKUPS
+    from p2pbackup.node.schedule import RUNNING_BACKUPS
 
     record = RUNNING_BACKUPS.get()
     when = "none yet" if last_snapshot is None else _local_time(last_snapshot)

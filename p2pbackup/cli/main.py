@@ -559,10 +559,35 @@ def build_parser() -> argparse.ArgumentParser:
         _add_recover,
         _add_local_network,
         _add_sim,
+        _add_mount,
         _add_shell,
     ):
         add(commands)
     return parser
+
+
+def _add_mount(commands: _Commands) -> None:
+    p = commands.add_parser(
+        "mount", help="show the snapshots as a read-only file system at DIR (FUSE)"
+    )
+    p.add_argument("dir", metavar="DIR", help="an empty directory to mount on")
+    p.set_defaults(func=cmd_mount)
+
+
+async def cmd_mount(args: argparse.Namespace, home: Home, out: LineSink) -> int:
+    from p2pbackup.app import operations
+
+    try:
+        from p2pbackup.app import mount
+    except ImportError:
+        raise UsageError(
+            "mount needs pyfuse3: pip install 'p2pbackup[mount]' (it builds against "
+            "libfuse3: apt-get install libfuse3-dev pkg-config)"
+        ) from None
+    async with operations.open_repository(home, access="read") as repo:
+        await mount.serve_mount(repo, Path(args.dir).absolute(), say=out)
+    out("unmounted")
+    return EXIT_OK
 
 
 def _add_shell(commands: _Commands) -> None:

@@ -11,6 +11,9 @@ Nouns:
 * **match** — a path of a snapshot that a ``find`` pattern matches: a
   pattern without a slash matches a name anywhere, one with a slash the
   whole path (the rules of ``backup --exclude``, :mod:`p2pbackup.core.exclude`).
+* **span** — the part of one chunk that a read of a file at an offset
+  needs (:func:`chunk_spans`, pure): which chunk, and where in it; how
+  ``mount`` reads a file without reading all of it.
 * **dump** — a file's bytes, or a directory (the whole snapshot for ``/``)
   as a tar stream, as restic's ``dump`` gives them: POSIX (pax) headers, so
   long names, names that are not UTF-8 (kept as their bytes) and large
@@ -235,3 +238,28 @@ async def write_content(repo: Repository, node: TreeNode, write: ByteSink) -> No
     """A file's bytes, chunk by chunk (each read, verified and decrypted)."""
     for blob_id in node.content:
         write(await repo.load_blob(blob_id, BlobType.DATA))
+
+
+@attrs.frozen
+class Span:
+    """Bytes ``start``..``end`` of chunk number ``chunk`` of a file."""
+
+    chunk: int
+    start: int
+    end: int
+
+
+def chunk_spans(sizes: list[int], offset: int, length: int) -> list[Span]:
+    """The spans of a file made of chunks of ``sizes`` bytes that hold its
+    bytes ``offset``..``offset + length`` (fewer at the end of the file)."""
+    spans = []
+    end = offset + length
+    at = 0
+    for number, size in enumerate(sizes):
+        if at >= end:
+            break
+        start, stop = max(offset - at, 0), min(end - at, size)
+        if start < stop:
+            spans.append(Span(number, start, stop))
+        at += size
+    return spans

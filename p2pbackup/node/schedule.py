@@ -40,6 +40,9 @@ Nouns:
   without ``[forget]`` no snapshot is forgotten. ``HomeConfig`` is the whole
   parsed file.
 * **schedule** — :class:`BackupSchedule`, the parsed ``[backup]`` table.
+* **backup record** — :class:`BackupRecord`: what the scheduled backups of
+  the running ``serve`` did and when the next is due, found through
+  :data:`RUNNING_BACKUPS` by the commands it runs (``status``).
 * **retention** — :class:`RetentionConfig`, the parsed ``[forget]`` table:
   the policy ``serve`` applies to the group of each scheduled backup's
   snapshot after the run (:mod:`p2pbackup.engine.retention`), and whether it
@@ -135,6 +138,34 @@ class StorageOffer:
 #: override config.toml), if any: ``status`` run by the daemon reports that.
 RUNNING_OFFER: contextvars.ContextVar[StorageOffer | None] = contextvars.ContextVar(
     "p2pbackup_running_offer", default=None
+)
+
+
+@attrs.define
+class BackupRecord:
+    """What the scheduled backups of a running node did (unix seconds; None: not yet)."""
+
+    last_started: float | None = None
+    last_succeeded: float | None = None
+    last_failed: float | None = None
+    #: The one line that says why the last failed run failed.
+    last_error: str = ""
+    next_at: float | None = None
+    #: Seconds between runs; None: nothing is scheduled.
+    interval: float | None = None
+
+    def failing(self) -> bool:
+        """Whether the last scheduled run failed (no success since)."""
+        return self.last_failed is not None and (
+            self.last_succeeded is None or self.last_failed > self.last_succeeded
+        )
+
+
+#: The scheduled backups' record of the ``serve`` this code runs in (None
+#: outside ``serve``): ``status`` run by the daemon says when the last
+#: failed and why, and when the next is due.
+RUNNING_BACKUPS: contextvars.ContextVar[BackupRecord | None] = contextvars.ContextVar(
+    "p2pbackup_running_backups", default=None
 )
 
 

@@ -31,7 +31,6 @@ import attrs
 import trio
 
 from p2pbackup.app import operations
-from p2pbackup.app.daemon import BackupRecord
 from p2pbackup.app.home import Home
 from p2pbackup.app.requests import (
     BackupRequest,
@@ -48,7 +47,7 @@ from p2pbackup.app.requests import (
 from p2pbackup.app.service import Service
 from p2pbackup.errors import P2PBackupError, UsageError
 from p2pbackup.node.control import ControlRequest, Outcome
-from p2pbackup.node.schedule import load_schedule
+from p2pbackup.node.schedule import BackupRecord, load_schedule
 
 #: Seconds a status is shared: pages asked for at once wait for one answer.
 STATUS_TTL = 2.0

@@ -744,7 +744,14 @@ SAMPLES: list[tuple[str, requests.Request]] = [
             snapshot="latest", target="/tmp/out", path="/home/me", overwrite=True, json=True
         ),
     ),
-    ("snapshots --json", requests.SnapshotsRequest(json=True)),
+    (
+        "snapshots --tag a,b --tag c --path /home/me --host h --json",
+        requests.SnapshotsRequest(tag=("a,b", "c"), path=("/home/me",), host=("h",), json=True),
+    ),
+    (
+        "tag 0123 latest --add a,b --remove c --json",
+        requests.TagRequest(snapshots=("0123", "latest"), add=("a,b",), remove=("c",), json=True),
+    ),
     ("ls 0123abcd /home --json", requests.LsRequest(snapshot="0123abcd", path="/home", json=True)),
     ("forget 0123abcd latest", requests.ForgetRequest(snapshots=("0123abcd", "latest"))),
     ("prune --json", requests.PruneRequest(json=True)),

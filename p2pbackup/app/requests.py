@@ -76,6 +76,10 @@ class BackupRequest:
     #: Write the root record even though another home of this identity
     #: wrote one since this home last did (:mod:`p2pbackup.engine.rootrecord`).
     takeover: bool = False
+    #: Say what would be stored, and store nothing (:mod:`p2pbackup.engine.backup`).
+    dry_run: bool = False
+    #: Make no snapshot when nothing changed since the last one of these paths.
+    skip_if_unchanged: bool = False
     json: bool = False
 
 
@@ -96,7 +100,30 @@ class RestoreRequest:
 
 @attrs.frozen(kw_only=True)
 class SnapshotsRequest:
+    #: Filters with restic's rules (:class:`p2pbackup.engine.snapshots.SnapshotFilter`):
+    #: any ``tag`` option (each ``a,b`` needs all its tags), every ``path``, any ``host``.
+    tag: tuple[str, ...] = ()
+    path: tuple[str, ...] = attrs.field(default=(), validator=_absolute, metadata=CLIENT_PATH)
+    host: tuple[str, ...] = ()
     json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class TagRequest:
+    """Rewrite snapshots' tags: ``set`` replaces them (``()``: none), then
+    ``add`` and ``remove`` (each option may name several, comma-separated)."""
+
+    snapshots: tuple[str, ...] = attrs.field(validator=_not_empty)
+    add: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+    set: tuple[str, ...] | None = None
+    json: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.set is None and not self.add and not self.remove:
+            raise UsageError("tag needs --add, --remove or --set")
+        if self.set is not None and (self.add or self.remove):
+            raise UsageError("tag takes --set, or --add and --remove, not both")
 
 
 @attrs.frozen(kw_only=True)
@@ -269,6 +296,7 @@ Request = (
     BackupRequest
     | RestoreRequest
     | SnapshotsRequest
+    | TagRequest
     | LsRequest
     | DiffRequest
     | FindRequest
@@ -294,6 +322,7 @@ COMMANDS: Final[Mapping[str, type[Request]]] = {
     "backup": BackupRequest,
     "restore": RestoreRequest,
     "snapshots": SnapshotsRequest,
+    "tag": TagRequest,
     "ls": LsRequest,
     "diff": DiffRequest,
     "find": FindRequest,
@@ -379,4 +408,8 @@ _FIELD_TYPES: Final[Mapping[object, tuple[str, Callable[[object], bool]]]] = {
     str: ("a string", lambda value: isinstance(value, str)),
     str | None: ("a string or null", lambda value: value is None or isinstance(value, str)),
     tuple[str, ...]: ("a list of strings", _strings),
+    tuple[str, ...] | None: (
+        "a list of strings or null",
+        lambda value: value is None or _strings(value),
+    ),
 }

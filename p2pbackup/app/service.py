@@ -61,6 +61,7 @@ from p2pbackup.app.requests import (
     RestoreRequest,
     SnapshotsRequest,
     StatusRequest,
+    TagRequest,
     decode_arguments,
 )
 from p2pbackup.engine.progress import Progress, human_bytes
@@ -143,6 +144,8 @@ class Service:
                 return await self.restore(request, console)
             case SnapshotsRequest():
                 return await self.snapshots(request, console)
+            case TagRequest():
+                return await self.tag(request, console)
             case LsRequest():
                 return await self.ls(request, console)
             case DiffRequest():
@@ -214,18 +217,29 @@ class Service:
         from p2pbackup.engine.backup import Backup
 
         exclude = ExcludeRules.from_patterns(request.exclude)
-        async with operations.open_repository(self.home) as repo:
+        # A dry run writes nothing: it may run beside a backup.
+        access: operations.Access = "read" if request.dry_run else "write"
+        async with operations.open_repository(self.home, access=access) as repo:
             repo.takeover = request.takeover
             summary = await Backup(
-                repo, progress=console.progress_line("backup"), exclude=exclude
+                repo,
+                progress=console.progress_line("backup"),
+                exclude=exclude,
+                dry_run=request.dry_run,
+                skip_if_unchanged=request.skip_if_unchanged,
             ).run(list(request.paths), request.tags)
         if request.json:
             console.out(_json(summary.to_json()))
         else:
             for line in summary.lines():
                 console.out(line)
-            console.out("snapshot saved:")
-            console.out(summary.snapshot_id.hex())
+            if summary.unchanged_since is not None:
+                console.out(unchanged_line(summary.unchanged_since))
+            elif summary.dry_run:
+                console.out("--dry-run: nothing was stored")
+            else:
+                console.out("snapshot saved:")
+                console.out(summary.snapshot_id.hex())
         if summary.below_n:
             # Saved and restorable, but less safe than its code says: a
             # script (or cron) must hear of it, not only a reader of the log.
@@ -238,9 +252,12 @@ class Service:
 
     async def snapshots(self, request: SnapshotsRequest, console: Console) -> Outcome:
         from p2pbackup.app import operations
+        from p2pbackup.engine.snapshots import SnapshotFilter
 
+        chosen = SnapshotFilter.from_options(tag=request.tag, path=request.path, host=request.host)
         async with operations.open_repository(self.home, access="read") as repo:
-            rows = repo.index.snapshots()
+            every = repo.index.snapshots()
+        rows = chosen.select(every)
         if request.json:
             console.out(
                 _json(
@@ -263,7 +280,7 @@ class Service:
             )
             return OK
         if not rows:
-            console.out("no snapshots yet")
+            console.out("no snapshot matches" if every else "no snapshots yet")
         for sid, s in rows:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.time_ns / 1e9))
             paths = ", ".join(os.fsdecode(p) for p in s.paths)
@@ -272,6 +289,45 @@ class Service:
                 f"{sid.hex()[:12]}  {when}  {s.hostname}  {s.file_count} files  "
                 f"{human_bytes(s.total_size)}  {paths}{tags}"
             )
+        return OK
+
+    async def tag(self, request: TagRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.engine import snapshots
+
+        async with operations.open_repository(self.home, access="remove") as repo:
+            results = await snapshots.retag(
+                repo,
+                request.snapshots,
+                add=snapshots.tag_list(request.add),
+                remove=snapshots.tag_list(request.remove),
+                replace=None if request.set is None else snapshots.tag_list(request.set),
+            )
+        if request.json:
+            console.out(
+                _json(
+                    [
+                        {
+                            "old": r.old_id.hex(),
+                            "new": r.new_id.hex(),
+                            "tags": list(r.tags),
+                            "changed": r.changed,
+                        }
+                        for r in results
+                    ]
+                )
+            )
+            return OK
+        for r in results:
+            tags = ", ".join(r.tags) or "(none)"
+            if r.changed:
+                console.out(
+                    f"snapshot {r.old_id.hex()[:12]} is now {r.new_id.hex()[:12]}, tags: {tags}"
+                )
+            else:
+                console.out(f"snapshot {r.old_id.hex()[:12]} unchanged, tags: {tags}")
+        changed = sum(r.changed for r in results)
+        console.out(f"{_plural(changed, 'snapshot')} changed")
         return OK
 
     async def ls(self, request: LsRequest, console: Console) -> Outcome:
@@ -721,6 +777,11 @@ class Service:
             removed = await operations.remove_friend(repo, request.id, force=request.force)
         _removal_lines(console, f"removed friend {removed.friend.node_id.hex()}", removed)
         return OK
+
+
+def unchanged_line(parent: bytes) -> str:
+    """What a backup that made no snapshot, as nothing changed, says."""
+    return f"nothing changed since snapshot {parent.hex()[:12]}; no new snapshot"
 
 
 def _removal_lines(console: Console, what: str, removed: operations.PeerRemoved) -> None:

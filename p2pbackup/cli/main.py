@@ -744,11 +744,43 @@ def _add_backup_and_restore(commands: _Commands) -> None:
         "with the same recovery key has written it since (that home's newer snapshots "
         "are dropped)",
     )
+    _dry_run_option(p, "say what would be stored: files new and changed, bytes, packs")
+    unchanged = p.add_mutually_exclusive_group()
+    unchanged.add_argument(
+        "--skip-if-unchanged",
+        action="store_true",
+        help="make no snapshot when nothing changed since the last one of these paths "
+        "(as scheduled backups do)",
+    )
+    unchanged.add_argument(
+        "--force-snapshot",
+        action="store_false",
+        dest="skip_if_unchanged",
+        help="make a snapshot even if nothing changed (the default here)",
+    )
     _json_option(p)
     p.set_defaults(request=requests.BackupRequest)
     p = commands.add_parser("snapshots", help="list snapshots")
+    _snapshot_filter_options(p)
     _json_option(p)
     p.set_defaults(request=requests.SnapshotsRequest)
+    p = commands.add_parser(
+        "tag",
+        help="change snapshots' tags (each changed snapshot is replaced by one with a new id)",
+    )
+    p.add_argument(
+        "snapshots", nargs="+", metavar="SNAPSHOT", help="id, unique prefix, or 'latest'"
+    )
+    for option, what in (
+        ("add", "add these tags"),
+        ("remove", "remove these tags"),
+        ("set", "replace every tag by these ('' for none)"),
+    ):
+        p.add_argument(
+            f"--{option}", action="append", metavar="TAG[,TAG]", help=f"{what} (repeatable)"
+        )
+    _json_option(p)
+    p.set_defaults(request=requests.TagRequest)
     p = commands.add_parser("ls", help="list the contents of a snapshot")
     p.add_argument("snapshot", metavar="SNAPSHOT", help="id, unique prefix, or 'latest'")
     p.add_argument("path", nargs="?", metavar="PATH")
@@ -780,6 +812,28 @@ def _add_backup_and_restore(commands: _Commands) -> None:
     )
     _json_option(p)
     p.set_defaults(request=requests.RestoreRequest)
+
+
+def _snapshot_filter_options(p: argparse.ArgumentParser) -> None:
+    """restic's ``--tag``, ``--path``, ``--host`` filters."""
+    p.add_argument(
+        "--tag",
+        action="append",
+        metavar="TAG[,TAG]",
+        help="only snapshots with all these tags (repeatable: any of the options matches)",
+    )
+    p.add_argument(
+        "--path",
+        action="append",
+        metavar="PATH",
+        help="only snapshots of this path (repeatable: they must have every one)",
+    )
+    p.add_argument(
+        "--host",
+        action="append",
+        metavar="HOST",
+        help="only snapshots made on this host (repeatable: any of them)",
+    )
 
 
 def _add_browse(commands: _Commands) -> None:

@@ -213,6 +213,7 @@ class Pipeline:
         *,
         job_done: Callable[[Job], None],
         pack_written: Callable[[PackRecord], None],
+        instead_of_storing: Callable[[packer.PackBuilder], None] | None = None,
     ) -> None:
         self._repo = repo
         self._params = params
@@ -221,6 +222,8 @@ class Pipeline:
         self._sealers = sealers
         self._job_done = job_done
         self._pack_written = pack_written
+        #: A dry run's: each full pack goes here, and nowhere else.
+        self._instead_of_storing = instead_of_storing
         self._pack_size = repo.config.pack_size
         self._job_send: trio.MemorySendChannel[Job] | None = None
         self._pack_send: trio.MemorySendChannel[list[_Sealed]] | None = None
@@ -398,4 +401,7 @@ class Pipeline:
     async def _uploader(self, receive: trio.MemoryReceiveChannel[packer.PackBuilder]) -> None:
         async with receive:
             async for builder in receive:
+                if self._instead_of_storing is not None:
+                    self._instead_of_storing(builder)
+                    continue
                 self._pack_written(await self._repo.write_pack(builder))

@@ -196,10 +196,16 @@ class TreeWalk:
         self._listings = ListingAhead(exclude)
         self._hardlinks = HardLinks[FileWork]()
         self._trees: trio.Nursery | None = None
+        self._targets: frozenset[bytes] = frozenset()
+        #: Each target's own node as stored (the root "/" has none), once
+        #: :meth:`save` returned: what a backup that skips if unchanged
+        #: compares with its parent's.
+        self.target_nodes: dict[bytes, TreeNode] = {}
 
     async def save(self, targets: list[bytes]) -> bytes:
         """Walk from / down to every target; the id of the root tree, once
         every tree below it is stored."""
+        self._targets = frozenset(targets)
         async with trio.open_nursery() as trees:
             self._trees = trees
             root_future = await self._save_root(targets)
@@ -310,7 +316,11 @@ class TreeWalk:
         if node is None:
             return None
         xattrs = read_xattrs(entry.path)
-        return attrs.evolve(node, xattrs=xattrs) if xattrs else node
+        if xattrs:
+            node = attrs.evolve(node, xattrs=xattrs)
+        if entry.path in self._targets:
+            self.target_nodes[entry.path] = node
+        return node
 
     async def _entry_node(self, entry: _Entry) -> TreeNode | None:
         tally = self._tally

@@ -749,6 +749,12 @@ SAMPLES: list[tuple[str, requests.Request]] = [
         requests.SnapshotsRequest(tag=("a,b", "c"), path=("/home/me",), host=("h",), json=True),
     ),
     (
+        "stats 0123 --mode raw-data --by-peer --tag a --json",
+        requests.StatsRequest(
+            snapshots=("0123",), mode="raw-data", by_peer=True, tag=("a",), json=True
+        ),
+    ),
+    (
         "tag 0123 latest --add a,b --remove c --json",
         requests.TagRequest(snapshots=("0123", "latest"), add=("a,b",), remove=("c",), json=True),
     ),

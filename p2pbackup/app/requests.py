@@ -109,6 +109,20 @@ class SnapshotsRequest:
 
 
 @attrs.frozen(kw_only=True)
+class StatsRequest:
+    #: Snapshot references; none: every snapshot the filters keep.
+    snapshots: tuple[str, ...] = ()
+    #: ``restore-size`` or ``raw-data`` (:mod:`p2pbackup.engine.stats`).
+    mode: str = "restore-size"
+    #: Also which peers hold the snapshots' packs, and how much of them.
+    by_peer: bool = False
+    tag: tuple[str, ...] = ()
+    path: tuple[str, ...] = attrs.field(default=(), validator=_absolute, metadata=CLIENT_PATH)
+    host: tuple[str, ...] = ()
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
 class TagRequest:
     """Rewrite snapshots' tags: ``set`` replaces them (``()``: none), then
     ``add`` and ``remove`` (each option may name several, comma-separated)."""
@@ -297,6 +311,7 @@ Request = (
     | RestoreRequest
     | SnapshotsRequest
     | TagRequest
+    | StatsRequest
     | LsRequest
     | DiffRequest
     | FindRequest
@@ -323,6 +338,7 @@ COMMANDS: Final[Mapping[str, type[Request]]] = {
     "restore": RestoreRequest,
     "snapshots": SnapshotsRequest,
     "tag": TagRequest,
+    "stats": StatsRequest,
     "ls": LsRequest,
     "diff": DiffRequest,
     "find": FindRequest,

@@ -60,6 +60,7 @@ from p2pbackup.app.requests import (
     Request,
     RestoreRequest,
     SnapshotsRequest,
+    StatsRequest,
     StatusRequest,
     TagRequest,
     decode_arguments,
@@ -72,7 +73,7 @@ from p2pbackup.nurseries import leaves, unwrap_single
 
 if TYPE_CHECKING:
     from p2pbackup.app import operations
-    from p2pbackup.engine import browse, retention
+    from p2pbackup.engine import browse, retention, stats
     from p2pbackup.engine.prune import PruneSummary
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ class Service:
                 return await self.snapshots(request, console)
             case TagRequest():
                 return await self.tag(request, console)
+            case StatsRequest():
+                return await self.stats(request, console)
             case LsRequest():
                 return await self.ls(request, console)
             case DiffRequest():
@@ -328,6 +331,35 @@ class Service:
                 console.out(f"snapshot {r.old_id.hex()[:12]} unchanged, tags: {tags}")
         changed = sum(r.changed for r in results)
         console.out(f"{_plural(changed, 'snapshot')} changed")
+        return OK
+
+    async def stats(self, request: StatsRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.engine import snapshots, stats
+
+        stats.check_mode(request.mode)
+        chosen = snapshots.SnapshotFilter.from_options(
+            tag=request.tag, path=request.path, host=request.host
+        )
+        async with operations.open_repository(self.home, access="read") as repo:
+            if request.snapshots:
+                named = dict(snapshots.resolve(repo.index, ref) for ref in request.snapshots)
+                rows = sorted(named.items(), key=lambda row: (row[1].time_ns, row[0]))
+            else:
+                rows = repo.index.snapshots()
+            if not rows:
+                raise UsageError("there are no snapshots yet")
+            rows = chosen.select(rows)
+            if not rows:
+                raise UsageError("no snapshot matches the filters")
+            found = await stats.snapshot_stats(
+                repo, rows, mode=request.mode, by_peer=request.by_peer
+            )
+        if request.json:
+            console.out(_json(found.to_json()))
+            return OK
+        for line in _stats_lines(found):
+            console.out(line)
         return OK
 
     async def ls(self, request: LsRequest, console: Console) -> Outcome:
@@ -777,6 +809,40 @@ class Service:
             removed = await operations.remove_friend(repo, request.id, force=request.force)
         _removal_lines(console, f"removed friend {removed.friend.node_id.hex()}", removed)
         return OK
+
+
+def _stats_lines(found: stats.SnapshotStats) -> list[str]:
+    count = len(found.snapshot_ids)
+    which = (
+        f"snapshot {found.snapshot_ids[0].hex()[:12]}" if count == 1 else _plural(count, "snapshot")
+    )
+    lines = [f"stats in {found.mode} mode for {which}:"]
+    raw = found.raw
+    if raw is None:
+        lines += [
+            f"  files:              {found.total_file_count}",
+            f"  total size:         {human_bytes(found.total_size)}",
+        ]
+    else:
+        lines += [
+            f"  blobs:              {raw.blobs}",
+            f"  uncompressed size:  {human_bytes(raw.uncompressed_size)}",
+            f"  stored size:        {human_bytes(raw.size)} "
+            f"(compression ratio {raw.compression_ratio:.2f}x)",
+            f"  with redundancy:    {human_bytes(raw.stored_with_redundancy)} "
+            f"in {_plural(raw.packs, 'pack')}",
+        ]
+    if found.holdings is not None:
+        lines.append("peers holding their packs:")
+        for h in found.holdings:
+            lines.append(
+                f"  {h.peer_id}  {h.location}  {_plural(h.shards, 'shard')}  {human_bytes(h.bytes)}"
+            )
+        if not found.holdings:
+            lines.append("  none")
+    for problem in found.problems:
+        lines.append(f"warning: {problem}")
+    return lines
 
 
 def unchanged_line(parent: bytes) -> str:

@@ -765,6 +765,30 @@ def _add_backup_and_restore(commands: _Commands) -> None:
     _json_option(p)
     p.set_defaults(request=requests.SnapshotsRequest)
     p = commands.add_parser(
+        "stats", help="sizes of snapshots: to restore, as stored, and on which peers"
+    )
+    p.add_argument(
+        "snapshots",
+        nargs="*",
+        metavar="SNAPSHOT",
+        help="id, unique prefix, or 'latest' (default: every snapshot)",
+    )
+    p.add_argument(
+        "--mode",
+        default="restore-size",
+        choices=("restore-size", "raw-data"),
+        help="restore-size: files and bytes to restore (the default); raw-data: the "
+        "distinct blobs the snapshots need, before and after compression, and with redundancy",
+    )
+    p.add_argument(
+        "--by-peer",
+        action="store_true",
+        help="also which peers hold the snapshots' packs: shards and bytes on each",
+    )
+    _snapshot_filter_options(p)
+    _json_option(p)
+    p.set_defaults(request=requests.StatsRequest)
+    p = commands.add_parser(
         "tag",
         help="change snapshots' tags (each changed snapshot is replaced by one with a new id)",
     )

@@ -733,9 +733,21 @@ ODD_PATH = os.fsdecode(b"/home/caf\xe9")  # not UTF-8: a str with a lone surroga
 #: command line that asks for it.
 SAMPLES: list[tuple[str, requests.Request]] = [
     (
-        f"backup /home/me {ODD_PATH} --exclude *.tmp --tag daily --tag é --json",
+        f"backup /home/me {ODD_PATH} --exclude *.tmp --tag daily --tag é --json "
+        "--exclude-file /x.txt --exclude-if-present CACHEDIR.TAG --one-file-system "
+        "--files-from /list.txt --dry-run --skip-if-unchanged --takeover",
         requests.BackupRequest(
-            paths=("/home/me", ODD_PATH), exclude=("*.tmp",), tags=("daily", "é"), json=True
+            paths=("/home/me", ODD_PATH),
+            exclude=("*.tmp",),
+            exclude_file=("/x.txt",),
+            exclude_if_present=("CACHEDIR.TAG",),
+            one_file_system=True,
+            files_from=("/list.txt",),
+            tags=("daily", "é"),
+            takeover=True,
+            dry_run=True,
+            skip_if_unchanged=True,
+            json=True,
         ),
     ),
     (

@@ -70,8 +70,19 @@ def _at_least_one(_request: object, field: attrs.Attribute[Any], value: int) -> 
 
 @attrs.frozen(kw_only=True)
 class BackupRequest:
-    paths: tuple[str, ...] = _client_path(at_least_one=True)
+    #: What to back up; with ``files_from``, besides the paths those list.
+    paths: tuple[str, ...] = _client_path()
     exclude: tuple[str, ...] = ()
+    #: Files of exclude patterns, a line each (:func:`p2pbackup.core.exclude.list_lines`).
+    exclude_file: tuple[str, ...] = attrs.field(
+        default=(), validator=_absolute, metadata=CLIENT_PATH
+    )
+    #: Leave out directories that hold a file of one of these names.
+    exclude_if_present: tuple[str, ...] = ()
+    #: Leave out what is on another file system than the directory holding it.
+    one_file_system: bool = False
+    #: Files that list absolute paths to back up, a line each.
+    files_from: tuple[str, ...] = attrs.field(default=(), validator=_absolute, metadata=CLIENT_PATH)
     tags: tuple[str, ...] = ()
     #: Write the root record even though another home of this identity
     #: wrote one since this home last did (:mod:`p2pbackup.engine.rootrecord`).
@@ -81,6 +92,10 @@ class BackupRequest:
     #: Make no snapshot when nothing changed since the last one of these paths.
     skip_if_unchanged: bool = False
     json: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if not self.paths and not self.files_from:
+            raise UsageError("backup needs the paths to back up, or --files-from FILE")
 
 
 @attrs.frozen(kw_only=True)

@@ -219,7 +219,14 @@ class Service:
         from p2pbackup.core.exclude import ExcludeRules
         from p2pbackup.engine.backup import Backup
 
-        exclude = ExcludeRules.from_patterns(request.exclude)
+        exclude = ExcludeRules.from_patterns(
+            [*request.exclude, *_listed(request.exclude_file, "--exclude-file")],
+            if_present=request.exclude_if_present,
+            one_file_system=request.one_file_system,
+        )
+        paths = [*request.paths, *_listed_paths(request.files_from)]
+        if not paths:
+            raise UsageError(f"nothing to back up: {', '.join(request.files_from)} list no path")
         # A dry run writes nothing: it may run beside a backup.
         access: operations.Access = "read" if request.dry_run else "write"
         async with operations.open_repository(self.home, access=access) as repo:
@@ -230,7 +237,7 @@ class Service:
                 exclude=exclude,
                 dry_run=request.dry_run,
                 skip_if_unchanged=request.skip_if_unchanged,
-            ).run(list(request.paths), request.tags)
+            ).run(paths, request.tags)
         if request.json:
             console.out(_json(summary.to_json()))
         else:
@@ -843,6 +850,33 @@ def _stats_lines(found: stats.SnapshotStats) -> list[str]:
     for problem in found.problems:
         lines.append(f"warning: {problem}")
     return lines
+
+
+def _listed(files: tuple[str, ...], option: str) -> list[str]:
+    """The entries of the pattern files ``files`` (``option`` names them in errors)."""
+    from p2pbackup.core.exclude import list_lines
+
+    entries = []
+    for name in files:
+        try:
+            with open(name, encoding="utf-8", errors="surrogateescape") as file:
+                entries += list_lines(file.read())
+        except OSError as exc:
+            raise UsageError(f"{option} {name}: {exc.strerror or exc}") from exc
+    return entries
+
+
+def _listed_paths(files: tuple[str, ...]) -> list[str]:
+    """The paths ``--files-from`` files list: absolute, as the daemon that
+    may read them does not know where the command was typed."""
+    paths = _listed(files, "--files-from")
+    for path in paths:
+        if not os.path.isabs(path):
+            raise UsageError(
+                f"--files-from lists {path!r}, which is not an absolute path "
+                '(list absolute paths: find "$PWD" … writes them)'
+            )
+    return paths
 
 
 def unchanged_line(parent: bytes) -> str:

@@ -726,13 +726,37 @@ def _add_node(commands: _Commands) -> None:
 
 def _add_backup_and_restore(commands: _Commands) -> None:
     p = commands.add_parser("backup", help="back up files and directories")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="*", metavar="PATH")
     p.add_argument(
         "--exclude",
         action="append",
         metavar="PATTERN",
         help="leave out names (*.tmp, .cache) or absolute paths (/home/me/Downloads) "
         "that match (repeatable)",
+    )
+    p.add_argument(
+        "--exclude-file",
+        action="append",
+        metavar="FILE",
+        help="read exclude patterns from FILE, one a line; # starts a comment (repeatable)",
+    )
+    p.add_argument(
+        "--exclude-if-present",
+        action="append",
+        metavar="NAME",
+        help="leave out every directory that holds a file named NAME, such as CACHEDIR.TAG "
+        "(repeatable)",
+    )
+    p.add_argument(
+        "--one-file-system",
+        action="store_true",
+        help="do not cross into other file systems (mount points) below the paths given",
+    )
+    p.add_argument(
+        "--files-from",
+        action="append",
+        metavar="FILE",
+        help="back up the absolute paths FILE lists, one a line (repeatable)",
     )
     p.add_argument(
         "--tag", action="append", dest="tags", metavar="TAG", help="tag the snapshot (repeatable)"

@@ -65,7 +65,7 @@ from p2pbackup.app.requests import (
     TagRequest,
     decode_arguments,
 )
-from p2pbackup.engine.progress import Progress, human_bytes
+from p2pbackup.engine.progress import Progress, human_bytes, plural
 from p2pbackup.errors import P2PBackupError, UsageError
 from p2pbackup.model import NodeKind, Snapshot, TreeNode
 from p2pbackup.node.control import EXIT_BAD_REQUEST, ControlRequest, LineSink, Outcome
@@ -255,8 +255,10 @@ class Service:
             # script (or cron) must hear of it, not only a reader of the log.
             return Outcome(
                 EXIT_PARTIAL,
-                f"snapshot {summary.snapshot_id.hex()[:12]} saved, but {len(summary.below_n)} "
-                f"packs are stored below their n (see the warnings)",
+                f"snapshot {summary.snapshot_id.hex()[:12]} saved, but "
+                f"{plural(len(summary.below_n), 'pack')} "
+                f"{'is' if len(summary.below_n) == 1 else 'are'} stored below "
+                f"{'its' if len(summary.below_n) == 1 else 'their'} n (see the warnings)",
             )
         return OK
 
@@ -296,7 +298,7 @@ class Service:
             paths = ", ".join(os.fsdecode(p) for p in s.paths)
             tags = f"  [{', '.join(s.tags)}]" if s.tags else ""
             console.out(
-                f"{sid.hex()[:12]}  {when}  {s.hostname}  {s.file_count} files  "
+                f"{sid.hex()[:12]}  {when}  {s.hostname}  {plural(s.file_count, 'file')}  "
                 f"{human_bytes(s.total_size)}  {paths}{tags}"
             )
         return OK
@@ -337,7 +339,7 @@ class Service:
             else:
                 console.out(f"snapshot {r.old_id.hex()[:12]} unchanged, tags: {tags}")
         changed = sum(r.changed for r in results)
-        console.out(f"{_plural(changed, 'snapshot')} changed")
+        console.out(f"{plural(changed, 'snapshot')} changed")
         return OK
 
     async def stats(self, request: StatsRequest, console: Console) -> Outcome:
@@ -450,7 +452,7 @@ class Service:
             )
             return OK
         if not found:
-            searched = _plural(len(rows), "snapshot")
+            searched = plural(len(rows), "snapshot")
             console.out(f"nothing matches {' or '.join(request.patterns)} in {searched}")
         for sid, snap, matches in found:
             console.out(f"found in snapshot {sid.hex()[:12]} from {_when(snap.time_ns)}:")
@@ -542,7 +544,7 @@ class Service:
             for sid in dict.fromkeys(chosen):
                 console.out(f"{forgot} snapshot {sid.hex()[:12]}")
         else:
-            console.out(f"{forgot} {_plural(len(chosen), 'snapshot')}")
+            console.out(f"{forgot} {plural(len(chosen), 'snapshot')}")
         if request.dry_run:
             console.out("--dry-run: nothing was changed")
         if pruned is not None:
@@ -701,7 +703,9 @@ class Service:
             )
             return OK
         for p in peers:
-            console.out(f"{p.peer_id}  {p.kind}  {p.location}  {counts.get(p.peer_id, 0)} shards")
+            console.out(
+                f"{p.peer_id}  {p.kind}  {p.location}  {plural(counts.get(p.peer_id, 0), 'shard')}"
+            )
         if not peers:
             console.out("no peers yet: add one with `p2pbackup peer add` or `peer add-dir`")
         return OK
@@ -801,7 +805,8 @@ class Service:
             return OK
         for s in listed:
             console.out(
-                f"{s.friend.node_id.hex()}  {', '.join(s.friend.addresses)}  {s.shards} shards"
+                f"{s.friend.node_id.hex()}  {', '.join(s.friend.addresses)}  "
+                f"{plural(s.shards, 'shard')}"
             )
         if not listed:
             console.out(
@@ -821,7 +826,7 @@ class Service:
 def _stats_lines(found: stats.SnapshotStats) -> list[str]:
     count = len(found.snapshot_ids)
     which = (
-        f"snapshot {found.snapshot_ids[0].hex()[:12]}" if count == 1 else _plural(count, "snapshot")
+        f"snapshot {found.snapshot_ids[0].hex()[:12]}" if count == 1 else plural(count, "snapshot")
     )
     lines = [f"stats in {found.mode} mode for {which}:"]
     raw = found.raw
@@ -837,13 +842,13 @@ def _stats_lines(found: stats.SnapshotStats) -> list[str]:
             f"  stored size:        {human_bytes(raw.size)} "
             f"(compression ratio {raw.compression_ratio:.2f}x)",
             f"  with redundancy:    {human_bytes(raw.stored_with_redundancy)} "
-            f"in {_plural(raw.packs, 'pack')}",
+            f"in {plural(raw.packs, 'pack')}",
         ]
     if found.holdings is not None:
         lines.append("peers holding their packs:")
         for h in found.holdings:
             lines.append(
-                f"  {h.peer_id}  {h.location}  {_plural(h.shards, 'shard')}  {human_bytes(h.bytes)}"
+                f"  {h.peer_id}  {h.location}  {plural(h.shards, 'shard')}  {human_bytes(h.bytes)}"
             )
         if not found.holdings:
             lines.append("  none")
@@ -892,15 +897,19 @@ def _removal_lines(console: Console, what: str, removed: operations.PeerRemoved)
     if removed.shards_rebuilt:
         console.out(f"rebuilt {removed.shards_rebuilt} of its shards on other peers")
     if removed.shards_deleted:
-        console.out(f"asked it to delete {removed.shards_deleted} shards")
+        console.out(f"asked it to delete {plural(removed.shards_deleted, 'shard')}")
     if removed.shards_forgotten:
-        console.out(f"forgot {removed.shards_forgotten} shards it held")
+        console.out(f"forgot {plural(removed.shards_forgotten, 'shard')} it held")
     shortfall = removed.shortfall
     if shortfall.below_n:
-        console.out(f"{shortfall.below_n} packs now have fewer than N shards (less redundant)")
+        have = "now has" if shortfall.below_n == 1 else "now have"
+        console.out(
+            f"{plural(shortfall.below_n, 'pack')} {have} fewer than N shards (less redundant)"
+        )
     if shortfall.below_k:
         console.out(
-            f"{shortfall.below_k} packs have fewer than K shards left: they cannot be restored"
+            f"{plural(shortfall.below_k, 'pack')} {'has' if shortfall.below_k == 1 else 'have'} "
+            "fewer than K shards left: they cannot be restored"
         )
 
 
@@ -936,22 +945,16 @@ def _change_json(change: browse.Change) -> dict[str, object]:
 
 def _diff_stats_lines(stats: browse.DiffStats) -> list[str]:
     return [
-        f"added:    {_plural(stats.files_added, 'file')}, "
-        f"{_plural(stats.dirs_added, 'directory')}, {_plural(stats.others_added, 'other')}; "
+        f"added:    {plural(stats.files_added, 'file')}, "
+        f"{plural(stats.dirs_added, 'directory')}, {plural(stats.others_added, 'other')}; "
         f"{human_bytes(stats.bytes_added)}",
-        f"removed:  {_plural(stats.files_removed, 'file')}, "
-        f"{_plural(stats.dirs_removed, 'directory')}, {_plural(stats.others_removed, 'other')}; "
+        f"removed:  {plural(stats.files_removed, 'file')}, "
+        f"{plural(stats.dirs_removed, 'directory')}, {plural(stats.others_removed, 'other')}; "
         f"{human_bytes(stats.bytes_removed)}",
-        f"changed:  {_plural(stats.files_changed, 'file')} "
+        f"changed:  {plural(stats.files_changed, 'file')} "
         f"({human_bytes(stats.bytes_changed_before)} → {human_bytes(stats.bytes_changed_after)}); "
         f"metadata only: {stats.metadata_changed}",
     ]
-
-
-def _plural(count: int, noun: str) -> str:
-    if count == 1:
-        return f"{count} {noun}"
-    return f"{count} {noun[:-1]}ies" if noun.endswith("y") else f"{count} {noun}s"
 
 
 def _when(time_ns: int) -> str:
@@ -999,14 +1002,14 @@ def _decision_lines(decision: retention.RetentionDecision) -> list[str]:
     lines = []
     for group in decision.groups:
         lines.append(f"{_group_title(group.key)}:")
-        lines.append(f"keep {_plural(len(group.keep), 'snapshot')}:")
+        lines.append(f"keep {plural(len(group.keep), 'snapshot')}:")
         for kept in group.keep:
             lines.append(
                 f"  {kept.snapshot_id.hex()[:12]}  {_when(kept.snapshot.time_ns)}  "
                 f"{', '.join(kept.reasons)}"
             )
         if group.remove:
-            lines.append(f"remove {_plural(len(group.remove), 'snapshot')}:")
+            lines.append(f"remove {plural(len(group.remove), 'snapshot')}:")
             for sid, snap in group.remove:
                 lines.append(f"  {sid.hex()[:12]}  {_when(snap.time_ns)}")
         lines.append("")

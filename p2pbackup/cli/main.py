@@ -78,6 +78,16 @@ def cmd_init(args: argparse.Namespace, home: Home, out: LineSink) -> int:
         operations.default_config(k, n),
         deliver_key=write_key if key_file is not None else None,
     )
+    if args.json:
+        data: dict[str, object] = {"home": str(home.path), "k": k, "n": n}
+        data["node_id"] = home.node_id().hex()
+        if key_file is not None:
+            data["recovery_key_file"] = str(key_file)
+        else:
+            # Shown once, as the lines below show it: the user asked for it here.
+            data["recovery_key"] = key
+        out(json.dumps(data, indent=2))
+        return EXIT_OK
     out(f"initialised {home.path} ({k}-of-{n} shards)")
     if key_file is not None:
         out(f"recovery key written to {key_file} (mode 0600)")
@@ -95,6 +105,19 @@ def cmd_invite(args: argparse.Namespace, home: Home, out: LineSink) -> int:
     from p2pbackup.app import operations
 
     code = operations.make_invite(home, args.address or ())
+    if args.json:
+        nodes = operations.invite_nodes(code)
+        out(
+            json.dumps(
+                {
+                    "code": code,
+                    "node_id": nodes[0][1],
+                    "addresses": [address for address, _node_id in nodes],
+                },
+                indent=2,
+            )
+        )
+        return EXIT_OK
     out("Your invite code: send it to a friend, who adds you with `p2pbackup friend add CODE`.")
     out("It holds this node's public key and addresses (no secret); the friend's node")
     out("accepts only a node that proves this key, whatever answers at the address.")
@@ -360,6 +383,9 @@ async def cmd_recover(args: argparse.Namespace, home: Home, out: LineSink) -> in
     summary = await operations.recover(
         home, key, [Path(p) for p in args.peer_dir or []], nodes, bootstrap=bootstrap
     )
+    if args.json:
+        out(json.dumps({"home": str(home.path), **attrs.asdict(summary)}, indent=2))
+        return EXIT_OK
     out(f"recovered into {home.path}")
     for line in summary.lines():
         out(line)
@@ -582,6 +608,7 @@ def _add_init(commands: _Commands) -> None:
         metavar="F",
         help="write the recovery key to F (mode 0600) instead of showing it",
     )
+    _json_option(p)
     p.set_defaults(func=cmd_init)
 
 
@@ -645,6 +672,7 @@ def _add_identity(commands: _Commands) -> None:
         "address",
         "where friends reach this node (repeatable; default: what `serve` last published)",
     )
+    _json_option(p)
     p.set_defaults(func=cmd_invite)
     p = commands.add_parser("lookup", help="find a node's contact record in the DHT")
     p.add_argument("node_id", metavar="NODE_ID")
@@ -1038,6 +1066,7 @@ def _add_recover(commands: _Commands) -> None:
         "any node of the DHT (repeatable): the home's root pointer there names "
         "the nodes holding its root record",
     )
+    _json_option(p)
     p.set_defaults(func=cmd_recover)
 
 

@@ -66,7 +66,7 @@ from p2pbackup.core import blobs, erasure, formats, packer
 from p2pbackup.core.exclude import ExcludeRules
 from p2pbackup.engine import runtime, sealwire, snapshots
 from p2pbackup.engine.pipeline import SEALER_MIN_FILES, Deduper, Job, Pipeline, Sealers
-from p2pbackup.engine.progress import Progress, human_bytes
+from p2pbackup.engine.progress import Progress, human_bytes, human_rate, plural
 from p2pbackup.engine.repository import Repository
 from p2pbackup.engine.walk import FileCache, TreeWalk
 from p2pbackup.errors import NotEnoughShardsError, UsageError
@@ -181,25 +181,26 @@ class BackupSummary:
         )
 
     def lines(self) -> list[str]:
-        rate = self.bytes_read / self.seconds / 1e6 if self.seconds > 0 else 0.0
         lines = [
             f"files: {self.files_new} new, {self.files_changed} changed, "
-            f"{self.files_unchanged} unchanged; {self.dirs} directories, "
-            f"{self.symlinks} symlinks",
+            f"{self.files_unchanged} unchanged; {plural(self.dirs, 'directory')}, "
+            f"{plural(self.symlinks, 'symlink')}",
             f"read {human_bytes(self.bytes_read)} of {human_bytes(self.total_size)}; "
             f"new data {human_bytes(self.bytes_new)}, "
             f"deduplicated {human_bytes(self.bytes_deduplicated)}",
-            f"stored {human_bytes(self.bytes_stored)} in {self.packs_written} packs "
+            f"stored {human_bytes(self.bytes_stored)} in {plural(self.packs_written, 'pack')} "
             f"({self.k}-of-{self.n} shards{self._code_note()})",
-            f"took {self.seconds:.1f} s ({rate:.1f} MB/s)",
+            f"took {self.seconds:.1f} s ({human_rate(self.bytes_read, self.seconds)})",
         ]
         if self.dry_run:
             lines[2] = (
                 f"would store about {human_bytes(self.bytes_stored)} in "
-                f"{self.packs_written} packs ({self.k}-of-{self.n} shards)"
+                f"{plural(self.packs_written, 'pack')} ({self.k}-of-{self.n} shards)"
             )
         if self.excluded:
-            lines.append(f"excluded {self.excluded} files and directories by pattern")
+            lines.append(
+                f"excluded {plural(self.excluded, 'file or directory', 'files and directories')}"
+            )
         for path, reason in self.skipped:
             lines.append(f"skipped {path}: {reason}")
         # Where every pack got all its shards, a peer passed over had its
@@ -209,16 +210,15 @@ class BackupSummary:
             lines.append(f"warning: peer {peer_id} {_PASSED_OVER[what]}{elsewhere}: {reason}")
         if self.below_n:
             weakest = min(self.below_n, key=lambda pack: pack.spare)
+            stored = (
+                "is stored below its n" if len(self.below_n) == 1 else ("are stored below their n")
+            )
             lines.append(
-                f"warning: {len(self.below_n)} packs are stored below their n, "
+                f"warning: {plural(len(self.below_n), 'pack')} {stored}, "
                 f"on as few as {weakest.placed} of {weakest.n} peers: the weakest survives "
-                f"{_peers(weakest.spare)} lost, not {weakest.n - weakest.k}"
+                f"{plural(weakest.spare, 'more peer')} lost, not {weakest.n - weakest.k}"
             )
         return lines
-
-
-def _peers(count: int) -> str:
-    return f"{count} more peer" if count == 1 else f"{count} more peers"
 
 
 def normalize_paths(paths: Iterable[str | os.PathLike[str]]) -> list[bytes]:

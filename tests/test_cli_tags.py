@@ -6,7 +6,7 @@ import json
 import socket
 from pathlib import Path
 
-from .cli_helpers import World, make_world
+from .cli_helpers import World, cli_ok, make_world
 
 
 def _ids(world: World, *filters: str) -> set[str]:
@@ -96,3 +96,18 @@ def test_tag_rewrites_snapshots_and_forget_sees_the_new_tags(tmp_path: Path) -> 
     assert "tag needs --add, --remove or --set" in world.error("tag", "latest")
     assert "not both" in world.error("tag", "latest", "--set", "a", "--add", "b")
     assert "no snapshot matches" in world.error("tag", "ffffffff", "--add", "a")
+
+
+def test_a_recovered_home_finds_the_retagged_snapshots(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=1, n=2)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "f").write_text("data")
+    world.backup(source, tags=["old"])
+    world.ok("tag", "latest", "--set", "new,kept")
+    recovered = tmp_path / "recovered"
+    cli_ok("--home", recovered, "recover", "--recovery-key-file", world.key_file,
+           "--peer-dir", world.peers[0])  # fmt: skip
+    listed = json.loads(cli_ok("--home", recovered, "snapshots", "--json").stdout)
+    assert {s["id"]: s["tags"] for s in listed} == _tags(world)
+    assert [s["tags"] for s in listed] == [["new", "kept"]]

@@ -71,13 +71,13 @@ def test_skip_if_unchanged_makes_no_snapshot_when_nothing_changed(tmp_path: Path
     assert made not in (first, second, forced) and len(made) == 64
     (source / "run.sh").chmod(0o700)
     assert len(world.ok("backup", source, "--skip-if-unchanged").lines[-1]) == 64
-    # Files appearing beside the target change its parent's mtime only: no change.
+    # Files appearing beside the target change its parent's mtime only: no
+    # change, and nothing is stored (not even the trees above the target).
     (tmp_path / "beside.txt").write_text("not backed up")
-    assert (
-        world.ok("backup", source, "--skip-if-unchanged")
-        .lines[-1]
-        .startswith("nothing changed since snapshot")
-    )
+    shards = all_shards(world.peers)
+    skipped_again = world.ok("backup", source, "--skip-if-unchanged").lines[-1]
+    assert skipped_again.startswith("nothing changed since snapshot")
+    assert all_shards(world.peers) == shards
     # Another set of paths has its own parent.
     other = tmp_path / "other"
     other.mkdir()

@@ -146,8 +146,8 @@ class BackupSummary:
     passed_over: list[tuple[str, str, str]] = attrs.Factory(list)
     #: A dry run: the packs and bytes counted are what would be stored.
     dry_run: bool = False
-    #: The parent whose tree this run's is, when it skipped as unchanged (no
-    #: snapshot was made; ``snapshot_id`` is then empty).
+    #: The parent this run found unchanged, when it skipped (no snapshot was
+    #: made; ``snapshot_id`` is then empty).
     unchanged_since: bytes | None = None
 
     def placed(self, record: PackRecord) -> None:
@@ -211,7 +211,7 @@ class BackupSummary:
         if self.below_n:
             weakest = min(self.below_n, key=lambda pack: pack.spare)
             stored = (
-                "is stored below its n" if len(self.below_n) == 1 else ("are stored below their n")
+                "is stored below its n" if len(self.below_n) == 1 else "are stored below their n"
             )
             lines.append(
                 f"warning: {plural(len(self.below_n), 'pack')} {stored}, "
@@ -337,6 +337,7 @@ class Backup:
             parent = self._parent(targets)
             if parent is not None and await self._unchanged(parent[1], root, walk, targets):
                 summary.unchanged_since = parent[0]
+                pipeline.drop_unsent()
                 return parent
         snapshot = Snapshot(
             time_ns=time.time_ns(),

@@ -733,9 +733,21 @@ ODD_PATH = os.fsdecode(b"/home/caf\xe9")  # not UTF-8: a str with a lone surroga
 #: command line that asks for it.
 SAMPLES: list[tuple[str, requests.Request]] = [
     (
-        f"backup /home/me {ODD_PATH} --exclude *.tmp --tag daily --tag é --json",
+        f"backup /home/me {ODD_PATH} --exclude *.tmp --tag daily --tag é --json "
+        "--exclude-file /x.txt --exclude-if-present CACHEDIR.TAG --one-file-system "
+        "--files-from /list.txt --dry-run --skip-if-unchanged --takeover",
         requests.BackupRequest(
-            paths=("/home/me", ODD_PATH), exclude=("*.tmp",), tags=("daily", "é"), json=True
+            paths=("/home/me", ODD_PATH),
+            exclude=("*.tmp",),
+            exclude_file=("/x.txt",),
+            exclude_if_present=("CACHEDIR.TAG",),
+            one_file_system=True,
+            files_from=("/list.txt",),
+            tags=("daily", "é"),
+            takeover=True,
+            dry_run=True,
+            skip_if_unchanged=True,
+            json=True,
         ),
     ),
     (
@@ -744,7 +756,20 @@ SAMPLES: list[tuple[str, requests.Request]] = [
             snapshot="latest", target="/tmp/out", path="/home/me", overwrite=True, json=True
         ),
     ),
-    ("snapshots --json", requests.SnapshotsRequest(json=True)),
+    (
+        "snapshots --tag a,b --tag c --path /home/me --host h --json",
+        requests.SnapshotsRequest(tag=("a,b", "c"), path=("/home/me",), host=("h",), json=True),
+    ),
+    (
+        "stats 0123 --mode raw-data --by-peer --tag a --json",
+        requests.StatsRequest(
+            snapshots=("0123",), mode="raw-data", by_peer=True, tag=("a",), json=True
+        ),
+    ),
+    (
+        "tag 0123 latest --add a,b --remove c --json",
+        requests.TagRequest(snapshots=("0123", "latest"), add=("a,b",), remove=("c",), json=True),
+    ),
     ("ls 0123abcd /home --json", requests.LsRequest(snapshot="0123abcd", path="/home", json=True)),
     ("forget 0123abcd latest", requests.ForgetRequest(snapshots=("0123abcd", "latest"))),
     ("prune --json", requests.PruneRequest(json=True)),

@@ -21,6 +21,7 @@ import trio
 from p2pbackup.app import operations
 from p2pbackup.app.home import Home
 from p2pbackup.core import packer
+from p2pbackup.engine.progress import human_bytes
 from p2pbackup.model import BlobType, BytesLike
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
 from p2pbackup.net.network import Address
@@ -167,7 +168,9 @@ def test_a_friend_with_little_room_gets_no_more_and_status_shows_the_balance(
             assert peers[other.node_id]["balance"] == peers[other.node_id]["bytes_held_for_us"]
             assert peers[other.node_id]["room"] > per_friend  # the disk: far more
         text = cli_ok("status", home=alice.home).stdout
-        assert f"balance {on_bob['balance']:+d} bytes; offers us 100.0 KiB (" in text
+        balance = on_bob["balance"]
+        shown = f"{'-' if balance < 0 else '+'}{human_bytes(abs(balance))}"
+        assert f"balance {shown}; offers us 100.0 KiB (" in text
     finally:
         errors = [node.stop() for node in nodes]
     assert all("Traceback" not in err for err in errors), errors

@@ -26,6 +26,7 @@ from p2pbackup.dht.discovery import SERVING_NODE
 from p2pbackup.dht.records import ContactRecord, RecordAddress, RelayAddress, sign_contact
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.index import ProbeCounts
+from p2pbackup.engine.progress import human_bytes
 from p2pbackup.maintenance.status import SAFE_MARGIN, data_health, gather_status
 from p2pbackup.model import PEER_KIND_NODE, PeerRecord
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
@@ -70,14 +71,14 @@ def test_data_health_lines_say_what_matters() -> None:
     health = data_health([(2, 5, "abcde"), (2, 5, "abcxy")], {"a", "b", "c", "d", "e"})
     assert health.lines() == [
         "data: all 2 packs ≥ 3 healthy shards (≥ 1 more than needed)",
-        "1 packs at risk: fewer than 2 spare healthy shards",
-        "1 packs below the repair threshold: the next repair pass rebuilds their missing "
+        "1 pack at risk: fewer than 2 spare healthy shards",
+        "1 pack below the repair threshold: the next repair pass rebuilds their missing "
         "shards (`p2pbackup repair` runs one now)",
     ]
     lost = data_health([(3, 5, "abcde")], {"a"})
     assert lost.lines() == [
-        "1 packs unrecoverable: fewer healthy shards than needed, until their peers come back",
-        "1 packs below the repair threshold: the next repair pass rebuilds their missing "
+        "1 pack unrecoverable: fewer healthy shards than needed, until their peers come back",
+        "1 pack below the repair threshold: the next repair pass rebuilds their missing "
         "shards (`p2pbackup repair` runs one now)",
     ]
     # A pack at r is not repaired, whatever its spares.
@@ -177,9 +178,11 @@ async def test_status_tells_the_truth_as_nodes_die(
     peer_lines = {line.split()[1]: line for line in lines if line.startswith("peer ")}
     assert len(peer_lines) == 5
     first = peer_lines[nodes[0].identity.node_id.hex()[:16]]
-    assert f"balance +{shard_bytes - 5000} bytes; offers us 4.0 MiB (" in first
+    assert f"balance +{human_bytes(shard_bytes - 5000)}; offers us 4.0 MiB (" in first
     assert first.endswith(" free)")
-    assert f"balance +{shard_bytes} bytes" in peer_lines[nodes[1].identity.node_id.hex()[:16]]
+    assert (
+        f"balance +{human_bytes(shard_bytes)};" in peer_lines[nodes[1].identity.node_id.hex()[:16]]
+    )
     assert lines[0].endswith("offers 10.0 GiB in all, 1.0 GiB to each peer")
     # node4 loses every shard it held for us but still answers: online, and
     # no healthy shard of ours on it.

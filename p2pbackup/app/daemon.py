@@ -68,7 +68,7 @@ from p2pbackup.app.homenat import (
     keep_reachable,
 )
 from p2pbackup.app.relays import keep_relays, relay_while_unreachable
-from p2pbackup.app.service import error_message, local_zone
+from p2pbackup.app.service import error_message, local_zone, unchanged_line
 from p2pbackup.core.keys import Keyring
 from p2pbackup.dht import adapter as dht
 from p2pbackup.dht.discovery import (
@@ -495,7 +495,9 @@ async def run_scheduled_backups(
 ) -> None:
     """Back up what the config says every interval, until cancelled: the
     first run at once, unless the last run that completed is more recent
-    than the interval (a restarted ``serve`` waits for the rest of it).
+    than the interval (a restarted ``serve`` waits for the rest of it). A
+    run that finds nothing changed since the last snapshot of its paths
+    makes none (:mod:`p2pbackup.engine.backup`: skips if unchanged).
 
     A run that cannot start (a backup from the command line holds the home)
     or fails, even by a bug, is logged, and the next one comes at its time.
@@ -524,9 +526,9 @@ async def run_scheduled_backups(
                     turns if turns is not None else contextlib.nullcontext(),
                     operations.open_repository(home, network=network) as repo,
                 ):
-                    summary = await Backup(repo, exclude=schedule.exclude).run(
-                        schedule.paths, schedule.tags
-                    )
+                    summary = await Backup(
+                        repo, exclude=schedule.exclude, skip_if_unchanged=True
+                    ).run(schedule.paths, schedule.tags)
                     with repo.index.transaction():
                         repo.index.set_meta(LAST_SCHEDULED_RUN, str(time.time_ns()).encode())
         except RepositoryLockedError as error:
@@ -537,12 +539,15 @@ async def run_scheduled_backups(
             _log_failure("scheduled backup", error)
         else:
             record.last_succeeded = time.time()
-            log.info(
-                "scheduled backup saved snapshot %s: %s",
-                summary.snapshot_id.hex(),
-                "; ".join(summary.lines()),
-            )
-        if summary is not None and forget is not None:
+            if summary.unchanged_since is not None:
+                log.info("scheduled backup: %s", unchanged_line(summary.unchanged_since))
+            else:
+                log.info(
+                    "scheduled backup saved snapshot %s: %s",
+                    summary.snapshot_id.hex(),
+                    "; ".join(summary.lines()),
+                )
+        if summary is not None and summary.unchanged_since is None and forget is not None:
             await apply_scheduled_retention(home, network, forget, summary.snapshot_id)
         after_each()
         await trio.sleep_until(started + schedule.interval)

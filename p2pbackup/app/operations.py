@@ -34,6 +34,7 @@ from p2pbackup.core.keys import Keyring
 from p2pbackup.dht import discovery, invites
 from p2pbackup.dht.records import RecordAddress
 from p2pbackup.engine.index import Index, ShardShortfall
+from p2pbackup.engine.progress import plural
 from p2pbackup.engine.repository import Repository, open_store
 from p2pbackup.engine.rootrecord import open_root_record
 from p2pbackup.errors import (
@@ -513,12 +514,12 @@ async def _evacuate_and_forget(
         held = repo.index.shard_count_by_peer().get(peer_id, 0)
     if held and not force:
         raise UsageError(
-            f"node {peer_id} holds {held} shards of this home's packs; "
+            f"node {peer_id} holds {plural(held, 'shard')} of this home's packs; "
             f"`friend remove --force {peer_id}` forgets them, leaving those packs less redundant"
             if friend is not None
-            else f"peer {peer_id} holds {held} shards of this home's packs that no other peer "
-            f"could take; `peer remove --force {peer_id}` forgets them, leaving those packs "
-            "less redundant"
+            else f"peer {peer_id} holds {plural(held, 'shard')} of this home's packs "
+            f"that no other peer could take; `peer remove --force {peer_id}` forgets them, "
+            "leaving those packs less redundant"
         )
     had_peer = any(p.peer_id == peer_id for p in repo.peers())
     with repo.index.transaction():

@@ -80,16 +80,35 @@ def _at_least_one_kib(_request: object, field: attrs.Attribute[Any], value: int)
 
 @attrs.frozen(kw_only=True)
 class BackupRequest:
-    paths: tuple[str, ...] = _client_path(at_least_one=True)
+    #: What to back up; with ``files_from``, besides the paths those list.
+    paths: tuple[str, ...] = _client_path()
     exclude: tuple[str, ...] = ()
+    #: Files of exclude patterns, a line each (:func:`p2pbackup.core.exclude.list_lines`).
+    exclude_file: tuple[str, ...] = attrs.field(
+        default=(), validator=_absolute, metadata=CLIENT_PATH
+    )
+    #: Leave out directories that hold a file of one of these names.
+    exclude_if_present: tuple[str, ...] = ()
+    #: Leave out what is on another file system than the directory holding it.
+    one_file_system: bool = False
+    #: Files that list absolute paths to back up, a line each.
+    files_from: tuple[str, ...] = attrs.field(default=(), validator=_absolute, metadata=CLIENT_PATH)
     tags: tuple[str, ...] = ()
     #: Write the root record even though another home of this identity
     #: wrote one since this home last did (:mod:`p2pbackup.engine.rootrecord`).
     takeover: bool = False
+    #: Say what would be stored, and store nothing (:mod:`p2pbackup.engine.backup`).
+    dry_run: bool = False
+    #: Make no snapshot when nothing changed since the last one of these paths.
+    skip_if_unchanged: bool = False
     #: KiB/s at most up and down (None: no limit).
     limit_upload: int | None = _limit()
     limit_download: int | None = _limit()
     json: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if not self.paths and not self.files_from:
+            raise UsageError("backup needs the paths to back up, or --files-from FILE")
 
 
 @attrs.frozen(kw_only=True)
@@ -111,7 +130,44 @@ class RestoreRequest:
 
 @attrs.frozen(kw_only=True)
 class SnapshotsRequest:
+    #: Filters with restic's rules (:class:`p2pbackup.engine.snapshots.SnapshotFilter`):
+    #: any ``tag`` option (each ``a,b`` needs all its tags), every ``path``, any ``host``.
+    tag: tuple[str, ...] = ()
+    path: tuple[str, ...] = attrs.field(default=(), validator=_absolute, metadata=CLIENT_PATH)
+    host: tuple[str, ...] = ()
     json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class StatsRequest:
+    #: Snapshot references; none: every snapshot the filters keep.
+    snapshots: tuple[str, ...] = ()
+    #: ``restore-size`` or ``raw-data`` (:mod:`p2pbackup.engine.stats`).
+    mode: str = "restore-size"
+    #: Also which peers hold the snapshots' packs, and how much of them.
+    by_peer: bool = False
+    tag: tuple[str, ...] = ()
+    path: tuple[str, ...] = attrs.field(default=(), validator=_absolute, metadata=CLIENT_PATH)
+    host: tuple[str, ...] = ()
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class TagRequest:
+    """Rewrite snapshots' tags: ``set`` replaces them (``()``: none), then
+    ``add`` and ``remove`` (each option may name several, comma-separated)."""
+
+    snapshots: tuple[str, ...] = attrs.field(validator=_not_empty)
+    add: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+    set: tuple[str, ...] | None = None
+    json: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.set is None and not self.add and not self.remove:
+            raise UsageError("tag needs --add, --remove or --set")
+        if self.set is not None and (self.add or self.remove):
+            raise UsageError("tag takes --set, or --add and --remove, not both")
 
 
 @attrs.frozen(kw_only=True)
@@ -286,6 +342,8 @@ Request = (
     BackupRequest
     | RestoreRequest
     | SnapshotsRequest
+    | TagRequest
+    | StatsRequest
     | LsRequest
     | DiffRequest
     | FindRequest
@@ -311,6 +369,8 @@ COMMANDS: Final[Mapping[str, type[Request]]] = {
     "backup": BackupRequest,
     "restore": RestoreRequest,
     "snapshots": SnapshotsRequest,
+    "tag": TagRequest,
+    "stats": StatsRequest,
     "ls": LsRequest,
     "diff": DiffRequest,
     "find": FindRequest,
@@ -400,4 +460,8 @@ _FIELD_TYPES: Final[Mapping[object, tuple[str, Callable[[object], bool]]]] = {
     str: ("a string", lambda value: isinstance(value, str)),
     str | None: ("a string or null", lambda value: value is None or isinstance(value, str)),
     tuple[str, ...]: ("a list of strings", _strings),
+    tuple[str, ...] | None: (
+        "a list of strings or null",
+        lambda value: value is None or _strings(value),
+    ),
 }

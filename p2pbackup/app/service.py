@@ -60,7 +60,9 @@ from p2pbackup.app.requests import (
     Request,
     RestoreRequest,
     SnapshotsRequest,
+    StatsRequest,
     StatusRequest,
+    TagRequest,
     decode_arguments,
 )
 from p2pbackup.engine.progress import Progress, human_bytes, plural
@@ -73,7 +75,7 @@ from p2pbackup.nurseries import leaves, unwrap_single
 
 if TYPE_CHECKING:
     from p2pbackup.app import operations
-    from p2pbackup.engine import browse, retention
+    from p2pbackup.engine import browse, retention, stats
     from p2pbackup.engine.prune import PruneSummary
 
 log = logging.getLogger(__name__)
@@ -145,6 +147,10 @@ class Service:
                 return await self.restore(request, console)
             case SnapshotsRequest():
                 return await self.snapshots(request, console)
+            case TagRequest():
+                return await self.tag(request, console)
+            case StatsRequest():
+                return await self.stats(request, console)
             case LsRequest():
                 return await self.ls(request, console)
             case DiffRequest():
@@ -222,34 +228,59 @@ class Service:
         from p2pbackup.core.exclude import ExcludeRules
         from p2pbackup.engine.backup import Backup
 
-        exclude = ExcludeRules.from_patterns(request.exclude)
-        async with operations.open_repository(self.home, network=_network(request)) as repo:
+        exclude = ExcludeRules.from_patterns(
+            [*request.exclude, *_listed(request.exclude_file, "--exclude-file")],
+            if_present=request.exclude_if_present,
+            one_file_system=request.one_file_system,
+        )
+        paths = [*request.paths, *_listed_paths(request.files_from)]
+        if not paths:
+            raise UsageError(f"nothing to back up: {', '.join(request.files_from)} list no path")
+        # A dry run writes nothing: it may run beside a backup.
+        access: operations.Access = "read" if request.dry_run else "write"
+        async with operations.open_repository(
+            self.home, access=access, network=_network(request)
+        ) as repo:
             repo.takeover = request.takeover
             summary = await Backup(
-                repo, progress=console.progress_line("backup"), exclude=exclude
-            ).run(list(request.paths), request.tags)
+                repo,
+                progress=console.progress_line("backup"),
+                exclude=exclude,
+                dry_run=request.dry_run,
+                skip_if_unchanged=request.skip_if_unchanged,
+            ).run(paths, request.tags)
         if request.json:
             console.out(_json(summary.to_json()))
         else:
             for line in summary.lines():
                 console.out(line)
-            console.out("snapshot saved:")
-            console.out(summary.snapshot_id.hex())
+            if summary.unchanged_since is not None:
+                console.out(unchanged_line(summary.unchanged_since))
+            elif summary.dry_run:
+                console.out("--dry-run: nothing was stored")
+            else:
+                console.out("snapshot saved:")
+                console.out(summary.snapshot_id.hex())
         if summary.below_n:
             # Saved and restorable, but less safe than its code says: a
             # script (or cron) must hear of it, not only a reader of the log.
             return Outcome(
                 EXIT_PARTIAL,
-                f"snapshot {summary.snapshot_id.hex()[:12]} saved, but {len(summary.below_n)} "
-                f"packs are stored below their n (see the warnings)",
+                f"snapshot {summary.snapshot_id.hex()[:12]} saved, but "
+                f"{plural(len(summary.below_n), 'pack')} "
+                f"{'is' if len(summary.below_n) == 1 else 'are'} stored below "
+                f"{'its' if len(summary.below_n) == 1 else 'their'} n (see the warnings)",
             )
         return OK
 
     async def snapshots(self, request: SnapshotsRequest, console: Console) -> Outcome:
         from p2pbackup.app import operations
+        from p2pbackup.engine.snapshots import SnapshotFilter
 
+        chosen = SnapshotFilter.from_options(tag=request.tag, path=request.path, host=request.host)
         async with operations.open_repository(self.home, access="read") as repo:
-            rows = repo.index.snapshots()
+            every = repo.index.snapshots()
+        rows = chosen.select(every)
         if request.json:
             console.out(
                 _json(
@@ -272,15 +303,83 @@ class Service:
             )
             return OK
         if not rows:
-            console.out("no snapshots yet")
+            console.out("no snapshot matches" if every else "no snapshots yet")
         for sid, s in rows:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.time_ns / 1e9))
             paths = ", ".join(os.fsdecode(p) for p in s.paths)
             tags = f"  [{', '.join(s.tags)}]" if s.tags else ""
             console.out(
-                f"{sid.hex()[:12]}  {when}  {s.hostname}  {s.file_count} files  "
+                f"{sid.hex()[:12]}  {when}  {s.hostname}  {plural(s.file_count, 'file')}  "
                 f"{human_bytes(s.total_size)}  {paths}{tags}"
             )
+        return OK
+
+    async def tag(self, request: TagRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.engine import snapshots
+
+        async with operations.open_repository(self.home, access="remove") as repo:
+            results = await snapshots.retag(
+                repo,
+                request.snapshots,
+                add=snapshots.tag_list(request.add),
+                remove=snapshots.tag_list(request.remove),
+                replace=None if request.set is None else snapshots.tag_list(request.set),
+            )
+        if request.json:
+            console.out(
+                _json(
+                    [
+                        {
+                            "old": r.old_id.hex(),
+                            "new": r.new_id.hex(),
+                            "tags": list(r.tags),
+                            "changed": r.changed,
+                        }
+                        for r in results
+                    ]
+                )
+            )
+            return OK
+        for r in results:
+            tags = ", ".join(r.tags) or "(none)"
+            if r.changed:
+                console.out(
+                    f"snapshot {r.old_id.hex()[:12]} is now {r.new_id.hex()[:12]}, tags: {tags}"
+                )
+            else:
+                console.out(f"snapshot {r.old_id.hex()[:12]} unchanged, tags: {tags}")
+        changed = sum(r.changed for r in results)
+        console.out(f"{plural(changed, 'snapshot')} changed")
+        return OK
+
+    async def stats(self, request: StatsRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.engine import snapshots, stats
+
+        stats.check_mode(request.mode)
+        chosen = snapshots.SnapshotFilter.from_options(
+            tag=request.tag, path=request.path, host=request.host
+        )
+        async with operations.open_repository(self.home, access="read") as repo:
+            if request.snapshots:
+                named = dict(snapshots.resolve(repo.index, ref) for ref in request.snapshots)
+                rows = sorted(named.items(), key=lambda row: (row[1].time_ns, row[0]))
+            else:
+                rows = repo.index.snapshots()
+            if not rows:
+                raise UsageError("there are no snapshots yet")
+            rows = chosen.select(rows)
+            if not rows:
+                raise UsageError("no snapshot matches the filters")
+            found = await stats.snapshot_stats(
+                repo, rows, mode=request.mode, by_peer=request.by_peer
+            )
+        if request.json:
+            console.out(_json(found.to_json()))
+            return OK
+        for line in _stats_lines(found):
+            console.out(line)
         return OK
 
     async def ls(self, request: LsRequest, console: Console) -> Outcome:
@@ -632,7 +731,9 @@ class Service:
             )
             return OK
         for p in peers:
-            console.out(f"{p.peer_id}  {p.kind}  {p.location}  {counts.get(p.peer_id, 0)} shards")
+            console.out(
+                f"{p.peer_id}  {p.kind}  {p.location}  {plural(counts.get(p.peer_id, 0), 'shard')}"
+            )
         if not peers:
             console.out("no peers yet: add one with `p2pbackup peer add` or `peer add-dir`")
         return OK
@@ -732,7 +833,8 @@ class Service:
             return OK
         for s in listed:
             console.out(
-                f"{s.friend.node_id.hex()}  {', '.join(s.friend.addresses)}  {s.shards} shards"
+                f"{s.friend.node_id.hex()}  {', '.join(s.friend.addresses)}  "
+                f"{plural(s.shards, 'shard')}"
             )
         if not listed:
             console.out(
@@ -749,6 +851,72 @@ class Service:
         return OK
 
 
+def _stats_lines(found: stats.SnapshotStats) -> list[str]:
+    count = len(found.snapshot_ids)
+    which = (
+        f"snapshot {found.snapshot_ids[0].hex()[:12]}" if count == 1 else plural(count, "snapshot")
+    )
+    lines = [f"stats in {found.mode} mode for {which}:"]
+    raw = found.raw
+    if raw is None:
+        lines += [
+            f"  files:              {found.total_file_count}",
+            f"  total size:         {human_bytes(found.total_size)}",
+        ]
+    else:
+        lines += [
+            f"  blobs:              {raw.blobs}",
+            f"  uncompressed size:  {human_bytes(raw.uncompressed_size)}",
+            f"  stored size:        {human_bytes(raw.size)} "
+            f"(compression ratio {raw.compression_ratio:.2f}x)",
+            f"  with redundancy:    {human_bytes(raw.stored_with_redundancy)} "
+            f"in {plural(raw.packs, 'pack')}",
+        ]
+    if found.holdings is not None:
+        lines.append("peers holding their packs:")
+        for h in found.holdings:
+            lines.append(
+                f"  {h.peer_id}  {h.location}  {plural(h.shards, 'shard')}  {human_bytes(h.bytes)}"
+            )
+        if not found.holdings:
+            lines.append("  none")
+    for problem in found.problems:
+        lines.append(f"warning: {problem}")
+    return lines
+
+
+def _listed(files: tuple[str, ...], option: str) -> list[str]:
+    """The entries of the pattern files ``files`` (``option`` names them in errors)."""
+    from p2pbackup.core.exclude import list_lines
+
+    entries = []
+    for name in files:
+        try:
+            with open(name, encoding="utf-8", errors="surrogateescape") as file:
+                entries += list_lines(file.read())
+        except OSError as exc:
+            raise UsageError(f"{option} {name}: {exc.strerror or exc}") from exc
+    return entries
+
+
+def _listed_paths(files: tuple[str, ...]) -> list[str]:
+    """The paths ``--files-from`` files list: absolute, as the daemon that
+    may read them does not know where the command was typed."""
+    paths = _listed(files, "--files-from")
+    for path in paths:
+        if not os.path.isabs(path):
+            raise UsageError(
+                f"--files-from lists {path!r}, which is not an absolute path "
+                '(list absolute paths: find "$PWD" … writes them)'
+            )
+    return paths
+
+
+def unchanged_line(parent: bytes) -> str:
+    """What a backup that made no snapshot, as nothing changed, says."""
+    return f"nothing changed since snapshot {parent.hex()[:12]}; no new snapshot"
+
+
 def _removal_lines(console: Console, what: str, removed: operations.PeerRemoved) -> None:
     """What ``friend remove`` and ``peer remove`` say they did."""
     for warning in removed.warnings:
@@ -757,15 +925,19 @@ def _removal_lines(console: Console, what: str, removed: operations.PeerRemoved)
     if removed.shards_rebuilt:
         console.out(f"rebuilt {removed.shards_rebuilt} of its shards on other peers")
     if removed.shards_deleted:
-        console.out(f"asked it to delete {removed.shards_deleted} shards")
+        console.out(f"asked it to delete {plural(removed.shards_deleted, 'shard')}")
     if removed.shards_forgotten:
-        console.out(f"forgot {removed.shards_forgotten} shards it held")
+        console.out(f"forgot {plural(removed.shards_forgotten, 'shard')} it held")
     shortfall = removed.shortfall
     if shortfall.below_n:
-        console.out(f"{shortfall.below_n} packs now have fewer than N shards (less redundant)")
+        have = "now has" if shortfall.below_n == 1 else "now have"
+        console.out(
+            f"{plural(shortfall.below_n, 'pack')} {have} fewer than N shards (less redundant)"
+        )
     if shortfall.below_k:
         console.out(
-            f"{shortfall.below_k} packs have fewer than K shards left: they cannot be restored"
+            f"{plural(shortfall.below_k, 'pack')} {'has' if shortfall.below_k == 1 else 'have'} "
+            "fewer than K shards left: they cannot be restored"
         )
 
 

@@ -78,6 +78,16 @@ def cmd_init(args: argparse.Namespace, home: Home, out: LineSink) -> int:
         operations.default_config(k, n),
         deliver_key=write_key if key_file is not None else None,
     )
+    if args.json:
+        data: dict[str, object] = {"home": str(home.path), "k": k, "n": n}
+        data["node_id"] = home.node_id().hex()
+        if key_file is not None:
+            data["recovery_key_file"] = str(key_file)
+        else:
+            # Shown once, as the lines below show it: the user asked for it here.
+            data["recovery_key"] = key
+        out(json.dumps(data, indent=2))
+        return EXIT_OK
     out(f"initialised {home.path} ({k}-of-{n} shards)")
     if key_file is not None:
         out(f"recovery key written to {key_file} (mode 0600)")
@@ -98,6 +108,19 @@ def cmd_invite(args: argparse.Namespace, home: Home, out: LineSink) -> int:
     from p2pbackup.app import operations
 
     code = operations.make_invite(home, args.address or ())
+    if args.json:
+        nodes = operations.invite_nodes(code)
+        out(
+            json.dumps(
+                {
+                    "code": code,
+                    "node_id": nodes[0][1],
+                    "addresses": [address for address, _node_id in nodes],
+                },
+                indent=2,
+            )
+        )
+        return EXIT_OK
     out("Your invite code: send it to a friend, who adds you with `p2pbackup friend add CODE`.")
     out("It holds this node's public key and addresses (no secret); the friend's node")
     out("accepts only a node that proves this key, whatever answers at the address.")
@@ -369,6 +392,9 @@ async def cmd_recover(args: argparse.Namespace, home: Home, out: LineSink) -> in
     summary = await operations.recover(
         home, key, [Path(p) for p in args.peer_dir or []], nodes, bootstrap=bootstrap
     )
+    if args.json:
+        out(json.dumps({"home": str(home.path), **attrs.asdict(summary)}, indent=2))
+        return EXIT_OK
     out(f"recovered into {home.path}")
     for line in summary.lines():
         out(line)
@@ -659,6 +685,7 @@ def _add_init(commands: _Commands) -> None:
         metavar="F",
         help="write the recovery key to F (mode 0600) instead of showing it",
     )
+    _json_option(p)
     p.set_defaults(func=cmd_init)
 
 
@@ -722,6 +749,7 @@ def _add_identity(commands: _Commands) -> None:
         "address",
         "where friends reach this node (repeatable; default: what `serve` last published)",
     )
+    _json_option(p)
     p.set_defaults(func=cmd_invite)
     p = commands.add_parser("lookup", help="find a node's contact record in the DHT")
     p.add_argument("node_id", metavar="NODE_ID")
@@ -805,13 +833,37 @@ def _add_node(commands: _Commands) -> None:
 
 def _add_backup_and_restore(commands: _Commands) -> None:
     p = commands.add_parser("backup", help="back up files and directories")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="*", metavar="PATH")
     p.add_argument(
         "--exclude",
         action="append",
         metavar="PATTERN",
         help="leave out names (*.tmp, .cache) or absolute paths (/home/me/Downloads) "
         "that match (repeatable)",
+    )
+    p.add_argument(
+        "--exclude-file",
+        action="append",
+        metavar="FILE",
+        help="read exclude patterns from FILE, one a line; # starts a comment (repeatable)",
+    )
+    p.add_argument(
+        "--exclude-if-present",
+        action="append",
+        metavar="NAME",
+        help="leave out every directory that holds a file named NAME, such as CACHEDIR.TAG "
+        "(repeatable)",
+    )
+    p.add_argument(
+        "--one-file-system",
+        action="store_true",
+        help="do not cross into other file systems (mount points) below the paths given",
+    )
+    p.add_argument(
+        "--files-from",
+        action="append",
+        metavar="FILE",
+        help="back up the absolute paths FILE lists, one a line (repeatable)",
     )
     p.add_argument(
         "--tag", action="append", dest="tags", metavar="TAG", help="tag the snapshot (repeatable)"
@@ -823,12 +875,68 @@ def _add_backup_and_restore(commands: _Commands) -> None:
         "with the same recovery key has written it since (that home's newer snapshots "
         "are dropped)",
     )
+    _dry_run_option(p, "say what would be stored: files new and changed, bytes, packs")
+    unchanged = p.add_mutually_exclusive_group()
+    unchanged.add_argument(
+        "--skip-if-unchanged",
+        action="store_true",
+        help="make no snapshot when nothing changed since the last one of these paths "
+        "(as scheduled backups do)",
+    )
+    unchanged.add_argument(
+        "--force-snapshot",
+        action="store_false",
+        dest="skip_if_unchanged",
+        help="make a snapshot even if nothing changed (the default here)",
+    )
     _limit_options(p)
     _json_option(p)
     p.set_defaults(request=requests.BackupRequest)
     p = commands.add_parser("snapshots", help="list snapshots")
+    _snapshot_filter_options(p)
     _json_option(p)
     p.set_defaults(request=requests.SnapshotsRequest)
+    p = commands.add_parser(
+        "stats", help="sizes of snapshots: to restore, as stored, and on which peers"
+    )
+    p.add_argument(
+        "snapshots",
+        nargs="*",
+        metavar="SNAPSHOT",
+        help="id, unique prefix, or 'latest' (default: every snapshot)",
+    )
+    p.add_argument(
+        "--mode",
+        default="restore-size",
+        choices=("restore-size", "raw-data"),
+        help="restore-size: files and bytes to restore (the default); raw-data: the "
+        "distinct blobs the snapshots need, before and after compression, and with redundancy",
+    )
+    p.add_argument(
+        "--by-peer",
+        action="store_true",
+        help="also which peers hold the snapshots' packs: shards and bytes on each",
+    )
+    _snapshot_filter_options(p)
+    _json_option(p)
+    p.set_defaults(request=requests.StatsRequest)
+    p = commands.add_parser(
+        "tag",
+        help="change snapshots' tags (each changed snapshot is replaced by one with a new id)",
+    )
+    p.add_argument(
+        "snapshots", nargs="+", metavar="SNAPSHOT", help="id, unique prefix, or 'latest'"
+    )
+    for option, what in (
+        ("add", "add these tags"),
+        ("remove", "remove these tags"),
+        ("set", "replace every tag by these ('' for none)"),
+    ):
+        p.add_argument(
+            f"--{option}", action="append", metavar="TAG[,TAG]", help=f"{what} (repeatable)"
+        )
+    _json_option(p)
+    p.set_defaults(request=requests.TagRequest)
     p = commands.add_parser("ls", help="list the contents of a snapshot")
     p.add_argument("snapshot", metavar="SNAPSHOT", help="id, unique prefix, or 'latest'")
     p.add_argument("path", nargs="?", metavar="PATH")
@@ -861,6 +969,28 @@ def _add_backup_and_restore(commands: _Commands) -> None:
     _limit_options(p)
     _json_option(p)
     p.set_defaults(request=requests.RestoreRequest)
+
+
+def _snapshot_filter_options(p: argparse.ArgumentParser) -> None:
+    """restic's ``--tag``, ``--path``, ``--host`` filters."""
+    p.add_argument(
+        "--tag",
+        action="append",
+        metavar="TAG[,TAG]",
+        help="only snapshots with all these tags (repeatable: any of the options matches)",
+    )
+    p.add_argument(
+        "--path",
+        action="append",
+        metavar="PATH",
+        help="only snapshots of this path (repeatable: they must have every one)",
+    )
+    p.add_argument(
+        "--host",
+        action="append",
+        metavar="HOST",
+        help="only snapshots made on this host (repeatable: any of them)",
+    )
 
 
 def _add_browse(commands: _Commands) -> None:
@@ -1018,6 +1148,7 @@ def _add_recover(commands: _Commands) -> None:
         "any node of the DHT (repeatable): the home's root pointer there names "
         "the nodes holding its root record",
     )
+    _json_option(p)
     p.set_defaults(func=cmd_recover)
 
 

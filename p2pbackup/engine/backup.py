@@ -32,6 +32,19 @@ A file that changes while it is read is read again (twice at most) and, if it
 keeps changing, left out of the snapshot and reported — never stored as a mix
 of two versions.
 
+A **dry run** walks and reads as a backup does, and deduplicates against
+the index, but hands every pack to the summary instead of the peers, and
+writes nothing: no shard, no index row, no file cache entry, no root record.
+Its summary says what a backup would store now.
+
+A run **skips if unchanged** when asked to (``serve``'s scheduled runs
+always, ``backup --skip-if-unchanged``): when each target it backed up —
+its metadata and the whole tree below it — is as in its **parent**, the
+newest snapshot of the same paths from this host, no new snapshot is made;
+the summary names the parent (:attr:`BackupSummary.unchanged_since`). The
+directories above the targets are not compared (their mtimes change as
+files come and go beside the targets).
+
 The summary says what was placed, not what was meant: each pack's code, the
 fewest shards any pack got and its **spare** shards (placed − k: how many
 more lost peers it survives), every pack stored **below n** (a peer failed
@@ -49,14 +62,14 @@ from collections.abc import Iterable
 
 import attrs
 
-from p2pbackup.core import blobs, formats
+from p2pbackup.core import blobs, erasure, formats, packer
 from p2pbackup.core.exclude import ExcludeRules
-from p2pbackup.engine import runtime, sealwire
+from p2pbackup.engine import runtime, sealwire, snapshots
 from p2pbackup.engine.pipeline import SEALER_MIN_FILES, Deduper, Job, Pipeline, Sealers
-from p2pbackup.engine.progress import Progress, human_bytes
+from p2pbackup.engine.progress import Progress, human_bytes, human_rate, plural
 from p2pbackup.engine.repository import Repository
 from p2pbackup.engine.walk import FileCache, TreeWalk
-from p2pbackup.errors import UsageError
+from p2pbackup.errors import NotEnoughShardsError, UsageError
 from p2pbackup.model import BlobType, PackRecord, SealingKeys, Snapshot
 from p2pbackup.nurseries import unwrap_single
 
@@ -131,6 +144,11 @@ class BackupSummary:
     #: (it refused a shard as full), ``refused`` (it refused one otherwise),
     #: ``no room`` (too little room for one by its own offer) or ``down``.
     passed_over: list[tuple[str, str, str]] = attrs.Factory(list)
+    #: A dry run: the packs and bytes counted are what would be stored.
+    dry_run: bool = False
+    #: The parent this run found unchanged, when it skipped (no snapshot was
+    #: made; ``snapshot_id`` is then empty).
+    unchanged_since: bytes | None = None
 
     def placed(self, record: PackRecord) -> None:
         """Count how ``record``'s pack was stored."""
@@ -146,6 +164,7 @@ class BackupSummary:
     def to_json(self) -> dict[str, object]:
         data = attrs.asdict(self, recurse=False)
         data["snapshot_id"] = self.snapshot_id.hex()
+        data["unchanged_since"] = self.unchanged_since.hex() if self.unchanged_since else None
         data["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
         data["below_n"] = [pack.to_json() for pack in self.below_n]
         data["passed_over"] = [
@@ -162,20 +181,26 @@ class BackupSummary:
         )
 
     def lines(self) -> list[str]:
-        rate = self.bytes_read / self.seconds / 1e6 if self.seconds > 0 else 0.0
         lines = [
             f"files: {self.files_new} new, {self.files_changed} changed, "
-            f"{self.files_unchanged} unchanged; {self.dirs} directories, "
-            f"{self.symlinks} symlinks",
+            f"{self.files_unchanged} unchanged; {plural(self.dirs, 'directory')}, "
+            f"{plural(self.symlinks, 'symlink')}",
             f"read {human_bytes(self.bytes_read)} of {human_bytes(self.total_size)}; "
             f"new data {human_bytes(self.bytes_new)}, "
             f"deduplicated {human_bytes(self.bytes_deduplicated)}",
-            f"stored {human_bytes(self.bytes_stored)} in {self.packs_written} packs "
+            f"stored {human_bytes(self.bytes_stored)} in {plural(self.packs_written, 'pack')} "
             f"({self.k}-of-{self.n} shards{self._code_note()})",
-            f"took {self.seconds:.1f} s ({rate:.1f} MB/s)",
+            f"took {self.seconds:.1f} s ({human_rate(self.bytes_read, self.seconds)})",
         ]
+        if self.dry_run:
+            lines[2] = (
+                f"would store about {human_bytes(self.bytes_stored)} in "
+                f"{plural(self.packs_written, 'pack')} ({self.k}-of-{self.n} shards)"
+            )
         if self.excluded:
-            lines.append(f"excluded {self.excluded} files and directories by pattern")
+            lines.append(
+                f"excluded {plural(self.excluded, 'file or directory', 'files and directories')}"
+            )
         for path, reason in self.skipped:
             lines.append(f"skipped {path}: {reason}")
         # Where every pack got all its shards, a peer passed over had its
@@ -185,16 +210,15 @@ class BackupSummary:
             lines.append(f"warning: peer {peer_id} {_PASSED_OVER[what]}{elsewhere}: {reason}")
         if self.below_n:
             weakest = min(self.below_n, key=lambda pack: pack.spare)
+            stored = (
+                "is stored below its n" if len(self.below_n) == 1 else "are stored below their n"
+            )
             lines.append(
-                f"warning: {len(self.below_n)} packs are stored below their n, "
+                f"warning: {plural(len(self.below_n), 'pack')} {stored}, "
                 f"on as few as {weakest.placed} of {weakest.n} peers: the weakest survives "
-                f"{_peers(weakest.spare)} lost, not {weakest.n - weakest.k}"
+                f"{plural(weakest.spare, 'more peer')} lost, not {weakest.n - weakest.k}"
             )
         return lines
-
-
-def _peers(count: int) -> str:
-    return f"{count} more peer" if count == 1 else f"{count} more peers"
 
 
 def normalize_paths(paths: Iterable[str | os.PathLike[str]]) -> list[bytes]:
@@ -223,8 +247,12 @@ class Backup:
         *,
         progress: Progress | None = None,
         exclude: ExcludeRules | None = None,
+        dry_run: bool = False,
+        skip_if_unchanged: bool = False,
     ) -> None:
         self.repo = repo
+        self.dry_run = dry_run
+        self.skip_if_unchanged = skip_if_unchanged
         self.exclude = exclude if exclude is not None else ExcludeRules()
         config = repo.config
         self.params = repo.chunker_params()
@@ -232,7 +260,11 @@ class Backup:
         #: Batches of at least this many files go to sealer processes.
         self.sealer_min_files = SEALER_MIN_FILES
         self.summary = BackupSummary(
-            k=config.k, n=config.n, configured_k=config.k, configured_n=config.n
+            k=config.k,
+            n=config.n,
+            configured_k=config.k,
+            configured_n=config.n,
+            dry_run=dry_run,
         )
         self.progress = progress or Progress("backup", enabled=False)
         self._deduper = Deduper(repo.index)
@@ -244,14 +276,15 @@ class Backup:
         targets = normalize_paths(paths)
         if not targets:
             raise UsageError("nothing to back up: give at least one path")
-        # Who is up and how much room each has, before the first pack: a dead
-        # peer costs one probe instead of a timeout per pack, and placement
-        # weighs the rest by their room.
-        await self.repo.probe_peers()
-        self.repo.check_enough_peers()
-        # Another home of this identity writing the root record would make
-        # this one's unpublishable: say so before uploading anything.
-        await self.repo.check_writer()
+        if not self.dry_run:
+            # Who is up and how much room each has, before the first pack: a
+            # dead peer costs one probe instead of a timeout per pack, and
+            # placement weighs the rest by their room.
+            await self.repo.probe_peers()
+            self.repo.check_enough_peers()
+            # Another home of this identity writing the root record would
+            # make this one's unpublishable: say so before uploading anything.
+            await self.repo.check_writer()
         started = time.monotonic()
         pipeline = Pipeline(
             self.repo,
@@ -261,6 +294,7 @@ class Backup:
             Sealers(sealwire.Setup(self._keys, self.params), self.sealer_min_files),
             job_done=self._job_done,
             pack_written=self._pack_written,
+            instead_of_storing=self._pack_counted if self.dry_run else None,
         )
         walk = TreeWalk(
             pipeline, self._file_cache, self.exclude, self.summary, self.repo.keyring.dedup_key
@@ -270,18 +304,25 @@ class Backup:
                 functools.partial(self._save_snapshot, walk, pipeline, targets, tuple(tags))
             )
         self.progress.close()
+        self.summary.seconds = time.monotonic() - started
+        if self.dry_run:
+            self.summary.snapshot_id = snapshot_id
+            return self.summary
         segment = await self.repo.write_index_segment(self.repo.index.packs_without_segment())
         if segment is not None:
             self.summary.placed(segment)
+        unchanged = self.summary.unchanged_since is not None
         with self.repo.index.transaction():
-            self.repo.index.add_snapshot(snapshot_id, snapshot)
+            if not unchanged:
+                self.repo.index.add_snapshot(snapshot_id, snapshot)
             self._file_cache.write_back()
-        await self.repo.publish_root()
+        if not unchanged or segment is not None:
+            await self.repo.publish_root()
         self.summary.passed_over = [
             (peer_id, what, reason)
             for peer_id, (what, reason) in sorted(self.repo.run.passed_over().items())
         ]
-        self.summary.snapshot_id = snapshot_id
+        self.summary.snapshot_id = b"" if unchanged else snapshot_id
         self.summary.seconds = time.monotonic() - started
         return self.summary
 
@@ -292,6 +333,12 @@ class Backup:
         sent once every blob it refers to is."""
         root = await walk.save(targets)
         summary = self.summary
+        if self.skip_if_unchanged:
+            parent = self._parent(targets)
+            if parent is not None and await self._unchanged(parent[1], root, walk, targets):
+                summary.unchanged_since = parent[0]
+                pipeline.drop_unsent()
+                return parent
         snapshot = Snapshot(
             time_ns=time.time_ns(),
             hostname=socket.gethostname(),
@@ -307,6 +354,37 @@ class Backup:
             summary.blobs_new += 1
         return snapshot_id, snapshot
 
+    def _parent(self, targets: list[bytes]) -> tuple[bytes, Snapshot] | None:
+        """The newest snapshot of the same paths from this host (module docstring)."""
+        host = socket.gethostname()
+        same = [
+            (sid, snap)
+            for sid, snap in self.repo.index.snapshots()
+            if snap.paths == tuple(targets) and snap.hostname == host
+        ]
+        return max(same, key=lambda row: (row[1].time_ns, row[0]), default=None)
+
+    async def _unchanged(
+        self, parent: Snapshot, root: bytes, walk: TreeWalk, targets: list[bytes]
+    ) -> bool:
+        """Whether every target is as in ``parent``: its node (metadata and
+        whole tree below) the same. The directories above the targets are
+        not compared: their mtimes change as other files come and go beside
+        the targets, which is not a change to what is backed up."""
+        if parent.tree == root:
+            return True
+        for target in targets:
+            node = walk.target_nodes.get(target)
+            if node is None:  # "/" itself, or a target that could not be read
+                return False
+            try:
+                before = await snapshots.find_node(self.repo, parent, target)
+            except (NotEnoughShardsError, UsageError):
+                return False  # unreadable or not there: no reason to skip
+            if before != node:
+                return False
+        return True
+
     def _job_done(self, job: Job) -> None:
         summary = self.summary
         summary.bytes_read += job.bytes_read
@@ -317,6 +395,13 @@ class Backup:
             f"{summary.files_new + summary.files_changed + summary.files_unchanged}"
             f" files, {human_bytes(summary.bytes_read)} read"
         )
+
+    def _pack_counted(self, builder: packer.PackBuilder) -> None:
+        """A dry run's pack: counted as the configured code would store it."""
+        summary = self.summary
+        summary.packs_written += 1
+        shard = erasure.shard_length(builder.size, summary.k) + formats.SHARD_HEADER_SIZE
+        summary.bytes_stored += summary.n * shard
 
     def _pack_written(self, record: PackRecord) -> None:
         summary = self.summary

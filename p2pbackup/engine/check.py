@@ -28,7 +28,7 @@ import attrs
 import trio
 
 from p2pbackup.core import blobs, formats, packer
-from p2pbackup.engine.progress import Progress
+from p2pbackup.engine.progress import Progress, plural
 from p2pbackup.engine.repository import Repository
 from p2pbackup.engine.snapshots import reach
 from p2pbackup.errors import IntegrityError, NotEnoughShardsError, StoreError
@@ -116,12 +116,13 @@ class CheckSummary:
 
     def lines(self) -> list[str]:
         lines = [
-            f"{self.packs} packs: {self.healthy} healthy, {self.degraded} degraded, "
+            f"{plural(self.packs, 'pack')}: {self.healthy} healthy, {self.degraded} degraded, "
             f"{self.unrecoverable} unrecoverable",
-            f"{self.shards_missing} shards missing, {self.shards_corrupt} corrupt, "
+            f"{plural(self.shards_missing, 'shard')} missing, {self.shards_corrupt} corrupt, "
             f"{self.shards_unreachable} on peers that did not answer, "
             f"{self.shards_unplaced} never placed, "
-            f"{self.orphan_shards} orphaned; {self.blobs_checked} blobs read and verified",
+            f"{self.orphan_shards} orphaned; "
+            f"{plural(self.blobs_checked, 'blob')} read and verified",
         ]
         lines.extend(
             f"peer {peer} did not answer: {why}" for peer, why in self.peers_unreachable.items()

@@ -46,7 +46,7 @@ class ListingAhead:
             if self._walk_ahead is None or attempt:
                 # The first directory of a target, or the walk ahead lost its way.
                 self._listings.clear()
-                self._walk_ahead = _walk_listings(path, self._exclude)
+                self._walk_ahead = _walk_listings(path, self._exclude, None)
             listings = await trio.to_thread.run_sync(_list_ahead, self._walk_ahead, _LISTING_BUDGET)
             if not listings:
                 self._walk_ahead = None
@@ -57,22 +57,28 @@ class ListingAhead:
         raise AssertionError(f"a walk from {path!r} did not list it first")
 
 
-def _walk_listings(root: bytes, exclude: ExcludeRules) -> Iterator[tuple[bytes, Listing]]:
-    """Every directory from ``root`` down with its listing, in the walk's own
-    order: depth first, entries by name, excluded directories not entered, an
-    error standing in for a directory that cannot be listed."""
+def _walk_listings(
+    root: bytes, exclude: ExcludeRules, device: int | None
+) -> Iterator[tuple[bytes, Listing]]:
+    """Every directory from ``root`` (on ``device``; None: not known yet)
+    down with its listing, in the walk's own order: depth first, entries by
+    name, directories the walk leaves out (:meth:`ExcludeRules.leaves_out`,
+    :meth:`ExcludeRules.marked`) not entered, an error standing in for a
+    directory that cannot be listed."""
     try:
         entries: Listing = _list_dir(root)
+        if device is None and exclude.one_file_system:
+            device = os.lstat(root).st_dev
     except OSError as exc:
         entries = exc
     yield root, entries
-    if isinstance(entries, OSError):
+    if isinstance(entries, OSError) or exclude.marked(name for name, _st in entries):
         return
     prefix = root.rstrip(b"/")
     for name, st in entries:
         below = prefix + b"/" + name
-        if stat.S_ISDIR(st.st_mode) and not exclude.excludes(below):
-            yield from _walk_listings(below, exclude)
+        if stat.S_ISDIR(st.st_mode) and not exclude.leaves_out(below, st.st_dev, device):
+            yield from _walk_listings(below, exclude, st.st_dev)
 
 
 def _list_ahead(walk: Iterator[tuple[bytes, Listing]], budget: int) -> list[tuple[bytes, Listing]]:

@@ -213,6 +213,7 @@ class Pipeline:
         *,
         job_done: Callable[[Job], None],
         pack_written: Callable[[PackRecord], None],
+        instead_of_storing: Callable[[packer.PackBuilder], None] | None = None,
     ) -> None:
         self._repo = repo
         self._params = params
@@ -221,6 +222,10 @@ class Pipeline:
         self._sealers = sealers
         self._job_done = job_done
         self._pack_written = pack_written
+        #: A dry run's: each full pack goes here, and nowhere else.
+        self._instead_of_storing = instead_of_storing
+        #: Set by :meth:`drop_unsent`.
+        self._drop_unsent = False
         self._pack_size = repo.config.pack_size
         self._job_send: trio.MemorySendChannel[Job] | None = None
         self._pack_send: trio.MemorySendChannel[list[_Sealed]] | None = None
@@ -291,6 +296,13 @@ class Pipeline:
         sealed = blobs.seal_blob(self._repo.keyring.data_key, blob_type, ident, plaintext)
         await self._forward([_Sealed(blob_type, ident, sealed, len(plaintext))])
         return True
+
+    def drop_unsent(self) -> None:
+        """Store none of the blobs still waiting for a pack when the run
+        ends: a backup that skips as unchanged needs none (every blob below
+        its targets is stored already; the trees above them, new only as
+        their mtimes changed, are not wanted)."""
+        self._drop_unsent = True
 
     async def _submit(self, job: Job) -> None:
         assert self._job_send is not None
@@ -392,10 +404,13 @@ class Pipeline:
                         builder = builders[is_data] = packer.PackBuilder(target)
                     builder.add(item.blob_type, item.ident, item.sealed, item.raw_length)
             for builder in builders.values():
-                if len(builder):
+                if len(builder) and not self._drop_unsent:
                     await send.send(builder)
 
     async def _uploader(self, receive: trio.MemoryReceiveChannel[packer.PackBuilder]) -> None:
         async with receive:
             async for builder in receive:
+                if self._instead_of_storing is not None:
+                    self._instead_of_storing(builder)
+                    continue
                 self._pack_written(await self._repo.write_pack(builder))

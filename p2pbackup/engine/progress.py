@@ -1,8 +1,14 @@
-"""Progress lines on stderr for long work, shown only when stderr is a terminal.
+"""Progress lines on stderr for long work, shown only when stderr is a terminal,
+and the human units every command's lines use.
 
 A command the daemon runs for a client (see :mod:`p2pbackup.node.control`) formats
 its progress there and hands each line to a **sink**, which sends it to the
 client; the client shows it in place with :func:`terminal_line`.
+
+**Human units**: sizes in binary units (:func:`human_bytes`: ``12.3 MiB``),
+rates in the same units a second (:func:`human_rate`), and counts with their
+noun in the number it needs (:func:`plural`: ``1 pack``, ``2 packs``). Every
+line a command prints goes through these, not through a formatting of its own.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ def terminal_line(stream: TextIO) -> Callable[[str], None]:
 
 
 def human_bytes(count: float) -> str:
+    """``512 B``, ``1.5 KiB``, ``12.3 MiB`` … ``TiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(count) < 1024 or unit == "TiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
@@ -74,8 +81,19 @@ def human_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
-def plural(count: int, noun: str) -> str:
-    """``count`` and ``noun``, in the plural unless ``count`` is 1 ("3 copies")."""
+def human_rate(count: float, seconds: float) -> str:
+    """``count`` bytes over ``seconds``, a second, in :func:`human_bytes`'
+    units (``16.1 MiB/s``; ``0 B/s`` for no time)."""
+    return f"{human_bytes(count / seconds if seconds > 0 else 0)}/s"
+
+
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """``count`` with ``noun``, or its plural ``many`` (by default the noun
+    with ``s``, or ``y`` made ``ies`` after a consonant): ``1 pack``,
+    ``0 directories``."""
     if count == 1:
         return f"{count} {noun}"
-    return f"{count} {noun[:-1]}ies" if noun.endswith("y") else f"{count} {noun}s"
+    if many is None:
+        consonant_y = noun.endswith("y") and noun[-2:-1] not in ("a", "e", "i", "o", "u")
+        many = noun[:-1] + "ies" if consonant_y else noun + "s"
+    return f"{count} {many}"

@@ -33,7 +33,7 @@ import attrs
 import trio
 
 from p2pbackup.core import formats, packer
-from p2pbackup.engine.progress import Progress, human_bytes
+from p2pbackup.engine.progress import Progress, human_bytes, plural
 from p2pbackup.engine.repository import Repository
 from p2pbackup.engine.snapshots import live_blobs
 from p2pbackup.errors import P2PBackupError, StoreError
@@ -76,31 +76,27 @@ class PruneSummary:
         verbs = ("would delete", "repack", "replace") if self.dry_run else (
             "deleted", "repacked", "replaced")  # fmt: skip
         lines = [
-            f"{verbs[0]} {_count(self.packs_deleted, 'dead pack')}, {verbs[1]} "
-            f"{_count(self.packs_repacked, 'mostly dead pack')} into "
-            f"{_count(self.packs_written, 'new one')}"
+            f"{verbs[0]} {plural(self.packs_deleted, 'dead pack')}, {verbs[1]} "
+            f"{plural(self.packs_repacked, 'mostly dead pack')} into "
+            f"{plural(self.packs_written, 'new one')}"
             + (
-                f", and {verbs[2]} {_count(self.index_packs_replaced, 'index pack')} with one"
+                f", and {verbs[2]} {plural(self.index_packs_replaced, 'index pack')} with one"
                 if self.index_packs_replaced
                 else ""
             ),
         ]
         if self.dry_run:
             lines.append(
-                f"would delete {_count(self.orphan_shards_deleted, 'orphaned shard')}; "
+                f"would delete {plural(self.orphan_shards_deleted, 'orphaned shard')}; "
                 f"free about {human_bytes(self.bytes_freed)} (--dry-run: nothing was changed)"
             )
         else:
             lines.append(
-                f"deleted {_count(self.shards_deleted, 'shard')} of replaced packs and "
-                f"{_count(self.orphan_shards_deleted, 'orphaned shard')}; "
+                f"deleted {plural(self.shards_deleted, 'shard')} of replaced packs and "
+                f"{plural(self.orphan_shards_deleted, 'orphaned shard')}; "
                 f"freed about {human_bytes(self.bytes_freed)}"
             )
         return lines
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 @attrs.frozen
@@ -261,7 +257,7 @@ async def _repack(repo: Repository, repack: tuple[Repack, ...], progress: Progre
     the ids of the packs written."""
     if not repack:
         return []
-    progress.update(f"repacking {len(repack)} packs", force=True)
+    progress.update(f"repacking {plural(len(repack), 'pack')}", force=True)
     written: list[bytes] = []
     pack_size = repo.config.pack_size
     builder = packer.PackBuilder(pack_size)

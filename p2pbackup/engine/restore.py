@@ -53,7 +53,7 @@ import trio
 from p2pbackup.core import blobs, chunker, formats, packer
 from p2pbackup.core.exclude import ExcludeRules
 from p2pbackup.engine import runtime
-from p2pbackup.engine.progress import Progress, human_bytes
+from p2pbackup.engine.progress import Progress, human_bytes, human_rate, plural
 from p2pbackup.engine.repository import Repository
 from p2pbackup.engine.treediff import same_content
 from p2pbackup.errors import NotEnoughShardsError, P2PBackupError, UsageError
@@ -102,17 +102,24 @@ class RestoreSummary:
         return data
 
     def lines(self) -> list[str]:
-        rate = self.bytes_written / self.seconds / 1e6 if self.seconds > 0 else 0.0
         lines = [
-            f"restored {self.files} files, {self.dirs} directories, {self.symlinks} symlinks"
-            + (f", {self.specials} fifos and devices" if self.specials else "")
-            + f"; {human_bytes(self.bytes_written)} in {self.seconds:.1f} s ({rate:.1f} MB/s)",
+            f"restored {plural(self.files, 'file')}, {plural(self.dirs, 'directory')}, "
+            f"{plural(self.symlinks, 'symlink')}"
+            + (
+                f", {plural(self.specials, 'fifo or device', 'fifos and devices')}"
+                if self.specials
+                else ""
+            )
+            + f"; {human_bytes(self.bytes_written)} in {self.seconds:.1f} s "
+            f"({human_rate(self.bytes_written, self.seconds)})",
         ]
         if self.identical:
-            lines.append(f"{self.identical} files were already present with the same content")
+            were = "was" if self.identical == 1 else "were"
+            lines.append(
+                f"{plural(self.identical, 'file')} {were} already present with the same content"
+            )
         if self.filtered:
-            entries = "entry" if self.filtered == 1 else "entries"
-            lines.append(f"left out {self.filtered} {entries} by --include/--exclude")
+            lines.append(f"left out {plural(self.filtered, 'entry')} by --include/--exclude")
         if self.verified is not None:
             files = "file" if self.verified == 1 else "files"
             lines.append(
@@ -399,7 +406,8 @@ class Restorer:
         if completed:
             await self._finish_files(completed)
         self.progress.update(
-            f"{self.summary.files} files, {human_bytes(self.summary.bytes_written)} written"
+            f"{plural(self.summary.files, 'file')}, "
+            f"{human_bytes(self.summary.bytes_written)} written"
         )
 
     def _write_pieces(

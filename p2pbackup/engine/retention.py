@@ -40,6 +40,12 @@ import attrs
 from p2pbackup.errors import UsageError
 from p2pbackup.model import Snapshot
 
+
+def tag_group(text: str) -> tuple[str, ...]:
+    """The tags of one ``--tag a,b`` option: comma-separated, each once."""
+    return tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+
+
 #: The keys snapshots may be grouped by, and the default grouping.
 GROUP_KEYS: Final = ("host", "paths", "tags")
 DEFAULT_GROUP_BY: Final = ("paths", "tags")
@@ -133,9 +139,7 @@ class RetentionPolicy:
             keep_monthly=keep_monthly,
             keep_yearly=keep_yearly,
             keep_within=KeepDuration.parse(keep_within) if keep_within else KeepDuration(),
-            keep_tags=tuple(
-                tuple(t.strip() for t in text.split(",") if t.strip()) for text in keep_tag
-            ),
+            keep_tags=tuple(tag_group(text) for text in keep_tag),
         )
 
     @property

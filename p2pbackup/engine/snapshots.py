@@ -3,6 +3,16 @@
 A **snapshot reference** is a full id in hex, a unique prefix of one, or
 ``latest``. Forgetting a snapshot only drops it from the index and the root
 record; ``prune`` then frees the space its data alone used.
+
+A **snapshot filter** (:class:`SnapshotFilter`) chooses snapshots by tags,
+paths and host, with restic's rules: a snapshot matches when it carries
+every tag of any one **tag group** (``--tag a,b --tag c``: a and b, or c),
+every path asked for, and any one of the hosts asked for.
+
+**Retagging** (:func:`retag`) rewrites snapshots' tags as restic does: each
+snapshot whose tags change is stored again as a new snapshot blob with the
+new tags (so a new id) that replaces the old one in the index and the root
+record; the old blob is left for ``prune``.
 """
 
 from __future__ import annotations
@@ -13,8 +23,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 
 import attrs
+import trio
 
-from p2pbackup.core import formats
+from p2pbackup.core import blobs, formats, packer
 from p2pbackup.engine import retention
 from p2pbackup.engine.index import Index
 from p2pbackup.engine.repository import Repository
@@ -37,6 +48,54 @@ def resolve(index: Index, ref: str) -> tuple[bytes, Snapshot]:
         ids = ", ".join(m[0].hex()[:12] for m in matches)
         raise UsageError(f"{ref!r} is ambiguous: it matches {ids}")
     return matches[0]
+
+
+def tag_groups(options: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    """restic's ``--tag`` options: each a group of comma-separated tags."""
+    groups = []
+    for text in options:
+        group = retention.tag_group(text)
+        if not group:
+            raise UsageError(f"--tag {text!r} names no tag")
+        groups.append(group)
+    return tuple(groups)
+
+
+def tag_list(options: Sequence[str]) -> tuple[str, ...]:
+    """Tags given as options that each may hold several, comma-separated."""
+    return tuple(dict.fromkeys(t for text in options for t in retention.tag_group(text)))
+
+
+@attrs.frozen
+class SnapshotFilter:
+    """Which snapshots a command looks at (module docstring); empty: all."""
+
+    tags: tuple[tuple[str, ...], ...] = ()
+    paths: tuple[bytes, ...] = ()
+    hosts: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(
+        cls, *, tag: Sequence[str] = (), path: Sequence[str] = (), host: Sequence[str] = ()
+    ) -> SnapshotFilter:
+        for text in path:
+            if not os.path.isabs(text):
+                raise UsageError(f"--path {text!r} must be an absolute path")
+        return cls(
+            tags=tag_groups(tag),
+            paths=tuple(os.fsencode(os.path.normpath(p)) for p in path),
+            hosts=tuple(host),
+        )
+
+    def matches(self, snapshot: Snapshot) -> bool:
+        if self.hosts and snapshot.hostname not in self.hosts:
+            return False
+        if self.paths and not set(self.paths) <= set(snapshot.paths):
+            return False
+        return not self.tags or any(set(group) <= set(snapshot.tags) for group in self.tags)
+
+    def select(self, rows: Sequence[tuple[bytes, Snapshot]]) -> list[tuple[bytes, Snapshot]]:
+        return [row for row in rows if self.matches(row[1])]
 
 
 async def load_tree(repo: Repository, tree_id: bytes) -> Tree:
@@ -202,3 +261,85 @@ async def apply_retention(
     if not dry_run:
         await forget_ids(repo, decision.removed)
     return decision
+
+
+@attrs.frozen
+class Retagged:
+    """One snapshot :func:`retag` was asked to change."""
+
+    old_id: bytes
+    #: The snapshot that replaces it; equal to ``old_id`` when its tags were
+    #: already those asked for (nothing was written).
+    new_id: bytes
+    tags: tuple[str, ...]
+
+    @property
+    def changed(self) -> bool:
+        return self.new_id != self.old_id
+
+
+def new_tags(
+    tags: Sequence[str],
+    *,
+    add: Sequence[str] = (),
+    remove: Sequence[str] = (),
+    replace: Sequence[str] | None = None,
+) -> tuple[str, ...]:
+    """``tags`` replaced by ``replace`` (when given), then with ``add``
+    appended and ``remove`` taken out; each tag once, in order."""
+    base = list(replace) if replace is not None else list(tags)
+    dropped = set(remove)
+    return tuple(t for t in dict.fromkeys([*base, *add]) if t not in dropped)
+
+
+async def retag(
+    repo: Repository,
+    refs: Sequence[str],
+    *,
+    add: Sequence[str] = (),
+    remove: Sequence[str] = (),
+    replace: Sequence[str] | None = None,
+) -> list[Retagged]:
+    """Give the snapshots ``refs`` name new tags (module docstring): the new
+    snapshot blobs go to the peers in one pack, which an index segment names
+    (a recovered home finds them), before the index and the root record swap
+    each old snapshot for its new one."""
+    chosen = dict(resolve(repo.index, ref) for ref in refs)
+    results: list[Retagged] = []
+    rewritten: list[tuple[bytes, bytes, Snapshot]] = []
+    builders = [packer.PackBuilder(repo.config.pack_size)]
+    queued: set[bytes] = set()
+    for old_id, snap in chosen.items():
+        tags = new_tags(snap.tags, add=add, remove=remove, replace=replace)
+        if tags == snap.tags:
+            results.append(Retagged(old_id, old_id, tags))
+            continue
+        new = attrs.evolve(snap, tags=tags)
+        data = formats.encode_snapshot(new)
+        new_id = blobs.blob_id(repo.keyring.dedup_key, data)
+        results.append(Retagged(old_id, new_id, tags))
+        rewritten.append((old_id, new_id, new))
+        if not repo.index.has_blob(new_id) and new_id not in queued:
+            queued.add(new_id)
+            sealed = await trio.to_thread.run_sync(
+                blobs.seal_blob, repo.keyring.data_key, BlobType.SNAPSHOT, new_id, data
+            )
+            if not builders[-1].fits(len(sealed)):
+                builders.append(packer.PackBuilder(repo.config.pack_size))
+            builders[-1].add(BlobType.SNAPSHOT, new_id, sealed, len(data))
+    if not rewritten:
+        return results
+    await repo.check_writer()  # before anything is written
+    if queued:
+        await repo.probe_peers()
+        repo.check_enough_peers()
+        for builder in builders:
+            await repo.write_pack(builder)
+        await repo.write_index_segment(repo.index.packs_without_segment())
+    with repo.index.transaction():
+        for old_id, new_id, new in rewritten:
+            repo.index.add_snapshot(new_id, new)
+            if old_id != new_id:
+                repo.index.remove_snapshot(old_id)
+    await repo.publish_root()
+    return results

@@ -196,10 +196,16 @@ class TreeWalk:
         self._listings = ListingAhead(exclude)
         self._hardlinks = HardLinks[FileWork]()
         self._trees: trio.Nursery | None = None
+        self._targets: frozenset[bytes] = frozenset()
+        #: Each target's own node as stored (the root "/" has none), once
+        #: :meth:`save` returned: what a backup that skips if unchanged
+        #: compares with its parent's.
+        self.target_nodes: dict[bytes, TreeNode] = {}
 
     async def save(self, targets: list[bytes]) -> bytes:
         """Walk from / down to every target; the id of the root tree, once
         every tree below it is stored."""
+        self._targets = frozenset(targets)
         async with trio.open_nursery() as trees:
             self._trees = trees
             root_future = await self._save_root(targets)
@@ -221,7 +227,7 @@ class TreeWalk:
             if parts:
                 level[parts[-1]] = None
         if not layout:  # the target is "/" itself
-            return await self._save_dir(b"/")
+            return await self._save_dir(b"/", os.lstat(b"/").st_dev)
         return await self._save_layout(b"", layout)
 
     async def _save_layout(self, prefix: bytes, layout: dict[bytes, object]) -> _TreeFuture:
@@ -235,29 +241,37 @@ class TreeWalk:
             else:
                 assert isinstance(below, dict)
                 subdirs[name] = below
-        return await self._save_entries(prefix, entries, subdirs)
+        return await self._save_entries(prefix, entries, subdirs, None)
 
-    async def _save_dir(self, path: bytes) -> _TreeFuture:
+    async def _save_dir(self, path: bytes, device: int) -> _TreeFuture:
+        """Plan the directory ``path`` (on ``device``), unless it cannot be
+        listed or holds a marker (then it is left out: the future fails)."""
         listing = await self._listings.listing(path)
         if isinstance(listing, OSError):
             self._tally.skipped.append((os.fsdecode(path), f"cannot list: {listing.strerror}"))
             return _TreeFuture.failed()
+        if self._exclude.marked(name for name, _st in listing):
+            self._tally.excluded += 1
+            return _TreeFuture.failed()
         self._tally.dirs += 1
-        return await self._save_entries(path.rstrip(b"/"), listing, {})
+        return await self._save_entries(path.rstrip(b"/"), listing, {}, device)
 
     async def _save_entries(
         self,
         prefix: bytes,
         entries: list[tuple[bytes, os.stat_result]],
         layout_dirs: dict[bytes, dict[bytes, object]],
+        device: int | None,
     ) -> _TreeFuture:
-        """Plan one directory: its files go to the workers, its subdirectories
-        are walked, and a task stores its tree once all of them are done."""
+        """Plan one directory (on ``device``; None for the directories above
+        the targets and the targets themselves): its files go to the workers,
+        its subdirectories are walked, and a task stores its tree once all of
+        them are done."""
         pending: list[_Entry] = []
         cache = self._file_cache.directory(prefix)
         for name, st in entries:
             path = prefix + b"/" + name
-            if self._exclude.excludes(path):
+            if self._exclude.leaves_out(path, st.st_dev, device):
                 self._tally.excluded += 1
                 continue
             entry = _Entry(name, path, st=st)
@@ -265,7 +279,7 @@ class TreeWalk:
             if stat.S_ISREG(st.st_mode):
                 await self._plan_file(entry, path, st, cache)
             elif stat.S_ISDIR(st.st_mode):
-                entry.subtree = await self._save_dir(path)
+                entry.subtree = await self._save_dir(path, st.st_dev)
             else:
                 entry.node = self._special_node(path, name, st)
         for name in sorted(layout_dirs):
@@ -310,7 +324,11 @@ class TreeWalk:
         if node is None:
             return None
         xattrs = read_xattrs(entry.path)
-        return attrs.evolve(node, xattrs=xattrs) if xattrs else node
+        if xattrs:
+            node = attrs.evolve(node, xattrs=xattrs)
+        if entry.path in self._targets:
+            self.target_nodes[entry.path] = node
+        return node
 
     async def _entry_node(self, entry: _Entry) -> TreeNode | None:
         tally = self._tally

@@ -61,7 +61,7 @@ import trio
 from p2pbackup.core import formats
 from p2pbackup.engine import shards
 from p2pbackup.engine.index import DisplacedShard, Index
-from p2pbackup.engine.progress import Progress, human_bytes
+from p2pbackup.engine.progress import Progress, human_bytes, plural
 from p2pbackup.engine.repository import PROBE_SECONDS, Repository, host_of
 from p2pbackup.errors import (
     IntegrityError,
@@ -240,21 +240,22 @@ class RepairReport:
                 f"({_duration(self.grace)}; `--grace 0` counts them lost)"
             )
         return (
-            f"{len(bad)} of {self.packs} packs could not be brought back to the {needed} "
+            f"{len(bad)} of {plural(self.packs, 'pack')} could not be brought back to the {needed} "
             f"healthy shards needed to read them: {'; '.join(why)}"
         )
 
     def lines(self) -> list[str]:
         lines = [
             f"peers: {self.peers_answered} of {self.peers} answered",
-            f"{self.packs} packs: {len(self.repaired)} repaired "
-            f"({self.shards_rebuilt} shards rebuilt, {self.shards_reinstated} counted again "
-            f"as their peers came back, {self.shards_deleted} deleted); "
+            f"{plural(self.packs, 'pack')}: {len(self.repaired)} repaired "
+            f"({plural(self.shards_rebuilt, 'shard')} rebuilt, "
+            f"{self.shards_reinstated} counted again as their peers came back, "
+            f"{self.shards_deleted} deleted); "
             f"{human_bytes(self.bytes_received)} received, {human_bytes(self.bytes_sent)} sent",
         ]
         if self.shards_verified or self.shards_failed:
             lines.append(
-                f"read back and verified {self.shards_verified} shards; "
+                f"read back and verified {plural(self.shards_verified, 'shard')}; "
                 f"{self.shards_failed} were corrupt or missing"
             )
         at_r = [o for o in self.outcomes if not o.below_threshold]
@@ -265,7 +266,8 @@ class RepairReport:
         if limited:
             lowest = min(o.healthy for o in limited)
             lines.append(
-                f"{len(limited)} packs have as many healthy shards as the peers allow "
+                f"{plural(len(limited), 'pack')} {'has' if len(limited) == 1 else 'have'} "
+                "as many healthy shards as the peers allow "
                 f"(at least {lowest}, below the repair threshold of "
                 f"{min(o.decision.threshold for o in limited)}): no other usable peer "
                 "holds none of their shards with room; add peers to bring them back"
@@ -273,7 +275,8 @@ class RepairReport:
         waiting = self.waiting
         if waiting:
             lines.append(
-                f"{len(waiting)} packs wait for peers offline within the grace period "
+                f"{plural(len(waiting), 'pack')} {'waits' if len(waiting) == 1 else 'wait'} "
+                "for peers offline within the grace period "
                 f"({_duration(self.grace)})"
             )
         lines.extend(f"problem: {p}" for p in self.problems)
@@ -686,7 +689,7 @@ class _Pass:
                 problem=problem,
             )
         )
-        self.progress.update(f"{len(self.report.outcomes)} packs checked")
+        self.progress.update(f"{plural(len(self.report.outcomes), 'pack')} checked")
 
     async def delete(self, pack_id: bytes, copies: Iterable[ShardCopy]) -> None:
         """Ask each copy's peer to delete it; a peer that does not answer

@@ -61,7 +61,7 @@ import attrs
 
 from p2pbackup.core import formats
 from p2pbackup.engine.index import Index, RepairCount, Traffic
-from p2pbackup.engine.progress import human_bytes
+from p2pbackup.engine.progress import human_bytes, plural
 from p2pbackup.engine.repository import PROBE_SECONDS, Repository
 from p2pbackup.maintenance import auditor, repairer
 from p2pbackup.maintenance.repair import RepairPolicy, ShardState, reachability
@@ -165,22 +165,26 @@ class DataHealth:
         lines = []
         if self.min_margin is not None and self.min_margin >= 0:
             lines.append(
-                f"data: all {self.packs} packs ≥ {self.min_healthy} healthy shards "
+                f"data: {'the one pack' if self.packs == 1 else f'all {self.packs} packs'} "
+                f"≥ {self.min_healthy} healthy shards "
                 f"(≥ {self.min_margin} more than needed)"
             )
         if self.at_risk:
             lines.append(
-                f"{self.at_risk} packs at risk: fewer than {SAFE_MARGIN} spare healthy shards"
+                f"{plural(self.at_risk, 'pack')} at risk: "
+                f"fewer than {SAFE_MARGIN} spare healthy shards"
             )
         if self.unrecoverable:
             lines.append(
-                f"{self.unrecoverable} packs unrecoverable: fewer healthy shards than needed, "
+                f"{plural(self.unrecoverable, 'pack')} unrecoverable: "
+                "fewer healthy shards than needed, "
                 "until their peers come back"
             )
         if self.below_threshold:
             lines.append(
-                f"{self.below_threshold} packs below the repair threshold: the next repair "
-                "pass rebuilds their missing shards (`p2pbackup repair` runs one now)"
+                f"{plural(self.below_threshold, 'pack')} below the repair threshold: "
+                "the next repair pass rebuilds their missing shards "
+                "(`p2pbackup repair` runs one now)"
             )
         return lines
 
@@ -266,10 +270,12 @@ class Status:
             lines.append(
                 f"peer {peer.peer_id[:16]} {friend}{peer.kind} at {peer.location}"
                 f"{_route(peer)}: {state}, "
-                f"{seen}; {_audits(peer)}; holds {peer.shards_held_for_us} shards of ours "
-                f"({peer.bytes_held_for_us} bytes); "
-                f"we keep {peer.bytes_we_hold_for_it} bytes for it; "
-                f"balance {peer.balance:+d} bytes; {_offer(peer)}"
+                f"{seen}; {_audits(peer)}; "
+                f"holds {plural(peer.shards_held_for_us, 'shard')} of ours "
+                f"({human_bytes(peer.bytes_held_for_us)}); "
+                f"we keep {human_bytes(peer.bytes_we_hold_for_it)} for it; "
+                f"balance {'-' if peer.balance < 0 else '+'}{human_bytes(abs(peer.balance))}; "
+                f"{_offer(peer)}"
             )
             lines.append(f"  {peer.maintenance.describe()}")
         lines.extend(self.data.lines())

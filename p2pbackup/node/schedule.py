@@ -10,6 +10,8 @@ Nouns:
       paths = ["/home/me"]          # what to back up
       interval = "6h"               # how often: seconds, or a number with s, m, h, d
       exclude = ["*.tmp", ".cache"] # patterns, as `backup --exclude` takes them
+      exclude_if_present = ["CACHEDIR.TAG"]  # as `backup --exclude-if-present`
+      one_file_system = true        # as `backup --one-file-system`
       tags = ["scheduled"]          # tags for the snapshots (optional)
 
       [storage]
@@ -417,7 +419,9 @@ def _parse_forget(table: object, where: str) -> RetentionConfig:
 def _parse_backup(table: object, where: str) -> BackupSchedule:
     if not isinstance(table, dict):
         raise UsageError(f"{where}: [backup] must be a table")
-    unknown = set(table) - {"paths", "interval", "exclude", "tags"}
+    unknown = set(table) - {
+        "paths", "interval", "exclude", "exclude_if_present", "one_file_system", "tags"
+    }  # fmt: skip
     if unknown:
         raise UsageError(f"{where}: unknown [backup] settings {', '.join(sorted(unknown))}")
     if "interval" not in table:
@@ -426,10 +430,17 @@ def _parse_backup(table: object, where: str) -> BackupSchedule:
     for path in paths:
         if not path.startswith("/"):
             raise UsageError(f"{where}: backup path {path!r} must be absolute")
+    one_file_system = table.get("one_file_system", False)
+    if not isinstance(one_file_system, bool):
+        raise UsageError(f"{where}: [backup] one_file_system must be true or false")
     return BackupSchedule(
         paths=paths,
         interval=parse_interval(table["interval"], f"{where}: [backup]"),
-        exclude=ExcludeRules.from_patterns(_strings(table.get("exclude"), f"{where}: exclude")),
+        exclude=ExcludeRules.from_patterns(
+            _strings(table.get("exclude"), f"{where}: exclude"),
+            if_present=_strings(table.get("exclude_if_present"), f"{where}: exclude_if_present"),
+            one_file_system=one_file_system,
+        ),
         tags=_strings(table.get("tags"), f"{where}: tags"),
     )
 

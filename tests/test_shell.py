@@ -130,3 +130,17 @@ def test_help_that_looks_like_roff_is_escaped() -> None:
     page = manual_page(parser)
     assert "\n.dot" not in page and "\n'quoted" not in page
     assert "\\e backslashed" in page
+
+
+def test_every_flag_and_argument_has_help() -> None:
+    def missing(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action._name_parser_map.items():
+                    found += missing(sub, f"{prefix} {name}".strip())
+            elif not action.help and not isinstance(action, argparse._HelpAction):
+                found.append(f"{prefix}: {'/'.join(action.option_strings) or action.dest}")
+        return found
+
+    assert missing(build_parser()) == []

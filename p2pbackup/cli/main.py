@@ -652,7 +652,9 @@ _Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _json_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of lines (docs/usage.md)"
+    )
 
 
 def _limit_options(p: argparse.ArgumentParser) -> None:
@@ -693,10 +695,10 @@ def _add_peer(commands: _Commands) -> None:
     peer = commands.add_parser("peer", help="manage peers")
     sub = peer.add_subparsers(dest="peer_command", required=True, metavar="COMMAND")
     p = sub.add_parser("add-dir", help="use a local folder (e.g. an external disk) as a peer")
-    p.add_argument("path")
+    p.add_argument("path", metavar="PATH", help="the folder (made a peer folder if it is empty)")
     p.set_defaults(request=requests.PeerAddDirRequest)
     p = sub.add_parser("add", help="use a storage node on the network as a peer")
-    p.add_argument("address", metavar="HOST:PORT")
+    p.add_argument("address", metavar="HOST:PORT", help="where the node listens")
     p.add_argument("node_id", metavar="NODE_ID", help="as `p2pbackup id` prints it on that node")
     p.set_defaults(request=requests.PeerAddRequest)
     p = sub.add_parser("list", help="list peers")
@@ -752,7 +754,7 @@ def _add_identity(commands: _Commands) -> None:
     _json_option(p)
     p.set_defaults(func=cmd_invite)
     p = commands.add_parser("lookup", help="find a node's contact record in the DHT")
-    p.add_argument("node_id", metavar="NODE_ID")
+    p.add_argument("node_id", metavar="NODE_ID", help="the node to find (40 hex digits)")
     _addresses_option(p, "bootstrap", "a DHT node to ask (repeatable)")
     _json_option(p)
     p.set_defaults(func=cmd_lookup)
@@ -833,7 +835,12 @@ def _add_node(commands: _Commands) -> None:
 
 def _add_backup_and_restore(commands: _Commands) -> None:
     p = commands.add_parser("backup", help="back up files and directories")
-    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="files and directories to back up (absolute or relative)",
+    )
     p.add_argument(
         "--exclude",
         action="append",
@@ -939,13 +946,17 @@ def _add_backup_and_restore(commands: _Commands) -> None:
     p.set_defaults(request=requests.TagRequest)
     p = commands.add_parser("ls", help="list the contents of a snapshot")
     p.add_argument("snapshot", metavar="SNAPSHOT", help="id, unique prefix, or 'latest'")
-    p.add_argument("path", nargs="?", metavar="PATH")
+    p.add_argument(
+        "path", nargs="?", metavar="PATH", help="a path inside the snapshot (default: its top)"
+    )
     _json_option(p)
     p.set_defaults(request=requests.LsRequest)
     _add_browse(commands)
     p = commands.add_parser("restore", help="restore a snapshot into a directory")
     p.add_argument("snapshot", metavar="SNAPSHOT", help="id, unique prefix, or 'latest'")
-    p.add_argument("--target", required=True, metavar="DIR")
+    p.add_argument(
+        "--target", required=True, metavar="DIR", help="where to restore (made if missing)"
+    )
     p.add_argument("--path", metavar="P", help="restore only this path of the snapshot")
     p.add_argument("--overwrite", action="store_true", help="replace existing files that differ")
     p.add_argument(

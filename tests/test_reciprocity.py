@@ -169,8 +169,12 @@ def test_a_friend_with_little_room_gets_no_more_and_status_shows_the_balance(
             assert peers[other.node_id]["room"] > per_friend  # the disk: far more
         text = cli_ok("status", home=alice.home).stdout
         balance = on_bob["balance"]
-        shown = f"{'-' if balance < 0 else '+'}{human_bytes(abs(balance))}"
-        assert f"balance {shown}; offers us 100.0 KiB (" in text
+        shown = (
+            f"it keeps {human_bytes(balance)} more for us than we for it"
+            if balance > 0
+            else f"we keep {human_bytes(-balance)} more for it than it for us"
+        )
+        assert balance != 0 and f"balance: {shown}; offers us 100.0 KiB (" in text
     finally:
         errors = [node.stop() for node in nodes]
     assert all("Traceback" not in err for err in errors), errors

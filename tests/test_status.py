@@ -177,11 +177,15 @@ async def test_status_tells_the_truth_as_nodes_die(
     lines = await gather_status_lines(home, network)
     peer_lines = {line.split()[1]: line for line in lines if line.startswith("peer ")}
     assert len(peer_lines) == 5
-    first = peer_lines[nodes[0].identity.node_id.hex()[:16]]
-    assert f"balance +{human_bytes(shard_bytes - 5000)}; offers us 4.0 MiB (" in first
+    first = peer_lines[nodes[0].identity.node_id.hex()]
+    assert (
+        f"balance: it keeps {human_bytes(shard_bytes - 5000)} more for us than we for it; "
+        "offers us 4.0 MiB (" in first
+    )
     assert first.endswith(" free)")
     assert (
-        f"balance +{human_bytes(shard_bytes)};" in peer_lines[nodes[1].identity.node_id.hex()[:16]]
+        f"balance: it keeps {human_bytes(shard_bytes)} more for us than we for it;"
+        in peer_lines[nodes[1].identity.node_id.hex()]
     )
     assert lines[0].endswith("offers 10.0 GiB in all, 1.0 GiB to each peer")
     # node4 loses every shard it held for us but still answers: online, and
@@ -346,7 +350,7 @@ async def test_a_peer_reached_through_a_relay_shows_relayed(
     assert report["relay"]["summary"].startswith("relay for friends: 1 holding a reservation")
     assert "for 2 friends" in report["relay"]["summary"]
     text = "\n".join(lines[1:])
-    assert f"{b.node_id.hex()[:16]} node at {nowhere} (relayed by {r.node_id.hex()[:16]}" in text
+    assert f"{b.node_id.hex()} node at {nowhere} (relayed by {r.node_id.hex()} at" in text
     assert f"node at {direct.address} (direct): online" in text
     assert "relay for friends: 1 holding a reservation here" in text
     # The dashboard's peers page, from that same JSON.

@@ -268,13 +268,13 @@ class Status:
             seen = "never seen" if peer.last_seen is None else f"last seen {_date(peer.last_seen)}"
             friend = "friend, " if peer.is_friend else ""
             lines.append(
-                f"peer {peer.peer_id[:16]} {friend}{peer.kind} at {peer.location}"
+                f"peer {peer.peer_id} {friend}{peer.kind} at {peer.location}"
                 f"{_route(peer)}: {state}, "
                 f"{seen}; {_audits(peer)}; "
                 f"holds {plural(peer.shards_held_for_us, 'shard')} of ours "
                 f"({human_bytes(peer.bytes_held_for_us)}); "
                 f"we keep {human_bytes(peer.bytes_we_hold_for_it)} for it; "
-                f"balance {'-' if peer.balance < 0 else '+'}{human_bytes(abs(peer.balance))}; "
+                f"{_balance(peer.balance)}; "
                 f"{_offer(peer)}"
             )
             lines.append(f"  {peer.maintenance.describe()}")
@@ -282,9 +282,18 @@ class Status:
         return lines
 
 
+def _balance(balance: int) -> str:
+    """The reciprocity balance, in words whose sign cannot be misread."""
+    if balance > 0:
+        return f"balance: it keeps {human_bytes(balance)} more for us than we for it"
+    if balance < 0:
+        return f"balance: we keep {human_bytes(-balance)} more for it than it for us"
+    return "balance: even"
+
+
 def _route(peer: PeerState) -> str:
     if peer.route == ROUTE_RELAYED:
-        return f" (relayed by {peer.relay[:16] if peer.relay else '?'} at {peer.relay_address})"
+        return f" (relayed by {peer.relay or '?'} at {peer.relay_address})"
     if peer.route == ROUTE_DIRECT:
         return " (direct)"
     return ""

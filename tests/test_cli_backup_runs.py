@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -141,3 +142,44 @@ def test_scheduled_runs_skip_when_nothing_changed_and_a_restart_waits(tmp_path: 
         _stop(process)
     assert log.read_text().count("scheduled backup") == 2
     assert len(json.loads(world.ok("snapshots", "--json").stdout)) == 1
+
+
+def test_quiet_prints_the_id_alone_and_verbose_names_each_file_read(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=1, n=2)
+    source = make_source(tmp_path / "src", big=100_000)
+    quiet = world.ok("backup", "--quiet", source)
+    assert len(quiet.lines) == 1 and len(quiet.lines[0]) == 64, quiet.lines
+    assert quiet.stderr == ""
+    (source / "docs" / "note1.txt").write_text("changed")
+    (source / "added.txt").write_text("new file")
+    loud = world.ok("backup", "--verbose", source).lines
+    told = [line for line in loud if line.startswith(("new ", "changed "))]
+    assert told == [f"new      {source / 'added.txt'}", f"changed  {source / 'docs' / 'note1.txt'}"]
+    assert loud[-2] == "snapshot saved:"
+
+
+def test_progress_says_how_far_along_once_the_scan_has_counted(tmp_path: Path) -> None:
+    from p2pbackup.core.exclude import ExcludeRules
+    from p2pbackup.engine.backup import BackupSummary, progress_text
+    from p2pbackup.engine.listing import ScanTotals, scan
+    from p2pbackup.engine.progress import fraction_line
+
+    source = make_source(tmp_path / "src", big=100_000)
+    (source / "skip.tmp").write_text("left out")
+    exclude = ExcludeRules.from_patterns(["*.tmp"])
+    totals = scan([bytes(source)], exclude, threading.Event())
+    world = make_world(tmp_path / "w", k=1, n=2)
+    summary = json.loads(world.ok("backup", "--exclude", "*.tmp", "--json", source).stdout)
+    # The scan counts what the walk then meets.
+    assert totals == ScanTotals(summary["files_new"], summary["total_size"])
+    stop = threading.Event()
+    stop.set()
+    assert scan([bytes(source)], exclude, stop) is None
+
+    half = BackupSummary(files_new=3, bytes_read=500)
+    assert progress_text(half, None, 2.0) == "3 files, 500 B (counting…)"
+    line = progress_text(half, ScanTotals(10, 1000), 2.0)
+    assert line == "3 of 10 files, 500 B of 1000 B (50 %, ETA 0:02)"
+    assert fraction_line(0, 100, 1.0) == "0 %"
+    assert fraction_line(25, 100, 3600.0) == "25 %, ETA 3:00:00"
+    assert fraction_line(150, 100, 1.0) == "100 %, ETA 0:00"

@@ -101,6 +101,10 @@ class BackupRequest:
     dry_run: bool = False
     #: Make no snapshot when nothing changed since the last one of these paths.
     skip_if_unchanged: bool = False
+    #: No progress and no summary: the snapshot id alone (``--quiet``).
+    quiet: bool = False
+    #: A line for each file read, new or changed (``--verbose``).
+    verbose: bool = False
     #: KiB/s at most up and down (None: no limit).
     limit_upload: int | None = _limit()
     limit_download: int | None = _limit()

@@ -244,13 +244,21 @@ class Service:
             repo.takeover = request.takeover
             summary = await Backup(
                 repo,
-                progress=console.progress_line("backup"),
+                progress=None if request.quiet else console.progress_line("backup"),
                 exclude=exclude,
                 dry_run=request.dry_run,
                 skip_if_unchanged=request.skip_if_unchanged,
+                told=(
+                    (lambda kind, path: console.out(f"{kind:<8} {os.fsdecode(path)}"))
+                    if request.verbose
+                    else None
+                ),
             ).run(paths, request.tags)
         if request.json:
             console.out(_json(summary.to_json()))
+        elif request.quiet:
+            if summary.snapshot_id:
+                console.out(summary.snapshot_id.hex())
         else:
             for line in summary.lines():
                 console.out(line)

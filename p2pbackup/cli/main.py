@@ -883,6 +883,16 @@ def _add_backup_and_restore(commands: _Commands) -> None:
         "are dropped)",
     )
     _dry_run_option(p, "say what would be stored: files new and changed, bytes, packs")
+    loudness = p.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress and no summary: print the snapshot id alone",
+    )
+    loudness.add_argument(
+        "-v", "--verbose", action="store_true", help="a line for each file read, new or changed"
+    )
     unchanged = p.add_mutually_exclusive_group()
     unchanged.add_argument(
         "--skip-if-unchanged",

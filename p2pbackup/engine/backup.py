@@ -57,16 +57,18 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 
 from p2pbackup.core import blobs, erasure, formats, packer
 from p2pbackup.core.exclude import ExcludeRules
 from p2pbackup.engine import runtime, sealwire, snapshots
+from p2pbackup.engine.listing import ScanTotals, scan
 from p2pbackup.engine.pipeline import SEALER_MIN_FILES, Deduper, Job, Pipeline, Sealers
-from p2pbackup.engine.progress import Progress, human_bytes, human_rate, plural
+from p2pbackup.engine.progress import Progress, fraction_line, human_bytes, human_rate, plural
 from p2pbackup.engine.repository import Repository
 from p2pbackup.engine.walk import FileCache, TreeWalk
 from p2pbackup.errors import NotEnoughShardsError, UsageError
@@ -112,6 +114,8 @@ class BackupSummary:
     symlinks: int = 0
     #: Bytes read from files (unchanged files are not read).
     bytes_read: int = 0
+    #: Bytes of the files the file cache found unchanged (not read).
+    bytes_unchanged: int = 0
     #: Total size of the files in the snapshot.
     total_size: int = 0
     #: Plaintext bytes of new chunks (after deduplication, before compression).
@@ -238,6 +242,20 @@ def normalize_paths(paths: Iterable[str | os.PathLike[str]]) -> list[bytes]:
     return kept
 
 
+def progress_text(summary: BackupSummary, totals: ScanTotals | None, elapsed: float) -> str:
+    """The progress line of a backup: files and bytes so far, and once the
+    scan has counted them, of how many, the percentage and the ETA (files
+    the file cache says are unchanged count as done without being read)."""
+    files = summary.files_new + summary.files_changed + summary.files_unchanged
+    done = summary.bytes_read + summary.bytes_unchanged
+    if totals is None:
+        return f"{plural(files, 'file')}, {human_bytes(done)} (counting…)"
+    return (
+        f"{files} of {plural(totals.files, 'file')}, {human_bytes(done)} of "
+        f"{human_bytes(totals.bytes)} ({fraction_line(done, totals.bytes, elapsed)})"
+    )
+
+
 class Backup:
     """One backup run: the walk feeding the pipeline, then the snapshot's commit."""
 
@@ -249,8 +267,13 @@ class Backup:
         exclude: ExcludeRules | None = None,
         dry_run: bool = False,
         skip_if_unchanged: bool = False,
+        told: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.repo = repo
+        #: Told of each file read: ``("new" or "changed", path)`` (``--verbose``).
+        self.told = told
+        #: What the scan found (None until it is done, or without progress).
+        self.totals: ScanTotals | None = None
         self.dry_run = dry_run
         self.skip_if_unchanged = skip_if_unchanged
         self.exclude = exclude if exclude is not None else ExcludeRules()
@@ -297,12 +320,27 @@ class Backup:
             instead_of_storing=self._pack_counted if self.dry_run else None,
         )
         walk = TreeWalk(
-            pipeline, self._file_cache, self.exclude, self.summary, self.repo.keyring.dedup_key
+            pipeline,
+            self._file_cache,
+            self.exclude,
+            self.summary,
+            self.repo.keyring.dedup_key,
+            told=self.told,
         )
-        with unwrap_single(), runtime.rare_collections():
-            snapshot_id, snapshot = await pipeline.run(
-                functools.partial(self._save_snapshot, walk, pipeline, targets, tuple(tags))
-            )
+        stop_scan = threading.Event()
+        if self.progress.enabled:
+            # Counted beside the walk, for a percentage and an ETA (restic's
+            # scan): a thread of its own, never waited for.
+            threading.Thread(
+                target=self._scan, args=(targets, stop_scan), name="backup-scan", daemon=True
+            ).start()
+        try:
+            with unwrap_single(), runtime.rare_collections():
+                snapshot_id, snapshot = await pipeline.run(
+                    functools.partial(self._save_snapshot, walk, pipeline, targets, tuple(tags))
+                )
+        finally:
+            stop_scan.set()
         self.progress.close()
         self.summary.seconds = time.monotonic() - started
         if self.dry_run:
@@ -385,16 +423,16 @@ class Backup:
                 return False
         return True
 
+    def _scan(self, targets: list[bytes], stop: threading.Event) -> None:
+        self.totals = scan(targets, self.exclude, stop)
+
     def _job_done(self, job: Job) -> None:
         summary = self.summary
         summary.bytes_read += job.bytes_read
         summary.bytes_new += job.bytes_new
         summary.bytes_deduplicated += job.bytes_deduplicated
         summary.blobs_new += job.blobs_new
-        self.progress.update(
-            f"{summary.files_new + summary.files_changed + summary.files_unchanged}"
-            f" files, {human_bytes(summary.bytes_read)} read"
-        )
+        self.progress.update(progress_text(summary, self.totals, self.progress.elapsed))
 
     def _pack_counted(self, builder: packer.PackBuilder) -> None:
         """A dry run's pack: counted as the configured code would store it."""

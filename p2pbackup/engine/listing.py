@@ -8,14 +8,19 @@
   backup's walk gets there. One thread call per directory made the walk wait
   for a thread, then for the GIL, at every directory: a tree of many small
   directories spent much of its backup there (docs/performance.md#backup).
+* **scan** — :func:`scan`: the regular files the walk will meet and their
+  bytes, counted ahead of it in a thread of its own (restic's scan), so
+  that progress can say how far along a backup is and when it will end.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Iterator
 
+import attrs
 import trio
 
 from p2pbackup.core.exclude import ExcludeRules
@@ -100,3 +105,36 @@ def _list_dir(path: bytes) -> list[tuple[bytes, os.stat_result]]:
             entries.append((os.fsencode(entry.name), entry.stat(follow_symlinks=False)))
     entries.sort(key=lambda e: e[0])
     return entries
+
+
+@attrs.frozen
+class ScanTotals:
+    """What a backup will go through: regular files, and their bytes."""
+
+    files: int
+    bytes: int
+
+
+def scan(targets: list[bytes], exclude: ExcludeRules, stop: threading.Event) -> ScanTotals | None:
+    """The regular files under ``targets`` that ``exclude`` keeps, and their
+    bytes, walked as the backup walks (module docstring); None once ``stop``
+    is set."""
+    files = size = 0
+    for target in targets:
+        try:
+            st = os.lstat(target)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            files, size = files + 1, size + st.st_size
+            continue
+        for path, listing in _walk_listings(target, exclude, None):
+            if stop.is_set():
+                return None
+            if isinstance(listing, OSError):
+                continue
+            prefix = path.rstrip(b"/")
+            for name, entry in listing:
+                if stat.S_ISREG(entry.st_mode) and not exclude.excludes(prefix + b"/" + name):
+                    files, size = files + 1, size + entry.st_size
+    return ScanTotals(files, size)

@@ -44,6 +44,15 @@ class Progress:
         self._last = 0.0
         self._shown = False
 
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the work began."""
+        return time.monotonic() - self._started
+
     def update(self, text: str, *, force: bool = False) -> None:
         if not self._enabled:
             return
@@ -59,6 +68,21 @@ class Progress:
         if self._shown:
             self._sink("")
             self._shown = False
+
+
+def fraction_line(done: int, total: int, elapsed: float) -> str:
+    """``30 %, ETA 2:31``: how far along, and the time left at the rate so
+    far (none until something is done)."""
+    if total <= 0:
+        return "100 %"
+    fraction = min(done / total, 1.0)
+    if done <= 0 or elapsed <= 0:
+        return f"{fraction * 100:.0f} %"
+    left = elapsed * (total - done) / done if done < total else 0.0
+    minutes, seconds = divmod(int(left + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    eta = f"{hours}:{minutes:02}:{seconds:02}" if hours else f"{minutes}:{seconds:02}"
+    return f"{fraction * 100:.0f} %, ETA {eta}"
 
 
 def terminal_line(stream: TextIO) -> Callable[[str], None]:

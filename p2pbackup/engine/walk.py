@@ -53,6 +53,7 @@ class WalkTally(Protocol):
     files_new: int
     files_changed: int
     files_unchanged: int
+    bytes_unchanged: int
     dirs: int
     symlinks: int
     total_size: int
@@ -187,8 +188,11 @@ class TreeWalk:
         exclude: ExcludeRules,
         tally: WalkTally,
         dedup_key: bytes,
+        *,
+        told: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._told = told
         self._file_cache = file_cache
         self._exclude = exclude
         self._tally = tally
@@ -312,11 +316,14 @@ class TreeWalk:
         if cached is not None and self._file_cache.unchanged(cached, st):
             work.content, work.final_st = cached.content, st
             self._tally.files_unchanged += 1
+            self._tally.bytes_unchanged += st.st_size
             return
         if cached is None:
             self._tally.files_new += 1
         else:
             self._tally.files_changed += 1
+        if self._told is not None:
+            self._told("new" if cached is None else "changed", path)
         await self._pipeline.read(work)
 
     async def _finish_entry(self, entry: _Entry) -> TreeNode | None:

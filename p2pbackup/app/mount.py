@@ -43,6 +43,7 @@ import trio
 
 from p2pbackup.engine import snapshots as snapshot_list
 from p2pbackup.engine.browse import chunk_spans
+from p2pbackup.engine.progress import plural
 from p2pbackup.engine.repository import Repository
 from p2pbackup.errors import P2PBackupError, UsageError
 from p2pbackup.model import BlobType, NodeKind, Snapshot, TreeNode
@@ -326,7 +327,8 @@ async def serve_mount(
             nursery.start_soon(until_signal)
             nursery.start_soon(until_unmounted)
             say(  # type: ignore[operator]
-                f"mounted {len(found)} snapshots at {where} (read-only): ids/, snapshots/; "
+                f"mounted {plural(len(found), 'snapshot')} at {where} (read-only): ids/, "
+                "snapshots/; "
                 f"Ctrl-C or `fusermount3 -u {where}` unmounts"
             )
             if ready is not None:

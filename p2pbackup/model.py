@@ -244,6 +244,8 @@ class RootRecord:
     #: The home's ``config.toml`` as it was (UTF-8 text; empty: none), so
     #: that ``recover`` brings back its schedules, paths and offer.
     settings: bytes = b""
+    #: The names the user gave peers and friends: (peer id, name), by id.
+    names: tuple[tuple[str, str], ...] = ()
 
 
 @attrs.frozen

@@ -215,6 +215,9 @@ root_records = st.builds(
     friends=st.lists(friend_records(), max_size=2).map(tuple),
     instance=st.sampled_from([b"", bytes(range(16))]),
     settings=st.binary(max_size=64),
+    names=st.lists(st.tuples(nonempty_texts, st.text(min_size=1, max_size=32)), max_size=2).map(
+        tuple
+    ),
 )
 
 
@@ -364,6 +367,7 @@ _SAMPLES: dict[str, Callable[[random.Random], bytes]] = {
             (_rid(rng),),
             instance=rng.randbytes(16),
             settings=b'version = 1\n[backup]\npaths = ["/home/me"]\ninterval = "6h"\n',
+            names=(("peer-a", "disk-1"),),
         )
     ),
     "signed envelope": lambda rng: encode_signed_envelope(
@@ -841,7 +845,7 @@ def test_a_root_record_from_before_friends_reads_with_none() -> None:
         tuple(record.snapshots),
     )
     old = b"P2PR\x01" + msgpack.packb(body, use_bin_type=True)
-    assert decode_root_record(old) == attrs.evolve(record, instance=b"", settings=b"")
+    assert decode_root_record(old) == attrs.evolve(record, instance=b"", settings=b"", names=())
     assert record.friends == ()
 
 
@@ -853,7 +857,7 @@ def test_a_version_1_root_record_reads_without_instance_id() -> None:
     )
     body = msgpack.unpackb(encode_root_record(record)[5:])
     old = b"P2PR\x01" + msgpack.packb(body[:7], use_bin_type=True)
-    assert decode_root_record(old) == attrs.evolve(record, instance=b"", settings=b"")
+    assert decode_root_record(old) == attrs.evolve(record, instance=b"", settings=b"", names=())
     # Version 1 had no instance id: an eighth field there is damage.
     with pytest.raises(FormatError, match="root record: expected 7 fields, got 8"):
         decode_root_record(b"P2PR\x01" + msgpack.packb(body[:8], use_bin_type=True))
@@ -864,10 +868,10 @@ def test_a_version_2_root_record_reads_without_settings() -> None:
     assert record.settings.startswith(b"version = 1")
     body = msgpack.unpackb(encode_root_record(record)[5:])
     old = b"P2PR\x02" + msgpack.packb(body[:8], use_bin_type=True)
-    assert decode_root_record(old) == attrs.evolve(record, settings=b"")
+    assert decode_root_record(old) == attrs.evolve(record, settings=b"", names=())
     # Version 2 had no settings: a ninth field there is damage.
     with pytest.raises(FormatError, match="root record: expected 8 fields, got 9"):
-        decode_root_record(b"P2PR\x02" + msgpack.packb(body, use_bin_type=True))
+        decode_root_record(b"P2PR\x02" + msgpack.packb(body[:9], use_bin_type=True))
     # Settings are bounded.
     with pytest.raises(FormatError, match="root record: settings"):
         encode_root_record(attrs.evolve(record, settings=bytes(formats.MAX_ROOT_SETTINGS + 1)))

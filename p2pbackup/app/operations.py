@@ -427,9 +427,51 @@ def friends(repo: Repository) -> list[FriendStatus]:
     ]
 
 
+#: The longest name a peer may be given.
+MAX_NAME = formats.MAX_PEER_NAME
+_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def check_name(name: str) -> str:
+    """``name`` as a peer's name (lower case), or UsageError saying why not:
+    1 to :data:`MAX_NAME` letters, digits, ``-``, ``_`` or ``.``, and not all
+    hex digits, so that a name is never read as an id."""
+    cleaned = name.strip().lower()
+    if not cleaned or len(cleaned) > MAX_NAME:
+        raise UsageError(f"a name has 1 to {MAX_NAME} characters, not {len(cleaned)}: {name!r}")
+    if not set(cleaned) <= _NAME_CHARACTERS:
+        raise UsageError(f"{name!r}: a name has letters, digits, '-', '_' and '.' only")
+    if set(cleaned) <= set("0123456789abcdef"):
+        raise UsageError(f"{name!r} reads as a node id: give a name with another letter in it")
+    return cleaned
+
+
+def name_peer(repo: Repository, peer_id: str, name: str | None) -> None:
+    """Give ``peer_id`` the name ``name`` (None: none), refusing one another
+    peer has."""
+    if name is not None:
+        name = check_name(name)
+        holder = next((p for p, n in repo.index.peer_names().items() if n == name), None)
+        if holder is not None and holder != peer_id:
+            raise UsageError(f"peer {holder} is named {name} already: pick another name")
+    with repo.index.transaction():
+        repo.index.set_peer_name(peer_id, name)
+
+
+def _named(repo: Repository, id_text: str) -> str | None:
+    """The peer id of the peer named ``id_text``, if one is."""
+    wanted = id_text.strip().lower()
+    return next((p for p, n in repo.index.peer_names().items() if n == wanted), None)
+
+
 def find_friend(repo: Repository, id_text: str) -> FriendRecord:
-    """The friend named by a full node id or a unique prefix of at least
-    :data:`MIN_ID_PREFIX` hex digits."""
+    """The friend named by its name, a full node id or a unique prefix of at
+    least :data:`MIN_ID_PREFIX` hex digits."""
+    named = _named(repo, id_text)
+    if named is not None:
+        friend = repo.index.friend(bytes.fromhex(named)) if len(named) == 40 else None
+        if friend is not None:
+            return friend
     wanted = id_text.strip().lower()
     if any(c not in "0123456789abcdef" for c in wanted) or not wanted:
         raise UsageError(f"{id_text!r} is not a node id (hex digits, as `friend list` shows)")
@@ -445,8 +487,13 @@ def find_friend(repo: Repository, id_text: str) -> FriendRecord:
 
 
 def find_peer(repo: Repository, id_text: str) -> PeerRecord:
-    """The peer named by its full id or a unique prefix of at least
-    :data:`MIN_ID_PREFIX` characters."""
+    """The peer named by its name, its full id or a unique prefix of at
+    least :data:`MIN_ID_PREFIX` characters."""
+    named = _named(repo, id_text)
+    if named is not None:
+        peer = next((p for p in repo.peers() if p.peer_id == named), None)
+        if peer is not None:
+            return peer
     wanted = id_text.strip().lower()
     if len(wanted) < MIN_ID_PREFIX:
         raise UsageError(
@@ -841,6 +888,8 @@ async def _rebuild_index(
         for friend in root.friends:
             if index.friend(friend.node_id) is None:
                 index.add_friend(friend)
+        for peer_id, name in root.names:
+            index.set_peer_name(peer_id, name)
         for record in root.index_packs:
             index.add_pack(record, is_index=True, in_segment=True)
         # The record taken over: its writer's later ones are foreign, ours not.

@@ -312,6 +312,14 @@ class PeerRemoveRequest:
 
 
 @attrs.frozen(kw_only=True)
+class PeerRenameRequest:
+    #: A peer's name, id, or a unique prefix of its id.
+    id: str
+    #: Its new name ("": none).
+    name: str
+
+
+@attrs.frozen(kw_only=True)
 class PeerListRequest:
     json: bool = False
 
@@ -328,6 +336,8 @@ class PeerFindRequest:
 @attrs.frozen(kw_only=True)
 class FriendAddRequest:
     code: str
+    #: What to call the friend in lists and commands (``--name alice``).
+    name: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -343,7 +353,8 @@ class FriendRemoveRequest:
 
 
 Request = (
-    BackupRequest
+    PeerRenameRequest
+    | BackupRequest
     | RestoreRequest
     | SnapshotsRequest
     | TagRequest
@@ -389,6 +400,7 @@ COMMANDS: Final[Mapping[str, type[Request]]] = {
     "peer add": PeerAddRequest,
     "peer remove": PeerRemoveRequest,
     "peer list": PeerListRequest,
+    "peer rename": PeerRenameRequest,
     "peer find": PeerFindRequest,
     "friend add": FriendAddRequest,
     "friend list": FriendListRequest,

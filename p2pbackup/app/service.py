@@ -55,6 +55,7 @@ from p2pbackup.app.requests import (
     PeerFindRequest,
     PeerListRequest,
     PeerRemoveRequest,
+    PeerRenameRequest,
     PruneRequest,
     RepairRequest,
     Request,
@@ -179,6 +180,8 @@ class Service:
                 return await self.peer_remove(request, console)
             case PeerListRequest():
                 return await self.peer_list(request, console)
+            case PeerRenameRequest():
+                return await self.peer_rename(request, console)
             case PeerFindRequest():
                 return await self.peer_find(request, console)
             case FriendAddRequest():
@@ -723,12 +726,14 @@ class Service:
         async with operations.open_repository(self.home, access="read") as repo:
             counts = repo.index.shard_count_by_peer()
             peers = repo.peers()
+            names = repo.index.peer_names()
         if request.json:
             console.out(
                 _json(
                     [
                         {
                             "peer_id": p.peer_id,
+                            "name": names.get(p.peer_id),
                             "kind": p.kind,
                             "location": p.location,
                             "shards": counts.get(p.peer_id, 0),
@@ -740,7 +745,8 @@ class Service:
             return OK
         for p in peers:
             console.out(
-                f"{p.peer_id}  {p.kind}  {p.location}  {plural(counts.get(p.peer_id, 0), 'shard')}"
+                f"{p.peer_id}{_name_of(names, p.peer_id)}  {p.kind}  {p.location}  "
+                f"{plural(counts.get(p.peer_id, 0), 'shard')}"
             )
         if not peers:
             console.out("no peers yet: add one with `p2pbackup peer add` or `peer add-dir`")
@@ -807,11 +813,29 @@ class Service:
             )
         return OK
 
+    async def peer_rename(self, request: PeerRenameRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+
+        async with operations.open_repository(self.home) as repo:
+            peer = operations.find_peer(repo, request.id)
+            operations.name_peer(repo, peer.peer_id, request.name or None)
+            name = repo.index.peer_names().get(peer.peer_id)
+        console.out(
+            f"peer {peer.peer_id} is now named {name}"
+            if name
+            else f"peer {peer.peer_id} has no name now"
+        )
+        return OK
+
     async def friend_add(self, request: FriendAddRequest, console: Console) -> Outcome:
         from p2pbackup.app import operations
 
         async with operations.open_repository(self.home) as repo:
+            if request.name is not None:
+                operations.check_name(request.name)  # before anything is added
             added = await operations.add_friend(repo, request.code)
+            if request.name is not None:
+                operations.name_peer(repo, added.friend.node_id.hex(), request.name)
         for warning in added.warnings:
             console.out(f"warning: {warning}")
         where = "reached at" if added.reached else "to be reached at"
@@ -823,12 +847,14 @@ class Service:
 
         async with operations.open_repository(self.home, access="read") as repo:
             listed = operations.friends(repo)
+            names = repo.index.peer_names()
         if request.json:
             console.out(
                 _json(
                     [
                         {
                             "node_id": s.friend.node_id.hex(),
+                            "name": names.get(s.friend.node_id.hex()),
                             "addresses": list(s.friend.addresses),
                             "location": s.location,
                             "shards": s.shards,
@@ -841,7 +867,8 @@ class Service:
             return OK
         for s in listed:
             console.out(
-                f"{s.friend.node_id.hex()}  {', '.join(s.friend.addresses)}  "
+                f"{s.friend.node_id.hex()}{_name_of(names, s.friend.node_id.hex())}  "
+                f"{', '.join(s.friend.addresses)}  "
                 f"{plural(s.shards, 'shard')}"
             )
         if not listed:
@@ -1132,6 +1159,12 @@ def _backups(last_snapshot: int | None) -> tuple[list[str], dict[str, object]]:
     elif record is not None:
         lines.append("no scheduled backups (config.toml has no [backup] table)")
     return lines, data
+
+
+def _name_of(names: Mapping[str, str], peer_id: str) -> str:
+    """`` (alice)`` after a peer's id, for a peer the user named."""
+    name = names.get(peer_id)
+    return f" ({name})" if name else ""
 
 
 def _local_time(unix: int) -> str:

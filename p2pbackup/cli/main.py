@@ -704,6 +704,10 @@ def _add_peer(commands: _Commands) -> None:
     p = sub.add_parser("list", help="list peers")
     _json_option(p)
     p.set_defaults(request=requests.PeerListRequest)
+    p = sub.add_parser("rename", help="give a peer or friend a name to use in lists and commands")
+    p.add_argument("id", metavar="PEER", help="its name, id, or a unique prefix of its id")
+    p.add_argument("name", metavar="NAME", help="letters, digits, - _ . ('' takes the name away)")
+    p.set_defaults(request=requests.PeerRenameRequest)
     p = sub.add_parser("remove", help="rebuild a peer's shards on the other peers, then forget it")
     p.add_argument("id", metavar="ID", help="peer id, or a unique prefix of 8 or more characters")
     p.add_argument(
@@ -727,6 +731,9 @@ def _add_friend(commands: _Commands) -> None:
     sub = friend.add_subparsers(dest="friend_command", required=True, metavar="COMMAND")
     p = sub.add_parser("add", help="add a friend's node from its invite code")
     p.add_argument("code", metavar="CODE", help="as `p2pbackup invite` prints it on that node")
+    p.add_argument(
+        "--name", metavar="NAME", help="what to call the friend in lists and commands (alice)"
+    )
     p.set_defaults(request=requests.FriendAddRequest)
     p = sub.add_parser("list", help="list friends and the shards they hold")
     _json_option(p)

@@ -139,6 +139,8 @@ SHARD_HEADER_VERSION = 2
 ROOT_RECORD_VERSION = 3
 #: The most bytes of ``config.toml`` a root record carries.
 MAX_ROOT_SETTINGS = 64 * 1024
+#: The longest name of a peer (``peer rename``).
+MAX_PEER_NAME = 32
 #: Trees: version 2 adds fifos and devices (with ``rdev``) and extended
 #: attributes. A tree that needs none of them is still written as version 1,
 #: so an unchanged directory keeps its tree id across the upgrade.
@@ -784,10 +786,10 @@ def _index_segment(value: object, what: str) -> IndexSegment:
 
 
 def encode_root_record(record: RootRecord, *, padded_size: int = 0) -> bytes:
-    """Version 3, followed by zeros up to ``padded_size`` bytes if it is
-    longer: so that a record's size says little (docs/privacy.md). The one
-    exception to canonical form: the same record, padded otherwise, is other
-    bytes."""
+    """Version 3 (with the home's settings and its peers' names), followed
+    by zeros up to ``padded_size`` bytes if it is longer: so that a record's
+    size says little (docs/privacy.md). The one exception to canonical form:
+    the same record, padded otherwise, is other bytes."""
     config = record.config
     body = (
         record.sequence,
@@ -807,6 +809,7 @@ def encode_root_record(record: RootRecord, *, padded_size: int = 0) -> bytes:
         tuple((f.node_id, f.public_key, f.addresses, f.added_at) for f in record.friends),
         record.instance,
         record.settings,
+        tuple(record.names),
     )
     encoded = _seal("root record", ROOT_RECORD_MAGIC, body, ROOT_RECORD_VERSION)
     padding = bytes(max(0, padded_size - len(encoded)))
@@ -835,7 +838,7 @@ def _root_record(value: object, what: str, version: int) -> RootRecord:
             fields = (*fields, ())
         fields = (*_check.fields(fields, what, 7), b"")
     if version in (1, 2):
-        fields = (*_check.fields(fields, what, 8), b"")
+        fields = (*_check.fields(fields, what, 8), b"", ())
     (
         sequence,
         time_ns,
@@ -846,7 +849,8 @@ def _root_record(value: object, what: str, version: int) -> RootRecord:
         friends,
         instance,
         settings,
-    ) = _check.fields(fields, what, 9)
+        names,
+    ) = _check.fields(fields, what, 10)
     return RootRecord(
         sequence=_check.integer(sequence, f"{what}: sequence"),
         time_ns=_check.integer(time_ns, f"{what}: time"),
@@ -859,6 +863,15 @@ def _root_record(value: object, what: str, version: int) -> RootRecord:
         friends=_check.items(friends, f"{what}: friend", _friend_record, max_length=MAX_PEERS),
         instance=_instance(instance, f"{what}: instance id"),
         settings=_check.binary(settings, f"{what}: settings", max_length=MAX_ROOT_SETTINGS),
+        names=_check.items(names, f"{what}: name", _peer_name, max_length=MAX_PEERS),
+    )
+
+
+def _peer_name(value: object, what: str) -> tuple[str, str]:
+    peer_id, name = _check.fields(value, what, 2)
+    return (
+        _check.text(peer_id, f"{what}: peer id", min_length=1, max_length=MAX_TEXT_LENGTH),
+        _check.text(name, f"{what}: name", min_length=1, max_length=MAX_PEER_NAME),
     )
 
 

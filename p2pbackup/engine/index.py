@@ -137,6 +137,12 @@ _LEASE_COLUMN = (
 _LEAVING_PEERS = """
 CREATE TABLE IF NOT EXISTS leaving_peers (peer_id TEXT PRIMARY KEY, since INTEGER NOT NULL);
 """
+#: The names a user gave peers and friends (``friend add --name``, ``peer
+#: rename``). Added to version 4 without a new version: an index that lacks
+#: the table gains it on open, and one that has it reads as version 4 did.
+_PEER_NAMES = """
+CREATE TABLE IF NOT EXISTS peer_names (peer_id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+"""
 
 #: The tables of schema version 1.
 _SCHEMA_V1 = """
@@ -174,7 +180,13 @@ CREATE TABLE IF NOT EXISTS friends (
 #: Every table of the current version, for a new index (and, as each creates
 #: only what is missing, for one of the current version that lacks some).
 _SCHEMA = (
-    _SCHEMA_V1 + _PEER_PROBES + _PEER_AUDITS + _SHARD_AUDITS + _MAINTENANCE_TABLES + _LEAVING_PEERS
+    _SCHEMA_V1
+    + _PEER_PROBES
+    + _PEER_AUDITS
+    + _SHARD_AUDITS
+    + _MAINTENANCE_TABLES
+    + _LEAVING_PEERS
+    + _PEER_NAMES
 )
 
 #: Schema version → the statements that turn an index of that version into
@@ -439,6 +451,17 @@ class Index:
             (peer.peer_id, peer.kind, peer.location),
         )
 
+    def set_peer_name(self, peer_id: str, name: str | None) -> None:
+        """Name ``peer_id`` (None: take its name away); names are unique
+        (a second peer of one name is an IntegrityError of SQLite's)."""
+        self._db.execute("DELETE FROM peer_names WHERE peer_id=?", (peer_id,))
+        if name is not None:
+            self._db.execute("INSERT INTO peer_names(peer_id, name) VALUES (?, ?)", (peer_id, name))
+
+    def peer_names(self) -> dict[str, str]:
+        """Peer id → the name the user gave it."""
+        return dict(self._db.execute("SELECT peer_id, name FROM peer_names"))
+
     def peers(self) -> list[PeerRecord]:
         rows = self._db.execute("SELECT peer_id, kind, location FROM peers ORDER BY peer_id")
         return [PeerRecord(*row) for row in rows]
@@ -453,6 +476,7 @@ class Index:
         self._db.execute("DELETE FROM peer_audits WHERE peer_id=?", (peer_id,))
         self._db.execute("DELETE FROM shard_audits WHERE peer_id=?", (peer_id,))
         self._db.execute("DELETE FROM leaving_peers WHERE peer_id=?", (peer_id,))
+        self._db.execute("DELETE FROM peer_names WHERE peer_id=?", (peer_id,))
         return int(removed)
 
     def set_leaving(self, peer_id: str, since: int) -> bool:

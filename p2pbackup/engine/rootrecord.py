@@ -137,6 +137,7 @@ def build_root_record(
         friends=tuple(index.friends()),
         instance=instance,
         settings=settings,
+        names=tuple(sorted(index.peer_names().items())),
     )
 
 

@@ -118,6 +118,8 @@ class PeerState:
     #: Bytes of the peer's shards this home's node keeps (0 if none, or a folder).
     bytes_we_hold_for_it: int
     is_friend: bool
+    #: The name the user gave it ("" for none).
+    name: str = ""
     #: Why it did not answer, if it did not.
     problem: str = ""
     #: What it offers us now: what it holds for us by its count plus its room
@@ -267,8 +269,9 @@ class Status:
                 )
             seen = "never seen" if peer.last_seen is None else f"last seen {_date(peer.last_seen)}"
             friend = "friend, " if peer.is_friend else ""
+            named = f" ({peer.name})" if peer.name else ""
             lines.append(
-                f"peer {peer.peer_id} {friend}{peer.kind} at {peer.location}"
+                f"peer {peer.peer_id}{named} {friend}{peer.kind} at {peer.location}"
                 f"{_route(peer)}: {state}, "
                 f"{seen}; {_audits(peer)}; "
                 f"holds {plural(peer.shards_held_for_us, 'shard')} of ours "
@@ -351,6 +354,7 @@ async def gather_status(
     held_bytes = index.shard_bytes_by_peer()
     hosted = hosting.by_owner
     friends = {friend.node_id.hex() for friend in index.friends()}
+    names = index.peer_names()
     audits = index.peer_audits()
     leaving = index.leaving_peers()
     # A shard is healthy when its peer lists it now, not merely because the
@@ -391,6 +395,7 @@ async def gather_status(
                 + shards * formats.SHARD_HEADER_SIZE,
                 bytes_we_hold_for_it=_hosted_for(hosted, peer.peer_id),
                 is_friend=peer.peer_id in friends,
+                name=names.get(peer.peer_id, ""),
                 problem=answer.problem,
                 offered=None if space is None else space.offered,
                 room=None if space is None else space.room,

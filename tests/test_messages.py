@@ -34,6 +34,9 @@ from p2pbackup.wire.messages import (
     AllDeleted,
     Audit,
     AuditProof,
+    Delegate,
+    Delegated,
+    DelegateRevoked,
     DeleteAll,
     Deleted,
     DeleteShard,
@@ -43,12 +46,14 @@ from p2pbackup.wire.messages import (
     GetRoot,
     GetShard,
     GetUsage,
+    GrantStored,
     HasShard,
     LeaseRenewed,
     Leaving,
     ListShards,
     Message,
     Noted,
+    PutGrant,
     PutRoot,
     PutShard,
     Ready,
@@ -63,6 +68,7 @@ from p2pbackup.wire.messages import (
     RelayReserve,
     RelayReserved,
     RenewLease,
+    RevokeDelegate,
     RootData,
     RootStored,
     ShardData,
@@ -161,6 +167,14 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     RelayIncoming: st.builds(RelayIncoming, circuits, node_ids),
     RelayJoined: st.just(RelayJoined()),
     RelayPong: st.just(RelayPong()),
+    Delegate: st.builds(Delegate, st.binary(min_size=1, max_size=300)),
+    Delegated: st.builds(Delegated, node_ids, uints),
+    RevokeDelegate: st.builds(RevokeDelegate, node_ids, uints),
+    DelegateRevoked: st.just(DelegateRevoked()),
+    PutGrant: st.builds(
+        PutGrant, st.binary(min_size=1, max_size=300), st.binary(min_size=1, max_size=300)
+    ),
+    GrantStored: st.builds(GrantStored, uints),
 }
 any_message = st.one_of(*STRATEGIES.values())
 
@@ -207,6 +221,12 @@ EXAMPLES: dict[type[Message], Message] = {
     RelayIncoming: RelayIncoming(ID[:16], ID[:20]),
     RelayJoined: RelayJoined(),
     RelayPong: RelayPong(),
+    Delegate: Delegate(b"certificate"),
+    Delegated: Delegated(ID[:20], 1_700_000_000),
+    RevokeDelegate: RevokeDelegate(ID[:20], 1_700_000_000),
+    DelegateRevoked: DelegateRevoked(),
+    PutGrant: PutGrant(b"grant", b"certificate"),
+    GrantStored: GrantStored(3),
 }
 #: Fields that may be nil.
 OPTIONAL_FIELDS = {(GetShard, 2), (ListShards, 0), (RootData, 0), (Usage, 1)}
@@ -250,6 +270,12 @@ TYPE_CODES: dict[type[Message], int] = {
     RelayIncoming: 0x59,
     RelayJoined: 0x5A,
     RelayPong: 0x5B,
+    Delegate: 0x0E,
+    Delegated: 0x4E,
+    RevokeDelegate: 0x10,
+    DelegateRevoked: 0x50,
+    PutGrant: 0x11,
+    GrantStored: 0x51,
 }
 
 

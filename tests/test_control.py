@@ -781,6 +781,9 @@ SAMPLES: list[tuple[str, requests.Request]] = [
         "friend remove abababab --force",
         requests.FriendRemoveRequest(id="abababab", force=True),
     ),
+    ("delegate add abababab", requests.DelegateAddRequest(id="abababab")),
+    ("delegate list --json", requests.DelegateListRequest(json=True)),
+    ("delegate remove abababab", requests.DelegateRemoveRequest(id="abababab")),
 ]
 REQUESTS = [request for _argv, request in SAMPLES]
 

@@ -265,6 +265,23 @@ class FriendRemoveRequest:
     force: bool = False
 
 
+@attrs.frozen(kw_only=True)
+class DelegateAddRequest:
+    #: A node id, or a unique prefix of it, of a node peer.
+    id: str
+
+
+@attrs.frozen(kw_only=True)
+class DelegateListRequest:
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class DelegateRemoveRequest:
+    #: A node id, or a unique prefix of it.
+    id: str
+
+
 Request = (
     BackupRequest
     | RestoreRequest
@@ -287,6 +304,9 @@ Request = (
     | FriendAddRequest
     | FriendListRequest
     | FriendRemoveRequest
+    | DelegateAddRequest
+    | DelegateListRequest
+    | DelegateRemoveRequest
 )
 
 #: Each command the service runs, by the name a user types for it.
@@ -312,6 +332,9 @@ COMMANDS: Final[Mapping[str, type[Request]]] = {
     "friend add": FriendAddRequest,
     "friend list": FriendListRequest,
     "friend remove": FriendRemoveRequest,
+    "delegate add": DelegateAddRequest,
+    "delegate list": DelegateListRequest,
+    "delegate remove": DelegateRemoveRequest,
 }
 
 #: Commands that write bytes, not lines, to the client's standard output:

@@ -41,6 +41,9 @@ from p2pbackup.app.requests import (
     COMMANDS,
     BackupRequest,
     CheckRequest,
+    DelegateAddRequest,
+    DelegateListRequest,
+    DelegateRemoveRequest,
     DiffRequest,
     DumpRequest,
     FindRequest,
@@ -73,6 +76,7 @@ if TYPE_CHECKING:
     from p2pbackup.app import operations
     from p2pbackup.engine import browse, retention
     from p2pbackup.engine.prune import PruneSummary
+    from p2pbackup.engine.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +183,12 @@ class Service:
                 return await self.friend_list(request, console)
             case FriendRemoveRequest():
                 return await self.friend_remove(request, console)
+            case DelegateAddRequest():
+                return await self.delegate_add(request, console)
+            case DelegateListRequest():
+                return await self.delegate_list(request, console)
+            case DelegateRemoveRequest():
+                return await self.delegate_remove(request, console)
             case _:
                 assert_never(request)
 
@@ -226,11 +236,14 @@ class Service:
             summary = await Backup(
                 repo, progress=console.progress_line("backup"), exclude=exclude
             ).run(list(request.paths), request.tags)
+            warnings = await _hand_grants(repo)
         if request.json:
             console.out(_json(summary.to_json()))
         else:
             for line in summary.lines():
                 console.out(line)
+            for warning in warnings:
+                console.out(warning)
             console.out("snapshot saved:")
             console.out(summary.snapshot_id.hex())
         if summary.below_n:
@@ -472,10 +485,11 @@ class Service:
             summary = await prune(
                 repo, progress=console.progress_line("prune"), dry_run=request.dry_run
             )
+            warnings = [] if request.dry_run else await _hand_grants(repo)
         if request.json:
             console.out(_json(attrs.asdict(summary)))
         else:
-            for line in summary.lines():
+            for line in [*summary.lines(), *warnings]:
                 console.out(line)
         return OK
 
@@ -537,6 +551,7 @@ class Service:
                 repairer.with_audits(options, repo.index),
                 progress=console.progress_line("repair"),
             )
+            warnings = await _hand_grants(repo)
         if request.json:
             console.out(_json({**report.to_json(), "audit": audit.to_json()}))
         else:
@@ -545,6 +560,8 @@ class Service:
             for line in report.lines():
                 if line != report.failure():
                     console.out(line)
+            for warning in warnings:
+                console.out(warning)
         if not report.ok:
             return Outcome(EXIT_ERROR, report.failure())
         return OK
@@ -728,6 +745,119 @@ class Service:
             removed = await operations.remove_friend(repo, request.id, force=request.force)
         _removal_lines(console, f"removed friend {removed.friend.node_id.hex()}", removed)
         return OK
+
+    # -- delegates ----------------------------------------------------------------
+
+    async def delegate_add(self, request: DelegateAddRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.maintenance import grants
+        from p2pbackup.model import PEER_KIND_NODE
+
+        async with operations.open_repository(self.home) as repo:
+            peer = operations.find_peer(repo, request.id)
+            if peer.kind != PEER_KIND_NODE:
+                raise UsageError(
+                    f"peer {peer.peer_id} is a folder; a delegate is a node on the network "
+                    "(a friend, or a peer added with `peer add`)"
+                )
+            node_id = bytes.fromhex(peer.peer_id)
+            with repo.index.transaction():
+                if not repo.index.add_delegate(node_id, int(time.time())):
+                    raise UsageError(
+                        f"node {peer.peer_id} is a delegate already (see `delegate list`)"
+                    )
+            handed = {h.node_id: h for h in await grants.hand_grants(repo)}
+        mine = handed[node_id]
+        console.out(f"added delegate {peer.peer_id}")
+        if mine.ok:
+            console.out(f"it holds the repair grant of sequence {mine.sequence}")
+        else:
+            console.out(
+                f"warning: it was not handed the repair grant now ({mine.problem}); "
+                "it is handed again after each backup, prune and repair"
+            )
+        return OK
+
+    async def delegate_list(self, request: DelegateListRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+
+        async with operations.open_repository(self.home, access="read") as repo:
+            rows = repo.index.delegates()
+            locations = {p.peer_id: p.location for p in repo.peers()}
+        if request.json:
+            console.out(
+                _json(
+                    [
+                        {
+                            "node_id": row.node_id.hex(),
+                            "location": locations.get(row.node_id.hex()),
+                            "added_at": row.added_at,
+                            "granted_at": row.granted_at,
+                            "grant_sequence": row.grant_sequence,
+                            "problem": row.problem,
+                        }
+                        for row in rows
+                    ]
+                )
+            )
+            return OK
+        for row in rows:
+            if row.granted_at is None:
+                held = "holds no grant yet"
+            else:
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row.granted_at))
+                held = f"grant {row.grant_sequence} taken {when}"
+            problem = f"  (last hand-over failed: {row.problem})" if row.problem else ""
+            location = locations.get(row.node_id.hex()) or "no longer a peer"
+            console.out(f"{row.node_id.hex()}  {location}  {held}{problem}")
+        if not rows:
+            console.out(
+                "no delegates yet: `p2pbackup delegate add NODE_ID` lets a friend keep "
+                "this home's backups alive while it is away"
+            )
+        return OK
+
+    async def delegate_remove(self, request: DelegateRemoveRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.maintenance import grants
+
+        async with operations.open_repository(self.home) as repo:
+            rows = {row.node_id.hex(): row for row in repo.index.delegates()}
+            wanted = request.id.strip().lower()
+            matches = [name for name in rows if name.startswith(wanted)] if wanted else []
+            if len(matches) != 1:
+                problem = "no delegate" if not matches else f"{len(matches)} delegates"
+                raise UsageError(
+                    f"{problem} with a node id starting with {wanted!r} (see `delegate list`)"
+                )
+            node_id = rows[matches[0]].node_id
+            told, warnings = await grants.revoke(repo, node_id)
+            with repo.index.transaction():
+                repo.index.remove_delegate(node_id)
+        for warning in warnings:
+            console.out(f"warning: {warning}")
+        console.out(f"removed delegate {node_id.hex()}; {told} nodes refuse its certificates now")
+        return OK
+
+
+async def _hand_grants(repo: Repository) -> list[str]:
+    """Hand every delegate the repair grant after a run that changed shard
+    maps; a warning line for each that could not take it."""
+    from p2pbackup.maintenance import grants
+
+    try:
+        handed = await grants.hand_grants(repo)
+    except P2PBackupError as error:
+        log.warning("repair grants were not handed out: %s", error)
+        return [f"warning: repair grants were not handed out: {error}"]
+    lines = []
+    for h in handed:
+        if not h.ok:
+            log.warning("delegate %s did not take its repair grant: %s", h.node_id.hex(), h.problem)
+            lines.append(
+                f"warning: delegate {h.node_id.hex()} did not take its repair grant ({h.problem})"
+            )
+    return lines
 
 
 def _removal_lines(console: Console, what: str, removed: operations.PeerRemoved) -> None:

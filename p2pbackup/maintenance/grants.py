@@ -1,0 +1,196 @@
+"""Delegation, the owner's side: its delegates, the repair grant made from
+its index, and handing them over (docs/delegation.md).
+
+Nouns:
+
+* **delegate** — a node peer of this home (a friend, or a node added with
+  ``peer add``) that the user chose to keep its backups alive while it is
+  away; a row of the index (:class:`~p2pbackup.engine.index.DelegateRow`).
+* **repair grant** — built from the index by :func:`build_grant`: every
+  pack with a shard on a node peer, its code and shard geometry, and for
+  each of those shards its index, holder and Merkle root; every node peer,
+  with the addresses it was last known at. Shards on folder peers are left
+  out (a delegate cannot reach the owner's disks), and so is everything else
+  the index holds: blobs, snapshots, file names, keys.
+* **hand-over** — :func:`hand_grants`: a fresh grant (a new sequence) and,
+  for each delegate, a fresh certificate (:data:`CERTIFICATE_LIFETIME`),
+  sent with ``PutGrant``; what each delegate answered is kept in its row.
+  Run after each backup, prune and repair, and when a delegate is added.
+* **revocation** — :func:`revoke`: every node peer (the delegate included)
+  told to refuse the delegate's certificates issued until now. A node that
+  cannot be told now honours them until they expire.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from p2pbackup.core import delegation
+from p2pbackup.core.delegation import CERTIFICATE_LIFETIME
+from p2pbackup.engine.index import Index
+from p2pbackup.engine.repository import Repository
+from p2pbackup.errors import P2PBackupError, StoreError
+from p2pbackup.model import (
+    NODE_ID_SIZE,
+    PEER_KIND_NODE,
+    GrantPack,
+    GrantPeer,
+    GrantShard,
+    RepairGrant,
+)
+from p2pbackup.stores.remote import RemoteShardStore
+from p2pbackup.wire.messages import MAX_GRANT_SIZE
+
+#: Addresses a grant gives each peer (the formats' bound).
+_PEER_ADDRESSES = 8
+
+
+def _node_peers(index: Index) -> dict[str, GrantPeer]:
+    """Every node peer by peer id, with its location first, then the
+    addresses its friend row adds."""
+    peers: dict[str, GrantPeer] = {}
+    for peer in index.peers():
+        if peer.kind != PEER_KIND_NODE:
+            continue
+        try:
+            node_id = bytes.fromhex(peer.peer_id)
+        except ValueError:
+            continue
+        if len(node_id) != NODE_ID_SIZE:
+            continue
+        friend = index.friend(node_id)
+        addresses = [peer.location, *(friend.addresses if friend is not None else ())]
+        unique = tuple(dict.fromkeys(a for a in addresses if a))[:_PEER_ADDRESSES]
+        peers[peer.peer_id] = GrantPeer(node_id, unique)
+    return peers
+
+
+def build_grant(index: Index, owner: bytes, *, sequence: int, now: int) -> RepairGrant:
+    """The repair grant of the home whose index this is (module docstring)."""
+    by_id = _node_peers(index)
+    ordered = sorted(by_id.items(), key=lambda item: item[1].node_id)
+    number = {peer_id: i for i, (peer_id, _peer) in enumerate(ordered)}
+    packs = []
+    for pack_id in index.pack_ids():
+        record = index.pack(pack_id, with_blobs=False)
+        if record is None:
+            continue
+        shards = tuple(
+            GrantShard(location.index, number[location.peer_id], location.merkle_root)
+            for location in sorted(record.shards, key=lambda s: s.index)
+            if location.peer_id in number
+        )
+        if shards:
+            packs.append(
+                GrantPack(
+                    pack_id=record.pack_id,
+                    k=record.k,
+                    n=record.n,
+                    shard_size=record.shard_size,
+                    block_size=record.block_size,
+                    shards=shards,
+                )
+            )
+    return RepairGrant(
+        owner=owner,
+        sequence=sequence,
+        issued_at=now,
+        peers=tuple(peer for _peer_id, peer in ordered),
+        packs=tuple(packs),
+    )
+
+
+@attrs.frozen
+class Handed:
+    """What handing one delegate its grant came to: the sequence it holds
+    now, or why it does not hold this one."""
+
+    node_id: bytes = attrs.field(repr=bytes.hex)
+    sequence: int | None
+    problem: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem
+
+
+def _remote(repo: Repository, node_id: bytes) -> RemoteShardStore:
+    store = repo.store(node_id.hex())
+    if not isinstance(store, RemoteShardStore):
+        raise StoreError(f"peer {node_id.hex()} is not a node on the network")
+    return store
+
+
+async def hand_grants(repo: Repository, *, clock: Callable[[], float] = time.time) -> list[Handed]:
+    """Hand every delegate a fresh grant and certificate (module docstring);
+    what each came to. Nothing is asked of anyone when there is no delegate."""
+    index = repo.index
+    rows = index.delegates()
+    if not rows:
+        return []
+    now = int(clock())
+    with index.transaction():
+        sequence = index.next_grant_sequence(now)
+    grant = build_grant(index, repo.keyring.node_id, sequence=sequence, now=now)
+    sealed = delegation.seal_grant(repo.keyring.identity_seed, grant)
+    results: dict[bytes, Handed] = {}
+
+    async def hand(node_id: bytes) -> None:
+        if len(sealed) > MAX_GRANT_SIZE:
+            results[node_id] = Handed(
+                node_id,
+                None,
+                f"the grant of {len(grant.packs)} packs is {len(sealed)} bytes, over the "
+                f"{MAX_GRANT_SIZE} a node takes",
+            )
+            return
+        certificate = delegation.issue_certificate(repo.keyring.identity_seed, node_id, now=now)
+        try:
+            held = await _remote(repo, node_id).put_grant(sealed, certificate)
+        except P2PBackupError as error:
+            results[node_id] = Handed(node_id, None, str(error))
+        else:
+            results[node_id] = Handed(node_id, held)
+
+    async with trio.open_nursery() as nursery:
+        for row in rows:
+            nursery.start_soon(hand, row.node_id)
+    with index.transaction():
+        for node_id, handed in results.items():
+            if handed.sequence is not None:
+                index.set_delegate_granted(node_id, now, handed.sequence)
+            else:
+                index.set_delegate_problem(node_id, handed.problem)
+    return [results[row.node_id] for row in rows]
+
+
+async def revoke(
+    repo: Repository, node_id: bytes, *, clock: Callable[[], float] = time.time
+) -> tuple[int, list[str]]:
+    """Tell every node peer to refuse ``node_id``'s certificates issued until
+    now: how many were told, and a warning for each that was not."""
+    before = int(clock()) + 1
+    peers = [p for p in repo.peers() if p.kind == PEER_KIND_NODE]
+    warnings: list[str] = []
+    told = 0
+
+    async def tell(peer_id: str) -> None:
+        nonlocal told
+        try:
+            await _remote(repo, bytes.fromhex(peer_id)).revoke_delegate(node_id, before)
+        except (P2PBackupError, ValueError) as error:
+            warnings.append(
+                f"node {peer_id} was not told ({error}); it honours the certificate it may "
+                f"hold until that expires (at most {CERTIFICATE_LIFETIME // 86400} days)"
+            )
+        else:
+            told += 1
+
+    async with trio.open_nursery() as nursery:
+        for peer in peers:
+            nursery.start_soon(tell, peer.peer_id)
+    return told, sorted(warnings)

@@ -171,3 +171,6 @@ async def test_a_delegate_that_cannot_be_reached_is_recorded_with_its_problem(
         assert not handed.ok and handed.sequence is None
         [row] = repo.index.delegates()
         assert row.problem == handed.problem and row.granted_at is None
+        # After a backup, prune or repair: a warning, never a failure.
+        [warning] = await grants.hand_out(repo)
+        assert warning.startswith(f"warning: delegate {bob.hex()} did not take its repair grant (")

@@ -81,7 +81,7 @@ from p2pbackup.dht.records import RecordAddress
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.index import Index
 from p2pbackup.errors import P2PBackupError, RepositoryLockedError, StoreError
-from p2pbackup.maintenance import keeper, leases
+from p2pbackup.maintenance import grants, keeper, leases
 from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
 from p2pbackup.node.reachability import DialBackService
@@ -532,6 +532,7 @@ async def run_scheduled_backups(
                     summary = await Backup(repo, exclude=schedule.exclude).run(
                         schedule.paths, schedule.tags
                     )
+                    await grants.hand_out(repo)
                     with repo.index.transaction():
                         repo.index.set_meta(LAST_SCHEDULED_RUN, str(time.time_ns()).encode())
         except RepositoryLockedError as error:

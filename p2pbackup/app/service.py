@@ -845,19 +845,7 @@ async def _hand_grants(repo: Repository) -> list[str]:
     maps; a warning line for each that could not take it."""
     from p2pbackup.maintenance import grants
 
-    try:
-        handed = await grants.hand_grants(repo)
-    except P2PBackupError as error:
-        log.warning("repair grants were not handed out: %s", error)
-        return [f"warning: repair grants were not handed out: {error}"]
-    lines = []
-    for h in handed:
-        if not h.ok:
-            log.warning("delegate %s did not take its repair grant: %s", h.node_id.hex(), h.problem)
-            lines.append(
-                f"warning: delegate {h.node_id.hex()} did not take its repair grant ({h.problem})"
-            )
-    return lines
+    return await grants.hand_out(repo)
 
 
 def _removal_lines(console: Console, what: str, removed: operations.PeerRemoved) -> None:

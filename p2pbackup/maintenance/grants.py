@@ -23,6 +23,7 @@ Nouns:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -44,6 +45,8 @@ from p2pbackup.model import (
 )
 from p2pbackup.stores.remote import RemoteShardStore
 from p2pbackup.wire.messages import MAX_GRANT_SIZE
+
+log = logging.getLogger(__name__)
 
 #: Addresses a grant gives each peer (the formats' bound).
 _PEER_ADDRESSES = 8
@@ -166,6 +169,25 @@ async def hand_grants(repo: Repository, *, clock: Callable[[], float] = time.tim
             else:
                 index.set_delegate_problem(node_id, handed.problem)
     return [results[row.node_id] for row in rows]
+
+
+async def hand_out(repo: Repository, *, clock: Callable[[], float] = time.time) -> list[str]:
+    """:func:`hand_grants` after a run that changed shard maps (a backup, a
+    prune, a repair): never fails that run; a warning, also logged, for each
+    delegate that did not take its grant."""
+    try:
+        handed = await hand_grants(repo, clock=clock)
+    except P2PBackupError as error:
+        log.warning("repair grants were not handed out: %s", error)
+        return [f"warning: repair grants were not handed out: {error}"]
+    warnings = []
+    for h in handed:
+        if not h.ok:
+            log.warning("delegate %s did not take its repair grant: %s", h.node_id.hex(), h.problem)
+            warnings.append(
+                f"warning: delegate {h.node_id.hex()} did not take its repair grant ({h.problem})"
+            )
+    return warnings
 
 
 async def revoke(

@@ -51,7 +51,7 @@ import trio
 
 from p2pbackup.engine.repository import Repository
 from p2pbackup.errors import RepositoryLockedError
-from p2pbackup.maintenance import auditor, repairer
+from p2pbackup.maintenance import auditor, grants, repairer
 from p2pbackup.maintenance.audit import DEFAULT_POLICY, AuditPolicy
 from p2pbackup.maintenance.auditor import AuditReport, Clock
 from p2pbackup.maintenance.leases import LeaseReport
@@ -180,6 +180,8 @@ async def run_round(
             repo, repairer.with_audits(options.repair_options(), repo.index), now=now
         )
         state.last_repair, state.findings = now, False
+        # The delegates learn where the shards are now (maintenance.grants).
+        await grants.hand_out(repo, clock=clock)
     renewed = None if renew is None else await renew(repo, clock())
     now = clock()
     sleep = next_round(auditor.seconds_to_next(repo.index, now), state, now, options)

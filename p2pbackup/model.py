@@ -218,11 +218,13 @@ class GrantPack:
     """What repairing one pack needs, and nothing about what is in it.
 
     Its shard ids are derived (``core.formats.shard_id(pack_id, index)``),
-    and the padded pack size is in every shard's header, so neither is
-    carried here.
+    so they are not carried here.
     """
 
     pack_id: bytes = attrs.field(repr=bytes.hex)
+    #: The padded pack's length, which decoding needs: one of a few size
+    #: buckets, within k bytes of k shard sizes, and in every shard's header.
+    size: int
     k: int
     n: int
     #: Bytes of each shard's data (without its header), and its Merkle block size.

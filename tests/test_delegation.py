@@ -36,11 +36,13 @@ def grant_packs(draw: st.DrawFn, peers: int) -> GrantPack:
     k = draw(st.integers(1, 20))
     n = draw(st.integers(k + 1, 30))
     indices = sorted(draw(st.sets(st.integers(0, n - 1), max_size=5))) if peers else []
+    size = draw(st.integers(0, formats.MAX_PACK_SIZE))
     return GrantPack(
         pack_id=draw(ids),
+        size=size,
         k=k,
         n=n,
-        shard_size=draw(st.integers(0, formats.MAX_PACK_SIZE)),
+        shard_size=-(-size // k),
         block_size=draw(block_sizes),
         shards=tuple(
             GrantShard(index, draw(st.integers(0, peers - 1)), draw(ids)) for index in indices
@@ -210,7 +212,7 @@ def test_a_grant_of_another_owner_is_refused() -> None:
 
 def test_a_grant_is_canonical() -> None:
     peers = (GrantPeer(bytes([1]) * 20, ("a:1",)), GrantPeer(bytes([2]) * 20, ()))
-    pack = GrantPack(bytes(32), 2, 4, 100, 4096, (GrantShard(0, 0, bytes(32)),))
+    pack = GrantPack(bytes(32), 200, 2, 4, 100, 4096, (GrantShard(0, 0, bytes(32)),))
     with pytest.raises(FormatError, match="out of order"):
         formats.encode_repair_grant(RepairGrant(OWNER, 1, NOW, peers[::-1], ()))
     with pytest.raises(FormatError, match="duplicated"):
@@ -221,5 +223,9 @@ def test_a_grant_is_canonical() -> None:
     bad_index = attrs.evolve(pack, shards=(GrantShard(4, 0, bytes(32)),))
     with pytest.raises(FormatError, match="not below n"):
         formats.encode_repair_grant(RepairGrant(OWNER, 1, NOW, peers, (bad_index,)))
+    with pytest.raises(FormatError, match="does not fit pack size"):
+        formats.encode_repair_grant(
+            RepairGrant(OWNER, 1, NOW, peers, (attrs.evolve(pack, shard_size=99),))
+        )
     with pytest.raises(FormatError, match="its own shards"):
         formats.encode_repair_grant(RepairGrant(OWNER, 1, NOW, (GrantPeer(OWNER, ()),), ()))

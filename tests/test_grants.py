@@ -97,7 +97,8 @@ async def test_a_grant_maps_every_pack_and_says_nothing_of_the_files(
         for pack in grant.packs:
             record = index.pack(pack.pack_id, with_blobs=False)
             assert record is not None
-            assert (pack.k, pack.n, pack.shard_size, pack.block_size) == (
+            assert (pack.size, pack.k, pack.n, pack.shard_size, pack.block_size) == (
+                record.size,
                 record.k,
                 record.n,
                 record.shard_size,
@@ -121,7 +122,7 @@ async def test_a_grant_maps_every_pack_and_says_nothing_of_the_files(
             assert blob_id not in sealed
     numbers = {grant.sequence, grant.issued_at}
     for pack in grant.packs:
-        numbers |= {pack.k, pack.n, pack.shard_size, pack.block_size}
+        numbers |= {pack.size, pack.k, pack.n, pack.shard_size, pack.block_size}
         numbers |= {s.index for s in pack.shards} | {s.peer for s in pack.shards}
     assert not numbers & set(SIZES)
     assert formats.decode_repair_grant(formats.encode_repair_grant(grant)) == grant

@@ -988,6 +988,7 @@ def encode_repair_grant(grant: RepairGrant) -> bytes:
         tuple(
             (
                 pack.pack_id,
+                pack.size,
                 pack.k,
                 pack.n,
                 pack.shard_size,
@@ -1048,14 +1049,15 @@ def _grant_peer(value: object, what: str) -> GrantPeer:
 
 
 def _grant_pack(value: object, what: str, *, peers: int) -> GrantPack:
-    pack_id, k, n, shard_size, block_size, shards = _check.fields(value, what, 6)
+    pack_id, size, k, n, shard_size, block_size, shards = _check.fields(value, what, 7)
     pack_id = _id(pack_id, f"{what}: pack id")
     what = f"{what} ({pack_id.hex()[:16]})"
+    size = _check.integer(size, f"{what}: size", high=MAX_PACK_SIZE)
     k = _check.integer(k, f"{what}: k", high=MAX_SHARDS)
     n = _check.integer(n, f"{what}: n", high=MAX_SHARDS)
-    _check_code(what, k, n)
+    shard_size = _check.integer(shard_size, f"{what}: shard size", high=MAX_PACK_SIZE)
     block_size = _check.integer(block_size, f"{what}: block size", high=MAX_BLOCK_SIZE)
-    _check_block_size(what, block_size)
+    _check_geometry(what, size=size, k=k, n=n, shard_size=shard_size, block_size=block_size)
 
     def shard(item: object, where: str) -> GrantShard:
         index, peer, root = _check.fields(item, where, 3)
@@ -1071,9 +1073,10 @@ def _grant_pack(value: object, what: str, *, peers: int) -> GrantPack:
 
     pack = GrantPack(
         pack_id=pack_id,
+        size=size,
         k=k,
         n=n,
-        shard_size=_check.integer(shard_size, f"{what}: shard size", high=MAX_PACK_SIZE),
+        shard_size=shard_size,
         block_size=block_size,
         shards=_check.items(shards, f"{what}: shard", shard, max_length=MAX_SHARDS),
     )

@@ -91,6 +91,7 @@ def build_grant(index: Index, owner: bytes, *, sequence: int, now: int) -> Repai
             packs.append(
                 GrantPack(
                     pack_id=record.pack_id,
+                    size=record.size,
                     k=record.k,
                     n=record.n,
                     shard_size=record.shard_size,

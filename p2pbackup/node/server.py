@@ -23,7 +23,7 @@ Nouns:
   its leases), the peer's own key signs its puts and renewals, and only
   :data:`DELEGATE_REQUESTS` are answered, each after the certificate is
   checked again against the host's clock and the owner's revocations
-  (docs/delegation.md). No deletes, no root records, no listings.
+  (docs/delegation.md). No deletes, no root records.
 * **held grant** — a repair grant an owner hands this node as its delegate
   (``PutGrant``), kept by the shard host once its signature and the
   certificate beside it are checked.
@@ -82,12 +82,13 @@ _DEFAULT_LIMITS = ServerLimits()
 STRANGER_LEASE_SECONDS = 400 * 86400
 
 #: What a delegated session may ask for its owner: keeping shards alive, and
-#: reading them (ciphertext) to rebuild others. Never a delete, a listing or
-#: a root record.
+#: finding and reading them (ciphertext) to rebuild others. Never a delete
+#: or a root record.
 DELEGATE_REQUESTS: tuple[type[messages.Message], ...] = (
     messages.PutShard,
     messages.GetShard,
     messages.HasShard,
+    messages.ListShards,
     messages.Audit,
     messages.RenewLease,
     messages.GetUsage,
@@ -406,7 +407,7 @@ class _Session:
         if not isinstance(request, DELEGATE_REQUESTS):
             raise _Refusal(
                 RefusalCode.FORBIDDEN,
-                f"a delegate of node {owner} may audit, renew, put and read its shards; "
+                f"a delegate of node {owner} may audit, renew, put, list and read its shards; "
                 f"{type(request).__name__} is refused",
             )
         await self._check_certificate(self.delegation, delegate=self.peer)

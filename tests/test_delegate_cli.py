@@ -1,5 +1,6 @@
-"""``p2pbackup delegate add|list|remove`` from the command line: in process
-with an offline delegate (quick), then with real ``serve`` processes."""
+"""``p2pbackup delegate add|list|remove`` and ``repair --for`` from the
+command line: in process with an offline delegate (quick), then with real
+``serve`` processes."""
 
 from __future__ import annotations
 
@@ -102,11 +103,11 @@ def revoked(home: Path) -> list[tuple[bytes, bytes]]:
         db.close()
 
 
-async def test_a_running_delegate_takes_each_new_grant_and_loses_it(tmp_path: Path) -> None:
+async def test_a_running_delegate_takes_grants_repairs_and_loses_them(tmp_path: Path) -> None:
     config = attrs.evolve(operations.default_config(2, 3), pack_size=256 * 1024)
     source = make_source(tmp_path / "source", big=300_000)
-    async with open_devnet(tmp_path / "net", 4, config=config) as devnet:
-        owner, bob, carol, _dave = devnet.nodes
+    async with open_devnet(tmp_path / "net", 5, config=config) as devnet:
+        owner, bob, carol, dave, _erin = devnet.nodes
         home = owner.home.path
 
         async def cli_run(*args: str | os.PathLike[str]) -> list[str]:
@@ -126,7 +127,26 @@ async def test_a_running_delegate_takes_each_new_grant_and_loses_it(tmp_path: Pa
         assert delegation.open_certificate(certificate).delegate == bob_id
         assert owner_id not in held_grants(carol.home.path)
 
+        # A peer dies; the delegate rebuilds its shards for the owner.
+        await devnet.kill(dave.index)
+        result = await trio.to_thread.run_sync(
+            lambda: run_cli(
+                "repair", "--for", owner_id.hex(), "--grace", "0", "--json", home=bob.home.path
+            )
+        )
+        assert result.returncode == 0, str(result)
+        report = json.loads(result.stdout)
+        assert report["ok"] and report["owner"] == owner_id.hex()
+        assert report["grant_sequence"] == sequence and report["shards_rebuilt"] > 0
+        # Not a delegate of carol's home: one line, exit 1.
+        refused = await trio.to_thread.run_sync(
+            lambda: run_cli("repair", "--for", carol.node_id, home=bob.home.path)
+        )
+        assert refused.returncode == 1
+        assert "holds no repair grant of node" in refused.stderr
+
         out = await cli_run("delegate", "remove", bob_id.hex())
+        assert out[0].startswith(f"warning: node {dave.node_id} was not told (")
         assert out[-1] == f"removed delegate {bob_id.hex()}; 3 nodes refuse its certificates now"
         assert owner_id not in held_grants(bob.home.path)
         assert revoked(carol.home.path) == [(owner_id, bob_id)]

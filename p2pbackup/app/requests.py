@@ -208,6 +208,9 @@ class RepairRequest:
     #: Bytes a second (``"2M"``) or ``"unlimited"``; None: the default.
     rate: str | None = None
     json: bool = False
+    #: Repair another owner's packs, as its delegate (its node id in hex);
+    #: None: this home's own.
+    owner: str | None = None
 
 
 @attrs.frozen(kw_only=True)

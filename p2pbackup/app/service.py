@@ -77,8 +77,13 @@ if TYPE_CHECKING:
     from p2pbackup.engine import browse, retention
     from p2pbackup.engine.prune import PruneSummary
     from p2pbackup.engine.repository import Repository
+    from p2pbackup.maintenance.repairer import RepairOptions
 
 log = logging.getLogger(__name__)
+
+#: Where a home keeps the grant index of each owner it repairs for as a
+#: delegate (:mod:`p2pbackup.maintenance.delegated`), under its directory.
+DELEGATED_DIR = "delegated"
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -544,6 +549,8 @@ class Service:
         if request.rate is not None:
             rate = None if request.rate == "unlimited" else float(parse_size(request.rate))
         options = repairer.RepairOptions(policy=policy, rate=rate, verify=True)
+        if request.owner is not None:
+            return await self._repair_for(request, options, console)
         async with operations.open_repository(self.home) as repo:
             audit = await auditor.audit_once(repo)
             report = await repairer.repair_pass(
@@ -562,6 +569,72 @@ class Service:
                     console.out(line)
             for warning in warnings:
                 console.out(warning)
+        if not report.ok:
+            return Outcome(EXIT_ERROR, report.failure())
+        return OK
+
+    async def _repair_for(
+        self, request: RepairRequest, options: RepairOptions, console: Console
+    ) -> Outcome:
+        """``repair --for OWNER``: a pass over another home's packs, from the
+        grant it handed this node as its delegate (maintenance.delegated)."""
+        from p2pbackup.app import homedht, operations
+        from p2pbackup.core import delegation
+        from p2pbackup.core.keys import Keyring
+        from p2pbackup.maintenance import delegated
+        from p2pbackup.net.network import TcpNetwork
+        from p2pbackup.node.shardhost import read_held_grants
+        from p2pbackup.stores.durable import make_dirs
+
+        assert request.owner is not None
+        owner = operations.parse_node_id(request.owner)
+        self.home.require()
+        keyring = Keyring.from_master_secret(self.home.load_secret())
+        held = {g.owner: g for g in read_held_grants(self.home.hosted_path)}.get(owner)
+        if held is None:
+            raise UsageError(
+                f"this node holds no repair grant of node {owner.hex()}: its owner makes "
+                f"this node a delegate with `p2pbackup delegate add {keyring.node_id.hex()}`"
+            )
+        grant = delegation.open_grant(held.grant, owner=owner)
+        delegation.verify_certificate(
+            held.certificate, now=int(time.time()), delegate=keyring.node_id, owner=owner
+        )
+        directory = self.home.path / DELEGATED_DIR
+        make_dirs(directory, self.home.path, mode=0o700)
+        index = delegated.open_grant_index(directory / f"{owner.hex()}.sqlite", grant)
+        try:
+            network = TcpNetwork()
+            result = await delegated.repair_for(
+                keyring,
+                index,
+                held.certificate,
+                network,
+                options,
+                locate=homedht.dht_locator(self.home, network),
+                progress=console.progress_line("repair"),
+            )
+        finally:
+            index.close()
+        report = result.repair
+        if request.json:
+            console.out(
+                _json(
+                    {
+                        **report.to_json(),
+                        "audit": result.audit.to_json(),
+                        "owner": owner.hex(),
+                        "grant_sequence": grant.sequence,
+                    }
+                )
+            )
+        else:
+            console.out(f"repairing for node {owner.hex()}, from its grant {grant.sequence}")
+            for line in result.audit.lines():
+                console.out(f"audit: {line}")
+            for line in report.lines():
+                if line != report.failure():
+                    console.out(line)
         if not report.ok:
             return Outcome(EXIT_ERROR, report.failure())
         return OK

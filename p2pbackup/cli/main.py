@@ -861,6 +861,12 @@ def _add_upkeep(commands: _Commands) -> None:
         metavar="SIZE",
         help="most bytes a second to move, such as 500K or 2M (default 1M; 'unlimited')",
     )
+    p.add_argument(
+        "--for",
+        dest="owner",
+        metavar="OWNER_NODE_ID",
+        help="repair another home's packs now, as its delegate (from the grant it handed us)",
+    )
     _json_option(p)
     p.set_defaults(request=requests.RepairRequest)
     p = commands.add_parser("check", help="verify the index against the peers")

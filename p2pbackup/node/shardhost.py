@@ -1363,6 +1363,30 @@ def usage_by_owner(root: Path) -> dict[bytes, int]:
     return {bytes(owner): int(size) for owner, size in rows}
 
 
+def read_held_grants(root: Path) -> builtins.list[HeldGrant]:
+    """The grants held under ``root``, read without opening the host (a
+    running node holds it); empty if there are none."""
+    path = root / DB_NAME
+    if not path.exists():
+        return []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = db.execute(
+                "SELECT owner, sequence, grant_data, certificate, received_at"
+                " FROM held_grants ORDER BY owner"
+            ).fetchall()
+        finally:
+            db.close()
+    except sqlite3.OperationalError as error:
+        if "no such table" in str(error):
+            return []  # a database no version with grants has opened
+        raise StoreError(f"cannot read the shard host database {path}: {error}") from error
+    except sqlite3.Error as error:
+        raise StoreError(f"cannot read the shard host database {path}: {error}") from error
+    return [HeldGrant.from_row(row) for row in rows]
+
+
 def _open_db(path: Path, *, before_create: Callable[[], None]) -> tuple[sqlite3.Connection, bool]:
     """The open database, and whether it was made now (``before_create``
     runs first, and may refuse by raising)."""

@@ -113,6 +113,12 @@ async def test_a_delegate_rebuilds_what_a_lost_peer_held(world: World, tmp_path:
         )
         assert result.repair.ok, result.repair.lines()
         assert result.repair.shards_rebuilt == len(lost)
+        # The leases of every shard on a live node are renewed, by the delegate.
+        live_shards = sum(
+            1 for pack in grant.packs for s in pack.shards if grant.peers[s.peer].node_id != carol
+        )
+        assert result.leases.renewed == live_shards + len(lost)
+        assert result.leases.unanswered == []  # no shard row is on carol any more
         # The grant index knows where the shards went; a second pass has
         # nothing to do.
         again = await delegated.repair_for(

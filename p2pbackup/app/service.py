@@ -625,6 +625,8 @@ class Service:
                         "audit": result.audit.to_json(),
                         "owner": owner.hex(),
                         "grant_sequence": grant.sequence,
+                        "leases_renewed": result.leases.renewed,
+                        "leases_missing": result.leases.missing,
                     }
                 )
             )
@@ -635,6 +637,8 @@ class Service:
             for line in report.lines():
                 if line != report.failure():
                     console.out(line)
+            for line in result.leases.lines():
+                console.out(f"leases: {line}")
         if not report.ok:
             return Outcome(EXIT_ERROR, report.failure())
         return OK

@@ -17,7 +17,10 @@ Nouns:
   ``Delegate`` and acts in the owner's namespace. It rebuilds and puts
   shards like the owner's pass, but writes no index segment and no root
   record (it holds no key of the owner's, and the nodes would refuse
-  them), and deletes nothing (the nodes refuse that too).
+  them), and deletes nothing (the nodes refuse that too). It ends by
+  renewing the leases of the owner's shards that are due
+  (:mod:`p2pbackup.maintenance.leases`), signed by the delegate, so that
+  the nodes keep them while the owner is away.
 
 Peers in a fresh grant index count as last seen when the grant was issued,
 so that the repair policy's grace period runs from then.
@@ -25,6 +28,7 @@ so that the repair policy's grace period runs from then.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import attrs
@@ -33,8 +37,9 @@ from p2pbackup.core.keys import Keyring
 from p2pbackup.engine.index import Index
 from p2pbackup.engine.progress import Progress
 from p2pbackup.engine.repository import Repository
-from p2pbackup.maintenance import auditor, repairer
+from p2pbackup.maintenance import auditor, leases, repairer
 from p2pbackup.maintenance.auditor import AuditReport
+from p2pbackup.maintenance.leases import LeaseReport
 from p2pbackup.maintenance.repairer import RepairOptions, RepairReport
 from p2pbackup.model import (
     PEER_KIND_NODE,
@@ -115,6 +120,7 @@ class DelegatedRepair:
 
     audit: AuditReport
     repair: RepairReport
+    leases: LeaseReport
 
 
 async def repair_for(
@@ -134,6 +140,7 @@ async def repair_for(
         audit = await auditor.audit_once(repo)
         evolved = attrs.evolve(repairer.with_audits(options, index), publish=False)
         report = await repairer.repair_pass(repo, evolved, progress=progress)
+        renewed = await leases.renew_leases(repo, time.time())
     finally:
         await repo.aclose()
-    return DelegatedRepair(audit, report)
+    return DelegatedRepair(audit, report, renewed)

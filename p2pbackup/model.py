@@ -247,6 +247,31 @@ class RepairGrant:
 
 
 @attrs.frozen
+class LogEntry:
+    """Shard ``index`` of pack ``pack_id`` is on node ``holder`` now, put
+    there by a delegate; ``merkle_root`` is its root (the owner's own, since
+    a rebuilt shard is the same bytes)."""
+
+    pack_id: bytes = attrs.field(repr=bytes.hex)
+    index: int
+    holder: bytes = attrs.field(repr=bytes.hex)
+    merkle_root: bytes = attrs.field(repr=bytes.hex)
+
+
+@attrs.frozen
+class RepairLog:
+    """What a delegate changed for an owner since the owner's grant of
+    ``grant_sequence``: where the shards it rebuilt are now. Signed by the
+    delegate, read back by the owner when it returns."""
+
+    delegate: bytes = attrs.field(repr=bytes.hex)
+    owner: bytes = attrs.field(repr=bytes.hex)
+    grant_sequence: int
+    made_at: int
+    entries: tuple[LogEntry, ...]
+
+
+@attrs.frozen
 class IndexSegment:
     """Pack records written by one backup or prune."""
 

@@ -4,6 +4,7 @@ no key of the owner's."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from p2pbackup.app.home import Home
 from p2pbackup.core import delegation, formats
 from p2pbackup.core.keys import Keyring
 from p2pbackup.engine.backup import Backup
+from p2pbackup.engine.restore import Restorer
 from p2pbackup.maintenance import delegated, grants
 from p2pbackup.maintenance.repair import RepairPolicy
 from p2pbackup.maintenance.repairer import RepairOptions
@@ -38,6 +40,7 @@ class World:
     alice: Home
     homes: dict[str, Home]
     hosts: dict[str, ShardHost]
+    servers: dict[str, StorageServer]
 
     def keyring(self, name: str) -> Keyring:
         home = self.alice if name == "alice" else self.homes[name]
@@ -50,20 +53,30 @@ def new_home(root: Path, name: str) -> Home:
     return home
 
 
+def repair_log(home: Home, seed: bytes, owner: bytes) -> bytes | None:
+    """What ``serve`` answers an owner's GetRepairLog with (app.daemon)."""
+    path = delegated.grant_index_path(home.path, owner)
+    return delegated.sealed_log(path, seed, owner, int(time.time()))
+
+
 @pytest.fixture
 async def world(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[World]:
     net = MemoryNetwork(seed=5, default_link=LinkProfile(latency=0.0005), connect_timeout=0.5)
     alice = new_home(tmp_path, "alice")
-    homes, hosts = {}, {}
+    homes, hosts, servers = {}, {}, {}
     for name in NODES:
         home = homes[name] = new_home(tmp_path, name)
         host = hosts[name] = ShardHost.open(home.hosted_path)
         keyring = Keyring.from_master_secret(home.load_secret())
-        server = StorageServer(host, Identity.from_keyring(keyring))
+        server = servers[name] = StorageServer(
+            host,
+            Identity.from_keyring(keyring),
+            repair_log=functools.partial(repair_log, home, keyring.identity_seed),
+        )
         await nursery.start(
             net.interface(name).serve, Address(name, PORT), server.handle_connection
         )
-    world = World(net, alice, homes, hosts)
+    world = World(net, alice, homes, hosts, servers)
     async with operations.open_repository(alice, network=net.interface("alice")) as repo:
         for name in NODES:
             node_id = world.keyring(name).node_id.hex()
@@ -102,7 +115,9 @@ async def test_a_delegate_rebuilds_what_a_lost_peer_held(world: World, tmp_path:
     assert lost
     world.world.kill_host("carol")
 
-    index = delegated.open_grant_index(tmp_path / "grant.sqlite", grant)
+    path = delegated.grant_index_path(world.homes["bob"].path, alice_id)
+    path.parent.mkdir()
+    index, _grant = delegated.open_grant_index(path, held.grant, alice_id)
     try:
         result = await delegated.repair_for(
             bob,
@@ -147,6 +162,42 @@ async def test_a_delegate_rebuilds_what_a_lost_peer_held(world: World, tmp_path:
     for host in live.values():
         assert host.list(bob.node_id, None, 10)[0] == []
 
+    # Alice comes back and reads bob's log: her index finds the new shards.
+    network = world.world.interface("alice")
+    async with operations.open_repository(world.alice, network=network) as repo:
+        taken, warnings = await grants.read_back(repo)
+        assert (taken, warnings) == (len(lost), [])
+        assert (await grants.read_back(repo))[0] == 0  # nothing new the second time
+        placed = {
+            (pack_id, s.index): s.peer_id
+            for pack_id in repo.index.pack_ids()
+            for s in repo.index.pack(pack_id, with_blobs=False).shards  # type: ignore[union-attr]
+        }
+        assert all(placed[p.pack_id, s.index] != carol.hex() for p, s in lost)
+    # Now the node that shared most packs with carol dies too: without the
+    # log, those packs would have one shard left that alice knows of.
+    shared = {
+        name: sum(
+            1
+            for p, _s in lost
+            for t in p.shards
+            if grant.peers[t.peer].node_id == world.keyring(name).node_id
+        )
+        for name in NODES
+        if name not in ("carol", "bob")
+    }
+    second = max(shared, key=lambda name: shared[name])
+    assert shared[second] > 0
+    world.world.kill_host(second)
+    target = tmp_path / "restored"
+    async with operations.open_repository(world.alice, network=network) as repo:
+        [(_sid, snapshot)] = repo.index.snapshots()
+        summary = await Restorer(repo, target).run(snapshot)
+    assert summary.unrecoverable == [] and summary.failed == []
+    for i in range(3):
+        restored = target / str(source.absolute()).lstrip("/") / f"file-{i}"
+        assert restored.read_bytes() == bytes([i]) * 90_000
+
 
 async def test_a_delegate_without_a_good_certificate_changes_nothing(
     world: World, tmp_path: Path
@@ -160,6 +211,7 @@ async def test_a_delegate_without_a_good_certificate_changes_nothing(
     ) as repo:
         await Backup(repo).run([source])
         grant = grants.build_grant(repo.index, alice.node_id, sequence=1, now=1)
+        sealed = delegation.seal_grant(alice.identity_seed, grant)
     world.world.kill_host("carol")
     live = [host for name, host in world.hosts.items() if name != "carol"]
     before = [host.list(alice.node_id, None, 1000)[0] for host in live]
@@ -167,7 +219,7 @@ async def test_a_delegate_without_a_good_certificate_changes_nothing(
     other = delegation.issue_certificate(
         alice.identity_seed, world.keyring("dave").node_id, now=int(time.time())
     )
-    index = delegated.open_grant_index(tmp_path / "grant.sqlite", grant)
+    index, _grant = delegated.open_grant_index(tmp_path / "grant.sqlite", sealed, alice.node_id)
     try:
         result = await delegated.repair_for(
             world.keyring("bob"),

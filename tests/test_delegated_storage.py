@@ -237,3 +237,12 @@ async def test_a_delegated_session_refuses_a_second_delegation(
     assert answer.code == RefusalCode.FORBIDDEN
     await trio.aclose_forcefully(channel.stream)
     await delegate.aclose()
+
+
+async def test_a_node_without_repair_logs_says_so(node: RunningNode, network: Network) -> None:
+    owner = node.client(network, OWNER)
+    with pytest.raises(StoreError, match="keeps no repair logs"):
+        await owner.get_repair_log()
+    node.server.repair_log = lambda asker: b"log of " + asker
+    assert await owner.get_repair_log() == b"log of " + OWNER.node_id
+    await owner.aclose()

@@ -16,7 +16,9 @@ from p2pbackup.model import (
     GrantPack,
     GrantPeer,
     GrantShard,
+    LogEntry,
     RepairGrant,
+    RepairLog,
 )
 
 OWNER_SEED = bytes(range(32))
@@ -61,6 +63,24 @@ def grants(draw: st.DrawFn, owner: bytes = OWNER) -> RepairGrant:
         issued_at=draw(st.integers(0, 2**40)),
         peers=tuple(GrantPeer(node_id, draw(addresses)) for node_id in peer_ids),
         packs=tuple(sorted(packs, key=lambda p: p.pack_id)),
+    )
+
+
+DELEGATE_SEED = bytes([9]) * 32
+DELEGATE_ID = node_id_for(crypto.signing_public_key(DELEGATE_SEED))
+
+
+@st.composite
+def logs(draw: st.DrawFn) -> RepairLog:
+    keys = draw(st.sets(st.tuples(ids, st.integers(0, 254)), max_size=5))
+    return RepairLog(
+        delegate=DELEGATE_ID,
+        owner=OWNER,
+        grant_sequence=draw(st.integers(0, 2**40)),
+        made_at=draw(st.integers(0, 2**40)),
+        entries=tuple(
+            LogEntry(pack_id, index, draw(node_ids), draw(ids)) for pack_id, index in sorted(keys)
+        ),
     )
 
 
@@ -127,6 +147,33 @@ def test_every_damaged_grant_is_refused(grant: RepairGrant) -> None:
     sealed = delegation.seal_grant(OWNER_SEED, grant)
     for damaged in _all_damaged(sealed):
         _one_line_refusal(delegation.open_grant, damaged)
+
+
+@given(logs())
+@settings(max_examples=5, deadline=None)
+def test_logs_round_trip_and_every_damaged_log_is_refused(log: RepairLog) -> None:
+    sealed = delegation.seal_log(DELEGATE_SEED, log)
+    assert delegation.open_log(sealed, delegate=DELEGATE_ID, owner=OWNER) == log
+
+    def open_(data: bytes) -> RepairLog:
+        return delegation.open_log(data, delegate=DELEGATE_ID, owner=OWNER)
+
+    for damaged in _all_damaged(sealed):
+        _one_line_refusal(open_, damaged)
+
+
+def test_a_log_of_another_delegate_or_owner_is_refused() -> None:
+    log = RepairLog(DELEGATE_ID, OWNER, 1, NOW, ())
+    sealed = delegation.seal_log(DELEGATE_SEED, log)
+    with pytest.raises(DelegationError, match="not of node"):
+        delegation.open_log(sealed, delegate=bytes(20), owner=OWNER)
+    with pytest.raises(DelegationError, match="not of node"):
+        delegation.open_log(sealed, delegate=DELEGATE_ID, owner=bytes(20))
+    with pytest.raises(FormatError, match="another key"):
+        delegation.seal_log(OWNER_SEED, log)
+    twice = LogEntry(bytes(32), 1, bytes(20), bytes(32))
+    with pytest.raises(FormatError, match="duplicated"):
+        formats.encode_repair_log(attrs.evolve(log, entries=(twice, twice)))
 
 
 @given(grants())

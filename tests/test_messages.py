@@ -43,6 +43,7 @@ from p2pbackup.wire.messages import (
     DialBack,
     DialBackResult,
     FrameDecoder,
+    GetRepairLog,
     GetRoot,
     GetShard,
     GetUsage,
@@ -68,6 +69,7 @@ from p2pbackup.wire.messages import (
     RelayReserve,
     RelayReserved,
     RenewLease,
+    RepairLogData,
     RevokeDelegate,
     RootData,
     RootStored,
@@ -175,6 +177,8 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
         PutGrant, st.binary(min_size=1, max_size=300), st.binary(min_size=1, max_size=300)
     ),
     GrantStored: st.builds(GrantStored, uints),
+    GetRepairLog: st.just(GetRepairLog()),
+    RepairLogData: st.builds(RepairLogData, st.none() | st.binary(min_size=1, max_size=300)),
 }
 any_message = st.one_of(*STRATEGIES.values())
 
@@ -227,9 +231,17 @@ EXAMPLES: dict[type[Message], Message] = {
     DelegateRevoked: DelegateRevoked(),
     PutGrant: PutGrant(b"grant", b"certificate"),
     GrantStored: GrantStored(3),
+    GetRepairLog: GetRepairLog(),
+    RepairLogData: RepairLogData(b"log"),
 }
 #: Fields that may be nil.
-OPTIONAL_FIELDS = {(GetShard, 2), (ListShards, 0), (RootData, 0), (Usage, 1)}
+OPTIONAL_FIELDS = {
+    (GetShard, 2),
+    (ListShards, 0),
+    (RootData, 0),
+    (Usage, 1),
+    (RepairLogData, 0),
+}
 
 #: The wire type codes, as the protocol specification gives them.
 TYPE_CODES: dict[type[Message], int] = {
@@ -276,6 +288,8 @@ TYPE_CODES: dict[type[Message], int] = {
     DelegateRevoked: 0x50,
     PutGrant: 0x11,
     GrantStored: 0x51,
+    GetRepairLog: 0x12,
+    RepairLogData: 0x52,
 }
 
 

@@ -81,7 +81,7 @@ from p2pbackup.dht.records import RecordAddress
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.index import Index
 from p2pbackup.errors import P2PBackupError, RepositoryLockedError, StoreError
-from p2pbackup.maintenance import grants, keeper, leases
+from p2pbackup.maintenance import delegated, grants, keeper, leases
 from p2pbackup.net.network import Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
 from p2pbackup.node.reachability import DialBackService
@@ -360,6 +360,7 @@ async def _open_storage(
             leaving=functools.partial(_note_leaving, home),
             dial_back=DialBackService(network, identity, published),
             relay=relay.serve,
+            repair_log=functools.partial(_repair_log, home, identity.signing_seed),
         )
         async with trio.open_nursery() as nursery:
             address = await nursery.start(network.serve, options.listen, server.handle_connection)
@@ -578,6 +579,15 @@ async def run_maintenance(
         lock=turns,
         task_status=task_status,
     )
+
+
+def _repair_log(home: Home, identity_seed: bytes, owner: bytes) -> bytes | None:
+    """The repair log this home, as ``owner``'s delegate, keeps for it (signed)."""
+    path = delegated.grant_index_path(home.path, owner)
+    try:
+        return delegated.sealed_log(path, identity_seed, owner, int(time.time()))
+    except sqlite3.Error as error:
+        raise StoreError(f"cannot read the grant index {path}: {error}") from error
 
 
 def _note_leaving(home: Home, node_id: bytes) -> bool:

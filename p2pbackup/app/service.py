@@ -81,10 +81,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Where a home keeps the grant index of each owner it repairs for as a
-#: delegate (:mod:`p2pbackup.maintenance.delegated`), under its directory.
-DELEGATED_DIR = "delegated"
-
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_PARTIAL = 3
@@ -538,7 +534,7 @@ class Service:
         shard read back and verified (which also finds damage an audit's
         sample of blocks missed), then every pack below r rebuilt."""
         from p2pbackup.app import operations
-        from p2pbackup.maintenance import auditor, repairer
+        from p2pbackup.maintenance import auditor, grants, repairer
         from p2pbackup.maintenance.repair import RepairPolicy
         from p2pbackup.node.schedule import parse_duration, parse_size
 
@@ -552,16 +548,22 @@ class Service:
         if request.owner is not None:
             return await self._repair_for(request, options, console)
         async with operations.open_repository(self.home) as repo:
+            # Where delegates moved shards while this home was away, first.
+            taken, warnings = await grants.read_back(repo)
             audit = await auditor.audit_once(repo)
             report = await repairer.repair_pass(
                 repo,
                 repairer.with_audits(options, repo.index),
                 progress=console.progress_line("repair"),
             )
-            warnings = await _hand_grants(repo)
+            warnings += await _hand_grants(repo)
         if request.json:
-            console.out(_json({**report.to_json(), "audit": audit.to_json()}))
+            console.out(
+                _json({**report.to_json(), "audit": audit.to_json(), "delegated_moves": taken})
+            )
         else:
+            if taken:
+                console.out(f"took {taken} shard locations from the delegates' repair logs")
             for line in audit.lines():
                 console.out(f"audit: {line}")
             for line in report.lines():
@@ -596,13 +598,12 @@ class Service:
                 f"this node holds no repair grant of node {owner.hex()}: its owner makes "
                 f"this node a delegate with `p2pbackup delegate add {keyring.node_id.hex()}`"
             )
-        grant = delegation.open_grant(held.grant, owner=owner)
         delegation.verify_certificate(
             held.certificate, now=int(time.time()), delegate=keyring.node_id, owner=owner
         )
-        directory = self.home.path / DELEGATED_DIR
-        make_dirs(directory, self.home.path, mode=0o700)
-        index = delegated.open_grant_index(directory / f"{owner.hex()}.sqlite", grant)
+        path = delegated.grant_index_path(self.home.path, owner)
+        make_dirs(path.parent, self.home.path, mode=0o700)
+        index, grant = delegated.open_grant_index(path, held.grant, owner)
         try:
             network = TcpNetwork()
             result = await delegated.repair_for(

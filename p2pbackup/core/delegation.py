@@ -13,6 +13,11 @@ Nouns:
 * **repair grant** — :class:`~p2pbackup.model.RepairGrant` in a signed
   envelope of kind :data:`GRANT_KIND`: the shard maps a delegate needs to
   repair the owner's packs, and nothing about what is in them.
+* **repair log** — :class:`~p2pbackup.model.RepairLog` in a signed
+  envelope of kind :data:`LOG_KIND`, signed by the *delegate*: where the
+  shards it rebuilt for an owner are now. The owner takes it as hints: each
+  entry names a Merkle root the owner already holds, so a lie costs the
+  owner one failed audit, never a wrong byte.
 * **sealed** — the envelope's bytes (:mod:`p2pbackup.core.formats`' signed
   envelope, whose domain and kind keep a signature on one from ever being a
   signature on anything else the identity key signs). **Opening** checks the
@@ -32,11 +37,12 @@ from __future__ import annotations
 from p2pbackup.core import crypto, formats
 from p2pbackup.core.keys import node_id_for
 from p2pbackup.errors import DelegationError, FormatError, IntegrityError
-from p2pbackup.model import NODE_ID_SIZE, DelegationCertificate, RepairGrant
+from p2pbackup.model import NODE_ID_SIZE, DelegationCertificate, RepairGrant, RepairLog
 
 #: Envelope kinds (core.formats' signed envelope).
 CERTIFICATE_KIND = b"DLGC"
 GRANT_KIND = b"GRNT"
+LOG_KIND = b"RLOG"
 #: How far a certificate's issue time may lie ahead of a checker's clock:
 #: clocks of homes differ by this much without anything being wrong.
 CLOCK_SKEW = 600
@@ -150,3 +156,30 @@ def open_grant(data: bytes, *, owner: bytes | None = None) -> RepairGrant:
     if owner is not None and grant.owner != owner:
         raise DelegationError(f"{what}: of node {grant.owner.hex()}, not of node {owner.hex()}")
     return grant
+
+
+# --- Repair logs ------------------------------------------------------------------
+
+
+def seal_log(identity_seed: bytes, log: RepairLog) -> bytes:
+    """The log signed by the delegate whose identity seed this is (it must be
+    the log's delegate)."""
+    if node_id_for(crypto.signing_public_key(identity_seed)) != log.delegate:
+        raise FormatError("repair log: signed by another key than its delegate's")
+    return _seal(LOG_KIND, identity_seed, formats.encode_repair_log(log))
+
+
+def open_log(data: bytes, *, delegate: bytes, owner: bytes) -> RepairLog:
+    """The log in ``data``, if node ``delegate`` signed it and it is about
+    ``owner``'s shards."""
+    what = "repair log"
+    signer, payload = _open(LOG_KIND, what, data)
+    log = formats.decode_repair_log(payload)
+    if node_id_for(signer) != log.delegate:
+        raise FormatError(f"{what}: signed by another key than its delegate's")
+    if log.delegate != delegate or log.owner != owner:
+        raise DelegationError(
+            f"{what}: of node {log.delegate.hex()} for node {log.owner.hex()}, "
+            f"not of node {delegate.hex()} for node {owner.hex()}"
+        )
+    return log

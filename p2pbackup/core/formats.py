@@ -19,7 +19,8 @@ Nouns:
 
 Magics: ``P2PS`` shard header, ``P2PP`` pack header, ``P2PT`` tree, ``P2PN``
 snapshot, ``P2PI`` index segment, ``P2PR`` root record, ``P2PE`` signed
-envelope, ``P2PC`` delegation certificate, ``P2PG`` repair grant.
+envelope, ``P2PC`` delegation certificate, ``P2PG`` repair grant, ``P2PL``
+repair log.
 
 Decoders raise :class:`~p2pbackup.errors.FormatError`, and nothing else, on
 any input, with a message that starts with the format's name ("tree: unknown
@@ -57,11 +58,13 @@ from p2pbackup.model import (
     GrantPeer,
     GrantShard,
     IndexSegment,
+    LogEntry,
     NodeKind,
     PackHeader,
     PackRecord,
     PeerRecord,
     RepairGrant,
+    RepairLog,
     RepositoryConfig,
     RootRecord,
     ShardHeader,
@@ -142,6 +145,7 @@ ROOT_RECORD_MAGIC = b"P2PR"
 ENVELOPE_MAGIC = b"P2PE"
 CERTIFICATE_MAGIC = b"P2PC"
 GRANT_MAGIC = b"P2PG"
+LOG_MAGIC = b"P2PL"
 #: The version of every format that has had only one.
 FORMAT_VERSION = 1
 #: Shard headers: 1 named the pack in clear; 2 (written now) does not.
@@ -167,6 +171,7 @@ _MAGIC_NAMES = {
     ENVELOPE_MAGIC: "signed envelope",
     CERTIFICATE_MAGIC: "delegation certificate",
     GRANT_MAGIC: "repair grant",
+    LOG_MAGIC: "repair log",
 }
 _PREFIX_SIZE = 5
 
@@ -1082,3 +1087,46 @@ def _grant_pack(value: object, what: str, *, peers: int) -> GrantPack:
     )
     _strictly_ascending(what, "shard", [bytes([s.index]) for s in pack.shards])
     return pack
+
+
+def encode_repair_log(log: RepairLog) -> bytes:
+    """The log's bytes (unsigned: :mod:`p2pbackup.core.delegation` signs them)."""
+    body = (
+        log.delegate,
+        log.owner,
+        log.grant_sequence,
+        log.made_at,
+        tuple((e.pack_id, e.index, e.holder, e.merkle_root) for e in log.entries),
+    )
+    return _checked(_seal("repair log", LOG_MAGIC, body), decode_repair_log)
+
+
+def decode_repair_log(data: BytesLike) -> RepairLog:
+    return _open("repair log", data, LOG_MAGIC, _repair_log)
+
+
+def _repair_log(value: object, what: str) -> RepairLog:
+    delegate, owner, grant_sequence, made_at, entries = _check.fields(value, what, 5)
+
+    def entry(item: object, where: str) -> LogEntry:
+        pack_id, index, holder, root = _check.fields(item, where, 4)
+        return LogEntry(
+            pack_id=_id(pack_id, f"{where}: pack id"),
+            index=_check.integer(index, f"{where}: index", high=MAX_SHARDS - 1),
+            holder=_node_id(holder, f"{where}: holder"),
+            merkle_root=_id(root, f"{where}: Merkle root"),
+        )
+
+    log = RepairLog(
+        delegate=_node_id(delegate, f"{what}: delegate"),
+        owner=_node_id(owner, f"{what}: owner"),
+        grant_sequence=_check.integer(grant_sequence, f"{what}: grant sequence"),
+        made_at=_check.integer(made_at, f"{what}: made at"),
+        entries=_check.items(
+            entries, f"{what}: entry", entry, max_length=MAX_GRANT_PACKS * MAX_SHARDS
+        ),
+    )
+    _strictly_ascending(what, "entry", [e.pack_id + bytes([e.index]) for e in log.entries])
+    if log.delegate == log.owner:
+        _fail(what, "an owner cannot be its own delegate")
+    return log

@@ -22,8 +22,14 @@ Nouns:
   (:mod:`p2pbackup.maintenance.leases`), signed by the delegate, so that
   the nodes keep them while the owner is away.
 
+* **repair log** — :func:`sealed_log`: where the shards the delegate's
+  passes rebuilt are now, against the grant the grant index was made from
+  (kept in it), signed by the delegate. Its owner reads it back when it
+  returns (``GetRepairLog``, :func:`p2pbackup.maintenance.grants.read_back`).
+
 Peers in a fresh grant index count as last seen when the grant was issued,
-so that the repair policy's grace period runs from then.
+so that the repair policy's grace period runs from then. A delegate keeps
+its grant indexes under :data:`GRANT_INDEX_DIR` in its home.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from pathlib import Path
 
 import attrs
 
-from p2pbackup.core.keys import Keyring
+from p2pbackup.core import crypto, delegation
+from p2pbackup.core.keys import Keyring, node_id_for
 from p2pbackup.engine.index import Index
 from p2pbackup.engine.progress import Progress
 from p2pbackup.engine.repository import Repository
@@ -43,34 +50,91 @@ from p2pbackup.maintenance.leases import LeaseReport
 from p2pbackup.maintenance.repairer import RepairOptions, RepairReport
 from p2pbackup.model import (
     PEER_KIND_NODE,
+    LogEntry,
     PackRecord,
     PeerRecord,
     RepairGrant,
+    RepairLog,
     RepositoryConfig,
     ShardLocation,
 )
 from p2pbackup.net.network import Network
 from p2pbackup.stores.remote import Locator
 
-#: The meta key holding the sequence of the grant a grant index was made from.
+#: The meta keys holding the sequence of the grant a grant index was made
+#: from, and that grant (sealed).
 GRANT_SEQUENCE = "grant_sequence"
+GRANT = "grant"
+#: Where a delegate's home keeps its grant indexes.
+GRANT_INDEX_DIR = "delegated"
 
 
-def open_grant_index(path: Path, grant: RepairGrant) -> Index:
-    """The grant index at ``path``, made again from ``grant`` if it is newer
-    than the one the index was made from (module docstring)."""
+def grant_index_path(home_dir: Path, owner: bytes) -> Path:
+    """Where the home at ``home_dir`` keeps its grant index of ``owner``."""
+    return home_dir / GRANT_INDEX_DIR / f"{owner.hex()}.sqlite"
+
+
+def open_grant_index(path: Path, sealed_grant: bytes, owner: bytes) -> tuple[Index, RepairGrant]:
+    """The grant index at ``path`` and the grant it follows: made again from
+    ``sealed_grant`` (``owner``'s) if that is newer than the one the index
+    was made from (module docstring)."""
+    grant = delegation.open_grant(sealed_grant, owner=owner)
     index = Index(path)
     try:
         held = index.get_meta(GRANT_SEQUENCE)
         if held is None or int(held) < grant.sequence:
-            _fill(index, grant)
+            _fill(index, grant, sealed_grant)
+        else:
+            stored = index.get_meta(GRANT)
+            assert stored is not None  # written with the sequence
+            grant = delegation.open_grant(stored, owner=owner)
     except BaseException:
         index.close()
         raise
-    return index
+    return index, grant
 
 
-def _fill(index: Index, grant: RepairGrant) -> None:
+def repair_log(index: Index, grant: RepairGrant, delegate: bytes, now: int) -> RepairLog:
+    """Where the shards are now that are not where ``grant`` (the one
+    ``index`` was made from) put them."""
+    granted = {
+        (pack.pack_id, shard.index): grant.peers[shard.peer].node_id
+        for pack in grant.packs
+        for shard in pack.shards
+    }
+    entries = []
+    for pack_id in index.pack_ids():
+        record = index.pack(pack_id, with_blobs=False)
+        assert record is not None
+        for location in sorted(record.shards, key=lambda s: s.index):
+            holder = bytes.fromhex(location.peer_id)
+            if granted.get((pack_id, location.index)) != holder:
+                entries.append(LogEntry(pack_id, location.index, holder, location.merkle_root))
+    return RepairLog(delegate, grant.owner, grant.sequence, now, tuple(entries))
+
+
+def sealed_log(path: Path, identity_seed: bytes, owner: bytes, now: int) -> bytes | None:
+    """The repair log of the grant index at ``path`` (``owner``'s), signed
+    by the delegate whose seed this is; None if there is no grant index or
+    nothing moved."""
+    if not path.exists():
+        return None
+    index = Index(path, create=False)
+    try:
+        stored = index.get_meta(GRANT)
+        if stored is None:
+            return None
+        grant = delegation.open_grant(stored, owner=owner)
+        delegate = node_id_for(crypto.signing_public_key(identity_seed))
+        log = repair_log(index, grant, delegate, now)
+    finally:
+        index.close()
+    if not log.entries:
+        return None
+    return delegation.seal_log(identity_seed, log)
+
+
+def _fill(index: Index, grant: RepairGrant, sealed_grant: bytes) -> None:
     peer_ids = [peer.node_id.hex() for peer in grant.peers]
     largest = max((pack.size for pack in grant.packs), default=1)
     first = grant.packs[0] if grant.packs else None
@@ -112,6 +176,7 @@ def _fill(index: Index, grant: RepairGrant) -> None:
                 in_segment=True,
             )
         index.set_meta(GRANT_SEQUENCE, str(grant.sequence).encode())
+        index.set_meta(GRANT, sealed_grant)
 
 
 @attrs.frozen

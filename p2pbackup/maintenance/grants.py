@@ -16,6 +16,12 @@ Nouns:
   for each delegate, a fresh certificate (:data:`CERTIFICATE_LIFETIME`),
   sent with ``PutGrant``; what each delegate answered is kept in its row.
   Run after each backup, prune and repair, and when a delegate is added.
+* **read-back** — :func:`read_back`: each delegate's repair log (where
+  the shards it rebuilt while this home was away are now) taken into the
+  index. An entry is taken only if it names a node peer of ours and the
+  Merkle root the index already holds for that shard, so a lying delegate
+  costs at most one failed audit; the copy it replaces is kept as a
+  displaced one (it counts again if its peer returns).
 * **revocation** — :func:`revoke`: every node peer (the delegate included)
   told to refuse the delegate's certificates issued until now. A node that
   cannot be told now honours them until they expire.
@@ -34,7 +40,7 @@ from p2pbackup.core import delegation
 from p2pbackup.core.delegation import CERTIFICATE_LIFETIME
 from p2pbackup.engine.index import Index
 from p2pbackup.engine.repository import Repository
-from p2pbackup.errors import P2PBackupError, StoreError
+from p2pbackup.errors import IntegrityError, P2PBackupError, StoreError
 from p2pbackup.model import (
     NODE_ID_SIZE,
     PEER_KIND_NODE,
@@ -42,6 +48,8 @@ from p2pbackup.model import (
     GrantPeer,
     GrantShard,
     RepairGrant,
+    RepairLog,
+    ShardLocation,
 )
 from p2pbackup.stores.remote import RemoteShardStore
 from p2pbackup.wire.messages import MAX_GRANT_SIZE
@@ -189,6 +197,63 @@ async def hand_out(repo: Repository, *, clock: Callable[[], float] = time.time) 
                 f"warning: delegate {h.node_id.hex()} did not take its repair grant ({h.problem})"
             )
     return warnings
+
+
+async def read_back(
+    repo: Repository, *, clock: Callable[[], float] = time.time
+) -> tuple[int, list[str]]:
+    """Take every delegate's repair log into the index (module docstring):
+    how many shard locations changed, and a warning for each delegate that
+    could not be asked or sent a log that does not verify."""
+    index = repo.index
+    owner = repo.keyring.node_id
+    logs: list[RepairLog] = []
+    warnings: list[str] = []
+
+    async def ask(node_id: bytes) -> None:
+        try:
+            data = await _remote(repo, node_id).get_repair_log()
+            if data is not None:
+                logs.append(delegation.open_log(data, delegate=node_id, owner=owner))
+        except (P2PBackupError, IntegrityError) as error:
+            warnings.append(f"delegate {node_id.hex()} gave no repair log: {error}")
+
+    rows = index.delegates()
+    if not rows:
+        return 0, []
+    async with trio.open_nursery() as nursery:
+        for row in rows:
+            nursery.start_soon(ask, row.node_id)
+    node_peers = set(_node_peers(index))
+    now = int(clock())
+    taken = 0
+    changed: set[bytes] = set()
+    with index.transaction():
+        for sent in logs:
+            for entry in sent.entries:
+                record = index.pack(entry.pack_id, with_blobs=False)
+                if record is None:
+                    continue
+                current = next((s for s in record.shards if s.index == entry.index), None)
+                holder = entry.holder.hex()
+                if (
+                    current is None
+                    or current.merkle_root != entry.merkle_root
+                    or current.peer_id == holder
+                    or holder not in node_peers
+                ):
+                    continue
+                index.add_displaced(entry.pack_id, current, now)
+                index.set_shard(
+                    entry.pack_id, ShardLocation(entry.index, holder, current.merkle_root)
+                )
+                changed.add(entry.pack_id)
+                taken += 1
+        # The next index segment describes the data packs whose shards moved.
+        index.mark_out_of_segment(changed)
+    for warning in sorted(warnings):
+        log.warning("%s", warning)
+    return taken, sorted(warnings)
 
 
 async def revoke(

@@ -176,6 +176,8 @@ async def run_round(
     repair = None
     if options.repairs and repair_due(state, clock(), options.repair_interval):
         now = clock()
+        # Where delegates moved shards while this home was away, first.
+        await grants.read_back(repo, clock=clock)
         repair = await repairer.repair_pass(
             repo, repairer.with_audits(options.repair_options(), repo.index), now=now
         )

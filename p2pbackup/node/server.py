@@ -114,6 +114,7 @@ class StorageServer:
         stranger_lease: int = STRANGER_LEASE_SECONDS,
         dial_back: DialBacker | None = None,
         relay: RelayHandler | None = None,
+        repair_log: Callable[[bytes], bytes | None] | None = None,
     ) -> None:
         self.host = host
         self.identity = identity
@@ -134,6 +135,9 @@ class StorageServer:
         #: Takes a session that opens with a relay request (None: this node
         #: relays for nobody); see :mod:`p2pbackup.node.relay`.
         self.relay = relay
+        #: The sealed repair log this node, as a delegate, keeps for an owner
+        #: (None: this node keeps none); called in a worker thread.
+        self.repair_log = repair_log
         self.admission = Admission(limits)
         self._throttle = LogThrottle()
         self._handshake_scopes: dict[object, trio.CancelScope] = {}
@@ -323,6 +327,7 @@ class _Session:
             messages.Delegate: self._delegate,
             messages.RevokeDelegate: self._revoke_delegate,
             messages.PutGrant: self._put_grant,
+            messages.GetRepairLog: self._get_repair_log,
         }
         while True:
             with trio.fail_after(self.idle):
@@ -434,6 +439,15 @@ class _Session:
             # This node is the delegate dropped: the grant goes too.
             await self._call(self.host.drop_grant, self.owner)
         await self._send(messages.DelegateRevoked())
+
+    async def _get_repair_log(self, _request: messages.GetRepairLog) -> None:
+        if self.server.repair_log is None:
+            raise _Refusal(RefusalCode.BAD_REQUEST, "this node keeps no repair logs")
+        try:
+            data = await trio.to_thread.run_sync(self.server.repair_log, self.owner)
+        except P2PBackupError as error:
+            raise _Refusal(RefusalCode.INTERNAL, f"could not read the log: {error}") from None
+        await self._send(messages.RepairLogData(data))
 
     async def _put_grant(self, request: messages.PutGrant) -> None:
         self._check_admitted()

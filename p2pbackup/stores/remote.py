@@ -437,6 +437,11 @@ class RemoteShardStore:
         answer = await self._request(messages.PutGrant(grant, certificate), messages.GrantStored)
         return answer.sequence
 
+    async def get_repair_log(self) -> bytes | None:
+        """The sealed repair log the node, our delegate, keeps for us (None: none)."""
+        answer = await self._request(messages.GetRepairLog(), messages.RepairLogData)
+        return answer.data
+
     async def notify_leaving(self) -> bool:
         """Tell the node, an owner whose shards we store, that we are leaving
         the network; whether it counts us among its peers."""

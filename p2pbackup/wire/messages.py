@@ -50,6 +50,7 @@ Exchanges (C = client, S = server)::
     Delegate    → Delegated | Refused
     RevokeDelegate → DelegateRevoked | Refused
     PutGrant    → GrantStored | Refused
+    GetRepairLog → RepairLogData | Refused
 
 Delegation (docs/delegation.md): a delegate opens its session to a
 storage node with ``Delegate(certificate)``; once ``Delegated``, the
@@ -58,7 +59,8 @@ puts, reads, presence checks and usage are answered, each after the
 certificate is checked again (expiry, revocation). ``RevokeDelegate`` is an
 owner telling a node to refuse certificates it issued for one delegate
 before a time; ``PutGrant`` an owner handing its delegate a repair grant
-and a fresh certificate.
+and a fresh certificate; ``GetRepairLog`` an owner asking its delegate
+what it changed (a repair log signed by the delegate, or none).
 
 ``DeleteAll`` is an owner forgetting itself on a host: every shard and the
 root record, in one signed request (``p2pbackup leave``). ``Leaving`` goes
@@ -316,6 +318,11 @@ class PutGrant:
     certificate: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
 
 
+@attrs.frozen
+class GetRepairLog:
+    """The repair log the receiver, the caller's delegate, keeps for it."""
+
+
 # Relay requests (docs/protocol.md, "Relays").
 
 
@@ -501,6 +508,14 @@ class GrantStored:
 
 
 @attrs.frozen
+class RepairLogData:
+    """A sealed repair log, or None if the delegate has repaired nothing for
+    the caller (or is none of its delegates)."""
+
+    data: bytes | None = attrs.field(repr=lambda data: "None" if data is None else "<log>")
+
+
+@attrs.frozen
 class RelayReserved:
     """The reservation holds while a :class:`RelayPing` comes at least every
     ``keepalive`` seconds."""
@@ -571,6 +586,8 @@ Message: TypeAlias = (
     | DelegateRevoked
     | PutGrant
     | GrantStored
+    | GetRepairLog
+    | RepairLogData
     | RelayReserve
     | RelayConnect
     | RelayAccept
@@ -614,6 +631,7 @@ REQUEST_TYPES: tuple[type[Message], ...] = (
     Delegate,
     RevokeDelegate,
     PutGrant,
+    GetRepairLog,
     *RELAY_REQUEST_TYPES,
 )
 #: Messages that answer one.
@@ -636,6 +654,7 @@ RESPONSE_TYPES: tuple[type[Message], ...] = (
     Delegated,
     DelegateRevoked,
     GrantStored,
+    RepairLogData,
     *RELAY_RESPONSE_TYPES,
 )
 #: Every message class: requests, the piece, responses.
@@ -996,6 +1015,8 @@ _SPECS: tuple[_Spec, ...] = (
         ),
     ),
     _Spec(0x51, 1, _Fields.of(GrantStored, sequence=_Int(0, MAX_UINT))),
+    _Spec(0x12, 1, _Fields.of(GetRepairLog)),
+    _Spec(0x52, 1, _Fields.of(RepairLogData, data=_Optional(_Bytes(1, MAX_GRANT_SIZE)))),
     _Spec(0x18, 1, _Fields.of(RelayReserve)),
     _Spec(0x19, 1, _Fields.of(RelayConnect, node_id=_NODE_ID)),
     _Spec(0x1A, 1, _Fields.of(RelayAccept, circuit=_CIRCUIT_ID)),

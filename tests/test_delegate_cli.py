@@ -126,6 +126,16 @@ async def test_a_running_delegate_takes_grants_repairs_and_loses_them(tmp_path: 
         assert grant.packs and all(len(p.shards) == 3 for p in grant.packs)
         assert delegation.open_certificate(certificate).delegate == bob_id
         assert owner_id not in held_grants(carol.home.path)
+        # status: the owner's delegates, and whose backups bob keeps alive.
+        status = json.loads("\n".join(await cli_run("status", "--json")))
+        [delegate] = status["delegates"]
+        assert delegate["node_id"] == bob_id.hex() and delegate["grant_sequence"] == sequence
+        assert status["kept_for"] == []
+        bobs = await trio.to_thread.run_sync(lambda: cli_ok("status", "--json", home=bob.home.path))
+        [kept] = json.loads(bobs.stdout)["kept_for"]
+        assert kept["owner"] == owner_id.hex() and kept["packs"] == len(grant.packs)
+        text = await trio.to_thread.run_sync(lambda: cli_ok("status", home=bob.home.path))
+        assert f"delegate of node {owner_id.hex()}: grant {sequence} of " in text.stdout
 
         # A peer dies; the delegate rebuilds its shards for the owner.
         await devnet.kill(dave.index)

@@ -22,6 +22,7 @@ from p2pbackup.engine.restore import Restorer
 from p2pbackup.maintenance import delegated, grants
 from p2pbackup.maintenance.repair import RepairPolicy
 from p2pbackup.maintenance.repairer import RepairOptions
+from p2pbackup.model import GrantPack, GrantShard, ShardLocation
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
 from p2pbackup.net.network import Address
 from p2pbackup.node.server import StorageServer
@@ -51,6 +52,12 @@ def new_home(root: Path, name: str) -> Home:
     home = Home(root / name)
     operations.init_home(home, attrs.evolve(SMALL, k=2, n=3))
     return home
+
+
+def placed_of(
+    placed: dict[tuple[bytes, int], str], pack: GrantPack, shard: GrantShard
+) -> tuple[int, str, bytes]:
+    return shard.index, placed[pack.pack_id, shard.index], shard.merkle_root
 
 
 def repair_log(home: Home, seed: bytes, owner: bytes) -> bytes | None:
@@ -174,6 +181,19 @@ async def test_a_delegate_rebuilds_what_a_lost_peer_held(world: World, tmp_path:
             for s in repo.index.pack(pack_id, with_blobs=False).shards  # type: ignore[union-attr]
         }
         assert all(placed[p.pack_id, s.index] != carol.hex() for p, s in lost)
+        # Alice hands out a new grant; the log bob keeps follows the older
+        # one, so it no longer moves anything back, whatever alice does.
+        [handed] = await grants.hand_grants(repo)
+        assert handed.ok
+        pack, shard = lost[0]
+        elsewhere = ShardLocation(shard.index, "elsewhere", shard.merkle_root)
+        with repo.index.transaction():
+            repo.index.set_shard(pack.pack_id, elsewhere)
+        assert await grants.read_back(repo) == (0, [])
+        record = repo.index.pack(pack.pack_id, with_blobs=False)
+        assert record is not None and elsewhere in record.shards
+        with repo.index.transaction():
+            repo.index.set_shard(pack.pack_id, ShardLocation(*placed_of(placed, pack, shard)))
     # Now the node that shared most packs with carol dies too: without the
     # log, those packs would have one shard left that alice knows of.
     shared = {

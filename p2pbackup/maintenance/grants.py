@@ -18,7 +18,10 @@ Nouns:
   Run after each backup, prune and repair, and when a delegate is added.
 * **read-back** — :func:`read_back`: each delegate's repair log (where
   the shards it rebuilt while this home was away are now) taken into the
-  index. An entry is taken only if it names a node peer of ours and the
+  index, before each repair pass and before each hand-over (so that the
+  grant says where the shards are). A log that follows an older grant
+  than the one the delegate last took is stale, and left. An entry is
+  taken only if it names a node peer of ours and the
   Merkle root the index already holds for that shard, so a lying delegate
   costs at most one failed audit; the copy it replaces is kept as a
   displaced one (it counts again if its peer returns).
@@ -185,11 +188,19 @@ async def hand_out(repo: Repository, *, clock: Callable[[], float] = time.time) 
     prune, a repair): never fails that run; a warning, also logged, for each
     delegate that did not take its grant."""
     try:
+        # The grant must say where the delegates moved shards: read that first.
+        _taken, problems = await _read_back(repo, clock)
         handed = await hand_grants(repo, clock=clock)
     except P2PBackupError as error:
         log.warning("repair grants were not handed out: %s", error)
         return [f"warning: repair grants were not handed out: {error}"]
+    # A delegate that could not be reached is said once, by its hand-over.
+    unreached = {h.node_id for h in handed if not h.ok}
     warnings = []
+    for node_id, problem in problems:
+        if node_id not in unreached:
+            log.warning("delegate %s gave no repair log: %s", node_id.hex(), problem)
+            warnings.append(f"warning: delegate {node_id.hex()} gave no repair log ({problem})")
     for h in handed:
         if not h.ok:
             log.warning("delegate %s did not take its repair grant: %s", h.node_id.hex(), h.problem)
@@ -205,25 +216,43 @@ async def read_back(
     """Take every delegate's repair log into the index (module docstring):
     how many shard locations changed, and a warning for each delegate that
     could not be asked or sent a log that does not verify."""
+    taken, problems = await _read_back(repo, clock)
+    warnings = [f"delegate {node_id.hex()} gave no repair log: {p}" for node_id, p in problems]
+    for warning in warnings:
+        log.warning("%s", warning)
+    return taken, warnings
+
+
+async def _read_back(
+    repo: Repository, clock: Callable[[], float]
+) -> tuple[int, list[tuple[bytes, str]]]:
+    """:func:`read_back`, with each problem by delegate."""
     index = repo.index
     owner = repo.keyring.node_id
     logs: list[RepairLog] = []
-    warnings: list[str] = []
+    problems: list[tuple[bytes, str]] = []
 
-    async def ask(node_id: bytes) -> None:
+    async def ask(node_id: bytes, taken: int | None) -> None:
         try:
             data = await _remote(repo, node_id).get_repair_log()
-            if data is not None:
-                logs.append(delegation.open_log(data, delegate=node_id, owner=owner))
+            if data is None:
+                return
+            sent = delegation.open_log(data, delegate=node_id, owner=owner)
         except (P2PBackupError, IntegrityError) as error:
-            warnings.append(f"delegate {node_id.hex()} gave no repair log: {error}")
+            problems.append((node_id, str(error)))
+            return
+        # A log follows the grant the delegate last repaired from; once it
+        # took a newer one, this home has been back, read that log and
+        # handed out shard maps since: the log is stale.
+        if taken is None or sent.grant_sequence >= taken:
+            logs.append(sent)
 
     rows = index.delegates()
     if not rows:
         return 0, []
     async with trio.open_nursery() as nursery:
         for row in rows:
-            nursery.start_soon(ask, row.node_id)
+            nursery.start_soon(ask, row.node_id, row.grant_sequence)
     node_peers = set(_node_peers(index))
     now = int(clock())
     taken = 0
@@ -251,9 +280,7 @@ async def read_back(
                 taken += 1
         # The next index segment describes the data packs whose shards moved.
         index.mark_out_of_segment(changed)
-    for warning in sorted(warnings):
-        log.warning("%s", warning)
-    return taken, sorted(warnings)
+    return taken, sorted(problems)
 
 
 async def revoke(

@@ -244,6 +244,9 @@ class RepairGrant:
     issued_at: int
     peers: tuple[GrantPeer, ...]
     packs: tuple[GrantPack, ...]
+    #: Every delegate the owner has (node ids, ascending): their order is
+    #: the order in which they step in while the owner is away.
+    delegates: tuple[bytes, ...] = ()
 
 
 @attrs.frozen

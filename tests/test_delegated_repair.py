@@ -13,7 +13,7 @@ import attrs
 import pytest
 import trio
 
-from p2pbackup.app import operations
+from p2pbackup.app import delegating, operations
 from p2pbackup.app.home import Home
 from p2pbackup.core import delegation, formats
 from p2pbackup.core.keys import Keyring
@@ -22,7 +22,7 @@ from p2pbackup.engine.restore import Restorer
 from p2pbackup.maintenance import delegated, grants
 from p2pbackup.maintenance.repair import RepairPolicy
 from p2pbackup.maintenance.repairer import RepairOptions
-from p2pbackup.model import GrantPack, GrantShard, ShardLocation
+from p2pbackup.model import GrantPack, GrantShard, RepairGrant, ShardLocation
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
 from p2pbackup.net.network import Address
 from p2pbackup.node.server import StorageServer
@@ -252,3 +252,59 @@ async def test_a_delegate_without_a_good_certificate_changes_nothing(
         index.close()
     assert result.repair.shards_rebuilt == 0 and not result.repair.ok
     assert [host.list(alice.node_id, None, 1000)[0] for host in live] == before
+
+
+def test_delegates_step_in_one_at_a_time_in_node_id_order() -> None:
+    first, second, stranger = b"\x01" * 20, b"\x02" * 20, b"\x03" * 20
+    grant = RepairGrant(b"\x09" * 20, 1, 1000, (), (), (second, first))
+    grant = attrs.evolve(grant, delegates=(first, second))
+    grace = 3 * 86400.0
+    assert delegated.turn_at(grant, first, None, grace) == 1000 + grace
+    assert delegated.turn_at(grant, second, None, grace) == 1000 + grace + delegated.STAGGER
+    assert delegated.turn_at(grant, stranger, None, grace) == 1000 + grace + 2 * delegated.STAGGER
+    # Seen since the grant: the grace period runs from then.
+    assert delegated.turn_at(grant, first, 5000, grace) == 5000 + grace
+    assert delegated.turn_at(grant, first, 10, grace) == 1000 + grace
+
+
+async def test_serve_repairs_for_an_owner_away_past_its_grace(world: World, tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "file").write_bytes(b"y" * 200_000)
+    alice_id = world.keyring("alice").node_id
+    bob, dave = world.keyring("bob"), world.keyring("dave")
+    async with operations.open_repository(
+        world.alice, network=world.world.interface("alice")
+    ) as repo:
+        await Backup(repo).run([source])
+        with repo.index.transaction():
+            repo.index.add_delegate(bob.node_id, 1)
+            repo.index.add_delegate(dave.node_id, 1)
+        assert all(h.ok for h in await grants.hand_grants(repo))
+    world.world.kill_host("carol")
+    options = RepairOptions(policy=RepairPolicy(grace=0), rate=None)
+    # Alice's node is nowhere to be reached, and the grace period is over:
+    # the first delegate in node id order repairs now, the other waits a day.
+    first, second = sorted([("bob", bob), ("dave", dave)], key=lambda item: item[1].node_id)
+    for (name, keyring), expected in ((second, 0), (first, 1)):
+        acted = await delegating.owners_round(
+            world.homes[name],
+            world.world.interface(name),
+            Identity.from_keyring(keyring),
+            options,
+        )
+        assert len(acted) == expected
+    [done] = acted
+    assert done.owner == alice_id and done.report.repair.ok
+    assert done.report.repair.shards_rebuilt > 0
+    # A day later the second one's turn comes: the packs are healthy.
+    later = time.time() + delegated.STAGGER + 60
+    name, keyring = second
+    [again] = await delegating.owners_round(
+        world.homes[name],
+        world.world.interface(name),
+        Identity.from_keyring(keyring),
+        options,
+        clock=lambda: later,
+    )
+    assert again.report.repair.shards_rebuilt == 0

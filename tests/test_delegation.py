@@ -63,6 +63,7 @@ def grants(draw: st.DrawFn, owner: bytes = OWNER) -> RepairGrant:
         issued_at=draw(st.integers(0, 2**40)),
         peers=tuple(GrantPeer(node_id, draw(addresses)) for node_id in peer_ids),
         packs=tuple(sorted(packs, key=lambda p: p.pack_id)),
+        delegates=tuple(sorted(draw(st.sets(node_ids.filter(lambda i: i != owner), max_size=3)))),
     )
 
 
@@ -274,5 +275,9 @@ def test_a_grant_is_canonical() -> None:
         formats.encode_repair_grant(
             RepairGrant(OWNER, 1, NOW, peers, (attrs.evolve(pack, shard_size=99),))
         )
+    with pytest.raises(FormatError, match="its own delegate"):
+        formats.encode_repair_grant(RepairGrant(OWNER, 1, NOW, (), (), (OWNER,)))
+    with pytest.raises(FormatError, match="out of order"):
+        formats.encode_repair_grant(RepairGrant(OWNER, 1, NOW, (), (), (b"b" * 20, b"a" * 20)))
     with pytest.raises(FormatError, match="its own shards"):
         formats.encode_repair_grant(RepairGrant(OWNER, 1, NOW, (GrantPeer(OWNER, ()),), ()))

@@ -51,7 +51,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 import attrs
 import trio
 
-from p2pbackup.app import operations
+from p2pbackup.app import delegating, operations
 from p2pbackup.app.home import Home
 from p2pbackup.app.homedht import (
     SERVING_RELAY,
@@ -192,8 +192,9 @@ async def serve(
     (:func:`_open_storage`), join the DHT (:func:`_join_dht`), then run the
     node's roles side by side: discovery, reachability (port mapping and
     dial-back, :func:`_start_reachability`), the scheduled backups, the
-    maintenance of our backups (:func:`run_maintenance`), the control
-    socket. How it stops: :func:`_stopping`. ``clock`` (unix seconds) and
+    maintenance of our backups (:func:`run_maintenance`) and of the owners
+    this node is a delegate of (:func:`p2pbackup.app.delegating.keep_owners`),
+    the control socket. How it stops: :func:`_stopping`. ``clock`` (unix seconds) and
     ``rng`` (default: the system's) are the maintenance's."""
     network = network if network is not None else TcpNetwork()
     home.require()
@@ -252,6 +253,17 @@ async def serve(
                         clock=clock,
                         rng=rng if rng is not None else random.SystemRandom(),
                         turns=turns,
+                    )
+                )
+                # The owners this node is a delegate of, kept alive while away.
+                roles.start_soon(
+                    functools.partial(
+                        delegating.keep_owners,
+                        home,
+                        network,
+                        identity,
+                        config.maintenance.repair_options(),
+                        clock=clock,
                     )
                 )
             if control is not None:

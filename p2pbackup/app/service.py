@@ -580,43 +580,14 @@ class Service:
     ) -> Outcome:
         """``repair --for OWNER``: a pass over another home's packs, from the
         grant it handed this node as its delegate (maintenance.delegated)."""
-        from p2pbackup.app import homedht, operations
-        from p2pbackup.core import delegation
-        from p2pbackup.core.keys import Keyring
-        from p2pbackup.maintenance import delegated
-        from p2pbackup.net.network import TcpNetwork
-        from p2pbackup.node.shardhost import read_held_grants
-        from p2pbackup.stores.durable import make_dirs
+        from p2pbackup.app import delegating, operations
 
         assert request.owner is not None
         owner = operations.parse_node_id(request.owner)
         self.home.require()
-        keyring = Keyring.from_master_secret(self.home.load_secret())
-        held = {g.owner: g for g in read_held_grants(self.home.hosted_path)}.get(owner)
-        if held is None:
-            raise UsageError(
-                f"this node holds no repair grant of node {owner.hex()}: its owner makes "
-                f"this node a delegate with `p2pbackup delegate add {keyring.node_id.hex()}`"
-            )
-        delegation.verify_certificate(
-            held.certificate, now=int(time.time()), delegate=keyring.node_id, owner=owner
+        grant, result = await delegating.repair_for_owner(
+            self.home, owner, options, progress=console.progress_line("repair")
         )
-        path = delegated.grant_index_path(self.home.path, owner)
-        make_dirs(path.parent, self.home.path, mode=0o700)
-        index, grant = delegated.open_grant_index(path, held.grant, owner)
-        try:
-            network = TcpNetwork()
-            result = await delegated.repair_for(
-                keyring,
-                index,
-                held.certificate,
-                network,
-                options,
-                locate=homedht.dht_locator(self.home, network),
-                progress=console.progress_line("repair"),
-            )
-        finally:
-            index.close()
         report = result.repair
         if request.json:
             console.out(

@@ -1002,6 +1002,7 @@ def encode_repair_grant(grant: RepairGrant) -> bytes:
             )
             for pack in grant.packs
         ),
+        tuple(grant.delegates),
     )
     return _checked(_seal("repair grant", GRANT_MAGIC, body), decode_repair_grant)
 
@@ -1011,7 +1012,7 @@ def decode_repair_grant(data: BytesLike) -> RepairGrant:
 
 
 def _repair_grant(value: object, what: str) -> RepairGrant:
-    owner, sequence, issued_at, peers, packs = _check.fields(value, what, 5)
+    owner, sequence, issued_at, peers, packs, delegates = _check.fields(value, what, 6)
     grant_peers = _check.items(peers, f"{what}: peer", _grant_peer, max_length=MAX_PEERS)
     _strictly_ascending(what, "peer", [peer.node_id for peer in grant_peers])
 
@@ -1026,7 +1027,11 @@ def _repair_grant(value: object, what: str) -> RepairGrant:
         issued_at=_check.integer(issued_at, f"{what}: issued at"),
         peers=grant_peers,
         packs=grant_packs,
+        delegates=_check.items(delegates, f"{what}: delegate", _node_id, max_length=MAX_PEERS),
     )
+    _strictly_ascending(what, "delegate", list(grant.delegates))
+    if grant.owner in grant.delegates:
+        _fail(what, "an owner cannot be its own delegate")
     if any(peer.node_id == grant.owner for peer in grant.peers):
         _fail(what, "the owner is named as a peer holding its own shards")
     return grant

@@ -10,7 +10,9 @@ Nouns:
   comes (:func:`open_grant_index`), and otherwise keeps what the
   delegate's passes changed (shards moved, audits, peers seen), so that
   a second pass does not rebuild what the first one did.
-* **delegated pass** — :func:`repair_for`: an audit of every shard, then
+* **delegated pass** — :func:`repair_for`: the repair logs of the owner's
+  other delegates taken in (those it can reach: the ones that are also
+  the owner's peers), an audit of every shard, then
   the owner's own repair pass (:mod:`p2pbackup.maintenance.repairer`) on a
   repository made of the delegate's keyring, the grant index and the
   certificate, so that every session to a storage node opens with
@@ -44,7 +46,7 @@ from p2pbackup.core.keys import Keyring, node_id_for
 from p2pbackup.engine.index import Index
 from p2pbackup.engine.progress import Progress
 from p2pbackup.engine.repository import Repository
-from p2pbackup.maintenance import auditor, leases, repairer
+from p2pbackup.maintenance import auditor, grants, leases, repairer
 from p2pbackup.maintenance.auditor import AuditReport
 from p2pbackup.maintenance.leases import LeaseReport
 from p2pbackup.maintenance.repairer import RepairOptions, RepairReport
@@ -67,6 +69,21 @@ GRANT_SEQUENCE = "grant_sequence"
 GRANT = "grant"
 #: Where a delegate's home keeps its grant indexes.
 GRANT_INDEX_DIR = "delegated"
+#: The meta key holding when the delegate last reached the owner's node.
+OWNER_SEEN = "owner_seen"
+#: Seconds each delegate waits after the one before it in node id order.
+STAGGER = 86400.0
+
+
+def turn_at(grant: RepairGrant, delegate: bytes, owner_seen: int | None, grace: float) -> float:
+    """When ``delegate`` steps in for the grant's owner if it stays away: the
+    grace period after it was last seen (or after the grant was issued, if
+    later), plus :data:`STAGGER` for each delegate before this one in node
+    id order; a delegate the grant does not name comes after them all."""
+    order = sorted(grant.delegates)
+    rank = order.index(delegate) if delegate in order else len(order)
+    since = max(grant.issued_at, owner_seen or 0)
+    return since + grace + rank * STAGGER
 
 
 def grant_index_path(home_dir: Path, owner: bytes) -> Path:
@@ -202,6 +219,15 @@ async def repair_for(
     the delegate whose keyring this is, under ``certificate``."""
     repo = Repository(keyring, index, network, locate=locate, certificate=certificate)
     try:
+        # What the other delegates moved first: one that stepped in before
+        # this one leaves nothing for it to do.
+        stored = index.get_meta(GRANT)
+        if stored is not None:
+            grant = delegation.open_grant(stored)
+            others = [d for d in grant.delegates if d != keyring.node_id]
+            peers = {p.peer_id for p in index.peers()}
+            sources = [(d, grant.sequence) for d in others if d.hex() in peers]
+            await grants.take_logs(repo, grant.owner, sources, time.time)
         audit = await auditor.audit_once(repo)
         evolved = attrs.evolve(repairer.with_audits(options, index), publish=False)
         report = await repairer.repair_pass(repo, evolved, progress=progress)

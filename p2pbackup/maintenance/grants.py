@@ -11,7 +11,8 @@ Nouns:
   each of those shards its index, holder and Merkle root; every node peer,
   with the addresses it was last known at. Shards on folder peers are left
   out (a delegate cannot reach the owner's disks), and so is everything else
-  the index holds: blobs, snapshots, file names, keys.
+  the index holds: blobs, snapshots, file names, keys. It names every
+  delegate, so that each knows its turn.
 * **hand-over** — :func:`hand_grants`: a fresh grant (a new sequence) and,
   for each delegate, a fresh certificate (:data:`CERTIFICATE_LIFETIME`),
   sent with ``PutGrant``; what each delegate answered is kept in its row.
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -116,6 +117,7 @@ def build_grant(index: Index, owner: bytes, *, sequence: int, now: int) -> Repai
         issued_at=now,
         peers=tuple(peer for _peer_id, peer in ordered),
         packs=tuple(packs),
+        delegates=tuple(sorted(row.node_id for row in index.delegates())),
     )
 
 
@@ -227,8 +229,23 @@ async def _read_back(
     repo: Repository, clock: Callable[[], float]
 ) -> tuple[int, list[tuple[bytes, str]]]:
     """:func:`read_back`, with each problem by delegate."""
+    rows = repo.index.delegates()
+    sources = [(row.node_id, row.grant_sequence) for row in rows]
+    return await take_logs(repo, repo.keyring.node_id, sources, clock)
+
+
+async def take_logs(
+    repo: Repository,
+    owner: bytes,
+    sources: Sequence[tuple[bytes, int | None]],
+    clock: Callable[[], float],
+) -> tuple[int, list[tuple[bytes, str]]]:
+    """Ask each delegate of ``sources`` (node id, the grant sequence below
+    which its log is stale, or None) for its repair log of ``owner``, and
+    take what checks out into ``repo``'s index (module docstring,
+    "read-back"): how many locations changed, and each delegate's problem.
+    The owner reads its delegates this way, and a delegate the others."""
     index = repo.index
-    owner = repo.keyring.node_id
     logs: list[RepairLog] = []
     problems: list[tuple[bytes, str]] = []
 
@@ -242,17 +259,16 @@ async def _read_back(
             problems.append((node_id, str(error)))
             return
         # A log follows the grant the delegate last repaired from; once it
-        # took a newer one, this home has been back, read that log and
+        # took a newer one, the owner has been back, read that log and
         # handed out shard maps since: the log is stale.
         if taken is None or sent.grant_sequence >= taken:
             logs.append(sent)
 
-    rows = index.delegates()
-    if not rows:
+    if not sources:
         return 0, []
     async with trio.open_nursery() as nursery:
-        for row in rows:
-            nursery.start_soon(ask, row.node_id, row.grant_sequence)
+        for node_id, taken_sequence in sources:
+            nursery.start_soon(ask, node_id, taken_sequence)
     node_peers = set(_node_peers(index))
     now = int(clock())
     taken = 0

@@ -81,9 +81,9 @@ _DEFAULT_LIMITS = ServerLimits()
 #: more than the year p2pbackup owners ask for and renew monthly.
 STRANGER_LEASE_SECONDS = 400 * 86400
 
-#: What a delegated session may ask for its owner: keeping shards alive, and
-#: finding and reading them (ciphertext) to rebuild others. Never a delete
-#: or a root record.
+#: What a delegated session may ask for its owner: keeping shards alive,
+#: finding and reading them (ciphertext) to rebuild others, and another
+#: delegate's repair log of the owner. Never a delete or a root record.
 DELEGATE_REQUESTS: tuple[type[messages.Message], ...] = (
     messages.PutShard,
     messages.GetShard,
@@ -92,6 +92,7 @@ DELEGATE_REQUESTS: tuple[type[messages.Message], ...] = (
     messages.Audit,
     messages.RenewLease,
     messages.GetUsage,
+    messages.GetRepairLog,
 )
 
 #: Answers a relay request (peer's node id, the request); the session is its

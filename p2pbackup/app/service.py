@@ -815,9 +815,14 @@ class Service:
                     raise UsageError(
                         f"node {peer.peer_id} is a delegate already (see `delegate list`)"
                     )
+            # Where it moved shards, if it kept this home alive before (a home
+            # recovered from its key adds its delegates again): first.
+            taken, _warnings = await grants.read_back(repo)
             handed = {h.node_id: h for h in await grants.hand_grants(repo)}
         mine = handed[node_id]
         console.out(f"added delegate {peer.peer_id}")
+        if taken:
+            console.out(f"took {taken} shard locations from its repair log")
         if mine.ok:
             console.out(f"it holds the repair grant of sequence {mine.sequence}")
         else:

@@ -11,10 +11,12 @@ import pytest
 import trio
 
 from p2pbackup.core import delegation
-from p2pbackup.errors import ShardNotFoundError, StoreError
+from p2pbackup.errors import ShardNotFoundError, StoreError, StoreFullError
 from p2pbackup.model import RepairGrant
 from p2pbackup.net.network import Network, TcpNetwork
+from p2pbackup.node import shardhost
 from p2pbackup.node.server import ServerLimits
+from p2pbackup.node.shardhost import ShardHost
 from p2pbackup.wire import messages
 from p2pbackup.wire.messages import RefusalCode
 
@@ -246,3 +248,25 @@ async def test_a_node_without_repair_logs_says_so(node: RunningNode, network: Ne
     node.server.repair_log = lambda asker: b"log of " + asker
     assert await owner.get_repair_log() == b"log of " + OWNER.node_id
     await owner.aclose()
+
+
+def test_the_host_keeps_grants_and_revocations_until_the_owner_goes(tmp_path: Path) -> None:
+    owner, other = b"\x01" * 20, b"\x02" * 20
+    host = ShardHost.open(tmp_path / "host")
+    assert host.put_grant(owner, 5, b"grant 5", b"cert") == 5
+    assert host.put_grant(owner, 4, b"grant 4", b"cert") == 5  # an older one is not taken
+    host.revoke_delegate(owner, other, 100)
+    host.revoke_delegate(owner, other, 50)  # the latest time asked for is kept
+    host.close()
+    host = ShardHost.open(tmp_path / "host")  # and all of it survives a restart
+    held = host.held_grant(owner)
+    assert held is not None and (held.sequence, held.grant) == (5, b"grant 5")
+    assert host.revoked_before(owner, other) == 100
+    for i in range(shardhost.MAX_REVOCATIONS_PER_OWNER - 1):
+        host.revoke_delegate(owner, i.to_bytes(20, "big"), 1)
+    with pytest.raises(StoreFullError, match="at most"):
+        host.revoke_delegate(owner, b"\xff" * 20, 1)
+    host.revoke_delegate(owner, other, 200)  # one it keeps may still move on
+    assert host.delete_owner(owner) == (0, False)
+    assert host.held_grant(owner) is None and host.revoked_before(owner, other) == 0
+    host.close()

@@ -185,6 +185,8 @@ TMP_DIR = "tmp"
 MAX_BLOCKS = 1 << 16
 #: Most shards one owner may keep here (module docstring, "charge").
 MAX_SHARDS_PER_OWNER = 1 << 20
+#: Revocations one owner may keep here (each a row; a node bounds them all).
+MAX_REVOCATIONS_PER_OWNER = 1024
 #: The lease of an adopted shard: at least the 365 days p2pbackup owners ask.
 ADOPTED_LEASE_SECONDS = 366 * 24 * 3600
 
@@ -995,6 +997,14 @@ class ShardHost:
         with self._lock:
             self._check_open()
             with self._transaction() as db:
+                (count,) = db.execute(
+                    "SELECT count(*) FROM revoked_delegates WHERE owner = ? AND delegate != ?",
+                    (owner, delegate),
+                ).fetchone()
+                if count >= MAX_REVOCATIONS_PER_OWNER:
+                    raise StoreFullError(
+                        f"an owner keeps at most {MAX_REVOCATIONS_PER_OWNER} revocations here"
+                    )
                 db.execute(
                     "INSERT INTO revoked_delegates (owner, delegate, revoked_before)"
                     " VALUES (?, ?, ?) ON CONFLICT (owner, delegate) DO UPDATE"

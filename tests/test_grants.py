@@ -18,6 +18,7 @@ from p2pbackup.app.home import Home
 from p2pbackup.core import delegation, formats
 from p2pbackup.core.keys import Keyring
 from p2pbackup.engine.backup import Backup
+from p2pbackup.engine.index import Index
 from p2pbackup.engine.repository import Repository
 from p2pbackup.maintenance import grants
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
@@ -175,3 +176,16 @@ async def test_a_delegate_that_cannot_be_reached_is_recorded_with_its_problem(
         # After a backup, prune or repair: a warning, never a failure.
         [warning] = await grants.hand_out(repo)
         assert warning.startswith(f"warning: delegate {bob.hex()} did not take its repair grant (")
+
+
+def test_grants_are_due_for_a_new_delegate_and_weekly(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.sqlite")
+    assert not grants.grants_due(index, 1_000_000)  # no delegate, nothing due
+    with index.transaction():
+        index.add_delegate(b"D" * 20, 1)
+    assert grants.grants_due(index, 1_000_000)
+    with index.transaction():
+        index.set_delegate_granted(b"D" * 20, 1_000_000, 1)
+    assert not grants.grants_due(index, 1_000_000 + grants.REGRANT_SECONDS - 1)
+    assert grants.grants_due(index, 1_000_000 + grants.REGRANT_SECONDS)
+    index.close()

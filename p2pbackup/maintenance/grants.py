@@ -16,7 +16,10 @@ Nouns:
 * **hand-over** — :func:`hand_grants`: a fresh grant (a new sequence) and,
   for each delegate, a fresh certificate (:data:`CERTIFICATE_LIFETIME`),
   sent with ``PutGrant``; what each delegate answered is kept in its row.
-  Run after each backup, prune and repair, and when a delegate is added.
+  Run after each backup, prune and repair that ``p2pbackup`` runs, when a
+  delegate is added, and after ``serve``'s backups and its repair passes
+  that moved shards, or when a delegate's grant is a week old
+  (:func:`grants_due`), so that certificates never run out.
 * **read-back** — :func:`read_back`: each delegate's repair log (where
   the shards it rebuilt while this home was away are now) taken into the
   index, before each repair pass and before each hand-over (so that the
@@ -183,6 +186,20 @@ async def hand_grants(repo: Repository, *, clock: Callable[[], float] = time.tim
             else:
                 index.set_delegate_problem(node_id, handed.problem)
     return [results[row.node_id] for row in rows]
+
+
+#: A grant (and the certificate with it) is handed out again at least this
+#: often while nothing changes, well before the certificate expires.
+REGRANT_SECONDS = 7 * 86400
+
+
+def grants_due(index: Index, now: float) -> bool:
+    """Whether some delegate took no grant in the last :data:`REGRANT_SECONDS`
+    (or none yet): what a repair pass that changed nothing still hands out for."""
+    return any(
+        row.granted_at is None or now - row.granted_at >= REGRANT_SECONDS
+        for row in index.delegates()
+    )
 
 
 async def hand_out(repo: Repository, *, clock: Callable[[], float] = time.time) -> list[str]:

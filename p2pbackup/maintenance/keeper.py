@@ -182,8 +182,11 @@ async def run_round(
             repo, repairer.with_audits(options.repair_options(), repo.index), now=now
         )
         state.last_repair, state.findings = now, False
-        # The delegates learn where the shards are now (maintenance.grants).
-        await grants.hand_out(repo, clock=clock)
+        # The delegates learn where the shards are now (maintenance.grants),
+        # and get fresh certificates before theirs run out.
+        moved = repair.shards_rebuilt or repair.shards_reinstated or repair.shards_deleted
+        if moved or grants.grants_due(repo.index, clock()):
+            await grants.hand_out(repo, clock=clock)
     renewed = None if renew is None else await renew(repo, clock())
     now = clock()
     sleep = next_round(auditor.seconds_to_next(repo.index, now), state, now, options)

@@ -23,7 +23,8 @@ Nouns:
   renewing the leases of the owner's shards that are due
   (:mod:`p2pbackup.maintenance.leases`), signed by the delegate, so that
   the nodes keep them while the owner is away.
-
+* **turn** — :func:`turn_at`: when a delegate steps in for an owner that
+  stays away, one delegate at a time in node id order.
 * **repair log** — :func:`sealed_log`: where the shards the delegate's
   passes rebuilt are now, against the grant the grant index was made from
   (kept in it), signed by the delegate. Its owner reads it back when it

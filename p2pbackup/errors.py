@@ -20,6 +20,9 @@ Families:
   absurd sizes.
 * :class:`RecordKeyError`, :class:`RecordExpiredError` (integrity errors) — a
   DHT record that is not its claimed node's, or is out of date.
+* :class:`DelegationError` (an integrity error) — a genuine delegation
+  certificate or repair grant that grants nothing here: expired, not yet
+  valid, revoked, another delegate's or another owner's.
 * :class:`ErasureError` — misuse of the erasure code (unequal shard lengths,
   a shard index out of range, bad k/n); :class:`NotEnoughShardsError` when
   fewer than k usable shards exist.
@@ -106,6 +109,12 @@ class RecordKeyError(IntegrityError):
 
 class RecordExpiredError(IntegrityError):
     """A DHT record whose expiry has passed, or lies absurdly far in the future."""
+
+
+class DelegationError(IntegrityError):
+    """A delegation certificate or repair grant that is genuine but grants
+    nothing here: expired, not yet valid, revoked, or for another delegate
+    or owner."""
 
 
 class ErasureError(P2PBackupError):

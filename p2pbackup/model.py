@@ -17,6 +17,12 @@ Nouns:
   an ``INDEX`` blob so that a new home can rebuild its SQLite index.
 * **friend** — a node added with an invite code (:class:`FriendRecord`); it is
   also a peer (kind "node") that shards may be placed on.
+* **delegation certificate**, **repair grant** — what an owner gives a
+  friend it chooses as its **delegate**, so that the friend can keep its
+  backups alive while it is away (docs/delegation.md): the right to audit,
+  renew and put rebuilt shards in the owner's namespace
+  (:class:`DelegationCertificate`), and the shard maps repair needs
+  (:class:`RepairGrant`).
 * **root record** — the small, signed and encrypted entry point stored on every
   peer: configuration, peers, index packs and live snapshots.
 * **peer audits** — what audits have said of a peer (:class:`PeerAudits`):
@@ -168,6 +174,104 @@ class PackRecord:
     block_size: int
     shards: tuple[ShardLocation, ...]
     blobs: tuple[BlobEntry, ...]
+
+
+@attrs.frozen
+class DelegationCertificate:
+    """The owner's word that node ``delegate`` may keep its shards alive.
+
+    Storage nodes honour it, from a session of the delegate, for audits,
+    lease renewals and puts of rebuilt shards in the owner's namespace, from
+    ``issued_at`` until ``expiry`` (unix seconds, ``expiry`` excluded). The
+    owner's public key travels with it, so that a node that never met the
+    owner can check the signature; the owner's node id is that key's hash.
+    """
+
+    owner: bytes = attrs.field(repr=bytes.hex)
+    owner_public_key: bytes = attrs.field(repr=bytes.hex)
+    delegate: bytes = attrs.field(repr=bytes.hex)
+    issued_at: int
+    expiry: int
+
+
+@attrs.frozen
+class GrantPeer:
+    """A node holding shards named in a repair grant, and where it was last
+    known to listen (``HOST:PORT`` texts; hints, not authority)."""
+
+    node_id: bytes = attrs.field(repr=bytes.hex)
+    addresses: tuple[str, ...]
+
+
+@attrs.frozen
+class GrantShard:
+    """Shard ``index`` of a pack, held by the grant's peer number ``peer``
+    (a position in :attr:`RepairGrant.peers`), with its Merkle root."""
+
+    index: int
+    peer: int
+    merkle_root: bytes = attrs.field(repr=bytes.hex)
+
+
+@attrs.frozen
+class GrantPack:
+    """What repairing one pack needs, and nothing about what is in it.
+
+    Its shard ids are derived (``core.formats.shard_id(pack_id, index)``),
+    so they are not carried here.
+    """
+
+    pack_id: bytes = attrs.field(repr=bytes.hex)
+    #: The padded pack's length, which decoding needs: one of a few size
+    #: buckets, within k bytes of k shard sizes, and in every shard's header.
+    size: int
+    k: int
+    n: int
+    #: Bytes of each shard's data (without its header), and its Merkle block size.
+    shard_size: int
+    block_size: int
+    shards: tuple[GrantShard, ...]
+
+
+@attrs.frozen
+class RepairGrant:
+    """An owner's shard maps, handed to a delegate: every pack's code, shard
+    roots and holders. No key, name, snapshot or index; a higher
+    ``sequence`` replaces a lower one."""
+
+    owner: bytes = attrs.field(repr=bytes.hex)
+    sequence: int
+    issued_at: int
+    peers: tuple[GrantPeer, ...]
+    packs: tuple[GrantPack, ...]
+    #: Every delegate the owner has (node ids, ascending): their order is
+    #: the order in which they step in while the owner is away.
+    delegates: tuple[bytes, ...] = ()
+
+
+@attrs.frozen
+class LogEntry:
+    """Shard ``index`` of pack ``pack_id`` is on node ``holder`` now, put
+    there by a delegate; ``merkle_root`` is its root (the owner's own, since
+    a rebuilt shard is the same bytes)."""
+
+    pack_id: bytes = attrs.field(repr=bytes.hex)
+    index: int
+    holder: bytes = attrs.field(repr=bytes.hex)
+    merkle_root: bytes = attrs.field(repr=bytes.hex)
+
+
+@attrs.frozen
+class RepairLog:
+    """What a delegate changed for an owner since the owner's grant of
+    ``grant_sequence``: where the shards it rebuilt are now. Signed by the
+    delegate, read back by the owner when it returns."""
+
+    delegate: bytes = attrs.field(repr=bytes.hex)
+    owner: bytes = attrs.field(repr=bytes.hex)
+    grant_sequence: int
+    made_at: int
+    entries: tuple[LogEntry, ...]
 
 
 @attrs.frozen

@@ -785,8 +785,8 @@ SAMPLES: list[tuple[str, requests.Request]] = [
     ("check --read-data --json", requests.CheckRequest(read_data=True, json=True)),
     ("status --json", requests.StatusRequest(json=True)),
     (
-        "repair --grace 0 --rate 2M --json",
-        requests.RepairRequest(grace="0", rate="2M", json=True),
+        "repair --grace 0 --rate 2M --json --for abababab",
+        requests.RepairRequest(grace="0", rate="2M", json=True, owner="abababab"),
     ),
     ("leave --json", requests.LeaveRequest(json=True)),
     ("peer add-dir /mnt/disk", requests.PeerAddDirRequest(path="/mnt/disk")),
@@ -806,6 +806,9 @@ SAMPLES: list[tuple[str, requests.Request]] = [
         "friend remove abababab --force",
         requests.FriendRemoveRequest(id="abababab", force=True),
     ),
+    ("delegate add abababab", requests.DelegateAddRequest(id="abababab")),
+    ("delegate list --json", requests.DelegateListRequest(json=True)),
+    ("delegate remove abababab", requests.DelegateRemoveRequest(id="abababab")),
 ]
 REQUESTS = [request for _argv, request in SAMPLES]
 

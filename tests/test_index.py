@@ -28,8 +28,15 @@ from p2pbackup.model import (
 CONFIG = RepositoryConfig(2, 4, 1 << 20, 1 << 12, 1 << 14, 1 << 16, 1 << 16)
 
 
+def as_version_4(db: sqlite3.Connection) -> None:
+    """Take version 5's delegates out of today's index."""
+    db.execute("DROP TABLE delegates")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (b"4",))
+
+
 def as_version_3(db: sqlite3.Connection) -> None:
     """Take version 4's lease column and leaving peers out of today's index."""
+    as_version_4(db)
     db.execute("DROP INDEX shards_by_lease")
     db.execute("ALTER TABLE shards DROP COLUMN lease_expiry")
     db.execute("DROP TABLE leaving_peers")
@@ -83,7 +90,7 @@ def test_a_version_1_index_is_migrated_forward_with_its_data(tmp_path: Path) -> 
     version_1_index(path)
     assert stored_version(path) == 1
     index = Index(path)
-    assert stored_version(path) == SCHEMA_VERSION == 4
+    assert stored_version(path) == SCHEMA_VERSION == 5
     assert index.config() == CONFIG
     assert index.peers() == [PeerRecord("peer-a", "node", "10.0.0.1:47470")]
     assert index.last_seen() == {"peer-a": 1_700_000_000}
@@ -273,4 +280,36 @@ def test_displaced_copies_and_traffic_are_kept_and_go_with_their_peer(tmp_path: 
     with index.transaction():
         index.remove_peer("peer-a")
     assert index.displaced() == {}
+    index.close()
+
+
+def test_a_version_4_index_gains_delegates(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite"
+    index = Index(path)
+    with index.transaction():
+        index.set_config(CONFIG)
+    index.close()
+    db = sqlite3.connect(path)
+    as_version_4(db)
+    db.commit()
+    db.close()
+    index = Index(path)
+    assert stored_version(path) == SCHEMA_VERSION
+    assert index.delegates() == []
+    with index.transaction():
+        assert index.add_delegate(b"D" * 20, 100)
+        assert not index.add_delegate(b"D" * 20, 200)
+        index.set_delegate_granted(b"D" * 20, 300, 7)
+    [row] = index.delegates()
+    assert (row.node_id, row.added_at, row.granted_at, row.grant_sequence) == (
+        b"D" * 20,
+        100,
+        300,
+        7,
+    )
+    with index.transaction():
+        assert index.next_grant_sequence(1000) == 1000
+        assert index.next_grant_sequence(900) == 1001
+        assert index.remove_delegate(b"D" * 20)
+    assert index.delegates() == []
     index.close()

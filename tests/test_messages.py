@@ -34,21 +34,27 @@ from p2pbackup.wire.messages import (
     AllDeleted,
     Audit,
     AuditProof,
+    Delegate,
+    Delegated,
+    DelegateRevoked,
     DeleteAll,
     Deleted,
     DeleteShard,
     DialBack,
     DialBackResult,
     FrameDecoder,
+    GetRepairLog,
     GetRoot,
     GetShard,
     GetUsage,
+    GrantStored,
     HasShard,
     LeaseRenewed,
     Leaving,
     ListShards,
     Message,
     Noted,
+    PutGrant,
     PutRoot,
     PutShard,
     Ready,
@@ -63,6 +69,8 @@ from p2pbackup.wire.messages import (
     RelayReserve,
     RelayReserved,
     RenewLease,
+    RepairLogData,
+    RevokeDelegate,
     RootData,
     RootStored,
     ShardData,
@@ -161,6 +169,16 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     RelayIncoming: st.builds(RelayIncoming, circuits, node_ids),
     RelayJoined: st.just(RelayJoined()),
     RelayPong: st.just(RelayPong()),
+    Delegate: st.builds(Delegate, st.binary(min_size=1, max_size=300)),
+    Delegated: st.builds(Delegated, node_ids, uints),
+    RevokeDelegate: st.builds(RevokeDelegate, node_ids, uints),
+    DelegateRevoked: st.just(DelegateRevoked()),
+    PutGrant: st.builds(
+        PutGrant, st.binary(min_size=1, max_size=300), st.binary(min_size=1, max_size=300)
+    ),
+    GrantStored: st.builds(GrantStored, uints),
+    GetRepairLog: st.just(GetRepairLog()),
+    RepairLogData: st.builds(RepairLogData, st.none() | st.binary(min_size=1, max_size=300)),
 }
 any_message = st.one_of(*STRATEGIES.values())
 
@@ -207,9 +225,23 @@ EXAMPLES: dict[type[Message], Message] = {
     RelayIncoming: RelayIncoming(ID[:16], ID[:20]),
     RelayJoined: RelayJoined(),
     RelayPong: RelayPong(),
+    Delegate: Delegate(b"certificate"),
+    Delegated: Delegated(ID[:20], 1_700_000_000),
+    RevokeDelegate: RevokeDelegate(ID[:20], 1_700_000_000),
+    DelegateRevoked: DelegateRevoked(),
+    PutGrant: PutGrant(b"grant", b"certificate"),
+    GrantStored: GrantStored(3),
+    GetRepairLog: GetRepairLog(),
+    RepairLogData: RepairLogData(b"log"),
 }
 #: Fields that may be nil.
-OPTIONAL_FIELDS = {(GetShard, 2), (ListShards, 0), (RootData, 0), (Usage, 1)}
+OPTIONAL_FIELDS = {
+    (GetShard, 2),
+    (ListShards, 0),
+    (RootData, 0),
+    (Usage, 1),
+    (RepairLogData, 0),
+}
 
 #: The wire type codes, as the protocol specification gives them.
 TYPE_CODES: dict[type[Message], int] = {
@@ -250,6 +282,14 @@ TYPE_CODES: dict[type[Message], int] = {
     RelayIncoming: 0x59,
     RelayJoined: 0x5A,
     RelayPong: 0x5B,
+    Delegate: 0x0E,
+    Delegated: 0x4E,
+    RevokeDelegate: 0x10,
+    DelegateRevoked: 0x50,
+    PutGrant: 0x11,
+    GrantStored: 0x51,
+    GetRepairLog: 0x12,
+    RepairLogData: 0x52,
 }
 
 

@@ -52,7 +52,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 import attrs
 import trio
 
-from p2pbackup.app import operations
+from p2pbackup.app import delegating, operations
 from p2pbackup.app.home import Home
 from p2pbackup.app.homedht import (
     SERVING_RELAY,
@@ -82,7 +82,7 @@ from p2pbackup.dht.records import RecordAddress
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.index import Index
 from p2pbackup.errors import P2PBackupError, RepositoryLockedError, StoreError
-from p2pbackup.maintenance import keeper, leases
+from p2pbackup.maintenance import delegated, grants, keeper, leases
 from p2pbackup.net.limits import limited
 from p2pbackup.net.network import BOTH_FAMILIES, Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
@@ -183,8 +183,9 @@ async def serve(
     (:func:`_open_storage`), join the DHT (:func:`_join_dht`), then run the
     node's roles side by side: discovery, reachability (port mapping and
     dial-back, :func:`_start_reachability`), the scheduled backups, the
-    maintenance of our backups (:func:`run_maintenance`), the control
-    socket. How it stops: :func:`_stopping`. ``clock`` (unix seconds) and
+    maintenance of our backups (:func:`run_maintenance`) and of the owners
+    this node is a delegate of (:func:`p2pbackup.app.delegating.keep_owners`),
+    the control socket. How it stops: :func:`_stopping`. ``clock`` (unix seconds) and
     ``rng`` (default: the system's) are the maintenance's."""
     home.require()
     config = load_config(home.config_path)  # a bad config stops serve before it starts
@@ -247,6 +248,17 @@ async def serve(
                         clock=clock,
                         rng=rng if rng is not None else random.SystemRandom(),
                         turns=turns,
+                    )
+                )
+                # The owners this node is a delegate of, kept alive while away.
+                roles.start_soon(
+                    functools.partial(
+                        delegating.keep_owners,
+                        home,
+                        network,
+                        identity,
+                        config.maintenance.repair_options(),
+                        clock=clock,
                     )
                 )
             if control is not None:
@@ -355,6 +367,7 @@ async def _open_storage(
             leaving=functools.partial(_note_leaving, home),
             dial_back=DialBackService(network, identity, published),
             relay=relay.serve,
+            repair_log=functools.partial(_repair_log, home, identity.signing_seed),
         )
         async with trio.open_nursery() as nursery:
             address = await nursery.start(network.serve, options.listen, server.handle_connection)
@@ -529,6 +542,8 @@ async def run_scheduled_backups(
                     summary = await Backup(
                         repo, exclude=schedule.exclude, skip_if_unchanged=True
                     ).run(schedule.paths, schedule.tags)
+                    if summary.unchanged_since is None:
+                        await grants.hand_out(repo)
                     with repo.index.transaction():
                         repo.index.set_meta(LAST_SCHEDULED_RUN, str(time.time_ns()).encode())
         except RepositoryLockedError as error:
@@ -577,6 +592,15 @@ async def run_maintenance(
         lock=turns,
         task_status=task_status,
     )
+
+
+def _repair_log(home: Home, identity_seed: bytes, owner: bytes) -> bytes | None:
+    """The repair log this home, as ``owner``'s delegate, keeps for it (signed)."""
+    path = delegated.grant_index_path(home.path, owner)
+    try:
+        return delegated.sealed_log(path, identity_seed, owner, int(time.time()))
+    except sqlite3.Error as error:
+        raise StoreError(f"cannot read the grant index {path}: {error}") from error
 
 
 def _note_leaving(home: Home, node_id: bytes) -> bool:

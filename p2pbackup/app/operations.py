@@ -20,7 +20,7 @@ import contextvars
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -29,7 +29,7 @@ import trio
 
 from p2pbackup.app import homedht
 from p2pbackup.app.home import Home
-from p2pbackup.core import chunker, formats, keys, merkle, packer
+from p2pbackup.core import chunker, delegation, formats, keys, merkle, packer
 from p2pbackup.core.keys import Keyring
 from p2pbackup.dht import discovery, invites
 from p2pbackup.dht.records import RecordAddress
@@ -47,7 +47,7 @@ from p2pbackup.errors import (
     StoreError,
     UsageError,
 )
-from p2pbackup.maintenance.status import Hosting
+from p2pbackup.maintenance.status import Hosting, KeptFor
 from p2pbackup.model import (
     NODE_ID_SIZE,
     PEER_KIND_DIR,
@@ -287,7 +287,26 @@ def hosting(home: Home) -> Hosting:
         by_owner=shardhost.usage_by_owner(home.hosted_path),
         capacity=offer.capacity,
         per_friend=offer.per_friend,
+        kept_for=tuple(_kept_for(home)),
     )
+
+
+def _kept_for(home: Home) -> Iterator[KeptFor]:
+    """The homes this one is a delegate of, from the grants its node holds
+    (one that no longer opens is left out: the next grant replaces it)."""
+    for held in shardhost.read_held_grants(home.hosted_path):
+        try:
+            grant = delegation.open_grant(held.grant, owner=held.owner)
+            certificate = delegation.open_certificate(held.certificate)
+        except IntegrityError:
+            continue
+        yield KeptFor(
+            owner=held.owner.hex(),
+            grant_sequence=held.sequence,
+            received_at=held.received_at,
+            packs=len(grant.packs),
+            expiry=certificate.expiry,
+        )
 
 
 def make_invite(home: Home, addresses: Sequence[str] = ()) -> str:

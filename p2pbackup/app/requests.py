@@ -285,6 +285,9 @@ class RepairRequest:
     #: Bytes a second (``"2M"``) or ``"unlimited"``; None: the default.
     rate: str | None = None
     json: bool = False
+    #: Repair another owner's packs, as its delegate (its node id in hex);
+    #: None: this home's own.
+    owner: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -352,6 +355,23 @@ class FriendRemoveRequest:
     force: bool = False
 
 
+@attrs.frozen(kw_only=True)
+class DelegateAddRequest:
+    #: A node id, or a unique prefix of it, of a node peer.
+    id: str
+
+
+@attrs.frozen(kw_only=True)
+class DelegateListRequest:
+    json: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class DelegateRemoveRequest:
+    #: A node id, or a unique prefix of it.
+    id: str
+
+
 Request = (
     PeerRenameRequest
     | BackupRequest
@@ -377,6 +397,9 @@ Request = (
     | FriendAddRequest
     | FriendListRequest
     | FriendRemoveRequest
+    | DelegateAddRequest
+    | DelegateListRequest
+    | DelegateRemoveRequest
 )
 
 #: Each command the service runs, by the name a user types for it.
@@ -405,6 +428,9 @@ COMMANDS: Final[Mapping[str, type[Request]]] = {
     "friend add": FriendAddRequest,
     "friend list": FriendListRequest,
     "friend remove": FriendRemoveRequest,
+    "delegate add": DelegateAddRequest,
+    "delegate list": DelegateListRequest,
+    "delegate remove": DelegateRemoveRequest,
 }
 
 #: Commands that write bytes, not lines, to the client's standard output:

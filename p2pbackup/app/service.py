@@ -41,6 +41,9 @@ from p2pbackup.app.requests import (
     COMMANDS,
     BackupRequest,
     CheckRequest,
+    DelegateAddRequest,
+    DelegateListRequest,
+    DelegateRemoveRequest,
     DiffRequest,
     DumpRequest,
     FindRequest,
@@ -78,6 +81,8 @@ if TYPE_CHECKING:
     from p2pbackup.app import operations
     from p2pbackup.engine import browse, retention, stats
     from p2pbackup.engine.prune import PruneSummary
+    from p2pbackup.engine.repository import Repository
+    from p2pbackup.maintenance.repairer import RepairOptions
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +195,12 @@ class Service:
                 return await self.friend_list(request, console)
             case FriendRemoveRequest():
                 return await self.friend_remove(request, console)
+            case DelegateAddRequest():
+                return await self.delegate_add(request, console)
+            case DelegateListRequest():
+                return await self.delegate_list(request, console)
+            case DelegateRemoveRequest():
+                return await self.delegate_remove(request, console)
             case _:
                 assert_never(request)
 
@@ -257,6 +268,9 @@ class Service:
                     else None
                 ),
             ).run(paths, request.tags)
+            # A run that stored nothing changes no pack: no new grant.
+            stored = not request.dry_run and summary.unchanged_since is None
+            warnings = await _hand_grants(repo) if stored else []
         if request.json:
             console.out(_json(summary.to_json()))
         elif request.quiet:
@@ -265,6 +279,8 @@ class Service:
         else:
             for line in summary.lines():
                 console.out(line)
+            for warning in warnings:
+                console.out(warning)
             if summary.unchanged_since is not None:
                 console.out(unchanged_line(summary.unchanged_since))
             elif summary.dry_run:
@@ -586,10 +602,11 @@ class Service:
             summary = await prune(
                 repo, progress=console.progress_line("prune"), dry_run=request.dry_run
             )
+            warnings = [] if request.dry_run else await _hand_grants(repo)
         if request.json:
             console.out(_json(attrs.asdict(summary)))
         else:
-            for line in summary.lines():
+            for line in [*summary.lines(), *warnings]:
                 console.out(line)
         return OK
 
@@ -648,7 +665,7 @@ class Service:
         shard read back and verified (which also finds damage an audit's
         sample of blocks missed), then every pack below r rebuilt."""
         from p2pbackup.app import operations
-        from p2pbackup.maintenance import auditor, repairer
+        from p2pbackup.maintenance import auditor, grants, repairer
         from p2pbackup.maintenance.repair import RepairPolicy
         from p2pbackup.node.schedule import parse_duration, parse_size
 
@@ -659,21 +676,72 @@ class Service:
         if request.rate is not None:
             rate = None if request.rate == "unlimited" else float(parse_size(request.rate))
         options = repairer.RepairOptions(policy=policy, rate=rate, verify=True)
+        if request.owner is not None:
+            return await self._repair_for(request, options, console)
         async with operations.open_repository(self.home) as repo:
+            # Where delegates moved shards while this home was away, first.
+            taken, warnings = await grants.read_back(repo)
             audit = await auditor.audit_once(repo)
             report = await repairer.repair_pass(
                 repo,
                 repairer.with_audits(options, repo.index),
                 progress=console.progress_line("repair"),
             )
+            warnings += await _hand_grants(repo)
         if request.json:
-            console.out(_json({**report.to_json(), "audit": audit.to_json()}))
+            console.out(
+                _json({**report.to_json(), "audit": audit.to_json(), "delegated_moves": taken})
+            )
         else:
+            if taken:
+                console.out(f"took {taken} shard locations from the delegates' repair logs")
             for line in audit.lines():
                 console.out(f"audit: {line}")
             for line in report.lines():
                 if line != report.failure():
                     console.out(line)
+            for warning in warnings:
+                console.out(warning)
+        if not report.ok:
+            return Outcome(EXIT_ERROR, report.failure())
+        return OK
+
+    async def _repair_for(
+        self, request: RepairRequest, options: RepairOptions, console: Console
+    ) -> Outcome:
+        """``repair --for OWNER``: a pass over another home's packs, from the
+        grant it handed this node as its delegate (maintenance.delegated)."""
+        from p2pbackup.app import delegating, operations
+
+        assert request.owner is not None
+        owner = operations.parse_node_id(request.owner)
+        self.home.require()
+        grant, result = await delegating.repair_for_owner(
+            self.home, owner, options, progress=console.progress_line("repair")
+        )
+        report = result.repair
+        if request.json:
+            console.out(
+                _json(
+                    {
+                        **report.to_json(),
+                        "audit": result.audit.to_json(),
+                        "owner": owner.hex(),
+                        "grant_sequence": grant.sequence,
+                        "leases_renewed": result.leases.renewed,
+                        "leases_missing": result.leases.missing,
+                    }
+                )
+            )
+        else:
+            console.out(f"repairing for node {owner.hex()}, from its grant {grant.sequence}")
+            for line in result.audit.lines():
+                console.out(f"audit: {line}")
+            for line in report.lines():
+                if line != report.failure():
+                    console.out(line)
+            for line in result.leases.lines():
+                console.out(f"leases: {line}")
         if not report.ok:
             return Outcome(EXIT_ERROR, report.failure())
         return OK
@@ -884,6 +952,112 @@ class Service:
             removed = await operations.remove_friend(repo, request.id, force=request.force)
         _removal_lines(console, f"removed friend {removed.friend.node_id.hex()}", removed)
         return OK
+
+    # -- delegates ----------------------------------------------------------------
+
+    async def delegate_add(self, request: DelegateAddRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.maintenance import grants
+        from p2pbackup.model import PEER_KIND_NODE
+
+        async with operations.open_repository(self.home) as repo:
+            peer = operations.find_peer(repo, request.id)
+            if peer.kind != PEER_KIND_NODE:
+                raise UsageError(
+                    f"peer {peer.peer_id} is a folder; a delegate is a node on the network "
+                    "(a friend, or a peer added with `peer add`)"
+                )
+            node_id = bytes.fromhex(peer.peer_id)
+            with repo.index.transaction():
+                if not repo.index.add_delegate(node_id, int(time.time())):
+                    raise UsageError(
+                        f"node {peer.peer_id} is a delegate already (see `delegate list`)"
+                    )
+            # Where it moved shards, if it kept this home alive before (a home
+            # recovered from its key adds its delegates again): first.
+            taken, _warnings = await grants.read_back(repo)
+            handed = {h.node_id: h for h in await grants.hand_grants(repo)}
+        mine = handed[node_id]
+        console.out(f"added delegate {peer.peer_id}")
+        if taken:
+            console.out(f"took {taken} shard locations from its repair log")
+        if mine.ok:
+            console.out(f"it holds the repair grant of sequence {mine.sequence}")
+        else:
+            console.out(
+                f"warning: it was not handed the repair grant now ({mine.problem}); "
+                "it is handed again after each backup, prune and repair"
+            )
+        return OK
+
+    async def delegate_list(self, request: DelegateListRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+
+        async with operations.open_repository(self.home, access="read") as repo:
+            rows = repo.index.delegates()
+            locations = {p.peer_id: p.location for p in repo.peers()}
+        if request.json:
+            console.out(
+                _json(
+                    [
+                        {
+                            "node_id": row.node_id.hex(),
+                            "location": locations.get(row.node_id.hex()),
+                            "added_at": row.added_at,
+                            "granted_at": row.granted_at,
+                            "grant_sequence": row.grant_sequence,
+                            "problem": row.problem,
+                        }
+                        for row in rows
+                    ]
+                )
+            )
+            return OK
+        for row in rows:
+            if row.granted_at is None:
+                held = "holds no grant yet"
+            else:
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row.granted_at))
+                held = f"grant {row.grant_sequence} taken {when}"
+            problem = f"  (last hand-over failed: {row.problem})" if row.problem else ""
+            location = locations.get(row.node_id.hex()) or "no longer a peer"
+            console.out(f"{row.node_id.hex()}  {location}  {held}{problem}")
+        if not rows:
+            console.out(
+                "no delegates yet: `p2pbackup delegate add NODE_ID` lets a friend keep "
+                "this home's backups alive while it is away"
+            )
+        return OK
+
+    async def delegate_remove(self, request: DelegateRemoveRequest, console: Console) -> Outcome:
+        from p2pbackup.app import operations
+        from p2pbackup.maintenance import grants
+
+        async with operations.open_repository(self.home) as repo:
+            rows = {row.node_id.hex(): row for row in repo.index.delegates()}
+            wanted = request.id.strip().lower()
+            matches = [name for name in rows if name.startswith(wanted)] if wanted else []
+            if len(matches) != 1:
+                problem = "no delegate" if not matches else f"{len(matches)} delegates"
+                raise UsageError(
+                    f"{problem} with a node id starting with {wanted!r} (see `delegate list`)"
+                )
+            node_id = rows[matches[0]].node_id
+            told, warnings = await grants.revoke(repo, node_id)
+            with repo.index.transaction():
+                repo.index.remove_delegate(node_id)
+        for warning in warnings:
+            console.out(f"warning: {warning}")
+        console.out(f"removed delegate {node_id.hex()}; {told} nodes refuse its certificates now")
+        return OK
+
+
+async def _hand_grants(repo: Repository) -> list[str]:
+    """Hand every delegate the repair grant after a run that changed shard
+    maps; a warning line for each that could not take it."""
+    from p2pbackup.maintenance import grants
+
+    return await grants.hand_out(repo)
 
 
 def _stats_lines(found: stats.SnapshotStats) -> list[str]:

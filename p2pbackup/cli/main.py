@@ -577,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_init,
         _add_peer,
         _add_friend,
+        _add_delegate,
         _add_identity,
         _add_node,
         _add_backup_and_restore,
@@ -748,6 +749,29 @@ def _add_friend(commands: _Commands) -> None:
         help="also forget the shards no other peer could take (leaving those packs less redundant)",
     )
     p.set_defaults(request=requests.FriendRemoveRequest)
+
+
+def _add_delegate(commands: _Commands) -> None:
+    delegate = commands.add_parser(
+        "delegate",
+        help="manage delegates (nodes that keep this home's backups alive while it is away)",
+    )
+    sub = delegate.add_subparsers(dest="delegate_command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "add", help="let a node peer repair this home's packs; hand it the repair grant now"
+    )
+    p.add_argument(
+        "id", metavar="NODE_ID", help="node id of a friend or node peer, or a unique prefix"
+    )
+    p.set_defaults(request=requests.DelegateAddRequest)
+    p = sub.add_parser("list", help="list delegates and the repair grant each holds")
+    _json_option(p)
+    p.set_defaults(request=requests.DelegateListRequest)
+    p = sub.add_parser(
+        "remove", help="tell every node peer to refuse a delegate's certificates, then forget it"
+    )
+    p.add_argument("id", metavar="NODE_ID", help="node id, or a unique prefix")
+    p.set_defaults(request=requests.DelegateRemoveRequest)
 
 
 def _add_identity(commands: _Commands) -> None:
@@ -1074,6 +1098,12 @@ def _add_upkeep(commands: _Commands) -> None:
         "--rate",
         metavar="SIZE",
         help="most bytes a second to move, such as 500K or 2M (default 1M; 'unlimited')",
+    )
+    p.add_argument(
+        "--for",
+        dest="owner",
+        metavar="OWNER_NODE_ID",
+        help="repair another home's packs now, as its delegate (from the grant it handed us)",
     )
     _json_option(p)
     p.set_defaults(request=requests.RepairRequest)

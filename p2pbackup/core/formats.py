@@ -19,7 +19,8 @@ Nouns:
 
 Magics: ``P2PS`` shard header, ``P2PP`` pack header, ``P2PT`` tree, ``P2PN``
 snapshot, ``P2PI`` index segment, ``P2PR`` root record, ``P2PE`` signed
-envelope.
+envelope, ``P2PC`` delegation certificate, ``P2PG`` repair grant, ``P2PL``
+repair log.
 
 Decoders raise :class:`~p2pbackup.errors.FormatError`, and nothing else, on
 any input, with a message that starts with the format's name ("tree: unknown
@@ -51,12 +52,19 @@ from p2pbackup.model import (
     BlobEntry,
     BlobType,
     BytesLike,
+    DelegationCertificate,
     FriendRecord,
+    GrantPack,
+    GrantPeer,
+    GrantShard,
     IndexSegment,
+    LogEntry,
     NodeKind,
     PackHeader,
     PackRecord,
     PeerRecord,
+    RepairGrant,
+    RepairLog,
     RepositoryConfig,
     RootRecord,
     ShardHeader,
@@ -120,6 +128,11 @@ MAX_ROOT_INDEX_PACKS = 1 << 16
 MAX_ROOT_SNAPSHOTS = 1 << 16
 #: Payload of one signed envelope.
 MAX_ENVELOPE_PAYLOAD = 64 << 20
+#: Longest a delegation certificate may be valid: a year. An owner renews
+#: its certificates with every grant it hands out, so they can be short.
+MAX_CERTIFICATE_LIFETIME = 366 * 86400
+#: Packs one repair grant names (as many as one index segment holds).
+MAX_GRANT_PACKS = MAX_SEGMENT_PACKS
 
 # --- Magics and versions ----------------------------------------------------
 
@@ -130,6 +143,9 @@ SNAPSHOT_MAGIC = b"P2PN"
 INDEX_SEGMENT_MAGIC = b"P2PI"
 ROOT_RECORD_MAGIC = b"P2PR"
 ENVELOPE_MAGIC = b"P2PE"
+CERTIFICATE_MAGIC = b"P2PC"
+GRANT_MAGIC = b"P2PG"
+LOG_MAGIC = b"P2PL"
 #: The version of every format that has had only one.
 FORMAT_VERSION = 1
 #: Shard headers: 1 named the pack in clear; 2 (written now) does not.
@@ -157,6 +173,9 @@ _MAGIC_NAMES = {
     INDEX_SEGMENT_MAGIC: "index segment",
     ROOT_RECORD_MAGIC: "root record",
     ENVELOPE_MAGIC: "signed envelope",
+    CERTIFICATE_MAGIC: "delegation certificate",
+    GRANT_MAGIC: "repair grant",
+    LOG_MAGIC: "repair log",
 }
 _PREFIX_SIZE = 5
 
@@ -934,3 +953,211 @@ def _peer_record(value: object, what: str) -> PeerRecord:
         kind=_check.text(kind, f"{what}: kind", min_length=1, max_length=MAX_TEXT_LENGTH),
         location=_check.text(location, f"{what}: location", max_length=MAX_TEXT_LENGTH),
     )
+
+
+# --- Delegation: certificates and repair grants -----------------------------
+
+
+def _node_id(value: object, what: str) -> bytes:
+    return _check.binary(value, what, min_length=NODE_ID_SIZE, max_length=NODE_ID_SIZE)
+
+
+def encode_delegation_certificate(certificate: DelegationCertificate) -> bytes:
+    """The certificate's bytes (unsigned: :mod:`p2pbackup.core.delegation`
+    signs them into an envelope)."""
+    body = (
+        certificate.owner,
+        certificate.owner_public_key,
+        certificate.delegate,
+        certificate.issued_at,
+        certificate.expiry,
+    )
+    return _checked(
+        _seal("delegation certificate", CERTIFICATE_MAGIC, body),
+        decode_delegation_certificate,
+    )
+
+
+def decode_delegation_certificate(data: BytesLike) -> DelegationCertificate:
+    return _open("delegation certificate", data, CERTIFICATE_MAGIC, _delegation_certificate)
+
+
+def _delegation_certificate(value: object, what: str) -> DelegationCertificate:
+    owner, public_key, delegate, issued_at, expiry = _check.fields(value, what, 5)
+    certificate = DelegationCertificate(
+        owner=_node_id(owner, f"{what}: owner"),
+        owner_public_key=_check.binary(
+            public_key,
+            f"{what}: owner's public key",
+            min_length=PUBLIC_KEY_SIZE,
+            max_length=PUBLIC_KEY_SIZE,
+        ),
+        delegate=_node_id(delegate, f"{what}: delegate"),
+        issued_at=_check.integer(issued_at, f"{what}: issued at"),
+        expiry=_check.integer(expiry, f"{what}: expiry"),
+    )
+    if node_id_for(certificate.owner_public_key) != certificate.owner:
+        _fail(what, "owner is not the hash of the owner's public key")
+    if certificate.delegate == certificate.owner:
+        _fail(what, "an owner cannot be its own delegate")
+    lifetime = certificate.expiry - certificate.issued_at
+    if not 0 < lifetime <= MAX_CERTIFICATE_LIFETIME:
+        _fail(
+            what,
+            f"valid for {lifetime} s, not 1 to {MAX_CERTIFICATE_LIFETIME} s after it is issued",
+        )
+    return certificate
+
+
+def encode_repair_grant(grant: RepairGrant) -> bytes:
+    """The grant's bytes (unsigned: :mod:`p2pbackup.core.delegation` signs them)."""
+    body = (
+        grant.owner,
+        grant.sequence,
+        grant.issued_at,
+        tuple((peer.node_id, tuple(peer.addresses)) for peer in grant.peers),
+        tuple(
+            (
+                pack.pack_id,
+                pack.size,
+                pack.k,
+                pack.n,
+                pack.shard_size,
+                pack.block_size,
+                tuple((s.index, s.peer, s.merkle_root) for s in pack.shards),
+            )
+            for pack in grant.packs
+        ),
+        tuple(grant.delegates),
+    )
+    return _checked(_seal("repair grant", GRANT_MAGIC, body), decode_repair_grant)
+
+
+def decode_repair_grant(data: BytesLike) -> RepairGrant:
+    return _open("repair grant", data, GRANT_MAGIC, _repair_grant)
+
+
+def _repair_grant(value: object, what: str) -> RepairGrant:
+    owner, sequence, issued_at, peers, packs, delegates = _check.fields(value, what, 6)
+    grant_peers = _check.items(peers, f"{what}: peer", _grant_peer, max_length=MAX_PEERS)
+    _strictly_ascending(what, "peer", [peer.node_id for peer in grant_peers])
+
+    def pack(item: object, where: str) -> GrantPack:
+        return _grant_pack(item, where, peers=len(grant_peers))
+
+    grant_packs = _check.items(packs, f"{what}: pack", pack, max_length=MAX_GRANT_PACKS)
+    _strictly_ascending(what, "pack", [p.pack_id for p in grant_packs])
+    grant = RepairGrant(
+        owner=_node_id(owner, f"{what}: owner"),
+        sequence=_check.integer(sequence, f"{what}: sequence"),
+        issued_at=_check.integer(issued_at, f"{what}: issued at"),
+        peers=grant_peers,
+        packs=grant_packs,
+        delegates=_check.items(delegates, f"{what}: delegate", _node_id, max_length=MAX_PEERS),
+    )
+    _strictly_ascending(what, "delegate", list(grant.delegates))
+    if grant.owner in grant.delegates:
+        _fail(what, "an owner cannot be its own delegate")
+    if any(peer.node_id == grant.owner for peer in grant.peers):
+        _fail(what, "the owner is named as a peer holding its own shards")
+    return grant
+
+
+def _strictly_ascending(what: str, noun: str, keys: list[bytes]) -> None:
+    """One value, one encoding: items sorted by their key, each once."""
+    for previous, key in itertools.pairwise(keys):
+        if key <= previous:
+            problem = "duplicated" if key == previous else "out of order"
+            _fail(what, f"{noun} {key.hex()[:16]} is {problem}")
+
+
+def _grant_peer(value: object, what: str) -> GrantPeer:
+    node_id, addresses = _check.fields(value, what, 2)
+    return GrantPeer(
+        node_id=_node_id(node_id, f"{what}: node id"),
+        addresses=_check.items(
+            addresses,
+            f"{what}: address",
+            lambda v, w: _check.text(v, w, min_length=1, max_length=MAX_TEXT_LENGTH),
+            max_length=MAX_FRIEND_ADDRESSES,
+        ),
+    )
+
+
+def _grant_pack(value: object, what: str, *, peers: int) -> GrantPack:
+    pack_id, size, k, n, shard_size, block_size, shards = _check.fields(value, what, 7)
+    pack_id = _id(pack_id, f"{what}: pack id")
+    what = f"{what} ({pack_id.hex()[:16]})"
+    size = _check.integer(size, f"{what}: size", high=MAX_PACK_SIZE)
+    k = _check.integer(k, f"{what}: k", high=MAX_SHARDS)
+    n = _check.integer(n, f"{what}: n", high=MAX_SHARDS)
+    shard_size = _check.integer(shard_size, f"{what}: shard size", high=MAX_PACK_SIZE)
+    block_size = _check.integer(block_size, f"{what}: block size", high=MAX_BLOCK_SIZE)
+    _check_geometry(what, size=size, k=k, n=n, shard_size=shard_size, block_size=block_size)
+
+    def shard(item: object, where: str) -> GrantShard:
+        index, peer, root = _check.fields(item, where, 3)
+        located = GrantShard(
+            index=_check.integer(index, f"{where}: index", high=MAX_SHARDS - 1),
+            peer=_check.integer(peer, f"{where}: peer", high=max(0, peers - 1)),
+            merkle_root=_id(root, f"{where}: Merkle root"),
+        )
+        if peers == 0:
+            _fail(where, "names a peer, but the grant names none")
+        _check_shard_index(where, located.index, n)
+        return located
+
+    pack = GrantPack(
+        pack_id=pack_id,
+        size=size,
+        k=k,
+        n=n,
+        shard_size=shard_size,
+        block_size=block_size,
+        shards=_check.items(shards, f"{what}: shard", shard, max_length=MAX_SHARDS),
+    )
+    _strictly_ascending(what, "shard", [bytes([s.index]) for s in pack.shards])
+    return pack
+
+
+def encode_repair_log(log: RepairLog) -> bytes:
+    """The log's bytes (unsigned: :mod:`p2pbackup.core.delegation` signs them)."""
+    body = (
+        log.delegate,
+        log.owner,
+        log.grant_sequence,
+        log.made_at,
+        tuple((e.pack_id, e.index, e.holder, e.merkle_root) for e in log.entries),
+    )
+    return _checked(_seal("repair log", LOG_MAGIC, body), decode_repair_log)
+
+
+def decode_repair_log(data: BytesLike) -> RepairLog:
+    return _open("repair log", data, LOG_MAGIC, _repair_log)
+
+
+def _repair_log(value: object, what: str) -> RepairLog:
+    delegate, owner, grant_sequence, made_at, entries = _check.fields(value, what, 5)
+
+    def entry(item: object, where: str) -> LogEntry:
+        pack_id, index, holder, root = _check.fields(item, where, 4)
+        return LogEntry(
+            pack_id=_id(pack_id, f"{where}: pack id"),
+            index=_check.integer(index, f"{where}: index", high=MAX_SHARDS - 1),
+            holder=_node_id(holder, f"{where}: holder"),
+            merkle_root=_id(root, f"{where}: Merkle root"),
+        )
+
+    log = RepairLog(
+        delegate=_node_id(delegate, f"{what}: delegate"),
+        owner=_node_id(owner, f"{what}: owner"),
+        grant_sequence=_check.integer(grant_sequence, f"{what}: grant sequence"),
+        made_at=_check.integer(made_at, f"{what}: made at"),
+        entries=_check.items(
+            entries, f"{what}: entry", entry, max_length=MAX_GRANT_PACKS * MAX_SHARDS
+        ),
+    )
+    _strictly_ascending(what, "entry", [e.pack_id + bytes([e.index]) for e in log.entries])
+    if log.delegate == log.owner:
+        _fail(what, "an owner cannot be its own delegate")
+    return log

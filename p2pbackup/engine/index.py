@@ -55,6 +55,12 @@ Nouns:
   when: their shards count as removed, so repair moves them away while the
   peer still serves. Added in schema version 4, with the lease expiry.
 
+* **delegates** — nodes this home lets keep its backups alive while it is
+  away (docs/delegation.md): when each was added, when it last took a
+  repair grant and of which sequence, and what went wrong the last time it
+  was handed one (empty: nothing). The last grant sequence issued is a
+  meta value. Added in schema version 5.
+
 Schema versions: ``meta.schema_version``. Opening an older index migrates it
 forward in one transaction (:data:`_MIGRATIONS`, one step per version); a
 newer one is refused and left untouched.
@@ -88,7 +94,7 @@ from p2pbackup.model import (
     Snapshot,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: Asked count at which a peer's probe counts halve (see the module docstring).
 PROBE_MEMORY = 200
 
@@ -138,10 +144,14 @@ _LEAVING_PEERS = """
 CREATE TABLE IF NOT EXISTS leaving_peers (peer_id TEXT PRIMARY KEY, since INTEGER NOT NULL);
 """
 #: The names a user gave peers and friends (``friend add --name``, ``peer
-#: rename``). Added to version 4 without a new version: an index that lacks
-#: the table gains it on open, and one that has it reads as version 4 did.
+#: rename``). Added in schema version 5.
 _PEER_NAMES = """
 CREATE TABLE IF NOT EXISTS peer_names (peer_id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+"""
+_DELEGATES = """
+CREATE TABLE IF NOT EXISTS delegates (
+    node_id BLOB PRIMARY KEY, added_at INTEGER NOT NULL, granted_at INTEGER,
+    grant_sequence INTEGER, problem TEXT NOT NULL DEFAULT '');
 """
 
 #: The tables of schema version 1.
@@ -187,6 +197,7 @@ _SCHEMA = (
     + _MAINTENANCE_TABLES
     + _LEAVING_PEERS
     + _PEER_NAMES
+    + _DELEGATES
 )
 
 #: Schema version → the statements that turn an index of that version into
@@ -195,6 +206,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (_PEER_PROBES,),
     2: (_PEER_AUDITS, _SHARD_AUDITS),
     3: (*_LEASE_COLUMN, _LEAVING_PEERS),
+    4: (_DELEGATES, _PEER_NAMES),
 }
 
 
@@ -272,6 +284,19 @@ class RepairCount:
 
     moved_off: int
     placed: int
+
+
+@attrs.frozen
+class DelegateRow:
+    """A delegate (module docstring, "delegates")."""
+
+    node_id: bytes = attrs.field(repr=bytes.hex)
+    added_at: int
+    #: When it last took a grant, and the grant's sequence (None: never).
+    granted_at: int | None
+    grant_sequence: int | None
+    #: What went wrong the last time it was handed one ("": nothing).
+    problem: str
 
 
 @attrs.frozen
@@ -559,6 +584,49 @@ class Index:
             (_join_addresses(addresses), node_id),
         )
         return cursor.rowcount > 0
+
+    # -- delegates ------------------------------------------------------------
+
+    def add_delegate(self, node_id: bytes, added_at: int) -> bool:
+        """Make ``node_id`` a delegate; whether it was not one already."""
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO delegates(node_id, added_at) VALUES (?, ?)", (node_id, added_at)
+        )
+        return cursor.rowcount > 0
+
+    def delegates(self) -> list[DelegateRow]:
+        """Every delegate, oldest first."""
+        rows = self._db.execute(
+            "SELECT node_id, added_at, granted_at, grant_sequence, problem FROM delegates"
+            " ORDER BY added_at, node_id"
+        )
+        return [DelegateRow(bytes(n), a, g, q, p) for n, a, g, q, p in rows]
+
+    def remove_delegate(self, node_id: bytes) -> bool:
+        """Forget a delegate; whether there was one."""
+        return self._db.execute("DELETE FROM delegates WHERE node_id=?", (node_id,)).rowcount > 0
+
+    def set_delegate_granted(self, node_id: bytes, granted_at: int, sequence: int) -> None:
+        """The delegate took the grant of ``sequence`` at ``granted_at``."""
+        self._db.execute(
+            "UPDATE delegates SET granted_at=?, grant_sequence=?, problem='' WHERE node_id=?",
+            (granted_at, sequence, node_id),
+        )
+
+    def set_delegate_problem(self, node_id: bytes, problem: str) -> None:
+        """Handing the delegate its grant failed, for this reason."""
+        self._db.execute("UPDATE delegates SET problem=? WHERE node_id=?", (problem, node_id))
+
+    def next_grant_sequence(self, now: int) -> int:
+        """A grant sequence above every one issued before (call inside a
+        transaction): the clock's second, or one more than the last if
+        that is higher, so that a home recovered from its key, whose count
+        started again, still issues higher sequences than the home it
+        replaced did."""
+        raw = self.get_meta("grant_sequence")
+        sequence = max(now, 0 if raw is None else int(raw) + 1)
+        self.set_meta("grant_sequence", str(sequence).encode())
+        return sequence
 
     # -- packs and blobs ----------------------------------------------------
 

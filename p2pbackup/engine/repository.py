@@ -154,10 +154,15 @@ def open_store(
     *,
     locate: Locator | None = None,
     moved: Callable[[Address], None] | None = None,
+    certificate: bytes | None = None,
 ) -> ShardStore:
     """The shard store that ``peer`` keeps for the owner of ``keyring``; a node
-    that stopped answering at its location is looked for with ``locate``."""
+    that stopped answering at its location is looked for with ``locate``.
+    With a delegation ``certificate``, the node's store of the owner the
+    certificate names, reached as its delegate (``keyring``'s node)."""
     if peer.kind == PEER_KIND_DIR:
+        if certificate is not None:
+            raise PeerUnavailableError(f"a delegate cannot reach the folder peer {peer.peer_id}")
         return FolderShardStore(Path(peer.location), keyring.node_id)
     if peer.kind == PEER_KIND_NODE:
         return RemoteShardStore(
@@ -167,6 +172,7 @@ def open_store(
             bytes.fromhex(peer.peer_id),
             locate=locate,
             moved=moved,
+            certificate=certificate,
         )
     raise UsageError(f"peer {peer.peer_id} has kind {peer.kind!r}, which this version cannot reach")
 
@@ -198,11 +204,17 @@ class StoreCache:
     :meth:`aclose` (a node peer's keeps its connection open meanwhile)."""
 
     def __init__(
-        self, keyring: Keyring, index: Index, network: Network, locate: Locator | None
+        self,
+        keyring: Keyring,
+        index: Index,
+        network: Network,
+        locate: Locator | None,
+        certificate: bytes | None = None,
     ) -> None:
         self._keyring = keyring
         self._index = index
         self._network = network
+        self._certificate = certificate
         #: Where to look for a node peer that stopped answering (the DHT).
         self._locate = locate
         self._stores: dict[str, ShardStore] = {}
@@ -218,6 +230,7 @@ class StoreCache:
                         self._network,
                         locate=self._locate,
                         moved=functools.partial(self._peer_moved, peer),
+                        certificate=self._certificate,
                     )
                     break
             else:
@@ -276,13 +289,17 @@ class Repository:
         network: Network | None = None,
         *,
         locate: Locator | None = None,
+        certificate: bytes | None = None,
     ) -> None:
         self.keyring = keyring
         self.index = index
         self.network: Network = network if network is not None else TcpNetwork()
         #: What this run has learned of the peers (module docstring).
         self.run = RunState(trio.current_time)
-        self._stores = StoreCache(keyring, index, self.network, locate)
+        #: A delegation certificate: this is another owner's repository,
+        #: reached as its delegate (``keyring`` is the delegate's).
+        self.certificate = certificate
+        self._stores = StoreCache(keyring, index, self.network, locate, certificate)
         self._packs = PackCache(_PACK_CACHE_SIZE)
         #: Write the root record even over another home's (a **takeover**,
         #: :mod:`~p2pbackup.engine.rootrecord`).

@@ -51,7 +51,7 @@ import trio
 
 from p2pbackup.engine.repository import Repository
 from p2pbackup.errors import RepositoryLockedError
-from p2pbackup.maintenance import auditor, repairer
+from p2pbackup.maintenance import auditor, grants, repairer
 from p2pbackup.maintenance.audit import DEFAULT_POLICY, AuditPolicy
 from p2pbackup.maintenance.auditor import AuditReport, Clock
 from p2pbackup.maintenance.leases import LeaseReport
@@ -176,10 +176,17 @@ async def run_round(
     repair = None
     if options.repairs and repair_due(state, clock(), options.repair_interval):
         now = clock()
+        # Where delegates moved shards while this home was away, first.
+        await grants.read_back(repo, clock=clock)
         repair = await repairer.repair_pass(
             repo, repairer.with_audits(options.repair_options(), repo.index), now=now
         )
         state.last_repair, state.findings = now, False
+        # The delegates learn where the shards are now (maintenance.grants),
+        # and get fresh certificates before theirs run out.
+        moved = repair.shards_rebuilt or repair.shards_reinstated or repair.shards_deleted
+        if moved or grants.grants_due(repo.index, clock()):
+            await grants.hand_out(repo, clock=clock)
     renewed = None if renew is None else await renew(repo, clock())
     now = clock()
     sleep = next_round(auditor.seconds_to_next(repo.index, now), state, now, options)

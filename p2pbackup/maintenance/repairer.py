@@ -128,6 +128,9 @@ class RepairOptions:
     #: Only these packs (None: every pack).
     packs: frozenset[bytes] | None = None
     concurrency: int = DEFAULT_CONCURRENCY
+    #: End with a new index segment and root record when shards moved; a
+    #: delegate, which holds no key of the owner's, does not.
+    publish: bool = True
 
 
 def audit_verdicts(audits: Mapping[tuple[bytes, int], ShardAudit]) -> dict[ShardKey, ShardState]:
@@ -794,7 +797,8 @@ async def repair_pass(
         async with trio.open_nursery() as nursery:
             for record in ordered:
                 nursery.start_soon(one, record)
-        await work.publish()
+        if options.publish:
+            await work.publish()
     finally:
         with trio.CancelScope(shield=True):
             with repo.index.transaction():

@@ -45,6 +45,12 @@ Nouns:
   period), shards repair **moved off** it and rebuilt shards it took
   (**placed**), and the bytes audits and repair moved with it.
 
+* **delegate** — :class:`DelegateState`: a node this home lets keep its
+  backups alive while it is away, and the last repair grant it took.
+* **kept for** — :class:`KeptFor`: a home this node is a delegate of: the
+  grant it holds (its sequence, when it came, how many packs it maps) and
+  when the certificate beside it expires.
+
 Peers are asked concurrently, each with a short timeout, and one that is
 overdue while the others have answered is given up on as offline
 (:meth:`~p2pbackup.engine.repository.Repository.probe_peers`); the answer is
@@ -239,6 +245,48 @@ class Hosting:
     by_owner: Mapping[bytes, int] = attrs.field(factory=dict)
     capacity: int | None = None
     per_friend: int | None = None
+    #: The homes this node is a delegate of.
+    kept_for: tuple[KeptFor, ...] = ()
+
+
+@attrs.frozen
+class DelegateState:
+    """A delegate of this home (module docstring)."""
+
+    node_id: str
+    added_at: int
+    #: When it last took a grant, and the grant's sequence (None: never).
+    granted_at: int | None
+    grant_sequence: int | None
+    #: Why the last hand-over failed ("": it did not).
+    problem: str
+
+    def describe(self) -> str:
+        if self.granted_at is None:
+            held = "holds no repair grant yet"
+        else:
+            held = f"took repair grant {self.grant_sequence} {_date(self.granted_at)}"
+        problem = f"; the last hand-over failed ({self.problem})" if self.problem else ""
+        return f"delegate {self.node_id}: {held}{problem}"
+
+
+@attrs.frozen
+class KeptFor:
+    """A home this node keeps alive as its delegate (module docstring)."""
+
+    owner: str
+    grant_sequence: int
+    received_at: int
+    packs: int
+    #: When the certificate the owner gave with the grant expires.
+    expiry: int
+
+    def describe(self) -> str:
+        return (
+            f"delegate of node {self.owner}: grant {self.grant_sequence} of "
+            f"{_date(self.received_at)} maps {self.packs} packs; certificate valid until "
+            f"{_date(self.expiry)}; `repair --for {self.owner}` repairs them"
+        )
 
 
 @attrs.frozen
@@ -246,6 +294,8 @@ class Status:
     node: NodeState
     peers: tuple[PeerState, ...]
     data: DataHealth
+    delegates: tuple[DelegateState, ...] = ()
+    kept_for: tuple[KeptFor, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         data = attrs.asdict(self)
@@ -281,6 +331,8 @@ class Status:
                 f"{_offer(peer)}"
             )
             lines.append(f"  {peer.maintenance.describe()}")
+        lines.extend(delegate.describe() for delegate in self.delegates)
+        lines.extend(kept.describe() for kept in self.kept_for)
         lines.extend(self.data.lines())
         return lines
 
@@ -418,7 +470,13 @@ async def gather_status(
         capacity=hosting.capacity,
         per_friend=hosting.per_friend,
     )
-    return Status(node, tuple(states), health)
+    delegates = tuple(
+        DelegateState(
+            row.node_id.hex(), row.added_at, row.granted_at, row.grant_sequence, row.problem
+        )
+        for row in index.delegates()
+    )
+    return Status(node, tuple(states), health, delegates, hosting.kept_for)
 
 
 def peer_maintenance(

@@ -17,6 +17,16 @@ Nouns:
 * **leaving notice** — a peer that stores shards *for us* telling us that
   it leaves the network (``Leaving``); the server hands its node id to
   ``leaving``, which records it so that our repair moves our shards away.
+* **delegated session** — a session whose peer presented a delegation
+  certificate (``Delegate``) naming it as delegate: from then on its
+  requests are for the certificate's **owner** (its namespace, its quota,
+  its leases), the peer's own key signs its puts and renewals, and only
+  :data:`DELEGATE_REQUESTS` are answered, each after the certificate is
+  checked again against the host's clock and the owner's revocations
+  (docs/delegation.md). No deletes, no root records.
+* **held grant** — a repair grant an owner hands this node as its delegate
+  (``PutGrant``), kept by the shard host once its signature and the
+  certificate beside it are checked.
 * **refusal** — a :class:`~p2pbackup.wire.messages.Refused` answer: the request was
   understood and declined (not found, full, forbidden, conflict, integrity).
   The session goes on. A message that breaks the protocol instead ends the
@@ -39,8 +49,9 @@ from typing import Any
 
 import trio
 
-from p2pbackup.core import crypto
+from p2pbackup.core import crypto, delegation
 from p2pbackup.errors import (
+    DelegationError,
     IntegrityError,
     MerkleError,
     P2PBackupError,
@@ -53,6 +64,7 @@ from p2pbackup.errors import (
     StoreRequestError,
     UsageError,
 )
+from p2pbackup.model import DelegationCertificate
 from p2pbackup.net.network import Address, peer_address
 from p2pbackup.node import shardhost
 from p2pbackup.node.admission import Admission, LogThrottle, ServerLimits, Session, source_of
@@ -68,6 +80,20 @@ _DEFAULT_LIMITS = ServerLimits()
 #: The longest lease a stranger is granted: a year and a month, a little
 #: more than the year p2pbackup owners ask for and renew monthly.
 STRANGER_LEASE_SECONDS = 400 * 86400
+
+#: What a delegated session may ask for its owner: keeping shards alive,
+#: finding and reading them (ciphertext) to rebuild others, and another
+#: delegate's repair log of the owner. Never a delete or a root record.
+DELEGATE_REQUESTS: tuple[type[messages.Message], ...] = (
+    messages.PutShard,
+    messages.GetShard,
+    messages.HasShard,
+    messages.ListShards,
+    messages.Audit,
+    messages.RenewLease,
+    messages.GetUsage,
+    messages.GetRepairLog,
+)
 
 #: Answers a relay request (peer's node id, the request); the session is its
 #: until it returns.
@@ -89,6 +115,7 @@ class StorageServer:
         stranger_lease: int = STRANGER_LEASE_SECONDS,
         dial_back: DialBacker | None = None,
         relay: RelayHandler | None = None,
+        repair_log: Callable[[bytes], bytes | None] | None = None,
     ) -> None:
         self.host = host
         self.identity = identity
@@ -109,6 +136,9 @@ class StorageServer:
         #: Takes a session that opens with a relay request (None: this node
         #: relays for nobody); see :mod:`p2pbackup.node.relay`.
         self.relay = relay
+        #: The sealed repair log this node, as a delegate, keeps for an owner
+        #: (None: this node keeps none); called in a worker thread.
+        self.repair_log = repair_log
         self.admission = Admission(limits)
         self._throttle = LogThrottle()
         self._handshake_scopes: dict[object, trio.CancelScope] = {}
@@ -267,9 +297,16 @@ class _Session:
         self.host = server.host
         self.limits = server.limits
         self.idle = idle
+        #: Whose namespace requests touch: the peer's own, or in a delegated
+        #: session the owner it acts for.
         self.owner = owner
+        #: The session's peer (proved by the handshake), whose key signs
+        #: its statements.
+        self.peer = owner
         self.owner_key = owner_key
         self.peer_name = owner.hex()[:16]
+        #: The certificate a delegated session acts under (None: its own).
+        self.delegation: DelegationCertificate | None = None
         self.channel = MessageChannel(stream)
         self.observed: Address | None = None
 
@@ -288,12 +325,22 @@ class _Session:
             messages.DeleteAll: self._delete_all,
             messages.Leaving: self._leaving,
             messages.DialBack: self._dial_back,
+            messages.Delegate: self._delegate,
+            messages.RevokeDelegate: self._revoke_delegate,
+            messages.PutGrant: self._put_grant,
+            messages.GetRepairLog: self._get_repair_log,
         }
         while True:
             with trio.fail_after(self.idle):
                 request = await self.channel.receive_or_end()
             if request is None:
                 return
+            if self.delegation is not None and messages.is_request(request):
+                try:
+                    await self._check_delegated(request)
+                except _Refusal as refusal:
+                    await self._send(messages.Refused(refusal.code, refusal.message[:1000]))
+                    continue
             if isinstance(request, messages.RELAY_REQUEST_TYPES):
                 await self._relay(request)
                 return
@@ -335,9 +382,97 @@ class _Session:
         try:
             crypto.verify(self.owner_key, statement, signature)
         except SignatureError:
+            signer = "owner" if self.delegation is None else "delegate"
             raise _Refusal(
-                RefusalCode.FORBIDDEN, f"{what}: the owner's signature does not verify"
+                RefusalCode.FORBIDDEN, f"{what}: the {signer}'s signature does not verify"
             ) from None
+
+    # -- delegation -------------------------------------------------------------
+
+    async def _check_certificate(
+        self, certificate: DelegationCertificate, *, delegate: bytes
+    ) -> None:
+        """Refuse unless ``certificate`` lets ``delegate`` act now and is not revoked."""
+        try:
+            delegation.check_certificate(certificate, now=self.host.now(), delegate=delegate)
+        except DelegationError as error:
+            raise _Refusal(RefusalCode.FORBIDDEN, str(error)) from None
+        revoked = await self._call(self.host.revoked_before, certificate.owner, delegate)
+        assert isinstance(revoked, int)
+        if certificate.issued_at < revoked:
+            raise _Refusal(
+                RefusalCode.FORBIDDEN,
+                f"node {certificate.owner.hex()} revoked its delegation to node {delegate.hex()}",
+            )
+
+    async def _check_delegated(self, request: messages.Message) -> None:
+        """A delegated session's request: one a delegate may make, under a
+        certificate still good (module docstring)."""
+        assert self.delegation is not None
+        owner = self.delegation.owner.hex()
+        if not isinstance(request, DELEGATE_REQUESTS):
+            raise _Refusal(
+                RefusalCode.FORBIDDEN,
+                f"a delegate of node {owner} may audit, renew, put, list and read its shards; "
+                f"{type(request).__name__} is refused",
+            )
+        await self._check_certificate(self.delegation, delegate=self.peer)
+
+    async def _delegate(self, request: messages.Delegate) -> None:
+        if self.delegation is not None:
+            raise _Refusal(
+                RefusalCode.BAD_REQUEST,
+                f"this session acts for node {self.delegation.owner.hex()} already",
+            )
+        try:
+            certificate = delegation.open_certificate(request.certificate)
+        except IntegrityError as error:
+            raise _Refusal(RefusalCode.FORBIDDEN, str(error)) from None
+        await self._check_certificate(certificate, delegate=self.peer)
+        self.delegation = certificate
+        self.owner = certificate.owner
+        log.info("%s acts as a delegate of %s", self.peer_name, certificate.owner.hex()[:16])
+        await self._send(messages.Delegated(certificate.owner, certificate.expiry))
+
+    async def _revoke_delegate(self, request: messages.RevokeDelegate) -> None:
+        await self._call(self.host.revoke_delegate, self.owner, request.delegate, request.before)
+        if request.delegate == self.server.identity.node_id:
+            # This node is the delegate dropped: the grant goes too.
+            await self._call(self.host.drop_grant, self.owner)
+        await self._send(messages.DelegateRevoked())
+
+    async def _get_repair_log(self, _request: messages.GetRepairLog) -> None:
+        if self.server.repair_log is None:
+            raise _Refusal(RefusalCode.BAD_REQUEST, "this node keeps no repair logs")
+        try:
+            data = await trio.to_thread.run_sync(self.server.repair_log, self.owner)
+        except P2PBackupError as error:
+            raise _Refusal(RefusalCode.INTERNAL, f"could not read the log: {error}") from None
+        await self._send(messages.RepairLogData(data))
+
+    async def _put_grant(self, request: messages.PutGrant) -> None:
+        self._check_admitted()
+        me = self.server.identity.node_id
+        try:
+            grant = delegation.open_grant(request.grant, owner=self.owner)
+            certificate = delegation.open_certificate(request.certificate)
+            if certificate.owner != self.owner:
+                raise DelegationError(
+                    f"the certificate is of node {certificate.owner.hex()}, not of the sender"
+                )
+        except IntegrityError as error:
+            raise _Refusal(RefusalCode.FORBIDDEN, str(error)) from None
+        await self._check_certificate(certificate, delegate=me)
+        held = await self._call(
+            self.host.put_grant, self.owner, grant.sequence, request.grant, request.certificate
+        )
+        assert isinstance(held, int)
+        if held != grant.sequence:
+            raise _Refusal(
+                RefusalCode.CONFLICT,
+                f"holds a grant of sequence {held}, newer than {grant.sequence}",
+            )
+        await self._send(messages.GrantStored(held))
 
     # -- requests ---------------------------------------------------------------
 

@@ -40,6 +40,13 @@ Nouns:
   the root record of one owner, deleted at its request (it is leaving).
 * **root record** — one owner's opaque mutable bytes (at most 1 MiB), replaced
   whole and atomically.
+* **revocation** — an owner's word that this host must refuse its delegation
+  certificates for one delegate issued before a time (docs/delegation.md);
+  the latest time asked for is kept.
+* **held grant** — a repair grant and certificate an owner handed this node
+  as its delegate (both sealed, as received and already checked by the
+  server), with the grant's sequence: a grant replaces only one of a lower
+  sequence. Revoking this node as a delegate drops it.
 * **usage** — what an owner is charged for: its shards plus its root record,
   each at its charge. The **owner quota** bounds each owner's usage, the
   **capacity** all owners' together; either may be None (no bound but the
@@ -178,6 +185,8 @@ TMP_DIR = "tmp"
 MAX_BLOCKS = 1 << 16
 #: Most shards one owner may keep here (module docstring, "charge").
 MAX_SHARDS_PER_OWNER = 1 << 20
+#: Revocations one owner may keep here (each a row; a node bounds them all).
+MAX_REVOCATIONS_PER_OWNER = 1024
 #: The lease of an adopted shard: at least the 365 days p2pbackup owners ask.
 ADOPTED_LEASE_SECONDS = 366 * 24 * 3600
 
@@ -201,7 +210,40 @@ CREATE TABLE shards (
 ) WITHOUT ROWID;
 CREATE INDEX shards_by_expiry ON shards (lease_expiry);
 """
+#: Tables added to version 1 without a new version (nothing older reads
+#: them, and a database without them gains them on open).
+_DELEGATION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS revoked_delegates (
+    owner BLOB NOT NULL,
+    delegate BLOB NOT NULL,
+    revoked_before INTEGER NOT NULL,
+    PRIMARY KEY (owner, delegate)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS held_grants (
+    owner BLOB PRIMARY KEY,
+    sequence INTEGER NOT NULL,
+    grant_data BLOB NOT NULL,
+    certificate BLOB NOT NULL,
+    received_at INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
 _COLUMNS = "shard_id, size, block_size, merkle_root, stored_at, lease_expiry"
+
+
+@attrs.frozen
+class HeldGrant:
+    """A repair grant an owner handed this node (module docstring, "held grant")."""
+
+    owner: bytes = attrs.field(repr=bytes.hex)
+    sequence: int
+    grant: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
+    certificate: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
+    received_at: int
+
+    @classmethod
+    def from_row(cls, row: tuple[bytes, int, bytes, bytes, int]) -> HeldGrant:
+        owner, sequence, grant, certificate, received_at = row
+        return cls(bytes(owner), int(sequence), bytes(grant), bytes(certificate), received_at)
 
 
 class ShardConflictError(StoreError):
@@ -840,6 +882,9 @@ class ShardHost:
                 break
         with self._lock:
             self._check_open()
+            with self._transaction() as db:
+                db.execute("DELETE FROM held_grants WHERE owner = ?", (owner,))
+                db.execute("DELETE FROM revoked_delegates WHERE owner = ?", (owner,))
             had_root = self._root_sizes.pop(owner, None) is not None
             unlink_quietly(self._root_path(owner))
             # The owner's directories, now empty (an upload still in
@@ -941,6 +986,93 @@ class ShardHost:
             return None
         except OSError as error:
             raise store_error("read", path, error) from error
+
+    # -- delegation ------------------------------------------------------------------------
+
+    def revoke_delegate(self, owner: bytes, delegate: bytes, before: int) -> None:
+        """Refuse ``owner``'s certificates for ``delegate`` issued before
+        ``before`` from now on (a later time than one already kept wins)."""
+        _check_owner(owner)
+        _check_owner(delegate)
+        with self._lock:
+            self._check_open()
+            with self._transaction() as db:
+                (count,) = db.execute(
+                    "SELECT count(*) FROM revoked_delegates WHERE owner = ? AND delegate != ?",
+                    (owner, delegate),
+                ).fetchone()
+                if count >= MAX_REVOCATIONS_PER_OWNER:
+                    raise StoreFullError(
+                        f"an owner keeps at most {MAX_REVOCATIONS_PER_OWNER} revocations here"
+                    )
+                db.execute(
+                    "INSERT INTO revoked_delegates (owner, delegate, revoked_before)"
+                    " VALUES (?, ?, ?) ON CONFLICT (owner, delegate) DO UPDATE"
+                    " SET revoked_before = max(revoked_before, excluded.revoked_before)",
+                    (owner, delegate, before),
+                )
+
+    def revoked_before(self, owner: bytes, delegate: bytes) -> int:
+        """Certificates of ``owner`` for ``delegate`` issued before this are
+        revoked (0: none is)."""
+        with self._lock:
+            self._check_open()
+            row = self._db.execute(
+                "SELECT revoked_before FROM revoked_delegates WHERE owner = ? AND delegate = ?",
+                (owner, delegate),
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def put_grant(self, owner: bytes, sequence: int, grant: bytes, certificate: bytes) -> int:
+        """Keep ``owner``'s grant unless one of a higher sequence is held; the
+        sequence held afterwards. An equal sequence renews the certificate."""
+        _check_owner(owner)
+        if len(grant) > MAX_ROOT_SIZE:
+            raise StoreRequestError(f"a grant of {len(grant)} bytes is over the limit")
+        with self._lock:
+            self._check_open()
+            with self._transaction() as db:
+                row = db.execute(
+                    "SELECT sequence FROM held_grants WHERE owner = ?", (owner,)
+                ).fetchone()
+                if row is not None and int(row[0]) > sequence:
+                    return int(row[0])
+                db.execute(
+                    "INSERT OR REPLACE INTO held_grants"
+                    " (owner, sequence, grant_data, certificate, received_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (owner, sequence, grant, certificate, self._now()),
+                )
+        return sequence
+
+    def held_grant(self, owner: bytes) -> HeldGrant | None:
+        """The grant ``owner`` handed this node, if any."""
+        with self._lock:
+            self._check_open()
+            row = self._db.execute(
+                "SELECT owner, sequence, grant_data, certificate, received_at"
+                " FROM held_grants WHERE owner = ?",
+                (owner,),
+            ).fetchone()
+        return None if row is None else HeldGrant.from_row(row)
+
+    def held_grants(self) -> builtins.list[HeldGrant]:
+        """Every grant held here, by owner."""
+        with self._lock:
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT owner, sequence, grant_data, certificate, received_at"
+                " FROM held_grants ORDER BY owner"
+            ).fetchall()
+        return [HeldGrant.from_row(row) for row in rows]
+
+    def drop_grant(self, owner: bytes) -> bool:
+        """Forget ``owner``'s grant; whether there was one."""
+        with self._lock:
+            self._check_open()
+            with self._transaction() as db:
+                removed = db.execute("DELETE FROM held_grants WHERE owner = ?", (owner,)).rowcount
+        return bool(removed)
 
     # -- usage -----------------------------------------------------------------------------
 
@@ -1065,6 +1197,11 @@ class ShardHost:
 
     def _now(self) -> int:
         return int(self._clock())
+
+    def now(self) -> int:
+        """The host's clock, in unix seconds: what leases and certificates
+        are checked against."""
+        return self._now()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1236,6 +1373,30 @@ def usage_by_owner(root: Path) -> dict[bytes, int]:
     return {bytes(owner): int(size) for owner, size in rows}
 
 
+def read_held_grants(root: Path) -> builtins.list[HeldGrant]:
+    """The grants held under ``root``, read without opening the host (a
+    running node holds it); empty if there are none."""
+    path = root / DB_NAME
+    if not path.exists():
+        return []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = db.execute(
+                "SELECT owner, sequence, grant_data, certificate, received_at"
+                " FROM held_grants ORDER BY owner"
+            ).fetchall()
+        finally:
+            db.close()
+    except sqlite3.OperationalError as error:
+        if "no such table" in str(error):
+            return []  # a database no version with grants has opened
+        raise StoreError(f"cannot read the shard host database {path}: {error}") from error
+    except sqlite3.Error as error:
+        raise StoreError(f"cannot read the shard host database {path}: {error}") from error
+    return [HeldGrant.from_row(row) for row in rows]
+
+
 def _open_db(path: Path, *, before_create: Callable[[], None]) -> tuple[sqlite3.Connection, bool]:
     """The open database, and whether it was made now (``before_create``
     runs first, and may refuse by raising)."""
@@ -1266,6 +1427,8 @@ def _open_db(path: Path, *, before_create: Callable[[], None]) -> tuple[sqlite3.
                 f"the shard host database {path} has schema version {version}; "
                 f"this p2pbackup reads version {SCHEMA_VERSION}"
             )
+        for statement in filter(str.strip, _DELEGATION_SCHEMA.split(";")):
+            db.execute(statement)
         db.execute("PRAGMA journal_mode = WAL")
         # FULL: a committed row survives power loss, so an acknowledged put does.
         db.execute("PRAGMA synchronous = FULL")

@@ -19,6 +19,11 @@ Nouns:
   (:class:`~p2pbackup.wire.relay.Route`). The node must still prove its id
   in the handshake wherever it is found, so a locator can point to the wrong
   place but never to the wrong node.
+* **delegated store** — a remote store made with a delegation
+  ``certificate``: every connection opens with ``Delegate``, so that its
+  requests reach the certificate's owner's namespace, signed by this node
+  as the owner's delegate (docs/delegation.md). The node answers only
+  audits, renewals, puts, reads and usage on such a connection.
 * **route** — where the store dials now: the address on record, or what the
   locator found. A route through a relay serves the store for its life but
   is not written back as the node's address (the next store tries the
@@ -103,8 +108,12 @@ class RemoteShardStore:
         lease_seconds: int = DEFAULT_LEASE_SECONDS,
         locate: Locator | None = None,
         moved: Callable[[Address], None] | None = None,
+        certificate: bytes | None = None,
     ) -> None:
         self.network = network
+        #: A sealed delegation certificate every connection presents first
+        #: (None: the store is ours).
+        self.certificate = certificate
         self.identity = identity
         self.address = address
         self.route = Route(address)
@@ -181,7 +190,26 @@ class RemoteShardStore:
         secure = await open_session(
             self.network, self.identity, route, self.node_id, timeout=self.connect_timeout
         )
-        return MessageChannel(secure)
+        channel = MessageChannel(secure)
+        if self.certificate is not None:
+            await self._delegate(channel)
+        return channel
+
+    async def _delegate(self, channel: MessageChannel) -> None:
+        """Present the certificate on a new connection; a refusal is a StoreError."""
+        assert self.certificate is not None
+        request = messages.Delegate(self.certificate)
+        try:
+            with trio.fail_after(self.io_timeout):
+                await channel.send(request)
+                self._answer(await channel.receive(), messages.Delegated, request)
+        except BaseException as error:
+            await trio.aclose_forcefully(channel.stream)
+            if isinstance(error, trio.TooSlowError):
+                raise PeerUnavailableError(f"{self.name}: no answer to the delegation") from None
+            if isinstance(error, (ProtocolError, IntegrityError, trio.BrokenResourceError)):
+                raise PeerUnavailableError(f"{self.name}: {error}") from None
+            raise
 
     async def _exchange(self, operation: Callable[[MessageChannel], Awaitable[_T]]) -> _T:
         """Run one request's exchange on a connection from the pool (or a new one).
@@ -397,6 +425,22 @@ class RemoteShardStore:
         signature = crypto.sign(self.identity.signing_seed, statement)
         answer = await self._request(messages.DeleteAll(signature), messages.AllDeleted)
         return answer.shards, answer.root
+
+    async def revoke_delegate(self, delegate: bytes, before: int) -> None:
+        """Tell the node to refuse our certificates for ``delegate`` issued
+        before ``before`` (unix seconds)."""
+        await self._request(messages.RevokeDelegate(delegate, before), messages.DelegateRevoked)
+
+    async def put_grant(self, grant: bytes, certificate: bytes) -> int:
+        """Hand the node, our delegate, a sealed grant and certificate; the
+        grant sequence it holds now."""
+        answer = await self._request(messages.PutGrant(grant, certificate), messages.GrantStored)
+        return answer.sequence
+
+    async def get_repair_log(self) -> bytes | None:
+        """The sealed repair log the node, our delegate, keeps for us (None: none)."""
+        answer = await self._request(messages.GetRepairLog(), messages.RepairLogData)
+        return answer.data
 
     async def notify_leaving(self) -> bool:
         """Tell the node, an owner whose shards we store, that we are leaving

@@ -47,6 +47,20 @@ Exchanges (C = client, S = server)::
     DeleteAll   → AllDeleted | Refused
     Leaving     → Noted | Refused
     DialBack    → DialBackResult (S dialled each address) | Refused
+    Delegate    → Delegated | Refused
+    RevokeDelegate → DelegateRevoked | Refused
+    PutGrant    → GrantStored | Refused
+    GetRepairLog → RepairLogData | Refused
+
+Delegation (docs/delegation.md): a delegate opens its session to a
+storage node with ``Delegate(certificate)``; once ``Delegated``, the
+session acts for the certificate's owner, and only audits, lease renewals,
+puts, reads, presence checks and usage are answered, each after the
+certificate is checked again (expiry, revocation). ``RevokeDelegate`` is an
+owner telling a node to refuse certificates it issued for one delegate
+before a time; ``PutGrant`` an owner handing its delegate a repair grant
+and a fresh certificate; ``GetRepairLog`` an owner asking its delegate
+what it changed (a repair log signed by the delegate, or none).
 
 ``DeleteAll`` is an owner forgetting itself on a host: every shard and the
 root record, in one signed request (``p2pbackup leave``). ``Leaving`` goes
@@ -131,6 +145,10 @@ MAX_ADDRESS_TEXT = 262
 CIRCUIT_ID_SIZE = 16
 #: Longest keepalive interval a relay may ask for.
 MAX_KEEPALIVE_SECONDS = 3600
+#: A sealed delegation certificate (about 200 bytes) and a sealed repair
+#: grant (about 400 bytes a pack at n = 10: some 2 500 packs fit).
+MAX_CERTIFICATE_SIZE = 1024
+MAX_GRANT_SIZE = MAX_ROOT_SIZE
 
 #: Width of a frame's length prefix.
 LENGTH_PREFIX_SIZE = 4
@@ -148,7 +166,9 @@ class RefusalCode(enum.IntEnum):
     NOT_FOUND = 2
     #: Over the owner's quota or out of disk.
     FULL = 3
-    #: A signature that does not verify, or a shard of another owner.
+    #: A signature that does not verify, or a shard of another owner; a
+    #: delegation certificate that grants nothing here, or a request a
+    #: delegate may not make (docs/delegation.md).
     FORBIDDEN = 4
     #: A different shard is already stored under that id.
     CONFLICT = 5
@@ -270,6 +290,37 @@ class DeleteAll:
 @attrs.frozen
 class Leaving:
     """The caller, which stores shards for the receiver, is leaving the network."""
+
+
+@attrs.frozen
+class Delegate:
+    """Act for the owner of ``certificate`` (a sealed delegation certificate
+    naming the caller as delegate) for the rest of this session."""
+
+    certificate: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
+
+
+@attrs.frozen
+class RevokeDelegate:
+    """Refuse, from now on, the caller's certificates for node ``delegate``
+    issued before ``before`` (unix seconds, the caller's clock)."""
+
+    delegate: bytes
+    before: int
+
+
+@attrs.frozen
+class PutGrant:
+    """Keep the caller's repair ``grant`` (sealed) and the ``certificate``
+    that lets the receiver act on it; a grant replaces one of lower sequence."""
+
+    grant: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
+    certificate: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
+
+
+@attrs.frozen
+class GetRepairLog:
+    """The repair log the receiver, the caller's delegate, keeps for it."""
 
 
 # Relay requests (docs/protocol.md, "Relays").
@@ -437,6 +488,34 @@ class DialBackResult:
 
 
 @attrs.frozen
+class Delegated:
+    """The session acts for node ``owner`` now, until ``expiry`` at most."""
+
+    owner: bytes
+    expiry: int
+
+
+@attrs.frozen
+class DelegateRevoked:
+    """The revocation is recorded."""
+
+
+@attrs.frozen
+class GrantStored:
+    """The receiver holds the caller's grant of sequence ``sequence``."""
+
+    sequence: int
+
+
+@attrs.frozen
+class RepairLogData:
+    """A sealed repair log, or None if the delegate has repaired nothing for
+    the caller (or is none of its delegates)."""
+
+    data: bytes | None = attrs.field(repr=lambda data: "None" if data is None else "<log>")
+
+
+@attrs.frozen
 class RelayReserved:
     """The reservation holds while a :class:`RelayPing` comes at least every
     ``keepalive`` seconds."""
@@ -501,6 +580,14 @@ Message: TypeAlias = (
     | Refused
     | DialBack
     | DialBackResult
+    | Delegate
+    | Delegated
+    | RevokeDelegate
+    | DelegateRevoked
+    | PutGrant
+    | GrantStored
+    | GetRepairLog
+    | RepairLogData
     | RelayReserve
     | RelayConnect
     | RelayAccept
@@ -541,6 +628,10 @@ REQUEST_TYPES: tuple[type[Message], ...] = (
     DeleteAll,
     Leaving,
     DialBack,
+    Delegate,
+    RevokeDelegate,
+    PutGrant,
+    GetRepairLog,
     *RELAY_REQUEST_TYPES,
 )
 #: Messages that answer one.
@@ -560,6 +651,10 @@ RESPONSE_TYPES: tuple[type[Message], ...] = (
     Noted,
     Refused,
     DialBackResult,
+    Delegated,
+    DelegateRevoked,
+    GrantStored,
+    RepairLogData,
     *RELAY_RESPONSE_TYPES,
 )
 #: Every message class: requests, the piece, responses.
@@ -905,6 +1000,23 @@ _SPECS: tuple[_Spec, ...] = (
         1,
         _Fields.of(DialBackResult, reachable=_Array(_Bool(), 1, MAX_DIAL_BACK_ADDRESSES)),
     ),
+    # Delegation (docs/delegation.md); 0x0F + 0x40 is Refused, so it is skipped.
+    _Spec(0x0E, 1, _Fields.of(Delegate, certificate=_Bytes(1, MAX_CERTIFICATE_SIZE))),
+    _Spec(0x4E, 1, _Fields.of(Delegated, owner=_NODE_ID, expiry=_UNIX_TIME)),
+    _Spec(0x10, 1, _Fields.of(RevokeDelegate, delegate=_NODE_ID, before=_UNIX_TIME)),
+    _Spec(0x50, 1, _Fields.of(DelegateRevoked)),
+    _Spec(
+        0x11,
+        1,
+        _Fields.of(
+            PutGrant,
+            grant=_Bytes(1, MAX_GRANT_SIZE),
+            certificate=_Bytes(1, MAX_CERTIFICATE_SIZE),
+        ),
+    ),
+    _Spec(0x51, 1, _Fields.of(GrantStored, sequence=_Int(0, MAX_UINT))),
+    _Spec(0x12, 1, _Fields.of(GetRepairLog)),
+    _Spec(0x52, 1, _Fields.of(RepairLogData, data=_Optional(_Bytes(1, MAX_GRANT_SIZE)))),
     _Spec(0x18, 1, _Fields.of(RelayReserve)),
     _Spec(0x19, 1, _Fields.of(RelayConnect, node_id=_NODE_ID)),
     _Spec(0x1A, 1, _Fields.of(RelayAccept, circuit=_CIRCUIT_ID)),

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import attrs
 
+from .cli_helpers import CLI, base_env
+
 PUBLIC_NODE = "11.20.30.100"
 ROUTER1_WAN, ROUTER1_LAN, HOME_A = "11.20.30.1", "192.168.1.1", "192.168.1.20"
 ROUTER2_WAN, ROUTER2_LAN, HOME_B = "11.20.30.2", "192.168.2.1", "192.168.2.20"
@@ -128,6 +130,19 @@ class Lab:
         done = subprocess.run(self.command(role, *argv), capture_output=True, text=True)
         if check and done.returncode != 0:
             raise RuntimeError(f"{role}: {' '.join(argv)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def cli(self, role: str, home: Path, *args: str | os.PathLike[str]) -> str:
+        """A p2pbackup command of ``home``, run inside ``role``'s namespace,
+        which must succeed without a traceback; its output."""
+        done = subprocess.run(
+            self.command(role, *CLI, "--home", home, *args),
+            capture_output=True,
+            text=True,
+            env=base_env(),
+            timeout=120,
+        )
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (done.stdout, done.stderr)
         return done.stdout
 
     def start(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,18 +123,6 @@ NODE_V4, CLIENT_V4 = "10.77.0.1", "10.77.0.2"
 NODE_V6, CLIENT_V6 = "fd77::1", "fd77::2"
 
 
-def _cli(lab: Lab, role: str, home: Path, *args: str | Path) -> str:
-    done = subprocess.run(
-        lab.command(role, *CLI, "--home", home, *args),
-        capture_output=True,
-        text=True,
-        env=base_env(),
-        timeout=120,
-    )
-    assert done.returncode == 0 and "Traceback" not in done.stderr, (done.stdout, done.stderr)
-    return done.stdout
-
-
 @pytest.mark.slow
 def test_serve_by_default_publishes_and_serves_both_families(
     two_hosts: Lab, tmp_path: Path
@@ -165,17 +152,17 @@ def test_serve_by_default_publishes_and_serves_both_families(
             tmp_path / f"{family}.key",
             home=client,
         )
-        _cli(lab, "client", client, "peer", "add", address, node_id)
+        lab.cli("client", client, "peer", "add", address, node_id)
         folders = [tmp_path / f"folder-{family}-{i}" for i in range(2)]
         for folder in folders:
             folder.mkdir()
-            _cli(lab, "client", client, "peer", "add-dir", folder)
-        snapshot = _cli(lab, "client", client, "backup", source).splitlines()[-1]
+            lab.cli("client", client, "peer", "add-dir", folder)
+        snapshot = lab.cli("client", client, "backup", source).splitlines()[-1]
         # Every pack has a shard on each of the three peers. The folders' shards
         # gone, the restore reads the node's, over this family.
         for folder in folders:
             shutil.rmtree(folder)
         target = tmp_path / f"out-{family}"
-        _cli(lab, "client", client, "restore", snapshot, "--target", target)
+        lab.cli("client", client, "restore", snapshot, "--target", target)
         restored = [p for p in target.rglob("a.bin")]
         assert len(restored) == 1 and restored[0].read_bytes() == (source / "a.bin").read_bytes()

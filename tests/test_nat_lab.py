@@ -53,28 +53,15 @@ def _home(tmp_path: Path, name: str) -> Path:
     return home
 
 
-def _in(lab: Lab, role: str, home: Path, *args: str) -> str:
-    """A command of ``home``, run inside ``role``'s namespace; its output."""
-    done = subprocess.run(
-        lab.command(role, *CLI, "--home", home, *args),
-        capture_output=True,
-        text=True,
-        env=base_env(),
-        timeout=120,
-    )
-    assert done.returncode == 0 and "Traceback" not in done.stderr, (done.stdout, done.stderr)
-    return done.stdout
-
-
 def _invite(lab: Lab, role: str, home: Path, *addresses: str) -> str:
     options = [item for address in addresses for item in ("--address", address)]
-    return _in(lab, role, home, "invite", *options).splitlines()[-1]
+    return lab.cli(role, home, "invite", *options).splitlines()[-1]
 
 
 def _befriend(lab: Lab, a: tuple[str, Path, str], b: tuple[str, Path, str]) -> None:
     """Each adds the other's invite code, from inside its own namespace."""
-    _in(lab, a[0], a[1], "friend", "add", b[2])
-    _in(lab, b[0], b[1], "friend", "add", a[2])
+    lab.cli(a[0], a[1], "friend", "add", b[2])
+    lab.cli(b[0], b[1], "friend", "add", a[2])
 
 
 def _serve(
@@ -98,6 +85,25 @@ def _serve(
     return process, log
 
 
+def _serve_all(
+    lab: Lab, public: Path, home_a: Path, home_b: Path
+) -> tuple[subprocess.Popen[bytes], Path, subprocess.Popen[bytes], Path, Path]:
+    """The public node, then homes A and B joining the DHT through it, each
+    listening on every interface with no flag about NAT: the public node's
+    process and log, A's, and B's log."""
+    public_node, public_log = _serve(lab, "pub", public, f"{PUBLIC_NODE}:{PORT}")
+    wait_for(
+        lambda: "serving on" in public_log.read_text(),
+        timeout=60,
+        what="the public node started",
+        logs=[public_log],
+    )
+    bootstrap = ("--bootstrap", f"{PUBLIC_NODE}:{PORT}")
+    node_a, log_a = _serve(lab, "homea", home_a, f"0.0.0.0:{PORT}", *bootstrap)
+    _, log_b = _serve(lab, "homeb", home_b, f"0.0.0.0:{PORT}", *bootstrap)
+    return public_node, public_log, node_a, log_a, log_b
+
+
 def test_a_mapped_home_is_reached_directly_and_an_unmapped_one_says_why(
     lab: Lab, tmp_path: Path
 ) -> None:
@@ -108,16 +114,7 @@ def test_a_mapped_home_is_reached_directly_and_an_unmapped_one_says_why(
     _befriend(lab, ("pub", public, public_code), ("homea", home_a, code_a))
     _befriend(lab, ("pub", public, public_code), ("homeb", home_b, code_b))
 
-    _, public_log = _serve(lab, "pub", public, f"{PUBLIC_NODE}:{PORT}")
-    wait_for(
-        lambda: "serving on" in public_log.read_text(),
-        timeout=60,
-        what="the public node started",
-        logs=[public_log],
-    )
-    bootstrap = ("--bootstrap", f"{PUBLIC_NODE}:{PORT}")
-    node_a, log_a = _serve(lab, "homea", home_a, f"0.0.0.0:{PORT}", *bootstrap)
-    _, log_b = _serve(lab, "homeb", home_b, f"0.0.0.0:{PORT}", *bootstrap)
+    _, public_log, node_a, log_a, log_b = _serve_all(lab, public, home_a, home_b)
     logs = [log_a, log_b, public_log, lab.root / "miniupnpd.log"]
 
     wait_for(
@@ -247,17 +244,8 @@ def test_two_homes_behind_nat_back_up_to_each_other_and_survive_the_public_frien
     _befriend(lab, ("pub", public, public_code), ("homeb", home_b, code_b))
     _befriend(lab, ("homea", home_a, code_a), ("homeb", home_b, code_b))
 
-    public_node, public_log = _serve(lab, "pub", public, f"{PUBLIC_NODE}:{PORT}")
-    wait_for(
-        lambda: "serving on" in public_log.read_text(),
-        timeout=60,
-        what="the public node started",
-        logs=[public_log],
-    )
-    bootstrap = ("--bootstrap", f"{PUBLIC_NODE}:{PORT}")
-    _, log_a = _serve(lab, "homea", home_a, f"0.0.0.0:{PORT}", *bootstrap)
     # B is not told it sits behind NAT: its failed dial-back turns its relays on.
-    _, log_b = _serve(lab, "homeb", home_b, f"0.0.0.0:{PORT}", *bootstrap)
+    public_node, public_log, _, log_a, log_b = _serve_all(lab, public, home_a, home_b)
     logs = [log_a, log_b, public_log]
     wait_for(
         lambda: f"reachable directly at {ROUTER1_WAN}:{PORT}" in log_a.read_text(),
@@ -275,14 +263,14 @@ def test_two_homes_behind_nat_back_up_to_each_other_and_survive_the_public_frien
     trees = {"a": _tree(tmp_path / "src-a", "alice"), "b": _tree(tmp_path / "src-b", "bob")}
     snapshot = {}
     for name, role, home in (("a", "homea", home_a), ("b", "homeb", home_b)):
-        out = _in(lab, role, home, "backup", str(tmp_path / f"src-{name}"))
+        out = lab.cli(role, home, "backup", str(tmp_path / f"src-{name}"))
         snapshot[name] = out.splitlines()[-1]
 
     public_node.kill()
     public_node.wait(timeout=30)
     for name, role, home in (("a", "homea", home_a), ("b", "homeb", home_b)):
         target = tmp_path / f"out-{name}"
-        _in(lab, role, home, "restore", snapshot[name], "--target", str(target))
+        lab.cli(role, home, "restore", snapshot[name], "--target", str(target))
         restored = {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()}
         assert restored == trees[name], sorted(restored)
 

@@ -307,7 +307,7 @@ class Status:
         node = self.node
         where = ", ".join(node.addresses) if node.addresses else "not serving"
         lines = [
-            f"node {node.node_id} ({where}); keeps {node.hosting_bytes} bytes for others; "
+            f"node {node.node_id} ({where}); keeps {human_bytes(node.hosting_bytes)} for others; "
             f"offers {_bound(node.capacity)} in all, {_bound(node.per_friend)} to each peer",
         ]
         for peer in self.peers:

@@ -358,6 +358,10 @@ async def test_a_peer_reached_through_a_relay_shows_relayed(
     assert f"node, relayed by {r.node_id.hex()[:16]} at {r_address}" in page
     assert f"node, direct: {direct.address}" in page
     assert 'id="relay"' in page and "relay for friends" in page
+    # A peer the user named shows by its name.
+    named = {**report, "peers": [{**report["peers"][0], "name": "alice"}, *report["peers"][1:]]}
+    first = report["peers"][0]["peer_id"]
+    assert f">alice ({first[:16]})</span>" in pages.peers_page("token", named, None, None)
 
 
 def test_status_says_the_last_backup_and_under_serve_the_next_and_the_last_failure() -> None:

@@ -159,7 +159,7 @@ def peers_page(token: str, status: JSON, invite: str | None, qr: str | None) -> 
         state = "online" if p["online"] else f"offline ({p['problem']})"
         rows.append(
             [
-                f'<span title="{e(p["peer_id"])}">{e(p["peer_id"][:16])}</span>'
+                f'<span title="{e(p["peer_id"])}">{e(_peer_label(p))}</span>'
                 + (" (friend)" if p["is_friend"] else ""),
                 e(_where(p)),
                 f'<span class="{"good" if p["online"] else "bad"}">{e(state)}</span>',
@@ -314,7 +314,7 @@ def activity_page(
         ["Peer", "Last audit", "Score", "Last failure", "Repairs"],
         [
             [
-                e(p["peer_id"][:16]),
+                e(_peer_label(p)),
                 e(when(p["last_audit"])),
                 "" if p["audit_score"] is None else e(f"{p['audit_score']:.2f}"),
                 e(p["audit_failure"]),
@@ -336,6 +336,12 @@ def activity_page(
 
 
 # -- settings ------------------------------------------------------------------------------
+
+
+def _peer_label(peer: JSON) -> str:
+    """A peer as the pages name it: its name, with its id's start."""
+    short = str(peer["peer_id"])[:16]
+    return f"{peer['name']} ({short})" if peer.get("name") else short
 
 
 def settings_page(token: str, path: str, text: str, summary: Sequence[str], error: str) -> str:

@@ -163,3 +163,38 @@ async def test_expired_shards_are_collected_again_after_a_failure(
             nursery.cancel_scope.cancel()
     assert "deleting shards whose lease expired failed; trying again in an hour" in caplog.text
     assert "removed 3 shards whose lease expired" in caplog.text
+
+
+async def test_the_clock_serve_is_given_is_the_shard_hosts_and_the_dhts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A simulation passes a virtual clock: leases and DHT records must age
+    # by it, not by the machine's.
+    setup = await make_setup(tmp_path, k=1, n=2)
+    options = daemon.ServeOptions(listen=Address("me", 1))
+    opened = ShardHost.open
+    clocks = []
+
+    def open_host(root: Path, **kwargs: object) -> ShardHost:
+        clocks.append(kwargs.get("clock"))
+        return opened(root, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ShardHost, "open", open_host)
+
+    def clock() -> float:
+        return 2_500_000_000.0
+
+    async with trio.open_nursery() as nursery:
+        serving = await nursery.start(
+            functools.partial(
+                daemon.serve,
+                setup.home,
+                options,
+                network=MemoryNetwork().interface("me"),
+                clock=clock,
+            )
+        )
+        assert serving.discovery is not None
+        assert serving.discovery.node.wall_clock is clock
+        nursery.cancel_scope.cancel()
+    assert clocks == [clock]

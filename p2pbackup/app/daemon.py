@@ -187,8 +187,10 @@ async def serve(
     node's roles side by side: discovery, reachability (port mapping and
     dial-back, :func:`_start_reachability`), the scheduled backups, the
     maintenance of our backups (:func:`run_maintenance`), the control
-    socket. How it stops: :func:`_stopping`. ``clock`` (unix seconds) and
-    ``rng`` (default: the system's) are the maintenance's."""
+    socket. How it stops: :func:`_stopping`. ``clock`` (unix seconds) is the
+    node's: the maintenance's, the shard host's leases and the DHT records'
+    ages (the simulator passes a virtual one); ``rng`` (default: the
+    system's) is the maintenance's."""
     network = network if network is not None else TcpNetwork()
     home.require()
     config = load_config(home.config_path)  # a bad config stops serve before it starts
@@ -197,8 +199,8 @@ async def serve(
         identity = node_identity(home)
         published = PublishedAddresses()
         async with (
-            _open_storage(home, options, identity, network, published) as storage,
-            _join_dht(home, options, identity, network, storage.address.port) as discovery,
+            _open_storage(home, options, identity, network, published, clock) as storage,
+            _join_dht(home, options, identity, network, storage.address.port, clock) as discovery,
             trio.open_nursery() as roles,
         ):
             published.discovery = discovery
@@ -313,6 +315,7 @@ async def _open_storage(
     identity: Identity,
     network: Network,
     published: PublishedAddresses,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[_Storage]:
     """The home's shard host, and a storage server answering peers from it on
     ``options.listen``; shards whose lease ran out are deleted every hour. The
@@ -327,6 +330,7 @@ async def _open_storage(
             capacity=options.capacity,
             owner_quota=options.owner_quota,
             spare=friends.ids(),
+            clock=clock,
         )
     )
     try:
@@ -350,7 +354,12 @@ async def _open_storage(
 
 @contextlib.asynccontextmanager
 async def _join_dht(
-    home: Home, options: ServeOptions, identity: Identity, network: Network, port: int
+    home: Home,
+    options: ServeOptions,
+    identity: Identity,
+    network: Network,
+    port: int,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Discovery]:
     """The node's DHT role (not yet running), on UDP at the storage server's
     ``port``; the addresses it will publish are written to the home for
@@ -358,7 +367,9 @@ async def _join_dht(
     advertised = advertised_addresses(options.listen, port, options.advertise)
     # UDP on the TCP port: one address (and one firewall rule) per node.
     dht_address = Address(options.listen.host, port)
-    async with dht.open_dht(network, dht_address, node_id=identity.node_id) as node:
+    async with dht.open_dht(
+        network, dht_address, node_id=identity.node_id, wall_clock=clock
+    ) as node:
         discovery = Discovery(
             node,
             identity,

@@ -81,6 +81,8 @@ THIRD_PARTY: Mapping[str, frozenset[str]] = {
     "segno": frozenset({"p2pbackup.ui.qr"}),
     # Dask runs the durability model's sweeps (an optional extra).
     "distributed": frozenset({"p2pbackup.sim.sweep"}),
+    # The simulator's plots (an optional extra).
+    "matplotlib": frozenset({"p2pbackup.sim.plots"}),
 }
 
 #: Standard-library modules confined like third-party ones.

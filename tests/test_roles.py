@@ -121,7 +121,8 @@ async def test_scheduled_backups_go_on_whatever_one_run_meets(
 
     monkeypatch.setattr(operations, "open_repository", failing_repository)
     schedule = BackupSchedule(paths=("/home/me",), interval=3600)
-    with trio.move_on_after(3600 * len(failures) - 1):
+    # Runs that fail are tried again after 10, 20, 40 minutes, then hourly.
+    with trio.move_on_after(600 + 1200 + 2400 + 3600 + 1):
         await daemon.run_scheduled_backups(
             Home(tmp_path), schedule, MemoryNetwork().interface("me")
         )
@@ -198,3 +199,33 @@ async def test_the_clock_serve_is_given_is_the_shard_hosts_and_the_dhts(
         assert serving.discovery.node.wall_clock is clock
         nursery.cancel_scope.cancel()
     assert clocks == [clock]
+
+
+def test_a_failed_scheduled_backup_is_tried_again_sooner_than_the_interval() -> None:
+    day = 86400.0
+    assert daemon.schedule_retry(0, day) == day
+    assert [daemon.schedule_retry(n, day) for n in (1, 2, 3)] == [600.0, 1200.0, 2400.0]
+    assert daemon.schedule_retry(9, day) == day  # never longer than the interval
+    assert daemon.schedule_retry(1, 300.0) == 300.0
+
+
+async def test_scheduled_backups_retry_a_failure_within_minutes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A laptop that wakes before its friends' machines: the first run finds
+    # no peer; the next must not wait a whole day.
+    started: list[float] = []
+
+    @contextlib.asynccontextmanager
+    async def no_peers(home: Home, *, network: Network) -> AsyncIterator[None]:
+        started.append(trio.current_time())
+        raise PeerUnavailableError("storing needs at least 3 peers; 0 usable")
+        yield
+
+    monkeypatch.setattr(operations, "open_repository", no_peers)
+    schedule = BackupSchedule(paths=("/home/me",), interval=86400)
+    with trio.move_on_after(3600):
+        await daemon.run_scheduled_backups(
+            Home(tmp_path), schedule, MemoryNetwork().interface("me")
+        )
+    assert started == [0.0, 600.0, 1800.0]

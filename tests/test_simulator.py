@@ -7,7 +7,9 @@ runs them, at the shipped scenarios' small sizes.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -15,7 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pbackup.errors import UsageError
+from p2pbackup.sim import report, world
 from p2pbackup.sim import scenario as sc
+
+from .cli_helpers import cli_error, cli_ok
 
 SIMULATIONS = Path(__file__).resolve().parent.parent / "simulations"
 SHIPPED = sorted(SIMULATIONS.glob("*.toml"))
@@ -153,3 +158,134 @@ def test_the_small_size_scales_every_day() -> None:
     small = s.small_size()
     assert (small.days, small.nodes.count) == (2.0, 4)
     assert small.faults[0] == attrs.evolve(s.faults[0], day=1.0, duration=0.8)
+
+
+# -- runs -----------------------------------------------------------------------------
+
+
+def run_small(name: str, out: Path, *extra: str) -> dict[str, Any]:
+    result = cli_ok(
+        "sim",
+        SIMULATIONS / f"{name}.toml",
+        "--small",
+        "--json",
+        "--out",
+        out,
+        *extra,
+        timeout=900,
+    )
+    summary: dict[str, Any] = json.loads(result.stdout)
+    assert set(report.SUMMARY_KEYS) <= set(summary)
+    return summary
+
+
+def events(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_the_circle_of_friends_restores_exactly_with_its_plots(tmp_path: Path) -> None:
+    summary = run_small("circle-of-friends", tmp_path)
+    assert summary["restore_exact"] is True and summary["packs_lost"] == 0
+    assert summary["packs"] > 0 and summary["snapshots"] >= summary["nodes"]
+    assert summary["audit_bytes"] > 0
+    for plot in ("redundancy.png", "traffic.png", "online.png"):
+        assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG")
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    # Machines sleep: fewer are up at night than by day.
+    online = figures["series"]["online"]
+    assert min(online) < max(online) == summary["nodes"]
+
+
+@pytest.mark.slow
+def test_a_disaster_loses_nodes_and_repair_rebuilds_what_they_held(tmp_path: Path) -> None:
+    summary = run_small("disaster", tmp_path)
+    assert summary["departed"] == round(0.3 * summary["nodes"])
+    assert summary["repair_bytes"] > 0
+    assert summary["packs_lost"] == 0 and summary["restore_exact"] is True
+
+
+@pytest.mark.slow
+def test_the_cheater_is_caught_and_disqualified(tmp_path: Path) -> None:
+    summary = run_small("cheater", tmp_path)
+    [cheat] = [e for e in events(tmp_path) if e["event"] == "cheat"]
+    assert summary["disqualified"] == cheat["nodes"]
+    assert summary["packs_lost"] == 0 and summary["restore_exact"] is True
+
+
+@pytest.mark.slow
+def test_a_partition_heals_and_nothing_is_lost(tmp_path: Path) -> None:
+    summary = run_small("partition", tmp_path)
+    kinds = [e["event"] for e in events(tmp_path)]
+    assert kinds.index("partition") < kinds.index("heal")
+    assert summary["packs_lost"] == 0 and summary["restore_exact"] is True
+
+
+@pytest.mark.slow
+def test_a_lost_home_is_recovered_from_its_key_while_friends_leave(tmp_path: Path) -> None:
+    summary = run_small("home-lost", tmp_path)
+    log = events(tmp_path)
+    [lost] = [e for e in log if e["event"] == "lose_home"]
+    [restored] = [e for e in log if e["event"] == "home_restored"]
+    assert restored["node"] == lost["node"] and restored["exact"] is True
+    assert any(e["event"] == "recovered" and e["packs_restorable"] > 0 for e in log)
+    assert summary["departed"] >= 2 and summary["restore_exact"] is True
+
+
+@pytest.mark.slow
+def test_the_neighbourhood_churns(tmp_path: Path) -> None:
+    summary = run_small("neighbourhood", tmp_path, "--seed", "3")
+    assert summary["seed"] == 3 and summary["virtual_days"] == 2
+    assert summary["restore_exact"] is True and summary["packs_lost"] == 0
+
+
+TINY = """
+version = 1
+name = "tiny"
+days = 1.5
+seed = 4
+[nodes]
+count = 5
+online_hours = 20
+[workload]
+owners = 2
+files = 6
+tree_kib = 96
+[repository]
+k = 2
+n = 4
+pack_kib = 64
+[[faults]]
+day = 0.6
+kind = "corrupt"
+nodes = [4]
+[[faults]]
+day = 1.0
+kind = "depart"
+nodes = [3]
+"""
+
+
+def test_one_scenario_and_seed_give_one_event_log_and_one_set_of_figures(
+    tmp_path: Path,
+) -> None:
+    scenario = sc.parse(TINY)
+    runs = []
+    for attempt in ("a", "b"):
+        outcome = world.run(scenario, tmp_path / attempt / "work", tmp_path / f"{attempt}.jsonl")
+        runs.append(
+            (
+                (tmp_path / f"{attempt}.jsonl").read_text(),
+                report.figures_document(outcome.summary, outcome.figures),
+            )
+        )
+    assert runs[0] == runs[1]
+    assert '"event": "corrupt"' in runs[0][0] and runs[0][1]["summary"]["restore_exact"]
+
+
+def test_a_bad_scenario_file_is_one_line_from_the_cli(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(MINIMAL.replace("count = 6", "count = 6\ncolour = 'blue'"))
+    message = cli_error("sim", path)
+    assert message.startswith(f"{path}: unknown key 'colour' in [nodes]")
+    assert cli_error("sim", tmp_path / "missing.toml").startswith("cannot read the scenario")

@@ -491,7 +491,8 @@ async def run_scheduled_backups(
     than the interval (a restarted ``serve`` waits for the rest of it).
 
     A run that cannot start (a backup from the command line holds the home)
-    or fails, even by a bug, is logged, and the next one comes at its time.
+    or fails, even by a bug, is logged, and tried again sooner than the
+    interval (:func:`schedule_retry`).
     After a run that completed, config.toml's ``[forget]`` policy, if any,
     is applied to the group of its snapshot (:func:`apply_scheduled_retention`).
     ``after_each`` is called when a run is over (the peers may have changed);
@@ -506,9 +507,11 @@ async def run_scheduled_backups(
         record.next_at = time.time() + wait
         log.info("scheduled backup: the last run was recent; the next in %.0f s", wait)
         await trio.sleep(wait)
+    failures = 0
     while True:
         started = trio.current_time()
         summary = None
+        completed = False
         record.last_started = time.time()
         record.next_at = record.last_started + schedule.interval
         try:
@@ -529,6 +532,7 @@ async def run_scheduled_backups(
             record.last_failed, record.last_error = time.time(), message or "a bug (see the log)"
             _log_failure("scheduled backup", error)
         else:
+            completed = True
             record.last_succeeded = time.time()
             log.info(
                 "scheduled backup saved snapshot %s: %s",
@@ -538,7 +542,25 @@ async def run_scheduled_backups(
         if summary is not None and forget is not None:
             await apply_scheduled_retention(home, network, forget, summary.snapshot_id)
         after_each()
-        await trio.sleep_until(started + schedule.interval)
+        failures = 0 if completed else failures + 1
+        wait = schedule_retry(failures, schedule.interval)
+        record.next_at = record.last_started + wait
+        await trio.sleep_until(started + wait)
+
+
+#: Seconds after a scheduled run that did not complete before the next try;
+#: the wait doubles with each such run in a row, up to the interval.
+FIRST_BACKUP_RETRY = 600.0
+
+
+def schedule_retry(failures: int, interval: float) -> float:
+    """Seconds from the start of a scheduled run to the next: the interval
+    after a run that completed (``failures`` 0); else sooner, since what
+    stopped it (friends' machines asleep or not yet up, a busy home) often
+    passes within minutes, and a day without a backup is a day at risk."""
+    if failures == 0:
+        return interval
+    return min(interval, FIRST_BACKUP_RETRY * 2.0 ** min(failures - 1, 64))
 
 
 async def run_maintenance(

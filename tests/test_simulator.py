@@ -194,7 +194,7 @@ def test_the_circle_of_friends_restores_exactly_with_its_plots(tmp_path: Path) -
     figures = json.loads((tmp_path / "figures.json").read_text())
     # Machines sleep: fewer are up at night than by day.
     online = figures["series"]["online"]
-    assert min(online) < max(online) == summary["nodes"]
+    assert min(online) < max(online) <= summary["nodes"]
 
 
 @pytest.mark.slow

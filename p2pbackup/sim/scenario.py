@@ -86,6 +86,8 @@ class Nodes:
     holiday_days: float = 14.0
     #: Nodes (not owners) that leave for good per 30 days, each replaced by a newcomer.
     churn_per_month: float = 0.0
+    #: Hours between a node's DHT refreshes (``serve``'s refresh period; 1 is its default).
+    dht_refresh_hours: float = 1.0
 
 
 @attrs.frozen
@@ -243,6 +245,9 @@ def _nodes(table: dict[str, Any]) -> Nodes:
         ),
         holiday_days=_number(f"{w} holiday_days", table.get("holiday_days", 14.0), 0),
         churn_per_month=_number(f"{w} churn_per_month", table.get("churn_per_month", 0.0), 0),
+        dht_refresh_hours=_number(
+            f"{w} dht_refresh_hours", table.get("dht_refresh_hours", 1.0), 0.1, 24 * 365
+        ),
     )
 
 

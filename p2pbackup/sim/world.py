@@ -424,7 +424,10 @@ class World:
 
     async def _serve(self, machine: Machine, scope: trio.CancelScope, stopped: trio.Event) -> None:
         options = daemon.ServeOptions(
-            listen=machine.address, bootstrap=self._bootstrap(machine), port_mapping=False
+            listen=machine.address,
+            bootstrap=self._bootstrap(machine),
+            port_mapping=False,
+            refresh_period=self.scenario.nodes.dht_refresh_hours * HOUR,
         )
         try:
             with scope:
@@ -621,6 +624,7 @@ class World:
 
     async def _lose_home(self, machine: Machine, after: float) -> None:
         await self.stop(machine)
+        self._note_owner(machine)
         self._keep_traffic(machine)
         files = len(machine.shard_files())
         shutil.rmtree(machine.home.path)

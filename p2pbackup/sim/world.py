@@ -641,21 +641,39 @@ class World:
         helpers = [m for m in self.machines if m.up and m is not machine]
         network = self.net.interface(machine.name)
         self.net.revive_host(machine.name)
-        try:
-            summary = await operations.recover(
-                machine.home,
-                machine.key,
-                [],
-                bootstrap=[m.address for m in helpers[:3]],
-                network=network,
-            )
-        except P2PBackupError as error:
-            self.events("recover_failed", node=machine.name, error=str(error))
+        # Through the DHT first (`recover --bootstrap`); failing that, as the
+        # error then advises, through friends' invite codes (`--friend`).
+        friends = [
+            node
+            for m in helpers[:3]
+            for node in operations.invite_nodes(operations.make_invite(m.home, [str(m.address)]))
+        ]
+        summary = None
+        for via, peers, bootstrap in (
+            ("dht", [], [m.address for m in helpers[:3]]),
+            ("friends", friends, []),
+        ):
+            try:
+                summary = await operations.recover(
+                    machine.home,
+                    machine.key,
+                    [],
+                    peers,
+                    bootstrap=bootstrap,
+                    network=network,
+                    clock=virtual_now,
+                )
+            except P2PBackupError as error:
+                self.events("recover_failed", node=machine.name, via=via, error=str(error))
+            else:
+                break
+        if summary is None:
             self.at(trio.current_time() + DAY, "recover", lambda: self._recover(machine))
             return
         self.events(
             "recovered",
             node=machine.name,
+            via=via,
             snapshots=summary.snapshots,
             packs=summary.packs,
             packs_restorable=summary.packs_restorable,

@@ -75,6 +75,8 @@ TICK = 1200.0
 EPOCH = 1_900_051_200.0
 #: Seconds a connection to a machine that is down waits before it fails.
 CONNECT_TIMEOUT = 5.0
+#: Seconds before a recovery that found too little is tried again.
+RECOVER_AGAIN = 4 * HOUR
 #: Bedtimes start at 22:00.
 FIRST_BEDTIME = 22 * HOUR
 
@@ -667,8 +669,23 @@ class World:
                 self.events("recover_failed", node=machine.name, via=via, error=str(error))
             else:
                 break
+        if summary is not None and (
+            summary.snapshots == 0 or summary.packs_restorable < summary.packs
+        ):
+            # Friends asleep hold what the home needs: a user tries again
+            # later (a new home each time: recover wants none).
+            self.events(
+                "recover_incomplete",
+                node=machine.name,
+                via=via,
+                snapshots=summary.snapshots,
+                packs=summary.packs,
+                packs_restorable=summary.packs_restorable,
+            )
+            shutil.rmtree(machine.home.path)
+            summary = None
         if summary is None:
-            self.at(trio.current_time() + DAY, "recover", lambda: self._recover(machine))
+            self.at(trio.current_time() + RECOVER_AGAIN, "recover", lambda: self._recover(machine))
             return
         self.events(
             "recovered",

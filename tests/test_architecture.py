@@ -85,6 +85,8 @@ THIRD_PARTY: Mapping[str, frozenset[str]] = {
     "shtab": frozenset({"p2pbackup.cli.shell"}),
     # FUSE, for `p2pbackup mount` (an optional extra).
     "pyfuse3": frozenset({"p2pbackup.app.mount"}),
+    # The simulator's plots (an optional extra).
+    "matplotlib": frozenset({"p2pbackup.sim.plots"}),
 }
 
 #: Standard-library modules confined like third-party ones.

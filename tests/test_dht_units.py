@@ -924,6 +924,35 @@ def test_routing_state_is_versioned_json() -> None:
     }
 
 
+@attrs.define
+class FakeNeighbours:
+    """Stands in for a DhtNode where only its id and neighbours are read."""
+
+    node_id: bytes
+    contacts: list[dht.Contact]
+
+    def neighbours(self) -> list[dht.Contact]:
+        return list(self.contacts)
+
+
+def test_an_unchanged_routing_state_is_not_written_again(tmp_path: Path) -> None:
+    # A node saves every few minutes; rewriting (and fsyncing) the same
+    # bytes each time is disk wear for nothing.
+    path = tmp_path / "dht-state.json"
+    node = FakeNeighbours(bytes(20), [dht.Contact(bytes(range(20)), Address("10.0.0.1", 4000))])
+    saved = dht.save_routing_state(path, node)  # type: ignore[arg-type]
+    assert saved == path.read_bytes()
+    path.write_bytes(b"left alone")
+    assert dht.save_routing_state(path, node, saved) == saved  # type: ignore[arg-type]
+    assert path.read_bytes() == b"left alone"
+    node.contacts.append(dht.Contact(bytes(range(1, 21)), Address("10.0.0.2", 4000)))
+    changed = dht.save_routing_state(path, node, saved)  # type: ignore[arg-type]
+    assert changed != saved and path.read_bytes() == changed
+    # A node that knows nobody keeps the file it had.
+    assert dht.save_routing_state(path, FakeNeighbours(bytes(20), []), changed) == changed  # type: ignore[arg-type]
+    assert path.read_bytes() == changed
+
+
 def state_document(**changes: object) -> dict[str, Any]:
     document: dict[str, Any] = json.loads(
         dht.encode_routing_state(

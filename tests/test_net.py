@@ -406,6 +406,35 @@ async def test_bandwidth_takes_its_time(
     assert world.statistics().stream_bytes_sent == len(payload)
 
 
+async def test_a_home_uplink_is_one_queue_for_every_peer_and_slower_than_its_downlink(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    world = MemoryNetwork()
+    world.set_access("home", uplink=250_000, downlink=1_000_000)
+    to_b = await _connected(world, nursery, "home", "b")
+    to_c = await _connected(world, nursery, "home", "c")
+    start = trio.current_time()
+    finished: list[float] = []
+
+    async def transfer(sender: trio.abc.Stream, receiver: trio.abc.Stream) -> None:
+        async with trio.open_nursery() as inner:
+            inner.start_soon(sender.send_all, bytes(250_000))
+            await _receive_exactly(receiver, 250_000)
+        finished.append(trio.current_time() - start)
+
+    async with trio.open_nursery() as both:
+        both.start_soon(transfer, *to_b)
+        both.start_soon(transfer, *to_c)
+    # Two peers, one uplink of 250 kB/s: 500 kB take 2 s, not 1.
+    assert max(finished) == pytest.approx(2.0, abs=0.01)
+    # The other way the downlink's 1 MB/s holds.
+    start = trio.current_time()
+    finished.clear()
+    async with trio.open_nursery() as back:
+        back.start_soon(transfer, to_b[1], to_b[0])
+    assert finished == [pytest.approx(0.25, abs=0.01)]
+
+
 async def test_streams_between_two_hosts_share_the_link(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:

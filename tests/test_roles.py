@@ -121,7 +121,8 @@ async def test_scheduled_backups_go_on_whatever_one_run_meets(
 
     monkeypatch.setattr(operations, "open_repository", failing_repository)
     schedule = BackupSchedule(paths=("/home/me",), interval=3600)
-    with trio.move_on_after(3600 * len(failures) - 1):
+    # Runs that fail are tried again after 10, 20, 40 minutes, then hourly.
+    with trio.move_on_after(600 + 1200 + 2400 + 3600 + 1):
         await daemon.run_scheduled_backups(
             Home(tmp_path), schedule, MemoryNetwork().interface("me")
         )
@@ -163,3 +164,68 @@ async def test_expired_shards_are_collected_again_after_a_failure(
             nursery.cancel_scope.cancel()
     assert "deleting shards whose lease expired failed; trying again in an hour" in caplog.text
     assert "removed 3 shards whose lease expired" in caplog.text
+
+
+async def test_the_clock_serve_is_given_is_the_shard_hosts_and_the_dhts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A simulation passes a virtual clock: leases and DHT records must age
+    # by it, not by the machine's.
+    setup = await make_setup(tmp_path, k=1, n=2)
+    options = daemon.ServeOptions(listen=Address("me", 1))
+    opened = ShardHost.open
+    clocks = []
+
+    def open_host(root: Path, **kwargs: object) -> ShardHost:
+        clocks.append(kwargs.get("clock"))
+        return opened(root, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ShardHost, "open", open_host)
+
+    def clock() -> float:
+        return 2_500_000_000.0
+
+    async with trio.open_nursery() as nursery:
+        serving = await nursery.start(
+            functools.partial(
+                daemon.serve,
+                setup.home,
+                options,
+                network=MemoryNetwork().interface("me"),
+                clock=clock,
+            )
+        )
+        assert serving.discovery is not None
+        assert serving.discovery.node.wall_clock is clock
+        nursery.cancel_scope.cancel()
+    assert clocks == [clock]
+
+
+def test_a_failed_scheduled_backup_is_tried_again_sooner_than_the_interval() -> None:
+    day = 86400.0
+    assert daemon.schedule_retry(0, day) == day
+    assert [daemon.schedule_retry(n, day) for n in (1, 2, 3)] == [600.0, 1200.0, 2400.0]
+    assert daemon.schedule_retry(9, day) == day  # never longer than the interval
+    assert daemon.schedule_retry(1, 300.0) == 300.0
+
+
+async def test_scheduled_backups_retry_a_failure_within_minutes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A laptop that wakes before its friends' machines: the first run finds
+    # no peer; the next must not wait a whole day.
+    started: list[float] = []
+
+    @contextlib.asynccontextmanager
+    async def no_peers(home: Home, *, network: Network) -> AsyncIterator[None]:
+        started.append(trio.current_time())
+        raise PeerUnavailableError("storing needs at least 3 peers; 0 usable")
+        yield
+
+    monkeypatch.setattr(operations, "open_repository", no_peers)
+    schedule = BackupSchedule(paths=("/home/me",), interval=86400)
+    with trio.move_on_after(3600):
+        await daemon.run_scheduled_backups(
+            Home(tmp_path), schedule, MemoryNetwork().interface("me")
+        )
+    assert started == [0.0, 600.0, 1800.0]

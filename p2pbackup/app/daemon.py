@@ -185,8 +185,10 @@ async def serve(
     dial-back, :func:`_start_reachability`), the scheduled backups, the
     maintenance of our backups (:func:`run_maintenance`) and of the owners
     this node is a delegate of (:func:`p2pbackup.app.delegating.keep_owners`),
-    the control socket. How it stops: :func:`_stopping`. ``clock`` (unix seconds) and
-    ``rng`` (default: the system's) are the maintenance's."""
+    the control socket. How it stops: :func:`_stopping`. ``clock`` (unix
+    seconds) is the node's: the maintenance's, the shard host's leases and
+    the DHT records' ages (the simulator passes a virtual one); ``rng``
+    (default: the system's) is the maintenance's."""
     home.require()
     config = load_config(home.config_path)  # a bad config stops serve before it starts
     # Everything the node does shares the limits of its [bandwidth] table.
@@ -197,8 +199,8 @@ async def serve(
         identity = node_identity(home)
         published = PublishedAddresses()
         async with (
-            _open_storage(home, options, identity, network, published) as storage,
-            _join_dht(home, options, identity, network, storage.address.port) as discovery,
+            _open_storage(home, options, identity, network, published, clock) as storage,
+            _join_dht(home, options, identity, network, storage.address.port, clock) as discovery,
             trio.open_nursery() as roles,
         ):
             published.discovery = discovery
@@ -341,6 +343,7 @@ async def _open_storage(
     identity: Identity,
     network: Network,
     published: PublishedAddresses,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[_Storage]:
     """The home's shard host, and a storage server answering peers from it on
     ``options.listen``; shards whose lease ran out are deleted every hour. The
@@ -355,6 +358,7 @@ async def _open_storage(
             capacity=options.capacity,
             owner_quota=options.owner_quota,
             spare=friends.ids(),
+            clock=clock,
         )
     )
     try:
@@ -379,7 +383,12 @@ async def _open_storage(
 
 @contextlib.asynccontextmanager
 async def _join_dht(
-    home: Home, options: ServeOptions, identity: Identity, network: Network, port: int
+    home: Home,
+    options: ServeOptions,
+    identity: Identity,
+    network: Network,
+    port: int,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Discovery]:
     """The node's DHT role (not yet running), on UDP at the storage server's
     ``port``; the addresses it will publish are written to the home for
@@ -387,7 +396,9 @@ async def _join_dht(
     advertised = advertised_addresses(options.listen, port, options.advertise)
     # UDP on the TCP port: one address (and one firewall rule) per node.
     dht_address = Address(options.listen.host, port)
-    async with dht.open_dht(network, dht_address, node_id=identity.node_id) as node:
+    async with dht.open_dht(
+        network, dht_address, node_id=identity.node_id, wall_clock=clock
+    ) as node:
         discovery = Discovery(
             node,
             identity,
@@ -513,7 +524,8 @@ async def run_scheduled_backups(
     makes none (:mod:`p2pbackup.engine.backup`: skips if unchanged).
 
     A run that cannot start (a backup from the command line holds the home)
-    or fails, even by a bug, is logged, and the next one comes at its time.
+    or fails, even by a bug, is logged, and tried again sooner than the
+    interval (:func:`schedule_retry`).
     After a run that completed, config.toml's ``[forget]`` policy, if any,
     is applied to the group of its snapshot (:func:`apply_scheduled_retention`).
     ``after_each`` is called when a run is over (the peers may have changed);
@@ -528,9 +540,11 @@ async def run_scheduled_backups(
         record.next_at = time.time() + wait
         log.info("scheduled backup: the last run was recent; the next in %.0f s", wait)
         await trio.sleep(wait)
+    failures = 0
     while True:
         started = trio.current_time()
         summary = None
+        completed = False
         record.last_started = time.time()
         record.next_at = record.last_started + schedule.interval
         try:
@@ -553,6 +567,7 @@ async def run_scheduled_backups(
             record.last_failed, record.last_error = time.time(), message or "a bug (see the log)"
             _log_failure("scheduled backup", error)
         else:
+            completed = True
             record.last_succeeded = time.time()
             if summary.unchanged_since is not None:
                 log.info("scheduled backup: %s", unchanged_line(summary.unchanged_since))
@@ -565,7 +580,25 @@ async def run_scheduled_backups(
         if summary is not None and summary.unchanged_since is None and forget is not None:
             await apply_scheduled_retention(home, network, forget, summary.snapshot_id)
         after_each()
-        await trio.sleep_until(started + schedule.interval)
+        failures = 0 if completed else failures + 1
+        wait = schedule_retry(failures, schedule.interval)
+        record.next_at = record.last_started + wait
+        await trio.sleep_until(started + wait)
+
+
+#: Seconds after a scheduled run that did not complete before the next try;
+#: the wait doubles with each such run in a row, up to the interval.
+FIRST_BACKUP_RETRY = 600.0
+
+
+def schedule_retry(failures: int, interval: float) -> float:
+    """Seconds from the start of a scheduled run to the next: the interval
+    after a run that completed (``failures`` 0); else sooner, since what
+    stopped it (friends' machines asleep or not yet up, a busy home) often
+    passes within minutes, and a day without a backup is a day at risk."""
+    if failures == 0:
+        return interval
+    return min(interval, FIRST_BACKUP_RETRY * 2.0 ** min(failures - 1, 64))
 
 
 async def run_maintenance(

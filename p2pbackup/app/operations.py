@@ -725,12 +725,17 @@ async def _root_holders_in_dht(
     bootstrap: Sequence[Address],
     network: Network,
     problems: list[str],
+    clock: Callable[[], float] = time.time,
 ) -> list[tuple[str, str]]:
     """(address, node id) of every node that answers at an address of the
     home's root pointer; what went wrong goes to ``problems``."""
     try:
         pointer = await discovery.lookup_root_pointer(
-            homedht.remembered(home), keyring.node_id, bootstrap=bootstrap, network=network
+            homedht.remembered(home),
+            keyring.node_id,
+            bootstrap=bootstrap,
+            network=network,
+            wall_clock=clock,
         )
     except P2PBackupError as exc:
         problems.append(f"the DHT: {exc}")
@@ -768,10 +773,12 @@ async def recover(
     *,
     bootstrap: Sequence[Address] = (),
     network: Network | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> RecoverSummary:
     """Rebuild a home from its recovery key and any reachable peer: folders
     (paths), storage nodes (address and node id), or the nodes the home's
-    root pointer names, found in the DHT joined through ``bootstrap``."""
+    root pointer names, found in the DHT joined through ``bootstrap``
+    (``clock``, unix seconds, judges the age of the records found there)."""
     secret = keys.parse_recovery_key(recovery_key)
     keyring = Keyring.from_master_secret(secret)
     if home.exists():
@@ -781,7 +788,7 @@ async def recover(
     peer_nodes = list(peer_nodes or [])
     if bootstrap:
         peer_nodes.extend(
-            await _root_holders_in_dht(home, keyring, bootstrap, network, summary.problems)
+            await _root_holders_in_dht(home, keyring, bootstrap, network, summary.problems, clock)
         )
     peers = await _reach_peers(peer_dirs, peer_nodes, summary.problems)
     root, found = await _find_root(keyring, peers, network, summary.problems)

@@ -559,6 +559,75 @@ def cmd_sim_sweep(args: argparse.Namespace, home: Home, out: LineSink) -> int:
     return EXIT_OK
 
 
+def cmd_sim_run(args: argparse.Namespace, home: Home, out: LineSink) -> int:
+    """Play a scenario out: the real node in virtual time (p2pbackup.sim.world)."""
+    import shutil
+
+    from p2pbackup.engine.progress import Progress
+    from p2pbackup.sim import report, world
+    from p2pbackup.sim import scenario as sc
+
+    path = Path(args.scenario)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise UsageError(f"cannot read the scenario {path}: {reason}") from None
+    scenario = sc.parse(text, str(path))
+    if args.small:
+        scenario = scenario.small_size()
+    scenario = scenario.resized(nodes=args.nodes, days=args.days)
+    if args.seed is not None:
+        scenario = attrs.evolve(scenario, seed=args.seed)
+    if args.out is not None:
+        out_dir = Path(args.out)
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise UsageError(f"--out {out_dir} is not empty; give a new or empty directory")
+        out_dir.mkdir(parents=True, exist_ok=True)
+    work = world.work_directory()
+    progress = Progress(f"sim {scenario.name}", enabled=None if not args.json else False)
+    width = 30
+
+    def show(day: float) -> None:
+        done = round(width * day / scenario.days)
+        progress.update(f"[{'#' * done}{'.' * (width - done)}] day {day:.1f} of {scenario.days:g}")
+
+    try:
+        outcome = world.run(
+            scenario,
+            work,
+            None if args.out is None else Path(args.out) / "events.jsonl",
+            node_log=None if args.out is None else Path(args.out) / "node.log",
+            progress=show,
+        )
+    finally:
+        progress.close()
+        shutil.rmtree(work, ignore_errors=True)
+    summary = outcome.summary
+    note = None
+    if args.out is not None:
+        from p2pbackup.sim import plots
+
+        out_dir = Path(args.out)
+        report.write_figures(out_dir / "figures.json", summary, outcome.figures)
+        if plots.available():
+            plots.write_plots(out_dir, outcome.figures, scenario.name)
+            note = f"event log, figures and plots in {out_dir}"
+        else:
+            note = (
+                f"event log and figures in {out_dir}; no plots without matplotlib "
+                "(pip install 'p2pbackup[plots]')"
+            )
+    if args.json:
+        out(json.dumps(summary))
+        return EXIT_OK
+    for line in report.table(summary):
+        out(line)
+    if note is not None:
+        out(note)
+    return EXIT_OK
+
+
 # -- parser -------------------------------------------------------------------------
 
 
@@ -1292,8 +1361,10 @@ SIM_SCENARIO = "run"
 
 
 def _add_sim(commands: _Commands) -> None:
-    """Simulations: the durability model and its sweeps."""
-    sim = commands.add_parser("sim", help="simulate: durability of a code, sweeps of parameters")
+    """Simulations: the durability model, its sweeps, and scenarios of real nodes."""
+    sim = commands.add_parser(
+        "sim", help="simulate: durability of a code, sweeps of parameters, scenarios"
+    )
     sub = sim.add_subparsers(
         dest="sim_command", required=True, metavar="COMMAND", action=_CommandOrScenario
     )
@@ -1382,6 +1453,27 @@ def _add_sim(commands: _Commands) -> None:
         help="processes of the local cluster (default 2)",
     )
     p.set_defaults(func=cmd_sim_sweep)
+
+    p = sub.add_parser(
+        SIM_SCENARIO,
+        help="run a scenario: real nodes on a simulated network in virtual time "
+        "(also `sim SCENARIO.toml`)",
+    )
+    p.add_argument("scenario", metavar="SCENARIO", help="a scenario file (see simulations/)")
+    p.add_argument("--seed", type=int, metavar="S", help="random seed (default: the scenario's)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write the event log (events.jsonl), figures.json and PNG plots (with the extra "
+        "'plots') here: a new or empty directory",
+    )
+    p.add_argument(
+        "--small", action="store_true", help="run the scenario's [small] size (as CI does)"
+    )
+    p.add_argument("--days", type=float, metavar="D", help="virtual days (default: the scenario's)")
+    p.add_argument("--nodes", type=int, metavar="N", help="nodes (default: the scenario's)")
+    _json_option(p)
+    p.set_defaults(func=cmd_sim_run)
 
 
 def _durability_options(p: argparse.ArgumentParser, *, lists: bool = False) -> None:

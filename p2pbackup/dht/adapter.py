@@ -1126,11 +1126,19 @@ def decode_routing_state(data: bytes) -> tuple[bytes, list[Contact]]:
     return node_id, neighbours
 
 
-def save_routing_state(path: Path, node: DhtNode) -> None:
-    """Remember ``node``'s neighbours in ``path`` (if it knows any)."""
+def save_routing_state(path: Path, node: DhtNode, previous: bytes | None = None) -> bytes | None:
+    """Remember ``node``'s neighbours in ``path`` (if it knows any); returns
+    the state the file now holds. Nothing is written when that is
+    ``previous`` (what the last call returned): a node saves every few
+    minutes, and its neighbours rarely change, so most saves would only
+    rewrite and fsync the same bytes."""
     neighbours = node.neighbours()
-    if neighbours:
-        write_private_file(path, encode_routing_state(node.node_id, neighbours))
+    if not neighbours:
+        return previous
+    data = encode_routing_state(node.node_id, neighbours)
+    if data != previous:
+        write_private_file(path, data)
+    return data
 
 
 def load_routing_state(path: Path, node_id: bytes) -> list[Contact]:

@@ -139,6 +139,8 @@ class Discovery:
         self.friends = friends
         self.root_holders = root_holders
         self.state_path = state_path
+        #: The routing state last written to ``state_path`` (None: none yet).
+        self._saved_state: bytes | None = None
         self.contact: records.ContactRecord | None = None
         self.contact_taken = False
         self.relays: tuple[records.RelayAddress, ...] = ()
@@ -297,7 +299,9 @@ class Discovery:
     def save_state(self) -> None:
         if self.state_path is not None:
             try:
-                dht.save_routing_state(self.state_path, self.node)
+                self._saved_state = dht.save_routing_state(
+                    self.state_path, self.node, self._saved_state
+                )
             except OSError as error:
                 log.warning("cannot save the DHT routing state to %s: %s", self.state_path, error)
 

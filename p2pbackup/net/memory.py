@@ -4,7 +4,9 @@ A :class:`MemoryNetwork` is a simulated world inside one trio run. Each
 simulated machine is a **host** (any name: ``"alice"``, ``"10.0.0.7"``);
 :meth:`MemoryNetwork.interface` gives the :class:`Network` of one host.
 Every pair of hosts is joined by a **link** (:class:`LinkProfile`: one-way
-latency, bandwidth per direction, datagram loss). The world can be
+latency, bandwidth per direction, datagram loss); a host may also have an
+**access line** (:meth:`MemoryNetwork.set_access`: uplink and downlink
+bandwidth, each one queue shared by all its traffic). The world can be
 **partitioned** into groups that cannot reach each other, and a host can be
 **killed** (a crashed machine) and revived. It reads only trio's clock and a
 ``random.Random`` seeded at construction, so under
@@ -21,6 +23,9 @@ that simulations can be read):
   to be free, occupies it for ``len / bandwidth`` seconds (every stream and
   datagram between the same two hosts, in the same direction, shares that
   time), and arrives ``latency`` seconds after it has been put on the link.
+  Where the sender has an uplink or the receiver a downlink, the segment
+  also waits for those to be free, occupies them as long, and goes at the
+  slowest of the three rates.
 * Each pipe holds at most ``window`` bytes sent but not yet read by the
   receiver (in flight or arrived); ``send_all`` returns as soon as its last
   segment fits, and blocks while the window is full, so a slow reader stalls
@@ -635,6 +640,11 @@ class MemoryNetwork:
         self._links: dict[tuple[str, str], LinkProfile] = {}
         #: When each link direction finishes sending what is queued on it.
         self._link_free_at: dict[tuple[str, str], float] = {}
+        #: Each host's access line (uplink, downlink in bytes a second), and
+        #: when each end of it finishes what is queued on it.
+        self._access: dict[str, tuple[float | None, float | None]] = {}
+        self._up_free_at: dict[str, float] = {}
+        self._down_free_at: dict[str, float] = {}
         #: Partition group of each host named in the partition; the rest share None.
         self._groups: dict[str, int] = {}
         self._connections: set[_Connection] = set()
@@ -660,6 +670,17 @@ class MemoryNetwork:
         if profile is not None:
             return profile
         return _LOOPBACK if a == b else self.default_link
+
+    def set_access(
+        self, host: str, *, uplink: float | None = None, downlink: float | None = None
+    ) -> None:
+        """Give ``host`` an access line: ``uplink`` bytes a second out and
+        ``downlink`` in (None: unlimited), shared by everything it sends or
+        receives, whoever the other end is (a home's line is slow and
+        asymmetric, and its uplink is one queue for all its peers)."""
+        _check_bandwidth(None, None, uplink)
+        _check_bandwidth(None, None, downlink)
+        self._access[host] = (uplink, downlink)
 
     def partition(self, *groups: Iterable[str]) -> None:
         """Split the world: hosts in different groups cannot reach each other.
@@ -817,8 +838,24 @@ class MemoryNetwork:
         now = trio.current_time()
         direction = (source, destination)
         start = max(now, self._link_free_at.get(direction, now))
-        finish = start + (size / profile.bandwidth if profile.bandwidth else 0.0)
+        rates = [profile.bandwidth]
+        uplink = self._access.get(source, (None, None))[0]
+        downlink = self._access.get(destination, (None, None))[1]
+        if source != destination:
+            if uplink is not None:
+                start = max(start, self._up_free_at.get(source, now))
+                rates.append(uplink)
+            if downlink is not None:
+                start = max(start, self._down_free_at.get(destination, now))
+                rates.append(downlink)
+        slowest = min((rate for rate in rates if rate), default=None)
+        finish = start + (size / slowest if slowest else 0.0)
         self._link_free_at[direction] = finish
+        if source != destination:
+            if uplink is not None:
+                self._up_free_at[source] = finish
+            if downlink is not None:
+                self._down_free_at[destination] = finish
         return finish + profile.latency
 
     def _bind_address(self, host: str, address: Address) -> Address:

@@ -322,6 +322,43 @@ def test_recover_brings_back_config_toml_and_says_what_it_sets_up(tmp_path: Path
             assert not path.is_file() or b"hunter2-smtp" not in path.read_bytes()
 
 
+def test_a_recovery_that_cannot_read_the_index_writes_nothing_unless_partial(
+    tmp_path: Path,
+) -> None:
+    """Found while simulating: a recovery made while the friends holding the
+    index slept took over with a root record of no snapshots, and every later
+    recovery found none. Now it changes nothing, and says so."""
+    world = make_world(tmp_path, k=2, n=4)
+    source = make_source(tmp_path / "src")
+    assert cli_inprocess("--home", world.home, "backup", source) == 0
+    shutil.rmtree(world.home)
+    # Three of the four peers are away: one shard of each pack is not enough.
+    away = tmp_path / "away"
+    away.mkdir()
+    for peer in world.peers[1:]:
+        peer.rename(away / peer.name)
+    before = {p: p.read_bytes() for p in world.peers[0].rglob("*") if p.is_file()}
+    home = tmp_path / "new-home"
+    message = cli_error("recover", "--recovery-key-file", world.key_file, "--peer-dir",
+                        world.peers[0], home=home)  # fmt: skip
+    assert message.startswith("could not read ") and "nothing was written" in message
+    assert "--partial" in message and "\n" not in message
+    assert not home.exists()
+    assert {p: p.read_bytes() for p in world.peers[0].rglob("*") if p.is_file()} == before
+    # With every peer back, the recovery finds every snapshot.
+    for peer in world.peers[1:]:
+        (away / peer.name).rename(peer)
+    result = cli_ok("recover", "--recovery-key-file", world.key_file, "--peer-dir",
+                    world.peers[0], home=home)  # fmt: skip
+    assert "snapshots: 1;" in result.stdout
+    # --partial takes what it can read when asked to.
+    for peer in world.peers[1:]:
+        peer.rename(away / peer.name)
+    partial = cli_ok("recover", "--recovery-key-file", world.key_file, "--peer-dir",
+                     world.peers[0], "--partial", home=tmp_path / "partial")  # fmt: skip
+    assert "problem: index pack" in partial.stdout
+
+
 def test_recover_from_the_key_and_one_peer(tmp_path: Path) -> None:
     world = make_world(tmp_path, k=2, n=4)
     source = make_source(tmp_path / "src")

@@ -773,6 +773,7 @@ async def recover(
     *,
     bootstrap: Sequence[Address] = (),
     network: Network | None = None,
+    partial: bool = False,
     clock: Callable[[], float] = time.time,
 ) -> RecoverSummary:
     """Rebuild a home from its recovery key and any reachable peer: folders
@@ -802,7 +803,7 @@ async def recover(
                 repo = Repository(keyring, index, network)
                 repo.settings = functools.partial(home_settings, home)
                 try:
-                    await _rebuild_index(repo, root, found, summary)
+                    await _rebuild_index(repo, root, found, summary, partial=partial)
                 finally:
                     await repo.aclose()
             finally:
@@ -902,7 +903,12 @@ def _remove_home(home: Home, *, keep_dir: bool) -> None:
 
 
 async def _rebuild_index(
-    repo: Repository, root: RootRecord, found: dict[str, PeerRecord], summary: RecoverSummary
+    repo: Repository,
+    root: RootRecord,
+    found: dict[str, PeerRecord],
+    summary: RecoverSummary,
+    *,
+    partial: bool = False,
 ) -> None:
     index = repo.index
     with index.transaction():
@@ -923,12 +929,14 @@ async def _rebuild_index(
     summary.root_sequence = root.sequence
     summary.peers_known = len(root.peers)
 
+    unread = 0
     for record in root.index_packs:
         try:
             data = await repo.read_pack(record, use_cache=False)
             header = packer.read_pack_header(repo.keyring.data_key, data)
         except (NotEnoughShardsError, IntegrityError) as exc:
             summary.problems.append(f"index pack {record.pack_id.hex()[:16]}: {exc}")
+            unread += 1
             continue
         for entry in header.entries:
             if entry.type != BlobType.INDEX:
@@ -944,6 +952,7 @@ async def _rebuild_index(
             plain = await repo.load_blob(snapshot_id, BlobType.SNAPSHOT)
         except (NotEnoughShardsError, IntegrityError) as exc:
             summary.problems.append(f"snapshot {snapshot_id.hex()[:12]}: {exc}")
+            unread += 1
             continue
         with index.transaction():
             index.add_snapshot(snapshot_id, formats.decode_snapshot(plain))
@@ -963,6 +972,17 @@ async def _rebuild_index(
         summary.packs += 1
         if len(holders) >= k:
             summary.packs_restorable += 1
+    if unread and not partial:
+        # Taking over now would write a root record without what could not
+        # be read, on every peer: a recovery made while the friends holding
+        # the index sleep would lose every snapshot for good.
+        raise UsageError(
+            f"could not read {plural(unread, 'index pack or snapshot', 'index packs or snapshots')}"
+            f" of the {len(root.index_packs) + len(root.snapshots)} the root record names "
+            f"({'; '.join(summary.problems[:3])}); nothing was written and no peer was "
+            "changed: recover again when more peers are online, or with --partial to take "
+            "what can be read now"
+        )
     if reached:
         # Tell every peer where the others are now (a folder may have moved);
         # from now on this home is the one that writes the root record.

@@ -390,7 +390,12 @@ async def cmd_recover(args: argparse.Namespace, home: Home, out: LineSink) -> in
     bootstrap = [Address.parse(text, allow_port_zero=False) for text in args.bootstrap or ()]
     key = read_recovery_key(args.recovery_key_file)
     summary = await operations.recover(
-        home, key, [Path(p) for p in args.peer_dir or []], nodes, bootstrap=bootstrap
+        home,
+        key,
+        [Path(p) for p in args.peer_dir or []],
+        nodes,
+        bootstrap=bootstrap,
+        partial=args.partial,
     )
     if args.json:
         out(json.dumps({"home": str(home.path), **attrs.asdict(summary)}, indent=2))
@@ -1274,6 +1279,12 @@ def _add_recover(commands: _Commands) -> None:
         "bootstrap",
         "any node of the DHT (repeatable): the home's root pointer there names "
         "the nodes holding its root record",
+    )
+    p.add_argument(
+        "--partial",
+        action="store_true",
+        help="take what can be read now even if some index packs or snapshots cannot be "
+        "(the others are then dropped from the root record on every peer)",
     )
     _json_option(p)
     p.set_defaults(func=cmd_recover)

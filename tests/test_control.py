@@ -795,6 +795,10 @@ SAMPLES: list[tuple[str, requests.Request]] = [
         requests.PeerAddRequest(address="192.0.2.1:47470", node_id="ab" * 20),
     ),
     ("peer list --json", requests.PeerListRequest(json=True)),
+    (
+        "peer rename dir-0123abcd disk-1",
+        requests.PeerRenameRequest(id="dir-0123abcd", name="disk-1"),
+    ),
     ("peer remove dir-0123abcd --force", requests.PeerRemoveRequest(id="dir-0123abcd", force=True)),
     (
         "peer find --count 3 --add --bootstrap 192.0.2.1:1 --json",
@@ -951,6 +955,15 @@ MORE_SAMPLES = [
         ),
     ),
     ("prune --dry-run", requests.PruneRequest(dry_run=True)),
+    (
+        "friend add p2pb1-code --name alice",
+        requests.FriendAddRequest(code="p2pb1-code", name="alice"),
+    ),
+    (
+        "backup /home --limit-upload 500 --limit-download 2000 --quiet",
+        requests.BackupRequest(paths=("/home",), limit_upload=500, limit_download=2000, quiet=True),
+    ),
+    ("backup /home -v", requests.BackupRequest(paths=("/home",), verbose=True)),
     (
         "restore latest --target /tmp/out --include *.jpg --exclude cache --verify",
         requests.RestoreRequest(

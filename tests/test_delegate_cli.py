@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 from pathlib import Path
 
@@ -16,33 +15,11 @@ import trio
 
 from p2pbackup.app import operations
 from p2pbackup.app.devnet import open_devnet
-from p2pbackup.cli import main as cli
 from p2pbackup.core import delegation
 from p2pbackup.dht import invites
 
 from .cli_helpers import cli_ok, make_source, run_cli
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, list[str], str]:
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err
-    return code, captured.out.splitlines(), captured.err
-
-
-def error_line(capsys: pytest.CaptureFixture[str], *args: str | Path) -> str:
-    code, _out, err = run(capsys, *args)
-    assert code == cli.EXIT_ERROR
-    [line] = err.splitlines()
-    assert line.startswith("p2pbackup: error: ")
-    return line.removeprefix("p2pbackup: error: ")
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+from .test_friends import closed_port, error_line, run
 
 
 def test_delegates_are_added_listed_and_removed(

@@ -22,10 +22,13 @@ FLAGS = [
     "--disable-sync",
 ]
 
+#: How long the restore action's answer is held back (see _browse).
+ANSWER_DELAY_MS = 3000
+
 
 def _browse(base: str, url: str, source: Path, target: Path, shots: Path) -> None:
     """Every step, in order; an AssertionError at the first that fails."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import Route, expect, sync_playwright
 
     with sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
@@ -50,11 +53,25 @@ def _browse(base: str, url: str, source: Path, target: Path, shots: Path) -> Non
             expect(page.locator(".qr svg")).to_be_visible()
             page.screenshot(path=shots / "ui-peers.png", full_page=True)
 
+            # The action's answer ("running") is held back until the job has
+            # surely finished, so the page hears "done" on its event stream
+            # first: a late answer must not turn a finished job back to running.
+            def answer_late(route: Route) -> None:
+                answer = route.fetch()
+                page.wait_for_timeout(ANSWER_DELAY_MS)
+                route.fulfill(response=answer)
+
+            page.route("**/api/restore", answer_late)
             page.goto(f"{base}/snapshots?snapshot=latest&path={source}")
             row = page.locator("#entries tr", has_text="notes.txt")
             row.locator("button.pick").click()
             page.fill('#restore-form input[name="target"]', str(target))
             page.click("#restore-form button")
+            # The answer has been shown (its line goes beside the form, the
+            # job's state with it): the state must still be the job's last.
+            expect(page.locator("#restore-form + p.result")).to_have_class(
+                "result good", timeout=60_000
+            )
             expect(page.locator("#job")).to_have_attribute("data-state", "done", timeout=60_000)
             page.screenshot(path=shots / "ui-snapshots.png", full_page=True)
 

@@ -25,9 +25,15 @@
     where.textContent = answer.ok ? lines.join("\n") || "done" : answer.error;
   }
 
+  // Jobs this page has seen finish. The answer to the action that started a
+  // job says "running" and may arrive after the event stream said "done".
+  const finished = new Set();
+
   function showJob(job) {
     const area = document.getElementById("job");
     if (!area) return;
+    if (job.state === "running" && finished.has(job.id)) return;
+    if (job.state !== "running") finished.add(job.id);
     area.hidden = false;
     area.dataset.state = job.state;
     const what = job.kind + " #" + job.id;

@@ -8,6 +8,7 @@ and the data restores from the rebuilt shards alone.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -168,10 +169,14 @@ async def test_a_returning_node_counts_again_and_its_surplus_goes_later(
         # The node comes back; a new holder of its old shards dies. The
         # returning copies are counted again instead of being rebuilt.
         cluster.world.heal()
-        replaced = {
+        replaced = Counter(
             s.peer_id for r in records(repo) for s in r.shards if (r.pack_id, s.index) in moved
-        }
-        victim = next(n for n in cluster.nodes if n.identity.node_id.hex() in replaced)
+        )
+        # The new holder of the fewest, so that some moved shards stay
+        # healthy elsewhere and their returning copies are surplus.
+        fewest = min(replaced, key=lambda peer_id: (replaced[peer_id], peer_id))
+        assert replaced[fewest] < len(moved)
+        victim = next(n for n in cluster.nodes if n.identity.node_id.hex() == fewest)
         cluster.world.kill_host(victim.address.host)
         victim_id = victim.identity.node_id.hex()
         lost_there = {

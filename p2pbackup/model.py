@@ -350,6 +350,9 @@ class RootRecord:
     settings: bytes = b""
     #: The names the user gave peers and friends: (peer id, name), by id.
     names: tuple[tuple[str, str], ...] = ()
+    #: The node ids of the home's delegates, by id, so that a home recovered
+    #: from its key reads their repair logs and hands them grants again.
+    delegates: tuple[bytes, ...] = ()
 
 
 @attrs.frozen

@@ -122,6 +122,8 @@ MAX_SNAPSHOT_PATHS = 1 << 16
 MAX_SNAPSHOT_TAGS = 1024
 #: Peers, index packs and snapshots named by one root record.
 MAX_PEERS = 4096
+#: The most delegates a root record names (a grant names them all too).
+MAX_ROOT_DELEGATES = 64
 #: Addresses kept per friend (the invite's, and ones found since).
 MAX_FRIEND_ADDRESSES = 8
 MAX_ROOT_INDEX_PACKS = 1 << 16
@@ -150,9 +152,10 @@ LOG_MAGIC = b"P2PL"
 FORMAT_VERSION = 1
 #: Shard headers: 1 named the pack in clear; 2 (written now) does not.
 SHARD_HEADER_VERSION = 2
-#: Root records: 1 had six or seven fields; 2 (written now) adds the writing
-#: home's instance id and may be padded with zeros.
-ROOT_RECORD_VERSION = 3
+#: Root records: 1 had six or seven fields; 2 adds the writing home's
+#: instance id and may be padded with zeros; 3 the settings and peer names;
+#: 4 (written now) the delegates.
+ROOT_RECORD_VERSION = 4
 #: The most bytes of ``config.toml`` a root record carries.
 MAX_ROOT_SETTINGS = 64 * 1024
 #: The longest name of a peer (``peer rename``).
@@ -805,7 +808,8 @@ def _index_segment(value: object, what: str) -> IndexSegment:
 
 
 def encode_root_record(record: RootRecord, *, padded_size: int = 0) -> bytes:
-    """Version 3 (with the home's settings and its peers' names), followed
+    """Version 4 (with the home's settings, its peers' names and its
+    delegates), followed
     by zeros up to ``padded_size`` bytes if it is longer: so that a record's
     size says little (docs/privacy.md). The one exception to canonical form:
     the same record, padded otherwise, is other bytes."""
@@ -829,6 +833,7 @@ def encode_root_record(record: RootRecord, *, padded_size: int = 0) -> bytes:
         record.instance,
         record.settings,
         tuple(record.names),
+        tuple(record.delegates),
     )
     encoded = _seal("root record", ROOT_RECORD_MAGIC, body, ROOT_RECORD_VERSION)
     padding = bytes(max(0, padded_size - len(encoded)))
@@ -837,15 +842,15 @@ def encode_root_record(record: RootRecord, *, padded_size: int = 0) -> bytes:
 
 def decode_root_record(data: BytesLike) -> RootRecord:
     """A root record of any version (version 1: no instance id, no padding;
-    versions 1 and 2: no settings)."""
+    versions 1 and 2: no settings; versions 1 to 3: no delegates)."""
     raw = bytes(data)
     version = raw[4] if len(raw) > 4 else ROOT_RECORD_VERSION
 
     def build(value: object, what: str) -> RootRecord:
         return _root_record(value, what, version)
 
-    versions = (1, 2, ROOT_RECORD_VERSION)
-    return _open("root record", raw, ROOT_RECORD_MAGIC, build, versions, padded=(2, 3))
+    versions = (1, 2, 3, ROOT_RECORD_VERSION)
+    return _open("root record", raw, ROOT_RECORD_MAGIC, build, versions, padded=(2, 3, 4))
 
 
 def _root_record(value: object, what: str, version: int) -> RootRecord:
@@ -858,6 +863,8 @@ def _root_record(value: object, what: str, version: int) -> RootRecord:
         fields = (*_check.fields(fields, what, 7), b"")
     if version in (1, 2):
         fields = (*_check.fields(fields, what, 8), b"", ())
+    if version in (1, 2, 3):
+        fields = (*_check.fields(fields, what, 10), ())
     (
         sequence,
         time_ns,
@@ -869,7 +876,8 @@ def _root_record(value: object, what: str, version: int) -> RootRecord:
         instance,
         settings,
         names,
-    ) = _check.fields(fields, what, 10)
+        delegates,
+    ) = _check.fields(fields, what, 11)
     return RootRecord(
         sequence=_check.integer(sequence, f"{what}: sequence"),
         time_ns=_check.integer(time_ns, f"{what}: time"),
@@ -883,6 +891,9 @@ def _root_record(value: object, what: str, version: int) -> RootRecord:
         instance=_instance(instance, f"{what}: instance id"),
         settings=_check.binary(settings, f"{what}: settings", max_length=MAX_ROOT_SETTINGS),
         names=_check.items(names, f"{what}: name", _peer_name, max_length=MAX_PEERS),
+        delegates=_check.items(
+            delegates, f"{what}: delegate", _node_id, max_length=MAX_ROOT_DELEGATES
+        ),
     )
 
 

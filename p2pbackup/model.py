@@ -272,6 +272,9 @@ class RepairLog:
     grant_sequence: int
     made_at: int
     entries: tuple[LogEntry, ...]
+    #: When the delegate last ran a pass for the owner (0: never, or a log
+    #: of version 1, which did not say).
+    acted_at: int = 0
 
 
 @attrs.frozen

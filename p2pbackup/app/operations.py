@@ -47,8 +47,8 @@ from p2pbackup.errors import (
     StoreError,
     UsageError,
 )
-from p2pbackup.maintenance import grants
-from p2pbackup.maintenance.status import Hosting, KeptFor
+from p2pbackup.maintenance import delegated, grants
+from p2pbackup.maintenance.status import DataHealth, Hosting, KeptFor, kept_health
 from p2pbackup.model import (
     NODE_ID_SIZE,
     PEER_KIND_DIR,
@@ -301,13 +301,33 @@ def _kept_for(home: Home) -> Iterator[KeptFor]:
             certificate = delegation.open_certificate(held.certificate)
         except IntegrityError:
             continue
+        acted_at, health = _last_pass(home, held.owner)
         yield KeptFor(
             owner=held.owner.hex(),
             grant_sequence=held.sequence,
             received_at=held.received_at,
             packs=len(grant.packs),
             expiry=certificate.expiry,
+            acted_at=acted_at,
+            health=health,
         )
+
+
+def _last_pass(home: Home, owner: bytes) -> tuple[int | None, DataHealth | None]:
+    """When this home's last delegated pass for ``owner`` began, and the
+    health of the owner's packs it found (None, None: no pass yet)."""
+    path = delegated.grant_index_path(home.path, owner)
+    if not path.exists():
+        return None, None
+    index = Index(path, create=False)
+    try:
+        raw = index.get_meta(delegated.LAST_PASS)
+        if raw is None:
+            return None, None
+        since = int(raw)
+        return since, kept_health(index, since)
+    finally:
+        index.close()
 
 
 def make_invite(home: Home, addresses: Sequence[str] = ()) -> str:

@@ -152,6 +152,8 @@ LOG_MAGIC = b"P2PL"
 FORMAT_VERSION = 1
 #: Shard headers: 1 named the pack in clear; 2 (written now) does not.
 SHARD_HEADER_VERSION = 2
+#: Repair logs: 2 (written now) adds when the delegate last acted.
+LOG_VERSION = 2
 #: Root records: 1 had six or seven fields; 2 adds the writing home's
 #: instance id and may be padded with zeros; 3 the settings and peer names;
 #: 4 (written now) the delegates.
@@ -1132,23 +1134,34 @@ def _grant_pack(value: object, what: str, *, peers: int) -> GrantPack:
 
 
 def encode_repair_log(log: RepairLog) -> bytes:
-    """The log's bytes (unsigned: :mod:`p2pbackup.core.delegation` signs them)."""
+    """The log's bytes, version 2 (unsigned: :mod:`p2pbackup.core.delegation`
+    signs them)."""
     body = (
         log.delegate,
         log.owner,
         log.grant_sequence,
         log.made_at,
         tuple((e.pack_id, e.index, e.holder, e.merkle_root) for e in log.entries),
+        log.acted_at,
     )
-    return _checked(_seal("repair log", LOG_MAGIC, body), decode_repair_log)
+    return _checked(_seal("repair log", LOG_MAGIC, body, LOG_VERSION), decode_repair_log)
 
 
 def decode_repair_log(data: BytesLike) -> RepairLog:
-    return _open("repair log", data, LOG_MAGIC, _repair_log)
+    """A repair log of either version (version 1: no time of the last pass)."""
+    raw = bytes(data)
+    version = raw[4] if len(raw) > 4 else LOG_VERSION
+
+    def build(value: object, what: str) -> RepairLog:
+        if version == 1:
+            value = (*_check.fields(value, what, 5), 0)
+        return _repair_log(value, what)
+
+    return _open("repair log", raw, LOG_MAGIC, build, (1, LOG_VERSION))
 
 
 def _repair_log(value: object, what: str) -> RepairLog:
-    delegate, owner, grant_sequence, made_at, entries = _check.fields(value, what, 5)
+    delegate, owner, grant_sequence, made_at, entries, acted_at = _check.fields(value, what, 6)
 
     def entry(item: object, where: str) -> LogEntry:
         pack_id, index, holder, root = _check.fields(item, where, 4)
@@ -1167,6 +1180,7 @@ def _repair_log(value: object, what: str) -> RepairLog:
         entries=_check.items(
             entries, f"{what}: entry", entry, max_length=MAX_GRANT_PACKS * MAX_SHARDS
         ),
+        acted_at=_check.integer(acted_at, f"{what}: acted at"),
     )
     _strictly_ascending(what, "entry", [e.pack_id + bytes([e.index]) for e in log.entries])
     if log.delegate == log.owner:

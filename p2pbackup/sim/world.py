@@ -62,7 +62,7 @@ from p2pbackup.engine import snapshots
 from p2pbackup.engine.index import Index
 from p2pbackup.engine.restore import Restorer
 from p2pbackup.errors import P2PBackupError
-from p2pbackup.maintenance import auditor, repairer
+from p2pbackup.maintenance import auditor, delegated, repairer
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
 from p2pbackup.net.network import Address
 from p2pbackup.node.server import StorageServer
@@ -866,16 +866,20 @@ class World:
             machine.old_traffic[key] = machine.old_traffic.get(key, 0) + count
 
     def _traffic(self, machine: Machine) -> dict[tuple[int, str], int]:
+        """The machine's traffic by (day, purpose): its home's, and what it
+        moved as a delegate (counted in its grant indexes)."""
         totals: dict[tuple[int, str], int] = {}
         if not machine.home.index_path.exists():
             return totals
-        index = Index(machine.home.index_path, create=False)
-        try:
-            for row in index.traffic():
-                key = (row.day, row.purpose)
-                totals[key] = totals.get(key, 0) + row.sent + row.received
-        finally:
-            index.close()
+        grant_indexes = sorted((machine.home.path / delegated.GRANT_INDEX_DIR).glob("*.sqlite"))
+        for path in [machine.home.index_path, *grant_indexes]:
+            index = Index(path, create=False)
+            try:
+                for row in index.traffic():
+                    key = (row.day, row.purpose)
+                    totals[key] = totals.get(key, 0) + row.sent + row.received
+            finally:
+                index.close()
         return totals
 
     # -- the run ----------------------------------------------------------------------

@@ -272,6 +272,9 @@ class RepairLog:
     grant_sequence: int
     made_at: int
     entries: tuple[LogEntry, ...]
+    #: When the delegate last ran a pass for the owner (0: never, or a log
+    #: of version 1, which did not say).
+    acted_at: int = 0
 
 
 @attrs.frozen
@@ -350,6 +353,9 @@ class RootRecord:
     settings: bytes = b""
     #: The names the user gave peers and friends: (peer id, name), by id.
     names: tuple[tuple[str, str], ...] = ()
+    #: The node ids of the home's delegates, by id, so that a home recovered
+    #: from its key reads their repair logs and hands them grants again.
+    delegates: tuple[bytes, ...] = ()
 
 
 @attrs.frozen

@@ -125,6 +125,20 @@ async def test_a_running_delegate_takes_grants_repairs_and_loses_them(tmp_path: 
         report = json.loads(result.stdout)
         assert report["ok"] and report["owner"] == owner_id.hex()
         assert report["grant_sequence"] == sequence and report["shards_rebuilt"] > 0
+        # Bob's status: when it last acted for the owner, and what it found.
+        bobs = await trio.to_thread.run_sync(lambda: cli_ok("status", "--json", home=bob.home.path))
+        [kept] = json.loads(bobs.stdout)["kept_for"]
+        assert kept["acted_at"] is not None and kept["health"]["packs"] == len(grant.packs)
+        assert kept["health"]["unrecoverable"] == 0
+        text = await trio.to_thread.run_sync(lambda: cli_ok("status", home=bob.home.path))
+        assert "; last pass " in text.stdout and " 0 unrecoverable" in text.stdout
+        # The owner reads bob's log back (its own repair does) and shows when it acted.
+        assert "; has not acted yet" in "\n".join(await cli_run("status"))
+        mine = await trio.to_thread.run_sync(lambda: run_cli("repair", "--json", home=home))
+        assert json.loads(mine.stdout)["delegated_moves"] > 0, str(mine)
+        status = json.loads("\n".join(await cli_run("status", "--json")))
+        assert status["delegates"][0]["acted_at"] == kept["acted_at"]
+        assert "; last acted " in "\n".join(await cli_run("status"))
         # Not a delegate of carol's home: one line, exit 1.
         refused = await trio.to_thread.run_sync(
             lambda: run_cli("repair", "--for", carol.node_id, home=bob.home.path)

@@ -15,7 +15,7 @@ import trio
 
 from p2pbackup.app import delegating, operations
 from p2pbackup.app.home import Home
-from p2pbackup.core import delegation, formats
+from p2pbackup.core import delegation, formats, keys
 from p2pbackup.core.keys import Keyring
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.restore import Restorer
@@ -308,3 +308,82 @@ async def test_serve_repairs_for_an_owner_away_past_its_grace(world: World, tmp_
         clock=lambda: later,
     )
     assert again.report.repair.shards_rebuilt == 0
+
+
+async def test_a_home_recovered_from_its_key_finds_what_its_delegate_moved(
+    world: World, tmp_path: Path
+) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    for i in range(3):
+        (source / f"file-{i}").write_bytes(bytes([i]) * 90_000)
+    alice, bob = world.keyring("alice"), world.keyring("bob")
+    async with operations.open_repository(
+        world.alice, network=world.world.interface("alice")
+    ) as repo:
+        await Backup(repo).run([source])
+        with repo.index.transaction():
+            repo.index.add_delegate(bob.node_id, 1)
+        await repo.publish_root()  # the root record names bob now
+        [handed] = await grants.hand_grants(repo)
+        assert handed.ok
+    held = world.hosts["bob"].held_grant(alice.node_id)
+    assert held is not None
+    grant = delegation.open_grant(held.grant, owner=alice.node_id)
+    # Alice's machine is gone; carol dies, and bob repairs for alice.
+    world.world.kill_host("carol")
+    path = delegated.grant_index_path(world.homes["bob"].path, alice.node_id)
+    path.parent.mkdir()
+    index, _grant = delegated.open_grant_index(path, held.grant, alice.node_id)
+    try:
+        result = await delegated.repair_for(
+            bob,
+            index,
+            held.certificate,
+            world.world.interface("bob"),
+            RepairOptions(policy=RepairPolicy(grace=0), rate=None),
+        )
+    finally:
+        index.close()
+    assert result.repair.shards_rebuilt > 0
+    # Then the node holding most of what carol shared dies too: every pack
+    # both held has one of its first shards left, fewer than k = 2.
+    carol = world.keyring("carol").node_id
+    with_carol = [
+        p for p in grant.packs if any(grant.peers[s.peer].node_id == carol for s in p.shards)
+    ]
+    shared = {
+        name: sum(
+            1
+            for p in with_carol
+            for s in p.shards
+            if grant.peers[s.peer].node_id == world.keyring(name).node_id
+        )
+        for name in NODES
+        if name not in ("carol", "bob")
+    }
+    second = max(shared, key=lambda name: shared[name])
+    assert shared[second] > 0
+    world.world.kill_host(second)
+
+    # A new machine, the recovery key and bob's address: the root record
+    # names bob as a delegate, and his log says where the shards are now.
+    fresh = Home(tmp_path / "fresh")
+    summary = await operations.recover(
+        fresh,
+        keys.format_recovery_key(world.alice.load_secret()),
+        [],
+        [(f"bob:{PORT}", bob.node_id.hex())],
+        network=world.world.interface("alice"),
+    )
+    assert summary.delegated_moves == result.repair.shards_rebuilt
+    assert summary.packs_restorable == summary.packs == len(grant.packs)
+    target = tmp_path / "restored"
+    async with operations.open_repository(fresh, network=world.world.interface("alice")) as repo:
+        assert [row.node_id for row in repo.index.delegates()] == [bob.node_id]
+        [(_sid, snapshot)] = repo.index.snapshots()
+        restore = await Restorer(repo, target).run(snapshot)
+    assert restore.unrecoverable == [] and restore.failed == []
+    for i in range(3):
+        restored = target / str(source.absolute()).lstrip("/") / f"file-{i}"
+        assert restored.read_bytes() == bytes([i]) * 90_000

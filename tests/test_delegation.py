@@ -4,6 +4,7 @@ refuses, and sealed bytes that never survive a truncation or a flipped bit."""
 from __future__ import annotations
 
 import attrs
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -82,6 +83,7 @@ def logs(draw: st.DrawFn) -> RepairLog:
         entries=tuple(
             LogEntry(pack_id, index, draw(node_ids), draw(ids)) for pack_id, index in sorted(keys)
         ),
+        acted_at=draw(st.integers(0, 2**40)),
     )
 
 
@@ -161,6 +163,20 @@ def test_logs_round_trip_and_every_damaged_log_is_refused(log: RepairLog) -> Non
 
     for damaged in _all_damaged(sealed):
         _one_line_refusal(open_, damaged)
+
+
+def test_a_version_1_log_reads_as_one_that_says_no_pass() -> None:
+    entry = LogEntry(bytes(32), 1, bytes(20), bytes(32))
+    log = RepairLog(DELEGATE_ID, OWNER, 1, NOW, (entry,), acted_at=NOW - 60)
+    encoded = formats.encode_repair_log(log)
+    assert encoded[4] == formats.LOG_VERSION == 2
+    body = msgpack.unpackb(encoded[5:])
+    old = b"P2PL\x01" + msgpack.packb(body[:5], use_bin_type=True)
+    assert formats.decode_repair_log(old) == attrs.evolve(log, acted_at=0)
+    with pytest.raises(FormatError, match="expected 5 fields, got 6"):
+        formats.decode_repair_log(b"P2PL\x01" + msgpack.packb(body, use_bin_type=True))
+    with pytest.raises(FormatError, match="expected 6 fields, got 5"):
+        formats.decode_repair_log(b"P2PL\x02" + msgpack.packb(body[:5], use_bin_type=True))
 
 
 def test_a_log_of_another_delegate_or_owner_is_refused() -> None:

@@ -218,6 +218,7 @@ root_records = st.builds(
     names=st.lists(st.tuples(nonempty_texts, st.text(min_size=1, max_size=32)), max_size=2).map(
         tuple
     ),
+    delegates=st.lists(st.binary(min_size=20, max_size=20), max_size=2).map(tuple),
 )
 
 
@@ -271,7 +272,7 @@ CODECS = [
     Codec("tree", b"P2PT", encode_tree, decode_tree, trees, (1, TREE_VERSION)),
     Codec("snapshot", b"P2PN", encode_snapshot, decode_snapshot, snapshots),
     Codec("index segment", b"P2PI", encode_index_segment, decode_index_segment, index_segments),
-    Codec("root record", b"P2PR", encode_root_record, decode_root_record, root_records, (3,)),
+    Codec("root record", b"P2PR", encode_root_record, decode_root_record, root_records, (4,)),
     Codec("signed envelope", b"P2PE", _encode_envelope, decode_signed_envelope, envelopes),
 ]
 BY_NAME = {codec.name: codec for codec in CODECS}
@@ -368,6 +369,7 @@ _SAMPLES: dict[str, Callable[[random.Random], bytes]] = {
             instance=rng.randbytes(16),
             settings=b'version = 1\n[backup]\npaths = ["/home/me"]\ninterval = "6h"\n',
             names=(("peer-a", "disk-1"),),
+            delegates=(bytes(range(20)),),
         )
     ),
     "signed envelope": lambda rng: encode_signed_envelope(
@@ -845,8 +847,23 @@ def test_a_root_record_from_before_friends_reads_with_none() -> None:
         tuple(record.snapshots),
     )
     old = b"P2PR\x01" + msgpack.packb(body, use_bin_type=True)
-    assert decode_root_record(old) == attrs.evolve(record, instance=b"", settings=b"", names=())
+    assert decode_root_record(old) == attrs.evolve(
+        record, instance=b"", settings=b"", names=(), delegates=()
+    )
     assert record.friends == ()
+
+
+def test_a_version_3_root_record_reads_without_delegates() -> None:
+    record = decode_root_record(_SAMPLES["root record"](random.Random(6)))
+    assert record.delegates == (bytes(range(20)),)
+    body = msgpack.unpackb(encode_root_record(record)[5:])
+    old = b"P2PR\x03" + msgpack.packb(body[:10], use_bin_type=True)
+    assert decode_root_record(old) == attrs.evolve(record, delegates=())
+    # Version 3 had ten fields: an eleventh there is damage.
+    with pytest.raises(FormatError, match="root record: expected 10 fields, got 11"):
+        decode_root_record(b"P2PR\x03" + msgpack.packb(body, use_bin_type=True))
+    with pytest.raises(FormatError, match="root record: delegate"):
+        decode_root_record(b"P2PR\x04" + msgpack.packb([*body[:10], [b"short"]], use_bin_type=True))
 
 
 def test_a_version_1_root_record_reads_without_instance_id() -> None:
@@ -857,7 +874,9 @@ def test_a_version_1_root_record_reads_without_instance_id() -> None:
     )
     body = msgpack.unpackb(encode_root_record(record)[5:])
     old = b"P2PR\x01" + msgpack.packb(body[:7], use_bin_type=True)
-    assert decode_root_record(old) == attrs.evolve(record, instance=b"", settings=b"", names=())
+    assert decode_root_record(old) == attrs.evolve(
+        record, instance=b"", settings=b"", names=(), delegates=()
+    )
     # Version 1 had no instance id: an eighth field there is damage.
     with pytest.raises(FormatError, match="root record: expected 7 fields, got 8"):
         decode_root_record(b"P2PR\x01" + msgpack.packb(body[:8], use_bin_type=True))
@@ -868,7 +887,7 @@ def test_a_version_2_root_record_reads_without_settings() -> None:
     assert record.settings.startswith(b"version = 1")
     body = msgpack.unpackb(encode_root_record(record)[5:])
     old = b"P2PR\x02" + msgpack.packb(body[:8], use_bin_type=True)
-    assert decode_root_record(old) == attrs.evolve(record, settings=b"", names=())
+    assert decode_root_record(old) == attrs.evolve(record, settings=b"", names=(), delegates=())
     # Version 2 had no settings: a ninth field there is damage.
     with pytest.raises(FormatError, match="root record: expected 8 fields, got 9"):
         decode_root_record(b"P2PR\x02" + msgpack.packb(body[:9], use_bin_type=True))

@@ -28,8 +28,15 @@ from p2pbackup.model import (
 CONFIG = RepositoryConfig(2, 4, 1 << 20, 1 << 12, 1 << 14, 1 << 16, 1 << 16)
 
 
+def as_version_5(db: sqlite3.Connection) -> None:
+    """Take version 6's delegate acts out of today's index."""
+    db.execute("DROP TABLE delegate_acts")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (b"5",))
+
+
 def as_version_4(db: sqlite3.Connection) -> None:
     """Take version 5's delegates out of today's index."""
+    as_version_5(db)
     db.execute("DROP TABLE delegates")
     db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (b"4",))
 
@@ -90,7 +97,7 @@ def test_a_version_1_index_is_migrated_forward_with_its_data(tmp_path: Path) -> 
     version_1_index(path)
     assert stored_version(path) == 1
     index = Index(path)
-    assert stored_version(path) == SCHEMA_VERSION == 5
+    assert stored_version(path) == SCHEMA_VERSION == 6
     assert index.config() == CONFIG
     assert index.peers() == [PeerRecord("peer-a", "node", "10.0.0.1:47470")]
     assert index.last_seen() == {"peer-a": 1_700_000_000}
@@ -312,4 +319,30 @@ def test_a_version_4_index_gains_delegates(tmp_path: Path) -> None:
         assert index.next_grant_sequence(900) == 1001
         assert index.remove_delegate(b"D" * 20)
     assert index.delegates() == []
+    index.close()
+
+
+def test_a_version_5_index_gains_when_delegates_acted(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite"
+    index = Index(path)
+    with index.transaction():
+        index.set_config(CONFIG)
+        index.add_delegate(b"D" * 20, 100)
+    index.close()
+    db = sqlite3.connect(path)
+    as_version_5(db)
+    db.commit()
+    db.close()
+    index = Index(path)
+    assert stored_version(path) == SCHEMA_VERSION
+    [row] = index.delegates()
+    assert row.acted_at is None
+    with index.transaction():
+        index.set_delegate_acted(b"D" * 20, 500)
+        index.set_delegate_acted(b"D" * 20, 400)  # an older log says less
+    assert index.delegates()[0].acted_at == 500
+    with index.transaction():
+        assert index.remove_delegate(b"D" * 20)
+        assert index.add_delegate(b"D" * 20, 600)
+    assert index.delegates()[0].acted_at is None  # a new delegate has not acted yet
     index.close()

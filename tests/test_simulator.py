@@ -66,6 +66,8 @@ BAD = [
     (("[nodes]", "[[faults]]\nday = 1\nkind = 'holiday'\ncount = 1\n[nodes]"), "needs duration"),
     (("[nodes]", "[[faults]]\nday = 1\nkind = 'depart'\nnodes = [9]\n[nodes]"), "names node 9"),
     (("[nodes]", "[[faults]]\nday = 1\nkind = 'depart'\n[nodes]"), "one of nodes, count or"),
+    (("[nodes]", "[workload]\ndelegates = 6\n[nodes]"), "delegates = 6 must be less than"),
+    (("[nodes]", "[workload]\ndelegates = -1\n[nodes]"), "delegates must be a whole number"),
     (('name = "minimal"', "name = "), "not valid TOML"),
 ]
 
@@ -132,7 +134,11 @@ def scenarios(draw: st.DrawFn) -> sc.Scenario:
         repository=sc.Repository(
             k=2, n=draw(st.integers(3, 20)), pack_kib=draw(st.integers(1, 4096))
         ),
-        workload=sc.Workload(owners=owners, files=draw(st.integers(1, 60))),
+        workload=sc.Workload(
+            owners=owners,
+            files=draw(st.integers(1, 60)),
+            delegates=draw(st.integers(0, count - 1)),
+        ),
         maintenance=draw(
             st.sampled_from(
                 [(), (("repair_interval", "6h"),), (("audit_period", "2d"), ("grace", "3d"))]
@@ -233,6 +239,31 @@ def test_a_lost_home_is_recovered_from_its_key_while_friends_leave(tmp_path: Pat
     # The owner's files, restored from the snapshot taken before the loss.
     assert restored["exact"] is True
     assert summary["departed"] >= 2 and summary["restore_exact"] is True
+
+
+@pytest.mark.slow
+def test_delegates_keep_an_absent_home_alive_and_without_them_packs_are_lost(
+    tmp_path: Path,
+) -> None:
+    kept = run_small("away-for-months", tmp_path / "kept")
+    log = events(tmp_path / "kept")
+    [chosen] = [e for e in log if e["event"] == "delegates"]
+    assert chosen == {**chosen, "node": "node00", "delegates": ["node01", "node02"]}
+    [restored] = [e for e in log if e["event"] == "home_restored"]
+    assert restored["exact"] is True
+    assert kept["departed"] == 4 and kept["packs"] > 0
+    assert kept["packs_lost"] == 0 and kept["restore_exact"] is True
+    assert kept["worst_redundancy"] >= 0
+
+    # The same run without delegates: nobody repairs while the owner is away.
+    alone = run_small("away-for-months-alone", tmp_path / "alone")
+    assert not [e for e in events(tmp_path / "alone") if e["event"] == "delegates"]
+    assert alone["departed"] == 5  # the four friends, and the home never recovered
+    # Back, the owner finds too little to recover from, again and again.
+    tries = [e["event"] for e in events(tmp_path / "alone") if e["event"].startswith("recover")]
+    assert tries and set(tries) <= {"recover_incomplete", "recover_failed"}
+    assert alone["packs_lost"] > 0 and alone["restore_exact"] is False
+    assert alone["worst_redundancy"] < 0
 
 
 @pytest.mark.slow

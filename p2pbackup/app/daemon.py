@@ -557,7 +557,9 @@ async def run_scheduled_backups(
                         repo, exclude=schedule.exclude, skip_if_unchanged=True
                     ).run(schedule.paths, schedule.tags)
                     if summary.unchanged_since is None:
-                        await grants.hand_out(repo)
+                        # The clock this loop reads (looked up now, not
+                        # hand_out's default: a simulation's is virtual).
+                        await grants.hand_out(repo, clock=time.time)
                     with repo.index.transaction():
                         repo.index.set_meta(LAST_SCHEDULED_RUN, str(time.time_ns()).encode())
         except RepositoryLockedError as error:

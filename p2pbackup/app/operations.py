@@ -47,7 +47,8 @@ from p2pbackup.errors import (
     StoreError,
     UsageError,
 )
-from p2pbackup.maintenance.status import Hosting, KeptFor
+from p2pbackup.maintenance import delegated, grants
+from p2pbackup.maintenance.status import DataHealth, Hosting, KeptFor, kept_health
 from p2pbackup.model import (
     NODE_ID_SIZE,
     PEER_KIND_DIR,
@@ -300,13 +301,33 @@ def _kept_for(home: Home) -> Iterator[KeptFor]:
             certificate = delegation.open_certificate(held.certificate)
         except IntegrityError:
             continue
+        acted_at, health = _last_pass(home, held.owner)
         yield KeptFor(
             owner=held.owner.hex(),
             grant_sequence=held.sequence,
             received_at=held.received_at,
             packs=len(grant.packs),
             expiry=certificate.expiry,
+            acted_at=acted_at,
+            health=health,
         )
+
+
+def _last_pass(home: Home, owner: bytes) -> tuple[int | None, DataHealth | None]:
+    """When this home's last delegated pass for ``owner`` began, and the
+    health of the owner's packs it found (None, None: no pass yet)."""
+    path = delegated.grant_index_path(home.path, owner)
+    if not path.exists():
+        return None, None
+    index = Index(path, create=False)
+    try:
+        raw = index.get_meta(delegated.LAST_PASS)
+        if raw is None:
+            return None, None
+        since = int(raw)
+        return since, kept_health(index, since)
+    finally:
+        index.close()
 
 
 def make_invite(home: Home, addresses: Sequence[str] = ()) -> str:
@@ -385,7 +406,7 @@ async def add_friend(
         if new_peer:
             repo.index.add_peer(peer)
     if new_peer and (repo.index.snapshots() or repo.index.pack_ids()):
-        warnings.extend(await _publish_root(repo))
+        warnings.extend(await publish_root_or_warn(repo))
     return FriendAdded(friend, peer, reached is not None, tuple(warnings))
 
 
@@ -416,9 +437,10 @@ async def _probe(
     return None, problems
 
 
-async def _publish_root(repo: Repository) -> list[str]:
-    """Tell the peers the new peer list; a warning instead of an error, since
-    what was asked for is done and the next backup publishes again."""
+async def publish_root_or_warn(repo: Repository) -> list[str]:
+    """Tell the peers the new peer (or delegate) list; a warning instead of
+    an error, since what was asked for is done and the next backup publishes
+    again."""
     try:
         await repo.publish_root()
     except StoreError as exc:
@@ -593,7 +615,7 @@ async def _evacuate_and_forget(
             repo.index.remove_friend(friend)
         forgotten = repo.index.remove_peer(peer_id)
     if had_peer and repo.peers() and (repo.index.snapshots() or repo.index.pack_ids()):
-        warnings.extend(await _publish_root(repo))
+        warnings.extend(await publish_root_or_warn(repo))
     return PeerRemoved(
         peer_id=peer_id,
         shards_rebuilt=rebuilt,
@@ -640,6 +662,9 @@ class RecoverSummary:
     took_over: int = 0
     #: What the restored config.toml sets up ("": none was carried).
     settings: str = ""
+    #: Shard locations taken from the delegates' repair logs: where they
+    #: rebuilt shards while the home was away.
+    delegated_moves: int = 0
     problems: list[str] = attrs.Factory(list)
 
     def lines(self) -> list[str]:
@@ -651,6 +676,10 @@ class RecoverSummary:
         ]
         if self.settings:
             lines.append(f"config.toml restored: {self.settings}")
+        if self.delegated_moves:
+            lines.append(
+                f"took {self.delegated_moves} shard locations from the delegates' repair logs"
+            )
         if self.took_over:
             lines.append(
                 f"this home now writes the root record (#{self.took_over}); the home that "
@@ -892,6 +921,18 @@ def _prefer_listed(index: Index, held: Mapping[str, frozenset[bytes]]) -> None:
             current[location.index] = location
 
 
+async def _read_delegates(repo: Repository, summary: RecoverSummary, *, quiet: bool = False) -> int:
+    """Take the delegates' repair logs into the index being rebuilt: how
+    many shard locations moved. Each delegate that gave none is a problem
+    (said once: not again when ``quiet``)."""
+    if not repo.index.delegates():
+        return 0
+    taken, warnings = await grants.read_back(repo)
+    if not quiet:
+        summary.problems.extend(warnings)
+    return taken
+
+
 def _remove_home(home: Home, *, keep_dir: bool) -> None:
     for path in (home.marker_path, home.secret_path, home.lock_path):
         path.unlink(missing_ok=True)
@@ -924,13 +965,22 @@ async def _rebuild_index(
             index.set_peer_name(peer_id, name)
         for record in root.index_packs:
             index.add_pack(record, is_index=True, in_segment=True)
+        added = int(time.time())
+        for node_id in root.delegates:
+            index.add_delegate(node_id, added)
         # The record taken over: its writer's later ones are foreign, ours not.
         index.set_root(root.sequence, root.instance)
     summary.root_sequence = root.sequence
     summary.peers_known = len(root.peers)
+    # While the home was away its delegates may have rebuilt the index
+    # packs' shards elsewhere: where, first; the data packs' once the
+    # segments name them.
+    summary.delegated_moves += await _read_delegates(repo, summary)
 
     unread = 0
-    for record in root.index_packs:
+    for listed_record in root.index_packs:
+        # Where its shards are now: the delegates may have moved some.
+        record = index.pack(listed_record.pack_id) or listed_record
         try:
             data = await repo.read_pack(record, use_cache=False)
             header = packer.read_pack_header(repo.keyring.data_key, data)
@@ -946,6 +996,7 @@ async def _rebuild_index(
             with index.transaction():
                 for listed in segment.packs:
                     _merge_pack(index, listed)
+    summary.delegated_moves += await _read_delegates(repo, summary, quiet=True)
 
     for snapshot_id in root.snapshots:
         try:

@@ -977,6 +977,8 @@ class Service:
             # recovered from its key adds its delegates again): first.
             taken, _warnings = await grants.read_back(repo)
             handed = {h.node_id: h for h in await grants.hand_grants(repo)}
+            # A home recovered from its key gets its delegates back from there.
+            published = await operations.publish_root_or_warn(repo)
         mine = handed[node_id]
         console.out(f"added delegate {peer.peer_id}")
         if taken:
@@ -988,6 +990,8 @@ class Service:
                 f"warning: it was not handed the repair grant now ({mine.problem}); "
                 "it is handed again after each backup, prune and repair"
             )
+        for warning in published:
+            console.out(f"warning: {warning}")
         return OK
 
     async def delegate_list(self, request: DelegateListRequest, console: Console) -> Outcome:
@@ -1046,6 +1050,7 @@ class Service:
             told, warnings = await grants.revoke(repo, node_id)
             with repo.index.transaction():
                 repo.index.remove_delegate(node_id)
+            warnings += await operations.publish_root_or_warn(repo)
         for warning in warnings:
             console.out(f"warning: {warning}")
         console.out(f"removed delegate {node_id.hex()}; {told} nodes refuse its certificates now")

@@ -46,10 +46,14 @@ LOG_KIND = b"RLOG"
 #: How far a certificate's issue time may lie ahead of a checker's clock:
 #: clocks of homes differ by this much without anything being wrong.
 CLOCK_SKEW = 600
-#: The lifetime the owner gives its certificates: a month, renewed with
-#: every grant it hands out, so that a delegate dropped without being told
-#: loses its rights within a month at most.
-CERTIFICATE_LIFETIME = 30 * 86400
+#: The lifetime the owner gives its certificates: a year, as long as the
+#: leases a delegate renews, renewed with every grant it hands out. It must
+#: outlast the owner's longest absence — months, for a machine stolen or
+#: left off — since a delegate needs it most then. A delegate dropped
+#: without being told (a node that missed the revocation) keeps its rights
+#: that long, and they allow no read of anything but ciphertext, no delete
+#: (docs/delegation.md, "Threat model").
+CERTIFICATE_LIFETIME = 365 * 86400
 
 
 def _seal(kind: bytes, identity_seed: bytes, payload: bytes) -> bytes:

@@ -122,6 +122,8 @@ MAX_SNAPSHOT_PATHS = 1 << 16
 MAX_SNAPSHOT_TAGS = 1024
 #: Peers, index packs and snapshots named by one root record.
 MAX_PEERS = 4096
+#: The most delegates a root record names (a grant names them all too).
+MAX_ROOT_DELEGATES = 64
 #: Addresses kept per friend (the invite's, and ones found since).
 MAX_FRIEND_ADDRESSES = 8
 MAX_ROOT_INDEX_PACKS = 1 << 16
@@ -150,9 +152,12 @@ LOG_MAGIC = b"P2PL"
 FORMAT_VERSION = 1
 #: Shard headers: 1 named the pack in clear; 2 (written now) does not.
 SHARD_HEADER_VERSION = 2
-#: Root records: 1 had six or seven fields; 2 (written now) adds the writing
-#: home's instance id and may be padded with zeros.
-ROOT_RECORD_VERSION = 3
+#: Repair logs: 2 (written now) adds when the delegate last acted.
+LOG_VERSION = 2
+#: Root records: 1 had six or seven fields; 2 adds the writing home's
+#: instance id and may be padded with zeros; 3 the settings and peer names;
+#: 4 (written now) the delegates.
+ROOT_RECORD_VERSION = 4
 #: The most bytes of ``config.toml`` a root record carries.
 MAX_ROOT_SETTINGS = 64 * 1024
 #: The longest name of a peer (``peer rename``).
@@ -805,7 +810,8 @@ def _index_segment(value: object, what: str) -> IndexSegment:
 
 
 def encode_root_record(record: RootRecord, *, padded_size: int = 0) -> bytes:
-    """Version 3 (with the home's settings and its peers' names), followed
+    """Version 4 (with the home's settings, its peers' names and its
+    delegates), followed
     by zeros up to ``padded_size`` bytes if it is longer: so that a record's
     size says little (docs/privacy.md). The one exception to canonical form:
     the same record, padded otherwise, is other bytes."""
@@ -829,6 +835,7 @@ def encode_root_record(record: RootRecord, *, padded_size: int = 0) -> bytes:
         record.instance,
         record.settings,
         tuple(record.names),
+        tuple(record.delegates),
     )
     encoded = _seal("root record", ROOT_RECORD_MAGIC, body, ROOT_RECORD_VERSION)
     padding = bytes(max(0, padded_size - len(encoded)))
@@ -837,15 +844,15 @@ def encode_root_record(record: RootRecord, *, padded_size: int = 0) -> bytes:
 
 def decode_root_record(data: BytesLike) -> RootRecord:
     """A root record of any version (version 1: no instance id, no padding;
-    versions 1 and 2: no settings)."""
+    versions 1 and 2: no settings; versions 1 to 3: no delegates)."""
     raw = bytes(data)
     version = raw[4] if len(raw) > 4 else ROOT_RECORD_VERSION
 
     def build(value: object, what: str) -> RootRecord:
         return _root_record(value, what, version)
 
-    versions = (1, 2, ROOT_RECORD_VERSION)
-    return _open("root record", raw, ROOT_RECORD_MAGIC, build, versions, padded=(2, 3))
+    versions = (1, 2, 3, ROOT_RECORD_VERSION)
+    return _open("root record", raw, ROOT_RECORD_MAGIC, build, versions, padded=(2, 3, 4))
 
 
 def _root_record(value: object, what: str, version: int) -> RootRecord:
@@ -858,6 +865,8 @@ def _root_record(value: object, what: str, version: int) -> RootRecord:
         fields = (*_check.fields(fields, what, 7), b"")
     if version in (1, 2):
         fields = (*_check.fields(fields, what, 8), b"", ())
+    if version in (1, 2, 3):
+        fields = (*_check.fields(fields, what, 10), ())
     (
         sequence,
         time_ns,
@@ -869,7 +878,8 @@ def _root_record(value: object, what: str, version: int) -> RootRecord:
         instance,
         settings,
         names,
-    ) = _check.fields(fields, what, 10)
+        delegates,
+    ) = _check.fields(fields, what, 11)
     return RootRecord(
         sequence=_check.integer(sequence, f"{what}: sequence"),
         time_ns=_check.integer(time_ns, f"{what}: time"),
@@ -883,6 +893,9 @@ def _root_record(value: object, what: str, version: int) -> RootRecord:
         instance=_instance(instance, f"{what}: instance id"),
         settings=_check.binary(settings, f"{what}: settings", max_length=MAX_ROOT_SETTINGS),
         names=_check.items(names, f"{what}: name", _peer_name, max_length=MAX_PEERS),
+        delegates=_check.items(
+            delegates, f"{what}: delegate", _node_id, max_length=MAX_ROOT_DELEGATES
+        ),
     )
 
 
@@ -1121,23 +1134,34 @@ def _grant_pack(value: object, what: str, *, peers: int) -> GrantPack:
 
 
 def encode_repair_log(log: RepairLog) -> bytes:
-    """The log's bytes (unsigned: :mod:`p2pbackup.core.delegation` signs them)."""
+    """The log's bytes, version 2 (unsigned: :mod:`p2pbackup.core.delegation`
+    signs them)."""
     body = (
         log.delegate,
         log.owner,
         log.grant_sequence,
         log.made_at,
         tuple((e.pack_id, e.index, e.holder, e.merkle_root) for e in log.entries),
+        log.acted_at,
     )
-    return _checked(_seal("repair log", LOG_MAGIC, body), decode_repair_log)
+    return _checked(_seal("repair log", LOG_MAGIC, body, LOG_VERSION), decode_repair_log)
 
 
 def decode_repair_log(data: BytesLike) -> RepairLog:
-    return _open("repair log", data, LOG_MAGIC, _repair_log)
+    """A repair log of either version (version 1: no time of the last pass)."""
+    raw = bytes(data)
+    version = raw[4] if len(raw) > 4 else LOG_VERSION
+
+    def build(value: object, what: str) -> RepairLog:
+        if version == 1:
+            value = (*_check.fields(value, what, 5), 0)
+        return _repair_log(value, what)
+
+    return _open("repair log", raw, LOG_MAGIC, build, (1, LOG_VERSION))
 
 
 def _repair_log(value: object, what: str) -> RepairLog:
-    delegate, owner, grant_sequence, made_at, entries = _check.fields(value, what, 5)
+    delegate, owner, grant_sequence, made_at, entries, acted_at = _check.fields(value, what, 6)
 
     def entry(item: object, where: str) -> LogEntry:
         pack_id, index, holder, root = _check.fields(item, where, 4)
@@ -1156,6 +1180,7 @@ def _repair_log(value: object, what: str) -> RepairLog:
         entries=_check.items(
             entries, f"{what}: entry", entry, max_length=MAX_GRANT_PACKS * MAX_SHARDS
         ),
+        acted_at=_check.integer(acted_at, f"{what}: acted at"),
     )
     _strictly_ascending(what, "entry", [e.pack_id + bytes([e.index]) for e in log.entries])
     if log.delegate == log.owner:

@@ -94,7 +94,7 @@ from p2pbackup.model import (
     Snapshot,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: Asked count at which a peer's probe counts halve (see the module docstring).
 PROBE_MEMORY = 200
 
@@ -153,6 +153,11 @@ CREATE TABLE IF NOT EXISTS delegates (
     node_id BLOB PRIMARY KEY, added_at INTEGER NOT NULL, granted_at INTEGER,
     grant_sequence INTEGER, problem TEXT NOT NULL DEFAULT '');
 """
+#: When each delegate last acted for this home, as its repair log says.
+#: Added in schema version 6.
+_DELEGATE_ACTS = """
+CREATE TABLE IF NOT EXISTS delegate_acts (node_id BLOB PRIMARY KEY, acted_at INTEGER NOT NULL);
+"""
 
 #: The tables of schema version 1.
 _SCHEMA_V1 = """
@@ -198,6 +203,7 @@ _SCHEMA = (
     + _LEAVING_PEERS
     + _PEER_NAMES
     + _DELEGATES
+    + _DELEGATE_ACTS
 )
 
 #: Schema version → the statements that turn an index of that version into
@@ -207,6 +213,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: (_PEER_AUDITS, _SHARD_AUDITS),
     3: (*_LEASE_COLUMN, _LEAVING_PEERS),
     4: (_DELEGATES, _PEER_NAMES),
+    5: (_DELEGATE_ACTS,),
 }
 
 
@@ -297,6 +304,8 @@ class DelegateRow:
     grant_sequence: int | None
     #: What went wrong the last time it was handed one ("": nothing).
     problem: str
+    #: When it last acted for this home, as its repair log says (None: never).
+    acted_at: int | None = None
 
 
 @attrs.frozen
@@ -597,14 +606,25 @@ class Index:
     def delegates(self) -> list[DelegateRow]:
         """Every delegate, oldest first."""
         rows = self._db.execute(
-            "SELECT node_id, added_at, granted_at, grant_sequence, problem FROM delegates"
-            " ORDER BY added_at, node_id"
+            "SELECT d.node_id, d.added_at, d.granted_at, d.grant_sequence, d.problem,"
+            " a.acted_at FROM delegates d LEFT JOIN delegate_acts a ON a.node_id = d.node_id"
+            " ORDER BY d.added_at, d.node_id"
         )
-        return [DelegateRow(bytes(n), a, g, q, p) for n, a, g, q, p in rows]
+        return [DelegateRow(bytes(n), a, g, q, p, t) for n, a, g, q, p, t in rows]
 
     def remove_delegate(self, node_id: bytes) -> bool:
         """Forget a delegate; whether there was one."""
+        self._db.execute("DELETE FROM delegate_acts WHERE node_id=?", (node_id,))
         return self._db.execute("DELETE FROM delegates WHERE node_id=?", (node_id,)).rowcount > 0
+
+    def set_delegate_acted(self, node_id: bytes, acted_at: int) -> None:
+        """The delegate's repair log says it last acted at ``acted_at``
+        (kept only if later than what was known)."""
+        self._db.execute(
+            "INSERT INTO delegate_acts(node_id, acted_at) VALUES (?, ?) ON CONFLICT(node_id)"
+            " DO UPDATE SET acted_at = max(acted_at, excluded.acted_at)",
+            (node_id, acted_at),
+        )
 
     def set_delegate_granted(self, node_id: bytes, granted_at: int, sequence: int) -> None:
         """The delegate took the grant of ``sequence`` at ``granted_at``."""

@@ -138,6 +138,7 @@ def build_root_record(
         instance=instance,
         settings=settings,
         names=tuple(sorted(index.peer_names().items())),
+        delegates=tuple(sorted(row.node_id for row in index.delegates())),
     )
 
 

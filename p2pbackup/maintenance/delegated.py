@@ -72,6 +72,8 @@ GRANT = "grant"
 GRANT_INDEX_DIR = "delegated"
 #: The meta key holding when the delegate last reached the owner's node.
 OWNER_SEEN = "owner_seen"
+#: The meta key holding when the delegate's last pass for the owner began.
+LAST_PASS = "last_pass"
 #: Seconds each delegate waits after the one before it in node id order.
 STAGGER = 86400.0
 
@@ -128,13 +130,15 @@ def repair_log(index: Index, grant: RepairGrant, delegate: bytes, now: int) -> R
             holder = bytes.fromhex(location.peer_id)
             if granted.get((pack_id, location.index)) != holder:
                 entries.append(LogEntry(pack_id, location.index, holder, location.merkle_root))
-    return RepairLog(delegate, grant.owner, grant.sequence, now, tuple(entries))
+    raw = index.get_meta(LAST_PASS)
+    acted = 0 if raw is None else int(raw)
+    return RepairLog(delegate, grant.owner, grant.sequence, now, tuple(entries), acted)
 
 
 def sealed_log(path: Path, identity_seed: bytes, owner: bytes, now: int) -> bytes | None:
     """The repair log of the grant index at ``path`` (``owner``'s), signed
-    by the delegate whose seed this is; None if there is no grant index or
-    nothing moved."""
+    by the delegate whose seed this is; None if there is no grant index, or
+    no pass ran and nothing moved."""
     if not path.exists():
         return None
     index = Index(path, create=False)
@@ -147,7 +151,7 @@ def sealed_log(path: Path, identity_seed: bytes, owner: bytes, now: int) -> byte
         log = repair_log(index, grant, delegate, now)
     finally:
         index.close()
-    if not log.entries:
+    if not log.entries and not log.acted_at:
         return None
     return delegation.seal_log(identity_seed, log)
 
@@ -219,6 +223,7 @@ async def repair_for(
     """One delegated pass (module docstring) on the grant index ``index``, as
     the delegate whose keyring this is, under ``certificate``."""
     repo = Repository(keyring, index, network, locate=locate, certificate=certificate)
+    started = int(time.time())
     try:
         # What the other delegates moved first: one that stepped in before
         # this one leaves nothing for it to do.
@@ -233,6 +238,9 @@ async def repair_for(
         evolved = attrs.evolve(repairer.with_audits(options, index), publish=False)
         report = await repairer.repair_pass(repo, evolved, progress=progress)
         renewed = await leases.renew_leases(repo, time.time())
+        # Read back by the owner (the log's acted_at) and by status.
+        with index.transaction():
+            index.set_meta(LAST_PASS, str(started).encode())
     finally:
         await repo.aclose()
     return DelegatedRepair(audit, report, renewed)

@@ -248,7 +248,7 @@ async def _read_back(
     """:func:`read_back`, with each problem by delegate."""
     rows = repo.index.delegates()
     sources = [(row.node_id, row.grant_sequence) for row in rows]
-    return await take_logs(repo, repo.keyring.node_id, sources, clock)
+    return await take_logs(repo, repo.keyring.node_id, sources, clock, note_acted=True)
 
 
 async def take_logs(
@@ -256,14 +256,18 @@ async def take_logs(
     owner: bytes,
     sources: Sequence[tuple[bytes, int | None]],
     clock: Callable[[], float],
+    *,
+    note_acted: bool = False,
 ) -> tuple[int, list[tuple[bytes, str]]]:
     """Ask each delegate of ``sources`` (node id, the grant sequence below
     which its log is stale, or None) for its repair log of ``owner``, and
     take what checks out into ``repo``'s index (module docstring,
     "read-back"): how many locations changed, and each delegate's problem.
-    The owner reads its delegates this way, and a delegate the others."""
+    The owner reads its delegates this way (``note_acted``: keeping when
+    each last acted, for ``status``), and a delegate the others."""
     index = repo.index
     logs: list[RepairLog] = []
+    acted: list[RepairLog] = []
     problems: list[tuple[bytes, str]] = []
 
     async def ask(node_id: bytes, taken: int | None) -> None:
@@ -275,6 +279,8 @@ async def take_logs(
         except (P2PBackupError, IntegrityError) as error:
             problems.append((node_id, str(error)))
             return
+        # A stale log still says when the delegate last acted.
+        acted.append(sent)
         # A log follows the grant the delegate last repaired from; once it
         # took a newer one, the owner has been back, read that log and
         # handed out shard maps since: the log is stale.
@@ -291,6 +297,9 @@ async def take_logs(
     taken = 0
     changed: set[bytes] = set()
     with index.transaction():
+        for sent in acted:
+            if note_acted and sent.acted_at:
+                index.set_delegate_acted(sent.delegate, sent.acted_at)
         for sent in logs:
             for entry in sent.entries:
                 record = index.pack(entry.pack_id, with_blobs=False)

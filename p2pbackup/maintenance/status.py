@@ -46,10 +46,13 @@ Nouns:
   (**placed**), and the bytes audits and repair moved with it.
 
 * **delegate** — :class:`DelegateState`: a node this home lets keep its
-  backups alive while it is away, and the last repair grant it took.
+  backups alive while it is away, the last repair grant it took, and when
+  it last acted for this home (as its repair log said when last read).
 * **kept for** — :class:`KeptFor`: a home this node is a delegate of: the
-  grant it holds (its sequence, when it came, how many packs it maps) and
-  when the certificate beside it expires.
+  grant it holds (its sequence, when it came, how many packs it maps),
+  when the certificate beside it expires, and — once this node has run a
+  pass for it — when that last was and the health of its packs then
+  (:func:`kept_health`: a shard counts where its peer answered that pass).
 
 Peers are asked concurrently, each with a short timeout, and one that is
 overdue while the others have answered is given up on as offline
@@ -260,14 +263,21 @@ class DelegateState:
     grant_sequence: int | None
     #: Why the last hand-over failed ("": it did not).
     problem: str
+    #: When it last acted for this home (None: not that this home knows).
+    acted_at: int | None = None
 
     def describe(self) -> str:
         if self.granted_at is None:
             held = "holds no repair grant yet"
         else:
             held = f"took repair grant {self.grant_sequence} {_date(self.granted_at)}"
+        acted = (
+            "; has not acted yet"
+            if self.acted_at is None
+            else (f"; last acted {_date(self.acted_at)}")
+        )
         problem = f"; the last hand-over failed ({self.problem})" if self.problem else ""
-        return f"delegate {self.node_id}: {held}{problem}"
+        return f"delegate {self.node_id}: {held}{acted}{problem}"
 
 
 @attrs.frozen
@@ -280,13 +290,32 @@ class KeptFor:
     packs: int
     #: When the certificate the owner gave with the grant expires.
     expiry: int
+    #: When this node's last pass for the owner began (None: none yet), and
+    #: the health of the owner's packs as that pass found them.
+    acted_at: int | None = None
+    health: DataHealth | None = None
 
     def describe(self) -> str:
-        return (
+        line = (
             f"delegate of node {self.owner}: grant {self.grant_sequence} of "
             f"{_date(self.received_at)} maps {self.packs} packs; certificate valid until "
             f"{_date(self.expiry)}; `repair --for {self.owner}` repairs them"
         )
+        if self.acted_at is None or self.health is None:
+            return line + "; no pass for it yet"
+        health = self.health
+        return line + (
+            f"; last pass {_date(self.acted_at)}: {health.safe} safe, {health.at_risk} at risk, "
+            f"{health.unrecoverable} unrecoverable"
+        )
+
+
+def kept_health(index: Index, since: int, policy: RepairPolicy = DEFAULT_REPAIR) -> DataHealth:
+    """The health of the packs in a grant index as the pass that began at
+    ``since`` found them: a shard is healthy if its peer answered since."""
+    online = {peer for peer, seen in index.last_seen().items() if seen >= since}
+    packs = ((k, n, [peer for peer, _i in shards]) for _id, k, n, shards in index.pack_placements())
+    return data_health(packs, online, policy)
 
 
 @attrs.frozen
@@ -472,7 +501,12 @@ async def gather_status(
     )
     delegates = tuple(
         DelegateState(
-            row.node_id.hex(), row.added_at, row.granted_at, row.grant_sequence, row.problem
+            row.node_id.hex(),
+            row.added_at,
+            row.granted_at,
+            row.grant_sequence,
+            row.problem,
+            row.acted_at,
         )
         for row in index.delegates()
     )

@@ -123,6 +123,9 @@ class Workload:
     interval_hours: float = 24.0
     #: Share of the files rewritten each day (while the owner sleeps).
     change: float = 0.05
+    #: Delegates of each owner: its first this many friends that are no
+    #: owners, by node index (0: no delegation).
+    delegates: int = 0
 
 
 @attrs.frozen
@@ -286,6 +289,7 @@ def _workload(table: dict[str, Any]) -> Workload:
             f"{w} interval_hours", table.get("interval_hours", d.interval_hours), 1
         ),
         change=_number(f"{w} change", table.get("change", d.change), 0, 1),
+        delegates=_positive_int(f"{w} delegates", table.get("delegates", d.delegates), zero=True),
     )
 
 
@@ -409,6 +413,10 @@ def check(scenario: Scenario) -> Scenario:
     if scenario.nodes.friends is not None and not 3 <= scenario.nodes.friends < count:
         raise UsageError(
             f"[nodes] friends = {scenario.nodes.friends} must be from 3 to count - 1 ({count - 1})"
+        )
+    if scenario.workload.delegates >= count:
+        raise UsageError(
+            f"[workload] delegates = {scenario.workload.delegates} must be less than the nodes"
         )
     if scenario.small.nodes < 4:
         raise UsageError("[small] nodes must be at least 4")

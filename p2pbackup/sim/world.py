@@ -22,7 +22,12 @@ Nouns:
   shard index is **healthy** where a machine not gone for good holds its
   file untouched by a fault (the end checks the files against their Merkle
   roots); a pack's **redundancy** is its healthy shard indices less k; it is
-  **lost** below 0.
+  **lost** below 0. While an owner's home is lost its index is gone: its
+  packs as they were when it was lost (:class:`LostPack`) stand in, and a
+  shard counts wherever a machine holds it (a delegate may have moved it).
+* **delegates** — ``workload.delegates`` of each owner's friends, made
+  its delegates before the first backup (docs/delegation.md): their nodes
+  keep its backups alive while it is away.
 
 Homes' files live in a work directory on disk (``--out``'s ``work``),
 which the simulation deletes as it goes only where a fault says so.
@@ -57,7 +62,7 @@ from p2pbackup.engine import snapshots
 from p2pbackup.engine.index import Index
 from p2pbackup.engine.restore import Restorer
 from p2pbackup.errors import P2PBackupError
-from p2pbackup.maintenance import auditor, repairer
+from p2pbackup.maintenance import auditor, delegated, repairer
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
 from p2pbackup.net.network import Address
 from p2pbackup.node.server import StorageServer
@@ -207,6 +212,17 @@ class EventLog:
             self.stream.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+@attrs.frozen
+class LostPack:
+    """What the simulator keeps of a pack of a lost home: its code and the
+    Merkle root of each shard index (the same wherever it is rebuilt)."""
+
+    pack_id: bytes
+    k: int
+    block_size: int
+    roots: tuple[tuple[int, bytes], ...]
+
+
 @attrs.define(eq=False)
 class Machine:
     """One simulated machine and its home."""
@@ -235,6 +251,8 @@ class Machine:
     damaged: dict[Path, int] = attrs.Factory(dict)
     #: Traffic an earlier home of this machine counted: (day, purpose) → bytes.
     old_traffic: dict[tuple[int, str], int] = attrs.Factory(dict)
+    #: The packs of its home when it was lost (until it is recovered).
+    lost_packs: list[LostPack] = attrs.Factory(list)
 
     @property
     def address(self) -> Address:
@@ -393,6 +411,21 @@ class World:
                     operations.make_invite(machine.home, [str(machine.address)]),
                     now=virtual_now,
                 )
+
+    async def _make_delegates(self, owner: Machine, count: int) -> None:
+        """``delegate add`` for the owner's first ``count`` friends that are
+        no owners. Nobody serves yet: the first backup hands them grants."""
+        by_id = {m.node_id: m for m in self.machines}
+        index = Index(owner.home.index_path, create=False)
+        try:
+            friends = [by_id[f.node_id] for f in index.friends() if f.node_id in by_id]
+            chosen = sorted((m for m in friends if not m.owner), key=lambda m: m.index)[:count]
+            with index.transaction():
+                for delegate in chosen:
+                    index.add_delegate(delegate.node_id, int(virtual_now()))
+        finally:
+            index.close()
+        self.events("delegates", node=owner.name, delegates=[m.name for m in chosen])
 
     def _friend_graph(self, count: int, degree: int | None) -> list[tuple[int, int]]:
         """Pairs of friends: everyone, or each node with about ``degree``."""
@@ -628,6 +661,7 @@ class World:
         await self.stop(machine)
         self._note_owner(machine)
         self._keep_traffic(machine)
+        machine.lost_packs = self._packs_of(machine)
         files = len(machine.shard_files())
         shutil.rmtree(machine.home.path)
         assert machine.tree is not None
@@ -707,6 +741,7 @@ class World:
         self.events("home_restored", node=machine.name, exact=exact)
         self._write_config(machine)
         machine.gone = machine.lost_home = False
+        machine.lost_packs = []
         await self.settle(trio.current_time())
 
     async def _new_day(self) -> None:
@@ -756,14 +791,55 @@ class World:
         finally:
             index.close()
 
+    def _packs_of(self, owner: Machine) -> list[LostPack]:
+        index = Index(owner.home.index_path, create=False)
+        try:
+            packs = []
+            for pack_id in index.pack_ids():
+                record = index.pack(pack_id, with_blobs=False)
+                if record is not None:
+                    roots = tuple(sorted((s.index, s.merkle_root) for s in record.shards))
+                    packs.append(LostPack(pack_id, record.k, record.block_size, roots))
+            return packs
+        finally:
+            index.close()
+
+    def lost_redundancy(self, owner: Machine, *, verify: bool = False) -> list[int]:
+        """Ground truth for a lost home: each of its packs' shard indices
+        held untouched by any machine not gone, less k."""
+        living = [m for m in self.machines if not m.gone and m is not owner]
+        result = []
+        for pack in owner.lost_packs:
+            healthy = 0
+            for index, root in pack.roots:
+                for holder in living:
+                    path = self._holder_path(holder, owner, pack.pack_id, index)
+                    try:
+                        mtime = path.stat().st_mtime_ns
+                    except FileNotFoundError:
+                        continue
+                    if verify:
+                        if merkle.merkle_root(path.read_bytes(), pack.block_size) != root:
+                            continue
+                    elif holder.damaged.get(path) == mtime:
+                        continue
+                    healthy += 1
+                    break
+            result.append(healthy - pack.k)
+        return result
+
     def _sample_day(self) -> None:
         worst: int | None = None
         for machine in self.machines:
             if machine.owner and not machine.gone:
                 self._note_owner(machine)
                 levels = self.redundancy(machine)
-                if levels:
-                    worst = min(levels) if worst is None else min(worst, min(levels))
+            elif machine.lost_home:
+                levels = self.lost_redundancy(machine)
+            else:
+                continue
+            if levels:
+                worst = min(levels) if worst is None else min(worst, min(levels))
         self.figures.worst_redundancy.append(worst)
         self.events("day", worst_redundancy=worst, up=sum(m.up for m in self.machines))
 
@@ -790,16 +866,20 @@ class World:
             machine.old_traffic[key] = machine.old_traffic.get(key, 0) + count
 
     def _traffic(self, machine: Machine) -> dict[tuple[int, str], int]:
+        """The machine's traffic by (day, purpose): its home's, and what it
+        moved as a delegate (counted in its grant indexes)."""
         totals: dict[tuple[int, str], int] = {}
         if not machine.home.index_path.exists():
             return totals
-        index = Index(machine.home.index_path, create=False)
-        try:
-            for row in index.traffic():
-                key = (row.day, row.purpose)
-                totals[key] = totals.get(key, 0) + row.sent + row.received
-        finally:
-            index.close()
+        grant_indexes = sorted((machine.home.path / delegated.GRANT_INDEX_DIR).glob("*.sqlite"))
+        for path in [machine.home.index_path, *grant_indexes]:
+            index = Index(path, create=False)
+            try:
+                for row in index.traffic():
+                    key = (row.day, row.purpose)
+                    totals[key] = totals.get(key, 0) + row.sent + row.received
+            finally:
+                index.close()
         return totals
 
     # -- the run ----------------------------------------------------------------------
@@ -814,6 +894,10 @@ class World:
             friends = [self.machines[b] for x, b in pairs if x == a]
             if friends:
                 await self.befriend(self.machines[a], friends)
+        if scenario.workload.delegates:
+            for machine in self.machines:
+                if machine.owner:
+                    await self._make_delegates(machine, scenario.workload.delegates)
         self.events(
             "start",
             scenario=scenario.name,
@@ -867,6 +951,8 @@ class World:
         for machine in self.machines:
             if machine.owner and not machine.gone:
                 levels.extend(self.redundancy(machine, verify=True))
+            elif machine.lost_home:
+                levels.extend(self.lost_redundancy(machine, verify=True))
         self.packs = len(levels)
         self.packs_lost = sum(1 for level in levels if level < 0)
         async with trio.open_nursery() as nursery:
@@ -889,6 +975,10 @@ class World:
                     result = await self._restore_latest(machine, self.work / machine.name / "final")
                     self.events("restore", node=machine.name, exact=result)
                     exact = exact and bool(result)
+                elif machine.lost_home:
+                    # Never recovered: nothing of its files came back.
+                    self.events("restore", node=machine.name, exact=False, recovered=False)
+                    exact = False
             self.restore_exact = exact
             nursery.cancel_scope.cancel()
         for host in hosts:

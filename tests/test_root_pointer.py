@@ -214,8 +214,8 @@ async def test_the_pointer_is_published_again_when_its_holders_change(
         await trio.sleep(1)
         found = await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id)
         assert isinstance(found, records.RootPointer) and found.sequence == first
-        # The refresh period pushes the expiry on, holders changed or not.
-        await trio.sleep(discovery.options.refresh_period)
+        # The republish period pushes the expiry on, holders changed or not.
+        await trio.sleep(discovery.options.republish_period)
         found = await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id)
         assert isinstance(found, records.RootPointer) and found.sequence > first
         inner.cancel_scope.cancel()

@@ -847,6 +847,20 @@ class DhtNode:
                 pings.start_soon(ping, node)
         return answered
 
+    async def ping(self, address: Address) -> bytes | None:
+        """The node id that answers a ping at ``address``, or None: one
+        datagram each way, where a lookup costs dozens."""
+
+        async def ask() -> _Result:
+            # The package's request makes its future at once: inside the loop.
+            result: _Result = await self._protocol.ping(
+                (address.host, address.port), self._server.node.id
+            )
+            return result
+
+        answered, node_id = await self._aio(ask)
+        return node_id if answered and _is_node_id(node_id) else None
+
     async def refresh(self) -> None:
         """Look up the buckets nobody has touched for an hour (the paper's refresh)."""
         await self._aio(self._server._refresh_table)

@@ -21,10 +21,11 @@ Nouns:
 * **followed contacts** — the newest contact record found for each friend;
   a friend that moved is found at its new address within one refresh period.
   Following costs one ping while the friend **answers** where its record
-  says (it then keeps its own records published); its record is looked up
-  again after :data:`FOLLOW_RECHECK` all the same, and at once when it stops
-  answering. A friend that stays **silent** (asleep, away, lost) is looked
-  up again after a backoff: a refresh period, doubled each time, at most
+  says (before its first lookup, where the friend list says): it then keeps
+  its own records published. Its record is looked up again after
+  :data:`FOLLOW_RECHECK` all the same, and at once when it stops answering.
+  A friend that stays **silent** (asleep, away, lost) is looked up again
+  after a backoff: a refresh period, doubled each time, at most
   :data:`FOLLOW_RECHECK`.
 * **root pointer** — the signed DHT record that says where this home's root
   record is kept: the addresses of up to eight of its storage nodes (the
@@ -176,6 +177,10 @@ class Discovery:
         #: Friend node id → lookups in a row that found it silent, and when
         #: the next lookup is due.
         self._silent: dict[bytes, tuple[int, float]] = {}
+        #: Friend node id → when its root pointer was last stored again.
+        self._pointer_stored: dict[bytes, float] = {}
+        #: When friends were first followed (trio time).
+        self._started: float | None = None
 
     def _join_addresses(self) -> list[Address]:
         addresses = list(self.options.bootstrap)
@@ -316,17 +321,22 @@ class Discovery:
         (module docstring: a friend that answers costs a ping).
 
         A silent friend's root pointer is stored again, as it is, on the
-        nodes now closest to its key: the nodes that took it may have left,
-        and a friend whose machine is lost cannot publish it any more. One
-        that answers publishes its own.
+        nodes now closest to its key (at most every :data:`FOLLOW_RECHECK`):
+        the nodes that took it may have left, and a friend whose machine is
+        lost cannot publish it any more. One that answers publishes its own.
         """
         now = trio.current_time()
+        if self._started is None:
+            self._started = now
         for friend in self.friends():
             node_id = friend.node_id
             known = self.followed.get(node_id)
+            # Where it should answer: as its record says, or before any
+            # lookup, as the friend list says (its invite's addresses).
+            where = _where(known.addresses if known is not None else friend.addresses)
             answered: bool | None = None  # not asked
-            if known is not None and now < self._looked_up.get(node_id, -math.inf) + FOLLOW_RECHECK:
-                answered = await self._answers(node_id, known)
+            if where and now < self._looked_up.get(node_id, self._started) + FOLLOW_RECHECK:
+                answered = await self._answers(node_id, where)
                 if answered:
                     self._silent.pop(node_id, None)
                     continue
@@ -337,22 +347,26 @@ class Discovery:
             self._looked_up[node_id] = now
             if record is not None:
                 self.followed[node_id] = record
-                if not (record == known and answered is False) and await self._answers(
-                    node_id, record
+                found = _where(record.addresses)
+                if not (found == where and answered is False) and await self._answers(
+                    node_id, found
                 ):
                     self._silent.pop(node_id, None)
                     continue
             silent += 1
             delay = retry_delay(silent, first=self.options.refresh_period, most=FOLLOW_RECHECK)
             self._silent[node_id] = (silent, now + delay)
+            if now < self._pointer_stored.get(node_id, -math.inf) + FOLLOW_RECHECK:
+                continue  # stored again lately: it lives for days
             pointer = await self.node.lookup(records.RecordKind.ROOT, node_id)
             if pointer is not None:
                 await self.node.publish(pointer)
+                self._pointer_stored[node_id] = now
 
-    async def _answers(self, node_id: bytes, record: records.ContactRecord) -> bool:
-        """Whether ``node_id`` answers a ping at an address of ``record``."""
-        for address in record.addresses:
-            if await self.node.ping(Address(address.host, address.port)) == node_id:
+    async def _answers(self, node_id: bytes, where: Sequence[Address]) -> bool:
+        """Whether ``node_id`` answers a ping at one of ``where``."""
+        for address in where:
+            if await self.node.ping(address) == node_id:
                 return True
         return False
 
@@ -422,6 +436,10 @@ class Discovery:
                     await _survive("following friends", self.follow_friends)
         finally:
             self.save_state()
+
+
+def _where(addresses: Sequence[Address | records.RecordAddress]) -> list[Address]:
+    return [Address(a.host, a.port) for a in addresses]
 
 
 #: Seconds before trying again to publish a record that no node took; the

@@ -231,6 +231,9 @@ def test_a_lost_home_is_recovered_from_its_key_while_friends_leave(tmp_path: Pat
     [restored] = [e for e in log if e["event"] == "home_restored"]
     assert recovered["node"] == restored["node"] == lost["node"]
     assert recovered["t"] > lost["t"] and recovered["snapshots"] >= 1
+    # Through the DHT: friends kept the pointer through the night every
+    # machine was off.
+    assert recovered["via"] == "dht"
     # The owner's files, restored from the snapshot taken before the loss.
     assert restored["exact"] is True
     assert summary["departed"] >= 2 and summary["restore_exact"] is True

@@ -34,7 +34,10 @@ Nouns:
   friends store it again, unchanged, on the nodes now closest to its key
   whenever they find it silent, so it outlives the home it points for — a
   house that burned down is recovered with ``recover --bootstrap`` for two
-  weeks after its node last ran.
+  weeks after its node last ran. DHT nodes hold records in memory only, so
+  a friend also **keeps** the newest pointer it found on disk, with its
+  routing state, and stores that again when the DHT has lost it (after a
+  night in which every machine of a circle was off).
   :func:`lookup_root_pointer` finds it; :func:`node_at` learns who answers at
   an address, since a pointer names addresses, not nodes.
 * **one-shot lookup** — :func:`lookup_contact`: a read-only DHT client
@@ -181,6 +184,14 @@ class Discovery:
         self._pointer_stored: dict[bytes, float] = {}
         #: When friends were first followed (trio time).
         self._started: float | None = None
+        #: Friend node id → the newest root pointer found for it, encoded:
+        #: saved with the routing state, so it outlives a night in which
+        #: every node of the DHT was off (they hold records in memory only).
+        self.kept_pointers: dict[bytes, bytes] = {}
+        if state_path is not None:
+            for value in dht.read_routing_state(state_path, node.node_id)[1]:
+                with contextlib.suppress(FormatError):
+                    self.kept_pointers[records.decode_record(value).node_id] = value
 
     def _join_addresses(self) -> list[Address]:
         addresses = list(self.options.bootstrap)
@@ -328,7 +339,11 @@ class Discovery:
         now = trio.current_time()
         if self._started is None:
             self._started = now
-        for friend in self.friends():
+        friends = self.friends()
+        current = {friend.node_id for friend in friends}
+        for gone in [node_id for node_id in self.kept_pointers if node_id not in current]:
+            del self.kept_pointers[gone]
+        for friend in friends:
             node_id = friend.node_id
             known = self.followed.get(node_id)
             # Where it should answer: as its record says, or before any
@@ -358,10 +373,23 @@ class Discovery:
             self._silent[node_id] = (silent, now + delay)
             if now < self._pointer_stored.get(node_id, -math.inf) + FOLLOW_RECHECK:
                 continue  # stored again lately: it lives for days
-            pointer = await self.node.lookup(records.RecordKind.ROOT, node_id)
-            if pointer is not None:
-                await self.node.publish(pointer)
-                self._pointer_stored[node_id] = now
+            await self._keep_pointer(node_id)
+
+    async def _keep_pointer(self, node_id: bytes) -> None:
+        """Store a silent friend's root pointer again: the newest of the
+        DHT's and the one kept on disk, which is kept from now on."""
+        found = await self.node.lookup(records.RecordKind.ROOT, node_id)
+        values: list[records.Record | bytes] = [] if found is None else [found]
+        if node_id in self.kept_pointers:
+            values.append(self.kept_pointers[node_id])
+        key = records.dht_key(records.RecordKind.ROOT, node_id)
+        pointer = records.choose_newest(values, key=key, now=math.floor(self.node.wall_clock()))
+        if pointer is None:
+            self.kept_pointers.pop(node_id, None)  # expired, or never found
+            return
+        self.kept_pointers[node_id] = records.encode_record(pointer)
+        await self.node.publish(pointer)
+        self._pointer_stored[node_id] = trio.current_time()
 
     async def _answers(self, node_id: bytes, where: Sequence[Address]) -> bool:
         """Whether ``node_id`` answers a ping at one of ``where``."""
@@ -374,7 +402,7 @@ class Discovery:
         if self.state_path is not None:
             try:
                 self._saved_state = dht.save_routing_state(
-                    self.state_path, self.node, self._saved_state
+                    self.state_path, self.node, self._saved_state, list(self.kept_pointers.values())
                 )
             except OSError as error:
                 log.warning("cannot save the DHT routing state to %s: %s", self.state_path, error)

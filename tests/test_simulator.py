@@ -310,6 +310,12 @@ def test_two_processes_give_one_event_log_and_one_set_of_figures(tmp_path: Path)
     assert json.loads(outputs[0][1])["summary"]["packs"] > 40
 
 
+def test_a_run_too_short_for_any_snapshot_restores_nothing(tmp_path: Path) -> None:
+    # Null, not false: nothing was restored, nothing differed.
+    outcome = world.run(sc.parse(TINY).resized(days=0.01), tmp_path / "work")
+    assert outcome.summary["snapshots"] == 0 and outcome.summary["restore_exact"] is None
+
+
 def test_a_bad_scenario_file_is_one_line_from_the_cli(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(MINIMAL.replace("count = 6", "count = 6\ncolour = 'blue'"))

@@ -922,12 +922,13 @@ class World:
                     machine.address,
                     server.handle_connection,
                 )
-            exact = True
+            exact: bool | None = None  # no owner has a snapshot (yet)
             for machine in self.machines:
                 if machine.owner and not machine.gone:
                     result = await self._restore_latest(machine, self.work / machine.name / "final")
                     self.events("restore", node=machine.name, exact=result)
-                    exact = exact and bool(result)
+                    if result is not None:
+                        exact = result and exact is not False
             self.restore_exact = exact
             nursery.cancel_scope.cancel()
         for host in hosts:

@@ -341,7 +341,11 @@ class Discovery:
             self._started = now
         friends = self.friends()
         current = {friend.node_id for friend in friends}
-        for gone in [node_id for node_id in self.kept_pointers if node_id not in current]:
+        # Pointers of former friends go; none when the list came back empty
+        # (an index that could not be read must not cost what was kept).
+        for gone in [
+            node_id for node_id in self.kept_pointers if current and node_id not in current
+        ]:
             del self.kept_pointers[gone]
         for friend in friends:
             node_id = friend.node_id

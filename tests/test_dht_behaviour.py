@@ -20,7 +20,7 @@ import umsgpack
 from p2pbackup.core.keys import node_id_for
 from p2pbackup.dht import adapter as dht
 from p2pbackup.dht import records
-from p2pbackup.dht.discovery import Discovery, DiscoveryOptions, FriendContact
+from p2pbackup.dht.discovery import FOLLOW_RECHECK, Discovery, DiscoveryOptions, FriendContact
 from p2pbackup.dht.ratelimit import RateLimit
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
 from p2pbackup.net.network import Address
@@ -549,3 +549,50 @@ async def test_a_failure_in_a_background_task_or_a_datagram_does_not_stop_the_no
     assert (
         "DHT: handling a datagram from 10.6.6.6:5000 failed: RuntimeError: a bug in ping; dropped"
     ) in errors
+
+
+async def test_a_friend_that_answers_costs_a_ping_and_a_silent_one_is_looked_up_less_often(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = world()
+    lookups: list[tuple[float, records.RecordKind]] = []
+    async with running(w, "10.0.0.1", "a") as a, running(w, "10.0.0.3", "c") as c:
+        real_lookup = a.lookup
+
+        async def counted(kind: records.RecordKind, of: bytes) -> records.Record | None:
+            lookups.append((trio.current_time(), kind))
+            return await real_lookup(kind, of)
+
+        monkeypatch.setattr(a, "lookup", counted)
+        follower = discovery_of(a, "a", friends=lambda: [FriendContact(node_id("b"))])
+        async with running(w, "10.0.0.2", "b") as b:
+            await b.bootstrap([a.local_address, c.local_address])
+            holders = [records.RecordAddress.from_host_port("10.0.0.3", PORT)]
+            await discovery_of(b, "b").publish()
+            await discovery_of(b, "b", root_holders=lambda: holders).publish_root_pointer()
+            await follower.follow_friends()
+            assert follower.followed[node_id("b")].addresses[0].host == "10.0.0.2"
+            assert len(lookups) == 1  # its contact record; it answers, so no root pointer
+            # It answers where its record says: a ping each time, no lookup.
+            for _ in range(3):
+                await trio.sleep(3600)
+                await follower.follow_friends()
+            assert len(lookups) == 1
+            # Half a contact record's lifetime on, its record is read again.
+            await trio.sleep(FOLLOW_RECHECK)
+            await follower.follow_friends()
+            assert len(lookups) == 2
+        # b is off: looked up after 1, 2, 4 ... refresh periods, at most
+        # FOLLOW_RECHECK apart; its root pointer is stored again at once,
+        # then at most every FOLLOW_RECHECK.
+        lookups.clear()
+        started = trio.current_time()
+        for _ in range(40):
+            await follower.follow_friends()
+            await trio.sleep(3600)
+
+        def hours(kind: records.RecordKind) -> list[int]:
+            return [round((t - started) / 3600) for t, k in lookups if k == kind]
+
+        assert hours(records.RecordKind.CONTACT) == [0, 1, 3, 7, 15, 27, 39]
+        assert hours(records.RecordKind.ROOT) == [0, 15, 27, 39]

@@ -180,11 +180,9 @@ async def test_a_node_that_moves_is_found_at_its_new_address_within_one_refresh_
     friends = [world.nodes[i] for i in (20, 30, 40)]
     for friend in friends:
         friend.friends.append(FriendContact(mover.node_id, (mover.address,)))
-    # Everyone has followed everyone at least once: the old address is on record.
+    # Everyone has followed everyone at least once (the mover answering at
+    # the address its friends have on record, mostly without a lookup).
     await trio.sleep(REFRESH + 60)
-    for friend in friends:
-        assert friend.discovery is not None
-        assert friend.discovery.followed[mover.node_id].addresses[0].host == mover.host
 
     world.stop(mover)
     await trio.sleep(30)
@@ -196,6 +194,7 @@ async def test_a_node_that_moves_is_found_at_its_new_address_within_one_refresh_
     def all_follow() -> bool:
         return all(
             f.discovery is not None
+            and mover.node_id in f.discovery.followed
             and f.discovery.followed[mover.node_id].addresses[0].host == mover.host
             for f in friends
         )

@@ -903,10 +903,26 @@ contacts = st.builds(
 )
 
 
-@given(own=st.binary(min_size=20, max_size=20), neighbours=st.lists(contacts, max_size=25))
-def test_routing_state_round_trips(own: bytes, neighbours: list[dht.Contact]) -> None:
-    data = dht.encode_routing_state(own, neighbours)
-    assert dht.decode_routing_state(data) == (own, neighbours)
+@given(
+    own=st.binary(min_size=20, max_size=20),
+    neighbours=st.lists(contacts, max_size=25),
+    kept=st.lists(st.binary(max_size=records.MAX_RECORD_SIZE), max_size=4),
+)
+def test_routing_state_round_trips(
+    own: bytes, neighbours: list[dht.Contact], kept: list[bytes]
+) -> None:
+    data = dht.encode_routing_state(own, neighbours, kept)
+    assert dht.decode_routing_state(data) == (own, neighbours, kept)
+
+
+def test_a_version_1_routing_state_is_read_with_no_kept_records() -> None:
+    document = state_document(version=1)
+    del document["kept"]
+    assert dht.decode_routing_state(as_bytes(document)) == (
+        bytes(20),
+        [dht.Contact(bytes(range(20)), Address("10.0.0.1", 4000))],
+        [],
+    )
 
 
 def test_routing_state_is_versioned_json() -> None:
@@ -918,9 +934,10 @@ def test_routing_state_is_versioned_json() -> None:
     assert not data.startswith(b"\x80")  # a pickle protocol 2+ stream begins with PROTO
     assert document == {
         "format": "p2pbackup-dht-state",
-        "version": 1,
+        "version": 2,
         "node_id": own.hex(),
         "neighbours": [{"node_id": bytes(range(1, 21)).hex(), "host": "2001:db8::5", "port": 4000}],
+        "kept": [],
     }
 
 
@@ -987,7 +1004,12 @@ MALFORMED_STATES: list[Any] = [
     pytest.param(as_bytes({}), id="empty object"),
     pytest.param(as_bytes(state_document(format="kademlia")), id="other format"),
     pytest.param(as_bytes(without(state_document(), "format")), id="no format"),
-    pytest.param(as_bytes(state_document(version=2)), id="version 2"),
+    pytest.param(as_bytes(state_document(version=3)), id="version 3"),
+    pytest.param(as_bytes(state_document(kept="ab")), id="kept a string"),
+    pytest.param(as_bytes(state_document(kept=["zz"])), id="kept not hex"),
+    pytest.param(as_bytes(state_document(kept=[5])), id="kept a number"),
+    pytest.param(as_bytes(state_document(kept=["00" * 4097])), id="kept record too large"),
+    pytest.param(as_bytes(state_document(kept=["00"] * 257)), id="too many kept"),
     pytest.param(as_bytes(state_document(version="1")), id="version as str"),
     pytest.param(as_bytes(without(state_document(), "version")), id="no version"),
     pytest.param(as_bytes(without(state_document(), "node_id")), id="no node id"),
@@ -1047,7 +1069,7 @@ def test_load_routing_state_reads_its_own_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"garbage", b"", b"\x80\x04\x95pickled", as_bytes(state_document(version=2))],
+    [b"garbage", b"", b"\x80\x04\x95pickled", as_bytes(state_document(version=3))],
 )
 def test_load_routing_state_ignores_a_damaged_file_with_a_warning(
     tmp_path: Path, data: bytes, caplog: pytest.LogCaptureFixture

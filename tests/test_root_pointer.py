@@ -108,6 +108,7 @@ async def join(
     friends: Sequence[FriendContact] = (),
     holders: Sequence[records.RecordAddress] = (),
     root_lifetime: int = 3600,
+    state_path: Path | None = None,
 ) -> None:
     async def run(task_status: trio.TaskStatus[None]) -> None:
         with trio.CancelScope() as scope:
@@ -120,6 +121,7 @@ async def join(
                 ),
                 friends=lambda: friends,
                 root_holders=lambda: holders,
+                state_path=state_path,
             ) as discovery:
                 member.discovery = discovery
                 await member.discovery.join()
@@ -178,6 +180,49 @@ async def test_friends_keep_the_pointer_alive_after_the_home_is_gone_until_it_ex
         assert await member.dht.lookup(records.RecordKind.ROOT, alice.node_id) is None
 
 
+async def test_a_friend_keeps_the_pointer_on_disk_through_a_night_when_every_node_was_off(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # DHT nodes hold records in memory: once every node has stopped, only
+    # what a friend kept on disk can bring a lost home's pointer back.
+    world = MemoryNetwork(seed=8, default_link=LinkProfile(latency=0.01))
+    alice = Member("10.0.0.1", make_identity("alice"))
+    bob = Member("10.0.0.2", make_identity("bob"))
+    carol = Member("10.0.0.3", make_identity("carol"))
+    state = tmp_path / "bob-dht-state.json"
+    friends = [FriendContact(alice.node_id)]
+    way_in = [Address(carol.host, DHT_PORT)]
+    await join(nursery, world, carol, [])
+    await join(nursery, world, bob, way_in, friends=friends, state_path=state)
+    await join(
+        nursery, world, alice, way_in, holders=[record_address(bob.host)], root_lifetime=86400
+    )
+    assert alice.discovery is not None and bob.discovery is not None
+    pointer = await alice.discovery.publish_root_pointer()
+    # Alice's house burns down; Bob finds her silent and keeps her pointer.
+    for member in (alice, bob, carol):
+        assert member.scope is not None
+        member.scope.cancel()
+        if member is alice:
+            await trio.sleep(1)
+            await bob.discovery.follow_friends()
+            assert bob.discovery.kept_pointers == {alice.node_id: records.encode_record(pointer)}
+            bob.discovery.save_state()  # as the running node does every few minutes
+    await trio.sleep(8 * 3600)  # the night: every node off, the DHT empty
+    bob, carol = Member(bob.host, bob.identity), Member(carol.host, carol.identity)
+    await join(nursery, world, carol, [])
+    await join(nursery, world, bob, way_in, friends=friends, state_path=state)
+    assert await carol.dht.lookup(records.RecordKind.ROOT, alice.node_id) is None
+    assert bob.discovery is not None
+    await bob.discovery.follow_friends()
+    assert await carol.dht.lookup(records.RecordKind.ROOT, alice.node_id) == pointer
+    # Once it has expired, it is neither served nor kept.
+    await trio.sleep(86400)
+    await bob.discovery.follow_friends()
+    assert await carol.dht.lookup(records.RecordKind.ROOT, alice.node_id) is None
+    assert bob.discovery.kept_pointers == {}
+
+
 async def test_the_pointer_is_published_again_when_its_holders_change(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
@@ -214,8 +259,8 @@ async def test_the_pointer_is_published_again_when_its_holders_change(
         await trio.sleep(1)
         found = await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id)
         assert isinstance(found, records.RootPointer) and found.sequence == first
-        # The refresh period pushes the expiry on, holders changed or not.
-        await trio.sleep(discovery.options.refresh_period)
+        # The republish period pushes the expiry on, holders changed or not.
+        await trio.sleep(discovery.options.republish_period)
         found = await bob.dht.lookup(records.RecordKind.ROOT, alice.node_id)
         assert isinstance(found, records.RootPointer) and found.sequence > first
         inner.cancel_scope.cancel()

@@ -8,6 +8,7 @@ runs them, at the shipped scenarios' small sizes.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from p2pbackup.errors import UsageError
 from p2pbackup.sim import report, world
 from p2pbackup.sim import scenario as sc
 
-from .cli_helpers import cli_error, cli_ok
+from .cli_helpers import base_env, cli_error, cli_ok
 
 SIMULATIONS = Path(__file__).resolve().parent.parent / "simulations"
 SHIPPED = sorted(SIMULATIONS.glob("*.toml"))
@@ -236,6 +237,9 @@ def test_a_lost_home_is_recovered_from_its_key_while_friends_leave(tmp_path: Pat
     [restored] = [e for e in log if e["event"] == "home_restored"]
     assert recovered["node"] == restored["node"] == lost["node"]
     assert recovered["t"] > lost["t"] and recovered["snapshots"] >= 1
+    # Through the DHT: friends kept the pointer through the night every
+    # machine was off.
+    assert recovered["via"] == "dht"
     # The owner's files, restored from the snapshot taken before the loss.
     assert restored["exact"] is True
     assert summary["departed"] >= 2 and summary["restore_exact"] is True
@@ -306,7 +310,10 @@ def test_one_scenario_and_seed_give_one_event_log_and_one_set_of_figures(
     scenario = sc.parse(TINY)
     runs = []
     for attempt in ("a", "b"):
-        outcome = world.run(scenario, tmp_path / attempt / "work", tmp_path / f"{attempt}.jsonl")
+        # One work directory, as the CLI's runs one after another get: the
+        # owners' snapshots record their trees' paths.
+        shutil.rmtree(tmp_path / "work", ignore_errors=True)
+        outcome = world.run(scenario, tmp_path / "work", tmp_path / f"{attempt}.jsonl")
         runs.append(
             (
                 (tmp_path / f"{attempt}.jsonl").read_text(),
@@ -315,6 +322,29 @@ def test_one_scenario_and_seed_give_one_event_log_and_one_set_of_figures(
         )
     assert runs[0] == runs[1]
     assert '"event": "corrupt"' in runs[0][0] and runs[0][1]["summary"]["restore_exact"]
+
+
+def test_two_processes_give_one_event_log_and_one_set_of_figures(tmp_path: Path) -> None:
+    # Separate Pythons (other hash seeds, other addresses, other real times)
+    # share nothing but the scenario and its seed. The nonces of sealed
+    # blobs and the times of the directories above the owners' trees once
+    # made the packs' sizes, and all that followed, differ by the first
+    # index pack of this scenario.
+    outputs = []
+    for attempt in ("a", "b"):
+        out = tmp_path / attempt
+        env = base_env(PYTHONHASHSEED=str(len(outputs) + 1))
+        cheater = SIMULATIONS / "cheater.toml"
+        cli_ok("sim", cheater, "--small", "--days", "0.25", "--json", "--out", out, env=env)
+        outputs.append(((out / "events.jsonl").read_text(), (out / "figures.json").read_text()))
+    assert outputs[0] == outputs[1]
+    assert json.loads(outputs[0][1])["summary"]["packs"] > 40
+
+
+def test_a_run_too_short_for_any_snapshot_restores_nothing(tmp_path: Path) -> None:
+    # Null, not false: nothing was restored, nothing differed.
+    outcome = world.run(sc.parse(TINY).resized(days=0.01), tmp_path / "work")
+    assert outcome.summary["snapshots"] == 0 and outcome.summary["restore_exact"] is None
 
 
 def test_a_bad_scenario_file_is_one_line_from_the_cli(tmp_path: Path) -> None:

@@ -128,7 +128,11 @@ ID_BITS: Final = 8 * NODE_ID_SIZE
 READ_ONLY_ID: Final = bytes(NODE_ID_SIZE)
 
 ROUTING_STATE_FORMAT: Final = "p2pbackup-dht-state"
-ROUTING_STATE_VERSION: Final = 1
+#: Version 2 added the records a node keeps for its friends; 1 is still read.
+ROUTING_STATE_VERSION: Final = 2
+_READABLE_ROUTING_STATES: Final = (1, 2)
+#: Records kept in the routing state at most (a node's friends' root pointers).
+MAX_KEPT_RECORDS: Final = 256
 
 
 # -- virtual time ------------------------------------------------------------------------------
@@ -847,6 +851,20 @@ class DhtNode:
                 pings.start_soon(ping, node)
         return answered
 
+    async def ping(self, address: Address) -> bytes | None:
+        """The node id that answers a ping at ``address``, or None: one
+        datagram each way, where a lookup costs dozens."""
+
+        async def ask() -> _Result:
+            # The package's request makes its future at once: inside the loop.
+            result: _Result = await self._protocol.ping(
+                (address.host, address.port), self._server.node.id
+            )
+            return result
+
+        answered, node_id = await self._aio(ask)
+        return node_id if answered and _is_node_id(node_id) else None
+
     async def refresh(self) -> None:
         """Look up the buckets nobody has touched for an hour (the paper's refresh)."""
         await self._aio(self._server._refresh_table)
@@ -1080,8 +1098,11 @@ def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
 # -- routing state -----------------------------------------------------------------------------
 
 
-def encode_routing_state(node_id: bytes, neighbours: Sequence[Contact]) -> bytes:
-    """The routing state file's bytes: versioned JSON, no pickle."""
+def encode_routing_state(
+    node_id: bytes, neighbours: Sequence[Contact], kept: Sequence[bytes] = ()
+) -> bytes:
+    """The routing state file's bytes: versioned JSON, no pickle. ``kept``:
+    encoded records the node keeps for others (its friends' root pointers)."""
     document = {
         "format": ROUTING_STATE_FORMAT,
         "version": ROUTING_STATE_VERSION,
@@ -1090,20 +1111,23 @@ def encode_routing_state(node_id: bytes, neighbours: Sequence[Contact]) -> bytes
             {"node_id": c.node_id.hex(), "host": c.address.host, "port": c.address.port}
             for c in neighbours
         ],
+        "kept": [record.hex() for record in kept[:MAX_KEPT_RECORDS]],
     }
     return (json.dumps(document, indent=1) + "\n").encode()
 
 
-def decode_routing_state(data: bytes) -> tuple[bytes, list[Contact]]:
-    """(node id, neighbours) from a routing state file; :class:`FormatError`
-    naming what is wrong with it."""
+def decode_routing_state(data: bytes) -> tuple[bytes, list[Contact], list[bytes]]:
+    """(node id, neighbours, kept records) from a routing state file;
+    :class:`FormatError` naming what is wrong with it. The records are
+    bytes of a record's size, not checked further: whoever uses one checks
+    it (:func:`records.choose_newest`)."""
     try:
         document = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FormatError(f"DHT routing state is not JSON: {error}") from None
     if not isinstance(document, dict) or document.get("format") != ROUTING_STATE_FORMAT:
         raise FormatError("not a p2pbackup DHT routing state")
-    if document.get("version") != ROUTING_STATE_VERSION:
+    if document.get("version") not in _READABLE_ROUTING_STATES:
         raise FormatError(
             f"DHT routing state version {document.get('version')!r}; "
             f"this p2pbackup reads {ROUTING_STATE_VERSION}"
@@ -1114,6 +1138,10 @@ def decode_routing_state(data: bytes) -> tuple[bytes, list[Contact]]:
             Contact(bytes.fromhex(entry["node_id"]), Address(entry["host"], entry["port"]))
             for entry in document["neighbours"]
         ]
+        kept_texts = document.get("kept", [])  # none in version 1
+        if not isinstance(kept_texts, list):
+            raise TypeError("kept is not a list")
+        kept = [bytes.fromhex(text) for text in kept_texts]
     except (KeyError, TypeError, ValueError, UsageError) as error:
         raise FormatError(f"DHT routing state is malformed: {error}") from None
     for contact in [Contact(node_id, Address("0", 1)), *neighbours]:
@@ -1123,11 +1151,16 @@ def decode_routing_state(data: bytes) -> tuple[bytes, list[Contact]]:
             and _is_port(contact.address.port)
         ):
             raise FormatError(f"DHT routing state holds a malformed contact {contact}")
-    return node_id, neighbours
+    if len(kept) > MAX_KEPT_RECORDS or not all(map(_is_record_value, kept)):
+        raise FormatError("DHT routing state holds too many records, or one too large")
+    return node_id, neighbours, kept
 
 
-def save_routing_state(path: Path, node: DhtNode, previous: bytes | None = None) -> bytes | None:
-    """Remember ``node``'s neighbours in ``path`` (if it knows any); returns
+def save_routing_state(
+    path: Path, node: DhtNode, previous: bytes | None = None, kept: Sequence[bytes] = ()
+) -> bytes | None:
+    """Remember ``node``'s neighbours (if it knows any) and the records it
+    keeps for others (``kept``) in ``path``; returns
     the state the file now holds. Nothing is written when that is
     ``previous`` (what the last call returned): a node saves every few
     minutes, and its neighbours rarely change, so most saves would only
@@ -1135,7 +1168,7 @@ def save_routing_state(path: Path, node: DhtNode, previous: bytes | None = None)
     neighbours = node.neighbours()
     if not neighbours:
         return previous
-    data = encode_routing_state(node.node_id, neighbours)
+    data = encode_routing_state(node.node_id, neighbours, kept)
     if data != previous:
         write_private_file(path, data)
     return data
@@ -1144,17 +1177,23 @@ def save_routing_state(path: Path, node: DhtNode, previous: bytes | None = None)
 def load_routing_state(path: Path, node_id: bytes) -> list[Contact]:
     """The neighbours remembered in ``path`` for ``node_id``; none if the file
     is missing, damaged or another node's (it is only a cache)."""
+    return read_routing_state(path, node_id)[0]
+
+
+def read_routing_state(path: Path, node_id: bytes) -> tuple[list[Contact], list[bytes]]:
+    """The neighbours and kept records remembered in ``path`` for
+    ``node_id``; none if the file is missing, damaged or another node's."""
     try:
-        saved_id, neighbours = decode_routing_state(path.read_bytes())
+        saved_id, neighbours, kept = decode_routing_state(path.read_bytes())
     except FileNotFoundError:
-        return []
+        return [], []
     except (OSError, FormatError) as error:
         log.warning("ignoring %s: %s", path, error)
-        return []
+        return [], []
     if saved_id != node_id:
         log.warning("ignoring %s: it is the state of node %s", path, saved_id.hex())
-        return []
-    return neighbours
+        return [], []
+    return neighbours, kept
 
 
 # -- addresses ---------------------------------------------------------------------------------

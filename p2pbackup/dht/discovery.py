@@ -5,8 +5,9 @@ Nouns:
 * **discovery** — :class:`Discovery`, the DHT role of a running node: it joins
   the DHT (through explicit bootstrap addresses, its friends' addresses and
   the neighbours it remembered), publishes its contact record, and every
-  **refresh period** refreshes lonely buckets, republishes its record before
-  it expires, looks its friends up again and saves its routing state. A
+  **refresh period** refreshes lonely buckets, follows its friends and saves
+  its routing state; it publishes its records again every **republish
+  period** (at most half their lifetime), and at once when they change. A
   record that no node took is published again after a **backoff** (30 s,
   doubled each time, at most a refresh period); a step that fails is logged
   and comes again at its next time, so nothing here ends the node.
@@ -19,13 +20,24 @@ Nouns:
   addresses on record (:class:`FriendContact`).
 * **followed contacts** — the newest contact record found for each friend;
   a friend that moved is found at its new address within one refresh period.
+  Following costs one ping while the friend **answers** where its record
+  says (before its first lookup, where the friend list says): it then keeps
+  its own records published. Its record is looked up again after
+  :data:`FOLLOW_RECHECK` all the same, and at once when it stops answering.
+  A friend that stays **silent** (asleep, away, lost) is looked up again
+  after a backoff: a refresh period, doubled each time, at most
+  :data:`FOLLOW_RECHECK`.
 * **root pointer** — the signed DHT record that says where this home's root
   record is kept: the addresses of up to eight of its storage nodes (the
   **root holders**, friends first). A node publishes it when the holders change and
-  every refresh period, for :data:`DEFAULT_ROOT_POINTER_LIFETIME`; its friends
-  store it again, unchanged, on the nodes now closest to its key, so it
-  outlives the home it points for — a house that burned down is recovered
-  with ``recover --bootstrap`` for two weeks after its node last ran.
+  every republish period, for :data:`DEFAULT_ROOT_POINTER_LIFETIME`; its
+  friends store it again, unchanged, on the nodes now closest to its key
+  whenever they find it silent, so it outlives the home it points for — a
+  house that burned down is recovered with ``recover --bootstrap`` for two
+  weeks after its node last ran. DHT nodes hold records in memory only, so
+  a friend also **keeps** the newest pointer it found on disk, with its
+  routing state, and stores that again when the DHT has lost it (after a
+  night in which every machine of a circle was off).
   :func:`lookup_root_pointer` finds it; :func:`node_at` learns who answers at
   an address, since a pointer names addresses, not nodes.
 * **one-shot lookup** — :func:`lookup_contact`: a read-only DHT client
@@ -44,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import ipaddress
 import logging
 import math
@@ -70,8 +83,18 @@ from p2pbackup.wire.session import Identity, secure_initiator
 
 log = logging.getLogger(__name__)
 
-#: How often a node refreshes, republishes and follows its friends.
+#: How often a node refreshes its routing table and follows its friends.
 DEFAULT_REFRESH_PERIOD: Final = 3600.0
+#: How often a node publishes its records again when they did not change
+#: (they go out at once when they do): a contact record then gets four
+#: chances in its lifetime. Kademlia's nodes hold what they store for the
+#: record's lifetime; hourly republishing only multiplied the stores.
+DEFAULT_REPUBLISH_PERIOD: Final = 6 * 3600.0
+#: How long a friend that answers at its address is trusted to be the one
+#: its followed contact record describes, before the record is looked up
+#: again (half a contact record's lifetime); the longest backoff for a
+#: friend that stays silent.
+FOLLOW_RECHECK: Final = 12 * 3600.0
 #: How long a contact record lives: several refresh periods, so one missed
 #: republish (a reboot, a short outage) does not make the node unfindable.
 DEFAULT_CONTACT_LIFETIME: Final = 24 * 3600
@@ -96,6 +119,8 @@ class FriendContact:
 @attrs.frozen
 class DiscoveryOptions:
     refresh_period: float = DEFAULT_REFRESH_PERIOD
+    #: Seconds between publishing unchanged records (at most half their lifetime).
+    republish_period: float = DEFAULT_REPUBLISH_PERIOD
     contact_lifetime: int = DEFAULT_CONTACT_LIFETIME
     #: DHT nodes to join through, besides friends and remembered neighbours.
     bootstrap: tuple[Address, ...] = ()
@@ -150,6 +175,23 @@ class Discovery:
         self._joined = Nudge()
         #: Friend node id → the newest contact record found for it.
         self.followed: dict[bytes, records.ContactRecord] = {}
+        #: Friend node id → when (trio time) its record was last looked up.
+        self._looked_up: dict[bytes, float] = {}
+        #: Friend node id → lookups in a row that found it silent, and when
+        #: the next lookup is due.
+        self._silent: dict[bytes, tuple[int, float]] = {}
+        #: Friend node id → when its root pointer was last stored again.
+        self._pointer_stored: dict[bytes, float] = {}
+        #: When friends were first followed (trio time).
+        self._started: float | None = None
+        #: Friend node id → the newest root pointer found for it, encoded:
+        #: saved with the routing state, so it outlives a night in which
+        #: every node of the DHT was off (they hold records in memory only).
+        self.kept_pointers: dict[bytes, bytes] = {}
+        if state_path is not None:
+            for value in dht.read_routing_state(state_path, node.node_id)[1]:
+                with contextlib.suppress(FormatError):
+                    self.kept_pointers[records.decode_record(value).node_id] = value
 
     def _join_addresses(self) -> list[Address]:
         addresses = list(self.options.bootstrap)
@@ -250,12 +292,16 @@ class Discovery:
         publish: Callable[[], Awaitable[bool]],
         nudge: Nudge,
         needed: Callable[[], bool] = lambda: True,
+        *,
+        lifetime: float,
     ) -> None:
         """Publish a record now, when ``nudge`` is set and ``needed()`` (or
-        forced), and every refresh period to push its expiry on. When no node
-        takes it, or publishing fails, try again after a backoff
-        (:func:`retry_delay`). A node alone keeps its records itself, which
+        forced), and every republish period (at most half the record's
+        ``lifetime``) to push its expiry on. When no node takes it, or
+        publishing fails, try again after a backoff (:func:`retry_delay`, at
+        most a refresh period). A node alone keeps its records itself, which
         counts as published: the nudge after it joins again spreads them."""
+        republish = min(self.options.republish_period, lifetime / 2)
         period = self.options.refresh_period
         due = trio.current_time()
         failures = 0
@@ -270,7 +316,7 @@ class Discovery:
                 taken, failure = False, error
             if taken:
                 failures = 0
-                due = trio.current_time() + period
+                due = trio.current_time() + republish
                 continue
             failures += 1
             delay = retry_delay(failures, most=period)
@@ -282,25 +328,85 @@ class Discovery:
                 dht.log_failure(log, f"publishing this node's {what}", failure, then=then)
 
     async def follow_friends(self) -> None:
-        """Look every friend up again; remember the newest record of each.
+        """Follow every friend: remember the newest contact record of each
+        (module docstring: a friend that answers costs a ping).
 
-        A friend's root pointer is stored again, as it is, on the nodes now
-        closest to its key: the nodes that took it may have left, and a
-        friend whose machine is lost cannot publish it any more.
+        A silent friend's root pointer is stored again, as it is, on the
+        nodes now closest to its key (at most every :data:`FOLLOW_RECHECK`):
+        the nodes that took it may have left, and a friend whose machine is
+        lost cannot publish it any more. One that answers publishes its own.
         """
-        for friend in self.friends():
-            record = await self.node.find_contact(friend.node_id)
+        now = trio.current_time()
+        if self._started is None:
+            self._started = now
+        friends = self.friends()
+        current = {friend.node_id for friend in friends}
+        # Pointers of former friends go; none when the list came back empty
+        # (an index that could not be read must not cost what was kept).
+        for gone in [
+            node_id for node_id in self.kept_pointers if current and node_id not in current
+        ]:
+            del self.kept_pointers[gone]
+        for friend in friends:
+            node_id = friend.node_id
+            known = self.followed.get(node_id)
+            # Where it should answer: as its record says, or before any
+            # lookup, as the friend list says (its invite's addresses).
+            where = _where(known.addresses if known is not None else friend.addresses)
+            answered: bool | None = None  # not asked
+            if where and now < self._looked_up.get(node_id, self._started) + FOLLOW_RECHECK:
+                answered = await self._answers(node_id, where)
+                if answered:
+                    self._silent.pop(node_id, None)
+                    continue
+            silent, due = self._silent.get(node_id, (0, -math.inf))
+            if now < due:
+                continue
+            record = await self.node.find_contact(node_id)
+            self._looked_up[node_id] = now
             if record is not None:
-                self.followed[friend.node_id] = record
-            pointer = await self.node.lookup(records.RecordKind.ROOT, friend.node_id)
-            if pointer is not None:
-                await self.node.publish(pointer)
+                self.followed[node_id] = record
+                found = _where(record.addresses)
+                if not (found == where and answered is False) and await self._answers(
+                    node_id, found
+                ):
+                    self._silent.pop(node_id, None)
+                    continue
+            silent += 1
+            delay = retry_delay(silent, first=self.options.refresh_period, most=FOLLOW_RECHECK)
+            self._silent[node_id] = (silent, now + delay)
+            if now < self._pointer_stored.get(node_id, -math.inf) + FOLLOW_RECHECK:
+                continue  # stored again lately: it lives for days
+            await self._keep_pointer(node_id)
+
+    async def _keep_pointer(self, node_id: bytes) -> None:
+        """Store a silent friend's root pointer again: the newest of the
+        DHT's and the one kept on disk, which is kept from now on."""
+        found = await self.node.lookup(records.RecordKind.ROOT, node_id)
+        values: list[records.Record | bytes] = [] if found is None else [found]
+        if node_id in self.kept_pointers:
+            values.append(self.kept_pointers[node_id])
+        key = records.dht_key(records.RecordKind.ROOT, node_id)
+        pointer = records.choose_newest(values, key=key, now=math.floor(self.node.wall_clock()))
+        if pointer is None:
+            self.kept_pointers.pop(node_id, None)  # expired, or never found
+            return
+        self.kept_pointers[node_id] = records.encode_record(pointer)
+        await self.node.publish(pointer)
+        self._pointer_stored[node_id] = trio.current_time()
+
+    async def _answers(self, node_id: bytes, where: Sequence[Address]) -> bool:
+        """Whether ``node_id`` answers a ping at one of ``where``."""
+        for address in where:
+            if await self.node.ping(address) == node_id:
+                return True
+        return False
 
     def save_state(self) -> None:
         if self.state_path is not None:
             try:
                 self._saved_state = dht.save_routing_state(
-                    self.state_path, self.node, self._saved_state
+                    self.state_path, self.node, self._saved_state, list(self.kept_pointers.values())
                 )
             except OSError as error:
                 log.warning("cannot save the DHT routing state to %s: %s", self.state_path, error)
@@ -328,14 +434,23 @@ class Discovery:
             await _survive("joining the DHT", self.join)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
-                    self._keep_published, "contact record", self._publish_contact, self._joined
+                    functools.partial(
+                        self._keep_published,
+                        "contact record",
+                        self._publish_contact,
+                        self._joined,
+                        lifetime=self.options.contact_lifetime,
+                    )
                 )
                 nursery.start_soon(
-                    self._keep_published,
-                    "root pointer",
-                    self._publish_root_pointer,
-                    self._holders_may_have_changed,
-                    self._holders_changed,
+                    functools.partial(
+                        self._keep_published,
+                        "root pointer",
+                        self._publish_root_pointer,
+                        self._holders_may_have_changed,
+                        self._holders_changed,
+                        lifetime=self.options.root_pointer_lifetime,
+                    )
                 )
                 nursery.start_soon(self._keep_saving_state)
                 if self.options.keepalive is not None:
@@ -353,6 +468,10 @@ class Discovery:
                     await _survive("following friends", self.follow_friends)
         finally:
             self.save_state()
+
+
+def _where(addresses: Sequence[Address | records.RecordAddress]) -> list[Address]:
+    return [Address(a.host, a.port) for a in addresses]
 
 
 #: Seconds before trying again to publish a record that no node took; the

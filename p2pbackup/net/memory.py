@@ -1053,6 +1053,8 @@ class MemoryDatagramEndpoint:
         self._queue: list[tuple[float, int, bytes, Address]] = []
         self._sequence = 0
         self._lot = trio.lowlevel.ParkingLot()
+        #: The deadlines of the receivers waiting now.
+        self._waiting: list[trio.CancelScope] = []
         self._closed = False
         self._dead = False
 
@@ -1075,7 +1077,11 @@ class MemoryDatagramEndpoint:
             return
         self._sequence += 1
         heapq.heappush(self._queue, (arrival, self._sequence, data, source))
-        self._lot.unpark_all()
+        # A waiting receiver wakes when the first datagram arrives: move its
+        # deadline rather than wake it now only to wait again (one wake-up a
+        # datagram, not two: a simulation's DHT sends millions).
+        for waiting in self._waiting:
+            waiting.deadline = min(waiting.deadline, arrival)
 
     def _discard_queue(self) -> None:
         for _, _, data, _ in self._queue:
@@ -1111,8 +1117,12 @@ class MemoryDatagramEndpoint:
                 self._world._drop_datagram(len(data))  # a partition came up on the way
                 continue
             deadline = self._queue[0][0] if self._queue else math.inf
-            with trio.move_on_at(deadline):
-                await self._lot.park()
+            with trio.move_on_at(deadline) as waiting:
+                self._waiting.append(waiting)
+                try:
+                    await self._lot.park()
+                finally:
+                    self._waiting.remove(waiting)
 
     async def aclose(self) -> None:
         if not self._closed:

@@ -132,8 +132,37 @@ class _Threads:
         return None
 
 
+def _steady_lstat(work: Path) -> Callable[..., os.stat_result]:
+    """``os.lstat`` with the times of ``work``, its ancestors and the
+    directories right under it (the machines') set to :data:`EPOCH`."""
+    real = _REAL_LSTAT
+    base = os.fsencode(os.path.abspath(work))
+    above = {os.fsencode(str(p)) for p in Path(os.fsdecode(base)).parents}
+
+    def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        st = real(path, *args, **kwargs)
+        if args or kwargs or not isinstance(path, (str, bytes, os.PathLike)):
+            return st
+        name = os.fsencode(path)
+        if not (name == base or name in above or os.path.dirname(name) == base):
+            return st
+        reduced: tuple[tuple[int, ...], dict[str, Any]] = st.__reduce__()[1]  # type: ignore[assignment]
+        fields, extra = reduced
+        seconds = int(EPOCH)
+        fields = (*fields[:7], seconds, seconds, seconds)
+        for kind in ("atime", "mtime", "ctime"):
+            extra[f"st_{kind}"] = float(seconds)
+            extra[f"st_{kind}_ns"] = seconds * 10**9
+        return os.stat_result(fields, extra)
+
+    return lstat
+
+
+_REAL_LSTAT = os.lstat
+
+
 @contextlib.contextmanager
-def virtual_machine(seed: int) -> Iterator[None]:
+def virtual_machine(seed: int, work: Path | None = None) -> Iterator[None]:
     """Patch the process for a simulation, and put everything back after.
 
     The node is left as it is; what changes is the machine under it:
@@ -161,6 +190,13 @@ def virtual_machine(seed: int) -> Iterator[None]:
       the seed decides, not one that varies run to run.
     * the ``random`` module's own generator is seeded (kademlia draws the
       ids it refreshes its buckets with from it).
+    * ``os.lstat`` gives the directories above the owners' trees (``work``,
+      its ancestors and the machines' directories) the times of
+      :data:`EPOCH`: a snapshot records the directories above its paths,
+      and their real times (the day the work directory was made; /dev/shm's,
+      which changes whenever anyone makes a file there) made the trees'
+      compressed sizes, so the packs' sizes and placement, differ from one
+      process to the next.
     """
     import trio._core._run as trio_run
 
@@ -186,9 +222,12 @@ def virtual_machine(seed: int) -> Iterator[None]:
     setattr(trio_run, deterministic, True)
     trio_run._r.seed(seed)
     random.seed(seed)
+    if work is not None:
+        os.lstat = _steady_lstat(work)
     try:
         yield
     finally:
+        os.lstat = _REAL_LSTAT
         trio.to_thread.run_sync = saved_run_sync
         trio.from_thread.run = saved_from_thread
         time.time, time.time_ns = _REAL_TIME, _REAL_TIME_NS
@@ -969,12 +1008,13 @@ class World:
                     machine.address,
                     server.handle_connection,
                 )
-            exact = True
+            exact: bool | None = None  # no owner has a snapshot (yet)
             for machine in self.machines:
                 if machine.owner and not machine.gone:
                     result = await self._restore_latest(machine, self.work / machine.name / "final")
                     self.events("restore", node=machine.name, exact=result)
-                    exact = exact and bool(result)
+                    if result is not None:
+                        exact = result and exact is not False
                 elif machine.lost_home:
                     # Never recovered: nothing of its files came back.
                     self.events("restore", node=machine.name, exact=False, recovered=False)
@@ -1039,10 +1079,21 @@ class Outcome:
 
 def work_directory() -> Path:
     """A new directory for a run's homes: on tmpfs where there is one, since
-    the node fsyncs what it writes and a simulation needs no durability."""
+    the node fsyncs what it writes and a simulation needs no durability.
+    Its name is the first free of ``p2pbackup-sim-0000``, ``-0001``, …, not a
+    random one: the owners' snapshots record their paths, and two runs of
+    one seed, one after the other, give the same figures only with the
+    same names."""
     shm = Path("/dev/shm")
-    fast = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="p2pbackup-sim-", dir=fast))
+    parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    for number in range(10_000):
+        path = parent / f"p2pbackup-sim-{number:04}"
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        return path
+    return Path(tempfile.mkdtemp(prefix="p2pbackup-sim-", dir=parent))
 
 
 def run(
@@ -1071,7 +1122,7 @@ def run(
     try:
         events = EventLog(stream)
         world = World(scenario, work, events, progress=progress)
-        with virtual_machine(scenario.seed):
+        with virtual_machine(scenario.seed, work):
             trio.run(world.run, clock=trio.testing.MockClock(autojump_threshold=0))
     finally:
         quiet.removeHandler(handler)

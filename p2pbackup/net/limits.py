@@ -71,8 +71,8 @@ class PacedNetwork:
         # for the router's port mapping) is the inner network's.
         return getattr(self.inner, name)
 
-    async def connect(self, address: Address) -> trio.abc.Stream:
-        return PacedStream(await self.inner.connect(address), self)
+    async def connect(self, address: Address, *, local_port: int | None = None) -> trio.abc.Stream:
+        return PacedStream(await self.inner.connect(address, local_port=local_port), self)
 
     async def serve(
         self,

@@ -22,14 +22,15 @@ import trio
 import trio.testing
 
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork, NatProfile
-from p2pbackup.net.network import Address
+from p2pbackup.net.network import Address, local_address
 from p2pbackup.node.relay import Relay
 from p2pbackup.node.server import StorageServer
 from p2pbackup.node.shardhost import ShardHost
 from p2pbackup.stores.remote import RemoteShardStore
 from p2pbackup.wire import direct
 from p2pbackup.wire.direct import BACKOFF, DIRECT_UPGRADE, MAX_TRIES, DirectUpgrade, Tries
-from p2pbackup.wire.relay import Route, hold_reservation
+from p2pbackup.wire.relay import Route, Tunnel, hold_reservation, open_session
+from p2pbackup.wire.session import SecureStream
 
 from .net_helpers import BYTES_ONLY, identity
 from .storage_conformance import shard_id
@@ -212,3 +213,29 @@ async def test_a_node_without_an_upgrade_still_answers_the_exchange(
     await store.aclose()
     assert B.node_id not in world.a.status()
     assert relayed_bytes(world.relay) > 2 * len(SHARD)
+
+
+async def test_two_sessions_at_once_both_go_direct(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A second direct connection with the same peer cannot use the same
+    two addresses: it dials from a spare port (a pooled store opens two)."""
+    world = await start_world(nursery, tmp_path)
+    sessions: list[SecureStream] = []
+
+    async def one() -> None:
+        net = world.network.interface(HOME_A)
+        sessions.append(await open_session(net, A, world.relay_route, B.node_id))
+
+    token = DIRECT_UPGRADE.set(world.a)
+    try:
+        async with trio.open_nursery() as both:
+            both.start_soon(one)
+            both.start_soon(one)
+    finally:
+        DIRECT_UPGRADE.reset(token)
+    assert len(sessions) == 2
+    ports = {local_address(s.transport_stream) for s in sessions}
+    assert len(ports) == 2
+    assert Address(HOME_A, PORT) in ports
+    assert not any(isinstance(s.transport_stream, Tunnel) for s in sessions)
+    for session in sessions:
+        await session.aclose()

@@ -1056,6 +1056,11 @@ class MemoryInterface:
     def __repr__(self) -> str:
         return f"<MemoryInterface {self.host}>"
 
+    def spare_port(self) -> int:
+        """A port free now, for ``connect(local_port=...)``."""
+        state = self.world._host(self.host)
+        return state.free_port(state.listeners)
+
     def default_gateway(self) -> str | None:
         """The router this host is behind, if any (its LAN address)."""
         return self.world.gateway_of(self.host)

@@ -206,6 +206,20 @@ def peer_address(stream: trio.abc.Stream) -> Address | None:
     return None
 
 
+def local_address(stream: trio.abc.Stream) -> Address | None:
+    """This end's address of a stream that a Network made, if it can be known."""
+    local = getattr(stream, "local_address", None)  # a memory stream's
+    if isinstance(local, Address):
+        return local
+    if isinstance(stream, trio.SocketStream):
+        try:
+            sockaddr = stream.socket.getsockname()
+        except OSError:
+            return None
+        return Address(unmapped(sockaddr[0]), sockaddr[1])
+    return None
+
+
 #: Where a node listens on every interface of both IP families (module docstring).
 BOTH_FAMILIES = "::"
 _MAPPED_PREFIX = "::ffff:"
@@ -315,6 +329,13 @@ class TcpNetwork:
 
     def __init__(self, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
         self.connect_timeout = connect_timeout
+
+    def spare_port(self) -> int:
+        """A TCP port free now, for ``connect(local_port=...)``."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("0.0.0.0", 0))
+            port: int = probe.getsockname()[1]
+        return port
 
     def default_gateway(self) -> str | None:
         """The router of this machine's default IPv4 route, if it has one."""

@@ -209,7 +209,7 @@ class StorageServer:
         the relayed session and, if the upgrade makes one, the direct one."""
         owner = secure.remote_node_id
         if self.direct is not None:
-            self.direct.observe(tunnel.observed)
+            self.direct.observe(tunnel.observed, tunnel.local)
 
         async def serve_direct(direct: SecureStream) -> None:
             await self._serve_secure(direct, peer_address(direct.transport_stream), None)

@@ -63,7 +63,8 @@ from p2pbackup.errors import (
     RemoteProtocolError,
     UsageError,
 )
-from p2pbackup.net.network import Address, Network, peer_address
+from p2pbackup.model import BytesLike
+from p2pbackup.net.network import Address, Network, local_address, peer_address
 from p2pbackup.wire import messages
 from p2pbackup.wire.rpc import MessageChannel
 from p2pbackup.wire.session import Identity, SecureStream, secure_initiator, secure_responder
@@ -166,8 +167,11 @@ class DirectUpgrade:
         *,
         port: int | None = None,
         window: float = PUNCH_WINDOW,
+        spare_port: Callable[[], int] | None = None,
     ) -> None:
         self.network = network
+        #: A free port to dial from (None: the network's ``spare_port``).
+        self.spare_port = spare_port or getattr(network, "spare_port", None)
         self.identity = identity
         #: The port this node listens on; None until it does.
         self.port = port
@@ -176,21 +180,44 @@ class DirectUpgrade:
         self.observed_host: str | None = None
         self._tries: dict[bytes, Tries] = {}
         self._routes: dict[bytes, PeerRoute] = {}
+        #: Ports offered to, or connected from, with each peer.
+        self._using: dict[bytes, set[int]] = {}
 
-    def observe(self, observed: str | None) -> None:
-        """Note where a relay saw this node (``RelayJoined.observed``)."""
+    def observe(self, observed: str | None, local: Address | None) -> None:
+        """Note where a relay saw this node (``RelayJoined.observed``) on a
+        connection from ``local``. Seen at its own address, the node is
+        behind no router, and offers nothing: friends dial it directly, and
+        a peer's attempt would reach its listener, not its own attempt."""
         if observed is None:
             return
         try:
-            self.observed_host = Address.parse(observed).host
+            host = Address.parse(observed).host
         except UsageError:
             log.info("a relay reported a malformed observed address %r", observed)
+            return
+        self.observed_host = None if local is not None and local.host == host else host
 
     def offer(self, peer: bytes) -> tuple[Address, ...]:
-        """The addresses to offer ``peer`` now (none: do not try)."""
+        """The addresses to offer ``peer`` now (none: do not try). The port
+        is the listening port, unless a direct connection with ``peer``
+        holds it already (two would be the same pair of addresses): then a
+        spare one. Held until :meth:`release`, or the direct connection
+        made from it closes."""
         if not self._tries.get(peer, Tries()).may_try(trio.current_time()):
             return ()
-        return offer_addresses(self.observed_host, self.port)
+        using = self._using.setdefault(peer, set())
+        port = self.port
+        if port in using:
+            port = self.spare_port() if self.spare_port is not None else None
+        offered = offer_addresses(self.observed_host, port)
+        if offered:
+            using.add(offered[0].port)
+        return offered
+
+    def release(self, peer: bytes, offered: tuple[Address, ...]) -> None:
+        """The port of an offer that made no direct connection is free again."""
+        for address in offered:
+            self._using.get(peer, set()).discard(address.port)
 
     def status(self) -> dict[bytes, PeerRoute]:
         """Per peer upgraded with (or tried): direct, or relayed and why."""
@@ -216,23 +243,30 @@ class DirectUpgrade:
             tries.describe_next(now),
         )
 
-    async def _punch(self, addresses: tuple[Address, ...]) -> trio.abc.Stream | None:
-        """A connection from this node's port to the first of ``addresses``
-        that answers within the window; None if none did."""
-        assert self.port is not None
+    async def _punch(
+        self, peer: bytes, port: int, addresses: tuple[Address, ...]
+    ) -> _Holding | None:
+        """A connection from ``port`` to the first of ``addresses`` that
+        answers within the window; None if none did."""
         with trio.move_on_after(self.window):
             while True:
                 for address in addresses:
                     try:
-                        return await self.network.connect(address, local_port=self.port)
+                        stream = await self.network.connect(address, local_port=port)
                     except PeerUnavailableError as error:
                         log.debug("punch to %s: %s", address, error)
+                        continue
+                    return _Holding(stream, lambda: self._using[peer].discard(port))
                 await trio.sleep(RETRY_AFTER_REFUSAL)
+        self._using[peer].discard(port)
         return None
 
-    async def dial(self, peer: bytes, addresses: tuple[Address, ...]) -> SecureStream | None:
-        """The dialler's punch and handshake: the direct session, or None."""
-        stream = await self._punch(addresses)
+    async def dial(
+        self, peer: bytes, port: int, addresses: tuple[Address, ...]
+    ) -> SecureStream | None:
+        """The dialler's punch from ``port`` and handshake: the direct
+        session, or None."""
+        stream = await self._punch(peer, port, addresses)
         if stream is None:
             self._failed(peer, f"no answer at {', '.join(map(str, addresses))}")
             return None
@@ -248,13 +282,15 @@ class DirectUpgrade:
             await trio.aclose_forcefully(stream)
             self._failed(peer, f"the direct connection's handshake failed: {exc or 'timeout'}")
             return None
-        self._succeeded(peer, peer_address(stream))
+        self._succeeded(peer, stream.remote_address)
         return secure
 
-    async def answer(self, peer: bytes, addresses: tuple[Address, ...]) -> SecureStream | None:
-        """The reached node's punch and handshake: the direct session (its
-        DirectReady sent), or None."""
-        stream = await self._punch(addresses)
+    async def answer(
+        self, peer: bytes, port: int, addresses: tuple[Address, ...]
+    ) -> SecureStream | None:
+        """The reached node's punch from ``port`` and handshake: the direct
+        session (its DirectReady sent), or None."""
+        stream = await self._punch(peer, port, addresses)
         if stream is None:
             self._failed(peer, f"no answer at {', '.join(map(str, addresses))}")
             return None
@@ -271,8 +307,37 @@ class DirectUpgrade:
             await trio.aclose_forcefully(stream)
             self._failed(peer, f"the direct connection's handshake failed: {exc or 'timeout'}")
             return None
-        self._succeeded(peer, peer_address(stream))
+        self._succeeded(peer, stream.remote_address)
         return secure
+
+
+class _Holding(trio.abc.Stream):
+    """A direct connection that frees its port for another offer once closed."""
+
+    def __init__(self, stream: trio.abc.Stream, closed: Callable[[], None]) -> None:
+        self.transport_stream = stream
+        self._closed = closed
+
+    @property
+    def remote_address(self) -> Address | None:
+        return peer_address(self.transport_stream)
+
+    @property
+    def local_address(self) -> Address | None:
+        return local_address(self.transport_stream)
+
+    async def send_all(self, data: BytesLike) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.transport_stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        self._closed()
+        await self.transport_stream.aclose()
 
 
 def _only_message(channel: MessageChannel) -> None:
@@ -302,20 +367,27 @@ async def offer_direct(
     channel = MessageChannel(secure)
     mine = upgrade.offer(peer) if upgrade is not None else ()
     started = trio.current_time()
-    with trio.fail_after(timeout):
-        await channel.send(messages.DirectConnect(tuple(str(a) for a in mine)))
-        answer = await channel.receive()
+    try:
+        with trio.fail_after(timeout):
+            await channel.send(messages.DirectConnect(tuple(str(a) for a in mine)))
+            answer = await channel.receive()
+        if not isinstance(answer, messages.DirectAddresses):
+            raise RemoteProtocolError(f"answered DirectConnect with {type(answer).__name__}")
+        _only_message(channel)
+    except BaseException:
+        if upgrade is not None:
+            upgrade.release(peer, mine)
+        raise
     round_trip = trio.current_time() - started
-    if not isinstance(answer, messages.DirectAddresses):
-        raise RemoteProtocolError(f"answered DirectConnect with {type(answer).__name__}")
-    _only_message(channel)
     theirs = read_offer(answer.addresses)
     if upgrade is None or not (mine and theirs):
+        if upgrade is not None:
+            upgrade.release(peer, mine)
         return secure
     await channel.send(messages.DirectSync())
     # N dials as the DirectSync reaches it, half a round trip from now.
     await trio.sleep(round_trip / 2)
-    direct = await upgrade.dial(peer, theirs)
+    direct = await upgrade.dial(peer, mine[0].port, theirs)
     if direct is None:
         return secure
     await trio.aclose_forcefully(secure)
@@ -346,14 +418,20 @@ async def answer_direct(
     mine = upgrade.offer(peer) if upgrade is not None else ()
     await channel.send(messages.DirectAddresses(tuple(str(a) for a in mine)))
     if upgrade is None or not (mine and theirs):
+        if upgrade is not None:
+            upgrade.release(peer, mine)
         return channel.detach()
-    with trio.fail_after(timeout):
-        sync = await channel.receive()
-    if not isinstance(sync, messages.DirectSync):
-        raise RemoteProtocolError(f"sent {type(sync).__name__} where DirectSync was due")
+    try:
+        with trio.fail_after(timeout):
+            sync = await channel.receive()
+        if not isinstance(sync, messages.DirectSync):
+            raise RemoteProtocolError(f"sent {type(sync).__name__} where DirectSync was due")
+    except BaseException:
+        upgrade.release(peer, mine)
+        raise
 
     async def punch() -> None:
-        direct = await upgrade.answer(peer, theirs)
+        direct = await upgrade.answer(peer, mine[0].port, theirs)
         if direct is not None:
             await serve_direct(direct)
 

@@ -49,7 +49,7 @@ from p2pbackup.errors import (
     RemoteProtocolError,
 )
 from p2pbackup.model import BytesLike
-from p2pbackup.net.network import Address, Network, StreamHandler, run_handler
+from p2pbackup.net.network import Address, Network, StreamHandler, local_address, run_handler
 from p2pbackup.nurseries import unwrap_single
 from p2pbackup.wire import messages
 from p2pbackup.wire.direct import DIRECT_UPGRADE, offer_direct
@@ -84,11 +84,16 @@ class Route:
 
 class Tunnel(trio.abc.Stream):
     """One end of a circuit (module docstring): ``stream`` as it is, plus the
-    address the relay saw this end come from (None: the relay did not say)."""
+    address the relay saw this end come from (None: the relay did not say),
+    and this end's own address on that connection."""
 
-    def __init__(self, stream: trio.abc.Stream, observed: str | None) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, observed: str | None, local: Address | None
+    ) -> None:
         self.transport_stream = stream
         self.observed = observed
+        #: This end's address on its connection to the relay.
+        self.local = local
 
     async def send_all(self, data: BytesLike) -> None:
         await self.transport_stream.send_all(data)
@@ -126,7 +131,7 @@ async def open_session(
                 if route.relay is not None:
                     stream = await _join(stream, identity, route, node_id)
                     if upgrade is not None:
-                        upgrade.observe(stream.observed)
+                        upgrade.observe(stream.observed, stream.local)
                 secure = await secure_initiator(stream, identity, expected_node_id=node_id)
             except BaseException:
                 await trio.aclose_forcefully(stream)
@@ -149,6 +154,7 @@ async def _join(
 ) -> Tunnel:
     """The tunnel to ``node_id`` through the relay at the end of ``stream``."""
     assert route.relay is not None
+    local = local_address(stream)
     secure = await secure_initiator(stream, identity, expected_node_id=route.relay)
     channel = MessageChannel(secure)
     await channel.send(messages.RelayConnect(node_id))
@@ -159,7 +165,7 @@ async def _join(
         )
     if not isinstance(answer, messages.RelayJoined):
         raise RemoteProtocolError(f"relay answered RelayConnect with {type(answer).__name__}")
-    return Tunnel(channel.detach(), answer.observed)
+    return Tunnel(channel.detach(), answer.observed, local)
 
 
 # --- the reserved node's side ------------------------------------------------------------
@@ -259,4 +265,5 @@ async def _accept(
         log.info("relay %s did not join node %s: %s", relay, incoming.peer.hex()[:16], reason)
         await trio.aclose_forcefully(secure)
         return
-    await run_handler(handler, Tunnel(channel.detach(), answer.observed))
+    tunnel = Tunnel(channel.detach(), answer.observed, local_address(secure.transport_stream))
+    await run_handler(handler, tunnel)

@@ -21,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 
+from p2pbackup.maintenance import status
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork, NatProfile
 from p2pbackup.net.network import Address, local_address
 from p2pbackup.node.relay import Relay
@@ -123,6 +124,15 @@ async def test_two_homes_behind_nat_move_to_a_direct_connection(
     assert world.b.observed_host == ROUTER_B.public_host
     assert world.a.status()[B.node_id] == direct.PeerRoute(True, f"{ROUTER_B.public_host}:{PORT}")
     assert world.b.status()[A.node_id] == direct.PeerRoute(True, f"{ROUTER_A.public_host}:{PORT}")
+    # status, asked of the serving node, shows where the relayed peer went.
+    token = DIRECT_UPGRADE.set(world.a)
+    try:
+        assert status._direct_address(world.relay_route, B.node_id.hex()) == (
+            f"{ROUTER_B.public_host}:{PORT}"
+        )
+        assert status._direct_address(Route(Address(HOME_B, PORT)), B.node_id.hex()) is None
+    finally:
+        DIRECT_UPGRADE.reset(token)
     # The shard went both ways, and not through the relay: it carried the
     # handshakes and the exchange only.
     assert world.b_host.has(A.node_id, shard_id(1))

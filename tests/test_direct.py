@@ -249,3 +249,16 @@ async def test_two_sessions_at_once_both_go_direct(nursery: trio.Nursery, tmp_pa
     assert not any(isinstance(s.transport_stream, Tunnel) for s in sessions)
     for session in sessions:
         await session.aclose()
+
+
+async def test_a_node_friends_dial_directly_offers_nothing() -> None:
+    upgrade = DirectUpgrade(MemoryNetwork().interface(HOME_A), A, port=PORT)
+    upgrade.observe(f"{ROUTER_A.public_host}:50000", Address(HOME_A, 50000))
+    assert upgrade.offer(B.node_id) == (Address(ROUTER_A.public_host, PORT),)
+    upgrade.release(B.node_id, (Address(ROUTER_A.public_host, PORT),))
+    upgrade.reachable = lambda: True
+    assert upgrade.offer(B.node_id) == ()
+    # Seen by the relay at its own address: behind no router.
+    upgrade.reachable = lambda: False
+    upgrade.observe(f"{HOME_A}:50000", Address(HOME_A, 50000))
+    assert upgrade.offer(B.node_id) == ()

@@ -220,6 +220,8 @@ async def serve(
             DIRECT_UPGRADE.set(storage.direct)
             await roles.start(discovery.run)
             board = _start_reachability(roles, home, options, identity, network, discovery, storage)
+            if board is not None and not options.via_relays:
+                storage.direct.reachable = functools.partial(_dialled_directly, board)
             # A backup or a command may have changed which nodes hold the root record.
             peers_changed = discovery.root_holders_may_have_changed
             turns = trio.Lock()
@@ -290,6 +292,12 @@ async def serve(
                 await roles.start(role, serving)
             task_status.started(serving)
             stop.started = True
+
+
+def _dialled_directly(board: ReachabilityBoard) -> bool:
+    """Whether the last dial-back found friends reach this node directly."""
+    verdict = board.verdict
+    return verdict is not None and verdict.checked and bool(verdict.reachable_at)
 
 
 @attrs.define

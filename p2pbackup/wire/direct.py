@@ -182,6 +182,10 @@ class DirectUpgrade:
         self._routes: dict[bytes, PeerRoute] = {}
         #: Ports offered to, or connected from, with each peer.
         self._using: dict[bytes, set[int]] = {}
+        #: Whether friends dial this node directly now (its port forwarded):
+        #: then it offers nothing, as a peer's attempt would reach its
+        #: listener rather than its own attempt.
+        self.reachable: Callable[[], bool] = lambda: False
 
     def observe(self, observed: str | None, local: Address | None) -> None:
         """Note where a relay saw this node (``RelayJoined.observed``) on a
@@ -203,7 +207,7 @@ class DirectUpgrade:
         holds it already (two would be the same pair of addresses): then a
         spare one. Held until :meth:`release`, or the direct connection
         made from it closes."""
-        if not self._tries.get(peer, Tries()).may_try(trio.current_time()):
+        if self.reachable() or not self._tries.get(peer, Tries()).may_try(trio.current_time()):
             return ()
         using = self._using.setdefault(peer, set())
         port = self.port
@@ -217,7 +221,10 @@ class DirectUpgrade:
     def release(self, peer: bytes, offered: tuple[Address, ...]) -> None:
         """The port of an offer that made no direct connection is free again."""
         for address in offered:
-            self._using.get(peer, set()).discard(address.port)
+            self.release_port(peer, address.port)
+
+    def release_port(self, peer: bytes, port: int) -> None:
+        self._using.get(peer, set()).discard(port)
 
     def status(self) -> dict[bytes, PeerRoute]:
         """Per peer upgraded with (or tried): direct, or relayed and why."""
@@ -248,17 +255,21 @@ class DirectUpgrade:
     ) -> _Holding | None:
         """A connection from ``port`` to the first of ``addresses`` that
         answers within the window; None if none did."""
-        with trio.move_on_after(self.window):
-            while True:
-                for address in addresses:
-                    try:
-                        stream = await self.network.connect(address, local_port=port)
-                    except PeerUnavailableError as error:
-                        log.debug("punch to %s: %s", address, error)
-                        continue
-                    return _Holding(stream, lambda: self._using[peer].discard(port))
-                await trio.sleep(RETRY_AFTER_REFUSAL)
-        self._using[peer].discard(port)
+        try:
+            with trio.move_on_after(self.window):
+                while True:
+                    for address in addresses:
+                        try:
+                            stream = await self.network.connect(address, local_port=port)
+                        except PeerUnavailableError as error:
+                            log.debug("punch to %s: %s", address, error)
+                            continue
+                        return _Holding(stream, lambda: self.release_port(peer, port))
+                    await trio.sleep(RETRY_AFTER_REFUSAL)
+        except BaseException:
+            self.release_port(peer, port)
+            raise
+        self.release_port(peer, port)
         return None
 
     async def dial(
@@ -280,7 +291,7 @@ class DirectUpgrade:
             _only_message(channel)
         except (trio.TooSlowError, ProtocolError, IntegrityError, trio.BrokenResourceError) as exc:
             await trio.aclose_forcefully(stream)
-            self._failed(peer, f"the direct connection's handshake failed: {exc or 'timeout'}")
+            self._failed(peer, _handshake_failure(exc, self.window))
             return None
         self._succeeded(peer, stream.remote_address)
         return secure
@@ -305,10 +316,16 @@ class DirectUpgrade:
                 await MessageChannel(secure).send(messages.DirectReady())
         except (trio.TooSlowError, ProtocolError, IntegrityError, trio.BrokenResourceError) as exc:
             await trio.aclose_forcefully(stream)
-            self._failed(peer, f"the direct connection's handshake failed: {exc or 'timeout'}")
+            self._failed(peer, _handshake_failure(exc, self.window))
             return None
         self._succeeded(peer, stream.remote_address)
         return secure
+
+
+def _handshake_failure(exc: BaseException, window: float) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return f"the direct connection's handshake did not finish within {window:g} s"
+    return f"the direct connection's handshake failed: {exc}"
 
 
 class _Holding(trio.abc.Stream):

@@ -70,10 +70,13 @@ MASQUERADE; :meth:`MemoryNetwork.put_behind_nat` puts a host behind one:
   destination, kept :attr:`NatProfile.tcp_timeout` seconds (120, Linux's
   ``nf_conntrack_tcp_timeout_syn_sent``): a connection from that very
   address to the public port the flow left from is let in to the LAN host.
-  The router drops what it does not let in (no refusal), so a first
-  attempt waits; when the other host dials back from that address in time,
-  and its own router lets the first one in, the two attempts become one
-  connection (a **simultaneous open**), as TCP makes them.
+  An attempt from a listening port that no router lets in, or that finds
+  nothing there, waits unanswered (as TCP sends its SYN again, and as most
+  home routers drop what they do not let in) until the connect timeout;
+  when the other host dials back from that address meanwhile, and its own
+  router lets the first one in, the two attempts become one connection (a
+  **simultaneous open**), as TCP makes them. Any port may be dialled from
+  (``spare_port`` finds a free one).
 * A router with :attr:`NatProfile.port_mapping` answers NAT-PMP and PCP
   (:mod:`p2pbackup.net.natpmp`) from its LAN at ``gateway:5351``, at once;
   one without it answers nothing there. Mappings last the lease granted (at

@@ -9,6 +9,9 @@ The lab, all in network namespaces of this machine (nothing leaves it)::
       └── router 2: WAN 11.20.30.2, LAN 192.168.2.1, MASQUERADE, no mapping
             ── home B 192.168.2.20
 
+Both routers drop, unanswered, a TCP connection from outside that nothing
+on their LAN asked for (as most home routers do).
+
 The public segment is not a documentation range (TEST-NET-3) because
 miniupnpd maps nothing when its WAN address is a reserved one; the lab's
 namespaces have no link to this machine's own network, so its addresses
@@ -204,6 +207,12 @@ def _router(lab: Lab, role: str, wan: str, lan: str, home: str, home_address: st
     lab.run(home, "ip", "route", "add", "default", "via", lan)
     lab.run(role, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
     lab.run(role, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE")
+    # Like most home routers, drop (rather than refuse) a connection from
+    # outside that nothing on the LAN asked for or had forwarded.
+    lab.run(
+        role, "iptables", "-A", "INPUT", "-i", "wan", "-p", "tcp",
+        "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP",
+    )  # fmt: skip
 
 
 def _start_miniupnpd(lab: Lab) -> None:

@@ -42,6 +42,10 @@ from p2pbackup.wire.messages import (
     DeleteShard,
     DialBack,
     DialBackResult,
+    DirectAddresses,
+    DirectConnect,
+    DirectReady,
+    DirectSync,
     FrameDecoder,
     GetRepairLog,
     GetRoot,
@@ -167,7 +171,13 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     RelayPing: st.just(RelayPing()),
     RelayReserved: st.builds(RelayReserved, st.integers(1, messages.MAX_KEEPALIVE_SECONDS)),
     RelayIncoming: st.builds(RelayIncoming, circuits, node_ids),
-    RelayJoined: st.just(RelayJoined()),
+    RelayJoined: st.builds(RelayJoined, st.none() | st.text(max_size=40)),
+    DirectConnect: st.builds(DirectConnect, st.lists(st.text(max_size=30), max_size=4).map(tuple)),
+    DirectAddresses: st.builds(
+        DirectAddresses, st.lists(st.text(max_size=30), max_size=4).map(tuple)
+    ),
+    DirectSync: st.just(DirectSync()),
+    DirectReady: st.just(DirectReady()),
     RelayPong: st.just(RelayPong()),
     Delegate: st.builds(Delegate, st.binary(min_size=1, max_size=300)),
     Delegated: st.builds(Delegated, node_ids, uints),
@@ -223,7 +233,11 @@ EXAMPLES: dict[type[Message], Message] = {
     RelayPing: RelayPing(),
     RelayReserved: RelayReserved(15),
     RelayIncoming: RelayIncoming(ID[:16], ID[:20]),
-    RelayJoined: RelayJoined(),
+    RelayJoined: RelayJoined("203.0.113.5:47470"),
+    DirectConnect: DirectConnect(("203.0.113.5:47470",)),
+    DirectAddresses: DirectAddresses(()),
+    DirectSync: DirectSync(),
+    DirectReady: DirectReady(),
     RelayPong: RelayPong(),
     Delegate: Delegate(b"certificate"),
     Delegated: Delegated(ID[:20], 1_700_000_000),
@@ -241,6 +255,7 @@ OPTIONAL_FIELDS = {
     (RootData, 0),
     (Usage, 1),
     (RepairLogData, 0),
+    (RelayJoined, 0),
 }
 
 #: The wire type codes, as the protocol specification gives them.
@@ -281,6 +296,10 @@ TYPE_CODES: dict[type[Message], int] = {
     RelayReserved: 0x58,
     RelayIncoming: 0x59,
     RelayJoined: 0x5A,
+    DirectConnect: 0x1C,
+    DirectAddresses: 0x5C,
+    DirectSync: 0x1D,
+    DirectReady: 0x5D,
     RelayPong: 0x5B,
     Delegate: 0x0E,
     Delegated: 0x4E,
@@ -334,10 +353,20 @@ def test_every_message_type_has_a_strategy_an_example_and_a_code() -> None:
     assert set(TYPE_CODES) == set(MESSAGE_TYPES)
 
 
-def test_type_codes_are_pinned_and_every_version_is_one() -> None:
+#: Messages whose fields changed, and the version they are written at now.
+NEWER_VERSIONS = {RelayJoined: 2}
+
+
+def test_type_codes_are_pinned_and_versions_are_as_documented() -> None:
     for cls, example in EXAMPLES.items():
         code, version, *_ = wire(example)
-        assert (code, version) == (TYPE_CODES[cls], 1), cls.__name__
+        assert (code, version) == (TYPE_CODES[cls], NEWER_VERSIONS.get(cls, 1)), cls.__name__
+
+
+def test_relay_joined_tells_the_observed_address_or_nothing() -> None:
+    assert wire(RelayJoined("203.0.113.5:4001")) == (0x5A, 2, "203.0.113.5:4001")
+    assert wire(RelayJoined()) == (0x5A, 2, None)
+    assert decode_message(body_of(0x5A, 2, "[2001:db8::1]:9")) == RelayJoined("[2001:db8::1]:9")
 
 
 def test_the_usage_answer_keeps_its_version_1_shape() -> None:
@@ -448,7 +477,10 @@ def test_bounds_are_inclusive() -> None:
         (body_of(0x19, 1, b"x" * 21), "RelayConnect (v1) field 'node_id'"),
         (body_of(0x1A, 1, b"x" * 15), "RelayAccept (v1) field 'circuit'"),
         (body_of(0x59, 1, b"c" * 16, b"p" * 19), "RelayIncoming (v1) field 'peer'"),
-        (body_of(0x5A, 2), "RelayJoined: unknown version 2"),
+        (body_of(0x5A, 1), "RelayJoined: unknown version 1"),
+        (body_of(0x5A, 2, b"bytes"), "RelayJoined (v2) field 'observed'"),
+        (body_of(0x1C, 1, ["a:1"] * 5), "DirectConnect (v1) field 'addresses'"),
+        (body_of(0x5C, 1, ["x" * 263]), "DirectAddresses (v1) field 'addresses'"),
     ],
 )
 def test_relay_messages_keep_their_bounds(body: bytes, problem: str) -> None:

@@ -6,6 +6,8 @@ inbound only through port mappings or recent UDP flows, mappings that lapse.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import trio
 import trio.testing
@@ -271,3 +273,66 @@ def test_routers_cannot_nest_or_change_profile() -> None:
         world.put_behind_nat("192.168.1.40", NatProfile(ROUTER.public_host, "192.168.1.254"))
     with pytest.raises(UsageError, match="not a router"):
         world.add_port_mapping(OUTSIDE, natpmp.Transport.TCP, 1, Address(HOME, 1))
+
+
+async def _dial_from(
+    world: MemoryNetwork, host: str, port: int, address: Address, into: list[trio.abc.Stream]
+) -> None:
+    with contextlib.suppress(PeerUnavailableError):
+        into.append(await world.interface(host).connect(address, local_port=port))
+
+
+async def test_dialling_from_the_listening_port_lets_that_address_answer_at_once(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """A simultaneous open: the home's attempt waits at the silent far end
+    until the far end dials back from the address it went to; both get
+    one connection."""
+    world = world_with_home()
+    home: list[trio.abc.Stream] = []
+    outside: list[trio.abc.Stream] = []
+    nursery.start_soon(_dial_from, world, HOME, PORT, Address(OUTSIDE, 5000), home)
+    await trio.sleep(1)
+    await _dial_from(world, OUTSIDE, 5000, Address(ROUTER.public_host, PORT), outside)
+    await trio.sleep(0)
+    assert home and outside
+    await outside[0].send_all(b"through")
+    assert await home[0].receive_some() == b"through"
+    assert home[0].remote_address == Address(OUTSIDE, 5000)  # type: ignore[attr-defined]
+    assert outside[0].remote_address == Address(ROUTER.public_host, PORT)  # type: ignore[attr-defined]
+
+
+async def test_a_tcp_flow_admits_only_its_address_and_lapses(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    world = world_with_home()
+    await _serve_home(world, nursery)
+    nursery.start_soon(_dial_from, world, HOME, PORT, Address(OUTSIDE, 5000), [])
+    await trio.sleep(1)
+    # Another port of the same host: dropped, unanswered.
+    with pytest.raises(PeerUnavailableError, match="no answer"):
+        await world.interface(OUTSIDE).connect(Address(ROUTER.public_host, PORT), local_port=5001)
+    # The flow's own address, after it lapsed (the home's attempt gave up
+    # long before): dropped too.
+    await trio.sleep(ROUTER.tcp_timeout)
+    with pytest.raises(PeerUnavailableError, match="no answer"):
+        await world.interface(OUTSIDE).connect(Address(ROUTER.public_host, PORT), local_port=5000)
+
+
+async def test_a_symmetric_nat_shows_each_destination_another_port(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    symmetric = NatProfile("203.0.113.9", "192.168.9.1", port_preserving=False)
+    world = world_with_home(symmetric)
+    seen: list[Address] = []
+
+    async def note(stream: trio.abc.Stream) -> None:
+        seen.append(stream.remote_address)  # type: ignore[attr-defined]
+
+    for port in (7000, 7001):
+        await nursery.start(world.interface(OUTSIDE).serve, Address(OUTSIDE, port), note)
+        await world.interface(HOME).connect(Address(OUTSIDE, port), local_port=PORT)
+    await trio.sleep(1)
+    assert [a.host for a in seen] == [symmetric.public_host] * 2
+    assert len({a.port for a in seen}) == 2
+    assert PORT not in {a.port for a in seen}

@@ -9,6 +9,7 @@ reachable and why. Needs root, ``ip``, ``iptables``, ``nft`` and ``miniupnpd``
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from .netns_lab import (
     ROUTER1_LAN,
     ROUTER1_WAN,
     ROUTER2_LAN,
+    ROUTER2_WAN,
     Lab,
     lab_unavailable,
     namespace_lab,
@@ -277,3 +279,108 @@ def test_two_homes_behind_nat_back_up_to_each_other_and_survive_the_public_frien
     needles = [name.encode() for tree in trees.values() for name in tree] + [b"plaintext marker"]
     assert _holds_none_of(public, needles) == []
     assert not [n for n in needles if n in public_log.read_bytes()]
+
+
+def _peer(lab: Lab, home: Path, node_id: str) -> dict[str, object]:
+    """What home A's ``status --json`` says of the peer ``node_id``."""
+    peers = json.loads(lab.cli("homea", home, "status", "--json"))["peers"]
+    return next((p for p in peers if p["peer_id"] == node_id), {})
+
+
+def _backup_when_b_answers(lab: Lab, home: Path, source: Path) -> None:
+    """Home A's backup, asked again (at most seven more times) when B was
+    slower to answer its probe than the probe's patience: a node found
+    through a DHT look-up and a relay often takes longer than the two
+    seconds a probe waits once the other peers have answered (the look-up
+    asks DHT nodes behind NAT first, and waits for them)."""
+    for _ in range(8):
+        done = subprocess.run(
+            lab.command("homea", *CLI, "--home", home, "backup", source),
+            capture_output=True,
+            text=True,
+            env=base_env(),
+            timeout=120,
+        )
+        assert "Traceback" not in done.stderr, done.stderr
+        if done.returncode == 0:
+            return
+        assert "offline" in done.stderr, done.stderr
+    raise AssertionError(f"home A's backup never found B answering: {done.stderr}")
+
+
+def _relayed_bytes(lab: Lab, public: Path) -> int:
+    """Bytes the public node relayed since it started, from its status."""
+    report = json.loads(lab.cli("pub", public, "status", "--json"))["relay"]
+    return sum(int(friend["bytes_from"]) for friend in report["friends"])
+
+
+def test_two_homes_behind_nat_without_mappings_move_to_a_direct_connection(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """Neither home maps a port (``--no-port-mapping``), so each is reached
+    only through the public friend, a relay. When A backs up to B, the
+    session through the relay moves to a direct connection between the two
+    routers' public addresses (a simultaneous open through MASQUERADE), and
+    the backup's bytes go that way: the relay carries only the handshakes."""
+    public, home_a, home_b = (_home(tmp_path, name) for name in ("public", "a", "b"))
+    public_code = _invite(lab, "pub", public, f"{PUBLIC_NODE}:{PORT}")
+    code_a = _invite(lab, "homea", home_a, f"{HOME_A}:{PORT}")
+    code_b = _invite(lab, "homeb", home_b, f"{HOME_B}:{PORT}")
+    _befriend(lab, ("pub", public, public_code), ("homea", home_a, code_a))
+    _befriend(lab, ("pub", public, public_code), ("homeb", home_b, code_b))
+    _befriend(lab, ("homea", home_a, code_a), ("homeb", home_b, code_b))
+
+    _, public_log = _serve(lab, "pub", public, f"{PUBLIC_NODE}:{PORT}")
+    wait_for(
+        lambda: "serving on" in public_log.read_text(),
+        timeout=60,
+        what="the public node started",
+        logs=[public_log],
+    )
+    home_options = ("--no-port-mapping", "--via-relays", "--bootstrap", f"{PUBLIC_NODE}:{PORT}")
+    _, log_a = _serve(lab, "homea", home_a, f"0.0.0.0:{PORT}", *home_options)
+    _, log_b = _serve(lab, "homeb", home_b, f"0.0.0.0:{PORT}", *home_options)
+    logs = [log_a, log_b, public_log]
+    for log in (log_a, log_b):
+        wait_for(
+            lambda log=log: "reachable through relay" in log.read_text(),  # type: ignore[misc]
+            timeout=120,
+            what=f"{log.name} holding a reservation at the public friend",
+            logs=logs,
+        )
+
+    # A finds B's relays in the DHT once B has published them; its status
+    # then shows B answering (through the relay, upgraded at once).
+    b_id = json.loads(lab.cli("homeb", home_b, "status", "--json"))["node"]["node_id"]
+    wait_for(
+        lambda: _peer(lab, home_a, b_id).get("route") is not None,
+        timeout=120,
+        what="home A reaching home B through the public friend",
+        logs=logs,
+    )
+    tree = _tree(tmp_path / "src-a", "alice")
+    size = sum(len(data) for data in tree.values())
+    before = _relayed_bytes(lab, public)
+    _backup_when_b_answers(lab, home_a, tmp_path / "src-a")
+    relayed = _relayed_bytes(lab, public) - before
+    print(f"relayed during the backup: {relayed} bytes; the tree: {size} bytes")
+
+    # Each side says it moved, and to the other's router.
+    assert f"a direct connection with {ROUTER2_WAN}:{PORT}" in log_a.read_text(), logs
+    wait_for(
+        lambda: f"a direct connection with {ROUTER1_WAN}:{PORT}" in log_b.read_text(),
+        timeout=10,
+        what="home B on the direct connection",
+        logs=logs,
+    )
+    # B holds a shard of A's backup; the relay carried a small part of it.
+    stored = sum(p.stat().st_size for p in (home_b / "hosted").rglob("*") if p.is_file())
+    assert stored > size // 2, stored
+    assert relayed < size // 10, (relayed, size)
+    # status says so too (once its probe finds B within its patience).
+    wait_for(
+        lambda: _peer(lab, home_a, b_id).get("direct_address") == f"{ROUTER2_WAN}:{PORT}",
+        timeout=60,
+        what="home A's status showing B reached directly after the relay",
+        logs=logs,
+    )

@@ -268,6 +268,33 @@ async def test_the_server_knows_where_a_connection_comes_from(
     await stream.aclose()
 
 
+@pytest.mark.parametrize("listen", ["127.0.0.1", "0.0.0.0", "::"])
+async def test_a_node_dials_from_the_port_it_listens_on(listen: str, nursery: trio.Nursery) -> None:
+    """``connect(local_port=...)`` shares the listener's port (SO_REUSEPORT),
+    and the far end sees the connection come from that port."""
+    network = TcpNetwork(connect_timeout=5)
+    seen: list[Address | None] = []
+
+    async def note(stream: trio.abc.Stream) -> None:
+        seen.append(peer_address(stream))
+        await stream.send_all(b"k")
+
+    far = await nursery.start(network.serve, Address("127.0.0.1", 0), note)
+    try:
+        ours = await nursery.start(network.serve, Address(listen, 0), _shout)
+    except UsageError:
+        pytest.skip(f"no {listen} here")
+    stream = await network.connect(far, local_port=ours.port)
+    assert await stream.receive_some() == b"k"
+    assert seen == [Address("127.0.0.1", ours.port)]
+    await stream.aclose()
+    # The port still takes connections, and still refuses a second listener.
+    answer = await network.connect(Address("127.0.0.1", ours.port))
+    await answer.aclose()
+    with pytest.raises(UsageError, match="cannot listen on"):
+        await network.serve(Address(listen, ours.port), _shout)
+
+
 async def test_listening_twice_on_one_port_is_refused(pair: Pair, nursery: trio.Nursery) -> None:
     address = await nursery.start(pair.server.serve, pair.listen, _shout)
     with pytest.raises(UsageError, match=re.escape(f"cannot listen on {address}")):

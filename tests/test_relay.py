@@ -78,8 +78,14 @@ class RecordingRelay(Relay):
 class LyingRelay(RecordingRelay):
     """A relay that joins whoever asks for STRANGER to B instead."""
 
-    async def _accept(self, channel: MessageChannel, peer: bytes, circuit: bytes) -> None:
-        await super()._accept(channel, self._pending[circuit].target, circuit)
+    async def _accept(
+        self,
+        channel: MessageChannel,
+        peer: bytes,
+        circuit: bytes,
+        joined: messages.RelayJoined,
+    ) -> None:
+        await super()._accept(channel, self._pending[circuit].target, circuit, joined)
 
 
 @attrs.frozen

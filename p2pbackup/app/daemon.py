@@ -100,6 +100,7 @@ from p2pbackup.node.schedule import (
 from p2pbackup.node.server import StorageServer
 from p2pbackup.node.shardhost import ReconcileReport, ShardHost
 from p2pbackup.nurseries import unwrap_single
+from p2pbackup.wire.direct import DIRECT_UPGRADE, DirectUpgrade
 from p2pbackup.wire.relay import Route
 from p2pbackup.wire.session import Identity
 
@@ -215,8 +216,12 @@ async def serve(
             )
             RUNNING_OFFER.set(StorageOffer(options.capacity, options.owner_quota))
             RUNNING_RELAY.set(storage.relay)
+            # Sessions this node opens through a relay try the direct upgrade.
+            DIRECT_UPGRADE.set(storage.direct)
             await roles.start(discovery.run)
             board = _start_reachability(roles, home, options, identity, network, discovery, storage)
+            if board is not None and not options.via_relays:
+                storage.direct.reachable = functools.partial(_dialled_directly, board)
             # A backup or a command may have changed which nodes hold the root record.
             peers_changed = discovery.root_holders_may_have_changed
             turns = trio.Lock()
@@ -289,6 +294,12 @@ async def serve(
             stop.started = True
 
 
+def _dialled_directly(board: ReachabilityBoard) -> bool:
+    """Whether the last dial-back found friends reach this node directly."""
+    verdict = board.verdict
+    return verdict is not None and verdict.checked and bool(verdict.reachable_at)
+
+
 @attrs.define
 class _Stop:
     #: Whether the node got as far as reporting itself started.
@@ -334,6 +345,8 @@ class _Storage:
     server: StorageServer
     #: Joins the node's friends to its friends that cannot be dialled.
     relay: Relay
+    #: Moves sessions through relays to direct connections where it can.
+    direct: DirectUpgrade
 
 
 @contextlib.asynccontextmanager
@@ -363,6 +376,7 @@ async def _open_storage(
     )
     try:
         relay = Relay(identity.node_id, friends)
+        direct = DirectUpgrade(network, identity)
         server = StorageServer(
             host,
             identity,
@@ -372,11 +386,13 @@ async def _open_storage(
             dial_back=DialBackService(network, identity, published),
             relay=relay.serve,
             repair_log=functools.partial(_repair_log, home, identity.signing_seed),
+            direct=direct,
         )
         async with trio.open_nursery() as nursery:
             address = await nursery.start(network.serve, options.listen, server.handle_connection)
+            direct.port = address.port
             nursery.start_soon(_collect_expired, host, friends.ids)
-            yield _Storage(host, address, server, relay)
+            yield _Storage(host, address, server, relay, direct)
     finally:
         host.close()
 

@@ -74,6 +74,7 @@ from p2pbackup.engine.progress import human_bytes, plural
 from p2pbackup.engine.repository import PROBE_SECONDS, Repository
 from p2pbackup.maintenance import auditor, repairer
 from p2pbackup.maintenance.repair import RepairPolicy, ShardState, reachability
+from p2pbackup.wire.direct import DIRECT_UPGRADE
 from p2pbackup.wire.relay import Route
 
 #: Seconds a peer has at the most to answer before it counts as offline.
@@ -151,6 +152,9 @@ class PeerState:
     route: str | None = None
     relay: str | None = None
     relay_address: str | None = None
+    #: Where this node's sessions to the peer went once met through the
+    #: relay: the direct upgrade's address (docs/nat.md); None: they did not.
+    direct_address: str | None = None
 
     @property
     def balance(self) -> int:
@@ -377,6 +381,11 @@ def _balance(balance: int) -> str:
 
 def _route(peer: PeerState) -> str:
     if peer.route == ROUTE_RELAYED:
+        if peer.direct_address is not None:
+            return (
+                f" (direct at {peer.direct_address}, met through relay "
+                f"{peer.relay or '?'} at {peer.relay_address})"
+            )
         return f" (relayed by {peer.relay or '?'} at {peer.relay_address})"
     if peer.route == ROUTE_DIRECT:
         return " (direct)"
@@ -489,6 +498,7 @@ async def gather_status(
                 route=None if route is None else _route_kind(route),
                 relay=None if route is None or route.relay is None else route.relay.hex(),
                 relay_address=None if route is None or route.relay is None else str(route.address),
+                direct_address=_direct_address(route, peer.peer_id),
             )
         )
     health = data_health(repo.live_holders(healthy), set(listed), policy)
@@ -553,6 +563,20 @@ def peer_maintenance(
             pending.get(peer_id, 0), counted.moved_off, counted.placed, *audit, *repair
         )
     return result
+
+
+def _direct_address(route: Route | None, peer_id: str) -> str | None:
+    """Where the serving node's sessions to a peer reached through a relay
+    went direct, if they did (:mod:`p2pbackup.wire.direct`)."""
+    upgrade = DIRECT_UPGRADE.get()
+    if route is None or route.relay is None or upgrade is None:
+        return None
+    try:
+        node_id = bytes.fromhex(peer_id)
+    except ValueError:
+        return None
+    went = upgrade.status().get(node_id)
+    return went.detail if went is not None and went.direct else None
 
 
 def _route_kind(route: Route) -> str:

@@ -28,7 +28,14 @@ import attrs
 import trio
 
 from p2pbackup.model import BytesLike
-from p2pbackup.net.network import Address, DatagramEndpoint, Network, StreamHandler, peer_address
+from p2pbackup.net.network import (
+    Address,
+    DatagramEndpoint,
+    Network,
+    StreamHandler,
+    local_address,
+    peer_address,
+)
 from p2pbackup.net.pacing import Pace
 
 #: Bytes a paced send hands on at once.
@@ -71,8 +78,8 @@ class PacedNetwork:
         # for the router's port mapping) is the inner network's.
         return getattr(self.inner, name)
 
-    async def connect(self, address: Address) -> trio.abc.Stream:
-        return PacedStream(await self.inner.connect(address), self)
+    async def connect(self, address: Address, *, local_port: int | None = None) -> trio.abc.Stream:
+        return PacedStream(await self.inner.connect(address, local_port=local_port), self)
 
     async def serve(
         self,
@@ -101,6 +108,11 @@ class PacedStream(trio.abc.Stream):
     def remote_address(self) -> Address | None:
         """Who is at the other end (as :func:`peer_address` finds it)."""
         return peer_address(self.stream)
+
+    @property
+    def local_address(self) -> Address | None:
+        """This end's address (as :func:`local_address` finds it)."""
+        return local_address(self.stream)
 
     async def send_all(self, data: BytesLike) -> None:
         view = memoryview(data)

@@ -62,7 +62,21 @@ MASQUERADE; :meth:`MemoryNetwork.put_behind_nat` puts a host behind one:
   Anything else sent to the public host is the router's own: usually refused
   (also from its own LAN: the model does not hairpin).
 * Outward, a LAN host appears as the public host, at the same port it sends
-  from (port-preserving, as MASQUERADE is while ports do not clash).
+  from (port-preserving, as MASQUERADE is while ports do not clash); a
+  router without :attr:`NatProfile.port_preserving` (a **symmetric NAT**)
+  gives each (LAN address, destination) a public port of its own instead.
+* A connection dialled from a LAN host's listening port
+  (``connect(..., local_port=...)``) opens a **TCP flow** for its
+  destination, kept :attr:`NatProfile.tcp_timeout` seconds (120, Linux's
+  ``nf_conntrack_tcp_timeout_syn_sent``): a connection from that very
+  address to the public port the flow left from is let in to the LAN host.
+  An attempt from a listening port that no router lets in, or that finds
+  nothing there, waits unanswered (as TCP sends its SYN again, and as most
+  home routers drop what they do not let in) until the connect timeout;
+  when the other host dials back from that address meanwhile, and its own
+  router lets the first one in, the two attempts become one connection (a
+  **simultaneous open**), as TCP makes them. Any port may be dialled from
+  (``spare_port`` finds a free one).
 * A router with :attr:`NatProfile.port_mapping` answers NAT-PMP and PCP
   (:mod:`p2pbackup.net.natpmp`) from its LAN at ``gateway:5351``, at once;
   one without it answers nothing there. Mappings last the lease granted (at
@@ -490,6 +504,10 @@ class NatProfile:
     udp_stream_timeout: float = 120.0
     #: The longest lease it grants a mapping, in seconds.
     max_lease: int = 24 * 3600
+    #: Whether a LAN host keeps its port outside (False: a symmetric NAT).
+    port_preserving: bool = True
+    #: Seconds a TCP flow waits for the other end's answer.
+    tcp_timeout: float = 120.0
 
 
 @attrs.frozen
@@ -519,6 +537,38 @@ class _Nat:
     mappings: dict[tuple[natpmp.Transport, int], NatMapping] = attrs.Factory(dict)
     #: (public port, remote address) → the LAN host's flow.
     flows: dict[tuple[int, Address], _Flow] = attrs.Factory(dict)
+    #: The same for TCP flows (module docstring).
+    tcp_flows: dict[tuple[int, Address], _Flow] = attrs.Factory(dict)
+    #: A symmetric NAT's public port of each (LAN address, destination).
+    ports: dict[tuple[Address, Address], int] = attrs.Factory(dict)
+
+    def public_port(self, source: Address, destination: Address) -> int:
+        """The port a LAN address appears at towards ``destination``."""
+        if self.profile.port_preserving:
+            return source.port
+        port = self.ports.get((source, destination))
+        if port is None:
+            port = self.ports[(source, destination)] = _EPHEMERAL_PORTS[
+                len(self.ports) % len(_EPHEMERAL_PORTS)
+            ]
+        return port
+
+    def open_tcp(self, source: Address, destination: Address, now: float) -> Address:
+        """A LAN host dials out from a listening port: its flow opens; the
+        source seen outside."""
+        port = self.public_port(source, destination)
+        self.tcp_flows[(port, destination)] = _Flow(source, now + self.profile.tcp_timeout)
+        return Address(self.profile.public_host, port)
+
+    def let_tcp_in(self, source: Address, port: int, now: float) -> Address | None:
+        """Where a connection from ``source`` to the public ``port`` goes, if anywhere."""
+        mapped = self.mapping(natpmp.Transport.TCP, port, now)
+        if mapped is not None:
+            return mapped.internal
+        flow = self.tcp_flows.get((port, source))
+        if flow is None or flow.expires <= now:
+            return None
+        return flow.internal
 
     def mapping(self, transport: natpmp.Transport, port: int, now: float) -> NatMapping | None:
         found = self.mappings.get((transport, port))
@@ -619,6 +669,23 @@ def _is_ipv4(text: str) -> bool:
     return _is_ip(text) and ":" not in text
 
 
+@attrs.define(eq=False)
+class _Punch:
+    """A connection dialled from a listening port, waiting for its answer."""
+
+    local: Address
+    dialled: Address
+    #: Where the world sees it come from.
+    seen_as: Address
+    joined: trio.Event = attrs.Factory(trio.Event)
+    stream: MemoryStream | None = None
+
+    def end(self) -> MemoryStream:
+        """This side's end of the connection, once joined."""
+        assert self.stream is not None
+        return self.stream
+
+
 class MemoryNetwork:
     """A simulated world of hosts joined by links; see the module docstring."""
 
@@ -652,6 +719,9 @@ class MemoryNetwork:
         #: Routers by public host, and the router of each LAN host.
         self._nats: dict[str, _Nat] = {}
         self._nat_of: dict[str, _Nat] = {}
+        #: Connections dialled from a listening port and not answered yet,
+        #: by (local address, address dialled).
+        self._punches: dict[tuple[Address, Address], _Punch] = {}
 
     # -- the world's controls
 
@@ -800,12 +870,12 @@ class MemoryNetwork:
         nat = self._nats.get(destination)
         return nat if nat is not None and source not in nat.lan else None
 
-    def _seen_as(self, source: Address, destination: str) -> Address:
+    def _seen_as(self, source: Address, destination: Address) -> Address:
         """Where a stream from ``source`` to ``destination`` seems to come from."""
         nat = self._nat_of.get(source.host)
-        if nat is None or destination in nat.lan:
+        if nat is None or destination.host in nat.lan:
             return source
-        return Address(nat.profile.public_host, source.port)
+        return Address(nat.profile.public_host, nat.public_port(source, destination))
 
     def _stream_target(self, source: str, address: Address) -> Address | None:
         """Where a connection from ``source`` to ``address`` lands; None when a
@@ -890,7 +960,7 @@ class MemoryNetwork:
         state = self._hosts[source]
         client_address = Address(source, state.free_port(()))
         destination = listener.address.host
-        seen_as = self._seen_as(client_address, destination)
+        seen_as = self._seen_as(client_address, dialled)
         outbound = _Pipe(self, source, destination, self.window)
         inbound = _Pipe(self, destination, source, self.window)
         connection = _Connection(self, (source, destination), (outbound, inbound))
@@ -901,6 +971,20 @@ class MemoryNetwork:
         self._connections.add(connection)
         self._counters.connections_opened += 1
         return client
+
+    def _join_punches(self, first: _Punch, second: _Punch) -> MemoryStream:
+        """Two crossing attempts become one connection (a simultaneous open):
+        ``first`` gets its end; the second's end is returned."""
+        a, b = first.local.host, second.local.host
+        forward = _Pipe(self, a, b, self.window)
+        backward = _Pipe(self, b, a, self.window)
+        connection = _Connection(self, (a, b), (forward, backward))
+        first.stream = MemoryStream(connection, forward, backward, first.local, second.seen_as)
+        second.stream = MemoryStream(connection, backward, forward, second.local, first.seen_as)
+        self._connections.add(connection)
+        self._counters.connections_opened += 1
+        first.joined.set()
+        return second.stream
 
     def _drop_datagram(self, size: int) -> None:
         self._counters.datagrams_dropped += 1
@@ -975,12 +1059,19 @@ class MemoryInterface:
     def __repr__(self) -> str:
         return f"<MemoryInterface {self.host}>"
 
+    def spare_port(self) -> int:
+        """A port free now, for ``connect(local_port=...)``."""
+        state = self.world._host(self.host)
+        return state.free_port(state.listeners)
+
     def default_gateway(self) -> str | None:
         """The router this host is behind, if any (its LAN address)."""
         return self.world.gateway_of(self.host)
 
-    async def connect(self, address: Address) -> trio.abc.Stream:
+    async def connect(self, address: Address, *, local_port: int | None = None) -> trio.abc.Stream:
         world = self.world
+        if local_port is not None and address.host in world._hosts and world.is_alive(self.host):
+            return await self._connect_from(Address(self.host, local_port), address)
         if not world.is_alive(self.host):
             world._counters.connections_failed += 1
             raise PeerUnavailableError(f"cannot reach {address}: this host ({self.host}) is down")
@@ -1006,6 +1097,55 @@ class MemoryInterface:
                 client._close_now()
                 raise
             return client
+        world._counters.connections_failed += 1
+        raise PeerUnavailableError(
+            f"cannot reach {address}: no answer within {world.connect_timeout:g} s"
+        )
+
+    async def _connect_from(self, local: Address, address: Address) -> trio.abc.Stream:
+        """``connect`` from a listening port (module docstring: TCP flows)."""
+        world = self.world
+        now = trio.current_time()
+        home = world._nat_of.get(self.host)
+        if home is not None and address.host not in home.lan:
+            seen_as = home.open_tcp(local, address, now)
+        else:
+            seen_as = local
+        punch = _Punch(local, address, seen_as)
+        key = (local, address)
+        world._punches[key] = punch
+        latency = world.link(self.host, address.host).latency
+        try:
+            with trio.move_on_after(world.connect_timeout):
+                await trio.sleep(latency)  # our SYN crosses
+                if punch.stream is not None:  # theirs crossed it first
+                    return punch.stream
+                target: Address | None = address
+                if world._inside_other_lan(self.host, address.host):
+                    target = None
+                far = world._public_side(self.host, address.host)
+                if far is not None:
+                    target = far.let_tcp_in(seen_as, address.port, trio.current_time())
+                if target is not None and world.reachable(self.host, target.host):
+                    other = world._punches.get((target, seen_as))
+                    if other is not None and other.stream is None:
+                        stream = world._join_punches(other, punch)
+                        await trio.sleep(latency)  # the answer crosses back
+                        return stream
+                    if far is None or target != address:
+                        listener = world._hosts[target.host].listeners.get(target.port)
+                        if listener is not None:
+                            client = world._open_connection(self.host, listener, address)
+                            if client is not None:
+                                await trio.sleep(latency)
+                                return client
+                # Dropped on the way, unanswered (TCP would send its SYN
+                # again): wait for the other end's attempt to cross ours.
+                await punch.joined.wait()
+                return punch.end()
+        finally:
+            if world._punches.get(key) is punch:
+                del world._punches[key]
         world._counters.connections_failed += 1
         raise PeerUnavailableError(
             f"cannot reach {address}: no answer within {world.connect_timeout:g} s"

@@ -163,8 +163,14 @@ class DatagramEndpoint(Protocol):
 class Network(Protocol):
     """Everything node code may do on a network."""
 
-    async def connect(self, address: Address) -> trio.abc.Stream:
-        """A stream to whoever serves ``address``, or PeerUnavailableError."""
+    async def connect(self, address: Address, *, local_port: int | None = None) -> trio.abc.Stream:
+        """A stream to whoever serves ``address``, or PeerUnavailableError.
+
+        ``local_port``: dial from this port, the one this host listens on
+        (a **shared port**), so that a router that keeps ports maps the
+        connection to the port its friends were told; two hosts that dial
+        each other so at once make one connection (a simultaneous open).
+        """
         ...
 
     async def serve(
@@ -200,6 +206,20 @@ def peer_address(stream: trio.abc.Stream) -> Address | None:
     return None
 
 
+def local_address(stream: trio.abc.Stream) -> Address | None:
+    """This end's address of a stream that a Network made, if it can be known."""
+    local = getattr(stream, "local_address", None)  # a memory stream's
+    if isinstance(local, Address):
+        return local
+    if isinstance(stream, trio.SocketStream):
+        try:
+            sockaddr = stream.socket.getsockname()
+        except OSError:
+            return None
+        return Address(unmapped(sockaddr[0]), sockaddr[1])
+    return None
+
+
 #: Where a node listens on every interface of both IP families (module docstring).
 BOTH_FAMILIES = "::"
 _MAPPED_PREFIX = "::ffff:"
@@ -211,6 +231,14 @@ def unmapped(host: str) -> str:
     if host.lower().startswith(_MAPPED_PREFIX) and "." in host:
         return host[len(_MAPPED_PREFIX) :]
     return host
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_ipv4(host: str) -> bool:
@@ -302,6 +330,13 @@ class TcpNetwork:
     def __init__(self, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
         self.connect_timeout = connect_timeout
 
+    def spare_port(self) -> int:
+        """A TCP port free now, for ``connect(local_port=...)``."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("0.0.0.0", 0))
+            port: int = probe.getsockname()[1]
+        return port
+
     def default_gateway(self) -> str | None:
         """The router of this machine's default IPv4 route, if it has one."""
         try:
@@ -310,9 +345,11 @@ class TcpNetwork:
         except OSError:
             return None
 
-    async def connect(self, address: Address) -> trio.abc.Stream:
+    async def connect(self, address: Address, *, local_port: int | None = None) -> trio.abc.Stream:
         with trio.move_on_after(self.connect_timeout):
             try:
+                if local_port is not None:
+                    return await _connect_from(local_port, address)
                 # trio's SocketStream turns on TCP_NODELAY itself: our frames
                 # are written whole, so Nagle's delay would only add latency.
                 return await trio.open_tcp_stream(address.host, address.port)
@@ -332,6 +369,8 @@ class TcpNetwork:
         try:
             if address.host == BOTH_FAMILIES:
                 listeners = await _listen_on_both_families(address.port)
+            elif _is_ip(address.host):
+                listeners = await _listen_at(address.host, address.port)
             else:
                 listeners = await trio.open_tcp_listeners(address.port, host=address.host)
         except OSError as exc:
@@ -370,14 +409,78 @@ class TcpNetwork:
         return UdpEndpoint(sock, Address(sockaddr[0], sockaddr[1]))
 
 
+def _share_port(sock: trio.socket.SocketType) -> None:
+    """Let ``sock`` bind a port that a listener of this process holds, and the
+    listener be bound beside such sockets: ``connect(local_port=...)``."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
+async def _connect_from(local_port: int, address: Address) -> trio.SocketStream:
+    """A TCP stream to ``address`` from ``local_port``, shared with this
+    node's listener (``Network.connect``)."""
+    infos = await trio.socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    if not infos:
+        raise OSError(errno.EHOSTUNREACH, os.strerror(errno.EHOSTUNREACH))
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = trio.socket.socket(family, kind, proto)
+    try:
+        _share_port(sock)
+        if family == socket.AF_INET6:
+            await sock.bind(("::", local_port))
+        else:
+            await sock.bind(("0.0.0.0", local_port))
+        await sock.connect(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+def _check_port_free(family: socket.AddressFamily, host: str, port: int) -> None:
+    """OSError (address in use) if another socket listens on ``port``: a
+    listener that shares its port would otherwise share it with another
+    program's listener too (SO_REUSEPORT balances connections between them)."""
+    if port == 0:
+        return
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host == BOTH_FAMILIES:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        probe.bind((host, port))
+    finally:
+        probe.close()
+
+
+async def _listen_at(host: str, port: int) -> list[trio.SocketListener]:
+    """One listener on ``host:port`` (an IP literal) that shares its port
+    with the connections dialled from it (:func:`_share_port`)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    _check_port_free(family, host, port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        _share_port(sock)
+        await sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    return [trio.SocketListener(sock)]
+
+
 async def _listen_on_both_families(port: int) -> list[trio.SocketListener]:
     """One listener on ``[::]:port`` taking both families, or on
     ``0.0.0.0:port`` where the host has no IPv6."""
     sock = _both_families_socket(socket.SOCK_STREAM, port)
     if sock is None:
-        return await trio.open_tcp_listeners(port, host="0.0.0.0")
+        return await _listen_at("0.0.0.0", port)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _check_port_free(socket.AF_INET6, BOTH_FAMILIES, port)
+        _share_port(sock)
         await sock.bind((BOTH_FAMILIES, port))
         sock.listen(socket.SOMAXCONN)
     except OSError:

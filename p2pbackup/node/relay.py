@@ -41,6 +41,7 @@ import trio
 from p2pbackup.core import crypto
 from p2pbackup.engine.progress import human_bytes, plural
 from p2pbackup.errors import IntegrityError, ProtocolError
+from p2pbackup.net.network import Address
 from p2pbackup.net.pacing import Pace
 from p2pbackup.wire import messages
 from p2pbackup.wire.messages import RefusalCode
@@ -180,9 +181,17 @@ class Relay:
 
     # -- the server's entry -----------------------------------------------------------
 
-    async def serve(self, channel: MessageChannel, peer: bytes, request: messages.Message) -> None:
-        """Answer one relay request of node ``peer`` on ``channel``; the
-        session is the relay's until this returns (then it ends)."""
+    async def serve(
+        self,
+        channel: MessageChannel,
+        peer: bytes,
+        request: messages.Message,
+        observed: Address | None = None,
+    ) -> None:
+        """Answer one relay request of node ``peer`` on ``channel``, whose
+        connection came from ``observed``; the session is the relay's until
+        this returns (then it ends)."""
+        joined = messages.RelayJoined(None if observed is None else str(observed))
         try:
             own_dial = peer == self.node_id and isinstance(request, messages.RelayConnect)
             if not (self.friends(peer) or own_dial):
@@ -194,9 +203,9 @@ class Relay:
             if isinstance(request, messages.RelayReserve):
                 await self._reserve(channel, peer)
             elif isinstance(request, messages.RelayConnect):
-                await self._connect(channel, peer, request.node_id)
+                await self._connect(channel, peer, request.node_id, joined)
             elif isinstance(request, messages.RelayAccept):
-                await self._accept(channel, peer, request.circuit)
+                await self._accept(channel, peer, request.circuit, joined)
             else:
                 raise RelayRefusal(
                     RefusalCode.BAD_REQUEST, f"{type(request).__name__} outside a reservation"
@@ -241,7 +250,13 @@ class Relay:
 
     # -- circuits ---------------------------------------------------------------------
 
-    async def _connect(self, channel: MessageChannel, dialler: bytes, target: bytes) -> None:
+    async def _connect(
+        self,
+        channel: MessageChannel,
+        dialler: bytes,
+        target: bytes,
+        joined: messages.RelayJoined,
+    ) -> None:
         reservation = self._reservations.get(target)
         if reservation is None:
             raise RelayRefusal(
@@ -277,7 +292,7 @@ class Relay:
                     f"within {self.limits.join_timeout:g} s",
                 )
             try:
-                await channel.send(messages.RelayJoined())
+                await channel.send(joined)
                 await self._splice(channel, dialler, accepted, target)
             finally:
                 pending.done.set()
@@ -285,11 +300,13 @@ class Relay:
             self._pending.pop(circuit, None)
             self._close(dialler, target)
 
-    async def _accept(self, channel: MessageChannel, peer: bytes, circuit: bytes) -> None:
+    async def _accept(
+        self, channel: MessageChannel, peer: bytes, circuit: bytes, joined: messages.RelayJoined
+    ) -> None:
         pending = self._pending.get(circuit)
         if pending is None or pending.target != peer or pending.accepted is not None:
             raise RelayRefusal(RefusalCode.NOT_FOUND, "no such circuit waits for this node")
-        await channel.send(messages.RelayJoined())
+        await channel.send(joined)
         pending.accepted = channel
         pending.arrived.set()
         # The dialler's task splices; this session stays open until it is done.

@@ -70,7 +70,9 @@ from p2pbackup.node import shardhost
 from p2pbackup.node.admission import Admission, LogThrottle, ServerLimits, Session, source_of
 from p2pbackup.node.reachability import DialBacker
 from p2pbackup.wire import messages
+from p2pbackup.wire.direct import DirectUpgrade, answer_direct
 from p2pbackup.wire.messages import RefusalCode
+from p2pbackup.wire.relay import Tunnel
 from p2pbackup.wire.rpc import MessageChannel
 from p2pbackup.wire.session import Identity, SecureStream, secure_responder
 
@@ -97,7 +99,7 @@ DELEGATE_REQUESTS: tuple[type[messages.Message], ...] = (
 
 #: Answers a relay request (peer's node id, the request); the session is its
 #: until it returns.
-RelayHandler = Callable[[MessageChannel, bytes, messages.Message], Awaitable[None]]
+RelayHandler = Callable[[MessageChannel, bytes, messages.Message, Address | None], Awaitable[None]]
 
 
 class StorageServer:
@@ -116,6 +118,7 @@ class StorageServer:
         dial_back: DialBacker | None = None,
         relay: RelayHandler | None = None,
         repair_log: Callable[[bytes], bytes | None] | None = None,
+        direct: DirectUpgrade | None = None,
     ) -> None:
         self.host = host
         self.identity = identity
@@ -139,6 +142,9 @@ class StorageServer:
         #: The sealed repair log this node, as a delegate, keeps for an owner
         #: (None: this node keeps none); called in a worker thread.
         self.repair_log = repair_log
+        #: This node's direct upgrades, for sessions that come through a
+        #: relay (None: it offers none, and still answers the exchange).
+        self.direct = direct
         self.admission = Admission(limits)
         self._throttle = LogThrottle()
         self._handshake_scopes: dict[object, trio.CancelScope] = {}
@@ -159,12 +165,22 @@ class StorageServer:
         log.log(level, message, *args)
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
-        """Serve one incoming connection until it ends; never raises for a peer's fault."""
+        """Serve one incoming connection until it ends; never raises for a peer's fault.
+
+        A :class:`~p2pbackup.wire.relay.Tunnel` (a circuit through a relay)
+        opens with the direct upgrade's exchange (:mod:`p2pbackup.wire.direct`).
+        """
         address = peer_address(stream)
-        source = source_of(None if address is None else address.host)
-        secure = await self._handshake(stream, source)
+        secure = await self._handshake(stream, source_of(None if address is None else address.host))
         if secure is None:
             return
+        await self._serve_secure(secure, address, stream if isinstance(stream, Tunnel) else None)
+
+    async def _serve_secure(
+        self, secure: SecureStream, address: Address | None, tunnel: Tunnel | None
+    ) -> None:
+        """Admit the session of a completed handshake and serve it."""
+        source = source_of(None if address is None else address.host)
         owner = secure.remote_node_id
         friend = self.friends is not None and self.friends(owner)
         session = self.admission.admit(source, owner, friend=friend)
@@ -177,16 +193,46 @@ class StorageServer:
             )
             await trio.aclose_forcefully(secure)
             return
+        idle = self.admission.idle_limit(session)
         try:
-            await self.serve_session(
-                secure,
-                owner,
-                secure.remote_signing_key,
-                idle=self.admission.idle_limit(session),
-                observed=address,
-            )
+            if tunnel is None:
+                await self.serve_session(
+                    secure, owner, secure.remote_signing_key, idle=idle, observed=address
+                )
+            else:
+                await self._serve_relayed(secure, tunnel, idle)
         finally:
             self.admission.end_session(session)
+
+    async def _serve_relayed(self, secure: SecureStream, tunnel: Tunnel, idle: float) -> None:
+        """Serve a session through a relay: the upgrade's exchange first, then
+        the relayed session and, if the upgrade makes one, the direct one."""
+        owner = secure.remote_node_id
+        if self.direct is not None:
+            self.direct.observe(tunnel.observed, tunnel.local)
+
+        async def serve_direct(direct: SecureStream) -> None:
+            await self._serve_secure(direct, peer_address(direct.transport_stream), None)
+
+        async with trio.open_nursery() as nursery:
+            try:
+                stream = await answer_direct(
+                    secure,
+                    owner,
+                    upgrade=self.direct,
+                    timeout=self.limits.handshake,
+                    serve_direct=serve_direct,
+                    nursery=nursery,
+                )
+            except (ProtocolError, IntegrityError, trio.BrokenResourceError) as exc:
+                self._log("session closed", logging.INFO, "relayed session closed: %s", exc)
+                await trio.aclose_forcefully(secure)
+                return
+            except trio.TooSlowError:
+                self._log("session timeout", logging.INFO, "relayed session timed out")
+                await trio.aclose_forcefully(secure)
+                return
+            await self.serve_session(stream, owner, secure.remote_signing_key, idle=idle)
 
     async def _handshake(self, stream: trio.abc.Stream, source: str) -> SecureStream | None:
         """The session of a completed handshake; None (the stream closed) if
@@ -364,7 +410,7 @@ class _Session:
                 )
             )
             return
-        await self.server.relay(self.channel, self.owner, request)
+        await self.server.relay(self.channel, self.owner, request, self.observed)
 
     async def _send(self, message: messages.Message) -> None:
         # A peer that stops reading must not hold this session forever.

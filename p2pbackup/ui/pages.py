@@ -215,7 +215,10 @@ def _where(peer: JSON) -> str:
     route = peer.get("route")
     if route == ROUTE_RELAYED:
         relay = peer.get("relay") or "?"
-        return f"{peer['kind']}, relayed by {relay[:16]} at {peer.get('relay_address')}"
+        met = f"relayed by {relay[:16]} at {peer.get('relay_address')}"
+        if peer.get("direct_address"):
+            return f"{peer['kind']}, direct at {peer['direct_address']} ({met} first)"
+        return f"{peer['kind']}, {met}"
     if route == ROUTE_DIRECT:
         return f"{peer['kind']}, direct: {peer['location']}"
     if peer["kind"] == PEER_KIND_NODE:

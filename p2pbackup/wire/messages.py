@@ -79,6 +79,13 @@ reached, R = its relay, a friend; D = a friend of R dialling N)::
     N: RelayAccept(circuit) → RelayJoined | Refused; then the session
        carries D's bytes
 
+Direct upgrade (docs/nat.md): the first exchange on D's and N's own session
+through the circuit, before any other request::
+
+    D: DirectConnect(D's addresses) → DirectAddresses(N's addresses) | Refused
+    D: DirectSync (no answer; both dial) — only when both offered addresses
+    on the direct connection, after its handshake, N sends DirectReady
+
 Errors: decoding anything that is not a well-formed frame of a known message
 within its bounds raises :class:`~p2pbackup.errors.RemoteProtocolError` (the
 peer broke the protocol) and nothing else; encoding a message that breaks its
@@ -141,6 +148,8 @@ MAX_REFUSAL_TEXT = 1000
 #: and characters of one (``host:port``, a DNS name at its longest).
 MAX_DIAL_BACK_ADDRESSES = 8
 MAX_ADDRESS_TEXT = 262
+#: Addresses one side offers for a direct upgrade.
+MAX_DIRECT_ADDRESSES = 4
 #: Bytes of a relay circuit's id (random, chosen by the relay).
 CIRCUIT_ID_SIZE = 16
 #: Longest keepalive interval a relay may ask for.
@@ -534,12 +543,49 @@ class RelayIncoming:
 
 @attrs.frozen
 class RelayJoined:
-    """From the next byte on, this session carries the other end's bytes."""
+    """From the next byte on, this session carries the other end's bytes.
+
+    ``observed`` (version 2): the address (``host:port``) the relay sees this
+    session come from, which is where the world sees the node (its router's
+    public address); None when the relay cannot tell."""
+
+    observed: str | None = None
 
 
 @attrs.frozen
 class RelayPong:
     """The answer to :class:`RelayPing`."""
+
+
+# The direct upgrade of a relayed session (docs/nat.md, "Direct upgrade").
+
+
+@attrs.frozen
+class DirectConnect:
+    """The first request on a session through a relay: the dialler's
+    addresses to try a direct connection at (none: it will not try now)."""
+
+    addresses: tuple[str, ...]
+
+
+@attrs.frozen
+class DirectAddresses:
+    """The answer to :class:`DirectConnect`: the reached node's addresses
+    (none: it will not try)."""
+
+    addresses: tuple[str, ...]
+
+
+@attrs.frozen
+class DirectSync:
+    """Dial now: the reached node dials at once, the dialler half a round
+    trip later, so that both connection attempts cross. No answer."""
+
+
+@attrs.frozen
+class DirectReady:
+    """Sent by the reached node, as the first message on the direct session
+    once its handshake completed: the dialler may move to it."""
 
 
 @attrs.frozen
@@ -596,6 +642,10 @@ Message: TypeAlias = (
     | RelayIncoming
     | RelayJoined
     | RelayPong
+    | DirectConnect
+    | DirectAddresses
+    | DirectSync
+    | DirectReady
 )
 
 #: Requests that open a relay exchange (the storage server hands them to its relay).
@@ -633,6 +683,8 @@ REQUEST_TYPES: tuple[type[Message], ...] = (
     PutGrant,
     GetRepairLog,
     *RELAY_REQUEST_TYPES,
+    DirectConnect,
+    DirectSync,
 )
 #: Messages that answer one.
 RESPONSE_TYPES: tuple[type[Message], ...] = (
@@ -656,6 +708,8 @@ RESPONSE_TYPES: tuple[type[Message], ...] = (
     GrantStored,
     RepairLogData,
     *RELAY_RESPONSE_TYPES,
+    DirectAddresses,
+    DirectReady,
 )
 #: Every message class: requests, the piece, responses.
 MESSAGE_TYPES: tuple[type[Message], ...] = (*REQUEST_TYPES, ShardPiece, *RESPONSE_TYPES)
@@ -860,6 +914,7 @@ _UNIX_TIME = _Int(0, MAX_UINT)
 _NONCE = _Bytes(MIN_NONCE_SIZE, MAX_NONCE_SIZE)
 _NODE_ID = _Bytes(NODE_ID_SIZE, NODE_ID_SIZE)
 _CIRCUIT_ID = _Bytes(CIRCUIT_ID_SIZE, CIRCUIT_ID_SIZE)
+_DIRECT_ADDRESSES = _Array(_Text(MAX_ADDRESS_TEXT), 0, MAX_DIRECT_ADDRESSES)
 _SHARD_ENTRY = _Record(
     _Fields.of(ShardEntry, shard_id=_SHARD_ID, size=_SHARD_SIZE, lease_expiry=_UNIX_TIME)
 )
@@ -1023,8 +1078,12 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec(0x1B, 1, _Fields.of(RelayPing)),
     _Spec(0x58, 1, _Fields.of(RelayReserved, keepalive=_Int(1, MAX_KEEPALIVE_SECONDS))),
     _Spec(0x59, 1, _Fields.of(RelayIncoming, circuit=_CIRCUIT_ID, peer=_NODE_ID)),
-    _Spec(0x5A, 1, _Fields.of(RelayJoined)),
+    _Spec(0x5A, 2, _Fields.of(RelayJoined, observed=_Optional(_Text(MAX_ADDRESS_TEXT)))),
     _Spec(0x5B, 1, _Fields.of(RelayPong)),
+    _Spec(0x1C, 1, _Fields.of(DirectConnect, addresses=_DIRECT_ADDRESSES)),
+    _Spec(0x5C, 1, _Fields.of(DirectAddresses, addresses=_DIRECT_ADDRESSES)),
+    _Spec(0x1D, 1, _Fields.of(DirectSync)),
+    _Spec(0x5D, 1, _Fields.of(DirectReady)),
 )
 
 _BY_WIRE: dict[tuple[int, int], _Spec] = {(s.code, s.version): s for s in _SPECS}

@@ -20,9 +20,13 @@ Nouns:
   tells it of the dialler (``RelayIncoming`` → ``RelayAccept``). After
   ``RelayJoined`` each session carries the other's bytes: inside them, the
   dialler and the node run their own Noise handshake and transport.
-* **tunnel** — the stream a circuit gives each end, handed to
+* **tunnel** — :class:`Tunnel`: the stream a circuit gives each end, handed to
   :func:`~p2pbackup.wire.session.secure_initiator` (dialler) or to the node's
-  storage server (reserved node) as if it were a connection of its own.
+  storage server (reserved node) as if it were a connection of its own; it
+  knows where the relay saw that end come from (its **observed address**).
+  The session through it opens with the direct upgrade's exchange
+  (:mod:`p2pbackup.wire.direct`): :func:`open_session` returns the direct
+  session when the two ends could make one.
 
 The relay's side (friends only, limits, counts) is
 :mod:`p2pbackup.node.relay`. Failures to reach a node are
@@ -44,9 +48,11 @@ from p2pbackup.errors import (
     ProtocolError,
     RemoteProtocolError,
 )
-from p2pbackup.net.network import Address, Network, StreamHandler, run_handler
+from p2pbackup.model import BytesLike
+from p2pbackup.net.network import Address, Network, StreamHandler, local_address, run_handler
 from p2pbackup.nurseries import unwrap_single
 from p2pbackup.wire import messages
+from p2pbackup.wire.direct import DIRECT_UPGRADE, offer_direct
 from p2pbackup.wire.rpc import MessageChannel
 from p2pbackup.wire.session import Identity, SecureStream, secure_initiator
 
@@ -76,6 +82,32 @@ class Route:
         return f"{self.address} (relay {self.relay.hex()[:16]})"
 
 
+class Tunnel(trio.abc.Stream):
+    """One end of a circuit (module docstring): ``stream`` as it is, plus the
+    address the relay saw this end come from (None: the relay did not say),
+    and this end's own address on that connection."""
+
+    def __init__(
+        self, stream: trio.abc.Stream, observed: str | None, local: Address | None
+    ) -> None:
+        self.transport_stream = stream
+        self.observed = observed
+        #: This end's address on its connection to the relay.
+        self.local = local
+
+    async def send_all(self, data: BytesLike) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.transport_stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
 async def open_session(
     network: Network,
     identity: Identity,
@@ -85,18 +117,32 @@ async def open_session(
     timeout: float = DEFAULT_DIAL_TIMEOUT,
 ) -> SecureStream:
     """A session with node ``node_id`` along ``route``, its key proven; else
-    :class:`PeerUnavailableError` naming the node, the route and the reason."""
+    :class:`PeerUnavailableError` naming the node, the route and the reason.
+
+    Through a relay, the session then tries the direct upgrade
+    (:data:`~p2pbackup.wire.direct.DIRECT_UPGRADE`, this node's) and is
+    the direct one if that worked."""
     name = f"node {node_id.hex()[:16]} at {route}"
+    upgrade = DIRECT_UPGRADE.get()
     try:
         with trio.fail_after(timeout):
             stream = await network.connect(route.address)
             try:
                 if route.relay is not None:
                     stream = await _join(stream, identity, route, node_id)
-                return await secure_initiator(stream, identity, expected_node_id=node_id)
+                    if upgrade is not None:
+                        upgrade.observe(stream.observed, stream.local)
+                secure = await secure_initiator(stream, identity, expected_node_id=node_id)
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
+        if route.relay is None:
+            return secure
+        try:
+            return await offer_direct(secure, node_id, upgrade=upgrade, timeout=timeout)
+        except BaseException:
+            await trio.aclose_forcefully(secure)
+            raise
     except trio.TooSlowError:
         raise PeerUnavailableError(f"{name}: no answer within {timeout:g} s") from None
     except (ProtocolError, IntegrityError, trio.BrokenResourceError) as exc:
@@ -105,9 +151,10 @@ async def open_session(
 
 async def _join(
     stream: trio.abc.Stream, identity: Identity, route: Route, node_id: bytes
-) -> trio.abc.Stream:
+) -> Tunnel:
     """The tunnel to ``node_id`` through the relay at the end of ``stream``."""
     assert route.relay is not None
+    local = local_address(stream)
     secure = await secure_initiator(stream, identity, expected_node_id=route.relay)
     channel = MessageChannel(secure)
     await channel.send(messages.RelayConnect(node_id))
@@ -118,7 +165,7 @@ async def _join(
         )
     if not isinstance(answer, messages.RelayJoined):
         raise RemoteProtocolError(f"relay answered RelayConnect with {type(answer).__name__}")
-    return channel.detach()
+    return Tunnel(channel.detach(), answer.observed, local)
 
 
 # --- the reserved node's side ------------------------------------------------------------
@@ -218,4 +265,5 @@ async def _accept(
         log.info("relay %s did not join node %s: %s", relay, incoming.peer.hex()[:16], reason)
         await trio.aclose_forcefully(secure)
         return
-    await run_handler(handler, channel.detach())
+    tunnel = Tunnel(channel.detach(), answer.observed, local_address(secure.transport_stream))
+    await run_handler(handler, tunnel)

@@ -8,6 +8,7 @@ limit — below it, or only as far above as the first burst allows.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import trio
 
 from p2pbackup.errors import UsageError
-from p2pbackup.net.limits import BURST, BandwidthLimits, PacedNetwork, limited
+from p2pbackup.net.limits import BURST, BandwidthLimits, PacedNetwork, PacedStream, limited
 from p2pbackup.net.network import TcpNetwork, peer_address
 from p2pbackup.node.schedule import parse_home_config
 
@@ -31,6 +32,13 @@ SIZE = 3 * LIMIT  # three seconds' worth
 def _within_ten_percent(moved: int, seconds: float, limit: float) -> None:
     rate = moved / seconds
     assert 0.9 * limit <= rate <= 1.1 * limit, f"{rate / KIB:.0f} KiB/s against {limit / KIB:.0f}"
+
+
+def _small_buffer(stream: trio.abc.Stream, option: int) -> None:
+    """Keep a socket's buffer small: loopback's grow to megabytes, which
+    would take in the whole transfer and hide whether the sender is held."""
+    assert isinstance(stream, trio.SocketStream)
+    stream.setsockopt(socket.SOL_SOCKET, option, 64 * KIB)
 
 
 async def _sink(stream: trio.abc.Stream) -> None:
@@ -78,6 +86,7 @@ async def test_a_download_keeps_to_its_limit_and_slows_the_sender(
     sent_at: list[float] = []
 
     async def send(stream: trio.abc.Stream) -> None:
+        _small_buffer(stream, socket.SO_SNDBUF)
         for _ in range(SIZE // (64 * KIB)):
             await stream.send_all(bytes(64 * KIB))
         sent_at.append(time.monotonic())
@@ -85,6 +94,8 @@ async def test_a_download_keeps_to_its_limit_and_slows_the_sender(
     address = await nursery.start(tcp.serve, LOOPBACK_ANY_PORT, send)
     network = PacedNetwork(tcp, BandwidthLimits(download=LIMIT))
     stream = await network.connect(address)
+    assert isinstance(stream, PacedStream)
+    _small_buffer(stream.stream, socket.SO_RCVBUF)
     started = time.monotonic()
     received = 0
     while received < SIZE:

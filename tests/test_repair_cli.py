@@ -40,12 +40,14 @@ def test_repair_rebuilds_missing_and_corrupt_shards_on_other_folders(tmp_path: P
     source = make_source(tmp_path / "source", big=600_000)
     before = tree_state(source)
     world.backup(source)
-    # One folder loses its disk, another rots.
-    lost = shard_files(world.peers[0]) + shard_files(world.peers[1])
-    assert lost
-    for path in shard_files(world.peers[0]):
+    # One folder loses its disk, another rots: the two holding the most
+    # shards, so that both hold some whatever the placement.
+    fullest = sorted(world.peers, key=lambda peer: -len(shard_files(peer)))
+    gone, rotting = fullest[0], fullest[1]
+    assert shard_files(gone) and shard_files(rotting)
+    for path in shard_files(gone):
         path.unlink()
-    rotten = shard_files(world.peers[1])
+    rotten = shard_files(rotting)
     for path in rotten:
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 1
@@ -64,8 +66,8 @@ def test_repair_rebuilds_missing_and_corrupt_shards_on_other_folders(tmp_path: P
     again = world.ok("repair")
     assert "0 repaired" in again.stdout
     assert "every pack has at least 4 healthy shards on distinct peers" in again.stdout
-    # Every folder the first two did not take over is enough: wipe two more.
-    for peer in world.peers[2:4]:
+    # Two shards of each pack are enough: wipe two more folders.
+    for peer in [peer for peer in world.peers if peer not in (gone, rotting)][:2]:
         for path in shard_files(peer):
             path.unlink()
     target = tmp_path / "restored"

@@ -87,7 +87,6 @@ MASQUERADE; :meth:`MemoryNetwork.put_behind_nat` puts a host behind one:
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import logging
 import math
 import operator
@@ -108,6 +107,8 @@ from p2pbackup.net.network import (
     StreamHandler,
     check_datagram_size,
     check_host,
+    is_ip,
+    is_ipv4,
     run_handler,
 )
 
@@ -612,7 +613,7 @@ class _Nat:
         epoch = int(now - self.started)
         public = self.profile.public_host
         if request is None:
-            if not _is_ipv4(public):
+            if not is_ipv4(public):
                 return natpmp.encode_address_answer(natpmp.AddressAnswer(3, epoch, None))
             return natpmp.encode_address_answer(natpmp.AddressAnswer(0, epoch, public))
         pcp = data[0] == natpmp.PCP_VERSION
@@ -641,7 +642,7 @@ class _Nat:
             lifetime,
             epoch,
             request.nonce,
-            public if result == 0 and _is_ip(public) else None,
+            public if result == 0 and is_ip(public) else None,
         )
         if pcp:
             return natpmp.encode_pcp_map_answer(answer)
@@ -655,18 +656,6 @@ class _Nat:
             if held is None or held.internal == internal:
                 return port
         return wanted  # every port taken: the newest asker wins
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_ipv4(text: str) -> bool:
-    return _is_ip(text) and ":" not in text
 
 
 @attrs.define(eq=False)

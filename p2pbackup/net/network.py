@@ -233,7 +233,8 @@ def unmapped(host: str) -> str:
     return host
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address (not a name)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -241,7 +242,8 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _is_ipv4(host: str) -> bool:
+def is_ipv4(host: str) -> bool:
+    """Whether ``host`` is an IPv4 address."""
     try:
         ipaddress.IPv4Address(host)
     except ValueError:
@@ -369,7 +371,7 @@ class TcpNetwork:
         try:
             if address.host == BOTH_FAMILIES:
                 listeners = await _listen_on_both_families(address.port)
-            elif _is_ip(address.host):
+            elif is_ip(address.host):
                 listeners = await _listen_at(address.host, address.port)
             else:
                 listeners = await trio.open_tcp_listeners(address.port, host=address.host)
@@ -503,7 +505,7 @@ class UdpEndpoint:
     async def send(self, data: bytes, address: Address) -> None:
         check_datagram_size(data)
         host = address.host
-        if self._socket.family == socket.AF_INET6 and _is_ipv4(host):
+        if self._socket.family == socket.AF_INET6 and is_ipv4(host):
             # A socket of both families reaches IPv4 peers at their mapped form.
             host = _MAPPED_PREFIX + host
         try:

@@ -33,7 +33,6 @@ router that answers garbage raises one too (the codec's
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
@@ -52,7 +51,7 @@ from p2pbackup.errors import (
 )
 from p2pbackup.net import natpmp, upnp
 from p2pbackup.net.natpmp import MapAnswer, MapRequest, Transport
-from p2pbackup.net.network import Address, DatagramEndpoint, Network
+from p2pbackup.net.network import Address, DatagramEndpoint, Network, is_ip
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +105,6 @@ def local_ip_towards(endpoint: DatagramEndpoint, gateway: str) -> str:
         return bound
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 class PortMapper:
     """Asks one gateway for port mappings (see the module docstring)."""
 
@@ -162,7 +153,7 @@ class PortMapper:
             client_ip = local_ip_towards(endpoint, self.gateway.host)
             request = MapRequest(transport, internal, external, lifetime, nonce, client_ip)
             answer: MapAnswer | None = None
-            if self.method == "PCP" and not _is_ip(client_ip):
+            if self.method == "PCP" and not is_ip(client_ip):
                 self.method = "NAT-PMP"  # PCP needs this machine's IP address
             if self.method == "PCP":
                 answer = await self._exchange(endpoint, natpmp.encode_pcp_map(request), pcp=True)
@@ -405,7 +396,7 @@ class UpnpMapper:
         # from a first call, since a machine may have several addresses.
         answer, local = await self._call("GetExternalIPAddress", [])
         external_ip = answer.get("NewExternalIPAddress", "")
-        if not _is_ip(external_ip):
+        if not is_ip(external_ip):
             raise PortMappingError(f"the UPnP gateway names no public address ({external_ip!r})")
         arguments = [
             ("NewRemoteHost", ""),

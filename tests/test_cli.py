@@ -330,6 +330,8 @@ def test_a_recovery_that_cannot_read_the_index_writes_nothing_unless_partial(
     recovery found none. Now it changes nothing, and says so."""
     world = make_world(tmp_path, k=2, n=4)
     source = make_source(tmp_path / "src")
+    # Settings the root record carries: recover writes them before the index.
+    (world.home / "config.toml").write_text("version = 1\n")
     assert cli_inprocess("--home", world.home, "backup", source) == 0
     shutil.rmtree(world.home)
     # Three of the four peers are away: one shard of each pack is not enough.
@@ -345,6 +347,12 @@ def test_a_recovery_that_cannot_read_the_index_writes_nothing_unless_partial(
     assert "--partial" in message and "\n" not in message
     assert not home.exists()
     assert {p: p.read_bytes() for p in world.peers[0].rglob("*") if p.is_file()} == before
+    # Into a directory made for it, the same: left as empty as it was, so
+    # that the next try may use it (the simulator's lost home could not).
+    home.mkdir()
+    cli_error("recover", "--recovery-key-file", world.key_file, "--peer-dir",
+              world.peers[0], home=home)  # fmt: skip
+    assert list(home.iterdir()) == []
     # With every peer back, the recovery finds every snapshot.
     for peer in world.peers[1:]:
         (away / peer.name).rename(peer)

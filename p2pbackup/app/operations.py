@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -127,7 +128,7 @@ def init_home(
     secret = keys.generate_master_secret()
     keyring = Keyring.from_master_secret(secret)
     key = keys.format_recovery_key(secret)
-    existed = home.path.exists()
+    kept = _entries(home.path)
     with home.locked():
         home.create(secret, keyring.node_id)
         try:
@@ -140,7 +141,7 @@ def init_home(
             if deliver_key is not None:
                 deliver_key(key)
         except BaseException:
-            _remove_home(home, keep_dir=existed)
+            _remove_home(home, kept=kept)
             raise
     return key
 
@@ -822,7 +823,7 @@ async def recover(
         )
     peers = await _reach_peers(peer_dirs, peer_nodes, summary.problems)
     root, found = await _find_root(keyring, peers, network, summary.problems)
-    existed = home.path.exists()
+    kept = _entries(home.path)
     home.create(secret, keyring.node_id)
     try:
         with home.locked():
@@ -839,7 +840,7 @@ async def recover(
                 index.close()
     except BaseException:
         # A half-rebuilt home would look initialised; leave none behind.
-        _remove_home(home, keep_dir=existed)
+        _remove_home(home, kept=kept)
         raise
     return summary
 
@@ -933,12 +934,28 @@ async def _read_delegates(repo: Repository, summary: RecoverSummary, *, quiet: b
     return taken
 
 
-def _remove_home(home: Home, *, keep_dir: bool) -> None:
-    for path in (home.marker_path, home.secret_path, home.lock_path):
-        path.unlink(missing_ok=True)
-    for path in home.path.glob("index.sqlite*"):
-        path.unlink(missing_ok=True)
-    if not keep_dir:
+def _entries(path: Path) -> frozenset[str] | None:
+    """The names in a directory; None when there is no directory."""
+    try:
+        return frozenset(entry.name for entry in path.iterdir())
+    except FileNotFoundError:
+        return None
+
+
+def _remove_home(home: Home, *, kept: frozenset[str] | None) -> None:
+    """Take back what a failed init or recover made: every entry of the home
+    but ``kept`` (those there before it began), and the directory itself
+    when there was none (``kept`` None). The home was checked empty but for
+    its lock file first, so nothing of the user's goes."""
+    for entry in _entries(home.path) or ():
+        if kept is not None and entry in kept:
+            continue
+        path = home.path / entry
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if kept is None:
         with contextlib.suppress(OSError):
             home.path.rmdir()
 

@@ -5,6 +5,7 @@ no key of the owner's."""
 from __future__ import annotations
 
 import functools
+import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -297,6 +298,22 @@ async def test_serve_repairs_for_an_owner_away_past_its_grace(world: World, tmp_
     [done] = acted
     assert done.owner == alice_id and done.report.repair.ok
     assert done.report.repair.shards_rebuilt > 0
+    # Round after round, only the shards due on the audit schedule are
+    # audited (few, a minute on); a forced pass (repair --for) audits all.
+    name, keyring = first
+    [soon] = await delegating.owners_round(
+        world.homes[name],
+        world.world.interface(name),
+        Identity.from_keyring(keyring),
+        options,
+        clock=lambda: time.time() + 60,
+        rng=random.Random(1),
+    )
+    _grant, forced = await delegating.repair_for_owner(
+        world.homes[name], alice_id, options, network=world.world.interface(name)
+    )
+    assert len(soon.report.audit.results) < len(forced.audit.results) / 2
+    assert len(forced.audit.results) >= done.report.repair.shards_rebuilt > 0
     # A day later the second one's turn comes: the packs are healthy.
     later = time.time() + delegated.STAGGER + 60
     name, keyring = second

@@ -266,7 +266,6 @@ async def serve(
                         identity,
                         config.maintenance.repair_options(),
                         clock=clock,
-                        rng=rng,
                     )
                 )
             if control is not None:

@@ -93,6 +93,23 @@ async def world(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[World]:
         host.close()
 
 
+def _kill_the_busiest_sharer(world: World, grant: RepairGrant, packs: list[GrantPack]) -> None:
+    """Kill the node, carol and bob aside, holding the most shards of ``packs``."""
+    shared = {
+        name: sum(
+            1
+            for p in packs
+            for s in p.shards
+            if grant.peers[s.peer].node_id == world.keyring(name).node_id
+        )
+        for name in NODES
+        if name not in ("carol", "bob")
+    }
+    second = max(shared, key=lambda name: shared[name])
+    assert shared[second] > 0
+    world.world.kill_host(second)
+
+
 async def test_a_delegate_rebuilds_what_a_lost_peer_held(world: World, tmp_path: Path) -> None:
     source = tmp_path / "source"
     source.mkdir()
@@ -196,19 +213,7 @@ async def test_a_delegate_rebuilds_what_a_lost_peer_held(world: World, tmp_path:
             repo.index.set_shard(pack.pack_id, ShardLocation(*placed_of(placed, pack, shard)))
     # Now the node that shared most packs with carol dies too: without the
     # log, those packs would have one shard left that alice knows of.
-    shared = {
-        name: sum(
-            1
-            for p, _s in lost
-            for t in p.shards
-            if grant.peers[t.peer].node_id == world.keyring(name).node_id
-        )
-        for name in NODES
-        if name not in ("carol", "bob")
-    }
-    second = max(shared, key=lambda name: shared[name])
-    assert shared[second] > 0
-    world.world.kill_host(second)
+    _kill_the_busiest_sharer(world, grant, [p for p, _s in lost])
     target = tmp_path / "restored"
     async with operations.open_repository(world.alice, network=network) as repo:
         [(_sid, snapshot)] = repo.index.snapshots()
@@ -352,19 +357,7 @@ async def test_a_home_recovered_from_its_key_finds_what_its_delegate_moved(
     with_carol = [
         p for p in grant.packs if any(grant.peers[s.peer].node_id == carol for s in p.shards)
     ]
-    shared = {
-        name: sum(
-            1
-            for p in with_carol
-            for s in p.shards
-            if grant.peers[s.peer].node_id == world.keyring(name).node_id
-        )
-        for name in NODES
-        if name not in ("carol", "bob")
-    }
-    second = max(shared, key=lambda name: shared[name])
-    assert shared[second] > 0
-    world.world.kill_host(second)
+    _kill_the_busiest_sharer(world, grant, with_carol)
 
     # A new machine, the recovery key and bob's address: the root record
     # names bob as a delegate, and his log says where the shards are now.

@@ -93,9 +93,14 @@ async def world(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[World]:
         host.close()
 
 
-def _kill_the_busiest_sharer(world: World, grant: RepairGrant, packs: list[GrantPack]) -> None:
-    """Kill the node, carol and bob aside, holding the most shards of ``packs``."""
-    shared = {
+def busiest_holder(
+    world: World, grant: RepairGrant, packs: list[GrantPack], besides: set[str]
+) -> str:
+    """The node, ``besides`` aside, holding the most shards of ``packs``.
+
+    Placement follows node ids, which are new keys in every run: a node
+    picked by name may hold nothing of a few packs."""
+    held = {
         name: sum(
             1
             for p in packs
@@ -103,11 +108,11 @@ def _kill_the_busiest_sharer(world: World, grant: RepairGrant, packs: list[Grant
             if grant.peers[s.peer].node_id == world.keyring(name).node_id
         )
         for name in NODES
-        if name not in ("carol", "bob")
+        if name not in besides
     }
-    second = max(shared, key=lambda name: shared[name])
-    assert shared[second] > 0
-    world.world.kill_host(second)
+    busiest = max(held, key=lambda name: held[name])
+    assert held[busiest] > 0
+    return busiest
 
 
 async def test_a_delegate_rebuilds_what_a_lost_peer_held(world: World, tmp_path: Path) -> None:
@@ -125,19 +130,19 @@ async def test_a_delegate_rebuilds_what_a_lost_peer_held(world: World, tmp_path:
             repo.index.add_delegate(bob.node_id, 1)
         [handed] = await grants.hand_grants(repo)
         assert handed.ok
-    # The owner's home is gone now; so is carol, with the shards it held.
+    # The owner's home is gone now; so is a peer, with the shards it held.
     held = world.hosts["bob"].held_grant(alice_id)
     assert held is not None
     grant = delegation.open_grant(held.grant, owner=alice_id)
-    carol = world.keyring("carol").node_id
+    gone = busiest_holder(world, grant, list(grant.packs), besides={"bob"})
+    gone_id = world.keyring(gone).node_id
     lost = [
         (pack, s)
         for pack in grant.packs
         for s in pack.shards
-        if grant.peers[s.peer].node_id == carol
+        if grant.peers[s.peer].node_id == gone_id
     ]
-    assert lost
-    world.world.kill_host("carol")
+    world.world.kill_host(gone)
 
     path = delegated.grant_index_path(world.homes["bob"].path, alice_id)
     path.parent.mkdir()
@@ -154,10 +159,10 @@ async def test_a_delegate_rebuilds_what_a_lost_peer_held(world: World, tmp_path:
         assert result.repair.shards_rebuilt == len(lost)
         # The leases of every shard on a live node are renewed, by the delegate.
         live_shards = sum(
-            1 for pack in grant.packs for s in pack.shards if grant.peers[s.peer].node_id != carol
+            1 for pack in grant.packs for s in pack.shards if grant.peers[s.peer].node_id != gone_id
         )
         assert result.leases.renewed == live_shards + len(lost)
-        assert result.leases.unanswered == []  # no shard row is on carol any more
+        assert result.leases.unanswered == []  # no shard row is on the lost peer any more
         # The grant index knows where the shards went; a second pass has
         # nothing to do.
         again = await delegated.repair_for(
@@ -173,7 +178,7 @@ async def test_a_delegate_rebuilds_what_a_lost_peer_held(world: World, tmp_path:
 
     # Every lost shard is back on a live node, in alice's namespace, with
     # the root the owner recorded for it.
-    live = {name: host for name, host in world.hosts.items() if name != "carol"}
+    live = {name: host for name, host in world.hosts.items() if name != gone}
     for pack, shard in lost:
         sid = formats.shard_id(pack.pack_id, shard.index)
         roots = [
@@ -197,7 +202,7 @@ async def test_a_delegate_rebuilds_what_a_lost_peer_held(world: World, tmp_path:
             for pack_id in repo.index.pack_ids()
             for s in repo.index.pack(pack_id, with_blobs=False).shards  # type: ignore[union-attr]
         }
-        assert all(placed[p.pack_id, s.index] != carol.hex() for p, s in lost)
+        assert all(placed[p.pack_id, s.index] != gone_id.hex() for p, s in lost)
         # Alice hands out a new grant; the log bob keeps follows the older
         # one, so it no longer moves anything back, whatever alice does.
         [handed] = await grants.hand_grants(repo)
@@ -211,9 +216,11 @@ async def test_a_delegate_rebuilds_what_a_lost_peer_held(world: World, tmp_path:
         assert record is not None and elsewhere in record.shards
         with repo.index.transaction():
             repo.index.set_shard(pack.pack_id, ShardLocation(*placed_of(placed, pack, shard)))
-    # Now the node that shared most packs with carol dies too: without the
-    # log, those packs would have one shard left that alice knows of.
-    _kill_the_busiest_sharer(world, grant, [p for p, _s in lost])
+    # Now the node that shared most packs with the lost peer dies too:
+    # without the log, those packs would have one shard left that alice
+    # knows of.
+    packs = [p for p, _s in lost]
+    world.world.kill_host(busiest_holder(world, grant, packs, besides={"bob", gone}))
     target = tmp_path / "restored"
     async with operations.open_repository(world.alice, network=network) as repo:
         [(_sid, snapshot)] = repo.index.snapshots()
@@ -286,7 +293,10 @@ async def test_serve_repairs_for_an_owner_away_past_its_grace(world: World, tmp_
             repo.index.add_delegate(bob.node_id, 1)
             repo.index.add_delegate(dave.node_id, 1)
         assert all(h.ok for h in await grants.hand_grants(repo))
-    world.world.kill_host("carol")
+    held = world.hosts["bob"].held_grant(alice_id)
+    assert held is not None
+    grant = delegation.open_grant(held.grant, owner=alice_id)
+    world.world.kill_host(busiest_holder(world, grant, list(grant.packs), {"bob", "dave"}))
     options = RepairOptions(policy=RepairPolicy(grace=0), rate=None)
     # Alice's node is nowhere to be reached, and the grace period is over:
     # the first delegate in node id order repairs now, the other waits a day.
@@ -335,8 +345,9 @@ async def test_a_home_recovered_from_its_key_finds_what_its_delegate_moved(
     held = world.hosts["bob"].held_grant(alice.node_id)
     assert held is not None
     grant = delegation.open_grant(held.grant, owner=alice.node_id)
-    # Alice's machine is gone; carol dies, and bob repairs for alice.
-    world.world.kill_host("carol")
+    # Alice's machine is gone; a peer dies, and bob repairs for alice.
+    gone = busiest_holder(world, grant, list(grant.packs), besides={"bob"})
+    world.world.kill_host(gone)
     path = delegated.grant_index_path(world.homes["bob"].path, alice.node_id)
     path.parent.mkdir()
     index, _grant = delegated.open_grant_index(path, held.grant, alice.node_id)
@@ -351,13 +362,13 @@ async def test_a_home_recovered_from_its_key_finds_what_its_delegate_moved(
     finally:
         index.close()
     assert result.repair.shards_rebuilt > 0
-    # Then the node holding most of what carol shared dies too: every pack
-    # both held has one of its first shards left, fewer than k = 2.
-    carol = world.keyring("carol").node_id
-    with_carol = [
-        p for p in grant.packs if any(grant.peers[s.peer].node_id == carol for s in p.shards)
+    # Then the node holding most of what the lost peer shared dies too:
+    # every pack both held has one of its first shards left, fewer than k = 2.
+    gone_id = world.keyring(gone).node_id
+    shared = [
+        p for p in grant.packs if any(grant.peers[s.peer].node_id == gone_id for s in p.shards)
     ]
-    _kill_the_busiest_sharer(world, grant, with_carol)
+    world.world.kill_host(busiest_holder(world, grant, shared, besides={"bob", gone}))
 
     # A new machine, the recovery key and bob's address: the root record
     # names bob as a delegate, and his log says where the shards are now.

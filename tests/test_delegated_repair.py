@@ -5,6 +5,7 @@ no key of the owner's."""
 from __future__ import annotations
 
 import functools
+import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from p2pbackup.app.home import Home
 from p2pbackup.core import delegation, formats, keys
 from p2pbackup.core.keys import Keyring
 from p2pbackup.engine.backup import Backup
+from p2pbackup.engine.index import Index
 from p2pbackup.engine.restore import Restorer
 from p2pbackup.maintenance import delegated, grants
 from p2pbackup.maintenance.repair import RepairPolicy
@@ -312,6 +314,31 @@ async def test_serve_repairs_for_an_owner_away_past_its_grace(world: World, tmp_
     [done] = acted
     assert done.owner == alice_id and done.report.repair.ok
     assert done.report.repair.shards_rebuilt > 0
+    # Round after round, only the shards due on the audit schedule are
+    # audited (few, a minute on); a forced pass (repair --for) audits all.
+    name, keyring = first
+    soon_now = time.time() + 60
+    index = Index(delegated.grant_index_path(world.homes[name].path, alice_id), create=False)
+    try:
+        placed = len(index.placed_shards())
+        due = {key for key, audit in index.shard_audits().items() if audit.due_at <= soon_now}
+    finally:
+        index.close()
+    assert len(due) < placed
+    [soon] = await delegating.owners_round(
+        world.homes[name],
+        world.world.interface(name),
+        Identity.from_keyring(keyring),
+        options,
+        clock=lambda: soon_now,
+        rng=random.Random(1),
+    )
+    assert {(r.pack_id, r.index) for r in soon.report.audit.results} <= due
+    _grant, forced = await delegating.repair_for_owner(
+        world.homes[name], alice_id, options, network=world.world.interface(name)
+    )
+    assert len(forced.audit.results) > len(due)
+    assert len(forced.audit.results) >= done.report.repair.shards_rebuilt > 0
     # A day later the second one's turn comes: the packs are healthy.
     later = time.time() + delegated.STAGGER + 60
     name, keyring = second

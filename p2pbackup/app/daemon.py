@@ -266,6 +266,7 @@ async def serve(
                         identity,
                         config.maintenance.repair_options(),
                         clock=clock,
+                        rng=rng,
                     )
                 )
             if control is not None:

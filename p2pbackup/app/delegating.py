@@ -23,6 +23,7 @@ Nouns:
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import NoReturn
@@ -82,8 +83,10 @@ async def repair_for_owner(
     network: Network | None = None,
     progress: Progress | None = None,
     clock: Callable[[], float] = time.time,
+    scheduled: random.Random | None = None,
 ) -> tuple[RepairGrant, DelegatedRepair]:
-    """One delegated pass for ``owner`` (module docstring), and the grant it followed."""
+    """One delegated pass for ``owner`` (module docstring), and the grant it
+    followed; ``scheduled`` as :func:`p2pbackup.maintenance.delegated.repair_for`'s."""
     keyring = Keyring.from_master_secret(home.load_secret())
     held = held_grant(home, owner)
     delegation.verify_certificate(
@@ -100,6 +103,8 @@ async def repair_for_owner(
             options,
             locate=homedht.dht_locator(home, network),
             progress=progress,
+            clock=clock,
+            scheduled=scheduled,
         )
     finally:
         index.close()
@@ -160,6 +165,7 @@ async def owners_round(
     options: RepairOptions,
     *,
     clock: Callable[[], float] = time.time,
+    rng: random.Random | None = None,
 ) -> list[Acted]:
     """One round over the owners whose grants the node holds (module
     docstring); what was repaired for whom. One owner's failure is logged
@@ -183,8 +189,14 @@ async def owners_round(
             if now < turn:
                 continue
             log.info("node %s is away past its grace period: repairing for it", owner.hex())
+            # Round after round: the shards due, as the owner audits them.
             _grant, report = await repair_for_owner(
-                home, owner, options, network=network, clock=clock
+                home,
+                owner,
+                options,
+                network=network,
+                clock=clock,
+                scheduled=rng if rng is not None else random.SystemRandom(),
             )
             acted.append(Acted(owner, report))
             log.info("repaired for node %s: %s", owner.hex(), "; ".join(report.repair.lines()))
@@ -200,13 +212,14 @@ async def keep_owners(
     options: RepairOptions,
     *,
     clock: Callable[[], float] = time.time,
+    rng: random.Random | None = None,
     interval: float = ROUND_SECONDS,
 ) -> NoReturn:
     """A round every ``interval`` seconds, for ever (``serve``): a round that
     fails is logged, and the next comes at its time; it never ends the node."""
     while True:
         try:
-            await owners_round(home, network, identity, options, clock=clock)
+            await owners_round(home, network, identity, options, clock=clock, rng=rng)
         except Exception:
             log.exception("a round over the owners this node is a delegate of failed (a bug)")
         await trio.sleep(interval)

@@ -12,7 +12,10 @@ Nouns:
   a second pass does not rebuild what the first one did.
 * **delegated pass** — :func:`repair_for`: the repair logs of the owner's
   other delegates taken in (those it can reach: the ones that are also
-  the owner's peers), an audit of every shard, then
+  the owner's peers), an audit — of every shard when the pass is forced
+  (``repair --for``), of the shards due on the owner's own audit schedule
+  when ``serve`` runs it hourly (auditing every shard each hour would ask
+  the owner's peers for far more than the owner itself ever does) — then
   the owner's own repair pass (:mod:`p2pbackup.maintenance.repairer`) on a
   repository made of the delegate's keyring, the grant index and the
   certificate, so that every session to a storage node opens with
@@ -37,7 +40,9 @@ its grant indexes under :data:`GRANT_INDEX_DIR` in its home.
 
 from __future__ import annotations
 
+import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -219,11 +224,15 @@ async def repair_for(
     *,
     locate: Locator | None = None,
     progress: Progress | None = None,
+    clock: Callable[[], float] = time.time,
+    scheduled: random.Random | None = None,
 ) -> DelegatedRepair:
     """One delegated pass (module docstring) on the grant index ``index``, as
-    the delegate whose keyring this is, under ``certificate``."""
+    the delegate whose keyring this is, under ``certificate``; with
+    ``scheduled`` (the randomness of the audit schedule) only the shards
+    due are audited, else every one."""
     repo = Repository(keyring, index, network, locate=locate, certificate=certificate)
-    started = int(time.time())
+    started = int(clock())
     try:
         # What the other delegates moved first: one that stepped in before
         # this one leaves nothing for it to do.
@@ -233,11 +242,15 @@ async def repair_for(
             others = [d for d in grant.delegates if d != keyring.node_id]
             peers = {p.peer_id for p in index.peers()}
             sources = [(d, grant.sequence) for d in others if d.hex() in peers]
-            await grants.take_logs(repo, grant.owner, sources, time.time)
-        audit = await auditor.audit_once(repo)
+            await grants.take_logs(repo, grant.owner, sources, clock)
+        if scheduled is None:
+            audit = await auditor.audit_once(repo, clock=clock)
+        else:
+            due = await auditor.audit_due(repo, clock=clock, rng=scheduled)
+            audit = due if due is not None else AuditReport(results=())
         evolved = attrs.evolve(repairer.with_audits(options, index), publish=False)
-        report = await repairer.repair_pass(repo, evolved, progress=progress)
-        renewed = await leases.renew_leases(repo, time.time())
+        report = await repairer.repair_pass(repo, evolved, progress=progress, now=clock())
+        renewed = await leases.renew_leases(repo, clock())
         # Read back by the owner (the log's acted_at) and by status.
         with index.transaction():
             index.set_meta(LAST_PASS, str(started).encode())

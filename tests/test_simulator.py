@@ -8,7 +8,11 @@ runs them, at the shipped scenarios' small sizes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,7 @@ from p2pbackup.errors import UsageError
 from p2pbackup.sim import report, world
 from p2pbackup.sim import scenario as sc
 
-from .cli_helpers import base_env, cli_error, cli_ok
+from .cli_helpers import CLI, base_env, cli_error, cli_ok
 
 SIMULATIONS = Path(__file__).resolve().parent.parent / "simulations"
 SHIPPED = sorted(SIMULATIONS.glob("*.toml"))
@@ -353,3 +357,45 @@ def test_a_bad_scenario_file_is_one_line_from_the_cli(tmp_path: Path) -> None:
     message = cli_error("sim", path)
     assert message.startswith(f"{path}: unknown key 'colour' in [nodes]")
     assert cli_error("sim", tmp_path / "missing.toml").startswith("cannot read the scenario")
+
+
+def _work_directories_of(pid: int) -> set[str]:
+    """The simulator's work directories a process has files open in."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        for part in Path(target).parents:
+            if part.name.startswith("p2pbackup-sim-"):
+                found.add(str(part))
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_run_stopped_by_a_signal_takes_its_homes_away(signum: int, tmp_path: Path) -> None:
+    # The homes live on tmpfs: a run killed and left behind holds memory.
+    run = subprocess.Popen(
+        [*CLI, "sim", SIMULATIONS / "cheater.toml", "--small", "--json"],
+        env=base_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        work: set[str] = set()
+        while not work and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.2)
+            work = _work_directories_of(run.pid)
+        assert work, "the run opened nothing in a work directory"
+        run.send_signal(signum)
+        _out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 130
+    assert err.decode().strip().splitlines()[-1] == "p2pbackup: interrupted"
+    assert not any(Path(path).exists() for path in work)

@@ -564,6 +564,11 @@ def cmd_sim_sweep(args: argparse.Namespace, home: Home, out: LineSink) -> int:
     return EXIT_OK
 
 
+def _interrupt_self(_signum: int, _frame: object) -> None:
+    """SIGTERM as SIGINT: trio turns the latter into KeyboardInterrupt."""
+    os.kill(os.getpid(), signal.SIGINT)
+
+
 def cmd_sim_run(args: argparse.Namespace, home: Home, out: LineSink) -> int:
     """Play a scenario out: the real node in virtual time (p2pbackup.sim.world)."""
     import shutil
@@ -597,6 +602,9 @@ def cmd_sim_run(args: argparse.Namespace, home: Home, out: LineSink) -> int:
         done = round(width * day / scenario.days)
         progress.update(f"[{'#' * done}{'.' * (width - done)}] day {day:.1f} of {scenario.days:g}")
 
+    # A run stopped by `kill` tidies up as one stopped by Ctrl-C does: its
+    # homes, on tmpfs, hold up to gigabytes of memory.
+    on_term = signal.signal(signal.SIGTERM, _interrupt_self)
     try:
         outcome = world.run(
             scenario,
@@ -606,6 +614,7 @@ def cmd_sim_run(args: argparse.Namespace, home: Home, out: LineSink) -> int:
             progress=show,
         )
     finally:
+        signal.signal(signal.SIGTERM, on_term)
         progress.close()
         shutil.rmtree(work, ignore_errors=True)
     summary = outcome.summary

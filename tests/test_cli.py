@@ -254,7 +254,10 @@ def test_forget_prune_and_check_find_what_they_should(tmp_path: Path) -> None:
     current = tree_state(source)
 
     result = world.ok("forget", first[:12])
-    assert first[:12] in result.stdout
+    assert result.lines == [
+        f"forgot snapshot {first[:12]}",
+        "run `p2pbackup prune` to free the space only it used",
+    ]
     (left,) = json.loads(world.ok("snapshots", "--json").stdout)
     assert left["id"] != first
     assert all_shards(world.peers) >= first_shards  # forget alone deletes nothing
@@ -290,6 +293,20 @@ def test_forget_prune_and_check_find_what_they_should(tmp_path: Path) -> None:
     victim2.unlink()
     report = json.loads(world.run("check", "--json").stdout)
     assert report["shards_missing"] == 1 and report["degraded"] >= 1
+
+
+def test_leave_counts_shards_and_peers_in_words(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=1, n=3)
+    world.backup(make_source(tmp_path / "src", big=10_000))
+    gone = world.peers[2]
+    gone.rename(tmp_path / "unplugged")  # a disk that is not there
+    result = world.run("leave")
+    assert result.returncode == 3, str(result)
+    deleted = [line for line in result.lines if ": deleted " in line]
+    assert len(deleted) == 2, str(result)
+    assert all(re.search(r": deleted \d+ shards?, and our root record$", line) for line in deleted)
+    assert "(s)" not in result.stdout + result.stderr
+    assert result.stderr.startswith("p2pbackup: error: 1 peer did not delete our data"), str(result)
 
 
 # -- recover --------------------------------------------------------------------------------

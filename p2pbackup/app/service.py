@@ -591,7 +591,8 @@ class Service:
             for line in pruned.lines():
                 console.out(line)
         elif chosen and not request.dry_run:
-            console.out("run `p2pbackup prune` to free the space only they used")
+            only = "it" if len(set(chosen)) == 1 else "they"
+            console.out(f"run `p2pbackup prune` to free the space only {only} used")
         return OK
 
     async def prune(self, request: PruneRequest, console: Console) -> Outcome:

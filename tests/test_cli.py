@@ -47,6 +47,7 @@ from .cli_helpers import (
     shard_files,
     tree_state,
 )
+from .test_network_e2e import new_node
 
 # -- init and the recovery key ---------------------------------------------------------
 
@@ -307,6 +308,28 @@ def test_leave_counts_shards_and_peers_in_words(tmp_path: Path) -> None:
     assert all(re.search(r": deleted \d+ shards?, and our root record$", line) for line in deleted)
     assert "(s)" not in result.stdout + result.stderr
     assert result.stderr.startswith("p2pbackup: error: 1 peer did not delete our data"), str(result)
+
+
+def test_a_backup_to_friends_that_have_not_added_us_says_why(tmp_path: Path) -> None:
+    # One folder peer and two friends whose nodes store only for their own
+    # friends and never added this home: they answer the probe with no room.
+    world = make_world(tmp_path, k=3, n=6, peers=1)
+    strangers = [new_node(tmp_path / f"node{i}") for i in range(2)]
+    try:
+        for node in strangers:
+            node.start(open_mode=False)
+            world.ok("friend", "add", cli_ok("invite", home=node.home).lines[-1])
+        error = world.error("backup", make_source(tmp_path / "src", big=10_000))
+    finally:
+        for node in strangers:
+            node.stop()
+    assert error.startswith("storing needs at least 3 peers"), error
+    assert "1 usable" in error and "2 more are full or refuse our shards" in error, error
+    for node in strangers:
+        assert (
+            f"{node.node_id}: it offers us no room beyond the 0 B it holds for us: a full "
+            "peer, or a node that has not added this one as a friend"
+        ) in error, error
 
 
 # -- recover --------------------------------------------------------------------------------

@@ -296,6 +296,16 @@ def test_forget_prune_and_check_find_what_they_should(tmp_path: Path) -> None:
     assert report["shards_missing"] == 1 and report["degraded"] >= 1
 
 
+def test_forget_prune_that_forgets_nothing_says_it_did_not_prune(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=1, n=3)
+    world.backup(make_source(tmp_path / "src", big=10_000))
+    lines = world.ok("forget", "--keep-last", "1", "--prune").lines
+    assert lines[-2:] == [
+        "no snapshot to forget: the policy keeps them all",
+        "so --prune did not run (`p2pbackup prune` runs it on its own)",
+    ], lines
+
+
 def test_leave_counts_shards_and_peers_in_words(tmp_path: Path) -> None:
     world = make_world(tmp_path, k=1, n=3)
     world.backup(make_source(tmp_path / "src", big=10_000))

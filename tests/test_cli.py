@@ -306,6 +306,20 @@ def test_forget_prune_that_forgets_nothing_says_it_did_not_prune(tmp_path: Path)
     ], lines
 
 
+def test_status_promises_no_repair_of_unrecoverable_packs(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=2, n=3)
+    world.backup(make_source(tmp_path / "src", big=10_000))
+    for i in (0, 1):
+        world.peers[i].rename(tmp_path / f"unplugged{i}")
+    result = world.run("status")
+    assert "Traceback" not in result.stderr, str(result)
+    assert any(
+        re.fullmatch(r"\d+ packs? unrecoverable: fewer healthy shards than needed, .*", line)
+        for line in result.lines
+    ), str(result)
+    assert not any("below the repair threshold" in line for line in result.lines), str(result)
+
+
 def test_leave_counts_shards_and_peers_in_words(tmp_path: Path) -> None:
     world = make_world(tmp_path, k=1, n=3)
     world.backup(make_source(tmp_path / "src", big=10_000))

@@ -47,6 +47,7 @@ from .cli_helpers import (
     shard_files,
     tree_state,
 )
+from .test_network_e2e import new_node
 
 # -- init and the recovery key ---------------------------------------------------------
 
@@ -254,7 +255,10 @@ def test_forget_prune_and_check_find_what_they_should(tmp_path: Path) -> None:
     current = tree_state(source)
 
     result = world.ok("forget", first[:12])
-    assert first[:12] in result.stdout
+    assert result.lines == [
+        f"forgot snapshot {first[:12]}",
+        "run `p2pbackup prune` to free the space only it used",
+    ]
     (left,) = json.loads(world.ok("snapshots", "--json").stdout)
     assert left["id"] != first
     assert all_shards(world.peers) >= first_shards  # forget alone deletes nothing
@@ -290,6 +294,66 @@ def test_forget_prune_and_check_find_what_they_should(tmp_path: Path) -> None:
     victim2.unlink()
     report = json.loads(world.run("check", "--json").stdout)
     assert report["shards_missing"] == 1 and report["degraded"] >= 1
+
+
+def test_forget_prune_that_forgets_nothing_says_it_did_not_prune(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=1, n=3)
+    world.backup(make_source(tmp_path / "src", big=10_000))
+    lines = world.ok("forget", "--keep-last", "1", "--prune").lines
+    assert lines[-2:] == [
+        "no snapshot to forget: the policy keeps them all",
+        "so --prune did not run (`p2pbackup prune` runs it on its own)",
+    ], lines
+
+
+def test_status_promises_no_repair_of_unrecoverable_packs(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=2, n=3)
+    world.backup(make_source(tmp_path / "src", big=10_000))
+    for i in (0, 1):
+        world.peers[i].rename(tmp_path / f"unplugged{i}")
+    result = world.run("status")
+    assert "Traceback" not in result.stderr, str(result)
+    assert any(
+        re.fullmatch(r"\d+ packs? unrecoverable: fewer healthy shards than needed, .*", line)
+        for line in result.lines
+    ), str(result)
+    assert not any("below the repair threshold" in line for line in result.lines), str(result)
+
+
+def test_leave_counts_shards_and_peers_in_words(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=1, n=3)
+    world.backup(make_source(tmp_path / "src", big=10_000))
+    gone = world.peers[2]
+    gone.rename(tmp_path / "unplugged")  # a disk that is not there
+    result = world.run("leave")
+    assert result.returncode == 3, str(result)
+    deleted = [line for line in result.lines if ": deleted " in line]
+    assert len(deleted) == 2, str(result)
+    assert all(re.search(r": deleted \d+ shards?, and our root record$", line) for line in deleted)
+    assert "(s)" not in result.stdout + result.stderr
+    assert result.stderr.startswith("p2pbackup: error: 1 peer did not delete our data"), str(result)
+
+
+def test_a_backup_to_friends_that_have_not_added_us_says_why(tmp_path: Path) -> None:
+    # One folder peer and two friends whose nodes store only for their own
+    # friends and never added this home: they answer the probe with no room.
+    world = make_world(tmp_path, k=3, n=6, peers=1)
+    strangers = [new_node(tmp_path / f"node{i}") for i in range(2)]
+    try:
+        for node in strangers:
+            node.start(open_mode=False)
+            world.ok("friend", "add", cli_ok("invite", home=node.home).lines[-1])
+        error = world.error("backup", make_source(tmp_path / "src", big=10_000))
+    finally:
+        for node in strangers:
+            node.stop()
+    assert error.startswith("storing needs at least 3 peers"), error
+    assert "1 usable" in error and "2 more are full or refuse our shards" in error, error
+    for node in strangers:
+        assert (
+            f"{node.node_id}: it offers us no room beyond the 0 B it holds for us: a full "
+            "peer, or a node that has not added this one as a friend"
+        ) in error, error
 
 
 # -- recover --------------------------------------------------------------------------------

@@ -183,3 +183,20 @@ def test_progress_says_how_far_along_once_the_scan_has_counted(tmp_path: Path) -
     assert fraction_line(0, 100, 1.0) == "0 %"
     assert fraction_line(25, 100, 3600.0) == "25 %, ETA 3:00:00"
     assert fraction_line(150, 100, 1.0) == "100 %, ETA 0:00"
+
+
+def test_a_hard_link_counts_as_its_first_name_does(tmp_path: Path) -> None:
+    world = make_world(tmp_path, k=1, n=2)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_text("one file, two names\n")
+    (source / "b.txt").hardlink_to(source / "a.txt")
+    (source / "c.txt").write_text("another\n")
+
+    first = world.ok("backup", source).lines
+    assert first[0] == "files: 3 new, 0 changed, 0 unchanged; 1 directory, 0 symlinks", first
+    again = world.ok("backup", source).lines
+    assert again[0] == "files: 0 new, 0 changed, 3 unchanged; 1 directory, 0 symlinks", again
+    (source / "a.txt").write_text("one file, two names, changed\n")
+    changed = world.ok("backup", source).lines
+    assert changed[0] == "files: 0 new, 2 changed, 1 unchanged; 1 directory, 0 symlinks", changed

@@ -20,8 +20,15 @@ import umsgpack
 from p2pbackup.core.keys import node_id_for
 from p2pbackup.dht import adapter as dht
 from p2pbackup.dht import records
-from p2pbackup.dht.discovery import FOLLOW_RECHECK, Discovery, DiscoveryOptions, FriendContact
+from p2pbackup.dht.discovery import (
+    FOLLOW_RECHECK,
+    Discovery,
+    DiscoveryOptions,
+    FriendContact,
+    read_only_client,
+)
 from p2pbackup.dht.ratelimit import RateLimit
+from p2pbackup.errors import PeerUnavailableError
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
 from p2pbackup.net.network import Address
 from p2pbackup.wire.session import Identity
@@ -89,6 +96,20 @@ async def test_a_read_only_client_is_answered_but_never_remembered(
         for node in (a, b):
             assert dht.READ_ONLY_ID not in {c.node_id for c in node.contacts()}
             assert "10.0.0.9" not in {c.address.host for c in node.contacts()}
+
+
+async def test_a_read_only_client_that_no_node_answers_names_each_address_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    w = world()
+    here, there = Address("10.0.0.5", PORT), Address("10.0.0.6", PORT)
+    friend = FriendContact(node_id("f"), (here, there))
+    with pytest.raises(PeerUnavailableError) as raised:
+        async with read_only_client(
+            None, bootstrap=[here], friends=[friend], network=w.interface("10.0.0.9")
+        ):
+            pass
+    assert str(raised.value) == "no DHT node answered at 10.0.0.5:4000, 10.0.0.6:4000"
 
 
 async def test_a_known_id_at_a_new_address_replaces_the_old_only_if_that_is_gone(

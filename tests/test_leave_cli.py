@@ -75,7 +75,7 @@ async def test_prune_and_leave_empty_the_peers_and_the_owners_move_away(tmp_path
         assert told[owner.node_id] is True
         # In words, too: each peer and owner on a line, then what to do next.
         again = await cli(leaver, "leave")
-        assert f"peer {owner.node_id}: deleted 0 shard(s)" in again
+        assert f"peer {owner.node_id}: deleted 0 shards" in again
         assert f"owner {owner.node_id}: told; it will move its shards off this node" in again
         assert "keep `p2pbackup serve` running until these owners have moved" in again
 

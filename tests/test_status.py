@@ -72,15 +72,20 @@ def test_data_health_lines_say_what_matters() -> None:
     assert health.lines() == [
         "data: all 2 packs ≥ 3 healthy shards (≥ 1 more than needed)",
         "1 pack at risk: fewer than 2 spare healthy shards",
-        "1 pack below the repair threshold: the next repair pass rebuilds their missing "
+        "1 pack below the repair threshold: the next repair pass rebuilds its missing "
         "shards (`p2pbackup repair` runs one now)",
     ]
+    # Below k no pass can rebuild anything: the threshold line does not promise it.
     lost = data_health([(3, 5, "abcde")], {"a"})
     assert lost.lines() == [
         "1 pack unrecoverable: fewer healthy shards than needed, until their peers come back",
-        "1 pack below the repair threshold: the next repair pass rebuilds their missing "
-        "shards (`p2pbackup repair` runs one now)",
     ]
+    assert lost.below_threshold == 1
+    some = data_health([(3, 5, "abxyz"), (2, 5, "abcde"), (2, 5, "abcde")], {"a", "b", "c"})
+    assert some.lines()[-1] == (
+        "2 packs below the repair threshold: the next repair pass rebuilds their missing "
+        "shards (`p2pbackup repair` runs one now)"
+    )
     # A pack at r is not repaired, whatever its spares.
     assert data_health([(2, 5, "abcde")], set("abcde")).below_threshold == 0
 

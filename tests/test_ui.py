@@ -368,7 +368,7 @@ def test_ui_prints_the_address_with_the_token_on_its_last_line(tmp_path: Path) -
 def test_alerts_test_sends_to_each_target_and_names_the_one_that_failed(
     tmp_path: Path, receivers: tuple[int, int, list[Any], list[bytes]]
 ) -> None:
-    from tests.cli_helpers import cli_error, cli_ok
+    from tests.cli_helpers import cli_error, cli_ok, run_cli
 
     web_port, smtp_port, hooks, mails = receivers
     home = _home(tmp_path)
@@ -383,5 +383,10 @@ def test_alerts_test_sends_to_each_target_and_names_the_one_that_failed(
     assert json.loads(hooks[0][2])["event"] == "test" and len(mails) == 1
     config.write_text('version = 1\n[[alerts.webhook]]\nurl = "http://127.0.0.1:9/closed"\n')
     assert "1 of 1 alert targets" in cli_error("--home", home, "alerts", "test")
+    # The reason in words, as elsewhere: not Python's "[Errno 111] …".
+    failed = run_cli("--home", home, "alerts", "test")
+    assert failed.lines == [
+        "webhook (json) http://127.0.0.1:9/closed: FAILED: connection refused"
+    ], str(failed)
     config.write_text('version = 1\n[alerts]\nno_backup_days = "soon"\n')
     assert "no_backup_days" in cli_error("--home", home, "alerts", "test")

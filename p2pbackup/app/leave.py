@@ -29,6 +29,7 @@ import trio
 
 from p2pbackup.app.home import Home
 from p2pbackup.app.homedht import dht_locator
+from p2pbackup.engine.progress import plural
 from p2pbackup.engine.repository import Repository
 from p2pbackup.errors import P2PBackupError, PeerUnavailableError
 from p2pbackup.net.network import Address
@@ -58,7 +59,7 @@ class PeerAnswer:
         if self.problem:
             return f"peer {self.peer_id}: not deleted: {self.problem}"
         root = ", and our root record" if self.root else ""
-        return f"peer {self.peer_id}: deleted {self.shards} shard(s){root}"
+        return f"peer {self.peer_id}: deleted {plural(self.shards, 'shard')}{root}"
 
 
 @attrs.frozen
@@ -103,7 +104,7 @@ class LeaveReport:
     def failure(self) -> str:
         unanswered = [peer.peer_id for peer in self.peers if peer.problem]
         return (
-            f"{len(unanswered)} peer(s) did not delete our data: run `p2pbackup leave` "
+            f"{plural(len(unanswered), 'peer')} did not delete our data: run `p2pbackup leave` "
             "again when they are back"
         )
 

@@ -395,7 +395,7 @@ async def add_friend(
     if reached is None:
         warnings.append(
             f"node {peer_id} could not be reached now ({'; '.join(problems)}); it is added "
-            "anyway and used once it answers as the key in its invite code"
+            "anyway, and used once it answers and proves the key in its invite code"
         )
     peer = next((p for p in repo.peers() if p.peer_id == peer_id), None)
     new_peer = peer is None

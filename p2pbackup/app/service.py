@@ -580,6 +580,10 @@ class Service:
         forgot = "would forget" if request.dry_run else "forgot"
         if not chosen:
             console.out("no snapshot to forget: the policy keeps them all")
+            if request.prune:
+                # As restic: prune only after a forget; but say so, or
+                # --prune looks ignored.
+                console.out("so --prune did not run (`p2pbackup prune` runs it on its own)")
         elif decision is None:
             for sid in dict.fromkeys(chosen):
                 console.out(f"{forgot} snapshot {sid.hex()[:12]}")
@@ -591,7 +595,8 @@ class Service:
             for line in pruned.lines():
                 console.out(line)
         elif chosen and not request.dry_run:
-            console.out("run `p2pbackup prune` to free the space only they used")
+            only = "it" if len(set(chosen)) == 1 else "they"
+            console.out(f"run `p2pbackup prune` to free the space only {only} used")
         return OK
 
     async def prune(self, request: PruneRequest, console: Console) -> Outcome:

@@ -588,6 +588,8 @@ async def read_only_client(
     if remembered is not None:
         saved = dht.load_routing_state(remembered.state_path, remembered.node_id)
         addresses.extend(contact.address for contact in saved)
+    # A friend is often among the saved neighbours too: ask each address once.
+    addresses = list(dict.fromkeys(addresses))
     if not addresses:
         raise UsageError(
             "no way into the DHT: pass --bootstrap HOST:PORT, add a friend, "

@@ -88,6 +88,9 @@ class FileWork:
     content: tuple[bytes, ...] = ()
     final_st: os.stat_result | FileStat | None = None
     error: str | None = None
+    #: How the walker counted it: "new", "changed" or "unchanged" (its
+    #: further hard-linked names count the same).
+    counted: str = ""
 
 
 @attrs.define(eq=False)

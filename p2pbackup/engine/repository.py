@@ -478,7 +478,7 @@ class Repository:
         except UsageError as error:
             refused = dict(self.run.refused())
             refused.update(
-                (peer_id, "it offers us no room")
+                (peer_id, self.run.no_room(peer_id))
                 for peer_id in live
                 if self.run.room(peer_id) == 0 and peer_id not in refused
             )

@@ -142,6 +142,18 @@ class RunState:
         """The put of ``size`` bytes to ``peer_id`` failed: give them back."""
         self._taken[peer_id] -= size
 
+    def no_room(self, peer_id: str) -> str:
+        """Why ``peer_id``, which offers us no room, takes nothing more."""
+        space = self._space.get(peer_id)
+        held = human_bytes(0 if space is None else space.used)
+        # Also what a node that stores only for its friends answers an owner
+        # it has not added: nothing beyond what it holds. Say both, or the
+        # user looks for a full disk when a friend has yet to add this node.
+        return (
+            f"it offers us no room beyond the {held} it holds for us: "
+            "a full peer, or a node that has not added this one as a friend"
+        )
+
     def pass_over(self, peer_id: str, need: int) -> None:
         """Note that ``peer_id``, by its own offer, has no room for a shard of
         ``need`` bytes (nothing if its offer is not known)."""
@@ -150,12 +162,7 @@ class RunState:
         if space is None or space.offered is None or room is None:
             return
         if space.room == 0:
-            # Also what a node that stores only for its friends answers an
-            # owner it has not added: nothing beyond what it holds.
-            reason = (
-                f"it offers us no room beyond the {human_bytes(space.used)} it holds for us: "
-                "a full peer, or a node that has not added this one as a friend"
-            )
+            reason = self.no_room(peer_id)
         else:
             reason = (
                 f"it offers us {human_bytes(space.offered)}, {human_bytes(room)} of it free: "

@@ -315,9 +315,11 @@ class TreeWalk:
         cached = cache.get(entry.name)
         if cached is not None and self._file_cache.unchanged(cached, st):
             work.content, work.final_st = cached.content, st
+            work.counted = "unchanged"
             self._tally.files_unchanged += 1
             self._tally.bytes_unchanged += st.st_size
             return
+        work.counted = "new" if cached is None else "changed"
         if cached is None:
             self._tally.files_new += 1
         else:
@@ -352,7 +354,14 @@ class TreeWalk:
                 await self._pipeline.wait_read(primary.job)
             if primary.error is not None:
                 return None
-            tally.files_unchanged += 1
+            # A further name counts as its first did: on a first backup a
+            # hard link is new, not "unchanged".
+            if primary.counted == "new":
+                tally.files_new += 1
+            elif primary.counted == "changed":
+                tally.files_changed += 1
+            else:
+                tally.files_unchanged += 1
             tally.total_size += entry.link.st.st_size
             return _file_node(entry.name, entry.link.st, primary.content, entry.link.group)
         work = entry.work

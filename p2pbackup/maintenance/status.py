@@ -195,10 +195,14 @@ class DataHealth:
                 "fewer healthy shards than needed, "
                 "until their peers come back"
             )
-        if self.below_threshold:
+        # An unrecoverable pack is below the threshold too, but no pass can
+        # rebuild it: name only those a pass can.
+        rebuildable = self.below_threshold - self.unrecoverable
+        if rebuildable > 0:
+            their = "its" if rebuildable == 1 else "their"
             lines.append(
-                f"{plural(self.below_threshold, 'pack')} below the repair threshold: "
-                "the next repair pass rebuilds their missing shards "
+                f"{plural(rebuildable, 'pack')} below the repair threshold: "
+                f"the next repair pass rebuilds {their} missing shards "
                 "(`p2pbackup repair` runs one now)"
             )
         return lines

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 
+from p2pbackup.net.network import os_reason
 from p2pbackup.ui.alerts import Email, Event, Webhook
 
 #: Seconds one delivery may take.
@@ -157,7 +158,7 @@ async def deliver(
         try:
             await trio.to_thread.run_sync(_deliver_one, target, event, node, when)
         except (OSError, smtplib.SMTPException, http.client.HTTPException) as error:
-            results.append(Delivery(name, str(error) or type(error).__name__))
+            results.append(Delivery(name, os_reason(error)))
         else:
             results.append(Delivery(name))
     return results

@@ -808,7 +808,7 @@ def test_a_lost_database_is_rebuilt_from_the_shard_files(
     report = host.reconcile_report
     assert report.rebuilt_database and report.adopted == 3 and report.orphans_removed == 0
     assert report.describe() == [
-        "hosted.sqlite was missing or empty: rebuilt it from the 3 shard file(s) found "
+        "hosted.sqlite was missing or empty: rebuilt it from the 3 shard files found "
         "(their leases restart at 366 days)"
     ]
     for (owner, shard_id), before in shards.items():
@@ -841,7 +841,7 @@ def test_a_lost_database_with_files_it_cannot_account_for_is_refused(
     files = files_under(root / "shards")
 
     drop_database(root, "deleted")
-    with pytest.raises(StoreError, match=r"missing or empty, and 1 file\(s\) under") as caught:
+    with pytest.raises(StoreError, match=r"missing or empty, and 1 file under") as caught:
         ShardHost.open(root, clock=clock)
     assert "nothing was changed" in str(caught.value)
     assert str(host._shard_path(OWNER, sid(2))) in str(caught.value)
@@ -869,7 +869,7 @@ def test_an_orphan_that_is_a_well_formed_shard_is_listed_again(
     report = host.reconcile_report
     assert (report.adopted, report.orphans_removed, report.rebuilt_database) == (1, 0, False)
     assert report.describe() == [
-        "listed 1 shard file(s) again whose row was missing (their leases restart at 366 days)"
+        "listed 1 shard file again whose row was missing (their leases restart at 366 days)"
     ]
     assert host.read(OWNER, shard_id) == data
     host.close()

@@ -283,7 +283,7 @@ def _shard_arrays(shards: Mapping[int, BytesLike], n: int) -> tuple[dict[int, _U
 def _choose(arrays: Mapping[int, _U8], k: int) -> tuple[int, ...]:
     """Pick k present shards, data shards first (they need no arithmetic)."""
     if len(arrays) < k:
-        raise NotEnoughShardsError(f"{len(arrays)} shard(s) given but {k} are needed to decode")
+        raise NotEnoughShardsError(f"decoding needs {k} shards; {len(arrays)} were given")
     return tuple(sorted(arrays)[:k])
 
 

@@ -42,6 +42,7 @@ import trio
 
 from p2pbackup.core import formats
 from p2pbackup.engine.index import LeasedShard
+from p2pbackup.engine.progress import plural
 from p2pbackup.engine.repository import Repository
 from p2pbackup.errors import StoreError
 from p2pbackup.model import ShardAudit
@@ -123,9 +124,9 @@ class PeerLeases:
         return not self.problem
 
     def describe(self) -> str:
-        words = f"peer {self.peer_id}: renewed {self.renewed} lease(s)"
+        words = f"peer {self.peer_id}: renewed {plural(self.renewed, 'lease')}"
         if self.missing:
-            words += f"; {len(self.missing)} shard(s) missing there"
+            words += f"; {plural(len(self.missing), 'shard')} missing there"
         if self.problem:
             words += f"; did not answer ({self.problem}), trying again next time"
         return words

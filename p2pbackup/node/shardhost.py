@@ -138,6 +138,7 @@ import attrs
 from p2pbackup.core import formats
 from p2pbackup.core.formats import MAX_BLOCK_SIZE
 from p2pbackup.core.merkle import HASH_SIZE, MerkleBuilder, block_count, prove_blocks
+from p2pbackup.engine.progress import plural
 from p2pbackup.errors import (
     FormatError,
     MerkleError,
@@ -336,24 +337,26 @@ class ReconcileReport:
         days = ADOPTED_LEASE_SECONDS // 86400
         if self.rebuilt_database:
             lines.append(
-                f"{DB_NAME} was missing or empty: rebuilt it from the {self.adopted} shard "
-                f"file(s) found (their leases restart at {days} days)"
+                f"{DB_NAME} was missing or empty: rebuilt it from the "
+                f"{plural(self.adopted, 'shard file')} found (their leases restart at {days} days)"
             )
         elif self.adopted:
             lines.append(
-                f"listed {self.adopted} shard file(s) again whose row was missing "
+                f"listed {plural(self.adopted, 'shard file')} again whose row was missing "
                 f"(their leases restart at {days} days)"
             )
         if self.temps_removed:
-            lines.append(f"removed {self.temps_removed} unfinished upload(s)")
+            lines.append(f"removed {plural(self.temps_removed, 'unfinished upload')}")
         if self.orphans_removed:
-            lines.append(f"removed {self.orphans_removed} shard file(s) that were never stored")
+            lines.append(
+                f"removed {plural(self.orphans_removed, 'shard file')} that were never stored"
+            )
         for lost in self.missing:
             lines.append(
                 f"lost shard {lost.shard_id.hex()[:16]} of {lost.owner.hex()[:16]}: {lost.reason}"
             )
         if self.expired:
-            lines.append(f"collected {self.expired} shard(s) whose lease ran out")
+            lines.append(f"collected {plural(self.expired, 'shard')} whose lease ran out")
         return lines
 
 
@@ -1510,7 +1513,7 @@ def _check_adoptable(root: Path) -> None:
     if strays:
         raise StoreError(
             f"the shard host database {root / DB_NAME} is missing or empty, and "
-            f"{len(strays)} file(s) under {root / SHARDS_DIR} are not shards it can be "
+            f"{plural(len(strays), 'file')} under {root / SHARDS_DIR} are not shards it can be "
             f"rebuilt from (such as {strays[0]}); nothing was changed: restore the "
             "database from a copy, or move those files away, and start again"
         )

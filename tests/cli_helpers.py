@@ -19,6 +19,7 @@ import hashlib
 import os
 import random
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -37,6 +38,13 @@ KEY_RE = re.compile(r"\b(?:[0-9A-Z]{5}-){13}[0-9A-Z]{5}\b")
 SNAPSHOT_ID_RE = re.compile(r"[0-9a-f]{64}")
 SHARD_NAME_RE = re.compile(r"[0-9a-f]{64}")
 ODD_NAME = b"caf\xe9-\xff.txt"  # Latin-1, not UTF-8
+
+
+def interruptible() -> None:
+    """A child's SIGINT as at a terminal (``preexec_fn``): a suite run in
+    the background inherits SIGINT ignored, and Python then never turns it
+    into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def base_env(**extra: str) -> dict[str, str]:

@@ -33,6 +33,7 @@ from .cli_helpers import (
     base_env,
     cli_ok,
     holding_lock,
+    interruptible,
     make_source,
     make_world,
     restored,
@@ -511,10 +512,6 @@ def random_files(root: Path, count: int) -> Path:
     return root
 
 
-def _interruptible() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def backup_under_way(world: World, source: Path) -> subprocess.Popen[bytes]:
     """A client backing ``source`` up through the daemon, once the daemon has
     stored the first pack of it (and has most of it still to store)."""
@@ -523,9 +520,7 @@ def backup_under_way(world: World, source: Path) -> subprocess.Popen[bytes]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=base_env(),
-        # As at a terminal: a suite run in the background inherits SIGINT
-        # ignored, and Python then never turns it into KeyboardInterrupt.
-        preexec_fn=_interruptible,
+        preexec_fn=interruptible,
     )
     log = world.home / "serve.log"
     stored_before = len(all_shards(world.peers))

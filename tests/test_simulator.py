@@ -25,7 +25,7 @@ from p2pbackup.errors import UsageError
 from p2pbackup.sim import report, world
 from p2pbackup.sim import scenario as sc
 
-from .cli_helpers import CLI, base_env, cli_error, cli_ok
+from .cli_helpers import CLI, base_env, cli_error, cli_ok, interruptible
 
 SIMULATIONS = Path(__file__).resolve().parent.parent / "simulations"
 SHIPPED = sorted(SIMULATIONS.glob("*.toml"))
@@ -382,6 +382,7 @@ def test_a_run_stopped_by_a_signal_takes_its_homes_away(signum: int, tmp_path: P
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=interruptible,
     )
     try:
         deadline = time.monotonic() + 60

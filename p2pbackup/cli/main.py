@@ -564,11 +564,6 @@ def cmd_sim_sweep(args: argparse.Namespace, home: Home, out: LineSink) -> int:
     return EXIT_OK
 
 
-def _interrupt_self(_signum: int, _frame: object) -> None:
-    """SIGTERM as SIGINT: trio turns the latter into KeyboardInterrupt."""
-    os.kill(os.getpid(), signal.SIGINT)
-
-
 def cmd_sim_run(args: argparse.Namespace, home: Home, out: LineSink) -> int:
     """Play a scenario out: the real node in virtual time (p2pbackup.sim.world)."""
     import shutil
@@ -598,13 +593,21 @@ def cmd_sim_run(args: argparse.Namespace, home: Home, out: LineSink) -> int:
     progress = Progress(f"sim {scenario.name}", enabled=None if not args.json else False)
     width = 30
 
+    # A run stopped by `kill` tidies up as one stopped by Ctrl-C does: its
+    # homes, on tmpfs, hold up to gigabytes of memory. The signal is noted
+    # and acted on at the run's next step, from inside it, where an
+    # exception ends trio's run as any task's would (trio's own handling
+    # of SIGINT is not there to use when SIGINT is ignored, as in a
+    # background job).
+    terminated: list[int] = []
+
     def show(day: float) -> None:
+        if terminated:
+            raise KeyboardInterrupt
         done = round(width * day / scenario.days)
         progress.update(f"[{'#' * done}{'.' * (width - done)}] day {day:.1f} of {scenario.days:g}")
 
-    # A run stopped by `kill` tidies up as one stopped by Ctrl-C does: its
-    # homes, on tmpfs, hold up to gigabytes of memory.
-    on_term = signal.signal(signal.SIGTERM, _interrupt_self)
+    on_term = signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
     try:
         outcome = world.run(
             scenario,

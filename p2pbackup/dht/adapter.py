@@ -968,6 +968,27 @@ class DhtNode:
     async def lookup(self, kind: records.RecordKind, node_id: bytes) -> records.Record | None:
         """The newest valid record of ``kind`` for ``node_id`` among all the
         k closest nodes; stale replicas are then given the newest one."""
+        return await self._newest(kind, node_id)
+
+    async def keep(
+        self, kind: records.RecordKind, node_id: bytes, kept: Sequence[bytes] = ()
+    ) -> records.Record | None:
+        """The newest valid record of ``kind`` for ``node_id`` among all the
+        k closest nodes and ``kept`` (encoded records held elsewhere), stored
+        again on every one of those nodes that does not hold it: a
+        :meth:`lookup` and a :meth:`publish` of what it found, without the
+        publish's second search for the same nodes, nor stores on the nodes
+        that already hold the record."""
+        return await self._newest(kind, node_id, kept, spread=True)
+
+    async def _newest(
+        self,
+        kind: records.RecordKind,
+        node_id: bytes,
+        kept: Sequence[bytes] = (),
+        *,
+        spread: bool = False,
+    ) -> records.Record | None:
         key = records.dht_key(kind, node_id)
         now = int(self.wall_clock())
         local = self.storage.get(key)
@@ -981,6 +1002,7 @@ class DhtNode:
             answers = await self._aio(crawl.find)
         # Replicas mostly agree: check each distinct value once.
         candidates = {v for v in answers.values() if v is not None}
+        candidates.update(kept)
         if local is not None:
             candidates.add(local)
         newest = records.choose_newest(candidates, key=key, now=now)
@@ -989,12 +1011,18 @@ class DhtNode:
         value = records.encode_record(newest)
         self.storage.offer(key, value)
         # Replicas that served something else (older, forged, expired) get the
-        # newest; so does the closest node that had none (as the paper caches).
+        # newest; so does the closest node that had none (as the paper caches),
+        # or, spreading, every one of the k closest that had none.
         wrong = [peer for peer, answer in answers.items() if answer is not None and answer != value]
-        empty = [peer for peer, answer in answers.items() if answer is None]
-        closest_empty = sorted(empty, key=lambda peer: int.from_bytes(peer, "big") ^ target.long_id)
-        if wrong or closest_empty:
-            await self._repair(crawl, key, value, wrong + closest_empty[:1])
+        closest = sorted(answers, key=lambda peer: int.from_bytes(peer, "big") ^ target.long_id)
+        if spread:
+            repair = wrong + [
+                peer for peer in closest[: self._server.ksize] if answers[peer] is None
+            ]
+        else:
+            repair = wrong + [peer for peer in closest if answers[peer] is None][:1]
+        if repair:
+            await self._repair(crawl, key, value, repair)
         return newest
 
     async def _repair(

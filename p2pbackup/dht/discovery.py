@@ -168,8 +168,10 @@ class Discovery:
         self.friends = friends
         self.root_holders = root_holders
         self.state_path = state_path
-        #: The routing state last written to ``state_path`` (None: none yet).
+        #: The routing state last written to ``state_path`` (None: none yet),
+        #: and the neighbours and kept records it was made of.
         self._saved_state: bytes | None = None
+        self._saved_from: tuple[tuple[dht.Contact, ...], tuple[bytes, ...]] = ((), ())
         self.contact: records.ContactRecord | None = None
         self.contact_taken = False
         self.relays: tuple[records.RelayAddress, ...] = ()
@@ -420,13 +422,20 @@ class Discovery:
         return False
 
     def save_state(self) -> None:
-        if self.state_path is not None:
-            try:
-                self._saved_state = dht.save_routing_state(
-                    self.state_path, self.node, self._saved_state, list(self.kept_pointers.values())
-                )
-            except OSError as error:
-                log.warning("cannot save the DHT routing state to %s: %s", self.state_path, error)
+        if self.state_path is None:
+            return
+        kept = tuple(self.kept_pointers.values())
+        saving = (tuple(self.node.neighbours()), kept)
+        if self._saved_state is not None and saving == self._saved_from:
+            return  # as last saved: not even encoded again (every few minutes, on every node)
+        try:
+            self._saved_state = dht.save_routing_state(
+                self.state_path, self.node, self._saved_state, kept
+            )
+        except OSError as error:
+            log.warning("cannot save the DHT routing state to %s: %s", self.state_path, error)
+            return
+        self._saved_from = saving
 
     async def _keep_saving_state(self) -> None:
         """Save the routing state now and every few minutes: the CLI's

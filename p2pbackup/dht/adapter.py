@@ -66,6 +66,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -483,6 +484,12 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         self._checking: set[bytes] = set()
         #: Addresses that answered a request of ours (oldest first).
         self._verified: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        #: (deadline, message id) of the requests sent, oldest first: each
+        #: waits as long, so this is in deadline order too.
+        self._deadlines: collections.deque[tuple[float, bytes]] = collections.deque()
+        #: The wait of :func:`_expire_requests`, due when the oldest
+        #: unanswered request is; None while that task is not running.
+        self._expiry: trio.CancelScope | None = None
 
     def _malformed(self, what: str, address: object) -> None:
         self.malformed += 1
@@ -537,15 +544,32 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
             waiting[0].set_result(_NO_ANSWER)
 
     def _accept_response(self, msg_id: bytes, data: object, address: tuple[str, int]) -> None:
-        waiting = self._outstanding.get(msg_id)
+        waiting = self._outstanding.pop(msg_id, None)
         if waiting is None:
             self._malformed("an answer to no request of ours", address)
             return
-        future, timeout = waiting
-        timeout.cancel()
-        del self._outstanding[msg_id]
+        future = waiting[0]
         if not future.done():
             future.set_result((True, data))
+        if self._deadlines and self._deadlines[0][1] == msg_id:
+            self._next_expiry()
+
+    def _next_expiry(self) -> None:
+        """Forget the answered requests at the head of the deadlines; the
+        expiry task waits for the first one still unanswered."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1] not in self._outstanding:
+            deadlines.popleft()
+        due = deadlines[0][0] if deadlines else math.inf
+        if self._expiry is not None and self._expiry.deadline != due:
+            self._expiry.deadline = due
+
+    def _expire(self, now: float) -> None:
+        """Every request unanswered at ``now`` ends unanswered."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            self._timeout(deadlines.popleft()[1])
+        self._next_expiry()
 
     def welcome_if_new(self, node: Node) -> None:
         # The package calls this for the sender of every request and answer,
@@ -687,10 +711,15 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         if len(data) > MAX_REQUEST_SIZE:
             raise FormatError(f"a {name} request of {len(data)} bytes: peers drop it")
         msg_id = os.urandom(20)
-        loop = asyncio.get_event_loop()
-        future = loop.create_future()
-        timeout = loop.call_later(self._wait_timeout, self._timeout, msg_id)
-        self._outstanding[msg_id] = (future, timeout)
+        future = asyncio.get_event_loop().create_future()
+        # Not an asyncio timer per request, as the package's: each costs the
+        # loop two callbacks and a wake-up when it is due, answered or not
+        # (most are). One trio task per node expires them (_expire_requests).
+        deadline = trio.current_time() + self._wait_timeout
+        self._outstanding[msg_id] = (future, deadline)
+        self._deadlines.append((deadline, msg_id))
+        if self._expiry is not None and self._expiry.deadline == math.inf:
+            self._expiry.deadline = deadline
         self.transport.sendto(b"\x00" + msg_id + data, address)
         return future
 
@@ -1167,6 +1196,7 @@ async def open_dht(
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_pump_out, endpoint, queued)
+                        nursery.start_soon(_expire_requests, protocol)
                         nursery.start_soon(_pump_in, endpoint, loop, protocol, limiter)
                         yield node
                         nursery.cancel_scope.cancel()
@@ -1180,11 +1210,26 @@ async def open_dht(
 def _fail_outstanding(protocol: _Protocol) -> None:
     # Requests still waiting for an answer would otherwise die with the loop
     # as "never retrieved" noise; they end as unanswered, which is the truth.
-    for future, timeout in list(protocol._outstanding.values()):
-        timeout.cancel()
+    for future, _ in list(protocol._outstanding.values()):
         if not future.done():
             future.set_result(_NO_ANSWER)
     protocol._outstanding.clear()
+    protocol._deadlines.clear()
+
+
+async def _expire_requests(protocol: _Protocol) -> None:
+    """End each request of ``protocol`` that is not answered within its
+    time as unanswered, until cancelled: one wait, due when the oldest
+    unanswered request is, moved on as answers come."""
+    while True:
+        deadlines = protocol._deadlines
+        with trio.CancelScope(deadline=deadlines[0][0] if deadlines else math.inf) as wait:
+            protocol._expiry = wait
+            try:
+                await trio.sleep_forever()
+            finally:
+                protocol._expiry = None
+        protocol._expire(trio.current_time())
 
 
 async def _pump_out(

@@ -848,13 +848,35 @@ class _NewestValueCrawl(SpiderCrawl):  # type: ignore[misc]
 
 
 class _Transport:
-    """The one method of an asyncio datagram transport the package calls."""
+    """The one method of an asyncio datagram transport the package calls:
+    a datagram goes out at once where the endpoint can send without waiting
+    (the memory network), else through the outgoing pump."""
 
-    def __init__(self, outgoing: trio.MemorySendChannel[tuple[bytes, tuple[str, int]]]) -> None:
+    def __init__(
+        self,
+        endpoint: DatagramEndpoint,
+        outgoing: trio.MemorySendChannel[tuple[bytes, tuple[str, int]]],
+    ) -> None:
+        self._endpoint = endpoint
         self._outgoing = outgoing
         self.dropped = 0
 
     def sendto(self, data: bytes, address: tuple[str, int]) -> None:
+        host, port = address
+        if len(data) > MAX_DATAGRAM_SIZE:
+            log.warning("DHT: a datagram of %d bytes to %s:%s not sent", len(data), host, port)
+            self.dropped += 1
+            return
+        try:
+            if self._endpoint.send_nowait(bytes(data), Address(host, port)):
+                return
+        except (OSError, UsageError, ValueError) as error:
+            log.info("DHT: datagram to %s:%s not sent: %s", host, port, error)
+            return
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            # The node is closing, or its host was killed: nothing goes out.
+            self.dropped += 1
+            return
         try:
             self._outgoing.send_nowait((bytes(data), address))
         except (trio.WouldBlock, trio.ClosedResourceError):
@@ -1186,7 +1208,7 @@ async def open_dht(
                 outgoing, queued = trio.open_memory_channel[tuple[bytes, tuple[str, int]]](
                     SEND_QUEUE
                 )
-                transport = _Transport(outgoing)
+                transport = _Transport(endpoint, outgoing)
                 protocol = server._create_protocol()
                 protocol.connection_made(transport)
                 server.protocol = protocol
@@ -1237,9 +1259,6 @@ async def _pump_out(
     queued: trio.MemoryReceiveChannel[tuple[bytes, tuple[str, int]]],
 ) -> None:
     async for data, (host, port) in queued:
-        if len(data) > MAX_DATAGRAM_SIZE:
-            log.warning("DHT: a datagram of %d bytes to %s:%s not sent", len(data), host, port)
-            continue
         try:
             await endpoint.send(data, Address(host, port))
         except (OSError, UsageError, ValueError) as error:

@@ -69,12 +69,16 @@ THIRD_PARTY: Mapping[str, frozenset[str]] = {
     "zstandard": frozenset({"p2pbackup.core.compression"}),
     "pyfastcdc": frozenset({"p2pbackup.core.chunker"}),
     "msgpack": frozenset(
-        {"p2pbackup.core.formats", "p2pbackup.wire.messages", "p2pbackup.engine.sealwire"}
+        {
+            "p2pbackup.core.formats",
+            "p2pbackup.wire.messages",
+            "p2pbackup.engine.sealwire",
+            # The DHT's datagrams, in the bytes kademlia's own codec writes.
+            DHT_ADAPTER,
+        }
     ),
     "kademlia": frozenset({DHT_ADAPTER}),
     "trio_asyncio": frozenset({DHT_ADAPTER}),
-    # The msgpack flavour of kademlia's RPC layer: the adapter decodes datagrams itself.
-    "umsgpack": frozenset({DHT_ADAPTER}),
     # The dashboard's web stack and its QR codes, each behind one module.
     "starlette": frozenset({"p2pbackup.ui.asgi"}),
     "hypercorn": frozenset({"p2pbackup.ui.http"}),

@@ -9,7 +9,7 @@ import functools
 import hashlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -572,19 +572,36 @@ async def test_a_failure_in_a_background_task_or_a_datagram_does_not_stop_the_no
     ) in errors
 
 
+def count_lookups(
+    node: dht.DhtNode,
+    lookups: list[tuple[float, records.RecordKind]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Note in ``lookups`` the time and kind of each lookup ``node`` makes
+    (a :meth:`~dht.DhtNode.keep` is one)."""
+    real_lookup, real_keep = node.lookup, node.keep
+
+    async def lookup(kind: records.RecordKind, of: bytes) -> records.Record | None:
+        lookups.append((trio.current_time(), kind))
+        return await real_lookup(kind, of)
+
+    async def keep(
+        kind: records.RecordKind, of: bytes, kept: Sequence[bytes] = ()
+    ) -> records.Record | None:
+        lookups.append((trio.current_time(), kind))
+        return await real_keep(kind, of, kept)
+
+    monkeypatch.setattr(node, "lookup", lookup)
+    monkeypatch.setattr(node, "keep", keep)
+
+
 async def test_a_friend_that_answers_costs_a_ping_and_a_silent_one_is_looked_up_less_often(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     w = world()
     lookups: list[tuple[float, records.RecordKind]] = []
     async with running(w, "10.0.0.1", "a") as a, running(w, "10.0.0.3", "c") as c:
-        real_lookup = a.lookup
-
-        async def counted(kind: records.RecordKind, of: bytes) -> records.Record | None:
-            lookups.append((trio.current_time(), kind))
-            return await real_lookup(kind, of)
-
-        monkeypatch.setattr(a, "lookup", counted)
+        count_lookups(a, lookups, monkeypatch)
         follower = discovery_of(a, "a", friends=lambda: [FriendContact(node_id("b"))])
         async with running(w, "10.0.0.2", "b") as b:
             await b.bootstrap([a.local_address, c.local_address])
@@ -617,3 +634,42 @@ async def test_a_friend_that_answers_costs_a_ping_and_a_silent_one_is_looked_up_
 
         assert hours(records.RecordKind.CONTACT) == [0, 1, 3, 7, 15, 27, 39]
         assert hours(records.RecordKind.ROOT) == [0, 15, 27, 39]
+
+
+async def test_a_silent_friend_without_a_root_pointer_is_not_asked_for_one_each_time(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Most nodes back nothing up, so publish no root pointer; while such a
+    # friend stays silent, nobody can publish one for it.
+    w = world()
+    lookups: list[tuple[float, records.RecordKind]] = []
+    async with running(w, "10.0.0.1", "a") as a, running(w, "10.0.0.3", "c") as c:
+        count_lookups(a, lookups, monkeypatch)
+        follower = discovery_of(a, "a", friends=lambda: [FriendContact(node_id("b"))])
+        async with running(w, "10.0.0.2", "b") as b:
+            await b.bootstrap([a.local_address, c.local_address])
+            await discovery_of(b, "b").publish()
+        started = trio.current_time()
+
+        def hours(kind: records.RecordKind) -> list[int]:
+            return [round((t - started) / 3600) for t, k in lookups if k == kind]
+
+        for _ in range(16):
+            await follower.follow_friends()
+            await trio.sleep(3600)
+        # Looked up with its contact record (hours 0, 1, 3, 7, 15), once
+        # FOLLOW_RECHECK has passed.
+        assert hours(records.RecordKind.CONTACT) == [0, 1, 3, 7, 15]
+        assert hours(records.RecordKind.ROOT) == [0, 15]
+        # Back, it publishes one; silent again, its pointer is kept at once.
+        async with running(w, "10.0.0.2", "b") as b:
+            await b.bootstrap([a.local_address, c.local_address])
+            await discovery_of(b, "b").publish()
+            await follower.follow_friends()
+            holders = [records.RecordAddress.from_host_port("10.0.0.3", PORT)]
+            await discovery_of(b, "b", root_holders=lambda: holders).publish_root_pointer()
+        lookups.clear()
+        started = trio.current_time()
+        await follower.follow_friends()
+        assert hours(records.RecordKind.ROOT) == [0]
+        assert node_id("b") in follower.kept_pointers

@@ -292,3 +292,51 @@ async def test_forged_stale_and_expired_records_lose_even_to_a_lying_majority(
         if node.dht is not None and node not in liars:
             held = node.dht.storage.get(key)
             assert held is None or records.decode_record(held) == victim.discovery.contact
+
+
+async def test_keeping_a_record_stores_it_on_every_closest_node_that_lost_it(
+    world: World, autojump_clock: trio.testing.MockClock
+) -> None:
+    await trio.sleep(5)
+    owner = world.nodes[60]
+    assert owner.discovery is not None and owner.discovery.contact is not None
+    key = contact_key(owner.node_id)
+    closest = [n for n in closest_nodes(world, key, 21) if n is not owner][:20]
+    keeper = next(n for n in world.nodes if n not in closest and n is not owner)
+    assert keeper.dht is not None
+    # No datagram lost from here on: every one of the closest answers.
+    world.network.default_link = LinkProfile(latency=0.02)
+    # Half the closest nodes lost it (they restarted, say); the keeper holds
+    # an older record of its own.
+    for node in closest[::2]:
+        assert node.dht is not None
+        node.dht.storage._values.pop(key, None)
+    older = records.sign_contact(
+        owner.identity.signing_seed,
+        addresses=owner.discovery.contact.addresses,
+        storage_offered=0,
+        sequence=owner.discovery.contact.sequence - 1,
+        now=int(wall_clock()),
+        lifetime=3600,
+    )
+    lacking = [n for n in closest if n.dht is not None and n.dht.storage.get(key) is None]
+    sent: list[str] = []
+    protocol = keeper.dht._protocol
+    request = protocol._request
+
+    def counting(name: str, *args: object) -> object:
+        sent.append(name)
+        return request(name, *args)
+
+    protocol._request = counting
+    kept = await keeper.dht.keep(
+        records.RecordKind.CONTACT, owner.node_id, [records.encode_record(older)]
+    )
+    assert kept == owner.discovery.contact
+    for node in closest:
+        assert node.dht is not None
+        held = node.dht.storage.get(key)
+        assert held is not None and records.decode_record(held) == kept
+    # One search, then a store on each node that lacked the record, no more.
+    assert "find_node" not in sent
+    assert sent.count("store") == len(lacking)

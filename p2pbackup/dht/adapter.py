@@ -14,6 +14,10 @@ Nouns:
   (real UDP, or the memory network) and the package's protocol object, which
   believes it talks to an asyncio transport. Incoming datagrams pass the
   per-source :mod:`~p2pbackup.dht.ratelimit` first.
+* **codec** — a datagram is a kind byte, a message id and msgpack. The
+  package's RPC layer (``rpcudp``) encodes with the pure-Python ``umsgpack``;
+  this module sends and reads every datagram itself with the C ``msgpack``,
+  which writes the same bytes for the same values (:func:`_encode`).
 * **record storage** — :class:`RecordStorage`, the package's ``IStorage``: it
   holds only valid signed records (:mod:`p2pbackup.dht.records`), each replaced
   only by a newer one, drops them when they expire, and caps how many it holds.
@@ -62,6 +66,8 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -70,9 +76,10 @@ from typing import Any, Final
 import attrs
 import kademlia.routing
 import kademlia.storage
+import kademlia.utils
+import msgpack
 import trio
 import trio_asyncio
-import umsgpack
 from kademlia.crawling import NodeSpiderCrawl, RPCFindResponse, SpiderCrawl
 from kademlia.network import Server
 from kademlia.node import Node
@@ -159,6 +166,52 @@ logging.getLogger("rpcudp").setLevel(logging.WARNING)
 
 kademlia.routing.time = _TrioClock
 kademlia.storage.time = _TrioClock
+
+
+# -- the asyncio loop --------------------------------------------------------------------------
+
+#: Asyncio callbacks run in one turn of trio's scheduler, at most (see below).
+LOOP_BATCH: Final = 64
+
+_run_one_callback = trio_asyncio.TrioEventLoop._main_loop_one
+
+
+async def _run_ready_callbacks(self: trio_asyncio.TrioEventLoop, no_wait: bool = False) -> None:
+    # trio-asyncio runs one asyncio callback per turn of trio's scheduler,
+    # each turn a cancel scope and a channel receive: a DHT request costs
+    # some five callbacks (its task, its timer, its answer, the gather
+    # around it), and these turns were a fifth of a simulation. Asyncio
+    # itself runs every ready callback in one pass of its loop; so does
+    # this, after the first, up to LOOP_BATCH of them, then lets trio's
+    # other tasks run. The order of the callbacks is unchanged.
+    await _run_one_callback(self, no_wait)
+    for _ in range(LOOP_BATCH):
+        try:
+            await _run_one_callback(self, no_wait=True)
+        except trio.WouldBlock:  # nothing more ready now
+            return
+
+
+trio_asyncio.TrioEventLoop._main_loop_one = _run_ready_callbacks
+
+
+async def _crawl_round(self: SpiderCrawl, rpcmethod: Callable[..., Awaitable[Any]]) -> Any:
+    # The package's round of a lookup (``SpiderCrawl._find``), as it is, less
+    # its INFO line: that formats every contact of the lookup (a sort and a
+    # repr each) whether or not INFO is logged, every round of every lookup.
+    count = self.alpha
+    if self.nearest.get_ids() == self.last_ids_crawled:
+        count = len(self.nearest)
+    self.last_ids_crawled = self.nearest.get_ids()
+    asked = {}
+    for peer in self.nearest.get_uncontacted()[:count]:
+        asked[peer.id] = rpcmethod(peer, self.node)
+        self.nearest.mark_contacted(peer)
+    found = await kademlia.utils.gather_dict(asked)
+    return await self._nodes_found(found)
+
+
+SpiderCrawl._find = _crawl_round
 
 
 # -- record storage ----------------------------------------------------------------------------
@@ -396,6 +449,24 @@ def _handover_ranges(own: int, new: int, occupied: set[int]) -> Iterator[tuple[i
 _Result = tuple[bool, Any]
 _NO_ANSWER: Final[_Result] = (False, None)
 
+#: Bytes of a request's payload a stock node still reads (its RPC layer's limit).
+MAX_REQUEST_SIZE: Final = 8192
+
+
+def _encode(value: object) -> bytes:
+    """A datagram's payload, byte for byte as the package's pure-Python
+    msgpack (``umsgpack``) writes it: bytes as bin, str as str, tuples as
+    arrays, the smallest integer forms. The C msgpack does it some forty
+    times faster; a simulation's DHT sends millions."""
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
+
+
+def _decode(data: bytes) -> Any:
+    """A datagram's payload decoded as ``umsgpack`` decodes it (arrays as
+    lists, bin as bytes, str as str); raises on anything malformed."""
+    return msgpack.unpackb(data, raw=False)
+
 
 class _Protocol(KademliaProtocol):  # type: ignore[misc]
     """The package's protocol with every input checked and eviction made patient."""
@@ -413,6 +484,12 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         self._checking: set[bytes] = set()
         #: Addresses that answered a request of ours (oldest first).
         self._verified: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        #: (deadline, message id) of the requests sent, oldest first: each
+        #: waits as long, so this is in deadline order too.
+        self._deadlines: collections.deque[tuple[float, bytes]] = collections.deque()
+        #: The wait of :func:`_expire_requests`, due when the oldest
+        #: unanswered request is; None while that task is not running.
+        self._expiry: trio.CancelScope | None = None
 
     def _malformed(self, what: str, address: object) -> None:
         self.malformed += 1
@@ -428,7 +505,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
             return
         kind, msg_id = data[:1], data[1:21]
         try:
-            payload = umsgpack.unpackb(data[21:])
+            payload = _decode(data[21:])
         # Decoding is pure, and the decoder raises more than its own family on
         # hostile input (RecursionError on deep nesting, OverflowError on a
         # timestamp out of range): whatever it raises, the datagram is bad.
@@ -458,7 +535,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
             self._malformed(f"a {name} request with malformed arguments", address)
             return
         response = getattr(self, f"rpc_{name}")(address, *args)
-        self.transport.sendto(b"\x01" + msg_id + umsgpack.packb(response), address)
+        self.transport.sendto(b"\x01" + msg_id + _encode(response), address)
 
     def _timeout(self, msg_id: bytes) -> None:
         # The package logs every lost datagram as an ERROR; on UDP it is weather.
@@ -467,15 +544,32 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
             waiting[0].set_result(_NO_ANSWER)
 
     def _accept_response(self, msg_id: bytes, data: object, address: tuple[str, int]) -> None:
-        waiting = self._outstanding.get(msg_id)
+        waiting = self._outstanding.pop(msg_id, None)
         if waiting is None:
             self._malformed("an answer to no request of ours", address)
             return
-        future, timeout = waiting
-        timeout.cancel()
-        del self._outstanding[msg_id]
+        future = waiting[0]
         if not future.done():
             future.set_result((True, data))
+        if self._deadlines and self._deadlines[0][1] == msg_id:
+            self._next_expiry()
+
+    def _next_expiry(self) -> None:
+        """Forget the answered requests at the head of the deadlines; the
+        expiry task waits for the first one still unanswered."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1] not in self._outstanding:
+            deadlines.popleft()
+        due = deadlines[0][0] if deadlines else math.inf
+        if self._expiry is not None and self._expiry.deadline != due:
+            self._expiry.deadline = due
+
+    def _expire(self, now: float) -> None:
+        """Every request unanswered at ``now`` ends unanswered."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            self._timeout(deadlines.popleft()[1])
+        self._next_expiry()
 
     def welcome_if_new(self, node: Node) -> None:
         # The package calls this for the sender of every request and answer,
@@ -582,7 +676,70 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         # Answer truthfully: a refused store is not "stored" (the package says True).
         return self.record_storage.offer(key, value, source=sender[0])
 
+    # The package's two lookups served, as they are, less the work thrown
+    # away: a find_value of a key not held went through find_node, which
+    # welcomed the sender a second time, and an INFO line built eagerly.
+
+    def rpc_find_node(
+        self, sender: tuple[str, int], nodeid: bytes, key: bytes
+    ) -> list[tuple[bytes, str, int]]:
+        source = Node(nodeid, sender[0], sender[1])
+        self.welcome_if_new(source)
+        return self._neighbours_of(key, source)
+
+    def rpc_find_value(
+        self, sender: tuple[str, int], nodeid: bytes, key: bytes
+    ) -> list[tuple[bytes, str, int]] | dict[str, bytes]:
+        source = Node(nodeid, sender[0], sender[1])
+        self.welcome_if_new(source)
+        value = self.storage.get(key, None)
+        if value is None:
+            return self._neighbours_of(key, source)
+        return {"value": value}
+
+    def _neighbours_of(self, key: bytes, source: Node) -> list[tuple[bytes, str, int]]:
+        neighbours = self.router.find_neighbors(Node(key), exclude=source)
+        return [(node.id, node.ip, node.port) for node in neighbours]
+
     # outgoing ------------------------------------------------------------------
+
+    def _request(self, name: str, address: tuple[str, int], *args: object) -> asyncio.Future[Any]:
+        """Send request ``name`` to ``address``; a future for its
+        :data:`_Result`. The package's RPC layer makes these requests too (any
+        attribute it lacks is one), encoded by the pure-Python msgpack."""
+        data = _encode([name, args])
+        if len(data) > MAX_REQUEST_SIZE:
+            raise FormatError(f"a {name} request of {len(data)} bytes: peers drop it")
+        msg_id = os.urandom(20)
+        future = asyncio.get_event_loop().create_future()
+        # Not an asyncio timer per request, as the package's: each costs the
+        # loop two callbacks and a wake-up when it is due, answered or not
+        # (most are). One trio task per node expires them (_expire_requests).
+        deadline = trio.current_time() + self._wait_timeout
+        self._outstanding[msg_id] = (future, deadline)
+        self._deadlines.append((deadline, msg_id))
+        if self._expiry is not None and self._expiry.deadline == math.inf:
+            self._expiry.deadline = deadline
+        self.transport.sendto(b"\x00" + msg_id + data, address)
+        return future
+
+    def ping(self, address: tuple[str, int], node_id: bytes) -> asyncio.Future[Any]:
+        return self._request("ping", address, node_id)
+
+    def store(
+        self, address: tuple[str, int], node_id: bytes, key: bytes, value: bytes
+    ) -> asyncio.Future[Any]:
+        return self._request("store", address, node_id, key, value)
+
+    def find_node(
+        self, address: tuple[str, int], node_id: bytes, key: bytes
+    ) -> asyncio.Future[Any]:
+        return self._request("find_node", address, node_id, key)
+
+    def find_value(
+        self, address: tuple[str, int], node_id: bytes, key: bytes
+    ) -> asyncio.Future[Any]:
+        return self._request("find_value", address, node_id, key)
 
     async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> _Result:
         address = (node_to_ask.ip, node_to_ask.port)
@@ -691,13 +848,35 @@ class _NewestValueCrawl(SpiderCrawl):  # type: ignore[misc]
 
 
 class _Transport:
-    """The one method of an asyncio datagram transport the package calls."""
+    """The one method of an asyncio datagram transport the package calls:
+    a datagram goes out at once where the endpoint can send without waiting
+    (the memory network), else through the outgoing pump."""
 
-    def __init__(self, outgoing: trio.MemorySendChannel[tuple[bytes, tuple[str, int]]]) -> None:
+    def __init__(
+        self,
+        endpoint: DatagramEndpoint,
+        outgoing: trio.MemorySendChannel[tuple[bytes, tuple[str, int]]],
+    ) -> None:
+        self._endpoint = endpoint
         self._outgoing = outgoing
         self.dropped = 0
 
     def sendto(self, data: bytes, address: tuple[str, int]) -> None:
+        host, port = address
+        if len(data) > MAX_DATAGRAM_SIZE:
+            log.warning("DHT: a datagram of %d bytes to %s:%s not sent", len(data), host, port)
+            self.dropped += 1
+            return
+        try:
+            if self._endpoint.send_nowait(bytes(data), Address(host, port)):
+                return
+        except (OSError, UsageError, ValueError) as error:
+            log.info("DHT: datagram to %s:%s not sent: %s", host, port, error)
+            return
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            # The node is closing, or its host was killed: nothing goes out.
+            self.dropped += 1
+            return
         try:
             self._outgoing.send_nowait((bytes(data), address))
         except (trio.WouldBlock, trio.ClosedResourceError):
@@ -912,6 +1091,27 @@ class DhtNode:
     async def lookup(self, kind: records.RecordKind, node_id: bytes) -> records.Record | None:
         """The newest valid record of ``kind`` for ``node_id`` among all the
         k closest nodes; stale replicas are then given the newest one."""
+        return await self._newest(kind, node_id)
+
+    async def keep(
+        self, kind: records.RecordKind, node_id: bytes, kept: Sequence[bytes] = ()
+    ) -> records.Record | None:
+        """The newest valid record of ``kind`` for ``node_id`` among all the
+        k closest nodes and ``kept`` (encoded records held elsewhere), stored
+        again on every one of those nodes that does not hold it: a
+        :meth:`lookup` and a :meth:`publish` of what it found, without the
+        publish's second search for the same nodes, nor stores on the nodes
+        that already hold the record."""
+        return await self._newest(kind, node_id, kept, spread=True)
+
+    async def _newest(
+        self,
+        kind: records.RecordKind,
+        node_id: bytes,
+        kept: Sequence[bytes] = (),
+        *,
+        spread: bool = False,
+    ) -> records.Record | None:
         key = records.dht_key(kind, node_id)
         now = int(self.wall_clock())
         local = self.storage.get(key)
@@ -925,6 +1125,7 @@ class DhtNode:
             answers = await self._aio(crawl.find)
         # Replicas mostly agree: check each distinct value once.
         candidates = {v for v in answers.values() if v is not None}
+        candidates.update(kept)
         if local is not None:
             candidates.add(local)
         newest = records.choose_newest(candidates, key=key, now=now)
@@ -933,12 +1134,18 @@ class DhtNode:
         value = records.encode_record(newest)
         self.storage.offer(key, value)
         # Replicas that served something else (older, forged, expired) get the
-        # newest; so does the closest node that had none (as the paper caches).
+        # newest; so does the closest node that had none (as the paper caches),
+        # or, spreading, every one of the k closest that had none.
         wrong = [peer for peer, answer in answers.items() if answer is not None and answer != value]
-        empty = [peer for peer, answer in answers.items() if answer is None]
-        closest_empty = sorted(empty, key=lambda peer: int.from_bytes(peer, "big") ^ target.long_id)
-        if wrong or closest_empty:
-            await self._repair(crawl, key, value, wrong + closest_empty[:1])
+        closest = sorted(answers, key=lambda peer: int.from_bytes(peer, "big") ^ target.long_id)
+        if spread:
+            repair = wrong + [
+                peer for peer in closest[: self._server.ksize] if answers[peer] is None
+            ]
+        else:
+            repair = wrong + [peer for peer in closest if answers[peer] is None][:1]
+        if repair:
+            await self._repair(crawl, key, value, repair)
         return newest
 
     async def _repair(
@@ -1001,7 +1208,7 @@ async def open_dht(
                 outgoing, queued = trio.open_memory_channel[tuple[bytes, tuple[str, int]]](
                     SEND_QUEUE
                 )
-                transport = _Transport(outgoing)
+                transport = _Transport(endpoint, outgoing)
                 protocol = server._create_protocol()
                 protocol.connection_made(transport)
                 server.protocol = protocol
@@ -1011,6 +1218,7 @@ async def open_dht(
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_pump_out, endpoint, queued)
+                        nursery.start_soon(_expire_requests, protocol)
                         nursery.start_soon(_pump_in, endpoint, loop, protocol, limiter)
                         yield node
                         nursery.cancel_scope.cancel()
@@ -1024,11 +1232,26 @@ async def open_dht(
 def _fail_outstanding(protocol: _Protocol) -> None:
     # Requests still waiting for an answer would otherwise die with the loop
     # as "never retrieved" noise; they end as unanswered, which is the truth.
-    for future, timeout in list(protocol._outstanding.values()):
-        timeout.cancel()
+    for future, _ in list(protocol._outstanding.values()):
         if not future.done():
             future.set_result(_NO_ANSWER)
     protocol._outstanding.clear()
+    protocol._deadlines.clear()
+
+
+async def _expire_requests(protocol: _Protocol) -> None:
+    """End each request of ``protocol`` that is not answered within its
+    time as unanswered, until cancelled: one wait, due when the oldest
+    unanswered request is, moved on as answers come."""
+    while True:
+        deadlines = protocol._deadlines
+        with trio.CancelScope(deadline=deadlines[0][0] if deadlines else math.inf) as wait:
+            protocol._expiry = wait
+            try:
+                await trio.sleep_forever()
+            finally:
+                protocol._expiry = None
+        protocol._expire(trio.current_time())
 
 
 async def _pump_out(
@@ -1036,9 +1259,6 @@ async def _pump_out(
     queued: trio.MemoryReceiveChannel[tuple[bytes, tuple[str, int]]],
 ) -> None:
     async for data, (host, port) in queued:
-        if len(data) > MAX_DATAGRAM_SIZE:
-            log.warning("DHT: a datagram of %d bytes to %s:%s not sent", len(data), host, port)
-            continue
         try:
             await endpoint.send(data, Address(host, port))
         except (OSError, UsageError, ValueError) as error:

@@ -32,12 +32,16 @@ Nouns:
   **root holders**, friends first). A node publishes it when the holders change and
   every republish period, for :data:`DEFAULT_ROOT_POINTER_LIFETIME`; its
   friends store it again, unchanged, on the nodes now closest to its key
-  whenever they find it silent, so it outlives the home it points for — a
-  house that burned down is recovered with ``recover --bootstrap`` for two
-  weeks after its node last ran. DHT nodes hold records in memory only, so
-  a friend also **keeps** the newest pointer it found on disk, with its
-  routing state, and stores that again when the DHT has lost it (after a
-  night in which every machine of a circle was off).
+  whenever they find it silent (one search for the nodes closest to its key
+  finds it and stores it: :meth:`dht.DhtNode.keep`), so it outlives the home
+  it points for — a house that burned down is recovered with ``recover
+  --bootstrap`` for two weeks after its node last ran. A silent friend found
+  to have no pointer (most homes back nothing up) is not asked for one again
+  until it has answered, or :data:`FOLLOW_RECHECK` has passed. DHT nodes
+  hold records in memory only, so a friend also **keeps** the newest
+  pointer it found on disk, with its routing state, and stores that again
+  when the DHT has lost it (after a night in which every machine of a
+  circle was off).
   :func:`lookup_root_pointer` finds it; :func:`node_at` learns who answers at
   an address, since a pointer names addresses, not nodes.
 * **one-shot lookup** — :func:`lookup_contact`: a read-only DHT client
@@ -164,8 +168,10 @@ class Discovery:
         self.friends = friends
         self.root_holders = root_holders
         self.state_path = state_path
-        #: The routing state last written to ``state_path`` (None: none yet).
+        #: The routing state last written to ``state_path`` (None: none yet),
+        #: and the neighbours and kept records it was made of.
         self._saved_state: bytes | None = None
+        self._saved_from: tuple[tuple[dht.Contact, ...], tuple[bytes, ...]] = ((), ())
         self.contact: records.ContactRecord | None = None
         self.contact_taken = False
         self.relays: tuple[records.RelayAddress, ...] = ()
@@ -180,8 +186,12 @@ class Discovery:
         #: Friend node id → lookups in a row that found it silent, and when
         #: the next lookup is due.
         self._silent: dict[bytes, tuple[int, float]] = {}
-        #: Friend node id → when its root pointer was last stored again.
+        #: Friend node id → when its root pointer was last stored again, or
+        #: found to be nowhere (then also in ``_no_pointer``).
         self._pointer_stored: dict[bytes, float] = {}
+        #: Friends found silent without a root pointer, in the DHT or kept:
+        #: only the friend can publish one, and it answers when it is back.
+        self._no_pointer: set[bytes] = set()
         #: When friends were first followed (trio time).
         self._started: float | None = None
         #: Friend node id → the newest root pointer found for it, encoded:
@@ -357,7 +367,7 @@ class Discovery:
             if where and now < self._looked_up.get(node_id, self._started) + FOLLOW_RECHECK:
                 answered = await self._answers(node_id, where)
                 if answered:
-                    self._silent.pop(node_id, None)
+                    self._back(node_id)
                     continue
             silent, due = self._silent.get(node_id, (0, -math.inf))
             if now < due:
@@ -370,7 +380,7 @@ class Discovery:
                 if not (found == where and answered is False) and await self._answers(
                     node_id, found
                 ):
-                    self._silent.pop(node_id, None)
+                    self._back(node_id)
                     continue
             silent += 1
             delay = retry_delay(silent, first=self.options.refresh_period, most=FOLLOW_RECHECK)
@@ -379,20 +389,29 @@ class Discovery:
                 continue  # stored again lately: it lives for days
             await self._keep_pointer(node_id)
 
+    def _back(self, node_id: bytes) -> None:
+        """``node_id`` answers: it is not silent, and may have published a
+        root pointer since it was last found to have none."""
+        self._silent.pop(node_id, None)
+        if node_id in self._no_pointer:
+            self._no_pointer.discard(node_id)
+            self._pointer_stored.pop(node_id, None)
+
     async def _keep_pointer(self, node_id: bytes) -> None:
         """Store a silent friend's root pointer again: the newest of the
-        DHT's and the one kept on disk, which is kept from now on."""
-        found = await self.node.lookup(records.RecordKind.ROOT, node_id)
-        values: list[records.Record | bytes] = [] if found is None else [found]
-        if node_id in self.kept_pointers:
-            values.append(self.kept_pointers[node_id])
-        key = records.dht_key(records.RecordKind.ROOT, node_id)
-        pointer = records.choose_newest(values, key=key, now=math.floor(self.node.wall_clock()))
+        DHT's and the one kept on disk, which is kept from now on. A friend
+        that has none is not looked up again for it while it stays silent
+        (most nodes of a network back nothing up, and so publish none),
+        until :data:`FOLLOW_RECHECK` has passed."""
+        kept = [self.kept_pointers[node_id]] if node_id in self.kept_pointers else []
+        pointer = await self.node.keep(records.RecordKind.ROOT, node_id, kept)
         if pointer is None:
             self.kept_pointers.pop(node_id, None)  # expired, or never found
+            self._no_pointer.add(node_id)
+            self._pointer_stored[node_id] = trio.current_time()
             return
+        self._no_pointer.discard(node_id)
         self.kept_pointers[node_id] = records.encode_record(pointer)
-        await self.node.publish(pointer)
         self._pointer_stored[node_id] = trio.current_time()
 
     async def _answers(self, node_id: bytes, where: Sequence[Address]) -> bool:
@@ -403,13 +422,20 @@ class Discovery:
         return False
 
     def save_state(self) -> None:
-        if self.state_path is not None:
-            try:
-                self._saved_state = dht.save_routing_state(
-                    self.state_path, self.node, self._saved_state, list(self.kept_pointers.values())
-                )
-            except OSError as error:
-                log.warning("cannot save the DHT routing state to %s: %s", self.state_path, error)
+        if self.state_path is None:
+            return
+        kept = tuple(self.kept_pointers.values())
+        saving = (tuple(self.node.neighbours()), kept)
+        if self._saved_state is not None and saving == self._saved_from:
+            return  # as last saved: not even encoded again (every few minutes, on every node)
+        try:
+            self._saved_state = dht.save_routing_state(
+                self.state_path, self.node, self._saved_state, kept
+            )
+        except OSError as error:
+            log.warning("cannot save the DHT routing state to %s: %s", self.state_path, error)
+            return
+        self._saved_from = saving
 
     async def _keep_saving_state(self) -> None:
         """Save the routing state now and every few minutes: the CLI's

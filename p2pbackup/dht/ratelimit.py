@@ -23,6 +23,7 @@ simulator's virtual time works the same as the real one.
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 from collections.abc import Hashable
 from typing import Final
@@ -91,11 +92,14 @@ IPV4_SOURCE_PREFIX: Final = 24
 IPV6_SOURCE_PREFIX: Final = 64
 
 
+@functools.lru_cache(maxsize=4096)
 def source_network(host: str) -> str:
     """The source a datagram from ``host`` is charged to: its /24 (IPv4) or
     /64 (IPv6) network in CIDR notation. An IPv4 address seen through a
     dual-stack socket (``::ffff:a.b.c.d``) counts as that IPv4 address; a
-    host that is not an IP address (the simulator's names) is its own source."""
+    host that is not an IP address (the simulator's names) is its own source.
+    Asked for every datagram received, mostly from the same few hosts: the
+    answers are cached."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:

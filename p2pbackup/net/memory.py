@@ -1231,12 +1231,21 @@ class MemoryDatagramEndpoint:
         self._check_usable()
         check_datagram_size(data)
         await trio.lowlevel.checkpoint()
+        self.send_nowait(data, address)
+
+    def send_nowait(self, data: bytes, address: Address) -> bool:
+        # Nothing here waits: the link's queues are modelled as arrival times.
         self._check_usable()
+        check_datagram_size(data)
         self._world._send_datagram(self._local_address, bytes(data), address)
+        return True
 
     async def receive(self) -> tuple[bytes, Address]:
         self._check_usable()
-        await trio.lowlevel.checkpoint()
+        # A cancel point; the schedule point is the wait below, when there is
+        # one: a receiver with datagrams already arrived takes them in one go
+        # (a simulation's DHT receives millions, each a turn of the scheduler).
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             self._check_usable()
             if self._queue and self._queue[0][0] <= trio.current_time():

@@ -151,6 +151,11 @@ class DatagramEndpoint(Protocol):
         """Send one datagram; silently lost if nothing receives it."""
         ...
 
+    def send_nowait(self, data: bytes, address: Address) -> bool:
+        """Send one datagram now, as :meth:`send` does, if this endpoint
+        can without waiting; False, and nothing sent, if it cannot."""
+        ...
+
     async def receive(self) -> tuple[bytes, Address]:
         """The next datagram and the address it came from."""
         ...
@@ -515,6 +520,11 @@ class UdpEndpoint:
                 raise trio.ClosedResourceError("the datagram endpoint is closed") from None
             # UDP promises nothing: an unreachable destination is a lost datagram.
             log.debug("datagram to %s lost: %s", address, os_reason(exc))
+
+    def send_nowait(self, data: bytes, address: Address) -> bool:
+        # A socket may have to wait (a name to resolve, a full send buffer):
+        # trio's ``sendto`` does, so always :meth:`send`.
+        return False
 
     async def receive(self) -> tuple[bytes, Address]:
         while True:

@@ -595,6 +595,13 @@ def count_lookups(
     monkeypatch.setattr(node, "keep", keep)
 
 
+def lookup_hours(
+    lookups: list[tuple[float, records.RecordKind]], started: float, kind: records.RecordKind
+) -> list[int]:
+    """The hours after ``started`` at which records of ``kind`` were looked up."""
+    return [round((t - started) / 3600) for t, k in lookups if k == kind]
+
+
 async def test_a_friend_that_answers_costs_a_ping_and_a_silent_one_is_looked_up_less_often(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -629,11 +636,9 @@ async def test_a_friend_that_answers_costs_a_ping_and_a_silent_one_is_looked_up_
             await follower.follow_friends()
             await trio.sleep(3600)
 
-        def hours(kind: records.RecordKind) -> list[int]:
-            return [round((t - started) / 3600) for t, k in lookups if k == kind]
-
-        assert hours(records.RecordKind.CONTACT) == [0, 1, 3, 7, 15, 27, 39]
-        assert hours(records.RecordKind.ROOT) == [0, 15, 27, 39]
+        contact = lookup_hours(lookups, started, records.RecordKind.CONTACT)
+        assert contact == [0, 1, 3, 7, 15, 27, 39]
+        assert lookup_hours(lookups, started, records.RecordKind.ROOT) == [0, 15, 27, 39]
 
 
 async def test_a_silent_friend_without_a_root_pointer_is_not_asked_for_one_each_time(
@@ -651,16 +656,13 @@ async def test_a_silent_friend_without_a_root_pointer_is_not_asked_for_one_each_
             await discovery_of(b, "b").publish()
         started = trio.current_time()
 
-        def hours(kind: records.RecordKind) -> list[int]:
-            return [round((t - started) / 3600) for t, k in lookups if k == kind]
-
         for _ in range(16):
             await follower.follow_friends()
             await trio.sleep(3600)
         # Looked up with its contact record (hours 0, 1, 3, 7, 15), once
         # FOLLOW_RECHECK has passed.
-        assert hours(records.RecordKind.CONTACT) == [0, 1, 3, 7, 15]
-        assert hours(records.RecordKind.ROOT) == [0, 15]
+        assert lookup_hours(lookups, started, records.RecordKind.CONTACT) == [0, 1, 3, 7, 15]
+        assert lookup_hours(lookups, started, records.RecordKind.ROOT) == [0, 15]
         # Back, it publishes one; silent again, its pointer is kept at once.
         async with running(w, "10.0.0.2", "b") as b:
             await b.bootstrap([a.local_address, c.local_address])
@@ -671,5 +673,5 @@ async def test_a_silent_friend_without_a_root_pointer_is_not_asked_for_one_each_
         lookups.clear()
         started = trio.current_time()
         await follower.follow_friends()
-        assert hours(records.RecordKind.ROOT) == [0]
+        assert lookup_hours(lookups, started, records.RecordKind.ROOT) == [0]
         assert node_id("b") in follower.kept_pointers

@@ -18,6 +18,7 @@ import trio
 
 from p2pbackup.app import daemon, homedht, operations
 from p2pbackup.app.home import Home
+from p2pbackup.dht import discovery
 from p2pbackup.engine.backup import Backup
 from p2pbackup.errors import StoreError
 from p2pbackup.net.memory import LinkProfile, MemoryNetwork
@@ -114,7 +115,7 @@ async def test_a_friend_that_moved_is_found_through_the_dht(
     await start(nursery, world, bob, (Address(carol.host, PORT),))
 
     async def published() -> bool:
-        found = await operations.discovery.lookup_contact(
+        found = await discovery.lookup_contact(
             homedht.remembered(alice),
             bytes.fromhex(bob_id),
             bootstrap=[Address(carol.host, PORT)],

@@ -11,6 +11,13 @@ handshake proves it), and records it as a friend and as a node peer in one
 transaction. A friend that cannot be reached now is added all the same (home
 machines sleep), with a warning: every later session still has to prove the
 key, so an address that leads to another node is never trusted.
+
+Every command imports this module, most of them to open a repository and
+read its index. So the parts only some need are imported by the functions
+that use them: the DHT (:mod:`p2pbackup.app.homedht`: kademlia and
+trio-asyncio) at a locator's first lookup or a recovery's, the hosting and
+delegation parts (:mod:`p2pbackup.maintenance`, :mod:`p2pbackup.node`) by
+``status`` and ``recover``.
 """
 
 from __future__ import annotations
@@ -23,16 +30,15 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import attrs
 import trio
 
-from p2pbackup.app import homedht
 from p2pbackup.app.home import Home
 from p2pbackup.core import chunker, delegation, formats, keys, merkle, packer
 from p2pbackup.core.keys import Keyring
-from p2pbackup.dht import discovery, invites
+from p2pbackup.dht import invites
 from p2pbackup.dht.records import RecordAddress
 from p2pbackup.engine.index import Index, ShardShortfall
 from p2pbackup.engine.progress import plural
@@ -48,8 +54,6 @@ from p2pbackup.errors import (
     StoreError,
     UsageError,
 )
-from p2pbackup.maintenance import delegated, grants
-from p2pbackup.maintenance.status import DataHealth, Hosting, KeptFor, kept_health
 from p2pbackup.model import (
     NODE_ID_SIZE,
     PEER_KIND_DIR,
@@ -63,12 +67,14 @@ from p2pbackup.model import (
 )
 from p2pbackup.net.limits import BandwidthLimits, limited
 from p2pbackup.net.network import Address, Network, TcpNetwork
-from p2pbackup.node import shardhost
-from p2pbackup.node.schedule import RUNNING_OFFER, load_config
 from p2pbackup.stores.durable import write_private_file
 from p2pbackup.stores.folder import init_folder_peer, read_folder_peer_id
-from p2pbackup.stores.remote import RemoteShardStore
+from p2pbackup.stores.remote import Locator, RemoteShardStore
 from p2pbackup.wire.session import Identity
+
+if TYPE_CHECKING:
+    from p2pbackup.maintenance.status import DataHealth, Hosting, KeptFor
+    from p2pbackup.wire.relay import Route
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +179,23 @@ def network_within(limits: BandwidthLimits) -> Network:
     return limited(base if base is not None else TcpNetwork(), limits)
 
 
+def _dht_locator(home: Home, network: Network) -> Locator:
+    """The home's DHT locator (:func:`p2pbackup.app.homedht.dht_locator`),
+    imported at its first lookup: the DHT brings kademlia and trio-asyncio,
+    which a command that finds no node that moved (``snapshots``, a backup
+    to folder peers) need not load."""
+    found: list[Locator] = []
+
+    async def locate(node_id: bytes) -> Sequence[Route]:
+        if not found:
+            from p2pbackup.app import homedht
+
+            found.append(homedht.dht_locator(home, network))
+        return await found[0](node_id)
+
+    return locate
+
+
 @contextlib.asynccontextmanager
 async def open_repository(
     home: Home, *, network: Network | None = None, access: Access = "write"
@@ -188,7 +211,7 @@ async def open_repository(
         index = Index(home.index_path, create=False)
         if network is None:
             network = SERVING_NETWORK.get() or TcpNetwork()
-        repo = Repository(keyring, index, network, locate=homedht.dht_locator(home, network))
+        repo = Repository(keyring, index, network, locate=_dht_locator(home, network))
         repo.settings = functools.partial(home_settings, home)
         try:
             yield repo
@@ -281,6 +304,10 @@ def _is_unspecified(host: str) -> bool:
 
 def hosting(home: Home) -> Hosting:
     """What ``status`` reports of this home as a node."""
+    from p2pbackup.maintenance.status import Hosting
+    from p2pbackup.node import shardhost
+    from p2pbackup.node.schedule import RUNNING_OFFER, load_config
+
     # What the running node was started with, if status runs in it; else
     # what config.toml says a node would start with.
     offer = RUNNING_OFFER.get() or load_config(home.config_path).storage
@@ -296,6 +323,9 @@ def hosting(home: Home) -> Hosting:
 def _kept_for(home: Home) -> Iterator[KeptFor]:
     """The homes this one is a delegate of, from the grants its node holds
     (one that no longer opens is left out: the next grant replaces it)."""
+    from p2pbackup.maintenance.status import KeptFor
+    from p2pbackup.node import shardhost
+
     for held in shardhost.read_held_grants(home.hosted_path):
         try:
             grant = delegation.open_grant(held.grant, owner=held.owner)
@@ -317,6 +347,9 @@ def _kept_for(home: Home) -> Iterator[KeptFor]:
 def _last_pass(home: Home, owner: bytes) -> tuple[int | None, DataHealth | None]:
     """When this home's last delegated pass for ``owner`` began, and the
     health of the owner's packs it found (None, None: no pass yet)."""
+    from p2pbackup.maintenance import delegated
+    from p2pbackup.maintenance.status import kept_health
+
     path = delegated.grant_index_path(home.path, owner)
     if not path.exists():
         return None, None
@@ -759,6 +792,9 @@ async def _root_holders_in_dht(
 ) -> list[tuple[str, str]]:
     """(address, node id) of every node that answers at an address of the
     home's root pointer; what went wrong goes to ``problems``."""
+    from p2pbackup.app import homedht
+    from p2pbackup.dht import discovery
+
     try:
         pointer = await discovery.lookup_root_pointer(
             homedht.remembered(home),
@@ -866,6 +902,8 @@ def home_settings(home: Home) -> bytes:
 def _restore_settings(home: Home, root: RootRecord, summary: RecoverSummary) -> None:
     """Write back the ``config.toml`` the root record carries (0600: it may
     hold an SMTP password or a webhook token), and say what it sets up."""
+    from p2pbackup.node.schedule import load_config
+
     if not root.settings:
         return
     write_private_file(home.config_path, root.settings)
@@ -926,6 +964,8 @@ async def _read_delegates(repo: Repository, summary: RecoverSummary, *, quiet: b
     """Take the delegates' repair logs into the index being rebuilt: how
     many shard locations moved. Each delegate that gave none is a problem
     (said once: not again when ``quiet``)."""
+    from p2pbackup.maintenance import grants
+
     if not repo.index.delegates():
         return 0
     taken, warnings = await grants.read_back(repo)

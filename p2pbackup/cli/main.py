@@ -170,14 +170,16 @@ async def cmd_lookup(args: argparse.Namespace, home: Home, out: LineSink) -> int
 
 
 def cmd_id(args: argparse.Namespace, home: Home, out: LineSink) -> int:
-    from p2pbackup.app.daemon import node_identity
+    # The node id its identity key gives (as the node presents it), from the
+    # keyring alone: the daemon module would bring the whole node with it.
+    from p2pbackup.core.keys import Keyring
 
-    identity = node_identity(home)
+    node_id = Keyring.from_master_secret(home.load_secret()).node_id
     if args.json:
-        out(json.dumps({"node_id": identity.node_id.hex()}))
+        out(json.dumps({"node_id": node_id.hex()}))
     else:
         out(f"node id of {home.path}:")
-        out(identity.node_id.hex())
+        out(node_id.hex())
     return EXIT_OK
 
 

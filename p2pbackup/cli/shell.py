@@ -19,8 +19,6 @@ import datetime
 from collections.abc import Iterator
 from typing import Final
 
-import shtab
-
 from p2pbackup import __version__
 
 #: The shells ``completion`` writes for.
@@ -29,6 +27,10 @@ SHELLS: Final = ("bash", "zsh", "fish")
 
 def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
     """The completion script of ``parser`` for ``shell`` (one of :data:`SHELLS`)."""
+    # Imported here: every command builds the parser, and so imports this
+    # module (for SHELLS), but only `completion` needs shtab.
+    import shtab
+
     script: str = shtab.complete(parser, shell=shell)
     return script
 

@@ -69,6 +69,10 @@ The pieces the repository is made of:
   the **commit** of the pack to the index;
 * :mod:`~p2pbackup.engine.rootrecord` builds, seals and publishes the root
   record.
+
+The erasure code (:mod:`~p2pbackup.core.erasure`, and with it numpy) is
+imported by the methods that place or decode a pack, not with this module:
+a command that only reads the index (``snapshots``) does not pay for it.
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from p2pbackup.core import blobs, chunker, erasure, formats, packer, placement
+from p2pbackup.core import blobs, chunker, formats, packer, placement
 from p2pbackup.core.keys import Keyring
 from p2pbackup.engine import rootrecord, shards
 from p2pbackup.engine.index import Index
@@ -461,6 +465,8 @@ class Repository:
         neither known to be down nor to refuse shards, and with room for one
         of it as far as is known (:func:`placement.fit_code`); UsageError if
         too few."""
+        from p2pbackup.core import erasure  # numpy: see the module docstring
+
         config = self.config
         placeable = [peer.peer_id for peer in self.placeable(self.peers())]
         live = [
@@ -709,6 +715,8 @@ class Repository:
         # Each shard matched the Merkle root the index kept, so the decoded
         # bytes are the pack; hashing it again would only slow the restore
         # (docs/performance.md#restore).
+        from p2pbackup.core import erasure  # numpy: see the module docstring
+
         data = await trio.to_thread.run_sync(erasure.decode, good, record.k, record.n, record.size)
         if use_cache:
             self._packs.put(record.pack_id, data)

@@ -12,7 +12,8 @@ when one is read back.
 
 The functions here run in worker threads and do no I/O: joining, hashing and
 coding a pack takes tens of milliseconds, which on the event loop would stall
-every upload in flight.
+every upload in flight. They import the erasure code (numpy) when they run,
+not with the module, so that commands which code nothing start without it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from p2pbackup.core import erasure, formats, merkle, packer
+from p2pbackup.core import formats, merkle, packer
 from p2pbackup.errors import IntegrityError
 from p2pbackup.model import BytesLike, PackRecord, ShardHeader, ShardLocation
 
@@ -72,6 +73,8 @@ def encode_pack(
     parity array beside the shards, and no copy of a shard (each a memcpy
     under the GIL) puts the header in front.
     """
+    from p2pbackup.core import erasure  # numpy: see the module docstring
+
     shard_size = erasure.shard_length(pack_size, k)
     head = formats.SHARD_HEADER_SIZE
     payloads = erasure.unfilled_buffers(n, head + shard_size)
@@ -120,6 +123,8 @@ def rebuild_shards(
 ) -> dict[int, RebuiltShard]:
     """Shards ``wanted`` of the pack ``record`` describes, from the data of
     any k of its other shards (``good``: index → data, verified)."""
+    from p2pbackup.core import erasure  # numpy: see the module docstring
+
     data = erasure.reconstruct(good, record.k, record.n, wanted)
     known = {location.index: location.merkle_root for location in record.shards}
     geometry = (record.k, record.n, record.size, record.shard_size, record.block_size)

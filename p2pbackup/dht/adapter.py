@@ -173,6 +173,8 @@ kademlia.storage.time = _TrioClock
 #: Asyncio callbacks run in one turn of trio's scheduler, at most (see below).
 LOOP_BATCH: Final = 64
 
+# A private method of trio-asyncio's loop, replaced below: pyproject.toml
+# takes no release of the package this has not been checked against.
 _run_one_callback = trio_asyncio.TrioEventLoop._main_loop_one
 
 

@@ -595,21 +595,31 @@ def cmd_sim_run(args: argparse.Namespace, home: Home, out: LineSink) -> int:
     progress = Progress(f"sim {scenario.name}", enabled=None if not args.json else False)
     width = 30
 
-    # A run stopped by `kill` tidies up as one stopped by Ctrl-C does: its
-    # homes, on tmpfs, hold up to gigabytes of memory. The signal is noted
-    # and acted on at the run's next step, from inside it, where an
-    # exception ends trio's run as any task's would (trio's own handling
-    # of SIGINT is not there to use when SIGINT is ignored, as in a
-    # background job).
-    terminated: list[int] = []
+    # A run stopped by Ctrl-C or `kill` tidies up: its homes, on tmpfs,
+    # hold up to gigabytes of memory. The signal is noted and acted on at
+    # the run's next step, from inside it, where an exception ends trio's
+    # run as any task's would. Trio's own SIGINT handling is not used: it
+    # raises wherever the main thread happens to be, and there (a
+    # finaliser, a library's callback) the interrupt can be lost. A second
+    # signal stops the run at once.
+    stopping: list[int] = []
+
+    def note_signal(signum: int, _frame: object) -> None:
+        if stopping:
+            raise KeyboardInterrupt
+        stopping.append(signum)
 
     def show(day: float) -> None:
-        if terminated:
+        if stopping:
             raise KeyboardInterrupt
         done = round(width * day / scenario.days)
         progress.update(f"[{'#' * done}{'.' * (width - done)}] day {day:.1f} of {scenario.days:g}")
 
-    on_term = signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
+    # SIGINT stays ignored where it was (a job started in the background).
+    stop_on = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        stop_on.append(signal.SIGINT)
+    previous = {signum: signal.signal(signum, note_signal) for signum in stop_on}
     try:
         outcome = world.run(
             scenario,
@@ -618,8 +628,11 @@ def cmd_sim_run(args: argparse.Namespace, home: Home, out: LineSink) -> int:
             node_log=None if args.out is None else Path(args.out) / "node.log",
             progress=show,
         )
+        if stopping:  # noted after the run's last step
+            raise KeyboardInterrupt
     finally:
-        signal.signal(signal.SIGTERM, on_term)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         progress.close()
         shutil.rmtree(work, ignore_errors=True)
     summary = outcome.summary

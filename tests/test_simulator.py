@@ -73,6 +73,9 @@ BAD = [
     (("[nodes]", "[[faults]]\nday = 1\nkind = 'depart'\n[nodes]"), "one of nodes, count or"),
     (("[nodes]", "[workload]\ndelegates = 6\n[nodes]"), "delegates = 6 must be less than"),
     (("[nodes]", "[workload]\ndelegates = -1\n[nodes]"), "delegates must be a whole number"),
+    (("[nodes]", "[forget]\nkeep_daily = -1\n[nodes]"), "keep_daily"),
+    (("[nodes]", "[forget]\nkeep_hourly = {a = 1}\n[nodes]"), "keep_hourly must be a plain"),
+    (("[nodes]", "[forget]\nkeep_tag = [1]\n[nodes]"), "[forget] keep_tag must be a list of"),
     (('name = "minimal"', "name = "), "not valid TOML"),
 ]
 
@@ -147,6 +150,11 @@ def scenarios(draw: st.DrawFn) -> sc.Scenario:
         maintenance=draw(
             st.sampled_from(
                 [(), (("repair_interval", "6h"),), (("audit_period", "2d"), ("grace", "3d"))]
+            )
+        ),
+        forget=draw(
+            st.sampled_from(
+                [(), (("keep_last", 3), ("prune", True)), (("keep_tag", ("a", "b,c")),)]
             )
         ),
         faults=tuple(faults),
@@ -343,6 +351,21 @@ def test_two_processes_give_one_event_log_and_one_set_of_figures(tmp_path: Path)
         outputs.append(((out / "events.jsonl").read_text(), (out / "figures.json").read_text()))
     assert outputs[0] == outputs[1]
     assert json.loads(outputs[0][1])["summary"]["packs"] > 40
+
+
+def test_the_owners_forget_and_prune_as_their_forget_table_says(tmp_path: Path) -> None:
+    # The trees change each midnight, for three and a half days: without a
+    # policy every snapshot stays, with one each owner keeps its last 2 and
+    # its friends hold fewer packs; the latest snapshot still restores exactly.
+    scenario = sc.parse(TINY).resized(days=3.5)
+    kept = world.run(scenario, tmp_path / "kept").summary
+    pruned = world.run(
+        attrs.evolve(scenario, forget=(("keep_last", 2), ("prune", True))), tmp_path / "pruned"
+    ).summary
+    assert kept["snapshots"] > 2 * scenario.workload.owners
+    assert pruned["snapshots"] == 2 * scenario.workload.owners
+    assert pruned["packs"] < kept["packs"]
+    assert pruned["restore_exact"] is True and pruned["packs_lost"] == 0
 
 
 def test_a_run_too_short_for_any_snapshot_restores_nothing(tmp_path: Path) -> None:

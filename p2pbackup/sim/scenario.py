@@ -4,8 +4,9 @@ Nouns (docs/simulation.md documents every key):
 
 * **scenario** — :class:`Scenario`: the network (``[nodes]``, ``[links]``),
   the repository's code and pack size (``[repository]``), what the owners
-  back up (``[workload]``), the node's ``[maintenance]`` settings (handed to
-  every home's config.toml as they are) and the **faults** over time
+  back up (``[workload]``), the node's ``[maintenance]`` settings and the
+  owners' ``[forget]`` policy (each handed to every home's config.toml as it
+  is, ``[forget]`` only to owners) and the **faults** over time
   (``[[faults]]``), for ``days`` virtual days. ``version`` is
   :data:`SCENARIO_VERSION`.
 * **node index** — nodes are ``node00``, ``node01``… by index; the first
@@ -166,6 +167,9 @@ class Scenario:
     workload: Workload = Workload()
     #: The node's ``[maintenance]`` table, as (key, value) pairs in file order.
     maintenance: tuple[tuple[str, str | int | float | bool], ...] = ()
+    #: The owners' ``[forget]`` table, as (key, value) pairs in file order
+    #: (``keep_tag`` is a tuple of strings); empty: nothing is forgotten.
+    forget: tuple[tuple[str, str | int | float | bool | tuple[str, ...]], ...] = ()
     faults: tuple[Fault, ...] = ()
     version: int = SCENARIO_VERSION
 
@@ -337,6 +341,7 @@ _TOP: Final = (
     "repository",
     "workload",
     "maintenance",
+    "forget",
     "faults",
     "small",
 )
@@ -379,6 +384,14 @@ def _parse(document: dict[str, Any]) -> Scenario:
     for key, value in maintenance.items():
         if isinstance(value, (dict, list)):
             raise UsageError(f"[maintenance] {key} must be a plain value")
+    forget = dict(_table("[forget]", document.get("forget", {})))
+    for key, value in forget.items():
+        if isinstance(value, list):
+            if not all(isinstance(v, str) for v in value):
+                raise UsageError(f"[forget] {key} must be a list of strings")
+            forget[key] = tuple(value)
+        elif isinstance(value, dict):
+            raise UsageError(f"[forget] {key} must be a plain value")
     faults = document.get("faults", [])
     if not isinstance(faults, list):
         raise UsageError("faults must be an array of tables ([[faults]])")
@@ -392,6 +405,7 @@ def _parse(document: dict[str, Any]) -> Scenario:
         repository=_repository(_table("[repository]", document.get("repository", {}))),
         workload=_workload(_table("[workload]", document.get("workload", {}))),
         maintenance=tuple(maintenance.items()),
+        forget=tuple(forget.items()),
         faults=tuple(
             _fault(i + 1, _table(f"[[faults]] #{i + 1}", f)) for i, f in enumerate(faults)
         ),
@@ -431,12 +445,16 @@ def check(scenario: Scenario) -> Scenario:
 
 
 def home_config(scenario: Scenario, paths: list[str]) -> str:
-    """The config.toml of a home: scheduled backups of ``paths`` (none for a
-    node that does not back up) and the scenario's ``[maintenance]``."""
+    """The config.toml of a home: scheduled backups of ``paths`` and the
+    scenario's ``[forget]`` (neither for a node that does not back up) and
+    its ``[maintenance]``."""
     lines = [f"version = {CONFIG_VERSION}"]
     if paths:
         interval = round(scenario.workload.interval_hours * 3600)
         lines += ["[backup]", f"paths = {_value(paths)}", f'interval = "{interval}s"']
+        if scenario.forget:
+            lines.append("[forget]")
+            lines += [f"{key} = {_value(value)}" for key, value in scenario.forget]
     lines.append("[maintenance]")
     lines += [f"{key} = {_value(value)}" for key, value in scenario.maintenance]
     return "\n".join(lines) + "\n"
@@ -486,6 +504,7 @@ def dumps(scenario: Scenario) -> str:
     table("[repository]", attrs.asdict(scenario.repository))
     table("[workload]", attrs.asdict(scenario.workload))
     table("[maintenance]", dict(scenario.maintenance))
+    table("[forget]", dict(scenario.forget))
     table("[small]", attrs.asdict(scenario.small))
     for fault in scenario.faults:
         values = attrs.asdict(fault, recurse=False)

@@ -43,7 +43,7 @@ import attrs
 import trio
 
 from p2pbackup.core import blobs, chunker, packer
-from p2pbackup.engine import reading, sealwire
+from p2pbackup.engine import reading, runtime, sealwire
 from p2pbackup.engine.index import Index
 from p2pbackup.engine.repository import Repository
 from p2pbackup.engine.sealer import Sealer, SealerError
@@ -417,3 +417,4 @@ class Pipeline:
                     self._instead_of_storing(builder)
                     continue
                 self._pack_written(await self._repo.write_pack(builder))
+                runtime.release_free_memory()

@@ -10,7 +10,9 @@
   them: a backup's peak RSS grew far past the data in flight. Two arenas
   keep the same speed in much less memory, and serving buffers of 4 MiB and
   more (packs, shards) straight from mmap returns them to the system when
-  freed instead of leaving them to fragment a heap.
+  freed instead of leaving them to fragment a heap. The smaller buffers
+  (sealed blobs of up to a few MiB) still fragment it: a backup gives their
+  pages back after each pack it writes (:func:`release_free_memory`).
 
 * **BLAS threads** — numpy starts OpenBLAS worker threads at import, which
   spin between calls (they show in ``perf`` profiles of a backup); p2pbackup
@@ -36,7 +38,7 @@ import ctypes.util
 import gc
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 SWITCH_INTERVAL = 0.001
 #: Allocations between two young-generation collections during bulk work
@@ -68,6 +70,27 @@ def _limit_malloc_arenas(count: int) -> None:
     mallopt.restype = ctypes.c_int
     mallopt(_M_ARENA_MAX, count)
     mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    global _malloc_trim
+    with contextlib.suppress(AttributeError):
+        trim = libc.malloc_trim
+        trim.argtypes = [ctypes.c_size_t]
+        trim.restype = ctypes.c_int
+        _malloc_trim = trim
+
+
+#: glibc's ``malloc_trim``, once :func:`tune_process` has found it.
+_malloc_trim: Callable[[int], int] | None = None
+
+
+def release_free_memory() -> None:
+    """Give the pages of freed heap memory back to the system (glibc only).
+
+    Called once per pack a backup writes: between two packs the buffers of
+    the last (sealed blobs under the mmap threshold) lie freed across the
+    heap, and without a trim the process keeps their pages.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 _bulk_depth = 0

@@ -12,13 +12,12 @@ import trio.testing
 
 from p2pbackup.app.home import Home
 from p2pbackup.app.homedht import SERVING_RELAY, ServingRelay, contact_routes, dht_locator
-from p2pbackup.app.homenat import ReachabilityBoard
 from p2pbackup.app.relays import keep_relays, relay_while_unreachable
 from p2pbackup.dht.discovery import FriendContact
 from p2pbackup.dht.records import ContactRecord, RecordAddress, RelayAddress
 from p2pbackup.errors import UsageError
 from p2pbackup.net.network import Address, TcpNetwork
-from p2pbackup.node.reachability import Reachability
+from p2pbackup.node.reachability import Reachability, ReachabilityBoard
 from p2pbackup.node.relay import Relay
 from p2pbackup.node.server import StorageServer
 from p2pbackup.node.shardhost import ShardHost

@@ -1,7 +1,8 @@
 """What a command imports before it answers (docs/performance.md#start-up).
 
 Commands that only read a home's index or files (``snapshots``, ``stats``,
-``forget --dry-run``, ``peer list``, ``id``), and ``--version``, ``--help``,
+``forget --dry-run``, ``peer list``, ``id``), ``status`` (which asks its
+peers, but not the DHT), and ``--version``, ``--help``,
 ``completion`` and ``man``, start without the DHT (kademlia, trio-asyncio,
 asyncio) and without the erasure code (numpy): the heaviest imports of the
 package, which only commands that reach the network or code a pack need.
@@ -91,6 +92,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         ["forget", "--dry-run", "--keep-last", "1"],
         ["peer", "list"],
         ["id"],
+        ["status"],
     ],
     ids=" ".join,
 )

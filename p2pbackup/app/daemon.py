@@ -60,13 +60,7 @@ from p2pbackup.app.homedht import (
     home_friends,
     home_root_holders,
 )
-from p2pbackup.app.homenat import (
-    REACHABILITY,
-    PublishedAddresses,
-    ReachabilityBoard,
-    has_router,
-    keep_reachable,
-)
+from p2pbackup.app.homenat import PublishedAddresses, has_router, keep_reachable
 from p2pbackup.app.relays import keep_relays, relay_while_unreachable
 from p2pbackup.app.service import error_message, local_zone, unchanged_line
 from p2pbackup.core.keys import Keyring
@@ -86,7 +80,7 @@ from p2pbackup.maintenance import delegated, grants, keeper, leases
 from p2pbackup.net.limits import limited
 from p2pbackup.net.network import BOTH_FAMILIES, Address, Network, TcpNetwork
 from p2pbackup.node.control import ControlRequest, Handler, LineSink, Outcome, serve_control
-from p2pbackup.node.reachability import DialBackService
+from p2pbackup.node.reachability import REACHABILITY, DialBackService, ReachabilityBoard
 from p2pbackup.node.relay import RUNNING_RELAY, Relay
 from p2pbackup.node.schedule import (
     RUNNING_BACKUPS,

@@ -10,15 +10,12 @@ Nouns:
   front of its contact record's addresses, and after each mapping round asks
   a friend to dial it back (:mod:`p2pbackup.node.reachability`). The verdict
   is logged and kept on the **board** for ``status``.
-* **board** — :class:`ReachabilityBoard`: the latest verdict of the running
-  node, found through :data:`REACHABILITY` by the commands it runs; a role
-  may wait for the next one (:meth:`ReachabilityBoard.changed`), as the
-  relays do (:func:`p2pbackup.app.relays.relay_while_unreachable`).
+  The **board** it keeps them on is
+  :class:`p2pbackup.node.reachability.ReachabilityBoard`.
 """
 
 from __future__ import annotations
 
-import contextvars
 import ipaddress
 import logging
 import math
@@ -40,7 +37,7 @@ from p2pbackup.net.portmap import (
     find_gateway,
     keep_ports_mapped,
 )
-from p2pbackup.node.reachability import Reachability, check_reachability
+from p2pbackup.node.reachability import Reachability, ReachabilityBoard, check_reachability
 from p2pbackup.wire.session import Identity
 
 log = logging.getLogger(__name__)
@@ -51,42 +48,6 @@ RETRY_UNKNOWN = 120.0
 #: published: a friend dials only addresses it finds there (or the host the
 #: asker's connection comes from).
 PUBLISH_WAIT = 20.0
-
-
-@attrs.define
-class ReachabilityBoard:
-    """What the running node last learnt of its reachability."""
-
-    verdict: Reachability | None = None
-    #: The public address the router forwards, while it does.
-    mapped: Address | None = None
-    _told: trio.Event = attrs.field(factory=trio.Event, init=False, repr=False)
-
-    def tell(self, verdict: Reachability) -> None:
-        """A new verdict: kept, and whoever waits for one wakes."""
-        self.verdict = verdict
-        self._told.set()
-        self._told = trio.Event()
-
-    async def changed(self) -> None:
-        """Wait for the next verdict."""
-        await self._told.wait()
-
-    def unreachable(self) -> bool:
-        """Whether friends tried and none could dial this node."""
-        verdict = self.verdict
-        return verdict is not None and verdict.checked and not verdict.reachable_at
-
-    def line(self) -> str:
-        if self.verdict is None:
-            return "reachability: not checked yet"
-        return self.verdict.describe()
-
-
-#: The board of the node running in this process, for ``status``.
-REACHABILITY: contextvars.ContextVar[ReachabilityBoard | None] = contextvars.ContextVar(
-    "REACHABILITY", default=None
-)
 
 
 def has_router(listen: Address, network: Network) -> str | None:

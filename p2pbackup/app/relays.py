@@ -26,11 +26,11 @@ from typing import Final
 
 import trio
 
-from p2pbackup.app.homenat import ReachabilityBoard
 from p2pbackup.dht.discovery import FriendContact
 from p2pbackup.dht.records import MAX_RELAYS, RecordAddress, RelayAddress
 from p2pbackup.errors import FormatError, PeerUnavailableError
 from p2pbackup.net.network import Network, StreamHandler
+from p2pbackup.node.reachability import ReachabilityBoard
 from p2pbackup.nurseries import unwrap_single
 from p2pbackup.wire.relay import Route, hold_reservation
 from p2pbackup.wire.session import Identity

@@ -1358,7 +1358,7 @@ def _local_time(unix: int) -> str:
 def _reachability_line() -> str | None:
     """How the world reaches the node running this command (None outside
     ``serve``): app.homenat's board."""
-    from p2pbackup.app.homenat import REACHABILITY
+    from p2pbackup.node.reachability import REACHABILITY
 
     board = REACHABILITY.get()
     return None if board is None else board.line()

@@ -23,10 +23,16 @@ Nouns:
   is the line ``status`` and the log show.
 * **check** — :func:`check_reachability`: ask friends in turn until one
   answers, then judge.
+* **board** — :class:`ReachabilityBoard`: the latest verdict of the running
+  node, found through :data:`REACHABILITY` by the commands it runs (``status``,
+  which need not load the DHT to read it); a role may wait for the next one
+  (:meth:`ReachabilityBoard.changed`), as the relays do
+  (:func:`p2pbackup.app.relays.relay_while_unreachable`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -217,3 +223,39 @@ async def check_reachability(
                 checked=True,
             )
     return Reachability(mapping_failure=mapping_failure)
+
+
+@attrs.define
+class ReachabilityBoard:
+    """What the running node last learnt of its reachability."""
+
+    verdict: Reachability | None = None
+    #: The public address the router forwards, while it does.
+    mapped: Address | None = None
+    _told: trio.Event = attrs.field(factory=trio.Event, init=False, repr=False)
+
+    def tell(self, verdict: Reachability) -> None:
+        """A new verdict: kept, and whoever waits for one wakes."""
+        self.verdict = verdict
+        self._told.set()
+        self._told = trio.Event()
+
+    async def changed(self) -> None:
+        """Wait for the next verdict."""
+        await self._told.wait()
+
+    def unreachable(self) -> bool:
+        """Whether friends tried and none could dial this node."""
+        verdict = self.verdict
+        return verdict is not None and verdict.checked and not verdict.reachable_at
+
+    def line(self) -> str:
+        if self.verdict is None:
+            return "reachability: not checked yet"
+        return self.verdict.describe()
+
+
+#: The board of the node running in this process, for ``status``.
+REACHABILITY: contextvars.ContextVar[ReachabilityBoard | None] = contextvars.ContextVar(
+    "REACHABILITY", default=None
+)

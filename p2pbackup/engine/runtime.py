@@ -54,10 +54,10 @@ def tune_process() -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     sys.setswitchinterval(SWITCH_INTERVAL)
     if sys.platform.startswith("linux"):
-        _limit_malloc_arenas(MALLOC_ARENAS)
+        _tune_malloc(MALLOC_ARENAS)
 
 
-def _limit_malloc_arenas(count: int) -> None:
+def _tune_malloc(arenas: int) -> None:
     name = ctypes.util.find_library("c")
     if name is None:
         return
@@ -68,7 +68,7 @@ def _limit_malloc_arenas(count: int) -> None:
         return  # not glibc (musl has no arenas to limit)
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    mallopt(_M_ARENA_MAX, count)
+    mallopt(_M_ARENA_MAX, arenas)
     mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     global _malloc_trim
     with contextlib.suppress(AttributeError):

@@ -62,6 +62,16 @@ class WalkTally(Protocol):
     skipped: list[tuple[str, str]]
 
 
+def _count_file(tally: WalkTally, counted: str) -> None:
+    """Count a file the walk found ``counted`` ("new", "changed" or "unchanged")."""
+    if counted == "new":
+        tally.files_new += 1
+    elif counted == "changed":
+        tally.files_changed += 1
+    else:
+        tally.files_unchanged += 1
+
+
 class HardLinks(Generic[_T]):
     """The files with more than one name met in one walk, by inode.
 
@@ -316,16 +326,13 @@ class TreeWalk:
         if cached is not None and self._file_cache.unchanged(cached, st):
             work.content, work.final_st = cached.content, st
             work.counted = "unchanged"
-            self._tally.files_unchanged += 1
+            _count_file(self._tally, work.counted)
             self._tally.bytes_unchanged += st.st_size
             return
         work.counted = "new" if cached is None else "changed"
-        if cached is None:
-            self._tally.files_new += 1
-        else:
-            self._tally.files_changed += 1
+        _count_file(self._tally, work.counted)
         if self._told is not None:
-            self._told("new" if cached is None else "changed", path)
+            self._told(work.counted, path)
         await self._pipeline.read(work)
 
     async def _finish_entry(self, entry: _Entry) -> TreeNode | None:
@@ -356,12 +363,7 @@ class TreeWalk:
                 return None
             # A further name counts as its first did: on a first backup a
             # hard link is new, not "unchanged".
-            if primary.counted == "new":
-                tally.files_new += 1
-            elif primary.counted == "changed":
-                tally.files_changed += 1
-            else:
-                tally.files_unchanged += 1
+            _count_file(tally, primary.counted)
             tally.total_size += entry.link.st.st_size
             return _file_node(entry.name, entry.link.st, primary.content, entry.link.group)
         work = entry.work

@@ -11,7 +11,7 @@ import pytest
 
 from p2pbackup.app import operations
 from p2pbackup.app.home import Home
-from p2pbackup.core import formats
+from p2pbackup.core import blobs, formats
 from p2pbackup.engine import snapshots
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.check import check
@@ -169,6 +169,34 @@ async def test_second_backup_reads_and_uploads_nearly_nothing(tmp_path: Path) ->
     assert second.bytes_stored < first.bytes_stored / 10
     # The copy of random.bin was deduplicated inside the first backup.
     assert first.bytes_deduplicated >= 150_000
+
+
+async def test_a_backup_proves_only_the_trees_it_stores_decode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = await make_setup(tmp_path)
+    source = make_tree(tmp_path / "src")
+    decoded: list[bytes] = []
+    real_decode = formats.decode_tree
+
+    def decode_tree(data: bytes) -> formats.Tree:
+        decoded.append(bytes(data))
+        return real_decode(data)
+
+    monkeypatch.setattr(formats, "decode_tree", decode_tree)
+    async with operations.open_repository(setup.home) as repo:
+        await Backup(repo).run([source])
+        first = set(repo.index.blob_locations_of_type(BlobType.TREE))
+        assert {blobs.blob_id(repo.keyring.dedup_key, d) for d in decoded} == first
+        (source / "docs" / "deep" / "c.txt").write_text("new\n")
+        decoded.clear()
+        await Backup(repo).run([source])
+        stored = set(repo.index.blob_locations_of_type(BlobType.TREE)) - first
+        proved = [blobs.blob_id(repo.keyring.dedup_key, d) for d in decoded]
+    # deep, docs, src and the directories above it are new; the others
+    # (deeper, empty-dir) are re-encoded but not decoded again.
+    assert len(stored) >= 4
+    assert sorted(proved) == sorted(stored)
 
 
 async def test_changed_content_is_backed_up_and_old_snapshot_still_restores(tmp_path: Path) -> None:

@@ -291,9 +291,23 @@ class Pipeline:
         batch, self._batch = self._batch, Job()
         await self._submit(batch)
 
-    async def store_small_blob(self, blob_type: BlobType, ident: bytes, plaintext: bytes) -> bool:
+    async def store_small_blob(
+        self,
+        blob_type: BlobType,
+        ident: bytes,
+        plaintext: bytes,
+        *,
+        check: Callable[[bytes], object] | None = None,
+    ) -> bool:
         """Seal and queue a tree or snapshot blob unless it is stored already;
-        whether it was."""
+        whether it was. ``check`` (a decoder) must accept the plaintext of a
+        blob about to be stored: an incremental backup re-encodes every
+        directory's tree, and proving each again would cost a decode apiece
+        for blobs it does not store."""
+        if self._deduper.known(ident):
+            return False
+        if check is not None:
+            check(plaintext)
         if not self._deduper.claim(ident):
             return False
         sealed = blobs.seal_blob(self._repo.keyring.data_key, blob_type, ident, plaintext)

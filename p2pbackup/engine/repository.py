@@ -753,11 +753,15 @@ class Repository:
             raise IntegrityError(f"blob {blob_id.hex()[:16]} is not in the index")
         errors: list[str] = []
         for location in locations:
-            record = self.index.pack(location.pack_id, with_blobs=False)
-            if record is None:
-                continue
+            # A restore's trees share a few packs: the record (a query and
+            # a ShardLocation per shard) is wanted only for a pack not cached.
+            data = self._packs.get(location.pack_id)
             try:
-                data = await self.read_pack(record)
+                if data is None:
+                    record = self.index.pack(location.pack_id, with_blobs=False)
+                    if record is None:
+                        continue
+                    data = await self.read_pack(record)
                 sealed = packer.blob_bytes(data, location.entry)
                 opener = functools.partial(
                     blobs.open_blob,

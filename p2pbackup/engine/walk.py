@@ -379,9 +379,12 @@ class TreeWalk:
         return _file_node(entry.name, st, work.content, entry.group)
 
     async def _save_tree(self, tree: Tree) -> bytes:
-        data = formats.encode_tree(tree)
+        data = formats.encode_tree(tree, checked=False)
         ident = blobs.blob_id(self._dedup_key, data)
-        if await self._pipeline.store_small_blob(BlobType.TREE, ident, data):
+        stored = await self._pipeline.store_small_blob(
+            BlobType.TREE, ident, data, check=formats.decode_tree
+        )
+        if stored:
             self._tally.blobs_new += 1
         return ident
 

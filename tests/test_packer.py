@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from p2pbackup.core import blobs, crypto, packer
+from p2pbackup.core import blobs, crypto, erasure, packer
 from p2pbackup.errors import DecryptionError, FormatError, IntegrityError
-from p2pbackup.model import BlobType
+from p2pbackup.model import BlobEntry, BlobType
 
 KEY = bytes(range(32))
 DEDUP = bytes(range(32, 64))
@@ -148,3 +150,29 @@ def test_a_pack_closed_because_the_next_blob_did_not_fit_is_exactly_the_target(
     assert last in packer.pack_buckets(target) or last % target == 0
     for size, full in finished:
         assert full and size == target
+
+
+@given(
+    st.integers(1, 8),
+    st.binary(min_size=0, max_size=400),
+    st.lists(st.tuples(st.integers(0, 400), st.integers(0, 400)), max_size=20),
+    st.randoms(use_true_random=False),
+)
+def test_a_blob_from_a_packs_unjoined_pieces_is_its_slice_of_the_pack(
+    k: int, pack: bytes, spans: list[tuple[int, int]], rnd: random.Random
+) -> None:
+    # decode_pieces from k of the shards, some rebuilt where a data shard is missing.
+    n = k + 2
+    shards = dict(enumerate(erasure.encode(pack, k, n)))
+    for index in rnd.sample(range(n), 2):
+        del shards[index]
+    pieces = erasure.decode_pieces(shards, k, n, len(pack))
+    assert b"".join(pieces) == pack == erasure.decode(shards, k, n, len(pack))
+    for offset, length in spans:
+        entry = BlobEntry(BlobType.DATA, b"\0" * 32, offset, length, length)
+        if offset + length > len(pack):
+            with pytest.raises(FormatError, match="beyond the end"):
+                packer.blob_bytes(pieces, entry)
+            continue
+        assert bytes(packer.blob_bytes(pieces, entry)) == pack[offset : offset + length]
+        assert bytes(packer.blob_bytes(pack, entry)) == pack[offset : offset + length]

@@ -381,6 +381,14 @@ def encode_parts_into(
 
 def decode(shards: Mapping[int, BytesLike], k: int, n: int, size: int) -> bytes:
     """Return the ``size`` bytes that were encoded, from any ``k`` of the shards."""
+    return b"".join(decode_pieces(shards, k, n, size))
+
+
+def decode_pieces(shards: Mapping[int, BytesLike], k: int, n: int, size: int) -> list[memoryview]:
+    """:func:`decode`'s bytes unjoined: in order, one piece per data shard
+    (the last cut short), each a view of a shard given or rebuilt. A reader
+    of one blob at a time needs no copy of the whole
+    (:func:`p2pbackup.core.packer.blob_bytes`)."""
     _check_code(k, n)
     arrays, length = _shard_arrays(shards, n)
     present = _choose(arrays, k)
@@ -391,7 +399,7 @@ def decode(shards: Mapping[int, BytesLike], k: int, n: int, size: int) -> bytes:
     missing = [i for i in range(k) if i not in arrays]
     if missing:
         arrays = {**arrays, **_rebuild(arrays, k, n, present, missing, length)}
-    return _join_data(arrays, k, length, size)
+    return _data_pieces(arrays, k, length, size)
 
 
 def reconstruct(
@@ -427,11 +435,11 @@ def _rebuild(
     return dict(zip(wanted, _word_rows_as_bytes(words, length), strict=True))
 
 
-def _join_data(arrays: Mapping[int, _U8], k: int, length: int, size: int) -> bytes:
+def _data_pieces(arrays: Mapping[int, _U8], k: int, length: int, size: int) -> list[memoryview]:
     pieces = []
     for i in range(k):
         take = min(length, size - i * length)
         if take <= 0:
             break
         pieces.append(arrays[i][:take].data)
-    return b"".join(pieces)
+    return pieces

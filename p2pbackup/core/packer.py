@@ -182,9 +182,22 @@ def read_pack_header(data_key: bytes, pack: BytesLike) -> PackHeader:
     return header
 
 
-def blob_bytes(pack: BytesLike, entry: BlobEntry) -> memoryview:
-    """The sealed bytes of one blob of a pack."""
-    view = memoryview(pack)
-    if entry.offset + entry.length > len(view):
+def blob_bytes(pack: BytesLike | list[memoryview], entry: BlobEntry) -> memoryview:
+    """The sealed bytes of one blob of a pack: of the pack's bytes, or of the
+    pieces :func:`p2pbackup.core.erasure.decode_pieces` gave (all of one
+    length but the last), joined only for a blob that spans two of them."""
+    start, end = entry.offset, entry.offset + entry.length
+    pieces = pack if isinstance(pack, list) else [memoryview(pack)]
+    piece_length = len(pieces[0]) if pieces else 0
+    if end > sum(len(piece) for piece in pieces):
         raise FormatError(f"blob {entry.blob_id.hex()[:16]}: lies beyond the end of its pack")
-    return view[entry.offset : entry.offset + entry.length]
+    if entry.length == 0:
+        return memoryview(b"")
+    first, last = start // piece_length, (end - 1) // piece_length
+    base = first * piece_length
+    if first == last:
+        return pieces[first][start - base : end - base]
+    parts = [pieces[first][start - base :]]
+    parts += pieces[first + 1 : last]
+    parts.append(pieces[last][: end - last * piece_length])
+    return memoryview(b"".join(parts))

@@ -678,12 +678,26 @@ class Repository:
     ) -> bytes:
         """The verified bytes of a pack, from any k good shards.
 
-        ``use_cache`` keeps the last few packs in memory (for trees); a restore
-        streaming file data passes False so memory stays bounded.
+        ``use_cache`` keeps the last few packs in memory (for trees); a check
+        or a prune reading every pack once passes False.
         """
         cached = self._packs.get(record.pack_id)
         if cached is not None:
             return cached
+        pieces = await self.read_pack_pieces(record, failures)
+        data = await trio.to_thread.run_sync(b"".join, pieces)
+        if use_cache:
+            self._packs.put(record.pack_id, data)
+        return data
+
+    async def read_pack_pieces(
+        self, record: PackRecord, failures: list[ShardFailure] | None = None
+    ) -> list[memoryview]:
+        """:meth:`read_pack`'s bytes as :func:`erasure.decode_pieces` gives
+        them, unjoined and not cached: a restore streaming file data takes a
+        blob at a time from them (:func:`packer.blob_bytes`), and joining
+        each pack's data shards into one buffer would cost a copy and a page
+        fault for every 4 KiB of it."""
         if failures is None:
             failures = []
         # Data shards first: with all of them the decode is a concatenation.
@@ -717,10 +731,9 @@ class Repository:
         # (docs/performance.md#restore).
         from p2pbackup.core import erasure  # numpy: see the module docstring
 
-        data = await trio.to_thread.run_sync(erasure.decode, good, record.k, record.n, record.size)
-        if use_cache:
-            self._packs.put(record.pack_id, data)
-        return data
+        return await trio.to_thread.run_sync(
+            erasure.decode_pieces, good, record.k, record.n, record.size
+        )
 
     async def fetch_verified_shard(self, record: PackRecord, location: ShardLocation) -> bytes:
         """One shard's data, checked against its header and Merkle root."""

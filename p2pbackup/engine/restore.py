@@ -385,7 +385,7 @@ class Restorer:
         try:
             if record is None:
                 raise NotEnoughShardsError(f"pack {pack_id.hex()[:16]} is not in the index")
-            data = await self.repo.read_pack(record, use_cache=False)
+            data = await self.repo.read_pack_pieces(record)
         except NotEnoughShardsError:
             for piece in pieces:
                 self._fail(piece.job, None)
@@ -411,7 +411,7 @@ class Restorer:
         )
 
     def _write_pieces(
-        self, pack: bytes, pieces: list[_Piece]
+        self, pack: list[memoryview], pieces: list[_Piece]
     ) -> list[int | P2PBackupError | OSError | None]:
         """Runs in a worker thread: decrypt and write every piece of one pack.
 
@@ -451,7 +451,7 @@ class Restorer:
             os.close(fd)
         job.temp = temp
 
-    def _write_piece(self, pack: bytes, piece: _Piece) -> int:
+    def _write_piece(self, pack: list[memoryview], piece: _Piece) -> int:
         """Runs in a worker thread: decrypt one chunk and write it in place."""
         job = piece.job
         plaintext = blobs.open_blob(

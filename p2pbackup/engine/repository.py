@@ -700,7 +700,7 @@ class Repository:
         fault for every 4 KiB of it."""
         if failures is None:
             failures = []
-        # Data shards first: with all of them the decode is a concatenation.
+        # Data shards first: with all of them the decode is views of them.
         # Peers found slow are asked after the others, those down last.
         run = self.run
         candidates = sorted(

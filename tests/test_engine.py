@@ -15,11 +15,11 @@ from p2pbackup.core import blobs, formats
 from p2pbackup.engine import snapshots
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.check import check
-from p2pbackup.engine.index import Index, ProbeCounts
+from p2pbackup.engine.index import BlobLocation, Index, ProbeCounts
 from p2pbackup.engine.prune import prune
 from p2pbackup.engine.restore import Restorer
 from p2pbackup.engine.treediff import diff_trees
-from p2pbackup.errors import RecoveryKeyError, UsageError
+from p2pbackup.errors import IntegrityError, RecoveryKeyError, UsageError
 from p2pbackup.model import BlobType, NodeKind
 from p2pbackup.stores.folder import FolderShardStore, read_folder_peer_id
 from p2pbackup.stores.shardstore import ShardRoot, Space
@@ -197,6 +197,41 @@ async def test_a_backup_proves_only_the_trees_it_stores_decode(
     # (deeper, empty-dir) are re-encoded but not decoded again.
     assert len(stored) >= 4
     assert sorted(proved) == sorted(stored)
+
+
+async def test_a_restore_looks_up_every_tree_in_one_query(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = await make_setup(tmp_path)
+    source = make_tree(tmp_path / "src")
+    await _backup(setup.home, source)
+    asked: list[bytes] = []
+    real = Index.blob_locations
+
+    def blob_locations(index: Index, blob_id: bytes) -> list[BlobLocation]:
+        asked.append(blob_id)
+        return real(index, blob_id)
+
+    monkeypatch.setattr(Index, "blob_locations", blob_locations)
+    summary = await _restore(setup.home, tmp_path / "out")
+    assert summary.ok, summary.lines()
+    assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
+    assert asked == []
+
+
+async def test_a_blob_whose_known_location_fails_is_read_where_the_index_says(
+    tmp_path: Path,
+) -> None:
+    setup = await make_setup(tmp_path)
+    await _backup(setup.home, make_tree(tmp_path / "src"))
+    async with operations.open_repository(setup.home) as repo:
+        _, snap = snapshots.resolve(repo.index, "latest")
+        (real,) = repo.index.blob_locations(snap.tree)
+        gone = BlobLocation(bytes(32), real.entry)  # a pack the index never had
+        tree = formats.decode_tree(await repo.load_blob(snap.tree, BlobType.TREE, known=gone))
+        assert tree.nodes
+        with pytest.raises(IntegrityError, match="is not in the index"):
+            await repo.load_blob(bytes(32), BlobType.TREE)
 
 
 async def test_changed_content_is_backed_up_and_old_snapshot_still_restores(tmp_path: Path) -> None:

@@ -90,7 +90,7 @@ import trio
 from p2pbackup.core import blobs, chunker, formats, packer, placement
 from p2pbackup.core.keys import Keyring
 from p2pbackup.engine import rootrecord, shards
-from p2pbackup.engine.index import Index
+from p2pbackup.engine.index import BlobLocation, Index
 from p2pbackup.engine.race import Patience, race
 from p2pbackup.engine.runstate import RunState
 from p2pbackup.engine.shards import CodedPack
@@ -759,13 +759,24 @@ class Repository:
             failures.append(ShardFailure(location.peer_id, location.index, str(exc)))
             raise
 
-    async def load_blob(self, blob_id: bytes, blob_type: BlobType) -> bytes:
-        """The plaintext of a blob, from the first of its packs that can be read."""
-        locations = self.index.blob_locations(blob_id)
-        if not locations:
-            raise IntegrityError(f"blob {blob_id.hex()[:16]} is not in the index")
+    async def load_blob(
+        self, blob_id: bytes, blob_type: BlobType, *, known: BlobLocation | None = None
+    ) -> bytes:
+        """The plaintext of a blob, from the first of its packs that can be
+        read; ``known``, a location of it looked up already (a restore looks
+        up every tree's in one query), is tried before the index is asked."""
+
+        def locations() -> Iterator[BlobLocation]:
+            if known is not None:
+                yield known
+            for location in self.index.blob_locations(blob_id):
+                if location != known:
+                    yield location
+
         errors: list[str] = []
-        for location in locations:
+        tried = False
+        for location in locations():
+            tried = True
             # A restore's trees share a few packs: the record (a query and
             # a ShardLocation per shard) is wanted only for a pack not cached.
             data = self._packs.get(location.pack_id)
@@ -790,6 +801,8 @@ class Repository:
                 return await trio.to_thread.run_sync(opener)
             except (NotEnoughShardsError, IntegrityError) as exc:
                 errors.append(str(exc))
+        if not tried:
+            raise IntegrityError(f"blob {blob_id.hex()[:16]} is not in the index")
         raise NotEnoughShardsError(f"blob {blob_id.hex()[:16]} cannot be read: {'; '.join(errors)}")
 
     # -- the root record --------------------------------------------------------

@@ -53,6 +53,7 @@ import trio
 from p2pbackup.core import blobs, chunker, formats, packer
 from p2pbackup.core.exclude import ExcludeRules
 from p2pbackup.engine import runtime
+from p2pbackup.engine.index import BlobLocation
 from p2pbackup.engine.progress import Progress, human_bytes, human_rate, plural
 from p2pbackup.engine.repository import Repository
 from p2pbackup.engine.treediff import same_content
@@ -202,6 +203,7 @@ class Restorer:
         self._temp_lock = threading.Lock()
         self._fresh_dirs: set[Path] = set()
         self._temp_numbers = itertools.count()
+        self._tree_locations: dict[bytes, BlobLocation] = {}
 
     async def run(self, snapshot: Snapshot, only: bytes | None = None) -> RestoreSummary:
         started = time.monotonic()
@@ -224,10 +226,14 @@ class Restorer:
     # -- planning ----------------------------------------------------------------
 
     async def _load_tree(self, tree_id: bytes) -> Tree:
-        data = await self.repo.load_blob(tree_id, BlobType.TREE)
+        known = self._tree_locations.get(tree_id)
+        data = await self.repo.load_blob(tree_id, BlobType.TREE, known=known)
         return formats.decode_tree(data)
 
     async def _plan(self, snapshot: Snapshot, only: bytes | None) -> None:
+        # One query for where every tree is, not one a tree: with the index
+        # out of the page cache each lookup is a few random reads of it.
+        self._tree_locations = self.repo.index.blob_locations_of_type(BlobType.TREE)
         components = [c for c in (only or b"").split(b"/") if c]
         tree_id = snapshot.tree
         path = self.target

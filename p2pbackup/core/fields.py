@@ -101,8 +101,10 @@ class FieldChecks:
         self, value: object, what: str, *, min_length: int = 0, max_length: int | None = None
     ) -> bytes:
         """Bytes of ``min_length`` to ``max_length`` (None: any) bytes."""
-        expected = _span(min_length, max_length, "bytes")
-        return self._sized(bytes, expected, value, what, min_length, max_length, "bytes")
+        if type(value) is not bytes:
+            expected = _span(min_length, max_length, "bytes")
+            self.fail(what, f"expected {expected}, got {msgpack_kind(value)}")
+        return self._sized(bytes, "bytes", value, what, min_length, max_length, "bytes")
 
     def text(
         self, value: object, what: str, *, min_length: int = 0, max_length: int | None = None

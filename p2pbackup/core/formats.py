@@ -599,30 +599,40 @@ def _tree_node_body(node: TreeNode, version: int) -> tuple[object, ...]:
 def _tree_node(value: object, what: str, version: int) -> TreeNode:
     fields = _check.fields(value, what, 11 if version == FORMAT_VERSION else 13)
     name = _check_name(fields[0], f"{what}: name")
-    # Name the node by its (printable) name from here on: easier to find.
-    what = f"{what} ({name[:80]!r})"
+    try:
+        return _tree_node_fields(name, fields, version)
+    except FormatError as exc:
+        # The fields are checked under their bare names; the node's place and
+        # (printable) name, easier to find, are written only into a problem:
+        # a restore decodes tens of thousands of nodes that have none.
+        raise FormatError(f"{what} ({name[:80]!r}): {exc}") from None
+
+
+def _tree_node_fields(name: bytes, fields: tuple[object, ...], version: int) -> TreeNode:
     node = TreeNode(
         name=name,
-        kind=_check.member(NodeKind, fields[1], f"{what}: kind"),
-        mode=_check.integer(fields[2], f"{what}: mode", high=MAX_U32),
-        mtime_ns=_check.integer(fields[3], f"{what}: mtime", low=MIN_INT),
-        size=_check.integer(fields[4], f"{what}: size"),
-        content=_check.items(fields[5], f"{what}: chunk", _id, max_length=MAX_FILE_CHUNKS),
-        subtree=_check.optional(fields[6], f"{what}: subtree", _id),
-        link_target=_check.optional(fields[7], f"{what}: link target", _link_target),
-        uid=_check.integer(fields[8], f"{what}: uid", high=MAX_U32),
-        gid=_check.integer(fields[9], f"{what}: gid", high=MAX_U32),
-        hardlink_group=_check.integer(fields[10], f"{what}: hardlink group"),
+        kind=_check.member(NodeKind, fields[1], "kind"),
+        mode=_check.integer(fields[2], "mode", high=MAX_U32),
+        mtime_ns=_check.integer(fields[3], "mtime", low=MIN_INT),
+        size=_check.integer(fields[4], "size"),
+        content=_check.items(fields[5], "chunk", _id, max_length=MAX_FILE_CHUNKS),
+        subtree=_check.optional(fields[6], "subtree", _id),
+        link_target=_check.optional(fields[7], "link target", _link_target),
+        uid=_check.integer(fields[8], "uid", high=MAX_U32),
+        gid=_check.integer(fields[9], "gid", high=MAX_U32),
+        hardlink_group=_check.integer(fields[10], "hardlink group"),
     )
     if version != FORMAT_VERSION:
         node = attrs.evolve(
             node,
-            rdev=_check.integer(fields[11], f"{what}: device number"),
-            xattrs=_xattrs(fields[12], f"{what}: extended attribute"),
+            rdev=_check.integer(fields[11], "device number"),
+            xattrs=_xattrs(fields[12], "extended attribute"),
         )
     elif node.kind not in _V1_KINDS:
-        _fail(what, f"a version 1 tree holds no {node.kind.name.lower()}")
-    _check_node_kind(what, node)
+        raise FormatError(f"a version 1 tree holds no {node.kind.name.lower()}")
+    problem = _node_kind_problem(node)
+    if problem is not None:
+        raise FormatError(problem)
     return node
 
 
@@ -649,16 +659,18 @@ def _link_target(value: object, what: str) -> bytes:
     return _no_nul(target, what)
 
 
-def _check_node_kind(what: str, node: TreeNode) -> None:
+def _node_kind_problem(node: TreeNode) -> str | None:
+    """What a node holds that its kind does not, if anything."""
     kind = node.kind.name.lower()
     if node.kind is not NodeKind.FILE and node.content:
-        _fail(what, f"a {kind} has no content chunks")
+        return f"a {kind} has no content chunks"
     if (node.kind is NodeKind.DIR) != (node.subtree is not None):
-        _fail(what, "a directory, and only a directory, has a subtree")
+        return "a directory, and only a directory, has a subtree"
     if (node.kind is NodeKind.SYMLINK) != (node.link_target is not None):
-        _fail(what, "a symlink, and only a symlink, has a link target")
+        return "a symlink, and only a symlink, has a link target"
     if node.rdev and node.kind not in (NodeKind.CHARDEV, NodeKind.BLOCKDEV):
-        _fail(what, f"a {kind} has no device number")
+        return f"a {kind} has no device number"
+    return None
 
 
 def encode_tree(tree: Tree, *, checked: bool = True) -> bytes:

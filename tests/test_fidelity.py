@@ -7,6 +7,7 @@ import errno
 import os
 import stat
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,39 @@ async def test_attributes_acls_fifos_devices_and_holes_come_back(tmp_path: Path)
         tagged = await snapshots.find_node(repo, snap, os.fsencode(source / "tagged.txt"))
     assert pipe is not None and pipe.kind is NodeKind.FIFO
     assert tagged is not None and dict(tagged.xattrs)[b"user.colour"] == b"red"
+
+
+async def test_the_walk_reads_attributes_with_the_listings_off_its_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = make_fidelity_tree(tmp_path / "src")
+    read_on: dict[bytes, bool] = {}
+    real = os.listxattr
+
+    def listxattr(path: bytes, *, follow_symlinks: bool = True) -> list[str]:
+        read_on[os.fsencode(path)] = threading.current_thread() is threading.main_thread()
+        return real(path, follow_symlinks=follow_symlinks)
+
+    setup = await make_setup(tmp_path)
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "listxattr", listxattr)
+        async with operations.open_repository(setup.home) as repo:
+            await Backup(repo).run([source])
+    top = os.fsencode(source)
+    # The target and the directories above it are not listed: the walk
+    # reads theirs itself. Every entry below is read once, beside its listing.
+    assert {path for path, main in read_on.items() if main} == {
+        top,
+        *(os.fsencode(p) for p in source.parents if p != Path("/")),
+    }
+    below = {path for path in read_on if path.startswith(top + b"/")}
+    assert os.fsencode(source / "folder" / "readonly.txt") in below
+    assert len(below) == sum(len(dirs) + len(files) for _, dirs, files in os.walk(source))
+    async with operations.open_repository(setup.home, access="read") as repo:
+        _, snap = snapshots.resolve(repo.index, "latest")
+        summary = await Restorer(repo, tmp_path / "out").run(snap)
+    assert summary.ok, summary.lines()
+    check_restored(source, restored_path(tmp_path / "out", source), chunk_max=SMALL.chunk_max)
 
 
 async def test_an_attribute_the_target_refuses_is_named_and_the_rest_restored(

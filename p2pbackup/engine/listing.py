@@ -2,6 +2,10 @@
 
 * **listing** — a directory's entries as (name, lstat), sorted by name; or
   the :class:`OSError` that stands in for a directory that cannot be listed.
+* **extended attributes** — each entry's own (a symlink's, not its
+  target's), read with its listing (:func:`read_xattrs`): the walk ahead's
+  thread makes the system calls, one or more a file, that the backup's
+  walk would otherwise make on its own thread.
 * **walk ahead** — a walk of the same order as the backup's (depth first,
   entries by name, excluded directories not entered) that runs in a worker
   thread, a few thousand entries per call, and keeps the listings until the
@@ -15,18 +19,29 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import attrs
 import trio
 
 from p2pbackup.core.exclude import ExcludeRules
 
+log = logging.getLogger(__name__)
+
 #: A directory's entries (name, lstat), or why it could not be listed.
 Listing = list[tuple[bytes, os.stat_result]] | OSError
+
+#: An entry's extended attributes: (name, value) sorted by name.
+Xattrs = tuple[tuple[bytes, bytes], ...]
+
+#: listxattr's answers for "this filesystem keeps no extended attributes",
+#: and getxattr's for "that one went away meanwhile": nothing to keep.
+_NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT, errno.ENODATA})
 
 #: Directory entries listed ahead of the walk in one thread call.
 _LISTING_BUDGET = 4096
@@ -38,60 +53,73 @@ class ListingAhead:
     def __init__(self, exclude: ExcludeRules) -> None:
         self._exclude = exclude
         #: Directories listed ahead of the walk, until it gets there.
-        self._listings: dict[bytes, Listing] = {}
-        self._walk_ahead: Iterator[tuple[bytes, Listing]] | None = None
+        self._listings: dict[bytes, tuple[Listing, Mapping[bytes, Xattrs]]] = {}
+        self._walk_ahead: Iterator[tuple[bytes, Listing, Mapping[bytes, Xattrs]]] | None = None
 
-    async def listing(self, path: bytes) -> Listing:
-        """The entries of ``path``, from the walk ahead (started there if the
-        walk did not expect ``path``: the first directory of a target)."""
-        listing = self._listings.pop(path, None)
-        if listing is not None:
-            return listing
+    async def listing(self, path: bytes) -> tuple[Listing, Mapping[bytes, Xattrs]]:
+        """The entries of ``path`` and, by name, the extended attributes of
+        those that have any, from the walk ahead (started there if the walk
+        did not expect ``path``: the first directory of a target)."""
+        listed = self._listings.pop(path, None)
+        if listed is not None:
+            return listed
         for attempt in range(2):
             if self._walk_ahead is None or attempt:
                 # The first directory of a target, or the walk ahead lost its way.
                 self._listings.clear()
-                self._walk_ahead = _walk_listings(path, self._exclude, None)
+                self._walk_ahead = _walk_listings(path, self._exclude, None, xattrs=True)
             listings = await trio.to_thread.run_sync(_list_ahead, self._walk_ahead, _LISTING_BUDGET)
             if not listings:
                 self._walk_ahead = None
-            self._listings.update(listings)
-            listing = self._listings.pop(path, None)
-            if listing is not None:
-                return listing
+            self._listings.update((where, (listing, xattrs)) for where, listing, xattrs in listings)
+            listed = self._listings.pop(path, None)
+            if listed is not None:
+                return listed
         raise AssertionError(f"a walk from {path!r} did not list it first")
 
 
 def _walk_listings(
-    root: bytes, exclude: ExcludeRules, device: int | None
-) -> Iterator[tuple[bytes, Listing]]:
+    root: bytes, exclude: ExcludeRules, device: int | None, *, xattrs: bool = False
+) -> Iterator[tuple[bytes, Listing, Mapping[bytes, Xattrs]]]:
     """Every directory from ``root`` (on ``device``; None: not known yet)
     down with its listing, in the walk's own order: depth first, entries by
     name, directories the walk leaves out (:meth:`ExcludeRules.leaves_out`,
     :meth:`ExcludeRules.marked`) not entered, an error standing in for a
-    directory that cannot be listed."""
+    directory that cannot be listed; with ``xattrs``, the extended
+    attributes of the entries the walk keeps that have any, by name."""
     try:
         entries: Listing = _list_dir(root)
         if device is None and exclude.one_file_system:
             device = os.lstat(root).st_dev
     except OSError as exc:
         entries = exc
-    yield root, entries
     if isinstance(entries, OSError) or exclude.marked(name for name, _st in entries):
+        yield root, entries, {}
         return
     prefix = root.rstrip(b"/")
+    attributes: dict[bytes, Xattrs] = {}
+    if xattrs:
+        for name, st in entries:
+            below = prefix + b"/" + name
+            if not exclude.leaves_out(below, st.st_dev, device):
+                pairs = read_xattrs(below)
+                if pairs:
+                    attributes[name] = pairs
+    yield root, entries, attributes
     for name, st in entries:
         below = prefix + b"/" + name
         if stat.S_ISDIR(st.st_mode) and not exclude.leaves_out(below, st.st_dev, device):
-            yield from _walk_listings(below, exclude, st.st_dev)
+            yield from _walk_listings(below, exclude, st.st_dev, xattrs=xattrs)
 
 
-def _list_ahead(walk: Iterator[tuple[bytes, Listing]], budget: int) -> list[tuple[bytes, Listing]]:
+def _list_ahead(
+    walk: Iterator[tuple[bytes, Listing, Mapping[bytes, Xattrs]]], budget: int
+) -> list[tuple[bytes, Listing, Mapping[bytes, Xattrs]]]:
     """The next directories of ``walk``, until about ``budget`` entries are listed."""
     listings = []
     listed = 0
-    for path, listing in walk:
-        listings.append((path, listing))
+    for path, listing, xattrs in walk:
+        listings.append((path, listing, xattrs))
         listed += len(listing) if isinstance(listing, list) else 1
         if listed >= budget:
             break
@@ -105,6 +133,34 @@ def _list_dir(path: bytes) -> list[tuple[bytes, os.stat_result]]:
             entries.append((os.fsencode(entry.name), entry.stat(follow_symlinks=False)))
     entries.sort(key=lambda e: e[0])
     return entries
+
+
+def read_xattrs(path: bytes) -> Xattrs:
+    """The extended attributes of ``path`` itself (a symlink's own, not its
+    target's), sorted by name; () where the filesystem keeps none. One that
+    cannot be read is left out with a warning: the entry is kept without it."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in _NO_XATTRS:
+            log.warning("%s: extended attributes not read: %s", os.fsdecode(path), exc.strerror)
+        return ()
+    pairs = []
+    for name in names:
+        try:
+            value = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in _NO_XATTRS:
+                log.warning(
+                    "%s: extended attribute %s not read: %s",
+                    os.fsdecode(path),
+                    name,
+                    exc.strerror,
+                )
+            continue
+        pairs.append((os.fsencode(name), value))
+    pairs.sort()
+    return tuple(pairs)
 
 
 @attrs.frozen
@@ -128,7 +184,7 @@ def scan(targets: list[bytes], exclude: ExcludeRules, stop: threading.Event) -> 
         if stat.S_ISREG(st.st_mode):
             files, size = files + 1, size + st.st_size
             continue
-        for path, listing in _walk_listings(target, exclude, None):
+        for path, listing, _xattrs in _walk_listings(target, exclude, None):
             if stop.is_set():
                 return None
             if isinstance(listing, OSError):

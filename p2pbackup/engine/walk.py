@@ -9,7 +9,8 @@
   the directory's own stores its **tree** blob once every entry is done. The
   walker itself never waits for file data, so the workers always have the
   next files queued (it waits only when the job queue is full).
-* **listings** come from a walk run ahead in a thread (:mod:`.listing`).
+* **listings** come from a walk run ahead in a thread (:mod:`.listing`),
+  with the extended attributes of the entries listed.
 * **hard links** (:class:`HardLinks`) — a file with more names is read once,
   at the first name met; the others are links to it, in one **group**.
 * the **file cache** (:class:`FileCache`) — a file whose size, times and
@@ -21,11 +22,10 @@ What the walk finds it counts into a :class:`WalkTally` (the backup's summary).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Generic, Protocol, TypeVar
 
 import attrs
@@ -34,17 +34,13 @@ import trio
 from p2pbackup.core import blobs, formats
 from p2pbackup.core.exclude import ExcludeRules
 from p2pbackup.engine.index import CachedFile, Index
-from p2pbackup.engine.listing import ListingAhead
+from p2pbackup.engine.listing import ListingAhead, Xattrs, read_xattrs
 from p2pbackup.engine.pipeline import FileWork, Pipeline
 from p2pbackup.model import BlobType, FileStat, NodeKind, Tree, TreeNode
 
 _T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
-
-#: listxattr's answers for "this filesystem keeps no extended attributes",
-#: and getxattr's for "that one went away meanwhile": nothing to keep.
-_NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT, errno.ENODATA})
 
 
 class WalkTally(Protocol):
@@ -186,6 +182,9 @@ class _Entry:
     group: int = 0
     link: _Link | None = None
     subtree: _TreeFuture | None = None
+    #: Its extended attributes, read with its directory's listing (None:
+    #: not listed, a target or a directory above one; read when finished).
+    xattrs: Xattrs | None = None
 
 
 class TreeWalk:
@@ -255,12 +254,12 @@ class TreeWalk:
             else:
                 assert isinstance(below, dict)
                 subdirs[name] = below
-        return await self._save_entries(prefix, entries, subdirs, None)
+        return await self._save_entries(prefix, entries, subdirs, None, None)
 
     async def _save_dir(self, path: bytes, device: int) -> _TreeFuture:
         """Plan the directory ``path`` (on ``device``), unless it cannot be
         listed or holds a marker (then it is left out: the future fails)."""
-        listing = await self._listings.listing(path)
+        listing, xattrs = await self._listings.listing(path)
         if isinstance(listing, OSError):
             self._tally.skipped.append((os.fsdecode(path), f"cannot list: {listing.strerror}"))
             return _TreeFuture.failed()
@@ -268,7 +267,7 @@ class TreeWalk:
             self._tally.excluded += 1
             return _TreeFuture.failed()
         self._tally.dirs += 1
-        return await self._save_entries(path.rstrip(b"/"), listing, {}, device)
+        return await self._save_entries(path.rstrip(b"/"), listing, {}, device, xattrs)
 
     async def _save_entries(
         self,
@@ -276,11 +275,13 @@ class TreeWalk:
         entries: list[tuple[bytes, os.stat_result]],
         layout_dirs: dict[bytes, dict[bytes, object]],
         device: int | None,
+        xattrs: Mapping[bytes, Xattrs] | None,
     ) -> _TreeFuture:
         """Plan one directory (on ``device``; None for the directories above
         the targets and the targets themselves): its files go to the workers,
         its subdirectories are walked, and a task stores its tree once all of
-        them are done."""
+        them are done. ``xattrs``: its entries' extended attributes, read
+        with its listing (None: not listed)."""
         pending: list[_Entry] = []
         cache = self._file_cache.directory(prefix)
         for name, st in entries:
@@ -289,6 +290,8 @@ class TreeWalk:
                 self._tally.excluded += 1
                 continue
             entry = _Entry(name, path, st=st)
+            if xattrs is not None:
+                entry.xattrs = xattrs.get(name, ())
             pending.append(entry)
             if stat.S_ISREG(st.st_mode):
                 await self._plan_file(entry, path, st, cache)
@@ -339,7 +342,7 @@ class TreeWalk:
         node = await self._entry_node(entry)
         if node is None:
             return None
-        xattrs = read_xattrs(entry.path)
+        xattrs = entry.xattrs if entry.xattrs is not None else read_xattrs(entry.path)
         if xattrs:
             node = attrs.evolve(node, xattrs=xattrs)
         if entry.path in self._targets:
@@ -423,34 +426,6 @@ _SPECIAL_KINDS = {
     stat.S_IFCHR: NodeKind.CHARDEV,
     stat.S_IFBLK: NodeKind.BLOCKDEV,
 }
-
-
-def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
-    """The extended attributes of ``path`` itself (a symlink's own, not its
-    target's), sorted by name; () where the filesystem keeps none. One that
-    cannot be read is left out with a warning: the entry is kept without it."""
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno not in _NO_XATTRS:
-            log.warning("%s: extended attributes not read: %s", os.fsdecode(path), exc.strerror)
-        return ()
-    pairs = []
-    for name in names:
-        try:
-            value = os.getxattr(path, name, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno not in _NO_XATTRS:
-                log.warning(
-                    "%s: extended attribute %s not read: %s",
-                    os.fsdecode(path),
-                    name,
-                    exc.strerror,
-                )
-            continue
-        pairs.append((os.fsencode(name), value))
-    pairs.sort()
-    return tuple(pairs)
 
 
 def _dir_node(name: bytes, st: os.stat_result, subtree: bytes) -> TreeNode:

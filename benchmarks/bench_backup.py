@@ -82,8 +82,12 @@ SHARDS = "4/10"
 RESTIC_PASSWORD = "p2pbackup-benchmark-password\n"
 STAMP_VERSION = 1
 
-#: The targets the project set (p2pbackup MB/s ≥ factor × restic MB/s).
-TARGET_RATIOS = {"initial backup": 0.5, "incremental backup": 0.5, "full restore": 0.7}
+#: The targets the project set (p2pbackup MB/s ≥ factor × restic MB/s): at
+#: least restic's speed where the work is the same.
+TARGET_RATIOS = {"initial backup": 1.0, "incremental backup": 1.0, "full restore": 1.0}
+#: Into storage nodes (or a devnet) every shard also crosses a Noise
+#: session: the initial backup's target is lower there.
+TARGET_RATIOS_OVER_NODES = {**TARGET_RATIOS, "initial backup": 0.75}
 TARGET_RSS_MB = 300.0
 #: What the details keep of ``p2pbackup backup --json`` and ``restic backup --json``.
 P2P_SUMMARY_KEYS = ("bytes_read", "bytes_new", "bytes_stored", "packs_written", "k", "n",
@@ -1169,17 +1173,24 @@ def disturbance_lines(results: list[Measurement]) -> list[str]:
 
 
 def targets_lines(
-    ours: list[Measurement], theirs: list[Measurement], big: list[Measurement]
+    ours: list[Measurement],
+    theirs: list[Measurement],
+    big: list[Measurement],
+    *,
+    over_nodes: bool = False,
 ) -> list[str]:
+    """Each target, met or not; ``over_nodes``: p2pbackup's peers were
+    storage nodes (or a devnet), not folders."""
     lines = []
     by_step = {m.step: m for m in theirs}
+    targets = TARGET_RATIOS_OVER_NODES if over_nodes else TARGET_RATIOS
     for m in ours:
-        factor = TARGET_RATIOS.get(m.step)
+        factor = targets.get(m.step)
         other = by_step.get(m.step)
         if factor is not None and other is not None:
             ratio = m.mb_s / other.mb_s
             verdict = "PASS" if ratio >= factor else "MISS"
-            lines.append(f"  {m.step:<26} ≥ {factor:.1f}× restic: {ratio:.2f}×  {verdict}")
+            lines.append(f"  {m.step:<26} ≥ {factor:.2f}× restic: {ratio:.2f}×  {verdict}")
     for m in [*ours, *big]:
         if m.tool != "p2pbackup":
             continue
@@ -1366,7 +1377,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ntargets (p2pbackup as a devnet of {DEVNET_NODES} homes, {shards}):")
     else:
         print("\ntargets:")
-    for line in targets_lines(ours, theirs, big):
+    for line in targets_lines(ours, theirs, big, over_nodes=ctx.peers in ("nodes", "devnet")):
         print(line)
     if source_fingerprint() != fingerprint:
         print(

@@ -6,6 +6,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pbackup.engine.index import (
     PROBE_MEMORY,
@@ -212,6 +214,56 @@ def test_audit_records_follow_the_shards_and_peers(tmp_path: Path) -> None:
     assert index.shard_audits() == {}
     assert index.peer_audits() == {}
     assert index.disqualified_peers() == frozenset()
+    index.close()
+
+
+_PEERS = ("a", "b", "c", "d")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    packs=st.lists(
+        st.lists(st.sampled_from(_PEERS), min_size=1, max_size=4), min_size=0, max_size=6
+    ),
+    rows=st.lists(
+        st.tuples(
+            st.integers(0, 5), st.integers(0, 3), st.sampled_from(_PEERS), st.integers(0, 20)
+        ),
+        max_size=20,
+    ),
+    disqualified=st.sets(st.sampled_from(_PEERS)),
+    now=st.integers(0, 20),
+)
+def test_the_audit_queries_agree_with_every_row_read(
+    tmp_path_factory: pytest.TempPathFactory,
+    packs: list[list[str]],
+    rows: list[tuple[int, int, str, int]],
+    disqualified: set[str],
+    now: int,
+) -> None:
+    # What a maintenance round asks the index for (the shards due, those
+    # without a row, the next due time) is what every shard and row say.
+    index = Index(tmp_path_factory.mktemp("audits") / "index.sqlite")
+    ids = [bytes([65 + i]) * 32 for i in range(len(packs))]
+    with index.transaction():
+        for peer in _PEERS:
+            index.add_peer(PeerRecord(peer, "dir", f"/mnt/{peer}"))
+        for pack_id, holders in zip(ids, packs, strict=True):
+            index.add_pack(pack(pack_id, *holders))
+        index.set_shard_audits(
+            (ids[p], i, ShardAudit(peer, due_at=due)) for p, i, peer, due in rows if p < len(ids)
+        )
+        for peer in disqualified:
+            index.set_peer_audits(peer, PeerAudits(0.0, 9.0, disqualified_at=1))
+    placed = [s for s in index.placed_shards() if s.peer_id not in disqualified]
+    audits = index.shard_audits()
+    row_of = {s: audits.get((s.pack_id, s.index)) for s in placed}
+    assert index.shards_due_for_audit(now) == [
+        s for s in placed if (a := row_of[s]) is not None and a.due_at <= now
+    ]
+    assert index.shards_without_audit_row() == [s for s in placed if row_of[s] is None]
+    dues = [a.due_at for a in audits.values() if a.peer_id not in disqualified]
+    assert index.next_audit_due() == (min(dues) if dues else None)
     index.close()
 
 

@@ -317,6 +317,10 @@ class CachedFile:
     content: tuple[bytes, ...]
 
 
+#: The peers that audits disqualified (a query, also a subquery).
+_DISQUALIFIED = "SELECT peer_id FROM peer_audits WHERE disqualified_at IS NOT NULL"
+
+
 def _join_ids(ids: Iterable[bytes]) -> bytes:
     return b"".join(ids)
 
@@ -929,14 +933,52 @@ class Index:
 
     def disqualified_peers(self) -> frozenset[str]:
         """The peers that audits disqualified: they get no new shards."""
-        rows = self._db.execute("SELECT peer_id FROM peer_audits WHERE disqualified_at IS NOT NULL")
+        rows = self._db.execute(_DISQUALIFIED)
         return frozenset(peer for (peer,) in rows)
 
     def placed_shards(self) -> list[PlacedShard]:
         """Every shard row, with its pack's shard size and block size."""
+        return self._placed_shards("", ())
+
+    def shards_due_for_audit(self, now: float) -> list[PlacedShard]:
+        """The shards on peers not disqualified whose audit row (naming the
+        peer that holds them now) is due at ``now``, by pack and index."""
+        return self._placed_shards(
+            " JOIN shard_audits a"
+            " ON a.pack_id = s.pack_id AND a.idx = s.idx AND a.peer_id = s.peer_id"
+            f" WHERE a.due_at <= ? AND s.peer_id NOT IN ({_DISQUALIFIED})",
+            (now,),
+        )
+
+    def shards_without_audit_row(self) -> list[PlacedShard]:
+        """The shards on peers not disqualified that no audit row names
+        with the peer that holds them now, by pack and index."""
+        return self._placed_shards(
+            " LEFT JOIN shard_audits a"
+            " ON a.pack_id = s.pack_id AND a.idx = s.idx AND a.peer_id = s.peer_id"
+            f" WHERE a.pack_id IS NULL AND s.peer_id NOT IN ({_DISQUALIFIED})",
+            (),
+        )
+
+    def next_audit_due(self) -> float | None:
+        """When the first shard on a peer not disqualified comes due for an
+        audit (the due time of its row), None if no row names one."""
+        (due,) = self._db.execute(
+            "SELECT MIN(a.due_at) FROM shard_audits a JOIN shards s"
+            " ON s.pack_id = a.pack_id AND s.idx = a.idx AND s.peer_id = a.peer_id"
+            f" WHERE a.peer_id NOT IN ({_DISQUALIFIED})"
+        ).fetchone()
+        return None if due is None else float(due)
+
+    def _placed_shards(self, where: str, parameters: tuple[object, ...]) -> list[PlacedShard]:
+        # A maintenance round asks for the few shards due, not for every
+        # shard and audit row: with a year of packs, building them all each
+        # round was most of a simulated circle's time.
         rows = self._db.execute(
             "SELECT s.pack_id, s.idx, s.peer_id, s.merkle_root, p.shard_size, p.block_size"
-            " FROM shards s JOIN packs p ON p.pack_id = s.pack_id ORDER BY s.pack_id, s.idx"
+            f" FROM shards s JOIN packs p ON p.pack_id = s.pack_id{where}"
+            " ORDER BY s.pack_id, s.idx",
+            parameters,
         )
         return [
             PlacedShard(bytes(pack), idx, peer, bytes(root), size, block)

@@ -218,33 +218,26 @@ def schedule(
 ) -> list[PlacedShard]:
     """The shards due for an audit at ``now``, once the shards not yet
     scheduled are given their first due time (module docstring)."""
-    audits = index.shard_audits()
-    excluded = index.disqualified_peers()
-    due = []
+    due = index.shards_due_for_audit(now)
     first: list[tuple[bytes, int, ShardAudit]] = []
-    for shard in index.placed_shards():
-        if shard.peer_id in excluded:
-            continue
-        audit = audits.get((shard.pack_id, shard.index))
-        if audit is None:
-            due_at = policy.first_due(now, rng.random())
-            first.append((shard.pack_id, shard.index, ShardAudit(shard.peer_id, due_at)))
-        else:
-            due_at = audit.due_at
+    for shard in index.shards_without_audit_row():
+        due_at = policy.first_due(now, rng.random())
+        first.append((shard.pack_id, shard.index, ShardAudit(shard.peer_id, due_at)))
         if due_at <= now:
             due.append(shard)
     if first:
         with index.transaction():
             index.set_shard_audits(first)
+    # By pack and index, as the shards are (an audit pass goes in this order).
+    due.sort(key=lambda shard: (shard.pack_id, shard.index))
     return due
 
 
 def seconds_to_next(index: Index, now: float) -> float:
     """How long :func:`run_audits` sleeps: until the next shard comes due,
     within :data:`MIN_SLEEP` and :data:`MAX_SLEEP`."""
-    excluded = index.disqualified_peers()
-    dues = [a.due_at for a in index.shard_audits().values() if a.peer_id not in excluded]
-    wait = min(dues) - now if dues else MAX_SLEEP
+    due = index.next_audit_due()
+    wait = due - now if due is not None else MAX_SLEEP
     return min(max(wait, MIN_SLEEP), MAX_SLEEP)
 
 
@@ -277,7 +270,8 @@ class _Pass:
         self.reputation = reputation
         self.results: list[ShardResult] = []
         self.disqualified: list[str] = []
-        self._schedule = self.index.shard_audits()
+        #: Every audit row, read when a pass first postpones a shard.
+        self._schedule: dict[tuple[bytes, int], ShardAudit] | None = None
 
     def _now(self) -> int:
         return int(self.clock())
@@ -412,6 +406,8 @@ class _Pass:
         """Shards that are due and could not be audited: due again in
         :data:`RETRY_SECONDS` (a shard not yet due keeps its time)."""
         now = self._now()
+        if self._schedule is None:
+            self._schedule = self.index.shard_audits()
         later = []
         for shard in shards:
             audit = self._schedule.get((shard.pack_id, shard.index))

@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     source = base / "source"
     bench_backup.fresh_copy(corpus, source)
 
+    print(bench_backup.compile_bytecode())
     ctx = bench_backup.Context(work, script, args.seed, logs)
     ours = bench_backup.p2p_home(ctx, base / "p2pbackup")
     (base / "restic").mkdir()

@@ -56,3 +56,24 @@ def test_each_step_must_reach_restic_and_into_nodes_the_backup_three_quarters(
     assert folders[1].endswith("1.00×  PASS") and nodes[1].endswith("1.00×  PASS")
     assert folders[2].endswith("0.96×  MISS") and nodes[2].endswith("0.96×  MISS")
     assert all(line.endswith("200 MB  PASS") for line in folders[3:])
+
+
+def test_the_measured_modules_are_compiled_as_an_install_would(
+    bench_backup: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    # As on a machine with PYTHONDONTWRITEBYTECODE: imports write no bytecode.
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    package = tmp_path / "pkg"
+    (package / "inner").mkdir(parents=True)
+    modules = [package / "__init__.py", package / "a.py", package / "inner" / "b.py"]
+    for module in modules:
+        module.write_text("VALUE = 1\n")
+    line = bench_backup.compile_bytecode(package)
+    assert line.startswith("bytecode: compiled")
+    for module in modules:
+        assert Path(importlib.util.cache_from_source(str(module))).is_file(), module
+
+    (package / "broken.py").write_text("def (:\n")
+    assert "did not compile" in bench_backup.compile_bytecode(package)

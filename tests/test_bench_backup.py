@@ -61,8 +61,6 @@ def test_each_step_must_reach_restic_and_into_nodes_the_backup_three_quarters(
 def test_the_measured_modules_are_compiled_as_an_install_would(
     bench_backup: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import importlib.util
-
     # As on a machine with PYTHONDONTWRITEBYTECODE: imports write no bytecode.
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
     package = tmp_path / "pkg"

@@ -234,8 +234,8 @@ def compile_bytecode(package: Path = REPO / "p2pbackup") -> str:
     An editable install writes bytecode at a module's first import, unless
     ``PYTHONDONTWRITEBYTECODE`` is set (as on the project's machine): then
     every measured step would compile some 200 modules from source at its
-    start, about 0.3 s that the installed program does not spend and a
-    restic binary has no counterpart of (docs/performance.md)."""
+    start: work the installed program does not do, and a restic binary has
+    no counterpart of (its cost: docs/performance.md, "Bytecode")."""
     import compileall
 
     if compileall.compile_dir(package, quiet=1):

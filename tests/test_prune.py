@@ -30,9 +30,19 @@ class Index:
     index_packs: tuple[bytes, ...]
     live: frozenset[bytes]
     copies: tuple[tuple[bytes, bytes], ...]
+    #: Kept bytes below which a pack is small, and how many make a repack.
+    small_below: int = 0
+    min_small: int = 1
 
     def plan(self) -> PrunePlan:
-        return plan_prune(self.packs, self.index_packs, self.live, self.copies)
+        return plan_prune(
+            self.packs,
+            self.index_packs,
+            self.live,
+            self.copies,
+            small_below=self.small_below,
+            min_small=self.min_small,
+        )
 
 
 @st.composite
@@ -45,6 +55,8 @@ def indexes(draw: st.DrawFn) -> Index:
         index_packs=tuple(b"i%d" % i for i in range(draw(st.integers(0, 3)))),
         live=frozenset(draw(st.sets(BLOB_IDS))),
         copies=tuple(draw(st.permutations(copies))),
+        small_below=draw(st.sampled_from([0, 500, 2000])),
+        min_small=draw(st.integers(1, 4)),
     )
 
 
@@ -92,23 +104,52 @@ def test_every_pack_without_a_kept_live_blob_is_deleted(index: Index) -> None:
 
 
 @given(indexes())
-def test_packs_are_repacked_below_the_threshold_and_copy_only_their_kept_blobs(
+def test_packs_mostly_dead_or_small_are_repacked_and_copy_only_their_kept_blobs(
     index: Index,
 ) -> None:
     plan = index.plan()
     by_id = {p.pack_id: p for p in index.packs}
+    kept_by_pack = {}
     for pack_id in [*plan.keep, *(r.pack_id for r in plan.repack)]:
         record = by_id[pack_id]
-        kept = {
+        kept_by_pack[pack_id] = {
             b.blob_id: b.length
             for b in record.blobs
             if b.blob_id in index.live and kept_pack(index, b.blob_id) == pack_id
         }
-        total = sum(b.length for b in record.blobs)
-        below = sum(kept.values()) < total * REPACK_THRESHOLD
-        assert (pack_id in plan.keep) == (not below)
-        if below:
-            assert Repack(pack_id, frozenset(kept)) in plan.repack
+    mostly_dead = {
+        pack_id
+        for pack_id, kept in kept_by_pack.items()
+        if sum(kept.values()) < sum(b.length for b in by_id[pack_id].blobs) * REPACK_THRESHOLD
+    }
+    small = {
+        pack_id
+        for pack_id, kept in kept_by_pack.items()
+        if pack_id not in mostly_dead and sum(kept.values()) < index.small_below
+    }
+    repacked = mostly_dead | (small if len(small) >= index.min_small else set())
+    assert set(plan.keep) == set(kept_by_pack) - repacked
+    for pack_id in repacked:
+        assert Repack(pack_id, frozenset(kept_by_pack[pack_id])) in plan.repack
+
+
+def test_small_packs_are_repacked_only_when_there_are_enough_of_them() -> None:
+    # Each pack all live: none is mostly dead; a and b hold less than 100 bytes.
+    packs = (pack(b"a", {b"x": 40}), pack(b"b", {b"y": 60}), pack(b"c", {b"z": 300}))
+    copies = tuple((b.blob_id, p.pack_id) for p in packs for b in p.blobs)
+    live = frozenset({b"x", b"y", b"z"})
+
+    def plan(min_small: int) -> PrunePlan:
+        return plan_prune(packs, (), live, copies, small_below=100, min_small=min_small)
+
+    assert plan(2) == PrunePlan(
+        dead=(),
+        repack=(Repack(b"a", frozenset({b"x"})), Repack(b"b", frozenset({b"y"}))),
+        keep=(b"c",),
+        old_index=(),
+    )
+    # One fewer small pack than needed: every pack stays as it is.
+    assert plan(3) == PrunePlan(dead=(), repack=(), keep=(b"a", b"b", b"c"), old_index=())
 
 
 def test_a_plan_with_nothing_live_deletes_every_pack() -> None:

@@ -7,7 +7,11 @@ Steps, ordered so that a prune killed at any point loses nothing:
    live data.
 2. **repack** — a data pack with no live blob is dead; one that is mostly dead
    (live bytes below :data:`REPACK_THRESHOLD`) has its live blobs copied, as
-   they are (sealed blobs move between packs unchanged), into new packs.
+   they are (sealed blobs move between packs unchanged), into new packs. So
+   have **small** packs (live bytes below :data:`SMALL_PACK_FRACTION` of the
+   target pack size), once there are :data:`MIN_SMALL_PACKS` of them: each
+   backup ends with a part-filled pack, and a pack costs its peers the same
+   shards, audits and repair decisions whatever it holds.
 3. **new index** — one index segment describing every remaining data pack
    replaces all older index packs.
 4. **commit** — the index forgets dead packs and old index packs; a new root
@@ -41,6 +45,16 @@ from p2pbackup.model import PackRecord
 
 #: A pack whose live bytes are below this fraction of its blob bytes is repacked.
 REPACK_THRESHOLD = 0.5
+#: A pack whose live bytes are below this fraction of the target pack size
+#: is small. A daily backup that changes little ends with one such pack a
+#: day; kept for the weeklies and monthlies, they come to outnumber the full
+#: packs many times over (docs/simulation.md), and each has its own n
+#: shards to audit, lease and repair.
+SMALL_PACK_FRACTION = 0.5
+#: Small packs are repacked together only when there are this many or more
+#: (as restic's prune does): fewer are not worth a repack, and a lone small
+#: pack, such as the last one a repack writes, is not repacked over and over.
+MIN_SMALL_PACKS = 10
 
 
 class PruneAbortedError(P2PBackupError):
@@ -77,7 +91,7 @@ class PruneSummary:
             "deleted", "repacked", "replaced")  # fmt: skip
         lines = [
             f"{verbs[0]} {plural(self.packs_deleted, 'dead pack')}, {verbs[1]} "
-            f"{plural(self.packs_repacked, 'mostly dead pack')} into "
+            f"{plural(self.packs_repacked, 'mostly dead or small pack')} into "
             f"{plural(self.packs_written, 'new one')}"
             + (
                 f", and {verbs[2]} {plural(self.index_packs_replaced, 'index pack')} with one"
@@ -101,8 +115,8 @@ class PruneSummary:
 
 @attrs.frozen
 class Repack:
-    """A mostly dead pack, and the live blobs whose kept copy is in it: those
-    are copied into new packs before it is deleted."""
+    """A mostly dead or small pack, and the live blobs whose kept copy is in
+    it: those are copied into new packs before it is deleted."""
 
     pack_id: bytes
     blobs: frozenset[bytes]
@@ -114,7 +128,7 @@ class PrunePlan:
 
     #: Data packs holding no kept copy of a live blob: deleted.
     dead: tuple[bytes, ...]
-    #: Data packs whose kept live bytes are below the threshold: repacked, then deleted.
+    #: Data packs mostly dead or small (module docstring): repacked, then deleted.
     repack: tuple[Repack, ...]
     #: Data packs kept as they are.
     keep: tuple[bytes, ...]
@@ -134,6 +148,8 @@ def plan_prune(
     copies: Iterable[tuple[bytes, bytes]],
     *,
     threshold: float = REPACK_THRESHOLD,
+    small_below: int = 0,
+    min_small: int = MIN_SMALL_PACKS,
 ) -> PrunePlan:
     """The plan of a prune (module docstring).
 
@@ -141,7 +157,9 @@ def plan_prune(
     blob ids the live snapshots reach, and ``copies`` every (blob id, pack
     id) the index holds, in the order of preference: of a live blob's
     copies, the first is kept. A data pack whose kept bytes are below
-    ``threshold`` of its blob bytes is repacked; one with none is dead.
+    ``threshold`` of its blob bytes is repacked; one with none is dead. The
+    others whose kept bytes are below ``small_below`` are small: repacked
+    too when there are ``min_small`` of them or more, kept otherwise.
     """
     kept_in: dict[bytes, bytes] = {}
     for blob_id, pack_id in copies:
@@ -150,6 +168,7 @@ def plan_prune(
     dead: list[bytes] = []
     repack: list[Repack] = []
     keep: list[bytes] = []
+    small: list[Repack] = []
     for record in data_packs:
         pack_id = record.pack_id
         total = sum(b.length for b in record.blobs)
@@ -161,6 +180,12 @@ def plan_prune(
             repack.append(Repack(pack_id, frozenset(b.blob_id for b in kept)))
         else:
             keep.append(pack_id)
+            if kept_bytes < small_below:
+                small.append(Repack(pack_id, frozenset(b.blob_id for b in kept)))
+    if len(small) >= min_small:
+        repack.extend(small)
+        repacked = {r.pack_id for r in small}
+        keep = [pack_id for pack_id in keep if pack_id not in repacked]
     return PrunePlan(tuple(dead), tuple(repack), tuple(keep), tuple(index_packs))
 
 
@@ -188,7 +213,11 @@ async def prune(
             + "; ".join(problems)
         )
     plan = plan_prune(
-        _data_packs(repo), index.pack_ids(is_index=True), live, index.iter_blob_rows()
+        _data_packs(repo),
+        index.pack_ids(is_index=True),
+        live,
+        index.iter_blob_rows(),
+        small_below=int(repo.config.pack_size * SMALL_PACK_FRACTION),
     )
     if not (plan.dead or plan.repack or index.packs_without_segment()) and len(plan.old_index) <= 1:
         # The one index pack already describes every pack kept: writing it

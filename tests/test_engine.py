@@ -16,7 +16,7 @@ from p2pbackup.engine import snapshots
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.check import check
 from p2pbackup.engine.index import BlobLocation, Index, ProbeCounts
-from p2pbackup.engine.prune import prune
+from p2pbackup.engine.prune import MIN_SMALL_PACKS, prune
 from p2pbackup.engine.restore import Restorer
 from p2pbackup.engine.treediff import diff_trees
 from p2pbackup.errors import IntegrityError, RecoveryKeyError, UsageError
@@ -386,6 +386,38 @@ async def test_forget_and_prune_free_space_and_keep_live_data(tmp_path: Path) ->
     home = Home(tmp_path / "h2")
     summary2 = await operations.recover(home, setup.recovery_key, [setup.peers[0]])
     assert summary2.snapshots == 1 and not summary2.problems
+
+
+async def test_prune_gathers_the_small_packs_of_backups_that_changed_little(
+    tmp_path: Path,
+) -> None:
+    setup = await make_setup(tmp_path)
+    source = make_tree(tmp_path / "src")
+    note = source / "note.txt"
+    kept: list[bytes] = []
+    for day in range(12):
+        note.write_text(f"day {day}\n" * 50)
+        kept.append(await _backup(setup.home, source))
+    async with operations.open_repository(setup.home) as repo:
+        before = list(repo.index.pack_ids(is_index=False))
+        summary = await prune(repo)
+        after = list(repo.index.pack_ids(is_index=False))
+        # Nothing was forgotten: every pack was live, the small ones gathered.
+        assert summary.packs_deleted == 0
+        assert summary.packs_repacked >= MIN_SMALL_PACKS
+        assert len(after) == len(before) - summary.packs_repacked + summary.packs_written
+        assert len(after) < len(before) - MIN_SMALL_PACKS // 2
+        result = await check(repo, read_data=True)
+        assert result.ok, result.lines()
+        assert result.orphan_shards == 0
+        # A second prune finds too few small packs to gather again.
+        assert (await prune(repo)).packs_repacked == 0
+    for day, snapshot_id in enumerate(kept):
+        target = tmp_path / f"out{day}"
+        async with operations.open_repository(setup.home) as repo:
+            _, snap = snapshots.resolve(repo.index, snapshot_id.hex())
+            assert (await Restorer(repo, target).run(snap, None)).ok
+        assert restored_path(target, note).read_text() == f"day {day}\n" * 50
 
 
 async def test_check_finds_missing_and_corrupt_shards(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import trio
 
 from p2pbackup.app import operations
 from p2pbackup.app.home import Home
@@ -270,6 +271,11 @@ async def test_packs_are_restored_while_the_plan_goes_on_and_late_chunks_read_ag
         nonlocal planned
         await plan(self, *args)  # type: ignore[arg-type]
         planned = True
+        # a is written and in place before the plan ends: the end of the
+        # plan must not finish it a second time.
+        with trio.fail_after(30):
+            while self.summary.files == 0:
+                await trio.sleep(0.01)
 
     monkeypatch.setattr(Restorer, "_plan", plan_and_mark)
     async with operations.open_repository(setup.home) as repo:
@@ -285,6 +291,7 @@ async def test_packs_are_restored_while_the_plan_goes_on_and_late_chunks_read_ag
         restorer._plan_ahead = 0
         summary = await restorer.run(snap)
     assert summary.ok, summary.lines()
+    assert summary.files == 3 and not summary.failed
     assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
     # a's pack was read as soon as b was planned, before the plan ended,
     # and again for c; b's pack once. (Tree packs are read too: left out.)

@@ -257,7 +257,8 @@ class Restorer:
         async with trio.open_nursery() as nursery:
             self._writers = nursery
             await self._plan(snapshot, only)
-            empty = [job for job in self._files if not job.failed and job.remaining == 0]
+            # Not those with no chunk left to write: the writers finished them.
+            empty = [job for job in self._files if not job.failed and not job.node.content]
             for start in range(0, len(empty), 256):
                 await self._finish_files(empty[start : start + 256])
             for pack_id in list(self._pending):

@@ -8,7 +8,6 @@ import socket
 from pathlib import Path
 
 import pytest
-import trio
 
 from p2pbackup.app import operations
 from p2pbackup.app.home import Home
@@ -248,63 +247,6 @@ async def test_changed_content_is_backed_up_and_old_snapshot_still_restores(tmp_
     assert (restored_path(tmp_path / "old", source) / "docs" / "a.txt").read_bytes() == old
     await _restore(setup.home, tmp_path / "new")
     assert (restored_path(tmp_path / "new", source) / "docs" / "a.txt").read_text() == "changed\n"
-
-
-async def test_packs_are_restored_while_the_plan_goes_on_and_late_chunks_read_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    setup = await make_setup(tmp_path)
-    source = tmp_path / "src"
-    source.mkdir()
-    # a and c go into the first backup's pack, b into the second's: the plan
-    # (a, b, c) comes back to the first pack after leaving it.
-    (source / "a.txt").write_text("first\n" * 300)
-    (source / "c.txt").write_text("third\n" * 300)
-    await _backup(setup.home, source)
-    (source / "b.txt").write_text("second\n" * 300)
-    await _backup(setup.home, source)
-    planned = False
-    reads: list[tuple[bytes, bool]] = []
-    plan = Restorer._plan
-
-    async def plan_and_mark(self: Restorer, *args: object) -> None:
-        nonlocal planned
-        await plan(self, *args)  # type: ignore[arg-type]
-        planned = True
-        # a is written and in place before the plan ends: the end of the
-        # plan must not finish it a second time.
-        with trio.fail_after(30):
-            while self.summary.files == 0:
-                await trio.sleep(0.01)
-
-    monkeypatch.setattr(Restorer, "_plan", plan_and_mark)
-    async with operations.open_repository(setup.home) as repo:
-        read_pack_pieces = repo.read_pack_pieces
-
-        async def counted(record, *args, **kwargs):  # type: ignore[no-untyped-def]
-            reads.append((record.pack_id, planned))
-            return await read_pack_pieces(record, *args, **kwargs)
-
-        monkeypatch.setattr(repo, "read_pack_pieces", counted)
-        _, snap = snapshots.resolve(repo.index, "latest")
-        restorer = Restorer(repo, tmp_path / "out")
-        restorer._plan_ahead = 0
-        summary = await restorer.run(snap)
-    assert summary.ok, summary.lines()
-    assert summary.files == 3 and not summary.failed
-    assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
-    # a's pack was read as soon as b was planned, before the plan ended,
-    # and again for c; b's pack once. (Tree packs are read too: left out.)
-    packs = {
-        job.path.name: restorer._data_locations[job.node.content[0]].pack_id
-        for job in restorer._files
-    }
-    assert packs["a.txt"] == packs["c.txt"] != packs["b.txt"]
-    data_reads = [(pack_id, after) for pack_id, after in reads if pack_id in packs.values()]
-    assert data_reads[0] == (packs["a.txt"], False)
-    assert sorted(pack_id for pack_id, _ in data_reads) == sorted(
-        [packs["a.txt"], packs["a.txt"], packs["b.txt"]]
-    )
 
 
 async def test_restore_into_non_empty_target_lists_conflicts(tmp_path: Path) -> None:

@@ -1,15 +1,11 @@
 """Restore: bring a snapshot (or one path of it) back into a target directory.
 
-The restorer walks the snapshot's trees and makes a **plan**: the
+The restorer first walks the snapshot's trees and makes a **plan**: the
 directories to create, the files to write (each with the packs and offsets of
 its chunks), the symlinks, hard links, fifos and devices to make afterwards.
-It reads each needed pack — verifying every shard and every blob — and
-writes the chunks it holds into **temporary files** beside their final
-names. Packs are restored while the plan goes on: a pack is **ready** once
-the plan has gone :data:`PLAN_AHEAD_PIECES` chunks past its last one so far
-(a snapshot's files mostly keep the order they were backed up in, so few
-come back to a pack), and the rest when the plan ends; a chunk planned after
-its pack was read has the pack read again. A file is
+It then reads each
+needed pack once — verifying every shard and every blob — and writes the
+chunks it holds into **temporary files** beside their final names. A file is
 renamed into place only when every byte is written and checked, so a file
 never appears half-written under its real name. A chunk of zeros is not
 written but left a **hole**, so a sparse file comes back sparse.
@@ -42,7 +38,6 @@ their ids with the snapshot's: a file that differs is a **mismatch**.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import os
 import re
@@ -68,11 +63,6 @@ from p2pbackup.nurseries import unwrap_single
 
 #: Packs read and written at once.
 _CONCURRENT_PACKS = 2
-#: Chunks the plan goes past a pack's last chunk before the pack is ready
-#: (module docstring). Writing starts long before the plan ends, yet a
-#: pack is rarely read twice: in the benchmark's snapshots of 45,000
-#: chunks, a few chunks in a few of some 75 packs (docs/performance.md).
-PLAN_AHEAD_PIECES = 8192
 
 
 @attrs.define
@@ -214,19 +204,6 @@ class Restorer:
         self._fresh_dirs: set[Path] = set()
         self._temp_numbers = itertools.count()
         self._tree_locations: dict[bytes, BlobLocation] = {}
-        #: Where each data chunk is, looked up once for the whole plan.
-        self._data_locations: dict[bytes, BlobLocation] = {}
-        #: Planned chunks not yet handed to a writer, by pack (in the order
-        #: of each pack's first chunk), and the number of the last one.
-        self._pending: dict[bytes, list[_Piece]] = {}
-        self._last_piece: dict[bytes, int] = {}
-        #: (number of a chunk, its pack) as planned: the packs that may be ready.
-        self._arrivals: collections.deque[tuple[int, bytes]] = collections.deque()
-        self._pieces_planned = 0
-        self._plan_ahead = PLAN_AHEAD_PIECES
-        #: The nursery of the pack writers, open while the plan goes on.
-        self._writers: trio.Nursery | None = None
-        self._pack_turns = trio.CapacityLimiter(_CONCURRENT_PACKS)
 
     async def run(self, snapshot: Snapshot, only: bytes | None = None) -> RestoreSummary:
         started = time.monotonic()
@@ -235,14 +212,8 @@ class Restorer:
         self.target.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(self.target)
         with unwrap_single(), runtime.rare_collections():
-            try:
-                await self._plan_and_write(snapshot, only)
-            finally:
-                # Whatever is left half-written belongs to a file that failed
-                # (or to a restore cut short).
-                for job in self._files:
-                    if job.temp is not None and (job.failed or job.remaining > 0):
-                        job.temp.unlink(missing_ok=True)
+            await self._plan(snapshot, only)
+            await self._write_files()
         self._finish_links()
         self._finish_specials()
         self._finish_dirs()
@@ -251,18 +222,6 @@ class Restorer:
         self.progress.close()
         self.summary.seconds = time.monotonic() - started
         return self.summary
-
-    async def _plan_and_write(self, snapshot: Snapshot, only: bytes | None) -> None:
-        self._data_locations = self.repo.index.blob_locations_of_type(BlobType.DATA)
-        async with trio.open_nursery() as nursery:
-            self._writers = nursery
-            await self._plan(snapshot, only)
-            # Not those with no chunk left to write: the writers finished them.
-            empty = [job for job in self._files if not job.failed and not job.node.content]
-            for start in range(0, len(empty), 256):
-                await self._finish_files(empty[start : start + 256])
-            for pack_id in list(self._pending):
-                self._hand_over(pack_id)
 
     # -- planning ----------------------------------------------------------------
 
@@ -362,46 +321,6 @@ class Restorer:
                 self._hardlinks[node.hardlink_group] = job
             if self._check_conflict(job):
                 self._files.append(job)
-                if self._plan_pieces(job):
-                    # Let the writers start on it: the plan may not wait
-                    # for anything before it ends (trees read already).
-                    await trio.lowlevel.checkpoint()
-
-    def _plan_pieces(self, job: _FileJob) -> bool:
-        """Add the chunks of ``job`` to their packs, and hand over the packs
-        the plan has gone far enough past (module docstring: ready); whether
-        any was handed over."""
-        offset = 0
-        for chunk_id in job.node.content:
-            location = self._data_locations.get(chunk_id)
-            if location is None:
-                job.failed = True
-                self.summary.unrecoverable.append(_display(job.path, self.target))
-                return False
-            pack_id = location.pack_id
-            self._pending.setdefault(pack_id, []).append(_Piece(job, offset, location.entry))
-            self._last_piece[pack_id] = self._pieces_planned
-            self._arrivals.append((self._pieces_planned, pack_id))
-            self._pieces_planned += 1
-            offset += location.entry.raw_length
-            job.remaining += 1
-        arrivals = self._arrivals
-        handed_over = False
-        while arrivals and self._pieces_planned - arrivals[0][0] > self._plan_ahead:
-            number, pack_id = arrivals.popleft()
-            if self._last_piece.get(pack_id) == number:
-                self._hand_over(pack_id)
-                handed_over = True
-        return handed_over
-
-    def _hand_over(self, pack_id: bytes) -> None:
-        """Send a pack's planned chunks to the writers; a chunk planned
-        later starts a new list (its pack is read again)."""
-        pieces = [p for p in self._pending.pop(pack_id) if not p.job.failed]
-        del self._last_piece[pack_id]
-        assert self._writers is not None
-        if pieces:
-            self._writers.start_soon(self._restore_pack_in_turn, pack_id, pieces)
 
     def _drop_dir(self, path: Path) -> None:
         """Undo the plan of a directory with nothing included below it."""
@@ -428,11 +347,41 @@ class Restorer:
 
     # -- writing ---------------------------------------------------------------------
 
-    async def _restore_pack_in_turn(self, pack_id: bytes, pieces: list[_Piece]) -> None:
-        """Restore a pack handed over, :data:`_CONCURRENT_PACKS` at once, in
-        the order they were handed over."""
-        async with self._pack_turns:
-            await self._restore_pack(pack_id, pieces)
+    async def _write_files(self) -> None:
+        by_pack: dict[bytes, list[_Piece]] = {}
+        known = self.repo.index.blob_locations_of_type(BlobType.DATA)
+        for job in self._files:
+            offset = 0
+            for chunk_id in job.node.content:
+                location = known.get(chunk_id)
+                if location is None:
+                    job.failed = True
+                    self.summary.unrecoverable.append(_display(job.path, self.target))
+                    break
+                by_pack.setdefault(location.pack_id, []).append(_Piece(job, offset, location.entry))
+                offset += location.entry.raw_length
+                job.remaining += 1
+        for pieces in by_pack.values():
+            pieces[:] = [p for p in pieces if not p.job.failed]
+        empty = [job for job in self._files if not job.failed and job.remaining == 0]
+        for start in range(0, len(empty), 256):
+            await self._finish_files(empty[start : start + 256])
+
+        queue = list(by_pack.items())
+        limiter = trio.CapacityLimiter(_CONCURRENT_PACKS)
+
+        async def restore_pack(pack_id: bytes, pieces: list[_Piece]) -> None:
+            async with limiter:
+                await self._restore_pack(pack_id, pieces)
+
+        async with trio.open_nursery() as nursery:
+            for pack_id, pieces in queue:
+                if pieces:
+                    nursery.start_soon(restore_pack, pack_id, pieces)
+        # Whatever is left half-written belongs to a file that failed.
+        for job in self._files:
+            if job.temp is not None and job.failed:
+                job.temp.unlink(missing_ok=True)
 
     async def _restore_pack(self, pack_id: bytes, pieces: list[_Piece]) -> None:
         record = self.repo.index.pack(pack_id, with_blobs=False)

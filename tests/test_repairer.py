@@ -153,10 +153,13 @@ async def test_a_returning_node_counts_again_and_its_surplus_goes_later(
     cluster = await make_cluster(tmp_path, nursery, nodes=8)
     await backup(cluster, make_tree(tmp_path / "src"))
     everyone = [node.address.host for node in cluster.nodes]
-    away = "node0"
-    away_id = node_ids(cluster, [away]).pop()
-    cluster.world.partition(["owner", *[h for h in everyone if h != away]])
     async with cluster.repository() as repo:
+        # The node holding the most shards goes away, so that several are
+        # moved and their new holders are more than one node.
+        held = Counter(s.peer_id for r in records(repo) for s in r.shards)
+        away_id = max(held, key=lambda peer_id: (held[peer_id], peer_id))
+        away = next(n.address.host for n in cluster.nodes if n.identity.node_id.hex() == away_id)
+        cluster.world.partition(["owner", *[h for h in everyone if h != away]])
         report = await repair_pass(repo, NOW_LOST)
         assert report.ok and report.shards_rebuilt > 0
         moved = {

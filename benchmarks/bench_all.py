@@ -11,9 +11,10 @@
    zfec on the same data when it is installed (``bench_erasure``);
 4. **the whole system** — ``bench_backup``: initial backup, incremental
    backup and full restore of the corpus of ``make_corpus.py`` (beside this
-   script) with 10 folder peers at 4-of-10 (or ``--peers nodes``: 10
-   storage nodes on 127.0.0.1), against restic in the same run, and the
-   peak memory of backing up one big file;
+   script), cold, and an unchanged backup and the restore again, warm,
+   with 10 folder peers at 4-of-10 (or ``--peers nodes``: 10 storage nodes
+   on 127.0.0.1), against restic in the same run, and the peak memory of
+   backing up one big file;
 5. **the network**, only with ``--network`` — ``bench_network``: put and get
    of ``--network-size-mb`` MiB of shards into one storage server on
    127.0.0.1, with the secure session and on plain TCP; then the whole-system

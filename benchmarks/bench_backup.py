@@ -8,8 +8,11 @@ On the deterministic corpus of ``benchmarks/make_corpus.py`` (1024 MiB, seed
 * **incremental backup** after ``make_corpus.py --mutate 2``;
 * **full restore** of the latest snapshot into an empty directory (checked
   byte for byte, mode and mtime against the source);
+* and **warm**, the page cache left as the step before left it: a backup
+  with nothing changed straight after the incremental one, and the full
+  restore again into a second empty directory straight after the first;
 
-and the same three for restic to a local repository when ``restic`` is on
+and the same steps for restic to a local repository when ``restic`` is on
 PATH, with the ratio of the two throughputs. Then the peak memory of backing
 up one big random file (2048 MiB by default; the target is < 300 MB).
 
@@ -38,8 +41,8 @@ Every measured step is one child process: wall seconds, CPU seconds
 (user + system) and peak RSS come from ``os.wait4`` on that child alone.
 MB/s is 10^6 bytes of corpus per wall second (for the incremental backup:
 the whole corpus after mutation, as restic reports it); peak RSS is in MB
-(10^6 bytes). The page cache is dropped before each step when the process
-may (root); the output says whether it was.
+(10^6 bytes). The page cache is dropped before each step but the warm ones
+when the process may (root); the output says whether it was.
 
 Run from the repository::
 
@@ -82,6 +85,13 @@ SHARDS = "4/10"
 RESTIC_PASSWORD = "p2pbackup-benchmark-password\n"
 STAMP_VERSION = 1
 
+#: Steps measured with the page cache as the step before left it (each
+#: straight after that step, before the other tool's next step drops the
+#: cache): a backup with nothing changed since the incremental one, and the
+#: full restore again into a second directory. They have no targets; they
+#: say what a warm cache does to each tool.
+UNCHANGED_STEP = "unchanged backup, warm"
+WARM_RESTORE_STEP = "full restore, warm"
 #: The targets the project set (p2pbackup MB/s ≥ factor × restic MB/s): at
 #: least restic's speed where the work is the same.
 TARGET_RATIOS = {"initial backup": 1.0, "incremental backup": 1.0, "full restore": 1.0}
@@ -877,16 +887,17 @@ def check_code(summary: dict[str, Any]) -> None:
 
 
 def bench_p2pbackup(ctx: Context, corpus: Path, results: list[Measurement]) -> Iterator[None]:
-    """The three steps for p2pbackup, yielding after each (see :func:`interleave`)."""
+    """The steps for p2pbackup, yielding after each (see :func:`interleave`)."""
     base = _clean(ctx.workdir / "p2pbackup")
     run = ctx.workdir / "corpus-run-p2pbackup"
     fresh_copy(corpus, run)
     cmd = p2p_home(ctx, base)
     source = os.path.abspath(run)
 
-    def backup(step: str, name: str, extra: dict[str, Any]) -> None:
+    def backup(step: str, name: str, extra: dict[str, Any], *, cold: bool = True) -> None:
         _files, size = tree_size(run)
-        ctx.cold()
+        if cold:
+            ctx.cold()
         probe = ctx.begin_step()
         seconds, cpu, rss, code, out = run_measured(
             [*cmd, "backup", source, "--json"], ctx.logs, name
@@ -901,36 +912,41 @@ def bench_p2pbackup(ctx: Context, corpus: Path, results: list[Measurement]) -> I
         }
         results.append(Measurement("p2pbackup", step, seconds, cpu, rss, size, code, details))
 
+    def restore(step: str, name: str, target: Path, *, cold: bool = True) -> Measurement:
+        _files, size = tree_size(run)
+        if cold:
+            ctx.cold()
+        probe = ctx.begin_step()
+        seconds, cpu, rss, code, _out = run_measured(
+            [*cmd, "restore", "latest", "--target", str(target), "--json"],
+            ctx.logs,
+            name,
+            allowed=(0, 3),
+        )
+        cpu, rss, peers_details = ctx.end_step(probe, cpu, rss)
+        problems = verify(run, restored_path(target, run))
+        if code != 0:
+            problems.insert(0, f"p2pbackup restore exited {code} (see {ctx.logs}/{name}.*)")
+        measured = Measurement(
+            "p2pbackup", step, seconds, cpu, rss, size, code,
+            {"verified": not problems, "problems": problems[:20],
+             "problem_count": len(problems), **peers_details},
+        )  # fmt: skip
+        results.append(measured)
+        return measured
+
     backup("initial backup", "p2p-backup-initial", {})
     yield
     backup("incremental backup", "p2p-backup-incremental", mutate(ctx.script, run, ctx.seed))
+    # At once, before the other tool's next step drops the page cache.
+    backup(UNCHANGED_STEP, "p2p-backup-unchanged", {}, cold=False)
     yield
 
-    target = base / "restore"
-    _files, size = tree_size(run)
-    ctx.cold()
-    probe = ctx.begin_step()
-    seconds, cpu, rss, code, _out = run_measured(
-        [*cmd, "restore", "latest", "--target", str(target), "--json"],
-        ctx.logs,
-        "p2p-restore",
-        allowed=(0, 3),
-    )
-    cpu, rss, peers_details = ctx.end_step(probe, cpu, rss)
-    peers_disk = ctx.peers_disk_bytes(base)
+    cold = restore("full restore", "p2p-restore", base / "restore")
+    warm = restore(WARM_RESTORE_STEP, "p2p-restore-warm", base / "restore-warm", cold=False)
+    cold.details["peers_disk_bytes"] = ctx.peers_disk_bytes(base)
     ctx.stop_nodes()
-    problems = verify(run, restored_path(target, run))
-    if code != 0:
-        problems.insert(0, f"p2pbackup restore exited {code} (see {ctx.logs}/p2p-restore.*)")
-    results.append(
-        Measurement(
-            "p2pbackup", "full restore", seconds, cpu, rss, size, code,
-            {"verified": not problems, "problems": problems[:20],
-             "problem_count": len(problems), "peers_disk_bytes": peers_disk,
-             **peers_details},
-        )
-    )  # fmt: skip
-    if not problems:
+    if cold.details["verified"] and warm.details["verified"]:
         ctx.discard(base, run)
     yield
 
@@ -963,7 +979,7 @@ def _restic_summary(stdout: str) -> dict[str, Any]:
 def bench_restic(
     ctx: Context, corpus: Path, restic: str, results: list[Measurement]
 ) -> Iterator[None]:
-    """The three steps for restic, yielding after each (see :func:`interleave`)."""
+    """The steps for restic, yielding after each (see :func:`interleave`)."""
     base = _clean(ctx.workdir / "restic")
     run = ctx.workdir / "corpus-run-restic"
     fresh_copy(corpus, run)
@@ -974,9 +990,10 @@ def bench_restic(
         print(f"restic repository format {version} (format 2 compresses with zstd, mode 'auto')")
     source = os.path.abspath(run)
 
-    def backup(step: str, name: str, extra: dict[str, Any]) -> None:
+    def backup(step: str, name: str, extra: dict[str, Any], *, cold: bool = True) -> None:
         _files, size = tree_size(run)
-        ctx.cold()
+        if cold:
+            ctx.cold()
         probe = ctx.begin_step()
         seconds, cpu, rss, code, out = run_measured(
             [restic, "backup", "--json", source], ctx.logs, name, env=env
@@ -990,29 +1007,34 @@ def bench_restic(
         }
         results.append(Measurement("restic", step, seconds, cpu, rss, size, code, details))
 
+    def restore(step: str, name: str, target: Path, *, cold: bool = True) -> Measurement:
+        _files, size = tree_size(run)
+        if cold:
+            ctx.cold()
+        probe = ctx.begin_step()
+        seconds, cpu, rss, code, _out = run_measured(
+            [restic, "restore", "latest", "--target", str(target)], ctx.logs, name, env=env
+        )
+        cpu, rss, other = ctx.end_step(probe, cpu, rss, peers_of_tool=False)
+        problems = verify(run, restored_path(target, run))
+        measured = Measurement(
+            "restic", step, seconds, cpu, rss, size, code,
+            {"verified": not problems, "problems": problems[:20],
+             "problem_count": len(problems), **other},
+        )  # fmt: skip
+        results.append(measured)
+        return measured
+
     backup("initial backup", "restic-backup-initial", {})
     yield
     backup("incremental backup", "restic-backup-incremental", mutate(ctx.script, run, ctx.seed))
+    backup(UNCHANGED_STEP, "restic-backup-unchanged", {}, cold=False)
     yield
 
-    target = base / "restore"
-    _files, size = tree_size(run)
-    ctx.cold()
-    probe = ctx.begin_step()
-    seconds, cpu, rss, code, _out = run_measured(
-        [restic, "restore", "latest", "--target", str(target)], ctx.logs, "restic-restore", env=env
-    )
-    cpu, rss, other = ctx.end_step(probe, cpu, rss, peers_of_tool=False)
-    problems = verify(run, restored_path(target, run))
-    results.append(
-        Measurement(
-            "restic", "full restore", seconds, cpu, rss, size, code,
-            {"verified": not problems, "problems": problems[:20],
-             "problem_count": len(problems), "repo_disk_bytes": _disk_usage(base / "repo"),
-             **other},
-        )
-    )  # fmt: skip
-    if not problems:
+    cold = restore("full restore", "restic-restore", base / "restore")
+    warm = restore(WARM_RESTORE_STEP, "restic-restore-warm", base / "restore-warm", cold=False)
+    cold.details["repo_disk_bytes"] = _disk_usage(base / "repo")
+    if cold.details["verified"] and warm.details["verified"]:
         ctx.discard(base, run)
     yield
 
@@ -1340,7 +1362,10 @@ def run(args: argparse.Namespace) -> int:
         f"mutated with --mutate 2 before the incremental backup"
     )
     if dropped and all(dropped):
-        print("page cache: dropped before every measured step (cold reads)")
+        print(
+            "page cache: dropped before every measured step (cold reads) but the warm ones, "
+            "which follow the step before with the cache as it left it"
+        )
     elif any(dropped):
         print("page cache: dropped before some steps only")
     else:

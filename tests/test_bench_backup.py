@@ -75,3 +75,19 @@ def test_the_measured_modules_are_compiled_as_an_install_would(
 
     (package / "broken.py").write_text("def (:\n")
     assert "did not compile" in bench_backup.compile_bytecode(package)
+
+
+def test_the_warm_steps_are_reported_beside_restic_without_a_target(
+    bench_backup: ModuleType,
+) -> None:
+    warm = {bench_backup.UNCHANGED_STEP: 2.0, bench_backup.WARM_RESTORE_STEP: 10.0}
+    ours = _steps(bench_backup, "p2pbackup", {"full restore": 12.5, **warm})
+    theirs = _steps(bench_backup, "restic", {"full restore": 12.0, **warm})
+    lines = bench_backup.targets_lines(ours, theirs, [])
+    assert [line for line in lines if "restic:" in line] == [
+        "  full restore               ≥ 1.00× restic: 0.96×  MISS"
+    ]
+    assert len(lines) == 4  # and each step's peak RSS
+    table = bench_backup.comparison_table(ours, theirs).splitlines()
+    rows = {row.split("|")[0].strip(): row.split("|")[-1].strip() for row in table[3:]}
+    assert rows == {"full restore": "0.96x", **dict.fromkeys(warm, "1.00x")}

@@ -886,6 +886,38 @@ def check_code(summary: dict[str, Any]) -> None:
         )
 
 
+def measure_restore(
+    ctx: Context,
+    tool: str,
+    step: str,
+    name: str,
+    command: list[str],
+    run: Path,
+    target: Path,
+    *,
+    cold: bool,
+    env: dict[str, str] | None = None,
+    allowed: Sequence[int] = (0,),
+) -> Measurement:
+    """One restore of ``run``'s latest snapshot into ``target`` by ``command``,
+    verified against ``run``; ``cold``: the page cache dropped first."""
+    _files, size = tree_size(run)
+    if cold:
+        ctx.cold()
+    probe = ctx.begin_step()
+    seconds, cpu, rss, code, _out = run_measured(command, ctx.logs, name, env=env, allowed=allowed)
+    # Restic's steps run while p2pbackup's peers (if any) idle.
+    cpu, rss, details = ctx.end_step(probe, cpu, rss, peers_of_tool=tool == "p2pbackup")
+    problems = verify(run, restored_path(target, run))
+    if code != 0:
+        problems.insert(0, f"{tool} restore exited {code} (see {ctx.logs}/{name}.*)")
+    return Measurement(
+        tool, step, seconds, cpu, rss, size, code,
+        {"verified": not problems, "problems": problems[:20],
+         "problem_count": len(problems), **details},
+    )  # fmt: skip
+
+
 def bench_p2pbackup(ctx: Context, corpus: Path, results: list[Measurement]) -> Iterator[None]:
     """The steps for p2pbackup, yielding after each (see :func:`interleave`)."""
     base = _clean(ctx.workdir / "p2pbackup")
@@ -913,25 +945,10 @@ def bench_p2pbackup(ctx: Context, corpus: Path, results: list[Measurement]) -> I
         results.append(Measurement("p2pbackup", step, seconds, cpu, rss, size, code, details))
 
     def restore(step: str, name: str, target: Path, *, cold: bool = True) -> Measurement:
-        _files, size = tree_size(run)
-        if cold:
-            ctx.cold()
-        probe = ctx.begin_step()
-        seconds, cpu, rss, code, _out = run_measured(
-            [*cmd, "restore", "latest", "--target", str(target), "--json"],
-            ctx.logs,
-            name,
-            allowed=(0, 3),
-        )
-        cpu, rss, peers_details = ctx.end_step(probe, cpu, rss)
-        problems = verify(run, restored_path(target, run))
-        if code != 0:
-            problems.insert(0, f"p2pbackup restore exited {code} (see {ctx.logs}/{name}.*)")
-        measured = Measurement(
-            "p2pbackup", step, seconds, cpu, rss, size, code,
-            {"verified": not problems, "problems": problems[:20],
-             "problem_count": len(problems), **peers_details},
-        )  # fmt: skip
+        command = [*cmd, "restore", "latest", "--target", str(target), "--json"]
+        # Exit 3: some files could not be restored; verify() names them.
+        measured = measure_restore(ctx, "p2pbackup", step, name, command, run, target,
+                                   cold=cold, allowed=(0, 3))  # fmt: skip
         results.append(measured)
         return measured
 
@@ -1008,20 +1025,9 @@ def bench_restic(
         results.append(Measurement("restic", step, seconds, cpu, rss, size, code, details))
 
     def restore(step: str, name: str, target: Path, *, cold: bool = True) -> Measurement:
-        _files, size = tree_size(run)
-        if cold:
-            ctx.cold()
-        probe = ctx.begin_step()
-        seconds, cpu, rss, code, _out = run_measured(
-            [restic, "restore", "latest", "--target", str(target)], ctx.logs, name, env=env
-        )
-        cpu, rss, other = ctx.end_step(probe, cpu, rss, peers_of_tool=False)
-        problems = verify(run, restored_path(target, run))
-        measured = Measurement(
-            "restic", step, seconds, cpu, rss, size, code,
-            {"verified": not problems, "problems": problems[:20],
-             "problem_count": len(problems), **other},
-        )  # fmt: skip
+        command = [restic, "restore", "latest", "--target", str(target)]
+        measured = measure_restore(ctx, "restic", step, name, command, run, target,
+                                   cold=cold, env=env)  # fmt: skip
         results.append(measured)
         return measured
 

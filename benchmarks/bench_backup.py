@@ -1392,11 +1392,11 @@ def run(args: argparse.Namespace) -> int:
     for line in detail_lines([*ours, *theirs, *big]):
         print(line)
     for m in [*ours, *theirs]:
-        if m.step == "full restore":
+        if m.step in ("full restore", WARM_RESTORE_STEP):
             verdict = "OK" if m.details.get("verified") else "FAILED"
-            print(f"restore verification ({m.tool}): {verdict}")
+            print(f"restore verification ({m.tool}, {m.step}): {verdict}")
             if not m.details.get("verified"):
-                failures.append(f"{m.tool} restore differs from the source")
+                failures.append(f"{m.tool} {m.step} differs from the source")
     disturbance = disturbance_lines([*ours, *theirs, *big])
     if disturbance:
         print(

@@ -728,8 +728,11 @@ class Context:
             self.daemon_peak_reset.append(devnet.peak_resettable)
             self.node_problems.extend(devnet.stop())
 
-    def begin_step(self) -> StepProbe:
-        """Read the peers' CPU (and reset the devnet daemon's peak RSS) before a step."""
+    def begin_step(self, *, cold: bool = True) -> StepProbe:
+        """Before a step: drop the page cache (unless the step is a warm
+        one), read the peers' CPU and reset the devnet daemon's peak RSS."""
+        if cold:
+            self.cold()
         daemon_cpu, daemon_rss = 0.0, float("nan")
         if self.devnet is not None:
             self.devnet.reset_daemon_peak()
@@ -902,9 +905,7 @@ def measure_restore(
     """One restore of ``run``'s latest snapshot into ``target`` by ``command``,
     verified against ``run``; ``cold``: the page cache dropped first."""
     _files, size = tree_size(run)
-    if cold:
-        ctx.cold()
-    probe = ctx.begin_step()
+    probe = ctx.begin_step(cold=cold)
     seconds, cpu, rss, code, _out = run_measured(command, ctx.logs, name, env=env, allowed=allowed)
     # Restic's steps run while p2pbackup's peers (if any) idle.
     cpu, rss, details = ctx.end_step(probe, cpu, rss, peers_of_tool=tool == "p2pbackup")
@@ -928,9 +929,7 @@ def bench_p2pbackup(ctx: Context, corpus: Path, results: list[Measurement]) -> I
 
     def backup(step: str, name: str, extra: dict[str, Any], *, cold: bool = True) -> None:
         _files, size = tree_size(run)
-        if cold:
-            ctx.cold()
-        probe = ctx.begin_step()
+        probe = ctx.begin_step(cold=cold)
         seconds, cpu, rss, code, out = run_measured(
             [*cmd, "backup", source, "--json"], ctx.logs, name
         )
@@ -1009,9 +1008,7 @@ def bench_restic(
 
     def backup(step: str, name: str, extra: dict[str, Any], *, cold: bool = True) -> None:
         _files, size = tree_size(run)
-        if cold:
-            ctx.cold()
-        probe = ctx.begin_step()
+        probe = ctx.begin_step(cold=cold)
         seconds, cpu, rss, code, out = run_measured(
             [restic, "backup", "--json", source], ctx.logs, name, env=env
         )
@@ -1086,7 +1083,6 @@ def bench_big_file(ctx: Context, size_mb: int, restic: str | None) -> list[Measu
 
     p2p = _clean(base / "p2pbackup")
     cmd = p2p_home(ctx, p2p, "bigfile-")
-    ctx.cold()
     probe = ctx.begin_step()
     try:
         seconds, cpu, rss, code, out = run_measured(
@@ -1108,7 +1104,6 @@ def bench_big_file(ctx: Context, size_mb: int, restic: str | None) -> list[Measu
         rbase = _clean(base / "restic")
         env = restic_env(rbase)
         run_quiet([restic, "init"], env=env)
-        ctx.cold()
         probe = ctx.begin_step()
         seconds, cpu, rss, code, _out = run_measured(
             [restic, "backup", str(big.resolve())], ctx.logs, "restic-backup-bigfile", env=env

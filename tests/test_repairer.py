@@ -30,6 +30,7 @@ from p2pbackup.maintenance.repairer import RepairOptions, evacuate, repair_pass
 from p2pbackup.model import FriendRecord, PackRecord
 
 from .engine_helpers import make_tree, restored_path
+from .net_helpers import RunningNode
 from .test_network_engine import Cluster, backup, make_cluster, restore
 
 FAST = RepairOptions(rate=None)
@@ -47,6 +48,10 @@ def records(repo: Repository) -> list[PackRecord]:
 
 def node_ids(cluster: Cluster, names: list[str]) -> set[str]:
     return {node.identity.node_id.hex() for node in cluster.nodes if node.address.host in names}
+
+
+def node_with_id(cluster: Cluster, peer_id: str) -> RunningNode:
+    return next(node for node in cluster.nodes if node.identity.node_id.hex() == peer_id)
 
 
 def corrupt_every_shard(root: Path) -> int:
@@ -158,7 +163,7 @@ async def test_a_returning_node_counts_again_and_its_surplus_goes_later(
         # moved and their new holders are more than one node.
         held = Counter(s.peer_id for r in records(repo) for s in r.shards)
         away_id = max(held, key=lambda peer_id: (held[peer_id], peer_id))
-        away = next(n.address.host for n in cluster.nodes if n.identity.node_id.hex() == away_id)
+        away = node_with_id(cluster, away_id).address.host
         cluster.world.partition(["owner", *[h for h in everyone if h != away]])
         report = await repair_pass(repo, NOW_LOST)
         assert report.ok and report.shards_rebuilt > 0
@@ -179,7 +184,7 @@ async def test_a_returning_node_counts_again_and_its_surplus_goes_later(
         # healthy elsewhere and their returning copies are surplus.
         fewest = min(replaced, key=lambda peer_id: (replaced[peer_id], peer_id))
         assert replaced[fewest] < len(moved)
-        victim = next(n for n in cluster.nodes if n.identity.node_id.hex() == fewest)
+        victim = node_with_id(cluster, fewest)
         cluster.world.kill_host(victim.address.host)
         victim_id = victim.identity.node_id.hex()
         lost_there = {

@@ -73,6 +73,7 @@ THIRD_PARTY: Mapping[str, frozenset[str]] = {
             "p2pbackup.core.formats",
             "p2pbackup.wire.messages",
             "p2pbackup.engine.sealwire",
+            "p2pbackup.engine.listwire",
             # The DHT's datagrams, in the bytes kademlia's own codec writes.
             DHT_ADAPTER,
         }
@@ -131,6 +132,7 @@ PURE_ELSEWHERE = frozenset(
         "wire.messages",
         "wire.noise",
         "engine.sealwire",
+        "engine.listwire",
         "engine.shards",
         "engine.retention",
         "maintenance.audit",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -696,8 +697,10 @@ async def test_a_tree_of_small_directories_is_listed_ahead_in_few_thread_calls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from p2pbackup.core.exclude import ExcludeRules
-    from p2pbackup.engine import listing
+    from p2pbackup.engine import lister, listing
 
+    # The walk ahead of a backup whose lister process cannot start.
+    monkeypatch.setattr(lister, "LISTER_COMMAND", ("/nonexistent/python3", "-m", "x"))
     setup = await make_setup(tmp_path)
     source = tmp_path / "src"
     expected_dirs = 1
@@ -711,7 +714,7 @@ async def test_a_tree_of_small_directories_is_listed_ahead_in_few_thread_calls(
     (source / "d2" / "node_modules" / "deep" / "x").write_text("left out")
     listed: list[bytes] = []
     calls = 0
-    real_ahead, real_dir = listing._list_ahead, listing._list_dir
+    real_ahead, real_dir = listing.list_ahead, listing._list_dir
 
     def counting_ahead(walk, budget):  # type: ignore[no-untyped-def]
         nonlocal calls
@@ -723,8 +726,8 @@ async def test_a_tree_of_small_directories_is_listed_ahead_in_few_thread_calls(
         return real_dir(path)
 
     # A small budget, so the walk runs past what was listed ahead and lists again.
-    monkeypatch.setattr(listing, "_LISTING_BUDGET", 6)
-    monkeypatch.setattr(listing, "_list_ahead", counting_ahead)
+    monkeypatch.setattr(listing, "LISTING_BUDGET", 6)
+    monkeypatch.setattr(listing, "list_ahead", counting_ahead)
     monkeypatch.setattr(listing, "_list_dir", recording_dir)
     async with operations.open_repository(setup.home) as repo:
         rules = ExcludeRules.from_patterns(["node_modules"])
@@ -744,10 +747,11 @@ async def test_a_tree_of_small_directories_is_listed_ahead_in_few_thread_calls(
     assert diff_trees(source, restored_path(tmp_path / "out", source)) == []
 
 
+@pytest.mark.parametrize("by_lister", [True, False], ids=["lister", "thread"])
 async def test_a_directory_that_cannot_be_listed_is_skipped_and_named(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, by_lister: bool
 ) -> None:
-    from p2pbackup.engine import listing
+    from p2pbackup.engine import lister, listing
 
     setup = await make_setup(tmp_path)
     source = tmp_path / "src"
@@ -755,16 +759,32 @@ async def test_a_directory_that_cannot_be_listed_is_skipped_and_named(
     (source / "open" / "a.txt").write_text("a")
     (source / "locked" / "inner").mkdir(parents=True)
     (source / "locked" / "inner" / "b.txt").write_text("b")
-    real = listing._list_dir
     locked = os.fsencode(source / "locked")
+    # Permission bits do not stop root, who may run the tests: the listing
+    # of "locked" is refused, in the lister process or in this one.
+    if by_lister:
+        child = (
+            "import errno\n"
+            "from p2pbackup.engine import listing\n"
+            "real = listing._list_dir\n"
+            "def refusing(path):\n"
+            f"    if path == {locked!r}:\n"
+            "        raise PermissionError(errno.EACCES, 'Permission denied')\n"
+            "    return real(path)\n"
+            "listing._list_dir = refusing\n"
+            "listing.main()\n"
+        )
+        monkeypatch.setattr(lister, "LISTER_COMMAND", (sys.executable, "-P", "-c", child))
+    else:
+        real = listing._list_dir
 
-    def refusing(path):  # type: ignore[no-untyped-def]
-        # Permission bits do not stop root, who may run the tests: refuse here.
-        if path == locked:
-            raise PermissionError(13, "Permission denied")
-        return real(path)
+        def refusing(path):  # type: ignore[no-untyped-def]
+            if path == locked:
+                raise PermissionError(13, "Permission denied")
+            return real(path)
 
-    monkeypatch.setattr(listing, "_list_dir", refusing)
+        monkeypatch.setattr(lister, "LISTER_COMMAND", None)
+        monkeypatch.setattr(listing, "_list_dir", refusing)
     async with operations.open_repository(setup.home) as repo:
         summary = await Backup(repo).run([source])
     assert summary.skipped == [(str(source / "locked"), "cannot list: Permission denied")]

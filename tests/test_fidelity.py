@@ -14,7 +14,7 @@ import pytest
 
 from p2pbackup.app import operations
 from p2pbackup.app.home import Home
-from p2pbackup.engine import snapshots
+from p2pbackup.engine import lister, snapshots
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.restore import Restorer, RestoreSummary
 from p2pbackup.engine.treediff import diff_trees
@@ -128,8 +128,9 @@ async def test_attributes_acls_fifos_devices_and_holes_come_back(tmp_path: Path)
     assert tagged is not None and dict(tagged.xattrs)[b"user.colour"] == b"red"
 
 
+@pytest.mark.parametrize("by_lister", [True, False], ids=["lister", "thread"])
 async def test_the_walk_reads_attributes_with_the_listings_off_its_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, by_lister: bool
 ) -> None:
     source = make_fidelity_tree(tmp_path / "src")
     read_on: dict[bytes, bool] = {}
@@ -140,20 +141,26 @@ async def test_the_walk_reads_attributes_with_the_listings_off_its_thread(
         return real(path, follow_symlinks=follow_symlinks)
 
     setup = await make_setup(tmp_path)
+    if not by_lister:
+        monkeypatch.setattr(lister, "LISTER_COMMAND", None)
     with monkeypatch.context() as patched:
         patched.setattr(os, "listxattr", listxattr)
         async with operations.open_repository(setup.home) as repo:
             await Backup(repo).run([source])
     top = os.fsencode(source)
     # The target and the directories above it are not listed: the walk
-    # reads theirs itself. Every entry below is read once, beside its listing.
+    # reads theirs itself. Every entry below is read once, beside its
+    # listing: by the lister process, or else by the walk ahead's thread.
     assert {path for path, main in read_on.items() if main} == {
         top,
         *(os.fsencode(p) for p in source.parents if p != Path("/")),
     }
     below = {path for path in read_on if path.startswith(top + b"/")}
-    assert os.fsencode(source / "folder" / "readonly.txt") in below
-    assert len(below) == sum(len(dirs) + len(files) for _, dirs, files in os.walk(source))
+    if by_lister:
+        assert below == set()
+    else:
+        assert os.fsencode(source / "folder" / "readonly.txt") in below
+        assert len(below) == sum(len(dirs) + len(files) for _, dirs, files in os.walk(source))
     async with operations.open_repository(setup.home, access="read") as repo:
         _, snap = snapshots.resolve(repo.index, "latest")
         summary = await Restorer(repo, tmp_path / "out").run(snap)

@@ -28,6 +28,9 @@ from p2pbackup.model import BytesLike
 
 _PREFIXES = {2: struct.Struct(">H"), 4: struct.Struct(">I")}
 
+#: Bytes asked of a pipe between processes at a time.
+PIPE_READ_SIZE = 1 << 20
+
 
 class FrameReader:
     """Whole frames from a byte stream fed in pieces (module docstring).

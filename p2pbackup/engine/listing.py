@@ -19,68 +19,46 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import signal
 import stat
+import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 import attrs
-import trio
 
 from p2pbackup.core.exclude import ExcludeRules
+from p2pbackup.core.framing import PIPE_READ_SIZE
+from p2pbackup.engine.listwire import (
+    ENTRIES_PER_FRAME,
+    Listed,
+    Listing,
+    Xattrs,
+    decode_setup,
+    encode_end,
+    encode_listings,
+    entries_of,
+    frame_reader,
+)
+from p2pbackup.stores.durable import write_all
 
 log = logging.getLogger(__name__)
-
-#: A directory's entries (name, lstat), or why it could not be listed.
-Listing = list[tuple[bytes, os.stat_result]] | OSError
-
-#: An entry's extended attributes: (name, value) sorted by name.
-Xattrs = tuple[tuple[bytes, bytes], ...]
 
 #: listxattr's answers for "this filesystem keeps no extended attributes",
 #: and getxattr's for "that one went away meanwhile": nothing to keep.
 _NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT, errno.ENODATA})
 
 #: Directory entries listed ahead of the walk in one thread call.
-_LISTING_BUDGET = 4096
+LISTING_BUDGET = 4096
 
 
-class ListingAhead:
-    """The listings of one backup's walk, listed ahead of it (module docstring)."""
-
-    def __init__(self, exclude: ExcludeRules) -> None:
-        self._exclude = exclude
-        #: Directories listed ahead of the walk, until it gets there.
-        self._listings: dict[bytes, tuple[Listing, Mapping[bytes, Xattrs]]] = {}
-        self._walk_ahead: Iterator[tuple[bytes, Listing, Mapping[bytes, Xattrs]]] | None = None
-
-    async def listing(self, path: bytes) -> tuple[Listing, Mapping[bytes, Xattrs]]:
-        """The entries of ``path`` and, by name, the extended attributes of
-        those that have any, from the walk ahead (started there if the walk
-        did not expect ``path``: the first directory of a target)."""
-        listed = self._listings.pop(path, None)
-        if listed is not None:
-            return listed
-        for attempt in range(2):
-            if self._walk_ahead is None or attempt:
-                # The first directory of a target, or the walk ahead lost its way.
-                self._listings.clear()
-                self._walk_ahead = _walk_listings(path, self._exclude, None, xattrs=True)
-            listings = await trio.to_thread.run_sync(_list_ahead, self._walk_ahead, _LISTING_BUDGET)
-            if not listings:
-                self._walk_ahead = None
-            self._listings.update((where, (listing, xattrs)) for where, listing, xattrs in listings)
-            listed = self._listings.pop(path, None)
-            if listed is not None:
-                return listed
-        raise AssertionError(f"a walk from {path!r} did not list it first")
-
-
-def _walk_listings(
+def walk_listings(
     root: bytes, exclude: ExcludeRules, device: int | None, *, xattrs: bool = False
-) -> Iterator[tuple[bytes, Listing, Mapping[bytes, Xattrs]]]:
+) -> Iterator[Listed]:
     """Every directory from ``root`` (on ``device``; None: not known yet)
     down with its listing, in the walk's own order: depth first, entries by
     name, directories the walk leaves out (:meth:`ExcludeRules.leaves_out`,
@@ -109,12 +87,10 @@ def _walk_listings(
     for name, st in entries:
         below = prefix + b"/" + name
         if stat.S_ISDIR(st.st_mode) and not exclude.leaves_out(below, st.st_dev, device):
-            yield from _walk_listings(below, exclude, st.st_dev, xattrs=xattrs)
+            yield from walk_listings(below, exclude, st.st_dev, xattrs=xattrs)
 
 
-def _list_ahead(
-    walk: Iterator[tuple[bytes, Listing, Mapping[bytes, Xattrs]]], budget: int
-) -> list[tuple[bytes, Listing, Mapping[bytes, Xattrs]]]:
+def list_ahead(walk: Iterator[Listed], budget: int) -> list[Listed]:
     """The next directories of ``walk``, until about ``budget`` entries are listed."""
     listings = []
     listed = 0
@@ -184,7 +160,7 @@ def scan(targets: list[bytes], exclude: ExcludeRules, stop: threading.Event) -> 
         if stat.S_ISREG(st.st_mode):
             files, size = files + 1, size + st.st_size
             continue
-        for path, listing, _xattrs in _walk_listings(target, exclude, None):
+        for path, listing, _xattrs in walk_listings(target, exclude, None):
             if stop.is_set():
                 return None
             if isinstance(listing, OSError):
@@ -194,3 +170,42 @@ def scan(targets: list[bytes], exclude: ExcludeRules, stop: threading.Event) -> 
                 if stat.S_ISREG(entry.st_mode) and not exclude.excludes(prefix + b"/" + name):
                     files, size = files + 1, size + entry.st_size
     return ScanTotals(files, size)
+
+
+# -- the lister process (python -m p2pbackup.engine.listing) -----------------------------
+
+
+def serve(stdin: int, stdout: int) -> None:
+    """Walk as the setup frame on ``stdin`` says; write the listings on ``stdout``."""
+    reader = frame_reader()
+    while (body := reader.next_body()) is None:
+        data = os.read(stdin, PIPE_READ_SIZE)
+        if not data:
+            return  # closed before its setup: nothing was asked
+        reader.feed(data)
+    setup = decode_setup(body)
+    batch: list[Listed] = []
+    entries = 0
+    for root in setup.roots:
+        for listed in walk_listings(root, setup.rules, None, xattrs=True):
+            batch.append(listed)
+            entries += entries_of([listed])
+            if entries >= ENTRIES_PER_FRAME:
+                write_all(stdout, encode_listings(batch))
+                batch, entries = [], 0
+    if batch:
+        write_all(stdout, encode_listings(batch))
+    write_all(stdout, encode_end())
+
+
+def main() -> None:
+    # The backup stops its lister; a Ctrl-C at a terminal reaches the whole
+    # process group, and must not print a traceback from here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A broken pipe: the backup closed its end, it wants no more listings.
+    with contextlib.suppress(BrokenPipeError):
+        serve(sys.stdin.fileno(), sys.stdout.fileno())
+
+
+if __name__ == "__main__":
+    main()

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 
-import trio
-
+from p2pbackup.core.framing import PIPE_READ_SIZE
 from p2pbackup.engine import runtime
+from p2pbackup.engine.children import PipedChild, child_command
 from p2pbackup.engine.reading import read_file
 from p2pbackup.engine.sealwire import (
     SealedChunk,
@@ -51,13 +50,8 @@ from p2pbackup.engine.sealwire import (
 from p2pbackup.errors import LocalProtocolError
 from p2pbackup.stores.durable import write_all
 
-#: How the backup starts a sealer: the same interpreter and package (-P: not
-#: a package of that name in whatever directory the backup runs in).
-SEALER_COMMAND = (sys.executable, "-P", "-m", "p2pbackup.engine.sealer")
-#: Bytes asked of a pipe at a time.
-_READ_SIZE = 1 << 20
-#: The most of a dead sealer's stderr kept for the error message.
-_STDERR_KEPT = 4096
+#: How the backup starts a sealer (:func:`~p2pbackup.engine.children.child_command`).
+SEALER_COMMAND = child_command("p2pbackup.engine.sealer")
 
 
 class SealerError(LocalProtocolError):
@@ -73,7 +67,7 @@ def serve(stdin: int, stdout: int) -> None:
 
     def next_body() -> bytes | None:
         while (body := reader.next_body()) is None:
-            data = os.read(stdin, _READ_SIZE)
+            data = os.read(stdin, PIPE_READ_SIZE)
             if not data:
                 if reader.buffered:
                     raise SealwireError(f"stdin closed inside a frame ({reader.buffered} bytes)")
@@ -126,107 +120,27 @@ def main() -> None:
 # -- the backup's side ------------------------------------------------------------------
 
 
-class Sealer:
+class Sealer(PipedChild):
     """A running sealer process; use as ``async with await Sealer.start(setup)``."""
 
-    def __init__(self, process: trio.Process) -> None:
-        self._process = process
-        self._reader = frame_reader()
+    kind = "sealer"
+    error = SealerError
 
     @classmethod
     async def start(cls, setup: Setup) -> Sealer:
-        try:
-            process = await trio.lowlevel.open_process(
-                SEALER_COMMAND,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-        except OSError as exc:
-            raise SealerError(f"cannot start a sealer process: {exc}") from exc
-        sealer = cls(process)
-        try:
-            await sealer._send(encode_setup(setup))
-        except BaseException:
-            await sealer.aclose()
-            raise
-        return sealer
-
-    @property
-    def pid(self) -> int:
-        return self._process.pid
+        return await cls._spawn(SEALER_COMMAND, frame_reader(), encode_setup(setup))
 
     async def seal(self, paths: list[bytes]) -> tuple[SealedFile, ...]:
         """The outcome of reading each of ``paths``, in order."""
         await self._send(encode_batch(paths))
-        stdout = self._process.stdout
-        assert stdout is not None
         try:
-            while (body := self._reader.next_body()) is None:
-                try:
-                    data = await stdout.receive_some(_READ_SIZE)
-                except trio.BrokenResourceError as exc:
-                    raise await self._died(f"its output broke ({exc})") from None
-                if not data:
-                    raise await self._died("it closed its output")
-                self._reader.feed(data)
-            files = decode_results(body)
+            files = decode_results(await self._receive_body())
         except SealwireError as exc:
             # Not a file's fault: the batch goes to the threads like any failure.
             raise SealerError(f"sealer process {self.pid} sent a bad frame: {exc}") from None
         if len(files) != len(paths):
             raise SealerError(f"a sealer answered {len(files)} files for a batch of {len(paths)}")
         return files
-
-    async def _send(self, frame: bytes) -> None:
-        stdin = self._process.stdin
-        assert stdin is not None
-        try:
-            await stdin.send_all(frame)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise await self._died(f"its input broke ({exc})") from None
-
-    async def _died(self, how: str) -> SealerError:
-        """The error for a sealer that stopped answering, with its last words."""
-        with trio.move_on_after(5):
-            await self._process.wait()
-        words = b""
-        if self._process.stderr is not None:
-            with trio.move_on_after(1):
-                while len(words) < 64 * _STDERR_KEPT and (
-                    piece := await self._process.stderr.receive_some(_READ_SIZE)
-                ):
-                    words += piece
-        last = words.decode(errors="replace").strip().splitlines()[-1:] or ["nothing on stderr"]
-        code = self._process.returncode
-        status = "still running" if code is None else f"exit status {code}"
-        return SealerError(
-            f"sealer process {self._process.pid} failed: {how}; {status}; "
-            f"it said: {last[0][:_STDERR_KEPT]}"
-        )
-
-    async def aclose(self) -> None:
-        """End the sealer: close its pipes and wait; kill it if cancelled or stuck."""
-        process = self._process
-        try:
-            with trio.CancelScope(shield=True):
-                for stream in (process.stdin, process.stdout, process.stderr):
-                    if stream is not None:
-                        await stream.aclose()
-            # A sealer reading its input exits at once when it closes.
-            with trio.move_on_after(5):
-                await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-                with trio.CancelScope(shield=True):
-                    await process.wait()
-
-    async def __aenter__(self) -> Sealer:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 if __name__ == "__main__":

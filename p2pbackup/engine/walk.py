@@ -9,8 +9,8 @@
   the directory's own stores its **tree** blob once every entry is done. The
   walker itself never waits for file data, so the workers always have the
   next files queued (it waits only when the job queue is full).
-* **listings** come from a walk run ahead in a thread (:mod:`.listing`),
-  with the extended attributes of the entries listed.
+* **listings** come from a walk run ahead by the lister process
+  (:mod:`.lister`), with the extended attributes of the entries listed.
 * **hard links** (:class:`HardLinks`) — a file with more names is read once,
   at the first name met; the others are links to it, in one **group**.
 * the **file cache** (:class:`FileCache`) — a file whose size, times and
@@ -34,7 +34,9 @@ import trio
 from p2pbackup.core import blobs, formats
 from p2pbackup.core.exclude import ExcludeRules
 from p2pbackup.engine.index import CachedFile, Index
-from p2pbackup.engine.listing import ListingAhead, Xattrs, read_xattrs
+from p2pbackup.engine.lister import ListingAhead
+from p2pbackup.engine.listing import read_xattrs
+from p2pbackup.engine.listwire import Xattrs
 from p2pbackup.engine.pipeline import FileWork, Pipeline
 from p2pbackup.model import BlobType, FileStat, NodeKind, Tree, TreeNode
 
@@ -219,10 +221,13 @@ class TreeWalk:
         """Walk from / down to every target; the id of the root tree, once
         every tree below it is stored."""
         self._targets = frozenset(targets)
-        async with trio.open_nursery() as trees:
-            self._trees = trees
-            root_future = await self._save_root(targets)
-            await self._pipeline.flush()
+        try:
+            async with trio.open_nursery() as trees:
+                self._trees = trees
+                root_future = await self._save_root(targets)
+                await self._pipeline.flush()
+        finally:
+            await self._listings.aclose()
         root = await root_future.wait()
         assert root is not None
         return root

@@ -18,7 +18,7 @@ from p2pbackup.app.home import Home
 from p2pbackup.core import blobs, chunker
 from p2pbackup.engine import pipeline, sealer, sealwire, snapshots
 from p2pbackup.engine.backup import Backup
-from p2pbackup.engine.reading import CHANGED_WHILE_READ
+from p2pbackup.engine.reading import CHANGED_WHILE_READ, prefetch
 from p2pbackup.engine.restore import Restorer
 from p2pbackup.engine.sealer import Sealer, SealerError
 from p2pbackup.engine.sealwire import SealedChunk, SealedFile, SealwireError, Setup
@@ -447,3 +447,15 @@ async def test_a_cancelled_backup_leaves_no_sealer_running(tmp_path: Path) -> No
     for pid in set(pids):
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # reaped: it exited or was killed
+
+
+# -- reading a batch ahead ------------------------------------------------------------
+
+
+def test_prefetch_passes_over_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"x" * 10_000)
+    os.mkfifo(tmp_path / "fifo")  # opened without waiting for a writer
+    (tmp_path / "link").symlink_to(tmp_path / "file")
+    # A fifo opened to be read would wait for a writer: this returns.
+    prefetch(os.fsencode(tmp_path / n) for n in ("file", "fifo", "link", "missing"))
+    assert (tmp_path / "file").read_bytes() == b"x" * 10_000

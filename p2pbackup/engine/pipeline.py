@@ -366,6 +366,8 @@ class Pipeline:
             if group := outbox.add(ident, length, sealed):
                 trio.from_thread.run(self._forward, group)
 
+        if len(job.files) > 1:
+            reading.prefetch(work.path for work in job.files)
         for work in job.files:
             outcome = reading.read_file(
                 work.path, self._params, self._keys, self._deduper.claim, sink

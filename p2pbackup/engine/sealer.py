@@ -33,7 +33,7 @@ import sys
 from p2pbackup.core.framing import PIPE_READ_SIZE
 from p2pbackup.engine import runtime
 from p2pbackup.engine.children import PipedChild, child_command
-from p2pbackup.engine.reading import read_file
+from p2pbackup.engine.reading import prefetch, read_file
 from p2pbackup.engine.sealwire import (
     SealedChunk,
     SealedFile,
@@ -81,7 +81,9 @@ def serve(stdin: int, stdout: int) -> None:
     setup = decode_setup(first)
     sent: set[bytes] = set()
     while (body := next_body()) is not None:
-        files = [_seal_file(path, setup, sent) for path in decode_batch(body)]
+        paths = decode_batch(body)
+        prefetch(paths)
+        files = [_seal_file(path, setup, sent) for path in paths]
         write_all(stdout, encode_results(files))
 
 

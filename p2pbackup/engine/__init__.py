@@ -8,12 +8,14 @@ Nouns:
   **shards** (:mod:`.shards`) are coded and checked in worker threads; the
   **root record** (:mod:`.rootrecord`) names the live snapshots and index packs.
 * **backup** (:mod:`.backup`) — directory trees into a snapshot: the **walk**
-  (:mod:`.walk`, listing ahead in :mod:`.listing`) feeds the **pipeline**
+  (:mod:`.walk`, listed ahead by the **lister** process of :mod:`.lister`,
+  talking :mod:`.listwire`) feeds the **pipeline**
   (:mod:`.pipeline`) that reads (:mod:`.reading`, and the **sealer** processes
   of :mod:`.sealer`, talking :mod:`.sealwire`), packs, codes and places.
 * **restore** (:mod:`.restore`), **snapshots** (:mod:`.snapshots`), **prune**
   (:mod:`.prune`), **check** (:mod:`.check`).
-* **progress** (:mod:`.progress`) — the lines long work reports through;
+* **children** (:mod:`.children`) — what the sealers and the lister share;
+  **progress** (:mod:`.progress`) — the lines long work reports through;
   **runtime** (:mod:`.runtime`) — process-wide tuning for bulk work.
 
 May import: core, net, wire, stores, dht.

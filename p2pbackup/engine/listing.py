@@ -1,17 +1,21 @@
-"""Listing directories for a backup's walk, ahead of it.
+"""Listing directories for a backup's walk, ahead of it; the lister process.
 
 * **listing** — a directory's entries as (name, lstat), sorted by name; or
   the :class:`OSError` that stands in for a directory that cannot be listed.
 * **extended attributes** — each entry's own (a symlink's, not its
-  target's), read with its listing (:func:`read_xattrs`): the walk ahead's
-  thread makes the system calls, one or more a file, that the backup's
-  walk would otherwise make on its own thread.
+  target's), read with its listing (:func:`read_xattrs`): the walk ahead
+  makes the system calls, one or more a file, that the backup's walk would
+  otherwise make on its own thread.
 * **walk ahead** — a walk of the same order as the backup's (depth first,
-  entries by name, excluded directories not entered) that runs in a worker
-  thread, a few thousand entries per call, and keeps the listings until the
-  backup's walk gets there. One thread call per directory made the walk wait
-  for a thread, then for the GIL, at every directory: a tree of many small
-  directories spent much of its backup there (docs/performance.md#backup).
+  entries by name, excluded directories not entered; :func:`walk_listings`),
+  whose listings wait until the backup's walk gets there
+  (:class:`~p2pbackup.engine.lister.ListingAhead`). It runs in the **lister**,
+  a child process (``python -m p2pbackup.engine.listing``: :func:`serve`)
+  that sends its listings in frames (:mod:`.listwire`); or, when that
+  cannot be, in a worker thread of the backup, a few thousand entries per
+  call (:func:`list_ahead`): one thread call per directory made the walk
+  wait for a thread, then for the GIL, at every directory
+  (docs/performance.md#backup).
 * **scan** — :func:`scan`: the regular files the walk will meet and their
   bytes, counted ahead of it in a thread of its own (restic's scan), so
   that progress can say how far along a backup is and when it will end.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import signal
@@ -96,7 +101,7 @@ def list_ahead(walk: Iterator[Listed], budget: int) -> list[Listed]:
     listed = 0
     for path, listing, xattrs in walk:
         listings.append((path, listing, xattrs))
-        listed += len(listing) if isinstance(listing, list) else 1
+        listed += entries_of(listing)
         if listed >= budget:
             break
     return listings
@@ -184,17 +189,11 @@ def serve(stdin: int, stdout: int) -> None:
             return  # closed before its setup: nothing was asked
         reader.feed(data)
     setup = decode_setup(body)
-    batch: list[Listed] = []
-    entries = 0
-    for root in setup.roots:
-        for listed in walk_listings(root, setup.rules, None, xattrs=True):
-            batch.append(listed)
-            entries += entries_of([listed])
-            if entries >= ENTRIES_PER_FRAME:
-                write_all(stdout, encode_listings(batch))
-                batch, entries = [], 0
-    if batch:
-        write_all(stdout, encode_listings(batch))
+    walk = itertools.chain.from_iterable(
+        walk_listings(root, setup.rules, None, xattrs=True) for root in setup.roots
+    )
+    while listings := list_ahead(walk, ENTRIES_PER_FRAME):
+        write_all(stdout, encode_listings(listings))
     write_all(stdout, encode_end())
 
 

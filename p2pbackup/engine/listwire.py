@@ -23,7 +23,7 @@ the decoders still check every field, and say which one is wrong.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import attrs
 import msgpack
@@ -242,6 +242,6 @@ def _xattrs(value: object, what: str) -> dict[bytes, Xattrs]:
     return found
 
 
-def entries_of(listed: Sequence[Listed]) -> int:
-    """How many entries ``listed`` holds (a directory not listed counts one)."""
-    return sum(len(listing) if isinstance(listing, list) else 1 for _, listing, _ in listed)
+def entries_of(listing: Listing) -> int:
+    """How many entries ``listing`` holds (a directory not listed counts one)."""
+    return len(listing) if isinstance(listing, list) else 1

@@ -18,6 +18,7 @@ from p2pbackup.engine import lister, listing, listwire, snapshots
 from p2pbackup.engine.backup import Backup
 from p2pbackup.engine.lister import Lister, ListerError, ListingAhead
 from p2pbackup.engine.listwire import Listed, ListerSetup, ListwireError
+from p2pbackup.engine.repository import Repository
 
 from .engine_helpers import make_setup, make_tree
 
@@ -373,3 +374,34 @@ async def test_a_backup_with_its_lister_stores_what_one_listing_in_a_thread_does
         assert summary.excluded == 1
     # Listed by the child, then in a thread: the same trees, to the byte.
     assert trees[0] == trees[1]
+
+
+async def test_one_lister_lists_every_target_from_before_the_peers_are_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Targets in an order the walk does not take ("a.b" sorts before "a/"
+    # as bytes, after it by component), and a file among them.
+    for name in ("a/x", "a.b/y", "c/z"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        (tmp_path / "src" / name / "f").write_text(name)
+    (tmp_path / "src" / "loose.txt").write_text("a file")
+    setup = await make_setup(tmp_path)
+    events: list[str] = []
+    real_start, real_probe = Lister.start, Repository.probe_peers
+
+    async def start(lister_setup: ListerSetup) -> Lister:
+        roots = [os.path.basename(root).decode() for root in lister_setup.roots]
+        events.append("lister " + " ".join(roots))
+        return await real_start(lister_setup)
+
+    async def probe(self: Repository) -> None:
+        events.append("probe")
+        await real_probe(self)
+
+    monkeypatch.setattr(Lister, "start", start)
+    monkeypatch.setattr(Repository, "probe_peers", probe)
+    targets = [tmp_path / "src" / n for n in ("c", "a.b", "loose.txt", "a")]
+    async with operations.open_repository(setup.home) as repo:
+        summary = await Backup(repo).run(targets)
+    assert events == ["lister a a.b c", "probe"]
+    assert summary.dirs == 6 and summary.files_new == 4

@@ -451,3 +451,16 @@ def test_a_run_stopped_by_a_signal_takes_its_homes_away(signum: int, tmp_path: P
     assert run.returncode == 130
     assert err.decode().strip().splitlines()[-1] == "p2pbackup: interrupted"
     assert not any(Path(path).exists() for path in work)
+
+
+def test_the_virtual_machine_lists_in_the_backup_and_puts_the_lister_back(
+    tmp_path: Path,
+) -> None:
+    from p2pbackup.engine import lister
+
+    command = lister.LISTER_COMMAND
+    assert command is not None
+    with world.virtual_machine(1, tmp_path):
+        # A lister is another process, whose pace virtual time cannot wait for.
+        assert lister.LISTER_COMMAND is None
+    assert lister.LISTER_COMMAND is command

@@ -299,16 +299,6 @@ class Backup:
         targets = normalize_paths(paths)
         if not targets:
             raise UsageError("nothing to back up: give at least one path")
-        if not self.dry_run:
-            # Who is up and how much room each has, before the first pack: a
-            # dead peer costs one probe instead of a timeout per pack, and
-            # placement weighs the rest by their room.
-            await self.repo.probe_peers()
-            self.repo.check_enough_peers()
-            # Another home of this identity writing the root record would
-            # make this one's unpublishable: say so before uploading anything.
-            await self.repo.check_writer()
-        started = time.monotonic()
         pipeline = Pipeline(
             self.repo,
             self.params,
@@ -327,6 +317,26 @@ class Backup:
             self.repo.keyring.dedup_key,
             told=self.told,
         )
+        # Listed from now on, while the peers are asked.
+        await walk.start_listing(targets)
+        try:
+            return await self._run(walk, pipeline, targets, tuple(tags))
+        finally:
+            await walk.aclose()
+
+    async def _run(
+        self, walk: TreeWalk, pipeline: Pipeline, targets: list[bytes], tags: tuple[str, ...]
+    ) -> BackupSummary:
+        if not self.dry_run:
+            # Who is up and how much room each has, before the first pack: a
+            # dead peer costs one probe instead of a timeout per pack, and
+            # placement weighs the rest by their room.
+            await self.repo.probe_peers()
+            self.repo.check_enough_peers()
+            # Another home of this identity writing the root record would
+            # make this one's unpublishable: say so before uploading anything.
+            await self.repo.check_writer()
+        started = time.monotonic()
         stop_scan = threading.Event()
         if self.progress.enabled:
             # Counted beside the walk, for a percentage and an ETA (restic's
@@ -337,7 +347,7 @@ class Backup:
         try:
             with unwrap_single(), runtime.rare_collections():
                 snapshot_id, snapshot = await pipeline.run(
-                    functools.partial(self._save_snapshot, walk, pipeline, targets, tuple(tags))
+                    functools.partial(self._save_snapshot, walk, pipeline, targets, tags)
                 )
         finally:
             stop_scan.set()

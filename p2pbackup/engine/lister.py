@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import trio
 
@@ -105,7 +105,7 @@ class ListingAhead:
         for attempt in range(2):
             if attempt or (self._lister is None and self._thread_walk is None):
                 # The first directory of a target, or the walk ahead lost its way.
-                await self._start(path)
+                await self._start((path,))
             listings = await self._next(path)
             if not listings:
                 await self._stop()
@@ -115,20 +115,26 @@ class ListingAhead:
                 return listed
         raise AssertionError(f"a walk from {path!r} did not list it first")
 
+    async def start(self, roots: Sequence[bytes]) -> None:
+        """Start walking ahead down from ``roots``, the directories the
+        backup's walk will list first, in its order, before it asks: a
+        lister takes a moment to start."""
+        await self._start(tuple(roots))
+
     async def aclose(self) -> None:
         """Stop the walk ahead."""
         await self._stop()
 
-    async def _start(self, path: bytes) -> None:
-        """A walk ahead from ``path``: by a lister if one is wanted and starts."""
+    async def _start(self, roots: tuple[bytes, ...]) -> None:
+        """A walk ahead from ``roots``: by a lister if one is wanted and starts."""
         await self._stop()
         if self._by_lister:
             try:
-                self._lister = await Lister.start(ListerSetup((path,), self._exclude))
+                self._lister = await Lister.start(ListerSetup(roots, self._exclude))
                 return
             except ListerError as exc:
                 self._lister_failed(exc)
-        self._thread_walk = listing.walk_listings(path, self._exclude, None, xattrs=True)
+        self._thread_walk = listing.walk_roots(roots, self._exclude)
 
     async def _next(self, path: bytes) -> list[Listed]:
         """The next listings of the walk ahead, which the walk wants from ``path`` on."""
@@ -138,7 +144,7 @@ class ListingAhead:
             except ListerError as exc:
                 self._lister_failed(exc)
                 await self._stop()
-                self._thread_walk = listing.walk_listings(path, self._exclude, None, xattrs=True)
+                self._thread_walk = listing.walk_roots((path,), self._exclude)
         assert self._thread_walk is not None
         # Looked up here, where a test can set them.
         return await trio.to_thread.run_sync(

@@ -32,7 +32,7 @@ import signal
 import stat
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import attrs
 
@@ -93,6 +93,14 @@ def walk_listings(
         below = prefix + b"/" + name
         if stat.S_ISDIR(st.st_mode) and not exclude.leaves_out(below, st.st_dev, device):
             yield from walk_listings(below, exclude, st.st_dev, xattrs=xattrs)
+
+
+def walk_roots(roots: Iterable[bytes], exclude: ExcludeRules) -> Iterator[Listed]:
+    """The walk ahead of a backup: down from each of ``roots`` in turn, with
+    the extended attributes."""
+    return itertools.chain.from_iterable(
+        walk_listings(root, exclude, None, xattrs=True) for root in roots
+    )
 
 
 def list_ahead(walk: Iterator[Listed], budget: int) -> list[Listed]:
@@ -189,9 +197,7 @@ def serve(stdin: int, stdout: int) -> None:
             return  # closed before its setup: nothing was asked
         reader.feed(data)
     setup = decode_setup(body)
-    walk = itertools.chain.from_iterable(
-        walk_listings(root, setup.rules, None, xattrs=True) for root in setup.roots
-    )
+    walk = walk_roots(setup.roots, setup.rules)
     while listings := list_ahead(walk, ENTRIES_PER_FRAME):
         write_all(stdout, encode_listings(listings))
     write_all(stdout, encode_end())

@@ -217,17 +217,24 @@ class TreeWalk:
         #: compares with its parent's.
         self.target_nodes: dict[bytes, TreeNode] = {}
 
+    async def start_listing(self, targets: list[bytes]) -> None:
+        """Start listing ahead for a walk down to ``targets``, before
+        :meth:`save` (and :meth:`aclose` after it)."""
+        roots = [t for t in sorted(targets, key=_components) if _is_dir(t)]
+        await self._listings.start(roots)
+
+    async def aclose(self) -> None:
+        """Stop listing ahead."""
+        await self._listings.aclose()
+
     async def save(self, targets: list[bytes]) -> bytes:
         """Walk from / down to every target; the id of the root tree, once
         every tree below it is stored."""
         self._targets = frozenset(targets)
-        try:
-            async with trio.open_nursery() as trees:
-                self._trees = trees
-                root_future = await self._save_root(targets)
-                await self._pipeline.flush()
-        finally:
-            await self._listings.aclose()
+        async with trio.open_nursery() as trees:
+            self._trees = trees
+            root_future = await self._save_root(targets)
+            await self._pipeline.flush()
         root = await root_future.wait()
         assert root is not None
         return root
@@ -424,6 +431,19 @@ class TreeWalk:
             gid=st.st_gid,
             rdev=st.st_rdev if kind is not NodeKind.FIFO else 0,
         )
+
+
+def _components(path: bytes) -> list[bytes]:
+    """Where the walk meets ``path``: it goes down by name, one component at a time."""
+    return path.split(b"/")
+
+
+def _is_dir(path: bytes) -> bool:
+    """Whether ``path`` is a directory the walk lists (not a link to one)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 _SPECIAL_KINDS = {

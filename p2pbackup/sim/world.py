@@ -58,7 +58,7 @@ from p2pbackup.app import daemon, operations
 from p2pbackup.app.home import Home
 from p2pbackup.app.service import error_message
 from p2pbackup.core import crypto, formats, merkle
-from p2pbackup.engine import snapshots
+from p2pbackup.engine import lister, snapshots
 from p2pbackup.engine.index import Index
 from p2pbackup.engine.restore import Restorer
 from p2pbackup.errors import P2PBackupError
@@ -197,6 +197,9 @@ def virtual_machine(seed: int, work: Path | None = None) -> Iterator[None]:
       which changes whenever anyone makes a file there) made the trees'
       compressed sizes, so the packs' sizes and placement, differ from one
       process to the next.
+    * a backup lists its directories itself (in a "thread", so inline), not
+      in a lister process: virtual time cannot wait for another process,
+      and the clock would jump while the walk waits for its listings.
     """
     import trio._core._run as trio_run
 
@@ -208,6 +211,7 @@ def virtual_machine(seed: int, work: Path | None = None) -> Iterator[None]:
     saved_from_thread = trio.from_thread.run
     saved_state, saved_global = trio_run._r.getstate(), random.getstate()
     saved_random_bytes = crypto.random_bytes
+    saved_lister = lister.LISTER_COMMAND
 
     def seeded_bytes(n: int) -> bytes:
         if n < 0:
@@ -219,6 +223,7 @@ def virtual_machine(seed: int, work: Path | None = None) -> Iterator[None]:
     time.time = virtual_now
     time.time_ns = _virtual_ns
     crypto.random_bytes = seeded_bytes
+    lister.LISTER_COMMAND = None
     setattr(trio_run, deterministic, True)
     trio_run._r.seed(seed)
     random.seed(seed)
@@ -232,6 +237,7 @@ def virtual_machine(seed: int, work: Path | None = None) -> Iterator[None]:
         trio.from_thread.run = saved_from_thread
         time.time, time.time_ns = _REAL_TIME, _REAL_TIME_NS
         crypto.random_bytes = saved_random_bytes
+        lister.LISTER_COMMAND = saved_lister
         setattr(trio_run, deterministic, saved_flag)
         trio_run._r.setstate(saved_state)
         random.setstate(saved_global)

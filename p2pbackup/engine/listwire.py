@@ -35,7 +35,7 @@ from p2pbackup.errors import LocalProtocolError, UsageError
 
 #: The version a setup frame carries; a lister refuses any other.
 PROTOCOL_VERSION = 1
-#: Largest frame body: a frame holds about LISTINGS_PER_FRAME entries, or one
+#: Largest frame body: a frame holds about ENTRIES_PER_FRAME entries, or one
 #: directory of many more (a million entries is some 80 MB).
 MAX_FRAME = 256 << 20
 #: Entries a lister puts in one frame (more when one directory holds more).

@@ -72,8 +72,8 @@ THIRD_PARTY: Mapping[str, frozenset[str]] = {
         {
             "p2pbackup.core.formats",
             "p2pbackup.wire.messages",
-            "p2pbackup.engine.sealwire",
-            "p2pbackup.engine.listwire",
+            # The frames on the pipes to a backup's child processes.
+            "p2pbackup.engine.pipeframes",
             # The DHT's datagrams, in the bytes kademlia's own codec writes.
             DHT_ADAPTER,
         }
@@ -133,6 +133,7 @@ PURE_ELSEWHERE = frozenset(
         "wire.noise",
         "engine.sealwire",
         "engine.listwire",
+        "engine.pipeframes",
         "engine.shards",
         "engine.retention",
         "maintenance.audit",

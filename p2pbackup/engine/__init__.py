@@ -14,7 +14,8 @@ Nouns:
   of :mod:`.sealer`, talking :mod:`.sealwire`), packs, codes and places.
 * **restore** (:mod:`.restore`), **snapshots** (:mod:`.snapshots`), **prune**
   (:mod:`.prune`), **check** (:mod:`.check`).
-* **children** (:mod:`.children`) — what the sealers and the lister share;
+* **children** (:mod:`.children`) — what the sealers and the lister share,
+  and the frames on their pipes (:mod:`.pipeframes`);
   **progress** (:mod:`.progress`) — the lines long work reports through;
   **runtime** (:mod:`.runtime`) — process-wide tuning for bulk work.
 

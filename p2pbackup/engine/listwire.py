@@ -4,8 +4,9 @@ Sans-IO: bytes in, values out. :mod:`p2pbackup.engine.lister` moves the bytes.
 
 Nouns:
 
-* **frame** — as the sealers' (:mod:`.sealwire`): a 4-byte big-endian body
-  length, then a msgpack body, an array whose first item is the frame kind.
+* **frame** — as on every pipe to a child (:mod:`.pipeframes`): a 4-byte
+  big-endian body length, then a msgpack array whose first item is the
+  frame kind (:func:`frame_reader` cuts the stream).
 * **setup** — the one frame to a lister: the protocol version, the
   directories to walk from (in the order the backup's walk meets them) and
   the rules that leave entries out (:class:`ListerSetup`).
@@ -26,11 +27,10 @@ import os
 from collections.abc import Iterable, Mapping
 
 import attrs
-import msgpack
 
 from p2pbackup.core.exclude import ExcludeRules
 from p2pbackup.core.fields import FieldChecks
-from p2pbackup.core.framing import FrameReader, length_prefix
+from p2pbackup.engine.pipeframes import PipeCodec
 from p2pbackup.errors import LocalProtocolError, UsageError
 
 #: The version a setup frame carries; a lister refuses any other.
@@ -45,7 +45,6 @@ KIND_SETUP = 1
 KIND_LISTINGS = 2
 KIND_END = 3
 
-_PREFIX_SIZE = 4
 #: The lstat fields an entry carries, in this order after its name.
 _STAT_FIELDS = 13
 
@@ -62,6 +61,11 @@ class ListwireError(LocalProtocolError):
     """A frame between a backup and its lister that does not decode."""
 
 
+#: This pipe's frames (:mod:`.pipeframes`).
+_CODEC = PipeCodec(MAX_FRAME, ListwireError)
+_frame = _CODEC.frame
+frame_reader = _CODEC.reader
+
 #: The checks of decoded fields, raising ListwireError.
 _check = FieldChecks(ListwireError)
 
@@ -75,14 +79,6 @@ class ListerSetup:
 
 
 # -- encoding ---------------------------------------------------------------------------
-
-
-def _frame(body: object) -> bytes:
-    packed = msgpack.packb(body, use_bin_type=True)
-    assert isinstance(packed, bytes)
-    if len(packed) > MAX_FRAME:
-        raise ListwireError(f"a frame of {len(packed)} bytes exceeds the limit of {MAX_FRAME}")
-    return length_prefix(len(packed), _PREFIX_SIZE) + packed
 
 
 def encode_setup(setup: ListerSetup) -> bytes:
@@ -139,27 +135,8 @@ def encode_end() -> bytes:
 # -- decoding ---------------------------------------------------------------------------
 
 
-def frame_reader() -> FrameReader:
-    """A reader of this pipe's frames: bodies up to MAX_FRAME, ListwireError beyond."""
-    return FrameReader(prefix_size=_PREFIX_SIZE, max_body_size=MAX_FRAME, error=ListwireError)
-
-
-def _unpack(body: bytes, what: str) -> tuple[object, ...]:
-    try:
-        value = msgpack.unpackb(body, use_list=False, raw=False, strict_map_key=True)
-    except Exception as exc:  # every way a body can fail to parse is one error here
-        raise ListwireError(
-            f"a {what} frame does not parse ({type(exc).__name__}: {exc})"
-        ) from None
-    if not isinstance(value, tuple) or not value or not isinstance(value[0], int):
-        raise ListwireError(f"expected a {what} frame, got a {type(value).__name__}")
-    return value
-
-
 def decode_setup(body: bytes) -> ListerSetup:
-    fields = _unpack(body, "setup")
-    if fields[0] != KIND_SETUP:
-        raise ListwireError(f"expected a setup frame, got a frame of kind {fields[0]}")
+    fields = _CODEC.unpack(body, "setup", KIND_SETUP)
     if len(fields) != 6:
         raise ListwireError(f"setup frame: expected 6 fields, got {len(fields)}")
     version = _check.integer(fields[1], "setup version")
@@ -185,7 +162,7 @@ def decode_setup(body: bytes) -> ListerSetup:
 
 def decode_frame(body: bytes) -> list[Listed] | None:
     """The directories a listings frame holds; None for the end frame."""
-    fields = _unpack(body, "listings")
+    fields = _CODEC.unpack(body, "listings")
     if fields[0] == KIND_END and len(fields) == 1:
         return None
     if fields[0] != KIND_LISTINGS or len(fields) != 2:

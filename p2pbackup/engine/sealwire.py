@@ -4,8 +4,9 @@ Sans-IO: bytes in, values out. :mod:`p2pbackup.engine.sealer` moves the bytes.
 
 Nouns:
 
-* **frame** — a 4-byte big-endian body length, then a msgpack body: an array
-  whose first item is the frame kind (:func:`frame_reader` cuts the stream).
+* **frame** — as on every pipe to a child (:mod:`.pipeframes`): a 4-byte
+  big-endian body length, then a msgpack array whose first item is the
+  frame kind (:func:`frame_reader` cuts the stream).
 * **setup** — the first frame to a sealer: the protocol version, the keys and
   the chunker params. The keys cross a pipe between two processes of the same
   user, never a command line or an environment.
@@ -24,12 +25,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import attrs
-import msgpack
 
 from p2pbackup.core.chunker import ChunkerParams
 from p2pbackup.core.crypto import KEY_SIZE
 from p2pbackup.core.fields import FieldChecks
-from p2pbackup.core.framing import FrameReader, length_prefix
+from p2pbackup.engine.pipeframes import PipeCodec
 from p2pbackup.errors import LocalProtocolError, UsageError
 from p2pbackup.model import ID_SIZE, FileStat, ReadOutcome, SealingKeys
 
@@ -43,12 +43,15 @@ KIND_SETUP = 1
 KIND_BATCH = 2
 KIND_RESULTS = 3
 
-_PREFIX_SIZE = 4
-
 
 class SealwireError(LocalProtocolError):
     """A frame between a backup and its sealer that does not decode."""
 
+
+#: This pipe's frames (:mod:`.pipeframes`).
+_CODEC = PipeCodec(MAX_FRAME, SealwireError)
+_frame = _CODEC.frame
+frame_reader = _CODEC.reader
 
 #: The checks of decoded fields, raising SealwireError.
 _check = FieldChecks(SealwireError)
@@ -78,14 +81,6 @@ class SealedFile:
 
 
 # -- encoding ---------------------------------------------------------------------------
-
-
-def _frame(body: object) -> bytes:
-    packed = msgpack.packb(body, use_bin_type=True)
-    assert isinstance(packed, bytes)
-    if len(packed) > MAX_FRAME:
-        raise SealwireError(f"a frame of {len(packed)} bytes exceeds the limit of {MAX_FRAME}")
-    return length_prefix(len(packed), _PREFIX_SIZE) + packed
 
 
 def encode_setup(setup: Setup) -> bytes:
@@ -132,31 +127,8 @@ def encode_results(files: Sequence[SealedFile]) -> bytes:
 # -- decoding ---------------------------------------------------------------------------
 
 
-def frame_reader() -> FrameReader:
-    """A reader of this pipe's frames: bodies up to MAX_FRAME, SealwireError beyond."""
-    return FrameReader(prefix_size=_PREFIX_SIZE, max_body_size=MAX_FRAME, error=SealwireError)
-
-
-def _unpack(body: bytes, kind: int, name: str) -> tuple[object, ...]:
-    try:
-        value = msgpack.unpackb(body, use_list=False, raw=False, strict_map_key=True)
-    except Exception as exc:  # every way a body can fail to parse is one error here
-        raise SealwireError(
-            f"a {name} frame does not parse ({type(exc).__name__}: {exc})"
-        ) from None
-    if not isinstance(value, tuple) or not value or value[0] != kind:
-        raise SealwireError(f"expected a {name} frame, got {_describe(value)}")
-    return value
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, tuple) and value and isinstance(value[0], int):
-        return f"a frame of kind {value[0]}"
-    return f"a {type(value).__name__}"
-
-
 def decode_setup(body: bytes) -> Setup:
-    fields = _unpack(body, KIND_SETUP, "setup")
+    fields = _CODEC.unpack(body, "setup", KIND_SETUP)
     if len(fields) != 5:
         raise SealwireError(f"setup frame: expected 5 fields, got {len(fields)}")
     version = _check.integer(fields[1], "setup version")
@@ -175,13 +147,13 @@ def decode_setup(body: bytes) -> Setup:
 
 
 def decode_batch(body: bytes) -> tuple[bytes, ...]:
-    fields = _unpack(body, KIND_BATCH, "batch")
+    fields = _CODEC.unpack(body, "batch", KIND_BATCH)
     paths = _check.array(fields[1] if len(fields) == 2 else None, "batch paths")
     return tuple(_check.binary(path, f"batch path {i}") for i, path in enumerate(paths))
 
 
 def decode_results(body: bytes) -> tuple[SealedFile, ...]:
-    fields = _unpack(body, KIND_RESULTS, "results")
+    fields = _CODEC.unpack(body, "results", KIND_RESULTS)
     files = _check.array(fields[1] if len(fields) == 2 else None, "results")
     return tuple(_sealed_file(item, f"result {i}") for i, item in enumerate(files))
 

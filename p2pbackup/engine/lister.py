@@ -9,7 +9,7 @@ Nouns:
   its own: a walk ahead in a thread of the backup makes two system calls an
   entry (lstat, listxattr), each a hand-off of the GIL between it, the event
   loop and the file workers, and took three times as long in a backup as
-  alone (docs/performance.md, "The incremental's listings").
+  alone (docs/performance.md, "The incremental's listings, in a process").
 * **walk ahead** — where the listings come from: the lister; or, when one
   cannot start or fails, a walk in a worker thread
   (:func:`.listing.walk_listings`), a few thousand entries

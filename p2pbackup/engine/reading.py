@@ -45,8 +45,8 @@ class FileChanged(Exception):
 
 def prefetch(paths: Iterable[bytes]) -> None:
     """Have the kernel start reading every file of ``paths`` at once, before
-    they are read one by one: a batch of small files read cold waits for the
-    disk once a file, and the disk serves many requests as fast as one."""
+    they are read one by one: a batch of small files read cold would wait
+    for the disk once a file, while the disk serves many requests at once."""
     for path in paths:
         try:
             # Non-blocking: a regular file when listed may be a fifo by now.
